@@ -1,0 +1,1 @@
+"""ptmig host coordinator: the ptmig CLI, ptmigd and the migration workflow."""

@@ -1,0 +1,19 @@
+"""The ptmig VM lab: two libvirt hosts in network namespaces and a Debian guest under TCG.
+
+Product code never imports this package; the lab drives the product from outside, as a
+user would.  The addresses below are the lab's own: TEST-NET-1 for the link between the
+hosts and a private /24 that exists only inside the lab's namespaces.
+"""
+
+#: The guest's LAN, reachable only inside the lab's namespaces.
+GUEST_IP = "192.168.77.10"
+CLIENT_IP = "192.168.77.2"
+GUEST_PREFIX = 24
+
+#: MACs of the lab guest's NICs.  The team (bond) keeps the standby's MAC.
+STANDBY_MAC = "52:54:00:aa:00:01"
+TEAM_MAC = STANDBY_MAC
+PRIMARY_MAC = "52:54:00:bb:00:01"
+
+#: virtio-serial port name of the agent channel.
+GUEST_AGENT_PORT = "org.ptmig.agent.0"

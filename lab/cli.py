@@ -1,0 +1,104 @@
+"""``ptmig-lab``: the VM lab from the command line.
+
+Exit codes: 0 success; 1 a lab step failed (the message names its logs); 2 bad usage;
+for ``exec``, the guest command's own exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from lab.console import ConsoleError
+from lab.run import CommandError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptmig-lab", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build or reuse the guest image, start hosts, fabric and guest")
+    up.add_argument("--no-primary", action="store_true",
+                    help="define the guest with its virtio NIC only (no e1000e)")
+    sub.add_parser("down", help="stop and remove everything the lab started")
+    st = sub.add_parser("status", help="what runs where")
+    st.add_argument("--json", action="store_true")
+    ex = sub.add_parser("exec", help="run a command in the guest over its serial console")
+    ex.add_argument("--timeout", type=float, default=60.0)
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    mig = sub.add_parser("migrate", help="live-migrate the guest with libvirt")
+    mig.add_argument("destination", choices=["hosta", "hostb"])
+    sub.add_parser("check", help="check the guest's health (console, kernel log, taint)")
+    demo = sub.add_parser("demo", help="lab up, then migrate hosta -> hostb -> hosta under ping")
+    demo.add_argument("--json", action="store_true", help="machine-readable report")
+    demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from lab.vmlab import LabError, VmLab
+
+    try:
+        lab = VmLab()
+        if args.command == "up":
+            lab.up(with_primary=not args.no_primary)
+            print(f"lab up; guest on {lab.where()}")
+        elif args.command == "down":
+            for line in lab.down():
+                print(line)
+        elif args.command == "status":
+            return _status(lab, as_json=args.json)
+        elif args.command == "exec":
+            cmd = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not cmd:
+                print("ptmig-lab exec: give a command after --", file=sys.stderr)
+                return 2
+            result = lab.exec(" ".join(cmd), timeout=args.timeout)
+            sys.stdout.write(result.output)
+            return result.status
+        elif args.command == "migrate":
+            print(json.dumps(lab.migrate(args.destination).to_dict()))
+            lab.check_health()
+        elif args.command == "check":
+            lab.check_health()
+            print(f"guest healthy on {lab.where()}")
+        elif args.command == "demo":
+            from lab import demo
+
+            return demo.main(as_json=args.json, keep=args.keep)
+    except (LabError, ConsoleError, CommandError) as exc:
+        print(f"ptmig-lab {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(lab: object, *, as_json: bool) -> int:
+    from lab.vmlab import GuestHealthError, LabState, VmLab
+
+    assert isinstance(lab, VmLab)
+    state = LabState.load()
+    info: dict[str, object] = {"up": state is not None}
+    if state is not None:
+        info["daemons"] = state.pids
+        info["netns"] = state.netns
+        info["image"] = state.image
+        try:
+            info["guest_on"] = lab.where()
+        except GuestHealthError as exc:
+            info["guest_on"] = None
+            info["problem"] = str(exc)
+    if as_json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The lab guest's libvirt definitions: the domain and the hot-pluggable e1000e.
+
+q35 with ACPI PCI hotplug (QEMU's q35 default; native pciehp would add a 5 s attention
+button delay to every unplug), TCG (this machine's KVM cannot run ordinary guests), direct
+kernel boot, a virtio-net standby and an emulated e1000e on its own tap as the stand-in for
+a passthrough NIC, a virtio-serial channel for the agent and a serial console.
+
+The console and agent sockets sit under /var/lib/libvirt, which is private to each host,
+so each host has its own; the disk sits on a path both hosts see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from lab import GUEST_AGENT_PORT, PRIMARY_MAC, STANDBY_MAC
+from lab.fabric import GUEST_BRIDGE
+from lab.image import BOOT_CMDLINE, GuestImage
+
+DOMAIN_NAME = "ptmig-lab-guest"
+CONSOLE_SOCKET = "/var/lib/libvirt/ptmig/console.sock"
+CONSOLE_LOG = "/var/log/libvirt/ptmig-console.log"
+AGENT_SOCKET = "/var/lib/libvirt/ptmig/agent.sock"
+STANDBY_ALIAS = "ua-standby"
+PRIMARY_ALIAS = "ua-primary"
+#: Spare PCIe root ports for hot-plug (one device per port on q35).
+ROOT_PORTS = 8
+
+
+@dataclass(frozen=True)
+class Nic:
+    """An emulated NIC on the guest bridge."""
+
+    mac: str
+    tap: str
+    alias: str
+    model: str = "e1000e"
+
+    def xml(self) -> str:
+        driver = "<driver name='qemu'/>" if self.model == "virtio" else ""
+        # No option ROM: direct kernel boot needs none, and a ROM the destination lacks
+        # would break migration (its RAM block must exist on both sides).
+        rom = "<rom enabled='no'/>"
+        return (
+            "<interface type='bridge'>"
+            f"<mac address={quoteattr(self.mac)}/>"
+            f"<source bridge='{GUEST_BRIDGE}'/>"
+            f"<target dev={quoteattr(self.tap)}/>"
+            f"<model type={quoteattr(self.model)}/>{driver}{rom}"
+            f"<alias name={quoteattr(self.alias)}/>"
+            "</interface>"
+        )
+
+
+STANDBY_NIC = Nic(STANDBY_MAC, "ptv-standby", STANDBY_ALIAS, model="virtio")
+PRIMARY_NIC = Nic(PRIMARY_MAC, "ptv-primary", PRIMARY_ALIAS)
+
+
+def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
+               memory_mib: int = 512, vcpus: int = 2) -> str:
+    """The guest's domain XML."""
+    ports = "\n    ".join("<controller type='pci' model='pcie-root-port'/>"
+                          for _ in range(ROOT_PORTS))
+    nics = STANDBY_NIC.xml() + ("\n    " + PRIMARY_NIC.xml() if with_primary else "")
+    return f"""<domain type='qemu'>
+  <name>{DOMAIN_NAME}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{image.kernel}</kernel>
+    <initrd>{image.initrd}</initrd>
+    <cmdline>{BOOT_CMDLINE}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='unsafe'/>
+      <source file={quoteattr(str(disk))}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <controller type='pci' model='pcie-root'/>
+    {ports}
+    {nics}
+    <serial type='unix'>
+      <source mode='bind' path='{CONSOLE_SOCKET}'/>
+      <log file='{CONSOLE_LOG}' append='on'/>
+      <target type='isa-serial' port='0'/>
+    </serial>
+    <channel type='unix'>
+      <source mode='bind' path='{AGENT_SOCKET}'/>
+      <target type='virtio' name='{GUEST_AGENT_PORT}'/>
+    </channel>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""

@@ -1,0 +1,299 @@
+"""The lab's Debian 12 guest image: debootstrap, configure, ext4 image without loop devices.
+
+Built in two cached layers under ``~/.cache/ptmig/images`` so that a rebuild only redoes
+what changed:
+
+* the *base* root filesystem (debootstrap; the slow part, about two minutes), keyed by
+  suite, mirror and package list;
+* the *image* (base + lab configuration + extra .deb files, turned into a raw ext4 file
+  with ``mke2fs -d`` and the kernel and initrd copied beside it for direct kernel boot),
+  keyed by the base key, the configuration files and the hashes of the extra packages.
+
+Each boot gets its own throw-away qcow2 overlay on top of the raw file (see
+:mod:`lab.guest`), so the cached image is never written to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab import GUEST_IP, GUEST_PREFIX, STANDBY_MAC, TEAM_MAC
+from lab.paths import cache_dir
+from lab.run import run
+
+log = logging.getLogger(__name__)
+
+SUITE = "bookworm"
+
+GUEST_PACKAGES: tuple[str, ...] = (
+    "systemd-sysv",
+    "udev",  # creates /dev/virtio-ports/<name> and loads drivers of hot-plugged NICs
+    "kmod",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "python3",
+    "python3-grpcio",
+    "python3-protobuf",
+    "python3-pyroute2",
+    "iproute2",
+    "iputils-ping",
+    "procps",
+    "ethtool",
+    "pciutils",
+)
+
+#: Printed by the serial console's login shell once the guest is up; the console
+#: driver waits for it after a boot.
+SHELL_READY_MARKER = "PTMIG-SHELL-READY"
+
+BOOT_CMDLINE = "root=/dev/vda rw console=ttyS0,115200 loglevel=4 panic=0 net.ifnames=1"
+
+
+def _guest_files() -> dict[str, str]:
+    """Files written into the guest root, path -> content.
+
+    The team is *admin-owned*: the bond and its address come from the guest's own
+    systemd-networkd configuration, as on a real image; ptmig only switches members.
+    The bond's MAC is fixed so udev's MACAddressPolicy=persistent does not invent one.
+    """
+    return {
+        "/etc/hostname": "ptmig-guest\n",
+        "/etc/hosts": "127.0.0.1 localhost\n127.0.1.1 ptmig-guest\n",
+        "/etc/fstab": "/dev/vda / ext4 rw,noatime 0 0\n",
+        "/etc/systemd/journald.conf.d/volatile.conf": "[Journal]\nStorage=volatile\n",
+        "/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf": (
+            "[Service]\nExecStart=\n"
+            "ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud "
+            "115200,57600,38400,9600 %I dumb\n"
+        ),
+        # The console is driven by a program: no echo, a fixed prompt, quiet kernel.
+        "/root/.bashrc": (
+            'if [ "$(tty)" = /dev/ttyS0 ]; then\n'
+            "  stty -echo -onlcr cols 4000\n"
+            "  PS1=''\n"
+            "  dmesg -n 4\n"
+            f'  echo "{SHELL_READY_MARKER} $(cut -d" " -f1 /proc/uptime)"\n'
+            "fi\n"
+        ),
+        "/etc/systemd/network/10-bond0.netdev": (
+            "[NetDev]\nName=bond0\nKind=bond\n"
+            f"MACAddress={TEAM_MAC}\n\n"
+            "[Bond]\nMode=active-backup\nMIIMonitorSec=100ms\nFailOverMACPolicy=none\n"
+        ),
+        "/etc/systemd/network/20-standby.network": (
+            f"[Match]\nPermanentMACAddress={STANDBY_MAC}\n\n[Network]\nBond=bond0\n"
+        ),
+        "/etc/systemd/network/30-bond0.network": (
+            "[Match]\nName=bond0\n\n"
+            f"[Network]\nAddress={GUEST_IP}/{GUEST_PREFIX}\n"
+            "ConfigureWithoutCarrier=yes\nLinkLocalAddressing=ipv6\n"
+        ),
+        "/etc/modules-load.d/ptmig-lab.conf": "bonding\n",
+        "/etc/modprobe.d/ptmig-lab-bonding.conf": "options bonding max_bonds=0\n",
+    }
+
+
+#: Units that only cost boot time in a test guest.
+MASKED_UNITS: tuple[str, ...] = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "man-db.timer",
+    "systemd-networkd-wait-online.service",
+    "getty@tty1.service",
+)
+
+ENABLED_UNITS: tuple[str, ...] = ("systemd-networkd.service",)
+
+
+def mirror() -> str:
+    """The machine's configured Debian mirror, so the lab uses what apt uses."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split(":", 1)[1].strip().split()[0]
+    return "http://deb.debian.org/debian"
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built image: what the guest domain boots."""
+
+    directory: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "root.raw"
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def manifest(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.directory / "manifest.json").read_text())
+        return data
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """Everything that decides an image's content; its digest is the cache key."""
+
+    suite: str = SUITE
+    mirror: str = field(default_factory=mirror)
+    packages: tuple[str, ...] = GUEST_PACKAGES
+    files: Mapping[str, str] = field(default_factory=_guest_files)
+    masked_units: tuple[str, ...] = MASKED_UNITS
+    enabled_units: tuple[str, ...] = ENABLED_UNITS
+    extra_debs: Sequence[Path] = ()
+    size: str = "2G"
+
+    def base_key(self) -> str:
+        return _digest({"suite": self.suite, "mirror": self.mirror, "packages": self.packages})
+
+    def image_key(self) -> str:
+        return _digest(
+            {
+                "base": self.base_key(),
+                "files": dict(self.files),
+                "masked": self.masked_units,
+                "enabled": self.enabled_units,
+                "debs": [_file_digest(p) for p in self.extra_debs],
+                "size": self.size,
+                "cmdline": BOOT_CMDLINE,
+            }
+        )
+
+
+def images_dir() -> Path:
+    return cache_dir() / "images"
+
+
+def build_image(recipe: ImageRecipe | None = None) -> GuestImage:
+    """Return the cached image for *recipe*, building what is missing."""
+    recipe = recipe or ImageRecipe()
+    target = images_dir() / f"image-{recipe.image_key()}"
+    if (target / "manifest.json").exists():
+        log.info("guest image cached: %s", target)
+        return GuestImage(target)
+    base = _build_base(recipe)
+    images_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=images_dir(), prefix="staging-") as tmp:
+        staging = Path(tmp)
+        rootfs = staging / "rootfs"
+        log.info("configuring guest root filesystem")
+        run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)])
+        _configure(rootfs, recipe)
+        out = staging / "image"
+        out.mkdir()
+        kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+        initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
+        if not kernels or not initrds:
+            raise RuntimeError(f"no kernel or initrd in {rootfs / 'boot'}")
+        shutil.copy2(kernels[-1], out / "vmlinuz")
+        shutil.copy2(initrds[-1], out / "initrd.img")
+        log.info("making the ext4 image (mke2fs -d, no loop device)")
+        run(["mke2fs", "-q", "-t", "ext4", "-L", "ptmig-root", "-d", str(rootfs),
+             str(out / "root.raw"), recipe.size])
+        manifest = {
+            "key": recipe.image_key(),
+            "base": recipe.base_key(),
+            "suite": recipe.suite,
+            "mirror": recipe.mirror,
+            "kernel": kernels[-1].name,
+            "packages": _package_versions(rootfs),
+            "extra_debs": [p.name for p in recipe.extra_debs],
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        shutil.rmtree(rootfs)
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    _prune(keep={target.name, base.name})
+    log.info("guest image built: %s", target)
+    return GuestImage(target)
+
+
+def _build_base(recipe: ImageRecipe) -> Path:
+    base = images_dir() / f"base-{recipe.base_key()}"
+    if (base / "etc" / "debian_version").exists() and (base / ".ptmig-complete").exists():
+        return base
+    images_dir().mkdir(parents=True, exist_ok=True)
+    partial = base.with_name(base.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    log.info("debootstrap %s from %s (takes about two minutes)", recipe.suite, recipe.mirror)
+    run(["debootstrap", "--variant=minbase", "--include=" + ",".join(recipe.packages),
+         recipe.suite, str(partial), recipe.mirror])
+    run(["chroot", str(partial), "apt-get", "clean"])
+    (partial / ".ptmig-complete").touch()
+    if base.exists():
+        shutil.rmtree(base)
+    partial.rename(base)
+    return base
+
+
+def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
+    for path, content in recipe.files.items():
+        dest = rootfs / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(content)
+    (rootfs / ".ptmig-complete").unlink(missing_ok=True)
+    chroot = ["chroot", str(rootfs)]
+    run([*chroot, "passwd", "-d", "root"])
+    if recipe.enabled_units:
+        run([*chroot, "systemctl", "enable", *recipe.enabled_units])
+    if recipe.masked_units:
+        run([*chroot, "systemctl", "mask", *recipe.masked_units])
+    for deb in recipe.extra_debs:
+        inside = Path("/tmp") / deb.name
+        shutil.copy2(deb, rootfs / inside.relative_to("/"))
+        # dpkg in the chroot, as a user would install it; dependencies are already there.
+        run([*chroot, "dpkg", "-i", str(inside)], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        (rootfs / inside.relative_to("/")).unlink()
+
+
+def _package_versions(rootfs: Path) -> dict[str, str]:
+    wanted = ("linux-image-amd64", "systemd", "python3", "python3-grpcio", "python3-protobuf",
+              "python3-pyroute2", "iproute2")
+    out = run(["chroot", str(rootfs), "dpkg-query", "-W", "-f=${Package} ${Version}\n", *wanted],
+              capture=True)
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def _prune(keep: set[str]) -> None:
+    """Drop older images and bases so the cache holds one of each."""
+    for entry in images_dir().iterdir():
+        if entry.name in keep or entry.name.startswith("staging-"):
+            continue
+        if entry.name.startswith(("image-", "base-")):
+            log.info("removing old cached %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,361 @@
+"""The whole lab as one object: build or reuse, start, drive, check and tear down.
+
+Everything ``up`` starts is written to ``state.json`` in the run directory before it is
+started, so ``down`` (even from another process, even after a crash half-way through
+``up``) stops exactly that, by PID and by name of the namespaces it made, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from lab import fabric
+from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
+from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME, Nic, domain_xml
+from lab.hosts import PRIVATE_DIRS, LabHost, stop_pid
+from lab.image import GuestImage, ImageRecipe, build_image
+from lab.paths import run_dir
+
+log = logging.getLogger(__name__)
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; ours are raised and reported."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+BOOT_TIMEOUT = 240.0
+#: Kernel log lines that mean the guest is damaged (a migration corrupted its memory, say).
+BAD_KERNEL_LINES = r"BUG:|Oops|corrupt|Kernel panic|WARNING:|general protection|Call Trace"
+MIGRATE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    # The disk is one qcow2 file both hosts see, opened with cache='unsafe'.
+    | libvirt.VIR_MIGRATE_UNSAFE
+)
+
+
+class LabError(RuntimeError):
+    """A lab step failed; the message says which and where its logs are."""
+
+
+class GuestHealthError(LabError):
+    """The guest is dead or damaged."""
+
+
+@dataclass
+class LabState:
+    """What a running lab consists of (persisted so ``down`` can find it)."""
+
+    netns: list[str] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)
+    mountpoints: list[str] = field(default_factory=list)
+    image: str = ""
+    disk: str = ""
+    dmesg_baseline: int = 0
+
+    @staticmethod
+    def path() -> Path:
+        return run_dir() / "state.json"
+
+    @classmethod
+    def load(cls) -> LabState | None:
+        try:
+            return cls(**json.loads(cls.path().read_text()))
+        except FileNotFoundError:
+            return None
+
+    def save(self) -> None:
+        self.path().parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.rename(self.path())
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    source: str
+    destination: str
+    wall_s: float
+    downtime_ms: int | None
+    total_ms: int | None
+    data_mib: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class VmLab:
+    """Two libvirt hosts, the L2 fabric and the guest."""
+
+    def __init__(self) -> None:
+        self.hosts = {net.name: LabHost(net) for net in fabric.HOSTS}
+        self._conns: dict[str, libvirt.virConnect] = {}
+        self.state = LabState.load() or LabState()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def up(self, recipe: ImageRecipe | None = None, *, with_primary: bool = True) -> None:
+        """Start the lab (building the image if needed) and boot the guest on hosta."""
+        if LabState.load() is not None:
+            raise LabError(f"a lab is already up ({LabState.path()}): run 'ptmig-lab down' first")
+        image = build_image(recipe)
+        if run_dir().exists():
+            shutil.rmtree(run_dir())
+        run_dir().mkdir(parents=True)
+        self.state = LabState(image=str(image.directory))
+        self.state.save()
+        try:
+            self._make_mountpoints()
+            self.state.netns = fabric.all_netns()  # recorded first: down deletes what exists
+            self.state.save()
+            fabric.create()
+            for host in self.hosts.values():
+                self.state.pids[host.name] = host.start()
+                self.state.save()
+            self.boot_guest(image, with_primary=with_primary)
+        except BaseException:
+            log.error("lab start failed; logs under %s", run_dir())
+            raise
+
+    def _make_mountpoints(self) -> None:
+        """libvirtd's private bind mounts need mount points; make the missing ones, note them."""
+        for mnt in [*PRIVATE_DIRS, "/var/cache/libvirt"]:
+            p = Path(mnt)
+            if not p.exists():
+                p.mkdir(parents=True)
+                self.state.mountpoints.append(mnt)
+        self.state.save()
+
+    def boot_guest(self, image: GuestImage, *, with_primary: bool = True) -> None:
+        disk = run_dir() / "guest" / "disk.qcow2"
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        disk.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk),
+                        "-F", "raw", str(disk)], check=True)
+        self.state.disk = str(disk)
+        self.state.save()
+        host = self.hosts["hosta"]
+        console = self.console(host.name)
+        since = console.log_size()
+        dom = self.conn(host.name).defineXML(domain_xml(image, disk, with_primary=with_primary))
+        t0 = time.monotonic()
+        dom.create()
+        uptime = console.wait_for_shell(since, BOOT_TIMEOUT)
+        log.info("guest booted on %s in %.1f s (guest uptime %.1f s)",
+                 host.name, time.monotonic() - t0, uptime)
+        self.state.dmesg_baseline = self._bad_kernel_lines()
+        self.state.save()
+
+    def down(self) -> list[str]:
+        """Stop everything the lab started; return what was done, for the user."""
+        state = LabState.load() or self.state
+        done: list[str] = []
+        for name, host in self.hosts.items():
+            if name in state.pids and host.socket.exists():
+                done += self._destroy_domains(name)
+        for name in list(self._conns):
+            self._close(name)
+        for name, pid in state.pids.items():
+            stop_pid(pid)
+            done.append(f"stopped libvirtd of {name} (pid {pid})")
+        present = fabric.existing_netns()
+        for ns in state.netns:
+            if ns not in present:
+                continue
+            for pid in fabric.pids_in(ns):  # QEMU of a host whose libvirtd died, pingers
+                stop_pid(pid, timeout=5)
+                done.append(f"stopped pid {pid} left in {ns}")
+        fabric.delete(state.netns)
+        done += [f"deleted netns {ns}" for ns in state.netns if ns in present]
+        for mnt in state.mountpoints:
+            try:
+                Path(mnt).rmdir()
+            except OSError:
+                pass
+        if state.disk:
+            Path(state.disk).unlink(missing_ok=True)
+        LabState.path().unlink(missing_ok=True)
+        self.state = LabState()
+        return done
+
+    def _destroy_domains(self, host: str) -> list[str]:
+        done = []
+        try:
+            conn = self.conn(host)
+            for dom in conn.listAllDomains():
+                if dom.isActive():
+                    dom.destroy()
+                    done.append(f"destroyed {dom.name()} on {host}")
+                if dom.isPersistent():
+                    dom.undefine()
+        except libvirt.libvirtError as exc:
+            log.warning("%s: %s", host, exc)
+        return done
+
+    # -- access ----------------------------------------------------------------------
+
+    def conn(self, host: str) -> libvirt.virConnect:
+        c = self._conns.get(host)
+        if c is None or not c.isAlive():
+            c = libvirt.open(self.hosts[host].uri)
+            self._conns[host] = c
+        return c
+
+    def _close(self, host: str) -> None:
+        c = self._conns.pop(host, None)
+        if c is not None:
+            try:
+                c.close()
+            except libvirt.libvirtError:
+                pass
+
+    def where(self) -> str:
+        """The host the guest runs on now."""
+        running = []
+        for name in self.hosts:
+            try:
+                dom = self.conn(name).lookupByName(DOMAIN_NAME)
+                if dom.isActive():
+                    running.append(name)
+            except libvirt.libvirtError:
+                continue
+        if len(running) != 1:
+            raise GuestHealthError(f"the guest runs on {running or 'no host'}, not on exactly one")
+        return running[0]
+
+    def domain(self, host: str | None = None) -> libvirt.virDomain:
+        return self.conn(host or self.where()).lookupByName(DOMAIN_NAME)
+
+    def console(self, host: str | None = None) -> GuestConsole:
+        h = self.hosts[host or self.where()]
+        return GuestConsole(h.path_inside(CONSOLE_SOCKET), h.path_inside(CONSOLE_LOG))
+
+    def exec(self, command: str, timeout: float = 60.0) -> ExecResult:
+        return self.console().run(command, timeout)
+
+    def logs(self) -> list[Path]:
+        """Where to look when something failed."""
+        out = [run_dir() / "state.json"]
+        for h in self.hosts.values():
+            out += [h.log_file, h.qemu_log(DOMAIN_NAME), h.path_inside(CONSOLE_LOG)]
+        return out
+
+    # -- actions ---------------------------------------------------------------------
+
+    def migrate(self, destination: str) -> MigrationResult:
+        """Live-migrate the guest (peer-to-peer, persistent at the destination)."""
+        source = self.where()
+        if source == destination:
+            raise LabError(f"the guest already runs on {destination}")
+        dom = self.domain(source)
+        t0 = time.monotonic()
+        try:
+            dom.migrateToURI3(self.hosts[destination].tcp_uri, {}, MIGRATE_FLAGS)
+        except libvirt.libvirtError as exc:
+            raise LabError(f"migration {source} -> {destination} failed: {exc}; "
+                           f"logs: {', '.join(map(str, self.logs()))}") from exc
+        wall = time.monotonic() - t0
+        stats: dict[str, Any] = {}
+        try:
+            stats = self.domain(destination).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError as exc:
+            log.warning("no job statistics from %s: %s", destination, exc)
+        data = stats.get("data_total")
+        return MigrationResult(source, destination, round(wall, 3), stats.get("downtime"),
+                               stats.get("time_elapsed"),
+                               round(data / 2**20, 1) if data is not None else None)
+
+    def attach_nic(self, nic: Nic) -> None:
+        self.domain().attachDeviceFlags(nic.xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def detach_nic(self, alias: str, timeout: float = 20.0) -> float:
+        """Unplug a NIC and wait until it has left the live XML; returns the seconds taken.
+
+        libvirt's detach returns before the guest has released the device; only the
+        device's absence from the live definition means it is gone.
+        """
+        dom = self.domain()
+        t0 = time.monotonic()
+        dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        while time.monotonic() - t0 < timeout:
+            if f"<alias name='{alias}'/>" not in dom.XMLDesc(0):
+                return time.monotonic() - t0
+            time.sleep(0.02)
+        raise LabError(f"{alias} still present {timeout:.0f} s after detach")
+
+    def guest_links(self) -> dict[str, dict[str, Any]]:
+        """The guest's links by name, from ``ip -j link``."""
+        out = self.exec("ip -j link show").check()
+        return {link["ifname"]: link for link in json.loads(out)}
+
+    def wait_for_guest_mac(self, mac: str, timeout: float = 30.0) -> str:
+        """Wait until a guest link with permanent MAC *mac* exists; returns its name."""
+        script = (
+            f"for i in $(seq {int(timeout * 10)}); do "
+            f"for d in /sys/class/net/*; do "
+            f"[ \"$(ethtool -P ${{d##*/}} 2>/dev/null | awk '{{print $3}}')\" = {mac} ] "
+            f"&& {{ echo ${{d##*/}}; exit 0; }}; done; sleep 0.1; done; exit 1"
+        )
+        result = self.exec(f"bash -c {_shquote(script)}", timeout=timeout + 10)
+        if result.status != 0:
+            raise LabError(f"no link with MAC {mac} appeared in the guest in {timeout:.0f} s")
+        return result.output.strip().splitlines()[-1]
+
+    # -- health ----------------------------------------------------------------------
+
+    def _bad_kernel_lines(self) -> int:
+        out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
+        return int(out.strip().splitlines()[-1])
+
+    def check_health(self) -> None:
+        """Fail loudly if the guest is dead or damaged; the error carries its console log."""
+        try:
+            host = self.where()
+            console = self.console(host)
+            result = console.run(
+                "echo taint=$(cat /proc/sys/kernel/tainted); "
+                f"echo bad=$(dmesg | grep -cE '{BAD_KERNEL_LINES}'); "
+                f"dmesg | grep -E '{BAD_KERNEL_LINES}' | tail -n 20",
+                timeout=30,
+            )
+        except (ConsoleError, LabError) as exc:
+            raise GuestHealthError(f"guest health check failed: {exc}\n"
+                                   f"logs: {', '.join(map(str, self.logs()))}") from exc
+        taint = re.search(r"taint=(\d+)", result.output)
+        bad = re.search(r"bad=(\d+)", result.output)
+        if not taint or not bad:
+            raise GuestHealthError(f"unreadable health report:\n{result.output}")
+        if int(taint.group(1)) != 0 or int(bad.group(1)) > self.state.dmesg_baseline:
+            raise GuestHealthError(
+                f"guest kernel damaged on {host} (taint={taint.group(1)}, "
+                f"{int(bad.group(1)) - self.state.dmesg_baseline} new bad lines):\n"
+                f"{result.output}\n{log_tail(console.log_file)}"
+            )
+
+    @contextmanager
+    def connected(self) -> Iterator[VmLab]:
+        try:
+            yield self
+        finally:
+            for name in list(self._conns):
+                self._close(name)
+
+
+def _shquote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"

@@ -1,0 +1,1 @@
+"""Generated gRPC contract of ptmig (see protos/ptmig/v1/*.proto)."""

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set a fresh Debian 12 machine up for ptmig and run one job.
+#
+#   scripts/bootstrap.sh demo    # install, build the lab, run the live-migration demo
+#   scripts/bootstrap.sh test    # install, then run the whole test suite (unit + lab e2e)
+#   scripts/bootstrap.sh setup   # install only
+#
+# Idempotent: every step is skipped when its result is already there.
+# Must run as root (it installs Debian packages and builds network namespaces).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${PTMIG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ptmig}
+venv=${PTMIG_VENV:-$here/.venv}
+job=${1:-setup}
+shift || true
+
+log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "bootstrap: run as root" >&2; exit 2; }
+
+# QEMU 10 / libvirt 11 come from bookworm-backports: Debian 12's QEMU 7.2 corrupts TCG
+# guests' memory in some live migrations (docs/lab.md).  The backports source is kept in
+# a private apt state directory so the machine's apt sources are left as they were.
+install_debian_packages() {
+  local stamp=$cache/apt/installed-v2
+  [ -f "$stamp" ] && return 0
+  log "installing Debian packages (QEMU and libvirt from bookworm-backports)"
+  mkdir -p "$cache/apt/lists/partial"
+  local mirror
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  echo "deb $mirror bookworm-backports main" > "$cache/apt/backports.list"
+  local apto=(-o "Dir::Etc::SourceList=$cache/apt/backports.list" -o "Dir::State::Lists=$cache/apt/lists")
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get "${apto[@]}" update -q
+  apt-get "${apto[@]}" install -y -q --no-install-recommends \
+    debootstrap e2fsprogs iproute2 iputils-ping procps psmisc kmod ca-certificates \
+    python3 python3-venv python3-dev gcc pkg-config make git \
+    python3-grpcio python3-protobuf python3-pyroute2
+  apt-get "${apto[@]}" -t bookworm-backports install -y -q --no-install-recommends \
+    qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
+    libvirt-clients libvirt-dev
+  touch "$stamp"
+}
+
+install_python_env() {
+  local stamp=$venv/.ptmig-installed
+  if [ -f "$stamp" ] && [ "$stamp" -nt "$here/pyproject.toml" ]; then return 0; fi
+  log "creating the virtualenv $venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -e "$here[host,agent,lab,dev]"
+  touch "$stamp"
+}
+
+install_debian_packages
+install_python_env
+export PATH=$venv/bin:$PATH
+
+case "$job" in
+  setup) log "ready: . $venv/bin/activate" ;;
+  demo)  exec ptmig-lab demo "$@" ;;
+  test)  exec "$here/scripts/run-tests.sh" "$@" ;;
+  *) echo "bootstrap: unknown job '$job' (setup, demo, test)" >&2; exit 2 ;;
+esac
