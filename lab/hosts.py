@@ -1,4 +1,4 @@
-"""The lab's two libvirt hosts: a ``libvirtd --listen`` each, in its own network and mount namespace.
+"""The lab's two libvirt hosts: a ``libvirtd --listen`` each, in its own network and mount ns.
 
 Each daemon sees private bind mounts over /etc/libvirt, /run/libvirt, /var/lib/libvirt,
 /var/cache/libvirt, /var/log/libvirt and /etc/hosts, so the machine's real libvirt state is
@@ -147,7 +147,7 @@ migration_port_max = 49215
         self._write_accounts()
 
     def _write_accounts(self) -> None:
-        """Private /etc/passwd and /etc/group with a ``libvirt-qemu`` user if the machine has none."""
+        """Private passwd and group files with a ``libvirt-qemu`` user if the machine has none."""
         try:
             pwd.getpwnam("libvirt-qemu")
             return
@@ -166,7 +166,8 @@ migration_port_max = 49215
         """Start the daemon; return its PID once it answers on its socket."""
         self._write_config()
         mounts = [
-            *(f"mount --bind {self.state_dir / sub} {mnt}" for mnt, sub in PRIVATE_DIRS.items()),
+            *(f"mount --bind {self.state_dir / sub} {mnt}"
+              for mnt, sub in PRIVATE_DIRS.items()),
             f"mount --bind {self.capability_cache} /var/cache/libvirt",
             f"mount --bind {self.state_dir / 'hosts'} /etc/hosts",
         ]
@@ -232,7 +233,7 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not is_alive(pid):
             return
         time.sleep(0.05)
     try:
@@ -241,7 +242,7 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
         return
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     """True while *pid* runs; reaps it when it is our child, treats a zombie as gone."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -277,7 +276,8 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         inside = Path("/tmp") / deb.name
         shutil.copy2(deb, rootfs / inside.relative_to("/"))
         # dpkg in the chroot, as a user would install it; dependencies are already there.
-        run([*chroot, "dpkg", "-i", str(inside)], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        run([*chroot, "dpkg", "-i", str(inside)],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         (rootfs / inside.relative_to("/")).unlink()
 
 

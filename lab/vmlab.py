@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import libvirt
 from lab import fabric
 from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
 from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME, Nic, domain_xml
-from lab.hosts import PRIVATE_DIRS, LabHost, stop_pid
+from lab.hosts import PRIVATE_DIRS, LabHost, is_alive, stop_pid
 from lab.image import GuestImage, ImageRecipe, build_image
 from lab.paths import run_dir
 
@@ -112,8 +112,13 @@ class VmLab:
 
     def up(self, recipe: ImageRecipe | None = None, *, with_primary: bool = True) -> None:
         """Start the lab (building the image if needed) and boot the guest on hosta."""
-        if LabState.load() is not None:
-            raise LabError(f"a lab is already up ({LabState.path()}): run 'ptmig-lab down' first")
+        old = LabState.load()
+        if old is not None:
+            if any(is_alive(pid) for pid in old.pids.values()):
+                raise LabError(f"a lab is already up ({LabState.path()}): "
+                               "run 'ptmig-lab down' first")
+            log.info("cleaning up a lab whose daemons are gone")
+            self.down()
         image = build_image(recipe)
         if run_dir().exists():
             shutil.rmtree(run_dir())
@@ -184,10 +189,8 @@ class VmLab:
         fabric.delete(state.netns)
         done += [f"deleted netns {ns}" for ns in state.netns if ns in present]
         for mnt in state.mountpoints:
-            try:
+            with suppress(OSError):
                 Path(mnt).rmdir()
-            except OSError:
-                pass
         if state.disk:
             Path(state.disk).unlink(missing_ok=True)
         LabState.path().unlink(missing_ok=True)
@@ -220,10 +223,8 @@ class VmLab:
     def _close(self, host: str) -> None:
         c = self._conns.pop(host, None)
         if c is not None:
-            try:
+            with suppress(libvirt.libvirtError):
                 c.close()
-            except libvirt.libvirtError:
-                pass
 
     def where(self) -> str:
         """The host the guest runs on now."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, unit tests, then the lab e2e tests (real libvirt,
+# QEMU and guest kernel; needs root).  Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+venv=${PTMIG_VENV:-$PWD/.venv}
+export PATH=$venv/bin:$PATH
+
+echo "== ruff"; ruff check .
+echo "== mypy"; mypy
+echo "== pytest"
+pytest -p no:cacheprovider tests "$@"

@@ -1,0 +1,57 @@
+"""The lab as a pytest fixture: one lab for the whole session, torn down and checked at the end.
+
+Set PTMIG_LAB_REUSE=1 to run against a lab already started with ``ptmig-lab up`` (it is
+then left up).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from lab import fabric
+from lab.hosts import is_alive
+from lab.vmlab import LabState, VmLab
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[VmLab]:
+    reuse = os.environ.get("PTMIG_LAB_REUSE") == "1"
+    lab = VmLab()
+    if reuse and LabState.load() is not None:
+        yield lab
+        return
+    try:
+        lab.up()
+    except BaseException:
+        lab.down()
+        raise
+    pids = dict(lab.state.pids)
+    try:
+        yield lab
+    finally:
+        lab.down()
+    # down must leave nothing of the lab behind.
+    left = fabric.existing_netns() & set(fabric.all_netns())
+    assert not left, f"namespaces left after down: {left}"
+    alive = {name: pid for name, pid in pids.items() if is_alive(pid)}
+    assert not alive, f"daemons left after down: {alive}"
+
+
+@pytest.fixture
+def guest_on_hosta(lab: VmLab) -> VmLab:
+    """Tests that start from hosta get the guest there."""
+    if lab.where() != "hosta":
+        lab.migrate("hosta")
+    return lab
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """A failing lab test names the logs to read."""
+    if call.excinfo is not None and "lab" in getattr(item, "funcargs", {}):
+        lab: VmLab = item.funcargs["lab"]  # type: ignore[attr-defined]
+        item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))

@@ -1,0 +1,126 @@
+"""The lab itself: a real guest kernel on real libvirt and QEMU, reachable and migratable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import CLIENT_IP, GUEST_IP, PRIMARY_MAC
+from lab.console import ConsoleError
+from lab.fabric import CLIENT_NS
+from lab.guest import DOMAIN_NAME, PRIMARY_ALIAS, Nic
+from lab.paths import run_dir
+from lab.traffic import FixedRatePinger, Phase, analyze
+from lab.vmlab import GuestHealthError, VmLab
+
+pytestmark = pytest.mark.e2e
+
+
+def test_guest_answers_on_console_with_output_and_status(lab: VmLab) -> None:
+    result = lab.exec("uname -r; printf 'two\\nlines\\n'; (exit 3)")
+    assert result.status == 3
+    assert result.output.splitlines()[0].endswith("-amd64")
+    assert result.output.splitlines()[1:] == ["two", "lines"]
+    assert lab.exec("echo \"quotes 'and' $((6*7))\"").check() == "quotes 'and' 42\n"
+
+
+def test_cli_exec_returns_guest_output_and_exit_status(lab: VmLab) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--", "hostname;", "false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == "ptmig-guest"
+
+
+def test_guest_runs_tcg_q35_with_acpi_hotplug(lab: VmLab) -> None:
+    xml = lab.domain().XMLDesc(0)
+    assert "type='qemu'" in xml and "pc-q35" in xml
+    dmesg = lab.exec("dmesg | grep -c 'acpiphp: Slot' || true").check()
+    assert int(dmesg.strip()) > 0, "guest does not use ACPI PCI hotplug"
+
+
+def test_client_pings_guest_without_loss(lab: VmLab) -> None:
+    with FixedRatePinger(GUEST_IP, run_dir() / "steady.ping", rate=1000,
+                         prefix=["ip", "netns", "exec", CLIENT_NS]) as pinger:
+        time.sleep(2)
+        record = pinger.stop()
+    report = analyze(record)
+    assert report.sent >= 1900
+    assert report.lost == 0, report.format_table()
+
+
+def test_e1000e_unplug_then_new_mac_plugged_is_seen_in_guest(guest_on_hosta: VmLab) -> None:
+    lab = guest_on_hosta
+    links = lab.guest_links()
+    assert PRIMARY_MAC in {link["address"] for link in links.values()}
+    seconds = lab.detach_nic(PRIMARY_ALIAS)
+    assert seconds < 10
+    assert lab.exec(f"ip -br link | grep -c {PRIMARY_MAC} || true").check().strip() == "0"
+
+    new = Nic("52:54:00:cc:00:02", "ptv-primary2", "ua-primary2")
+    lab.attach_nic(new)
+    name = lab.wait_for_guest_mac(new.mac)
+    driver = lab.exec(f"basename $(readlink /sys/class/net/{name}/device/driver)").check()
+    assert driver.strip() == "e1000e"
+    lab.check_health()
+
+
+def test_live_migration_round_trip_keeps_guest_answering(
+    guest_on_hosta: VmLab, record_property: pytest.RecordProperty
+) -> None:
+    lab = guest_on_hosta
+    phases = []
+    with FixedRatePinger(GUEST_IP, run_dir() / "migrate.ping", rate=1000,
+                         prefix=["ip", "netns", "exec", CLIENT_NS]) as pinger:
+        time.sleep(1)
+        for dest in ("hostb", "hosta"):
+            start = time.time()
+            result = lab.migrate(dest)
+            assert lab.where() == dest
+            # persistent on the destination only
+            other = "hosta" if dest == "hostb" else "hostb"
+            assert DOMAIN_NAME not in lab.conn(other).listDefinedDomains()
+            lab.check_health()
+            time.sleep(2)
+            phases.append(Phase(f"{result.source}->{dest}", start, time.time()))
+        record = pinger.stop()
+    report = analyze(record, phases)
+    print(report.format_table())
+    for phase in report.phases:
+        record_property(f"lost_{phase.name}", phase.lost)
+        if phase.name == "other":
+            assert phase.lost == 0, "pings lost outside the migrations"
+            continue
+        # the guest answers again after each migration: the outage ends inside the phase
+        assert phase.received > 0
+        assert phase.lost < phase.sent / 2, report.format_table()
+    assert report.lost > 0, "a live migration under TCG cannot be loss-free; is the pinger live?"
+
+
+def test_health_check_fails_on_a_kernel_bug_line(lab: VmLab) -> None:
+    lab.exec("echo '<2>BUG: ptmig lab health self-test' > /dev/kmsg").check()
+    with pytest.raises(GuestHealthError, match="1 new bad lines"):
+        lab.check_health()
+    lab.state.dmesg_baseline += 1  # the self-test line is known now
+    lab.check_health()
+
+
+def test_client_address_is_the_lab_client(lab: VmLab) -> None:
+    out = subprocess.run(["ip", "-n", CLIENT_NS, "-br", "addr", "show", "cl0"],
+                         capture_output=True, text=True, check=True).stdout
+    assert CLIENT_IP in out
+
+
+def test_zz_dead_guest_fails_loudly_not_hangs(lab: VmLab) -> None:
+    """Runs last: it kills the guest."""
+    lab.domain().destroy()
+    t0 = time.monotonic()
+    with pytest.raises(GuestHealthError, match="no host"):
+        lab.check_health()
+    with pytest.raises((ConsoleError, GuestHealthError)):
+        lab.exec("true", timeout=5)
+    assert time.monotonic() - t0 < 30
+    assert Path(lab.state.disk).exists()

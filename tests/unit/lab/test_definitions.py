@@ -1,0 +1,81 @@
+"""The lab's generated definitions: libvirt accepts them by its own schema, keys track inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from lab import fabric
+from lab.guest import PRIMARY_NIC, ROOT_PORTS, STANDBY_NIC, domain_xml
+from lab.hosts import LabHost
+from lab.image import GuestImage, ImageRecipe
+
+needs_validator = pytest.mark.skipif(shutil.which("virt-xml-validate") is None,
+                                     reason="virt-xml-validate (libvirt-clients) not installed")
+
+
+def _image(tmp_path: Path) -> GuestImage:
+    return GuestImage(tmp_path / "image")
+
+
+@needs_validator
+@pytest.mark.parametrize("with_primary", [True, False])
+def test_domain_xml_is_valid_by_libvirt_schema(tmp_path: Path, with_primary: bool) -> None:
+    f = tmp_path / "domain.xml"
+    f.write_text(domain_xml(_image(tmp_path), tmp_path / "disk.qcow2", with_primary=with_primary))
+    proc = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_domain_is_tcg_q35_with_spare_root_ports_and_both_nics(tmp_path: Path) -> None:
+    root = ET.fromstring(domain_xml(_image(tmp_path), tmp_path / "disk.qcow2"))
+    assert root.get("type") == "qemu"
+    assert root.find("os/type").get("machine") == "q35"  # type: ignore[union-attr]
+    ports = root.findall("devices/controller[@model='pcie-root-port']")
+    assert len(ports) == ROOT_PORTS
+    models = {i.find("alias").get("name"): i.find("model").get("type")  # type: ignore[union-attr]
+              for i in root.findall("devices/interface")}
+    assert models == {STANDBY_NIC.alias: "virtio", PRIMARY_NIC.alias: "e1000e"}
+
+
+def test_nic_xml_escapes_attribute_values() -> None:
+    nic = PRIMARY_NIC.__class__("52:54:00:00:00:01", "tap'x", "ua-x")
+    el = ET.fromstring(nic.xml())
+    assert el.find("target").get("dev") == "tap'x"  # type: ignore[union-attr]
+
+
+def test_image_key_changes_with_content_and_not_otherwise(tmp_path: Path) -> None:
+    a = ImageRecipe(mirror="http://mirror.invalid/debian")
+    assert a.image_key() == ImageRecipe(mirror="http://mirror.invalid/debian").image_key()
+    changed_file = ImageRecipe(mirror=a.mirror, files={**a.files, "/etc/motd": "hi\n"})
+    assert changed_file.image_key() != a.image_key()
+    assert changed_file.base_key() == a.base_key(), "a config change must not redo debootstrap"
+    more_packages = ImageRecipe(mirror=a.mirror, packages=(*a.packages, "socat"))
+    assert more_packages.base_key() != a.base_key()
+    deb = tmp_path / "agent.deb"
+    deb.write_bytes(b"one")
+    with_deb = ImageRecipe(mirror=a.mirror, extra_debs=(deb,))
+    key = with_deb.image_key()
+    deb.write_bytes(b"two")
+    assert with_deb.image_key() != key, "a rebuilt package must make a new image"
+
+
+def test_hosts_differ_in_uuid_address_and_state(tmp_path: Path) -> None:
+    a, b = (LabHost(net) for net in fabric.HOSTS)
+    assert a.host_uuid != b.host_uuid  # libvirt refuses to migrate to "the same host"
+    assert a.tcp_uri != b.tcp_uri
+    assert a.state_dir != b.state_dir
+
+
+def test_paths_inside_a_host_map_to_its_private_dirs() -> None:
+    a = LabHost(fabric.HOSTS[0])
+    assert a.path_inside("/var/lib/libvirt/ptmig/console.sock") == (
+        a.state_dir / "lib" / "ptmig" / "console.sock")
+    assert a.path_inside("/var/log/libvirt/qemu/x.log") == a.state_dir / "log" / "qemu" / "x.log"
+    assert a.path_inside("/var/tmp/ptmig-lab/guest/disk.qcow2") == Path(
+        "/var/tmp/ptmig-lab/guest/disk.qcow2")
+    assert a.path_inside("/var/lib/libvirtx") == Path("/var/lib/libvirtx")
