@@ -9,4 +9,4 @@ export PATH=$venv/bin:$PATH
 echo "== ruff"; ruff check .
 echo "== mypy"; mypy
 echo "== pytest"
-pytest -p no:cacheprovider tests "$@"
+pytest -p no:cacheprovider tests/unit tests/e2e "$@"

@@ -97,7 +97,8 @@ def test_live_migration_round_trip_keeps_guest_answering(
         # the guest answers again after each migration: the outage ends inside the phase
         assert phase.received > 0
         assert phase.lost < phase.sent / 2, report.format_table()
-    assert report.lost > 0, "a live migration under TCG cannot be loss-free; is the pinger live?"
+    assert report.rate_measured is not None and abs(report.rate_measured - 1000) < 50, (
+        "the sender must keep its rate through the outages")
 
 
 def test_health_check_fails_on_a_kernel_bug_line(lab: VmLab) -> None:
