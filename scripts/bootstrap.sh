@@ -23,7 +23,9 @@ log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 # guests' memory in some live migrations (docs/lab.md).  The backports source is kept in
 # a private apt state directory so the machine's apt sources are left as they were.
 install_debian_packages() {
-  local stamp=$cache/apt/installed-v2
+  # The stamp is keyed by this function's text: a changed package list reinstalls.
+  local stamp
+  stamp=$cache/apt/installed-$(declare -f install_debian_packages | sha256sum | cut -c1-12)
   [ -f "$stamp" ] && return 0
   log "installing Debian packages (QEMU and libvirt from bookworm-backports)"
   mkdir -p "$cache/apt/lists/partial"
@@ -37,7 +39,7 @@ install_debian_packages() {
   apt-get "${apto[@]}" install -y -q --no-install-recommends \
     debootstrap e2fsprogs iproute2 iputils-ping procps psmisc kmod ca-certificates \
     python3 python3-venv python3-dev gcc pkg-config make git \
-    python3-grpcio python3-protobuf python3-pyroute2
+    python3-grpcio python3-protobuf python3-pyroute2 rpm
   apt-get "${apto[@]}" -t bookworm-backports install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
     libvirt-clients libvirt-dev

@@ -1,0 +1,121 @@
+"""XML of the device ptmig attaches on a destination, one builder per pool kind.
+
+- emulated NIC: ``<interface type='bridge'>`` on the pool's bridge, with the
+  slot's tap and per-host MAC;
+- non-SR-IOV PCI NIC: ``<hostdev mode='subsystem' type='pci' managed='yes'>``;
+- SR-IOV VF: ``<interface type='network'>`` on the pool's hostdev network: libvirt
+  picks the VF and programs the MAC we give.
+
+Every device gets a user alias ``ua-ptmig-<team>-<n>`` (libvirt keeps only aliases
+starting with ``ua-``), so that detach, events and the team record all name it.
+The option ROM is off by default: it only serves firmware boot, which a
+hot-plugged device never sees, and an emulated NIC's ROM is guest RAM whose size
+would have to match on every host the guest migrates to.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from host.domain.addresses import normalize_mac, pci_attributes
+from host.domain.errors import DomainModelError
+from host.domain.names import (
+    USER_ALIAS_PREFIX,
+    check_ifname,
+    check_model,
+    check_name,
+    check_network_name,
+    check_user_alias,
+)
+from host.domain.pools import EmulatedSlot, PciSlot, Slot
+from host.domain.teams import PrimaryDevice
+from host.domain.xmltree import to_text
+
+ALIAS_PREFIX = USER_ALIAS_PREFIX + "ptmig-"
+
+
+def primary_alias(team: str, number: int) -> str:
+    """``ua-ptmig-<team>-<number>``: the alias of the team's `number`-th primary."""
+    check_name(team, "team name")
+    if not isinstance(number, int) or number < 0:
+        raise DomainModelError(f"alias number {number!r} is not a non-negative integer")
+    return check_user_alias(f"{ALIAS_PREFIX}{team}-{number}", "primary alias")
+
+
+def next_primary_alias(team: str, aliases_in_use: Iterable[str | None]) -> str:
+    """The team's next alias, one past the highest of its aliases in `aliases_in_use`.
+
+    A fresh alias per attach keeps events of the old device (a late
+    DEVICE_REMOVED) from being taken for the new one.
+    """
+    pattern = re.compile(re.escape(f"{ALIAS_PREFIX}{check_name(team, 'team name')}-") + r"(\d+)")
+    numbers = [int(m.group(1)) for a in aliases_in_use if a and (m := pattern.fullmatch(a))]
+    return primary_alias(team, max(numbers, default=0) + 1)
+
+
+def emulated_nic_xml(
+    *, alias: str, mac: str, bridge: str, tap: str, model: str = "e1000e", rom: bool = False
+) -> str:
+    """An emulated NIC on `bridge` with tap `tap`."""
+    interface = ET.Element("interface", {"type": "bridge"})
+    ET.SubElement(interface, "mac", {"address": normalize_mac(mac, "emulated NIC mac")})
+    ET.SubElement(interface, "source", {"bridge": check_ifname(bridge, "emulated NIC bridge")})
+    ET.SubElement(interface, "target", {"dev": check_ifname(tap, "emulated NIC tap")})
+    ET.SubElement(interface, "model", {"type": check_model(model, "emulated NIC model")})
+    _finish(interface, alias, rom)
+    return to_text(interface)
+
+
+def pci_hostdev_xml(*, alias: str, pci_address: str, rom: bool = False) -> str:
+    """A managed PCI hostdev: libvirt unbinds it from its host driver and back."""
+    hostdev = ET.Element("hostdev", {"mode": "subsystem", "type": "pci", "managed": "yes"})
+    source = ET.SubElement(hostdev, "source")
+    ET.SubElement(source, "address", pci_attributes(pci_address, with_type=False))
+    _finish(hostdev, alias, rom)
+    return to_text(hostdev)
+
+
+def vf_interface_xml(*, alias: str, network: str, mac: str) -> str:
+    """An interface on a hostdev network; libvirt picks the VF and sets `mac`."""
+    interface = ET.Element("interface", {"type": "network"})
+    ET.SubElement(interface, "mac", {"address": normalize_mac(mac, "VF interface mac")})
+    ET.SubElement(interface, "source", {"network": check_network_name(network, "VF network")})
+    ET.SubElement(interface, "alias", {"name": check_user_alias(alias, "VF interface alias")})
+    return to_text(interface)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What to attach for a slot, and the team record to write once it is in."""
+
+    device_xml: str
+    primary: PrimaryDevice
+
+
+def attachment_for_slot(slot: Slot, *, alias: str, vf_mac: str | None = None) -> Attachment:
+    """The device XML and PrimaryDevice for plugging `slot` under `alias`.
+
+    `vf_mac` is the MAC libvirt is to give a VF (the team's MAC under policy
+    "none"); other slots bring their own MAC (emulated) or the card's (PCI).
+    """
+    if isinstance(slot, EmulatedSlot):
+        xml = emulated_nic_xml(
+            alias=alias, mac=slot.mac, bridge=slot.bridge, tap=slot.tap, model=slot.model
+        )
+        return Attachment(xml, PrimaryDevice("emulated", alias, mac=slot.mac, tap=slot.tap))
+    if isinstance(slot, PciSlot):
+        xml = pci_hostdev_xml(alias=alias, pci_address=slot.address)
+        return Attachment(xml, PrimaryDevice("pci", alias, pci_address=slot.address))
+    if vf_mac is None:
+        raise DomainModelError(f"pool {slot.pool}: a VF slot needs the MAC to program")
+    xml = vf_interface_xml(alias=alias, network=slot.network, mac=vf_mac)
+    return Attachment(xml, PrimaryDevice("vf-network", alias, mac=vf_mac, network=slot.network))
+
+
+def _finish(device: ET.Element, alias: str, rom: bool) -> None:
+    if not rom:
+        ET.SubElement(device, "rom", {"enabled": "no"})
+    ET.SubElement(device, "alias", {"name": check_user_alias(alias, "device alias")})

@@ -1,0 +1,17 @@
+"""The one exception of the Domain part."""
+
+from __future__ import annotations
+
+
+class DomainModelError(ValueError):
+    """XML or a model value that ptmig cannot use; the message says which and why.
+
+    Every parser and constructor in host.domain raises only this for bad input,
+    whatever the input is, so callers need one except clause for untrusted XML.
+    """
+
+
+def shown(value: object) -> str:
+    """A value for an error message, cut short: hostile input can be megabytes."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

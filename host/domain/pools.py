@@ -1,0 +1,333 @@
+"""Device pools of one host, defined as libvirt networks named ``ptmig-pool-<name>``.
+
+Pool definitions live in each host's libvirt, so that everything one host needs to
+know about another goes through libvirt and nothing else: the same pool name on
+two hosts names each host's own devices.
+
+- `VfNetworkPool`: a real ``<forward mode='hostdev' managed='yes'>`` network,
+  with a ``<pf dev=.../>`` or a list of VF ``<address type='pci'/>`` (libvirt
+  keeps one or the other in a definition).  A domain attaches ``<interface
+  type='network'>`` and libvirt picks a free VF and programs its MAC.  An active
+  network defined by PF lists the PF and its VFs; an inactive one lists no VFs,
+  and its capacity is unknown until it is started.
+- `PciPool`: the PCI addresses of non-SR-IOV NICs the host admin opted in.
+- `EmulatedPool` (the lab): a bridge, a NIC model and slots, each a tap name and
+  a MAC that differs per host, like a card whose MAC is burned in.
+
+The last two are inert network definitions (never started, no ``<forward>``)
+that carry the pool in the network's ``<metadata>``, namespace POOL_NS::
+
+    <network>
+      <name>ptmig-pool-lab</name>
+      <metadata>
+        <ptmig:pool xmlns:ptmig="https://ptmig.dev/xmlns/pool/1" kind="emulated"
+                    bridge="ptmigbr0" model="e1000e">
+          <slot tap="ptmig-lab-0" mac="52:54:00:a0:00:01"/>
+        </ptmig:pool>
+      </metadata>
+    </network>
+
+`free_slots` is pure: it says what is free given the XML of every domain on the
+host.  Two coordinators may read the same answer and pick the same slot; the
+claim itself is the attach, which libvirt makes atomic: a managed PCI hostdev
+already assigned to a domain is refused ("PCI device ... is in use by driver
+QEMU, domain ..."), a tap name that exists and is in use cannot be opened a second
+time, and a hostdev network hands each VF to one interface only.  The loser of
+such a race sees an attach error, re-reads, and picks again; nothing here locks.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from host.domain.addresses import normalize_mac, normalize_pci, pci_attributes, pci_from_element
+from host.domain.domain_xml import DomainInfo, parse_domain
+from host.domain.errors import DomainModelError, shown
+from host.domain.names import check_ifname, check_model, check_name
+from host.domain.xmltree import check_attributes, parse_xml, split_tag, to_text
+
+POOL_NS = "https://ptmig.dev/xmlns/pool/1"
+POOL_PREFIX = "ptmig"
+POOL_NETWORK_PREFIX = "ptmig-pool-"
+MAX_POOL_XML_CHARS = 1024 * 1024
+MAX_POOL_ENTRIES = 4096  # a PF has at most 256 VFs on today's cards; be generous
+
+
+def pool_network_name(pool: str) -> str:
+    """The libvirt network that defines pool `pool`."""
+    return POOL_NETWORK_PREFIX + check_name(pool, "pool name")
+
+
+@dataclass(frozen=True)
+class VfNetworkPool:
+    name: str
+    pf_dev: str | None = None
+    vf_addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "pool name")
+        where = f"pool {self.name}"
+        if self.pf_dev is not None:
+            check_ifname(self.pf_dev, f"{where}: pf dev")
+        vfs = tuple(normalize_pci(a, f"{where}: VF address") for a in self.vf_addresses)
+        object.__setattr__(self, "vf_addresses", _unique(vfs, f"{where}: VF address"))
+        if self.pf_dev is None and not self.vf_addresses:
+            raise DomainModelError(f"{where}: a VF network needs a pf dev or VF addresses")
+
+    @property
+    def network(self) -> str:
+        return pool_network_name(self.name)
+
+
+@dataclass(frozen=True)
+class PciPool:
+    name: str
+    addresses: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "pool name")
+        where = f"pool {self.name}"
+        addresses = tuple(normalize_pci(a, f"{where}: device address") for a in self.addresses)
+        object.__setattr__(self, "addresses", _unique(addresses, f"{where}: device address"))
+
+    @property
+    def network(self) -> str:
+        return pool_network_name(self.name)
+
+
+@dataclass(frozen=True)
+class TapSlot:
+    """One emulated NIC an emulated pool can plug: its tap and its per-host MAC."""
+
+    tap: str
+    mac: str
+
+    def __post_init__(self) -> None:
+        check_ifname(self.tap, "slot tap")
+        object.__setattr__(self, "mac", normalize_mac(self.mac, f"slot {self.tap}: mac"))
+
+
+@dataclass(frozen=True)
+class EmulatedPool:
+    name: str
+    bridge: str
+    model: str
+    slots: tuple[TapSlot, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "pool name")
+        where = f"pool {self.name}"
+        check_ifname(self.bridge, f"{where}: bridge")
+        check_model(self.model, f"{where}: model")
+        object.__setattr__(self, "slots", tuple(self.slots))
+        _unique(tuple(s.tap for s in self.slots), f"{where}: slot tap")
+        _unique(tuple(s.mac for s in self.slots), f"{where}: slot mac")
+
+    @property
+    def network(self) -> str:
+        return pool_network_name(self.name)
+
+
+Pool = VfNetworkPool | PciPool | EmulatedPool
+
+
+@dataclass(frozen=True)
+class VfSlot:
+    """Room for one more VF interface on `network`; libvirt picks which VF."""
+
+    pool: str
+    network: str
+
+
+@dataclass(frozen=True)
+class PciSlot:
+    pool: str
+    address: str
+
+
+@dataclass(frozen=True)
+class EmulatedSlot:
+    pool: str
+    bridge: str
+    model: str
+    tap: str
+    mac: str
+
+
+Slot = VfSlot | PciSlot | EmulatedSlot
+
+
+def parse_pool_network(xml: str) -> Pool:
+    """Read a ``ptmig-pool-*`` network's XML (inactive or live) into a Pool."""
+    root = parse_xml(xml, "pool network XML", max_chars=MAX_POOL_XML_CHARS)
+    if root.tag != "network":
+        raise DomainModelError(f"pool network XML: root element is {shown(root.tag)}")
+    network = (root.findtext("name") or "").strip()
+    if not network.startswith(POOL_NETWORK_PREFIX):
+        raise DomainModelError(
+            f"network {shown(network)} is not a ptmig pool (want {POOL_NETWORK_PREFIX}<name>)"
+        )
+    name = check_name(network[len(POOL_NETWORK_PREFIX) :], f"network {shown(network)}")
+    where = f"pool {name}"
+    meta = _pool_metadata(root, where)
+    forward = root.find("forward")
+    kind = meta.get("kind") if meta is not None else None
+    if kind is None and forward is not None and forward.get("mode") == "hostdev":
+        kind = "vf-network"
+    if kind == "vf-network":
+        return _parse_vf_network(name, root, meta, forward, where)
+    if kind not in ("pci", "emulated") or meta is None:
+        raise DomainModelError(f"{where}: unknown pool kind {shown(kind)}")
+    if forward is not None:
+        raise DomainModelError(f"{where}: a {kind} pool network must be inert (no <forward>)")
+    entries = [child for child in meta if isinstance(child.tag, str)]
+    if len(entries) > MAX_POOL_ENTRIES:
+        raise DomainModelError(f"{where}: more than {MAX_POOL_ENTRIES} entries")
+    if kind == "pci":
+        check_attributes(meta, ("kind",), where)
+        return PciPool(name, tuple(_entry(e, "device", ("address",), where) for e in entries))
+    check_attributes(meta, ("kind", "bridge", "model"), where)
+    slots = tuple(
+        TapSlot(_entry(e, "slot", ("tap", "mac"), where), e.get("mac", "")) for e in entries
+    )
+    return EmulatedPool(name, meta.get("bridge", ""), meta.get("model", ""), slots)
+
+
+def format_pool_network(pool: Pool) -> str:
+    """The network XML that defines `pool` (for networkDefineXML).
+
+    A VF pool with a PF is written with the PF alone, even when VF addresses were
+    read from a live network: libvirt would drop the PF next to an address list.
+    """
+    root = ET.Element("network")
+    ET.SubElement(root, "name").text = pool.network
+    metadata = ET.SubElement(root, "metadata")
+    attrs = {f"xmlns:{POOL_PREFIX}": POOL_NS}
+    tag = f"{POOL_PREFIX}:pool"
+    if isinstance(pool, VfNetworkPool):
+        ET.SubElement(metadata, tag, {**attrs, "kind": "vf-network"})
+        forward = ET.SubElement(root, "forward", {"mode": "hostdev", "managed": "yes"})
+        if pool.pf_dev is not None:  # libvirt drops <pf> next to addresses; lists VFs live
+            ET.SubElement(forward, "pf", {"dev": pool.pf_dev})
+        else:
+            for vf in pool.vf_addresses:
+                ET.SubElement(forward, "address", pci_attributes(vf))
+    elif isinstance(pool, PciPool):
+        meta = ET.SubElement(metadata, tag, {**attrs, "kind": "pci"})
+        for address in pool.addresses:
+            ET.SubElement(meta, "device", {"address": address})
+    else:
+        meta = ET.SubElement(
+            metadata, tag, {**attrs, "kind": "emulated", "bridge": pool.bridge, "model": pool.model}
+        )
+        for slot in pool.slots:
+            ET.SubElement(meta, "slot", {"tap": slot.tap, "mac": slot.mac})
+    return to_text(root)
+
+
+def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
+    """The slots of `pool` no domain uses, in pool order.
+
+    `domains_xml` is the XML of every domain on the host: live XML of running
+    ones and inactive XML of defined ones, since a defined domain that names a
+    device would fail to start (or take it) later.  Taken is: a PCI address in any
+    hostdev's or hostdev interface's source; a tap in any interface's target dev or
+    a slot MAC on any interface.  A VF network's free count is its VFs minus the
+    interfaces using it (by VF address when libvirt reports it, else by network).
+    """
+    domains = [parse_domain(xml) for xml in domains_xml]
+    if isinstance(pool, PciPool):
+        used = _used_pci(domains)
+        return [PciSlot(pool.name, a) for a in pool.addresses if a not in used]
+    if isinstance(pool, EmulatedPool):
+        taps = {i.target_dev for d in domains for i in d.interfaces if i.target_dev}
+        macs = {i.mac for d in domains for i in d.interfaces if i.mac}
+        return [
+            EmulatedSlot(pool.name, pool.bridge, pool.model, s.tap, s.mac)
+            for s in pool.slots
+            if s.tap not in taps and s.mac not in macs
+        ]
+    return [VfSlot(pool.name, pool.network)] * vf_capacity(pool, domains)
+
+
+def vf_capacity(pool: VfNetworkPool, domains: Iterable[DomainInfo]) -> int:
+    """How many more interfaces `pool`'s network can take."""
+    if not pool.vf_addresses:
+        raise DomainModelError(
+            f"pool {pool.name}: the network lists no VFs; read the active network's XML "
+            "(libvirt lists a PF's VFs once the network is started)"
+        )
+    vfs = set(pool.vf_addresses)
+    used_vfs: set[str] = set()
+    unplaced = 0  # users whose VF is not in the XML (inactive XML)
+    for domain in domains:
+        for interface in domain.interfaces:
+            if interface.host_pci_address in vfs:
+                used_vfs.add(interface.host_pci_address)
+            elif interface.network == pool.network:
+                unplaced += 1
+        used_vfs.update(h.host_pci_address for h in domain.hostdevs if h.host_pci_address in vfs)
+    return max(0, len(vfs) - len(used_vfs) - unplaced)
+
+
+def _used_pci(domains: Iterable[DomainInfo]) -> set[str]:
+    used: set[str] = set()
+    for domain in domains:
+        used.update(h.host_pci_address for h in domain.hostdevs)
+        used.update(i.host_pci_address for i in domain.interfaces if i.host_pci_address)
+    return used
+
+
+def _parse_vf_network(
+    name: str,
+    root: ET.Element,
+    meta: ET.Element | None,
+    forward: ET.Element | None,
+    where: str,
+) -> VfNetworkPool:
+    if forward is None or forward.get("mode") != "hostdev":
+        raise DomainModelError(f"{where}: a VF pool needs <forward mode='hostdev'>")
+    if meta is not None:
+        check_attributes(meta, ("kind",), where)
+    pf = forward.find("pf")
+    addresses = forward.findall("address")
+    if len(addresses) > MAX_POOL_ENTRIES:
+        raise DomainModelError(f"{where}: more than {MAX_POOL_ENTRIES} VF addresses")
+    return VfNetworkPool(
+        name=name,
+        pf_dev=pf.get("dev") if pf is not None else None,
+        vf_addresses=tuple(pci_from_element(a, f"{where}: VF address") for a in addresses),
+    )
+
+
+def _pool_metadata(root: ET.Element, where: str) -> ET.Element | None:
+    metadata = root.find("metadata")
+    if metadata is None:
+        return None
+    found = [child for child in metadata if split_tag(child) == (POOL_NS, "pool")]
+    if len(found) > 1:
+        raise DomainModelError(f"{where}: more than one ptmig pool element in <metadata>")
+    return found[0] if found else None
+
+
+def _entry(element: ET.Element, name: str, attributes: tuple[str, ...], where: str) -> str:
+    """Check one entry of a pool's metadata; return its first attribute."""
+    namespace, local = split_tag(element)
+    if namespace not in ("", POOL_NS) or local != name:
+        raise DomainModelError(f"{where}: expected <{name}>, found {shown(element.tag)}")
+    check_attributes(element, attributes, f"{where}: <{name}>")
+    value = element.get(attributes[0])
+    if value is None:
+        raise DomainModelError(f"{where}: <{name}> without {attributes[0]}")
+    return value
+
+
+def _unique(values: tuple[str, ...], where: str) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise DomainModelError(f"{where} {value} is listed twice")
+        seen.add(value)
+    return values

@@ -1,0 +1,363 @@
+"""The only module that talks to libvirt (and libvirt-qemu).
+
+Everything the coordinator asks of a host goes through :class:`Hypervisor`: domain XML and
+metadata, device attach and detach with a real wait, live migration with progress, and
+QMP ``announce-self``.  Errors leave as :class:`HypervisorError` with libvirt's message.
+
+Why the waits are event-driven: ``virDomainDetachDeviceAlias`` returns as soon as QEMU has
+*asked* the guest to release the device; only libvirt's DEVICE_REMOVED event means it is
+gone, and DEVICE_REMOVAL_FAILED that the guest refused.  A guest that never answers gets
+neither, so every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+
+log = logging.getLogger(__name__)
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; ours are raised with context."""
+
+
+libvirt.registerErrorHandler(_silence, None)
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt delivers events only to a process that runs its event loop; start it once.
+
+    Must happen before the first connection is opened, or that connection gets no events.
+    """
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+class HypervisorError(RuntimeError):
+    """A libvirt operation failed; ``code`` is libvirt's error code when there is one."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DeviceRemovalError(HypervisorError):
+    """The guest refused to release a device, or did not within the deadline."""
+
+
+def _wrap(what: str, exc: libvirt.libvirtError) -> HypervisorError:
+    return HypervisorError(f"{what}: {exc.get_error_message()}", exc.get_error_code())
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """A sample of the migration job, for progress displays."""
+
+    elapsed_ms: int
+    data_processed: int
+    data_total: int
+    data_remaining: int
+    iteration: int
+
+    @property
+    def fraction(self) -> float:
+        return self.data_processed / self.data_total if self.data_total else 0.0
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    wall_s: float
+    downtime_ms: int | None
+    elapsed_ms: int | None
+    data_total: int | None
+    iterations: int | None
+
+
+MIGRATE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+
+
+class Hypervisor:
+    """One libvirt host, by URI."""
+
+    def __init__(self, uri: str) -> None:
+        _ensure_event_loop()
+        self.uri = uri
+        try:
+            self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"cannot connect to {uri}", exc) from exc
+        try:
+            # Notice a dead peer in about 15 s instead of waiting on TCP.
+            self._conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError:
+            pass  # unix sockets to older daemons may not support it
+
+    def close(self) -> None:
+        with suppress(libvirt.libvirtError):
+            self._conn.close()
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- host ------------------------------------------------------------------------
+
+    def host_uuid(self) -> str:
+        import xml.etree.ElementTree as ET
+
+        try:
+            caps = ET.fromstring(self._conn.getCapabilities())
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: capabilities", exc) from exc
+        return caps.findtext("host/uuid") or ""
+
+    def alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    # -- domains ---------------------------------------------------------------------
+
+    def domain(self, ident: str) -> libvirt.virDomain:
+        """A domain by name or UUID, as virsh takes it."""
+        try:
+            if len(ident) == 36 and ident.count("-") == 4:
+                return self._conn.lookupByUUIDString(ident)
+            return self._conn.lookupByName(ident)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: domain {ident!r}", exc) from exc
+
+    def has_domain(self, ident: str) -> bool:
+        try:
+            self.domain(ident)
+            return True
+        except HypervisorError:
+            return False
+
+    def is_active(self, dom: libvirt.virDomain) -> bool:
+        try:
+            return bool(dom.isActive())
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: state of {dom.name()}", exc) from exc
+
+    def domain_xml(self, dom: libvirt.virDomain, *, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        try:
+            return str(dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_SECURE))
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: XML of {dom.name()}", exc) from exc
+
+    def all_domain_xml(self) -> list[str]:
+        """The live XML of every active domain and the persistent XML of inactive ones."""
+        try:
+            domains = self._conn.listAllDomains()
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: list domains", exc) from exc
+        out = []
+        for dom in domains:
+            try:
+                out.append(str(dom.XMLDesc(0)))
+            except libvirt.libvirtError:
+                continue  # vanished while we listed
+        return out
+
+    def metadata(self, dom: libvirt.virDomain, namespace: str) -> str | None:
+        try:
+            return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise _wrap(f"{self.uri}: metadata of {dom.name()}", exc) from exc
+
+    def set_metadata(self, dom: libvirt.virDomain, namespace: str, prefix: str,
+                     xml: str | None) -> None:
+        """Write (or with ``None`` remove) our metadata, live and persistent alike."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if self.is_active(dom):
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, namespace, flags)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: set metadata of {dom.name()}", exc) from exc
+
+    # -- devices ---------------------------------------------------------------------
+
+    @contextmanager
+    def _events(self, dom: libvirt.virDomain, event_ids: list[int],
+                handler: Callable[..., None]) -> Iterator[None]:
+        ids = []
+        try:
+            for event_id in event_ids:
+                ids.append(self._conn.domainEventRegisterAny(dom, event_id, handler, event_id))
+            yield
+        finally:
+            for cb_id in ids:
+                with suppress(libvirt.libvirtError):
+                    self._conn.domainEventDeregisterAny(cb_id)
+
+    def attach(self, dom: libvirt.virDomain, device_xml: str) -> None:
+        """Hot-plug a device (live only: the persistent definition is the coordinator's)."""
+        try:
+            dom.attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: attach to {dom.name()}", exc) from exc
+
+    def detach_and_wait(self, dom: libvirt.virDomain, alias: str, timeout: float) -> float:
+        """Unplug device *alias* and wait for the guest to release it; returns seconds taken."""
+        done = threading.Event()
+        outcome: dict[str, int] = {}
+
+        def on_event(_conn: object, _dom: object, dev_alias: str, event_id: int) -> None:
+            if dev_alias == alias:
+                outcome["event"] = event_id
+                done.set()
+
+        removed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED
+        failed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED
+        t0 = time.monotonic()
+        with self._events(dom, [removed, failed], on_event):
+            if alias not in self.domain_xml(dom):
+                return 0.0
+            try:
+                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                raise _wrap(f"{self.uri}: detach {alias} from {dom.name()}", exc) from exc
+            # The event may have fired before we looked; the live XML settles it.
+            while not done.wait(0.25):
+                if f"<alias name='{alias}'/>" not in self.domain_xml(dom):
+                    return time.monotonic() - t0
+                if time.monotonic() - t0 > timeout:
+                    raise DeviceRemovalError(
+                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s")
+        if outcome.get("event") == failed:
+            raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
+        return time.monotonic() - t0
+
+    # -- migration -------------------------------------------------------------------
+
+    def migrate(
+        self,
+        dom: libvirt.virDomain,
+        destination_uri: str,
+        *,
+        persistent_xml: str,
+        extra_flags: int = 0,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> MigrationStats:
+        """Live-migrate peer-to-peer; *persistent_xml* becomes the destination's definition."""
+        params = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent_xml}
+        stop = threading.Event()
+        if max_downtime_ms is not None:
+            try:
+                dom.migrateSetMaxDowntime(max_downtime_ms, 0)
+            except libvirt.libvirtError as exc:
+                raise _wrap(f"{self.uri}: set max downtime", exc) from exc
+
+        def watch() -> None:
+            while not stop.wait(0.5):
+                try:
+                    info = dom.jobStats(0)
+                except libvirt.libvirtError:
+                    continue
+                if info.get("type", 0) in (0, None) or on_progress is None:
+                    continue
+                on_progress(MigrationProgress(
+                    elapsed_ms=int(info.get("time_elapsed", 0)),
+                    data_processed=int(info.get("data_processed", 0)),
+                    data_total=int(info.get("data_total", 0)),
+                    data_remaining=int(info.get("data_remaining", 0)),
+                    iteration=int(info.get("memory_iteration", 0)),
+                ))
+
+        watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            dom.migrateToURI3(destination_uri, params, MIGRATE_FLAGS | extra_flags)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"migrate {dom.name()} {self.uri} -> {destination_uri}", exc) from exc
+        finally:
+            stop.set()
+            watcher.join()
+        wall = time.monotonic() - t0
+        return MigrationStats(wall, None, None, None, None)
+
+    def completed_job(self, dom: libvirt.virDomain) -> dict[str, Any]:
+        """Statistics of the domain's last completed job (on a migration's destination)."""
+        try:
+            return dict(dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: job statistics of {dom.name()}", exc) from exc
+
+    def abort_job(self, dom: libvirt.virDomain) -> None:
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: abort job of {dom.name()}", exc) from exc
+
+    # -- network announcements -------------------------------------------------------
+
+    def announce(self, dom: libvirt.virDomain, *, rounds: int = 3, initial_ms: int = 50,
+                 max_ms: int = 550, step_ms: int = 100) -> None:
+        """QMP ``announce-self``: QEMU sends RARPs for the guest's virtio NICs so switches
+        learn the path to the standby at once."""
+        cmd = json.dumps({"execute": "announce-self", "arguments": {
+            "initial": initial_ms, "max": max_ms, "rounds": rounds, "step": step_ms}})
+        try:
+            libvirt_qemu.qemuMonitorCommand(dom, cmd, 0)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: announce-self for {dom.name()}", exc) from exc
+
+    # -- networks (pool definitions) -------------------------------------------------
+
+    def network_xml(self, name: str) -> str | None:
+        try:
+            return str(self._conn.networkLookupByName(name).XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                return None
+            raise _wrap(f"{self.uri}: network {name}", exc) from exc
+
+    def network_names(self) -> list[str]:
+        try:
+            return [str(n.name()) for n in self._conn.listAllNetworks()]
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: list networks", exc) from exc
+
+    def define_network(self, xml: str) -> None:
+        try:
+            self._conn.networkDefineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: define network", exc) from exc

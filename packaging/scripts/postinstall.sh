@@ -1,0 +1,50 @@
+#!/bin/sh
+# ptmig-agent postinst.  deb: configure [old-version] | abort-*; rpm: $1 = 1 install, 2 upgrade.
+# Works in a chroot (dpkg -i, debootstrap: no systemd, no udev running: enable only)
+# and on a running system (apt, dnf: also (re)start).
+set -e
+
+unit=ptmig-agent.service
+tree=/usr/lib/ptmig-agent
+
+case "$1" in
+  configure) if [ -z "$2" ]; then first=yes; else first=no; fi ;;
+  1) first=yes ;;
+  2) first=no ;;
+  *) exit 0 ;;  # abort-upgrade, abort-remove...: the old version is still in place
+esac
+
+# Byte-compile the private tree afresh (caches of modules that went away go first).
+# A failure only costs start-up time: it must not fail the installation.
+find "$tree" -depth -type d -name __pycache__ -exec rm -rf {} + 2>/dev/null || true
+if ! /usr/bin/python3 -m compileall -q "$tree" >/dev/null; then
+  echo "ptmig-agent: byte-compiling $tree failed (harmless)" >&2
+fi
+
+# Let a running udev read 60-ptmig-agent.rules (a hot-plugged channel starts the agent).
+if [ -d /run/udev ] && command -v udevadm >/dev/null 2>&1; then
+  udevadm control --reload || true
+fi
+
+if ! command -v systemctl >/dev/null 2>&1; then
+  exit 0
+fi
+# Enable on the first installation only: enabling just makes the WantedBy= symlink, which
+# works offline (chroot) too.  Upgrades, and a reinstallation after "remove" (the
+# symlink is kept until "purge"), leave the admin's enable/disable choice alone.
+if [ "$first" = yes ]; then
+  systemctl enable "$unit" >/dev/null 2>&1 || echo "ptmig-agent: could not enable $unit" >&2
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload || true
+  # An enabled agent is (re)started: the new code runs at once.  The unit's conditions
+  # make this a no-op on a machine without a ptmig channel.  A disabled one is only
+  # restarted if someone started it by hand.
+  if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+    action=restart
+  else
+    action=try-restart
+  fi
+  systemctl "$action" "$unit" || echo "ptmig-agent: $action $unit failed; see journalctl -u $unit" >&2
+fi
+exit 0

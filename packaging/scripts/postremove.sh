@@ -1,0 +1,33 @@
+#!/bin/sh
+# ptmig-agent postrm.  deb: remove | purge | upgrade | failed-upgrade | abort-* | disappear;
+# rpm: $1 = 0 erase, 1 upgrade.
+set -e
+
+tree=/usr/lib/ptmig-agent
+
+case "$1" in
+  remove|purge|disappear|abort-install|0) ;;
+  *) exit 0 ;;
+esac
+
+# Whatever is left under the private tree is ours alone (e.g. caches written by an
+# agent that ran between prerm and the removal of the files).
+if [ -d "$tree" ]; then
+  find "$tree" -depth -type d -name __pycache__ -exec rm -rf {} + 2>/dev/null || true
+  find "$tree" -depth -type d -empty -delete 2>/dev/null || true
+fi
+
+# deb purge: forget the enablement (the unit file is gone, so by hand, not systemctl).
+# Drop-ins the admin made with `systemctl edit` are the admin's: they stay.
+if [ "$1" = purge ] || [ "$1" = disappear ]; then
+  rm -f /etc/systemd/system/multi-user.target.wants/ptmig-agent.service
+fi
+
+if [ -d /run/udev ] && command -v udevadm >/dev/null 2>&1; then
+  udevadm control --reload || true
+fi
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  systemctl daemon-reload || true
+  systemctl reset-failed ptmig-agent.service >/dev/null 2>&1 || true
+fi
+exit 0
