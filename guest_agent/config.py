@@ -1,0 +1,275 @@
+"""The agent's configuration: /etc/ptmig/agent.toml (stdlib tomllib).
+
+Unknown keys are errors, not warnings: a misspelt `mac_policy` silently falling
+back to the default would change what a migration does to the guest's MAC.
+
+    socket = "/run/ptmig/agent.sock"       # the gRPC server's only listening socket
+    max_message_bytes = 262144             # larger requests: RESOURCE_EXHAUSTED
+    default_timeout_ms = 10000             # waits for devices/carrier when a request says 0
+    operation_log_size = 256               # remembered operation ids
+    allowed_rpcs = ["GuestAgent/GetVersion", "GuestAgent/GetState",
+                    "GuestAgent/UseStandby", "GuestAgent/BindPrimary", "Health/Check"]
+
+    [transports.virtio_serial]
+    enabled = true
+    port = "/dev/virtio-ports/org.ptmig.agent.0"
+
+    [transports.vsock]
+    enabled = true
+    port = 7031
+
+    [[teams]]
+    name = "lan"
+    bond = "bond0"
+    standby = "enp1s0"                     # a name, or a table: {mac = ..} / {pci_address = ..}
+    mac_policy = "preserve"                # preserve | follow | none
+    ownership = "admin"                    # admin | agent
+    mac = "52:54:00:bb:00:01"              # preserve: the team's MAC (default: the bond's)
+    primary = {pci_address = "0000:02:00.0"}  # agent: bound at start-up when present
+    num_peer_notif = 1                     # agent: peer notifications per switch
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from guest_agent.addresses import AddressError, parse_mac, parse_pci
+from guest_agent.teams import DeviceMatch, MacPolicy, Ownership, TeamConfig
+
+DEFAULT_PATH = "/etc/ptmig/agent.toml"
+DEFAULT_SOCKET = "/run/ptmig/agent.sock"
+DEFAULT_SERIAL_PORT = "/dev/virtio-ports/org.ptmig.agent.0"
+DEFAULT_VSOCK_PORT = 7031
+ALL_RPCS = (
+    "GuestAgent/GetVersion",
+    "GuestAgent/GetState",
+    "GuestAgent/UseStandby",
+    "GuestAgent/BindPrimary",
+    "Health/Check",
+)
+MAX_IFNAME = 15  # IFNAMSIZ - 1
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class SerialConfig:
+    enabled: bool = True
+    port: str = DEFAULT_SERIAL_PORT
+
+
+@dataclass(frozen=True)
+class VsockConfig:
+    enabled: bool = True
+    port: int = DEFAULT_VSOCK_PORT
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket: str = DEFAULT_SOCKET
+    max_message_bytes: int = 256 * 1024
+    default_timeout_ms: int = 10_000
+    operation_log_size: int = 256
+    allowed_rpcs: frozenset[str] = frozenset(ALL_RPCS)
+    virtio_serial: SerialConfig = field(default_factory=SerialConfig)
+    vsock: VsockConfig = field(default_factory=VsockConfig)
+    teams: tuple[TeamConfig, ...] = ()
+
+
+def load(path: str = DEFAULT_PATH, missing_ok: bool = False) -> AgentConfig:
+    """Read and check the file; `missing_ok` gives the defaults (no teams) if absent."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        if missing_ok:
+            return AgentConfig()
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return parse(data, path)
+
+
+def parse(data: dict[str, Any], where: str = "config") -> AgentConfig:
+    t = _Table(data, where)
+    transports = t.table("transports")
+    serial = transports.table("virtio_serial")
+    vsock = transports.table("vsock")
+    allowed = t.strings("allowed_rpcs", list(ALL_RPCS))
+    unknown = sorted(set(allowed) - set(ALL_RPCS))
+    if unknown:
+        raise ConfigError(f"{where}: allowed_rpcs: unknown {unknown} (known: {list(ALL_RPCS)})")
+    teams = tuple(_team(item) for item in t.tables("teams"))
+    config = AgentConfig(
+        socket=t.path("socket", DEFAULT_SOCKET),
+        max_message_bytes=t.integer("max_message_bytes", 256 * 1024, 1024, 64 * 1024 * 1024),
+        default_timeout_ms=t.integer("default_timeout_ms", 10_000, 1, 600_000),
+        operation_log_size=t.integer("operation_log_size", 256, 1, 100_000),
+        allowed_rpcs=frozenset(allowed),
+        virtio_serial=SerialConfig(
+            enabled=serial.boolean("enabled", True),
+            port=serial.path("port", DEFAULT_SERIAL_PORT),
+        ),
+        vsock=VsockConfig(
+            enabled=vsock.boolean("enabled", True),
+            port=vsock.integer("port", DEFAULT_VSOCK_PORT, 1, 0xFFFFFFFE),
+        ),
+        teams=teams,
+    )
+    for table in (t, transports, serial, vsock):
+        table.refuse_unknown()
+    _refuse_duplicates(teams, where)
+    return config
+
+
+def _team(t: _Table) -> TeamConfig:
+    policy = t.choice("mac_policy", MacPolicy, MacPolicy.PRESERVE)
+    ownership = t.choice("ownership", Ownership, Ownership.ADMIN)
+    mac = t.optional_str("mac")
+    primary = t.get("primary")
+    team = TeamConfig(
+        name=t.string("name"),
+        bond=t.ifname("bond"),
+        standby=_match(t, "standby", t.get("standby"), required=True),
+        mac_policy=policy,
+        ownership=ownership,
+        mac=t.convert("mac", parse_mac, mac) if mac is not None else None,
+        primary=_match(t, "primary", primary, required=False) if primary is not None else None,
+        num_peer_notif=t.integer("num_peer_notif", 1, 0, 255),
+    )
+    if team.mac and policy is not MacPolicy.PRESERVE:
+        raise ConfigError(f'{t.where}: mac is only used with mac_policy = "preserve"')
+    t.refuse_unknown()
+    return team
+
+
+def _match(t: _Table, key: str, value: Any, required: bool) -> DeviceMatch:
+    where = f"{t.where}.{key}"
+    if isinstance(value, str):
+        return DeviceMatch(name=_check_ifname(value, where))
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: want an interface name or a table {{mac/pci_address/name}}")
+    m = _Table(value, where)
+    name = m.optional_str("name")
+    mac = m.optional_str("mac")
+    pci = m.optional_str("pci_address")
+    m.refuse_unknown()
+    if name is None and mac is None and pci is None:
+        raise ConfigError(f"{where}: give at least one of name, mac, pci_address")
+    return DeviceMatch(
+        name=_check_ifname(name, where) if name else None,
+        mac=m.convert("mac", parse_mac, mac) if mac else None,
+        pci_address=m.convert("pci_address", parse_pci, pci) if pci else None,
+    )
+
+
+def _check_ifname(name: str, where: str) -> str:
+    if not name or len(name) > MAX_IFNAME or "/" in name or any(c.isspace() for c in name):
+        raise ConfigError(f"{where}: {name!r} is not a valid interface name")
+    return name
+
+
+def _refuse_duplicates(teams: tuple[TeamConfig, ...], where: str) -> None:
+    for attr in ("name", "bond"):
+        values = [getattr(team, attr) for team in teams]
+        doubled = sorted({v for v in values if values.count(v) > 1})
+        if doubled:
+            raise ConfigError(f"{where}: teams share {attr} {doubled}")
+
+
+class _Table:
+    """A TOML table that remembers which keys were read, for refuse_unknown()."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: want a table")
+        self.data: dict[str, Any] = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, default)
+
+    def _typed(self, key: str, default: Any, kind: type | tuple[type, ...], want: str) -> Any:
+        value = self.get(key, default)
+        if (
+            value is None
+            or not isinstance(value, kind)
+            or (kind is int and isinstance(value, bool))
+        ):
+            raise ConfigError(f"{self.where}.{key}: want {want}, got {value!r}")
+        return value
+
+    def string(self, key: str) -> str:
+        value: str = self._typed(key, None, str, "a string")
+        if not value:
+            raise ConfigError(f"{self.where}.{key}: must not be empty")
+        return value
+
+    def optional_str(self, key: str) -> str | None:
+        if self.data.get(key) is None:
+            self.seen.add(key)
+            return None
+        return self.string(key)
+
+    def path(self, key: str, default: str) -> str:
+        value: str = self._typed(key, default, str, "an absolute path")
+        if not os.path.isabs(value):
+            raise ConfigError(f"{self.where}.{key}: want an absolute path, got {value!r}")
+        return value
+
+    def ifname(self, key: str) -> str:
+        return _check_ifname(self.string(key), f"{self.where}.{key}")
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value: bool = self._typed(key, default, bool, "true or false")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value: int = self._typed(key, default, int, "an integer")
+        if not low <= value <= high:
+            raise ConfigError(f"{self.where}.{key}: {value} is outside {low}..{high}")
+        return value
+
+    def strings(self, key: str, default: list[str]) -> list[str]:
+        value = self._typed(key, default, list, "a list of strings")
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{self.where}.{key}: want a list of strings")
+        return list(value)
+
+    def choice(self, key: str, enum_type: Any, default: Any) -> Any:
+        value = self._typed(key, default.value, str, "a string")
+        try:
+            return enum_type(value)
+        except ValueError:
+            options = ", ".join(item.value for item in enum_type)
+            raise ConfigError(f"{self.where}.{key}: {value!r} is not one of {options}") from None
+
+    def convert(self, key: str, parse_fn: Any, value: str) -> str:
+        try:
+            result: str = parse_fn(value)
+        except AddressError as exc:
+            raise ConfigError(f"{self.where}.{key}: {exc}") from None
+        return result
+
+    def table(self, key: str) -> _Table:
+        return _Table(self.get(key, {}), f"{self.where}.{key}")
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self.get(key, [])
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.where}.{key}: want an array of tables ([[{key}]])")
+        return [_Table(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(value)]
+
+    def refuse_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key(s) {unknown}")

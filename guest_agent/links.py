@@ -1,0 +1,124 @@
+"""The netlink interface the team logic is written against, and its vocabulary.
+
+`Links` is implemented over pyroute2 by guest_agent.netlink and by a fake in the
+tests; nothing else in the agent knows how links are read or changed.  Every
+operation addresses links by ifindex: names change under our feet (udev renames a
+hot-plugged eth0 to enp2s0), indexes do not.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+BOND_MODE_ACTIVE_BACKUP = 1
+
+
+class FailOverMac(enum.IntEnum):
+    """The bond's fail_over_mac option, with the kernel's numbering."""
+
+    NONE = 0  # slaves all carry the bond's MAC
+    ACTIVE = 1  # the bond's MAC follows the active slave
+    FOLLOW = 2  # the new active slave gets the bond's MAC, the old one its own
+
+
+@dataclass(frozen=True)
+class BondInfo:
+    mode: int
+    active_slave: int | None  # ifindex
+    fail_over_mac: FailOverMac
+    miimon: int
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    mac: str | None
+    permanent_mac: str | None
+    carrier: bool
+    operstate: str
+    admin_up: bool
+    master: int | None  # ifindex of the bond/bridge this link is enslaved to
+    kind: str | None  # rtnl kind ("bond", "veth"); None for plain NICs
+    pci_address: str | None
+    udev_initialized: bool  # udev has finished with it (renamed, db written)
+    bond: BondInfo | None = None  # set for kind == "bond"
+
+    def has_mac(self, mac: str) -> bool:
+        """True if `mac` is the current or burned-in address."""
+        return mac in (self.mac, self.permanent_mac)
+
+
+def by_index(links: Sequence[Link], index: int | None) -> Link | None:
+    return next((link for link in links if link.index == index), None)
+
+
+def by_name(links: Sequence[Link], name: str) -> Link | None:
+    return next((link for link in links if link.name == name), None)
+
+
+class LinkError(Exception):
+    """A netlink operation failed; `errno` is the kernel's answer (0 if none)."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class NoSuchLink(LinkError):
+    """ENODEV: the link went away (hot-unplugged) between lookup and use."""
+
+
+class LinkRefused(LinkError):
+    """EINVAL/ERANGE/EBUSY/EADDRNOTAVAIL: the kernel would not do it in this state.
+
+    e.g. ERANGE from bond_active_slave for an ifindex that is not a slave, EINVAL
+    for a slave without link, EBUSY for enslaving a link that is up.
+    """
+
+
+class BondingUnavailable(LinkError):
+    """EOPNOTSUPP: the bonding driver is not loaded (or the link is no bond)."""
+
+
+class NotPermitted(LinkError):
+    """EPERM/EACCES: the agent lacks CAP_NET_ADMIN."""
+
+
+class WaitTimeout(LinkError):
+    """The awaited link state did not come before the deadline."""
+
+
+class Links(Protocol):
+    """What the team logic needs from the kernel.  Deadlines are time.monotonic()."""
+
+    def list_links(self) -> list[Link]: ...
+
+    def create_bond(self, name: str, fail_over_mac: FailOverMac, num_peer_notif: int) -> int:
+        """Create an active-backup bond (miimon 100), down; return its ifindex."""
+        ...
+
+    def enslave(self, index: int, bond: int) -> None:
+        """Take the link down (the kernel wants that) and make it a slave of `bond`."""
+        ...
+
+    def release(self, index: int) -> None: ...
+
+    def set_active_slave(self, bond: int, index: int) -> None: ...
+
+    def set_mac(self, index: int, mac: str) -> None: ...
+
+    def set_up(self, index: int, up: bool) -> None: ...
+
+    def wait_for(self, check: Callable[[list[Link]], T | None], deadline: float) -> T:
+        """Return the first non-None `check(links)`, re-checked on each link event.
+
+        Raises WaitTimeout at the deadline.  Subscribes before the first check, so
+        an event between the check and the wait is not lost.
+        """
+        ...

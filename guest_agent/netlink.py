@@ -1,0 +1,254 @@
+"""guest_agent.links.Links over pyroute2 -- the only module that imports pyroute2.
+
+pyroute2 is imported lazily (`_pyroute2()`): it costs ~2.5 s under TCG, and the
+agent should answer GetVersion/Health while it loads.  Works on pyroute2 0.7.2
+(Debian 12) and 0.9.x (PyPI); only API common to both is used.
+
+Socket lifetime: one `IPRoute` per operation, as os-vif does.  A long-lived
+socket would be shared by the gRPC worker threads (pyroute2 sockets are not
+documented as thread-safe; 0.9 runs an asyncio loop per socket), would queue
+multicast messages nobody reads, and would need recovery after ENOBUFS.  A
+per-operation socket costs a socket() and a bind(), which is nothing next to the
+bond's own timings (seconds).
+
+Events: `wait_for` subscribes a plain NETLINK_ROUTE socket to RTMGRP_LINK (plus
+udev's monitor group, for "udev has finished with the link") and treats each
+message only as a wake-up to re-read the links.  IPRoute.bind()/get() is not used
+for this: get() has no timeout on either version, and both versions may already
+hold unread events in their own buffers (0.7 "backlog", 0.9 asyncio queue), so a
+select() on the IPRoute fd can sleep past an event.  Re-reading the links after
+each wake-up also makes an ENOBUFS overrun harmless.
+
+Errno meanings (NetlinkError.code), translated in `_translate`:
+  ENODEV        the ifindex does not exist (link hot-unplugged)         -> NoSuchLink
+  ERANGE        bond_active_slave: ifindex is not a slave of this bond  -> LinkRefused
+  EINVAL        bond_active_slave: slave has no link; enslave: bad
+                master or mode; bond option out of range                -> LinkRefused
+  EBUSY         enslave of a link that is up / already a slave          -> LinkRefused
+  EADDRNOTAVAIL MAC refused (multicast, zero)                           -> LinkRefused
+  EEXIST        a link of that name exists                              -> LinkRefused
+  EOPNOTSUPP    kind "bond" unknown (bonding module not loaded), or a
+                bond option sent to a link that is no bond              -> BondingUnavailable
+  EPERM/EACCES  no CAP_NET_ADMIN                                        -> NotPermitted
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from guest_agent import sysfs
+from guest_agent.links import (
+    BOND_MODE_ACTIVE_BACKUP,
+    BondInfo,
+    BondingUnavailable,
+    FailOverMac,
+    Link,
+    LinkError,
+    LinkRefused,
+    NoSuchLink,
+    NotPermitted,
+    WaitTimeout,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+IFF_UP = 0x1
+RTMGRP_LINK = 0x1
+NETLINK_KOBJECT_UEVENT = 15
+UDEV_MONITOR_GROUP = 2  # events udev re-broadcasts after processing them
+BOND_MIIMON_MS = 100
+
+_ERRNO_CLASSES: dict[int, type[LinkError]] = {
+    errno.ENODEV: NoSuchLink,
+    errno.ERANGE: LinkRefused,
+    errno.EINVAL: LinkRefused,
+    errno.EBUSY: LinkRefused,
+    errno.EADDRNOTAVAIL: LinkRefused,
+    errno.EEXIST: LinkRefused,
+    errno.EOPNOTSUPP: BondingUnavailable,
+    errno.EPERM: NotPermitted,
+    errno.EACCES: NotPermitted,
+}
+
+
+def _pyroute2() -> tuple[Any, type[Exception]]:
+    """Import pyroute2 on first use (Python caches the module after that)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return IPRoute, NetlinkError
+
+
+def preload() -> None:
+    """Pay pyroute2's import cost now, e.g. in a background thread at start-up."""
+    _pyroute2()
+
+
+def _translate(exc: Exception, what: str) -> LinkError:
+    code = int(getattr(exc, "code", 0) or 0)
+    cls = _ERRNO_CLASSES.get(code, LinkError)
+    reason = errno.errorcode.get(code, str(code))
+    return cls(f"{what}: {exc.args[-1] if exc.args else exc} ({reason})", code)
+
+
+def _mac(value: object) -> str | None:
+    if not isinstance(value, str) or not value or value == "00:00:00:00:00:00":
+        return None
+    return value.lower()
+
+
+class NetlinkLinks:
+    """Links over rtnetlink; sysfs/run roots are parameters for tests."""
+
+    def __init__(self, sys_root: str = "/sys", run_root: str = "/run") -> None:
+        self._sys_root = sys_root
+        self._run_root = run_root
+
+    @contextmanager
+    def _ipr(self, what: str) -> Iterator[Any]:
+        iproute, netlink_error = _pyroute2()
+        try:
+            with iproute() as ipr:
+                yield ipr
+        except netlink_error as exc:
+            raise _translate(exc, what) from exc
+
+    def list_links(self) -> list[Link]:
+        with self._ipr("list links") as ipr:
+            return [self._link(msg) for msg in ipr.get_links()]
+
+    def _link(self, msg: Any) -> Link:
+        name = msg.get_attr("IFLA_IFNAME")
+        linkinfo = msg.get_attr("IFLA_LINKINFO")
+        kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+        bond = None
+        if kind == "bond" and linkinfo is not None:
+            data = linkinfo.get_attr("IFLA_INFO_DATA")
+            if data is not None:
+                active = data.get_attr("IFLA_BOND_ACTIVE_SLAVE")
+                bond = BondInfo(
+                    mode=int(data.get_attr("IFLA_BOND_MODE") or 0),
+                    active_slave=int(active) if active else None,
+                    fail_over_mac=FailOverMac(int(data.get_attr("IFLA_BOND_FAIL_OVER_MAC") or 0)),
+                    miimon=int(data.get_attr("IFLA_BOND_MIIMON") or 0),
+                )
+        master = msg.get_attr("IFLA_MASTER")
+        return Link(
+            index=int(msg["index"]),
+            name=name,
+            mac=_mac(msg.get_attr("IFLA_ADDRESS")),
+            permanent_mac=_mac(msg.get_attr("IFLA_PERM_ADDRESS")),
+            carrier=bool(msg.get_attr("IFLA_CARRIER")),
+            operstate=str(msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN"),
+            admin_up=bool(msg["flags"] & IFF_UP),
+            master=int(master) if master else None,
+            kind=kind,
+            pci_address=sysfs.pci_address(name, self._sys_root),
+            udev_initialized=sysfs.udev_initialized(int(msg["index"]), self._run_root),
+            bond=bond,
+        )
+
+    def create_bond(self, name: str, fail_over_mac: FailOverMac, num_peer_notif: int) -> int:
+        with self._ipr(f"create bond {name}") as ipr:
+            ipr.link(
+                "add",
+                ifname=name,
+                kind="bond",
+                bond_mode=BOND_MODE_ACTIVE_BACKUP,
+                bond_miimon=BOND_MIIMON_MS,
+                bond_fail_over_mac=int(fail_over_mac),
+                bond_num_peer_notif=num_peer_notif,
+            )
+            found = ipr.link_lookup(ifname=name)
+        if not found:
+            raise NoSuchLink(f"bond {name} vanished right after creation", errno.ENODEV)
+        return int(found[0])
+
+    def enslave(self, index: int, bond: int) -> None:
+        with self._ipr(f"enslave ifindex {index} to ifindex {bond}") as ipr:
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, master=bond)
+
+    def release(self, index: int) -> None:
+        with self._ipr(f"release ifindex {index}") as ipr:
+            ipr.link("set", index=index, master=0)
+
+    def set_active_slave(self, bond: int, index: int) -> None:
+        with self._ipr(f"make ifindex {index} the active slave of ifindex {bond}") as ipr:
+            ipr.link("set", index=bond, kind="bond", bond_active_slave=index)
+
+    def set_mac(self, index: int, mac: str) -> None:
+        with self._ipr(f"set MAC {mac} on ifindex {index}") as ipr:
+            ipr.link("set", index=index, address=mac)
+
+    def set_up(self, index: int, up: bool) -> None:
+        state = "up" if up else "down"
+        with self._ipr(f"set ifindex {index} {state}") as ipr:
+            ipr.link("set", index=index, state=state)
+
+    def wait_for(self, check: Callable[[list[Link]], T | None], deadline: float) -> T:
+        with _LinkEvents() as events:
+            while True:
+                result = check(self.list_links())
+                if result is not None:
+                    return result
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout("link state not reached before the deadline")
+                events.wait(remaining)
+
+
+class _LinkEvents:
+    """Wake-ups on link changes: rtnetlink RTMGRP_LINK and udev's monitor group."""
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+        self._add(socket.NETLINK_ROUTE, RTMGRP_LINK, required=True)
+        self._add(NETLINK_KOBJECT_UEVENT, UDEV_MONITOR_GROUP, required=False)
+        self._poll = select.poll()
+        for sock in self._sockets:
+            self._poll.register(sock, select.POLLIN)
+
+    def _add(self, protocol: int, groups: int, required: bool) -> None:
+        flags = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        sock = socket.socket(socket.AF_NETLINK, flags, protocol)
+        try:
+            sock.bind((0, groups))
+        except OSError as exc:
+            sock.close()
+            if required:
+                raise LinkError(f"cannot subscribe to link events: {exc}", exc.errno or 0) from exc
+            log.debug("no udev monitor events (%s); relying on rtnetlink only", exc)
+            return
+        self._sockets.append(sock)
+
+    def wait(self, timeout: float) -> None:
+        """Block until some event or the timeout, then drain every socket."""
+        self._poll.poll(max(0, int(timeout * 1000) + 1))
+        for sock in self._sockets:
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        break
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # ENOBUFS: we missed events; the re-read covers them
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    continue
+
+    def __enter__(self) -> _LinkEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sock in self._sockets:
+            sock.close()

@@ -1,0 +1,499 @@
+"""Teams: switch to the standby, bind a new primary, create agent-owned bonds.
+
+Pure logic over guest_agent.links.Links; no pyroute2 here.  Every step that
+changes the kernel is followed by a check of the resulting state, and every wait
+is on link events with the caller's deadline.  Errors are TeamError subclasses
+whose `code` names the gRPC status the service answers with.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+from guest_agent.addresses import AddressError, parse_mac, parse_pci
+from guest_agent.links import (
+    BOND_MODE_ACTIVE_BACKUP,
+    BondingUnavailable,
+    FailOverMac,
+    Link,
+    LinkError,
+    LinkRefused,
+    Links,
+    NoSuchLink,
+    WaitTimeout,
+    by_index,
+    by_name,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class MacPolicy(enum.Enum):
+    PRESERVE = "preserve"  # the new device gets the team's MAC before it is enslaved
+    FOLLOW = "follow"  # bond fail_over_mac=active; its MAC follows the active member
+    NONE = "none"  # never touch MACs (SR-IOV VF: the host programs them)
+
+
+class Ownership(enum.Enum):
+    ADMIN = "admin"  # the guest's network config owns the bond; we only switch members
+    AGENT = "agent"  # the agent creates the bond at start-up
+
+
+@dataclass(frozen=True)
+class DeviceMatch:
+    """How a device is recognised; every given field must match.
+
+    A MAC matches the current or the burned-in address: under fail_over_mac=none
+    the bond rewrites its members' current MACs, the permanent one stays.
+    """
+
+    name: str | None = None
+    mac: str | None = None
+    pci_address: str | None = None
+
+    def matches(self, link: Link) -> bool:
+        return (
+            (self.name is None or link.name == self.name)
+            and (self.mac is None or link.has_mac(self.mac))
+            and (self.pci_address is None or link.pci_address == self.pci_address)
+        )
+
+    def __str__(self) -> str:
+        parts = [
+            f"{key} {value}"
+            for key, value in (("name", self.name), ("pci", self.pci_address), ("mac", self.mac))
+            if value
+        ]
+        return "device with " + " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    bond: str
+    standby: DeviceMatch
+    mac_policy: MacPolicy = MacPolicy.PRESERVE
+    ownership: Ownership = Ownership.ADMIN
+    mac: str | None = None  # the team's MAC under PRESERVE; None: the bond's MAC
+    primary: DeviceMatch | None = None  # AGENT teams: bound at start-up when present
+    num_peer_notif: int = 1  # gratuitous ARPs / unsolicited NAs per switch (AGENT bonds)
+
+
+@dataclass(frozen=True)
+class TeamState:
+    name: str
+    bond: str
+    bond_present: bool
+    mac_policy: MacPolicy
+    ownership: Ownership
+    mac: str | None
+    fail_over_mac: FailOverMac | None
+    active_member: str | None
+    standby: str | None
+    members: tuple[str, ...]
+    primary: str | None
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    team: TeamState
+    released: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BindResult:
+    team: TeamState
+    device: str
+
+
+class TeamError(Exception):
+    """A refused or failed team operation; `code` is the gRPC status name."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+
+class UnknownTeam(TeamError):
+    code = "NOT_FOUND"
+
+
+class DeviceNotFound(TeamError):
+    code = "NOT_FOUND"
+
+
+class InvalidRequest(TeamError):
+    code = "INVALID_ARGUMENT"
+
+
+class Conflict(TeamError):
+    """The kernel state does not allow the operation (member elsewhere, bond missing)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Timeout(TeamError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class KernelError(TeamError):
+    code = "INTERNAL"
+
+
+def _describe(links: Sequence[Link], index: int | None) -> str:
+    link = by_index(links, index)
+    return link.name if link else "none"
+
+
+def _index(link: Link | None) -> int | None:
+    return link.index if link else None
+
+
+class Teams:
+    """The configured teams and the operations on them.
+
+    One lock per team: a bind and a switch on the same bond would interleave
+    their down/enslave/activate steps; different teams do not interfere.
+    """
+
+    def __init__(self, links: Links, teams: Sequence[TeamConfig]) -> None:
+        self._links = links
+        self._teams = {team.name: team for team in teams}
+        self._locks = {team.name: threading.Lock() for team in teams}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._teams)
+
+    def list_links(self) -> list[Link]:
+        return self._call(self._links.list_links)
+
+    def states(self) -> list[TeamState]:
+        links = self.list_links()
+        return [self._state(team, links) for team in self._teams.values()]
+
+    # -- switch --------------------------------------------------------------
+
+    def use_standby(self, name: str, release_primary: bool, deadline: float) -> SwitchResult:
+        """Make the standby the active member, verified; optionally release the rest."""
+        team = self._team(name)
+        with self._locks[name]:
+            links = self.list_links()
+            bond = self._bond(team, links)
+            standby = self._standby(team, links)
+            if standby.master != bond.index:
+                raise Conflict(
+                    f"team {name}: standby {standby.name} is not a member of {bond.name}"
+                )
+            self._wait(
+                lambda ls: self._linked(ls, standby.index),
+                deadline,
+                f"team {name}: standby {standby.name} has no carrier",
+            )
+            if bond.bond is None or bond.bond.active_slave != standby.index:
+                log.info("team %s: making standby %s active", name, standby.name)
+                self._call(self._links.set_active_slave, bond.index, standby.index)
+            links = self._wait(
+                lambda ls: ls if self._active(ls, bond.index) == standby.index else None,
+                deadline,
+                f"team {name}: {bond.name} did not make {standby.name} active",
+            )
+            released = []
+            if release_primary:
+                for member in links:
+                    if member.master == bond.index and member.index != standby.index:
+                        log.info("team %s: releasing %s from %s", name, member.name, bond.name)
+                        self._call(self._links.release, member.index)
+                        released.append(member.name)
+            return SwitchResult(self._state(team, self.list_links()), tuple(released))
+
+    # -- bind ----------------------------------------------------------------
+
+    def bind_primary(
+        self,
+        name: str,
+        pci_address: str | None,
+        mac: str | None,
+        policy: MacPolicy | None,
+        deadline: float,
+    ) -> BindResult:
+        """Find the device, enslave it, wait for its carrier, make it active."""
+        team = self._team(name)
+        match = self._device_match(pci_address, mac)
+        with self._locks[name]:
+            return self._bind(team, match, policy or team.mac_policy, deadline)
+
+    def _device_match(self, pci_address: str | None, mac: str | None) -> DeviceMatch:
+        try:
+            pci = parse_pci(pci_address) if pci_address else None
+            parsed_mac = parse_mac(mac) if mac else None
+        except AddressError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        if pci is None and parsed_mac is None:
+            raise InvalidRequest("give the new device's pci_address, mac, or both")
+        return DeviceMatch(mac=parsed_mac, pci_address=pci)
+
+    def _bind(
+        self, team: TeamConfig, match: DeviceMatch, policy: MacPolicy, deadline: float
+    ) -> BindResult:
+        links = self.list_links()
+        bond = self._bond(team, links)
+        assert bond.bond is not None
+        if policy is MacPolicy.FOLLOW and bond.bond.fail_over_mac is not FailOverMac.ACTIVE:
+            raise Conflict(
+                f"team {team.name}: MAC policy follow needs {bond.name} with fail_over_mac=active, "
+                f"it has {bond.bond.fail_over_mac.name.lower()}"
+            )
+        found = self._wait_for_device(team, match, deadline)
+        links = self.list_links()
+        device = by_index(links, found.index)
+        if device is None:
+            raise DeviceNotFound(f"team {team.name}: {found.name} went away")
+        self._refuse_foreign(team, device, bond, links)
+        team_mac = (team.mac or bond.mac) if policy is MacPolicy.PRESERVE else None
+        log.info(
+            "team %s: binding %s (%s), MAC policy %s", team.name, device.name, match, policy.value
+        )
+
+        if device.master != bond.index:
+            if team_mac and device.mac != team_mac:
+                self._call(self._links.set_up, device.index, False)
+                self._call(self._links.set_mac, device.index, team_mac)
+            self._call(self._links.enslave, device.index, bond.index)
+        self._call(self._links.set_up, device.index, True)
+        self._wait(
+            lambda ls: self._linked(ls, device.index),
+            deadline,
+            f"team {team.name}: {device.name} is a member of {bond.name} but has no carrier",
+        )
+        if team_mac:
+            self._keep_mac(team, device.index, team_mac, deadline)
+        if self._active(self.list_links(), bond.index) != device.index:
+            self._call(self._links.set_active_slave, bond.index, device.index)
+
+        def active(links: list[Link]) -> list[Link] | None:
+            if self._active(links, bond.index) != device.index:
+                return None
+            if policy is MacPolicy.FOLLOW:  # the bond's MAC must have followed
+                new, bond_now = by_index(links, device.index), by_index(links, bond.index)
+                if not new or not bond_now or bond_now.mac != new.mac:
+                    return None
+            return links
+
+        self._wait(
+            active, deadline, f"team {team.name}: {bond.name} did not make {device.name} active"
+        )
+        if team_mac:
+            self._keep_mac(team, device.index, team_mac, deadline)
+        state = self._state(team, self.list_links())
+        log.info("team %s: %s bound and active", team.name, device.name)
+        return BindResult(state, device.name)
+
+    def _wait_for_device(self, team: TeamConfig, match: DeviceMatch, deadline: float) -> Link:
+        def find(links: list[Link]) -> Link | None:
+            found = [ln for ln in links if match.matches(ln) and ln.kind != "bond"]
+            if len(found) > 1:
+                names = ", ".join(ln.name for ln in found)
+                raise Conflict(
+                    f"team {team.name}: {match} is ambiguous ({names}); give pci_address"
+                )
+            return found[0] if found and found[0].udev_initialized else None
+
+        try:
+            return self._links.wait_for(find, deadline)
+        except WaitTimeout:
+            present = [ln for ln in self.list_links() if match.matches(ln)]
+            if present:
+                raise Timeout(
+                    f"team {team.name}: {present[0].name} ({match}) appeared but udev has not "
+                    "finished with it"
+                ) from None
+            raise DeviceNotFound(f"team {team.name}: no {match} appeared in time") from None
+        except LinkError as exc:
+            raise KernelError(f"team {team.name}: {exc}") from exc
+
+    def _refuse_foreign(
+        self, team: TeamConfig, device: Link, bond: Link, links: list[Link]
+    ) -> None:
+        """Refuse the standby, another team's device, or a link enslaved elsewhere."""
+        if _index(self._standby_or_none(team, links)) == device.index:
+            raise Conflict(f"team {team.name}: {device.name} is the team's standby")
+        for other in self._teams.values():
+            if other is team:
+                continue
+            other_bond = by_name(links, other.bond)
+            if (other_bond and device.master == other_bond.index) or _index(
+                self._standby_or_none(other, links)
+            ) == device.index:
+                raise Conflict(f"{device.name} is a member of team {other.name} ({other.bond})")
+        if device.master is not None and device.master != bond.index:
+            raise Conflict(f"{device.name} is enslaved to {_describe(links, device.master)}")
+
+    def _keep_mac(self, team: TeamConfig, index: int, mac: str, deadline: float) -> None:
+        """Re-apply the team's MAC if a driver reset put the burned-in one back."""
+        link = by_index(self.list_links(), index)
+        if link is None or link.mac == mac:
+            return
+        log.warning(
+            "team %s: %s has MAC %s again; re-applying %s", team.name, link.name, link.mac, mac
+        )
+        try:
+            self._call(self._links.set_mac, index, mac)
+        except Conflict:  # some drivers refuse a live change: do it down, then wait again
+            self._call(self._links.set_up, index, False)
+            self._call(self._links.set_mac, index, mac)
+            self._call(self._links.set_up, index, True)
+            self._wait(
+                lambda ls: self._linked(ls, index),
+                deadline,
+                f"team {team.name}: {link.name} lost carrier re-applying its MAC",
+            )
+
+    # -- agent-owned bonds ---------------------------------------------------
+
+    def set_up_owned(self, deadline: float) -> list[TeamError]:
+        """Create and populate the bonds of AGENT teams; bind a present primary.
+
+        One team's failure does not stop the others; the failures are returned
+        (and logged) so the agent keeps serving GetState, which shows the result.
+        """
+        failures: list[TeamError] = []
+        for team in self._teams.values():
+            if team.ownership is not Ownership.AGENT:
+                continue
+            try:
+                with self._locks[team.name]:
+                    self._create(team)
+                    primary = team.primary
+                    if primary and any(primary.matches(ln) for ln in self.list_links()):
+                        self._bind(team, primary, team.mac_policy, deadline)
+            except TeamError as exc:
+                log.error("team %s: set-up failed: %s", team.name, exc)
+                failures.append(exc)
+        return failures
+
+    def _create(self, team: TeamConfig) -> None:
+        links = self.list_links()
+        bond = by_name(links, team.bond)
+        if bond is None:
+            fail_over_mac = (
+                FailOverMac.ACTIVE if team.mac_policy is MacPolicy.FOLLOW else FailOverMac.NONE
+            )
+            log.info(
+                "team %s: creating bond %s (fail_over_mac=%s)",
+                team.name,
+                team.bond,
+                fail_over_mac.name.lower(),
+            )
+            index = self._call(
+                self._links.create_bond, team.bond, fail_over_mac, team.num_peer_notif
+            )
+            if team.mac and team.mac_policy is MacPolicy.PRESERVE:
+                self._call(self._links.set_mac, index, team.mac)
+            links = self.list_links()
+        bond = self._bond(team, links)
+        standby = self._standby(team, links)
+        if standby.master != bond.index:
+            if standby.master is not None:
+                raise Conflict(
+                    f"team {team.name}: standby {standby.name} is enslaved to "
+                    f"{_describe(links, standby.master)}"
+                )
+            log.info("team %s: enslaving standby %s", team.name, standby.name)
+            self._call(self._links.enslave, standby.index, bond.index)
+            self._call(self._links.set_up, standby.index, True)
+        self._call(self._links.set_up, bond.index, True)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _team(self, name: str) -> TeamConfig:
+        team = self._teams.get(name)
+        if team is None:
+            known = ", ".join(self._teams) or "none configured"
+            raise UnknownTeam(f"unknown team {name!r} (known: {known})")
+        return team
+
+    def _bond(self, team: TeamConfig, links: list[Link]) -> Link:
+        bond = by_name(links, team.bond)
+        if bond is None:
+            raise Conflict(f"team {team.name}: bond {team.bond} does not exist")
+        if bond.kind != "bond" or bond.bond is None:
+            raise Conflict(f"team {team.name}: {team.bond} is not a bond")
+        if bond.bond.mode != BOND_MODE_ACTIVE_BACKUP:
+            raise Conflict(f"team {team.name}: {team.bond} is not in active-backup mode")
+        return bond
+
+    def _standby_or_none(self, team: TeamConfig, links: list[Link]) -> Link | None:
+        found = [ln for ln in links if team.standby.matches(ln) and ln.kind != "bond"]
+        return found[0] if len(found) == 1 else None
+
+    def _standby(self, team: TeamConfig, links: list[Link]) -> Link:
+        standby = self._standby_or_none(team, links)
+        if standby is None:
+            raise Conflict(f"team {team.name}: standby ({team.standby}) not found or ambiguous")
+        return standby
+
+    @staticmethod
+    def _active(links: list[Link], bond: int) -> int | None:
+        link = by_index(links, bond)
+        return link.bond.active_slave if link and link.bond else None
+
+    @staticmethod
+    def _linked(links: list[Link], index: int) -> Link | None:
+        link = by_index(links, index)
+        if link is None:
+            raise NoSuchLink(f"ifindex {index} went away")
+        return link if link.carrier else None
+
+    def _wait(self, check: Callable[[list[Link]], T | None], deadline: float, what: str) -> T:
+        try:
+            return self._links.wait_for(check, deadline)
+        except WaitTimeout:
+            raise Timeout(f"{what} (gave up after the deadline)") from None
+        except NoSuchLink as exc:
+            raise DeviceNotFound(f"{what}: {exc}") from exc
+        except LinkError as exc:
+            raise KernelError(f"{what}: {exc}") from exc
+
+    @staticmethod
+    def _call(func: Callable[..., T], *args: object) -> T:
+        try:
+            return func(*args)
+        except NoSuchLink as exc:
+            raise DeviceNotFound(str(exc)) from exc
+        except (LinkRefused, BondingUnavailable) as exc:
+            raise Conflict(str(exc)) from exc
+        except LinkError as exc:
+            raise KernelError(str(exc)) from exc
+
+    def _state(self, team: TeamConfig, links: list[Link]) -> TeamState:
+        bond = by_name(links, team.bond)
+        info = bond.bond if bond else None
+        members = [ln for ln in links if bond and ln.master == bond.index]
+        standby = self._standby_or_none(team, links)
+        primary = next((ln.name for ln in members if ln.index != _index(standby)), None)
+        return TeamState(
+            name=team.name,
+            bond=team.bond,
+            bond_present=info is not None,
+            mac_policy=team.mac_policy,
+            ownership=team.ownership,
+            mac=bond.mac if bond else None,
+            fail_over_mac=info.fail_over_mac if info else None,
+            active_member=_describe(links, info.active_slave)
+            if info and info.active_slave
+            else None,
+            standby=standby.name if standby else None,
+            members=tuple(ln.name for ln in members),
+            primary=primary,
+        )
+
+
+def deadline_in(seconds: float) -> float:
+    return time.monotonic() + seconds

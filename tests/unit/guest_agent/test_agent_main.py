@@ -1,0 +1,61 @@
+"""The ptmig-agent entry point: config check, and a real start/stop on a unix socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from agent_runtimes import REPO
+from ptmig.v1 import guest_agent_pb2 as pb
+from ptmig.v1 import guest_agent_pb2_grpc as pb_grpc
+
+from guest_agent.__main__ import main
+
+
+def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[[teams]]\nname = "lan"\nbond = "bond0"\nstandby = "enp1s0"\n')
+    assert main(["--config", str(good), "--check-config"]) == 0
+    assert "1 team(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("mac_policy = 1\n")
+    assert main(["--config", str(bad), "--check-config"]) == 2
+    assert "unknown key(s) ['mac_policy']" in capsys.readouterr().err
+
+
+def test_agent_serves_on_its_socket_and_stops_on_sigterm(short_tmp: Path) -> None:
+    """Real netlink, read-only: no teams configured, transports off."""
+    cfg = short_tmp / "agent.toml"
+    cfg.write_text(
+        "[transports.virtio_serial]\nenabled = false\n[transports.vsock]\nenabled = false\n"
+    )
+    sock = short_tmp / "run" / "agent.sock"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "guest_agent", "--config", str(cfg), "--socket", str(sock)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.05)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = pb_grpc.GuestAgentStub(channel)
+            state = stub.GetState(pb.GetStateRequest(operation_id="main"), timeout=20)
+            assert any(link.name == "lo" for link in state.links)
+            assert "transport:vsock" not in stub.GetVersion(pb.GetVersionRequest()).capabilities
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=20)
+    assert agent.returncode == 0, err
+    assert "listening on" in err and "no teams configured" in err

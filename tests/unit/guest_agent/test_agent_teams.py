@@ -1,0 +1,282 @@
+"""Team logic against the fake links: switch, bind, MAC policies, refusals."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from agent_fake_links import FakeLinks
+from agent_scene import NEW_MAC, NEW_PCI, OLD_MAC, VIRTIO_MAC, build_scene, lan_team
+
+from guest_agent.links import FailOverMac
+from guest_agent.teams import (
+    Conflict,
+    DeviceMatch,
+    DeviceNotFound,
+    InvalidRequest,
+    MacPolicy,
+    Ownership,
+    Teams,
+    Timeout,
+    UnknownTeam,
+    deadline_in,
+)
+
+OTHER = lan_team(name="db", bond="bond1", standby=DeviceMatch(name="enp9s0"), mac=None)
+
+
+def teams(fake: FakeLinks, **overrides: object) -> Teams:
+    return Teams(fake, [lan_team(**overrides), OTHER])
+
+
+def unplug_primary(fake: FakeLinks) -> None:
+    """What the host's detach does: the old e1000e leaves, the bond fails over."""
+    fake.remove("enp2s0")
+
+
+def test_state_reports_members_and_active(fake: FakeLinks) -> None:
+    state = teams(fake).states()[0]
+    assert state.bond_present and state.active_member == "enp2s0"
+    assert state.members == ("enp1s0", "enp2s0")
+    assert (state.standby, state.primary, state.mac) == ("enp1s0", "enp2s0", OLD_MAC)
+    assert state.fail_over_mac is FailOverMac.NONE
+
+
+def test_use_standby_switches_and_verifies(fake: FakeLinks) -> None:
+    result = teams(fake).use_standby("lan", release_primary=False, deadline=deadline_in(2))
+    assert result.team.active_member == "enp1s0"
+    assert result.released == ()
+    assert fake.get("bond0").bond.active_slave == fake.get("enp1s0").index  # type: ignore[union-attr]
+
+
+def test_use_standby_releases_primary(fake: FakeLinks) -> None:
+    result = teams(fake).use_standby("lan", release_primary=True, deadline=deadline_in(2))
+    assert result.released == ("enp2s0",)
+    assert result.team.members == ("enp1s0",)
+    assert fake.get("enp2s0").master is None
+    order = [call[0] for call in fake.calls]
+    assert order == ["set_active_slave", "release"]  # switch first, then release
+
+
+def test_use_standby_already_active_changes_nothing(fake: FakeLinks) -> None:
+    t = teams(fake)
+    t.use_standby("lan", False, deadline_in(2))
+    fake.calls.clear()
+    assert t.use_standby("lan", False, deadline_in(2)).team.active_member == "enp1s0"
+    assert fake.calls == []
+
+
+def test_use_standby_waits_for_standby_carrier_by_event(fake: FakeLinks) -> None:
+    fake.set_carrier("enp1s0", False)
+    fake.later(0.2, lambda: fake.set_carrier("enp1s0", True))
+    started = time.monotonic()
+    result = teams(fake).use_standby("lan", False, deadline_in(5))
+    assert result.team.active_member == "enp1s0"
+    assert time.monotonic() - started < 2
+
+
+def test_use_standby_without_carrier_times_out_and_keeps_primary(fake: FakeLinks) -> None:
+    fake.set_carrier("enp1s0", False)
+    with pytest.raises(Timeout, match="standby enp1s0 has no carrier"):
+        teams(fake).use_standby("lan", True, deadline_in(0.2))
+    assert fake.calls == []
+    assert fake.get("enp2s0").master == fake.get("bond0").index
+
+
+def test_use_standby_refuses_standby_outside_bond(fake: FakeLinks) -> None:
+    fake.update("enp1s0", master=None)
+    with pytest.raises(Conflict, match="not a member of bond0"):
+        teams(fake).use_standby("lan", False, deadline_in(1))
+
+
+def test_unknown_team_and_missing_bond(fake: FakeLinks) -> None:
+    with pytest.raises(UnknownTeam, match="unknown team 'wan'"):
+        teams(fake).use_standby("wan", False, deadline_in(1))
+    with pytest.raises(Conflict, match="bond bond7 does not exist"):
+        teams(fake, bond="bond7").use_standby("lan", False, deadline_in(1))
+
+
+def switched_and_unplugged(fake: FakeLinks, t: Teams) -> None:
+    t.use_standby("lan", release_primary=True, deadline=deadline_in(2))
+    unplug_primary(fake)
+    fake.calls.clear()
+
+
+def test_bind_preserve_sets_team_mac_before_enslaving(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.hotplug_later(0.1, "enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    fake.carrier_delay[fake._next] = 0.3  # like e1000e: enslaving takes the link down a while
+    result = t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    assert result.device == "enp3s0"
+    assert result.team.active_member == "enp3s0"
+    link = fake.get("enp3s0")
+    assert (link.mac, link.permanent_mac) == (OLD_MAC, NEW_MAC)
+    kinds = [call[0] for call in fake.calls]
+    assert kinds.index("set_mac") < kinds.index("enslave") < kinds.index("set_active_slave")
+
+
+def test_bind_waits_for_carrier_event_before_activating(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    fake.carrier_delay[link.index] = 0.4
+    started = time.monotonic()
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    took = time.monotonic() - started
+    assert 0.35 < took < 2.0
+    assert fake.get("bond0").bond.active_slave == link.index  # type: ignore[union-attr]
+
+
+def test_bind_reapplies_mac_after_driver_reset(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    fake.mac_reset_on_up.add(link.index)
+    fake.refuse_live_mac.add(link.index)
+    t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5))
+    assert fake.get("enp3s0").mac == OLD_MAC
+    assert sum(1 for call in fake.calls if call[0] == "set_mac") >= 2
+
+
+def test_bind_follow_keeps_device_mac_and_bond_follows() -> None:
+    fake = FakeLinks()
+    build_scene(fake, fail_over_mac=FailOverMac.ACTIVE)
+    t = teams(fake, mac_policy=MacPolicy.FOLLOW, mac=None)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    result = t.bind_primary("lan", NEW_PCI, NEW_MAC, None, deadline_in(5))
+    assert result.team.mac == NEW_MAC
+    assert fake.get("enp3s0").mac == NEW_MAC
+    assert not [call for call in fake.calls if call[0] == "set_mac"]
+
+
+def test_bind_follow_refused_on_fail_over_mac_none(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    with pytest.raises(Conflict, match="fail_over_mac=active"):
+        t.bind_primary("lan", NEW_PCI, None, MacPolicy.FOLLOW, deadline_in(1))
+    assert fake.calls == []
+
+
+def test_bind_policy_none_never_touches_macs(fake: FakeLinks) -> None:
+    t = teams(fake, mac_policy=MacPolicy.NONE, mac=None)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    assert not [call for call in fake.calls if call[0] == "set_mac"]
+
+
+def test_bind_waits_for_udev_rename(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("eth0", mac=NEW_MAC, pci=NEW_PCI, udev_initialized=False)
+    fake.later(0.2, lambda: fake.update("eth0", name="enp3s0", udev_initialized=True))
+    assert t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5)).device == "enp3s0"
+    assert all("eth0" not in call for call in fake.calls)
+
+
+def test_bind_device_never_appears(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    with pytest.raises(DeviceNotFound, match=r"no device with pci 0000:03:00\.0 appeared"):
+        t.bind_primary("lan", NEW_PCI, None, None, deadline_in(0.2))
+    assert fake.calls == []
+
+
+def test_bind_carrier_never_comes(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, carrier=False)
+    with pytest.raises(Timeout, match="enp3s0 is a member of bond0 but has no carrier"):
+        t.bind_primary("lan", NEW_PCI, None, None, deadline_in(0.3))
+    assert fake.get("bond0").bond.active_slave == fake.get("enp1s0").index  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("pci", "mac", "message"),
+    [
+        (None, "52:54:00:zz:00:02", "malformed MAC"),
+        (None, "01:00:5e:00:00:01", "multicast"),
+        ("02:00", None, "malformed PCI"),
+        (None, None, "pci_address, mac, or both"),
+    ],
+)
+def test_bind_rejects_bad_arguments_without_change(
+    fake: FakeLinks, pci: str | None, mac: str | None, message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        teams(fake).bind_primary("lan", pci, mac, None, deadline_in(1))
+    assert fake.calls == []
+
+
+def test_bind_refuses_member_of_another_team(fake: FakeLinks) -> None:
+    with pytest.raises(Conflict, match="enp5s0 is a member of team db"):
+        teams(fake).bind_primary("lan", "0000:05:00.0", None, None, deadline_in(1))
+    assert fake.calls == []
+
+
+def test_bind_refuses_the_standby_and_foreign_masters(fake: FakeLinks) -> None:
+    t = teams(fake)
+    with pytest.raises(Conflict, match="team's standby"):
+        t.bind_primary("lan", "0000:01:00.0", None, None, deadline_in(1))
+    bridge = fake.add("br0", mac="02:00:00:00:00:b0", kind="bridge")
+    fake.add("enp7s0", mac="52:54:00:ee:00:07", pci="0000:07:00.0", master=bridge.index)
+    with pytest.raises(Conflict, match="enslaved to br0"):
+        t.bind_primary("lan", "0000:07:00.0", None, None, deadline_in(1))
+    assert fake.calls == []
+
+
+def test_bind_ambiguous_mac_is_refused(fake: FakeLinks) -> None:
+    with pytest.raises(Conflict, match="ambiguous"):  # standby and primary both carry the bond MAC
+        teams(fake).bind_primary("lan", None, OLD_MAC, None, deadline_in(1))
+    assert fake.calls == []
+
+
+def test_bind_again_is_harmless(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    fake.calls.clear()
+    assert t.bind_primary("lan", NEW_PCI, NEW_MAC, None, deadline_in(5)).device == "enp3s0"
+    assert [call[0] for call in fake.calls] == ["set_up"]
+
+
+def test_agent_owned_team_is_created_and_primary_bound() -> None:
+    fake = FakeLinks()
+    fake.add("enp1s0", mac=VIRTIO_MAC, pci="0000:01:00.0")
+    fake.add("enp2s0", mac=OLD_MAC, pci="0000:02:00.0")
+    team = lan_team(ownership=Ownership.AGENT, primary=DeviceMatch(pci_address="0000:02:00.0"))
+    t = Teams(fake, [team])
+    t.set_up_owned(deadline_in(5))
+    state = t.states()[0]
+    assert state.members == ("enp1s0", "enp2s0")
+    assert (state.active_member, state.mac) == ("enp2s0", OLD_MAC)
+    assert fake.calls[0] == ("create_bond", "bond0", FailOverMac.NONE, 1)
+    assert ("set_mac", "bond0", OLD_MAC) in fake.calls
+
+
+def test_agent_owned_follow_team_uses_fail_over_mac_active() -> None:
+    fake = FakeLinks()
+    fake.add("enp1s0", mac=VIRTIO_MAC)
+    t = Teams(fake, [lan_team(ownership=Ownership.AGENT, mac_policy=MacPolicy.FOLLOW, mac=None)])
+    t.set_up_owned(deadline_in(2))
+    assert fake.calls[0] == ("create_bond", "bond0", FailOverMac.ACTIVE, 1)
+    assert t.states()[0].members == ("enp1s0",)
+    t.set_up_owned(deadline_in(2))  # a restart adopts the bond it made
+    assert [call[0] for call in fake.calls].count("create_bond") == 1
+
+
+def test_agent_owned_set_up_isolates_failures() -> None:
+    fake = FakeLinks()
+    fake.add("enp1s0", mac=VIRTIO_MAC)
+    broken = lan_team(
+        name="wan", bond="bond9", standby=DeviceMatch(name="missing0"), ownership=Ownership.AGENT
+    )
+    good = lan_team(ownership=Ownership.AGENT)
+    t = Teams(fake, [broken, good])
+    failures = t.set_up_owned(deadline_in(2))
+    assert len(failures) == 1 and "standby" in str(failures[0])
+    assert t.states()[1].members == ("enp1s0",)
