@@ -12,6 +12,7 @@ neither, so every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -104,6 +105,42 @@ MIGRATE_FLAGS = (
 )
 
 
+class ChannelStream:
+    """A libvirt stream with the socket-like calls the agent relay uses."""
+
+    def __init__(self, stream: libvirt.virStream) -> None:
+        self._stream = stream
+        self._closed = False
+
+    def recv(self, size: int) -> bytes:
+        """Up to *size* bytes; b"" at the end of the stream or after close."""
+        if self._closed:
+            return b""
+        try:
+            data = self._stream.recv(size)
+        except libvirt.libvirtError:
+            return b""
+        return data if isinstance(data, bytes) else b""
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._stream.send(bytes(view))
+            except libvirt.libvirtError as exc:
+                raise OSError(f"channel stream: {exc.get_error_message()}") from exc
+            if sent < 0:
+                raise OSError("channel stream would block")
+            view = view[sent:]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+
+
 class Hypervisor:
     """One libvirt host, by URI."""
 
@@ -114,11 +151,10 @@ class Hypervisor:
             self._conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
             raise _wrap(f"cannot connect to {uri}", exc) from exc
-        try:
-            # Notice a dead peer in about 15 s instead of waiting on TCP.
+        # Notice a dead peer in about 15 s instead of waiting on TCP; a daemon that does
+        # not support keepalives is still usable.
+        with contextlib.suppress(libvirt.libvirtError):
             self._conn.setKeepAlive(5, 3)
-        except libvirt.libvirtError:
-            pass  # unix sockets to older daemons may not support it
 
     def close(self) -> None:
         with suppress(libvirt.libvirtError):
@@ -272,7 +308,7 @@ class Hypervisor:
         destination_uri: str,
         *,
         persistent_xml: str,
-        extra_flags: int = 0,
+        unsafe: bool = False,
         on_progress: Callable[[MigrationProgress], None] | None = None,
         max_downtime_ms: int | None = None,
     ) -> MigrationStats:
@@ -305,7 +341,9 @@ class Hypervisor:
         watcher.start()
         t0 = time.monotonic()
         try:
-            dom.migrateToURI3(destination_uri, params, MIGRATE_FLAGS | extra_flags)
+            # UNSAFE: the caller vouches that the disk's cache mode is safe (a shared image).
+            flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_UNSAFE if unsafe else 0)
+            dom.migrateToURI3(destination_uri, params, flags)
         except libvirt.libvirtError as exc:
             raise _wrap(f"migrate {dom.name()} {self.uri} -> {destination_uri}", exc) from exc
         finally:
@@ -326,6 +364,22 @@ class Hypervisor:
             dom.abortJob()
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: abort job of {dom.name()}", exc) from exc
+
+    # -- guest channels --------------------------------------------------------------
+
+    def open_channel(self, dom: libvirt.virDomain, name: str) -> ChannelStream:
+        """A byte stream to the guest's virtio-serial channel *name*, through libvirt.
+
+        Through libvirt, not the socket file: the channel's socket lives on whichever host
+        runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
+        FORCE takes over a stream a crashed coordinator left open.
+        """
+        try:
+            stream = self._conn.newStream(0)
+            dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: open channel {name} of {dom.name()}", exc) from exc
+        return ChannelStream(stream)
 
     # -- network announcements -------------------------------------------------------
 

@@ -1,0 +1,400 @@
+"""The coordinator's channel to a guest's agent, and the limits it puts on what comes back.
+
+The guest is untrusted: everything it sends is size-limited (gRPC message limits),
+time-limited (a deadline on every call) and validated before the workflow sees it.  A broken
+or hostile guest can fail its own migration; it cannot hang or crash the coordinator.
+
+Transports (docs/agent-transport.md):
+
+* virtio-serial: the channel's unix socket on the host is one byte stream with no session
+  boundaries, so a small local relay sits in front of the gRPC channel and opens, for each
+  HTTP/2 connection gRPC makes, a fresh chardev connection that starts with the HELLO/ACK
+  handshake of :mod:`ptmig.serial_session`.
+* vsock: plain gRPC to ``vsock:CID:PORT`` (needs grpcio >= 1.57 on the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from ptmig import serial_session
+from ptmig.v1 import guest_agent_pb2 as pb
+from ptmig.v1 import guest_agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+#: Largest reply accepted from a guest.
+MAX_REPLY_BYTES = 1 << 20
+HANDSHAKE_TIMEOUT = 3.0
+DEFAULT_CALL_TIMEOUT = 15.0
+#: Bounds on a guest's claims, well above any real guest.
+MAX_LINKS = 512
+MAX_TEAMS = 64
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_PCI = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+class AgentError(RuntimeError):
+    """The agent answered with an error, broke the protocol, or did not answer in time.
+
+    ``code`` is the gRPC status code name (``NOT_FOUND``, ``DEADLINE_EXCEEDED``, ...) or
+    ``PROTOCOL`` for a reply that failed validation.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """A guest-supplied string made safe to log and show."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+# -- virtio-serial relay ------------------------------------------------------------------
+
+
+class ByteStream(Protocol):
+    """A byte stream to a guest's virtio-serial channel: a libvirt stream or a unix socket."""
+
+    def recv(self, size: int) -> bytes: ...
+
+    def sendall(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+Connector = Callable[[], ByteStream]
+
+
+class UnixStream:
+    """The channel's socket file, for a coordinator on the guest's own host."""
+
+    def __init__(self, path: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(HANDSHAKE_TIMEOUT)
+        self._sock.connect(path)
+        self._sock.settimeout(None)
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._sock.recv(size)
+        except OSError:
+            return b""
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv
+        self._sock.close()
+
+
+class _Reader:
+    """Reads a stream in its own thread so that every wait on it can have a deadline."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._run, name="agent-channel-reader", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._stream.recv(65536)
+            self._queue.put(data)
+            if not data:
+                return
+
+    def read(self, timeout: float | None) -> bytes:
+        """The next chunk, b"" at the end; raises TimeoutError."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+
+
+def handshake(stream: ByteStream, reader: _Reader, timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
+    """Start a session on a fresh channel connection; return the bytes that followed the ACK.
+
+    Everything before our ACK is an earlier session's leftovers and is discarded.
+    """
+    session = secrets.token_bytes(serial_session.SESSION_ID_SIZE)
+    stream.sendall(serial_session.encode(serial_session.FrameType.HELLO, session))
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AgentError("UNAVAILABLE", f"no handshake answer from the guest in {timeout} s")
+        try:
+            chunk = reader.read(remaining)
+        except TimeoutError:
+            continue
+        if not chunk:
+            raise AgentError("UNAVAILABLE", "the guest's channel closed during the handshake")
+        buf += chunk
+        while True:
+            found = [f for f in (serial_session.find(buf, serial_session.FrameType.ACK),
+                                 serial_session.find(buf, serial_session.FrameType.REJECT))
+                     if f is not None]
+            if not found:
+                # keep only what could still hold the start of a frame
+                buf = buf[-(serial_session.FRAME_SIZE - 1):]
+                break
+            pos, frame = min(found, key=lambda f: f[0])
+            if frame.session != session:
+                buf = buf[pos + serial_session.FRAME_SIZE:]  # answer to an abandoned attempt
+                continue
+            if frame.type == serial_session.FrameType.REJECT:
+                raise AgentError("UNAVAILABLE", "the guest agent rejected the session")
+            return buf[pos + serial_session.FRAME_SIZE:]
+
+
+class SerialRelay:
+    """A local unix socket for gRPC that reaches the agent through a virtio-serial channel.
+
+    Each connection gRPC makes gets a fresh channel connection and handshake, so each
+    HTTP/2 connection is a session of its own (docs/agent-transport.md).
+    """
+
+    def __init__(self, connect: Connector, retries: int = 3) -> None:
+        self.connect = connect
+        self.retries = retries
+        self._dir = tempfile.mkdtemp(prefix="ptmig-agent-")
+        os.chmod(self._dir, 0o700)
+        self.path = os.path.join(self._dir, "relay.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        self._listener.listen(4)
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="agent-relay", daemon=True)
+        self._thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"unix:{self.path}"
+
+    def _open_session(self) -> tuple[ByteStream, _Reader, bytes]:
+        last: Exception | None = None
+        for _ in range(self.retries):
+            try:
+                stream = self.connect()
+            except (OSError, RuntimeError) as exc:
+                last = exc
+                continue
+            reader = _Reader(stream)
+            try:
+                return stream, reader, handshake(stream, reader)
+            except (OSError, AgentError) as exc:
+                last = exc
+                stream.close()
+        raise AgentError("UNAVAILABLE", f"cannot reach the guest agent: {last}")
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            stream, reader, rest = self._open_session()
+        except AgentError as exc:
+            log.warning("%s", exc)
+            client.close()
+            return
+
+        def upstream() -> None:
+            try:
+                while data := client.recv(65536):
+                    stream.sendall(data)
+            except OSError:
+                pass
+            stream.close()
+
+        t = threading.Thread(target=upstream, name="agent-relay-up", daemon=True)
+        t.start()
+        try:
+            if rest:
+                client.sendall(rest)
+            while data := reader.read(None):
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            client.close()
+            stream.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._dir)
+
+
+# -- validation of replies ----------------------------------------------------------------
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise AgentError("PROTOCOL", f"invalid reply from the guest: {what}")
+
+
+def _valid_name(name: str, *, empty_ok: bool = True) -> bool:
+    return (empty_ok and name == "") or bool(_IFNAME.match(name))
+
+
+def validate_team(team: pb.TeamState) -> None:
+    _check(bool(team.name) and len(team.name) <= 64, "team name")
+    _check(_valid_name(team.bond, empty_ok=False), f"bond name {_printable(team.bond)!r}")
+    _check(team.mac == "" or bool(_MAC.match(team.mac)), f"team MAC {_printable(team.mac)!r}")
+    for member in (team.active_member, team.standby, team.primary, *team.members):
+        _check(_valid_name(member), f"member name {_printable(member)!r}")
+    _check(len(team.members) <= 8, "too many members")
+
+
+def validate_state(state: pb.GetStateResponse) -> None:
+    _check(len(state.links) <= MAX_LINKS, "too many links")
+    _check(len(state.teams) <= MAX_TEAMS, "too many teams")
+    for link in state.links:
+        _check(_valid_name(link.name, empty_ok=False), f"link name {_printable(link.name)!r}")
+        for mac in (link.mac, link.permanent_mac):
+            _check(mac == "" or bool(_MAC.match(mac)), f"MAC {_printable(mac)!r}")
+        _check(link.pci_address == "" or bool(_PCI.match(link.pci_address)),
+               f"PCI address {_printable(link.pci_address)!r}")
+    names = [t.name for t in state.teams]
+    _check(len(names) == len(set(names)), "duplicate team names")
+    for team in state.teams:
+        validate_team(team)
+
+
+# -- the client ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """Where a guest's agent is reached: a virtio-serial channel or a vsock CID."""
+
+    serial: Connector | None = None
+    vsock_cid: int | None = None
+    vsock_port: int = 7031
+
+
+def new_operation_id() -> str:
+    return str(uuid.uuid4())
+
+
+class AgentClient:
+    """Calls into one guest's agent, each with a deadline, each reply validated."""
+
+    def __init__(self, endpoint: AgentEndpoint, call_timeout: float = DEFAULT_CALL_TIMEOUT):
+        self.endpoint = endpoint
+        self.call_timeout = call_timeout
+        self._relay: SerialRelay | None = None
+        options = [
+            ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+            ("grpc.enable_retries", 0),
+        ]
+        if endpoint.serial is not None:
+            self._relay = SerialRelay(endpoint.serial)
+            target = self._relay.target
+        elif endpoint.vsock_cid is not None:
+            target = f"vsock:{endpoint.vsock_cid}:{endpoint.vsock_port}"
+        else:
+            raise ValueError("an agent endpoint needs a serial socket or a vsock CID")
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.GuestAgentStub(self._channel)
+        self._health = pb_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._relay is not None:
+            self._relay.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.call_timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise AgentError(code, _printable(details or "")) from None
+
+    def version(self, timeout: float | None = None) -> pb.GetVersionResponse:
+        reply: pb.GetVersionResponse = self._call(
+            self._stub.GetVersion, pb.GetVersionRequest(operation_id=new_operation_id()), timeout)
+        _check(len(reply.capabilities) <= 64, "too many capabilities")
+        return reply
+
+    def healthy(self, timeout: float | None = None) -> bool:
+        reply = self._call(self._health.Check, pb.HealthCheckRequest(), timeout)
+        return bool(reply.status == pb.HealthCheckResponse.SERVING)
+
+    def state(self, timeout: float | None = None) -> pb.GetStateResponse:
+        reply: pb.GetStateResponse = self._call(
+            self._stub.GetState, pb.GetStateRequest(operation_id=new_operation_id()), timeout)
+        validate_state(reply)
+        return reply
+
+    def use_standby(self, team: str, *, release_primary: bool, operation_id: str,
+                    timeout: float | None = None) -> pb.UseStandbyResponse:
+        wait = timeout or self.call_timeout
+        reply: pb.UseStandbyResponse = self._call(self._stub.UseStandby, pb.UseStandbyRequest(
+            operation_id=operation_id, team=team, release_primary=release_primary,
+            timeout_ms=int(wait * 1000 * 0.9)), wait)
+        validate_team(reply.team)
+        return reply
+
+    def bind_primary(self, team: str, *, operation_id: str, pci_address: str = "",
+                     mac: str = "", mac_policy: int = 0,
+                     timeout: float | None = None) -> pb.BindPrimaryResponse:
+        wait = timeout or self.call_timeout
+        reply: pb.BindPrimaryResponse = self._call(self._stub.BindPrimary, pb.BindPrimaryRequest(
+            operation_id=operation_id, team=team, pci_address=pci_address, mac=mac,
+            mac_policy=mac_policy, timeout_ms=int(wait * 1000 * 0.9)), wait)
+        validate_team(reply.team)
+        _check(_valid_name(reply.device, empty_ok=False), "bound device name")
+        return reply
+
+
+@contextlib.contextmanager
+def connect(endpoint: AgentEndpoint, call_timeout: float = DEFAULT_CALL_TIMEOUT
+            ) -> Iterator[AgentClient]:
+    client = AgentClient(endpoint, call_timeout)
+    try:
+        yield client
+    finally:
+        client.close()

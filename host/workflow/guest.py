@@ -1,0 +1,191 @@
+"""One domain on one host, and the team operations every workflow is made of.
+
+Migration, failover, rollback, recovery and the reconciler all plug, bind and unplug
+primaries the same way; the code for that lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptmig.v1 import guest_agent_pb2 as pb
+
+from host.agent_client import AgentClient, AgentEndpoint
+from host.domain.devices import attachment_for_slot, next_primary_alias
+from host.domain.domain_xml import DomainInfo, parse_domain
+from host.domain.errors import DomainModelError
+from host.domain.pools import Pool, free_slots, parse_pool_network, pool_network_name
+from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
+from host.hypervisor import Hypervisor, HypervisorError
+
+log = logging.getLogger(__name__)
+
+AGENT_CHANNEL = "org.ptmig.agent.0"
+MAC_POLICY = {
+    "preserve": pb.MAC_POLICY_PRESERVE,
+    "follow": pb.MAC_POLICY_FOLLOW,
+    "none": pb.MAC_POLICY_NONE,
+}
+
+
+class WorkflowError(RuntimeError):
+    """A workflow cannot go on; the message says why in the user's terms."""
+
+
+class PreflightError(WorkflowError):
+    """Refused before anything changed."""
+
+
+@dataclass
+class GuestOnHost:
+    """A domain as seen through one host's libvirt, with a lazily opened agent channel."""
+
+    hv: Hypervisor
+    ident: str
+    agent_timeout: float = 15.0
+    _agent: AgentClient | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dom = self.hv.domain(self.ident)
+
+    @property
+    def name(self) -> str:
+        return str(self.dom.name())
+
+    @property
+    def uuid(self) -> str:
+        return str(self.dom.UUIDString())
+
+    def info(self) -> DomainInfo:
+        return parse_domain(self.hv.domain_xml(self.dom))
+
+    def teams(self) -> TeamSet:
+        teams = self.info().teams
+        if teams is None or not teams.teams:
+            raise PreflightError(f"{self.name} has no ptmig teams: set one with 'ptmig team-set'")
+        return teams
+
+    def save_teams(self, teams: TeamSet) -> None:
+        self.hv.set_metadata(self.dom, TEAMS_NS, TEAMS_PREFIX, format_teams(teams))
+
+    def set_primary(self, team: str, primary: PrimaryDevice | None) -> TeamSet:
+        teams = self.teams()
+        updated = teams.with_team(teams.team(team).with_primary(primary))
+        self.save_teams(updated)
+        return updated
+
+    def agent(self) -> AgentClient:
+        if self._agent is None:
+            hv, dom = self.hv, self.dom
+            endpoint = AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL))
+            self._agent = AgentClient(endpoint, call_timeout=self.agent_timeout)
+        return self._agent
+
+    def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+    # -- team operations -------------------------------------------------------------
+
+    def pool(self, team: Team) -> Pool | None:
+        return pool_on(self.hv, team)
+
+    def plug(self, team: Team) -> PrimaryDevice | None:
+        """Attach a free device of the team's pool and record it; None when none is free.
+
+        The attach is the claim: libvirt refuses a PCI device or tap another domain holds,
+        so two coordinators racing for the last device cannot both get it; the loser tries
+        the next free slot.
+        """
+        pool = self.pool(team)
+        if pool is None:
+            log.info("%s: no pool %s on %s", self.name, team.pool, self.hv.uri)
+            return None
+        info = self.info()
+        aliases = [i.alias for i in info.interfaces] + [h.alias for h in info.hostdevs]
+        for slot in free_slots(pool, self.hv.all_domain_xml()):
+            alias = next_primary_alias(team.name, aliases)
+            vf_mac = team.team_mac or team.standby_mac
+            attachment = attachment_for_slot(slot, alias=alias, vf_mac=vf_mac)
+            try:
+                self.hv.attach(self.dom, attachment.device_xml)
+            except HypervisorError as exc:
+                log.info("%s: slot %s taken (%s); trying the next", self.name, slot, exc)
+                aliases.append(alias)
+                continue
+            self.set_primary(team.name, attachment.primary)
+            return attachment.primary
+        return None
+
+    def bind(self, team: Team, primary: PrimaryDevice, operation_id: str,
+             timeout: float) -> pb.BindPrimaryResponse:
+        device = self.info().device(primary.alias)
+        guest_pci = getattr(device, "guest_pci_address", None) or ""
+        return self.agent().bind_primary(
+            team.name, operation_id=operation_id, pci_address=guest_pci,
+            mac=primary.mac or "", mac_policy=MAC_POLICY[team.mac_policy], timeout=timeout)
+
+    def unplug(self, team: Team, timeout: float) -> float:
+        """Detach the team's primary, wait until the guest released it, record its absence."""
+        if team.primary is None:
+            return 0.0
+        seconds = self.hv.detach_and_wait(self.dom, team.primary.alias, timeout)
+        self.set_primary(team.name, None)
+        return seconds
+
+    def team_state(self, team: str) -> pb.TeamState:
+        for state in self.agent().state().teams:
+            if state.name == team:
+                return state
+        raise WorkflowError(f"the agent in {self.name} does not know team {team!r}")
+
+    def on_primary(self, team: Team) -> bool:
+        """True when the team's recorded primary is plugged and the bond's active member."""
+        if team.primary is None or self.info().device(team.primary.alias) is None:
+            return False
+        state = self.team_state(team.name)
+        return bool(state.active_member) and state.active_member == state.primary
+
+
+def pool_on(hv: Hypervisor, team: Team) -> Pool | None:
+    """The team's pool as defined on *hv*'s host, None when that host has none."""
+    xml = hv.network_xml(pool_network_name(team.pool))
+    if xml is None:
+        return None
+    try:
+        return parse_pool_network(xml)
+    except DomainModelError as exc:
+        raise WorkflowError(f"{hv.uri}: pool {team.pool}: {exc}") from exc
+
+
+def free_devices_on(hv: Hypervisor, team: Team) -> int:
+    pool = pool_on(hv, team)
+    return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
+
+
+def plug_and_bind(guest: GuestOnHost, team: Team, operation_id: str, timeout: float,
+                  emit: Callable[[str], None]) -> dict[str, Any]:
+    """Plug a device from the pool and bind it; on a failed bind, unplug it again.
+
+    Returns what happened for the journal: ``{"team": ..., "result": "primary"|"standby"}``.
+    """
+    primary = guest.plug(team)
+    if primary is None:
+        emit(f"team {team.name}: no free device in pool {team.pool}; stays on its standby")
+        return {"team": team.name, "result": "standby", "detail": "no free device"}
+    team = team.with_primary(primary)
+    try:
+        reply = guest.bind(team, primary, operation_id, timeout)
+    except Exception as exc:
+        emit(f"team {team.name}: bind failed ({exc}); unplugging {primary.alias}")
+        try:
+            guest.unplug(team, timeout)
+        except Exception as unplug_exc:
+            log.error("unplug after failed bind: %s", unplug_exc)
+        return {"team": team.name, "result": "standby", "detail": f"bind failed: {exc}"}
+    return {"team": team.name, "result": "primary", "device": reply.device,
+            "alias": primary.alias}

@@ -1,0 +1,280 @@
+"""Live migration of a domain with passthrough NICs, as readable steps.
+
+    preflight          change nothing; refuse early with a clear message
+    switch             agent: every team onto its standby     undo: bind the primary again
+    unplug             detach each primary, wait for DEVICE_REMOVED
+                                                               undo: plug a source device, bind
+    migrate            libvirt peer-to-peer, persistent at the destination
+    -- point of no return: the VM runs on the destination --
+    plug + bind        a device from each team's destination pool; the agent binds it
+    verify             every team's active member is its primary (or it is degraded)
+
+Before the migration has moved the VM, a failure undoes the done steps in reverse order
+and the VM stays on the source, back on a passthrough device where one is free.  After
+it, there is nothing to undo: a team that cannot get a device stays on its standby
+(done-degraded) and the reconciler repairs it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from host.domain.domain_xml import strip_primary
+from host.domain.teams import Team
+from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress
+from host.workflow.guest import (
+    GuestOnHost,
+    PreflightError,
+    WorkflowError,
+    free_devices_on,
+    plug_and_bind,
+    pool_on,
+)
+from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
+from host.workflow.steps import JournalLike, Step, StepRunner
+
+log = logging.getLogger(__name__)
+
+UNPLUG_TIMEOUT = 30.0
+BIND_TIMEOUT = 30.0
+SWITCH_TIMEOUT = 15.0
+
+
+class MigrationWorkflow:
+    def __init__(self, request: MigrationRequest, journal: JournalLike, workflow_id: str,
+                 source: Hypervisor, destination: Hypervisor,
+                 on_event: Callable[[Event], None]) -> None:
+        self.request = request
+        self.source_hv = source
+        self.destination_hv = destination
+        self.runner = StepRunner(workflow_id, journal, on_event)
+        self.source = GuestOnHost(source, request.domain)
+        self.destination: GuestOnHost | None = None
+        self.teams: list[Team] = []
+        self.moved: list[str] = []  # teams switched to standby
+        self.unplugged: list[str] = []
+        self.migration: dict[str, Any] = {}
+
+    @property
+    def workflow_id(self) -> str:
+        return self.runner.workflow_id
+
+    def op(self, step: str, team: str) -> str:
+        """Operation ids are stable per workflow step: a retried call is idempotent."""
+        return f"{self.workflow_id}:{step}:{team}"
+
+    # -- steps -----------------------------------------------------------------------
+
+    def preflight(self) -> dict[str, Any]:
+        src = self.source
+        if not self.source_hv.is_active(src.dom):
+            raise PreflightError(f"{src.name} is not running on {self.source_hv.uri}")
+        if self.source_hv.host_uuid() == self.destination_hv.host_uuid():
+            raise PreflightError("source and destination are the same host")
+        if self.destination_hv.has_domain(src.uuid) and self.destination_hv.is_active(
+                self.destination_hv.domain(src.uuid)):
+            raise PreflightError(f"{src.name} is already running on the destination")
+        self.teams = list(src.teams().teams)
+        agent = src.agent()
+        try:
+            if not agent.healthy():
+                raise PreflightError(f"the agent in {src.name} is not serving")
+            state = agent.state()
+        except PreflightError:
+            raise
+        except Exception as exc:
+            raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
+        links = {link.name: link for link in state.links}
+        by_name = {t.name: t for t in state.teams}
+        free: dict[str, int] = {}
+        for team in self.teams:
+            ts = by_name.get(team.name)
+            if ts is None:
+                raise PreflightError(f"the agent in {src.name} does not know team {team.name!r}")
+            if not ts.bond_present:
+                raise PreflightError(f"team {team.name}: bond {ts.bond} is missing in the guest")
+            if not ts.standby or ts.standby not in ts.members:
+                raise PreflightError(f"team {team.name}: the standby is not in bond {ts.bond}")
+            standby = links.get(ts.standby)
+            if standby is None or not standby.carrier:
+                raise PreflightError(f"team {team.name}: the standby {ts.standby} has no carrier")
+            if pool_on(self.destination_hv, team) is None:
+                raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
+            free[team.name] = free_devices_on(self.destination_hv, team)
+        degraded = [t for t, n in free.items() if n == 0]
+        if degraded:
+            self.runner.emit("preflight", "info",
+                             f"no free device on the destination for {', '.join(degraded)}: "
+                             "those teams will stay on their standby")
+        return {"teams": [t.name for t in self.teams], "free_on_destination": free,
+                "detail": f"{len(self.teams)} team(s) healthy"}
+
+    def switch_to_standby(self) -> dict[str, Any]:
+        for team in self.teams:
+            reply = self.source.agent().use_standby(
+                team.name, release_primary=True, operation_id=self.op("switch", team.name),
+                timeout=SWITCH_TIMEOUT)
+            self.moved.append(team.name)
+            log.info("team %s on standby %s", team.name, reply.team.active_member)
+        self.source_hv.announce(self.source.dom)
+        return {"teams": self.moved}
+
+    def switch_back(self) -> None:
+        """Undo of switch: bind each moved team's (still plugged) primary again."""
+        for name in reversed(self.moved):
+            team = self.source.teams().team(name)
+            if team.primary is None:
+                continue  # unplug's undo already plugged and bound one
+            self.source.bind(team, team.primary, self.op("switch-back", name), BIND_TIMEOUT)
+        self.moved.clear()
+
+    def unplug(self) -> dict[str, Any]:
+        seconds = {}
+        for team in self.teams:
+            current = self.source.teams().team(team.name)
+            seconds[team.name] = round(self.source.unplug(current, UNPLUG_TIMEOUT), 3)
+            self.unplugged.append(team.name)
+        return {"seconds": seconds}
+
+    def replug_on_source(self) -> None:
+        """Undo of unplug: a device from the source's pool (the one just freed), bound."""
+        for name in reversed(self.unplugged):
+            team = self.source.teams().team(name)
+            result = plug_and_bind(self.source, team, self.op("replug", name), BIND_TIMEOUT,
+                                   lambda m: self.runner.emit("unplug", "info", m))
+            log.info("rollback of team %s: %s", name, result)
+        self.unplugged.clear()
+
+    def migrate(self) -> dict[str, Any]:
+        src = self.source
+        persistent = self.source_hv.domain_xml(src.dom, inactive=True)
+        for team in self.teams:
+            if team.primary is not None:
+                persistent = strip_primary(persistent, team.primary)
+
+        def progress(p: MigrationProgress) -> None:
+            self.runner.emit("migrate", "progress",
+                             f"iteration {p.iteration}, {p.data_remaining >> 20} MiB left",
+                             p.fraction)
+
+        stats = self.source_hv.migrate(
+            src.dom, self.request.peer_uri or self.request.destination_uri,
+            persistent_xml=persistent, unsafe=self.request.unsafe, on_progress=progress,
+            max_downtime_ms=self.request.max_downtime_ms)
+        src.close()
+        self.destination = GuestOnHost(self.destination_hv, src.uuid)
+        job: dict[str, Any] = {}
+        try:
+            job = self.destination_hv.completed_job(self.destination.dom)
+        except HypervisorError as exc:
+            log.warning("no job statistics: %s", exc)
+        self.migration = {"wall_s": round(stats.wall_s, 3), "downtime_ms": job.get("downtime"),
+                          "elapsed_ms": job.get("time_elapsed"),
+                          "data_total": job.get("data_total")}
+        return {**self.migration,
+                "detail": f"downtime {job.get('downtime', '?')} ms"}
+
+    def plug_and_bind(self) -> dict[str, Any]:
+        assert self.destination is not None
+        dest = self.destination
+        results = {}
+        for team in self.teams:
+            current = dest.teams().team(team.name)
+            result = plug_and_bind(dest, current, self.op("bind", team.name), BIND_TIMEOUT,
+                                   lambda m: self.runner.emit("bind", "info", m))
+            results[team.name] = result["result"]
+        self.destination_hv.announce(dest.dom)
+        return {"teams": results}
+
+    def verify(self) -> dict[str, str]:
+        assert self.destination is not None
+        out = {}
+        for team in self.destination.teams().teams:
+            out[team.name] = "primary" if self.destination.on_primary(team) else "standby"
+        return out
+
+    # -- the whole ---------------------------------------------------------------------
+
+    def run(self) -> MigrationReport:
+        report = MigrationReport(self.workflow_id, self.request.domain, self.request.source_uri,
+                                 self.request.destination_uri, Outcome.FAILED)
+        r = self.runner
+        try:
+            r.run(Step("preflight", self.preflight))
+        except Exception as exc:
+            report.outcome = Outcome.ROLLED_BACK
+            report.error = f"preflight: {exc}"
+            self._close()
+            report.phases = r.timings
+            raise PreflightError(str(exc)) from exc
+        try:
+            r.run(Step("switch", self.switch_to_standby, self.switch_back))
+            r.run(Step("unplug", self.unplug, self.replug_on_source))
+            r.run(Step("migrate", self.migrate))
+        except Exception as exc:
+            report.error = str(exc)
+            moved = self._domain_moved()
+            if moved:
+                log.warning("migration reported an error but the VM runs on the destination")
+                r.forget_compensations()
+                self.destination = GuestOnHost(self.destination_hv, self.source.uuid)
+            else:
+                errors = r.compensate()
+                report.outcome = Outcome.FAILED if errors else Outcome.ROLLED_BACK
+                if errors:
+                    report.error += "; rollback: " + "; ".join(errors)
+                report.teams = self._team_summary(self.source)
+                report.phases = r.timings
+                self._close()
+                return report
+        r.forget_compensations()
+        t0 = time.monotonic()
+        try:
+            r.run(Step("bind", self.plug_and_bind))
+            report.teams = self.verify()
+        except Exception as exc:
+            log.exception("after the migration")
+            report.error = f"after the migration: {exc}"
+            report.teams = self._team_summary(self.destination)
+        log.debug("post-migration took %.2f s", time.monotonic() - t0)
+        report.migration = self.migration
+        report.phases = r.timings
+        if report.teams and all(v == "primary" for v in report.teams.values()):
+            report.outcome = Outcome.DONE
+        else:
+            report.outcome = Outcome.DONE_DEGRADED
+        self._close()
+        return report
+
+    def _domain_moved(self) -> bool:
+        """Where the VM really runs after a failed migration call."""
+        try:
+            src_active = self.source_hv.is_active(self.source.dom)
+        except HypervisorError:
+            src_active = False
+        try:
+            dest_active = self.destination_hv.has_domain(self.source.uuid) and \
+                self.destination_hv.is_active(self.destination_hv.domain(self.source.uuid))
+        except HypervisorError:
+            dest_active = False
+        if src_active and dest_active:
+            raise WorkflowError("the VM is active on both hosts; refusing to guess")
+        return dest_active and not src_active
+
+    def _team_summary(self, guest: GuestOnHost | None) -> dict[str, str]:
+        if guest is None:
+            return {}
+        try:
+            return {t.name: ("primary" if guest.on_primary(t) else "standby")
+                    for t in guest.teams().teams}
+        except Exception as exc:
+            log.warning("team summary: %s", exc)
+            return {}
+
+    def _close(self) -> None:
+        self.source.close()
+        if self.destination is not None:
+            self.destination.close()

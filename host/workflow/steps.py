@@ -1,0 +1,89 @@
+"""A tiny step engine: run steps in order, journal each, undo the done ones on failure.
+
+Every step that changes something is written to the journal as ``started`` *before* it acts,
+so a coordinator killed in the middle leaves a record of what may have happened; ``ptmig
+recover`` reads it.  Compensations run in reverse order, each journaled too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from host.workflow.model import Event, PhaseTiming
+
+log = logging.getLogger(__name__)
+
+
+class JournalLike(Protocol):
+    def record(self, workflow_id: str, step_name: str, status: str,
+               data: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Step:
+    name: str
+    action: Callable[[], dict[str, Any] | None]
+    #: Undoes the action; None for steps that change nothing or cannot be undone.
+    compensation: Callable[[], None] | None = None
+
+
+@dataclass
+class StepRunner:
+    workflow_id: str
+    journal: JournalLike
+    on_event: Callable[[Event], None]
+    timings: list[PhaseTiming] = field(default_factory=list)
+    _done: list[Step] = field(default_factory=list)
+
+    def emit(self, phase: str, state: str, message: str = "",
+             fraction: float | None = None) -> None:
+        try:
+            self.on_event(Event(self.workflow_id, phase, state, message, fraction))
+        except Exception:  # a broken listener must not break a migration
+            log.exception("event listener failed")
+
+    def run(self, step: Step) -> dict[str, Any]:
+        self.journal.record(self.workflow_id, step.name, "started", {})
+        self.emit(step.name, "started")
+        t0 = time.monotonic()
+        try:
+            data = step.action() or {}
+        except Exception as exc:
+            self.journal.record(self.workflow_id, step.name, "failed", {"error": str(exc)})
+            self.emit(step.name, "failed", str(exc))
+            raise
+        seconds = time.monotonic() - t0
+        self.timings.append(PhaseTiming(step.name, round(seconds, 3), data.get("detail", "")))
+        self.journal.record(self.workflow_id, step.name, "done", data)
+        self.emit(step.name, "done", data.get("detail", ""))
+        self._done.append(step)
+        return data
+
+    def forget_compensations(self) -> None:
+        """Past the point of no return (the VM has moved): nothing before can be undone."""
+        self._done.clear()
+
+    def compensate(self) -> list[str]:
+        """Undo done steps in reverse order; returns the errors of compensations that failed."""
+        errors = []
+        for step in reversed(self._done):
+            if step.compensation is None:
+                continue
+            self.journal.record(self.workflow_id, step.name, "compensating", {})
+            self.emit(step.name, "compensating")
+            try:
+                step.compensation()
+            except Exception as exc:
+                log.exception("compensation of %s failed", step.name)
+                errors.append(f"{step.name}: {exc}")
+                self.journal.record(self.workflow_id, step.name, "failed",
+                                    {"error": f"compensation: {exc}"})
+                continue
+            self.journal.record(self.workflow_id, step.name, "compensated", {})
+            self.emit(step.name, "compensated")
+        self._done.clear()
+        return errors
