@@ -12,7 +12,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -51,8 +51,11 @@ class Ownership(enum.Enum):
 class DeviceMatch:
     """How a device is recognised; every given field must match.
 
-    A MAC matches the current or the burned-in address: under fail_over_mac=none
-    the bond rewrites its members' current MACs, the permanent one stays.
+    A MAC names the burned-in address first: under fail_over_mac=none the bond
+    rewrites its members' current MACs, and under MAC policy preserve the primary
+    carries the team's MAC, which is often the standby's burned-in one.  Only when
+    no link has that burned-in MAC does the current address count (a link whose
+    driver reports no permanent address).
     """
 
     name: str | None = None
@@ -65,6 +68,14 @@ class DeviceMatch:
             and (self.mac is None or link.has_mac(self.mac))
             and (self.pci_address is None or link.pci_address == self.pci_address)
         )
+
+    def select(self, links: Iterable[Link]) -> list[Link]:
+        """The links this match names, by the rule above; bonds never."""
+        candidates = [ln for ln in links if self.matches(ln) and ln.kind != "bond"]
+        if self.mac is None:
+            return candidates
+        burned_in = [ln for ln in candidates if ln.permanent_mac == self.mac]
+        return burned_in or candidates
 
     def __str__(self) -> str:
         parts = [
@@ -297,7 +308,7 @@ class Teams:
 
     def _wait_for_device(self, team: TeamConfig, match: DeviceMatch, deadline: float) -> Link:
         def find(links: list[Link]) -> Link | None:
-            found = [ln for ln in links if match.matches(ln) and ln.kind != "bond"]
+            found = match.select(links)
             if len(found) > 1:
                 names = ", ".join(ln.name for ln in found)
                 raise Conflict(
@@ -430,7 +441,7 @@ class Teams:
         return bond
 
     def _standby_or_none(self, team: TeamConfig, links: list[Link]) -> Link | None:
-        found = [ln for ln in links if team.standby.matches(ln) and ln.kind != "bond"]
+        found = team.standby.select(links)
         return found[0] if len(found) == 1 else None
 
     def _standby(self, team: TeamConfig, links: list[Link]) -> Link:

@@ -10,10 +10,17 @@ GUEST_IP = "192.168.77.10"
 CLIENT_IP = "192.168.77.2"
 GUEST_PREFIX = 24
 
-#: MACs of the lab guest's NICs.  The team (bond) keeps the standby's MAC.
+#: MACs of the lab guest's NICs.  Team "lan" (bond0, admin-owned, MAC policy preserve)
+#: keeps its standby's MAC; team "wan" (bond1, agent-owned, MAC policy follow) takes the
+#: MAC of whichever member is active.
 STANDBY_MAC = "52:54:00:aa:00:01"
 TEAM_MAC = STANDBY_MAC
 PRIMARY_MAC = "52:54:00:bb:00:01"
+WAN_STANDBY_MAC = "52:54:00:aa:00:02"
+WAN_PRIMARY_MAC = "52:54:00:bb:00:02"
+#: Team wan's subnet: a second /24 on the same L2 (one subnet per bond avoids ARP flux).
+WAN_GUEST_IP = "192.168.78.10"
+WAN_CLIENT_IP = "192.168.78.2"
 
 #: virtio-serial port name of the agent channel.
 GUEST_AGENT_PORT = "org.ptmig.agent.0"

@@ -6,6 +6,7 @@
    br-g <- guest taps              br-sw                         br-g <- guest taps
    up0 (port of br-g) ==veth== swa (br-sw)  swb (br-sw) ==veth== up0 (port of br-g)
                                    swc (br-sw) ==veth== ptmig-client: cl0 192.168.77.2/24
+                                                                         192.168.78.2/24
    mig0 192.0.2.1/24 ============================================ mig0 192.0.2.2/24
 
 Both hosts name their guest bridge ``br-g`` so one domain XML works on either side, and
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from lab import CLIENT_IP, GUEST_PREFIX
+from lab import CLIENT_IP, GUEST_PREFIX, WAN_CLIENT_IP
 from lab.run import CommandError, run
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def create() -> list[str]:
         run(["ip", "link", "add", "cl0", "netns", CLIENT_NS, "type", "veth",
              "peer", "name", "swc", "netns", SWITCH_NS])
         _ip(SWITCH_NS, "link", "set", "swc", "master", "br-sw", "up")
-        _ip(CLIENT_NS, "addr", "add", f"{CLIENT_IP}/{GUEST_PREFIX}", "dev", "cl0")
+        for ip in (CLIENT_IP, WAN_CLIENT_IP):
+            _ip(CLIENT_NS, "addr", "add", f"{ip}/{GUEST_PREFIX}", "dev", "cl0")
         _ip(CLIENT_NS, "link", "set", "cl0", "up")
     except Exception:
         delete(made)

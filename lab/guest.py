@@ -3,7 +3,9 @@
 q35 with ACPI PCI hotplug (QEMU's q35 default; native pciehp would add a 5 s attention
 button delay to every unplug), TCG (this machine's KVM cannot run ordinary guests), direct
 kernel boot, a virtio-net standby and an emulated e1000e on its own tap as the stand-in for
-a passthrough NIC, a virtio-serial channel for the agent and a serial console.
+a passthrough NIC, a virtio-serial channel for the agent and a serial console.  Two such
+pairs: team "lan" (bond0 from the guest's own network configuration) and team "wan"
+(bond1, made by the agent).
 
 The console and agent sockets sit under /var/lib/libvirt, which is private to each host,
 so each host has its own; the disk sits on a path both hosts see.
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from lab import GUEST_AGENT_PORT, PRIMARY_MAC, STANDBY_MAC
+from lab import GUEST_AGENT_PORT, PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
 from lab.fabric import GUEST_BRIDGE
 from lab.image import BOOT_CMDLINE, GuestImage
 
@@ -56,6 +58,8 @@ class Nic:
 
 STANDBY_NIC = Nic(STANDBY_MAC, "ptv-standby", STANDBY_ALIAS, model="virtio")
 PRIMARY_NIC = Nic(PRIMARY_MAC, "ptv-primary", PRIMARY_ALIAS)
+WAN_STANDBY_NIC = Nic(WAN_STANDBY_MAC, "ptv-wstandby", "ua-wan-standby", model="virtio")
+WAN_PRIMARY_NIC = Nic(WAN_PRIMARY_MAC, "ptv-wprimary", "ua-wan-primary")
 
 
 def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
@@ -63,7 +67,10 @@ def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
     """The guest's domain XML."""
     ports = "\n    ".join("<controller type='pci' model='pcie-root-port'/>"
                           for _ in range(ROOT_PORTS))
-    nics = STANDBY_NIC.xml() + ("\n    " + PRIMARY_NIC.xml() if with_primary else "")
+    nics = "\n    ".join(
+        n.xml() for n in (STANDBY_NIC, PRIMARY_NIC if with_primary else None,
+                          WAN_STANDBY_NIC, WAN_PRIMARY_NIC if with_primary else None)
+        if n is not None)
     return f"""<domain type='qemu'>
   <name>{DOMAIN_NAME}</name>
   <memory unit='MiB'>{memory_mib}</memory>

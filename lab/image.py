@@ -25,7 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import GUEST_IP, GUEST_PREFIX, STANDBY_MAC, TEAM_MAC
+from lab import (
+    GUEST_IP,
+    GUEST_PREFIX,
+    STANDBY_MAC,
+    TEAM_MAC,
+    WAN_GUEST_IP,
+    WAN_PRIMARY_MAC,
+    WAN_STANDBY_MAC,
+)
 from lab.paths import cache_dir
 from lab.run import run
 
@@ -96,10 +104,36 @@ def _guest_files() -> dict[str, str]:
             f"[Network]\nAddress={GUEST_IP}/{GUEST_PREFIX}\n"
             "ConfigureWithoutCarrier=yes\nLinkLocalAddressing=ipv6\n"
         ),
+        # Team wan's bond is made by the agent; networkd only puts the address on it.
+        "/etc/systemd/network/30-bond1.network": (
+            "[Match]\nName=bond1\n\n"
+            f"[Network]\nAddress={WAN_GUEST_IP}/{GUEST_PREFIX}\n"
+            "ConfigureWithoutCarrier=yes\nLinkLocalAddressing=ipv6\n"
+        ),
+        "/etc/ptmig/agent.toml": AGENT_CONFIG,
         "/etc/modules-load.d/ptmig-lab.conf": "bonding\n",
         "/etc/modprobe.d/ptmig-lab-bonding.conf": "options bonding max_bonds=0\n",
     }
 
+
+#: The agent's configuration in the lab guest: the two teams, one per ownership mode and
+#: MAC policy.  Written after the package is installed, as an admin would edit it.
+AGENT_CONFIG = f"""# ptmig lab guest
+[[teams]]
+name = "lan"
+bond = "bond0"
+standby = {{mac = "{STANDBY_MAC}"}}
+mac_policy = "preserve"
+ownership = "admin"
+
+[[teams]]
+name = "wan"
+bond = "bond1"
+standby = {{mac = "{WAN_STANDBY_MAC}"}}
+mac_policy = "follow"
+ownership = "agent"
+primary = {{mac = "{WAN_PRIMARY_MAC}"}}
+"""
 
 #: Units that only cost boot time in a test guest.
 MASKED_UNITS: tuple[str, ...] = (
@@ -192,6 +226,26 @@ class ImageRecipe:
         )
 
 
+def build_agent_package() -> Path:
+    """The agent's .deb, built from this checkout the way a release is built."""
+    out_dir = cache_dir() / "packages"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build-agent-packages.sh"
+    printed = run([str(script), str(out_dir)], capture=True,
+                  env={**os.environ, "PTMIG_PACKAGERS": "deb"})
+    debs = [Path(line) for line in printed.split() if line.endswith(".deb")]
+    if len(debs) != 1:
+        raise RuntimeError(f"expected one .deb from {script}, got: {printed!r}")
+    return debs[0]
+
+
+def lab_recipe() -> ImageRecipe:
+    """The lab guest: the base packages plus the agent package of this checkout."""
+    return ImageRecipe(extra_debs=(build_agent_package(),))
+
+
 def images_dir() -> Path:
     return cache_dir() / "images"
 
@@ -261,17 +315,8 @@ def _build_base(recipe: ImageRecipe) -> Path:
 
 
 def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
-    for path, content in recipe.files.items():
-        dest = rootfs / path.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(content)
     (rootfs / ".ptmig-complete").unlink(missing_ok=True)
     chroot = ["chroot", str(rootfs)]
-    run([*chroot, "passwd", "-d", "root"])
-    if recipe.enabled_units:
-        run([*chroot, "systemctl", "enable", *recipe.enabled_units])
-    if recipe.masked_units:
-        run([*chroot, "systemctl", "mask", *recipe.masked_units])
     for deb in recipe.extra_debs:
         inside = Path("/tmp") / deb.name
         shutil.copy2(deb, rootfs / inside.relative_to("/"))
@@ -279,13 +324,23 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         run([*chroot, "dpkg", "-i", str(inside)],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         (rootfs / inside.relative_to("/")).unlink()
+    # After the packages: these are the admin's edits (the agent's config among them).
+    for path, content in recipe.files.items():
+        dest = rootfs / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(content)
+    run([*chroot, "passwd", "-d", "root"])
+    if recipe.enabled_units:
+        run([*chroot, "systemctl", "enable", *recipe.enabled_units])
+    if recipe.masked_units:
+        run([*chroot, "systemctl", "mask", *recipe.masked_units])
 
 
 def _package_versions(rootfs: Path) -> dict[str, str]:
     wanted = ("linux-image-amd64", "systemd", "python3", "python3-grpcio", "python3-protobuf",
-              "python3-pyroute2", "iproute2")
+              "python3-pyroute2", "iproute2", "ptmig-agent")
     out = run(["chroot", str(rootfs), "dpkg-query", "-W", "-f=${Package} ${Version}\n", *wanted],
-              capture=True)
+              capture=True, check=False)
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 

@@ -7,11 +7,14 @@ then left up).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from lab import fabric
+from host.agent_client import AgentClient, AgentEndpoint
+from host.hypervisor import Hypervisor
+from lab import GUEST_AGENT_PORT, fabric
+from lab.guest import DOMAIN_NAME
 from lab.hosts import is_alive
 from lab.vmlab import LabState, VmLab
 
@@ -55,3 +58,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.excinfo is not None and "lab" in getattr(item, "funcargs", {}):
         lab: VmLab = item.funcargs["lab"]  # type: ignore[attr-defined]
         item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
+
+
+@pytest.fixture
+def agent_of(lab: VmLab) -> Iterator[Callable[[], AgentClient]]:
+    """Opens an AgentClient to the guest on whichever host runs it, over its real channel."""
+    opened: list[tuple[Hypervisor, AgentClient]] = []
+
+    def open_client() -> AgentClient:
+        hv = Hypervisor(lab.hosts[lab.where()].uri)
+        dom = hv.domain(DOMAIN_NAME)
+        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, GUEST_AGENT_PORT)))
+        opened.append((hv, client))
+        return client
+
+    yield open_client
+    for hv, client in opened:
+        client.close()
+        hv.close()

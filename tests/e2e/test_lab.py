@@ -60,7 +60,7 @@ def test_e1000e_unplug_then_new_mac_plugged_is_seen_in_guest(guest_on_hosta: VmL
     assert seconds < 10
     assert lab.exec(f"ip -br link | grep -c {PRIMARY_MAC} || true").check().strip() == "0"
 
-    new = Nic("52:54:00:cc:00:02", "ptv-primary2", "ua-primary2")
+    new = Nic("52:54:00:cc:00:02", "ptv-hot1", "ua-hot1")
     lab.attach_nic(new)
     name = lab.wait_for_guest_mac(new.mac)
     driver = lab.exec(f"basename $(readlink /sys/class/net/{name}/device/driver)").check()

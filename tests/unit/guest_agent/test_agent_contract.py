@@ -48,7 +48,9 @@ def test_committed_generated_code_is_fresh(tmp_path: Path) -> None:
     committed = REPO / "protos" / "ptmig" / "v1"
     generated = tmp_path / "ptmig" / "v1"
     names = sorted(p.name for p in generated.glob("*.py"))
-    assert names == ["guest_agent_pb2.py", "guest_agent_pb2_grpc.py"]
+    protos = sorted(p.stem for p in committed.glob("*.proto"))
+    assert names == sorted([f"{s}_pb2.py" for s in protos] + [f"{s}_pb2_grpc.py" for s in protos])
+    assert names == sorted(p.name for p in committed.glob("*_pb2*.py")), "an orphan module"
     _, mismatch, errors = filecmp.cmpfiles(committed, generated, names, shallow=False)
     assert not mismatch and not errors, (
         f"stale generated code {mismatch + errors}: run scripts/gen-protos.sh and commit"

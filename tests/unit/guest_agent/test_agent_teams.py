@@ -229,9 +229,17 @@ def test_bind_refuses_the_standby_and_foreign_masters(fake: FakeLinks) -> None:
 
 
 def test_bind_ambiguous_mac_is_refused(fake: FakeLinks) -> None:
-    with pytest.raises(Conflict, match="ambiguous"):  # standby and primary both carry the bond MAC
+    fake.add("enp3s0", mac=OLD_MAC, pci=NEW_PCI)  # a second card with the same burned-in MAC
+    calls_before = list(fake.calls)
+    with pytest.raises(Conflict, match="ambiguous"):
         teams(fake).bind_primary("lan", None, OLD_MAC, None, deadline_in(1))
-    assert fake.calls == []
+    assert fake.calls == calls_before
+
+
+def test_bind_by_mac_prefers_the_burned_in_address(fake: FakeLinks) -> None:
+    """The standby carries the bond's MAC (OLD_MAC) too; the primary's burned-in one wins."""
+    result = teams(fake).bind_primary("lan", None, OLD_MAC, None, deadline_in(2))
+    assert result.device == "enp2s0"
 
 
 def test_bind_again_is_harmless(fake: FakeLinks) -> None:
@@ -280,3 +288,16 @@ def test_agent_owned_set_up_isolates_failures() -> None:
     failures = t.set_up_owned(deadline_in(2))
     assert len(failures) == 1 and "standby" in str(failures[0])
     assert t.states()[1].members == ("enp1s0",)
+
+
+def test_standby_named_by_mac_stays_unique_when_primary_carries_that_mac(
+    fake: FakeLinks,
+) -> None:
+    """Preserve with the team MAC = the standby's burned-in MAC (the lab's team lan): the
+    primary then carries the standby's MAC too; the burned-in address decides."""
+    fake.update("enp2s0", mac=VIRTIO_MAC)
+    fake.update("bond0", mac=VIRTIO_MAC)
+    t = Teams(fake, [lan_team(standby=DeviceMatch(mac=VIRTIO_MAC), mac=VIRTIO_MAC), OTHER])
+    assert t.states()[0].standby == "enp1s0"
+    result = t.use_standby("lan", release_primary=False, deadline=deadline_in(2))
+    assert result.team.active_member == "enp1s0"

@@ -1,0 +1,642 @@
+"""The workflow journal: what each workflow did, step by step, on disk before it is done.
+
+A coordinator killed at any point (SIGKILL, power loss) leaves an *open* workflow
+whose last step rows say how far it got; ``ptmig recover`` reads them to resume or
+roll back.  For that to hold, a step is recorded *before* the action it describes
+and every commit is durable when :meth:`Journal.record` returns: SQLite in WAL mode
+with ``synchronous=FULL`` (WAL fsynced at each commit).
+
+Tables (schema version :data:`SCHEMA_VERSION` in ``PRAGMA user_version``):
+
+``workflows``
+    one row per workflow; ``state`` is ``open`` until :meth:`Journal.finish`.  A
+    UNIQUE partial index on ``domain_uuid WHERE state='open'`` makes a second open
+    workflow for the same domain impossible, atomically and across processes:
+    :meth:`Journal.begin` raises :class:`WorkflowConflict` naming the open one.
+``steps``
+    append-only rows ``(workflow_id, seq, name, status, data_json, at)``; a step's
+    current status is its last row.
+
+The owner of a workflow is the process that began (or adopted) it, recorded as
+pid + start time (``/proc/PID/stat`` field 22) + boot id, so that a recycled pid or
+a reboot is not mistaken for a live owner (:meth:`Journal.is_owner_alive`).
+
+One :class:`Journal` holds one connection, shared by its threads under a lock.
+Several processes may open the same file (``busy_timeout`` makes them wait for
+each other's short write transactions).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
+SCHEMA_VERSION = 1
+DEFAULT_BUSY_TIMEOUT_MS = 10_000
+MAX_DATA_JSON_CHARS = 1024 * 1024  # a step's data is a few addresses and names, not logs
+
+
+class JournalError(Exception):
+    """The journal cannot be used (unreadable, corrupt, newer schema) or was misused."""
+
+
+class JournalDataError(JournalError, ValueError):
+    """A request, step data or report that is not plain JSON."""
+
+
+class UnknownWorkflow(JournalError, LookupError):
+    """No workflow with that id."""
+
+
+class WorkflowClosed(JournalError):
+    """The workflow was already finished; it takes no more steps."""
+
+
+class WorkflowKind(enum.StrEnum):
+    MIGRATE = "migrate"
+    FAILOVER = "failover"
+    REPAIR = "repair"
+
+
+class WorkflowState(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class StepStatus(enum.StrEnum):
+    STARTED = "started"  # recorded before the action
+    DONE = "done"
+    FAILED = "failed"
+    COMPENSATING = "compensating"  # recorded before the compensation
+    COMPENSATED = "compensated"
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    workflow_id: str
+    seq: int
+    name: str
+    status: StepStatus
+    data: dict[str, Any]
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = str(self.status)
+        return d
+
+
+@dataclass(frozen=True)
+class WorkflowRecord:
+    id: str
+    kind: WorkflowKind
+    domain_uuid: str
+    domain_name: str
+    source_uri: str
+    destination_uri: str
+    state: WorkflowState
+    outcome: str | None
+    created: float
+    updated: float
+    owner_pid: int
+    owner_start: int | None  # /proc/PID/stat field 22 (clock ticks after boot)
+    owner_boot_id: str | None
+    request: dict[str, Any]
+    report: dict[str, Any] | None
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is WorkflowState.OPEN
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = str(self.kind)
+        d["state"] = str(self.state)
+        return d
+
+
+class WorkflowConflict(JournalError):
+    """The domain already has an open workflow (running, or left by a dead coordinator)."""
+
+    def __init__(self, open_workflow: WorkflowRecord, owner_alive: bool) -> None:
+        self.open_workflow = open_workflow
+        self.owner_alive = owner_alive
+        w = open_workflow
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.created))
+        if owner_alive:
+            how = f"still running in pid {w.owner_pid}"
+        else:
+            how = f"its coordinator (pid {w.owner_pid}) is gone: run `ptmig recover`"
+        super().__init__(
+            f"domain {w.domain_name or w.domain_uuid} already has an open {w.kind} workflow "
+            f"{w.id} (since {since}, {w.source_uri} -> {w.destination_uri}); {how}"
+        )
+
+
+# Each entry upgrades the schema from version N to N+1 (index N); append, never edit.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE workflows (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('migrate', 'failover', 'repair')),
+        domain_uuid TEXT NOT NULL,
+        domain_name TEXT NOT NULL,
+        source_uri TEXT NOT NULL,
+        destination_uri TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+        outcome TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        owner_pid INTEGER NOT NULL,
+        owner_start INTEGER,
+        owner_boot_id TEXT,
+        request_json TEXT NOT NULL,
+        report_json TEXT
+    );
+    CREATE UNIQUE INDEX workflows_one_open_per_domain
+        ON workflows (domain_uuid) WHERE state = 'open';
+    CREATE INDEX workflows_created ON workflows (created);
+    CREATE TABLE steps (
+        workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('started', 'done', 'failed', 'compensating', 'compensated')),
+        data_json TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (workflow_id, seq)
+    );
+    """,
+)
+
+_WORKFLOW_COLUMNS = (
+    "id, kind, domain_uuid, domain_name, source_uri, destination_uri, state, outcome, "
+    "created, updated, owner_pid, owner_start, owner_boot_id, request_json, report_json"
+)
+
+
+class Journal:
+    """The journal at `path` (created, with its directory 0700, when missing)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_PATH,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._create_file()
+        try:
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,  # transactions are explicit (BEGIN IMMEDIATE)
+                check_same_thread=False,  # guarded by self._lock
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: cannot open: {exc}") from exc
+        try:
+            self._configure(busy_timeout_ms)
+            self._migrate()
+        except JournalError:
+            self._db.close()
+            raise
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise JournalError(f"journal {self.path}: unreadable or corrupt: {exc}") from exc
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _create_file(self) -> None:
+        directory = self.path.parent
+        try:
+            if not directory.exists():
+                directory.mkdir(mode=0o700, parents=True)
+                directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise JournalError(f"journal {self.path}: cannot create: {exc}") from exc
+
+    def _configure(self, busy_timeout_ms: int) -> None:
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(_MIGRATIONS):
+                raise JournalError(
+                    f"journal {self.path}: schema version {version} is newer than this "
+                    f"ptmig understands ({len(_MIGRATIONS)}); upgrade ptmig"
+                )
+            for step in range(version, len(_MIGRATIONS)):
+                for statement in _statements(_MIGRATIONS[step]):
+                    db.execute(statement)
+            if version < len(_MIGRATIONS):
+                db.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, taken up front so concurrent writers queue, not deadlock."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+
+    # -- workflows -------------------------------------------------------------------
+
+    def begin(
+        self,
+        kind: WorkflowKind | str,
+        domain_uuid: str,
+        domain_name: str,
+        source_uri: str,
+        destination_uri: str,
+        request: Mapping[str, Any],
+    ) -> str:
+        """Open a workflow owned by this process; its id (a uuid4).
+
+        Raises :class:`WorkflowConflict` when the domain already has an open workflow.
+        """
+        kind = _enum(WorkflowKind, kind, "workflow kind")
+        if not domain_uuid:
+            raise JournalDataError("begin: domain_uuid is empty")
+        request_json = to_json(request, "request")
+        workflow_id = str(uuid.uuid4())
+        now = time.time()
+        owner_start, boot_id = process_start_time(os.getpid()), boot_id_now()
+        row = (
+            workflow_id,
+            str(kind),
+            domain_uuid,
+            domain_name,
+            source_uri,
+            destination_uri,
+            now,
+            now,
+            os.getpid(),
+            owner_start,
+            boot_id,
+            request_json,
+        )
+        with self._errors():
+            for _ in range(3):
+                try:
+                    with self._write() as db:
+                        db.execute(
+                            f"INSERT INTO workflows ({_WORKFLOW_COLUMNS}) VALUES "
+                            "(?, ?, ?, ?, ?, ?, 'open', NULL, ?, ?, ?, ?, ?, ?, NULL)",
+                            row,
+                        )
+                    break
+                except sqlite3.IntegrityError as exc:
+                    existing = self._open_for_domain(domain_uuid)
+                    if existing is not None:
+                        raise WorkflowConflict(existing, self.is_owner_alive(existing)) from None
+                    error = exc  # finished in between: try again
+            else:
+                raise JournalError(f"journal {self.path}: cannot begin: {error}")
+        return workflow_id
+
+    def adopt(self, workflow_id: str) -> WorkflowRecord:
+        """Make this process the owner of an open workflow whose owner is gone (recovery).
+
+        Raises :class:`WorkflowConflict` if its owner is still alive (and not this
+        process), :class:`WorkflowClosed` if it is finished.
+        """
+        with self._errors(), self._write() as db:
+            record = self._get(db, workflow_id)
+            if not record.is_open:
+                raise WorkflowClosed(f"workflow {workflow_id} is already {record.outcome}")
+            if record.owner_pid != os.getpid() and self.is_owner_alive(record):
+                raise WorkflowConflict(record, owner_alive=True)
+            db.execute(
+                "UPDATE workflows SET owner_pid = ?, owner_start = ?, owner_boot_id = ?, "
+                "updated = ? WHERE id = ?",
+                (
+                    os.getpid(),
+                    process_start_time(os.getpid()),
+                    boot_id_now(),
+                    time.time(),
+                    workflow_id,
+                ),
+            )
+            return self._get(db, workflow_id)
+
+    def record(
+        self,
+        workflow_id: str,
+        step_name: str,
+        status: StepStatus | str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append a step row; durable on return.  Record `started` before acting."""
+        status = _enum(StepStatus, status, "step status")
+        if not step_name:
+            raise JournalDataError("record: step name is empty")
+        data_json = to_json({} if data is None else data, f"step {step_name} data")
+        now = time.time()
+        with self._errors(), self._write() as db:
+            row = db.execute("SELECT state FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+            if row is None:
+                raise UnknownWorkflow(f"journal {self.path}: no workflow {workflow_id}")
+            if row[0] != WorkflowState.OPEN:
+                raise WorkflowClosed(
+                    f"workflow {workflow_id} is closed; cannot record step {step_name}"
+                )
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE workflow_id = ?",
+                (workflow_id,),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO steps (workflow_id, seq, name, status, data_json, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (workflow_id, seq, step_name, str(status), data_json, now),
+            )
+            db.execute("UPDATE workflows SET updated = ? WHERE id = ?", (now, workflow_id))
+
+    def finish(self, workflow_id: str, outcome: str, report: Mapping[str, Any]) -> None:
+        """Close the workflow with its outcome and report; the domain is free again."""
+        if not outcome:
+            raise JournalDataError("finish: outcome is empty")
+        report_json = to_json(report, "report")
+        with self._errors(), self._write() as db:
+            record = self._get(db, workflow_id)
+            if not record.is_open:
+                raise WorkflowClosed(f"workflow {workflow_id} is already {record.outcome}")
+            db.execute(
+                "UPDATE workflows SET state = 'closed', outcome = ?, report_json = ?, "
+                "updated = ? WHERE id = ?",
+                (str(outcome), report_json, time.time(), workflow_id),
+            )
+
+    # -- reading ---------------------------------------------------------------------
+
+    def get(self, workflow_id: str) -> WorkflowRecord | None:
+        with self._errors(), self._lock:
+            row = self._db.execute(
+                f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
+            ).fetchone()
+        return None if row is None else self._workflow(row)
+
+    def open_workflows(self) -> list[WorkflowRecord]:
+        """Every open workflow, oldest first."""
+        return self._select("WHERE state = 'open' ORDER BY created, rowid")
+
+    def recent(self, limit: int = 20) -> list[WorkflowRecord]:
+        """The `limit` most recently created workflows, newest first."""
+        return self._select("ORDER BY created DESC, rowid DESC LIMIT ?", (max(0, int(limit)),))
+
+    def steps(self, workflow_id: str) -> list[StepRecord]:
+        """Every step row of the workflow, in the order recorded."""
+        with self._errors(), self._lock:
+            rows = self._db.execute(
+                "SELECT workflow_id, seq, name, status, data_json, at FROM steps "
+                "WHERE workflow_id = ? ORDER BY seq",
+                (workflow_id,),
+            ).fetchall()
+        return [self._step(row) for row in rows]
+
+    def last_status(self, workflow_id: str) -> dict[str, StepRecord]:
+        """Each step's latest row, keyed by step name, in the order steps first appeared."""
+        latest: dict[str, StepRecord] = {}
+        for step in self.steps(workflow_id):
+            latest[step.name] = step  # re-assigning keeps the key's first position
+        return latest
+
+    # -- owners ----------------------------------------------------------------------
+
+    def is_owner_alive(self, record: WorkflowRecord) -> bool:
+        """Whether the process that owns `record` still runs on this machine.
+
+        A pid that exists but started at another time (recycled) or in another boot
+        is not the owner; neither is a zombie.
+        """
+        return process_alive(record.owner_pid, record.owner_start, record.owner_boot_id)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _select(self, tail: str, args: tuple[Any, ...] = ()) -> list[WorkflowRecord]:
+        with self._errors(), self._lock:
+            rows = self._db.execute(
+                f"SELECT {_WORKFLOW_COLUMNS} FROM workflows {tail}", args
+            ).fetchall()
+        return [self._workflow(row) for row in rows]
+
+    def _open_for_domain(self, domain_uuid: str) -> WorkflowRecord | None:
+        found = self._select("WHERE state = 'open' AND domain_uuid = ?", (domain_uuid,))
+        return found[0] if found else None
+
+    def _get(self, db: sqlite3.Connection, workflow_id: str) -> WorkflowRecord:
+        row = db.execute(
+            f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownWorkflow(f"journal {self.path}: no workflow {workflow_id}")
+        return self._workflow(row)
+
+    def _workflow(self, row: tuple[Any, ...]) -> WorkflowRecord:
+        try:
+            return WorkflowRecord(
+                id=row[0],
+                kind=WorkflowKind(row[1]),
+                domain_uuid=row[2],
+                domain_name=row[3],
+                source_uri=row[4],
+                destination_uri=row[5],
+                state=WorkflowState(row[6]),
+                outcome=row[7],
+                created=float(row[8]),
+                updated=float(row[9]),
+                owner_pid=int(row[10]),
+                owner_start=None if row[11] is None else int(row[11]),
+                owner_boot_id=row[12],
+                request=_object(row[13]),
+                report=None if row[14] is None else _object(row[14]),
+            )
+        except (ValueError, TypeError) as exc:
+            raise JournalError(
+                f"journal {self.path}: corrupt workflow row {row[0]!r}: {exc}"
+            ) from exc
+
+    def _step(self, row: tuple[Any, ...]) -> StepRecord:
+        try:
+            return StepRecord(
+                workflow_id=row[0],
+                seq=int(row[1]),
+                name=row[2],
+                status=StepStatus(row[3]),
+                data=_object(row[4]),
+                at=float(row[5]),
+            )
+        except (ValueError, TypeError) as exc:
+            raise JournalError(
+                f"journal {self.path}: corrupt step row {row[0]!r}/{row[1]!r}: {exc}"
+            ) from exc
+
+
+# -- JSON ----------------------------------------------------------------------------
+
+
+def to_json(value: Mapping[str, Any], what: str) -> str:
+    """`value` as compact JSON, or :class:`JournalDataError` saying which part is not JSON.
+
+    Accepted: dicts with str keys, lists, tuples, str, int, finite float, bool, None.
+    (``json.dumps`` alone would turn int keys into strings and NaN into invalid JSON.)
+    """
+    if not isinstance(value, Mapping):
+        raise JournalDataError(f"{what} must be a JSON object, not {type(value).__name__}")
+    _check_json(value, what, depth=0)
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    if len(text) > MAX_DATA_JSON_CHARS:
+        raise JournalDataError(
+            f"{what} is {len(text)} characters of JSON; the limit is {MAX_DATA_JSON_CHARS}"
+        )
+    return text
+
+
+def _check_json(value: object, where: str, depth: int) -> None:
+    if depth > 64:
+        raise JournalDataError(f"{where}: nested too deeply for the journal")
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise JournalDataError(f"{where}: {value} is not a JSON number")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise JournalDataError(
+                    f"{where}: key {key!r} is a {type(key).__name__}; JSON keys are strings"
+                )
+            _check_json(item, f"{where}[{key!r}]", depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]", depth + 1)
+        return
+    raise JournalDataError(f"{where}: a {type(value).__name__} is not JSON ({value!r:.60})")
+
+
+def _object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("stored JSON is not an object")
+    return value
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _enum(cls: type[E], value: E | str, what: str) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(str(m) for m in cls)
+        raise JournalDataError(f"{what} {value!r} is not one of {choices}") from None
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (after the parenthesised comm), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    _, _, rest = text.rpartition(")")
+    return rest.split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot."""
+    fields = _proc_stat(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    try:
+        return int(fields[19])  # fields[0] is field 3
+    except ValueError:
+        return None
+
+
+def boot_id_now() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def process_alive(
+    pid: int,
+    start_time: int | None,
+    boot_id: str | None,
+    *,
+    current_boot_id: Callable[[], str | None] = boot_id_now,
+) -> bool:
+    """Whether process `pid`, started at `start_time` in boot `boot_id`, still runs."""
+    if pid <= 0:
+        return False
+    if boot_id is not None:
+        now = current_boot_id()
+        if now is not None and now != boot_id:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    fields = _proc_stat(pid)
+    if fields is None:
+        return start_time is None  # no /proc: the pid is all we can go by
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    return start_time is None or process_start_time(pid) == start_time
