@@ -194,17 +194,24 @@ class SerialRelay:
 
     def _open_session(self) -> tuple[ByteStream, _Reader, bytes]:
         last: Exception | None = None
-        for _ in range(self.retries):
+        for attempt in range(1, self.retries + 1):
+            t0 = time.monotonic()
             try:
                 stream = self.connect()
             except (OSError, RuntimeError) as exc:
                 last = exc
+                log.info("agent channel: connect attempt %d failed: %s", attempt, exc)
                 continue
             reader = _Reader(stream)
             try:
-                return stream, reader, handshake(stream, reader)
+                rest = handshake(stream, reader)
+                log.debug("agent channel: session %d up in %.3f s", attempt,
+                          time.monotonic() - t0)
+                return stream, reader, rest
             except (OSError, AgentError) as exc:
                 last = exc
+                log.info("agent channel: handshake attempt %d failed after %.1f s: %s",
+                         attempt, time.monotonic() - t0, exc)
                 stream.close()
         raise AgentError("UNAVAILABLE", f"cannot reach the guest agent: {last}")
 

@@ -729,6 +729,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tls-client-ca", type=Path, help="CA certificate(s) that issue client certificates (PEM)"
     )
     parser.add_argument(
+        "--reconcile",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="repair degraded domains on this libvirt host when a device is free (repeat)",
+    )
+    parser.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="least time between two passes over one host; default %(default)s",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-v: debug)"
     )
     return parser.parse_args(argv)
@@ -762,10 +776,24 @@ def main(argv: Sequence[str] | None = None, *, coordinator: Coordinator | None =
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    reconciler = None
+    if args.reconcile:
+        from host.workflow.coordinator import Coordinator as WorkflowCoordinator
+        from host.workflow.coordinator import Reconciler
+
+        if not isinstance(coordinator, WorkflowCoordinator):
+            print("ptmigd: --reconcile needs the workflow coordinator", file=sys.stderr)
+            return 2
+        reconciler = Reconciler(coordinator, args.reconcile, args.reconcile_interval)
+        threading.Thread(target=reconciler.run, name="reconciler", daemon=True).start()
+        log.info("reconciling %s every %.0f s", ", ".join(args.reconcile),
+                 args.reconcile_interval)
     try:
         while not stop.wait(3600):
             pass
         log.info("stopping: no new RPCs")
+        if reconciler is not None:
+            reconciler.stop()
         daemon.stop()
         running = daemon.servicer.workers.running()
         if running:

@@ -262,10 +262,23 @@ class Hypervisor:
                 with suppress(libvirt.libvirtError):
                     self._conn.domainEventDeregisterAny(cb_id)
 
-    def attach(self, dom: libvirt.virDomain, device_xml: str) -> None:
-        """Hot-plug a device (live only: the persistent definition is the coordinator's)."""
+    def _affect(self, dom: libvirt.virDomain, alias: str | None = None) -> int:
+        """LIVE, plus CONFIG for a persistent domain (and, for a detach, when the device is
+        in the persistent definition): a host's definition names the devices it owns."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         try:
-            dom.attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            persistent = bool(dom.isPersistent())
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: {dom.name()}", exc) from exc
+        if persistent and (alias is None or
+                           f"<alias name='{alias}'/>" in self.domain_xml(dom, inactive=True)):
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        return int(flags)
+
+    def attach(self, dom: libvirt.virDomain, device_xml: str) -> None:
+        """Hot-plug a device, into the persistent definition too."""
+        try:
+            dom.attachDeviceFlags(device_xml, self._affect(dom))
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: attach to {dom.name()}", exc) from exc
 
@@ -286,7 +299,7 @@ class Hypervisor:
             if alias not in self.domain_xml(dom):
                 return 0.0
             try:
-                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                dom.detachDeviceAlias(alias, self._affect(dom, alias))
             except libvirt.libvirtError as exc:
                 raise _wrap(f"{self.uri}: detach {alias} from {dom.name()}", exc) from exc
             # The event may have fired before we looked; the live XML settles it.
@@ -410,8 +423,44 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: list networks", exc) from exc
 
-    def define_network(self, xml: str) -> None:
+    def define_network(self, xml: str, *, start: bool = False) -> None:
+        """Define (or redefine) a network; *start* it and mark it autostart (VF pools).
+
+        Inert pool definitions (PCI, emulated) are only defined: libvirt is their
+        store, and starting them would make a bridge nobody uses.
+        """
         try:
-            self._conn.networkDefineXML(xml)
+            xml = self._keep_network_uuid(xml)
+            net = self._conn.networkDefineXML(xml)
+            if start:
+                if not net.isActive():
+                    net.create()
+                net.setAutostart(1)
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: define network", exc) from exc
+
+    def _keep_network_uuid(self, xml: str) -> str:
+        """libvirt redefines a network only under its existing UUID; carry it over."""
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(xml)
+        name = root.findtext("name") or ""
+        if root.find("uuid") is not None:
+            return xml
+        try:
+            existing = self._conn.networkLookupByName(name)
+        except libvirt.libvirtError:
+            return xml
+        uuid = ET.Element("uuid")
+        uuid.text = existing.UUIDString()
+        root.insert(1, uuid)
+        return ET.tostring(root, encoding="unicode")
+
+    def undefine_network(self, name: str) -> None:
+        try:
+            net = self._conn.networkLookupByName(name)
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: undefine network {name}", exc) from exc

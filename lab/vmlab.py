@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -210,6 +211,20 @@ class VmLab:
         except libvirt.libvirtError as exc:
             log.warning("%s: %s", host, exc)
         return done
+
+    def kill_host(self, name: str) -> None:
+        """SIGKILL a host's libvirtd (a crashed or unreachable destination); QEMU stays."""
+        import signal
+
+        self._close(name)
+        pid = self.state.pids[name]
+        os.kill(pid, signal.SIGKILL)
+        stop_pid(pid, timeout=10)
+
+    def start_host(self, name: str) -> None:
+        """(Re)start a host's libvirtd; it reconnects to the QEMU processes it knows."""
+        self.state.pids[name] = self.hosts[name].start()
+        self.state.save()
 
     # -- access ----------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ install_debian_packages() {
     python3-grpcio python3-protobuf python3-pyroute2 rpm
   apt-get "${apto[@]}" -t bookworm-backports install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
+    libvirt-daemon-driver-network \
     libvirt-clients libvirt-dev
   touch "$stamp"
 }

@@ -78,6 +78,7 @@ class MigrationWorkflow:
                 self.destination_hv.domain(src.uuid)):
             raise PreflightError(f"{src.name} is already running on the destination")
         self.teams = list(src.teams().teams)
+        log.debug("preflight: hosts checked")
         agent = src.agent()
         try:
             if not agent.healthy():
@@ -87,6 +88,7 @@ class MigrationWorkflow:
             raise
         except Exception as exc:
             raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
+        log.debug("preflight: agent answered")
         links = {link.name: link for link in state.links}
         by_name = {t.name: t for t in state.teams}
         free: dict[str, int] = {}
@@ -186,7 +188,10 @@ class MigrationWorkflow:
             result = plug_and_bind(dest, current, self.op("bind", team.name), BIND_TIMEOUT,
                                    lambda m: self.runner.emit("bind", "info", m))
             results[team.name] = result["result"]
-        self.destination_hv.announce(dest.dom)
+        # No announce-self here: QEMU would announce the *virtio* NIC's MAC, which under
+        # MAC policy preserve is the team's MAC, pulling the switches' path back to the
+        # standby just after the bond moved to the primary.  The bond announces itself
+        # (peer notification) when its active member changes.
         return {"teams": results}
 
     def verify(self) -> dict[str, str]:

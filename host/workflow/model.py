@@ -51,6 +51,7 @@ class PhaseTiming:
     name: str
     seconds: float
     detail: str = ""
+    started_at: float = 0.0  # epoch seconds, to line phases up with other measurements
 
 
 @dataclass

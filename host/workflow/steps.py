@@ -49,6 +49,7 @@ class StepRunner:
     def run(self, step: Step) -> dict[str, Any]:
         self.journal.record(self.workflow_id, step.name, "started", {})
         self.emit(step.name, "started")
+        started_at = time.time()
         t0 = time.monotonic()
         try:
             data = step.action() or {}
@@ -57,7 +58,8 @@ class StepRunner:
             self.emit(step.name, "failed", str(exc))
             raise
         seconds = time.monotonic() - t0
-        self.timings.append(PhaseTiming(step.name, round(seconds, 3), data.get("detail", "")))
+        self.timings.append(PhaseTiming(step.name, round(seconds, 3), data.get("detail", ""),
+                                        started_at))
         self.journal.record(self.workflow_id, step.name, "done", data)
         self.emit(step.name, "done", data.get("detail", ""))
         self._done.append(step)

@@ -1,4 +1,4 @@
-"""The lab as a pytest fixture: one lab for the whole session, torn down and checked at the end.
+"""The lab as a pytest fixture: one lab per test module, torn down and checked at the end.
 
 Set PTMIG_LAB_REUSE=1 to run against a lab already started with ``ptmig-lab up`` (it is
 then left up).
@@ -21,8 +21,9 @@ from lab.vmlab import LabState, VmLab
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab() -> Iterator[VmLab]:
+    """A fresh lab per test module: each module changes the guest's devices its own way."""
     reuse = os.environ.get("PTMIG_LAB_REUSE") == "1"
     lab = VmLab()
     if reuse and LabState.load() is not None:

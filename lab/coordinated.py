@@ -1,0 +1,93 @@
+"""The lab under ptmig's coordinator: pools on both hosts, teams in the guest's metadata.
+
+Everything goes through the ``ptmig`` command, as an operator would type it, with the
+lab's own journal.
+
+Pools: one emulated pool ``lab`` per host, e1000e NICs on ``br-g`` whose MACs differ per
+host, as the burned-in MACs of two hosts' non-SR-IOV cards do.  Team lan (MAC policy
+preserve) and team wan (follow) draw from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from lab import PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
+from lab.guest import DOMAIN_NAME, PRIMARY_NIC, WAN_PRIMARY_NIC
+from lab.paths import run_dir
+from lab.run import CommandError
+from lab.vmlab import LabError, VmLab
+
+POOL = "lab"
+#: Per-host slots (tap, MAC).  hosta's first two are the NICs the guest boots with.
+POOL_SLOTS = {
+    "hosta": [(PRIMARY_NIC.tap, PRIMARY_MAC), (WAN_PRIMARY_NIC.tap, WAN_PRIMARY_MAC),
+              ("ptv-a3", "52:54:00:ba:00:03"), ("ptv-a4", "52:54:00:ba:00:04")],
+    "hostb": [("ptv-b1", "52:54:00:cb:00:01"), ("ptv-b2", "52:54:00:cb:00:02"),
+              ("ptv-b3", "52:54:00:cb:00:03"), ("ptv-b4", "52:54:00:cb:00:04")],
+}
+
+
+def journal_path() -> str:
+    return str(run_dir() / "journal.sqlite")
+
+
+def ptmig(lab: VmLab, host: str, *args: str, timeout: float = 300,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``ptmig -c <host's URI> ARGS`` with the lab's journal."""
+    argv = [sys.executable, "-m", "host.cli", "-c", lab.hosts[host].uri, *args]
+    env = {**os.environ, "PTMIG_JOURNAL": journal_path()}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stdout + proc.stderr)
+    return proc
+
+
+def ptmig_json(lab: VmLab, host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
+    proc = ptmig(lab, host, *args, "--json", check=False)
+    if proc.returncode not in ok:
+        raise LabError(f"ptmig {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def define_pools(lab: VmLab, slots: dict[str, list[tuple[str, str]]] | None = None) -> None:
+    for host, host_slots in (slots or POOL_SLOTS).items():
+        spec = [f"--slot={tap}={mac}" for tap, mac in host_slots]
+        ptmig(lab, host, "pool-define", POOL, "--kind", "emulated", "--bridge", "br-g",
+              "--model", "e1000e", *spec)
+
+
+def set_teams(lab: VmLab) -> None:
+    host = lab.where()
+    ptmig(lab, host, "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac", STANDBY_MAC,
+          "--pool", POOL, "--mac-policy", "preserve", "--primary-alias", PRIMARY_NIC.alias)
+    ptmig(lab, host, "team-set", DOMAIN_NAME, "--team", "wan", "--standby-mac",
+          WAN_STANDBY_MAC, "--pool", POOL, "--mac-policy", "follow", "--primary-alias",
+          WAN_PRIMARY_NIC.alias)
+
+
+def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]:
+    """The agent is up and every team runs on its primary (``ptmig failover --to primary``)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = ptmig_json(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
+            if all(v == "primary" for v in last.values()):
+                return dict(last)
+        except (LabError, json.JSONDecodeError) as exc:
+            last = str(exc)
+        time.sleep(2)
+    raise LabError(f"teams did not reach their primaries in {timeout:.0f} s: {last}")
+
+
+def configure(lab: VmLab) -> None:
+    """Pools on both hosts, teams in the metadata, every team on its primary."""
+    define_pools(lab)
+    set_teams(lab)
+    wait_for_teams_on_primary(lab)
