@@ -1,7 +1,8 @@
-"""The main job: live-migrate the lab guest hosta -> hostb -> hosta while a client pings it.
+"""The main job: ``ptmig migrate`` of the lab guest hosta -> hostb -> hosta while a client
+pings both of its teams at 1000 packets/s, then, in the same run, a plain libvirt
+migration of the same guest without its passthrough stand-ins, for comparison.
 
-Until the coordinator exists this migrates with libvirt directly; the report says how many
-of the client's fixed-rate pings were lost in each migration and the longest gap.
+The report gives, per migration, each phase's time and the pings lost in it.
 """
 
 from __future__ import annotations
@@ -10,95 +11,161 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from lab import CLIENT_IP, GUEST_IP
+from lab import GUEST_IP, WAN_GUEST_IP
+from lab import coordinated as co
 from lab.fabric import CLIENT_NS
+from lab.guest import DOMAIN_NAME, PRIMARY_NIC, WAN_PRIMARY_NIC
 from lab.paths import run_dir
 from lab.run import CommandError, run
 from lab.traffic import FixedRatePinger, Phase, analyze
-from lab.vmlab import LabError, MigrationResult, VmLab
+from lab.vmlab import LabError, VmLab
 
 log = logging.getLogger(__name__)
 
 RATE = 1000.0
-SETTLE_S = 2.0
+SETTLE_S = 1.5
+TEAMS = {"lan": GUEST_IP, "wan": WAN_GUEST_IP}
+PHASES = ("preflight", "switch", "unplug", "migrate", "bind")
 
 
 @dataclass
 class DemoReport:
-    migrations: list[dict[str, Any]] = field(default_factory=list)
-    sent: int = 0
-    lost: int = 0
-    longest_outage_ms: float = 0.0
+    ptmig: list[dict[str, Any]] = field(default_factory=list)
+    plain: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rate_pps": RATE, "sent": self.sent, "lost": self.lost,
-                "longest_outage_ms": self.longest_outage_ms, "migrations": self.migrations}
+        return {"rate_pps": RATE, "ptmig_migrate": self.ptmig, "plain_libvirt_migrate": self.plain}
 
     def format(self) -> str:
-        lines = [f"client -> guest at {RATE:.0f} packets/s: {self.sent} sent, {self.lost} lost, "
-                 f"longest outage {self.longest_outage_ms:.1f} ms", ""]
-        lines.append(f"{'migration':<16}{'wall s':>8}{'downtime ms':>13}{'lost':>7}"
-                     f"{'longest gap ms':>16}")
-        for m in self.migrations:
-            lines.append(f"{m['source'] + ' -> ' + m['destination']:<16}{m['wall_s']:>8.2f}"
-                         f"{m['downtime_ms'] if m['downtime_ms'] is not None else '-':>13}"
-                         f"{m['lost']:>7}{m['longest_outage_ms']:>16.1f}")
-        return "\n".join(lines)
+        out = [f"ptmig migrate: teams lan (MAC policy preserve) and wan (follow) on e1000e "
+               f"primaries; the client pings each team at {RATE:.0f}/s",
+               f"{'':16}" + "".join(f"{p:>11}" for p in PHASES) + f"{'total':>9}"
+               f"{'downtime':>10}{'outcome':>9}"]
+        for m in self.ptmig:
+            times = {p["name"]: p["seconds"] for p in m["phases"]}
+            out.append(f"{m['route']:<16}" + "".join(f"{times.get(p, 0):>10.2f}s" for p in PHASES)
+                       + f"{m['wall_s']:>8.2f}s{m['downtime_ms'] or '-':>8} ms{m['outcome']:>9}")
+            for team in TEAMS:
+                lost = m["lost"][team]
+                out.append(f"{'  lost ' + team:<16}" + "".join(f"{lost.get(p, 0):>11}"
+                                                                for p in PHASES)
+                           + f"{lost['total']:>9}")
+        out += ["", "plain libvirt live migration of the same guest, virtio NICs only:",
+                f"{'':16}{'wall':>10}{'downtime':>12}{'lost lan':>10}{'lost wan':>10}"]
+        for m in self.plain:
+            out.append(f"{m['route']:<16}{m['wall_s']:>9.2f}s{m['downtime_ms'] or '-':>9} ms"
+                       f"{m['lost']['lan']:>10}{m['lost']['wan']:>10}")
+        return "\n".join(out)
 
 
-def wait_reachable(timeout: float = 60.0) -> None:
-    """The guest's address answers the client (networkd configures the bond after login)."""
+def wait_reachable(ip: str, timeout: float = 60.0) -> None:
+    """The guest's address answers the client (networkd configures it after login)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            run(["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "1", "-W", "1", GUEST_IP])
+            run(["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "1", "-W", "1", ip])
             return
         except CommandError:
             time.sleep(0.5)
-    raise LabError(f"the client {CLIENT_IP} cannot reach the guest {GUEST_IP}")
+    raise LabError(f"the client cannot reach the guest at {ip}")
 
 
-def migrate_round_trip(lab: VmLab, route: tuple[str, ...] = ("hostb", "hosta")) -> DemoReport:
-    """Migrate along *route* under fixed-rate ping; check the guest's health after each move."""
-    wait_reachable()
-    phases: list[Phase] = []
-    results: list[MigrationResult] = []
-    record_file = Path(run_dir()) / "demo.ping"
-    with FixedRatePinger(GUEST_IP, record_file, rate=RATE,
-                         prefix=["ip", "netns", "exec", CLIENT_NS]) as pinger:
+def _pingers(name: str) -> dict[str, FixedRatePinger]:
+    return {team: FixedRatePinger(ip, run_dir() / f"demo-{name}-{team}.ping", rate=RATE,
+                                  prefix=["ip", "netns", "exec", CLIENT_NS])
+            for team, ip in TEAMS.items()}
+
+
+def _measure(name: str, action: Any) -> tuple[Any, dict[str, Any], list[Phase] | None]:
+    pingers = _pingers(name)
+    for p in pingers.values():
+        p.start()
+    try:
         time.sleep(SETTLE_S)
-        for dest in route:
-            start = time.time()
-            result = lab.migrate(dest)
-            time.sleep(SETTLE_S)
-            phases.append(Phase(f"{result.source}->{dest}", start, time.time()))
-            results.append(result)
-            lab.check_health()
-        record = pinger.stop()
-    traffic = analyze(record, phases).to_dict()
-    report = DemoReport(sent=traffic["sent"], lost=traffic["lost"],
-                        longest_outage_ms=traffic["longest_outage_ms"])
-    by_name = {ph["name"]: ph for ph in traffic["phases"]}
-    for phase, result in zip(phases, results, strict=True):
-        ph = by_name[phase.name]
-        report.migrations.append({**result.to_dict(), "lost": ph["lost"],
-                                  "longest_outage_ms": ph["longest_outage_ms"]})
-    return report
+        start = time.time()
+        result, phases = action()
+        time.sleep(SETTLE_S)
+        end = time.time()
+    finally:
+        records = {team: p.stop() for team, p in pingers.items()}
+    phases = phases or [Phase("migration", start, end)]
+    lost = {}
+    for team, record in records.items():
+        report = analyze(record, phases)
+        lost[team] = {p.name: p.lost for p in report.phases} | {"total": report.lost}
+    return result, lost, phases
+
+
+def ptmig_round_trip(lab: VmLab) -> list[dict[str, Any]]:
+    out = []
+    for dest in ("hostb", "hosta"):
+        src = lab.where()
+
+        def migrate(dest: str = dest) -> tuple[dict[str, Any], list[Phase]]:
+            proc = co.ptmig(lab, lab.where(), "migrate", DOMAIN_NAME, lab.hosts[dest].uri,
+                            "--json", "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe",
+                            check=False)
+            if not proc.stdout:
+                raise LabError(f"ptmig migrate failed: {proc.stderr.strip()}")
+            report = json.loads(proc.stdout)
+            phases = [Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
+                      for p in report["phases"]]
+            return report, phases
+
+        report, lost, _ = _measure(f"ptmig-{dest}", migrate)
+        lab.check_health()
+        wall = sum(p["seconds"] for p in report["phases"])
+        out.append({"route": f"{src} -> {dest}", "outcome": report["outcome"],
+                    "teams": report["teams"], "phases": report["phases"], "wall_s": wall,
+                    "downtime_ms": report["migration"].get("downtime_ms"), "lost": lost,
+                    "error": report["error"]})
+    return out
+
+
+def plain_round_trip(lab: VmLab) -> list[dict[str, Any]]:
+    """The same guest on its standbys only (primaries unplugged), migrated by libvirt."""
+    co.ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "standby")
+    for alias in _plugged_primaries(lab):
+        lab.detach_nic(alias)
+    out = []
+    for dest in ("hostb", "hosta"):
+        def migrate(dest: str = dest) -> tuple[Any, None]:
+            return lab.migrate(dest), None
+
+        result, lost, _ = _measure(f"plain-{dest}", migrate)
+        lab.check_health()
+        out.append({"route": f"{result.source} -> {dest}", "wall_s": result.wall_s,
+                    "downtime_ms": result.downtime_ms,
+                    "lost": {t: v["total"] for t, v in lost.items()}})
+    return out
+
+
+def _plugged_primaries(lab: VmLab) -> list[str]:
+    xml = lab.domain().XMLDesc(0)
+    aliases = [PRIMARY_NIC.alias, WAN_PRIMARY_NIC.alias]
+    import re
+
+    aliases += re.findall(r"<alias name='(ua-ptmig-[^']+)'/>", xml)
+    return [a for a in aliases if f"<alias name='{a}'/>" in xml]
 
 
 def main(*, as_json: bool, keep: bool) -> int:
     lab = VmLab()
-    started_here = lab.state.netns == []
+    started_here = not lab.state.netns
     if started_here:
         log.info("starting the lab")
         lab.up()
     try:
-        report = migrate_round_trip(lab)
+        for ip in TEAMS.values():
+            wait_reachable(ip)
+        co.configure(lab)
+        report = DemoReport(ptmig=ptmig_round_trip(lab))
+        report.plain = plain_round_trip(lab)
     finally:
         if started_here and not keep:
             lab.down()
     print(json.dumps(report.to_dict(), indent=1) if as_json else report.format())
-    return 0
+    failed = [m for m in report.ptmig if m["outcome"] != "done"]
+    return 1 if failed else 0

@@ -19,10 +19,12 @@ from host.domain.pools import free_slots, parse_pool_network
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.guest import (
+    AgentFactory,
     GuestOnHost,
     PreflightError,
     WorkflowError,
     plug_and_bind,
+    serial_agent,
 )
 from host.workflow.journal import Journal, JournalError
 from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
@@ -38,22 +40,29 @@ def _ignore(_event: Event) -> None:
 
 
 class Coordinator:
-    def __init__(self, journal: Journal) -> None:
+    """*connect* opens a host by URI and *agent_for* reaches a guest's agent: libvirt and
+    the virtio-serial channel in production, fakes in the workflow's unit tests."""
+
+    def __init__(self, journal: Journal,
+                 connect: Callable[[str], Hypervisor] = Hypervisor,
+                 agent_for: AgentFactory = serial_agent) -> None:
         self.journal = journal
+        self.connect = connect
+        self.agent_for = agent_for
 
     # -- migration -------------------------------------------------------------------
 
     def migrate(self, request: MigrationRequest,
                 on_event: Callable[[Event], None] = _ignore) -> MigrationReport:
-        with Hypervisor(request.source_uri) as source, \
-                Hypervisor(request.destination_uri) as destination:
+        with self.connect(request.source_uri) as source, \
+                self.connect(request.destination_uri) as destination:
             dom = source.domain(request.domain)
             workflow_id = self.journal.begin(
                 "migrate", str(dom.UUIDString()), str(dom.name()), request.source_uri,
                 request.destination_uri, asdict(request))
             try:
                 report = MigrationWorkflow(request, self.journal, workflow_id, source,
-                                           destination, on_event).run()
+                                           destination, on_event, self.agent_for).run()
             except PreflightError as exc:
                 self.journal.finish(workflow_id, "refused", {"error": str(exc)})
                 raise
@@ -69,8 +78,8 @@ class Coordinator:
         """Move every team to its standby or back to a primary, without migrating."""
         if to not in ("standby", "primary"):
             raise WorkflowError(f"--to must be standby or primary, not {to!r}")
-        with Hypervisor(uri) as hv:
-            guest = GuestOnHost(hv, domain)
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
             workflow_id = self.journal.begin("failover", guest.uuid, guest.name, uri, uri,
                                              {"to": to})
             result: dict[str, str] = {}
@@ -103,8 +112,8 @@ class Coordinator:
     # -- queries -----------------------------------------------------------------------
 
     def status(self, uri: str, domain: str) -> dict[str, Any]:
-        with Hypervisor(uri) as hv:
-            guest = GuestOnHost(hv, domain)
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
             try:
                 out: dict[str, Any] = {"domain": guest.name, "uuid": guest.uuid, "teams": {}}
                 teams = guest.teams()
@@ -139,7 +148,7 @@ class Coordinator:
                 guest.close()
 
     def pools(self, uri: str) -> list[dict[str, Any]]:
-        with Hypervisor(uri) as hv:
+        with self.connect(uri) as hv:
             domains = hv.all_domain_xml()
             out = []
             for name in sorted(hv.network_names()):
@@ -190,7 +199,7 @@ class Coordinator:
         running = []
         for uri in hosts:
             try:
-                with Hypervisor(uri) as hv:
+                with self.connect(uri) as hv:
                     if hv.has_domain(uuid) and hv.is_active(hv.domain(uuid)):
                         running.append(uri)
             except HypervisorError as exc:
@@ -210,8 +219,8 @@ class Coordinator:
 
     def _repair(self, uri: str, ident: str, op_prefix: str) -> dict[str, str]:
         """Every team of the domain on *uri* back on a primary where a device is free."""
-        with Hypervisor(uri) as hv:
-            guest = GuestOnHost(hv, ident)
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, ident, self.agent_for)
             try:
                 out = {}
                 for team in guest.teams().teams:
@@ -228,7 +237,7 @@ class Coordinator:
     def reconcile(self, uri: str) -> list[dict[str, Any]]:
         """One pass over *uri*'s running domains with teams: repair the degraded ones."""
         repaired = []
-        with Hypervisor(uri) as hv:
+        with self.connect(uri) as hv:
             candidates = []
             for xml in hv.all_domain_xml():
                 from host.domain.domain_xml import parse_domain
@@ -240,10 +249,10 @@ class Coordinator:
                 if info.teams and info.teams.teams:
                     candidates.append(info.uuid)
         for uuid in candidates:
-            with Hypervisor(uri) as hv:
+            with self.connect(uri) as hv:
                 if not hv.is_active(hv.domain(uuid)):
                     continue
-                guest = GuestOnHost(hv, uuid)
+                guest = GuestOnHost(hv, uuid, self.agent_for)
                 try:
                     needs = [t.name for t in guest.teams().teams if not guest.on_primary(t)]
                 except Exception as exc:

@@ -39,12 +39,23 @@ class PreflightError(WorkflowError):
     """Refused before anything changed."""
 
 
+def serial_agent(hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
+    """The agent over its virtio-serial channel, through libvirt (any host, no paths)."""
+    endpoint = AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL))
+    return AgentClient(endpoint, call_timeout=timeout)
+
+
+#: How a workflow reaches a guest's agent; tests put a fake here.
+AgentFactory = Callable[[Hypervisor, Any, float], AgentClient]
+
+
 @dataclass
 class GuestOnHost:
     """A domain as seen through one host's libvirt, with a lazily opened agent channel."""
 
     hv: Hypervisor
     ident: str
+    agent_for: AgentFactory = serial_agent
     agent_timeout: float = 15.0
     _agent: AgentClient | None = field(default=None, repr=False)
 
@@ -79,9 +90,7 @@ class GuestOnHost:
 
     def agent(self) -> AgentClient:
         if self._agent is None:
-            hv, dom = self.hv, self.dom
-            endpoint = AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL))
-            self._agent = AgentClient(endpoint, call_timeout=self.agent_timeout)
+            self._agent = self.agent_for(self.hv, self.dom, self.agent_timeout)
         return self._agent
 
     def close(self) -> None:

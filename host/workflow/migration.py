@@ -26,12 +26,14 @@ from host.domain.domain_xml import strip_primary
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress
 from host.workflow.guest import (
+    AgentFactory,
     GuestOnHost,
     PreflightError,
     WorkflowError,
     free_devices_on,
     plug_and_bind,
     pool_on,
+    serial_agent,
 )
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
 from host.workflow.steps import JournalLike, Step, StepRunner
@@ -46,12 +48,14 @@ SWITCH_TIMEOUT = 15.0
 class MigrationWorkflow:
     def __init__(self, request: MigrationRequest, journal: JournalLike, workflow_id: str,
                  source: Hypervisor, destination: Hypervisor,
-                 on_event: Callable[[Event], None]) -> None:
+                 on_event: Callable[[Event], None],
+                 agent_for: AgentFactory = serial_agent) -> None:
         self.request = request
         self.source_hv = source
         self.destination_hv = destination
         self.runner = StepRunner(workflow_id, journal, on_event)
-        self.source = GuestOnHost(source, request.domain)
+        self.agent_for = agent_for
+        self.source = GuestOnHost(source, request.domain, agent_for)
         self.destination: GuestOnHost | None = None
         self.teams: list[Team] = []
         self.moved: list[str] = []  # teams switched to standby
@@ -167,7 +171,7 @@ class MigrationWorkflow:
             persistent_xml=persistent, unsafe=self.request.unsafe, on_progress=progress,
             max_downtime_ms=self.request.max_downtime_ms)
         src.close()
-        self.destination = GuestOnHost(self.destination_hv, src.uuid)
+        self.destination = GuestOnHost(self.destination_hv, src.uuid, self.agent_for)
         job: dict[str, Any] = {}
         try:
             job = self.destination_hv.completed_job(self.destination.dom)
@@ -225,7 +229,8 @@ class MigrationWorkflow:
             if moved:
                 log.warning("migration reported an error but the VM runs on the destination")
                 r.forget_compensations()
-                self.destination = GuestOnHost(self.destination_hv, self.source.uuid)
+                self.destination = GuestOnHost(self.destination_hv, self.source.uuid,
+                                               self.agent_for)
             else:
                 errors = r.compensate()
                 report.outcome = Outcome.FAILED if errors else Outcome.ROLLED_BACK
