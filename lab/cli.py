@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="live-migrate the guest with libvirt")
     mig.add_argument("destination", choices=["hosta", "hostb"])
     sub.add_parser("check", help="check the guest's health (console, kernel log, taint)")
+    bench = sub.add_parser("bench-agent",
+                           help="the guest agent's start-up time, memory and call round trip")
+    bench.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="lab up, then migrate hosta -> hostb -> hosta under ping")
     demo.add_argument("--json", action="store_true", help="machine-readable report")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             lab.check_health()
             print(f"guest healthy on {lab.where()}")
+        elif args.command == "bench-agent":
+            from lab import bench_agent
+
+            return bench_agent.main(as_json=args.json)
         elif args.command == "demo":
             from lab import demo
 

@@ -250,7 +250,7 @@ def test_agent_reachable_again_after_live_migration(
 
 
 VSOCK_PROBE = r'''
-import socket, sys, tempfile, threading
+import os, socket, sys, tempfile, threading
 sys.path.insert(0, "/usr/lib/ptmig-agent")
 import grpc
 from ptmig.v1 import guest_agent_pb2 as pb, guest_agent_pb2_grpc as pbg
@@ -273,7 +273,8 @@ def relay():
 threading.Thread(target=relay, daemon=True).start()
 reply = pbg.HealthStub(grpc.insecure_channel("unix:" + path)).Check(
     pb.HealthCheckRequest(), timeout=20)
-print("vsock-health", reply.status)
+print("vsock-health", reply.status, flush=True)
+os._exit(0)  # the relay's daemon threads must not race interpreter shutdown
 '''
 
 

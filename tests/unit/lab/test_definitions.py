@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from lab import fabric
-from lab.guest import PRIMARY_NIC, ROOT_PORTS, STANDBY_NIC, domain_xml
+from lab.guest import (
+    PRIMARY_NIC,
+    ROOT_PORTS,
+    STANDBY_NIC,
+    WAN_PRIMARY_NIC,
+    WAN_STANDBY_NIC,
+    domain_xml,
+)
 from lab.hosts import LabHost
 from lab.image import GuestImage, ImageRecipe
 
@@ -39,7 +46,12 @@ def test_domain_is_tcg_q35_with_spare_root_ports_and_both_nics(tmp_path: Path) -
     assert len(ports) == ROOT_PORTS
     models = {i.find("alias").get("name"): i.find("model").get("type")  # type: ignore[union-attr]
               for i in root.findall("devices/interface")}
-    assert models == {STANDBY_NIC.alias: "virtio", PRIMARY_NIC.alias: "e1000e"}
+    assert models == {STANDBY_NIC.alias: "virtio", PRIMARY_NIC.alias: "e1000e",
+                      WAN_STANDBY_NIC.alias: "virtio", WAN_PRIMARY_NIC.alias: "e1000e"}
+    without = ET.fromstring(domain_xml(_image(tmp_path), tmp_path / "d.qcow2",
+                                       with_primary=False))
+    assert {i.find("model").get("type")  # type: ignore[union-attr]
+            for i in without.findall("devices/interface")} == {"virtio"}
 
 
 def test_nic_xml_escapes_attribute_values() -> None:
