@@ -30,6 +30,7 @@ from host.workflow.guest import (
     GuestOnHost,
     PreflightError,
     WorkflowError,
+    each_team,
     free_devices_on,
     plug_and_bind,
     pool_on,
@@ -119,14 +120,16 @@ class MigrationWorkflow:
                 "detail": f"{len(self.teams)} team(s) healthy"}
 
     def switch_to_standby(self) -> dict[str, Any]:
-        for team in self.teams:
+        def switch(team: Team) -> str:
             reply = self.source.agent().use_standby(
                 team.name, release_primary=True, operation_id=self.op("switch", team.name),
                 timeout=SWITCH_TIMEOUT)
             self.moved.append(team.name)
-            log.info("team %s on standby %s", team.name, reply.team.active_member)
+            return str(reply.team.active_member)
+
+        active = each_team(self.teams, switch)
         self.source_hv.announce(self.source.dom)
-        return {"teams": self.moved}
+        return {"teams": active}
 
     def switch_back(self) -> None:
         """Undo of switch: bind each moved team's (still plugged) primary again."""
@@ -186,12 +189,14 @@ class MigrationWorkflow:
     def plug_and_bind(self) -> dict[str, Any]:
         assert self.destination is not None
         dest = self.destination
-        results = {}
-        for team in self.teams:
+
+        def bind(team: Team) -> str:
             current = dest.teams().team(team.name)
             result = plug_and_bind(dest, current, self.op("bind", team.name), BIND_TIMEOUT,
                                    lambda m: self.runner.emit("bind", "info", m))
-            results[team.name] = result["result"]
+            return str(result["result"])
+
+        results = each_team(self.teams, bind)
         # No announce-self here: QEMU would announce the *virtio* NIC's MAC, which under
         # MAC policy preserve is the team's MAC, pulling the switches' path back to the
         # standby just after the bond moved to the primary.  The bond announces itself
