@@ -275,11 +275,13 @@ def _check(ok: bool, what: str) -> None:
 
 
 def _valid_name(name: str, *, empty_ok: bool = True) -> bool:
-    return (empty_ok and name == "") or bool(_IFNAME.match(name))
+    """A Linux interface name: 1-15 printable characters, no blank, '/' or ':'.  Control
+    characters would reach logs and terminals (escape sequences) unescaped."""
+    return (empty_ok and name == "") or (name.isprintable() and bool(_IFNAME.match(name)))
 
 
 def validate_team(team: pb.TeamState) -> None:
-    _check(bool(team.name) and len(team.name) <= 64, "team name")
+    _check(bool(team.name) and len(team.name) <= 64 and team.name.isprintable(), "team name")
     _check(_valid_name(team.bond, empty_ok=False), f"bond name {_printable(team.bond)!r}")
     _check(team.mac == "" or bool(_MAC.match(team.mac)), f"team MAC {_printable(team.mac)!r}")
     for member in (team.active_member, team.standby, team.primary, *team.members):

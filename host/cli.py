@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from host.agent_client import AgentError
     from host.domain.errors import DomainModelError
     from host.hypervisor import HypervisorError
     from host.workflow.guest import PreflightError, WorkflowError
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainModelError as exc:
         print(f"ptmig: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (HypervisorError, WorkflowError, JournalError) as exc:
+    except (HypervisorError, WorkflowError, JournalError, AgentError) as exc:
         print(f"ptmig: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

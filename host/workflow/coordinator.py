@@ -83,6 +83,7 @@ class Coordinator:
             workflow_id = self.journal.begin("failover", guest.uuid, guest.name, uri, uri,
                                              {"to": to})
             result: dict[str, str] = {}
+            outcome = "failed"
             try:
                 for team in guest.teams().teams:
                     op = f"{workflow_id}:{to}:{team.name}"
@@ -95,9 +96,10 @@ class Coordinator:
                         result[team.name] = self._to_primary(guest, team, op)
                     self.journal.record(workflow_id, f"{to}:{team.name}", "done",
                                         {"result": result[team.name]})
+                outcome = "done"
             finally:
                 guest.close()
-                self.journal.finish(workflow_id, "done", {"teams": result})
+                self.journal.finish(workflow_id, outcome, {"teams": result})
             return result
 
     def _to_primary(self, guest: GuestOnHost, team: Team, operation_id: str) -> str:

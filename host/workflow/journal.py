@@ -343,14 +343,15 @@ class Journal:
     def adopt(self, workflow_id: str) -> WorkflowRecord:
         """Make this process the owner of an open workflow whose owner is gone (recovery).
 
-        Raises :class:`WorkflowConflict` if its owner is still alive (and not this
-        process), :class:`WorkflowClosed` if it is finished.
+        Raises :class:`WorkflowConflict` if its owner is still alive -- this process
+        included: in ptmigd a Recover call must not take over a migration that the same
+        daemon is running -- and :class:`WorkflowClosed` if it is finished.
         """
         with self._errors(), self._write() as db:
             record = self._get(db, workflow_id)
             if not record.is_open:
                 raise WorkflowClosed(f"workflow {workflow_id} is already {record.outcome}")
-            if record.owner_pid != os.getpid() and self.is_owner_alive(record):
+            if self.is_owner_alive(record):
                 raise WorkflowConflict(record, owner_alive=True)
             db.execute(
                 "UPDATE workflows SET owner_pid = ?, owner_start = ?, owner_boot_id = ?, "

@@ -110,12 +110,15 @@ class MigrationWorkflow:
                 raise PreflightError(f"team {team.name}: the standby {ts.standby} has no carrier")
             if pool_on(self.destination_hv, team) is None:
                 raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
-            free[team.name] = free_devices_on(self.destination_hv, team)
-        degraded = [t for t, n in free.items() if n == 0]
-        if degraded:
+            if team.pool not in free:
+                free[team.pool] = free_devices_on(self.destination_hv, team)
+        # Teams may share a pool: compare what each pool has with what it is asked for.
+        wanted = {pool: sum(1 for t in self.teams if t.pool == pool) for pool in free}
+        short = [pool for pool, n in wanted.items() if free[pool] < n]
+        if short:
             self.runner.emit("preflight", "info",
-                             f"no free device on the destination for {', '.join(degraded)}: "
-                             "those teams will stay on their standby")
+                             "not enough free devices on the destination in pool(s) "
+                             f"{', '.join(short)}: some teams will stay on their standby")
         return {"teams": [t.name for t in self.teams], "free_on_destination": free,
                 "detail": f"{len(self.teams)} team(s) healthy"}
 

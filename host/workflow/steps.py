@@ -47,8 +47,12 @@ class StepRunner:
             log.exception("event listener failed")
 
     def run(self, step: Step) -> dict[str, Any]:
+        """Run *step*.  A step that acts on several teams may fail half-way, so its
+        compensation is owed from the moment it starts; compensations undo only what
+        their step records as done."""
         self.journal.record(self.workflow_id, step.name, "started", {})
         self.emit(step.name, "started")
+        self._done.append(step)
         started_at = time.time()
         t0 = time.monotonic()
         try:
@@ -62,7 +66,6 @@ class StepRunner:
                                         started_at))
         self.journal.record(self.workflow_id, step.name, "done", data)
         self.emit(step.name, "done", data.get("detail", ""))
-        self._done.append(step)
         return data
 
     def forget_compensations(self) -> None:

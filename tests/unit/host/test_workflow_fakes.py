@@ -1,0 +1,137 @@
+"""The fakes the workflow tests stand on: same face as the real classes, libvirt's rules."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from workflow_fakes import VM2, A, B, FakeAgent, FakeHypervisor, World
+
+from host.agent_client import AgentClient, AgentError
+from host.domain.devices import attachment_for_slot
+from host.domain.domain_xml import parse_domain, strip_primary
+from host.domain.pools import EmulatedSlot, free_slots, parse_pool_network
+from host.hypervisor import DeviceRemovalError, Hypervisor, HypervisorError
+
+WORKFLOW_METHODS = [
+    "close", "host_uuid", "alive", "domain", "has_domain", "is_active", "domain_xml",
+    "all_domain_xml", "metadata", "set_metadata", "attach", "detach_and_wait", "migrate",
+    "completed_job", "abort_job", "open_channel", "announce", "network_xml", "network_names",
+    "define_network", "undefine_network",
+]
+
+
+@pytest.mark.parametrize("name", WORKFLOW_METHODS)
+def test_fake_hypervisor_has_the_real_signatures(name: str) -> None:
+    real = inspect.signature(getattr(Hypervisor, name))
+    fake = inspect.signature(getattr(FakeHypervisor, name))
+    assert [(p.name, p.kind, p.default) for p in fake.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in real.parameters.values()]
+
+
+@pytest.mark.parametrize("name", ["version", "healthy", "state", "use_standby",
+                                  "bind_primary", "close"])
+def test_fake_agent_is_the_real_client(name: str) -> None:
+    assert getattr(FakeAgent, name) is getattr(AgentClient, name)
+
+
+def test_domain_xml_reads_like_libvirts() -> None:
+    world = World()
+    hv = world.connect(A)
+    live = hv.domain_xml(hv.domain("vm1"))
+    inactive = hv.domain_xml(hv.domain("vm1"), inactive=True)
+
+    assert '<ptmig:teams xmlns:ptmig="https://ptmig.dev/xmlns/teams/1">' in live
+    assert "<alias name='ua-ptmig-lan-1'/>" in live and "<alias name='ua-ptmig-lan-1'/>" in inactive
+    assert "id='1'" in live and " id=" not in inactive.splitlines()[0]
+    info = parse_domain(live)
+    assert info.teams is not None and [t.name for t in info.teams.teams] == ["lan", "wan"]
+    assert info.device("ua-ptmig-lan-1").guest_pci_address == "0000:03:00.0"  # type: ignore[union-attr]
+    assert hv.metadata(hv.domain("vm1"), "https://ptmig.dev/xmlns/teams/1").startswith("<teams>")
+    pool = parse_pool_network(hv.network_xml("ptmig-pool-lab") or "")
+    assert [s.tap for s in free_slots(pool, hv.all_domain_xml())] == ["ptv-a3", "ptv-a4"]
+    stripped = parse_domain(strip_primary(inactive, info.teams.teams[0].primary))  # type: ignore[arg-type]
+    assert [i.target_dev for i in stripped.interfaces] == ["ptv-standby", "ptv-wstandby", "ptv-a2"]
+
+
+def test_attach_refuses_what_libvirt_refuses() -> None:
+    world = World()
+    hv = world.connect(A)
+    vm1 = hv.domain("vm1")
+    busy = attachment_for_slot(EmulatedSlot("lab", "br-g", "e1000e", "ptv-a1",
+                                            "52:54:00:ba:00:09"), alias="ua-ptmig-lan-7")
+    with pytest.raises(HypervisorError, match="non unique alias"):
+        hv.attach(vm1, busy.device_xml.replace("ua-ptmig-lan-7", "ua-ptmig-lan-1"))
+    with pytest.raises(HypervisorError, match="network device with mac"):
+        hv.attach(vm1, busy.device_xml.replace("52:54:00:ba:00:09", "52:54:00:ba:00:01")
+                  .replace("ptv-a1", "ptv-a4"))
+
+    world.add_guest(VM2)  # vm2 holds ptv-a3
+    taken = attachment_for_slot(EmulatedSlot("lab", "br-g", "e1000e", "ptv-a3",
+                                             "52:54:00:ba:00:03"), alias="ua-ptmig-lan-7")
+    with pytest.raises(HypervisorError, match="Unable to create tap device ptv-a3"):
+        hv.attach(vm1, taken.device_xml)
+
+    free = attachment_for_slot(EmulatedSlot("lab", "br-g", "e1000e", "ptv-a4",
+                                            "52:54:00:ba:00:04"), alias="ua-ptmig-lan-7")
+    hv.attach(vm1, free.device_xml)
+    device = parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-lan-7")
+    assert device is not None and device.guest_pci_address == "0000:05:00.0"
+    assert "ua-ptmig-lan-7" in hv.domain_xml(vm1, inactive=True)
+
+
+def test_a_held_device_stays_live_but_leaves_the_definition() -> None:
+    world = World()
+    world.guest("vm1").hold["ua-ptmig-wan-1"] = "timeout"
+    hv = world.connect(A)
+    vm1 = hv.domain("vm1")
+
+    with pytest.raises(DeviceRemovalError, match="did not release ua-ptmig-wan-1 within 3 s"):
+        hv.detach_and_wait(vm1, "ua-ptmig-wan-1", 3)
+    assert parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-wan-1") is not None
+    assert parse_domain(hv.domain_xml(vm1, inactive=True)).device("ua-ptmig-wan-1") is None
+
+    assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) > 0
+    assert parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-lan-1") is None
+    assert world.modes("vm1")["lan"] == "standby"  # the bond failed over
+    assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) == 0.0
+
+
+def test_migration_moves_the_domain_and_leaves_a_stale_handle() -> None:
+    world = World()
+    a, b = world.connect(A), world.connect(B)
+    handle = a.domain("vm1")
+    persistent = a.domain_xml(handle, inactive=True)
+    with pytest.raises(HypervisorError, match="does not match"):
+        a.migrate(handle, B, persistent_xml=persistent.replace("vm1", "vm9"))
+
+    a.migrate(handle, B, persistent_xml=persistent)
+
+    assert world.running_on("vm1") == [B]
+    with pytest.raises(HypervisorError, match="Domain not found") as caught:
+        a.is_active(handle)
+    assert caught.value.code == 42
+    assert b.completed_job(b.domain("vm1"))["downtime"] == 42
+
+
+def test_fake_agent_replies_go_through_the_clients_checks() -> None:
+    world = World()
+    hv = world.connect(A)
+    agent = world.agent_for(hv, hv.domain("vm1"), 5)
+    assert agent.healthy()
+    reply = agent.use_standby("lan", release_primary=True, operation_id="op-1")
+    assert (reply.team.active_member, list(reply.released)) == ("enp1s0", ["enp3s0"])
+    assert agent.use_standby("lan", release_primary=True, operation_id="op-1").replayed
+    with pytest.raises(AgentError) as caught:
+        agent.use_standby("lan", release_primary=False, operation_id="op-1")
+    assert caught.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(AgentError) as caught:
+        agent.bind_primary("lan", operation_id="op-2", pci_address="0000:04:00.0")
+    assert caught.value.code == "FAILED_PRECONDITION"  # wan's device
+
+    world.tamper["BindPrimary"] = lambda r: setattr(r, "device", "x" * 16)
+    with pytest.raises(AgentError) as caught:
+        agent.bind_primary("lan", operation_id="op-3", pci_address="0000:03:00.0")
+    assert caught.value.code == "PROTOCOL"
+    agent.close()
+    assert world.agents_open == 0
