@@ -116,9 +116,11 @@ class MigrationWorkflow:
         wanted = {pool: sum(1 for t in self.teams if t.pool == pool) for pool in free}
         short = [pool for pool, n in wanted.items() if free[pool] < n]
         if short:
+            teams = ", ".join(t.name for t in self.teams if t.pool in short)
+            pools = ", ".join(f"{p} has {free[p]} for {wanted[p]}" for p in short)
             self.runner.emit("preflight", "info",
-                             "not enough free devices on the destination in pool(s) "
-                             f"{', '.join(short)}: some teams will stay on their standby")
+                             f"not enough free devices on the destination ({pools}): of "
+                             f"teams {teams}, those left without one stay on their standby")
         return {"teams": [t.name for t in self.teams], "free_on_destination": free,
                 "detail": f"{len(self.teams)} team(s) healthy"}
 
