@@ -135,10 +135,12 @@ def test_retried_switch_is_replayed_not_redone(on_hosta: VmLab,
 def test_unplug_after_switch_loses_nothing(on_hosta: VmLab,
                                            agent_of: Callable[[], AgentClient],
                                            record_property: pytest.RecordProperty) -> None:
+    assert team(agent_of(), "lan").active_member == link_by_mac(agent_of(), STANDBY_MAC).name
     with traffic(GUEST_IP, "unplug-lan") as loss:
         on_hosta.detach_nic(PRIMARY_ALIAS)
     record_property("unplug_lost", loss["lost"])
-    assert loss["lost"] <= 2, loss
+    # 0 here; an unplug of the *active* NIC costs ~80 ms (lab-notes), half that fails
+    assert loss["lost"] <= 40, loss
     state = team(agent_of(), "lan")
     assert state.primary == "" and list(state.members) == [state.standby]
 
