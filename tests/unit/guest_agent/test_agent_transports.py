@@ -306,7 +306,11 @@ def stream_relay(short_tmp: Path, echo: EchoServer) -> Iterator[str]:
 
 def connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -397,10 +401,16 @@ def test_stream_relay_retries_until_it_can_listen(
     thread = threading.Thread(target=relay.serve, daemon=True)
     thread.start()
     try:
+        # The socket file appears at bind(), a moment before listen(): retry refusals.
         deadline = time.monotonic() + 5
-        while not Path(path).exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with connect(path) as sock:
+        while True:
+            try:
+                sock = connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline, "the relay never listened"
+                time.sleep(0.02)
+        with sock:
             sock.sendall(b"hi")
             assert read_exactly(sock, 8) == b"conn1:hi"
     finally:
