@@ -626,7 +626,7 @@ def test_main_serves_until_sigterm(fake: FakeCoordinator, short_tmp: Path) -> No
                 time.sleep(0.05)
             with grpc.insecure_channel(f"unix:{sock}") as channel:
                 reply = pb_grpc.CoordinatorStub(channel).ListWorkflows(
-                    pb.ListWorkflowsRequest(), timeout=CALL_TIMEOUT
+                    pb.ListWorkflowsRequest(), timeout=CALL_TIMEOUT, wait_for_ready=True
                 )
                 answers.append(len(reply.workflows))
         finally:
