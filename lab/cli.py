@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-agent",
                            help="the guest agent's start-up time, memory and call round trip")
     bench.add_argument("--json", action="store_true")
+    bm = sub.add_parser("bench-migration",
+                        help="downtime benchmark: floor, naive and ptmig, repeated")
+    bm.add_argument("--reps", type=int, default=3)
+    bm.add_argument("--out", default="docs/benchmarks", help="where the JSON and PNG go")
+    bm.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="lab up, then migrate hosta -> hostb -> hosta under ping")
     demo.add_argument("--json", action="store_true", help="machine-readable report")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
@@ -74,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             from lab import bench_agent
 
             return bench_agent.main(as_json=args.json)
+        elif args.command == "bench-migration":
+            from pathlib import Path
+
+            from lab import bench_migration
+
+            return bench_migration.main(reps=args.reps, out_dir=Path(args.out),
+                                        as_json=args.json)
         elif args.command == "demo":
             from lab import demo
 
