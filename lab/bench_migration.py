@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import statistics
 import threading
 import time
@@ -174,16 +175,22 @@ def bare_hotplug_probe(lab: VmLab, reps: int) -> list[float]:
     out = []
     for i in range(reps):
         nic = Nic(f"52:54:00:ee:00:{i + 1:02x}", f"ptv-probe{i}", f"ua-probe{i}")
-        script = (f"for n in $(seq 600); do for d in /sys/class/net/*; do "
-                  f"[ \"$(cat $d/address 2>/dev/null)\" = {nic.mac} ] && "
-                  f"[ \"$(cat $d/carrier 2>/dev/null)\" = 1 ] && exit 0; done; "
+        # The device must be up to have carrier: bring it up as soon as it is there (what
+        # any binding must do too), then wait for carrier.
+        script = (f"for n in $(seq 3000); do for d in /sys/class/net/*; do "
+                  f"if [ \"$(cat $d/address 2>/dev/null)\" = {nic.mac} ]; then "
+                  f"ip link set dev ${{d##*/}} up 2>/dev/null; "
+                  f"[ \"$(cat $d/carrier 2>/dev/null)\" = 1 ] && exit 0; fi; done; "
                   f"sleep 0.01; done; exit 1")
         # The guest waits first (its own loop), the host attaches; the waiting command's
         # return closes the interval (console round trip about 0.1 s included, stated).
         done: dict[str, Any] = {}
 
         def wait(script: str = script, done: dict[str, Any] = done) -> None:
-            done["result"] = lab.exec(f"ip link set dev lo up; {script}", timeout=60)
+            try:
+                done["result"] = lab.exec(f"bash -c {shlex.quote(script)}", timeout=90)
+            except Exception as exc:  # reported below, in the main thread
+                done["error"] = exc
             done["t"] = time.monotonic()
 
         thread = threading.Thread(target=wait)
@@ -192,6 +199,8 @@ def bare_hotplug_probe(lab: VmLab, reps: int) -> list[float]:
         t0 = time.monotonic()
         lab.attach_nic(nic)
         thread.join()
+        if "error" in done:
+            raise LabError(f"probe NIC {nic.mac}: {done['error']}")
         if done["result"].status != 0:
             raise LabError(f"probe NIC {nic.mac} never came up with carrier")
         out.append(done["t"] - t0)
@@ -289,6 +298,7 @@ def plot_timeline(samples: list[Sample], path: Path) -> None:
 
 
 def run(lab: VmLab, reps: int) -> tuple[list[Sample], list[float]]:
+    bare = bare_hotplug_probe(lab, reps)
     samples: list[Sample] = []
     for _ in range(reps):
         for dest in ("hostb", "hosta"):
@@ -301,7 +311,6 @@ def run(lab: VmLab, reps: int) -> tuple[list[Sample], list[float]]:
     for _ in range(reps):
         for dest in ("hostb", "hosta"):
             samples.append(run_floor(lab, dest))
-    bare = bare_hotplug_probe(lab, reps)
     co.ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
     return samples, bare
 

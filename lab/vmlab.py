@@ -301,14 +301,18 @@ class VmLab:
         self.domain().attachDeviceFlags(nic.xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def detach_nic(self, alias: str, timeout: float = 20.0) -> float:
-        """Unplug a NIC and wait until it has left the live XML; returns the seconds taken.
+        """Unplug a NIC (from the persistent definition too, where it is there) and wait
+        until it has left the live XML; returns the seconds taken.
 
         libvirt's detach returns before the guest has released the device; only the
         device's absence from the live definition means it is gone.
         """
         dom = self.domain()
         t0 = time.monotonic()
-        dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if f"<alias name='{alias}'/>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        dom.detachDeviceAlias(alias, flags)
         while time.monotonic() - t0 < timeout:
             if f"<alias name='{alias}'/>" not in dom.XMLDesc(0):
                 return time.monotonic() - t0

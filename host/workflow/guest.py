@@ -126,8 +126,12 @@ class GuestOnHost:
         if pool is None:
             log.info("%s: no pool %s on %s", self.name, team.pool, self.hv.uri)
             return None
-        info = self.info()
-        aliases = [i.alias for i in info.interfaces] + [h.alias for h in info.hostdevs]
+        # Aliases must be unique in the live and the persistent definition alike (a stale
+        # persistent device, e.g. one a plain libvirt migration carried over, keeps its).
+        aliases: list[str | None] = []
+        for xml in (self.hv.domain_xml(self.dom), self.hv.domain_xml(self.dom, inactive=True)):
+            info = parse_domain(xml)
+            aliases += [i.alias for i in info.interfaces] + [h.alias for h in info.hostdevs]
         for slot in free_slots(pool, self.hv.all_domain_xml()):
             alias = next_primary_alias(team.name, aliases)
             vf_mac = team.team_mac or team.standby_mac
