@@ -111,3 +111,30 @@ def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
   </devices>
 </domain>
 """
+
+
+def failover_domain_xml(image: GuestImage, disk: Path, *, memory_mib: int = 512,
+                        vcpus: int = 2) -> str:
+    """The upstream comparison: QEMU virtio-net failover paired with the e1000e.
+
+    libvirt refuses ``<teaming type='transient'>`` on an emulated NIC, so (as rehearsed in
+    the lab notes) the virtio NIC carries ``<teaming type='persistent'/>`` and a QEMU
+    override adds ``failover_pair_id`` to the e1000e; both NICs share one MAC, as
+    net_failover requires, and the e1000e's ROM is off (the destination hides the primary,
+    so its ROM's RAM block would be missing there).  The guest boots with
+    ``ptmig.failover``: no bond, the failover master gets the address.
+    """
+    xml = domain_xml(image, disk, with_primary=False, memory_mib=memory_mib, vcpus=vcpus)
+    xml = xml.replace("<domain type='qemu'>",
+                      "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>")
+    xml = xml.replace(f"<cmdline>{BOOT_CMDLINE}</cmdline>",
+                      f"<cmdline>{BOOT_CMDLINE} ptmig.failover</cmdline>")
+    standby = STANDBY_NIC.xml().replace("<alias ", "<teaming type='persistent'/><alias ")
+    primary = Nic(STANDBY_MAC, PRIMARY_NIC.tap, PRIMARY_ALIAS).xml()
+    start = xml.index("<interface")
+    end = xml.rindex("</interface>") + len("</interface>")
+    xml = xml[:start] + standby + "\n    " + primary + xml[end:]
+    override = (f"  <qemu:override><qemu:device alias='{PRIMARY_ALIAS}'><qemu:frontend>"
+                f"<qemu:property name='failover_pair_id' type='string' value='{STANDBY_ALIAS}'/>"
+                "</qemu:frontend></qemu:device></qemu:override>\n</domain>")
+    return xml.replace("</domain>", override)

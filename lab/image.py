@@ -91,13 +91,22 @@ def _guest_files() -> dict[str, str]:
             f'  echo "{SHELL_READY_MARKER} $(cut -d" " -f1 /proc/uptime)"\n'
             "fi\n"
         ),
+        # The bond is skipped when the kernel command line says ptmig.failover: that boot
+        # is the upstream comparison (QEMU failover + net_failover pair the NICs instead).
         "/etc/systemd/network/10-bond0.netdev": (
+            "[Match]\nKernelCommandLine=!ptmig.failover\n\n"
             "[NetDev]\nName=bond0\nKind=bond\n"
             f"MACAddress={TEAM_MAC}\n\n"
             "[Bond]\nMode=active-backup\nMIIMonitorSec=100ms\nFailOverMACPolicy=none\n"
         ),
         "/etc/systemd/network/20-standby.network": (
-            f"[Match]\nPermanentMACAddress={STANDBY_MAC}\n\n[Network]\nBond=bond0\n"
+            f"[Match]\nPermanentMACAddress={STANDBY_MAC}\n"
+            "KernelCommandLine=!ptmig.failover\n\n[Network]\nBond=bond0\n"
+        ),
+        "/etc/systemd/network/40-failover.network": (
+            "[Match]\nName=enp1s0\nKernelCommandLine=ptmig.failover\n\n"
+            f"[Network]\nAddress={GUEST_IP}/{GUEST_PREFIX}\n"
+            "ConfigureWithoutCarrier=yes\nLinkLocalAddressing=ipv6\n"
         ),
         "/etc/systemd/network/30-bond0.network": (
             "[Match]\nName=bond0\n\n"

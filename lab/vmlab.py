@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,7 +148,10 @@ class VmLab:
                 self.state.mountpoints.append(mnt)
         self.state.save()
 
-    def boot_guest(self, image: GuestImage, *, with_primary: bool = True) -> None:
+    def boot_guest(self, image: GuestImage, *, with_primary: bool = True,
+                   definition: Callable[[Path], str] | None = None) -> None:
+        """Boot the guest on hosta from a fresh overlay; *definition* maps the overlay's
+        path to another domain XML for it (the benchmark's upstream variant)."""
         disk = run_dir() / "guest" / "disk.qcow2"
         disk.parent.mkdir(parents=True, exist_ok=True)
         disk.unlink(missing_ok=True)
@@ -159,7 +162,8 @@ class VmLab:
         host = self.hosts["hosta"]
         console = self.console(host.name)
         since = console.log_size()
-        dom = self.conn(host.name).defineXML(domain_xml(image, disk, with_primary=with_primary))
+        dom = self.conn(host.name).defineXML(
+            definition(disk) if definition else domain_xml(image, disk, with_primary=with_primary))
         t0 = time.monotonic()
         dom.create()
         uptime = console.wait_for_shell(since, BOOT_TIMEOUT)
@@ -211,6 +215,18 @@ class VmLab:
         except libvirt.libvirtError as exc:
             log.warning("%s: %s", host, exc)
         return done
+
+    def remove_guest(self) -> None:
+        """Destroy and undefine the guest wherever it is (to boot another definition)."""
+        for name in self.hosts:
+            try:
+                dom = self.conn(name).lookupByName(DOMAIN_NAME)
+            except libvirt.libvirtError:
+                continue
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
 
     def kill_host(self, name: str) -> None:
         """SIGKILL a host's libvirtd (a crashed or unreachable destination); QEMU stays."""
