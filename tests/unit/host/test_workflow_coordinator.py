@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,22 +40,6 @@ REQUEST = MigrationRequest("vm1", A, B)
 A_TAPS = {tap for tap, _ in POOL_SLOTS[A]}
 B_TAPS = {tap for tap, _ in POOL_SLOTS[B]}
 BOTH = ("lan", "wan")
-
-
-@pytest.fixture
-def journal_path(tmp_path: Path) -> Path:
-    return tmp_path / "journal.sqlite"
-
-
-@pytest.fixture
-def journal(journal_path: Path) -> Iterator[Journal]:
-    with Journal(journal_path) as j:
-        yield j
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
 
 
 @pytest.fixture

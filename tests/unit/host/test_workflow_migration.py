@@ -8,7 +8,7 @@ what the hosts' domain XML names, and what the journal says.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,22 +38,6 @@ PHASES = ["preflight", "switch", "unplug", "migrate", "bind"]
 A_TAPS = {tap for tap, _ in POOL_SLOTS[A]}
 A_MACS = {mac for _, mac in POOL_SLOTS[A]}
 B_TAPS = {tap for tap, _ in POOL_SLOTS[B]}
-
-
-@pytest.fixture
-def journal_path(tmp_path: Path) -> Path:
-    return tmp_path / "journal.sqlite"
-
-
-@pytest.fixture
-def journal(journal_path: Path) -> Iterator[Journal]:
-    with Journal(journal_path) as j:
-        yield j
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
 
 
 def migrate(world: World, journal: Journal, events: Events | None = None,
