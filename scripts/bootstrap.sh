@@ -32,7 +32,12 @@ install_debian_packages() {
   local mirror
   mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
   mirror=${mirror:-http://deb.debian.org/debian}
-  echo "deb $mirror bookworm-backports main" > "$cache/apt/backports.list"
+  local suites=(bookworm-backports)
+  # Sources in /etc/apt/sources.list (which this private list replaces) rather than in
+  # sources.list.d: list bookworm itself too, so every package is still found.
+  [ -f /etc/apt/sources.list.d/debian.sources ] || suites+=(bookworm bookworm-updates)
+  for suite in "${suites[@]}"; do echo "deb $mirror $suite main"; done \
+    > "$cache/apt/backports.list"
   local apto=(-o "Dir::Etc::SourceList=$cache/apt/backports.list" -o "Dir::State::Lists=$cache/apt/lists")
   export DEBIAN_FRONTEND=noninteractive
   apt-get "${apto[@]}" update -q
