@@ -93,6 +93,15 @@ def preload() -> None:
     _pyroute2()
 
 
+#: How often a dump raced by link changes is redone before the error is reported.
+DUMP_RETRIES = 5
+
+
+def _dump_interrupted(exc: LinkError) -> bool:
+    """pyroute2 reports NLM_F_DUMP_INTR as NetlinkError code -1, "dump interrupted"."""
+    return exc.errno == -1 and "dump interrupted" in str(exc)
+
+
 def _translate(exc: Exception, what: str) -> LinkError:
     code = int(getattr(exc, "code", 0) or 0)
     cls = _ERRNO_CLASSES.get(code, LinkError)
@@ -123,8 +132,17 @@ class NetlinkLinks:
             raise _translate(exc, what) from exc
 
     def list_links(self) -> list[Link]:
-        with self._ipr("list links") as ipr:
-            return [self._link(msg) for msg in ipr.get_links()]
+        """All links.  A dump that races a link change is flagged NLM_F_DUMP_INTR by the
+        kernel (pyroute2: "dump interrupted", code -1); the answer is to dump again."""
+        for attempt in range(DUMP_RETRIES):
+            try:
+                with self._ipr("list links") as ipr:
+                    return [self._link(msg) for msg in ipr.get_links()]
+            except LinkError as exc:
+                if not _dump_interrupted(exc) or attempt == DUMP_RETRIES - 1:
+                    raise
+                log.debug("link dump interrupted by a change; dumping again")
+        raise AssertionError("unreachable")
 
     def _link(self, msg: Any) -> Link:
         name = msg.get_attr("IFLA_IFNAME")

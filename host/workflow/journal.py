@@ -234,8 +234,11 @@ class Journal:
         directory = self.path.parent
         try:
             if not directory.exists():
-                directory.mkdir(mode=0o700, parents=True)
-                directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+                try:
+                    directory.mkdir(mode=0o700, parents=True)
+                    directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+                except FileExistsError:
+                    pass  # another coordinator starting at the same moment made it
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
@@ -243,7 +246,18 @@ class Journal:
 
     def _configure(self, busy_timeout_ms: int) -> None:
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # Switching to WAL needs the database to itself and SQLite answers "locked" at once,
+        # without its busy handler, while another process opens the same new journal (two
+        # coordinators starting together): retry until the busy timeout.
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         if str(mode).lower() != "wal":
             raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")
         self._db.execute("PRAGMA synchronous = FULL")

@@ -105,3 +105,50 @@ def test_operation_log_is_bounded_and_keeps_running_entries() -> None:
     assert log.run("0", 0, lambda: 99) == (99, False)  # forgotten, so it runs
     release.set()
     assert log.run("slow", 0, lambda: 0) == (1, True)
+
+
+def test_link_dump_interrupted_by_a_change_is_redone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NLM_F_DUMP_INTR (a link changed during the dump: bonds being made) is not an error."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from guest_agent import netlink
+
+    dumps = []
+
+    class FlakyIPRoute:
+        def __enter__(self) -> FlakyIPRoute:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def get_links(self) -> list[object]:
+            dumps.append(1)
+            if len(dumps) < 3:
+                raise NetlinkError(-1, "dump interrupted")
+            return []
+
+    monkeypatch.setattr(netlink, "_pyroute2", lambda: (FlakyIPRoute, NetlinkError))
+    assert netlink.NetlinkLinks().list_links() == []
+    assert len(dumps) == 3
+
+
+def test_link_dump_that_keeps_failing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from guest_agent import netlink
+    from guest_agent.links import LinkError
+
+    class BrokenIPRoute:
+        def __enter__(self) -> BrokenIPRoute:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def get_links(self) -> list[object]:
+            raise NetlinkError(-1, "dump interrupted")
+
+    monkeypatch.setattr(netlink, "_pyroute2", lambda: (BrokenIPRoute, NetlinkError))
+    with pytest.raises(LinkError, match="dump interrupted"):
+        netlink.NetlinkLinks().list_links()

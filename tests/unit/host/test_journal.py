@@ -395,3 +395,29 @@ def test_last_status_is_the_last_record_per_step(
         assert list(last) == list(dict.fromkeys(name for name, _, _ in calls))
         assert {k: (v.status, v.data["n"]) for k, v in last.items()} == expected
         assert len(journal.steps(wid)) == len(calls)
+
+
+def test_many_processes_opening_a_new_journal_at_once(tmp_path: Path) -> None:
+    """Coordinators starting together on a fresh journal: the WAL switch must not fail."""
+    import threading
+
+    for round_ in range(10):
+        path = tmp_path / f"j{round_}" / "journal.sqlite"
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(6)
+
+        def open_it(path: Path = path, errors: list[BaseException] = errors,
+                    barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                with Journal(path) as j:
+                    j.open_workflows()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
