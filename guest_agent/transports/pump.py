@@ -46,7 +46,7 @@ class Pump:
                             events |= selectors.EVENT_READ
                         if pending[sock]:
                             events |= selectors.EVENT_WRITE
-                        _set(sel, sock, events)
+                        set_interest(sel, sock, events)
                     for key, mask in sel.select():
                         if key.fileobj is self._wake_r:
                             return
@@ -72,15 +72,17 @@ class Pump:
                 sock.close()
 
 
-def _set(sel: selectors.BaseSelector, sock: socket.socket, events: int) -> None:
-    registered = sel.get_map().get(sock)
-    if registered is None:
+def set_interest(sel: selectors.BaseSelector, fileobj: int | socket.socket,
+                 events: int) -> None:
+    """Watch *fileobj* for exactly *events* (none: not at all), whatever it had before."""
+    key = sel.get_map().get(fileobj)
+    if key is None:
         if events:
-            sel.register(sock, events)
+            sel.register(fileobj, events)
     elif not events:
-        sel.unregister(sock)
-    elif registered.events != events:
-        sel.modify(sock, events)
+        sel.unregister(fileobj)
+    elif key.events != events:
+        sel.modify(fileobj, events)
 
 
 def _shutdown_write(sock: socket.socket) -> None:

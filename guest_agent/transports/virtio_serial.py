@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 
 from guest_agent.transports import serial_session as wire
-from guest_agent.transports.pump import BUFFER_LIMIT, CHUNK
+from guest_agent.transports.pump import BUFFER_LIMIT, CHUNK, set_interest
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,12 @@ class _Session:
                 port |= selectors.EVENT_READ
             if self.to_port:
                 port |= selectors.EVENT_WRITE
-        _set(sel, self.fd, port)
+        set_interest(sel, self.fd, port)
         if self.conn is not None:
             events = selectors.EVENT_READ if len(self.to_port) < BUFFER_LIMIT else 0
             if self.to_grpc:
                 events |= selectors.EVENT_WRITE
-            _set(sel, self.conn, events)
+            set_interest(sel, self.conn, events)
         return None if now >= self.paused_until else self.paused_until - now
 
     def _pause(self) -> None:
@@ -238,14 +238,3 @@ class _Session:
         except OSError as exc:
             log.info("%s: session %s ended: %s", self.name, self.session, exc)
             self._end_session()  # host bytes are discarded until its next HELLO
-
-
-def _set(sel: selectors.BaseSelector, fileobj: int | socket.socket, events: int) -> None:
-    key = sel.get_map().get(fileobj)
-    if key is None:
-        if events:
-            sel.register(fileobj, events)
-    elif not events:
-        sel.unregister(fileobj)
-    elif key.events != events:
-        sel.modify(fileobj, events)
