@@ -396,12 +396,16 @@ class Hypervisor:
 
     # -- network announcements -------------------------------------------------------
 
-    def announce(self, dom: libvirt.virDomain, *, rounds: int = 3, initial_ms: int = 50,
-                 max_ms: int = 550, step_ms: int = 100) -> None:
-        """QMP ``announce-self``: QEMU sends RARPs for the guest's virtio NICs so switches
-        learn the path to the standby at once."""
-        cmd = json.dumps({"execute": "announce-self", "arguments": {
-            "initial": initial_ms, "max": max_ms, "rounds": rounds, "step": step_ms}})
+    def announce(self, dom: libvirt.virDomain, *, interfaces: list[str] | None = None,
+                 rounds: int = 3, initial_ms: int = 50, max_ms: int = 550,
+                 step_ms: int = 100) -> None:
+        """QMP ``announce-self``: QEMU sends RARPs for the guest's NICs (*interfaces*: only
+        those device ids) so switches learn the path to the standby at once."""
+        arguments: dict[str, Any] = {"initial": initial_ms, "max": max_ms, "rounds": rounds,
+                                     "step": step_ms}
+        if interfaces:
+            arguments["interfaces"] = interfaces
+        cmd = json.dumps({"execute": "announce-self", "arguments": arguments})
         try:
             libvirt_qemu.qemuMonitorCommand(dom, cmd, 0)
         except libvirt.libvirtError as exc:

@@ -130,10 +130,18 @@ class MigrationWorkflow:
                 team.name, release_primary=True, operation_id=self.op("switch", team.name),
                 timeout=SWITCH_TIMEOUT)
             self.moved.append(team.name)
+            # At once, for this team's standby only: the switches still send its MAC to the
+            # primary's port until they see a frame from the standby, and the bond's own
+            # peer notification was seen to come up to 300 ms late.  Only this team's:
+            # announcing another team's standby while it is still on its primary would
+            # pull that team's traffic away.
+            standby = [i.alias for i in self.source.info().interfaces
+                       if i.mac == team.standby_mac and i.alias]
+            if standby:
+                self.source_hv.announce(self.source.dom, interfaces=standby)
             return str(reply.team.active_member)
 
         active = each_team(self.teams, switch)
-        self.source_hv.announce(self.source.dom)
         return {"teams": active}
 
     def switch_back(self) -> None:

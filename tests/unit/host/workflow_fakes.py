@@ -789,8 +789,9 @@ class FakeHypervisor:
     def open_channel(self, dom: FakeDomain, name: str) -> Any:
         raise HypervisorError(f"{self.uri}: open channel {name}: the fakes have no channels")
 
-    def announce(self, dom: FakeDomain, *, rounds: int = 3, initial_ms: int = 50,
-                 max_ms: int = 550, step_ms: int = 100) -> None:
+    def announce(self, dom: FakeDomain, *, interfaces: list[str] | None = None,
+                 rounds: int = 3, initial_ms: int = 50, max_ms: int = 550,
+                 step_ms: int = 100) -> None:
         with self.world.op(self.uri, "announce", dom.domain_name):
             if not self._record(dom).active:
                 raise HypervisorError(f"{self.uri}: announce-self for {dom.domain_name}: domain "
