@@ -385,11 +385,13 @@ class Hypervisor:
 
         Through libvirt, not the socket file: the channel's socket lives on whichever host
         runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
-        FORCE takes over a stream a crashed coordinator left open.
+        No FORCE: taking over another client's open stream (ptmigd's reconciler while
+        ``ptmig status`` ran) once left libvirtd 11.3's connection broken; a busy channel
+        is refused instead, and the relay retries.  libvirt closes a dead client's streams.
         """
         try:
             stream = self._conn.newStream(0)
-            dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
+            dom.openChannel(name, stream, 0)
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: open channel {name} of {dom.name()}", exc) from exc
         return ChannelStream(stream)

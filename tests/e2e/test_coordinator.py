@@ -146,18 +146,21 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
         stdout=subprocess.DEVNULL, stderr=log)
     log.close()
     try:
+        # Watch the metadata only (no agent channel): the reconciler owns the channel now.
         deadline = time.monotonic() + 120
         while True:
-            status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
-            if {t["on"] for t in status["teams"].values()} == {"primary"}:
+            teams = co.ptmig_json(lab, "hostb", "team-show", DOMAIN_NAME)
+            if all(t["primary"] for t in teams):
                 break
-            assert time.monotonic() < deadline, (status, (tmp_path / "ptmigd.log").read_text())
+            assert time.monotonic() < deadline, (teams, (tmp_path / "ptmigd.log").read_text())
             time.sleep(2)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
         (sock_dir / "ptmigd.sock").unlink(missing_ok=True)
         sock_dir.rmdir()
+    status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
+    assert {t["on"] for t in status["teams"].values()} == {"primary"}, status
     lab.check_health()
 
 
