@@ -385,13 +385,14 @@ class Hypervisor:
 
         Through libvirt, not the socket file: the channel's socket lives on whichever host
         runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
-        No FORCE: taking over another client's open stream (ptmigd's reconciler while
-        ``ptmig status`` ran) once left libvirtd 11.3's connection broken; a busy channel
-        is refused instead, and the relay retries.  libvirt closes a dead client's streams.
+        FORCE takes over a stream another client holds (a crashed coordinator's, or a
+        second client of this process).  Two processes taking it from each other in a
+        loop (ptmigd's reconciler and ``ptmig status`` polling) once broke libvirtd 11.3's
+        connection: see the closing note of the session that added this.
         """
         try:
             stream = self._conn.newStream(0)
-            dom.openChannel(name, stream, 0)
+            dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: open channel {name} of {dom.name()}", exc) from exc
         return ChannelStream(stream)
