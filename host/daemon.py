@@ -785,7 +785,7 @@ def main(argv: Sequence[str] | None = None, *, coordinator: Coordinator | None =
             print("ptmigd: --reconcile needs the workflow coordinator", file=sys.stderr)
             return 2
         reconciler = Reconciler(coordinator, args.reconcile, args.reconcile_interval)
-        threading.Thread(target=reconciler.run, name="reconciler", daemon=True).start()
+        reconciler.start()
         log.info("reconciling %s every %.0f s", ", ".join(args.reconcile),
                  args.reconcile_interval)
     try:
@@ -793,6 +793,7 @@ def main(argv: Sequence[str] | None = None, *, coordinator: Coordinator | None =
             pass
         log.info("stopping: no new RPCs")
         if reconciler is not None:
+            log.info("waiting for the reconciler's repair in progress, if any")
             reconciler.stop()
         daemon.stop()
         running = daemon.servicer.workers.running()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from host.domain.domain_xml import parse_domain
 from host.domain.pools import free_slots, parse_pool_network
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError
@@ -236,14 +237,17 @@ class Coordinator:
 
     # -- reconciler ------------------------------------------------------------------
 
-    def reconcile(self, uri: str) -> list[dict[str, Any]]:
-        """One pass over *uri*'s running domains with teams: repair the degraded ones."""
+    def reconcile(self, uri: str, stopping: Callable[[], bool] = lambda: False,
+                  ) -> list[dict[str, Any]]:
+        """One pass over *uri*'s running domains with teams: repair the degraded ones.
+
+        *stopping* is asked before each domain, so a shutdown waits for at most the one
+        repair in progress and never leaves a journal entry open behind it.
+        """
         repaired = []
         with self.connect(uri) as hv:
             candidates = []
             for xml in hv.all_domain_xml():
-                from host.domain.domain_xml import parse_domain
-
                 try:
                     info = parse_domain(xml)
                 except Exception:
@@ -251,6 +255,8 @@ class Coordinator:
                 if info.teams and info.teams.teams:
                     candidates.append(info.uuid)
         for uuid in candidates:
+            if stopping():
+                break
             with self.connect(uri) as hv:
                 if not hv.is_active(hv.domain(uuid)):
                     continue
@@ -295,15 +301,16 @@ class Reconciler:
         self._stop = threading.Event()
         self._backoff = {uri: 1 for uri in uris}
         self._next = dict.fromkeys(uris, 0.0)
+        self._thread: threading.Thread | None = None
 
     def run_once(self) -> list[dict[str, Any]]:
         out = []
         now = time.monotonic()
         for uri in self.uris:
-            if now < self._next[uri]:
+            if now < self._next[uri] or self._stop.is_set():
                 continue
             try:
-                out += self.coordinator.reconcile(uri)
+                out += self.coordinator.reconcile(uri, self._stop.is_set)
                 self._backoff[uri] = 1
             except Exception as exc:
                 log.warning("reconcile %s: %s", uri, exc)
@@ -316,5 +323,13 @@ class Reconciler:
             for repair in self.run_once():
                 log.info("reconciler: %s", repair)
 
-    def stop(self) -> None:
+    def start(self) -> None:
+        """Run in a thread of its own until :meth:`stop`."""
+        self._thread = threading.Thread(target=self.run, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop, waiting for a repair in progress: killing it would leave its workflow open."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -365,6 +365,34 @@ def test_reconciler_repairs_and_backs_off_from_a_broken_host(journal: Journal) -
     assert reconciler._backoff == {B: 1, "fake://gone": 2}
 
 
+def test_stopping_the_reconciler_waits_for_its_repair_and_closes_the_workflow(
+        journal: Journal) -> None:
+    world = World(slots={B: 0})
+    coordinator = world.coordinator(journal)
+    coordinator.migrate(REQUEST)
+    world.set_slots(B, 2)
+    attaching, resume = threading.Event(), threading.Event()
+
+    def hold(_alias: str) -> None:
+        attaching.set()
+        resume.wait(10)
+
+    world.before[(B, "attach")] = hold
+    reconciler = Reconciler(coordinator, [B], interval=0.0)
+    reconciler.start()
+    assert attaching.wait(10)
+    stopper = threading.Thread(target=reconciler.stop)
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive(), "stop() returned while a repair was in progress"
+    resume.set()
+    stopper.join(10)
+
+    assert not stopper.is_alive()
+    assert journal.open_workflows() == []
+    assert world.modes("vm1") == on("primary")
+
+
 # -- the ptmig CLI -------------------------------------------------------------------------
 
 
