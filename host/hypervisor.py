@@ -295,23 +295,37 @@ class Hypervisor:
         removed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED
         failed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED
         t0 = time.monotonic()
+        # Live first, the definition only once the guest let go: a device the guest never
+        # releases must stay in both, or the next boot would silently lose it.
+        config = self._affect(dom, alias) & libvirt.VIR_DOMAIN_AFFECT_CONFIG
         with self._events(dom, [removed, failed], on_event):
             if alias not in self.domain_xml(dom):
+                self._detach_config(dom, alias, config)
                 return 0.0
             try:
-                dom.detachDeviceAlias(alias, self._affect(dom, alias))
+                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError as exc:
                 raise _wrap(f"{self.uri}: detach {alias} from {dom.name()}", exc) from exc
             # The event may have fired before we looked; the live XML settles it.
             while not done.wait(0.25):
                 if f"<alias name='{alias}'/>" not in self.domain_xml(dom):
-                    return time.monotonic() - t0
+                    break
                 if time.monotonic() - t0 > timeout:
                     raise DeviceRemovalError(
                         f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s")
         if outcome.get("event") == failed:
             raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
+        self._detach_config(dom, alias, config)
         return time.monotonic() - t0
+
+    def _detach_config(self, dom: libvirt.virDomain, alias: str, config: int) -> None:
+        if not config:
+            return
+        try:
+            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: remove {alias} from {dom.name()}'s definition",
+                        exc) from exc
 
     # -- migration -------------------------------------------------------------------
 

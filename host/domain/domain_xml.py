@@ -289,7 +289,8 @@ def _vsock(element: ET.Element, where: str) -> Vsock:
     raw = cid.get("address") if cid is not None else None
     if raw is None:
         return Vsock(cid=None, auto=auto)
-    if not raw.isdigit() or len(raw) > 10 or not 3 <= int(raw) <= 0xFFFFFFFE:
+    # isascii: str.isdigit() also takes '³' (which int() refuses) and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or not 3 <= int(raw) <= 0xFFFFFFFE:
         raise DomainModelError(f"{where}: vsock cid {shown(raw)} is not a guest CID")
     return Vsock(cid=int(raw), auto=auto)
 

@@ -77,3 +77,13 @@ def agent_of(lab: VmLab) -> Iterator[Callable[[], AgentClient]]:
     for hv, client in opened:
         client.close()
         hv.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault matrix (tests/e2e/test_fault_matrix.py), when its cases ran."""
+    import fault_matrix
+
+    if fault_matrix.ROWS:
+        terminalreporter.write_sep("=", "fault matrix")
+        for line in fault_matrix.table():
+            terminalreporter.write_line(line)

@@ -1,0 +1,480 @@
+"""The fault matrix: ``ptmig migrate`` with a fault injected at each phase, in the real lab.
+
+Every case ends with the same checks (:func:`assert_converged`): the VM runs on exactly
+one host, the client reaches both teams' addresses, no MAC is on two hosts, every team is
+on its primary or is degraded and then repaired by the reconciler's pass, every pool
+device the domain holds is one its metadata names (live and persistent alike), and the
+journal has no open workflow.  The table of cases, results and lost packets is printed at
+the end of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fault_matrix
+import libvirt
+import pytest
+
+from host.domain.domain_xml import parse_domain
+from host.workflow.coordinator import Coordinator
+from host.workflow.journal import Journal
+from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
+from lab import GUEST_AGENT_PORT, GUEST_IP, WAN_GUEST_IP
+from lab import coordinated as co
+from lab.fabric import CLIENT_NS, HOSTS
+from lab.guest import DOMAIN_NAME
+from lab.paths import run_dir
+from lab.run import run
+from lab.traffic import FixedRatePinger, analyze
+from lab.vmlab import VmLab
+
+pytestmark = pytest.mark.e2e
+
+OTHER = {"hosta": "hostb", "hostb": "hosta"}
+AGENT_UNIT = "ptmig-agent"
+#: The ACPI GPE that QEMU's q35 ACPI PCI hotplug raises (``\\_GPE._E01``): a guest that
+#: disables it never answers an unplug request, as a guest that refuses to let go.
+HOTPLUG_GPE = "/sys/firmware/acpi/interrupts/gpe01"
+
+
+@pytest.fixture(scope="module")
+def faulty(lab: VmLab) -> VmLab:
+    co.configure(lab)
+    return lab
+
+
+# -- the checks every case ends with ---------------------------------------------------
+
+
+def open_workflows() -> list[Any]:
+    with Journal(co.journal_path()) as journal:
+        return journal.open_workflows()
+
+
+def domain_xmls(lab: VmLab, host: str) -> list[tuple[str, str | None]]:
+    """(live XML, persistent XML or None) of every running domain on *host*."""
+    out = []
+    for dom in lab.conn(host).listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
+        out.append((dom.XMLDesc(0), inactive))
+    return out
+
+
+def assert_no_mac_on_two_hosts(lab: VmLab) -> None:
+    seen: dict[str, str] = {}
+    for host in lab.hosts:
+        for live, _ in domain_xmls(lab, host):
+            for nic in parse_domain(live).interfaces:
+                assert nic.mac is not None
+                other = seen.setdefault(nic.mac, host)
+                assert other == host, f"{nic.mac} on {other} and {host}"
+
+
+def assert_devices_accounted_for(lab: VmLab, host: str) -> None:
+    """Each pool device the domain holds is a team's recorded primary, live and persistent."""
+    pool_taps = {tap for slots in co.POOL_SLOTS.values() for tap, _ in slots}
+    for live, persistent in domain_xmls(lab, host):
+        info = parse_domain(live)
+        assert info.teams is not None
+        recorded = {t.primary.tap for t in info.teams.teams if t.primary is not None}
+        held = {n.target_dev for n in info.interfaces if n.target_dev in pool_taps}
+        assert held == recorded, f"live {info.name} holds {held}, its teams name {recorded}"
+        if persistent is not None:
+            defined = {n.target_dev for n in parse_domain(persistent).interfaces
+                       if n.target_dev in pool_taps}
+            assert defined == recorded, f"{info.name}'s definition: {defined}, teams {recorded}"
+
+
+def assert_reachable(lab: VmLab) -> None:
+    for ip in (GUEST_IP, WAN_GUEST_IP):
+        run(["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
+
+
+def teams_on(lab: VmLab) -> dict[str, str]:
+    status = co.ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
+    return {name: t["on"] for name, t in status["teams"].items()}
+
+
+def assert_converged(lab: VmLab) -> str:
+    """The checks every case ends with; returns how the teams ended ("primary", or
+    "degraded->repaired" when the reconciler's pass had to plug devices)."""
+    where = lab.where()  # exactly one host runs it
+    assert open_workflows() == []
+    assert_no_mac_on_two_hosts(lab)
+    on = teams_on(lab)
+    ended = "primary"
+    if set(on.values()) != {"primary"}:
+        ended = "/".join(sorted(set(on.values()))) + "->repaired"
+        with Journal(co.journal_path()) as journal:
+            repaired = Coordinator(journal).reconcile(lab.hosts[where].uri)
+        assert repaired and all("error" not in r for r in repaired), repaired
+        on = teams_on(lab)
+    assert set(on.values()) == {"primary"}, on
+    assert open_workflows() == []
+    assert_devices_accounted_for(lab, where)
+    assert_reachable(lab)
+    lab.check_health()
+    return ended
+
+
+# -- driving a migration and injecting faults --------------------------------------------
+
+
+def request(lab: VmLab, dest: str) -> MigrationRequest:
+    return MigrationRequest(DOMAIN_NAME, lab.hosts[lab.where()].uri, lab.hosts[dest].uri,
+                            unsafe=True, peer_uri=lab.hosts[dest].tcp_uri)
+
+
+@contextlib.contextmanager
+def pinging(name: str) -> Iterator[dict[str, int]]:
+    """Ping both teams at 1000/s for the block; the dict gets each team's lost count."""
+    ps = {team: FixedRatePinger(ip, run_dir() / f"fault-{name}-{team}.ping", rate=1000,
+                                prefix=["ip", "netns", "exec", CLIENT_NS])
+          for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))}
+    lost: dict[str, int] = {}
+    for p in ps.values():
+        p.start()
+    try:
+        yield lost
+    finally:
+        time.sleep(1.5)
+        for team, p in ps.items():
+            lost[team] = analyze(p.stop()).lost
+
+
+def migrate(lab: VmLab, dest: str, hooks: dict[tuple[str, str], Callable[[], None]]
+            ) -> MigrationReport:
+    """Coordinator.migrate in this process; each hook runs once, at its (phase, state)."""
+    pending = dict(hooks)
+
+    def on_event(event: Event) -> None:
+        hook = pending.pop((event.phase, event.state), None)
+        if hook is not None:
+            hook()
+
+    with Journal(co.journal_path()) as journal:
+        return Coordinator(journal).migrate(request(lab, dest), on_event)
+
+
+def agent(lab: VmLab, action: str) -> None:
+    if action in ("STOP", "CONT"):
+        lab.exec(f"kill -{action} $(systemctl show -p MainPID --value {AGENT_UNIT})").check()
+    else:
+        lab.exec(f"systemctl {action} {AGENT_UNIT}").check()
+
+
+def when_job_runs(lab: VmLab, host: str, action: Callable[[libvirt.virDomain], None]
+                  ) -> threading.Thread:
+    """Run *action* on the domain, in a thread, as soon as its migration job is running."""
+    dom = lab.domain(host)
+
+    def wait_and_act() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                action(dom)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=wait_and_act)
+    thread.start()
+    return thread
+
+
+def record(case: str, result: str, lost: dict[str, int]) -> None:
+    fault_matrix.ROWS.append(fault_matrix.Row(case, result, lost))
+
+
+def expect(report: MigrationReport, *outcomes: Outcome) -> str:
+    assert report.outcome in outcomes, (report.outcome, report.error)
+    return str(report.outcome)
+
+
+# -- the cases ---------------------------------------------------------------------------
+
+
+def test_agent_stopped_at_preflight_refuses_and_changes_nothing(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    before = lab.domain().XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    agent(lab, "stop")
+    try:
+        with pinging("agent-stopped") as lost:
+            proc = co.ptmig(lab, src, "migrate", DOMAIN_NAME, lab.hosts[OTHER[src]].uri,
+                            "--peer-uri", lab.hosts[OTHER[src]].tcp_uri, "--unsafe",
+                            check=False)
+    finally:
+        agent(lab, "start")
+    assert proc.returncode == 4, proc.stderr
+    assert lab.where() == src
+    assert lab.domain().XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+    record("agent stopped @preflight", f"refused (exit 4) + {assert_converged(lab)}", lost)
+
+
+def test_agent_hung_at_preflight_is_refused_within_the_call_deadline(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    agent(lab, "STOP")
+    t0 = time.monotonic()
+    try:
+        with pinging("agent-hung") as lost, pytest.raises(Exception, match="preflight"):
+            migrate(lab, OTHER[src], {})
+    finally:
+        agent(lab, "CONT")
+    took = time.monotonic() - t0
+    assert took < 40, took
+    assert lab.where() == src
+    record("agent hung (SIGSTOP) @preflight", f"refused in {took:.0f} s + {assert_converged(lab)}",
+           lost)
+
+
+def test_agent_flooding_garbage_is_refused(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    agent(lab, "stop")
+    flood = lab.exec(f"cat /dev/urandom > /dev/virtio-ports/{GUEST_AGENT_PORT} & echo $!")
+    flooder = flood.check().strip().splitlines()[-1]
+    t0 = time.monotonic()
+    try:
+        with pinging("agent-garbage") as lost, pytest.raises(Exception, match="preflight"):
+            migrate(lab, OTHER[src], {})
+    finally:
+        lab.exec(f"kill {flooder}; sleep 0.5")
+        agent(lab, "start")
+    took = time.monotonic() - t0
+    assert took < 40, took
+    assert lab.where() == src
+    record("agent channel floods garbage @preflight",
+           f"refused in {took:.0f} s + {assert_converged(lab)}", lost)
+
+
+def test_agent_hung_during_switch_rolls_back(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    resume = threading.Timer(20, agent, (lab, "CONT"))
+
+    def hang() -> None:
+        agent(lab, "STOP")
+        resume.start()
+
+    hooks = {("switch", "started"): hang}
+    try:
+        with pinging("agent-hung-switch") as lost:
+            report = migrate(lab, OTHER[src], hooks)
+    finally:
+        resume.join()
+    result = expect(report, Outcome.ROLLED_BACK, Outcome.FAILED)
+    assert lab.where() == src
+    record("agent hung 20 s @switch", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_agent_stopped_before_bind_gives_degraded_then_repaired(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    with pinging("agent-stopped-bind") as lost:
+        report = migrate(lab, OTHER[src], {("migrate", "completed"): lambda: agent(lab, "stop")})
+    assert lab.where() == OTHER[src]
+    result = expect(report, Outcome.DONE_DEGRADED)
+    agent(lab, "start")
+    record("agent stopped @bind", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_guest_that_never_releases_the_device_rolls_back(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    lab.exec(f"echo disable > {HOTPLUG_GPE}").check()
+    try:
+        with pinging("unplug-refused") as lost:
+            report = migrate(lab, OTHER[src], {})
+        result = expect(report, Outcome.ROLLED_BACK)
+        assert lab.where() == src
+        assert teams_on(lab) == {"lan": "primary", "wan": "primary"}
+        assert_devices_accounted_for(lab, src)
+    finally:
+        lab.exec(f"echo enable > {HOTPLUG_GPE}").check()
+    # The guest lets go late: the device leaves, and the reconciler plugs another.
+    time.sleep(3)
+    record("guest never releases the device @unplug", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_destination_libvirtd_killed_during_migrate_rolls_back(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    try:
+        with pinging("dest-killed") as lost:
+            report = migrate(lab, dest, {("migrate", "started"): lambda: lab.kill_host(dest)})
+    finally:
+        lab.start_host(dest)
+    result = expect(report, Outcome.ROLLED_BACK)
+    assert lab.where() == src
+    record("destination libvirtd killed @migrate", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_link_between_hosts_cut_during_migrate_rolls_back(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    netns = next(h.netns for h in HOSTS if h.name == dest)
+    threads: list[threading.Thread] = []
+
+    def cut(_dom: libvirt.virDomain) -> None:
+        run(["ip", "-n", netns, "link", "set", "mig0", "down"])
+
+    try:
+        with pinging("link-cut") as lost:
+            report = migrate(lab, dest, {("migrate", "started"):
+                                         lambda: threads.append(when_job_runs(lab, src, cut))})
+    finally:
+        for t in threads:
+            t.join()
+        run(["ip", "-n", netns, "link", "set", "mig0", "up"])
+    result = expect(report, Outcome.ROLLED_BACK)
+    assert lab.where() == src
+    record("link between hosts cut @migrate", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_migration_job_aborted_rolls_back(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    threads: list[threading.Thread] = []
+
+    def abort(dom: libvirt.virDomain) -> None:
+        dom.abortJob()
+
+    with pinging("jobabort") as lost:
+        report = migrate(lab, OTHER[src], {("migrate", "started"):
+                                           lambda: threads.append(when_job_runs(lab, src, abort))})
+    for t in threads:
+        t.join()
+    result = expect(report, Outcome.ROLLED_BACK)
+    assert lab.where() == src
+    record("migration job aborted (domjobabort)", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_source_replug_failing_in_rollback_leaves_degraded_then_repaired(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    threads: list[threading.Thread] = []
+
+    def abort(dom: libvirt.virDomain) -> None:
+        dom.abortJob()
+
+    hooks = {
+        ("unplug", "completed"): lambda: co.define_pools(lab, {src: []}),
+        ("migrate", "started"): lambda: threads.append(when_job_runs(lab, src, abort)),
+    }
+    try:
+        with pinging("replug-fails") as lost:
+            report = migrate(lab, OTHER[src], hooks)
+        for t in threads:
+            t.join()
+    finally:
+        co.define_pools(lab, {src: co.POOL_SLOTS[src]})
+    result = expect(report, Outcome.FAILED)
+    assert "rollback" in (report.error or ""), report.error
+    assert lab.where() == src
+    record("source re-plug fails in rollback", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_empty_destination_pool_gives_degraded_then_repaired(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    co.define_pools(lab, {dest: []})
+    try:
+        with pinging("pool-empty") as lost:
+            report = migrate(lab, dest, {})
+    finally:
+        co.define_pools(lab, {dest: co.POOL_SLOTS[dest]})
+    result = expect(report, Outcome.DONE_DEGRADED)
+    assert report.teams == {"lan": "standby", "wan": "standby"}
+    assert lab.where() == dest
+    record("destination pool empty", f"{result} + {assert_converged(lab)}", lost)
+
+
+def test_two_teams_racing_for_the_last_free_device(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    co.define_pools(lab, {dest: co.POOL_SLOTS[dest][:1]})
+    try:
+        with pinging("last-device") as lost:
+            report = migrate(lab, dest, {})
+    finally:
+        co.define_pools(lab, {dest: co.POOL_SLOTS[dest]})
+    result = expect(report, Outcome.DONE_DEGRADED)
+    assert sorted(report.teams.values()) == ["primary", "standby"], report.teams
+    assert lab.where() == dest
+    assert_devices_accounted_for(lab, dest)
+    record("two teams race for the last device", f"{result} + {assert_converged(lab)}", lost)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from host.workflow.coordinator import Coordinator
+from host.workflow.journal import Journal
+from host.workflow.model import MigrationRequest
+
+journal, phase, state, domain, src, dest, peer = sys.argv[1:]
+
+def on_event(event):
+    if (event.phase, event.state) == (phase, state):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Coordinator(Journal(journal)).migrate(
+    MigrationRequest(domain, src, dest, unsafe=True, peer_uri=peer), on_event)
+"""
+
+
+@pytest.mark.parametrize("phase,state", [
+    ("switch", "started"), ("unplug", "started"), ("migrate", "progress"), ("bind", "started"),
+])
+def test_coordinator_killed_then_recover(faulty: VmLab, phase: str, state: str) -> None:
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    with pinging(f"sigkill-{phase}") as lost:
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_SCRIPT, co.journal_path(), phase, state, DOMAIN_NAME,
+             lab.hosts[src].uri, lab.hosts[dest].uri, lab.hosts[dest].tcp_uri],
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        time.sleep(2)  # a p2p migration the killed client started may still be finishing
+        assert len(open_workflows()) == 1
+        recovered = co.ptmig_json(lab, src, "recover")
+    results = [r["result"] for r in recovered]
+    assert len(results) == 1 and results[0] != "still running", recovered
+    record(f"coordinator SIGKILL @{phase} {state}, recover",
+           f"{results[0]} + {assert_converged(lab)}", lost)
+
+
+def test_same_migration_started_twice_runs_once(faulty: VmLab) -> None:
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    argv = [sys.executable, "-m", "host.cli", "-c", lab.hosts[src].uri, "migrate", DOMAIN_NAME,
+            lab.hosts[dest].uri, "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe", "--json"]
+    env = {**os.environ, "PTMIG_JOURNAL": co.journal_path()}
+    with pinging("twice") as lost:
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 6], (codes, outs)
+    done = json.loads(next(out for (out, _), p in zip(outs, procs, strict=True)
+                           if p.returncode == 0))
+    assert done["outcome"] == str(Outcome.DONE)
+    assert lab.where() == dest
+    record("same migration started twice", f"one done, one refused (exit 6) + "
+           f"{assert_converged(lab)}", lost)

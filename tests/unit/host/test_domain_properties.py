@@ -1,0 +1,127 @@
+"""Property tests of the Domain part over mutated real samples.
+
+The property (host.domain's contract): whatever the text, every parser and every
+function over parsed models returns a value or raises DomainModelError, nothing
+else; and what is accepted survives a format/parse round trip.  The inputs are
+the samples libvirt writes, mutated a few times each (xml_mutations), so that the
+deeper checks (addresses, aliases, metadata, pool entries) see hostile values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from domain_samples import INACTIVE_DOMAIN, LIVE_DOMAIN, TEAMS
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from xml_mutations import mutated_xml
+
+from host.domain import DomainModelError
+from host.domain.devices import attachment_for_slot, next_primary_alias
+from host.domain.domain_xml import DomainInfo, parse_domain, strip_device, strip_primary
+from host.domain.pools import (
+    EmulatedPool,
+    PciPool,
+    TapSlot,
+    VfNetworkPool,
+    format_pool_network,
+    free_slots,
+    parse_pool_network,
+)
+from host.domain.teams import TeamSet, format_teams, parse_teams
+
+POOL_SAMPLES = [
+    format_pool_network(pool)
+    for pool in (
+        EmulatedPool("lab", "ptmigbr0", "e1000e",
+                     (TapSlot("ptmig-lab-0", "52:54:00:a0:00:00"),
+                      TapSlot("ptmig-lab-1", "52:54:00:a0:00:01"))),
+        PciPool("nics", ("0000:04:00.0", "0000:03:00.0")),
+        VfNetworkPool("sriov", vf_addresses=("0000:05:10.2", "0000:05:10.3")),
+        VfNetworkPool("pf", pf_dev="enp6s0"),
+    )
+]
+TEAM_SAMPLES = [format_teams(TEAMS), format_teams(TEAMS, namespaced=True)]
+DOMAIN_SAMPLES = [LIVE_DOMAIN, INACTIVE_DOMAIN]
+
+
+def _vsock_domain(cid: str) -> str:
+    return (f"<domain><name>g</name><devices><vsock model='virtio'><cid auto='no' "
+            f"address='{cid}'/></vsock></devices></domain>")
+
+
+@settings(max_examples=400)
+@given(mutated_xml(DOMAIN_SAMPLES))
+@example(_vsock_domain("³"))  # str.isdigit() but not int(): was a bare ValueError
+@example(_vsock_domain("٣"))  # a digit, but not one libvirt writes
+def test_mutated_domain_xml_gives_a_domain_or_domain_model_error(xml: str) -> None:
+    try:
+        info = parse_domain(xml)
+    except DomainModelError:
+        return
+    assert isinstance(info, DomainInfo)
+    if info.vsock is not None and info.vsock.cid is not None:
+        assert 3 <= info.vsock.cid <= 0xFFFFFFFE
+    for device in (*info.interfaces, *info.hostdevs):
+        if device.alias is not None:
+            stripped = parse_domain(strip_device(xml, device.alias))
+            assert stripped.device(device.alias) is None
+            assert stripped.name == info.name
+    if info.teams is not None:
+        assert parse_teams(format_teams(info.teams)) == info.teams
+        for team in info.teams.teams:
+            if team.primary is not None:
+                assert parse_domain(strip_primary(xml, team.primary)).name == info.name
+            aliases = [d.alias for d in (*info.interfaces, *info.hostdevs)]
+            assert next_primary_alias(team.name, aliases) not in aliases
+
+
+@settings(max_examples=400)
+@given(mutated_xml(TEAM_SAMPLES))
+def test_mutated_team_metadata_gives_teams_or_domain_model_error(xml: str) -> None:
+    try:
+        teams = parse_teams(xml)
+    except DomainModelError:
+        return
+    assert isinstance(teams, TeamSet)
+    assert parse_teams(format_teams(teams)) == teams
+    assert parse_teams(format_teams(teams, namespaced=True)) == teams
+
+
+@settings(max_examples=400)
+@given(mutated_xml(POOL_SAMPLES), st.lists(mutated_xml(DOMAIN_SAMPLES, 2), max_size=2))
+def test_mutated_pool_networks_give_a_pool_or_domain_model_error(
+    xml: str, domains: list[str]
+) -> None:
+    try:
+        pool = parse_pool_network(xml)
+    except DomainModelError:
+        return
+    again = parse_pool_network(format_pool_network(pool))
+    if isinstance(pool, VfNetworkPool) and pool.pf_dev is not None:
+        pool = dataclasses.replace(pool, vf_addresses=())  # libvirt lists VFs only live
+    assert again == pool
+    try:
+        slots = free_slots(pool, domains)
+    except DomainModelError:
+        return
+    for slot in slots:
+        try:
+            attachment = attachment_for_slot(slot, alias="ua-ptmig-lan-1",
+                                             vf_mac="52:54:00:00:02:01")
+        except DomainModelError:  # pragma: no cover - the pool's values were all checked
+            raise AssertionError(f"slot {slot} of an accepted pool cannot be attached") from None
+        assert attachment.primary.alias == "ua-ptmig-lan-1"
+
+
+@settings(max_examples=50)
+@given(st.sampled_from([*DOMAIN_SAMPLES, *TEAM_SAMPLES, *POOL_SAMPLES]),
+       st.integers(0, 2000))
+def test_truncated_samples_are_refused_cleanly(xml: str, cut: int) -> None:
+    text = xml[: min(cut, len(xml) - 1)]
+    for parse in (parse_domain, parse_teams, parse_pool_network):
+        try:
+            parse(text)
+        except DomainModelError:
+            continue
+        raise AssertionError(f"{parse.__name__} accepted a cut document: {text!r}")
