@@ -18,14 +18,45 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_ROLLED_BACK, EXIT_FAILED, EXIT_BUSY = range(7)
 DEFAULT_URI = "qemu:///system"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error message on one printable line (it echoes arguments)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _one_line(text: str) -> str:
+    """`text` with newlines and other unprintable characters escaped, as repr() does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
+def _fail(message: object) -> None:
+    print(f"ptmig: {_one_line(str(message))}", file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptmig", description=__doc__.splitlines()[0],
+    p = _Parser(prog="ptmig", description=__doc__.splitlines()[0],
                                 epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", DEFAULT_URI),
@@ -82,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(peer-to-peer), when it differs from DEST_URI")
     mg.add_argument("--unsafe", action="store_true",
                     help="allow a disk cache mode libvirt calls unsafe (shared image)")
-    mg.add_argument("--max-downtime", type=int, metavar="MS")
+    mg.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
     mg.add_argument("--json", action="store_true", help="machine-readable report, no display")
 
     fo = sub.add_parser("failover", help="move teams to standby or primary without migrating")
@@ -95,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
     wf = sub.add_parser("workflows", help="recent workflows from the journal")
     wf.add_argument("--json", action="store_true")
-    wf.add_argument("--limit", type=int, default=20)
+    wf.add_argument("--limit", type=_bounded_int(1, 100_000), default=20)
     return p
 
 
@@ -116,16 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except WorkflowConflict as exc:
-        print(f"ptmig: {exc}", file=sys.stderr)
+        _fail(exc)
         return EXIT_BUSY
     except PreflightError as exc:
-        print(f"ptmig: refused, nothing changed: {exc}", file=sys.stderr)
+        _fail(f"refused, nothing changed: {exc}")
         return EXIT_ROLLED_BACK
     except DomainModelError as exc:
-        print(f"ptmig: {exc}", file=sys.stderr)
+        _fail(exc)
         return EXIT_USAGE
     except (HypervisorError, WorkflowError, JournalError, AgentError) as exc:
-        print(f"ptmig: {exc}", file=sys.stderr)
+        _fail(exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
@@ -206,7 +237,7 @@ def _teams(args: argparse.Namespace) -> int:
         if args.command == "team-remove":
             remaining = TeamSet(tuple(t for t in teams.teams if t.name != args.team))
             if len(remaining.teams) == len(teams.teams):
-                print(f"ptmig: {guest.name} has no team {args.team!r}", file=sys.stderr)
+                _fail(f"{guest.name} has no team {args.team!r}")
                 return EXIT_USAGE
             guest.save_teams(remaining)
             return EXIT_OK
@@ -214,8 +245,7 @@ def _teams(args: argparse.Namespace) -> int:
         if args.primary_alias:
             device = info.device(args.primary_alias)
             if device is None:
-                print(f"ptmig: {guest.name} has no device with alias {args.primary_alias}",
-                      file=sys.stderr)
+                _fail(f"{guest.name} has no device with alias {args.primary_alias!r}")
                 return EXIT_USAGE
             if isinstance(device, Hostdev):
                 primary = PrimaryDevice("pci", args.primary_alias,
@@ -256,13 +286,13 @@ def _pool_define(args: argparse.Namespace) -> int:
         pool: Any
         if args.kind == "emulated":
             if not args.bridge:
-                print("ptmig: an emulated pool needs --bridge", file=sys.stderr)
+                _fail("an emulated pool needs --bridge")
                 return EXIT_USAGE
             slots = []
             for spec in args.slot:
                 tap, sep, mac = spec.partition("=")
                 if not sep:
-                    print(f"ptmig: --slot {spec!r}: want TAP=MAC", file=sys.stderr)
+                    _fail(f"--slot {spec!r}: want TAP=MAC")
                     return EXIT_USAGE
                 slots.append(TapSlot(tap, mac))
             pool = EmulatedPool(args.name, args.bridge, args.model, tuple(slots))
