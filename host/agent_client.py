@@ -40,7 +40,19 @@ log = logging.getLogger(__name__)
 #: Largest reply accepted from a guest.
 MAX_REPLY_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT = 3.0
+#: Most bytes a fresh channel connection may carry before our ACK.  What comes first is an
+#: earlier session's output still in flight (virtqueue and socket buffers: well under
+#: 1 MiB); more than this is a guest flooding the channel, and the handshake gives up at
+#: once instead of reading and scanning it until its deadline.
+MAX_HANDSHAKE_DISCARD = 4 << 20
+#: Chunks a channel reader holds for its consumer (x 64 KiB): the bound on what a flooding
+#: guest can make the coordinator buffer per session.
+READER_BACKLOG = 16
+_CHUNK = 65536
 DEFAULT_CALL_TIMEOUT = 15.0
+#: How long past a call's deadline the client waits for gRPC to end the call by itself
+#: before it resets the channel's sessions (see :meth:`AgentClient._call`).
+DEADLINE_GRACE = 0.5
 #: Bounds on a guest's claims, well above any real guest.
 MAX_LINKS = 512
 MAX_TEAMS = 64
@@ -109,17 +121,32 @@ class UnixStream:
 
 
 class _Reader:
-    """Reads a stream in its own thread so that every wait on it can have a deadline."""
+    """Reads a stream in its own thread so that every wait on it can have a deadline.
+
+    The backlog is bounded (:data:`READER_BACKLOG` chunks): when the consumer falls behind
+    the thread stops reading, so a guest that floods the channel blocks on its own writes
+    instead of filling the coordinator's memory.  :meth:`close` ends the thread even while
+    it waits for room (it was an unbounded queue, fed as fast as the guest could write).
+    """
 
     def __init__(self, stream: ByteStream) -> None:
         self._stream = stream
-        self._queue: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._run, name="agent-channel-reader", daemon=True).start()
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=READER_BACKLOG)
+        self._closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="agent-channel-reader",
+                                       daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
-        while True:
-            data = self._stream.recv(65536)
-            self._queue.put(data)
+        while not self._closed.is_set():
+            data = self._stream.recv(_CHUNK)
+            while True:
+                try:
+                    self._queue.put(data, timeout=0.1)
+                    break
+                except queue.Full:
+                    if self._closed.is_set():
+                        return
             if not data:
                 return
 
@@ -130,16 +157,37 @@ class _Reader:
         except queue.Empty:
             raise TimeoutError from None
 
+    def close(self) -> None:
+        """Stop reading and end the consumer's wait: what is queued is dropped for an end
+        of stream.  The stream's own close wakes the thread if it is blocked in recv."""
+        self._closed.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(b"")
 
-def handshake(stream: ByteStream, reader: _Reader, timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
+
+#: Where a frame's session id starts (magic, version, type, reserved before it).
+_SESSION_AT = serial_session.FRAME_SIZE - 4 - serial_session.SESSION_ID_SIZE
+
+
+def handshake(stream: ByteStream, reader: _Reader, timeout: float = HANDSHAKE_TIMEOUT,
+              max_discard: int = MAX_HANDSHAKE_DISCARD) -> bytes:
     """Start a session on a fresh channel connection; return the bytes that followed the ACK.
 
-    Everything before our ACK is an earlier session's leftovers and is discarded.
+    Everything before our ACK is an earlier session's leftovers and is discarded, up to
+    *max_discard* bytes.  The answer is found by our random session id (``bytes.find``),
+    so the work per chunk is linear whatever the guest sends, and a frame carrying our id
+    that is not a valid ACK or REJECT fails the attempt at once.  (It rescanned the whole
+    buffer for each skipped frame: a chunk of other sessions' ACKs took seconds, and the
+    deadline was only looked at between chunks; a flood was read until the deadline.)
     """
     session = secrets.token_bytes(serial_session.SESSION_ID_SIZE)
     stream.sendall(serial_session.encode(serial_session.FrameType.HELLO, session))
     deadline = time.monotonic() + timeout
     buf = b""
+    received = 0
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -150,22 +198,29 @@ def handshake(stream: ByteStream, reader: _Reader, timeout: float = HANDSHAKE_TI
             continue
         if not chunk:
             raise AgentError("UNAVAILABLE", "the guest's channel closed during the handshake")
+        received += len(chunk)
         buf += chunk
-        while True:
-            found = [f for f in (serial_session.find(buf, serial_session.FrameType.ACK),
-                                 serial_session.find(buf, serial_session.FrameType.REJECT))
-                     if f is not None]
-            if not found:
-                # keep only what could still hold the start of a frame
-                buf = buf[-(serial_session.FRAME_SIZE - 1):]
-                break
-            pos, frame = min(found, key=lambda f: f[0])
-            if frame.session != session:
-                buf = buf[pos + serial_session.FRAME_SIZE:]  # answer to an abandoned attempt
+        start = 0
+        while (pos := buf.find(session, start)) >= 0:
+            begin = pos - _SESSION_AT
+            if begin < 0:  # not where a frame of ours could be
+                start = pos + 1
                 continue
+            if len(buf) - begin < serial_session.FRAME_SIZE:
+                break  # the rest of the frame is still to come
+            frame = serial_session.decode(buf[begin:begin + serial_session.FRAME_SIZE])
+            if frame is None or frame.type not in (serial_session.FrameType.ACK,
+                                                   serial_session.FrameType.REJECT):
+                raise AgentError("PROTOCOL", "the guest answered the handshake with a frame "
+                                 "that is no valid ACK or REJECT")
             if frame.type == serial_session.FrameType.REJECT:
                 raise AgentError("UNAVAILABLE", "the guest agent rejected the session")
-            return buf[pos + serial_session.FRAME_SIZE:]
+            return buf[begin + serial_session.FRAME_SIZE:]
+        if received > max_discard:
+            raise AgentError("PROTOCOL", f"the guest sent {received} bytes and no handshake "
+                             "answer (flooding the channel)")
+        # keep only what could still hold the start of a frame
+        buf = buf[-(serial_session.FRAME_SIZE - 1):]
 
 
 class SerialRelay:
@@ -173,6 +228,12 @@ class SerialRelay:
 
     Each connection gRPC makes gets a fresh channel connection and handshake, so each
     HTTP/2 connection is a session of its own (docs/agent-transport.md).
+
+    :meth:`reset` ends every session at once, both ends (:class:`AgentClient` uses it on a
+    call that outlived its deadline); :meth:`close` also stops the relay.  Neither leaves a
+    session running: one still in its handshake gives up, and no channel connection is
+    made after close (a session waiting for a silent guest went on for its retries, up to
+    3 x HANDSHAKE_TIMEOUT, connecting to the guest again after the client was closed).
     """
 
     def __init__(self, connect: Connector, retries: int = 3) -> None:
@@ -185,6 +246,10 @@ class SerialRelay:
         self._listener.bind(self.path)
         self._listener.listen(4)
         self._closed = False
+        self._lock = threading.Lock()
+        #: What reset() ends: gRPC's connections, channel connections and their readers.
+        self._clients: list[socket.socket] = []
+        self._streams: list[tuple[ByteStream, _Reader]] = []
         self._thread = threading.Thread(target=self._accept, name="agent-relay", daemon=True)
         self._thread.start()
 
@@ -192,9 +257,26 @@ class SerialRelay:
     def target(self) -> str:
         return f"unix:{self.path}"
 
+    def _track(self, stream: ByteStream, reader: _Reader) -> bool:
+        """Register an open channel connection for reset(); False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._streams.append((stream, reader))
+            return True
+
+    def _end(self, stream: ByteStream, reader: _Reader) -> None:
+        reader.close()
+        stream.close()
+        with self._lock:
+            if (stream, reader) in self._streams:
+                self._streams.remove((stream, reader))
+
     def _open_session(self) -> tuple[ByteStream, _Reader, bytes]:
         last: Exception | None = None
         for attempt in range(1, self.retries + 1):
+            if self._closed:
+                raise AgentError("UNAVAILABLE", "the agent client was closed")
             t0 = time.monotonic()
             try:
                 stream = self.connect()
@@ -203,6 +285,9 @@ class SerialRelay:
                 log.info("agent channel: connect attempt %d failed: %s", attempt, exc)
                 continue
             reader = _Reader(stream)
+            if not self._track(stream, reader):
+                self._end(stream, reader)
+                raise AgentError("UNAVAILABLE", "the agent client was closed")
             try:
                 rest = handshake(stream, reader)
                 log.debug("agent channel: session %d up in %.3f s", attempt,
@@ -212,7 +297,7 @@ class SerialRelay:
                 last = exc
                 log.info("agent channel: handshake attempt %d failed after %.1f s: %s",
                          attempt, time.monotonic() - t0, exc)
-                stream.close()
+                self._end(stream, reader)
         raise AgentError("UNAVAILABLE", f"cannot reach the guest agent: {last}")
 
     def _accept(self) -> None:
@@ -221,23 +306,40 @@ class SerialRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            with self._lock:
+                self._clients.append(client)
+            threading.Thread(target=self._serve, args=(client,), name="agent-relay-session",
+                             daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        try:
+            self._relay(client)
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            client.close()
+
+    def _relay(self, client: socket.socket) -> None:
         try:
             stream, reader, rest = self._open_session()
         except AgentError as exc:
             log.warning("%s", exc)
-            client.close()
             return
 
         def upstream() -> None:
+            """gRPC -> guest.  gRPC's end of its connection ends the whole session: the
+            downstream half may be blocked writing to a gRPC that no longer reads."""
             try:
                 while data := client.recv(65536):
                     stream.sendall(data)
             except OSError:
                 pass
-            stream.close()
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            self._end(stream, reader)
 
         t = threading.Thread(target=upstream, name="agent-relay-up", daemon=True)
         t.start()
@@ -250,12 +352,25 @@ class SerialRelay:
             pass
         finally:
             with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)  # wakes upstream's recv
+            self._end(stream, reader)  # wakes upstream's sendall
+
+    def reset(self) -> None:
+        """End every session now, in its handshake or relaying; gRPC reconnects on demand."""
+        with self._lock:
+            clients = list(self._clients)
+            streams, self._streams = self._streams, []
+        for client in clients:
+            with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
-            client.close()
-            stream.close()
+        for stream, reader in streams:
+            reader.close()
+            stream.close()  # wakes the session's reader
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
+        self.reset()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
@@ -280,13 +395,24 @@ def _valid_name(name: str, *, empty_ok: bool = True) -> bool:
     return (empty_ok and name == "") or (name.isprintable() and bool(_IFNAME.match(name)))
 
 
-def validate_team(team: pb.TeamState) -> None:
+def validate_team(team: pb.TeamState, name: str | None = None) -> None:
+    """A team's state as the workflow may rely on it; *name*: the team that was asked about.
+
+    The active member and the primary must be members of the bond: the workflow takes
+    ``active_member == primary`` for "on its primary", and a team that says so about a
+    link outside its bond is a lie, not a state.
+    """
     _check(bool(team.name) and len(team.name) <= 64 and team.name.isprintable(), "team name")
+    _check(name is None or team.name == name,
+           f"asked about team {_printable(name or '')!r}, got {_printable(team.name)!r}")
     _check(_valid_name(team.bond, empty_ok=False), f"bond name {_printable(team.bond)!r}")
     _check(team.mac == "" or bool(_MAC.match(team.mac)), f"team MAC {_printable(team.mac)!r}")
     for member in (team.active_member, team.standby, team.primary, *team.members):
         _check(_valid_name(member), f"member name {_printable(member)!r}")
     _check(len(team.members) <= 8, "too many members")
+    for role, member in (("active member", team.active_member), ("primary", team.primary)):
+        _check(member == "" or member in team.members,
+               f"team {_printable(team.name)}: {role} {member!r} is not in the bond")
 
 
 def validate_state(state: pb.GetStateResponse) -> None:
@@ -355,12 +481,39 @@ class AgentClient:
         self.close()
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        """One call with its deadline, also when gRPC itself misses it.
+
+        A guest that floods the connection with HTTP/2 frames gRPC must answer (PING,
+        SETTINGS) and never reads the answers wedges gRPC's transport: measured with
+        grpcio 1.85, a call with a 1 s deadline then hung for good in most runs.  A
+        watchdog resets the relay's sessions :data:`DEADLINE_GRACE` after the deadline;
+        gRPC sees its connection end and fails the call, reported as DEADLINE_EXCEEDED.
+        """
+        wait = timeout or self.call_timeout
+        fired = threading.Event()
+
+        def expire() -> None:
+            fired.set()
+            if self._relay is not None:
+                log.warning("agent call %s: no end %.1f s past its deadline; resetting the "
+                            "channel", getattr(method, "_method", method), DEADLINE_GRACE)
+                self._relay.reset()
+
+        watchdog = threading.Timer(wait + DEADLINE_GRACE, expire)
+        watchdog.name = "agent-call-watchdog"
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            return method(request, timeout=timeout or self.call_timeout, wait_for_ready=True)
+            return method(request, timeout=wait, wait_for_ready=True)
         except grpc.RpcError as exc:
+            if fired.is_set():
+                raise AgentError("DEADLINE_EXCEEDED", f"no answer from the guest in {wait} s "
+                                 "(its channel was stuck and was reset)") from None
             code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
             details = exc.details() if hasattr(exc, "details") else str(exc)
             raise AgentError(code, _printable(details or "")) from None
+        finally:
+            watchdog.cancel()
 
     def version(self, timeout: float | None = None) -> pb.GetVersionResponse:
         reply: pb.GetVersionResponse = self._call(
@@ -384,7 +537,7 @@ class AgentClient:
         reply: pb.UseStandbyResponse = self._call(self._stub.UseStandby, pb.UseStandbyRequest(
             operation_id=operation_id, team=team, release_primary=release_primary,
             timeout_ms=int(wait * 1000 * 0.9)), wait)
-        validate_team(reply.team)
+        validate_team(reply.team, team)
         return reply
 
     def bind_primary(self, team: str, *, operation_id: str, pci_address: str = "",
@@ -394,7 +547,7 @@ class AgentClient:
         reply: pb.BindPrimaryResponse = self._call(self._stub.BindPrimary, pb.BindPrimaryRequest(
             operation_id=operation_id, team=team, pci_address=pci_address, mac=mac,
             mac_policy=mac_policy, timeout_ms=int(wait * 1000 * 0.9)), wait)
-        validate_team(reply.team)
+        validate_team(reply.team, team)
         _check(_valid_name(reply.device, empty_ok=False), "bound device name")
         return reply
 
