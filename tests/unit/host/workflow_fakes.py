@@ -27,6 +27,8 @@ What is modelled, and how faithfully:
   ``migrate:after`` for "raise after the domain moved") or any agent RPC (``where`` =
   ``"agent"``) raise at its n-th call; :attr:`World.tamper` rewrites agent replies;
   :attr:`World.before` runs a hook before a method takes the world's lock (for races);
+  :attr:`World.agent_before` runs one before one domain's agent RPC, with the call's
+  timeout (a guest that answers late or never);
   :class:`Events` runs hooks on workflow events, e.g. raising :class:`SimulatedCrash`.
 * :func:`crash_in_child` runs a workflow in a forked child that dies at a chosen point
   (leaving its journal record open, its owner gone) and brings the world's state back.
@@ -841,8 +843,14 @@ class _Stubs:
     def __init__(self, world: World, uri: str, uuid: str) -> None:
         self.world, self.uri, self.uuid = world, uri, uuid
 
-    def _rpc(self, rpc: str, subject: str, handle: Callable[[DomainRecord], Any]) -> Any:
+    def _rpc(self, rpc: str, subject: str, handle: Callable[[DomainRecord], Any],
+             timeout: float | None = None) -> Any:
         try:
+            host = self.world.hosts.get(self.uri)
+            domain = host.domains.get(self.uuid) if host is not None else None
+            hook = self.world.agent_before.get((domain.name if domain else "", rpc))
+            if hook is not None:
+                hook(subject, timeout)
             with self.world.op("agent", rpc, subject):
                 host = self.world.hosts.get(self.uri)
                 record = host.domains.get(self.uuid) if host is not None else None
@@ -859,26 +867,31 @@ class _Stubs:
         except AgentError as exc:
             raise FakeRpcError(exc.code, exc.message) from None
 
-    def GetVersion(self, request: pb.GetVersionRequest, **_: Any) -> pb.GetVersionResponse:
+    def GetVersion(self, request: pb.GetVersionRequest, timeout: float | None = None,
+                   **_: Any) -> pb.GetVersionResponse:
         return self._rpc("GetVersion", "", lambda r: pb.GetVersionResponse(
             agent_version="0.1.0", api_version=1,
-            capabilities=["use-standby", "bind-primary", "mac-policy:preserve"]))
+            capabilities=["use-standby", "bind-primary", "mac-policy:preserve"]), timeout)
 
-    def Check(self, request: pb.HealthCheckRequest, **_: Any) -> pb.HealthCheckResponse:
+    def Check(self, request: pb.HealthCheckRequest, timeout: float | None = None,
+              **_: Any) -> pb.HealthCheckResponse:
         return self._rpc("Check", "", lambda r: pb.HealthCheckResponse(
             status=pb.HealthCheckResponse.SERVING if r.guest.serving
-            else pb.HealthCheckResponse.NOT_SERVING))
+            else pb.HealthCheckResponse.NOT_SERVING), timeout)
 
-    def GetState(self, request: pb.GetStateRequest, **_: Any) -> pb.GetStateResponse:
-        return self._rpc("GetState", "", lambda r: r.guest.state(r.live))
+    def GetState(self, request: pb.GetStateRequest, timeout: float | None = None,
+                 **_: Any) -> pb.GetStateResponse:
+        return self._rpc("GetState", "", lambda r: r.guest.state(r.live), timeout)
 
-    def UseStandby(self, request: pb.UseStandbyRequest, **_: Any) -> pb.UseStandbyResponse:
+    def UseStandby(self, request: pb.UseStandbyRequest, timeout: float | None = None,
+                   **_: Any) -> pb.UseStandbyResponse:
         return self._rpc("UseStandby", request.team,
-                         lambda r: r.guest.use_standby(r.live, request))
+                         lambda r: r.guest.use_standby(r.live, request), timeout)
 
-    def BindPrimary(self, request: pb.BindPrimaryRequest, **_: Any) -> pb.BindPrimaryResponse:
+    def BindPrimary(self, request: pb.BindPrimaryRequest, timeout: float | None = None,
+                    **_: Any) -> pb.BindPrimaryResponse:
         return self._rpc("BindPrimary", request.team,
-                         lambda r: r.guest.bind_primary(r.live, request))
+                         lambda r: r.guest.bind_primary(r.live, request), timeout)
 
 
 class _Channel:
@@ -922,6 +935,10 @@ class World:
         self.faults: list[Fault] = []
         self.tamper: dict[str, Callable[[Any], None]] = {}
         self.before: dict[tuple[str, str], Callable[[str], None]] = {}
+        #: (domain name, RPC) -> hook(subject, the call's timeout), run before that
+        #: domain's agent answers, outside the world's lock; an AgentError it raises is
+        #: the call's outcome.
+        self.agent_before: dict[tuple[str, str], Callable[[str, float | None], None]] = {}
         self.agents_open = 0
         for host in self.hosts.values():
             host.networks["default"] = ("<network><name>default</name><forward mode='nat'/>"
