@@ -386,6 +386,13 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: job statistics of {dom.name()}", exc) from exc
 
+    def job_running(self, dom: libvirt.virDomain) -> bool:
+        """True while the domain has a job (e.g. an outgoing migration) in progress."""
+        try:
+            return bool(int(dom.jobInfo()[0]) != libvirt.VIR_DOMAIN_JOB_NONE)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: job of {dom.name()}", exc) from exc
+
     def abort_job(self, dom: libvirt.virDomain) -> None:
         try:
             dom.abortJob()

@@ -33,6 +33,9 @@ from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcom
 
 log = logging.getLogger(__name__)
 
+#: How long ``recover`` waits for a migration a killed coordinator left running.
+RECOVER_JOB_WAIT = 300.0
+
 POOL_PREFIX = "ptmig-pool-"
 
 
@@ -199,6 +202,7 @@ class Coordinator:
     def _recover_one(self, uuid: str, source_uri: str, destination_uri: str,
                      workflow_id: str) -> tuple[str, str]:
         hosts = [source_uri] if source_uri == destination_uri else [source_uri, destination_uri]
+        self._wait_for_jobs(uuid, hosts)
         running = []
         for uri in hosts:
             try:
@@ -219,6 +223,28 @@ class Coordinator:
         else:
             outcome = Outcome.DONE_DEGRADED
         return str(outcome), f"on the {where}; teams {teams}"
+
+    def _wait_for_jobs(self, uuid: str, hosts: list[str],
+                       timeout: float = RECOVER_JOB_WAIT) -> None:
+        """Let a job the dead coordinator started end before looking where the VM runs.
+
+        A peer-to-peer migration runs on inside the source's libvirtd after its client was
+        killed; until it ends the VM is active on both hosts (paused on the destination).
+        """
+        deadline = time.monotonic() + timeout
+        for uri in hosts:
+            try:
+                with self.connect(uri) as hv:
+                    if not hv.has_domain(uuid):
+                        continue
+                    dom = hv.domain(uuid)
+                    while hv.is_active(dom) and hv.job_running(dom):
+                        if time.monotonic() > deadline:
+                            log.warning("recover: %s still has a job on %s", uuid, uri)
+                            return
+                        time.sleep(0.5)
+            except HypervisorError as exc:
+                log.warning("recover: %s: %s", uri, exc)
 
     def _repair(self, uri: str, ident: str, op_prefix: str) -> dict[str, str]:
         """Every team of the domain on *uri* back on a primary where a device is free."""

@@ -255,6 +255,29 @@ def test_recover_after_a_crash_inside_the_migration_call(
     assert world.modes("vm1") == on("primary")
 
 
+def test_recover_waits_for_a_migration_job_the_dead_coordinator_left_running(
+        world: World, journal_path: Path) -> None:
+    """libvirtd runs a p2p migration on after its client died: recover must not look
+    where the VM is (both hosts, for a moment) before that job ended."""
+    crash_migration(world, journal_path, Events({("migrate", "started"): crash}))
+    record = world.hosts[A].domains[VM1.uuid]
+    record.job_running = True
+    polls = []
+
+    def job_ends_at_third_poll(_subject: str) -> None:
+        polls.append(1)
+        if len(polls) == 3:
+            record.job_running = False
+
+    world.before[(A, "job_running")] = job_ends_at_third_poll
+    with Journal(journal_path) as journal:
+        (result,) = world.coordinator(journal).recover()
+
+    assert len(polls) == 3
+    assert result["result"] == "rolled-back"
+    assert world.modes("vm1") == on("primary")
+
+
 @pytest.mark.parametrize("where", ["no-host", "both-hosts"])
 def test_recover_refuses_to_guess_where_the_vm_is(
         world: World, journal_path: Path, where: str) -> None:

@@ -366,6 +366,7 @@ class DomainRecord:
     domid: int = 1
     prefixes: dict[str, str] = field(default_factory=lambda: {TEAMS_NS: TEAMS_PREFIX})
     job: dict[str, Any] | None = None
+    job_running: bool = False  # a job (say, a migration a killed client started) in progress
 
 
 @dataclass
@@ -783,6 +784,10 @@ class FakeHypervisor:
                 raise HypervisorError(f"{self.uri}: job statistics of {dom.domain_name}: no "
                                       "completed job", 1)
             return dict(job)
+
+    def job_running(self, dom: FakeDomain) -> bool:
+        with self.world.op(self.uri, "job_running", dom.domain_name):
+            return self._record(dom).job_running
 
     def abort_job(self, dom: FakeDomain) -> None:
         with self.world.op(self.uri, "abort_job", dom.domain_name):
