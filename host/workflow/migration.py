@@ -162,13 +162,23 @@ class MigrationWorkflow:
         return {"seconds": seconds}
 
     def replug_on_source(self) -> None:
-        """Undo of unplug: a device from the source's pool (the one just freed), bound."""
+        """Undo of unplug: a device from the source's pool (the one just freed), bound.
+
+        A team left on its standby (no free device, or the bind failed) is an undo that did
+        not undo: it fails the compensation, so the outcome says failed, not rolled back.
+        """
+        left = []
         for name in reversed(self.unplugged):
             team = self.source.teams().team(name)
             result = plug_and_bind(self.source, team, self.op("replug", name), BIND_TIMEOUT,
                                    lambda m: self.runner.emit("unplug", "info", m))
             log.info("rollback of team %s: %s", name, result)
+            if result["result"] != "primary":
+                left.append(f"{name} ({result.get('detail', 'not bound')})")
         self.unplugged.clear()
+        if left:
+            raise WorkflowError(f"team(s) left on their standby: {', '.join(left)}; "
+                                "degraded until a device is free")
 
     def migrate(self) -> dict[str, Any]:
         src = self.source
