@@ -162,6 +162,12 @@ def _describe(links: Sequence[Link], index: int | None) -> str:
     return link.name if link else "none"
 
 
+def _name_or_empty(links: Sequence[Link], index: int | None) -> str:
+    """A link's name for the contract, where "" (not "none") means there is none."""
+    link = by_index(links, index)
+    return link.name if link else ""
+
+
 def _index(link: Link | None) -> int | None:
     return link.index if link else None
 
@@ -497,7 +503,7 @@ class Teams:
             ownership=team.ownership,
             mac=bond.mac if bond else None,
             fail_over_mac=info.fail_over_mac if info else None,
-            active_member=_describe(links, info.active_slave)
+            active_member=_name_or_empty(links, info.active_slave)
             if info and info.active_slave
             else None,
             standby=standby.name if standby else None,

@@ -392,7 +392,7 @@ def _check(ok: bool, what: str) -> None:
 def _valid_name(name: str, *, empty_ok: bool = True) -> bool:
     """A Linux interface name: 1-15 printable characters, no blank, '/' or ':'.  Control
     characters would reach logs and terminals (escape sequences) unescaped."""
-    return (empty_ok and name == "") or (name.isprintable() and bool(_IFNAME.match(name)))
+    return (empty_ok and name == "") or (name.isprintable() and bool(_IFNAME.fullmatch(name)))
 
 
 def validate_team(team: pb.TeamState, name: str | None = None) -> None:
@@ -406,7 +406,7 @@ def validate_team(team: pb.TeamState, name: str | None = None) -> None:
     _check(name is None or team.name == name,
            f"asked about team {_printable(name or '')!r}, got {_printable(team.name)!r}")
     _check(_valid_name(team.bond, empty_ok=False), f"bond name {_printable(team.bond)!r}")
-    _check(team.mac == "" or bool(_MAC.match(team.mac)), f"team MAC {_printable(team.mac)!r}")
+    _check(team.mac == "" or bool(_MAC.fullmatch(team.mac)), f"team MAC {_printable(team.mac)!r}")
     for member in (team.active_member, team.standby, team.primary, *team.members):
         _check(_valid_name(member), f"member name {_printable(member)!r}")
     _check(len(team.members) <= 8, "too many members")
@@ -421,8 +421,8 @@ def validate_state(state: pb.GetStateResponse) -> None:
     for link in state.links:
         _check(_valid_name(link.name, empty_ok=False), f"link name {_printable(link.name)!r}")
         for mac in (link.mac, link.permanent_mac):
-            _check(mac == "" or bool(_MAC.match(mac)), f"MAC {_printable(mac)!r}")
-        _check(link.pci_address == "" or bool(_PCI.match(link.pci_address)),
+            _check(mac == "" or bool(_MAC.fullmatch(mac)), f"MAC {_printable(mac)!r}")
+        _check(link.pci_address == "" or bool(_PCI.fullmatch(link.pci_address)),
                f"PCI address {_printable(link.pci_address)!r}")
     names = [t.name for t in state.teams]
     _check(len(names) == len(set(names)), "duplicate team names")

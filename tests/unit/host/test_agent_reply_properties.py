@@ -144,8 +144,6 @@ def test_any_team_in_a_reply_is_valid_or_a_protocol_error(state: Any) -> None:
         _check_team(team)
 
 
-@pytest.mark.xfail(strict=True, reason="host/agent_client.py: _MAC/_PCI use '$' with re.match, "
-                   "which also matches before a trailing newline")
 @pytest.mark.parametrize("field", ["mac", "pci_address"])
 def test_a_mac_with_a_trailing_newline_is_refused(field: str) -> None:
     state = sample_state()
