@@ -435,6 +435,42 @@ def test_socket_is_0600_in_a_0700_directory(running: Daemon) -> None:
     assert stat.S_IMODE(os.lstat(running.socket.parent).st_mode) == 0o700
 
 
+CONNECT_AS_NOBODY = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    print(type(exc).__name__)
+else:
+    print("connected")
+"""
+
+
+def connect_as_nobody(path: Path) -> str:
+    def drop() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    return subprocess.run(["/usr/bin/python3", "-c", CONNECT_AS_NOBODY, str(path)],
+                          capture_output=True, text=True, preexec_fn=drop, timeout=30,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_a_user_other_than_root_cannot_connect(running: Daemon, short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)  # only ptmigd's own directory and socket stand in the way
+    assert connect_as_nobody(running.socket) == "PermissionError"
+    running.socket.parent.chmod(0o755)  # an operator loosened the directory: the socket holds
+    try:
+        assert connect_as_nobody(running.socket) == "PermissionError"
+        running.socket.chmod(0o666)  # the check itself can fail: loosen the socket too
+        assert connect_as_nobody(running.socket) == "connected"
+    finally:
+        running.socket.chmod(0o600)
+        running.socket.parent.chmod(0o700)
+
+
 def test_socket_directory_must_be_private(fake: FakeCoordinator, short_tmp: Path) -> None:
     wide = short_tmp / "wide"
     wide.mkdir(mode=0o755)
