@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -290,3 +291,22 @@ def test_vsock_listener_answers_through_guest_loopback(on_hosta: VmLab) -> None:
         f"echo {script} | base64 -d > /tmp/vsock_probe.py && python3 /tmp/vsock_probe.py",
         timeout=90).check()
     assert "vsock-health 1" in out  # SERVING
+
+
+#: systemd's "OK" band ends below 2.0; the unit scored 1.8 with only CAP_NET_ADMIN.
+MAX_AGENT_EXPOSURE = 2.0
+
+
+def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
+        on_hosta: VmLab, record_property: Callable[[str, object], None]) -> None:
+    """The installed, running unit, as Debian 12's systemd reviews it (not the offline file)."""
+    out = on_hosta.exec("systemd-analyze security --no-pager ptmig-agent.service").check()
+    found = re.search(r"Overall exposure level for ptmig-agent\.service: (\d+\.\d+)", out)
+    assert found, out[-2000:]
+    exposure = float(found.group(1))
+    print(f"systemd-analyze security ptmig-agent.service: {exposure}")
+    record_property("agent_unit_exposure", exposure)
+    assert exposure <= MAX_AGENT_EXPOSURE, out[-4000:]
+    capabilities = on_hosta.exec(
+        "grep CapEff /proc/$(systemctl show -p MainPID --value ptmig-agent)/status").check()
+    assert int(capabilities.split()[-1], 16) == 1 << 12, capabilities  # CAP_NET_ADMIN only
