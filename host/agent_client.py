@@ -105,6 +105,13 @@ class UnixStream:
         self._sock.connect(path)
         self._sock.settimeout(None)
 
+    @classmethod
+    def over(cls, sock: socket.socket) -> UnixStream:
+        """The same stream over a socket already connected (one end of a socketpair)."""
+        stream = cls.__new__(cls)
+        stream._sock = sock
+        return stream
+
     def recv(self, size: int) -> bytes:
         try:
             return self._sock.recv(size)

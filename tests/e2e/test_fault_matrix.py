@@ -3,8 +3,9 @@
 Every case ends with the same checks (:func:`assert_converged`): the VM runs on exactly
 one host, the client reaches both teams' addresses, no MAC is on two hosts, every team is
 on its primary or is degraded and then repaired by the reconciler's pass, every pool
-device the domain holds is one its metadata names (live and persistent alike), and the
-journal has no open workflow.  The table of cases, results and lost packets is printed at
+device the domain holds is one its metadata names (live and persistent alike) and no
+pool device (tap) exists that no running domain holds, and the journal has no open
+workflow.  The table of cases, results and lost packets is printed at
 the end of the run.
 """
 
@@ -96,6 +97,18 @@ def assert_devices_accounted_for(lab: VmLab, host: str) -> None:
             assert defined == recorded, f"{info.name}'s definition: {defined}, teams {recorded}"
 
 
+def assert_no_orphan_taps(lab: VmLab) -> None:
+    """A pool's tap exists on a host only while a running domain there holds it."""
+    pool_taps = {tap for slots in co.POOL_SLOTS.values() for tap, _ in slots}
+    for net in HOSTS:
+        out = run(["ip", "-n", net.netns, "-o", "link", "show"], capture=True)
+        present = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+        held = {n.target_dev for live, _ in domain_xmls(lab, net.name)
+                for n in parse_domain(live).interfaces}
+        assert (present & pool_taps) <= held, f"{net.name}: taps held by no one: " \
+            f"{(present & pool_taps) - held}"
+
+
 def assert_reachable(lab: VmLab) -> None:
     for ip in (GUEST_IP, WAN_GUEST_IP):
         run(["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
@@ -123,6 +136,7 @@ def assert_converged(lab: VmLab) -> str:
     assert set(on.values()) == {"primary"}, on
     assert open_workflows() == []
     assert_devices_accounted_for(lab, where)
+    assert_no_orphan_taps(lab)
     assert_reachable(lab)
     lab.check_health()
     return ended
@@ -176,22 +190,36 @@ def agent(lab: VmLab, action: str) -> None:
         lab.exec(f"systemctl {action} {AGENT_UNIT}").check()
 
 
-def when_job_runs(lab: VmLab, host: str, action: Callable[[libvirt.virDomain], None]
-                  ) -> threading.Thread:
-    """Run *action* on the domain, in a thread, as soon as its migration job is running."""
-    dom = lab.domain(host)
+class OnceTheJobRuns:
+    """A hook that runs *action* on *host*'s domain, in a thread, as soon as its migration
+    job is running (the ``migrate started`` event comes just before libvirt starts it)."""
 
-    def wait_and_act() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
-                action(dom)
-                return
-            time.sleep(0.05)
+    def __init__(self, lab: VmLab, host: str,
+                 action: Callable[[libvirt.virDomain], None]) -> None:
+        self.lab, self.host, self.action = lab, host, action
+        self.thread: threading.Thread | None = None
 
-    thread = threading.Thread(target=wait_and_act)
-    thread.start()
-    return thread
+    def __call__(self) -> None:
+        dom = self.lab.domain(self.host)
+
+        def wait_and_act() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                    self.action(dom)
+                    return
+                time.sleep(0.05)
+
+        self.thread = threading.Thread(target=wait_and_act)
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+def abort_job(dom: libvirt.virDomain) -> None:
+    dom.abortJob()
 
 
 def record(case: str, result: str, lost: dict[str, int]) -> None:
@@ -329,18 +357,13 @@ def test_link_between_hosts_cut_during_migrate_rolls_back(faulty: VmLab) -> None
     src = lab.where()
     dest = OTHER[src]
     netns = next(h.netns for h in HOSTS if h.name == dest)
-    threads: list[threading.Thread] = []
-
-    def cut(_dom: libvirt.virDomain) -> None:
-        run(["ip", "-n", netns, "link", "set", "mig0", "down"])
-
+    cut = OnceTheJobRuns(lab, src, lambda _dom: run(["ip", "-n", netns, "link", "set", "mig0",
+                                                      "down"]))
     try:
         with pinging("link-cut") as lost:
-            report = migrate(lab, dest, {("migrate", "started"):
-                                         lambda: threads.append(when_job_runs(lab, src, cut))})
+            report = migrate(lab, dest, {("migrate", "started"): cut})
     finally:
-        for t in threads:
-            t.join()
+        cut.join()
         run(["ip", "-n", netns, "link", "set", "mig0", "up"])
     result = expect(report, Outcome.ROLLED_BACK)
     assert lab.where() == src
@@ -350,16 +373,10 @@ def test_link_between_hosts_cut_during_migrate_rolls_back(faulty: VmLab) -> None
 def test_migration_job_aborted_rolls_back(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
-    threads: list[threading.Thread] = []
-
-    def abort(dom: libvirt.virDomain) -> None:
-        dom.abortJob()
-
+    abort = OnceTheJobRuns(lab, src, abort_job)
     with pinging("jobabort") as lost:
-        report = migrate(lab, OTHER[src], {("migrate", "started"):
-                                           lambda: threads.append(when_job_runs(lab, src, abort))})
-    for t in threads:
-        t.join()
+        report = migrate(lab, OTHER[src], {("migrate", "started"): abort})
+    abort.join()
     result = expect(report, Outcome.ROLLED_BACK)
     assert lab.where() == src
     record("migration job aborted (domjobabort)", f"{result} + {assert_converged(lab)}", lost)
@@ -368,20 +385,13 @@ def test_migration_job_aborted_rolls_back(faulty: VmLab) -> None:
 def test_source_replug_failing_in_rollback_leaves_degraded_then_repaired(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
-    threads: list[threading.Thread] = []
-
-    def abort(dom: libvirt.virDomain) -> None:
-        dom.abortJob()
-
-    hooks = {
-        ("unplug", "done"): lambda: co.define_pools(lab, {src: []}),
-        ("migrate", "started"): lambda: threads.append(when_job_runs(lab, src, abort)),
-    }
+    abort = OnceTheJobRuns(lab, src, abort_job)
+    hooks = {("unplug", "done"): lambda: co.define_pools(lab, {src: []}),
+             ("migrate", "started"): abort}
     try:
         with pinging("replug-fails") as lost:
             report = migrate(lab, OTHER[src], hooks)
-        for t in threads:
-            t.join()
+        abort.join()
     finally:
         co.define_pools(lab, {src: co.POOL_SLOTS[src]})
     result = expect(report, Outcome.FAILED)

@@ -292,7 +292,7 @@ def test_handshake_scans_a_flood_of_other_sessions_acks_in_linear_time() -> None
     """Frames that look right but answer another session: each skipped cheaply (it was a
     rescan of the whole buffer per frame: seconds per 64 KiB chunk, deadline unchecked)."""
     host, guest = socket.socketpair()
-    stream = UnixStreamOver(host)
+    stream = UnixStream.over(host)
     reader = agent_client._Reader(stream)
     junk = wire.encode(wire.FrameType.ACK, b"x" * 16) * 2048  # 64 KiB of foreign ACKs
     feeder = threading.Thread(target=lambda: _feed(guest, junk), daemon=True)
@@ -311,7 +311,7 @@ def test_handshake_scans_a_flood_of_other_sessions_acks_in_linear_time() -> None
 
 def test_handshake_refuses_a_corrupt_answer_with_our_session_at_once() -> None:
     host, guest = socket.socketpair()
-    stream = UnixStreamOver(host)
+    stream = UnixStream.over(host)
     reader = agent_client._Reader(stream)
 
     def answer() -> None:
@@ -632,26 +632,6 @@ def test_a_guest_that_never_answers_preflight_is_refused_and_others_go_on(
 # -- helpers for the handshake tests ---------------------------------------------------------
 
 
-class UnixStreamOver:
-    """:class:`UnixStream`'s behaviour over a socket the test already has (one socketpair
-    end), so a handshake can be driven byte by byte."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def recv(self, size: int) -> bytes:
-        try:
-            return self._sock.recv(size)
-        except OSError:
-            return b""
-
-    def sendall(self, data: bytes) -> None:
-        self._sock.sendall(data)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
 
 
 def _feed(sock: socket.socket, chunk: bytes) -> None:
