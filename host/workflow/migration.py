@@ -59,6 +59,7 @@ class MigrationWorkflow:
         self.source = GuestOnHost(source, request.domain, agent_for)
         self.destination: GuestOnHost | None = None
         self.teams: list[Team] = []
+        self.on_primary_before: set[str] = set()  # teams the guest had on a primary
         self.moved: list[str] = []  # teams switched to standby
         self.unplugged: list[str] = []
         self.migration: dict[str, Any] = {}
@@ -97,6 +98,8 @@ class MigrationWorkflow:
         links = {link.name: link for link in state.links}
         by_name = {t.name: t for t in state.teams}
         free: dict[str, int] = {}
+        self.on_primary_before = {t.name for t in state.teams
+                                  if t.primary and t.active_member == t.primary}
         for team in self.teams:
             ts = by_name.get(team.name)
             if ts is None:
@@ -261,10 +264,15 @@ class MigrationWorkflow:
                                                self.agent_for)
             else:
                 errors = r.compensate()
+                report.teams = self._team_summary(self.source)
+                # Compensations can all succeed and a team still end elsewhere (a request
+                # the agent ran late, after its deadline): only what the guest says counts.
+                errors += [f"team {name} is not back on its primary"
+                           for name in sorted(self.on_primary_before)
+                           if report.teams and report.teams.get(name) != "primary"]
                 report.outcome = Outcome.FAILED if errors else Outcome.ROLLED_BACK
                 if errors:
                     report.error += "; rollback: " + "; ".join(errors)
-                report.teams = self._team_summary(self.source)
                 report.phases = r.timings
                 self._close()
                 return report

@@ -369,6 +369,25 @@ def test_switch_refused_rolls_back_untouched(journal: Journal) -> None:
     assert ("switch", "failed") in step_rows(journal, record.id)
 
 
+def test_rollback_that_leaves_a_team_off_its_primary_is_failed_not_rolled_back(
+        journal: Journal) -> None:
+    """Every compensation answered ok, yet the guest ran a late UseStandby after them
+    (queued behind a stopped agent): the report says what the guest says."""
+    world = World((SOLO1,))
+    world.fail("agent", "UseStandby", AgentError("DEADLINE_EXCEEDED", "agent stopped"))
+    guest = world.guest("vm1")
+
+    def late_switch() -> None:
+        guest.teams["lan"].active = guest.teams["lan"].standby_mac
+
+    report = migrate(world, journal, Events({("switch", "compensated"): late_switch}))
+
+    assert report.outcome is Outcome.FAILED
+    assert "team lan is not back on its primary" in report.error
+    assert report.teams == {"lan": "standby"}
+    assert last_workflow(journal).outcome == "failed"
+
+
 @pytest.mark.parametrize("how", ["timeout", "refuse"])
 def test_unplug_failure_rolls_back_by_binding_the_primary_again(
         journal: Journal, how: str) -> None:
