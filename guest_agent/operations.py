@@ -37,9 +37,14 @@ class OperationLog(Generic[T]):
         self._lock = threading.Lock()
 
     def run(
-        self, operation_id: str, fingerprint: Hashable, action: Callable[[], T]
+        self, operation_id: str, fingerprint: Hashable, action: Callable[[], T],
+        not_done: tuple[type[Exception], ...] = (),
     ) -> tuple[T, bool]:
-        """Return (outcome, replayed); raise the recorded error on a replayed failure."""
+        """Return (outcome, replayed); raise the recorded error on a replayed failure.
+
+        An error of a *not_done* type says the action did nothing: it is not recorded, so
+        a retry with the same id runs the action.
+        """
         with self._lock:
             entry = self._entries.get(operation_id)
             first = entry is None
@@ -53,6 +58,12 @@ class OperationLog(Generic[T]):
         if first:
             try:
                 entry.value = action()
+            except not_done as exc:
+                entry.error = exc  # for a retry already waiting on this attempt
+                with self._lock:
+                    if self._entries.get(operation_id) is entry:
+                        del self._entries[operation_id]
+                raise
             except Exception as exc:
                 entry.error = exc
             finally:

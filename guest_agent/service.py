@@ -20,7 +20,7 @@ from ptmig.v1 import guest_agent_pb2_grpc as pb_grpc
 from guest_agent import __version__
 from guest_agent.links import FailOverMac, Link, by_index
 from guest_agent.operations import OperationIdReused, OperationLog
-from guest_agent.teams import MacPolicy, Ownership, TeamError, Teams, TeamState
+from guest_agent.teams import Abandoned, MacPolicy, Ownership, TeamError, Teams, TeamState
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
     def UseStandby(self, request: Any, context: grpc.ServicerContext) -> Any:
         def switch() -> Any:
             result = self._teams.use_standby(
-                request.team, request.release_primary, self._deadline(request, context)
+                request.team, request.release_primary, self._deadline(request, context),
+                context.is_active,
             )
             return pb.UseStandbyResponse(team=team_to_pb(result.team), released=result.released)
 
@@ -139,6 +140,7 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
                 request.mac or None,
                 _POLICY_FROM_PB.get(policy),
                 self._deadline(request, context),
+                context.is_active,
             )
             return pb.BindPrimaryResponse(team=team_to_pb(result.team), device=result.device)
 
@@ -156,7 +158,8 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
         fingerprint = (method, key.SerializeToString(deterministic=True))
 
         def once() -> Any:
-            response, replayed = self._operations.run(request.operation_id, fingerprint, action)
+            response, replayed = self._operations.run(request.operation_id, fingerprint, action,
+                                                      not_done=(Abandoned,))
             if replayed:
                 copy = response.__class__()
                 copy.CopyFrom(response)

@@ -157,9 +157,28 @@ class KernelError(TeamError):
     code = "INTERNAL"
 
 
+class Abandoned(TeamError):
+    """The caller went away while the request waited for its team: nothing was done.
+
+    A request queued behind a stopped agent must not run after the host gave up on it and
+    moved on (say, a switch to standby landing after the rollback's bind).
+    """
+
+    code = "CANCELLED"
+
+
+def _caller_waits() -> bool:
+    return True
+
+
 def _describe(links: Sequence[Link], index: int | None) -> str:
     link = by_index(links, index)
     return link.name if link else "none"
+
+
+def _still_wanted(team: str, caller_waits: Callable[[], bool]) -> None:
+    if not caller_waits():
+        raise Abandoned(f"team {team}: the caller gave up while the team was busy; nothing done")
 
 
 def _name_or_empty(links: Sequence[Link], index: int | None) -> str:
@@ -197,10 +216,12 @@ class Teams:
 
     # -- switch --------------------------------------------------------------
 
-    def use_standby(self, name: str, release_primary: bool, deadline: float) -> SwitchResult:
+    def use_standby(self, name: str, release_primary: bool, deadline: float,
+                    caller_waits: Callable[[], bool] = _caller_waits) -> SwitchResult:
         """Make the standby the active member, verified; optionally release the rest."""
         team = self._team(name)
         with self._locks[name]:
+            _still_wanted(name, caller_waits)
             links = self.list_links()
             bond = self._bond(team, links)
             standby = self._standby(team, links)
@@ -239,11 +260,13 @@ class Teams:
         mac: str | None,
         policy: MacPolicy | None,
         deadline: float,
+        caller_waits: Callable[[], bool] = _caller_waits,
     ) -> BindResult:
         """Find the device, enslave it, wait for its carrier, make it active."""
         team = self._team(name)
         match = self._device_match(pci_address, mac)
         with self._locks[name]:
+            _still_wanted(name, caller_waits)
             return self._bind(team, match, policy or team.mac_policy, deadline)
 
     def _device_match(self, pci_address: str | None, mac: str | None) -> DeviceMatch:

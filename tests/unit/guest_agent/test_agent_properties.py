@@ -55,6 +55,9 @@ class Context:
     def time_remaining(self) -> float | None:
         return None
 
+    def is_active(self) -> bool:
+        return True
+
 
 def scene() -> FakeLinks:
     """The tests' guest, plus a free NIC to bind and one udev has not finished with."""

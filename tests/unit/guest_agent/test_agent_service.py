@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,31 @@ def test_switch_then_bind(agent: Any, fake: FakeLinks) -> None:
     )
     assert bound.device == "enp3s0" and bound.team.active_member == "enp3s0"
     assert not bound.replayed and fake.get("enp3s0").mac == OLD_MAC
+
+
+def test_a_switch_whose_caller_gave_up_while_queued_does_not_run(
+        agent: Any, fake: FakeLinks) -> None:
+    """The host gave up on a switch queued behind a bind (a stopped agent, then resumed):
+    run late, it would undo the newer bind.  It does nothing; a retry of it does run."""
+    switch(agent)
+    fake.remove("enp2s0")
+    fake.hotplug_later(1.0, "enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    bind = pb.BindPrimaryRequest(operation_id="bind", team="lan", pci_address=NEW_PCI,
+                                 timeout_ms=5000)
+    bound: list[Any] = []
+    binder = threading.Thread(target=lambda: bound.append(agent.BindPrimary(bind)))
+    binder.start()
+    time.sleep(0.2)  # the bind holds team lan, waiting for the device
+    late = pb.UseStandbyRequest(operation_id="late", team="lan", release_primary=False)
+    code, _ = code_of(lambda: agent.UseStandby(late, timeout=0.3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    binder.join()
+
+    assert bound and bound[0].team.active_member == "enp3s0"
+    time.sleep(0.2)  # the abandoned switch has its turn at the lock now
+    assert fake.get("bond0").bond.active_slave == fake.get("enp3s0").index  # type: ignore[union-attr]
+    again = agent.UseStandby(late)  # the same id again: not a replay of "abandoned"
+    assert not again.replayed and again.team.active_member == "enp1s0"
 
 
 def test_retry_with_same_operation_id_replays(agent: Any, fake: FakeLinks) -> None:
