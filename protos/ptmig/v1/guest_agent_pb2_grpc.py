@@ -17,6 +17,9 @@ class GuestAgentStub(object):
     DEADLINE_EXCEEDED    device, carrier or active-member change did not happen in time
     PERMISSION_DENIED    the RPC is not in the agent's allow-list
     RESOURCE_EXHAUSTED   request larger than the agent's message size limit
+    CANCELLED            the caller had gone when the team became free (a request
+    queued behind a busy or stopped agent): nothing was done, and
+    a retry with the same operation_id runs it
     INTERNAL             netlink refused an operation (message says which and why)
     """
 
@@ -60,6 +63,9 @@ class GuestAgentServicer(object):
     DEADLINE_EXCEEDED    device, carrier or active-member change did not happen in time
     PERMISSION_DENIED    the RPC is not in the agent's allow-list
     RESOURCE_EXHAUSTED   request larger than the agent's message size limit
+    CANCELLED            the caller had gone when the team became free (a request
+    queued behind a busy or stopped agent): nothing was done, and
+    a retry with the same operation_id runs it
     INTERNAL             netlink refused an operation (message says which and why)
     """
 
@@ -131,6 +137,9 @@ class GuestAgent(object):
     DEADLINE_EXCEEDED    device, carrier or active-member change did not happen in time
     PERMISSION_DENIED    the RPC is not in the agent's allow-list
     RESOURCE_EXHAUSTED   request larger than the agent's message size limit
+    CANCELLED            the caller had gone when the team became free (a request
+    queued behind a busy or stopped agent): nothing was done, and
+    a retry with the same operation_id runs it
     INTERNAL             netlink refused an operation (message says which and why)
     """
 
