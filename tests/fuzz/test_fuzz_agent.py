@@ -23,9 +23,7 @@ import itertools
 import logging
 import os
 import select
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -86,13 +84,6 @@ def agent(short_tmp: Path) -> Iterator[tuple[str, FakeLinks, Unexpected]]:
     finally:
         logger.removeHandler(unexpected)
         links.close()
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ptmig-fuzz-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- agent-grpc --------------------------------------------------------------------------

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from agent_fake_links import FakeLinks
@@ -18,11 +15,3 @@ def fake() -> Iterator[FakeLinks]:
     build_scene(links)
     yield links
     links.close()
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short temporary directory: unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ptmig-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)

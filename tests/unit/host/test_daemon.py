@@ -11,7 +11,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -143,14 +142,6 @@ RECORD = WorkflowRecord(
     request={"domain": "vm1"},
     report=None,
 )
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory: unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ptmigd-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -156,14 +154,6 @@ class HostileGuest:
 def relay_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate()
             if t.name.startswith("agent-") and t.is_alive()]
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """Unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ptmig-hg-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
