@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ptmig.v1 import guest_agent_pb2 as pb
 
-from host.agent_client import AgentClient, AgentEndpoint
+from host.agent_client import AgentClient, AgentEndpoint, ChannelTurn
 from host.domain.devices import attachment_for_slot, next_primary_alias
 from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import DomainModelError
@@ -42,9 +42,15 @@ class PreflightError(WorkflowError):
 
 
 def serial_agent(hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
-    """The agent over its virtio-serial channel, through libvirt (any host, no paths)."""
+    """The agent over its virtio-serial channel, through libvirt (any host, no paths),
+    once no other ptmig process on this host is using that channel."""
+    turn = ChannelTurn(str(dom.UUIDString()))
     endpoint = AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL))
-    return AgentClient(endpoint, call_timeout=timeout)
+    try:
+        return AgentClient(endpoint, call_timeout=timeout, turn=turn)
+    except BaseException:
+        turn.release()
+        raise
 
 
 #: How a workflow reaches a guest's agent; tests put a fake here.

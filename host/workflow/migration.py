@@ -239,6 +239,12 @@ class MigrationWorkflow:
     # -- the whole ---------------------------------------------------------------------
 
     def run(self) -> MigrationReport:
+        try:
+            return self._run()
+        finally:
+            self._close()  # also on an escaping error: the agent channels are one per guest
+
+    def _run(self) -> MigrationReport:
         report = MigrationReport(self.workflow_id, self.request.domain, self.request.source_uri,
                                  self.request.destination_uri, Outcome.FAILED)
         r = self.runner
@@ -247,7 +253,6 @@ class MigrationWorkflow:
         except Exception as exc:
             report.outcome = Outcome.ROLLED_BACK
             report.error = f"preflight: {exc}"
-            self._close()
             report.phases = r.timings
             raise PreflightError(str(exc)) from exc
         try:
@@ -260,6 +265,7 @@ class MigrationWorkflow:
             if moved:
                 log.warning("migration reported an error but the VM runs on the destination")
                 r.forget_compensations()
+                self.source.close()  # the agent's channel: one client at a time
                 self.destination = GuestOnHost(self.destination_hv, self.source.uuid,
                                                self.agent_for)
             else:
@@ -274,7 +280,6 @@ class MigrationWorkflow:
                 if errors:
                     report.error += "; rollback: " + "; ".join(errors)
                 report.phases = r.timings
-                self._close()
                 return report
         r.forget_compensations()
         t0 = time.monotonic()
@@ -292,7 +297,6 @@ class MigrationWorkflow:
             report.outcome = Outcome.DONE
         else:
             report.outcome = Outcome.DONE_DEGRADED
-        self._close()
         return report
 
     def _domain_moved(self) -> bool:

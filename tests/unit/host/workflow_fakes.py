@@ -919,6 +919,7 @@ class FakeAgent(AgentClient):
         self.endpoint = AgentEndpoint(vsock_cid=3)
         self.call_timeout = timeout
         self._relay = None
+        self._turn = None
         self._channel = _Channel(world)  # type: ignore[assignment]
         self._stub = self._health = _Stubs(world, uri, uuid)  # type: ignore[assignment]
         world.agents_open += 1
