@@ -369,6 +369,20 @@ def test_switch_refused_rolls_back_untouched(journal: Journal) -> None:
     assert ("switch", "failed") in step_rows(journal, record.id)
 
 
+def test_rollback_whose_replug_finds_no_free_device_is_failed(
+        world: World, journal: Journal) -> None:
+    world.fail(A, "migrate", HypervisorError("migrate vm1: operation failed: job aborted", 1))
+    events = Events({("unplug", "done"): lambda: world.set_slots(A, 0)})
+
+    report = migrate(world, journal, events)
+
+    assert report.outcome is Outcome.FAILED
+    assert "left on their standby" in report.error and "no free device" in report.error
+    assert world.running_on("vm1") == [A]
+    assert world.modes("vm1") == {"lan": "standby", "wan": "standby"}
+    assert last_workflow(journal).outcome == "failed"
+
+
 def test_rollback_that_leaves_a_team_off_its_primary_is_failed_not_rolled_back(
         journal: Journal) -> None:
     """Every compensation answered ok, yet the guest ran a late UseStandby after them
