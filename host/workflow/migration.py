@@ -129,10 +129,12 @@ class MigrationWorkflow:
 
     def switch_to_standby(self) -> dict[str, Any]:
         def switch(team: Team) -> str:
+            # Owed an undo from the moment it is asked: a switch that timed out may still
+            # run in the guest (queued behind a stopped agent), so the undo binds anyway.
+            self.moved.append(team.name)
             reply = self.source.agent().use_standby(
                 team.name, release_primary=True, operation_id=self.op("switch", team.name),
                 timeout=SWITCH_TIMEOUT)
-            self.moved.append(team.name)
             # At once, for this team's standby only: the switches still send its MAC to the
             # primary's port until they see a frame from the standby, and the bond's own
             # peer notification was seen to come up to 300 ms late.  Only this team's:
@@ -148,7 +150,7 @@ class MigrationWorkflow:
         return {"teams": active}
 
     def switch_back(self) -> None:
-        """Undo of switch: bind each moved team's (still plugged) primary again."""
+        """Undo of switch: bind the (still plugged) primary of each team asked to move."""
         for name in reversed(self.moved):
             team = self.source.teams().team(name)
             if team.primary is None:

@@ -369,6 +369,18 @@ def test_switch_refused_rolls_back_untouched(journal: Journal) -> None:
     assert ("switch", "failed") in step_rows(journal, record.id)
 
 
+def test_a_switch_that_timed_out_is_undone_too(journal: Journal) -> None:
+    """The guest may still run a timed-out switch later: the undo binds the primary anyway."""
+    world = World((SOLO1,))
+    world.fail("agent", "UseStandby", AgentError("DEADLINE_EXCEEDED", "agent stopped"))
+
+    report = migrate(world, journal)
+
+    assert report.outcome is Outcome.ROLLED_BACK
+    assert [c.subject for c in world.calls
+            if (c.where, c.method) == ("agent", "BindPrimary")] == ["lan"]
+
+
 def test_rollback_whose_replug_finds_no_free_device_is_failed(
         world: World, journal: Journal) -> None:
     world.fail(A, "migrate", HypervisorError("migrate vm1: operation failed: job aborted", 1))
