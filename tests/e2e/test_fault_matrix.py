@@ -491,33 +491,3 @@ def test_same_migration_started_twice_runs_once(faulty: VmLab) -> None:
     assert lab.where() == dest
     record("same migration started twice", f"one done, one refused (exit 6) + "
            f"{assert_converged(lab)}", lost)
-
-
-def test_status_polled_during_a_migration_does_not_disturb_it(faulty: VmLab) -> None:
-    """An operator's ``ptmig status`` opens the same guest channel: it waits its turn
-    (ChannelTurn) instead of taking the channel from the running migration."""
-    lab = faulty
-    src = lab.where()
-    stop = threading.Event()
-    polls: list[int] = []
-
-    def poll() -> None:
-        while not stop.is_set():
-            polls.append(co.ptmig(lab, src, "status", DOMAIN_NAME, "--json",
-                                  check=False).returncode)
-            time.sleep(0.3)
-
-    poller = threading.Thread(target=poll)
-    hooks = {("preflight", "done"): poller.start}
-    try:
-        with pinging("status-polled") as lost:
-            report = migrate(lab, OTHER[src], hooks)
-    finally:
-        stop.set()
-        if poller.is_alive():
-            poller.join()
-    result = expect(report, Outcome.DONE)
-    assert report.teams == {"lan": "primary", "wan": "primary"}
-    assert len(polls) >= 2, polls
-    record("ptmig status polled during the migration",
-           f"{result} ({len(polls)} status calls) + {assert_converged(lab)}", lost)
