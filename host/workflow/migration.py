@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 UNPLUG_TIMEOUT = 30.0
 BIND_TIMEOUT = 30.0
 SWITCH_TIMEOUT = 15.0
+#: How long a failed migration may leave the domain active on both hosts.
+SETTLE_TIMEOUT = 90.0
 
 
 class MigrationWorkflow:
@@ -302,7 +304,21 @@ class MigrationWorkflow:
         return report
 
     def _domain_moved(self) -> bool:
-        """Where the VM really runs after a failed migration call."""
+        """Where the VM really runs after a failed migration call.
+
+        Right after a broken migration connection the destination may still hold the
+        incoming (paused) domain until its libvirtd notices: wait for one side to let go.
+        """
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            try:
+                return self._runs_on_destination_only()
+            except WorkflowError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def _runs_on_destination_only(self) -> bool:
         try:
             src_active = self.source_hv.is_active(self.source.dom)
         except HypervisorError:
