@@ -58,6 +58,8 @@ import grpc
 from ptmig.v1 import coordinator_pb2 as pb
 from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 
+from host import daemon_config
+from host.daemon_config import DEFAULT_CONFIG
 from host.workflow.journal import DEFAULT_PATH as DEFAULT_JOURNAL
 from host.workflow.journal import JournalError, WorkflowConflict
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
@@ -701,10 +703,19 @@ def default_coordinator(journal: Path) -> Coordinator:
     return coordinator
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptmigd",
         description="ptmig coordinator daemon: the Coordinator gRPC API for management layers",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="TOML file whose keys give these options' defaults; default %(default)s",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
     )
     parser.add_argument(
         "--socket",
@@ -745,7 +756,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-v: debug)"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ListenConfig:
@@ -760,13 +771,24 @@ def config_from_args(args: argparse.Namespace) -> ListenConfig:
 
 def main(argv: Sequence[str] | None = None, *, coordinator: Coordinator | None = None) -> int:
     """Run ptmigd until SIGTERM/SIGINT; then wait for running migrations.  Exit status."""
-    args = parse_args(argv)
+    parser = build_parser()
+    given, _ = parser.parse_known_args(argv)
+    try:
+        settings = daemon_config.load(given.config, missing_ok=given.config == DEFAULT_CONFIG)
+    except daemon_config.DaemonConfigError as exc:
+        print(f"ptmigd: {exc}", file=sys.stderr)
+        return 2
+    parser.set_defaults(**settings.as_defaults())
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         config = config_from_args(args)
+        if args.check_config:
+            print(f"{args.config}: OK")
+            return 0
         if coordinator is None:
             coordinator = default_coordinator(args.journal)
         daemon = serve(coordinator, config)
