@@ -11,18 +11,18 @@ from dataclasses import replace
 from guest_agent import __version__, config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptmig-agent", description=__doc__)
     parser.add_argument("--config", default=config.DEFAULT_PATH, help="TOML config file")
     parser.add_argument("--socket", help="override the gRPC unix socket path")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

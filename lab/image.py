@@ -244,8 +244,8 @@ def build_agent_package() -> Path:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    script = Path(__file__).resolve().parent.parent / "scripts" / "build-agent-packages.sh"
-    printed = run([str(script), str(out_dir)], capture=True,
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build-packages.sh"
+    printed = run([str(script), "agent", str(out_dir)], capture=True,
                   env={**os.environ, "PTMIG_PACKAGERS": "deb"})
     debs = [Path(line) for line in printed.split() if line.endswith(".deb")]
     if len(debs) != 1:
@@ -305,6 +305,11 @@ def build_image(recipe: ImageRecipe | None = None) -> GuestImage:
     _prune(keep={target.name, base.name})
     log.info("guest image built: %s", target)
     return GuestImage(target)
+
+
+def base_root() -> Path:
+    """The cached debootstrap root the guest image starts from: a stock Debian 12."""
+    return _build_base(ImageRecipe())
 
 
 def _build_base(recipe: ImageRecipe) -> Path:

@@ -48,7 +48,8 @@ install_debian_packages() {
   apt-get "${apto[@]}" -t bookworm-backports install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
     libvirt-daemon-driver-network \
-    libvirt-clients libvirt-dev
+    libvirt-clients libvirt-dev \
+    python3-libvirt python3-rich man-db
   touch "$stamp"
 }
 

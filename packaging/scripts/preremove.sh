@@ -1,5 +1,6 @@
 #!/bin/sh
-# ptmig-agent prerm.  deb: remove | upgrade | deconfigure | failed-upgrade;
+# prerm of ptmig-agent (and, as staged by scripts/build-packages.sh, of ptmig).
+# deb: remove | upgrade | deconfigure | failed-upgrade;
 # rpm: $1 = 0 erase, 1 upgrade (rpm runs the old prerm *after* the new postinst).
 set -e
 
@@ -8,7 +9,7 @@ tree=/usr/lib/ptmig-agent
 
 case "$1" in
   remove|deconfigure|0) ;;
-  *) exit 0 ;;  # an upgrade: the new postinst restarts the agent on the new code
+  *) exit 0 ;;  # an upgrade: the new postinst restarts the unit on the new code
 esac
 
 if command -v systemctl >/dev/null 2>&1; then

