@@ -83,7 +83,8 @@ if [ "$package" = agent ]; then
   [ -f "$here/guest_agent/__init__.py" ] || die "no guest_agent package in $here"
   copy_py_tree "$here/guest_agent" "$stage/tree/guest_agent"
   install -m 0644 "$here/packaging/nfpm.yaml" "$here/packaging/ptmig-agent.service" \
-    "$here/packaging/60-ptmig-agent.rules" "$here/packaging/agent.toml" "$stage/packaging/"
+    "$here/packaging/60-ptmig-agent.rules" "$here/packaging/agent.toml" \
+    "$here/packaging/ptmig-agent.sysusers" "$stage/packaging/"
   install -m 0755 "$here/packaging/ptmig-agent" "$stage/packaging/"
   install -m 0755 "$here"/packaging/scripts/*.sh "$stage/packaging/scripts/"
   stage_man ptmig-agent.8 agent.toml.5
@@ -93,11 +94,13 @@ else
   install -m 0644 "$here/packaging/host/nfpm.yaml" "$here/packaging/host/ptmigd.service" \
     "$here/packaging/host/ptmigd.toml" "$stage/packaging/"
   install -m 0755 "$here/packaging/host/ptmig" "$here/packaging/host/ptmigd" "$stage/packaging/"
-  # The agent's maintainer scripts, for ptmigd's unit and tree (and no udev rule).
+  # The agent's maintainer scripts, for ptmigd's unit and tree (no udev rule, and
+  # ptmigd runs as root: no system user).
   for script in "$here"/packaging/scripts/*.sh; do
     sed -e 's|^unit=ptmig-agent\.service$|unit=ptmigd.service|' \
         -e 's|^tree=/usr/lib/ptmig-agent$|tree=/usr/lib/ptmig|' \
-        -e 's|^udev=yes .*|udev=no|' "$script" > "$stage/packaging/scripts/${script##*/}"
+        -e 's|^udev=yes .*|udev=no|' -e 's|^sysuser=ptmig-agent .*|sysuser=|' \
+        "$script" > "$stage/packaging/scripts/${script##*/}"
     chmod 0755 "$stage/packaging/scripts/${script##*/}"
   done
   stage_man ptmig.1 ptmigd.8 ptmigd.toml.5

@@ -8,6 +8,7 @@ set -e
 unit=ptmig-agent.service
 tree=/usr/lib/ptmig-agent
 udev=yes  # the package ships a udev rule
+sysuser=ptmig-agent  # the unit's system user, declared in /usr/lib/sysusers.d/$sysuser.conf
 
 case "$1" in
   configure) if [ -z "$2" ]; then first=yes; else first=no; fi ;;
@@ -21,6 +22,17 @@ esac
 find "$tree" -depth -type d -name __pycache__ -exec rm -rf {} + 2>/dev/null || true
 if ! /usr/bin/python3 -m compileall -q "$tree" >/dev/null; then
   echo "$unit: byte-compiling $tree failed (harmless)" >&2
+fi
+
+# The unit's user exists before udev's rule hands it the channel and before the unit
+# can start; systemd-sysusers reads the package's sysusers.d file (also in a chroot).
+if [ -n "$sysuser" ]; then
+  if command -v systemd-sysusers >/dev/null 2>&1; then
+    systemd-sysusers "$sysuser.conf"
+  elif ! getent passwd "$sysuser" >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin "$sysuser"
+  fi
 fi
 
 # Let a running udev read 60-ptmig-agent.rules (a hot-plugged channel starts the agent).

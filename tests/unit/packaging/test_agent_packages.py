@@ -46,6 +46,7 @@ COMMON_FILES = {
     "/etc/ptmig/agent.toml",
     "/usr/share/man/man8/ptmig-agent.8.gz",
     "/usr/share/man/man5/agent.toml.5.gz",
+    "/usr/lib/sysusers.d/ptmig-agent.conf",
     f"{PRIVATE}/guest_agent/__init__.py",
     f"{PRIVATE}/guest_agent/config.py",
     f"{PRIVATE}/guest_agent/transports/__init__.py",
@@ -97,7 +98,7 @@ def test_deb_file_list(packages: Packages) -> None:
     files = {p for p, mode in listing.items() if not mode.startswith("d")}
     assert COMMON_FILES | {DEB_UNIT, DEB_RULES} <= files
     check_no_strays(set(listing))
-    allowed = (PRIVATE + "/", "/etc/ptmig/", "/usr/share/man/")
+    allowed = (PRIVATE + "/", "/etc/ptmig/", "/usr/share/man/", "/usr/lib/sysusers.d/")
     extra = files - {"/usr/sbin/ptmig-agent", DEB_UNIT, DEB_RULES}
     assert all(p.startswith(allowed) for p in extra), sorted(extra)
     assert all(p.endswith(".py") for p in files if p.startswith(PRIVATE)), sorted(files)
@@ -273,6 +274,8 @@ def test_unit_settings() -> None:
     assert unit["ConditionPathExists"] == ["|/dev/virtio-ports/org.ptmig.agent.0", "|/dev/vsock"]
     assert unit["WantedBy"] == ["multi-user.target"]
     assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN"]  # not root: ambient
+    assert unit["User"] == unit["Group"] == ["ptmig-agent"]
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK AF_VSOCK"]
     assert unit["DevicePolicy"] == ["closed"]
     assert unit["DeviceAllow"] == ["char-virtio-portsdev rw"]
@@ -288,10 +291,28 @@ def test_udev_rule_wants_the_unit_for_the_port() -> None:
         if line and not line.startswith("#")
     ]
     assert (
-        'SUBSYSTEM=="virtio-ports", ATTR{name}=="org.ptmig.agent.0", TAG+="systemd", '
-        'ENV{SYSTEMD_WANTS}+="ptmig-agent.service"'
+        'SUBSYSTEM=="virtio-ports", ATTR{name}=="org.ptmig.agent.0", GROUP="ptmig-agent", '
+        'MODE="0660", TAG+="systemd", ENV{SYSTEMD_WANTS}+="ptmig-agent.service"'
     ) in rules
     assert all('ENV{SYSTEMD_WANTS}+="ptmig-agent.service"' in rule for rule in rules)
+
+
+def test_sysusers_declares_a_system_user_without_a_login(deb_root: Path, tmp_path: Path) -> None:
+    tool = shutil.which("systemd-sysusers")
+    if tool is None:
+        pytest.skip("systemd-sysusers not installed")
+    (tmp_path / "etc").mkdir()
+    conf = deb_root / "usr/lib/sysusers.d/ptmig-agent.conf"
+    result = run(tool, f"--root={tmp_path}", conf)  # writes only below --root
+    assert result.returncode == 0, result.stderr
+    user = next(
+        line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+        if line.startswith("ptmig-agent:")
+    )
+    assert int(user[2]) < 1000 and user[5:] == ["/nonexistent", "/usr/sbin/nologin"]
+    group = (tmp_path / "etc/group").read_text()
+    assert f"ptmig-agent:x:{user[3]}:" in group
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +366,8 @@ class ScriptEnv:
 
 
 def script_env(tmp_path: Path, deb_root: Path, systemd_running: bool) -> ScriptEnv:
-    """The scripts against a copy of the tree, with systemctl and udevadm logging stubs."""
+    """The scripts against a copy of the tree, with systemctl, udevadm and systemd-sysusers
+    logging stubs (the real systemd-sysusers would add the user to this machine)."""
     tree = tmp_path / "tree"
     shutil.copytree(deb_root / PRIVATE[1:], tree)
     run_systemd = tmp_path / "run-systemd-system"
@@ -356,7 +378,7 @@ def script_env(tmp_path: Path, deb_root: Path, systemd_running: bool) -> ScriptE
     stubs = tmp_path / "bin"
     stubs.mkdir()
     log = tmp_path / "calls.log"
-    for tool in ("systemctl", "udevadm"):
+    for tool in ("systemctl", "udevadm", "systemd-sysusers"):
         stub = stubs / tool
         stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
         stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
@@ -385,7 +407,10 @@ def chroot_like(tmp_path: Path, deb_root: Path) -> Iterator[ScriptEnv]:
 
 def test_scripts_without_a_running_systemd(chroot_like: ScriptEnv) -> None:
     calls = chroot_like.run("postinstall.sh", "configure", "")
-    assert calls == ["systemctl enable ptmig-agent.service"]  # offline: no start
+    assert calls == [  # offline: no start
+        "systemd-sysusers ptmig-agent.conf",
+        "systemctl enable ptmig-agent.service",
+    ]
     assert caches(chroot_like.tree)
     assert chroot_like.run("preremove.sh", "remove") == []
     assert caches(chroot_like.tree) == []
@@ -397,6 +422,7 @@ def test_scripts_with_a_running_systemd(tmp_path: Path, deb_root: Path) -> None:
         pytest.skip("no /usr/bin/python3 for the postinst's compileall")
     env = script_env(tmp_path, deb_root, systemd_running=True)
     assert env.run("postinstall.sh", "configure", "") == [
+        "systemd-sysusers ptmig-agent.conf",
         "udevadm control --reload",
         "systemctl enable ptmig-agent.service",
         "systemctl daemon-reload",

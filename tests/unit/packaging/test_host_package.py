@@ -110,6 +110,8 @@ def test_maintainer_scripts_are_the_agents_made_for_ptmigd(
         assert "\nunit=ptmig-agent" not in text and "/usr/lib/ptmig-agent" not in text
         if control != "prerm":
             assert "\nudev=no\n" in text
+        if control == "postinst":
+            assert "\nsysuser=\n" in text  # ptmigd runs as root: no user is made
 
 
 def test_launchers_run_the_private_tree_on_the_distribution_python(
