@@ -293,8 +293,9 @@ def test_vsock_listener_answers_through_guest_loopback(on_hosta: VmLab) -> None:
     assert "vsock-health 1" in out  # SERVING
 
 
-#: systemd's "OK" band ends below 2.0; the unit scored 1.8 with only CAP_NET_ADMIN.
-MAX_AGENT_EXPOSURE = 2.0
+#: systemd's "OK" band ends below 2.0; the unit scored 1.8 as root with only CAP_NET_ADMIN,
+#: and running as its own user takes off another 0.4.
+MAX_AGENT_EXPOSURE = 1.6
 
 
 def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
@@ -310,3 +311,8 @@ def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
     capabilities = on_hosta.exec(
         "grep CapEff /proc/$(systemctl show -p MainPID --value ptmig-agent)/status").check()
     assert int(capabilities.split()[-1], 16) == 1 << 12, capabilities  # CAP_NET_ADMIN only
+    owner = on_hosta.exec(
+        "ps -o user=,group= -p $(systemctl show -p MainPID --value ptmig-agent)").check()
+    assert owner.split() == ["ptmig-agent", "ptmig-agent"], owner  # not root
+    port = on_hosta.exec("stat -L -c '%G %a' /dev/virtio-ports/org.ptmig.agent.0").check()
+    assert port.split() == ["ptmig-agent", "660"], port  # udev gave the agent its channel
