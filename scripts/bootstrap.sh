@@ -49,7 +49,7 @@ install_debian_packages() {
     qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
     libvirt-daemon-driver-network \
     libvirt-clients libvirt-dev \
-    python3-libvirt python3-rich man-db
+    python3-libvirt python3-rich python3-prometheus-client man-db
   touch "$stamp"
 }
 

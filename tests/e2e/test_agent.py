@@ -312,7 +312,7 @@ def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
         "grep CapEff /proc/$(systemctl show -p MainPID --value ptmig-agent)/status").check()
     assert int(capabilities.split()[-1], 16) == 1 << 12, capabilities  # CAP_NET_ADMIN only
     owner = on_hosta.exec(
-        "ps -o user=,group= -p $(systemctl show -p MainPID --value ptmig-agent)").check()
+        "stat -c '%U %G' /proc/$(systemctl show -p MainPID --value ptmig-agent)").check()
     assert owner.split() == ["ptmig-agent", "ptmig-agent"], owner  # not root
     port = on_hosta.exec("stat -L -c '%G %a' /dev/virtio-ports/org.ptmig.agent.0").check()
     assert port.split() == ["ptmig-agent", "660"], port  # udev gave the agent its channel

@@ -70,7 +70,7 @@ def test_deb_depends_on_the_distribution_libraries_and_only_recommends_rich(
     assert deb_field(packages.deb, "Depends") == (
         "python3 (>= 3.11), python3-libvirt, python3-grpcio (>= 1.51), python3-protobuf (>= 3.21)"
     )
-    assert deb_field(packages.deb, "Recommends") == "python3-rich"
+    assert deb_field(packages.deb, "Recommends") == "python3-rich, python3-prometheus-client"
     assert "pyroute2" not in deb_field(packages.deb, "Depends")
 
 
@@ -92,7 +92,10 @@ def test_rpm_requires_and_files(packages: Packages) -> None:
     result = run("rpm", "-qp", "--requires", packages.rpm)
     requires = {r.strip() for r in result.stdout.splitlines() if not r.startswith("rpmlib(")}
     assert requires == {"python3 >= 3.11", "python3-libvirt", "python3-grpcio", "python3-protobuf"}
-    assert run("rpm", "-qp", "--recommends", packages.rpm).stdout.split() == ["python3-rich"]
+    assert run("rpm", "-qp", "--recommends", packages.rpm).stdout.split() == [
+        "python3-rich",
+        "python3-prometheus-client",
+    ]
     paths = set(run("rpm", "-qlp", packages.rpm).stdout.split())
     assert FILES | {"/usr/lib/systemd/system/ptmigd.service"} <= paths
     assert DEB_UNIT not in paths
@@ -286,3 +289,24 @@ def test_completion_offers_verbs_options_choices_and_libvirt_domains(
         "--max-downtime",
         "",  # pools takes no domain
     ]
+
+
+def test_metrics_serve_on_the_distribution_prometheus_client(deb_root: Path) -> None:
+    """Debian 12's python3-prometheus-client (0.16) serves ptmigd's registry."""
+    probe = run(SYSTEM_PYTHON, "-I", "-c", "import prometheus_client")
+    if probe.returncode != 0:
+        pytest.skip("python3-prometheus-client not installed for /usr/bin/python3")
+    tree = deb_root / PRIVATE.lstrip("/")
+    code = (
+        f"import sys, urllib.request; sys.path.insert(0, {str(tree)!r})\n"
+        "from host.metrics import PrometheusObserver, serve\n"
+        "observer = PrometheusObserver()\n"
+        "observer.repair_finished('web1', 'repaired')\n"
+        "server = serve(observer, '127.0.0.1:0')\n"
+        "url = 'http://%s:%d/metrics' % server.address\n"
+        "print(urllib.request.urlopen(url, timeout=10).read().decode())\n"
+        "server.stop()\n"
+    )
+    result = run(SYSTEM_PYTHON, "-I", "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert 'ptmig_repairs_total{outcome="repaired"} 1.0' in result.stdout

@@ -1,0 +1,60 @@
+"""What a coordinator tells whoever counts its work (ptmigd's metrics), as it happens.
+
+The workflow calls an Observer at the few points an operator's dashboard cares about;
+it knows nothing of Prometheus.  A broken observer must never break a migration, so
+the coordinator calls it through :func:`notify`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from host.workflow.model import MigrationReport
+
+log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    def migration_finished(self, report: MigrationReport) -> None:
+        """A migration workflow ended (any outcome), with its phases and teams."""
+
+    def repair_finished(self, domain: str, outcome: str) -> None:
+        """The reconciler's repair of one degraded domain ended."""
+
+    def degraded_teams(self, uri: str, count: int) -> None:
+        """A reconciler pass over host `uri` found `count` teams on their standby."""
+
+    def agent_call(self, rpc: str, seconds: float, error: str) -> None:
+        """One call to a guest agent; `error` is its gRPC code name, or '' when it worked."""
+
+    def pool_free(self, uri: str, pool: str, free: int, total: int) -> None:
+        """Host `uri`'s pool `pool` has `free` of its `total` devices unclaimed."""
+
+
+class NoObserver:
+    """Counts nothing: the coordinator's default."""
+
+    def migration_finished(self, report: MigrationReport) -> None:
+        pass
+
+    def repair_finished(self, domain: str, outcome: str) -> None:
+        pass
+
+    def degraded_teams(self, uri: str, count: int) -> None:
+        pass
+
+    def agent_call(self, rpc: str, seconds: float, error: str) -> None:
+        pass
+
+    def pool_free(self, uri: str, pool: str, free: int, total: int) -> None:
+        pass
+
+
+def notify(call: Callable[[], None]) -> None:
+    """Run one observer call; its failure is logged, never raised into the workflow."""
+    try:
+        call()
+    except Exception:
+        log.exception("observer failed")
