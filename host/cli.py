@@ -218,8 +218,9 @@ def _status_text(status: dict[str, Any]) -> str:
 
 
 def _teams(args: argparse.Namespace) -> int:
-    from host.domain.domain_xml import Hostdev, parse_domain
-    from host.domain.teams import PrimaryDevice, Team, TeamSet
+    from host.domain.devices import primary_of_device
+    from host.domain.domain_xml import parse_domain
+    from host.domain.teams import Team, TeamSet
     from host.hypervisor import Hypervisor
     from host.workflow.guest import GuestOnHost
 
@@ -247,15 +248,7 @@ def _teams(args: argparse.Namespace) -> int:
             if device is None:
                 _fail(f"{guest.name} has no device with alias {args.primary_alias!r}")
                 return EXIT_USAGE
-            if isinstance(device, Hostdev):
-                primary = PrimaryDevice("pci", args.primary_alias,
-                                        pci_address=device.host_pci_address)
-            elif device.type in ("network", "hostdev") and device.network:
-                primary = PrimaryDevice("vf-network", args.primary_alias, mac=device.mac,
-                                        network=device.network)
-            else:
-                primary = PrimaryDevice("emulated", args.primary_alias, mac=device.mac,
-                                        tap=device.target_dev)
+            primary = primary_of_device(args.primary_alias, device)
         team = Team(args.team, args.standby_mac, args.mac_policy, args.pool,
                     team_mac=args.team_mac, primary=primary)
         guest.save_teams(teams.with_team(team))
