@@ -212,6 +212,8 @@ def _status_text(status: dict[str, Any]) -> str:
         primary = team["primary"]["alias"] if team["primary"] else "-"
         lines.append(f"  team {name}: on {team['on']}, active {team['active_member'] or '-'}, "
                      f"primary {primary}, pool {team['pool']}, MAC policy {team['mac_policy']}")
+        if team.get("drift"):
+            lines.append(f"    drift: {team['drift']}")
     if status.get("agent_error"):
         lines.append(f"  agent: {status['agent_error']}")
     return "\n".join(lines)
@@ -229,10 +231,16 @@ def _teams(args: argparse.Namespace) -> int:
         info = parse_domain(hv.domain_xml(guest.dom))
         teams = info.teams or TeamSet(())
         if args.command == "team-show":
-            data = [_team_dict(t) for t in teams.teams]
+            # What the record says, and where the live domain says otherwise (the same
+            # classification as migrate's preflight, without asking the agent).
+            drift = {d.team.name: d for d in guest.drift()} if teams.teams else {}
+            data = [{**_team_dict(t), "case": str(drift[t.name].case),
+                     "drift": drift[t.name].message if drift[t.name].drifted else ""}
+                    for t in teams.teams]
             _print(data, args.json, lambda ts: "\n".join(
                 f"{t['name']}: standby {t['standby_mac']}, pool {t['pool']}, "
                 f"policy {t['mac_policy']}, primary {t['primary'] and t['primary']['alias']}"
+                + (f"\n  drift: {t['drift']}" if t["drift"] else "")
                 for t in ts) or "no teams")
             return EXIT_OK
         if args.command == "team-remove":
@@ -341,7 +349,8 @@ def _migrate(args: argparse.Namespace) -> int:
         for phase in report.phases:
             print(f"  {phase.name:<10} {phase.seconds:7.2f} s  {phase.detail}")
         for team, on in report.teams.items():
-            print(f"  team {team}: on {on}")
+            case = report.drift.get(team, "plugged")
+            print(f"  team {team}: on {on}" + ("" if case == "plugged" else f" (was {case})"))
     return {
         Outcome.DONE: EXIT_OK,
         Outcome.DONE_DEGRADED: EXIT_DEGRADED,
