@@ -111,15 +111,16 @@ class GuestOnHost:
         agent = {t.name: t for t in agent_state.teams} if agent_state is not None else None
         return classify_teams(info, pools, agent)
 
-    def correct_record(self, drift: TeamDrift) -> Team:
+    def correct_record(self, drift: TeamDrift, timeout: float = 30.0) -> Team:
         """Make the team's record say what the live domain has: adopt the device plugged
-        by hand, forget the one that is gone.  Returns the team as now recorded."""
+        by hand, forget the one that is gone (unplugged: out of the definition too, where
+        a live-only detach left it).  Returns the team as now recorded."""
         if drift.case is TeamCase.UNRECORDED:
             log.info("%s: %s", self.name, drift.summary)
             return self.set_primary(drift.team.name, drift.device).team(drift.team.name)
         if drift.case is TeamCase.PRIMARY_ABSENT:
             log.info("%s: %s", self.name, drift.summary)
-            return self.set_primary(drift.team.name, None).team(drift.team.name)
+            self.unplug(self.teams().team(drift.team.name), timeout)
         return self.teams().team(drift.team.name)
 
     def agent(self) -> AgentClient:
@@ -232,7 +233,7 @@ def to_primary(guest: GuestOnHost, team: Team, operation_id: str, timeout: float
     if team.primary is not None:
         emit(f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
              "plugging another")
-        guest.set_primary(team.name, None)  # recorded but gone: forget it
+        guest.unplug(team, timeout)  # gone already: out of the definition and the record
         team = team.with_primary(None)
     return str(plug_and_bind(guest, team, operation_id, timeout, emit)["result"])
 

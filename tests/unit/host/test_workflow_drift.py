@@ -7,6 +7,7 @@ status say about the same domain, and that nothing waits on a device that is not
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from workflow_fakes import POOL_SLOTS, A, B, Events, World
@@ -29,6 +30,13 @@ def migrate(world: World, journal: Journal, events: Events | None = None) -> Mig
 
 def calls(world: World, method: str) -> list[str]:
     return [c.subject for c in world.calls if c.method == method]
+
+
+def step_data(journal: Journal, step: str) -> dict[str, Any]:
+    """What the last workflow's *step* recorded as done."""
+    (done,) = [s for s in journal.steps(journal.recent(1)[0].id)
+               if s.name == step and str(s.status) == "done"]
+    return dict(done.data)
 
 
 def recorded(world: World, uri: str) -> dict[str, str | None]:
@@ -92,9 +100,11 @@ def test_a_primary_detached_outside_ptmig_migrates_done(world: World, journal: J
     assert report.teams == {"lan": "primary", "wan": "primary"}
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
     assert set(world.active_taps("vm1").values()) <= B_TAPS
-    # No switch and no unplug for the degraded team; the healthy one as always.
+    # No switch and no unplug for the degraded team (preflight only made its record and
+    # definition say it is gone); the healthy one as always.
     assert calls(world, "UseStandby") == ["wan"]
-    assert calls(world, "detach_and_wait") == ["ua-ptmig-wan-1"]
+    assert calls(world, "detach_and_wait") == ["ua-ptmig-lan-1", "ua-ptmig-wan-1"]
+    assert "lan" not in step_data(journal, "unplug")["seconds"]
     # The definition sent on names none of a's devices, the stale one included.
     assert not any(tap in world.config_xml("vm1", B) for tap, _ in POOL_SLOTS[A])
 
@@ -111,7 +121,7 @@ def test_primaries_detached_outside_with_an_empty_destination_pool_is_done_degra
     assert report.drift == {"lan": "primary-absent", "wan": "primary-absent"}
     assert world.running_on("vm1") == [B]
     assert world.modes("vm1") == {"lan": "standby", "wan": "standby"}
-    assert calls(world, "UseStandby") == [] and calls(world, "detach_and_wait") == []
+    assert calls(world, "UseStandby") == [] and step_data(journal, "unplug")["seconds"] == {}
     assert recorded(world, B) == {"lan": None, "wan": None}
 
 
@@ -187,11 +197,13 @@ def test_a_switch_back_never_waits_for_a_device_that_is_gone(
 
     assert report.outcome is Outcome.ROLLED_BACK, report.error
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
-    # wan got another device of a's pool; no bind asked for the one that is gone.
+    # wan got a device plugged anew; no bind asked for the one that was gone.
+    assert any("recorded primary ua-ptmig-wan-1 is not plugged; plugging another" in e.message
+               for e in events.events)
     wan = recorded(world, A)["wan"]
-    assert wan is not None and wan != "ua-ptmig-wan-1"
-    binds = [c for c in world.calls if c.method == "BindPrimary"]
-    assert sorted(c.subject for c in binds) == ["lan", "wan"]
+    hv = world.connect(A)
+    assert wan is not None and hv.has_device(hv.domain("vm1"), wan)
+    assert sorted(calls(world, "BindPrimary")) == ["lan", "wan"]
 
 
 def test_a_failed_compensation_logs_one_line_without_traceback(
