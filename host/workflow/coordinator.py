@@ -133,8 +133,10 @@ class Coordinator:
                         where = "primary"
                     elif drift.case is TeamCase.ON_STANDBY:
                         where = "standby"
-                    elif drift.case is TeamCase.UNRECORDED:
-                        where = "unrecorded"
+                    elif drift.case is TeamCase.UNRECORDED and ts is not None:
+                        # plugged by hand: the bond may run on it; the drift line says so
+                        bound = ts.active_member and ts.active_member == ts.primary
+                        where = "primary" if bound else "standby"
                     else:
                         where = "degraded"
                     out["teams"][team.name] = {

@@ -257,8 +257,9 @@ def test_the_reconciler_leaves_an_ambiguous_team_to_a_person(
 
     assert coordinator.reconcile(A) == []
     assert world.snapshot() == before
-    drift = coordinator.status(A, "vm1")["teams"]["lan"]["drift"]
-    assert "ua-hand-1, ua-hand-2" in drift
+    lan = coordinator.status(A, "vm1")["teams"]["lan"]
+    assert (lan["on"], lan["case"]) == ("degraded", "ambiguous")
+    assert "ua-hand-1, ua-hand-2" in lan["drift"]
 
 
 def test_the_reconciler_adopts_a_device_plugged_by_hand(
@@ -266,6 +267,9 @@ def test_the_reconciler_adopts_a_device_plugged_by_hand(
     coordinator = world.coordinator(journal)
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     world.attach_outside("vm1", 2, "ua-hand-1")
+    lan = coordinator.status(A, "vm1")["teams"]["lan"]
+    assert (lan["on"], lan["case"]) == ("standby", "unrecorded")  # not in the bond yet
+    assert lan["drift"].startswith("device ua-hand-1 of pool lab is plugged but not recorded")
 
     coordinator.reconcile(A)
 
