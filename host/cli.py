@@ -212,14 +212,17 @@ def _status_text(status: dict[str, Any]) -> str:
         primary = team["primary"]["alias"] if team["primary"] else "-"
         lines.append(f"  team {name}: on {team['on']}, active {team['active_member'] or '-'}, "
                      f"primary {primary}, pool {team['pool']}, MAC policy {team['mac_policy']}")
+        if team.get("drift"):
+            lines.append(f"    drift: {team['drift']}")
     if status.get("agent_error"):
         lines.append(f"  agent: {status['agent_error']}")
     return "\n".join(lines)
 
 
 def _teams(args: argparse.Namespace) -> int:
-    from host.domain.domain_xml import Hostdev, parse_domain
-    from host.domain.teams import PrimaryDevice, Team, TeamSet
+    from host.domain.devices import primary_of_device
+    from host.domain.domain_xml import parse_domain
+    from host.domain.teams import Team, TeamSet
     from host.hypervisor import Hypervisor
     from host.workflow.guest import GuestOnHost
 
@@ -228,10 +231,16 @@ def _teams(args: argparse.Namespace) -> int:
         info = parse_domain(hv.domain_xml(guest.dom))
         teams = info.teams or TeamSet(())
         if args.command == "team-show":
-            data = [_team_dict(t) for t in teams.teams]
+            # What the record says, and where the live domain says otherwise (the same
+            # classification as migrate's preflight, without asking the agent).
+            drift = {d.team.name: d for d in guest.drift()} if teams.teams else {}
+            data = [{**_team_dict(t), "case": str(drift[t.name].case),
+                     "drift": drift[t.name].message if drift[t.name].drifted else ""}
+                    for t in teams.teams]
             _print(data, args.json, lambda ts: "\n".join(
                 f"{t['name']}: standby {t['standby_mac']}, pool {t['pool']}, "
                 f"policy {t['mac_policy']}, primary {t['primary'] and t['primary']['alias']}"
+                + (f"\n  drift: {t['drift']}" if t["drift"] else "")
                 for t in ts) or "no teams")
             return EXIT_OK
         if args.command == "team-remove":
@@ -247,15 +256,7 @@ def _teams(args: argparse.Namespace) -> int:
             if device is None:
                 _fail(f"{guest.name} has no device with alias {args.primary_alias!r}")
                 return EXIT_USAGE
-            if isinstance(device, Hostdev):
-                primary = PrimaryDevice("pci", args.primary_alias,
-                                        pci_address=device.host_pci_address)
-            elif device.type in ("network", "hostdev") and device.network:
-                primary = PrimaryDevice("vf-network", args.primary_alias, mac=device.mac,
-                                        network=device.network)
-            else:
-                primary = PrimaryDevice("emulated", args.primary_alias, mac=device.mac,
-                                        tap=device.target_dev)
+            primary = primary_of_device(args.primary_alias, device)
         team = Team(args.team, args.standby_mac, args.mac_policy, args.pool,
                     team_mac=args.team_mac, primary=primary)
         guest.save_teams(teams.with_team(team))
@@ -348,7 +349,8 @@ def _migrate(args: argparse.Namespace) -> int:
         for phase in report.phases:
             print(f"  {phase.name:<10} {phase.seconds:7.2f} s  {phase.detail}")
         for team, on in report.teams.items():
-            print(f"  team {team}: on {on}")
+            case = report.drift.get(team, "plugged")
+            print(f"  team {team}: on {on}" + ("" if case == "plugged" else f" (was {case})"))
     return {
         Outcome.DONE: EXIT_OK,
         Outcome.DONE_DEGRADED: EXIT_DEGRADED,

@@ -78,7 +78,7 @@ class Coordinator(Protocol):
         """``{"domain", "uri", "open_workflow": id | None, "agent_error", "teams": ...}``.
 
         ``teams`` maps a team's name to ``{"on": "primary" | "standby" | "degraded" |
-        "unknown", "active_member", "detail", ...}`` (``mode`` or ``state`` are accepted
+        "unknown", "active_member", "detail", "drift", ...}`` (``mode`` or ``state`` are accepted
         for ``on``; a plain string value is the mode), or is a list of such dicts with a
         ``name``.  Everything is also passed on as ``details_json``.
         """
@@ -247,6 +247,7 @@ def report_message(report: MigrationReport) -> Any:
         teams={str(k): str(v) for k, v in report.teams.items()},
         error=report.error,
         migration_json=_json(report.migration),
+        drift={str(k): str(v) for k, v in report.drift.items()},
     )
 
 
@@ -291,6 +292,7 @@ def _team_status(team: Mapping[str, Any], agent_error: str) -> Any:
         mode_text=mode,
         active_member=str(team.get("active_member") or team.get("active") or ""),
         detail=detail,
+        drift=str(team.get("drift") or ""),
     )
 
 

@@ -25,6 +25,9 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from host.domain.domain_xml import device_aliases
+from host.domain.errors import DomainModelError
+
 log = logging.getLogger(__name__)
 
 
@@ -270,10 +273,20 @@ class Hypervisor:
             persistent = bool(dom.isPersistent())
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: {dom.name()}", exc) from exc
-        if persistent and (alias is None or
-                           f"<alias name='{alias}'/>" in self.domain_xml(dom, inactive=True)):
+        if persistent and (alias is None or self.has_device(dom, alias, inactive=True)):
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
         return int(flags)
+
+    def has_device(self, dom: libvirt.virDomain, alias: str, *, inactive: bool = False) -> bool:
+        """Whether the live (or persistent) domain has a device called *alias*.
+
+        Parsed, not searched for: ptmig's metadata names the alias too, and
+        ``ua-ptmig-lan-1`` is a prefix of ``ua-ptmig-lan-10``.
+        """
+        try:
+            return alias in device_aliases(self.domain_xml(dom, inactive=inactive))
+        except DomainModelError as exc:
+            raise HypervisorError(f"{self.uri}: XML of {dom.name()}: {exc}") from exc
 
     def attach(self, dom: libvirt.virDomain, device_xml: str) -> None:
         """Hot-plug a device, into the persistent definition too."""
@@ -299,16 +312,20 @@ class Hypervisor:
         # releases must stay in both, or the next boot would silently lose it.
         config = self._affect(dom, alias) & libvirt.VIR_DOMAIN_AFFECT_CONFIG
         with self._events(dom, [removed, failed], on_event):
-            if alias not in self.domain_xml(dom):
+            # Already gone (an operator's virsh, a guest that let go before) is unplugged.
+            if not self.has_device(dom, alias):
                 self._detach_config(dom, alias, config)
                 return 0.0
             try:
                 dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError as exc:
+                if not self.has_device(dom, alias):  # it went between the look and the ask
+                    self._detach_config(dom, alias, config)
+                    return time.monotonic() - t0
                 raise _wrap(f"{self.uri}: detach {alias} from {dom.name()}", exc) from exc
             # The event may have fired before we looked; the live XML settles it.
             while not done.wait(0.25):
-                if f"<alias name='{alias}'/>" not in self.domain_xml(dom):
+                if not self.has_device(dom, alias):
                     break
                 if time.monotonic() - t0 > timeout:
                     raise DeviceRemovalError(

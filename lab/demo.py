@@ -1,6 +1,8 @@
 """The main job: ``ptmig migrate`` of the lab guest hosta -> hostb -> hosta while a client
 pings both of its teams at 1000 packets/s, then, in the same run, a plain libvirt
-migration of the same guest without its passthrough stand-ins, for comparison.
+migration of the same guest without its passthrough stand-ins, for comparison; at the
+end ``ptmig failover --to primary`` plugs the primaries again, so a lab kept up is ready
+for ``ptmig migrate``.
 
 The report gives, per migration, each phase's time and the pings lost in it.
 """
@@ -163,6 +165,9 @@ def main(*, as_json: bool, keep: bool) -> int:
         co.configure(lab)
         report = DemoReport(ptmig=ptmig_round_trip(lab))
         report.plain = plain_round_trip(lab)
+        # The comparison unplugged the primaries behind ptmig's back: plug them again
+        # through ptmig, so that a lab left up (--keep) is as ptmig recorded it.
+        co.wait_for_teams_on_primary(lab)
     finally:
         if started_here and not keep:
             lab.down()

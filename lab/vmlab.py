@@ -316,9 +316,10 @@ class VmLab:
     def attach_nic(self, nic: Nic) -> None:
         self.domain().attachDeviceFlags(nic.xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    def detach_nic(self, alias: str, timeout: float = 20.0) -> float:
-        """Unplug a NIC (from the persistent definition too, where it is there) and wait
-        until it has left the live XML; returns the seconds taken.
+    def detach_nic(self, alias: str, timeout: float = 20.0, *, config: bool = True) -> float:
+        """Unplug a NIC (from the persistent definition too, where it is there, unless not
+        *config*: what ``virsh detach-device-alias`` does by default) and wait until it
+        has left the live XML; returns the seconds taken.
 
         libvirt's detach returns before the guest has released the device; only the
         device's absence from the live definition means it is gone.
@@ -326,7 +327,7 @@ class VmLab:
         dom = self.domain()
         t0 = time.monotonic()
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if f"<alias name='{alias}'/>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
+        if config and f"<alias name='{alias}'/>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
         dom.detachDeviceAlias(alias, flags)
         while time.monotonic() - t0 < timeout:

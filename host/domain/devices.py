@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from host.domain.addresses import normalize_mac, pci_attributes
+from host.domain.domain_xml import Hostdev, Interface
 from host.domain.errors import DomainModelError
 from host.domain.names import (
     USER_ALIAS_PREFIX,
@@ -113,6 +114,17 @@ def attachment_for_slot(slot: Slot, *, alias: str, vf_mac: str | None = None) ->
         raise DomainModelError(f"pool {slot.pool}: a VF slot needs the MAC to program")
     xml = vf_interface_xml(alias=alias, network=slot.network, mac=vf_mac)
     return Attachment(xml, PrimaryDevice("vf-network", alias, mac=vf_mac, network=slot.network))
+
+
+def primary_of_device(alias: str, device: Interface | Hostdev) -> PrimaryDevice:
+    """The team record of a plugged device (one attached by hand, to be adopted)."""
+    if isinstance(device, Hostdev):
+        return PrimaryDevice("pci", alias, pci_address=device.host_pci_address)
+    if device.type in ("network", "hostdev") and device.network:
+        return PrimaryDevice("vf-network", alias, mac=device.mac, network=device.network)
+    if device.type == "hostdev" and device.host_pci_address:
+        return PrimaryDevice("pci", alias, mac=device.mac, pci_address=device.host_pci_address)
+    return PrimaryDevice("emulated", alias, mac=device.mac, tap=device.target_dev)
 
 
 def _finish(device: ET.Element, alias: str, rom: bool) -> None:

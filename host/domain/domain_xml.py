@@ -129,6 +129,22 @@ def parse_domain(domain_xml: str) -> DomainInfo:
     )
 
 
+def device_aliases(domain_xml: str) -> frozenset[str]:
+    """The ``<alias name>`` of every device in `domain_xml`, of any kind.
+
+    Whether a device is there is a question for ``<devices>`` alone: the rest of the
+    document (ptmig's own metadata among it) may name the alias too.
+    """
+    root = parse_xml(domain_xml, "domain XML")
+    devices = root.find("devices")
+    aliases = set()
+    for device in list(devices) if devices is not None else []:
+        alias = device.find("alias")
+        if alias is not None and alias.get("name"):
+            aliases.add(str(alias.get("name")))
+    return frozenset(aliases)
+
+
 def teams_from_domain_xml(domain_xml: str) -> TeamSet | None:
     """The team metadata inside a whole domain XML (None: there is none)."""
     return parse_domain(domain_xml).teams

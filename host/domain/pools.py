@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from host.domain.addresses import normalize_mac, normalize_pci, pci_attributes, pci_from_element
-from host.domain.domain_xml import DomainInfo, parse_domain
+from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain
 from host.domain.errors import DomainModelError, shown
 from host.domain.names import check_ifname, check_model, check_name
 from host.domain.xmltree import check_attributes, parse_xml, split_tag, to_text
@@ -250,6 +250,19 @@ def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
             if s.tap not in taps and s.mac not in macs
         ]
     return [VfSlot(pool.name, pool.network)] * vf_capacity(pool, domains)
+
+
+def is_pool_device(pool: Pool, device: Interface | Hostdev) -> bool:
+    """Whether `device` (of a domain on the pool's host) is one of `pool`'s devices, by
+    the same identity `free_slots` counts as taken."""
+    if isinstance(pool, PciPool):
+        return device.host_pci_address in pool.addresses
+    if isinstance(pool, EmulatedPool):
+        return isinstance(device, Interface) and device.model != "virtio" and any(
+            device.target_dev == s.tap or device.mac == s.mac for s in pool.slots)
+    if device.host_pci_address is not None and device.host_pci_address in pool.vf_addresses:
+        return True
+    return isinstance(device, Interface) and device.network == pool.network
 
 
 def vf_capacity(pool: VfNetworkPool, domains: Iterable[DomainInfo]) -> int:

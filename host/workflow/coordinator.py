@@ -19,13 +19,14 @@ from host.domain.domain_xml import parse_domain
 from host.domain.pools import free_slots, parse_pool_network
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError
+from host.workflow.drift import TeamCase
 from host.workflow.guest import (
     AgentFactory,
     GuestOnHost,
     PreflightError,
     WorkflowError,
-    plug_and_bind,
     serial_agent,
+    to_primary,
 )
 from host.workflow.journal import Journal, JournalError
 from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
@@ -107,13 +108,7 @@ class Coordinator:
             return result
 
     def _to_primary(self, guest: GuestOnHost, team: Team, operation_id: str) -> str:
-        if team.primary is not None and guest.info().device(team.primary.alias) is not None:
-            guest.bind(team, team.primary, operation_id, BIND_TIMEOUT)
-            return "primary"
-        if team.primary is not None:
-            guest.set_primary(team.name, None)  # recorded but gone: forget it
-            team = team.with_primary(None)
-        return str(plug_and_bind(guest, team, operation_id, BIND_TIMEOUT, log.info)["result"])
+        return to_primary(guest, team, operation_id, BIND_TIMEOUT, log.info)
 
     # -- queries -----------------------------------------------------------------------
 
@@ -122,23 +117,26 @@ class Coordinator:
             guest = GuestOnHost(hv, domain, self.agent_for)
             try:
                 out: dict[str, Any] = {"domain": guest.name, "uuid": guest.uuid, "teams": {}}
-                teams = guest.teams()
                 agent_error = ""
-                states = {}
+                state = None
                 try:
-                    states = {t.name: t for t in guest.agent().state().teams}
+                    state = guest.agent().state()
                 except Exception as exc:
                     agent_error = str(exc)
-                for team in teams.teams:
+                states = {t.name: t for t in state.teams} if state is not None else {}
+                for drift in guest.drift(state):  # the same classification as migrate's
+                    team = drift.team
                     ts = states.get(team.name)
-                    plugged = team.primary is not None and \
-                        guest.info().device(team.primary.alias) is not None
-                    if ts is None:
+                    if state is None or (ts is None and not drift.degraded):
                         where = "unknown"
-                    elif plugged and ts.active_member and ts.active_member == ts.primary:
+                    elif drift.case is TeamCase.PLUGGED:
                         where = "primary"
-                    elif plugged:
+                    elif drift.case is TeamCase.ON_STANDBY:
                         where = "standby"
+                    elif drift.case is TeamCase.UNRECORDED and ts is not None:
+                        # plugged by hand: the bond may run on it; the drift line says so
+                        bound = ts.active_member and ts.active_member == ts.primary
+                        where = "primary" if bound else "standby"
                     else:
                         where = "degraded"
                     out["teams"][team.name] = {
@@ -146,6 +144,8 @@ class Coordinator:
                         "primary": asdict(team.primary) if team.primary else None,
                         "active_member": ts.active_member if ts else "",
                         "members": list(ts.members) if ts else [],
+                        "case": str(drift.case),
+                        "drift": drift.message if drift.drifted else "",
                     }
                 if agent_error:
                     out["agent_error"] = agent_error
@@ -252,11 +252,16 @@ class Coordinator:
             guest = GuestOnHost(hv, ident, self.agent_for)
             try:
                 out = {}
-                for team in guest.teams().teams:
-                    if guest.on_primary(team):
-                        out[team.name] = "primary"
-                        continue
-                    out[team.name] = self._to_primary(guest, team, f"{op_prefix}:{team.name}")
+                for drift in guest.drift(guest.agent().state()):
+                    name = drift.team.name
+                    if drift.case is TeamCase.PLUGGED:
+                        out[name] = "primary"
+                    elif drift.refused:
+                        log.warning("repair of %s: %s", guest.name, drift.summary)
+                        out[name] = "standby"
+                    else:
+                        team = guest.correct_record(drift)
+                        out[name] = self._to_primary(guest, team, f"{op_prefix}:{name}")
                 return out
             finally:
                 guest.close()
@@ -288,7 +293,14 @@ class Coordinator:
                     continue
                 guest = GuestOnHost(hv, uuid, self.agent_for)
                 try:
-                    needs = [t.name for t in guest.teams().teams if not guest.on_primary(t)]
+                    # The same classification as migrate's preflight; a team ptmig cannot
+                    # tell the device of is left to a person (the status says why).
+                    drifts = guest.drift(guest.agent().state())
+                    needs = [d.team.name for d in drifts
+                             if d.case is not TeamCase.PLUGGED and not d.refused]
+                    for d in drifts:
+                        if d.refused:
+                            log.warning("reconcile: %s: %s", guest.name, d.summary)
                 except Exception as exc:
                     log.info("reconcile: %s: %s", uuid, exc)
                     needs = []

@@ -22,6 +22,7 @@ from host.domain.errors import DomainModelError
 from host.domain.pools import Pool, free_slots, parse_pool_network, pool_network_name
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
 from host.hypervisor import Hypervisor, HypervisorError
+from host.workflow.drift import TeamCase, TeamDrift, classify_teams
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,27 @@ class GuestOnHost:
             updated = teams.with_team(teams.team(team).with_primary(primary))
             self.save_teams(updated)
             return updated
+
+    def drift(self, agent_state: pb.GetStateResponse | None = None) -> tuple[TeamDrift, ...]:
+        """Each team as the live domain has it (and the agent, given its state)."""
+        info = self.info()
+        if info.teams is None or not info.teams.teams:
+            raise PreflightError(f"{self.name} has no ptmig teams: set one with 'ptmig team-set'")
+        pools = {t.pool: self.pool(t) for t in info.teams.teams}
+        agent = {t.name: t for t in agent_state.teams} if agent_state is not None else None
+        return classify_teams(info, pools, agent)
+
+    def correct_record(self, drift: TeamDrift, timeout: float = 30.0) -> Team:
+        """Make the team's record say what the live domain has: adopt the device plugged
+        by hand, forget the one that is gone (unplugged: out of the definition too, where
+        a live-only detach left it).  Returns the team as now recorded."""
+        if drift.case is TeamCase.UNRECORDED:
+            log.info("%s: %s", self.name, drift.summary)
+            return self.set_primary(drift.team.name, drift.device).team(drift.team.name)
+        if drift.case is TeamCase.PRIMARY_ABSENT:
+            log.info("%s: %s", self.name, drift.summary)
+            self.unplug(self.teams().team(drift.team.name), timeout)
+        return self.teams().team(drift.team.name)
 
     def agent(self) -> AgentClient:
         with self._lock:
@@ -199,6 +221,21 @@ def each_team(teams: Sequence[Team], action: Callable[[Team], T]) -> dict[str, T
     if errors:
         raise errors[0]  # type: ignore[misc]
     return {name: f.result() for name, f in futures.items()}
+
+
+def to_primary(guest: GuestOnHost, team: Team, operation_id: str, timeout: float,
+               emit: Callable[[str], None]) -> str:
+    """Bind the team's recorded primary if the domain has it, else plug and bind a device
+    of its pool: never wait on a device the live domain does not have."""
+    if team.primary is not None and guest.hv.has_device(guest.dom, team.primary.alias):
+        guest.bind(team, team.primary, operation_id, timeout)
+        return "primary"
+    if team.primary is not None:
+        emit(f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
+             "plugging another")
+        guest.unplug(team, timeout)  # gone already: out of the definition and the record
+        team = team.with_primary(None)
+    return str(plug_and_bind(guest, team, operation_id, timeout, emit)["result"])
 
 
 def pool_on(hv: Hypervisor, team: Team) -> Pool | None:

@@ -1,8 +1,10 @@
 """Live migration of a domain with passthrough NICs, as readable steps.
 
-    preflight          change nothing; refuse early with a clear message
-    switch             agent: every team onto its standby     undo: bind the primary again
-    unplug             detach each primary, wait for DEVICE_REMOVED
+    preflight          classify each team by the live domain (host/workflow/drift.py);
+                       refuse early with a clear message; correct the team record only
+    switch             agent: every team on a plugged primary onto its standby
+                                                               undo: bind the primary again
+    unplug             detach each plugged primary, wait for DEVICE_REMOVED (gone = done)
                                                                undo: plug a source device, bind
     migrate            libvirt peer-to-peer, persistent at the destination
     -- point of no return: the VM runs on the destination --
@@ -12,7 +14,10 @@
 Before the migration has moved the VM, a failure undoes the done steps in reverse order
 and the VM stays on the source, back on a passthrough device where one is free.  After
 it, there is nothing to undo: a team that cannot get a device stays on its standby
-(done-degraded) and the reconciler repairs it later.
+(done-degraded) and the reconciler repairs it later.  A team that came degraded (its
+primary gone) is neither switched nor unplugged, and gets a destination device like any.
+A rollback is rolled-back when the domain is as it was before the workflow: every team
+that was on a primary is on one again, degraded teams stay degraded.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 from host.domain.domain_xml import strip_primary
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress
+from host.workflow.drift import TeamDrift
 from host.workflow.guest import (
     AgentFactory,
     GuestOnHost,
@@ -35,6 +41,7 @@ from host.workflow.guest import (
     plug_and_bind,
     pool_on,
     serial_agent,
+    to_primary,
 )
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
 from host.workflow.steps import JournalLike, Step, StepRunner
@@ -61,7 +68,10 @@ class MigrationWorkflow:
         self.source = GuestOnHost(source, request.domain, agent_for)
         self.destination: GuestOnHost | None = None
         self.teams: list[Team] = []
+        self.recorded_before: list[Team] = []  # as the metadata had them, before corrections
+        self.drift: dict[str, TeamDrift] = {}  # preflight's case per team
         self.on_primary_before: set[str] = set()  # teams the guest had on a primary
+        self.plugged_before: set[str] = set()  # teams with a device plugged
         self.moved: list[str] = []  # teams switched to standby
         self.unplugged: list[str] = []
         self.migration: dict[str, Any] = {}
@@ -85,7 +95,8 @@ class MigrationWorkflow:
         if self.destination_hv.has_domain(src.uuid) and self.destination_hv.is_active(
                 self.destination_hv.domain(src.uuid)):
             raise PreflightError(f"{src.name} is already running on the destination")
-        self.teams = list(src.teams().teams)
+        self.recorded_before = list(src.teams().teams)
+        self.teams = list(self.recorded_before)
         log.debug("preflight: hosts checked")
         agent = src.agent()
         try:
@@ -97,11 +108,13 @@ class MigrationWorkflow:
         except Exception as exc:
             raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
         log.debug("preflight: agent answered")
+        drifts = src.drift(state)
+        refused = [d.summary for d in drifts if d.refused]
+        if refused:
+            raise PreflightError("; ".join(refused))
         links = {link.name: link for link in state.links}
         by_name = {t.name: t for t in state.teams}
         free: dict[str, int] = {}
-        self.on_primary_before = {t.name for t in state.teams
-                                  if t.primary and t.active_member == t.primary}
         for team in self.teams:
             ts = by_name.get(team.name)
             if ts is None:
@@ -126,8 +139,23 @@ class MigrationWorkflow:
             self.runner.emit("preflight", "info",
                              f"not enough free devices on the destination ({pools}): of "
                              f"teams {teams}, those left without one stay on their standby")
+        # Every check passed: now the record may be made to say what the domain has.
+        for drift in drifts:
+            if drift.drifted:
+                self.runner.emit("preflight", "info", drift.summary)
+        self.teams = [src.correct_record(d) for d in drifts]
+        self.drift = {d.team.name: d for d in drifts}
+        self.plugged_before = {d.team.name for d in drifts if d.device is not None}
+        self.on_primary_before = {
+            name for name in self.plugged_before
+            if (ts := by_name[name]).primary and ts.active_member == ts.primary}
+        cases = {d.team.name: str(d.case) for d in drifts}
+        healthy = sum(1 for d in drifts if not d.drifted)
+        detail = f"{healthy} of {len(drifts)} team(s) as recorded"
+        if healthy < len(drifts):
+            detail += ": " + ", ".join(f"{d.team.name} {d.case}" for d in drifts if d.drifted)
         return {"teams": [t.name for t in self.teams], "free_on_destination": free,
-                "detail": f"{len(self.teams)} team(s) healthy"}
+                "cases": cases, "detail": detail}
 
     def switch_to_standby(self) -> dict[str, Any]:
         def switch(team: Team) -> str:
@@ -148,21 +176,30 @@ class MigrationWorkflow:
                 self.source_hv.announce(self.source.dom, interfaces=standby)
             return str(reply.team.active_member)
 
-        active = each_team(self.teams, switch)
+        # Only teams whose traffic runs on a plugged primary: a degraded team and one the
+        # guest already has on its standby have nothing to switch.
+        active = each_team([t for t in self.teams if t.name in self.on_primary_before], switch)
         return {"teams": active}
 
     def switch_back(self) -> None:
-        """Undo of switch: bind the (still plugged) primary of each team asked to move."""
+        """Undo of switch: bind the (still plugged) primary of each team asked to move.
+
+        A recorded primary the live domain no longer has is not waited for: the team
+        gets a device of the source's pool instead, as the reconciler would do.
+        """
         for name in reversed(self.moved):
             team = self.source.teams().team(name)
             if team.primary is None:
                 continue  # unplug's undo already plugged and bound one
-            self.source.bind(team, team.primary, self.op("switch-back", name), BIND_TIMEOUT)
+            to_primary(self.source, team, self.op("switch-back", name), BIND_TIMEOUT,
+                       lambda m: self.runner.emit("switch", "info", m))
         self.moved.clear()
 
     def unplug(self) -> dict[str, Any]:
         seconds = {}
         for team in self.teams:
+            if team.name not in self.plugged_before:
+                continue  # degraded: nothing to unplug
             current = self.source.teams().team(team.name)
             seconds[team.name] = round(self.source.unplug(current, UNPLUG_TIMEOUT), 3)
             self.unplugged.append(team.name)
@@ -190,7 +227,9 @@ class MigrationWorkflow:
     def migrate(self) -> dict[str, Any]:
         src = self.source
         persistent = self.source_hv.domain_xml(src.dom, inactive=True)
-        for team in self.teams:
+        # Every primary ever recorded, including those gone from the live domain only
+        # (virsh detach-device-alias leaves the definition): none is the destination's.
+        for team in [*self.recorded_before, *self.teams]:
             if team.primary is not None:
                 persistent = strip_primary(persistent, team.primary)
 
@@ -258,6 +297,7 @@ class MigrationWorkflow:
             report.outcome = Outcome.ROLLED_BACK
             report.error = f"preflight: {exc}"
             report.phases = r.timings
+            report.drift = self._cases()
             raise PreflightError(str(exc)) from exc
         try:
             r.run(Step("switch", self.switch_to_standby, self.switch_back))
@@ -275,15 +315,16 @@ class MigrationWorkflow:
             else:
                 errors = r.compensate()
                 report.teams = self._team_summary(self.source)
-                # Compensations can all succeed and a team still end elsewhere (a request
-                # the agent ran late, after its deadline): only what the guest says counts.
-                errors += [f"team {name} is not back on its primary"
-                           for name in sorted(self.on_primary_before)
-                           if report.teams and report.teams.get(name) != "primary"]
-                report.outcome = Outcome.FAILED if errors else Outcome.ROLLED_BACK
-                if errors:
-                    report.error += "; rollback: " + "; ".join(errors)
+                # Rolled back means the domain is as it was before the workflow, which only
+                # the domain and the guest can say: compensations can all succeed and a
+                # team still end elsewhere (a request the agent ran late, after its
+                # deadline); degraded teams were left alone and stay degraded.
+                differences = self._differences_from_before(report.teams)
+                report.outcome = Outcome.FAILED if differences else Outcome.ROLLED_BACK
+                if errors or differences:
+                    report.error += "; rollback: " + "; ".join(errors + differences)
                 report.phases = r.timings
+                report.drift = self._cases()
                 return report
         r.forget_compensations()
         t0 = time.monotonic()
@@ -291,17 +332,37 @@ class MigrationWorkflow:
             r.run(Step("bind", self.plug_and_bind))
             report.teams = self.verify()
         except Exception as exc:
-            log.exception("after the migration")
+            log.error("after the migration: %s", exc)
+            log.debug("after the migration", exc_info=True)
             report.error = f"after the migration: {exc}"
             report.teams = self._team_summary(self.destination)
         log.debug("post-migration took %.2f s", time.monotonic() - t0)
         report.migration = self.migration
         report.phases = r.timings
+        report.drift = self._cases()
         if report.teams and all(v == "primary" for v in report.teams.values()):
             report.outcome = Outcome.DONE
         else:
             report.outcome = Outcome.DONE_DEGRADED
         return report
+
+    def _cases(self) -> dict[str, str]:
+        return {name: str(d.case) for name, d in self.drift.items()}
+
+    def _differences_from_before(self, teams: dict[str, str]) -> list[str]:
+        """How the source's domain differs from before the workflow, in its teams."""
+        if not teams:
+            return ["the teams' state could not be read"]
+        out = [f"team {name} is not back on its primary"
+               for name in sorted(self.on_primary_before) if teams.get(name) != "primary"]
+        try:
+            plugged = {d.team.name for d in self.source.drift() if d.device is not None}
+        except Exception as exc:
+            return [*out, f"the domain's devices could not be read: {exc}"]
+        out += [f"team {name} has no primary plugged any more"
+                for name in sorted(self.plugged_before - plugged)
+                if name not in self.on_primary_before]
+        return out
 
     def _domain_moved(self) -> bool:
         """Where the VM really runs after a failed migration call.

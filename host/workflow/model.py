@@ -65,6 +65,8 @@ class MigrationReport:
     teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
     error: str = ""
     migration: dict[str, Any] = field(default_factory=dict)  # libvirt job statistics
+    #: Preflight's case per team (host/workflow/drift.py): "plugged", "primary-absent", ...
+    drift: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

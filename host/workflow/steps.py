@@ -83,7 +83,10 @@ class StepRunner:
             try:
                 step.compensation()
             except Exception as exc:
-                log.exception("compensation of %s failed", step.name)
+                # Expected (a device that is not free, a guest that does not answer): one
+                # line; the traceback only for a debugging run.
+                log.error("compensation of %s failed: %s", step.name, exc)
+                log.debug("compensation of %s failed", step.name, exc_info=True)
                 errors.append(f"{step.name}: {exc}")
                 self.journal.record(self.workflow_id, step.name, "failed",
                                     {"error": f"compensation: {exc}"})

@@ -1,6 +1,7 @@
 """``ptmig migrate`` end to end: the lab guest with two teams (lan: preserve, wan: follow)
-moves hosta -> hostb -> hosta under 1000 packets/s, and ptmigd's reconciler repairs a degraded
-domain.  The failure cases are the fault matrix (test_fault_matrix.py).
+moves hosta -> hostb -> hosta under 1000 packets/s, ptmigd's reconciler repairs a degraded
+domain, and a domain whose primaries an operator unplugged with libvirt (not ptmig) still
+migrates.  The failure cases are the fault matrix (test_fault_matrix.py).
 """
 
 from __future__ import annotations
@@ -154,3 +155,86 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
     assert {t["on"] for t in status["teams"].values()} == {"primary"}, status
     lab.check_health()
+
+
+# -- a domain that is not as ptmig recorded it ------------------------------------------
+
+
+def detach_outside_ptmig(lab: VmLab) -> dict[str, str]:
+    """``virsh detach-device-alias`` of each team's recorded primary: from the live domain
+    only (virsh's default), ptmig's metadata untouched.  Returns team -> alias."""
+    teams = co.ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)
+    primaries = {t["name"]: t["primary"]["alias"] for t in teams if t["primary"]}
+    assert set(primaries) == {"lan", "wan"}, teams
+    for alias in primaries.values():
+        lab.detach_nic(alias, config=False)
+    return primaries
+
+
+def migrate_measured(lab: VmLab, dest: str, name: str
+                     ) -> tuple[int, dict[str, Any], dict[str, dict[str, int]]]:
+    ps = pingers(name)
+    for p in ps:
+        p.start()
+    time.sleep(1)
+    code, report = migrate_cli(lab, dest)
+    time.sleep(1.5)
+    losses = {team: phase_loss(p, report) for team, p in zip(("lan", "wan"), ps, strict=True)}
+    print(f"{name}: {report['outcome']} {report['phases']}\nlost per phase: {losses}")
+    return code, report, losses
+
+
+def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
+        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    """Both MAC policies at once: lan (preserve) and wan (follow)."""
+    lab = coordinated
+    src = lab.where()
+    dest = OTHER[src]
+    primaries = detach_outside_ptmig(lab)
+    # status and team-show say so, per team, in one line a person can act on
+    status = co.ptmig_json(lab, src, "status", DOMAIN_NAME)
+    shown = {t["name"]: t for t in co.ptmig_json(lab, src, "team-show", DOMAIN_NAME)}
+    for team, alias in primaries.items():
+        assert status["teams"][team]["on"] == "degraded", status
+        assert status["teams"][team]["drift"].startswith(
+            f"recorded primary {alias} is not plugged"), status
+        assert (shown[team]["case"], shown[team]["drift"]) == (
+            "primary-absent", status["teams"][team]["drift"])
+
+    code, report, losses = migrate_measured(lab, dest, "drift-done")
+    record_property("report_drift_done", report)
+    record_property("lost_drift_done", losses)
+
+    assert code == 0 and report["outcome"] == str(Outcome.DONE), report
+    assert report["drift"] == {"lan": "primary-absent", "wan": "primary-absent"}
+    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    assert lab.where() == dest
+    lab.check_health()
+    lan_active, wan_active = active_slave(lab, "bond0"), active_slave(lab, "bond1")
+    assert guest_mac(lab, lan_active) == TEAM_MAC
+    assert guest_mac(lab, wan_active) in {mac for _, mac in co.POOL_SLOTS[dest]}
+    assert guest_mac(lab, "bond1") == guest_mac(lab, wan_active)
+    status = co.ptmig_json(lab, dest, "status", DOMAIN_NAME)
+    assert {t["drift"] for t in status["teams"].values()} == {""}, status
+
+
+def test_primaries_detached_outside_ptmig_to_an_empty_pool_is_done_degraded(
+        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    lab = coordinated
+    src = lab.where()
+    dest = OTHER[src]
+    detach_outside_ptmig(lab)
+    co.define_pools(lab, {dest: []})
+    try:
+        code, report, losses = migrate_measured(lab, dest, "drift-degraded")
+    finally:
+        co.define_pools(lab, {dest: co.POOL_SLOTS[dest]})
+    record_property("report_drift_degraded", report)
+    record_property("lost_drift_degraded", losses)
+
+    assert code == 3 and report["outcome"] == str(Outcome.DONE_DEGRADED), report
+    assert report["drift"] == {"lan": "primary-absent", "wan": "primary-absent"}
+    assert report["teams"] == {"lan": "standby", "wan": "standby"}
+    assert lab.where() == dest
+    lab.check_health()
+    co.wait_for_teams_on_primary(lab)  # the pool has devices again

@@ -433,6 +433,24 @@ def test_two_teams_racing_for_the_last_free_device(faulty: VmLab) -> None:
     record("two teams race for the last device", f"{result} + {assert_converged(lab)}", lost)
 
 
+def test_primary_detached_outside_ptmig_before_migrate(faulty: VmLab) -> None:
+    """An operator's ``virsh detach-device-alias`` (live only): the metadata still names
+    lan's primary.  No switch and no unplug for lan; it gets a destination device."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    teams = {t["name"]: t for t in co.ptmig_json(lab, src, "team-show", DOMAIN_NAME)}
+    lab.detach_nic(teams["lan"]["primary"]["alias"], config=False)
+    with pinging("detached-outside") as lost:
+        report = migrate(lab, dest, {})
+    result = expect(report, Outcome.DONE)
+    assert report.drift == {"lan": "primary-absent", "wan": "plugged"}
+    assert report.teams == {"lan": "primary", "wan": "primary"}
+    assert lab.where() == dest
+    record("primary detached outside ptmig before migrate", f"{result} + {assert_converged(lab)}",
+           lost)
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from host.workflow.coordinator import Coordinator

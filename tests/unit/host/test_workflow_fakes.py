@@ -80,7 +80,8 @@ def test_attach_refuses_what_libvirt_refuses() -> None:
     assert "ua-ptmig-lan-7" in hv.domain_xml(vm1, inactive=True)
 
 
-def test_a_held_device_stays_live_but_leaves_the_definition() -> None:
+def test_a_held_device_stays_in_both_and_a_released_one_leaves_both() -> None:
+    """Production's order: live first, the definition once the guest let go."""
     world = World()
     world.guest("vm1").hold["ua-ptmig-wan-1"] = "timeout"
     hv = world.connect(A)
@@ -89,12 +90,27 @@ def test_a_held_device_stays_live_but_leaves_the_definition() -> None:
     with pytest.raises(DeviceRemovalError, match="did not release ua-ptmig-wan-1 within 3 s"):
         hv.detach_and_wait(vm1, "ua-ptmig-wan-1", 3)
     assert parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-wan-1") is not None
-    assert parse_domain(hv.domain_xml(vm1, inactive=True)).device("ua-ptmig-wan-1") is None
+    assert parse_domain(hv.domain_xml(vm1, inactive=True)).device("ua-ptmig-wan-1") is not None
 
     assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) > 0
     assert parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-lan-1") is None
+    assert parse_domain(hv.domain_xml(vm1, inactive=True)).device("ua-ptmig-lan-1") is None
     assert world.modes("vm1")["lan"] == "standby"  # the bond failed over
     assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) == 0.0
+
+
+def test_a_device_gone_from_the_live_domain_is_unplugged_and_leaves_the_definition() -> None:
+    """virsh detach-device-alias (live only): the metadata still names the alias."""
+    world = World()
+    world.detach_outside("vm1", "ua-ptmig-lan-1")
+    hv = world.connect(A)
+    vm1 = hv.domain("vm1")
+    assert "ua-ptmig-lan-1" in hv.domain_xml(vm1)  # the team record
+    assert not hv.has_device(vm1, "ua-ptmig-lan-1")
+    assert hv.has_device(vm1, "ua-ptmig-lan-1", inactive=True)
+
+    assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) == 0.0
+    assert not hv.has_device(vm1, "ua-ptmig-lan-1", inactive=True)
 
 
 def test_migration_moves_the_domain_and_leaves_a_stale_handle() -> None:

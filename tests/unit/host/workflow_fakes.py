@@ -10,9 +10,10 @@ What is modelled, and how faithfully:
   the device to the live and persistent XML with a guest PCI address on a free root port
   and refuses, as libvirt does, a tap or host PCI device another running domain on that
   host holds, a duplicate alias, or a MAC the persistent definition already has.
-  ``detach_and_wait`` removes the device from the persistent XML at once and from the
-  live XML when the guest releases it (a guest may hold a device: timeout or refusal,
-  ``DeviceRemovalError``, the device stays live).  ``migrate`` moves the domain to the
+  ``detach_and_wait`` follows production's order: the live XML when the guest releases
+  the device, then the persistent XML (a guest may hold a device: timeout or refusal,
+  ``DeviceRemovalError``, the device stays in both); an alias no live device has is
+  unplugged already (0 s), as in production.  ``migrate`` moves the domain to the
   other host (its live XML as it is, the ``persistent_xml`` argument as its
   definition), refusing PCI hostdevs, a UUID/name mismatch, a destination that runs the
   domain or a tap busy there.
@@ -713,13 +714,23 @@ class FakeHypervisor:
             if record.config is not None:
                 _insert_device(record.config, copy.deepcopy(device))
 
+    def has_device(self, dom: FakeDomain, alias: str, *, inactive: bool = False) -> bool:
+        with self.world.op(self.uri, "has_device", alias):
+            record = self._record(dom)
+            root = record.config if inactive and record.config is not None else record.live
+            return any(_alias(d) == alias for d in _devices(root))
+
     def detach_and_wait(self, dom: FakeDomain, alias: str, timeout: float) -> float:
+        """As production: live first, the definition only once the guest let go; a device
+        already gone from the live domain is unplugged (and leaves the definition)."""
         with self.world.op(self.uri, "detach_and_wait", alias):
             record = self._record(dom)
+            in_config = record.config is not None and any(
+                _alias(d) == alias for d in _devices(record.config))
             if not any(_alias(d) == alias for d in _devices(record.live)):
+                if in_config:
+                    _remove_device(record.config, alias)  # type: ignore[arg-type]
                 return 0.0
-            if record.config is not None:
-                _remove_device(record.config, alias)  # CONFIG is applied at once
             held = record.guest.hold.get(alias)
             if held == "timeout":
                 raise DeviceRemovalError(
@@ -727,6 +738,8 @@ class FakeHypervisor:
             if held == "refuse":
                 raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
             _remove_device(record.live, alias)
+            if in_config:
+                _remove_device(record.config, alias)  # type: ignore[arg-type]
             return 0.05
 
     # -- migration -------------------------------------------------------------------
@@ -1129,6 +1142,27 @@ class World:
         return out
 
     # -- things that happen outside the workflow -------------------------------------
+
+    def detach_outside(self, name: str, alias: str, uri: str = A, *,
+                       config: bool = False) -> None:
+        """``virsh detach-device-alias`` by an operator: from the live domain (and with
+        *config* the definition), the team record untouched."""
+        record = self.find(name, uri)
+        assert record is not None
+        assert _remove_device(record.live, alias), f"{name} has no device {alias}"
+        if config and record.config is not None:
+            _remove_device(record.config, alias)
+
+    def attach_outside(self, name: str, slot: int, alias: str, uri: str = A) -> None:
+        """``virsh attach-device --live`` of the pool's *slot*-th NIC by an operator."""
+        record = self.find(name, uri)
+        assert record is not None
+        tap, mac = POOL_SLOTS[uri][slot]
+        device = ET.fromstring(attachment_for_slot(
+            EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=alias).device_xml)
+        free = [n for n in range(1, ROOT_PORTS + 1) if n not in _used_buses(record.live)]
+        device.append(_pci_address(free[0]))
+        _insert_device(record.live, device)
 
     def destroy(self, name: str, uri: str) -> None:
         """``virsh destroy``: the domain stops; its persistent definition stays."""

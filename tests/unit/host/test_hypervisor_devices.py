@@ -1,0 +1,104 @@
+"""The real Hypervisor's device logic on libvirt's test driver (test:///default).
+
+The test driver keeps a domain's live and persistent definitions apart and refuses a
+detach of a device that is not there ("no device found with alias"), as QEMU's driver
+does; it cannot hot-unplug an interface, so what it proves is the deciding around the
+calls: whether a device is there, and which definitions a detach is asked of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from host.hypervisor import Hypervisor, HypervisorError  # noqa: E402
+
+TEAMS = """<ptmig:teams xmlns:ptmig="https://ptmig.dev/xmlns/teams/1">
+  <team name="lan" pool="lab" mac-policy="preserve" standby-mac="52:54:00:00:00:01">
+    <primary kind="emulated" alias="ua-ptmig-lan-1" mac="52:54:00:aa:00:01" tap="t1"/>
+  </team></ptmig:teams>"""
+
+
+def nic(alias: str, mac: str) -> str:
+    return (f"<interface type='network'><mac address='{mac}'/><source network='default'/>"
+            f"<alias name='{alias}'/></interface>")
+
+
+def domain_xml(*devices: str) -> str:
+    return ("<domain type='test'><name>drift</name><uuid>" + UUID + "</uuid><memory>65536</memory>"
+            f"<os><type>hvm</type></os><metadata>{TEAMS}</metadata>"
+            f"<devices>{''.join(devices)}</devices></domain>")
+
+
+UUID = "5e6b7c8d-0000-4000-8000-000000000012"
+LAN_1 = nic("ua-ptmig-lan-1", "52:54:00:aa:00:01")
+LAN_10 = nic("ua-ptmig-lan-10", "52:54:00:aa:00:10")
+
+
+@pytest.fixture
+def hv() -> Iterator[Hypervisor]:
+    """The test driver's state is one per process: the domain goes again after each test."""
+    with Hypervisor("test:///default") as hv:
+        yield hv
+        dom = hv._conn.lookupByName("drift")
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def running(hv: Hypervisor, *devices: str) -> Any:
+    dom = hv._conn.defineXML(domain_xml(*devices))
+    dom.create()
+    return dom
+
+
+def test_a_device_is_there_only_if_a_device_has_its_alias(hv: Hypervisor) -> None:
+    """The metadata names ua-ptmig-lan-1, and ua-ptmig-lan-10 starts with it."""
+    dom = running(hv, LAN_10)
+    assert "ua-ptmig-lan-1" in hv.domain_xml(dom)
+    assert not hv.has_device(dom, "ua-ptmig-lan-1")
+    assert not hv.has_device(dom, "ua-ptmig-lan-1", inactive=True)
+    assert hv.has_device(dom, "ua-ptmig-lan-10")
+    assert hv.has_device(dom, "ua-ptmig-lan-10", inactive=True)
+
+
+def test_unplugging_a_device_that_is_gone_is_done_at_once(hv: Hypervisor) -> None:
+    dom = running(hv, LAN_10)
+    with pytest.raises(libvirt.libvirtError, match="no device found"):
+        dom.detachDeviceAlias("ua-ptmig-lan-1", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    assert hv.detach_and_wait(dom, "ua-ptmig-lan-1", 5) == 0.0
+    assert hv.has_device(dom, "ua-ptmig-lan-10")
+
+
+def test_a_device_gone_live_but_still_defined_is_removed_from_the_definition(
+        hv: Hypervisor) -> None:
+    """virsh detach-device-alias without --config: only the definition is asked."""
+    dom = running(hv, LAN_10)
+    hv._conn.defineXML(domain_xml(LAN_1, LAN_10))  # the next boot's definition has it
+    assert not hv.has_device(dom, "ua-ptmig-lan-1")
+    assert hv.has_device(dom, "ua-ptmig-lan-1", inactive=True)
+    assert hv._affect(dom, "ua-ptmig-lan-1") & libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+    # The test driver cannot change a definition by alias; that it was asked is the point.
+    with pytest.raises(HypervisorError, match="remove ua-ptmig-lan-1 from drift's definition"):
+        hv.detach_and_wait(dom, "ua-ptmig-lan-1", 5)
+
+
+def test_a_plugged_device_is_detached_live(hv: Hypervisor) -> None:
+    dom = running(hv, LAN_1)
+    with pytest.raises(HypervisorError, match="detach ua-ptmig-lan-1 from drift"):
+        hv.detach_and_wait(dom, "ua-ptmig-lan-1", 5)  # the test driver cannot unplug NICs
+
+
+def test_attach_and_detach_affect_the_definition_only_where_it_has_the_device(
+        hv: Hypervisor) -> None:
+    dom = running(hv, LAN_10)
+    live, config = libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    assert hv._affect(dom) == live | config  # an attach: both
+    assert hv._affect(dom, "ua-ptmig-lan-10") == live | config
+    assert hv._affect(dom, "ua-ptmig-lan-1") == live  # named in the metadata only
