@@ -373,6 +373,8 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         dest = rootfs / path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(content)
+        if content.startswith("#!"):  # a script (the nested lab's inits)
+            dest.chmod(0o755)
     run([*chroot, "passwd", "-d", "root"])
     if recipe.enabled_units:
         run([*chroot, "systemctl", "enable", *recipe.enabled_units])

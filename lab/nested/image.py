@@ -56,7 +56,7 @@ SHELL_READY = "PTMIG-SHELL-READY"
 
 #: L1's init: mounts, modules, the worktree over 9p, then a root shell on the console.
 L1_INIT = f"""#!/bin/sh
-# ptmig nested lab: L1 init (no systemd; see lab/nested/image.py)
+# ptmig nested lab: L1 init, run as PID 1 (no systemd; see lab/nested/image.py)
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null

@@ -20,7 +20,7 @@ from pathlib import Path
 from lab import fabric
 from lab.console import GuestConsole
 from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET
-from lab.hosts import LabHost
+from lab.hosts import PRIVATE_DIRS, LabHost
 from lab.run import run
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def pci_of(netdev: str) -> str:
 def up(wires: dict[str, dict[str, str]], uplink_mac: str,
        uplink_ips: dict[str, str]) -> dict[str, dict[str, object]]:
     """*wires*: host -> {"igb": MAC, "e1000e": MAC}."""
+    for mnt in [*PRIVATE_DIRS, "/var/cache/libvirt"]:  # L1's root is ours: no cleanup
+        Path(mnt).mkdir(parents=True, exist_ok=True)
     fabric.create()
     uplink = netdev_by_mac(uplink_mac)
     run(["ip", "link", "set", uplink, "netns", fabric.SWITCH_NS])

@@ -32,6 +32,7 @@ from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
 from lab.nested.guest import l2_init
 from lab.nested.image import build_l1, build_l2, build_l2_initrd
 from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, running_pid, src_path
+from lab.vmlab import BAD_KERNEL_LINES
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +122,31 @@ class VfioLab:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def up(self, *, boot_guest: bool = True) -> None:
+    def prepare(self) -> tuple[GuestImage, GuestImage]:
+        """Build (or reuse) both images and L2's initramfs; no VM runs yet, so no lock."""
         if running_pid() is not None:
             raise VfioLabError("the vfio lab is up already: run 'ptmig-lab down --vfio' first")
-        t0 = time.monotonic()
         l1_image, l2_image = build_l1(), build_l2()
-        self.state = VfioLabState()
-        self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
         share = run_dir() / "share" / "l2"
         if share.exists():
             shutil.rmtree(share)
         share.mkdir(parents=True)
         shutil.copy2(l2_image.kernel, share / "vmlinuz")
         build_l2_initrd(l1_image, l2_image, l2_init(AGENT_CONFIG), share / "initrd.img")
+        (run_dir() / "images.json").write_text(json.dumps(
+            {"l1": str(l1_image.directory), "l2": str(l2_image.directory)}))
+        return l1_image, l2_image
+
+    def up(self, *, boot_guest: bool = True, prepared: bool = False) -> None:
+        """Start L1 and its hosts, then (*boot_guest*) L2; *prepared*: prepare() ran."""
+        t0 = time.monotonic()
+        if prepared:
+            paths = json.loads((run_dir() / "images.json").read_text())
+            l1_image, l2_image = GuestImage(Path(paths["l1"])), GuestImage(Path(paths["l2"]))
+        else:
+            l1_image, l2_image = self.prepare()
+        self.state = VfioLabState()
+        self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
         l1 = L1(l1_image, l2_image.disk, src_path())
         self.state.timings["l1_boot_s"] = round(l1.start(), 1)
         self.state.save()
@@ -169,6 +182,7 @@ class VfioLab:
                     timeout=L2_BOOT_TIMEOUT + 30).check()
         took = time.monotonic() - t0
         self.state.timings["l2_boot_s"] = round(took, 1)
+        self.state.timings["dmesg_baseline"] = self.bad_kernel_lines()
         self.state.save()
         log.info("L2 booted on hosta in %.1f s", took)
         return took
@@ -211,6 +225,18 @@ class VfioLab:
         prefix = "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src; "
         return self.l1_console.run(prefix + command, timeout=timeout)
 
+    def l1_clock_offset(self, samples: int = 5) -> tuple[float, float]:
+        """L1's clock minus L0's, and the error bound (half the best console round trip)."""
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            t0 = time.time()
+            l1 = float(self.l1_console.run("date +%s.%N").check().strip())
+            t1 = time.time()
+            if best is None or (t1 - t0) / 2 < best[1]:
+                best = (l1 - (t0 + t1) / 2, (t1 - t0) / 2)
+        assert best is not None
+        return best
+
     def inside(self, *args: str, timeout: float = 120) -> ExecResult:
         return self.l1_exec("python3 -m lab.nested.inside " + shlex.join(args), timeout=timeout)
 
@@ -219,6 +245,18 @@ class VfioLab:
         encoded = base64.b64encode(command.encode()).decode()
         return self.inside("exec", host or self.where(), str(timeout), encoded,
                            timeout=timeout + 60)
+
+    def bad_kernel_lines(self) -> int:
+        out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
+        return int(out.strip().splitlines()[-1])
+
+    def check_health(self) -> None:
+        """The emulated lab's health rule for L2: console answers, no taint, no new bad line."""
+        out = self.exec("cat /proc/sys/kernel/tainted").check().strip()
+        bad = self.bad_kernel_lines()
+        if out != "0" or bad > self.state.timings.get("dmesg_baseline", 0):
+            detail = self.exec(f"dmesg | grep -E '{BAD_KERNEL_LINES}' | tail -n 20").output
+            raise VfioLabError(f"L2 damaged (taint={out}, bad lines {bad}):\n{detail}")
 
     def status(self) -> dict[str, Any]:
         pid = running_pid()
@@ -233,3 +271,39 @@ class VfioLab:
                 info["guest_on"] = None
                 info["problem"] = str(exc)
         return info
+
+
+@dataclass
+class L1Pinger:
+    """``lab.traffic send`` in L1's client namespace, at *rate* to *target*.
+
+    The record stays in L1 and is analysed there; phases (L0 epoch times, from ptmig's
+    report) are moved onto L1's clock by the offset measured over the console, whose
+    round trip bounds its error (reported as ``clock_error_s``).
+    """
+
+    lab: VfioLab
+    target: str
+    name: str
+    rate: float
+
+    @property
+    def outfile(self) -> str:
+        return f"/tmp/ping-{self.name}.tsv"
+
+    def start(self) -> None:
+        self.lab.l1_exec(
+            f"rm -f {self.outfile}; (ip netns exec ptmig-client python3 -m lab.traffic send "
+            f"{self.target} {self.outfile} --rate {self.rate} >/tmp/ping-{self.name}.err 2>&1 "
+            f"& echo $! > /tmp/ping-{self.name}.pid)").check()
+
+    def stop_and_analyze(self, phases: list[tuple[str, float, float]]) -> dict[str, Any]:
+        self.lab.l1_exec(f"kill -INT $(cat /tmp/ping-{self.name}.pid); sleep 1.5").check()
+        offset, error = self.lab.l1_clock_offset()
+        lines = "".join(f"{n} {s + offset:.6f} {e + offset:.6f}\\n" for n, s, e in phases)
+        out = self.lab.l1_exec(
+            f"printf '{lines}' > /tmp/ping-{self.name}.phases; python3 -m lab.traffic analyze "
+            f"{self.outfile} --phases /tmp/ping-{self.name}.phases --json", timeout=300).check()
+        report: dict[str, Any] = json.loads(out[out.index("{"):])
+        report["clock_error_s"] = round(error, 3)
+        return report
