@@ -70,8 +70,9 @@ echo "ptmig-l2-init: agent at $(cut -d' ' -f1 /proc/uptime)" >/dev/ttyS0
     fi
     sleep 1
   done ) &
+echo "set enable-bracketed-paste off" > /run/ptmig-inputrc
 while true; do
-  setsid -c /bin/bash --norc --noprofile -c \\
+  INPUTRC=/run/ptmig-inputrc setsid -c /bin/bash --norc --noprofile -c \\
     'stty -echo -onlcr cols 4000; export PS1=; dmesg -n 4; \\
      echo "{SHELL_READY_MARKER} $(cut -d" " -f1 /proc/uptime)"; \\
      exec /bin/bash --norc --noprofile -i' \\

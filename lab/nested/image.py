@@ -53,6 +53,7 @@ L1_BACKPORTS: tuple[str, ...] = (
 )
 
 SHELL_READY = "PTMIG-SHELL-READY"
+_PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: L1's init: mounts, modules, the worktree over 9p, then a root shell on the console.
 L1_INIT = f"""#!/bin/sh
@@ -70,13 +71,18 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 hostname ptmig-l1
 ip link set lo up
 modprobe -a 9p 9pnet_virtio vfio-pci igb e1000e virtio_net tun bridge veth bonding 2>/dev/null
+modprobe kvm_amd 2>/dev/null  # /dev/kvm for L2 when L0's TCG offers SVM
 mkdir -p /mnt/src /mnt/vlab
 mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src
 mount -t 9p -o trans=virtio,version=9p2000.L,ro vlab /mnt/vlab
 echo "ptmig-l1-init: up at $(cut -d' ' -f1 /proc/uptime)" > /dev/ttyS0
+# A second root shell on ttyS1, for looking around while ttyS0 runs a long command.
+( while true; do
+    setsid -c /bin/bash --norc --noprofile -i <>/dev/ttyS1 >&0 2>&1
+  done ) &
 while true; do
   setsid -c /bin/bash --norc --noprofile -c \\
-    'stty -echo -onlcr cols 4000; export PS1= PATH=/usr/sbin:/usr/bin:/sbin:/bin; \\
+    'stty -echo -onlcr cols 4000; export PS1= INPUTRC=/root/.inputrc {_PATH}; \\
      echo "{SHELL_READY} $(cut -d" " -f1 /proc/uptime)"; exec /bin/bash --norc --noprofile -i' \\
     <>/dev/ttyS0 >&0 2>&1
 done
@@ -95,6 +101,8 @@ def l1_recipe() -> ImageRecipe:
             "/etc/hosts": "127.0.0.1 localhost\n",
             "/etc/fstab": "/dev/vda / ext4 rw,noatime 0 0\n",
             "/sbin/ptmig-l1-init": L1_INIT,
+            # A program reads the console: no bracketed-paste escapes around each command.
+            "/root/.inputrc": "set enable-bracketed-paste off\n",
             "/etc/ptmig-l1-cmdline": L1_CMDLINE + "\n",  # in the key: a new cmdline rebuilds
         },
         masked_units=(),
@@ -113,7 +121,8 @@ def build_l2() -> GuestImage:
 
 
 #: Modules L2's initramfs loads to mount its root (virtio-blk over virtio-pci, ext4).
-L2_ROOT_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+#: ext4 needs crc32c (a softdep modprobe.d would resolve: "softdep ext4 pre: crypto-crc32c").
+L2_ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,8 @@ mount -t devtmpfs dev /dev
 for m in {' '.join(modules)}; do modprobe $m; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-mount -t ext4 -o rw,noatime /dev/vda /newroot || {{ echo "ptmig initramfs: no root"; sh; }}
+mount -t ext4 -o rw,noatime /dev/vda /newroot || {{
+  echo "ptmig initramfs: cannot mount /dev/vda"; cat /proc/modules; sh; }}
 cp /ptmig-init /newroot/ptmig-init
 umount /proc /sys /dev
 exec switch_root /newroot /ptmig-init

@@ -120,6 +120,9 @@ class L1:
             "-chardev", f"socket,id=con,path={run_dir() / 'console.sock'},server=on,wait=off,"
                         f"logfile={run_dir() / 'console.log'}",
             "-serial", "chardev:con",
+            "-chardev", f"socket,id=con2,path={run_dir() / 'console2.sock'},server=on,wait=off,"
+                        f"logfile={run_dir() / 'console2.log'}",
+            "-serial", "chardev:con2",
             "-pidfile", str(run_dir() / "qemu.pid"),
         ]
         for i, nic in enumerate(WIRE_NICS, start=1):

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import shlex
 import shutil
 import time
@@ -174,6 +175,8 @@ class VfioLab:
                      f"qemu-img create -q -f qcow2 -b {L2_DISK_DEV} -F raw {L2_OVERLAY}").check()
         xml = domain_xml(GuestImage(L2_IN_L1), Path(L2_OVERLAY), with_primary=False,
                          memory_mib=L2_MEMORY_MIB, vcpus=L2_VCPUS)
+        if self.accel() == "kvm":
+            xml = xml.replace("<domain type='qemu'>", "<domain type='kvm'>", 1)
         since = int(self.inside("console-size", "hosta").check().strip() or 0)
         dom = self.conn("hosta").defineXML(xml)
         t0 = time.monotonic()
@@ -224,6 +227,17 @@ class VfioLab:
         """Run *command* in L1 (in the checkout, with L1's python3 on it)."""
         prefix = "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src; "
         return self.l1_console.run(prefix + command, timeout=timeout)
+
+    def accel(self) -> str:
+        """How L1 runs L2: "kvm" when L1 has /dev/kvm (see docs/lab.md), else "qemu" (TCG).
+
+        L0's TCG emulates AMD SVM with nested paging for ``-cpu max``, so L1's KVM runs L2
+        at one level of emulation instead of TCG inside TCG.  PTMIG_VLAB_L2_ACCEL overrides.
+        """
+        forced = os.environ.get("PTMIG_VLAB_L2_ACCEL")
+        if forced in ("kvm", "qemu"):
+            return forced
+        return "kvm" if self.l1_exec("test -c /dev/kvm").status == 0 else "qemu"
 
     def l1_clock_offset(self, samples: int = 5) -> tuple[float, float]:
         """L1's clock minus L0's, and the error bound (half the best console round trip)."""
