@@ -22,11 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build or reuse the guest image, start hosts, fabric and guest")
     up.add_argument("--no-primary", action="store_true",
                     help="define the guest with its virtio NIC only (no e1000e)")
-    sub.add_parser("down", help="stop and remove everything the lab started")
+    up.add_argument("--no-guest", action="store_true",
+                    help="--vfio: start L1 and its hosts but do not boot L2")
+    dn = sub.add_parser("down", help="stop and remove everything the lab started")
     st = sub.add_parser("status", help="what runs where")
     st.add_argument("--json", action="store_true")
     ex = sub.add_parser("exec", help="run a command in the guest over its serial console")
     ex.add_argument("--timeout", type=float, default=60.0)
+    ex.add_argument("--l1", action="store_true", help="--vfio: run it in L1, not in L2")
+    for cmd in (up, dn, st, ex):
+        cmd.add_argument("--vfio", action="store_true",
+                         help="the nested vfio lab (hosts in an L1 VM, real vfio-pci devices)")
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     mig = sub.add_parser("migrate", help="live-migrate the guest with libvirt")
     mig.add_argument("destination", choices=["hosta", "hostb"])
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     from lab.vmlab import LabError, VmLab
 
+    if getattr(args, "vfio", False):
+        return _vfio(args)
     try:
         lab = VmLab()
         if args.command == "up":
@@ -92,6 +100,44 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(as_json=args.json, keep=args.keep)
     except (LabError, ConsoleError, CommandError) as exc:
         print(f"ptmig-lab {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _vfio(args: argparse.Namespace) -> int:
+    """The nested vfio lab's up, down, status and exec (lab/nested/)."""
+    import libvirt
+
+    from lab.nested.vlab import VfioLab, VfioLabError
+
+    lab = VfioLab()
+    try:
+        if args.command == "up":
+            lab.up(boot_guest=not args.no_guest)
+            print(json.dumps(lab.status(), indent=1))
+        elif args.command == "down":
+            for line in lab.down():
+                print(line)
+        elif args.command == "status":
+            info = lab.status()
+            if args.json:
+                print(json.dumps(info, indent=1))
+            else:
+                for k, v in info.items():
+                    print(f"{k}: {v}")
+        elif args.command == "exec":
+            cmd = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not cmd:
+                print("ptmig-lab exec: give a command after --", file=sys.stderr)
+                return 2
+            if args.l1:
+                result = lab.l1_exec(" ".join(cmd), timeout=args.timeout)
+            else:
+                result = lab.exec(" ".join(cmd), timeout=args.timeout)
+            sys.stdout.write(result.output)
+            return result.status
+    except (VfioLabError, ConsoleError, CommandError, libvirt.libvirtError, RuntimeError) as exc:
+        print(f"ptmig-lab {args.command} --vfio: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -40,8 +40,14 @@ def journal_path() -> str:
 def ptmig(lab: VmLab, host: str, *args: str, timeout: float = 300,
           check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``ptmig -c <host's URI> ARGS`` with the lab's journal."""
-    argv = [sys.executable, "-m", "host.cli", "-c", lab.hosts[host].uri, *args]
-    env = {**os.environ, "PTMIG_JOURNAL": journal_path()}
+    return ptmig_at(lab.hosts[host].uri, journal_path(), *args, timeout=timeout, check=check)
+
+
+def ptmig_at(uri: str, journal: str, *args: str, timeout: float = 300,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``ptmig -c URI ARGS`` with *journal*, as an operator would type it."""
+    argv = [sys.executable, "-m", "host.cli", "-c", uri, *args]
+    env = {**os.environ, "PTMIG_JOURNAL": journal}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stdout + proc.stderr)

@@ -49,6 +49,8 @@ class LabHost:
     """One libvirt host of the lab."""
 
     net: HostNet
+    #: Where libvirtd listens for TCP; the nested lab also needs its port forward's address.
+    listen_addr: str = ""
 
     @property
     def name(self) -> str:
@@ -110,7 +112,7 @@ class LabHost:
             f"""# ptmig lab host {self.name}
 listen_tls = 0
 listen_tcp = 1
-listen_addr = "{ip}"
+listen_addr = "{self.listen_addr or ip}"
 tcp_port = "{TCP_PORT}"
 auth_tcp = "none"
 auth_unix_ro = "none"

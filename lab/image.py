@@ -220,9 +220,15 @@ class ImageRecipe:
     enabled_units: tuple[str, ...] = ENABLED_UNITS
     extra_debs: Sequence[Path] = ()
     size: str = "2G"
+    #: Installed into the base from bookworm-backports (the nested lab's QEMU and libvirt).
+    backports: tuple[str, ...] = ()
 
     def base_key(self) -> str:
-        return _digest({"suite": self.suite, "mirror": self.mirror, "packages": self.packages})
+        key: dict[str, object] = {"suite": self.suite, "mirror": self.mirror,
+                                  "packages": self.packages}
+        if self.backports:
+            key["backports"] = self.backports
+        return _digest(key)
 
     def image_key(self) -> str:
         return _digest(
@@ -262,16 +268,21 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
-def build_image(recipe: ImageRecipe | None = None) -> GuestImage:
-    """Return the cached image for *recipe*, building what is missing."""
+def build_image(recipe: ImageRecipe | None = None, directory: Path | None = None) -> GuestImage:
+    """Return the cached image for *recipe*, building what is missing.
+
+    *directory* (default :func:`images_dir`) holds one base and one image: a build there
+    prunes the others, so each kind of image gets its own directory.
+    """
     recipe = recipe or ImageRecipe()
-    target = images_dir() / f"image-{recipe.image_key()}"
+    where = directory or images_dir()
+    target = where / f"image-{recipe.image_key()}"
     if (target / "manifest.json").exists():
         log.info("guest image cached: %s", target)
         return GuestImage(target)
-    base = _build_base(recipe)
-    images_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=images_dir(), prefix="staging-") as tmp:
+    base = _build_base(recipe, where)
+    where.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=where, prefix="staging-") as tmp:
         staging = Path(tmp)
         rootfs = staging / "rootfs"
         log.info("configuring guest root filesystem")
@@ -302,33 +313,54 @@ def build_image(recipe: ImageRecipe | None = None) -> GuestImage:
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)
-    _prune(keep={target.name, base.name})
+    _prune(where, keep={target.name, base.name})
     log.info("guest image built: %s", target)
     return GuestImage(target)
 
 
 def base_root() -> Path:
     """The cached debootstrap root the guest image starts from: a stock Debian 12."""
-    return _build_base(ImageRecipe())
+    return _build_base(ImageRecipe(), images_dir())
 
 
-def _build_base(recipe: ImageRecipe) -> Path:
-    base = images_dir() / f"base-{recipe.base_key()}"
+def _build_base(recipe: ImageRecipe, where: Path) -> Path:
+    base = where / f"base-{recipe.base_key()}"
     if (base / "etc" / "debian_version").exists() and (base / ".ptmig-complete").exists():
         return base
-    images_dir().mkdir(parents=True, exist_ok=True)
+    where.mkdir(parents=True, exist_ok=True)
     partial = base.with_name(base.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
     log.info("debootstrap %s from %s (takes about two minutes)", recipe.suite, recipe.mirror)
     run(["debootstrap", "--variant=minbase", "--include=" + ",".join(recipe.packages),
          recipe.suite, str(partial), recipe.mirror])
+    if recipe.backports:
+        _install_backports(partial, recipe)
     run(["chroot", str(partial), "apt-get", "clean"])
     (partial / ".ptmig-complete").touch()
     if base.exists():
         shutil.rmtree(base)
     partial.rename(base)
     return base
+
+
+def _install_backports(rootfs: Path, recipe: ImageRecipe) -> None:
+    """apt in the chroot, from the same mirror's bookworm-backports suite.
+
+    policy-rc.d keeps package scripts from starting daemons in the build machine.
+    """
+    (rootfs / "etc/apt/sources.list.d/backports.list").write_text(
+        f"deb {recipe.mirror} {recipe.suite}-backports main\n")
+    policy = rootfs / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run(["chroot", str(rootfs), "apt-get", "update", "-q"], env=env)
+        run(["chroot", str(rootfs), "apt-get", "-t", f"{recipe.suite}-backports", "install",
+             "-y", "-q", "--no-install-recommends", *recipe.backports], env=env, timeout=1800)
+    finally:
+        policy.unlink()
 
 
 def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
@@ -346,6 +378,8 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         dest = rootfs / path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(content)
+        if content.startswith("#!"):  # a script (the nested lab's inits)
+            dest.chmod(0o755)
     run([*chroot, "passwd", "-d", "root"])
     if recipe.enabled_units:
         run([*chroot, "systemctl", "enable", *recipe.enabled_units])
@@ -361,9 +395,9 @@ def _package_versions(rootfs: Path) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
-def _prune(keep: set[str]) -> None:
+def _prune(where: Path, keep: set[str]) -> None:
     """Drop older images and bases so the cache holds one of each."""
-    for entry in images_dir().iterdir():
+    for entry in where.iterdir():
         if entry.name in keep or entry.name.startswith("staging-"):
             continue
         if entry.name.startswith(("image-", "base-")):

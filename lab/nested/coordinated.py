@@ -1,0 +1,79 @@
+"""The nested lab under ptmig's coordinator: real vfio pools on both hosts.
+
+Pools (the same names on both hosts name each host's own devices):
+
+* ``lanvf``, kind vf: a ``<forward mode='hostdev'>`` network on the host's igb PF; hosta's
+  is defined by its PF (``--pf``), hostb's by an explicit VF list (``--vf``), so both forms
+  run;
+* ``wannic``, kind pci: the host's whole e1000e, a managed PCI hostdev whose burned-in MAC
+  differs per host.
+
+Team lan (bond0) draws a VF from ``lanvf``, team wan (bond1) the whole NIC from ``wannic``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from lab import STANDBY_MAC, WAN_STANDBY_MAC
+from lab.coordinated import ptmig_at
+from lab.guest import DOMAIN_NAME
+from lab.nested import run_dir
+from lab.nested.vlab import VfioLab, VfioLabError, uri
+
+VF_POOL = "lanvf"
+PCI_POOL = "wannic"
+
+
+def journal() -> str:
+    return str(run_dir() / "journal.sqlite")
+
+
+def ptmig(host: str, *args: str, timeout: float = 600, check: bool = True) -> Any:
+    return ptmig_at(uri(host), journal(), *args, timeout=timeout, check=check)
+
+
+def ptmig_json(host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
+    proc = ptmig(host, *args, "--json", check=False)
+    if proc.returncode not in ok:
+        raise VfioLabError(f"ptmig {' '.join(args)} exited {proc.returncode}: "
+                           f"{proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def define_pools(lab: VfioLab, vfs: dict[str, list[str]] | None = None) -> None:
+    """hosta's VF pool by PF, hostb's by VF list (*vfs* overrides a host's list)."""
+    for host, dev in lab.state.hosts.items():
+        if vfs is not None and host in vfs:
+            spec = [f"--vf={vf}" for vf in vfs[host]]
+        elif host == "hosta":
+            spec = [f"--pf={dev.pf}"]
+        else:
+            spec = [f"--vf={vf}" for vf in dev.vfs]
+        ptmig(host, "pool-define", VF_POOL, "--kind", "vf", *spec)
+        ptmig(host, "pool-define", PCI_POOL, "--kind", "pci", f"--address={dev.whole_pci}")
+
+
+def set_teams(lab: VfioLab, lan_policy: str = "preserve", wan_policy: str = "preserve") -> None:
+    host = lab.where()
+    ptmig(host, "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac", STANDBY_MAC,
+          "--pool", VF_POOL, "--mac-policy", lan_policy)
+    ptmig(host, "team-set", DOMAIN_NAME, "--team", "wan", "--standby-mac", WAN_STANDBY_MAC,
+          "--pool", PCI_POOL, "--mac-policy", wan_policy)
+
+
+def to_primary(lab: VfioLab, timeout: float = 600) -> dict[str, Any]:
+    """``ptmig failover --to primary`` until every team runs on a passthrough device."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = ptmig_json(lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
+            if all(v == "primary" for v in last.values()):
+                return dict(last)
+        except (VfioLabError, json.JSONDecodeError) as exc:
+            last = str(exc)
+        time.sleep(5)
+    raise VfioLabError(f"teams did not reach their primaries in {timeout:.0f} s: {last}")

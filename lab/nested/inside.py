@@ -1,0 +1,113 @@
+"""The part of the nested lab that runs inside L1 (``python3 -m lab.nested.inside``).
+
+L1 mounts this checkout read-only over 9p and runs it with its own python3, so the emulated
+lab's fabric and hosts (:mod:`lab.fabric`, :mod:`lab.hosts`) build the two hosts here as they
+do on L0.  On top of them it moves the wire NICs into place: L1's uplink into the switch, each
+host's igb PF (with its VFs created) and whole e1000e into that host's namespace, and each
+host's guest bridge gets its address on the user-network segment, where L0's port forwards
+to its libvirtd arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lab import fabric
+from lab.console import GuestConsole
+from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET
+from lab.hosts import PRIVATE_DIRS, LabHost
+from lab.run import run
+
+log = logging.getLogger(__name__)
+
+NUM_VFS = 2
+
+
+def netdev_by_mac(mac: str) -> str:
+    for dev in Path("/sys/class/net").iterdir():
+        addr = dev / "address"
+        if addr.exists() and addr.read_text().strip() == mac:
+            return dev.name
+    raise RuntimeError(f"no netdev with MAC {mac} in L1")
+
+
+def pci_of(netdev: str) -> str:
+    return Path(f"/sys/class/net/{netdev}/device").resolve().name
+
+
+def up(wires: dict[str, dict[str, str]], uplink_mac: str,
+       uplink_ips: dict[str, str]) -> dict[str, dict[str, object]]:
+    """*wires*: host -> {"igb": MAC, "e1000e": MAC}."""
+    for mnt in [*PRIVATE_DIRS, "/var/cache/libvirt"]:  # L1's root is ours: no cleanup
+        Path(mnt).mkdir(parents=True, exist_ok=True)
+    fabric.create()
+    uplink = netdev_by_mac(uplink_mac)
+    run(["ip", "link", "set", uplink, "netns", fabric.SWITCH_NS])
+    run(["ip", "-n", fabric.SWITCH_NS, "link", "set", uplink, "master", "br-sw", "up"])
+    info: dict[str, dict[str, object]] = {}
+    for net in fabric.HOSTS:
+        pf = netdev_by_mac(wires[net.name]["igb"])
+        pf_pci = pci_of(pf)
+        Path(f"/sys/class/net/{pf}/device/sriov_numvfs").write_text(f"{NUM_VFS}\n")
+        pf_dir = Path(f"/sys/bus/pci/devices/{pf_pci}")
+        vfs = sorted(p.resolve().name for p in pf_dir.glob("virtfn*"))
+        whole = netdev_by_mac(wires[net.name]["e1000e"])
+        whole_pci = pci_of(whole)
+        for dev in (pf, whole):
+            run(["ip", "link", "set", dev, "netns", net.netns])
+        run(["ip", "-n", net.netns, "link", "set", pf, "up"])
+        run(["ip", "-n", net.netns, "addr", "add", f"{uplink_ips[net.name]}/24",
+             "dev", fabric.GUEST_BRIDGE])
+        host = LabHost(net, listen_addr="0.0.0.0")
+        pid = host.start()
+        info[net.name] = {"pid": pid, "pf": pf, "pf_pci": pf_pci, "vfs": vfs,
+                          "whole": whole, "whole_pci": whole_pci}
+    return info
+
+
+def guest_console(host: str) -> GuestConsole:
+    """L2's console on *host* (lab.guest's paths, as the host's daemon sees them)."""
+    lab_host = LabHost(next(n for n in fabric.HOSTS if n.name == host))
+    return GuestConsole(lab_host.path_inside(CONSOLE_SOCKET), lab_host.path_inside(CONSOLE_LOG))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    p = argparse.ArgumentParser(prog="lab.nested.inside")
+    sub = p.add_subparsers(dest="command", required=True)
+    u = sub.add_parser("up")
+    u.add_argument("spec", help="JSON: {wires, uplink_mac, uplink_ips}")
+    w = sub.add_parser("wait-shell", help="wait for L2's console shell on HOST")
+    w.add_argument("host")
+    w.add_argument("since", type=int)
+    w.add_argument("timeout", type=float)
+    sz = sub.add_parser("console-size")
+    sz.add_argument("host")
+    e = sub.add_parser("exec", help="run a base64-encoded command in L2 on HOST")
+    e.add_argument("host")
+    e.add_argument("timeout", type=float)
+    e.add_argument("command_b64")
+    args = p.parse_args(argv)
+    if args.command == "up":
+        spec = json.loads(args.spec)
+        print(json.dumps(up(spec["wires"], spec["uplink_mac"], spec["uplink_ips"])))
+    elif args.command == "wait-shell":
+        print(guest_console(args.host).wait_for_shell(args.since, args.timeout))
+    elif args.command == "console-size":
+        print(guest_console(args.host).log_size())
+    elif args.command == "exec":
+        result = guest_console(args.host).run(base64.b64decode(args.command_b64).decode(),
+                                              timeout=args.timeout)
+        sys.stdout.write(result.output)
+        return result.status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

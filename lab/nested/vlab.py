@@ -1,0 +1,323 @@
+"""The nested vfio lab as one object, driven from L0: up, down, status, exec.
+
+ptmig's coordinator stays on L0 and reaches each host's libvirtd inside L1 as
+``qemu+tcp://127.0.0.1:<port>/system`` (QEMU user networking forwards the loopback
+port); peer-to-peer migration between the hosts uses their L1-internal addresses
+(``qemu+tcp://192.0.2.x/system``, ``--peer-uri``), and the agent is reached through
+virDomainOpenChannel over the same connection.  Commands for L1 go over its serial
+console; commands for L2 go over L1's console to L2's (``lab.nested.inside exec``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from lab import STANDBY_MAC, WAN_STANDBY_MAC
+from lab.console import ExecResult, GuestConsole
+from lab.fabric import HOSTS
+from lab.guest import DOMAIN_NAME, domain_xml
+from lab.image import GuestImage
+from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
+from lab.nested.guest import l2_init
+from lab.nested.image import build_l1, build_l2, build_l2_initrd
+from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, running_pid, src_path
+from lab.vmlab import BAD_KERNEL_LINES
+
+log = logging.getLogger(__name__)
+
+#: Where L1 sees the share (kernel and initramfs of L2) and L2's root disk.
+L2_IN_L1 = Path("/mnt/vlab/l2")
+L2_DISK_DEV = "/dev/vdb"
+L2_OVERLAY = "/var/tmp/ptmig-lab/guest/disk.qcow2"
+L2_BOOT_TIMEOUT = 900.0
+L2_MEMORY_MIB = 384
+L2_VCPUS = 1
+
+#: The agent's teams in L2.  Team wan is agent-owned with no primary at start: its whole
+#: NIC is plugged by ptmig from the host's pci pool.
+AGENT_CONFIG = f"""# ptmig nested lab guest (L2)
+[[teams]]
+name = "lan"
+bond = "bond0"
+standby = {{mac = "{STANDBY_MAC}"}}
+mac_policy = "preserve"
+ownership = "admin"
+
+[[teams]]
+name = "wan"
+bond = "bond1"
+standby = {{mac = "{WAN_STANDBY_MAC}"}}
+mac_policy = "preserve"
+ownership = "agent"
+mac = "{WAN_STANDBY_MAC}"
+"""
+
+
+class VfioLabError(RuntimeError):
+    """A step of the nested lab failed; the message names the console log."""
+
+
+@dataclass
+class HostDevices:
+    """What one host's pools are made of, as L1 reported it."""
+
+    pid: int
+    pf: str
+    pf_pci: str
+    vfs: list[str]
+    whole: str
+    whole_pci: str
+
+
+@dataclass
+class VfioLabState:
+    hosts: dict[str, HostDevices] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def path() -> Path:
+        return run_dir() / "state.json"
+
+    @classmethod
+    def load(cls) -> VfioLabState | None:
+        try:
+            data = json.loads(cls.path().read_text())
+        except FileNotFoundError:
+            return None
+        return cls({k: HostDevices(**v) for k, v in data["hosts"].items()}, data["timings"])
+
+    def save(self) -> None:
+        self.path().write_text(json.dumps(asdict(self), indent=1))
+
+
+def uri(host: str) -> str:
+    """A host's libvirtd as L0 reaches it."""
+    return f"qemu+tcp://127.0.0.1:{LIBVIRT_PORTS[host]}/system"
+
+
+def peer_uri(host: str) -> str:
+    """A host's libvirtd as the other host reaches it (inside L1)."""
+    return f"qemu+tcp://{next(h.migration_ip for h in HOSTS if h.name == host)}/system"
+
+
+class VfioLab:
+    def __init__(self) -> None:
+        self.state = VfioLabState.load() or VfioLabState()
+        self._conns: dict[str, libvirt.virConnect] = {}
+
+    @property
+    def l1_console(self) -> GuestConsole:
+        return GuestConsole(run_dir() / "console.sock", run_dir() / "console.log")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def prepare(self) -> tuple[GuestImage, GuestImage]:
+        """Build (or reuse) both images and L2's initramfs; no VM runs yet, so no lock."""
+        if running_pid() is not None:
+            raise VfioLabError("the vfio lab is up already: run 'ptmig-lab down --vfio' first")
+        l1_image, l2_image = build_l1(), build_l2()
+        share = run_dir() / "share" / "l2"
+        if share.exists():
+            shutil.rmtree(share)
+        share.mkdir(parents=True)
+        shutil.copy2(l2_image.kernel, share / "vmlinuz")
+        build_l2_initrd(l1_image, l2_image, l2_init(AGENT_CONFIG), share / "initrd.img")
+        (run_dir() / "images.json").write_text(json.dumps(
+            {"l1": str(l1_image.directory), "l2": str(l2_image.directory)}))
+        return l1_image, l2_image
+
+    def up(self, *, boot_guest: bool = True, prepared: bool = False) -> None:
+        """Start L1 and its hosts, then (*boot_guest*) L2; *prepared*: prepare() ran."""
+        t0 = time.monotonic()
+        if prepared:
+            paths = json.loads((run_dir() / "images.json").read_text())
+            l1_image, l2_image = GuestImage(Path(paths["l1"])), GuestImage(Path(paths["l2"]))
+        else:
+            l1_image, l2_image = self.prepare()
+        self.state = VfioLabState()
+        self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
+        l1 = L1(l1_image, l2_image.disk, src_path())
+        self.state.timings["l1_boot_s"] = round(l1.start(), 1)
+        self.state.save()
+        try:
+            t1 = time.monotonic()
+            wires: dict[str, dict[str, str]] = {h: {} for h in LIBVIRT_PORTS}
+            for nic in WIRE_NICS:
+                wires[nic.host][nic.model] = nic.mac
+            spec = {"wires": wires, "uplink_mac": UPLINK_MAC, "uplink_ips": UPLINK_IPS}
+            out = self.l1_exec(f"python3 -m lab.nested.inside up {shlex.quote(json.dumps(spec))}",
+                               timeout=300).check()
+            info = json.loads(out.strip().splitlines()[-1])
+            self.state.hosts = {h: HostDevices(**v) for h, v in info.items()}
+            self.state.timings["hosts_s"] = round(time.monotonic() - t1, 1)
+            self.state.save()
+            if boot_guest:
+                self.boot_guest()
+        except BaseException:
+            log.error("vfio lab start failed; L1 console log: %s", run_dir() / "console.log")
+            raise
+
+    def boot_guest(self) -> float:
+        """Boot L2 on hosta (no passthrough device); return seconds until its shell."""
+        self.l1_exec(f"mkdir -p {Path(L2_OVERLAY).parent} && rm -f {L2_OVERLAY} && "
+                     f"qemu-img create -q -f qcow2 -b {L2_DISK_DEV} -F raw {L2_OVERLAY}").check()
+        xml = domain_xml(GuestImage(L2_IN_L1), Path(L2_OVERLAY), with_primary=False,
+                         memory_mib=L2_MEMORY_MIB, vcpus=L2_VCPUS)
+        if self.accel() == "kvm":
+            xml = xml.replace("<domain type='qemu'>", "<domain type='kvm'>", 1)
+        since = int(self.inside("console-size", "hosta").check().strip() or 0)
+        dom = self.conn("hosta").defineXML(xml)
+        t0 = time.monotonic()
+        dom.create()
+        self.inside("wait-shell", "hosta", str(since), str(L2_BOOT_TIMEOUT),
+                    timeout=L2_BOOT_TIMEOUT + 30).check()
+        took = time.monotonic() - t0
+        self.state.timings["l2_boot_s"] = round(took, 1)
+        self.state.timings["dmesg_baseline"] = self.bad_kernel_lines()
+        self.state.save()
+        log.info("L2 booted on hosta in %.1f s", took)
+        return took
+
+    def down(self) -> list[str]:
+        for name in list(self._conns):
+            self._close(name)
+        done = L1.stop()
+        VfioLabState.path().unlink(missing_ok=True)
+        return [done] if done else []
+
+    # -- access ------------------------------------------------------------------------
+
+    def conn(self, host: str) -> libvirt.virConnect:
+        c = self._conns.get(host)
+        if c is None or not c.isAlive():
+            c = libvirt.open(uri(host))
+            self._conns[host] = c
+        return c
+
+    def _close(self, host: str) -> None:
+        c = self._conns.pop(host, None)
+        if c is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                c.close()
+
+    def where(self) -> str:
+        found = [h for h in LIBVIRT_PORTS
+                 if any(d.name() == DOMAIN_NAME and d.isActive()
+                        for d in self.conn(h).listAllDomains())]
+        if len(found) != 1:
+            raise VfioLabError(f"the guest is active on {found or 'no host'}")
+        return found[0]
+
+    def domain(self, host: str) -> libvirt.virDomain:
+        return self.conn(host).lookupByName(DOMAIN_NAME)
+
+    def l1_exec(self, command: str, timeout: float = 120) -> ExecResult:
+        """Run *command* in L1 (in the checkout, with L1's python3 on it)."""
+        prefix = "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src; "
+        return self.l1_console.run(prefix + command, timeout=timeout)
+
+    def accel(self) -> str:
+        """How L1 runs L2: "kvm" when L1 has /dev/kvm (see docs/lab.md), else "qemu" (TCG).
+
+        L0's TCG emulates AMD SVM with nested paging for ``-cpu max``, so L1's KVM runs L2
+        at one level of emulation instead of TCG inside TCG.  PTMIG_VLAB_L2_ACCEL overrides.
+        """
+        forced = os.environ.get("PTMIG_VLAB_L2_ACCEL")
+        if forced in ("kvm", "qemu"):
+            return forced
+        return "kvm" if self.l1_exec("test -c /dev/kvm").status == 0 else "qemu"
+
+    def l1_clock_offset(self, samples: int = 5) -> tuple[float, float]:
+        """L1's clock minus L0's, and the error bound (half the best console round trip)."""
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            t0 = time.time()
+            l1 = float(self.l1_console.run("date +%s.%N").check().strip())
+            t1 = time.time()
+            if best is None or (t1 - t0) / 2 < best[1]:
+                best = (l1 - (t0 + t1) / 2, (t1 - t0) / 2)
+        assert best is not None
+        return best
+
+    def inside(self, *args: str, timeout: float = 120) -> ExecResult:
+        return self.l1_exec("python3 -m lab.nested.inside " + shlex.join(args), timeout=timeout)
+
+    def exec(self, command: str, timeout: float = 60, host: str | None = None) -> ExecResult:
+        """Run *command* in L2 over its console on *host* (default: where it runs)."""
+        encoded = base64.b64encode(command.encode()).decode()
+        return self.inside("exec", host or self.where(), str(timeout), encoded,
+                           timeout=timeout + 60)
+
+    def bad_kernel_lines(self) -> int:
+        out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
+        return int(out.strip().splitlines()[-1])
+
+    def check_health(self) -> None:
+        """The emulated lab's health rule for L2: console answers, no taint, no new bad line."""
+        out = self.exec("cat /proc/sys/kernel/tainted").check().strip()
+        bad = self.bad_kernel_lines()
+        if out != "0" or bad > self.state.timings.get("dmesg_baseline", 0):
+            detail = self.exec(f"dmesg | grep -E '{BAD_KERNEL_LINES}' | tail -n 20").output
+            raise VfioLabError(f"L2 damaged (taint={out}, bad lines {bad}):\n{detail}")
+
+    def status(self) -> dict[str, Any]:
+        pid = running_pid()
+        info: dict[str, Any] = {"up": pid is not None, "l1_pid": pid}
+        if pid is not None:
+            info["uris"] = {h: uri(h) for h in LIBVIRT_PORTS}
+            info["hosts"] = {h: asdict(d) for h, d in self.state.hosts.items()}
+            info["timings"] = self.state.timings
+            try:
+                info["guest_on"] = self.where()
+            except (VfioLabError, libvirt.libvirtError) as exc:
+                info["guest_on"] = None
+                info["problem"] = str(exc)
+        return info
+
+
+@dataclass
+class L1Pinger:
+    """``lab.traffic send`` in L1's client namespace, at *rate* to *target*.
+
+    The record stays in L1 and is analysed there; phases (L0 epoch times, from ptmig's
+    report) are moved onto L1's clock by the offset measured over the console, whose
+    round trip bounds its error (reported as ``clock_error_s``).
+    """
+
+    lab: VfioLab
+    target: str
+    name: str
+    rate: float
+
+    @property
+    def outfile(self) -> str:
+        return f"/tmp/ping-{self.name}.tsv"
+
+    def start(self) -> None:
+        self.lab.l1_exec(
+            f"rm -f {self.outfile}; (ip netns exec ptmig-client python3 -m lab.traffic send "
+            f"{self.target} {self.outfile} --rate {self.rate} >/tmp/ping-{self.name}.err 2>&1 "
+            f"& echo $! > /tmp/ping-{self.name}.pid)").check()
+
+    def stop_and_analyze(self, phases: list[tuple[str, float, float]]) -> dict[str, Any]:
+        self.lab.l1_exec(f"kill -INT $(cat /tmp/ping-{self.name}.pid); sleep 1.5").check()
+        offset, error = self.lab.l1_clock_offset()
+        lines = "".join(f"{n} {s + offset:.6f} {e + offset:.6f}\\n" for n, s, e in phases)
+        out = self.lab.l1_exec(
+            f"printf '{lines}' > /tmp/ping-{self.name}.phases; python3 -m lab.traffic analyze "
+            f"{self.outfile} --phases /tmp/ping-{self.name}.phases --json", timeout=300).check()
+        report: dict[str, Any] = json.loads(out[out.index("{"):])
+        report["clock_error_s"] = round(error, 3)
+        return report
