@@ -12,6 +12,7 @@ import logging
 import sys
 
 from lab.console import ConsoleError
+from lab.image import DEFAULT_SUITE, GUEST_SUITES, lab_recipe
 from lab.run import CommandError
 
 
@@ -20,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build or reuse the guest image, start hosts, fabric and guest")
+    up.add_argument("--suite", choices=sorted(GUEST_SUITES), default=DEFAULT_SUITE,
+                    help="the guest's Debian suite (default %(default)s)")
     up.add_argument("--no-primary", action="store_true",
                     help="define the guest with its virtio NIC only (no e1000e)")
     up.add_argument("--no-guest", action="store_true",
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lab = VmLab()
         if args.command == "up":
-            lab.up(with_primary=not args.no_primary)
+            lab.up(lab_recipe(args.suite), with_primary=not args.no_primary)
             print(f"lab up; guest on {lab.where()}")
         elif args.command == "down":
             for line in lab.down():

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from lab import PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
@@ -37,6 +38,12 @@ def journal_path() -> str:
     return str(run_dir() / "journal.sqlite")
 
 
+#: The interpreter ``ptmig`` runs on; e.g. /usr/bin/python3 to drive the lab from the
+#: distribution's python3-libvirt, -grpcio and -protobuf instead of the virtualenv's.
+HOST_PYTHON_ENV = "PTMIG_LAB_HOST_PYTHON"
+REPO = Path(__file__).resolve().parents[1]
+
+
 def ptmig(lab: VmLab, host: str, *args: str, timeout: float = 300,
           check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``ptmig -c <host's URI> ARGS`` with the lab's journal."""
@@ -45,9 +52,12 @@ def ptmig(lab: VmLab, host: str, *args: str, timeout: float = 300,
 
 def ptmig_at(uri: str, journal: str, *args: str, timeout: float = 300,
              check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``ptmig -c URI ARGS`` with *journal*, as an operator would type it."""
-    argv = [sys.executable, "-m", "host.cli", "-c", uri, *args]
-    env = {**os.environ, "PTMIG_JOURNAL": journal}
+    """Run ``ptmig -c URI ARGS`` with *journal*, as an operator would type it, from this
+    checkout."""
+    python = os.environ.get(HOST_PYTHON_ENV) or sys.executable
+    argv = [python, "-m", "host.cli", "-c", uri, *args]
+    env = {**os.environ, "PTMIG_JOURNAL": journal,
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")])}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stdout + proc.stderr)

@@ -58,6 +58,15 @@ GUEST_PACKAGES: tuple[str, ...] = (
     "pciutils",
 )
 
+#: The Debian suites the lab's guest comes in: the packages each base is made of.
+#: debootstrap does not follow a dependency satisfied only by a Provides: trixie's
+#: python3-grpcio depends on libre2-11-absl20240722, which libre2-11 provides, so it is named.
+GUEST_SUITES: dict[str, tuple[str, ...]] = {
+    "bookworm": GUEST_PACKAGES,
+    "trixie": (*GUEST_PACKAGES, "libre2-11"),
+}
+DEFAULT_SUITE = SUITE
+
 #: Printed by the serial console's login shell once the guest is up; the console
 #: driver waits for it after a boot.
 SHELL_READY_MARKER = "PTMIG-SHELL-READY"
@@ -259,13 +268,22 @@ def build_agent_package() -> Path:
     return debs[0]
 
 
-def lab_recipe() -> ImageRecipe:
-    """The lab guest: the base packages plus the agent package of this checkout."""
-    return ImageRecipe(extra_debs=(build_agent_package(),))
+def lab_recipe(suite: str = DEFAULT_SUITE) -> ImageRecipe:
+    """The lab guest of `suite`: its base packages plus the agent package of this checkout."""
+    if suite not in GUEST_SUITES:
+        raise ValueError(f"no lab guest for suite {suite!r} (one of {sorted(GUEST_SUITES)})")
+    return ImageRecipe(suite=suite, packages=GUEST_SUITES[suite],
+                       extra_debs=(build_agent_package(),))
 
 
 def images_dir() -> Path:
     return cache_dir() / "images"
+
+
+def suite_images_dir(suite: str) -> Path:
+    """Where `suite`'s base and image are cached: one directory each, so that building one
+    suite's image does not prune the other's."""
+    return images_dir() if suite == DEFAULT_SUITE else images_dir() / suite
 
 
 def build_image(recipe: ImageRecipe | None = None, directory: Path | None = None) -> GuestImage:

@@ -26,7 +26,7 @@ from lab import fabric
 from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
 from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME, Nic, domain_xml
 from lab.hosts import PRIVATE_DIRS, LabHost, is_alive, stop_pid
-from lab.image import GuestImage, ImageRecipe, build_image, lab_recipe
+from lab.image import GuestImage, ImageRecipe, build_image, lab_recipe, suite_images_dir
 from lab.paths import run_dir
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,8 @@ class VmLab:
                                "run 'ptmig-lab down' first")
             log.info("cleaning up a lab whose daemons are gone")
             self.down()
-        image = build_image(recipe or lab_recipe())
+        recipe = recipe or lab_recipe()
+        image = build_image(recipe, suite_images_dir(recipe.suite))
         if run_dir().exists():
             shutil.rmtree(run_dir())
         run_dir().mkdir(parents=True)

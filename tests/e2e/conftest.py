@@ -16,21 +16,27 @@ from host.hypervisor import Hypervisor
 from lab import GUEST_AGENT_PORT, fabric
 from lab.guest import DOMAIN_NAME
 from lab.hosts import is_alive
+from lab.image import DEFAULT_SUITE, lab_recipe
 from lab.vmlab import LabState, VmLab
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[VmLab]:
-    """A fresh lab per test module: each module changes the guest's devices its own way."""
+def lab(request: pytest.FixtureRequest) -> Iterator[VmLab]:
+    """A fresh lab per test module: each module changes the guest's devices its own way.
+
+    The guest is Debian 12 unless the module parametrizes ``lab`` (indirectly) with
+    another suite of lab.image.GUEST_SUITES.
+    """
+    suite = getattr(request, "param", DEFAULT_SUITE)
     reuse = os.environ.get("PTMIG_LAB_REUSE") == "1"
     lab = VmLab()
     if reuse and LabState.load() is not None:
         yield lab
         return
     try:
-        lab.up()
+        lab.up(lab_recipe(suite))
     except BaseException:
         lab.down()
         raise

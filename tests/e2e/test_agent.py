@@ -33,7 +33,11 @@ from lab.paths import run_dir
 from lab.traffic import FixedRatePinger, analyze
 from lab.vmlab import VmLab
 
-pytestmark = pytest.mark.e2e
+#: Both guest distributions the agent ships for; each gets its own lab, tests in file order.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.parametrize("lab", ["bookworm", "trixie"], indirect=True, scope="module"),
+]
 
 #: Packets at 1000/s (= ms).  A switch loses 0-5 here (a rehearsal: 2-3); the bound leaves
 #: room for lab noise: QEMU's TCG vCPUs share the machine's two cores with the pinger, and a
