@@ -297,9 +297,10 @@ def test_vsock_listener_answers_through_guest_loopback(on_hosta: VmLab) -> None:
     assert "vsock-health 1" in out  # SERVING
 
 
-#: systemd's "OK" band ends below 2.0; the unit scored 1.8 as root with only CAP_NET_ADMIN,
-#: and running as its own user takes off another 0.4.
-MAX_AGENT_EXPOSURE = 1.6
+#: systemd's "OK" band ends below 2.0.  As root with only CAP_NET_ADMIN the unit scored 1.8
+#: on Debian 12; as its own user 1.5 there, and 1.8 by Debian 13's systemd 257, which
+#: weighs more settings.  The bounds guard against a hardening regression per suite.
+MAX_AGENT_EXPOSURE = {"bookworm": 1.6, "trixie": 1.9}
 
 
 def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
@@ -309,9 +310,12 @@ def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
     found = re.search(r"Overall exposure level for ptmig-agent\.service: (\d+\.\d+)", out)
     assert found, out[-2000:]
     exposure = float(found.group(1))
-    print(f"systemd-analyze security ptmig-agent.service: {exposure}")
+    suite = on_hosta.exec(". /etc/os-release; echo $VERSION_CODENAME").check().strip()
+    counted = [line.strip() for line in out.splitlines() if "✗" in line]
+    print(f"systemd-analyze security ptmig-agent.service on {suite}: {exposure}; still counts:")
+    print("\n".join(counted))
     record_property("agent_unit_exposure", exposure)
-    assert exposure <= MAX_AGENT_EXPOSURE, out[-4000:]
+    assert exposure <= MAX_AGENT_EXPOSURE[suite], "\n".join(counted)
     capabilities = on_hosta.exec(
         "grep CapEff /proc/$(systemctl show -p MainPID --value ptmig-agent)/status").check()
     assert int(capabilities.split()[-1], 16) == 1 << 12, capabilities  # CAP_NET_ADMIN only
