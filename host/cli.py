@@ -13,7 +13,6 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -56,13 +55,24 @@ def _fail(message: object) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ptmig", description=__doc__.splitlines()[0],
-                                epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", DEFAULT_URI),
-                   metavar="URI", help="libvirt URI of the host the domain is on")
-    p.add_argument("--journal", default=os.environ.get("PTMIG_JOURNAL"),
-                   help="workflow journal (default /var/lib/ptmig/journal.sqlite)")
+    p = _Parser(
+        prog="ptmig",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-c",
+        "--connect",
+        default=os.environ.get("LIBVIRT_DEFAULT_URI", DEFAULT_URI),
+        metavar="URI",
+        help="libvirt URI of the host the domain is on",
+    )
+    p.add_argument(
+        "--journal",
+        default=os.environ.get("PTMIG_JOURNAL"),
+        help="workflow journal (default /var/lib/ptmig/journal.sqlite)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -92,13 +102,28 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--kind", choices=["emulated", "pci", "vf"], required=True)
     pd.add_argument("--bridge", help="emulated: the bridge the NICs join")
     pd.add_argument("--model", default="e1000e", help="emulated: NIC model")
-    pd.add_argument("--slot", action="append", default=[], metavar="TAP=MAC",
-                    help="emulated: a NIC slot with its per-host MAC (repeat)")
-    pd.add_argument("--address", action="append", default=[], metavar="PCI",
-                    help="pci: a NIC the host admin gives to guests (repeat)")
+    pd.add_argument(
+        "--slot",
+        action="append",
+        default=[],
+        metavar="TAP=MAC",
+        help="emulated: a NIC slot with its per-host MAC (repeat)",
+    )
+    pd.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="PCI",
+        help="pci: a NIC the host admin gives to guests (repeat)",
+    )
     pd.add_argument("--pf", help="vf: the SR-IOV physical function's netdev")
-    pd.add_argument("--vf", action="append", default=[], metavar="PCI",
-                    help="vf: a VF address (repeat; instead of --pf)")
+    pd.add_argument(
+        "--vf",
+        action="append",
+        default=[],
+        metavar="PCI",
+        help="vf: a VF address (repeat; instead of --pf)",
+    )
 
     pu = sub.add_parser("pool-undefine", help="remove a device pool from this host")
     pu.add_argument("name")
@@ -109,10 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("migrate", help="live-migrate a domain with its passthrough NICs")
     mg.add_argument("domain")
     mg.add_argument("destination", metavar="DEST_URI")
-    mg.add_argument("--peer-uri", help="URI the source host uses to reach the destination "
-                    "(peer-to-peer), when it differs from DEST_URI")
-    mg.add_argument("--unsafe", action="store_true",
-                    help="allow a disk cache mode libvirt calls unsafe (shared image)")
+    mg.add_argument(
+        "--peer-uri",
+        help="URI the source host uses to reach the destination "
+        "(peer-to-peer), when it differs from DEST_URI",
+    )
+    mg.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow a disk cache mode libvirt calls unsafe (shared image)",
+    )
     mg.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
     mg.add_argument("--json", action="store_true", help="machine-readable report, no display")
 
@@ -131,13 +162,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    print(json.dumps(data, indent=1, default=str) if as_json else text(data))
+    from host.workflow.model import to_json
+
+    print(to_json(data) if as_json else text(data))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from host.agent_client import AgentError
     from host.domain.errors import DomainModelError
     from host.hypervisor import HypervisorError
@@ -177,8 +213,19 @@ def _run(args: argparse.Namespace) -> int:
         return _pool_define(args)
     if cmd == "pools":
         pools = _coordinator(args).pools(args.connect)
-        _print(pools, args.json, lambda ps: "\n".join(
-            f"{p['name']:<16} {p['kind']:<14} free {p['free']}" for p in ps) or "no pools")
+        _print(
+            pools,
+            args.json,
+            lambda ps: (
+                "\n".join(
+                    f"{p.name:<16} {p.kind:<14} "
+                    f"free {'?' if p.free is None else p.free} of {p.total}"
+                    f"{' (' + p.error + ')' if p.error else ''}"
+                    for p in ps
+                )
+                or "no pools"
+            ),
+        )
         return EXIT_OK
     if cmd == "status":
         status = _coordinator(args).status(args.connect, args.domain)
@@ -187,33 +234,55 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "migrate":
         return _migrate(args)
     if cmd == "failover":
-        result = _coordinator(args).failover(args.connect, args.domain, args.to)
-        _print(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
-        return EXIT_OK if all(v == args.to for v in result.values()) else EXIT_DEGRADED
+        from host.workflow.model import TeamMode
+
+        result = _coordinator(args).failover(args.connect, args.domain, TeamMode(args.to))
+        _print(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.teams.items()))
+        return EXIT_OK if all(v == args.to for v in result.teams.values()) else EXIT_DEGRADED
     if cmd == "recover":
         results = _coordinator(args).recover()
-        _print(results, args.json, lambda rs: "\n".join(
-            f"{r['workflow']} {r['domain']}: {r['result']} {r.get('detail', '')}"
-            for r in rs) or "nothing to recover")
-        failed = any(r["result"] == "failed" for r in results)
+        _print(
+            results,
+            args.json,
+            lambda rs: (
+                "\n".join(
+                    f"{r.workflow_id} {r.domain}: {r.action} {r.detail or r.error}".rstrip()
+                    for r in rs
+                )
+                or "nothing to recover"
+            ),
+        )
+        failed = any(r.action == "failed" for r in results)
         return EXIT_FAILED if failed else EXIT_OK
     if cmd == "workflows":
         rows = _coordinator(args).workflows(args.limit)
-        _print(rows, args.json, lambda rs: "\n".join(
-            f"{r['id']} {r['kind']:<8} {r['domain_name']:<20} {r['state']:<6} "
-            f"{r.get('outcome') or ''}" for r in rs) or "no workflows")
+        _print(
+            rows,
+            args.json,
+            lambda rs: (
+                "\n".join(
+                    f"{r.id} {r.kind:<8} {r.domain_name:<20} {r.state:<6} {r.outcome}".rstrip()
+                    for r in rs
+                )
+                or "no workflows"
+            ),
+        )
         return EXIT_OK
     raise AssertionError(cmd)
 
 
-def _status_text(status: dict[str, Any]) -> str:
-    lines = [f"{status['domain']} ({status['uuid']})"]
-    for name, team in status["teams"].items():
-        primary = team["primary"]["alias"] if team["primary"] else "-"
-        lines.append(f"  team {name}: on {team['on']}, active {team['active_member'] or '-'}, "
-                     f"primary {primary}, pool {team['pool']}, MAC policy {team['mac_policy']}")
-    if status.get("agent_error"):
-        lines.append(f"  agent: {status['agent_error']}")
+def _status_text(status: Any) -> str:
+    lines = [f"{status.domain} ({status.uuid})"]
+    if status.open_workflow_id:
+        lines.append(f"  open workflow {status.open_workflow_id}")
+    for team in status.teams:
+        primary = team.primary.alias if team.primary else "-"
+        lines.append(
+            f"  team {team.name}: on {team.mode}, active {team.active_member or '-'}, "
+            f"primary {primary}, pool {team.pool}, MAC policy {team.mac_policy}"
+        )
+    if status.agent_error:
+        lines.append(f"  agent: {status.agent_error}")
     return "\n".join(lines)
 
 
@@ -229,10 +298,19 @@ def _teams(args: argparse.Namespace) -> int:
         teams = info.teams or TeamSet(())
         if args.command == "team-show":
             data = [_team_dict(t) for t in teams.teams]
-            _print(data, args.json, lambda ts: "\n".join(
-                f"{t['name']}: standby {t['standby_mac']}, pool {t['pool']}, "
-                f"policy {t['mac_policy']}, primary {t['primary'] and t['primary']['alias']}"
-                for t in ts) or "no teams")
+            _print(
+                data,
+                args.json,
+                lambda ts: (
+                    "\n".join(
+                        f"{t['name']}: standby {t['standby_mac']}, pool {t['pool']}, "
+                        f"policy {t['mac_policy']}, "
+                        f"primary {t['primary'] and t['primary']['alias']}"
+                        for t in ts
+                    )
+                    or "no teams"
+                ),
+            )
             return EXIT_OK
         if args.command == "team-remove":
             remaining = TeamSet(tuple(t for t in teams.teams if t.name != args.team))
@@ -248,16 +326,25 @@ def _teams(args: argparse.Namespace) -> int:
                 _fail(f"{guest.name} has no device with alias {args.primary_alias!r}")
                 return EXIT_USAGE
             if isinstance(device, Hostdev):
-                primary = PrimaryDevice("pci", args.primary_alias,
-                                        pci_address=device.host_pci_address)
+                primary = PrimaryDevice(
+                    "pci", args.primary_alias, pci_address=device.host_pci_address
+                )
             elif device.type in ("network", "hostdev") and device.network:
-                primary = PrimaryDevice("vf-network", args.primary_alias, mac=device.mac,
-                                        network=device.network)
+                primary = PrimaryDevice(
+                    "vf-network", args.primary_alias, mac=device.mac, network=device.network
+                )
             else:
-                primary = PrimaryDevice("emulated", args.primary_alias, mac=device.mac,
-                                        tap=device.target_dev)
-        team = Team(args.team, args.standby_mac, args.mac_policy, args.pool,
-                    team_mac=args.team_mac, primary=primary)
+                primary = PrimaryDevice(
+                    "emulated", args.primary_alias, mac=device.mac, tap=device.target_dev
+                )
+        team = Team(
+            args.team,
+            args.standby_mac,
+            args.mac_policy,
+            args.pool,
+            team_mac=args.team_mac,
+            primary=primary,
+        )
         guest.save_teams(teams.with_team(team))
         return EXIT_OK
 
@@ -305,11 +392,16 @@ def _pool_define(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from host.workflow.model import Event, MigrationRequest, Outcome
+    from host.workflow.model import Event, MigrationRequest, Outcome, to_json
 
-    request = MigrationRequest(args.domain, args.connect, args.destination,
-                               unsafe=args.unsafe, max_downtime_ms=args.max_downtime,
-                               peer_uri=args.peer_uri)
+    request = MigrationRequest(
+        args.domain,
+        args.connect,
+        args.destination,
+        unsafe=args.unsafe,
+        max_downtime_ms=args.max_downtime,
+        peer_uri=args.peer_uri,
+    )
     coordinator = _coordinator(args)
     show = not args.json and sys.stderr.isatty()
     if show:
@@ -317,16 +409,22 @@ def _migrate(args: argparse.Namespace) -> int:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
-        with Progress(TextColumn("{task.description:<10}"), BarColumn(),
-                      TextColumn("{task.fields[message]}"), TimeElapsedColumn(),
-                      console=console, transient=False) as progress:
+        with Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            TextColumn("{task.fields[message]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
             tasks: dict[str, Any] = {}
 
             def on_event(event: Event) -> None:
                 task = tasks.get(event.phase)
                 if task is None:
                     task = tasks[event.phase] = progress.add_task(
-                        event.phase, total=1.0, message="")
+                        event.phase, total=1.0, message=""
+                    )
                 if event.state == "done":
                     progress.update(task, completed=1.0, message=event.message or "done")
                 elif event.fraction is not None:
@@ -336,13 +434,14 @@ def _migrate(args: argparse.Namespace) -> int:
 
             report = coordinator.migrate(request, on_event)
     else:
+
         def on_event(event: Event) -> None:
             if not args.json and event.state != "progress":
                 print(f"{event.phase}: {event.state} {event.message}".rstrip(), file=sys.stderr)
 
         report = coordinator.migrate(request, on_event)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1, default=str))
+        print(to_json(report))
     else:
         print(f"{report.domain}: {report.outcome}" + (f" ({report.error})" if report.error else ""))
         for phase in report.phases:

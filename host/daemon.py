@@ -48,7 +48,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +58,22 @@ import grpc
 from ptmig.v1 import coordinator_pb2 as pb
 from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 
+from host.domain.teams import PrimaryDevice
 from host.workflow.journal import DEFAULT_PATH as DEFAULT_JOURNAL
 from host.workflow.journal import JournalError, WorkflowConflict
-from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
+from host.workflow.model import (
+    DomainStatus,
+    Event,
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+    PoolStatus,
+    RecoverResult,
+    TeamMode,
+    TeamStatus,
+    WorkflowSummary,
+    plain,
+)
 
 
 class Coordinator(Protocol):
@@ -72,31 +85,13 @@ class Coordinator(Protocol):
         """Run one migration to its end; `on_event` is called from the same thread."""
         ...
 
-    def status(self, uri: str, domain: str) -> dict[str, Any]:
-        """``{"domain", "uri", "open_workflow": id | None, "agent_error", "teams": ...}``.
+    def status(self, uri: str, domain: str) -> DomainStatus: ...
 
-        ``teams`` maps a team's name to ``{"on": "primary" | "standby" | "degraded" |
-        "unknown", "active_member", "detail", ...}`` (``mode`` or ``state`` are accepted
-        for ``on``; a plain string value is the mode), or is a list of such dicts with a
-        ``name``.  Everything is also passed on as ``details_json``.
-        """
-        ...
+    def pools(self, uri: str) -> list[PoolStatus]: ...
 
-    def pools(self, uri: str) -> list[dict[str, Any]]:
-        """Per pool ``{"name", "kind", "total", "free": count | list | None, "free_devices",
-        "error"}``; ``kind`` may be the pool class name (``PciPool``)."""
-        ...
+    def recover(self) -> list[RecoverResult]: ...
 
-    def recover(self) -> list[dict[str, Any]]:
-        """Per open workflow ``{"workflow", "domain", "result", "detail"}``: ``result`` is
-        the outcome reached or "still running" (``workflow_id``/``action``/``outcome``/
-        ``error`` are accepted too)."""
-        ...
-
-    def workflows(self, limit: int) -> list[dict[str, Any]]:
-        """Newest first, each ``WorkflowRecord.to_dict()`` or ``asdict()`` (+ an optional
-        ``owner_alive``)."""
-        ...
+    def workflows(self, limit: int) -> list[WorkflowSummary]: ...
 
 
 log = logging.getLogger("ptmig.daemon")
@@ -183,16 +178,17 @@ def _peer(context: Any) -> str:
 
 # -- messages --------------------------------------------------------------------------
 
-_OUTCOMES = {
+_OUTCOMES: dict[Outcome, Any] = {
     Outcome.DONE: pb.OUTCOME_DONE,
     Outcome.DONE_DEGRADED: pb.OUTCOME_DONE_DEGRADED,
     Outcome.ROLLED_BACK: pb.OUTCOME_ROLLED_BACK,
     Outcome.FAILED: pb.OUTCOME_FAILED,
 }
 _TEAM_MODES = {
-    "primary": pb.TEAM_MODE_PRIMARY,
-    "standby": pb.TEAM_MODE_STANDBY,
-    "degraded": pb.TEAM_MODE_DEGRADED,
+    TeamMode.PRIMARY: pb.TEAM_MODE_PRIMARY,
+    TeamMode.STANDBY: pb.TEAM_MODE_STANDBY,
+    TeamMode.DEGRADED: pb.TEAM_MODE_DEGRADED,
+    TeamMode.UNKNOWN: pb.TEAM_MODE_UNSPECIFIED,
 }
 
 
@@ -211,10 +207,12 @@ def migration_request(message: Any) -> MigrationRequest:
     )
 
 
-def outcome_enum(outcome: object) -> Any:
+def outcome_enum(outcome: str | None) -> Any:
+    """The Outcome enum for an outcome as the workflow or journal spells it (UNSPECIFIED
+    for none, or for one the contract has no value for, like a refused migration's)."""
     try:
-        return _OUTCOMES[Outcome(str(outcome))]
-    except (KeyError, ValueError):
+        return _OUTCOMES[Outcome(outcome or "")]
+    except ValueError:
         return pb.OUTCOME_UNSPECIFIED
 
 
@@ -260,97 +258,93 @@ def final_event(report: MigrationReport) -> Any:
     )
 
 
-def status_message(status: Mapping[str, Any], uri: str, domain: str) -> Any:
-    teams = status.get("teams") or []
-    if isinstance(teams, Mapping):
-        teams = [
-            dict(v, name=k) if isinstance(v, Mapping) else {"name": k, "mode": v}
-            for k, v in teams.items()
-        ]
-    agent_error = str(status.get("agent_error") or "")
-    return pb.GetStatusResponse(
-        domain=str(status.get("domain") or domain),
-        uri=str(status.get("uri") or uri),
-        teams=[_team_status(t, agent_error) for t in teams],
-        open_workflow_id=str(status.get("open_workflow") or ""),
-        details_json=_json(status),
+def primary_message(primary: PrimaryDevice | None) -> Any:
+    """A PrimaryDevice message; None for no primary (the field stays unset)."""
+    if primary is None:
+        return None
+    return pb.PrimaryDevice(
+        kind=primary.kind,
+        alias=primary.alias,
+        mac=primary.mac or "",
+        pci_address=primary.pci_address or "",
+        network=primary.network or "",
+        tap=primary.tap or "",
     )
 
 
-def _team_status(team: Mapping[str, Any], agent_error: str) -> Any:
-    mode = str(team.get("mode") or team.get("on") or team.get("state") or "")
-    code = _TEAM_MODES.get(mode.lower(), pb.TEAM_MODE_UNSPECIFIED)
-    detail = str(team.get("detail") or "")
-    if not detail and code == pb.TEAM_MODE_UNSPECIFIED and agent_error:
-        detail = f"guest agent: {agent_error}"
+def team_status_message(team: TeamStatus) -> Any:
     return pb.TeamStatus(
-        name=str(team.get("name", "")),
-        mode=code,
-        mode_text=mode,
-        active_member=str(team.get("active_member") or team.get("active") or ""),
-        detail=detail,
+        name=team.name,
+        mode=_TEAM_MODES[team.mode],
+        mode_text=str(team.mode),
+        active_member=team.active_member,
+        detail=team.detail,
+        pool=team.pool,
+        mac_policy=team.mac_policy,
+        primary=primary_message(team.primary),
+        members=list(team.members),
+        drift=team.drift,
     )
 
 
-_POOL_KINDS = {"VfNetworkPool": "vf-network", "PciPool": "pci", "EmulatedPool": "emulated"}
+def status_message(status: DomainStatus) -> Any:
+    return pb.GetStatusResponse(
+        domain=status.domain,
+        uri=status.uri,
+        teams=[team_status_message(t) for t in status.teams],
+        open_workflow_id=status.open_workflow_id,
+        details_json=_json(status),
+        uuid=status.uuid,
+        agent_error=status.agent_error,
+    )
 
 
-def pool_message(pool: Mapping[str, Any]) -> Any:
-    free = pool.get("free")
-    devices = pool.get("free_devices")
-    if isinstance(free, (list, tuple)):
-        devices = free if devices is None else devices
-        free = len(free)
-    devices = list(devices or [])
-    kind = str(pool.get("kind", ""))
+def pool_message(pool: PoolStatus) -> Any:
     return pb.Pool(
-        name=str(pool.get("name", "")),
-        kind=_POOL_KINDS.get(kind, kind),
-        total=int(pool.get("total") or 0),
-        free=int(free if free is not None else len(devices)),
-        free_devices=[str(d) for d in devices],
+        name=pool.name,
+        kind=str(pool.kind),
+        total=pool.total,
+        free=pool.free or 0,
+        free_devices=list(pool.free_devices),
         details_json=_json(pool),
-        error=str(pool.get("error") or ""),
+        error=pool.error,
     )
 
 
-def recover_result(result: Mapping[str, Any]) -> Any:
-    action = str(result.get("action") or result.get("result") or "")
-    outcome = str(result.get("outcome") or action)
+def recover_result(result: RecoverResult) -> Any:
     return pb.RecoverResult(
-        workflow_id=str(result.get("workflow_id") or result.get("workflow") or ""),
-        domain=str(result.get("domain") or result.get("domain_name") or ""),
-        action=action,
-        outcome=outcome_enum(outcome),
-        outcome_text=outcome if outcome_enum(outcome) != pb.OUTCOME_UNSPECIFIED else "",
-        error=str(result.get("error") or ""),
+        workflow_id=result.workflow_id,
+        domain=result.domain,
+        action=result.action,
+        outcome=outcome_enum(result.outcome),
+        outcome_text="" if result.outcome is None else str(result.outcome),
+        error=result.error,
         details_json=_json(result),
-        detail=str(result.get("detail") or ""),
+        detail=result.detail,
     )
 
 
-def workflow_summary(record: Mapping[str, Any]) -> Any:
-    outcome = record.get("outcome") or ""
-    report = record.get("report")
+def workflow_summary(row: WorkflowSummary) -> Any:
     return pb.WorkflowSummary(
-        id=str(record.get("id", "")),
-        kind=str(record.get("kind", "")),
-        domain_uuid=str(record.get("domain_uuid", "")),
-        domain_name=str(record.get("domain_name", "")),
-        source_uri=str(record.get("source_uri", "")),
-        destination_uri=str(record.get("destination_uri", "")),
-        state=str(record.get("state", "")),
-        outcome=outcome_enum(outcome),
-        outcome_text=str(outcome),
-        created=float(record.get("created") or 0.0),
-        updated=float(record.get("updated") or 0.0),
-        owner_alive=bool(record.get("owner_alive", False)),
-        report_json="" if report is None else _json(report),
+        id=row.id,
+        kind=row.kind,
+        domain_uuid=row.domain_uuid,
+        domain_name=row.domain_name,
+        source_uri=row.source_uri,
+        destination_uri=row.destination_uri,
+        state=row.state,
+        outcome=outcome_enum(row.outcome or None),
+        outcome_text=row.outcome,
+        created=row.created,
+        updated=row.updated,
+        owner_alive=row.owner_alive,
+        report_json=row.report_json,
     )
 
 
 def _json(value: object) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
+    """A ``details_json`` field: the answer's JSON form, compact."""
+    return json.dumps(plain(value), default=str, separators=(",", ":"))
 
 
 # -- the servicer ----------------------------------------------------------------------
@@ -484,9 +478,7 @@ class CoordinatorServicer:
         status = self._ask(
             context, "GetStatus", lambda: self._coordinator.status(uri, request.domain)
         )
-        return self._encode(
-            context, "GetStatus", lambda: status_message(status, uri, request.domain)
-        )
+        return self._encode(context, "GetStatus", lambda: status_message(status))
 
     def ListPools(self, request: Any, context: Any) -> Any:
         uri = request.uri or DEFAULT_URI
@@ -786,8 +778,7 @@ def main(argv: Sequence[str] | None = None, *, coordinator: Coordinator | None =
             return 2
         reconciler = Reconciler(coordinator, args.reconcile, args.reconcile_interval)
         reconciler.start()
-        log.info("reconciling %s every %.0f s", ", ".join(args.reconcile),
-                 args.reconcile_interval)
+        log.info("reconciling %s every %.0f s", ", ".join(args.reconcile), args.reconcile_interval)
     try:
         while not stop.wait(3600):
             pass

@@ -26,10 +26,18 @@ from lab.vmlab import LabError, VmLab
 POOL = "lab"
 #: Per-host slots (tap, MAC).  hosta's first two are the NICs the guest boots with.
 POOL_SLOTS = {
-    "hosta": [(PRIMARY_NIC.tap, PRIMARY_MAC), (WAN_PRIMARY_NIC.tap, WAN_PRIMARY_MAC),
-              ("ptv-a3", "52:54:00:ba:00:03"), ("ptv-a4", "52:54:00:ba:00:04")],
-    "hostb": [("ptv-b1", "52:54:00:cb:00:01"), ("ptv-b2", "52:54:00:cb:00:02"),
-              ("ptv-b3", "52:54:00:cb:00:03"), ("ptv-b4", "52:54:00:cb:00:04")],
+    "hosta": [
+        (PRIMARY_NIC.tap, PRIMARY_MAC),
+        (WAN_PRIMARY_NIC.tap, WAN_PRIMARY_MAC),
+        ("ptv-a3", "52:54:00:ba:00:03"),
+        ("ptv-a4", "52:54:00:ba:00:04"),
+    ],
+    "hostb": [
+        ("ptv-b1", "52:54:00:cb:00:01"),
+        ("ptv-b2", "52:54:00:cb:00:02"),
+        ("ptv-b3", "52:54:00:cb:00:03"),
+        ("ptv-b4", "52:54:00:cb:00:04"),
+    ],
 }
 
 
@@ -37,8 +45,9 @@ def journal_path() -> str:
     return str(run_dir() / "journal.sqlite")
 
 
-def ptmig(lab: VmLab, host: str, *args: str, timeout: float = 300,
-          check: bool = True) -> subprocess.CompletedProcess[str]:
+def ptmig(
+    lab: VmLab, host: str, *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``ptmig -c <host's URI> ARGS`` with the lab's journal."""
     argv = [sys.executable, "-m", "host.cli", "-c", lab.hosts[host].uri, *args]
     env = {**os.environ, "PTMIG_JOURNAL": journal_path()}
@@ -58,17 +67,55 @@ def ptmig_json(lab: VmLab, host: str, *args: str, ok: tuple[int, ...] = (0,)) ->
 def define_pools(lab: VmLab, slots: dict[str, list[tuple[str, str]]] | None = None) -> None:
     for host, host_slots in (slots or POOL_SLOTS).items():
         spec = [f"--slot={tap}={mac}" for tap, mac in host_slots]
-        ptmig(lab, host, "pool-define", POOL, "--kind", "emulated", "--bridge", "br-g",
-              "--model", "e1000e", *spec)
+        ptmig(
+            lab,
+            host,
+            "pool-define",
+            POOL,
+            "--kind",
+            "emulated",
+            "--bridge",
+            "br-g",
+            "--model",
+            "e1000e",
+            *spec,
+        )
 
 
 def set_teams(lab: VmLab) -> None:
     host = lab.where()
-    ptmig(lab, host, "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac", STANDBY_MAC,
-          "--pool", POOL, "--mac-policy", "preserve", "--primary-alias", PRIMARY_NIC.alias)
-    ptmig(lab, host, "team-set", DOMAIN_NAME, "--team", "wan", "--standby-mac",
-          WAN_STANDBY_MAC, "--pool", POOL, "--mac-policy", "follow", "--primary-alias",
-          WAN_PRIMARY_NIC.alias)
+    ptmig(
+        lab,
+        host,
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "lan",
+        "--standby-mac",
+        STANDBY_MAC,
+        "--pool",
+        POOL,
+        "--mac-policy",
+        "preserve",
+        "--primary-alias",
+        PRIMARY_NIC.alias,
+    )
+    ptmig(
+        lab,
+        host,
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "wan",
+        "--standby-mac",
+        WAN_STANDBY_MAC,
+        "--pool",
+        POOL,
+        "--mac-policy",
+        "follow",
+        "--primary-alias",
+        WAN_PRIMARY_NIC.alias,
+    )
 
 
 def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]:
@@ -78,8 +125,8 @@ def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]
     while time.monotonic() < deadline:
         try:
             last = ptmig_json(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
-            if all(v == "primary" for v in last.values()):
-                return dict(last)
+            if all(v == "primary" for v in last["teams"].values()):
+                return dict(last["teams"])
         except (LabError, json.JSONDecodeError) as exc:
             last = str(exc)
         time.sleep(2)

@@ -8,6 +8,7 @@ reconciler repairs degraded teams; both use the same team operations as a migrat
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,7 +17,17 @@ from dataclasses import asdict
 from typing import Any
 
 from host.domain.domain_xml import parse_domain
-from host.domain.pools import free_slots, parse_pool_network
+from host.domain.pools import (
+    POOL_NETWORK_PREFIX,
+    EmulatedPool,
+    PciPool,
+    PciSlot,
+    Pool,
+    Slot,
+    VfSlot,
+    free_slots,
+    parse_pool_network,
+)
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.guest import (
@@ -27,16 +38,28 @@ from host.workflow.guest import (
     plug_and_bind,
     serial_agent,
 )
-from host.workflow.journal import Journal, JournalError
+from host.workflow.journal import Journal, JournalError, WorkflowRecord
 from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
-from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
+from host.workflow.model import (
+    STILL_RUNNING,
+    DomainStatus,
+    Event,
+    FailoverResult,
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+    PoolStatus,
+    RecoverResult,
+    TeamMode,
+    TeamStatus,
+    WorkflowSummary,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
 #: How long ``recover`` waits for a migration a killed coordinator left running.
 RECOVER_JOB_WAIT = 300.0
-
-POOL_PREFIX = "ptmig-pool-"
 
 
 def _ignore(_event: Event) -> None:
@@ -47,64 +70,88 @@ class Coordinator:
     """*connect* opens a host by URI and *agent_for* reaches a guest's agent: libvirt and
     the virtio-serial channel in production, fakes in the workflow's unit tests."""
 
-    def __init__(self, journal: Journal,
-                 connect: Callable[[str], Hypervisor] = Hypervisor,
-                 agent_for: AgentFactory = serial_agent) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        connect: Callable[[str], Hypervisor] = Hypervisor,
+        agent_for: AgentFactory = serial_agent,
+    ) -> None:
         self.journal = journal
         self.connect = connect
         self.agent_for = agent_for
 
     # -- migration -------------------------------------------------------------------
 
-    def migrate(self, request: MigrationRequest,
-                on_event: Callable[[Event], None] = _ignore) -> MigrationReport:
-        with self.connect(request.source_uri) as source, \
-                self.connect(request.destination_uri) as destination:
+    def migrate(
+        self, request: MigrationRequest, on_event: Callable[[Event], None] = _ignore
+    ) -> MigrationReport:
+        with (
+            self.connect(request.source_uri) as source,
+            self.connect(request.destination_uri) as destination,
+        ):
             dom = source.domain(request.domain)
             workflow_id = self.journal.begin(
-                "migrate", str(dom.UUIDString()), str(dom.name()), request.source_uri,
-                request.destination_uri, asdict(request))
+                "migrate",
+                str(dom.UUIDString()),
+                str(dom.name()),
+                request.source_uri,
+                request.destination_uri,
+                asdict(request),
+            )
             try:
-                report = MigrationWorkflow(request, self.journal, workflow_id, source,
-                                           destination, on_event, self.agent_for).run()
+                report = MigrationWorkflow(
+                    request,
+                    self.journal,
+                    workflow_id,
+                    source,
+                    destination,
+                    on_event,
+                    self.agent_for,
+                ).run()
             except PreflightError as exc:
                 self.journal.finish(workflow_id, "refused", {"error": str(exc)})
                 raise
             except Exception as exc:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 raise
-            self.journal.finish(workflow_id, str(report.outcome), report.to_dict())
+            self.journal.finish(workflow_id, str(report.outcome), plain(report))
             return report
 
     # -- maintenance -----------------------------------------------------------------
 
-    def failover(self, uri: str, domain: str, to: str) -> dict[str, str]:
+    def failover(self, uri: str, domain: str, to: TeamMode) -> FailoverResult:
         """Move every team to its standby or back to a primary, without migrating."""
-        if to not in ("standby", "primary"):
-            raise WorkflowError(f"--to must be standby or primary, not {to!r}")
+        if to not in (TeamMode.STANDBY, TeamMode.PRIMARY):
+            raise WorkflowError(f"failover goes to standby or primary, not {to!r}")
         with self.connect(uri) as hv:
             guest = GuestOnHost(hv, domain, self.agent_for)
-            workflow_id = self.journal.begin("failover", guest.uuid, guest.name, uri, uri,
-                                             {"to": to})
+            workflow_id = self.journal.begin(
+                "failover", guest.uuid, guest.name, uri, uri, {"to": str(to)}
+            )
             result: dict[str, str] = {}
             outcome = "failed"
             try:
                 for team in guest.teams().teams:
                     op = f"{workflow_id}:{to}:{team.name}"
                     self.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
-                    if to == "standby":
-                        guest.agent().use_standby(team.name, release_primary=False,
-                                                  operation_id=op, timeout=SWITCH_TIMEOUT)
-                        result[team.name] = "standby"
+                    if to == TeamMode.STANDBY:
+                        guest.agent().use_standby(
+                            team.name,
+                            release_primary=False,
+                            operation_id=op,
+                            timeout=SWITCH_TIMEOUT,
+                        )
+                        result[team.name] = str(TeamMode.STANDBY)
                     else:
                         result[team.name] = self._to_primary(guest, team, op)
-                    self.journal.record(workflow_id, f"{to}:{team.name}", "done",
-                                        {"result": result[team.name]})
+                    self.journal.record(
+                        workflow_id, f"{to}:{team.name}", "done", {"result": result[team.name]}
+                    )
                 outcome = "done"
             finally:
                 guest.close()
                 self.journal.finish(workflow_id, outcome, {"teams": result})
-            return result
+            return FailoverResult(workflow_id, guest.name, to, result)
 
     def _to_primary(self, guest: GuestOnHost, team: Team, operation_id: str) -> str:
         if team.primary is not None and guest.info().device(team.primary.alias) is not None:
@@ -117,90 +164,107 @@ class Coordinator:
 
     # -- queries -----------------------------------------------------------------------
 
-    def status(self, uri: str, domain: str) -> dict[str, Any]:
+    def status(self, uri: str, domain: str) -> DomainStatus:
         with self.connect(uri) as hv:
             guest = GuestOnHost(hv, domain, self.agent_for)
             try:
-                out: dict[str, Any] = {"domain": guest.name, "uuid": guest.uuid, "teams": {}}
                 teams = guest.teams()
+                info = guest.info()
                 agent_error = ""
                 states = {}
                 try:
                     states = {t.name: t for t in guest.agent().state().teams}
                 except Exception as exc:
                     agent_error = str(exc)
+                out = []
                 for team in teams.teams:
                     ts = states.get(team.name)
-                    plugged = team.primary is not None and \
-                        guest.info().device(team.primary.alias) is not None
+                    plugged = (
+                        team.primary is not None and info.device(team.primary.alias) is not None
+                    )
+                    detail = ""
                     if ts is None:
-                        where = "unknown"
+                        mode = TeamMode.UNKNOWN
+                        detail = (
+                            f"guest agent: {agent_error}"
+                            if agent_error
+                            else "the guest agent does not know this team"
+                        )
                     elif plugged and ts.active_member and ts.active_member == ts.primary:
-                        where = "primary"
+                        mode = TeamMode.PRIMARY
                     elif plugged:
-                        where = "standby"
+                        mode = TeamMode.STANDBY
                     else:
-                        where = "degraded"
-                    out["teams"][team.name] = {
-                        "on": where, "pool": team.pool, "mac_policy": team.mac_policy,
-                        "primary": asdict(team.primary) if team.primary else None,
-                        "active_member": ts.active_member if ts else "",
-                        "members": list(ts.members) if ts else [],
-                    }
-                if agent_error:
-                    out["agent_error"] = agent_error
-                return out
+                        mode = TeamMode.DEGRADED
+                    out.append(
+                        TeamStatus(
+                            name=team.name,
+                            mode=mode,
+                            pool=team.pool,
+                            mac_policy=team.mac_policy,
+                            primary=team.primary,
+                            active_member=ts.active_member if ts else "",
+                            members=tuple(ts.members) if ts else (),
+                            detail=detail,
+                        )
+                    )
+                open_workflow = self.journal.open_for_domain(guest.uuid)
+                return DomainStatus(
+                    domain=guest.name,
+                    uuid=guest.uuid,
+                    uri=uri,
+                    teams=tuple(out),
+                    open_workflow_id=open_workflow.id if open_workflow else "",
+                    agent_error=agent_error,
+                )
             finally:
                 guest.close()
 
-    def pools(self, uri: str) -> list[dict[str, Any]]:
+    def pools(self, uri: str) -> list[PoolStatus]:
         with self.connect(uri) as hv:
             domains = hv.all_domain_xml()
             out = []
             for name in sorted(hv.network_names()):
-                if not name.startswith(POOL_PREFIX):
+                if not name.startswith(POOL_NETWORK_PREFIX):
                     continue
                 xml = hv.network_xml(name)
                 if xml is None:
                     continue
-                pool = parse_pool_network(xml)
-                entry: dict[str, Any] = {"name": pool.name, "kind": type(pool).__name__}
-                try:
-                    entry["free"] = len(free_slots(pool, domains))
-                except Exception as exc:
-                    entry["free"] = None
-                    entry["error"] = str(exc)
-                out.append(entry)
+                out.append(pool_status(parse_pool_network(xml), domains))
             return out
 
-    def workflows(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [{**w.to_dict(), "owner_alive": self.journal.is_owner_alive(w)}
-                for w in self.journal.recent(limit)]
+    def workflows(self, limit: int = 20) -> list[WorkflowSummary]:
+        return [
+            workflow_summary(w, self.journal.is_owner_alive(w)) for w in self.journal.recent(limit)
+        ]
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> list[dict[str, Any]]:
+    def recover(self) -> list[RecoverResult]:
         """Finish every open workflow whose coordinator died; leave live ones alone."""
         results = []
         for wf in self.journal.open_workflows():
             try:
                 self.journal.adopt(wf.id)  # refuses while the owner still runs
             except JournalError:
-                results.append({"workflow": wf.id, "domain": wf.domain_name,
-                                "result": "still running"})
+                results.append(RecoverResult(wf.id, wf.domain_name, STILL_RUNNING))
                 continue
+            error = ""
             try:
-                outcome, detail = self._recover_one(wf.domain_uuid, wf.source_uri,
-                                                    wf.destination_uri, wf.id)
+                outcome, detail = self._recover_one(
+                    wf.domain_uuid, wf.source_uri, wf.destination_uri, wf.id
+                )
             except Exception as exc:
-                outcome, detail = str(Outcome.FAILED), str(exc)
-            self.journal.finish(wf.id, outcome, {"recovered": True, "detail": detail})
-            results.append({"workflow": wf.id, "domain": wf.domain_name, "result": outcome,
-                            "detail": detail})
+                outcome, detail, error = Outcome.FAILED, "", str(exc)
+            self.journal.finish(wf.id, str(outcome), {"recovered": True, "detail": detail or error})
+            results.append(
+                RecoverResult(wf.id, wf.domain_name, str(outcome), outcome, detail, error)
+            )
         return results
 
-    def _recover_one(self, uuid: str, source_uri: str, destination_uri: str,
-                     workflow_id: str) -> tuple[str, str]:
+    def _recover_one(
+        self, uuid: str, source_uri: str, destination_uri: str, workflow_id: str
+    ) -> tuple[Outcome, str]:
         hosts = [source_uri] if source_uri == destination_uri else [source_uri, destination_uri]
         self._wait_for_jobs(uuid, hosts)
         running = []
@@ -212,7 +276,7 @@ class Coordinator:
             except HypervisorError as exc:
                 log.warning("recover: %s unreachable: %s", uri, exc)
         if len(running) != 1:
-            return str(Outcome.FAILED), f"domain runs on {running or 'no host'}; check by hand"
+            return Outcome.FAILED, f"domain runs on {running or 'no host'}; check by hand"
         uri = running[0]
         teams = self._repair(uri, uuid, f"{workflow_id}:recover")
         where = "source" if uri == source_uri else "destination"
@@ -222,10 +286,11 @@ class Coordinator:
             outcome = Outcome.DONE
         else:
             outcome = Outcome.DONE_DEGRADED
-        return str(outcome), f"on the {where}; teams {teams}"
+        return outcome, f"on the {where}; teams {teams}"
 
-    def _wait_for_jobs(self, uuid: str, hosts: list[str],
-                       timeout: float = RECOVER_JOB_WAIT) -> None:
+    def _wait_for_jobs(
+        self, uuid: str, hosts: list[str], timeout: float = RECOVER_JOB_WAIT
+    ) -> None:
         """Let a job the dead coordinator started end before looking where the VM runs.
 
         A peer-to-peer migration runs on inside the source's libvirtd after its client was
@@ -263,8 +328,11 @@ class Coordinator:
 
     # -- reconciler ------------------------------------------------------------------
 
-    def reconcile(self, uri: str, stopping: Callable[[], bool] = lambda: False,
-                  ) -> list[dict[str, Any]]:
+    def reconcile(
+        self,
+        uri: str,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> list[dict[str, Any]]:
         """One pass over *uri*'s running domains with teams: repair the degraded ones.
 
         *stopping* is asked before each domain, so a shutdown waits for at most the one
@@ -297,8 +365,7 @@ class Coordinator:
             if not needs:
                 continue
             try:
-                workflow_id = self.journal.begin("repair", uuid, uuid, uri, uri,
-                                                 {"teams": needs})
+                workflow_id = self.journal.begin("repair", uuid, uuid, uri, uri, {"teams": needs})
             except Exception as exc:  # another workflow owns the domain now
                 log.info("reconcile: %s busy: %s", uuid, exc)
                 continue
@@ -310,6 +377,48 @@ class Coordinator:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 repaired.append({"domain": uuid, "error": str(exc)})
         return repaired
+
+
+def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:
+    """How many of *pool*'s devices there are and which are free on the host whose
+    domains' XML *domains_xml* is."""
+    if isinstance(pool, PciPool):
+        total = len(pool.addresses)
+    elif isinstance(pool, EmulatedPool):
+        total = len(pool.slots)
+    else:
+        total = len(pool.vf_addresses)
+    try:
+        slots = free_slots(pool, domains_xml)
+    except Exception as exc:
+        return PoolStatus(pool.name, pool.kind, total, None, error=str(exc))
+    return PoolStatus(
+        pool.name, pool.kind, total, len(slots), tuple(d for d in map(_device_of, slots) if d)
+    )
+
+
+def _device_of(slot: Slot) -> str:
+    """A free slot's device: a PCI address or a tap; "" for a VF (libvirt picks which)."""
+    if isinstance(slot, VfSlot):
+        return ""
+    return slot.address if isinstance(slot, PciSlot) else slot.tap
+
+
+def workflow_summary(record: WorkflowRecord, owner_alive: bool) -> WorkflowSummary:
+    return WorkflowSummary(
+        id=record.id,
+        kind=str(record.kind),
+        domain_uuid=record.domain_uuid,
+        domain_name=record.domain_name,
+        source_uri=record.source_uri,
+        destination_uri=record.destination_uri,
+        state=str(record.state),
+        outcome=record.outcome or "",
+        created=record.created,
+        updated=record.updated,
+        owner_alive=owner_alive,
+        report_json="" if record.report is None else json.dumps(record.report, default=str),
+    )
 
 
 class Reconciler:

@@ -346,7 +346,7 @@ class Journal:
                         )
                     break
                 except sqlite3.IntegrityError as exc:
-                    existing = self._open_for_domain(domain_uuid)
+                    existing = self.open_for_domain(domain_uuid)
                     if existing is not None:
                         raise WorkflowConflict(existing, self.is_owner_alive(existing)) from None
                     error = exc  # finished in between: try again
@@ -480,7 +480,8 @@ class Journal:
             ).fetchall()
         return [self._workflow(row) for row in rows]
 
-    def _open_for_domain(self, domain_uuid: str) -> WorkflowRecord | None:
+    def open_for_domain(self, domain_uuid: str) -> WorkflowRecord | None:
+        """The open workflow of the domain, None if it has none."""
         found = self._select("WHERE state = 'open' AND domain_uuid = ?", (domain_uuid,))
         return found[0] if found else None
 

@@ -45,8 +45,19 @@ def coordinated(lab: VmLab) -> VmLab:
 
 def migrate_cli(lab: VmLab, dest: str, *extra: str) -> tuple[int, dict[str, Any]]:
     src = lab.where()
-    proc = co.ptmig(lab, src, "migrate", DOMAIN_NAME, lab.hosts[dest].uri, "--json",
-                    "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe", *extra, check=False)
+    proc = co.ptmig(
+        lab,
+        src,
+        "migrate",
+        DOMAIN_NAME,
+        lab.hosts[dest].uri,
+        "--json",
+        "--peer-uri",
+        lab.hosts[dest].tcp_uri,
+        "--unsafe",
+        *extra,
+        check=False,
+    )
     import json
 
     assert proc.stdout, proc.stderr
@@ -54,15 +65,22 @@ def migrate_cli(lab: VmLab, dest: str, *extra: str) -> tuple[int, dict[str, Any]
 
 
 def pingers(name: str) -> list[FixedRatePinger]:
-    return [FixedRatePinger(ip, run_dir() / f"{name}-{team}.ping", rate=1000,
-                            prefix=["ip", "netns", "exec", CLIENT_NS])
-            for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))]
+    return [
+        FixedRatePinger(
+            ip,
+            run_dir() / f"{name}-{team}.ping",
+            rate=1000,
+            prefix=["ip", "netns", "exec", CLIENT_NS],
+        )
+        for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))
+    ]
 
 
 def phase_loss(pinger: FixedRatePinger, report: dict[str, Any]) -> dict[str, int]:
     record = pinger.stop()
-    phases = [Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
-              for p in report["phases"]]
+    phases = [
+        Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]
+    ]
     traffic = analyze(record, phases)
     return {p.name: p.lost for p in traffic.phases} | {"total": traffic.lost}
 
@@ -76,7 +94,8 @@ def active_slave(lab: VmLab, bond: str) -> str:
 
 
 def test_migrate_there_and_back_keeps_teams_on_primaries(
-        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
     lab = coordinated
     for dest in ("hostb", "hosta"):
         src = lab.where()
@@ -98,8 +117,10 @@ def test_migrate_there_and_back_keeps_teams_on_primaries(
         # the destination's definitions name its own devices, never the source's
         for flags in (0, 1):  # live, inactive (VIR_DOMAIN_XML_INACTIVE)
             xml = lab.domain(dest).XMLDesc(flags)
-            assert not any(f"dev='{tap}'" in xml for tap in source_taps - {
-                tap for tap, _ in co.POOL_SLOTS[dest]}), "source device named on destination"
+            assert not any(
+                f"dev='{tap}'" in xml
+                for tap in source_taps - {tap for tap, _ in co.POOL_SLOTS[dest]}
+            ), "source device named on destination"
         # preserve: lan's new primary carries the team MAC; follow: wan's bond took the
         # new primary's own (per-host) MAC
         lan_active, wan_active = active_slave(lab, "bond0"), active_slave(lab, "bond1")
@@ -113,7 +134,8 @@ def test_migrate_there_and_back_keeps_teams_on_primaries(
 
 
 def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
-        coordinated: VmLab, tmp_path: Path) -> None:
+    coordinated: VmLab, tmp_path: Path
+) -> None:
     lab = coordinated
     if lab.where() != "hosta":
         migrate_cli(lab, "hosta")
@@ -124,7 +146,7 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
     assert set(report["teams"].values()) == {"standby"}
     lab.check_health()
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
-    assert {t["on"] for t in status["teams"].values()} == {"degraded"}
+    assert {t["mode"] for t in status["teams"]} == {"degraded"}
 
     # devices come back to the pool; ptmigd's reconciler repairs the domain
     co.define_pools(lab, {"hostb": co.POOL_SLOTS["hostb"]})
@@ -132,10 +154,22 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
     os.chmod(sock_dir, 0o700)
     log = (tmp_path / "ptmigd.log").open("w")
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "host.daemon", "--socket", str(sock_dir / "ptmigd.sock"),
-         "--journal", co.journal_path(), "--reconcile", lab.hosts["hostb"].uri,
-         "--reconcile-interval", "2"],
-        stdout=subprocess.DEVNULL, stderr=log)
+        [
+            sys.executable,
+            "-m",
+            "host.daemon",
+            "--socket",
+            str(sock_dir / "ptmigd.sock"),
+            "--journal",
+            co.journal_path(),
+            "--reconcile",
+            lab.hosts["hostb"].uri,
+            "--reconcile-interval",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     log.close()
     try:
         # Watch the metadata only (no agent channel): the reconciler owns the channel now.
@@ -152,5 +186,5 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
         (sock_dir / "ptmigd.sock").unlink(missing_ok=True)
         sock_dir.rmdir()
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
-    assert {t["on"] for t in status["teams"].values()} == {"primary"}, status
+    assert {t["mode"] for t in status["teams"]} == {"primary"}, status
     lab.check_health()

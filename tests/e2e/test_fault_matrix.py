@@ -92,8 +92,11 @@ def assert_devices_accounted_for(lab: VmLab, host: str) -> None:
         held = {n.target_dev for n in info.interfaces if n.target_dev in pool_taps}
         assert held == recorded, f"live {info.name} holds {held}, its teams name {recorded}"
         if persistent is not None:
-            defined = {n.target_dev for n in parse_domain(persistent).interfaces
-                       if n.target_dev in pool_taps}
+            defined = {
+                n.target_dev
+                for n in parse_domain(persistent).interfaces
+                if n.target_dev in pool_taps
+            }
             assert defined == recorded, f"{info.name}'s definition: {defined}, teams {recorded}"
 
 
@@ -103,10 +106,14 @@ def assert_no_orphan_taps(lab: VmLab) -> None:
     for net in HOSTS:
         out = run(["ip", "-n", net.netns, "-o", "link", "show"], capture=True)
         present = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
-        held = {n.target_dev for live, _ in domain_xmls(lab, net.name)
-                for n in parse_domain(live).interfaces}
-        assert (present & pool_taps) <= held, f"{net.name}: taps held by no one: " \
-            f"{(present & pool_taps) - held}"
+        held = {
+            n.target_dev
+            for live, _ in domain_xmls(lab, net.name)
+            for n in parse_domain(live).interfaces
+        }
+        assert (present & pool_taps) <= held, (
+            f"{net.name}: taps held by no one: {(present & pool_taps) - held}"
+        )
 
 
 def assert_reachable(lab: VmLab) -> None:
@@ -116,7 +123,7 @@ def assert_reachable(lab: VmLab) -> None:
 
 def teams_on(lab: VmLab) -> dict[str, str]:
     status = co.ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
-    return {name: t["on"] for name, t in status["teams"].items()}
+    return {t["name"]: t["mode"] for t in status["teams"]}
 
 
 def assert_converged(lab: VmLab) -> str:
@@ -146,16 +153,27 @@ def assert_converged(lab: VmLab) -> str:
 
 
 def request(lab: VmLab, dest: str) -> MigrationRequest:
-    return MigrationRequest(DOMAIN_NAME, lab.hosts[lab.where()].uri, lab.hosts[dest].uri,
-                            unsafe=True, peer_uri=lab.hosts[dest].tcp_uri)
+    return MigrationRequest(
+        DOMAIN_NAME,
+        lab.hosts[lab.where()].uri,
+        lab.hosts[dest].uri,
+        unsafe=True,
+        peer_uri=lab.hosts[dest].tcp_uri,
+    )
 
 
 @contextlib.contextmanager
 def pinging(name: str) -> Iterator[dict[str, int]]:
     """Ping both teams at 1000/s for the block; the dict gets each team's lost count."""
-    ps = {team: FixedRatePinger(ip, run_dir() / f"fault-{name}-{team}.ping", rate=1000,
-                                prefix=["ip", "netns", "exec", CLIENT_NS])
-          for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))}
+    ps = {
+        team: FixedRatePinger(
+            ip,
+            run_dir() / f"fault-{name}-{team}.ping",
+            rate=1000,
+            prefix=["ip", "netns", "exec", CLIENT_NS],
+        )
+        for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))
+    }
     lost: dict[str, int] = {}
     for p in ps.values():
         p.start()
@@ -167,8 +185,9 @@ def pinging(name: str) -> Iterator[dict[str, int]]:
             lost[team] = analyze(p.stop()).lost
 
 
-def migrate(lab: VmLab, dest: str, hooks: dict[tuple[str, str], Callable[[], None]]
-            ) -> MigrationReport:
+def migrate(
+    lab: VmLab, dest: str, hooks: dict[tuple[str, str], Callable[[], None]]
+) -> MigrationReport:
     """Coordinator.migrate in this process; each hook runs once, at its (phase, state)."""
     pending = dict(hooks)
 
@@ -194,8 +213,7 @@ class OnceTheJobRuns:
     """A hook that runs *action* on *host*'s domain, in a thread, as soon as its migration
     job is running (the ``migrate started`` event comes just before libvirt starts it)."""
 
-    def __init__(self, lab: VmLab, host: str,
-                 action: Callable[[libvirt.virDomain], None]) -> None:
+    def __init__(self, lab: VmLab, host: str, action: Callable[[libvirt.virDomain], None]) -> None:
         self.lab, self.host, self.action = lab, host, action
         self.thread: threading.Thread | None = None
 
@@ -241,9 +259,17 @@ def test_agent_stopped_at_preflight_refuses_and_changes_nothing(faulty: VmLab) -
     agent(lab, "stop")
     try:
         with pinging("agent-stopped") as lost:
-            proc = co.ptmig(lab, src, "migrate", DOMAIN_NAME, lab.hosts[OTHER[src]].uri,
-                            "--peer-uri", lab.hosts[OTHER[src]].tcp_uri, "--unsafe",
-                            check=False)
+            proc = co.ptmig(
+                lab,
+                src,
+                "migrate",
+                DOMAIN_NAME,
+                lab.hosts[OTHER[src]].uri,
+                "--peer-uri",
+                lab.hosts[OTHER[src]].tcp_uri,
+                "--unsafe",
+                check=False,
+            )
     finally:
         agent(lab, "start")
     assert proc.returncode == 4, proc.stderr
@@ -265,8 +291,11 @@ def test_agent_hung_at_preflight_is_refused_within_the_call_deadline(faulty: VmL
     took = time.monotonic() - t0
     assert took < 40, took
     assert lab.where() == src
-    record("agent hung (SIGSTOP) @preflight", f"refused in {took:.0f} s + {assert_converged(lab)}",
-           lost)
+    record(
+        "agent hung (SIGSTOP) @preflight",
+        f"refused in {took:.0f} s + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_agent_flooding_garbage_is_refused(faulty: VmLab) -> None:
@@ -285,8 +314,11 @@ def test_agent_flooding_garbage_is_refused(faulty: VmLab) -> None:
     took = time.monotonic() - t0
     assert took < 40, took
     assert lab.where() == src
-    record("agent channel floods garbage @preflight",
-           f"refused in {took:.0f} s + {assert_converged(lab)}", lost)
+    record(
+        "agent channel floods garbage @preflight",
+        f"refused in {took:.0f} s + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_agent_hung_during_switch_rolls_back(faulty: VmLab) -> None:
@@ -357,8 +389,9 @@ def test_link_between_hosts_cut_during_migrate_rolls_back(faulty: VmLab) -> None
     src = lab.where()
     dest = OTHER[src]
     netns = next(h.netns for h in HOSTS if h.name == dest)
-    cut = OnceTheJobRuns(lab, src, lambda _dom: run(["ip", "-n", netns, "link", "set", "mig0",
-                                                      "down"]))
+    cut = OnceTheJobRuns(
+        lab, src, lambda _dom: run(["ip", "-n", netns, "link", "set", "mig0", "down"])
+    )
     try:
         with pinging("link-cut") as lost:
             report = migrate(lab, dest, {("migrate", "started"): cut})
@@ -386,8 +419,10 @@ def test_source_replug_failing_in_rollback_leaves_degraded_then_repaired(faulty:
     lab = faulty
     src = lab.where()
     abort = OnceTheJobRuns(lab, src, abort_job)
-    hooks = {("unplug", "done"): lambda: co.define_pools(lab, {src: []}),
-             ("migrate", "started"): abort}
+    hooks = {
+        ("unplug", "done"): lambda: co.define_pools(lab, {src: []}),
+        ("migrate", "started"): abort,
+    }
     try:
         with pinging("replug-fails") as lost:
             report = migrate(lab, OTHER[src], hooks)
@@ -451,43 +486,85 @@ Coordinator(Journal(journal)).migrate(
 """
 
 
-@pytest.mark.parametrize("phase,state", [
-    ("switch", "started"), ("unplug", "started"), ("migrate", "progress"), ("bind", "started"),
-])
+@pytest.mark.parametrize(
+    "phase,state",
+    [
+        ("switch", "started"),
+        ("unplug", "started"),
+        ("migrate", "progress"),
+        ("bind", "started"),
+    ],
+)
 def test_coordinator_killed_then_recover(faulty: VmLab, phase: str, state: str) -> None:
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
     with pinging(f"sigkill-{phase}") as lost:
         proc = subprocess.run(
-            [sys.executable, "-c", KILL_SCRIPT, co.journal_path(), phase, state, DOMAIN_NAME,
-             lab.hosts[src].uri, lab.hosts[dest].uri, lab.hosts[dest].tcp_uri],
-            capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-c",
+                KILL_SCRIPT,
+                co.journal_path(),
+                phase,
+                state,
+                DOMAIN_NAME,
+                lab.hosts[src].uri,
+                lab.hosts[dest].uri,
+                lab.hosts[dest].tcp_uri,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert len(open_workflows()) == 1
         recovered = co.ptmig_json(lab, src, "recover")
-    results = [r["result"] for r in recovered]
+    results = [r["action"] for r in recovered]
     assert len(results) == 1 and results[0] != "still running", recovered
-    record(f"coordinator SIGKILL @{phase} {state}, recover",
-           f"{results[0]} + {assert_converged(lab)}", lost)
+    record(
+        f"coordinator SIGKILL @{phase} {state}, recover",
+        f"{results[0]} + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_same_migration_started_twice_runs_once(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
-    argv = [sys.executable, "-m", "host.cli", "-c", lab.hosts[src].uri, "migrate", DOMAIN_NAME,
-            lab.hosts[dest].uri, "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe", "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "host.cli",
+        "-c",
+        lab.hosts[src].uri,
+        "migrate",
+        DOMAIN_NAME,
+        lab.hosts[dest].uri,
+        "--peer-uri",
+        lab.hosts[dest].tcp_uri,
+        "--unsafe",
+        "--json",
+    ]
     env = {**os.environ, "PTMIG_JOURNAL": co.journal_path()}
     with pinging("twice") as lost:
-        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(2)
+        ]
         outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 6], (codes, outs)
-    done = json.loads(next(out for (out, _), p in zip(outs, procs, strict=True)
-                           if p.returncode == 0))
+    done = json.loads(
+        next(out for (out, _), p in zip(outs, procs, strict=True) if p.returncode == 0)
+    )
     assert done["outcome"] == str(Outcome.DONE)
     assert lab.where() == dest
-    record("same migration started twice", f"one done, one refused (exit 6) + "
-           f"{assert_converged(lab)}", lost)
+    record(
+        "same migration started twice",
+        f"one done, one refused (exit 6) + {assert_converged(lab)}",
+        lost,
+    )
