@@ -58,18 +58,22 @@ import grpc
 from ptmig.v1 import coordinator_pb2 as pb
 from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 
-from host.domain.teams import PrimaryDevice
+from host.domain.pools import Pool, TapSlot, make_pool
+from host.domain.teams import PrimaryDevice, Team
 from host.workflow.journal import DEFAULT_PATH as DEFAULT_JOURNAL
 from host.workflow.journal import JournalError, WorkflowConflict
 from host.workflow.model import (
     DomainStatus,
+    DomainTeams,
     Event,
+    FailoverResult,
     MigrationReport,
     MigrationRequest,
     Outcome,
     PoolStatus,
     RecoverResult,
     TeamMode,
+    TeamRequest,
     TeamStatus,
     WorkflowSummary,
     plain,
@@ -92,6 +96,18 @@ class Coordinator(Protocol):
     def recover(self) -> list[RecoverResult]: ...
 
     def workflows(self, limit: int) -> list[WorkflowSummary]: ...
+
+    def failover(self, uri: str, domain: str, to: TeamMode) -> FailoverResult: ...
+
+    def team_show(self, uri: str, domain: str) -> DomainTeams: ...
+
+    def team_set(self, uri: str, domain: str, request: TeamRequest) -> DomainTeams: ...
+
+    def team_remove(self, uri: str, domain: str, team: str) -> DomainTeams: ...
+
+    def pool_define(self, uri: str, pool: Pool) -> PoolStatus: ...
+
+    def pool_undefine(self, uri: str, name: str) -> None: ...
 
 
 log = logging.getLogger("ptmig.daemon")
@@ -204,6 +220,49 @@ def migration_request(message: Any) -> MigrationRequest:
         unsafe=message.unsafe,
         max_downtime_ms=message.max_downtime_ms or None,
         peer_uri=message.peer_uri or None,
+    )
+
+
+def _required(message: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(message, name):
+            raise ValueError(f"{type(message).__name__}.{name} is required")
+
+
+def failover_target(message: Any) -> TeamMode:
+    """The mode a FailoverRequest asks for; ValueError unless primary or standby."""
+    _required(message, "domain")
+    targets = {pb.TEAM_MODE_PRIMARY: TeamMode.PRIMARY, pb.TEAM_MODE_STANDBY: TeamMode.STANDBY}
+    if message.to not in targets:
+        raise ValueError("FailoverRequest.to must be TEAM_MODE_PRIMARY or TEAM_MODE_STANDBY")
+    return targets[message.to]
+
+
+def team_request(message: Any) -> TeamRequest:
+    """The Coordinator's TeamRequest for a SetTeamRequest (values checked by Team)."""
+    _required(message, "domain", "name", "standby_mac", "pool")
+    return TeamRequest(
+        name=message.name,
+        standby_mac=message.standby_mac,
+        pool=message.pool,
+        mac_policy=message.mac_policy or "preserve",
+        team_mac=message.team_mac or None,
+        primary_alias=message.primary_alias or None,
+    )
+
+
+def pool_definition(message: Any) -> Pool:
+    """The Pool a DefinePoolRequest describes; DomainModelError (a ValueError) if wrong."""
+    _required(message, "name", "kind")
+    return make_pool(
+        message.name,
+        message.kind,
+        bridge=message.bridge,
+        model=message.model,
+        slots=[TapSlot(s.tap, s.mac) for s in message.slots],
+        addresses=message.addresses,
+        pf=message.pf,
+        vf_addresses=message.vf_addresses,
     )
 
 
@@ -321,6 +380,32 @@ def recover_result(result: RecoverResult) -> Any:
         error=result.error,
         details_json=_json(result),
         detail=result.detail,
+    )
+
+
+def failover_message(result: FailoverResult) -> Any:
+    return pb.FailoverResponse(
+        workflow_id=result.workflow_id,
+        domain=result.domain,
+        to=_TEAM_MODES[result.to],
+        teams=result.teams,
+    )
+
+
+def team_message(team: Team) -> Any:
+    return pb.Team(
+        name=team.name,
+        standby_mac=team.standby_mac,
+        pool=team.pool,
+        mac_policy=team.mac_policy,
+        team_mac=team.team_mac or "",
+        primary=primary_message(team.primary),
+    )
+
+
+def teams_message(teams: DomainTeams) -> Any:
+    return pb.GetTeamsResponse(
+        domain=teams.domain, uuid=teams.uuid, teams=[team_message(t) for t in teams.teams]
     )
 
 
@@ -508,6 +593,68 @@ class CoordinatorServicer:
             "ListWorkflows",
             lambda: pb.ListWorkflowsResponse(workflows=[workflow_summary(r) for r in records]),
         )
+
+    def Failover(self, request: Any, context: Any) -> Any:
+        to = self._decode(context, "Failover", lambda: failover_target(request))
+        log.info("Failover %s to %s requested by %s", request.domain, to, _peer(context))
+        uri = request.uri or DEFAULT_URI
+        result = self._ask(
+            context, "Failover", lambda: self._coordinator.failover(uri, request.domain, to)
+        )
+        return self._encode(context, "Failover", lambda: failover_message(result))
+
+    def GetTeams(self, request: Any, context: Any) -> Any:
+        self._decode(context, "GetTeams", lambda: _required(request, "domain"))
+        uri = request.uri or DEFAULT_URI
+        teams = self._ask(
+            context, "GetTeams", lambda: self._coordinator.team_show(uri, request.domain)
+        )
+        return self._encode(context, "GetTeams", lambda: teams_message(teams))
+
+    def SetTeam(self, request: Any, context: Any) -> Any:
+        team = self._decode(context, "SetTeam", lambda: team_request(request))
+        log.info("SetTeam %s %s requested by %s", request.domain, team.name, _peer(context))
+        uri = request.uri or DEFAULT_URI
+        teams = self._ask(
+            context, "SetTeam", lambda: self._coordinator.team_set(uri, request.domain, team)
+        )
+        return self._encode(context, "SetTeam", lambda: teams_message(teams))
+
+    def RemoveTeam(self, request: Any, context: Any) -> Any:
+        self._decode(context, "RemoveTeam", lambda: _required(request, "domain", "name"))
+        log.info("RemoveTeam %s %s requested by %s", request.domain, request.name, _peer(context))
+        uri = request.uri or DEFAULT_URI
+        teams = self._ask(
+            context,
+            "RemoveTeam",
+            lambda: self._coordinator.team_remove(uri, request.domain, request.name),
+        )
+        return self._encode(context, "RemoveTeam", lambda: teams_message(teams))
+
+    def DefinePool(self, request: Any, context: Any) -> Any:
+        pool = self._decode(context, "DefinePool", lambda: pool_definition(request))
+        log.info("DefinePool %s (%s) requested by %s", pool.name, pool.kind, _peer(context))
+        uri = request.uri or DEFAULT_URI
+        status = self._ask(context, "DefinePool", lambda: self._coordinator.pool_define(uri, pool))
+        return self._encode(context, "DefinePool", lambda: pool_message(status))
+
+    def UndefinePool(self, request: Any, context: Any) -> Any:
+        self._decode(context, "UndefinePool", lambda: _required(request, "name"))
+        log.info("UndefinePool %s requested by %s", request.name, _peer(context))
+        uri = request.uri or DEFAULT_URI
+        self._ask(
+            context, "UndefinePool", lambda: self._coordinator.pool_undefine(uri, request.name)
+        )
+        return pb.UndefinePoolResponse()
+
+    @staticmethod
+    def _decode(context: Any, method: str, decode: Callable[[], T]) -> T:
+        """A request's fields as the Coordinator takes them; INVALID_ARGUMENT if they are not."""
+        try:
+            return decode()
+        except ValueError as exc:
+            error = _Refused(grpc.StatusCode.INVALID_ARGUMENT, _one_line(str(exc)))
+        _abort(context, method, error)
 
     @staticmethod
     def _ask(context: Any, method: str, call: Callable[[], T]) -> T:

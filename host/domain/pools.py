@@ -172,6 +172,49 @@ class EmulatedSlot:
 Slot = VfSlot | PciSlot | EmulatedSlot
 
 
+def make_pool(
+    name: str,
+    kind: str,
+    *,
+    bridge: str = "",
+    model: str = "",
+    slots: Iterable[TapSlot] = (),
+    addresses: Iterable[str] = (),
+    pf: str = "",
+    vf_addresses: Iterable[str] = (),
+) -> Pool:
+    """A pool from what a face was given; fields of another kind must be empty."""
+    try:
+        pool_kind = PoolKind(kind)
+    except ValueError:
+        raise DomainModelError(
+            f"pool {shown(name)}: unknown kind {shown(kind)} (want one of {', '.join(PoolKind)})"
+        ) from None
+    given = {
+        "bridge": bool(bridge),
+        "model": bool(model),
+        "slots": bool(tuple(slots := tuple(slots))),
+        "addresses": bool(addresses := tuple(addresses)),
+        "pf": bool(pf),
+        "vf addresses": bool(vf_addresses := tuple(vf_addresses)),
+    }
+    belongs = {
+        PoolKind.EMULATED: {"bridge", "model", "slots"},
+        PoolKind.PCI: {"addresses"},
+        PoolKind.VF_NETWORK: {"pf", "vf addresses"},
+    }[pool_kind]
+    stray = [field for field, present in given.items() if present and field not in belongs]
+    if stray:
+        raise DomainModelError(f"pool {shown(name)}: a {kind} pool has no {', '.join(stray)}")
+    if pool_kind is PoolKind.EMULATED:
+        if not bridge:
+            raise DomainModelError(f"pool {shown(name)}: an emulated pool needs a bridge")
+        return EmulatedPool(name, bridge, model or "e1000e", slots)
+    if pool_kind is PoolKind.PCI:
+        return PciPool(name, addresses)
+    return VfNetworkPool(name, pf_dev=pf or None, vf_addresses=vf_addresses)
+
+
 def parse_pool_network(xml: str) -> Pool:
     """Read a ``ptmig-pool-*`` network's XML (inactive or live) into a Pool."""
     root = parse_xml(xml, "pool network XML", max_chars=MAX_POOL_XML_CHARS)

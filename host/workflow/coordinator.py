@@ -12,23 +12,28 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from host.domain.domain_xml import parse_domain
+from host.domain.domain_xml import DomainInfo, Hostdev, parse_domain
+from host.domain.errors import UnknownName
 from host.domain.pools import (
     POOL_NETWORK_PREFIX,
     EmulatedPool,
     PciPool,
     PciSlot,
     Pool,
+    PoolKind,
     Slot,
     VfSlot,
+    format_pool_network,
     free_slots,
     parse_pool_network,
+    pool_network_name,
 )
-from host.domain.teams import Team
+from host.domain.teams import PrimaryDevice, Team, TeamSet
 from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.guest import (
     AgentFactory,
@@ -38,11 +43,12 @@ from host.workflow.guest import (
     plug_and_bind,
     serial_agent,
 )
-from host.workflow.journal import Journal, JournalError, WorkflowRecord
+from host.workflow.journal import Journal, JournalError, WorkflowKind, WorkflowRecord
 from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
 from host.workflow.model import (
     STILL_RUNNING,
     DomainStatus,
+    DomainTeams,
     Event,
     FailoverResult,
     MigrationReport,
@@ -51,6 +57,7 @@ from host.workflow.model import (
     PoolStatus,
     RecoverResult,
     TeamMode,
+    TeamRequest,
     TeamStatus,
     WorkflowSummary,
     plain,
@@ -162,6 +169,94 @@ class Coordinator:
             team = team.with_primary(None)
         return str(plug_and_bind(guest, team, operation_id, BIND_TIMEOUT, log.info)["result"])
 
+    # -- configuration: teams in a domain's metadata, pools on a host -----------------
+
+    def team_show(self, uri: str, domain: str) -> DomainTeams:
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
+            return _domain_teams(guest, guest.info().teams or TeamSet())
+
+    def team_set(self, uri: str, domain: str, request: TeamRequest) -> DomainTeams:
+        """Add the team to the domain's metadata, or replace the team of that name."""
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
+            info = guest.info()
+            primary = None
+            if request.primary_alias:
+                primary = primary_of(info, request.primary_alias)
+            team = Team(
+                request.name,
+                request.standby_mac,
+                request.mac_policy,
+                request.pool,
+                team_mac=request.team_mac,
+                primary=primary,
+            )
+            teams = (info.teams or TeamSet()).with_team(team)
+            with self._journaled(
+                WorkflowKind.TEAM_SET, guest.uuid, guest.name, uri, plain(request)
+            ):
+                guest.save_teams(teams)
+            return _domain_teams(guest, teams)
+
+    def team_remove(self, uri: str, domain: str, team: str) -> DomainTeams:
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
+            teams = guest.info().teams or TeamSet()
+            remaining = TeamSet(tuple(t for t in teams.teams if t.name != team))
+            if len(remaining.teams) == len(teams.teams):
+                raise UnknownName(f"{guest.name} has no team {team!r}")
+            with self._journaled(
+                WorkflowKind.TEAM_REMOVE, guest.uuid, guest.name, uri, {"team": team}
+            ):
+                guest.save_teams(remaining)
+            return _domain_teams(guest, remaining)
+
+    def pool_define(self, uri: str, pool: Pool) -> PoolStatus:
+        """Define *pool* on the host, or redefine the pool of that name; VF networks are
+        started (libvirt lists a PF's VFs only then), the others stay inert."""
+        xml = format_pool_network(pool)
+        with self.connect(uri) as hv:
+            with self._journaled(
+                WorkflowKind.POOL_DEFINE,
+                _pool_subject(pool.name, uri),
+                pool.name,
+                uri,
+                {"network_xml": xml},
+            ):
+                hv.define_network(xml, start=pool.kind is PoolKind.VF_NETWORK)
+            defined = hv.network_xml(pool.network)
+            if defined is None:
+                raise WorkflowError(f"{uri}: pool {pool.name} vanished as it was defined")
+            return pool_status(parse_pool_network(defined), hv.all_domain_xml())
+
+    def pool_undefine(self, uri: str, name: str) -> None:
+        network = pool_network_name(name)
+        with self.connect(uri) as hv:
+            if hv.network_xml(network) is None:
+                raise UnknownName(f"{uri} has no pool {name!r}")
+            with self._journaled(
+                WorkflowKind.POOL_UNDEFINE,
+                _pool_subject(name, uri),
+                name,
+                uri,
+                {"network": network},
+            ):
+                hv.undefine_network(network)
+
+    @contextmanager
+    def _journaled(
+        self, kind: WorkflowKind, subject: str, name: str, uri: str, request: dict[str, Any]
+    ) -> Iterator[str]:
+        """A one-call change as a workflow of its own: begun before, closed after."""
+        workflow_id = self.journal.begin(kind, subject, name, uri, uri, request)
+        try:
+            yield workflow_id
+        except Exception as exc:
+            self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
+            raise
+        self.journal.finish(workflow_id, str(Outcome.DONE), {})
+
     # -- queries -----------------------------------------------------------------------
 
     def status(self, uri: str, domain: str) -> DomainStatus:
@@ -251,9 +346,18 @@ class Coordinator:
                 continue
             error = ""
             try:
-                outcome, detail = self._recover_one(
-                    wf.domain_uuid, wf.source_uri, wf.destination_uri, wf.id
-                )
+                if wf.kind in CONFIGURATION_KINDS:
+                    outcome, detail = (
+                        Outcome.FAILED,
+                        (
+                            f"a {wf.kind} whose coordinator died: one libvirt call that may or "
+                            "may not have been made; check with 'ptmig team-show' or 'ptmig pools'"
+                        ),
+                    )
+                else:
+                    outcome, detail = self._recover_one(
+                        wf.domain_uuid, wf.source_uri, wf.destination_uri, wf.id
+                    )
             except Exception as exc:
                 outcome, detail, error = Outcome.FAILED, "", str(exc)
             self.journal.finish(wf.id, str(outcome), {"recovered": True, "detail": detail or error})
@@ -377,6 +481,39 @@ class Coordinator:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 repaired.append({"domain": uuid, "error": str(exc)})
         return repaired
+
+
+CONFIGURATION_KINDS = frozenset(
+    {
+        WorkflowKind.TEAM_SET,
+        WorkflowKind.TEAM_REMOVE,
+        WorkflowKind.POOL_DEFINE,
+        WorkflowKind.POOL_UNDEFINE,
+    }
+)
+
+
+def _pool_subject(name: str, uri: str) -> str:
+    """A pool's key in the journal's one-open-workflow-per-subject index."""
+    return f"pool {name}@{uri}"
+
+
+def _domain_teams(guest: GuestOnHost, teams: TeamSet) -> DomainTeams:
+    return DomainTeams(guest.name, guest.uuid, teams.teams)
+
+
+def primary_of(info: DomainInfo, alias: str) -> PrimaryDevice:
+    """The team metadata's record of the device *alias* plugged in the domain now."""
+    device = info.device(alias)
+    if device is None:
+        raise UnknownName(f"{info.name} has no device with alias {alias!r}")
+    if isinstance(device, Hostdev):
+        return PrimaryDevice(PoolKind.PCI.value, alias, pci_address=device.host_pci_address)
+    if device.type in ("network", "hostdev") and device.network:
+        return PrimaryDevice(
+            PoolKind.VF_NETWORK.value, alias, mac=device.mac, network=device.network
+        )
+    return PrimaryDevice(PoolKind.EMULATED.value, alias, mac=device.mac, tap=device.target_dev)
 
 
 def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:

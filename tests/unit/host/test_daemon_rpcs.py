@@ -187,3 +187,182 @@ def test_list_workflows(stub: Any) -> None:
     assert json.loads(row.report_json)["teams"] == {"lan": "primary", "wan": "primary"}
     (newest,) = stub.ListWorkflows(pb.ListWorkflowsRequest(limit=1), timeout=CALL_TIMEOUT).workflows
     assert newest == reply.workflows[0]
+
+
+def test_failover(stub: Any, world: World) -> None:
+    reply = stub.Failover(
+        pb.FailoverRequest(uri=A, domain="vm1", to=pb.TEAM_MODE_STANDBY), timeout=CALL_TIMEOUT
+    )
+    assert (reply.domain, reply.to, dict(reply.teams)) == (
+        "vm1",
+        pb.TEAM_MODE_STANDBY,
+        {"lan": "standby", "wan": "standby"},
+    )
+    assert world.modes("vm1") == {"lan": "standby", "wan": "standby"}
+    (row,) = stub.ListWorkflows(pb.ListWorkflowsRequest(limit=1), timeout=CALL_TIMEOUT).workflows
+    assert (row.id, row.kind, row.outcome_text) == (reply.workflow_id, "failover", "done")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Failover(
+            pb.FailoverRequest(uri=A, domain="vm1", to=pb.TEAM_MODE_DEGRADED), timeout=CALL_TIMEOUT
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.modes("vm1") == {"lan": "standby", "wan": "standby"}
+
+
+def test_get_teams(stub: Any) -> None:
+    reply = stub.GetTeams(pb.GetTeamsRequest(uri=A, domain="vm1"), timeout=CALL_TIMEOUT)
+    assert (reply.domain, reply.uuid) == ("vm1", VM1.uuid)
+    lan, wan = reply.teams
+    assert (lan.name, lan.standby_mac, lan.pool, lan.mac_policy, lan.team_mac) == (
+        "lan",
+        VM1.teams[0].standby_mac,
+        "lab",
+        "preserve",
+        VM1.teams[0].team_mac,
+    )
+    assert lan.team_mac == "52:54:00:aa:00:01"
+    assert (lan.primary.kind, lan.primary.alias, lan.primary.tap, lan.primary.mac) == (
+        "emulated",
+        "ua-ptmig-lan-1",
+        "ptv-a1",
+        "52:54:00:ba:00:01",
+    )
+    assert (wan.name, wan.mac_policy, wan.primary.tap) == ("wan", "follow", "ptv-a2")
+
+
+def test_set_and_remove_a_team_are_journaled(stub: Any, world: World) -> None:
+    reply = stub.SetTeam(
+        pb.SetTeamRequest(
+            uri=A,
+            domain="vm1",
+            name="lan",
+            standby_mac="52:54:00:00:0A:01",
+            pool="lab",
+            mac_policy="follow",
+            team_mac="52:54:00:00:0b:01",
+            primary_alias="ua-ptmig-lan-1",
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    lan = next(t for t in reply.teams if t.name == "lan")
+    assert (lan.standby_mac, lan.mac_policy, lan.team_mac) == (
+        "52:54:00:00:0a:01",
+        "follow",
+        "52:54:00:00:0b:01",
+    )
+    assert (lan.primary.kind, lan.primary.tap) == ("emulated", "ptv-a1")
+    shown = stub.GetTeams(pb.GetTeamsRequest(uri=A, domain="vm1"), timeout=CALL_TIMEOUT)
+    assert shown == reply
+
+    reply = stub.RemoveTeam(
+        pb.RemoveTeamRequest(uri=A, domain="vm1", name="wan"), timeout=CALL_TIMEOUT
+    )
+    assert [t.name for t in reply.teams] == ["lan"]
+    rows = stub.ListWorkflows(pb.ListWorkflowsRequest(), timeout=CALL_TIMEOUT).workflows
+    assert [(r.kind, r.domain_uuid, r.outcome_text) for r in rows] == [
+        ("team-remove", VM1.uuid, "done"),
+        ("team-set", VM1.uuid, "done"),
+    ]
+    assert json.loads(rows[1].report_json) == {}
+
+
+@pytest.mark.parametrize(
+    ("call", "request_", "code"),
+    [
+        (
+            "RemoveTeam",
+            pb.RemoveTeamRequest(uri=A, domain="vm1", name="dmz"),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            "SetTeam",
+            pb.SetTeamRequest(uri=A, domain="vm1", name="lan", standby_mac="nope", pool="lab"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "SetTeam",
+            pb.SetTeamRequest(
+                uri=A,
+                domain="vm1",
+                name="lan",
+                standby_mac="52:54:00:0:0:1",
+                pool="lab",
+                primary_alias="ua-gone",
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            "SetTeam",
+            pb.SetTeamRequest(uri=A, domain="vm1", name="lan"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "DefinePool",
+            pb.DefinePoolRequest(uri=A, name="p", kind="pci", bridge="br0"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "DefinePool",
+            pb.DefinePoolRequest(uri=A, name="p", kind="vf"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        ("UndefinePool", pb.UndefinePoolRequest(uri=A, name="nope"), grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_bad_configuration_requests_change_nothing(
+    stub: Any, world: World, call: str, request_: Any, code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        getattr(stub, call)(request_, timeout=CALL_TIMEOUT)
+    assert caught.value.code() == code
+    assert "\n" not in caught.value.details()
+    assert world.mutations() == []
+    assert stub.ListWorkflows(pb.ListWorkflowsRequest(), timeout=CALL_TIMEOUT).workflows == []
+
+
+def test_define_list_and_undefine_pools(stub: Any, world: World) -> None:
+    pci = stub.DefinePool(
+        pb.DefinePoolRequest(
+            uri=B, name="nics", kind="pci", addresses=["0000:3b:00.0", "0000:3b:00.1"]
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    assert (pci.name, pci.kind, pci.total, pci.free, pci.error) == ("nics", "pci", 2, 2, "")
+    assert list(pci.free_devices) == ["0000:3b:00.0", "0000:3b:00.1"]
+    emulated = stub.DefinePool(
+        pb.DefinePoolRequest(
+            uri=B,
+            name="lab",
+            kind="emulated",
+            bridge="br-g",
+            slots=[pb.TapSlot(tap="ptv-b9", mac="52:54:00:cb:00:09")],
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    assert (emulated.kind, emulated.total, list(emulated.free_devices)) == (
+        "emulated",
+        1,
+        ["ptv-b9"],
+    )
+    vf = stub.DefinePool(
+        pb.DefinePoolRequest(
+            uri=B, name="vfs", kind="vf-network", vf_addresses=["0000:5e:02.0", "0000:5e:02.1"]
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    assert (vf.kind, vf.total, vf.free, list(vf.free_devices)) == ("vf-network", 2, 2, [])
+    listed = stub.ListPools(pb.ListPoolsRequest(uri=B), timeout=CALL_TIMEOUT).pools
+    assert [p.name for p in listed] == ["lab", "nics", "vfs"]
+    assert listed[1] == pci
+
+    stub.UndefinePool(pb.UndefinePoolRequest(uri=B, name="nics"), timeout=CALL_TIMEOUT)
+    listed = stub.ListPools(pb.ListPoolsRequest(uri=B), timeout=CALL_TIMEOUT).pools
+    assert [p.name for p in listed] == ["lab", "vfs"]
+    rows = stub.ListWorkflows(pb.ListWorkflowsRequest(), timeout=CALL_TIMEOUT).workflows
+    assert [(r.kind, r.domain_uuid, r.domain_name, r.outcome_text) for r in rows] == [
+        ("pool-undefine", f"pool nics@{B}", "nics", "done"),
+        ("pool-define", f"pool vfs@{B}", "vfs", "done"),
+        ("pool-define", f"pool lab@{B}", "lab", "done"),
+        ("pool-define", f"pool nics@{B}", "nics", "done"),
+    ]

@@ -406,8 +406,11 @@ def test_many_processes_opening_a_new_journal_at_once(tmp_path: Path) -> None:
         errors: list[BaseException] = []
         barrier = threading.Barrier(6)
 
-        def open_it(path: Path = path, errors: list[BaseException] = errors,
-                    barrier: threading.Barrier = barrier) -> None:
+        def open_it(
+            path: Path = path,
+            errors: list[BaseException] = errors,
+            barrier: threading.Barrier = barrier,
+        ) -> None:
             barrier.wait()
             try:
                 with Journal(path) as j:
@@ -421,3 +424,33 @@ def test_many_processes_opening_a_new_journal_at_once(tmp_path: Path) -> None:
         for t in threads:
             t.join(30)
         assert not errors, errors
+
+
+def test_a_version_1_journal_is_upgraded_keeping_its_workflows_and_steps(
+    tmp_path: Path,
+) -> None:
+    from host.workflow import journal as journal_module
+
+    path = tmp_path / "v1.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(journal_module._MIGRATIONS[0])
+    db.execute(
+        "INSERT INTO workflows VALUES ('w1', 'migrate', 'u1', 'vm1', 'a', 'b', 'open', NULL, "
+        "1.0, 2.0, 1, NULL, NULL, '{}', NULL)"
+    )
+    db.execute("INSERT INTO steps VALUES ('w1', 1, 'switch', 'started', '{}', 1.5)")
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+
+    with Journal(path) as journal:
+        (left,) = journal.open_workflows()
+        assert (left.id, left.kind, left.domain_name) == ("w1", "migrate", "vm1")
+        assert [(s.name, s.status) for s in journal.steps("w1")] == [("switch", "started")]
+        other = journal.begin("team-set", "u2", "vm2", "a", "a", {})
+        with pytest.raises(WorkflowConflict):
+            journal.begin("pool-define", "u1", "vm1", "a", "a", {})  # the index survived
+        journal.finish(other, "done", {})
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert check.execute("PRAGMA foreign_key_check").fetchall() == []
+    check.close()

@@ -605,3 +605,64 @@ def test_cli_agent_failure_is_1_without_traceback(ptmig: Ptmig, world: World) ->
     code, _, err = ptmig("failover", "vm1", "--to", "standby")
     assert code == cli.EXIT_ERROR == 1
     assert err.startswith("ptmig: ") and "UNAVAILABLE" in err
+
+
+def test_cli_team_and_pool_commands_go_through_the_journal(
+    ptmig: Ptmig, world: World, journal: Journal
+) -> None:
+    code, out, _ = ptmig("team-show", "vm1", "--json")
+    assert code == 0 and [t["name"] for t in json.loads(out)["teams"]] == ["lan", "wan"]
+    assert ptmig("team-remove", "vm1", "wan")[0] == 0
+    assert ptmig("team-remove", "vm1", "wan")[:1] == (cli.EXIT_USAGE,)
+    code, out, _ = ptmig(
+        "team-set",
+        "vm1",
+        "--team",
+        "wan",
+        "--standby-mac",
+        "52:54:00:00:02:01",
+        "--pool",
+        "lab",
+        "--mac-policy",
+        "none",
+    )
+    assert code == 0 and out.splitlines()[1].startswith("wan: standby 52:54:00:00:02:01")
+    # 'vf' is the old spelling of vf-network
+    code, out, _ = ptmig("pool-define", "vfs", "--kind", "vf", "--vf", "0000:5e:02.0")
+    assert code == 0 and out.split()[:2] == ["vfs", "vf-network"]
+    code, _, err = ptmig("pool-define", "nics", "--kind", "pci", "--bridge", "br0")
+    assert code == cli.EXIT_USAGE and "a pci pool has no bridge" in err
+    assert ptmig("pool-undefine", "vfs")[0] == 0
+    assert ptmig("pool-undefine", "vfs")[0] == cli.EXIT_USAGE
+    assert [w.kind for w in journal.recent()] == [
+        "pool-undefine",
+        "pool-define",
+        "team-set",
+        "team-remove",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [
+            "team-set",
+            "vm1",
+            "--team",
+            "x",
+            "--standby-mac",
+            "1",
+            "--pool",
+            "p",
+            "--mac-policy",
+            "y",
+        ],
+        ["pool-define", "p", "--kind", "sriov"],
+        ["pool-define", "p", "--kind", "emulated", "--slot", "tap-without-mac"],
+    ],
+)
+def test_cli_bad_configuration_arguments_are_2(ptmig: Ptmig, world: World, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        ptmig(*args)
+    assert caught.value.code == cli.EXIT_USAGE
+    assert world.calls == []
