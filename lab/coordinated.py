@@ -136,7 +136,7 @@ def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]
 def configure(lab: VmLab) -> None:
     """Pools on both hosts, teams in the metadata, every team on its primary."""
     define_pools(lab)
-    teams = ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)
+    teams = ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)["teams"]
     if {t["name"] for t in teams} != {"lan", "wan"}:  # a reused lab keeps its teams
         set_teams(lab)
     wait_for_teams_on_primary(lab)

@@ -175,7 +175,7 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
         # Watch the metadata only (no agent channel): the reconciler owns the channel now.
         deadline = time.monotonic() + 120
         while True:
-            teams = co.ptmig_json(lab, "hostb", "team-show", DOMAIN_NAME)
+            teams = co.ptmig_json(lab, "hostb", "team-show", DOMAIN_NAME)["teams"]
             if all(t["primary"] for t in teams):
                 break
             assert time.monotonic() < deadline, (teams, (tmp_path / "ptmigd.log").read_text())
