@@ -177,12 +177,6 @@ class Hypervisor:
             raise _wrap(f"{self.uri}: capabilities", exc) from exc
         return caps.findtext("host/uuid") or ""
 
-    def alive(self) -> bool:
-        try:
-            return bool(self._conn.isAlive())
-        except libvirt.libvirtError:
-            return False
-
     # -- domains ---------------------------------------------------------------------
 
     def domain(self, ident: str) -> libvirt.virDomain:
@@ -227,14 +221,6 @@ class Hypervisor:
             except libvirt.libvirtError:
                 continue  # vanished while we listed
         return out
-
-    def metadata(self, dom: libvirt.virDomain, namespace: str) -> str | None:
-        try:
-            return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return None
-            raise _wrap(f"{self.uri}: metadata of {dom.name()}", exc) from exc
 
     def set_metadata(self, dom: libvirt.virDomain, namespace: str, prefix: str,
                      xml: str | None) -> None:
@@ -393,12 +379,6 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: job of {dom.name()}", exc) from exc
 
-    def abort_job(self, dom: libvirt.virDomain) -> None:
-        try:
-            dom.abortJob()
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: abort job of {dom.name()}", exc) from exc
-
     # -- guest channels --------------------------------------------------------------
 
     def open_channel(self, dom: libvirt.virDomain, name: str) -> ChannelStream:
@@ -407,9 +387,9 @@ class Hypervisor:
         Through libvirt, not the socket file: the channel's socket lives on whichever host
         runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
         FORCE takes over a stream another client holds (a crashed coordinator's, or a
-        second client of this process).  Two processes taking it from each other in a
-        loop (ptmigd's reconciler and ``ptmig status`` polling) once broke libvirtd 11.3's
-        connection: see the closing note of the session that added this.
+        second client of this process).  Two processes must not take it from each other
+        in a loop: that can break the libvirt connection itself (libvirtd 11.3), so the
+        ptmig processes of a host take turns (host/agent_client/turns.py).
         """
         try:
             stream = self._conn.newStream(0)

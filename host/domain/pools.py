@@ -51,7 +51,7 @@ from host.domain.names import check_ifname, check_model, check_name
 from host.domain.xmltree import check_attributes, parse_xml, split_tag, to_text
 
 POOL_NS = "https://ptmig.dev/xmlns/pool/1"
-POOL_PREFIX = "ptmig"
+POOL_NS_PREFIX = "ptmig"  # the XML namespace prefix of POOL_NS
 POOL_NETWORK_PREFIX = "ptmig-pool-"
 MAX_POOL_XML_CHARS = 1024 * 1024
 MAX_POOL_ENTRIES = 4096  # a PF has at most 256 VFs on today's cards; be generous
@@ -260,8 +260,8 @@ def format_pool_network(pool: Pool) -> str:
     root = ET.Element("network")
     ET.SubElement(root, "name").text = pool.network
     metadata = ET.SubElement(root, "metadata")
-    attrs = {f"xmlns:{POOL_PREFIX}": POOL_NS}
-    tag = f"{POOL_PREFIX}:pool"
+    attrs = {f"xmlns:{POOL_NS_PREFIX}": POOL_NS}
+    tag = f"{POOL_NS_PREFIX}:pool"
     if isinstance(pool, VfNetworkPool):
         ET.SubElement(metadata, tag, {**attrs, "kind": str(pool.kind)})
         forward = ET.SubElement(root, "forward", {"mode": "hostdev", "managed": "yes"})

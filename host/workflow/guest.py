@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ptmig.serial_session import AGENT_CHANNEL
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentEndpoint, ChannelTurn
@@ -25,7 +26,6 @@ from host.hypervisor import Hypervisor, HypervisorError
 
 log = logging.getLogger(__name__)
 
-AGENT_CHANNEL = "org.ptmig.agent.0"
 MAC_POLICY = {
     "preserve": pb.MAC_POLICY_PRESERVE,
     "follow": pb.MAC_POLICY_FOLLOW,
@@ -152,13 +152,19 @@ class GuestOnHost:
             return attachment.primary
         return None
 
-    def bind(self, team: Team, primary: PrimaryDevice, operation_id: str,
-             timeout: float) -> pb.BindPrimaryResponse:
+    def bind(
+        self, team: Team, primary: PrimaryDevice, operation_id: str, timeout: float
+    ) -> pb.BindPrimaryResponse:
         device = self.info().device(primary.alias)
         guest_pci = getattr(device, "guest_pci_address", None) or ""
         return self.agent().bind_primary(
-            team.name, operation_id=operation_id, pci_address=guest_pci,
-            mac=primary.mac or "", mac_policy=MAC_POLICY[team.mac_policy], timeout=timeout)
+            team.name,
+            operation_id=operation_id,
+            pci_address=guest_pci,
+            mac=primary.mac or "",
+            mac_policy=MAC_POLICY[team.mac_policy],
+            timeout=timeout,
+        )
 
     def unplug(self, team: Team, timeout: float) -> float:
         """Detach the team's primary, wait until the guest released it, record its absence."""
@@ -217,8 +223,9 @@ def free_devices_on(hv: Hypervisor, team: Team) -> int:
     return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
 
 
-def plug_and_bind(guest: GuestOnHost, team: Team, operation_id: str, timeout: float,
-                  emit: Callable[[str], None]) -> dict[str, Any]:
+def plug_and_bind(
+    guest: GuestOnHost, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
+) -> dict[str, Any]:
     """Plug a device from the pool and bind it; on a failed bind, unplug it again.
 
     Returns what happened for the journal: ``{"team": ..., "result": "primary"|"standby"}``.
@@ -237,5 +244,4 @@ def plug_and_bind(guest: GuestOnHost, team: Team, operation_id: str, timeout: fl
         except Exception as unplug_exc:
             log.error("unplug after failed bind: %s", unplug_exc)
         return {"team": team.name, "result": "standby", "detail": f"bind failed: {exc}"}
-    return {"team": team.name, "result": "primary", "device": reply.device,
-            "alias": primary.alias}
+    return {"team": team.name, "result": "primary", "device": reply.device, "alias": primary.alias}

@@ -489,13 +489,6 @@ class Journal:
             ).fetchall()
         return [self._step(row) for row in rows]
 
-    def last_status(self, workflow_id: str) -> dict[str, StepRecord]:
-        """Each step's latest row, keyed by step name, in the order steps first appeared."""
-        latest: dict[str, StepRecord] = {}
-        for step in self.steps(workflow_id):
-            latest[step.name] = step  # re-assigning keeps the key's first position
-        return latest
-
     # -- owners ----------------------------------------------------------------------
 
     def is_owner_alive(self, record: WorkflowRecord) -> bool:

@@ -25,13 +25,14 @@ from typing import Any
 import fault_matrix
 import libvirt
 import pytest
+from ptmig.serial_session import AGENT_CHANNEL
 
 from host.domain.domain_xml import parse_domain
 from host.workflow.coordinator import Coordinator
 from host.workflow.guest import PreflightError
 from host.workflow.journal import Journal
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
-from lab import GUEST_AGENT_PORT, GUEST_IP, WAN_GUEST_IP
+from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
 from lab.fabric import CLIENT_NS, HOSTS
 from lab.guest import DOMAIN_NAME
@@ -302,7 +303,7 @@ def test_agent_flooding_garbage_is_refused(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
     agent(lab, "stop")
-    flood = lab.exec(f"cat /dev/urandom > /dev/virtio-ports/{GUEST_AGENT_PORT} & echo $!")
+    flood = lab.exec(f"cat /dev/urandom > /dev/virtio-ports/{AGENT_CHANNEL} & echo $!")
     flooder = flood.check().strip().splitlines()[-1]
     t0 = time.monotonic()
     try:

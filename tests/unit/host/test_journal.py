@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from workflow_fakes import latest_steps
 
 from host.workflow.journal import (
     SCHEMA_VERSION,
@@ -132,7 +133,7 @@ def test_begin_record_finish_round_trip(journal: Journal) -> None:
         (3, "switch", StepStatus.STARTED),
     ]
     assert steps[2].data == {"team": "t0", "nested": {"a": [1, 2.5, None]}}
-    last = journal.last_status(wid)
+    last = latest_steps(journal, wid)
     assert list(last) == ["preflight", "switch"]
     assert last["preflight"].status is StepStatus.DONE
     assert last["preflight"].data == {"teams": ["t0", "t1"]}
@@ -277,7 +278,7 @@ def test_threads_share_one_journal(journal: Journal) -> None:
         t.join()
     steps = journal.steps(wid)
     assert [s.seq for s in steps] == list(range(1, 81))
-    assert all(last.data == {"i": 19} for last in journal.last_status(wid).values())
+    assert all(last.data == {"i": 19} for last in latest_steps(journal, wid).values())
 
 
 # -- crashes and owners ----------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_sigkilled_coordinator_leaves_an_open_workflow_with_its_step(
         (left,) = after.open_workflows()
         assert left.id == wid and left.domain_uuid == DOMAIN
         assert not after.is_owner_alive(left)
-        last = after.last_status(wid)
+        last = latest_steps(after, wid)
         assert list(last) == ["preflight", "switch"]
         assert last["switch"].status is StepStatus.STARTED
         assert last["switch"].data == {"team": "t0"}
@@ -391,7 +392,7 @@ def test_last_status_is_the_last_record_per_step(
         for name, status, n in calls:
             journal.record(wid, name, status, {"n": n})
             expected[name] = (status, n)
-        last = journal.last_status(wid)
+        last = latest_steps(journal, wid)
         assert list(last) == list(dict.fromkeys(name for name, _, _ in calls))
         assert {k: (v.status, v.data["n"]) for k, v in last.items()} == expected
         assert len(journal.steps(wid)) == len(calls)

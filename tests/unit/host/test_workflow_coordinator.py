@@ -23,6 +23,7 @@ from workflow_fakes import (
     World,
     crash,
     crash_in_child,
+    latest_steps,
 )
 
 from host import cli
@@ -261,7 +262,7 @@ def test_recover_after_a_crash_inside_the_migration_call(world: World, journal_p
     crash_migration(world, journal_path, Events())
 
     with Journal(journal_path) as journal:
-        last = journal.last_status(open_one(journal))
+        last = latest_steps(journal, open_one(journal))
         assert str(last["migrate"].status) == "started"
         (result,) = world.coordinator(journal).recover()
 
