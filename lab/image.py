@@ -245,8 +245,9 @@ def build_agent_package() -> Path:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     script = Path(__file__).resolve().parent.parent / "scripts" / "build-agent-packages.sh"
-    printed = run([str(script), str(out_dir)], capture=True,
-                  env={**os.environ, "PTMIG_PACKAGERS": "deb"})
+    printed = run(
+        [str(script), str(out_dir)], capture=True, env={**os.environ, "PTMIG_PACKAGERS": "deb"}
+    )
     debs = [Path(line) for line in printed.split() if line.endswith(".deb")]
     if len(debs) != 1:
         raise RuntimeError(f"expected one .deb from {script}, got: {printed!r}")
@@ -286,8 +287,20 @@ def build_image(recipe: ImageRecipe | None = None) -> GuestImage:
         shutil.copy2(kernels[-1], out / "vmlinuz")
         shutil.copy2(initrds[-1], out / "initrd.img")
         log.info("making the ext4 image (mke2fs -d, no loop device)")
-        run(["mke2fs", "-q", "-t", "ext4", "-L", "ptmig-root", "-d", str(rootfs),
-             str(out / "root.raw"), recipe.size])
+        run(
+            [
+                "mke2fs",
+                "-q",
+                "-t",
+                "ext4",
+                "-L",
+                "ptmig-root",
+                "-d",
+                str(rootfs),
+                str(out / "root.raw"),
+                recipe.size,
+            ]
+        )
         manifest = {
             "key": recipe.image_key(),
             "base": recipe.base_key(),
@@ -316,8 +329,16 @@ def _build_base(recipe: ImageRecipe) -> Path:
     if partial.exists():
         shutil.rmtree(partial)
     log.info("debootstrap %s from %s (takes about two minutes)", recipe.suite, recipe.mirror)
-    run(["debootstrap", "--variant=minbase", "--include=" + ",".join(recipe.packages),
-         recipe.suite, str(partial), recipe.mirror])
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(recipe.packages),
+            recipe.suite,
+            str(partial),
+            recipe.mirror,
+        ]
+    )
     run(["chroot", str(partial), "apt-get", "clean"])
     (partial / ".ptmig-complete").touch()
     if base.exists():
@@ -333,8 +354,10 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         inside = Path("/tmp") / deb.name
         shutil.copy2(deb, rootfs / inside.relative_to("/"))
         # dpkg in the chroot, as a user would install it; dependencies are already there.
-        run([*chroot, "dpkg", "-i", str(inside)],
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        run(
+            [*chroot, "dpkg", "-i", str(inside)],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         (rootfs / inside.relative_to("/")).unlink()
     # After the packages: these are the admin's edits (the agent's config among them).
     for path, content in recipe.files.items():
@@ -349,10 +372,21 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
 
 
 def _package_versions(rootfs: Path) -> dict[str, str]:
-    wanted = ("linux-image-amd64", "systemd", "python3", "python3-grpcio", "python3-protobuf",
-              "python3-pyroute2", "iproute2", "ptmig-agent")
-    out = run(["chroot", str(rootfs), "dpkg-query", "-W", "-f=${Package} ${Version}\n", *wanted],
-              capture=True, check=False)
+    wanted = (
+        "linux-image-amd64",
+        "systemd",
+        "python3",
+        "python3-grpcio",
+        "python3-protobuf",
+        "python3-pyroute2",
+        "iproute2",
+        "ptmig-agent",
+    )
+    out = run(
+        ["chroot", str(rootfs), "dpkg-query", "-W", "-f=${Package} ${Version}\n", *wanted],
+        capture=True,
+        check=False,
+    )
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
