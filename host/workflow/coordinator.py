@@ -56,6 +56,7 @@ from host.workflow.model import (
     Outcome,
     PoolStatus,
     RecoverResult,
+    RepairResult,
     TeamMode,
     TeamRequest,
     TeamStatus,
@@ -436,13 +437,13 @@ class Coordinator:
         self,
         uri: str,
         stopping: Callable[[], bool] = lambda: False,
-    ) -> list[dict[str, Any]]:
+    ) -> list[RepairResult]:
         """One pass over *uri*'s running domains with teams: repair the degraded ones.
 
         *stopping* is asked before each domain, so a shutdown waits for at most the one
         repair in progress and never leaves a journal entry open behind it.
         """
-        repaired = []
+        repaired: list[RepairResult] = []
         with self.connect(uri) as hv:
             candidates = []
             for xml in hv.all_domain_xml():
@@ -476,10 +477,10 @@ class Coordinator:
             try:
                 teams = self._repair(uri, uuid, f"{workflow_id}:repair")
                 self.journal.finish(workflow_id, "done", {"teams": teams})
-                repaired.append({"domain": uuid, "teams": teams})
+                repaired.append(RepairResult(workflow_id, uuid, teams))
             except Exception as exc:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
-                repaired.append({"domain": uuid, "error": str(exc)})
+                repaired.append(RepairResult(workflow_id, uuid, error=str(exc)))
         return repaired
 
 
@@ -575,7 +576,7 @@ class Reconciler:
         self._next = dict.fromkeys(uris, 0.0)
         self._thread: threading.Thread | None = None
 
-    def run_once(self) -> list[dict[str, Any]]:
+    def run_once(self) -> list[RepairResult]:
         out = []
         now = time.monotonic()
         for uri in self.uris:

@@ -148,6 +148,16 @@ class FailoverResult:
     teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
 
 
+@dataclass(frozen=True)
+class RepairResult:
+    """What the reconciler did for one degraded domain."""
+
+    workflow_id: str
+    domain_uuid: str
+    teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    error: str = ""  # why the repair failed
+
+
 #: ``RecoverResult.action`` of an open workflow whose coordinator still runs (left alone).
 STILL_RUNNING = "still running"
 

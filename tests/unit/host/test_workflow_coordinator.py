@@ -411,7 +411,7 @@ def test_reconciler_repairs_and_backs_off_from_a_broken_host(journal: Journal) -
 
     repaired = reconciler.run_once()
 
-    assert repaired == [{"domain": VM1.uuid, "teams": on("primary")}]
+    assert [(r.domain_uuid, r.teams, r.error) for r in repaired] == [(VM1.uuid, on("primary"), "")]
     assert world.modes("vm1") == on("primary")
     assert reconciler._backoff == {B: 1, "fake://gone": 2}
 

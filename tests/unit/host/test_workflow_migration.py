@@ -314,11 +314,17 @@ def test_empty_destination_pool_degrades_and_the_reconciler_repairs_later(journa
     world.set_slots(B, 4)
     repaired = world.coordinator(journal).reconcile(B)
 
-    assert repaired == [{"domain": VM1.uuid, "teams": {"lan": "primary", "wan": "primary"}}]
+    (repair_result,) = repaired
+    assert (repair_result.domain_uuid, repair_result.teams, repair_result.error) == (
+        VM1.uuid,
+        {"lan": "primary", "wan": "primary"},
+        "",
+    )
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
     assert_on_devices_of(world, B, B_TAPS)
     repair = journal.recent(1)[0]
     assert (repair.kind, repair.state, repair.outcome) == (WorkflowKind.REPAIR, "closed", "done")
+    assert repair.id == repair_result.workflow_id
     assert world.coordinator(journal).reconcile(B) == []  # nothing left to repair
 
 
