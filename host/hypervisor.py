@@ -222,9 +222,8 @@ class Hypervisor:
                 continue  # vanished while we listed
         return out
 
-    def set_metadata(
-        self, dom: libvirt.virDomain, namespace: str, prefix: str, xml: str | None
-    ) -> None:
+    def set_metadata(self, dom: libvirt.virDomain, namespace: str, prefix: str,
+                     xml: str | None) -> None:
         """Write (or with ``None`` remove) our metadata, live and persistent alike."""
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         if self.is_active(dom):
@@ -237,9 +236,8 @@ class Hypervisor:
     # -- devices ---------------------------------------------------------------------
 
     @contextmanager
-    def _events(
-        self, dom: libvirt.virDomain, event_ids: list[int], handler: Callable[..., None]
-    ) -> Iterator[None]:
+    def _events(self, dom: libvirt.virDomain, event_ids: list[int],
+                handler: Callable[..., None]) -> Iterator[None]:
         ids = []
         try:
             for event_id in event_ids:
@@ -258,9 +256,8 @@ class Hypervisor:
             persistent = bool(dom.isPersistent())
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: {dom.name()}", exc) from exc
-        if persistent and (
-            alias is None or f"<alias name='{alias}'/>" in self.domain_xml(dom, inactive=True)
-        ):
+        if persistent and (alias is None or
+                           f"<alias name='{alias}'/>" in self.domain_xml(dom, inactive=True)):
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
         return int(flags)
 
@@ -301,8 +298,7 @@ class Hypervisor:
                     break
                 if time.monotonic() - t0 > timeout:
                     raise DeviceRemovalError(
-                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s"
-                    )
+                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s")
         if outcome.get("event") == failed:
             raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
         self._detach_config(dom, alias, config)
@@ -314,7 +310,8 @@ class Hypervisor:
         try:
             dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: remove {alias} from {dom.name()}'s definition", exc) from exc
+            raise _wrap(f"{self.uri}: remove {alias} from {dom.name()}'s definition",
+                        exc) from exc
 
     # -- migration -------------------------------------------------------------------
 
@@ -345,15 +342,13 @@ class Hypervisor:
                     continue
                 if info.get("type", 0) in (0, None) or on_progress is None:
                     continue
-                on_progress(
-                    MigrationProgress(
-                        elapsed_ms=int(info.get("time_elapsed", 0)),
-                        data_processed=int(info.get("data_processed", 0)),
-                        data_total=int(info.get("data_total", 0)),
-                        data_remaining=int(info.get("data_remaining", 0)),
-                        iteration=int(info.get("memory_iteration", 0)),
-                    )
-                )
+                on_progress(MigrationProgress(
+                    elapsed_ms=int(info.get("time_elapsed", 0)),
+                    data_processed=int(info.get("data_processed", 0)),
+                    data_total=int(info.get("data_total", 0)),
+                    data_remaining=int(info.get("data_remaining", 0)),
+                    iteration=int(info.get("memory_iteration", 0)),
+                ))
 
         watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
         watcher.start()
@@ -405,24 +400,13 @@ class Hypervisor:
 
     # -- network announcements -------------------------------------------------------
 
-    def announce(
-        self,
-        dom: libvirt.virDomain,
-        *,
-        interfaces: list[str] | None = None,
-        rounds: int = 3,
-        initial_ms: int = 50,
-        max_ms: int = 550,
-        step_ms: int = 100,
-    ) -> None:
+    def announce(self, dom: libvirt.virDomain, *, interfaces: list[str] | None = None,
+                 rounds: int = 3, initial_ms: int = 50, max_ms: int = 550,
+                 step_ms: int = 100) -> None:
         """QMP ``announce-self``: QEMU sends RARPs for the guest's NICs (*interfaces*: only
         those device ids) so switches learn the path to the standby at once."""
-        arguments: dict[str, Any] = {
-            "initial": initial_ms,
-            "max": max_ms,
-            "rounds": rounds,
-            "step": step_ms,
-        }
+        arguments: dict[str, Any] = {"initial": initial_ms, "max": max_ms, "rounds": rounds,
+                                     "step": step_ms}
         if interfaces:
             arguments["interfaces"] = interfaces
         cmd = json.dumps({"execute": "announce-self", "arguments": arguments})

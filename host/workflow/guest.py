@@ -152,19 +152,13 @@ class GuestOnHost:
             return attachment.primary
         return None
 
-    def bind(
-        self, team: Team, primary: PrimaryDevice, operation_id: str, timeout: float
-    ) -> pb.BindPrimaryResponse:
+    def bind(self, team: Team, primary: PrimaryDevice, operation_id: str,
+             timeout: float) -> pb.BindPrimaryResponse:
         device = self.info().device(primary.alias)
         guest_pci = getattr(device, "guest_pci_address", None) or ""
         return self.agent().bind_primary(
-            team.name,
-            operation_id=operation_id,
-            pci_address=guest_pci,
-            mac=primary.mac or "",
-            mac_policy=MAC_POLICY[team.mac_policy],
-            timeout=timeout,
-        )
+            team.name, operation_id=operation_id, pci_address=guest_pci,
+            mac=primary.mac or "", mac_policy=MAC_POLICY[team.mac_policy], timeout=timeout)
 
     def unplug(self, team: Team, timeout: float) -> float:
         """Detach the team's primary, wait until the guest released it, record its absence."""
@@ -223,9 +217,8 @@ def free_devices_on(hv: Hypervisor, team: Team) -> int:
     return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
 
 
-def plug_and_bind(
-    guest: GuestOnHost, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
-) -> dict[str, Any]:
+def plug_and_bind(guest: GuestOnHost, team: Team, operation_id: str, timeout: float,
+                  emit: Callable[[str], None]) -> dict[str, Any]:
     """Plug a device from the pool and bind it; on a failed bind, unplug it again.
 
     Returns what happened for the journal: ``{"team": ..., "result": "primary"|"standby"}``.
@@ -244,4 +237,5 @@ def plug_and_bind(
         except Exception as unplug_exc:
             log.error("unplug after failed bind: %s", unplug_exc)
         return {"team": team.name, "result": "standby", "detail": f"bind failed: {exc}"}
-    return {"team": team.name, "result": "primary", "device": reply.device, "alias": primary.alias}
+    return {"team": team.name, "result": "primary", "device": reply.device,
+            "alias": primary.alias}

@@ -19,9 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class JournalLike(Protocol):
-    def record(
-        self, workflow_id: str, step_name: str, status: str, data: dict[str, Any]
-    ) -> None: ...
+    def record(self, workflow_id: str, step_name: str, status: str,
+               data: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -40,9 +39,8 @@ class StepRunner:
     timings: list[PhaseTiming] = field(default_factory=list)
     _done: list[Step] = field(default_factory=list)
 
-    def emit(
-        self, phase: str, state: str, message: str = "", fraction: float | None = None
-    ) -> None:
+    def emit(self, phase: str, state: str, message: str = "",
+             fraction: float | None = None) -> None:
         try:
             self.on_event(Event(self.workflow_id, phase, state, message, fraction))
         except Exception:  # a broken listener must not break a migration
@@ -64,9 +62,8 @@ class StepRunner:
             self.emit(step.name, "failed", str(exc))
             raise
         seconds = time.monotonic() - t0
-        self.timings.append(
-            PhaseTiming(step.name, round(seconds, 3), data.get("detail", ""), started_at)
-        )
+        self.timings.append(PhaseTiming(step.name, round(seconds, 3), data.get("detail", ""),
+                                        started_at))
         self.journal.record(self.workflow_id, step.name, "done", data)
         self.emit(step.name, "done", data.get("detail", ""))
         return data
@@ -88,9 +85,8 @@ class StepRunner:
             except Exception as exc:
                 log.exception("compensation of %s failed", step.name)
                 errors.append(f"{step.name}: {exc}")
-                self.journal.record(
-                    self.workflow_id, step.name, "failed", {"error": f"compensation: {exc}"}
-                )
+                self.journal.record(self.workflow_id, step.name, "failed",
+                                    {"error": f"compensation: {exc}"})
                 continue
             self.journal.record(self.workflow_id, step.name, "compensated", {})
             self.emit(step.name, "compensated")

@@ -16,8 +16,7 @@ from host.hypervisor import DeviceRemovalError, Hypervisor, HypervisorError
 #: Every public method of the real Hypervisor (and its context manager): the workflow may
 #: call any of them, so the fake must have each with the same signature.
 WORKFLOW_METHODS = sorted(
-    name
-    for name, _ in inspect.getmembers(Hypervisor, inspect.isfunction)
+    name for name, _ in inspect.getmembers(Hypervisor, inspect.isfunction)
     if not name.startswith("_") or name in ("__enter__", "__exit__")
 )
 
@@ -31,13 +30,11 @@ def test_fake_hypervisor_has_the_real_signatures(name: str) -> None:
     real = inspect.signature(getattr(Hypervisor, name))
     fake = inspect.signature(getattr(FakeHypervisor, name))
     assert [(p.name, p.kind, p.default) for p in fake.parameters.values()] == [
-        (p.name, p.kind, p.default) for p in real.parameters.values()
-    ]
+        (p.name, p.kind, p.default) for p in real.parameters.values()]
 
 
-@pytest.mark.parametrize(
-    "name", ["version", "healthy", "state", "use_standby", "bind_primary", "close"]
-)
+@pytest.mark.parametrize("name", ["version", "healthy", "state", "use_standby",
+                                  "bind_primary", "close"])
 def test_fake_agent_is_the_real_client(name: str) -> None:
     assert getattr(FakeAgent, name) is getattr(AgentClient, name)
 
@@ -64,29 +61,22 @@ def test_attach_refuses_what_libvirt_refuses() -> None:
     world = World()
     hv = world.connect(A)
     vm1 = hv.domain("vm1")
-    busy = attachment_for_slot(
-        EmulatedSlot("lab", "br-g", "e1000e", "ptv-a1", "52:54:00:ba:00:09"), alias="ua-ptmig-lan-7"
-    )
+    busy = attachment_for_slot(EmulatedSlot("lab", "br-g", "e1000e", "ptv-a1",
+                                            "52:54:00:ba:00:09"), alias="ua-ptmig-lan-7")
     with pytest.raises(HypervisorError, match="non unique alias"):
         hv.attach(vm1, busy.device_xml.replace("ua-ptmig-lan-7", "ua-ptmig-lan-1"))
     with pytest.raises(HypervisorError, match="network device with mac"):
-        hv.attach(
-            vm1,
-            busy.device_xml.replace("52:54:00:ba:00:09", "52:54:00:ba:00:01").replace(
-                "ptv-a1", "ptv-a4"
-            ),
-        )
+        hv.attach(vm1, busy.device_xml.replace("52:54:00:ba:00:09", "52:54:00:ba:00:01")
+                  .replace("ptv-a1", "ptv-a4"))
 
     world.add_guest(VM2)  # vm2 holds ptv-a3
-    taken = attachment_for_slot(
-        EmulatedSlot("lab", "br-g", "e1000e", "ptv-a3", "52:54:00:ba:00:03"), alias="ua-ptmig-lan-7"
-    )
+    taken = attachment_for_slot(EmulatedSlot("lab", "br-g", "e1000e", "ptv-a3",
+                                             "52:54:00:ba:00:03"), alias="ua-ptmig-lan-7")
     with pytest.raises(HypervisorError, match="Unable to create tap device ptv-a3"):
         hv.attach(vm1, taken.device_xml)
 
-    free = attachment_for_slot(
-        EmulatedSlot("lab", "br-g", "e1000e", "ptv-a4", "52:54:00:ba:00:04"), alias="ua-ptmig-lan-7"
-    )
+    free = attachment_for_slot(EmulatedSlot("lab", "br-g", "e1000e", "ptv-a4",
+                                            "52:54:00:ba:00:04"), alias="ua-ptmig-lan-7")
     hv.attach(vm1, free.device_xml)
     device = parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-lan-7")
     assert device is not None and device.guest_pci_address == "0000:05:00.0"
