@@ -667,3 +667,23 @@ def test_cli_bad_configuration_arguments_are_2(ptmig: Ptmig, world: World, args:
         ptmig(*args)
     assert caught.value.code == cli.EXIT_USAGE
     assert world.calls == []
+
+
+def test_recover_closes_a_configuration_change_whose_coordinator_died(
+    world: World, journal_path: Path
+) -> None:
+    pid = os.fork()
+    if pid == 0:  # a coordinator killed inside team-set, between begin and finish
+        try:
+            Journal(journal_path).begin("team-set", VM1.uuid, "vm1", A, A, {"name": "lan"})
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    with Journal(journal_path) as journal:
+        (result,) = world.coordinator(journal).recover()
+        (row,) = journal.recent()
+        assert journal.open_workflows() == []
+    assert (result.domain, result.action, result.outcome) == ("vm1", "failed", Outcome.FAILED)
+    assert "a team-set whose coordinator died" in result.detail
+    assert (row.kind, row.outcome) == ("team-set", "failed")
+    assert world.mutations() == []
