@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 
 class AgentError(RuntimeError):
     """The agent answered with an error, broke the protocol, or did not answer in time.

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client.errors import AgentError, printable
-
-log = logging.getLogger(__name__)
 
 #: Bounds on a guest's claims, well above any real guest.
 MAX_LINKS = 512

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import time
 import uuid
 
 from host.agent_client.errors import AgentError
-
-log = logging.getLogger(__name__)
 
 #: Where the ptmig processes of one host take turns at a guest's agent channel.
 CHANNEL_TURN_DIR = "/run/ptmig/channels"

@@ -7,7 +7,6 @@ malformed raises ValueError (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
@@ -31,8 +30,6 @@ from host.workflow.model import (
     WorkflowSummary,
     plain,
 )
-
-log = logging.getLogger("ptmig.daemon")
 
 # -- messages --------------------------------------------------------------------------
 
