@@ -36,12 +36,14 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ptmig.serial_session import AGENT_CHANNEL
+
 from guest_agent.addresses import AddressError, parse_mac, parse_pci
 from guest_agent.teams import DeviceMatch, MacPolicy, Ownership, TeamConfig
 
 DEFAULT_PATH = "/etc/ptmig/agent.toml"
 DEFAULT_SOCKET = "/run/ptmig/agent.sock"
-DEFAULT_SERIAL_PORT = "/dev/virtio-ports/org.ptmig.agent.0"
+DEFAULT_SERIAL_PORT = f"/dev/virtio-ports/{AGENT_CHANNEL}"
 DEFAULT_VSOCK_PORT = 7031
 ALL_RPCS = (
     "GuestAgent/GetVersion",

@@ -37,7 +37,10 @@ class OperationLog(Generic[T]):
         self._lock = threading.Lock()
 
     def run(
-        self, operation_id: str, fingerprint: Hashable, action: Callable[[], T],
+        self,
+        operation_id: str,
+        fingerprint: Hashable,
+        action: Callable[[], T],
         not_done: tuple[type[Exception], ...] = (),
     ) -> tuple[T, bool]:
         """Return (outcome, replayed); raise the recorded error on a replayed failure.

@@ -121,7 +121,9 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
     def UseStandby(self, request: Any, context: grpc.ServicerContext) -> Any:
         def switch() -> Any:
             result = self._teams.use_standby(
-                request.team, request.release_primary, self._deadline(request, context),
+                request.team,
+                request.release_primary,
+                self._deadline(request, context),
                 context.is_active,
             )
             return pb.UseStandbyResponse(team=team_to_pb(result.team), released=result.released)
@@ -158,8 +160,9 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
         fingerprint = (method, key.SerializeToString(deterministic=True))
 
         def once() -> Any:
-            response, replayed = self._operations.run(request.operation_id, fingerprint, action,
-                                                      not_done=(Abandoned,))
+            response, replayed = self._operations.run(
+                request.operation_id, fingerprint, action, not_done=(Abandoned,)
+            )
             if replayed:
                 copy = response.__class__()
                 copy.CopyFrom(response)

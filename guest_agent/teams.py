@@ -216,8 +216,13 @@ class Teams:
 
     # -- switch --------------------------------------------------------------
 
-    def use_standby(self, name: str, release_primary: bool, deadline: float,
-                    caller_waits: Callable[[], bool] = _caller_waits) -> SwitchResult:
+    def use_standby(
+        self,
+        name: str,
+        release_primary: bool,
+        deadline: float,
+        caller_waits: Callable[[], bool] = _caller_waits,
+    ) -> SwitchResult:
         """Make the standby the active member, verified; optionally release the rest."""
         team = self._team(name)
         with self._locks[name]:

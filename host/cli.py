@@ -13,12 +13,28 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from host.domain.pools import PoolKind
+from host.domain.teams import MAC_POLICIES
+
+if TYPE_CHECKING:
+    from host.workflow.coordinator import Coordinator
+    from host.workflow.model import (
+        DomainStatus,
+        DomainTeams,
+        Event,
+        FailoverResult,
+        MigrationReport,
+        MigrationRequest,
+        PoolStatus,
+        RecoverResult,
+        WorkflowSummary,
+    )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_ROLLED_BACK, EXIT_FAILED, EXIT_BUSY = range(7)
 DEFAULT_URI = "qemu:///system"
@@ -55,89 +71,144 @@ def _fail(message: object) -> None:
     print(f"ptmig: {_one_line(str(message))}", file=sys.stderr)
 
 
+#: ``pool-define --kind`` also takes ``vf``, the spelling of ptmig 0.1, for ``vf-network``.
+KIND_ALIASES = {"vf": PoolKind.VF_NETWORK.value}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ptmig", description=__doc__.splitlines()[0],
-                                epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--connect", default=os.environ.get("LIBVIRT_DEFAULT_URI", DEFAULT_URI),
-                   metavar="URI", help="libvirt URI of the host the domain is on")
-    p.add_argument("--journal", default=os.environ.get("PTMIG_JOURNAL"),
-                   help="workflow journal (default /var/lib/ptmig/journal.sqlite)")
+    p = _Parser(
+        prog="ptmig",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-c",
+        "--connect",
+        default=os.environ.get("LIBVIRT_DEFAULT_URI", DEFAULT_URI),
+        metavar="URI",
+        help="libvirt URI of the host the domain is on",
+    )
+    p.add_argument(
+        "--journal",
+        default=os.environ.get("PTMIG_JOURNAL"),
+        help="workflow journal (default /var/lib/ptmig/journal.sqlite)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ts = sub.add_parser("team-set", help="add or change a team in the domain's metadata")
+    def command(name: str, run: Callable[..., int], help: str, *, json: bool = True) -> Any:
+        parser = sub.add_parser(name, help=help)
+        parser.set_defaults(func=run)
+        if json:
+            parser.add_argument("--json", action="store_true", help="machine-readable output")
+        return parser
+
+    ts = command("team-set", team_set, "add or change a team in the domain's metadata")
     ts.add_argument("domain")
     ts.add_argument("--team", required=True, help="the team's name (as the guest agent knows it)")
     ts.add_argument("--standby-mac", required=True, help="MAC of the virtio standby NIC")
     ts.add_argument("--pool", required=True, help="pool the primary comes from on every host")
-    ts.add_argument("--mac-policy", choices=["preserve", "follow", "none"], default="preserve")
+    ts.add_argument("--mac-policy", choices=MAC_POLICIES, default="preserve")
     ts.add_argument("--team-mac", help="the team's MAC when it is not the standby's")
     ts.add_argument("--primary-alias", help="alias of the primary plugged now (ua-...)")
 
-    tr = sub.add_parser("team-remove", help="remove a team from the domain's metadata")
+    tr = command("team-remove", team_remove, "remove a team from the domain's metadata")
     tr.add_argument("domain")
     tr.add_argument("team")
 
-    tshow = sub.add_parser("team-show", help="the domain's teams as recorded in its metadata")
+    tshow = command("team-show", team_show, "the domain's teams as recorded in its metadata")
     tshow.add_argument("domain")
-    tshow.add_argument("--json", action="store_true")
 
-    st = sub.add_parser("status", help="where each team's traffic runs now (asks the agent)")
+    st = command("status", status, "where each team's traffic runs now (asks the agent)")
     st.add_argument("domain")
-    st.add_argument("--json", action="store_true")
 
-    pd = sub.add_parser("pool-define", help="define a device pool on this host")
+    pd = command("pool-define", pool_define, "define a device pool on this host")
     pd.add_argument("name")
-    pd.add_argument("--kind", choices=["emulated", "pci", "vf"], required=True)
-    pd.add_argument("--bridge", help="emulated: the bridge the NICs join")
-    pd.add_argument("--model", default="e1000e", help="emulated: NIC model")
-    pd.add_argument("--slot", action="append", default=[], metavar="TAP=MAC",
-                    help="emulated: a NIC slot with its per-host MAC (repeat)")
-    pd.add_argument("--address", action="append", default=[], metavar="PCI",
-                    help="pci: a NIC the host admin gives to guests (repeat)")
-    pd.add_argument("--pf", help="vf: the SR-IOV physical function's netdev")
-    pd.add_argument("--vf", action="append", default=[], metavar="PCI",
-                    help="vf: a VF address (repeat; instead of --pf)")
+    pd.add_argument(
+        "--kind",
+        required=True,
+        type=lambda kind: KIND_ALIASES.get(kind, kind),
+        choices=[str(k) for k in PoolKind],
+        help="vf-network (SR-IOV VFs; 'vf' is accepted too), pci (whole NICs) or emulated",
+    )
+    pd.add_argument("--bridge", default="", help="emulated: the bridge the NICs join")
+    pd.add_argument("--model", default="", help="emulated: NIC model (default e1000e)")
+    pd.add_argument(
+        "--slot",
+        action="append",
+        default=[],
+        type=_tap_slot,
+        metavar="TAP=MAC",
+        help="emulated: a NIC slot with its per-host MAC (repeat)",
+    )
+    pd.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="PCI",
+        help="pci: a NIC the host admin gives to guests (repeat)",
+    )
+    pd.add_argument("--pf", default="", help="vf-network: the SR-IOV physical function's netdev")
+    pd.add_argument(
+        "--vf",
+        action="append",
+        default=[],
+        metavar="PCI",
+        help="vf-network: a VF address (repeat; instead of --pf)",
+    )
 
-    pu = sub.add_parser("pool-undefine", help="remove a device pool from this host")
+    pu = command("pool-undefine", pool_undefine, "remove a device pool from this host", json=False)
     pu.add_argument("name")
 
-    pl = sub.add_parser("pools", help="this host's pools and their free devices")
-    pl.add_argument("--json", action="store_true")
+    command("pools", pools, "this host's pools and their free devices")
 
-    mg = sub.add_parser("migrate", help="live-migrate a domain with its passthrough NICs")
+    mg = command("migrate", migrate, "live-migrate a domain with its passthrough NICs")
     mg.add_argument("domain")
     mg.add_argument("destination", metavar="DEST_URI")
-    mg.add_argument("--peer-uri", help="URI the source host uses to reach the destination "
-                    "(peer-to-peer), when it differs from DEST_URI")
-    mg.add_argument("--unsafe", action="store_true",
-                    help="allow a disk cache mode libvirt calls unsafe (shared image)")
+    mg.add_argument(
+        "--peer-uri",
+        help="URI the source host uses to reach the destination "
+        "(peer-to-peer), when it differs from DEST_URI",
+    )
+    mg.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow a disk cache mode libvirt calls unsafe (shared image)",
+    )
     mg.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
-    mg.add_argument("--json", action="store_true", help="machine-readable report, no display")
 
-    fo = sub.add_parser("failover", help="move teams to standby or primary without migrating")
+    fo = command("failover", failover, "move teams to standby or primary without migrating")
     fo.add_argument("domain")
     fo.add_argument("--to", choices=["standby", "primary"], required=True)
-    fo.add_argument("--json", action="store_true")
 
-    rc = sub.add_parser("recover", help="finish or roll back workflows a killed coordinator left")
-    rc.add_argument("--json", action="store_true")
+    command("recover", recover, "finish or roll back workflows a killed coordinator left")
 
-    wf = sub.add_parser("workflows", help="recent workflows from the journal")
-    wf.add_argument("--json", action="store_true")
+    wf = command("workflows", workflows, "recent workflows from the journal")
     wf.add_argument("--limit", type=_bounded_int(1, 100_000), default=20)
     return p
 
 
-def _print(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    print(json.dumps(data, indent=1, default=str) if as_json else text(data))
+def _tap_slot(spec: str) -> Any:
+    from host.domain.errors import DomainModelError
+    from host.domain.pools import TapSlot
+
+    tap, sep, mac = spec.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{spec!r}: want TAP=MAC")
+    try:
+        return TapSlot(tap, mac)
+    except DomainModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from host.agent_client import AgentError
     from host.domain.errors import DomainModelError
     from host.hypervisor import HypervisorError
@@ -145,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from host.workflow.journal import JournalError, WorkflowConflict
 
     try:
-        return _run(args)
+        return int(args.func(args, _coordinator(args)))
     except WorkflowConflict as exc:
         _fail(exc)
         return EXIT_BUSY
@@ -162,201 +233,240 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _coordinator(args: argparse.Namespace) -> Any:
+def _coordinator(args: argparse.Namespace) -> Coordinator:
     from host.workflow.coordinator import Coordinator
     from host.workflow.journal import DEFAULT_PATH, Journal
 
     return Coordinator(Journal(args.journal or DEFAULT_PATH))
 
 
-def _run(args: argparse.Namespace) -> int:
-    cmd = args.command
-    if cmd in ("team-set", "team-remove", "team-show"):
-        return _teams(args)
-    if cmd in ("pool-define", "pool-undefine"):
-        return _pool_define(args)
-    if cmd == "pools":
-        pools = _coordinator(args).pools(args.connect)
-        _print(pools, args.json, lambda ps: "\n".join(
-            f"{p['name']:<16} {p['kind']:<14} free {p['free']}" for p in ps) or "no pools")
-        return EXIT_OK
-    if cmd == "status":
-        status = _coordinator(args).status(args.connect, args.domain)
-        _print(status, args.json, _status_text)
-        return EXIT_OK
-    if cmd == "migrate":
-        return _migrate(args)
-    if cmd == "failover":
-        result = _coordinator(args).failover(args.connect, args.domain, args.to)
-        _print(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
-        return EXIT_OK if all(v == args.to for v in result.values()) else EXIT_DEGRADED
-    if cmd == "recover":
-        results = _coordinator(args).recover()
-        _print(results, args.json, lambda rs: "\n".join(
-            f"{r['workflow']} {r['domain']}: {r['result']} {r.get('detail', '')}"
-            for r in rs) or "nothing to recover")
-        failed = any(r["result"] == "failed" for r in results)
-        return EXIT_FAILED if failed else EXIT_OK
-    if cmd == "workflows":
-        rows = _coordinator(args).workflows(args.limit)
-        _print(rows, args.json, lambda rs: "\n".join(
-            f"{r['id']} {r['kind']:<8} {r['domain_name']:<20} {r['state']:<6} "
-            f"{r.get('outcome') or ''}" for r in rs) or "no workflows")
-        return EXIT_OK
-    raise AssertionError(cmd)
+def _show(args: argparse.Namespace, result: object, text: Callable[[], str]) -> None:
+    """Print *result* in its one JSON form with ``--json``, else as *text* says."""
+    from host.workflow.model import to_json
+
+    print(to_json(result) if getattr(args, "json", False) else text())
 
 
-def _status_text(status: dict[str, Any]) -> str:
-    lines = [f"{status['domain']} ({status['uuid']})"]
-    for name, team in status["teams"].items():
-        primary = team["primary"]["alias"] if team["primary"] else "-"
-        lines.append(f"  team {name}: on {team['on']}, active {team['active_member'] or '-'}, "
-                     f"primary {primary}, pool {team['pool']}, MAC policy {team['mac_policy']}")
-        if team.get("drift"):
-            lines.append(f"    drift: {team['drift']}")
-    if status.get("agent_error"):
-        lines.append(f"  agent: {status['agent_error']}")
-    return "\n".join(lines)
+# -- the commands: arguments -> one Coordinator call -> what to print and the exit code --
 
 
-def _teams(args: argparse.Namespace) -> int:
-    from host.domain.devices import primary_of_device
-    from host.domain.domain_xml import parse_domain
-    from host.domain.teams import Team, TeamSet
-    from host.hypervisor import Hypervisor
-    from host.workflow.guest import GuestOnHost
+def team_set(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    from host.workflow.model import TeamRequest
 
-    with Hypervisor(args.connect) as hv:
-        guest = GuestOnHost(hv, args.domain)
-        info = parse_domain(hv.domain_xml(guest.dom))
-        teams = info.teams or TeamSet(())
-        if args.command == "team-show":
-            # What the record says, and where the live domain says otherwise (the same
-            # classification as migrate's preflight, without asking the agent).
-            drift = {d.team.name: d for d in guest.drift()} if teams.teams else {}
-            data = [{**_team_dict(t), "case": str(drift[t.name].case),
-                     "drift": drift[t.name].message if drift[t.name].drifted else ""}
-                    for t in teams.teams]
-            _print(data, args.json, lambda ts: "\n".join(
-                f"{t['name']}: standby {t['standby_mac']}, pool {t['pool']}, "
-                f"policy {t['mac_policy']}, primary {t['primary'] and t['primary']['alias']}"
-                + (f"\n  drift: {t['drift']}" if t["drift"] else "")
-                for t in ts) or "no teams")
-            return EXIT_OK
-        if args.command == "team-remove":
-            remaining = TeamSet(tuple(t for t in teams.teams if t.name != args.team))
-            if len(remaining.teams) == len(teams.teams):
-                _fail(f"{guest.name} has no team {args.team!r}")
-                return EXIT_USAGE
-            guest.save_teams(remaining)
-            return EXIT_OK
-        primary = None
-        if args.primary_alias:
-            device = info.device(args.primary_alias)
-            if device is None:
-                _fail(f"{guest.name} has no device with alias {args.primary_alias!r}")
-                return EXIT_USAGE
-            primary = primary_of_device(args.primary_alias, device)
-        team = Team(args.team, args.standby_mac, args.mac_policy, args.pool,
-                    team_mac=args.team_mac, primary=primary)
-        guest.save_teams(teams.with_team(team))
-        return EXIT_OK
-
-
-def _team_dict(team: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(team)
-
-
-def _pool_define(args: argparse.Namespace) -> int:
-    from host.domain.pools import (
-        EmulatedPool,
-        PciPool,
-        TapSlot,
-        VfNetworkPool,
-        format_pool_network,
-        pool_network_name,
+    request = TeamRequest(
+        name=args.team,
+        standby_mac=args.standby_mac,
+        pool=args.pool,
+        mac_policy=args.mac_policy,
+        team_mac=args.team_mac,
+        primary_alias=args.primary_alias,
     )
-    from host.hypervisor import Hypervisor
-
-    with Hypervisor(args.connect) as hv:
-        if args.command == "pool-undefine":
-            hv.undefine_network(pool_network_name(args.name))
-            return EXIT_OK
-        pool: Any
-        if args.kind == "emulated":
-            if not args.bridge:
-                _fail("an emulated pool needs --bridge")
-                return EXIT_USAGE
-            slots = []
-            for spec in args.slot:
-                tap, sep, mac = spec.partition("=")
-                if not sep:
-                    _fail(f"--slot {spec!r}: want TAP=MAC")
-                    return EXIT_USAGE
-                slots.append(TapSlot(tap, mac))
-            pool = EmulatedPool(args.name, args.bridge, args.model, tuple(slots))
-        elif args.kind == "pci":
-            pool = PciPool(args.name, tuple(args.address))
-        else:
-            pool = VfNetworkPool(args.name, pf_dev=args.pf, vf_addresses=tuple(args.vf))
-        hv.define_network(format_pool_network(pool), start=args.kind == "vf")
+    teams = coordinator.team_set(args.connect, args.domain, request)
+    _show(args, teams, lambda: _teams_text(teams))
     return EXIT_OK
 
 
-def _migrate(args: argparse.Namespace) -> int:
-    from host.workflow.model import Event, MigrationRequest, Outcome
+def team_remove(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    teams = coordinator.team_remove(args.connect, args.domain, args.team)
+    _show(args, teams, lambda: _teams_text(teams))
+    return EXIT_OK
 
-    request = MigrationRequest(args.domain, args.connect, args.destination,
-                               unsafe=args.unsafe, max_downtime_ms=args.max_downtime,
-                               peer_uri=args.peer_uri)
-    coordinator = _coordinator(args)
-    show = not args.json and sys.stderr.isatty()
-    if show:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        console = Console(stderr=True)
-        with Progress(TextColumn("{task.description:<10}"), BarColumn(),
-                      TextColumn("{task.fields[message]}"), TimeElapsedColumn(),
-                      console=console, transient=False) as progress:
-            tasks: dict[str, Any] = {}
+def team_show(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    teams = coordinator.team_show(args.connect, args.domain)
+    _show(args, teams, lambda: _teams_text(teams))
+    return EXIT_OK
 
-            def on_event(event: Event) -> None:
-                task = tasks.get(event.phase)
-                if task is None:
-                    task = tasks[event.phase] = progress.add_task(
-                        event.phase, total=1.0, message="")
-                if event.state == "done":
-                    progress.update(task, completed=1.0, message=event.message or "done")
-                elif event.fraction is not None:
-                    progress.update(task, completed=event.fraction, message=event.message)
-                else:
-                    progress.update(task, message=f"{event.state} {event.message}".strip())
 
-            report = coordinator.migrate(request, on_event)
+def status(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    result = coordinator.status(args.connect, args.domain)
+    _show(args, result, lambda: _status_text(result))
+    return EXIT_OK
+
+
+def pool_define(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    from host.domain.pools import make_pool
+
+    pool = make_pool(
+        args.name,
+        args.kind,
+        bridge=args.bridge,
+        model=args.model,
+        slots=args.slot,
+        addresses=args.address,
+        pf=args.pf,
+        vf_addresses=args.vf,
+    )
+    result = coordinator.pool_define(args.connect, pool)
+    _show(args, result, lambda: _pools_text([result]))
+    return EXIT_OK
+
+
+def pool_undefine(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    coordinator.pool_undefine(args.connect, args.name)
+    return EXIT_OK
+
+
+def pools(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    result = coordinator.pools(args.connect)
+    _show(args, result, lambda: _pools_text(result))
+    return EXIT_OK
+
+
+def failover(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    from host.workflow.model import TeamMode
+
+    result = coordinator.failover(args.connect, args.domain, TeamMode(args.to))
+    _show(args, result, lambda: _failover_text(result))
+    return EXIT_OK if all(v == args.to for v in result.teams.values()) else EXIT_DEGRADED
+
+
+def recover(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    from host.workflow.model import Outcome
+
+    results = coordinator.recover()
+    _show(args, results, lambda: _recover_text(results))
+    return EXIT_FAILED if any(r.outcome is Outcome.FAILED for r in results) else EXIT_OK
+
+
+def workflows(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    rows = coordinator.workflows(args.limit)
+    _show(args, rows, lambda: _workflows_text(rows))
+    return EXIT_OK
+
+
+def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    from host.workflow.model import MigrationRequest, Outcome
+
+    request = MigrationRequest(
+        args.domain,
+        args.connect,
+        args.destination,
+        unsafe=args.unsafe,
+        max_downtime_ms=args.max_downtime,
+        peer_uri=args.peer_uri,
+    )
+    if not args.json and sys.stderr.isatty() and _can_draw_progress():
+        report = _migrate_with_progress_bars(coordinator, request)
     else:
+
         def on_event(event: Event) -> None:
             if not args.json and event.state != "progress":
                 print(f"{event.phase}: {event.state} {event.message}".rstrip(), file=sys.stderr)
 
         report = coordinator.migrate(request, on_event)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1, default=str))
-    else:
-        print(f"{report.domain}: {report.outcome}" + (f" ({report.error})" if report.error else ""))
-        for phase in report.phases:
-            print(f"  {phase.name:<10} {phase.seconds:7.2f} s  {phase.detail}")
-        for team, on in report.teams.items():
-            case = report.drift.get(team, "plugged")
-            print(f"  team {team}: on {on}" + ("" if case == "plugged" else f" (was {case})"))
+    _show(args, report, lambda: _report_text(report))
     return {
         Outcome.DONE: EXIT_OK,
         Outcome.DONE_DEGRADED: EXIT_DEGRADED,
         Outcome.ROLLED_BACK: EXIT_ROLLED_BACK,
         Outcome.FAILED: EXIT_FAILED,
     }[report.outcome]
+
+
+def _can_draw_progress() -> bool:
+    """rich draws the bars; a host without it (it is only recommended) gets plain lines."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _migrate_with_progress_bars(coordinator: Coordinator, request: MigrationRequest) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.fields[message]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_event(event: Event) -> None:
+            task = tasks.get(event.phase)
+            if task is None:
+                task = tasks[event.phase] = progress.add_task(event.phase, total=1.0, message="")
+            if event.state == "done":
+                progress.update(task, completed=1.0, message=event.message or "done")
+            elif event.fraction is not None:
+                progress.update(task, completed=event.fraction, message=event.message)
+            else:
+                progress.update(task, message=f"{event.state} {event.message}".strip())
+
+        return coordinator.migrate(request, on_event)
+
+
+# -- text renderings -------------------------------------------------------------------
+
+
+def _teams_text(teams: DomainTeams) -> str:
+    lines = []
+    for t in teams.teams:
+        lines.append(
+            f"{t.name}: standby {t.standby_mac}, pool {t.pool}, policy {t.mac_policy}, "
+            f"primary {t.primary.alias if t.primary else None}"
+        )
+        if teams.drift.get(t.name):
+            lines.append(f"  drift: {teams.drift[t.name]}")
+    return "\n".join(lines) or "no teams"
+
+
+def _status_text(status: DomainStatus) -> str:
+    lines = [f"{status.domain} ({status.uuid})"]
+    if status.open_workflow_id:
+        lines.append(f"  open workflow {status.open_workflow_id}")
+    for team in status.teams:
+        primary = team.primary.alias if team.primary else "-"
+        lines.append(
+            f"  team {team.name}: on {team.mode}, active {team.active_member or '-'}, "
+            f"primary {primary}, pool {team.pool}, MAC policy {team.mac_policy}"
+        )
+        if team.drift:
+            lines.append(f"    drift: {team.drift}")
+    if status.agent_error:
+        lines.append(f"  agent: {status.agent_error}")
+    return "\n".join(lines)
+
+
+def _pools_text(pools: list[PoolStatus]) -> str:
+    lines = []
+    for p in pools:
+        free = "?" if p.free is None else p.free
+        error = f" ({p.error})" if p.error else ""
+        lines.append(f"{p.name:<16} {p.kind:<14} free {free} of {p.total}{error}")
+    return "\n".join(lines) or "no pools"
+
+
+def _failover_text(result: FailoverResult) -> str:
+    return "\n".join(f"{team}: {on}" for team, on in result.teams.items())
+
+
+def _recover_text(results: list[RecoverResult]) -> str:
+    lines = [
+        f"{r.workflow_id} {r.domain}: {r.action} {r.detail or r.error}".rstrip() for r in results
+    ]
+    return "\n".join(lines) or "nothing to recover"
+
+
+def _workflows_text(rows: list[WorkflowSummary]) -> str:
+    lines = [
+        f"{r.id} {r.kind:<13} {r.domain_name:<20} {r.state:<6} {r.outcome}".rstrip() for r in rows
+    ]
+    return "\n".join(lines) or "no workflows"
+
+
+def _report_text(report: MigrationReport) -> str:
+    lines = [f"{report.domain}: {report.outcome}" + (f" ({report.error})" if report.error else "")]
+    lines += [f"  {p.name:<10} {p.seconds:7.2f} s  {p.detail}" for p in report.phases]
+    for team, on in report.teams.items():
+        case = report.drift.get(team, "plugged")
+        lines.append(f"  team {team}: on {on}" + ("" if case == "plugged" else f" (was {case})"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -180,12 +180,6 @@ class Hypervisor:
             raise _wrap(f"{self.uri}: capabilities", exc) from exc
         return caps.findtext("host/uuid") or ""
 
-    def alive(self) -> bool:
-        try:
-            return bool(self._conn.isAlive())
-        except libvirt.libvirtError:
-            return False
-
     # -- domains ---------------------------------------------------------------------
 
     def domain(self, ident: str) -> libvirt.virDomain:
@@ -231,16 +225,9 @@ class Hypervisor:
                 continue  # vanished while we listed
         return out
 
-    def metadata(self, dom: libvirt.virDomain, namespace: str) -> str | None:
-        try:
-            return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return None
-            raise _wrap(f"{self.uri}: metadata of {dom.name()}", exc) from exc
-
-    def set_metadata(self, dom: libvirt.virDomain, namespace: str, prefix: str,
-                     xml: str | None) -> None:
+    def set_metadata(
+        self, dom: libvirt.virDomain, namespace: str, prefix: str, xml: str | None
+    ) -> None:
         """Write (or with ``None`` remove) our metadata, live and persistent alike."""
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         if self.is_active(dom):
@@ -253,8 +240,9 @@ class Hypervisor:
     # -- devices ---------------------------------------------------------------------
 
     @contextmanager
-    def _events(self, dom: libvirt.virDomain, event_ids: list[int],
-                handler: Callable[..., None]) -> Iterator[None]:
+    def _events(
+        self, dom: libvirt.virDomain, event_ids: list[int], handler: Callable[..., None]
+    ) -> Iterator[None]:
         ids = []
         try:
             for event_id in event_ids:
@@ -329,7 +317,8 @@ class Hypervisor:
                     break
                 if time.monotonic() - t0 > timeout:
                     raise DeviceRemovalError(
-                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s")
+                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s"
+                    )
         if outcome.get("event") == failed:
             raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
         self._detach_config(dom, alias, config)
@@ -341,8 +330,7 @@ class Hypervisor:
         try:
             dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: remove {alias} from {dom.name()}'s definition",
-                        exc) from exc
+            raise _wrap(f"{self.uri}: remove {alias} from {dom.name()}'s definition", exc) from exc
 
     # -- migration -------------------------------------------------------------------
 
@@ -373,13 +361,15 @@ class Hypervisor:
                     continue
                 if info.get("type", 0) in (0, None) or on_progress is None:
                     continue
-                on_progress(MigrationProgress(
-                    elapsed_ms=int(info.get("time_elapsed", 0)),
-                    data_processed=int(info.get("data_processed", 0)),
-                    data_total=int(info.get("data_total", 0)),
-                    data_remaining=int(info.get("data_remaining", 0)),
-                    iteration=int(info.get("memory_iteration", 0)),
-                ))
+                on_progress(
+                    MigrationProgress(
+                        elapsed_ms=int(info.get("time_elapsed", 0)),
+                        data_processed=int(info.get("data_processed", 0)),
+                        data_total=int(info.get("data_total", 0)),
+                        data_remaining=int(info.get("data_remaining", 0)),
+                        iteration=int(info.get("memory_iteration", 0)),
+                    )
+                )
 
         watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
         watcher.start()
@@ -410,12 +400,6 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: job of {dom.name()}", exc) from exc
 
-    def abort_job(self, dom: libvirt.virDomain) -> None:
-        try:
-            dom.abortJob()
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: abort job of {dom.name()}", exc) from exc
-
     # -- guest channels --------------------------------------------------------------
 
     def open_channel(self, dom: libvirt.virDomain, name: str) -> ChannelStream:
@@ -424,9 +408,9 @@ class Hypervisor:
         Through libvirt, not the socket file: the channel's socket lives on whichever host
         runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
         FORCE takes over a stream another client holds (a crashed coordinator's, or a
-        second client of this process).  Two processes taking it from each other in a
-        loop (ptmigd's reconciler and ``ptmig status`` polling) once broke libvirtd 11.3's
-        connection: see the closing note of the session that added this.
+        second client of this process).  Two processes must not take it from each other
+        in a loop: that can break the libvirt connection itself (libvirtd 11.3), so the
+        ptmig processes of a host take turns (host/agent_client/turns.py).
         """
         try:
             stream = self._conn.newStream(0)
@@ -437,13 +421,24 @@ class Hypervisor:
 
     # -- network announcements -------------------------------------------------------
 
-    def announce(self, dom: libvirt.virDomain, *, interfaces: list[str] | None = None,
-                 rounds: int = 3, initial_ms: int = 50, max_ms: int = 550,
-                 step_ms: int = 100) -> None:
+    def announce(
+        self,
+        dom: libvirt.virDomain,
+        *,
+        interfaces: list[str] | None = None,
+        rounds: int = 3,
+        initial_ms: int = 50,
+        max_ms: int = 550,
+        step_ms: int = 100,
+    ) -> None:
         """QMP ``announce-self``: QEMU sends RARPs for the guest's NICs (*interfaces*: only
         those device ids) so switches learn the path to the standby at once."""
-        arguments: dict[str, Any] = {"initial": initial_ms, "max": max_ms, "rounds": rounds,
-                                     "step": step_ms}
+        arguments: dict[str, Any] = {
+            "initial": initial_ms,
+            "max": max_ms,
+            "rounds": rounds,
+            "step": step_ms,
+        }
         if interfaces:
             arguments["interfaces"] = interfaces
         cmd = json.dumps({"execute": "announce-self", "arguments": arguments})

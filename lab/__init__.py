@@ -21,6 +21,3 @@ WAN_PRIMARY_MAC = "52:54:00:bb:00:02"
 #: Team wan's subnet: a second /24 on the same L2 (one subnet per bond avoids ARP flux).
 WAN_GUEST_IP = "192.168.78.10"
 WAN_CLIENT_IP = "192.168.78.2"
-
-#: virtio-serial port name of the agent channel.
-GUEST_AGENT_PORT = "org.ptmig.agent.0"

@@ -45,9 +45,12 @@ def _startup_seconds(lab: VmLab) -> float:
 
 
 def _memory_kb(lab: VmLab) -> dict[str, int]:
-    out = lab.exec("sleep 5; pid=$(systemctl show -p MainPID --value ptmig-agent); "
-                   "grep -E '^(VmRSS|Pss):' /proc/$pid/status /proc/$pid/smaps_rollup "
-                   "| awk '{print $1, $2}'", timeout=60).check()
+    out = lab.exec(
+        "sleep 5; pid=$(systemctl show -p MainPID --value ptmig-agent); "
+        "grep -E '^(VmRSS|Pss):' /proc/$pid/status /proc/$pid/smaps_rollup "
+        "| awk '{print $1, $2}'",
+        timeout=60,
+    ).check()
     values: dict[str, int] = {}
     for line in out.splitlines():
         key, value = line.rsplit(" ", 1)
@@ -56,14 +59,15 @@ def _memory_kb(lab: VmLab) -> dict[str, int]:
 
 
 def _round_trips(lab: VmLab) -> list[float]:
+    from ptmig.serial_session import AGENT_CHANNEL
+
     from host.agent_client import AgentClient, AgentEndpoint
     from host.hypervisor import Hypervisor
-    from lab import GUEST_AGENT_PORT
     from lab.guest import DOMAIN_NAME
 
     with Hypervisor(lab.hosts[lab.where()].uri) as hv:
         dom = hv.domain(DOMAIN_NAME)
-        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, GUEST_AGENT_PORT)))
+        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL)))
         try:
             client.state()  # the first call opens the session
             times = []
@@ -81,13 +85,22 @@ def run(lab: VmLab) -> dict[str, Any]:
     memory = _memory_kb(lab)
     rtts = _round_trips(lab)
     return {
-        "startup_s": {"median": statistics.median(starts), "min": min(starts),
-                      "max": max(starts), "runs": starts},
+        "startup_s": {
+            "median": statistics.median(starts),
+            "min": min(starts),
+            "max": max(starts),
+            "runs": starts,
+        },
         "memory_kb": memory,
-        "get_state_rtt_ms": {"median": statistics.median(rtts) * 1000,
-                             "min": min(rtts) * 1000, "max": max(rtts) * 1000},
-        "goals": {"startup_under_1s": statistics.median(starts) < 1.0,
-                  "rss_under_35MB": memory.get("VmRSS", 0) < 35 * 1024},
+        "get_state_rtt_ms": {
+            "median": statistics.median(rtts) * 1000,
+            "min": min(rtts) * 1000,
+            "max": max(rtts) * 1000,
+        },
+        "goals": {
+            "startup_under_1s": statistics.median(starts) < 1.0,
+            "rss_under_35MB": memory.get("VmRSS", 0) < 35 * 1024,
+        },
     }
 
 
@@ -100,12 +113,20 @@ def main(*, as_json: bool) -> int:
         print(json.dumps(result, indent=1))
     else:
         s, m, r = result["startup_s"], result["memory_kb"], result["get_state_rtt_ms"]
-        print(f"start to serving: median {s['median']:.2f} s (min {s['min']:.2f}, "
-              f"max {s['max']:.2f}, {len(s['runs'])} restarts)")
-        print(f"idle memory: VmRSS {m.get('VmRSS', 0) / 1024:.1f} MiB, "
-              f"Pss {m.get('Pss', 0) / 1024:.1f} MiB")
-        print(f"GetState round trip over virtio-serial: median {r['median']:.1f} ms "
-              f"(min {r['min']:.1f}, max {r['max']:.1f})")
-        print("goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
-                                    for k, v in result["goals"].items()))
+        print(
+            f"start to serving: median {s['median']:.2f} s (min {s['min']:.2f}, "
+            f"max {s['max']:.2f}, {len(s['runs'])} restarts)"
+        )
+        print(
+            f"idle memory: VmRSS {m.get('VmRSS', 0) / 1024:.1f} MiB, "
+            f"Pss {m.get('Pss', 0) / 1024:.1f} MiB"
+        )
+        print(
+            f"GetState round trip over virtio-serial: median {r['median']:.1f} ms "
+            f"(min {r['min']:.1f}, max {r['max']:.1f})"
+        )
+        print(
+            "goals: "
+            + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["goals"].items())
+        )
     return 0

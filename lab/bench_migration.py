@@ -60,18 +60,29 @@ class Sample:
         return sum(v for k, v in self.lost[team].items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"case": self.case, "route": self.route, "wall_s": self.wall_s,
-                "downtime_ms": self.downtime_ms, "back_on_primary_s": self.back_on_primary_s,
-                "phases": [{"name": p.name, "start": p.start, "end": p.end}
-                           for p in self.phases],
-                "lost": self.lost, "longest_outage_ms": self.longest_ms,
-                "total_lost": {t: self.total_lost(t) for t in self.lost}}
+        return {
+            "case": self.case,
+            "route": self.route,
+            "wall_s": self.wall_s,
+            "downtime_ms": self.downtime_ms,
+            "back_on_primary_s": self.back_on_primary_s,
+            "phases": [{"name": p.name, "start": p.start, "end": p.end} for p in self.phases],
+            "lost": self.lost,
+            "longest_outage_ms": self.longest_ms,
+            "total_lost": {t: self.total_lost(t) for t in self.lost},
+        }
 
 
 def _pingers(name: str, teams: tuple[str, ...]) -> dict[str, FixedRatePinger]:
-    return {team: FixedRatePinger(TEAMS[team], run_dir() / f"bench-{name}-{team}.ping",
-                                  rate=RATE, prefix=["ip", "netns", "exec", CLIENT_NS])
-            for team in teams}
+    return {
+        team: FixedRatePinger(
+            TEAMS[team],
+            run_dir() / f"bench-{name}-{team}.ping",
+            rate=RATE,
+            prefix=["ip", "netns", "exec", CLIENT_NS],
+        )
+        for team in teams
+    }
 
 
 class Recorder:
@@ -100,10 +111,11 @@ class Recorder:
             records[team] = record
             report = analyze(record, self.phases)
             lost[team] = {p.name: p.lost for p in report.phases}
-            longest[team] = {p.name: (p.longest_outage.duration_ns / 1e6
-                                      if p.longest_outage else 0.0) for p in report.phases}
-        return Sample(case, route, self.phases, lost, longest, wall_s, records=records,
-                      **extra)
+            longest[team] = {
+                p.name: (p.longest_outage.duration_ns / 1e6 if p.longest_outage else 0.0)
+                for p in report.phases
+            }
+        return Sample(case, route, self.phases, lost, longest, wall_s, records=records, **extra)
 
     def __exit__(self, *exc: object) -> None:
         """On an error, stop the senders that finish() did not (stop() is idempotent)."""
@@ -114,24 +126,37 @@ class Recorder:
 
 def _primary_aliases(lab: VmLab) -> list[str]:
     status = co.ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
-    return [t["primary"]["alias"] for t in status["teams"].values() if t["primary"]]
+    return [t["primary"]["alias"] for t in status["teams"] if t["primary"]]
 
 
 def run_ptmig(lab: VmLab, dest: str) -> Sample:
     src = lab.where()
     with Recorder(f"ptmig-{dest}") as rec:
-        proc = co.ptmig(lab, src, "migrate", DOMAIN_NAME, lab.hosts[dest].uri, "--json",
-                        "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe", check=False)
+        proc = co.ptmig(
+            lab,
+            src,
+            "migrate",
+            DOMAIN_NAME,
+            lab.hosts[dest].uri,
+            "--json",
+            "--peer-uri",
+            lab.hosts[dest].tcp_uri,
+            "--unsafe",
+            check=False,
+        )
         if not proc.stdout:
             raise LabError(f"ptmig migrate: {proc.stderr.strip()}")
         report = json.loads(proc.stdout)
         for p in report["phases"]:
             rec.phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
         bind = next(p for p in report["phases"] if p["name"] == "bind")
-        sample = rec.finish("ptmig", f"{src}->{dest}",
-                            sum(p["seconds"] for p in report["phases"]),
-                            back_on_primary_s=bind["seconds"],
-                            downtime_ms=report["migration"].get("downtime_ms"))
+        sample = rec.finish(
+            "ptmig",
+            f"{src}->{dest}",
+            sum(p["seconds"] for p in report["phases"]),
+            back_on_primary_s=bind["seconds"],
+            downtime_ms=report["migration"].get("downtime_ms"),
+        )
     if report["outcome"] != "done":
         raise LabError(f"ptmig migrate ended {report['outcome']}: {report['error']}")
     lab.check_health()
@@ -152,8 +177,13 @@ def run_naive(lab: VmLab, dest: str) -> Sample:
         co.ptmig(lab, dest, "failover", DOMAIN_NAME, "--to", "primary")
         t3 = time.time()
         rec.phase("plug", t2, t3)
-        sample = rec.finish("naive", f"{src}->{dest}", t3 - t0, back_on_primary_s=t3 - t2,
-                            downtime_ms=result.downtime_ms)
+        sample = rec.finish(
+            "naive",
+            f"{src}->{dest}",
+            t3 - t0,
+            back_on_primary_s=t3 - t2,
+            downtime_ms=result.downtime_ms,
+        )
     lab.check_health()
     return sample
 
@@ -183,8 +213,7 @@ def run_upstream(lab: VmLab, dest: str) -> Sample:
         rec.phase("migrate", t0, t1)
         time.sleep(UPSTREAM_POST_S)
         rec.phase("post", t1, time.time())
-        sample = rec.finish("upstream", f"{src}->{dest}", t1 - t0,
-                            downtime_ms=result.downtime_ms)
+        sample = rec.finish("upstream", f"{src}->{dest}", t1 - t0, downtime_ms=result.downtime_ms)
     lab.check_health()
     return sample
 
@@ -200,9 +229,12 @@ def boot_upstream(lab: VmLab) -> None:
     lab.boot_guest(image, definition=lambda disk: failover_domain_xml(image, disk))
     wait_reachable(GUEST_IP)
     # the primary is registered only once the guest acknowledged the failover feature
-    lab.exec("for i in $(seq 300); do [ -e /sys/class/net/enp1s0/lower_enp2s0 ] && "
-             "[ \"$(cat /sys/class/net/enp2s0/carrier 2>/dev/null)\" = 1 ] && break; "
-             "sleep 0.1; done; ls /sys/class/net/enp1s0/ | grep lower_", timeout=60).check()
+    lab.exec(
+        "for i in $(seq 300); do [ -e /sys/class/net/enp1s0/lower_enp2s0 ] && "
+        '[ "$(cat /sys/class/net/enp2s0/carrier 2>/dev/null)" = 1 ] && break; '
+        "sleep 0.1; done; ls /sys/class/net/enp1s0/ | grep lower_",
+        timeout=60,
+    ).check()
 
 
 def bare_hotplug_probe(lab: VmLab, reps: int) -> list[float]:
@@ -212,11 +244,13 @@ def bare_hotplug_probe(lab: VmLab, reps: int) -> list[float]:
         nic = Nic(f"52:54:00:ee:00:{i + 1:02x}", f"ptv-probe{i}", f"ua-probe{i}")
         # The device must be up to have carrier: bring it up as soon as it is there (what
         # any binding must do too), then wait for carrier.
-        script = (f"for n in $(seq 3000); do for d in /sys/class/net/*; do "
-                  f"if [ \"$(cat $d/address 2>/dev/null)\" = {nic.mac} ]; then "
-                  f"ip link set dev ${{d##*/}} up 2>/dev/null; "
-                  f"[ \"$(cat $d/carrier 2>/dev/null)\" = 1 ] && exit 0; fi; done; "
-                  f"sleep 0.01; done; exit 1")
+        script = (
+            f"for n in $(seq 3000); do for d in /sys/class/net/*; do "
+            f'if [ "$(cat $d/address 2>/dev/null)" = {nic.mac} ]; then '
+            f"ip link set dev ${{d##*/}} up 2>/dev/null; "
+            f'[ "$(cat $d/carrier 2>/dev/null)" = 1 ] && exit 0; fi; done; '
+            f"sleep 0.01; done; exit 1"
+        )
         # The guest waits first (its own loop), the host attaches; the waiting command's
         # return closes the interval (console round trip about 0.1 s included, stated).
         done: dict[str, Any] = {}
@@ -246,8 +280,12 @@ def bare_hotplug_probe(lab: VmLab, reps: int) -> list[float]:
 def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def summarize(samples: list[Sample], bare: list[float]) -> dict[str, Any]:
@@ -263,9 +301,12 @@ def summarize(samples: list[Sample], bare: list[float]) -> dict[str, Any]:
             if not all(team in s.lost for s in group):
                 continue  # a case without this team (upstream has lan's pair only)
             phases = sorted({p for s in group for p in s.lost[team]})
-            entry[team] = {"total_lost": _stats([float(s.total_lost(team)) for s in group]),
-                           "lost_by_phase": {p: _stats([float(s.lost[team].get(p, 0))
-                                                        for s in group]) for p in phases}}
+            entry[team] = {
+                "total_lost": _stats([float(s.total_lost(team)) for s in group]),
+                "lost_by_phase": {
+                    p: _stats([float(s.lost[team].get(p, 0)) for s in group]) for p in phases
+                },
+            }
         out["cases"][case] = entry
     return out
 
@@ -288,22 +329,27 @@ def goals(summary: dict[str, Any]) -> dict[str, str]:
         if p is not None and f is not None:
             noise = max(10.0, 0.1 * f)
             res[f"{team}: ptmig loses no more than the floor (+{noise:.0f} noise)"] = (
-                f"{'met' if p <= f + noise else 'not met'} ({p:.0f} vs {f:.0f})")
+                f"{'met' if p <= f + noise else 'not met'} ({p:.0f} vs {f:.0f})"
+            )
         if p is not None and n is not None:
             res[f"{team}: ptmig loses fewer than naive"] = (
-                f"{'met' if p < n else 'not met'} ({p:.0f} vs {n:.0f})")
+                f"{'met' if p < n else 'not met'} ({p:.0f} vs {n:.0f})"
+            )
         if p is not None and u is not None:
             res[f"{team}: ptmig loses no more than upstream net_failover"] = (
-                f"{'met' if p <= u else 'not met'} ({p:.0f} vs {u:.0f})")
+                f"{'met' if p <= u else 'not met'} ({p:.0f} vs {u:.0f})"
+            )
     back, bare = med("ptmig", "back_on_primary_s"), summary["bare_hotplug_probe_s"]
     if back is not None and bare:
         res["back on primary within 1.2x of bare hotplug+probe"] = (
             f"{'met' if back <= 1.2 * bare['median'] else 'not met'} "
-            f"({back:.2f} s vs {bare['median']:.2f} s)")
+            f"({back:.2f} s vs {bare['median']:.2f} s)"
+        )
     pw, fw = med("ptmig", "wall_s"), med("floor", "wall_s")
     if pw is not None and fw is not None:
         res["whole migration within 1.3x of the floor's wall time"] = (
-            f"{'met' if pw <= 1.3 * fw else 'not met'} ({pw:.2f} s vs {fw:.2f} s)")
+            f"{'met' if pw <= 1.3 * fw else 'not met'} ({pw:.2f} s vs {fw:.2f} s)"
+        )
     return res
 
 
@@ -316,13 +362,22 @@ def plot_timeline(samples: list[Sample], path: Path) -> None:
 
     rows = [s for s in samples if "lan" in s.records]
     fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.4 * len(rows) + 1), squeeze=False)
-    colors = {"preflight": "#dddddd", "switch": "#ffd27f", "unplug": "#ff9f7f",
-              "migrate": "#9fc5ff", "bind": "#a8e6a1", "plug": "#a8e6a1"}
+    colors = {
+        "preflight": "#dddddd",
+        "switch": "#ffd27f",
+        "unplug": "#ff9f7f",
+        "migrate": "#9fc5ff",
+        "bind": "#a8e6a1",
+        "plug": "#a8e6a1",
+    }
     for ax, s in zip(axes[:, 0], rows, strict=True):
         rec = s.records["lan"]
         t0 = min(p.start for p in s.phases) - SETTLE_S
-        lost = [send / 1e9 - t0 for send, recv in zip(rec.send_ns, rec.recv_ns, strict=True)
-                if recv is None]
+        lost = [
+            send / 1e9 - t0
+            for send, recv in zip(rec.send_ns, rec.recv_ns, strict=True)
+            if recv is None
+        ]
         for p in s.phases:
             ax.axvspan(p.start - t0, p.end - t0, color=colors.get(p.name, "#eeeeee"), lw=0)
             ax.text(p.start - t0, 1.02, p.name, fontsize=7, transform=ax.get_xaxis_transform())
@@ -370,8 +425,13 @@ def main(*, reps: int, out_dir: Path, as_json: bool) -> int:
             lab.down()
     summary = summarize(samples, bare)
     goal_results = goals(summary)
-    result: dict[str, Any] = {"rate_pps": RATE, "reps": reps, "summary": summary,
-                              "goals": goal_results, "samples": [s.to_dict() for s in samples]}
+    result: dict[str, Any] = {
+        "rate_pps": RATE,
+        "reps": reps,
+        "summary": summary,
+        "goals": goal_results,
+        "samples": [s.to_dict() for s in samples],
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench-migration.json").write_text(json.dumps(result, indent=1))
     plot_timeline(samples, out_dir / "bench-migration.png")
@@ -384,24 +444,31 @@ def main(*, reps: int, out_dir: Path, as_json: bool) -> int:
 
 
 def format_summary(summary: dict[str, Any], goal_results: dict[str, str]) -> str:
-    lines = [f"{'case':<8}{'team':<6}{'lost median (min-max)':>24}{'wall s':>10}"
-             f"{'back on primary s':>20}"]
+    lines = [
+        f"{'case':<8}{'team':<6}{'lost median (min-max)':>24}{'wall s':>10}"
+        f"{'back on primary s':>20}"
+    ]
     for case, entry in summary["cases"].items():
         for team in TEAMS:
             if team not in entry:
                 continue
             t = entry[team]["total_lost"]
             back = entry.get("back_on_primary_s", {})
-            lines.append(f"{case:<8}{team:<6}{t['median']:>10.0f} ({t['min']:.0f}-{t['max']:.0f})"
-                         f"{'':>6}{entry['wall_s']['median']:>10.2f}"
-                         f"{back.get('median', float('nan')):>20.2f}")
-            phases = ", ".join(f"{p} {v['median']:.0f}"
-                               for p, v in entry[team]["lost_by_phase"].items())
+            lines.append(
+                f"{case:<8}{team:<6}{t['median']:>10.0f} ({t['min']:.0f}-{t['max']:.0f})"
+                f"{'':>6}{entry['wall_s']['median']:>10.2f}"
+                f"{back.get('median', float('nan')):>20.2f}"
+            )
+            phases = ", ".join(
+                f"{p} {v['median']:.0f}" for p, v in entry[team]["lost_by_phase"].items()
+            )
             lines.append(f"{'':<14}per phase: {phases}")
     bare = summary["bare_hotplug_probe_s"]
     if bare:
-        lines.append(f"bare hotplug + probe of an e1000e: median {bare['median']:.2f} s "
-                     f"({bare['min']:.2f}-{bare['max']:.2f})")
+        lines.append(
+            f"bare hotplug + probe of an e1000e: median {bare['median']:.2f} s "
+            f"({bare['min']:.2f}-{bare['max']:.2f})"
+        )
     lines.append("")
     lines += [f"{k}: {v}" for k, v in goal_results.items()]
     return "\n".join(lines)

@@ -21,12 +21,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build or reuse the guest image, start hosts, fabric and guest")
-    up.add_argument("--suite", choices=sorted(GUEST_SUITES), default=DEFAULT_SUITE,
-                    help="the guest's Debian suite (default %(default)s)")
-    up.add_argument("--no-primary", action="store_true",
-                    help="define the guest with its virtio NIC only (no e1000e)")
-    up.add_argument("--no-guest", action="store_true",
-                    help="--vfio: start L1 and its hosts but do not boot L2")
+    up.add_argument(
+        "--suite",
+        choices=sorted(GUEST_SUITES),
+        default=DEFAULT_SUITE,
+        help="the guest's Debian suite (default %(default)s)",
+    )
+    up.add_argument(
+        "--no-primary",
+        action="store_true",
+        help="define the guest with its virtio NIC only (no e1000e)",
+    )
+    up.add_argument(
+        "--no-guest", action="store_true", help="--vfio: start L1 and its hosts but do not boot L2"
+    )
     dn = sub.add_parser("down", help="stop and remove everything the lab started")
     st = sub.add_parser("status", help="what runs where")
     st.add_argument("--json", action="store_true")
@@ -34,17 +42,22 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--timeout", type=float, default=60.0)
     ex.add_argument("--l1", action="store_true", help="--vfio: run it in L1, not in L2")
     for cmd in (up, dn, st, ex):
-        cmd.add_argument("--vfio", action="store_true",
-                         help="the nested vfio lab (hosts in an L1 VM, real vfio-pci devices)")
+        cmd.add_argument(
+            "--vfio",
+            action="store_true",
+            help="the nested vfio lab (hosts in an L1 VM, real vfio-pci devices)",
+        )
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     mig = sub.add_parser("migrate", help="live-migrate the guest with libvirt")
     mig.add_argument("destination", choices=["hosta", "hostb"])
     sub.add_parser("check", help="check the guest's health (console, kernel log, taint)")
-    bench = sub.add_parser("bench-agent",
-                           help="the guest agent's start-up time, memory and call round trip")
+    bench = sub.add_parser(
+        "bench-agent", help="the guest agent's start-up time, memory and call round trip"
+    )
     bench.add_argument("--json", action="store_true")
-    bm = sub.add_parser("bench-migration",
-                        help="downtime benchmark: floor, naive and ptmig, repeated")
+    bm = sub.add_parser(
+        "bench-migration", help="downtime benchmark: floor, naive and ptmig, repeated"
+    )
     bm.add_argument("--reps", type=int, default=3)
     bm.add_argument("--out", default="docs/benchmarks", help="where the JSON and PNG go")
     bm.add_argument("--json", action="store_true")
@@ -56,8 +69,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from lab.vmlab import LabError, VmLab
 
     if getattr(args, "vfio", False):
@@ -95,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from lab import bench_migration
 
-            return bench_migration.main(reps=args.reps, out_dir=Path(args.out),
-                                        as_json=args.json)
+            return bench_migration.main(reps=args.reps, out_dir=Path(args.out), as_json=args.json)
         elif args.command == "demo":
             from lab import demo
 

@@ -77,8 +77,10 @@ class GuestConsole:
         """Run *command* with bash in the guest; return its output and exit status."""
         token = secrets.token_hex(6)
         encoded = base64.b64encode(command.encode()).decode()
-        line = (f'eval "$(echo {encoded} | base64 -d)" </dev/null 2>&1; '
-                f'echo "__PTMIG_END_""{token}_$?__"\n')
+        line = (
+            f'eval "$(echo {encoded} | base64 -d)" </dev/null 2>&1; '
+            f'echo "__PTMIG_END_""{token}_$?__"\n'
+        )
         end = re.compile(rf"__PTMIG_END_{token}_(\d+)__")
         deadline = time.monotonic() + timeout
         try:
@@ -86,8 +88,10 @@ class GuestConsole:
             sock.settimeout(min(timeout, 10.0))
             sock.connect(str(self.socket_path))
         except OSError as exc:
-            raise ConsoleError(f"cannot connect to the console {self.socket_path}: {exc}\n"
-                               + log_tail(self.log_file)) from exc
+            raise ConsoleError(
+                f"cannot connect to the console {self.socket_path}: {exc}\n"
+                + log_tail(self.log_file)
+            ) from exc
         with sock:
             sock.sendall(line.encode())
             buf = b""
@@ -106,8 +110,9 @@ class GuestConsole:
                 except TimeoutError:
                     continue
                 if not chunk:
-                    raise ConsoleError(f"console closed while running {command!r}\n"
-                                       + log_tail(self.log_file))
+                    raise ConsoleError(
+                        f"console closed while running {command!r}\n" + log_tail(self.log_file)
+                    )
                 buf += chunk
                 text = buf.decode(errors="replace")
                 m = end.search(text)

@@ -27,10 +27,18 @@ from lab.vmlab import LabError, VmLab
 POOL = "lab"
 #: Per-host slots (tap, MAC).  hosta's first two are the NICs the guest boots with.
 POOL_SLOTS = {
-    "hosta": [(PRIMARY_NIC.tap, PRIMARY_MAC), (WAN_PRIMARY_NIC.tap, WAN_PRIMARY_MAC),
-              ("ptv-a3", "52:54:00:ba:00:03"), ("ptv-a4", "52:54:00:ba:00:04")],
-    "hostb": [("ptv-b1", "52:54:00:cb:00:01"), ("ptv-b2", "52:54:00:cb:00:02"),
-              ("ptv-b3", "52:54:00:cb:00:03"), ("ptv-b4", "52:54:00:cb:00:04")],
+    "hosta": [
+        (PRIMARY_NIC.tap, PRIMARY_MAC),
+        (WAN_PRIMARY_NIC.tap, WAN_PRIMARY_MAC),
+        ("ptv-a3", "52:54:00:ba:00:03"),
+        ("ptv-a4", "52:54:00:ba:00:04"),
+    ],
+    "hostb": [
+        ("ptv-b1", "52:54:00:cb:00:01"),
+        ("ptv-b2", "52:54:00:cb:00:02"),
+        ("ptv-b3", "52:54:00:cb:00:03"),
+        ("ptv-b4", "52:54:00:cb:00:04"),
+    ],
 }
 
 
@@ -44,20 +52,25 @@ HOST_PYTHON_ENV = "PTMIG_LAB_HOST_PYTHON"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ptmig(lab: VmLab, host: str, *args: str, timeout: float = 300,
-          check: bool = True) -> subprocess.CompletedProcess[str]:
+def ptmig(
+    lab: VmLab, host: str, *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``ptmig -c <host's URI> ARGS`` with the lab's journal."""
     return ptmig_at(lab.hosts[host].uri, journal_path(), *args, timeout=timeout, check=check)
 
 
-def ptmig_at(uri: str, journal: str, *args: str, timeout: float = 300,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
+def ptmig_at(
+    uri: str, journal: str, *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``ptmig -c URI ARGS`` with *journal*, as an operator would type it, from this
     checkout."""
     python = os.environ.get(HOST_PYTHON_ENV) or sys.executable
     argv = [python, "-m", "host.cli", "-c", uri, *args]
-    env = {**os.environ, "PTMIG_JOURNAL": journal,
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")])}
+    env = {
+        **os.environ,
+        "PTMIG_JOURNAL": journal,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")]),
+    }
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stdout + proc.stderr)
@@ -74,17 +87,55 @@ def ptmig_json(lab: VmLab, host: str, *args: str, ok: tuple[int, ...] = (0,)) ->
 def define_pools(lab: VmLab, slots: dict[str, list[tuple[str, str]]] | None = None) -> None:
     for host, host_slots in (slots or POOL_SLOTS).items():
         spec = [f"--slot={tap}={mac}" for tap, mac in host_slots]
-        ptmig(lab, host, "pool-define", POOL, "--kind", "emulated", "--bridge", "br-g",
-              "--model", "e1000e", *spec)
+        ptmig(
+            lab,
+            host,
+            "pool-define",
+            POOL,
+            "--kind",
+            "emulated",
+            "--bridge",
+            "br-g",
+            "--model",
+            "e1000e",
+            *spec,
+        )
 
 
 def set_teams(lab: VmLab) -> None:
     host = lab.where()
-    ptmig(lab, host, "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac", STANDBY_MAC,
-          "--pool", POOL, "--mac-policy", "preserve", "--primary-alias", PRIMARY_NIC.alias)
-    ptmig(lab, host, "team-set", DOMAIN_NAME, "--team", "wan", "--standby-mac",
-          WAN_STANDBY_MAC, "--pool", POOL, "--mac-policy", "follow", "--primary-alias",
-          WAN_PRIMARY_NIC.alias)
+    ptmig(
+        lab,
+        host,
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "lan",
+        "--standby-mac",
+        STANDBY_MAC,
+        "--pool",
+        POOL,
+        "--mac-policy",
+        "preserve",
+        "--primary-alias",
+        PRIMARY_NIC.alias,
+    )
+    ptmig(
+        lab,
+        host,
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "wan",
+        "--standby-mac",
+        WAN_STANDBY_MAC,
+        "--pool",
+        POOL,
+        "--mac-policy",
+        "follow",
+        "--primary-alias",
+        WAN_PRIMARY_NIC.alias,
+    )
 
 
 def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]:
@@ -94,8 +145,8 @@ def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]
     while time.monotonic() < deadline:
         try:
             last = ptmig_json(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
-            if all(v == "primary" for v in last.values()):
-                return dict(last)
+            if all(v == "primary" for v in last["teams"].values()):
+                return dict(last["teams"])
         except (LabError, json.JSONDecodeError) as exc:
             last = str(exc)
         time.sleep(2)
@@ -105,7 +156,7 @@ def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]
 def configure(lab: VmLab) -> None:
     """Pools on both hosts, teams in the metadata, every team on its primary."""
     define_pools(lab)
-    teams = ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)
+    teams = ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)["teams"]
     if {t["name"] for t in teams} != {"lan", "wan"}:  # a reused lab keeps its teams
         set_teams(lab)
     wait_for_teams_on_primary(lab)

@@ -41,24 +41,36 @@ class DemoReport:
         return {"rate_pps": RATE, "ptmig_migrate": self.ptmig, "plain_libvirt_migrate": self.plain}
 
     def format(self) -> str:
-        out = [f"ptmig migrate: teams lan (MAC policy preserve) and wan (follow) on e1000e "
-               f"primaries; the client pings each team at {RATE:.0f}/s",
-               f"{'':16}" + "".join(f"{p:>11}" for p in PHASES) + f"{'total':>9}"
-               f"{'downtime':>10}{'outcome':>9}"]
+        out = [
+            f"ptmig migrate: teams lan (MAC policy preserve) and wan (follow) on e1000e "
+            f"primaries; the client pings each team at {RATE:.0f}/s",
+            f"{'':16}" + "".join(f"{p:>11}" for p in PHASES) + f"{'total':>9}"
+            f"{'downtime':>10}{'outcome':>9}",
+        ]
         for m in self.ptmig:
             times = {p["name"]: p["seconds"] for p in m["phases"]}
-            out.append(f"{m['route']:<16}" + "".join(f"{times.get(p, 0):>10.2f}s" for p in PHASES)
-                       + f"{m['wall_s']:>8.2f}s{m['downtime_ms'] or '-':>8} ms{m['outcome']:>9}")
+            out.append(
+                f"{m['route']:<16}"
+                + "".join(f"{times.get(p, 0):>10.2f}s" for p in PHASES)
+                + f"{m['wall_s']:>8.2f}s{m['downtime_ms'] or '-':>8} ms{m['outcome']:>9}"
+            )
             for team in TEAMS:
                 lost = m["lost"][team]
-                out.append(f"{'  lost ' + team:<16}" + "".join(f"{lost.get(p, 0):>11}"
-                                                                for p in PHASES)
-                           + f"{lost['total']:>9}")
-        out += ["", "plain libvirt live migration of the same guest, virtio NICs only:",
-                f"{'':16}{'wall':>10}{'downtime':>12}{'lost lan':>10}{'lost wan':>10}"]
+                out.append(
+                    f"{'  lost ' + team:<16}"
+                    + "".join(f"{lost.get(p, 0):>11}" for p in PHASES)
+                    + f"{lost['total']:>9}"
+                )
+        out += [
+            "",
+            "plain libvirt live migration of the same guest, virtio NICs only:",
+            f"{'':16}{'wall':>10}{'downtime':>12}{'lost lan':>10}{'lost wan':>10}",
+        ]
         for m in self.plain:
-            out.append(f"{m['route']:<16}{m['wall_s']:>9.2f}s{m['downtime_ms'] or '-':>9} ms"
-                       f"{m['lost']['lan']:>10}{m['lost']['wan']:>10}")
+            out.append(
+                f"{m['route']:<16}{m['wall_s']:>9.2f}s{m['downtime_ms'] or '-':>9} ms"
+                f"{m['lost']['lan']:>10}{m['lost']['wan']:>10}"
+            )
         return "\n".join(out)
 
 
@@ -75,9 +87,15 @@ def wait_reachable(ip: str, timeout: float = 60.0) -> None:
 
 
 def _pingers(name: str) -> dict[str, FixedRatePinger]:
-    return {team: FixedRatePinger(ip, run_dir() / f"demo-{name}-{team}.ping", rate=RATE,
-                                  prefix=["ip", "netns", "exec", CLIENT_NS])
-            for team, ip in TEAMS.items()}
+    return {
+        team: FixedRatePinger(
+            ip,
+            run_dir() / f"demo-{name}-{team}.ping",
+            rate=RATE,
+            prefix=["ip", "netns", "exec", CLIENT_NS],
+        )
+        for team, ip in TEAMS.items()
+    }
 
 
 def _measure(name: str, action: Any) -> tuple[Any, dict[str, Any], list[Phase] | None]:
@@ -106,23 +124,42 @@ def ptmig_round_trip(lab: VmLab) -> list[dict[str, Any]]:
         src = lab.where()
 
         def migrate(dest: str = dest) -> tuple[dict[str, Any], list[Phase]]:
-            proc = co.ptmig(lab, lab.where(), "migrate", DOMAIN_NAME, lab.hosts[dest].uri,
-                            "--json", "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe",
-                            check=False)
+            proc = co.ptmig(
+                lab,
+                lab.where(),
+                "migrate",
+                DOMAIN_NAME,
+                lab.hosts[dest].uri,
+                "--json",
+                "--peer-uri",
+                lab.hosts[dest].tcp_uri,
+                "--unsafe",
+                check=False,
+            )
             if not proc.stdout:
                 raise LabError(f"ptmig migrate failed: {proc.stderr.strip()}")
             report = json.loads(proc.stdout)
-            phases = [Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
-                      for p in report["phases"]]
+            phases = [
+                Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
+                for p in report["phases"]
+            ]
             return report, phases
 
         report, lost, _ = _measure(f"ptmig-{dest}", migrate)
         lab.check_health()
         wall = sum(p["seconds"] for p in report["phases"])
-        out.append({"route": f"{src} -> {dest}", "outcome": report["outcome"],
-                    "teams": report["teams"], "phases": report["phases"], "wall_s": wall,
-                    "downtime_ms": report["migration"].get("downtime_ms"), "lost": lost,
-                    "error": report["error"]})
+        out.append(
+            {
+                "route": f"{src} -> {dest}",
+                "outcome": report["outcome"],
+                "teams": report["teams"],
+                "phases": report["phases"],
+                "wall_s": wall,
+                "downtime_ms": report["migration"].get("downtime_ms"),
+                "lost": lost,
+                "error": report["error"],
+            }
+        )
     return out
 
 
@@ -133,14 +170,20 @@ def plain_round_trip(lab: VmLab) -> list[dict[str, Any]]:
         lab.detach_nic(alias)
     out = []
     for dest in ("hostb", "hosta"):
+
         def migrate(dest: str = dest) -> tuple[Any, None]:
             return lab.migrate(dest), None
 
         result, lost, _ = _measure(f"plain-{dest}", migrate)
         lab.check_health()
-        out.append({"route": f"{result.source} -> {dest}", "wall_s": result.wall_s,
-                    "downtime_ms": result.downtime_ms,
-                    "lost": {t: v["total"] for t, v in lost.items()}})
+        out.append(
+            {
+                "route": f"{result.source} -> {dest}",
+                "wall_s": result.wall_s,
+                "downtime_ms": result.downtime_ms,
+                "lost": {t: v["total"] for t, v in lost.items()},
+            }
+        )
     return out
 
 

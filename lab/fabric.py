@@ -81,18 +81,63 @@ def create() -> list[str]:
         _bridge(SWITCH_NS, "br-sw")
         for host in HOSTS:
             _bridge(host.netns, GUEST_BRIDGE)
-            run(["ip", "link", "add", "up0", "netns", host.netns, "type", "veth",
-                 "peer", "name", host.switch_port, "netns", SWITCH_NS])
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    "up0",
+                    "netns",
+                    host.netns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    host.switch_port,
+                    "netns",
+                    SWITCH_NS,
+                ]
+            )
             _ip(host.netns, "link", "set", "up0", "master", GUEST_BRIDGE, "up")
             _ip(SWITCH_NS, "link", "set", host.switch_port, "master", "br-sw", "up")
         a, b = HOSTS
-        run(["ip", "link", "add", "mig0", "netns", a.netns, "type", "veth",
-             "peer", "name", "mig0", "netns", b.netns])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                "mig0",
+                "netns",
+                a.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "mig0",
+                "netns",
+                b.netns,
+            ]
+        )
         for host in HOSTS:
             _ip(host.netns, "addr", "add", f"{host.migration_ip}/{MIGRATION_PREFIX}", "dev", "mig0")
             _ip(host.netns, "link", "set", "mig0", "up")
-        run(["ip", "link", "add", "cl0", "netns", CLIENT_NS, "type", "veth",
-             "peer", "name", "swc", "netns", SWITCH_NS])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                "cl0",
+                "netns",
+                CLIENT_NS,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "swc",
+                "netns",
+                SWITCH_NS,
+            ]
+        )
         _ip(SWITCH_NS, "link", "set", "swc", "master", "br-sw", "up")
         for ip in (CLIENT_IP, WAN_CLIENT_IP):
             _ip(CLIENT_NS, "addr", "add", f"{ip}/{GUEST_PREFIX}", "dev", "cl0")

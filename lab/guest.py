@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from lab import GUEST_AGENT_PORT, PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
+from ptmig.serial_session import AGENT_CHANNEL
+
+from lab import PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
 from lab.fabric import GUEST_BRIDGE
 from lab.image import BOOT_CMDLINE, GuestImage
 
@@ -62,15 +64,28 @@ WAN_STANDBY_NIC = Nic(WAN_STANDBY_MAC, "ptv-wstandby", "ua-wan-standby", model="
 WAN_PRIMARY_NIC = Nic(WAN_PRIMARY_MAC, "ptv-wprimary", "ua-wan-primary")
 
 
-def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
-               memory_mib: int = 512, vcpus: int = 2) -> str:
+def domain_xml(
+    image: GuestImage,
+    disk: Path,
+    *,
+    with_primary: bool = True,
+    memory_mib: int = 512,
+    vcpus: int = 2,
+) -> str:
     """The guest's domain XML."""
-    ports = "\n    ".join("<controller type='pci' model='pcie-root-port'/>"
-                          for _ in range(ROOT_PORTS))
+    ports = "\n    ".join(
+        "<controller type='pci' model='pcie-root-port'/>" for _ in range(ROOT_PORTS)
+    )
     nics = "\n    ".join(
-        n.xml() for n in (STANDBY_NIC, PRIMARY_NIC if with_primary else None,
-                          WAN_STANDBY_NIC, WAN_PRIMARY_NIC if with_primary else None)
-        if n is not None)
+        n.xml()
+        for n in (
+            STANDBY_NIC,
+            PRIMARY_NIC if with_primary else None,
+            WAN_STANDBY_NIC,
+            WAN_PRIMARY_NIC if with_primary else None,
+        )
+        if n is not None
+    )
     return f"""<domain type='qemu'>
   <name>{DOMAIN_NAME}</name>
   <memory unit='MiB'>{memory_mib}</memory>
@@ -105,7 +120,7 @@ def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
     </serial>
     <channel type='unix'>
       <source mode='bind' path='{AGENT_SOCKET}'/>
-      <target type='virtio' name='{GUEST_AGENT_PORT}'/>
+      <target type='virtio' name='{AGENT_CHANNEL}'/>
     </channel>
     <memballoon model='none'/>
   </devices>
@@ -113,8 +128,9 @@ def domain_xml(image: GuestImage, disk: Path, *, with_primary: bool = True,
 """
 
 
-def failover_domain_xml(image: GuestImage, disk: Path, *, memory_mib: int = 512,
-                        vcpus: int = 2) -> str:
+def failover_domain_xml(
+    image: GuestImage, disk: Path, *, memory_mib: int = 512, vcpus: int = 2
+) -> str:
     """The upstream comparison: QEMU virtio-net failover paired with the e1000e.
 
     libvirt refuses ``<teaming type='transient'>`` on an emulated NIC, so (as rehearsed in
@@ -125,16 +141,21 @@ def failover_domain_xml(image: GuestImage, disk: Path, *, memory_mib: int = 512,
     ``ptmig.failover``: no bond, the failover master gets the address.
     """
     xml = domain_xml(image, disk, with_primary=False, memory_mib=memory_mib, vcpus=vcpus)
-    xml = xml.replace("<domain type='qemu'>",
-                      "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>")
-    xml = xml.replace(f"<cmdline>{BOOT_CMDLINE}</cmdline>",
-                      f"<cmdline>{BOOT_CMDLINE} ptmig.failover</cmdline>")
+    xml = xml.replace(
+        "<domain type='qemu'>",
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+    )
+    xml = xml.replace(
+        f"<cmdline>{BOOT_CMDLINE}</cmdline>", f"<cmdline>{BOOT_CMDLINE} ptmig.failover</cmdline>"
+    )
     standby = STANDBY_NIC.xml().replace("<alias ", "<teaming type='persistent'/><alias ")
     primary = Nic(STANDBY_MAC, PRIMARY_NIC.tap, PRIMARY_ALIAS).xml()
     start = xml.index("<interface")
     end = xml.rindex("</interface>") + len("</interface>")
     xml = xml[:start] + standby + "\n    " + primary + xml[end:]
-    override = (f"  <qemu:override><qemu:device alias='{PRIMARY_ALIAS}'><qemu:frontend>"
-                f"<qemu:property name='failover_pair_id' type='string' value='{STANDBY_ALIAS}'/>"
-                "</qemu:frontend></qemu:device></qemu:override>\n</domain>")
+    override = (
+        f"  <qemu:override><qemu:device alias='{PRIMARY_ALIAS}'><qemu:frontend>"
+        f"<qemu:property name='failover_pair_id' type='string' value='{STANDBY_ALIAS}'/>"
+        "</qemu:frontend></qemu:device></qemu:override>\n</domain>"
+    )
     return xml.replace("</domain>", override)

@@ -143,8 +143,7 @@ migration_port_max = 49215
         from lab.fabric import HOSTS
 
         (self.state_dir / "hosts").write_text(
-            "127.0.0.1 localhost\n"
-            + "".join(f"{h.migration_ip} lab-{h.name}\n" for h in HOSTS)
+            "127.0.0.1 localhost\n" + "".join(f"{h.migration_ip} lab-{h.name}\n" for h in HOSTS)
         )
         self._write_accounts()
 
@@ -168,8 +167,7 @@ migration_port_max = 49215
         """Start the daemon; return its PID once it answers on its socket."""
         self._write_config()
         mounts = [
-            *(f"mount --bind {self.state_dir / sub} {mnt}"
-              for mnt, sub in PRIVATE_DIRS.items()),
+            *(f"mount --bind {self.state_dir / sub} {mnt}" for mnt, sub in PRIVATE_DIRS.items()),
             f"mount --bind {self.capability_cache} /var/cache/libvirt",
             f"mount --bind {self.state_dir / 'hosts'} /etc/hosts",
         ]
@@ -187,11 +185,24 @@ migration_port_max = 49215
             ]
         )
         # ip netns exec and unshare exec rather than fork: the PID is libvirtd's.
-        argv = ["ip", "netns", "exec", self.net.netns,
-                "unshare", "-m", "-u", "--propagation", "private", "/bin/sh", "-c", script]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.net.netns,
+            "unshare",
+            "-m",
+            "-u",
+            "--propagation",
+            "private",
+            "/bin/sh",
+            "-c",
+            script,
+        ]
         out = (self.state_dir / "libvirtd.stdout").open("ab")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
         out.close()
         self._wait_ready(proc)
         log.info("%s: libvirtd pid %d, %s", self.name, proc.pid, self.uri)
@@ -216,8 +227,10 @@ migration_port_max = 49215
                 except libvirt.libvirtError:
                     pass
             time.sleep(0.1)
-        raise HostError(f"{self.name}: libvirtd did not answer in {START_TIMEOUT:.0f} s; "
-                        f"see {self.log_file}:\n{self._log_tail()}")
+        raise HostError(
+            f"{self.name}: libvirtd did not answer in {START_TIMEOUT:.0f} s; "
+            f"see {self.log_file}:\n{self._log_tail()}"
+        )
 
     def _log_tail(self, lines: int = 15) -> str:
         parts = []

@@ -233,8 +233,11 @@ class ImageRecipe:
     backports: tuple[str, ...] = ()
 
     def base_key(self) -> str:
-        key: dict[str, object] = {"suite": self.suite, "mirror": self.mirror,
-                                  "packages": self.packages}
+        key: dict[str, object] = {
+            "suite": self.suite,
+            "mirror": self.mirror,
+            "packages": self.packages,
+        }
         if self.backports:
             key["backports"] = self.backports
         return _digest(key)
@@ -260,8 +263,11 @@ def build_agent_package() -> Path:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     script = Path(__file__).resolve().parent.parent / "scripts" / "build-packages.sh"
-    printed = run([str(script), "agent", str(out_dir)], capture=True,
-                  env={**os.environ, "PTMIG_PACKAGERS": "deb"})
+    printed = run(
+        [str(script), "agent", str(out_dir)],
+        capture=True,
+        env={**os.environ, "PTMIG_PACKAGERS": "deb"},
+    )
     debs = [Path(line) for line in printed.split() if line.endswith(".deb")]
     if len(debs) != 1:
         raise RuntimeError(f"expected one .deb from {script}, got: {printed!r}")
@@ -272,8 +278,9 @@ def lab_recipe(suite: str = DEFAULT_SUITE) -> ImageRecipe:
     """The lab guest of `suite`: its base packages plus the agent package of this checkout."""
     if suite not in GUEST_SUITES:
         raise ValueError(f"no lab guest for suite {suite!r} (one of {sorted(GUEST_SUITES)})")
-    return ImageRecipe(suite=suite, packages=GUEST_SUITES[suite],
-                       extra_debs=(build_agent_package(),))
+    return ImageRecipe(
+        suite=suite, packages=GUEST_SUITES[suite], extra_debs=(build_agent_package(),)
+    )
 
 
 def images_dir() -> Path:
@@ -315,8 +322,20 @@ def build_image(recipe: ImageRecipe | None = None, directory: Path | None = None
         shutil.copy2(kernels[-1], out / "vmlinuz")
         shutil.copy2(initrds[-1], out / "initrd.img")
         log.info("making the ext4 image (mke2fs -d, no loop device)")
-        run(["mke2fs", "-q", "-t", "ext4", "-L", "ptmig-root", "-d", str(rootfs),
-             str(out / "root.raw"), recipe.size])
+        run(
+            [
+                "mke2fs",
+                "-q",
+                "-t",
+                "ext4",
+                "-L",
+                "ptmig-root",
+                "-d",
+                str(rootfs),
+                str(out / "root.raw"),
+                recipe.size,
+            ]
+        )
         manifest = {
             "key": recipe.image_key(),
             "base": recipe.base_key(),
@@ -350,8 +369,16 @@ def _build_base(recipe: ImageRecipe, where: Path) -> Path:
     if partial.exists():
         shutil.rmtree(partial)
     log.info("debootstrap %s from %s (takes about two minutes)", recipe.suite, recipe.mirror)
-    run(["debootstrap", "--variant=minbase", "--include=" + ",".join(recipe.packages),
-         recipe.suite, str(partial), recipe.mirror])
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(recipe.packages),
+            recipe.suite,
+            str(partial),
+            recipe.mirror,
+        ]
+    )
     if recipe.backports:
         _install_backports(partial, recipe)
     run(["chroot", str(partial), "apt-get", "clean"])
@@ -368,15 +395,30 @@ def _install_backports(rootfs: Path, recipe: ImageRecipe) -> None:
     policy-rc.d keeps package scripts from starting daemons in the build machine.
     """
     (rootfs / "etc/apt/sources.list.d/backports.list").write_text(
-        f"deb {recipe.mirror} {recipe.suite}-backports main\n")
+        f"deb {recipe.mirror} {recipe.suite}-backports main\n"
+    )
     policy = rootfs / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         run(["chroot", str(rootfs), "apt-get", "update", "-q"], env=env)
-        run(["chroot", str(rootfs), "apt-get", "-t", f"{recipe.suite}-backports", "install",
-             "-y", "-q", "--no-install-recommends", *recipe.backports], env=env, timeout=1800)
+        run(
+            [
+                "chroot",
+                str(rootfs),
+                "apt-get",
+                "-t",
+                f"{recipe.suite}-backports",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                *recipe.backports,
+            ],
+            env=env,
+            timeout=1800,
+        )
     finally:
         policy.unlink()
 
@@ -388,8 +430,10 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         inside = Path("/tmp") / deb.name
         shutil.copy2(deb, rootfs / inside.relative_to("/"))
         # dpkg in the chroot, as a user would install it; dependencies are already there.
-        run([*chroot, "dpkg", "-i", str(inside)],
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        run(
+            [*chroot, "dpkg", "-i", str(inside)],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         (rootfs / inside.relative_to("/")).unlink()
     # After the packages: these are the admin's edits (the agent's config among them).
     for path, content in recipe.files.items():
@@ -406,10 +450,21 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
 
 
 def _package_versions(rootfs: Path) -> dict[str, str]:
-    wanted = ("linux-image-amd64", "systemd", "python3", "python3-grpcio", "python3-protobuf",
-              "python3-pyroute2", "iproute2", "ptmig-agent")
-    out = run(["chroot", str(rootfs), "dpkg-query", "-W", "-f=${Package} ${Version}\n", *wanted],
-              capture=True, check=False)
+    wanted = (
+        "linux-image-amd64",
+        "systemd",
+        "python3",
+        "python3-grpcio",
+        "python3-protobuf",
+        "python3-pyroute2",
+        "iproute2",
+        "ptmig-agent",
+    )
+    out = run(
+        ["chroot", str(rootfs), "dpkg-query", "-W", "-f=${Package} ${Version}\n", *wanted],
+        capture=True,
+        check=False,
+    )
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 

@@ -116,8 +116,9 @@ class VmLab:
         old = LabState.load()
         if old is not None:
             if any(is_alive(pid) for pid in old.pids.values()):
-                raise LabError(f"a lab is already up ({LabState.path()}): "
-                               "run 'ptmig-lab down' first")
+                raise LabError(
+                    f"a lab is already up ({LabState.path()}): run 'ptmig-lab down' first"
+                )
             log.info("cleaning up a lab whose daemons are gone")
             self.down()
         recipe = recipe or lab_recipe()
@@ -149,27 +150,50 @@ class VmLab:
                 self.state.mountpoints.append(mnt)
         self.state.save()
 
-    def boot_guest(self, image: GuestImage, *, with_primary: bool = True,
-                   definition: Callable[[Path], str] | None = None) -> None:
+    def boot_guest(
+        self,
+        image: GuestImage,
+        *,
+        with_primary: bool = True,
+        definition: Callable[[Path], str] | None = None,
+    ) -> None:
         """Boot the guest on hosta from a fresh overlay; *definition* maps the overlay's
         path to another domain XML for it (the benchmark's upstream variant)."""
         disk = run_dir() / "guest" / "disk.qcow2"
         disk.parent.mkdir(parents=True, exist_ok=True)
         disk.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk),
-                        "-F", "raw", str(disk)], check=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(image.disk),
+                "-F",
+                "raw",
+                str(disk),
+            ],
+            check=True,
+        )
         self.state.disk = str(disk)
         self.state.save()
         host = self.hosts["hosta"]
         console = self.console(host.name)
         since = console.log_size()
         dom = self.conn(host.name).defineXML(
-            definition(disk) if definition else domain_xml(image, disk, with_primary=with_primary))
+            definition(disk) if definition else domain_xml(image, disk, with_primary=with_primary)
+        )
         t0 = time.monotonic()
         dom.create()
         uptime = console.wait_for_shell(since, BOOT_TIMEOUT)
-        log.info("guest booted on %s in %.1f s (guest uptime %.1f s)",
-                 host.name, time.monotonic() - t0, uptime)
+        log.info(
+            "guest booted on %s in %.1f s (guest uptime %.1f s)",
+            host.name,
+            time.monotonic() - t0,
+            uptime,
+        )
         self.state.dmesg_baseline = self._bad_kernel_lines()
         self.state.save()
 
@@ -301,8 +325,10 @@ class VmLab:
         try:
             dom.migrateToURI3(self.hosts[destination].tcp_uri, {}, MIGRATE_FLAGS)
         except libvirt.libvirtError as exc:
-            raise LabError(f"migration {source} -> {destination} failed: {exc}; "
-                           f"logs: {', '.join(map(str, self.logs()))}") from exc
+            raise LabError(
+                f"migration {source} -> {destination} failed: {exc}; "
+                f"logs: {', '.join(map(str, self.logs()))}"
+            ) from exc
         wall = time.monotonic() - t0
         stats: dict[str, Any] = {}
         try:
@@ -310,9 +336,14 @@ class VmLab:
         except libvirt.libvirtError as exc:
             log.warning("no job statistics from %s: %s", destination, exc)
         data = stats.get("data_total")
-        return MigrationResult(source, destination, round(wall, 3), stats.get("downtime"),
-                               stats.get("time_elapsed"),
-                               round(data / 2**20, 1) if data is not None else None)
+        return MigrationResult(
+            source,
+            destination,
+            round(wall, 3),
+            stats.get("downtime"),
+            stats.get("time_elapsed"),
+            round(data / 2**20, 1) if data is not None else None,
+        )
 
     def attach_nic(self, nic: Nic) -> None:
         self.domain().attachDeviceFlags(nic.xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -373,8 +404,9 @@ class VmLab:
                 timeout=30,
             )
         except (ConsoleError, LabError) as exc:
-            raise GuestHealthError(f"guest health check failed: {exc}\n"
-                                   f"logs: {', '.join(map(str, self.logs()))}") from exc
+            raise GuestHealthError(
+                f"guest health check failed: {exc}\nlogs: {', '.join(map(str, self.logs()))}"
+            ) from exc
         taint = re.search(r"taint=(\d+)", result.output)
         bad = re.search(r"bad=(\d+)", result.output)
         if not taint or not bad:

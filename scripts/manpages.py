@@ -60,7 +60,7 @@ PROGRAMS = (
     ProgramPage(
         "ptmigd",
         8,
-        "host.daemon:build_parser",
+        "host.daemon.main:build_parser",
         files=(
             ("/etc/ptmig/ptmigd.toml", "the daemon's configuration, see ptmigd.toml(5)"),
             ("/run/ptmig/ptmigd.sock", "the Coordinator gRPC API (root only)"),

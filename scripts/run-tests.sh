@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, types, unit tests, the bounded fuzz runs (PTMIG_FUZZ_SECONDS
-# per target, default 20), then the lab e2e tests (real libvirt, QEMU and guest kernel;
-# needs root).  Extra arguments go to pytest.
+# The whole test suite: lint and format, types, unit tests, the bounded fuzz runs
+# (PTMIG_FUZZ_SECONDS per target, default 20), then the lab e2e tests (real libvirt, QEMU
+# and guest kernel; needs root).  Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv=${PTMIG_VENV:-$PWD/.venv}
 export PATH=$venv/bin:$PATH
 
-echo "== ruff"; ruff check .
+echo "== ruff"; ruff check .; ruff format --check .
 echo "== mypy"; mypy
 echo "== pytest"
 # The nested vfio lab's tests are not in the default run (docs/lab.md: how long they take);

@@ -72,8 +72,7 @@ class Pump:
                 sock.close()
 
 
-def set_interest(sel: selectors.BaseSelector, fileobj: int | socket.socket,
-                 events: int) -> None:
+def set_interest(sel: selectors.BaseSelector, fileobj: int | socket.socket, events: int) -> None:
     """Watch *fileobj* for exactly *events* (none: not at all), whatever it had before."""
     key = sel.get_map().get(fileobj)
     if key is None:

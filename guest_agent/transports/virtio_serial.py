@@ -22,7 +22,8 @@ HELLO is the only thing that ends a session:
 
 Limits: a HELLO lost in flight (migration) is never seen -- the host must time
 out waiting for the ACK and reconnect with a new id; an ACK written just after
-a migration can be lost the same way (measured case d5/d6), with the same cure.
+a migration can be lost the same way (the port's buffers do not migrate), with the
+same cure.
 Relayed bytes that happen to contain a valid 32-byte frame with a good CRC would
 restart the session; the host controls those bytes.
 

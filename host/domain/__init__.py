@@ -3,9 +3,9 @@
 Pure XML: nothing here talks to libvirt (the Hypervisor does).  Every parser
 takes untrusted text and raises only DomainModelError for anything it cannot use.
 
-- teams: `Team`/`TeamSet` metadata, `parse_teams`/`format_teams`
+- teams: `Team`/`TeamSet` metadata, `format_teams` (read by `parse_domain`)
 - domain_xml: `parse_domain` (interfaces, hostdevs, agent channel, vsock),
-  `strip_device`/`strip_primary` for the persistent XML sent to a destination
+  `strip_primary` for the persistent XML sent to a destination
 - devices: the device XML to attach on a destination, per pool kind
 - pools: pools as ``ptmig-pool-<name>`` libvirt networks, `free_slots`
 """

@@ -10,7 +10,7 @@ Guest PCI addresses are libvirt's (controller index as bus number).  On q35 with
 one device per pcie-root-port the guest's firmware numbers buses the same way,
 but that is the firmware's choice; the agent should prefer the MAC when it has one.
 
-`strip_device` and `strip_primary` remove a device from (persistent) domain XML
+`strip_primary` removes a team's primary from (persistent) domain XML
 with xml.dom.minidom, which, unlike ElementTree, keeps namespace prefixes and
 comments as they were, so the rest of the document goes through unchanged.
 """
@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from xml.dom.minidom import Element, Text
 
+from ptmig.serial_session import AGENT_CHANNEL
+
 from host.domain.addresses import normalize_mac, pci_from_element
 from host.domain.errors import DomainModelError, shown
 from host.domain.names import check_alias
 from host.domain.teams import TEAMS_NS, PrimaryDevice, TeamSet, teams_from_element
 from host.domain.xmltree import parse_xml, split_tag
-
-AGENT_CHANNEL_NAME = "org.ptmig.agent.0"
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,6 @@ class DomainInfo:
                 return device
         return None
 
-    def guest_pci_address(self, alias: str) -> str | None:
-        """The guest-side PCI address of the device `alias` (None: unknown yet)."""
-        device = self.device(alias)
-        return device.guest_pci_address if device is not None else None
-
 
 def parse_domain(domain_xml: str) -> DomainInfo:
     """Read `domain_xml` (live or inactive) into a DomainInfo."""
@@ -143,26 +138,6 @@ def device_aliases(domain_xml: str) -> frozenset[str]:
         if alias is not None and alias.get("name"):
             aliases.add(str(alias.get("name")))
     return frozenset(aliases)
-
-
-def teams_from_domain_xml(domain_xml: str) -> TeamSet | None:
-    """The team metadata inside a whole domain XML (None: there is none)."""
-    return parse_domain(domain_xml).teams
-
-
-def guest_pci_address(domain_xml: str, alias: str) -> str | None:
-    """The guest-side PCI address of device `alias` in `domain_xml`."""
-    return parse_domain(domain_xml).guest_pci_address(alias)
-
-
-def strip_device(domain_xml: str, alias: str) -> str:
-    """`domain_xml` without the device whose ``<alias name>`` is `alias`.
-
-    Returns the XML unchanged when no device has that alias (persistent XML keeps
-    only ``ua-`` aliases; use `strip_primary` to match by host identity too).
-    """
-    check_alias(alias, "strip_device")
-    return _strip(domain_xml, lambda device: _alias_of(device) == alias)
 
 
 def strip_primary(domain_xml: str, primary: PrimaryDevice) -> str:
@@ -290,7 +265,7 @@ def _hostdev(element: ET.Element, where: str) -> Hostdev:
 
 
 def _is_agent_channel(element: ET.Element) -> bool:
-    return element.get("type") == "unix" and _attr(element, "target", "name") == AGENT_CHANNEL_NAME
+    return element.get("type") == "unix" and _attr(element, "target", "name") == AGENT_CHANNEL
 
 
 def _channel(element: ET.Element) -> AgentChannel:

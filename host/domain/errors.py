@@ -11,6 +11,10 @@ class DomainModelError(ValueError):
     """
 
 
+class UnknownName(DomainModelError, LookupError):
+    """No team, device or pool of that name (a face answers "not found")."""
+
+
 def shown(value: object) -> str:
     """A value for an error message, cut short: hostile input can be megabytes."""
     text = repr(value)

@@ -38,9 +38,11 @@ such a race sees an attach error, re-reads, and picks again; nothing here locks.
 
 from __future__ import annotations
 
+import enum
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from host.domain.addresses import normalize_mac, normalize_pci, pci_attributes, pci_from_element
 from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain
@@ -49,10 +51,18 @@ from host.domain.names import check_ifname, check_model, check_name
 from host.domain.xmltree import check_attributes, parse_xml, split_tag, to_text
 
 POOL_NS = "https://ptmig.dev/xmlns/pool/1"
-POOL_PREFIX = "ptmig"
+POOL_NS_PREFIX = "ptmig"  # the XML namespace prefix of POOL_NS
 POOL_NETWORK_PREFIX = "ptmig-pool-"
 MAX_POOL_XML_CHARS = 1024 * 1024
 MAX_POOL_ENTRIES = 4096  # a PF has at most 256 VFs on today's cards; be generous
+
+
+class PoolKind(enum.StrEnum):
+    """What a pool holds; the same words name a primary's kind in the team metadata."""
+
+    VF_NETWORK = "vf-network"  # SR-IOV VFs behind a libvirt hostdev network
+    PCI = "pci"  # whole non-SR-IOV NICs
+    EMULATED = "emulated"  # emulated NICs on a bridge (the lab)
 
 
 def pool_network_name(pool: str) -> str:
@@ -62,6 +72,7 @@ def pool_network_name(pool: str) -> str:
 
 @dataclass(frozen=True)
 class VfNetworkPool:
+    kind: ClassVar[PoolKind] = PoolKind.VF_NETWORK
     name: str
     pf_dev: str | None = None
     vf_addresses: tuple[str, ...] = ()
@@ -83,6 +94,7 @@ class VfNetworkPool:
 
 @dataclass(frozen=True)
 class PciPool:
+    kind: ClassVar[PoolKind] = PoolKind.PCI
     name: str
     addresses: tuple[str, ...]
 
@@ -111,6 +123,7 @@ class TapSlot:
 
 @dataclass(frozen=True)
 class EmulatedPool:
+    kind: ClassVar[PoolKind] = PoolKind.EMULATED
     name: str
     bridge: str
     model: str
@@ -159,6 +172,49 @@ class EmulatedSlot:
 Slot = VfSlot | PciSlot | EmulatedSlot
 
 
+def make_pool(
+    name: str,
+    kind: str,
+    *,
+    bridge: str = "",
+    model: str = "",
+    slots: Iterable[TapSlot] = (),
+    addresses: Iterable[str] = (),
+    pf: str = "",
+    vf_addresses: Iterable[str] = (),
+) -> Pool:
+    """A pool from what a face was given; fields of another kind must be empty."""
+    try:
+        pool_kind = PoolKind(kind)
+    except ValueError:
+        raise DomainModelError(
+            f"pool {shown(name)}: unknown kind {shown(kind)} (want one of {', '.join(PoolKind)})"
+        ) from None
+    given = {
+        "bridge": bool(bridge),
+        "model": bool(model),
+        "slots": bool(tuple(slots := tuple(slots))),
+        "addresses": bool(addresses := tuple(addresses)),
+        "pf": bool(pf),
+        "vf addresses": bool(vf_addresses := tuple(vf_addresses)),
+    }
+    belongs = {
+        PoolKind.EMULATED: {"bridge", "model", "slots"},
+        PoolKind.PCI: {"addresses"},
+        PoolKind.VF_NETWORK: {"pf", "vf addresses"},
+    }[pool_kind]
+    stray = [field for field, present in given.items() if present and field not in belongs]
+    if stray:
+        raise DomainModelError(f"pool {shown(name)}: a {kind} pool has no {', '.join(stray)}")
+    if pool_kind is PoolKind.EMULATED:
+        if not bridge:
+            raise DomainModelError(f"pool {shown(name)}: an emulated pool needs a bridge")
+        return EmulatedPool(name, bridge, model or "e1000e", slots)
+    if pool_kind is PoolKind.PCI:
+        return PciPool(name, addresses)
+    return VfNetworkPool(name, pf_dev=pf or None, vf_addresses=vf_addresses)
+
+
 def parse_pool_network(xml: str) -> Pool:
     """Read a ``ptmig-pool-*`` network's XML (inactive or live) into a Pool."""
     root = parse_xml(xml, "pool network XML", max_chars=MAX_POOL_XML_CHARS)
@@ -175,17 +231,17 @@ def parse_pool_network(xml: str) -> Pool:
     forward = root.find("forward")
     kind = meta.get("kind") if meta is not None else None
     if kind is None and forward is not None and forward.get("mode") == "hostdev":
-        kind = "vf-network"
-    if kind == "vf-network":
+        kind = PoolKind.VF_NETWORK
+    if kind == PoolKind.VF_NETWORK:
         return _parse_vf_network(name, root, meta, forward, where)
-    if kind not in ("pci", "emulated") or meta is None:
+    if kind not in (PoolKind.PCI, PoolKind.EMULATED) or meta is None:
         raise DomainModelError(f"{where}: unknown pool kind {shown(kind)}")
     if forward is not None:
         raise DomainModelError(f"{where}: a {kind} pool network must be inert (no <forward>)")
     entries = [child for child in meta if isinstance(child.tag, str)]
     if len(entries) > MAX_POOL_ENTRIES:
         raise DomainModelError(f"{where}: more than {MAX_POOL_ENTRIES} entries")
-    if kind == "pci":
+    if kind == PoolKind.PCI:
         check_attributes(meta, ("kind",), where)
         return PciPool(name, tuple(_entry(e, "device", ("address",), where) for e in entries))
     check_attributes(meta, ("kind", "bridge", "model"), where)
@@ -204,10 +260,10 @@ def format_pool_network(pool: Pool) -> str:
     root = ET.Element("network")
     ET.SubElement(root, "name").text = pool.network
     metadata = ET.SubElement(root, "metadata")
-    attrs = {f"xmlns:{POOL_PREFIX}": POOL_NS}
-    tag = f"{POOL_PREFIX}:pool"
+    attrs = {f"xmlns:{POOL_NS_PREFIX}": POOL_NS}
+    tag = f"{POOL_NS_PREFIX}:pool"
     if isinstance(pool, VfNetworkPool):
-        ET.SubElement(metadata, tag, {**attrs, "kind": "vf-network"})
+        ET.SubElement(metadata, tag, {**attrs, "kind": str(pool.kind)})
         forward = ET.SubElement(root, "forward", {"mode": "hostdev", "managed": "yes"})
         if pool.pf_dev is not None:  # libvirt drops <pf> next to addresses; lists VFs live
             ET.SubElement(forward, "pf", {"dev": pool.pf_dev})
@@ -215,12 +271,14 @@ def format_pool_network(pool: Pool) -> str:
             for vf in pool.vf_addresses:
                 ET.SubElement(forward, "address", pci_attributes(vf))
     elif isinstance(pool, PciPool):
-        meta = ET.SubElement(metadata, tag, {**attrs, "kind": "pci"})
+        meta = ET.SubElement(metadata, tag, {**attrs, "kind": str(pool.kind)})
         for address in pool.addresses:
             ET.SubElement(meta, "device", {"address": address})
     else:
         meta = ET.SubElement(
-            metadata, tag, {**attrs, "kind": "emulated", "bridge": pool.bridge, "model": pool.model}
+            metadata,
+            tag,
+            {**attrs, "kind": str(pool.kind), "bridge": pool.bridge, "model": pool.model},
         )
         for slot in pool.slots:
             ET.SubElement(meta, "slot", {"tap": slot.tap, "mac": slot.mac})
@@ -258,8 +316,11 @@ def is_pool_device(pool: Pool, device: Interface | Hostdev) -> bool:
     if isinstance(pool, PciPool):
         return device.host_pci_address in pool.addresses
     if isinstance(pool, EmulatedPool):
-        return isinstance(device, Interface) and device.model != "virtio" and any(
-            device.target_dev == s.tap or device.mac == s.mac for s in pool.slots)
+        return (
+            isinstance(device, Interface)
+            and device.model != "virtio"
+            and any(device.target_dev == s.tap or device.mac == s.mac for s in pool.slots)
+        )
     if device.host_pci_address is not None and device.host_pci_address in pool.vf_addresses:
         return True
     return isinstance(device, Interface) and device.network == pool.network

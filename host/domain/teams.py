@@ -14,7 +14,7 @@ The Hypervisor writes it with::
 TEAMS_NS under the prefix ``ptmig`` itself, and refuses ("failed to create a new
 XML namespace") an element that already declares that prefix.  virDomainGetMetadata
 returns the element without the namespace again, while the domain XML shows it
-namespaced; `parse_teams` takes both.  Example::
+namespaced; `teams_from_element` takes both.  Example::
 
     <teams>
       <team name="lan" pool="lab" mac-policy="preserve"
@@ -39,13 +39,12 @@ from typing import Literal, TypeVar
 from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.errors import DomainModelError, shown
 from host.domain.names import check_alias, check_ifname, check_name, check_network_name
-from host.domain.xmltree import check_attributes, parse_xml, split_tag, to_text
+from host.domain.xmltree import check_attributes, split_tag, to_text
 
 _Choice = TypeVar("_Choice", bound=str)
 
 TEAMS_NS = "https://ptmig.dev/xmlns/teams/1"
 TEAMS_PREFIX = "ptmig"
-MAX_METADATA_CHARS = 256 * 1024
 
 MacPolicy = Literal["preserve", "follow", "none"]
 PrimaryKind = Literal["emulated", "pci", "vf-network"]
@@ -175,12 +174,6 @@ class TeamSet:
         else:
             teams = (*self.teams, team)
         return TeamSet(teams)
-
-
-def parse_teams(xml: str) -> TeamSet:
-    """Read the teams element, as metadata() returns it or as it sits in domain XML."""
-    root = parse_xml(xml, "teams metadata", max_chars=MAX_METADATA_CHARS)
-    return teams_from_element(root)
 
 
 def teams_from_element(root: ET.Element) -> TeamSet:

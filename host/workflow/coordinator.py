@@ -8,17 +8,35 @@ reconciler repairs degraded teams; both use the same team operations as a migrat
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from host.domain.domain_xml import parse_domain
-from host.domain.pools import free_slots, parse_pool_network
-from host.domain.teams import Team
+from host.agent_client import AgentClient
+from host.domain.domain_xml import DomainInfo, Hostdev, parse_domain
+from host.domain.errors import UnknownName
+from host.domain.pools import (
+    POOL_NETWORK_PREFIX,
+    EmulatedPool,
+    PciPool,
+    PciSlot,
+    Pool,
+    PoolKind,
+    Slot,
+    VfSlot,
+    format_pool_network,
+    free_slots,
+    parse_pool_network,
+    pool_network_name,
+)
+from host.domain.teams import PrimaryDevice, Team, TeamSet
 from host.hypervisor import Hypervisor, HypervisorError
+from host.logfields import log_fields
 from host.workflow.drift import TeamCase
 from host.workflow.guest import (
     AgentFactory,
@@ -28,16 +46,32 @@ from host.workflow.guest import (
     serial_agent,
     to_primary,
 )
-from host.workflow.journal import Journal, JournalError
+from host.workflow.journal import Journal, JournalError, WorkflowKind, WorkflowRecord
 from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
-from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
+from host.workflow.model import (
+    STILL_RUNNING,
+    DomainStatus,
+    DomainTeams,
+    Event,
+    FailoverResult,
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+    PoolStatus,
+    RecoverResult,
+    RepairResult,
+    TeamMode,
+    TeamRequest,
+    TeamStatus,
+    WorkflowSummary,
+    plain,
+)
+from host.workflow.observer import NoObserver, Observer, notify
 
 log = logging.getLogger(__name__)
 
 #: How long ``recover`` waits for a migration a killed coordinator left running.
 RECOVER_JOB_WAIT = 300.0
-
-POOL_PREFIX = "ptmig-pool-"
 
 
 def _ignore(_event: Event) -> None:
@@ -48,75 +82,198 @@ class Coordinator:
     """*connect* opens a host by URI and *agent_for* reaches a guest's agent: libvirt and
     the virtio-serial channel in production, fakes in the workflow's unit tests."""
 
-    def __init__(self, journal: Journal,
-                 connect: Callable[[str], Hypervisor] = Hypervisor,
-                 agent_for: AgentFactory = serial_agent) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        connect: Callable[[str], Hypervisor] = Hypervisor,
+        agent_for: AgentFactory = serial_agent,
+        observer: Observer | None = None,
+    ) -> None:
         self.journal = journal
         self.connect = connect
-        self.agent_for = agent_for
+        self._agent_for = agent_for
+        self.observer: Observer = observer or NoObserver()
+
+    def agent_for(self, hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
+        """The workflow's agent client, its calls told to the observer."""
+        client = self._agent_for(hv, dom, timeout)
+        client.on_call = lambda rpc, seconds, error: notify(
+            self.observer.agent_call, rpc, seconds, error
+        )
+        return client
 
     # -- migration -------------------------------------------------------------------
 
-    def migrate(self, request: MigrationRequest,
-                on_event: Callable[[Event], None] = _ignore) -> MigrationReport:
-        with self.connect(request.source_uri) as source, \
-                self.connect(request.destination_uri) as destination:
+    def migrate(
+        self, request: MigrationRequest, on_event: Callable[[Event], None] = _ignore
+    ) -> MigrationReport:
+        with (
+            self.connect(request.source_uri) as source,
+            self.connect(request.destination_uri) as destination,
+        ):
             dom = source.domain(request.domain)
             workflow_id = self.journal.begin(
-                "migrate", str(dom.UUIDString()), str(dom.name()), request.source_uri,
-                request.destination_uri, asdict(request))
+                "migrate",
+                str(dom.UUIDString()),
+                str(dom.name()),
+                request.source_uri,
+                request.destination_uri,
+                asdict(request),
+            )
             try:
-                report = MigrationWorkflow(request, self.journal, workflow_id, source,
-                                           destination, on_event, self.agent_for).run()
+                with log_fields(domain=str(dom.name()), workflow=workflow_id):
+                    report = MigrationWorkflow(
+                        request,
+                        self.journal,
+                        workflow_id,
+                        source,
+                        destination,
+                        on_event,
+                        self.agent_for,
+                    ).run()
             except PreflightError as exc:
                 self.journal.finish(workflow_id, "refused", {"error": str(exc)})
                 raise
             except Exception as exc:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 raise
-            self.journal.finish(workflow_id, str(report.outcome), report.to_dict())
+            self.journal.finish(workflow_id, str(report.outcome), plain(report))
+            notify(self.observer.migration_finished, report)
             return report
 
     # -- maintenance -----------------------------------------------------------------
 
-    def failover(self, uri: str, domain: str, to: str) -> dict[str, str]:
+    def failover(self, uri: str, domain: str, to: TeamMode) -> FailoverResult:
         """Move every team to its standby or back to a primary, without migrating."""
-        if to not in ("standby", "primary"):
-            raise WorkflowError(f"--to must be standby or primary, not {to!r}")
+        if to not in (TeamMode.STANDBY, TeamMode.PRIMARY):
+            raise WorkflowError(f"failover goes to standby or primary, not {to!r}")
         with self.connect(uri) as hv:
             guest = GuestOnHost(hv, domain, self.agent_for)
-            workflow_id = self.journal.begin("failover", guest.uuid, guest.name, uri, uri,
-                                             {"to": to})
+            workflow_id = self.journal.begin(
+                "failover", guest.uuid, guest.name, uri, uri, {"to": str(to)}
+            )
             result: dict[str, str] = {}
             outcome = "failed"
             try:
                 for team in guest.teams().teams:
                     op = f"{workflow_id}:{to}:{team.name}"
                     self.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
-                    if to == "standby":
-                        guest.agent().use_standby(team.name, release_primary=False,
-                                                  operation_id=op, timeout=SWITCH_TIMEOUT)
-                        result[team.name] = "standby"
+                    if to == TeamMode.STANDBY:
+                        guest.agent().use_standby(
+                            team.name,
+                            release_primary=False,
+                            operation_id=op,
+                            timeout=SWITCH_TIMEOUT,
+                        )
+                        result[team.name] = str(TeamMode.STANDBY)
                     else:
                         result[team.name] = self._to_primary(guest, team, op)
-                    self.journal.record(workflow_id, f"{to}:{team.name}", "done",
-                                        {"result": result[team.name]})
+                    self.journal.record(
+                        workflow_id, f"{to}:{team.name}", "done", {"result": result[team.name]}
+                    )
                 outcome = "done"
             finally:
                 guest.close()
                 self.journal.finish(workflow_id, outcome, {"teams": result})
-            return result
+            return FailoverResult(workflow_id, guest.name, to, result)
 
     def _to_primary(self, guest: GuestOnHost, team: Team, operation_id: str) -> str:
         return to_primary(guest, team, operation_id, BIND_TIMEOUT, log.info)
 
+    # -- configuration: teams in a domain's metadata, pools on a host -----------------
+
+    def team_show(self, uri: str, domain: str) -> DomainTeams:
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
+            return _domain_teams(guest, guest.info().teams or TeamSet())
+
+    def team_set(self, uri: str, domain: str, request: TeamRequest) -> DomainTeams:
+        """Add the team to the domain's metadata, or replace the team of that name."""
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
+            info = guest.info()
+            primary = None
+            if request.primary_alias:
+                primary = primary_of(info, request.primary_alias)
+            team = Team(
+                request.name,
+                request.standby_mac,
+                request.mac_policy,
+                request.pool,
+                team_mac=request.team_mac,
+                primary=primary,
+            )
+            teams = (info.teams or TeamSet()).with_team(team)
+            with self._journaled(
+                WorkflowKind.TEAM_SET, guest.uuid, guest.name, uri, plain(request)
+            ):
+                guest.save_teams(teams)
+            return _domain_teams(guest, teams)
+
+    def team_remove(self, uri: str, domain: str, team: str) -> DomainTeams:
+        with self.connect(uri) as hv:
+            guest = GuestOnHost(hv, domain, self.agent_for)
+            teams = guest.info().teams or TeamSet()
+            remaining = TeamSet(tuple(t for t in teams.teams if t.name != team))
+            if len(remaining.teams) == len(teams.teams):
+                raise UnknownName(f"{guest.name} has no team {team!r}")
+            with self._journaled(
+                WorkflowKind.TEAM_REMOVE, guest.uuid, guest.name, uri, {"team": team}
+            ):
+                guest.save_teams(remaining)
+            return _domain_teams(guest, remaining)
+
+    def pool_define(self, uri: str, pool: Pool) -> PoolStatus:
+        """Define *pool* on the host, or redefine the pool of that name; VF networks are
+        started (libvirt lists a PF's VFs only then), the others stay inert."""
+        xml = format_pool_network(pool)
+        with self.connect(uri) as hv:
+            with self._journaled(
+                WorkflowKind.POOL_DEFINE,
+                _pool_subject(pool.name, uri),
+                pool.name,
+                uri,
+                {"network_xml": xml},
+            ):
+                hv.define_network(xml, start=pool.kind is PoolKind.VF_NETWORK)
+            defined = hv.network_xml(pool.network)
+            if defined is None:
+                raise WorkflowError(f"{uri}: pool {pool.name} vanished as it was defined")
+            return pool_status(parse_pool_network(defined), hv.all_domain_xml())
+
+    def pool_undefine(self, uri: str, name: str) -> None:
+        network = pool_network_name(name)
+        with self.connect(uri) as hv:
+            if hv.network_xml(network) is None:
+                raise UnknownName(f"{uri} has no pool {name!r}")
+            with self._journaled(
+                WorkflowKind.POOL_UNDEFINE,
+                _pool_subject(name, uri),
+                name,
+                uri,
+                {"network": network},
+            ):
+                hv.undefine_network(network)
+
+    @contextmanager
+    def _journaled(
+        self, kind: WorkflowKind, subject: str, name: str, uri: str, request: dict[str, Any]
+    ) -> Iterator[str]:
+        """A one-call change as a workflow of its own: begun before, closed after."""
+        workflow_id = self.journal.begin(kind, subject, name, uri, uri, request)
+        try:
+            yield workflow_id
+        except Exception as exc:
+            self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
+            raise
+        self.journal.finish(workflow_id, str(Outcome.DONE), {})
+
     # -- queries -----------------------------------------------------------------------
 
-    def status(self, uri: str, domain: str) -> dict[str, Any]:
+    def status(self, uri: str, domain: str) -> DomainStatus:
         with self.connect(uri) as hv:
             guest = GuestOnHost(hv, domain, self.agent_for)
             try:
-                out: dict[str, Any] = {"domain": guest.name, "uuid": guest.uuid, "teams": {}}
                 agent_error = ""
                 state = None
                 try:
@@ -124,83 +281,111 @@ class Coordinator:
                 except Exception as exc:
                     agent_error = str(exc)
                 states = {t.name: t for t in state.teams} if state is not None else {}
+                out = []
                 for drift in guest.drift(state):  # the same classification as migrate's
                     team = drift.team
                     ts = states.get(team.name)
+                    detail = ""
                     if state is None or (ts is None and not drift.degraded):
-                        where = "unknown"
+                        mode = TeamMode.UNKNOWN
+                        detail = (
+                            f"guest agent: {agent_error}"
+                            if agent_error
+                            else "the guest agent does not know this team"
+                        )
                     elif drift.case is TeamCase.PLUGGED:
-                        where = "primary"
+                        mode = TeamMode.PRIMARY
                     elif drift.case is TeamCase.ON_STANDBY:
-                        where = "standby"
+                        mode = TeamMode.STANDBY
                     elif drift.case is TeamCase.UNRECORDED and ts is not None:
                         # plugged by hand: the bond may run on it; the drift line says so
                         bound = ts.active_member and ts.active_member == ts.primary
-                        where = "primary" if bound else "standby"
+                        mode = TeamMode.PRIMARY if bound else TeamMode.STANDBY
                     else:
-                        where = "degraded"
-                    out["teams"][team.name] = {
-                        "on": where, "pool": team.pool, "mac_policy": team.mac_policy,
-                        "primary": asdict(team.primary) if team.primary else None,
-                        "active_member": ts.active_member if ts else "",
-                        "members": list(ts.members) if ts else [],
-                        "case": str(drift.case),
-                        "drift": drift.message if drift.drifted else "",
-                    }
-                if agent_error:
-                    out["agent_error"] = agent_error
-                return out
+                        mode = TeamMode.DEGRADED
+                    out.append(
+                        TeamStatus(
+                            name=team.name,
+                            mode=mode,
+                            pool=team.pool,
+                            mac_policy=team.mac_policy,
+                            primary=team.primary,
+                            active_member=ts.active_member if ts else "",
+                            members=tuple(ts.members) if ts else (),
+                            detail=detail,
+                            case=str(drift.case),
+                            drift=drift.message if drift.drifted else "",
+                        )
+                    )
+                open_workflow = self.journal.open_for_domain(guest.uuid)
+                return DomainStatus(
+                    domain=guest.name,
+                    uuid=guest.uuid,
+                    uri=uri,
+                    teams=tuple(out),
+                    open_workflow_id=open_workflow.id if open_workflow else "",
+                    agent_error=agent_error,
+                )
             finally:
                 guest.close()
 
-    def pools(self, uri: str) -> list[dict[str, Any]]:
+    def pools(self, uri: str) -> list[PoolStatus]:
         with self.connect(uri) as hv:
             domains = hv.all_domain_xml()
             out = []
             for name in sorted(hv.network_names()):
-                if not name.startswith(POOL_PREFIX):
+                if not name.startswith(POOL_NETWORK_PREFIX):
                     continue
                 xml = hv.network_xml(name)
                 if xml is None:
                     continue
-                pool = parse_pool_network(xml)
-                entry: dict[str, Any] = {"name": pool.name, "kind": type(pool).__name__}
-                try:
-                    entry["free"] = len(free_slots(pool, domains))
-                except Exception as exc:
-                    entry["free"] = None
-                    entry["error"] = str(exc)
-                out.append(entry)
+                out.append(pool_status(parse_pool_network(xml), domains))
+            for pool in out:
+                if pool.free is not None:
+                    notify(self.observer.pool_free, uri, pool.name, pool.free, pool.total)
             return out
 
-    def workflows(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [{**w.to_dict(), "owner_alive": self.journal.is_owner_alive(w)}
-                for w in self.journal.recent(limit)]
+    def workflows(self, limit: int = 20) -> list[WorkflowSummary]:
+        return [
+            workflow_summary(w, self.journal.is_owner_alive(w)) for w in self.journal.recent(limit)
+        ]
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> list[dict[str, Any]]:
+    def recover(self) -> list[RecoverResult]:
         """Finish every open workflow whose coordinator died; leave live ones alone."""
         results = []
         for wf in self.journal.open_workflows():
             try:
                 self.journal.adopt(wf.id)  # refuses while the owner still runs
             except JournalError:
-                results.append({"workflow": wf.id, "domain": wf.domain_name,
-                                "result": "still running"})
+                results.append(RecoverResult(wf.id, wf.domain_name, STILL_RUNNING))
                 continue
+            error = ""
             try:
-                outcome, detail = self._recover_one(wf.domain_uuid, wf.source_uri,
-                                                    wf.destination_uri, wf.id)
+                if wf.kind in CONFIGURATION_KINDS:
+                    outcome, detail = (
+                        Outcome.FAILED,
+                        (
+                            f"a {wf.kind} whose coordinator died: one libvirt call that may or "
+                            "may not have been made; check with 'ptmig team-show' or 'ptmig pools'"
+                        ),
+                    )
+                else:
+                    outcome, detail = self._recover_one(
+                        wf.domain_uuid, wf.source_uri, wf.destination_uri, wf.id
+                    )
             except Exception as exc:
-                outcome, detail = str(Outcome.FAILED), str(exc)
-            self.journal.finish(wf.id, outcome, {"recovered": True, "detail": detail})
-            results.append({"workflow": wf.id, "domain": wf.domain_name, "result": outcome,
-                            "detail": detail})
+                outcome, detail, error = Outcome.FAILED, "", str(exc)
+            self.journal.finish(wf.id, str(outcome), {"recovered": True, "detail": detail or error})
+            results.append(
+                RecoverResult(wf.id, wf.domain_name, str(outcome), outcome, detail, error)
+            )
         return results
 
-    def _recover_one(self, uuid: str, source_uri: str, destination_uri: str,
-                     workflow_id: str) -> tuple[str, str]:
+    def _recover_one(
+        self, uuid: str, source_uri: str, destination_uri: str, workflow_id: str
+    ) -> tuple[Outcome, str]:
         hosts = [source_uri] if source_uri == destination_uri else [source_uri, destination_uri]
         self._wait_for_jobs(uuid, hosts)
         running = []
@@ -212,7 +397,7 @@ class Coordinator:
             except HypervisorError as exc:
                 log.warning("recover: %s unreachable: %s", uri, exc)
         if len(running) != 1:
-            return str(Outcome.FAILED), f"domain runs on {running or 'no host'}; check by hand"
+            return Outcome.FAILED, f"domain runs on {running or 'no host'}; check by hand"
         uri = running[0]
         teams = self._repair(uri, uuid, f"{workflow_id}:recover")
         where = "source" if uri == source_uri else "destination"
@@ -222,10 +407,11 @@ class Coordinator:
             outcome = Outcome.DONE
         else:
             outcome = Outcome.DONE_DEGRADED
-        return str(outcome), f"on the {where}; teams {teams}"
+        return outcome, f"on the {where}; teams {teams}"
 
-    def _wait_for_jobs(self, uuid: str, hosts: list[str],
-                       timeout: float = RECOVER_JOB_WAIT) -> None:
+    def _wait_for_jobs(
+        self, uuid: str, hosts: list[str], timeout: float = RECOVER_JOB_WAIT
+    ) -> None:
         """Let a job the dead coordinator started end before looking where the VM runs.
 
         A peer-to-peer migration runs on inside the source's libvirtd after its client was
@@ -268,14 +454,18 @@ class Coordinator:
 
     # -- reconciler ------------------------------------------------------------------
 
-    def reconcile(self, uri: str, stopping: Callable[[], bool] = lambda: False,
-                  ) -> list[dict[str, Any]]:
+    def reconcile(
+        self,
+        uri: str,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> list[RepairResult]:
         """One pass over *uri*'s running domains with teams: repair the degraded ones.
 
         *stopping* is asked before each domain, so a shutdown waits for at most the one
         repair in progress and never leaves a journal entry open behind it.
         """
-        repaired = []
+        repaired: list[RepairResult] = []
+        degraded = 0
         with self.connect(uri) as hv:
             candidates = []
             for xml in hv.all_domain_xml():
@@ -296,8 +486,12 @@ class Coordinator:
                     # The same classification as migrate's preflight; a team ptmig cannot
                     # tell the device of is left to a person (the status says why).
                     drifts = guest.drift(guest.agent().state())
-                    needs = [d.team.name for d in drifts
-                             if d.case is not TeamCase.PLUGGED and not d.refused]
+                    needs = [
+                        d.team.name
+                        for d in drifts
+                        if d.case is not TeamCase.PLUGGED and not d.refused
+                    ]
+                    degraded += sum(1 for d in drifts if d.case is not TeamCase.PLUGGED)
                     for d in drifts:
                         if d.refused:
                             log.warning("reconcile: %s: %s", guest.name, d.summary)
@@ -309,19 +503,111 @@ class Coordinator:
             if not needs:
                 continue
             try:
-                workflow_id = self.journal.begin("repair", uuid, uuid, uri, uri,
-                                                 {"teams": needs})
+                workflow_id = self.journal.begin("repair", uuid, uuid, uri, uri, {"teams": needs})
             except Exception as exc:  # another workflow owns the domain now
                 log.info("reconcile: %s busy: %s", uuid, exc)
                 continue
             try:
-                teams = self._repair(uri, uuid, f"{workflow_id}:repair")
+                with log_fields(domain=uuid, workflow=workflow_id, phase="repair"):
+                    teams = self._repair(uri, uuid, f"{workflow_id}:repair")
                 self.journal.finish(workflow_id, "done", {"teams": teams})
-                repaired.append({"domain": uuid, "teams": teams})
+                repaired.append(RepairResult(workflow_id, uuid, teams))
+                degraded -= sum(1 for name in needs if teams.get(name) == "primary")
+                outcome = (
+                    "repaired"
+                    if teams and all(v == "primary" for v in teams.values())
+                    else "partly"
+                )
+                notify(self.observer.repair_finished, uuid, outcome)
             except Exception as exc:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
-                repaired.append({"domain": uuid, "error": str(exc)})
+                repaired.append(RepairResult(workflow_id, uuid, error=str(exc)))
+                notify(self.observer.repair_finished, uuid, "failed")
+        notify(self.observer.degraded_teams, uri, degraded)
         return repaired
+
+
+CONFIGURATION_KINDS = frozenset(
+    {
+        WorkflowKind.TEAM_SET,
+        WorkflowKind.TEAM_REMOVE,
+        WorkflowKind.POOL_DEFINE,
+        WorkflowKind.POOL_UNDEFINE,
+    }
+)
+
+
+def _pool_subject(name: str, uri: str) -> str:
+    """A pool's key in the journal's one-open-workflow-per-subject index."""
+    return f"pool {name}@{uri}"
+
+
+def _domain_teams(guest: GuestOnHost, teams: TeamSet) -> DomainTeams:
+    """The record, and where the live domain says otherwise (migrate's classification)."""
+    drifts = guest.drift() if teams.teams else ()
+    return DomainTeams(
+        guest.name,
+        guest.uuid,
+        teams.teams,
+        cases={d.team.name: str(d.case) for d in drifts},
+        drift={d.team.name: d.message if d.drifted else "" for d in drifts},
+    )
+
+
+def primary_of(info: DomainInfo, alias: str) -> PrimaryDevice:
+    """The team metadata's record of the device *alias* plugged in the domain now."""
+    device = info.device(alias)
+    if device is None:
+        raise UnknownName(f"{info.name} has no device with alias {alias!r}")
+    if isinstance(device, Hostdev):
+        return PrimaryDevice(PoolKind.PCI.value, alias, pci_address=device.host_pci_address)
+    if device.type in ("network", "hostdev") and device.network:
+        return PrimaryDevice(
+            PoolKind.VF_NETWORK.value, alias, mac=device.mac, network=device.network
+        )
+    return PrimaryDevice(PoolKind.EMULATED.value, alias, mac=device.mac, tap=device.target_dev)
+
+
+def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:
+    """How many of *pool*'s devices there are and which are free on the host whose
+    domains' XML *domains_xml* is."""
+    if isinstance(pool, PciPool):
+        total = len(pool.addresses)
+    elif isinstance(pool, EmulatedPool):
+        total = len(pool.slots)
+    else:
+        total = len(pool.vf_addresses)
+    try:
+        slots = free_slots(pool, domains_xml)
+    except Exception as exc:
+        return PoolStatus(pool.name, pool.kind, total, None, error=str(exc))
+    return PoolStatus(
+        pool.name, pool.kind, total, len(slots), tuple(d for d in map(_device_of, slots) if d)
+    )
+
+
+def _device_of(slot: Slot) -> str:
+    """A free slot's device: a PCI address or a tap; "" for a VF (libvirt picks which)."""
+    if isinstance(slot, VfSlot):
+        return ""
+    return slot.address if isinstance(slot, PciSlot) else slot.tap
+
+
+def workflow_summary(record: WorkflowRecord, owner_alive: bool) -> WorkflowSummary:
+    return WorkflowSummary(
+        id=record.id,
+        kind=str(record.kind),
+        domain_uuid=record.domain_uuid,
+        domain_name=record.domain_name,
+        source_uri=record.source_uri,
+        destination_uri=record.destination_uri,
+        state=str(record.state),
+        outcome=record.outcome or "",
+        created=record.created,
+        updated=record.updated,
+        owner_alive=owner_alive,
+        report_json="" if record.report is None else json.dumps(record.report, default=str),
+    )
 
 
 class Reconciler:
@@ -341,7 +627,7 @@ class Reconciler:
         self._next = dict.fromkeys(uris, 0.0)
         self._thread: threading.Thread | None = None
 
-    def run_once(self) -> list[dict[str, Any]]:
+    def run_once(self) -> list[RepairResult]:
         out = []
         now = time.monotonic()
         for uri in self.uris:

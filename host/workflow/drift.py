@@ -71,8 +71,11 @@ class TeamDrift:
         return f"team {self.team.name}: {self.case}: {self.message}"
 
 
-def classify_teams(info: DomainInfo, pools: Mapping[str, Pool | None],
-                   agent: Mapping[str, pb.TeamState] | None = None) -> tuple[TeamDrift, ...]:
+def classify_teams(
+    info: DomainInfo,
+    pools: Mapping[str, Pool | None],
+    agent: Mapping[str, pb.TeamState] | None = None,
+) -> tuple[TeamDrift, ...]:
     """Each recorded team of the live domain *info*, classified.
 
     *pools* are the teams' pools as this host defines them (None: not defined here, so
@@ -81,55 +84,88 @@ def classify_teams(info: DomainInfo, pools: Mapping[str, Pool | None],
     """
     teams = info.teams.teams if info.teams is not None else ()
     recorded = {t.primary.alias for t in teams if t.primary is not None}
-    plugged = {t.name for t in teams
-               if t.primary is not None and info.device(t.primary.alias) is not None}
+    plugged = {
+        t.name for t in teams if t.primary is not None and info.device(t.primary.alias) is not None
+    }
     devices: list[Interface | Hostdev] = [*info.interfaces, *info.hostdevs]
     unrecorded: dict[str, list[str]] = {}  # pool -> aliases of its devices no team records
     for pool_name, pool in pools.items():
         if pool is not None:
-            unrecorded[pool_name] = [d.alias for d in devices if d.alias
-                                     and d.alias not in recorded and is_pool_device(pool, d)]
+            unrecorded[pool_name] = [
+                d.alias
+                for d in devices
+                if d.alias and d.alias not in recorded and is_pool_device(pool, d)
+            ]
     out = []
     for team in teams:
-        out.append(_classify(team, info, team.name in plugged, unrecorded.get(team.pool, []),
-                             sum(1 for t in teams if t.pool == team.pool
-                                 and t.name not in plugged),
-                             agent.get(team.name) if agent is not None else None))
+        out.append(
+            _classify(
+                team,
+                info,
+                team.name in plugged,
+                unrecorded.get(team.pool, []),
+                sum(1 for t in teams if t.pool == team.pool and t.name not in plugged),
+                agent.get(team.name) if agent is not None else None,
+            )
+        )
     return tuple(out)
 
 
-def _classify(team: Team, info: DomainInfo, plugged: bool, candidates: list[str],
-              wanting: int, state: pb.TeamState | None) -> TeamDrift:
+def _classify(
+    team: Team,
+    info: DomainInfo,
+    plugged: bool,
+    candidates: list[str],
+    wanting: int,
+    state: pb.TeamState | None,
+) -> TeamDrift:
     if plugged:
         assert team.primary is not None
         alias = team.primary.alias
-        if state is not None and not (state.active_member
-                                      and state.active_member == state.primary):
-            return TeamDrift(team, TeamCase.ON_STANDBY,
-                             f"primary {alias} is plugged but the team runs on its standby; "
-                             "'ptmig failover --to primary' binds it", team.primary)
+        if state is not None and not (state.active_member and state.active_member == state.primary):
+            return TeamDrift(
+                team,
+                TeamCase.ON_STANDBY,
+                f"primary {alias} is plugged but the team runs on its standby; "
+                "'ptmig failover --to primary' binds it",
+                team.primary,
+            )
         return TeamDrift(team, TeamCase.PLUGGED, f"primary {alias} is plugged", team.primary)
     if candidates:
         names = ", ".join(candidates)
         if len(candidates) > 1 or wanting > 1:
-            return TeamDrift(team, TeamCase.AMBIGUOUS,
-                             f"device(s) {names} of pool {team.pool} are plugged but not "
-                             f"recorded, for {wanting} team(s) without a primary: record one "
-                             "with 'ptmig team-set --primary-alias' or unplug the others")
+            return TeamDrift(
+                team,
+                TeamCase.AMBIGUOUS,
+                f"device(s) {names} of pool {team.pool} are plugged but not "
+                f"recorded, for {wanting} team(s) without a primary: record one "
+                "with 'ptmig team-set --primary-alias' or unplug the others",
+            )
         device = info.device(candidates[0])
         assert device is not None
         try:
             primary = primary_of_device(candidates[0], device)
         except DomainModelError as exc:
-            return TeamDrift(team, TeamCase.AMBIGUOUS,
-                             f"device {names} of pool {team.pool} is plugged but not recorded, "
-                             f"and cannot be: {exc}")
-        return TeamDrift(team, TeamCase.UNRECORDED,
-                         f"device {names} of pool {team.pool} is plugged but not recorded; "
-                         "ptmig adopts it as the team's primary", primary)
+            return TeamDrift(
+                team,
+                TeamCase.AMBIGUOUS,
+                f"device {names} of pool {team.pool} is plugged but not recorded, "
+                f"and cannot be: {exc}",
+            )
+        return TeamDrift(
+            team,
+            TeamCase.UNRECORDED,
+            f"device {names} of pool {team.pool} is plugged but not recorded; "
+            "ptmig adopts it as the team's primary",
+            primary,
+        )
     if team.primary is not None:
-        return TeamDrift(team, TeamCase.PRIMARY_ABSENT,
-                         f"recorded primary {team.primary.alias} is not plugged; the team is "
-                         f"degraded: {FAILOVER_HINT}")
-    return TeamDrift(team, TeamCase.NO_PRIMARY,
-                     f"no primary is plugged; the team is degraded: {FAILOVER_HINT}")
+        return TeamDrift(
+            team,
+            TeamCase.PRIMARY_ABSENT,
+            f"recorded primary {team.primary.alias} is not plugged; the team is "
+            f"degraded: {FAILOVER_HINT}",
+        )
+    return TeamDrift(
+        team, TeamCase.NO_PRIMARY, f"no primary is plugged; the team is degraded: {FAILOVER_HINT}"
+    )

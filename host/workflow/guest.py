@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ptmig.serial_session import AGENT_CHANNEL
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentEndpoint, ChannelTurn
@@ -22,11 +23,11 @@ from host.domain.errors import DomainModelError
 from host.domain.pools import Pool, free_slots, parse_pool_network, pool_network_name
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
 from host.hypervisor import Hypervisor, HypervisorError
+from host.logfields import in_this_context, log_fields
 from host.workflow.drift import TeamCase, TeamDrift, classify_teams
 
 log = logging.getLogger(__name__)
 
-AGENT_CHANNEL = "org.ptmig.agent.0"
 MAC_POLICY = {
     "preserve": pb.MAC_POLICY_PRESERVE,
     "follow": pb.MAC_POLICY_FOLLOW,
@@ -174,13 +175,19 @@ class GuestOnHost:
             return attachment.primary
         return None
 
-    def bind(self, team: Team, primary: PrimaryDevice, operation_id: str,
-             timeout: float) -> pb.BindPrimaryResponse:
+    def bind(
+        self, team: Team, primary: PrimaryDevice, operation_id: str, timeout: float
+    ) -> pb.BindPrimaryResponse:
         device = self.info().device(primary.alias)
         guest_pci = getattr(device, "guest_pci_address", None) or ""
         return self.agent().bind_primary(
-            team.name, operation_id=operation_id, pci_address=guest_pci,
-            mac=primary.mac or "", mac_policy=MAC_POLICY[team.mac_policy], timeout=timeout)
+            team.name,
+            operation_id=operation_id,
+            pci_address=guest_pci,
+            mac=primary.mac or "",
+            mac_policy=MAC_POLICY[team.mac_policy],
+            timeout=timeout,
+        )
 
     def unplug(self, team: Team, timeout: float) -> float:
         """Detach the team's primary, wait until the guest released it, record its absence."""
@@ -216,23 +223,35 @@ def each_team(teams: Sequence[Team], action: Callable[[Team], T]) -> dict[str, T
     if len(teams) <= 1:
         return {t.name: action(t) for t in teams}
     with ThreadPoolExecutor(max_workers=len(teams), thread_name_prefix="team") as pool:
-        futures = {t.name: pool.submit(action, t) for t in teams}
+        # Each team's thread logs with the workflow's fields, and its own team's.
+        futures = {t.name: pool.submit(in_this_context(_for_team(action)), t) for t in teams}
     errors = [f.exception() for f in futures.values() if f.exception() is not None]
     if errors:
         raise errors[0]  # type: ignore[misc]
     return {name: f.result() for name, f in futures.items()}
 
 
-def to_primary(guest: GuestOnHost, team: Team, operation_id: str, timeout: float,
-               emit: Callable[[str], None]) -> str:
+def _for_team(action: Callable[[Team], T]) -> Callable[[Team], T]:
+    def run(team: Team) -> T:
+        with log_fields(team=team.name):
+            return action(team)
+
+    return run
+
+
+def to_primary(
+    guest: GuestOnHost, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
+) -> str:
     """Bind the team's recorded primary if the domain has it, else plug and bind a device
     of its pool: never wait on a device the live domain does not have."""
     if team.primary is not None and guest.hv.has_device(guest.dom, team.primary.alias):
         guest.bind(team, team.primary, operation_id, timeout)
         return "primary"
     if team.primary is not None:
-        emit(f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
-             "plugging another")
+        emit(
+            f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
+            "plugging another"
+        )
         guest.unplug(team, timeout)  # gone already: out of the definition and the record
         team = team.with_primary(None)
     return str(plug_and_bind(guest, team, operation_id, timeout, emit)["result"])
@@ -254,8 +273,9 @@ def free_devices_on(hv: Hypervisor, team: Team) -> int:
     return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
 
 
-def plug_and_bind(guest: GuestOnHost, team: Team, operation_id: str, timeout: float,
-                  emit: Callable[[str], None]) -> dict[str, Any]:
+def plug_and_bind(
+    guest: GuestOnHost, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
+) -> dict[str, Any]:
     """Plug a device from the pool and bind it; on a failed bind, unplug it again.
 
     Returns what happened for the journal: ``{"team": ..., "result": "primary"|"standby"}``.
@@ -274,5 +294,4 @@ def plug_and_bind(guest: GuestOnHost, team: Team, operation_id: str, timeout: fl
         except Exception as unplug_exc:
             log.error("unplug after failed bind: %s", unplug_exc)
         return {"team": team.name, "result": "standby", "detail": f"bind failed: {exc}"}
-    return {"team": team.name, "result": "primary", "device": reply.device,
-            "alias": primary.alias}
+    return {"team": team.name, "result": "primary", "device": reply.device, "alias": primary.alias}

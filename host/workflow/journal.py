@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 MAX_DATA_JSON_CHARS = 1024 * 1024  # a step's data is a few addresses and names, not logs
 
@@ -68,6 +68,11 @@ class WorkflowKind(enum.StrEnum):
     MIGRATE = "migrate"
     FAILOVER = "failover"
     REPAIR = "repair"
+    # One libvirt call each, journaled so that every change ptmig makes has a record.
+    TEAM_SET = "team-set"
+    TEAM_REMOVE = "team-remove"
+    POOL_DEFINE = "pool-define"
+    POOL_UNDEFINE = "pool-undefine"
 
 
 class WorkflowState(enum.StrEnum):
@@ -179,6 +184,34 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (workflow_id, seq)
     );
     """,
+    # 2: the one-call configuration kinds.  SQLite cannot change a CHECK in place: the
+    # table is rebuilt (with foreign keys off, so that dropping it keeps the steps).
+    """
+    CREATE TABLE workflows_2 (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('migrate', 'failover', 'repair', 'team-set',
+                                           'team-remove', 'pool-define', 'pool-undefine')),
+        domain_uuid TEXT NOT NULL,
+        domain_name TEXT NOT NULL,
+        source_uri TEXT NOT NULL,
+        destination_uri TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+        outcome TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        owner_pid INTEGER NOT NULL,
+        owner_start INTEGER,
+        owner_boot_id TEXT,
+        request_json TEXT NOT NULL,
+        report_json TEXT
+    );
+    INSERT INTO workflows_2 SELECT * FROM workflows;
+    DROP TABLE workflows;
+    ALTER TABLE workflows_2 RENAME TO workflows;
+    CREATE UNIQUE INDEX workflows_one_open_per_domain
+        ON workflows (domain_uuid) WHERE state = 'open';
+    CREATE INDEX workflows_created ON workflows (created);
+    """,
 )
 
 _WORKFLOW_COLUMNS = (
@@ -210,7 +243,8 @@ class Journal:
             raise JournalError(f"journal {self.path}: cannot open: {exc}") from exc
         try:
             self._configure(busy_timeout_ms)
-            self._migrate()
+            self._migrate()  # with foreign keys off: a migration may rebuild a table
+            self._db.execute("PRAGMA foreign_keys = ON")
         except JournalError:
             self._db.close()
             raise
@@ -261,7 +295,6 @@ class Journal:
         if str(mode).lower() != "wal":
             raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")
         self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute("PRAGMA foreign_keys = ON")
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -275,6 +308,8 @@ class Journal:
                 for statement in _statements(_MIGRATIONS[step]):
                     db.execute(statement)
             if version < len(_MIGRATIONS):
+                if db.execute("PRAGMA foreign_key_check").fetchall():
+                    raise JournalError(f"journal {self.path}: steps without a workflow")
                 db.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
 
     @contextmanager
@@ -346,7 +381,7 @@ class Journal:
                         )
                     break
                 except sqlite3.IntegrityError as exc:
-                    existing = self._open_for_domain(domain_uuid)
+                    existing = self.open_for_domain(domain_uuid)
                     if existing is not None:
                         raise WorkflowConflict(existing, self.is_owner_alive(existing)) from None
                     error = exc  # finished in between: try again
@@ -454,13 +489,6 @@ class Journal:
             ).fetchall()
         return [self._step(row) for row in rows]
 
-    def last_status(self, workflow_id: str) -> dict[str, StepRecord]:
-        """Each step's latest row, keyed by step name, in the order steps first appeared."""
-        latest: dict[str, StepRecord] = {}
-        for step in self.steps(workflow_id):
-            latest[step.name] = step  # re-assigning keeps the key's first position
-        return latest
-
     # -- owners ----------------------------------------------------------------------
 
     def is_owner_alive(self, record: WorkflowRecord) -> bool:
@@ -480,7 +508,8 @@ class Journal:
             ).fetchall()
         return [self._workflow(row) for row in rows]
 
-    def _open_for_domain(self, domain_uuid: str) -> WorkflowRecord | None:
+    def open_for_domain(self, domain_uuid: str) -> WorkflowRecord | None:
+        """The open workflow of the domain, None if it has none."""
         found = self._select("WHERE state = 'open' AND domain_uuid = ?", (domain_uuid,))
         return found[0] if found else None
 

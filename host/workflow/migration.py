@@ -56,10 +56,16 @@ SETTLE_TIMEOUT = 90.0
 
 
 class MigrationWorkflow:
-    def __init__(self, request: MigrationRequest, journal: JournalLike, workflow_id: str,
-                 source: Hypervisor, destination: Hypervisor,
-                 on_event: Callable[[Event], None],
-                 agent_for: AgentFactory = serial_agent) -> None:
+    def __init__(
+        self,
+        request: MigrationRequest,
+        journal: JournalLike,
+        workflow_id: str,
+        source: Hypervisor,
+        destination: Hypervisor,
+        on_event: Callable[[Event], None],
+        agent_for: AgentFactory = serial_agent,
+    ) -> None:
         self.request = request
         self.source_hv = source
         self.destination_hv = destination
@@ -93,7 +99,8 @@ class MigrationWorkflow:
         if self.source_hv.host_uuid() == self.destination_hv.host_uuid():
             raise PreflightError("source and destination are the same host")
         if self.destination_hv.has_domain(src.uuid) and self.destination_hv.is_active(
-                self.destination_hv.domain(src.uuid)):
+            self.destination_hv.domain(src.uuid)
+        ):
             raise PreflightError(f"{src.name} is already running on the destination")
         self.recorded_before = list(src.teams().teams)
         self.teams = list(self.recorded_before)
@@ -136,9 +143,12 @@ class MigrationWorkflow:
         if short:
             teams = ", ".join(t.name for t in self.teams if t.pool in short)
             pools = ", ".join(f"{p} has {free[p]} for {wanted[p]}" for p in short)
-            self.runner.emit("preflight", "info",
-                             f"not enough free devices on the destination ({pools}): of "
-                             f"teams {teams}, those left without one stay on their standby")
+            self.runner.emit(
+                "preflight",
+                "info",
+                f"not enough free devices on the destination ({pools}): of "
+                f"teams {teams}, those left without one stay on their standby",
+            )
         # Every check passed: now the record may be made to say what the domain has.
         for drift in drifts:
             if drift.drifted:
@@ -147,15 +157,21 @@ class MigrationWorkflow:
         self.drift = {d.team.name: d for d in drifts}
         self.plugged_before = {d.team.name for d in drifts if d.device is not None}
         self.on_primary_before = {
-            name for name in self.plugged_before
-            if (ts := by_name[name]).primary and ts.active_member == ts.primary}
+            name
+            for name in self.plugged_before
+            if (ts := by_name[name]).primary and ts.active_member == ts.primary
+        }
         cases = {d.team.name: str(d.case) for d in drifts}
         healthy = sum(1 for d in drifts if not d.drifted)
         detail = f"{healthy} of {len(drifts)} team(s) as recorded"
         if healthy < len(drifts):
             detail += ": " + ", ".join(f"{d.team.name} {d.case}" for d in drifts if d.drifted)
-        return {"teams": [t.name for t in self.teams], "free_on_destination": free,
-                "cases": cases, "detail": detail}
+        return {
+            "teams": [t.name for t in self.teams],
+            "free_on_destination": free,
+            "cases": cases,
+            "detail": detail,
+        }
 
     def switch_to_standby(self) -> dict[str, Any]:
         def switch(team: Team) -> str:
@@ -163,15 +179,21 @@ class MigrationWorkflow:
             # run in the guest (queued behind a stopped agent), so the undo binds anyway.
             self.moved.append(team.name)
             reply = self.source.agent().use_standby(
-                team.name, release_primary=True, operation_id=self.op("switch", team.name),
-                timeout=SWITCH_TIMEOUT)
+                team.name,
+                release_primary=True,
+                operation_id=self.op("switch", team.name),
+                timeout=SWITCH_TIMEOUT,
+            )
             # At once, for this team's standby only: the switches still send its MAC to the
             # primary's port until they see a frame from the standby, and the bond's own
             # peer notification was seen to come up to 300 ms late.  Only this team's:
             # announcing another team's standby while it is still on its primary would
             # pull that team's traffic away.
-            standby = [i.alias for i in self.source.info().interfaces
-                       if i.mac == team.standby_mac and i.alias]
+            standby = [
+                i.alias
+                for i in self.source.info().interfaces
+                if i.mac == team.standby_mac and i.alias
+            ]
             if standby:
                 self.source_hv.announce(self.source.dom, interfaces=standby)
             return str(reply.team.active_member)
@@ -191,8 +213,13 @@ class MigrationWorkflow:
             team = self.source.teams().team(name)
             if team.primary is None:
                 continue  # unplug's undo already plugged and bound one
-            to_primary(self.source, team, self.op("switch-back", name), BIND_TIMEOUT,
-                       lambda m: self.runner.emit("switch", "info", m))
+            to_primary(
+                self.source,
+                team,
+                self.op("switch-back", name),
+                BIND_TIMEOUT,
+                lambda m: self.runner.emit("switch", "info", m),
+            )
         self.moved.clear()
 
     def unplug(self) -> dict[str, Any]:
@@ -214,15 +241,21 @@ class MigrationWorkflow:
         left = []
         for name in reversed(self.unplugged):
             team = self.source.teams().team(name)
-            result = plug_and_bind(self.source, team, self.op("replug", name), BIND_TIMEOUT,
-                                   lambda m: self.runner.emit("unplug", "info", m))
+            result = plug_and_bind(
+                self.source,
+                team,
+                self.op("replug", name),
+                BIND_TIMEOUT,
+                lambda m: self.runner.emit("unplug", "info", m),
+            )
             log.info("rollback of team %s: %s", name, result)
             if result["result"] != "primary":
                 left.append(f"{name} ({result.get('detail', 'not bound')})")
         self.unplugged.clear()
         if left:
-            raise WorkflowError(f"team(s) left on their standby: {', '.join(left)}; "
-                                "degraded until a device is free")
+            raise WorkflowError(
+                f"team(s) left on their standby: {', '.join(left)}; degraded until a device is free"
+            )
 
     def migrate(self) -> dict[str, Any]:
         src = self.source
@@ -234,14 +267,21 @@ class MigrationWorkflow:
                 persistent = strip_primary(persistent, team.primary)
 
         def progress(p: MigrationProgress) -> None:
-            self.runner.emit("migrate", "progress",
-                             f"iteration {p.iteration}, {p.data_remaining >> 20} MiB left",
-                             p.fraction)
+            self.runner.emit(
+                "migrate",
+                "progress",
+                f"iteration {p.iteration}, {p.data_remaining >> 20} MiB left",
+                p.fraction,
+            )
 
         stats = self.source_hv.migrate(
-            src.dom, self.request.peer_uri or self.request.destination_uri,
-            persistent_xml=persistent, unsafe=self.request.unsafe, on_progress=progress,
-            max_downtime_ms=self.request.max_downtime_ms)
+            src.dom,
+            self.request.peer_uri or self.request.destination_uri,
+            persistent_xml=persistent,
+            unsafe=self.request.unsafe,
+            on_progress=progress,
+            max_downtime_ms=self.request.max_downtime_ms,
+        )
         src.close()
         self.destination = GuestOnHost(self.destination_hv, src.uuid, self.agent_for)
         job: dict[str, Any] = {}
@@ -249,11 +289,13 @@ class MigrationWorkflow:
             job = self.destination_hv.completed_job(self.destination.dom)
         except HypervisorError as exc:
             log.warning("no job statistics: %s", exc)
-        self.migration = {"wall_s": round(stats.wall_s, 3), "downtime_ms": job.get("downtime"),
-                          "elapsed_ms": job.get("time_elapsed"),
-                          "data_total": job.get("data_total")}
-        return {**self.migration,
-                "detail": f"downtime {job.get('downtime', '?')} ms"}
+        self.migration = {
+            "wall_s": round(stats.wall_s, 3),
+            "downtime_ms": job.get("downtime"),
+            "elapsed_ms": job.get("time_elapsed"),
+            "data_total": job.get("data_total"),
+        }
+        return {**self.migration, "detail": f"downtime {job.get('downtime', '?')} ms"}
 
     def plug_and_bind(self) -> dict[str, Any]:
         assert self.destination is not None
@@ -261,8 +303,13 @@ class MigrationWorkflow:
 
         def bind(team: Team) -> str:
             current = dest.teams().team(team.name)
-            result = plug_and_bind(dest, current, self.op("bind", team.name), BIND_TIMEOUT,
-                                   lambda m: self.runner.emit("bind", "info", m))
+            result = plug_and_bind(
+                dest,
+                current,
+                self.op("bind", team.name),
+                BIND_TIMEOUT,
+                lambda m: self.runner.emit("bind", "info", m),
+            )
             return str(result["result"])
 
         results = each_team(self.teams, bind)
@@ -288,8 +335,13 @@ class MigrationWorkflow:
             self._close()  # also on an escaping error: the agent channels are one per guest
 
     def _run(self) -> MigrationReport:
-        report = MigrationReport(self.workflow_id, self.request.domain, self.request.source_uri,
-                                 self.request.destination_uri, Outcome.FAILED)
+        report = MigrationReport(
+            self.workflow_id,
+            self.request.domain,
+            self.request.source_uri,
+            self.request.destination_uri,
+            Outcome.FAILED,
+        )
         r = self.runner
         try:
             r.run(Step("preflight", self.preflight))
@@ -310,8 +362,9 @@ class MigrationWorkflow:
                 log.warning("migration reported an error but the VM runs on the destination")
                 r.forget_compensations()
                 self.source.close()  # the agent's channel: one client at a time
-                self.destination = GuestOnHost(self.destination_hv, self.source.uuid,
-                                               self.agent_for)
+                self.destination = GuestOnHost(
+                    self.destination_hv, self.source.uuid, self.agent_for
+                )
             else:
                 errors = r.compensate()
                 report.teams = self._team_summary(self.source)
@@ -353,15 +406,20 @@ class MigrationWorkflow:
         """How the source's domain differs from before the workflow, in its teams."""
         if not teams:
             return ["the teams' state could not be read"]
-        out = [f"team {name} is not back on its primary"
-               for name in sorted(self.on_primary_before) if teams.get(name) != "primary"]
+        out = [
+            f"team {name} is not back on its primary"
+            for name in sorted(self.on_primary_before)
+            if teams.get(name) != "primary"
+        ]
         try:
             plugged = {d.team.name for d in self.source.drift() if d.device is not None}
         except Exception as exc:
             return [*out, f"the domain's devices could not be read: {exc}"]
-        out += [f"team {name} has no primary plugged any more"
-                for name in sorted(self.plugged_before - plugged)
-                if name not in self.on_primary_before]
+        out += [
+            f"team {name} has no primary plugged any more"
+            for name in sorted(self.plugged_before - plugged)
+            if name not in self.on_primary_before
+        ]
         return out
 
     def _domain_moved(self) -> bool:
@@ -385,8 +443,9 @@ class MigrationWorkflow:
         except HypervisorError:
             src_active = False
         try:
-            dest_active = self.destination_hv.has_domain(self.source.uuid) and \
-                self.destination_hv.is_active(self.destination_hv.domain(self.source.uuid))
+            dest_active = self.destination_hv.has_domain(
+                self.source.uuid
+            ) and self.destination_hv.is_active(self.destination_hv.domain(self.source.uuid))
         except HypervisorError:
             dest_active = False
         if src_active and dest_active:
@@ -397,8 +456,10 @@ class MigrationWorkflow:
         if guest is None:
             return {}
         try:
-            return {t.name: ("primary" if guest.on_primary(t) else "standby")
-                    for t in guest.teams().teams}
+            return {
+                t.name: ("primary" if guest.on_primary(t) else "standby")
+                for t in guest.teams().teams
+            }
         except Exception as exc:
             log.warning("team summary: %s", exc)
             return {}

@@ -1,11 +1,18 @@
-"""What the workflow takes and gives back: requests, events and reports (plain data)."""
+"""What the workflow takes and gives back: requests, events, reports and the Coordinator's
+answers (plain data).  The faces encode these types, and only these: one protobuf encoder
+per message in ptmigd, one JSON form (:func:`plain`) for ``--json`` and the journal."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from host.domain.pools import PoolKind
+from host.domain.teams import MacPolicy, PrimaryDevice, Team
 
 
 class Outcome(enum.StrEnum):
@@ -42,9 +49,6 @@ class Event:
     fraction: float | None = None
     at: float = field(default_factory=time.time)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class PhaseTiming:
@@ -68,7 +72,147 @@ class MigrationReport:
     #: Preflight's case per team (host/workflow/drift.py): "plugged", "primary-absent", ...
     drift: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["outcome"] = str(self.outcome)
-        return d
+
+# -- what the Coordinator answers (one type per answer; the faces encode these only) --------
+
+
+class TeamMode(enum.StrEnum):
+    """Where a team's traffic runs, as ``status`` finds it."""
+
+    PRIMARY = "primary"  # the recorded primary is plugged and the bond's active member
+    STANDBY = "standby"  # the primary is plugged but the virtio standby carries traffic
+    DEGRADED = "degraded"  # no primary plugged: the team runs on its standby until repaired
+    UNKNOWN = "unknown"  # the agent could not say (unreachable, or does not know the team)
+
+
+@dataclass(frozen=True)
+class TeamStatus:
+    name: str
+    mode: TeamMode
+    pool: str
+    mac_policy: str
+    primary: PrimaryDevice | None = None  # as recorded in the metadata
+    active_member: str = ""  # the guest link that carries traffic, when the agent says
+    members: tuple[str, ...] = ()
+    detail: str = ""  # why the mode is unknown
+    #: The team's case as host/workflow/drift.py classifies it ("plugged", "primary-absent"...).
+    case: str = ""
+    #: How the metadata, the live domain and the guest disagree, in one line a person can
+    #: act on; "" when they agree.
+    drift: str = ""
+
+
+@dataclass(frozen=True)
+class DomainStatus:
+    domain: str
+    uuid: str
+    uri: str
+    teams: tuple[TeamStatus, ...]
+    open_workflow_id: str = ""  # the domain's open workflow in the journal, "" if none
+    agent_error: str = ""  # why the agent could not be asked, "" if it answered
+
+
+@dataclass(frozen=True)
+class DomainTeams:
+    """A domain's teams as its metadata records them."""
+
+    domain: str
+    uuid: str
+    teams: tuple[Team, ...]
+    #: Per team, its case as the live domain has it ("plugged", "primary-absent", ...) and
+    #: the one line saying how the record differs ("" when it does not).  Classified
+    #: without asking the agent.
+    cases: dict[str, str] = field(default_factory=dict)
+    drift: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeamRequest:
+    """``team_set``'s input: a team to add or replace in a domain's metadata."""
+
+    name: str
+    standby_mac: str
+    pool: str
+    mac_policy: MacPolicy = "preserve"
+    team_mac: str | None = None
+    #: Alias of the primary plugged now; its kind and host identity are read from the domain.
+    primary_alias: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    name: str
+    kind: PoolKind
+    total: int  # devices in the pool (0 for a VF network that lists no VFs: see error)
+    free: int | None  # None when it cannot be computed (see error)
+    #: Free PCI addresses or taps; empty for a VF network (libvirt picks the VF at attach).
+    free_devices: tuple[str, ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class FailoverResult:
+    workflow_id: str
+    domain: str
+    to: TeamMode  # PRIMARY or STANDBY
+    teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What the reconciler did for one degraded domain."""
+
+    workflow_id: str
+    domain_uuid: str
+    teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    error: str = ""  # why the repair failed
+
+
+#: ``RecoverResult.action`` of an open workflow whose coordinator still runs (left alone).
+STILL_RUNNING = "still running"
+
+
+@dataclass(frozen=True)
+class RecoverResult:
+    workflow_id: str
+    domain: str
+    action: str  # the outcome reached, or STILL_RUNNING
+    outcome: Outcome | None = None  # None when left alone
+    detail: str = ""  # what recovery found ("on the source; teams {...}")
+    error: str = ""  # why recovery failed, when it raised
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    """A journal row as the faces show it."""
+
+    id: str
+    kind: str  # "migrate", "failover", "repair", "team-set", ...
+    domain_uuid: str  # for a pool workflow: the pool's journal subject ("pool NAME@URI")
+    domain_name: str
+    source_uri: str
+    destination_uri: str
+    state: str  # "open", "closed"
+    outcome: str  # "" while open; the outcome as the journal spells it
+    created: float
+    updated: float
+    owner_alive: bool  # for open workflows: is its coordinator still running?
+    report_json: str  # the final report, a JSON object; "" while open
+
+
+def plain(value: object) -> Any:
+    """The JSON form of any result above (``--json``, the journal): dataclasses as
+    objects, enums as their values, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def to_json(value: object) -> str:
+    return json.dumps(plain(value), indent=1, default=str)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from host.workflow.model import MigrationReport
 
@@ -52,9 +52,9 @@ class NoObserver:
         pass
 
 
-def notify(call: Callable[[], None]) -> None:
-    """Run one observer call; its failure is logged, never raised into the workflow."""
+def notify(call: Callable[..., None], *args: Any) -> None:
+    """``call(*args)`` on an observer; its failure is logged, never raised into the workflow."""
     try:
-        call()
+        call(*args)
     except Exception:
         log.exception("observer failed")

@@ -13,14 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from host.logfields import log_fields
 from host.workflow.model import Event, PhaseTiming
 
 log = logging.getLogger(__name__)
 
 
 class JournalLike(Protocol):
-    def record(self, workflow_id: str, step_name: str, status: str,
-               data: dict[str, Any]) -> None: ...
+    def record(
+        self, workflow_id: str, step_name: str, status: str, data: dict[str, Any]
+    ) -> None: ...
 
 
 @dataclass
@@ -39,8 +41,12 @@ class StepRunner:
     timings: list[PhaseTiming] = field(default_factory=list)
     _done: list[Step] = field(default_factory=list)
 
-    def emit(self, phase: str, state: str, message: str = "",
-             fraction: float | None = None) -> None:
+    def emit(
+        self, phase: str, state: str, message: str = "", fraction: float | None = None
+    ) -> None:
+        # One log line per event too: ptmigd's journal tells the workflow without a client.
+        with log_fields(phase=phase):
+            log.log(logging.DEBUG if state == "progress" else logging.INFO, "%s %s", state, message)
         try:
             self.on_event(Event(self.workflow_id, phase, state, message, fraction))
         except Exception:  # a broken listener must not break a migration
@@ -56,14 +62,16 @@ class StepRunner:
         started_at = time.time()
         t0 = time.monotonic()
         try:
-            data = step.action() or {}
+            with log_fields(phase=step.name):
+                data = step.action() or {}
         except Exception as exc:
             self.journal.record(self.workflow_id, step.name, "failed", {"error": str(exc)})
             self.emit(step.name, "failed", str(exc))
             raise
         seconds = time.monotonic() - t0
-        self.timings.append(PhaseTiming(step.name, round(seconds, 3), data.get("detail", ""),
-                                        started_at))
+        self.timings.append(
+            PhaseTiming(step.name, round(seconds, 3), data.get("detail", ""), started_at)
+        )
         self.journal.record(self.workflow_id, step.name, "done", data)
         self.emit(step.name, "done", data.get("detail", ""))
         return data
@@ -81,15 +89,17 @@ class StepRunner:
             self.journal.record(self.workflow_id, step.name, "compensating", {})
             self.emit(step.name, "compensating")
             try:
-                step.compensation()
+                with log_fields(phase=f"{step.name}-undo"):
+                    step.compensation()
             except Exception as exc:
                 # Expected (a device that is not free, a guest that does not answer): one
                 # line; the traceback only for a debugging run.
                 log.error("compensation of %s failed: %s", step.name, exc)
                 log.debug("compensation of %s failed", step.name, exc_info=True)
                 errors.append(f"{step.name}: {exc}")
-                self.journal.record(self.workflow_id, step.name, "failed",
-                                    {"error": f"compensation: {exc}"})
+                self.journal.record(
+                    self.workflow_id, step.name, "failed", {"error": f"compensation: {exc}"}
+                )
                 continue
             self.journal.record(self.workflow_id, step.name, "compensated", {})
             self.emit(step.name, "compensated")

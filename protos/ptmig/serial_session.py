@@ -1,7 +1,7 @@
 """Wire format of the virtio-serial session handshake (docs/agent-transport.md).
 
 Part of the contract, next to the generated gRPC code: the host's channel
-(host/agent_client.py) and the guest's relay (guest_agent.transports.virtio_serial)
+(host/agent_client/relay.py) and the guest's relay (guest_agent.transports.virtio_serial)
 both import it from here; it imports nothing but the standard library.
 
 A virtio-serial port is one byte stream with no connection semantics, so each
@@ -26,6 +26,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+#: The virtio-serial port the agent listens on: the domain's ``<channel>`` target name
+#: and, in the guest, ``/dev/virtio-ports/<AGENT_CHANNEL>``.
+AGENT_CHANNEL = "org.ptmig.agent.0"
 MAGIC = b"\xffPTMIGS\x00"
 VERSION = 1
 SESSION_ID_SIZE = 16

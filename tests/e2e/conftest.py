@@ -10,10 +10,11 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from ptmig.serial_session import AGENT_CHANNEL
 
 from host.agent_client import AgentClient, AgentEndpoint
 from host.hypervisor import Hypervisor
-from lab import GUEST_AGENT_PORT, fabric
+from lab import fabric
 from lab.guest import DOMAIN_NAME
 from lab.hosts import is_alive
 from lab.image import DEFAULT_SUITE, lab_recipe
@@ -75,7 +76,7 @@ def agent_of(lab: VmLab) -> Iterator[Callable[[], AgentClient]]:
     def open_client() -> AgentClient:
         hv = Hypervisor(lab.hosts[lab.where()].uri)
         dom = hv.domain(DOMAIN_NAME)
-        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, GUEST_AGENT_PORT)))
+        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL)))
         opened.append((hv, client))
         return client
 

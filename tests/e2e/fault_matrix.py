@@ -17,6 +17,7 @@ ROWS: list[Row] = []
 
 def table() -> list[str]:
     lines = [f"{'case':44} {'result':42} lost lan/wan (packets at 1000/s)"]
-    lines += [f"{r.case:44} {r.result:42} {r.lost.get('lan', '?')}/{r.lost.get('wan', '?')}"
-              for r in ROWS]
+    lines += [
+        f"{r.case:44} {r.result:42} {r.lost.get('lan', '?')}/{r.lost.get('wan', '?')}" for r in ROWS
+    ]
     return lines

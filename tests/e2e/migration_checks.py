@@ -32,22 +32,40 @@ MAX_MOVE_LOSS = 500
 
 def migrate_cli(lab: VmLab, dest: str, *extra: str) -> tuple[int, dict[str, Any]]:
     src = lab.where()
-    proc = co.ptmig(lab, src, "migrate", DOMAIN_NAME, lab.hosts[dest].uri, "--json",
-                    "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe", *extra, check=False)
+    proc = co.ptmig(
+        lab,
+        src,
+        "migrate",
+        DOMAIN_NAME,
+        lab.hosts[dest].uri,
+        "--json",
+        "--peer-uri",
+        lab.hosts[dest].tcp_uri,
+        "--unsafe",
+        *extra,
+        check=False,
+    )
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
 
 
 def pingers(name: str) -> list[FixedRatePinger]:
-    return [FixedRatePinger(ip, run_dir() / f"{name}-{team}.ping", rate=1000,
-                            prefix=["ip", "netns", "exec", CLIENT_NS])
-            for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))]
+    return [
+        FixedRatePinger(
+            ip,
+            run_dir() / f"{name}-{team}.ping",
+            rate=1000,
+            prefix=["ip", "netns", "exec", CLIENT_NS],
+        )
+        for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))
+    ]
 
 
 def phase_loss(pinger: FixedRatePinger, report: dict[str, Any]) -> dict[str, int]:
     record = pinger.stop()
-    phases = [Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
-              for p in report["phases"]]
+    phases = [
+        Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]
+    ]
     traffic = analyze(record, phases)
     return {p.name: p.lost for p in traffic.phases} | {"total": traffic.lost}
 
@@ -83,8 +101,10 @@ def there_and_back(lab: VmLab, record_property: pytest.RecordProperty) -> None:
         # the destination's definitions name its own devices, never the source's
         for flags in (0, 1):  # live, inactive (VIR_DOMAIN_XML_INACTIVE)
             xml = lab.domain(dest).XMLDesc(flags)
-            assert not any(f"dev='{tap}'" in xml for tap in source_taps - {
-                tap for tap, _ in co.POOL_SLOTS[dest]}), "source device named on destination"
+            assert not any(
+                f"dev='{tap}'" in xml
+                for tap in source_taps - {tap for tap, _ in co.POOL_SLOTS[dest]}
+            ), "source device named on destination"
         # preserve: lan's new primary carries the team MAC; follow: wan's bond took the
         # new primary's own (per-host) MAC
         lan_active, wan_active = active_slave(lab, "bond0"), active_slave(lab, "bond1")
@@ -95,5 +115,3 @@ def there_and_back(lab: VmLab, record_property: pytest.RecordProperty) -> None:
         for team in ("lan", "wan"):
             for phase in ("preflight", "switch", "unplug", "bind", "other"):
                 assert losses[team].get(phase, 0) <= MAX_MOVE_LOSS, (team, phase, losses)
-
-

@@ -49,8 +49,9 @@ MAX_SWITCH_LOSS = 100
 def traffic(target: str, name: str) -> Iterator[dict[str, int]]:
     """Fixed-rate pings to *target* around the block; yields a dict filled with the loss."""
     result: dict[str, int] = {}
-    with FixedRatePinger(target, run_dir() / f"{name}.ping", rate=1000,
-                         prefix=["ip", "netns", "exec", CLIENT_NS]) as pinger:
+    with FixedRatePinger(
+        target, run_dir() / f"{name}.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
+    ) as pinger:
         time.sleep(0.5)
         yield result
         time.sleep(1.0)
@@ -79,9 +80,9 @@ def on_hosta(lab: VmLab) -> VmLab:
     return lab
 
 
-def test_agent_answers_over_virtio_serial(on_hosta: VmLab,
-                                          agent_of: Callable[[], AgentClient],
-                                          record_property: pytest.RecordProperty) -> None:
+def test_agent_answers_over_virtio_serial(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
     client = agent_of()
     version = client.version()
     assert {"use-standby", "bind-primary", "transport:virtio-serial"} <= set(version.capabilities)
@@ -103,8 +104,9 @@ def test_agent_answers_over_virtio_serial(on_hosta: VmLab,
         time.sleep(1)
 
 
-def test_bind_existing_primary_under_preserve(on_hosta: VmLab,
-                                              agent_of: Callable[[], AgentClient]) -> None:
+def test_bind_existing_primary_under_preserve(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
     client = agent_of()
     with traffic(GUEST_IP, "bind-lan") as loss:
         reply = client.bind_primary("lan", operation_id=op("bind"), mac=PRIMARY_MAC, timeout=30)
@@ -116,8 +118,9 @@ def test_bind_existing_primary_under_preserve(on_hosta: VmLab,
     assert loss["lost"] <= MAX_SWITCH_LOSS, loss
 
 
-def test_switch_to_standby_under_traffic(on_hosta: VmLab, agent_of: Callable[[], AgentClient],
-                                         record_property: pytest.RecordProperty) -> None:
+def test_switch_to_standby_under_traffic(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
     client = agent_of()
     with traffic(GUEST_IP, "switch-lan") as loss:
         reply = client.use_standby("lan", release_primary=False, operation_id=op("switch"))
@@ -127,8 +130,9 @@ def test_switch_to_standby_under_traffic(on_hosta: VmLab, agent_of: Callable[[],
     assert loss["lost"] <= MAX_SWITCH_LOSS, loss
 
 
-def test_retried_switch_is_replayed_not_redone(on_hosta: VmLab,
-                                               agent_of: Callable[[], AgentClient]) -> None:
+def test_retried_switch_is_replayed_not_redone(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
     client = agent_of()
     same = op("replay")
     first = client.use_standby("lan", release_primary=False, operation_id=same)
@@ -137,9 +141,9 @@ def test_retried_switch_is_replayed_not_redone(on_hosta: VmLab,
     assert again.team.active_member == first.team.active_member
 
 
-def test_unplug_after_switch_loses_nothing(on_hosta: VmLab,
-                                           agent_of: Callable[[], AgentClient],
-                                           record_property: pytest.RecordProperty) -> None:
+def test_unplug_after_switch_loses_nothing(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
     assert team(agent_of(), "lan").active_member == link_by_mac(agent_of(), STANDBY_MAC).name
     with traffic(GUEST_IP, "unplug-lan") as loss:
         on_hosta.detach_nic(PRIMARY_ALIAS)
@@ -150,9 +154,9 @@ def test_unplug_after_switch_loses_nothing(on_hosta: VmLab,
     assert state.primary == "" and list(state.members) == [state.standby]
 
 
-def test_new_mac_rebound_under_preserve(on_hosta: VmLab,
-                                        agent_of: Callable[[], AgentClient],
-                                        record_property: pytest.RecordProperty) -> None:
+def test_new_mac_rebound_under_preserve(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
     client = agent_of()
     new = Nic("52:54:00:cc:00:01", "ptv-hot-lan", "ua-hot-lan")
     with traffic(GUEST_IP, "rebind-lan") as loss:
@@ -166,9 +170,9 @@ def test_new_mac_rebound_under_preserve(on_hosta: VmLab,
     assert loss["lost"] <= MAX_SWITCH_LOSS, loss
 
 
-def test_new_mac_rebound_under_follow(on_hosta: VmLab,
-                                      agent_of: Callable[[], AgentClient],
-                                      record_property: pytest.RecordProperty) -> None:
+def test_new_mac_rebound_under_follow(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
     client = agent_of()
     new = Nic("52:54:00:cc:00:02", "ptv-hot-wan", "ua-hot-wan")
     with traffic(WAN_GUEST_IP, "switch-wan") as switch_loss:
@@ -194,22 +198,40 @@ def _summary(client: AgentClient) -> list[tuple[str, ...]]:
     return sorted((t.name, t.active_member, t.mac, *sorted(t.members)) for t in state.teams)
 
 
-@pytest.mark.parametrize(("call", "code"), [
-    (lambda c: c.use_standby("nosuchteam", release_primary=False, operation_id=op("x")),
-     "NOT_FOUND"),
-    (lambda c: c.bind_primary("lan", operation_id=op("x"), mac="52:54:00:zz:00:01"),
-     "INVALID_ARGUMENT"),
-    (lambda c: c.bind_primary("lan", operation_id=op("x"), mac=WAN_STANDBY_MAC, timeout=5),
-     "FAILED_PRECONDITION"),
-    (lambda c: c.bind_primary("lan", operation_id=op("x"), mac="52:54:00:de:ad:01", timeout=2),
-     None),
-    (lambda c: c.use_standby("x" * 300_000, release_primary=False, operation_id=op("x")),
-     "RESOURCE_EXHAUSTED"),
-], ids=["unknown-team", "malformed-mac", "member-of-another-team", "unknown-device",
-        "oversized"])
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (
+            lambda c: c.use_standby("nosuchteam", release_primary=False, operation_id=op("x")),
+            "NOT_FOUND",
+        ),
+        (
+            lambda c: c.bind_primary("lan", operation_id=op("x"), mac="52:54:00:zz:00:01"),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda c: c.bind_primary("lan", operation_id=op("x"), mac=WAN_STANDBY_MAC, timeout=5),
+            "FAILED_PRECONDITION",
+        ),
+        (
+            lambda c: c.bind_primary(
+                "lan", operation_id=op("x"), mac="52:54:00:de:ad:01", timeout=2
+            ),
+            None,
+        ),
+        (
+            lambda c: c.use_standby("x" * 300_000, release_primary=False, operation_id=op("x")),
+            "RESOURCE_EXHAUSTED",
+        ),
+    ],
+    ids=["unknown-team", "malformed-mac", "member-of-another-team", "unknown-device", "oversized"],
+)
 def test_bad_input_gets_a_clear_error_and_changes_nothing(
-        on_hosta: VmLab, agent_of: Callable[[], AgentClient],
-        call: Callable[[AgentClient], object], code: str | None) -> None:
+    on_hosta: VmLab,
+    agent_of: Callable[[], AgentClient],
+    call: Callable[[AgentClient], object],
+    code: str | None,
+) -> None:
     client = agent_of()
     before = _summary(client)
     with pytest.raises(AgentError) as exc:
@@ -223,18 +245,19 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(
 
 
 def test_session_survives_garbage_and_host_reconnects(
-        on_hosta: VmLab, agent_of: Callable[[], AgentClient]) -> None:
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
     from ptmig import serial_session
+    from ptmig.serial_session import AGENT_CHANNEL
 
     from host.hypervisor import Hypervisor
-    from lab import GUEST_AGENT_PORT
     from lab.guest import DOMAIN_NAME
 
     hv = Hypervisor(on_hosta.hosts[on_hosta.where()].uri)
     try:
         dom = hv.domain(DOMAIN_NAME)
         # a host that connects, sends junk and half a HELLO, and vanishes
-        stream = hv.open_channel(dom, GUEST_AGENT_PORT)
+        stream = hv.open_channel(dom, AGENT_CHANNEL)
         hello = serial_session.encode(serial_session.FrameType.HELLO, b"\x01" * 16)
         stream.sendall(b"PRI * HTTP/2.0 garbage" + hello[:20])
         stream.close()
@@ -247,7 +270,8 @@ def test_session_survives_garbage_and_host_reconnects(
 
 
 def test_agent_reachable_again_after_live_migration(
-        on_hosta: VmLab, agent_of: Callable[[], AgentClient]) -> None:
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
     before = agent_of()
     assert before.healthy()
     on_hosta.migrate("hostb")
@@ -259,7 +283,7 @@ def test_agent_reachable_again_after_live_migration(
     on_hosta.check_health()
 
 
-VSOCK_PROBE = r'''
+VSOCK_PROBE = r"""
 import os, socket, sys, tempfile, threading
 sys.path.insert(0, "/usr/lib/ptmig-agent")
 import grpc
@@ -285,7 +309,7 @@ reply = pbg.HealthStub(grpc.insecure_channel("unix:" + path)).Check(
     pb.HealthCheckRequest(), timeout=20)
 print("vsock-health", reply.status, flush=True)
 os._exit(0)  # the relay's daemon threads must not race interpreter shutdown
-'''
+"""
 
 
 def test_vsock_listener_answers_through_guest_loopback(on_hosta: VmLab) -> None:
@@ -293,7 +317,8 @@ def test_vsock_listener_answers_through_guest_loopback(on_hosta: VmLab) -> None:
     script = base64.b64encode(VSOCK_PROBE.encode()).decode()
     out = on_hosta.exec(
         f"echo {script} | base64 -d > /tmp/vsock_probe.py && python3 /tmp/vsock_probe.py",
-        timeout=90).check()
+        timeout=90,
+    ).check()
     assert "vsock-health 1" in out  # SERVING
 
 
@@ -304,7 +329,8 @@ MAX_AGENT_EXPOSURE = {"bookworm": 1.6, "trixie": 1.9}
 
 
 def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
-        on_hosta: VmLab, record_property: Callable[[str, object], None]) -> None:
+    on_hosta: VmLab, record_property: Callable[[str, object], None]
+) -> None:
     """The installed, running unit, as Debian 12's systemd reviews it (not the offline file)."""
     out = on_hosta.exec("systemd-analyze security --no-pager ptmig-agent.service").check()
     found = re.search(r"Overall exposure level for ptmig-agent\.service: (\d+\.\d+)", out)
@@ -317,10 +343,12 @@ def test_agent_unit_exposure_as_the_guests_systemd_rates_it(
     record_property("agent_unit_exposure", exposure)
     assert exposure <= MAX_AGENT_EXPOSURE[suite], "\n".join(counted)
     capabilities = on_hosta.exec(
-        "grep CapEff /proc/$(systemctl show -p MainPID --value ptmig-agent)/status").check()
+        "grep CapEff /proc/$(systemctl show -p MainPID --value ptmig-agent)/status"
+    ).check()
     assert int(capabilities.split()[-1], 16) == 1 << 12, capabilities  # CAP_NET_ADMIN only
     owner = on_hosta.exec(
-        "stat -c '%U %G' /proc/$(systemctl show -p MainPID --value ptmig-agent)").check()
+        "stat -c '%U %G' /proc/$(systemctl show -p MainPID --value ptmig-agent)"
+    ).check()
     assert owner.split() == ["ptmig-agent", "ptmig-agent"], owner  # not root
     port = on_hosta.exec("stat -L -c '%G %a' /dev/virtio-ports/org.ptmig.agent.0").check()
     assert port.split() == ["ptmig-agent", "660"], port  # udev gave the agent its channel

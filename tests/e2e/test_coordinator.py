@@ -34,6 +34,7 @@ from lab.vmlab import VmLab
 
 pytestmark = pytest.mark.e2e
 
+
 @pytest.fixture(scope="module")
 def coordinated(lab: VmLab) -> VmLab:
     co.configure(lab)
@@ -41,12 +42,14 @@ def coordinated(lab: VmLab) -> VmLab:
 
 
 def test_migrate_there_and_back_keeps_teams_on_primaries(
-        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
     there_and_back(coordinated, record_property)
 
 
 def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
-        coordinated: VmLab, tmp_path: Path) -> None:
+    coordinated: VmLab, tmp_path: Path
+) -> None:
     lab = coordinated
     if lab.where() != "hosta":
         migrate_cli(lab, "hosta")
@@ -57,7 +60,7 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
     assert set(report["teams"].values()) == {"standby"}
     lab.check_health()
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
-    assert {t["on"] for t in status["teams"].values()} == {"degraded"}
+    assert {t["mode"] for t in status["teams"]} == {"degraded"}
 
     # devices come back to the pool; ptmigd's reconciler repairs the domain
     co.define_pools(lab, {"hostb": co.POOL_SLOTS["hostb"]})
@@ -65,16 +68,28 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
     os.chmod(sock_dir, 0o700)
     log = (tmp_path / "ptmigd.log").open("w")
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "host.daemon", "--socket", str(sock_dir / "ptmigd.sock"),
-         "--journal", co.journal_path(), "--reconcile", lab.hosts["hostb"].uri,
-         "--reconcile-interval", "2"],
-        stdout=subprocess.DEVNULL, stderr=log)
+        [
+            sys.executable,
+            "-m",
+            "host.daemon",
+            "--socket",
+            str(sock_dir / "ptmigd.sock"),
+            "--journal",
+            co.journal_path(),
+            "--reconcile",
+            lab.hosts["hostb"].uri,
+            "--reconcile-interval",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     log.close()
     try:
         # Watch the metadata only (no agent channel): the reconciler owns the channel now.
         deadline = time.monotonic() + 120
         while True:
-            teams = co.ptmig_json(lab, "hostb", "team-show", DOMAIN_NAME)
+            teams = co.ptmig_json(lab, "hostb", "team-show", DOMAIN_NAME)["teams"]
             if all(t["primary"] for t in teams):
                 break
             assert time.monotonic() < deadline, (teams, (tmp_path / "ptmigd.log").read_text())
@@ -85,7 +100,7 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
         (sock_dir / "ptmigd.sock").unlink(missing_ok=True)
         sock_dir.rmdir()
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
-    assert {t["on"] for t in status["teams"].values()} == {"primary"}, status
+    assert {t["mode"] for t in status["teams"]} == {"primary"}, status
     lab.check_health()
 
 
@@ -103,8 +118,9 @@ def detach_outside_ptmig(lab: VmLab) -> dict[str, str]:
     return primaries
 
 
-def migrate_measured(lab: VmLab, dest: str, name: str
-                     ) -> tuple[int, dict[str, Any], dict[str, dict[str, int]]]:
+def migrate_measured(
+    lab: VmLab, dest: str, name: str
+) -> tuple[int, dict[str, Any], dict[str, dict[str, int]]]:
     ps = pingers(name)
     for p in ps:
         p.start()
@@ -117,7 +133,8 @@ def migrate_measured(lab: VmLab, dest: str, name: str
 
 
 def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
-        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
     """Both MAC policies at once: lan (preserve) and wan (follow)."""
     lab = coordinated
     src = lab.where()
@@ -129,9 +146,12 @@ def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
     for team, alias in primaries.items():
         assert status["teams"][team]["on"] == "degraded", status
         assert status["teams"][team]["drift"].startswith(
-            f"recorded primary {alias} is not plugged"), status
+            f"recorded primary {alias} is not plugged"
+        ), status
         assert (shown[team]["case"], shown[team]["drift"]) == (
-            "primary-absent", status["teams"][team]["drift"])
+            "primary-absent",
+            status["teams"][team]["drift"],
+        )
 
     code, report, losses = migrate_measured(lab, dest, "drift-done")
     record_property("report_drift_done", report)
@@ -151,7 +171,8 @@ def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
 
 
 def test_primaries_detached_outside_ptmig_to_an_empty_pool_is_done_degraded(
-        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
     lab = coordinated
     src = lab.where()
     dest = OTHER[src]

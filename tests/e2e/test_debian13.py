@@ -31,10 +31,14 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 @pytest.fixture(scope="module")
 def on_debian_python() -> Iterator[str]:
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import libvirt, grpc, google.protobuf"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import libvirt, grpc, google.protobuf"],
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode == 0, (
-        "the bootstrap installs python3-libvirt, -grpcio and -protobuf: " + probe.stderr)
+        "the bootstrap installs python3-libvirt, -grpcio and -protobuf: " + probe.stderr
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(co.HOST_PYTHON_ENV, SYSTEM_PYTHON)
         yield SYSTEM_PYTHON
@@ -51,13 +55,15 @@ def test_the_guest_is_debian_13_with_its_own_agent_stack(coordinated: VmLab) -> 
     assert lab.exec("cut -d. -f1 /etc/debian_version").check().strip() == "13"
     versions = lab.exec(
         "dpkg-query -W -f='${Package} ${Version}\\n' ptmig-agent python3 python3-grpcio "
-        "python3-protobuf python3-pyroute2 systemd").check()
+        "python3-protobuf python3-pyroute2 systemd"
+    ).check()
     print(versions)
     assert "ptmig-agent 0." in versions
     assert lab.exec("systemctl is-active ptmig-agent").check().strip() == "active"
 
 
 def test_migrate_there_and_back_with_the_coordinator_on_debian_python(
-        coordinated: VmLab, record_property: pytest.RecordProperty) -> None:
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
     assert os.environ[co.HOST_PYTHON_ENV] == SYSTEM_PYTHON
     there_and_back(coordinated, record_property)

@@ -25,13 +25,14 @@ from typing import Any
 import fault_matrix
 import libvirt
 import pytest
+from ptmig.serial_session import AGENT_CHANNEL
 
 from host.domain.domain_xml import parse_domain
 from host.workflow.coordinator import Coordinator
 from host.workflow.guest import PreflightError
 from host.workflow.journal import Journal
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
-from lab import GUEST_AGENT_PORT, GUEST_IP, WAN_GUEST_IP
+from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
 from lab.fabric import CLIENT_NS, HOSTS
 from lab.guest import DOMAIN_NAME
@@ -92,8 +93,11 @@ def assert_devices_accounted_for(lab: VmLab, host: str) -> None:
         held = {n.target_dev for n in info.interfaces if n.target_dev in pool_taps}
         assert held == recorded, f"live {info.name} holds {held}, its teams name {recorded}"
         if persistent is not None:
-            defined = {n.target_dev for n in parse_domain(persistent).interfaces
-                       if n.target_dev in pool_taps}
+            defined = {
+                n.target_dev
+                for n in parse_domain(persistent).interfaces
+                if n.target_dev in pool_taps
+            }
             assert defined == recorded, f"{info.name}'s definition: {defined}, teams {recorded}"
 
 
@@ -103,10 +107,14 @@ def assert_no_orphan_taps(lab: VmLab) -> None:
     for net in HOSTS:
         out = run(["ip", "-n", net.netns, "-o", "link", "show"], capture=True)
         present = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
-        held = {n.target_dev for live, _ in domain_xmls(lab, net.name)
-                for n in parse_domain(live).interfaces}
-        assert (present & pool_taps) <= held, f"{net.name}: taps held by no one: " \
-            f"{(present & pool_taps) - held}"
+        held = {
+            n.target_dev
+            for live, _ in domain_xmls(lab, net.name)
+            for n in parse_domain(live).interfaces
+        }
+        assert (present & pool_taps) <= held, (
+            f"{net.name}: taps held by no one: {(present & pool_taps) - held}"
+        )
 
 
 def assert_reachable(lab: VmLab) -> None:
@@ -116,7 +124,7 @@ def assert_reachable(lab: VmLab) -> None:
 
 def teams_on(lab: VmLab) -> dict[str, str]:
     status = co.ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
-    return {name: t["on"] for name, t in status["teams"].items()}
+    return {t["name"]: t["mode"] for t in status["teams"]}
 
 
 def assert_converged(lab: VmLab) -> str:
@@ -131,7 +139,7 @@ def assert_converged(lab: VmLab) -> str:
         ended = "/".join(sorted(set(on.values()))) + "->repaired"
         with Journal(co.journal_path()) as journal:
             repaired = Coordinator(journal).reconcile(lab.hosts[where].uri)
-        assert repaired and all("error" not in r for r in repaired), repaired
+        assert repaired and all(not r.error for r in repaired), repaired
         on = teams_on(lab)
     assert set(on.values()) == {"primary"}, on
     assert open_workflows() == []
@@ -146,16 +154,27 @@ def assert_converged(lab: VmLab) -> str:
 
 
 def request(lab: VmLab, dest: str) -> MigrationRequest:
-    return MigrationRequest(DOMAIN_NAME, lab.hosts[lab.where()].uri, lab.hosts[dest].uri,
-                            unsafe=True, peer_uri=lab.hosts[dest].tcp_uri)
+    return MigrationRequest(
+        DOMAIN_NAME,
+        lab.hosts[lab.where()].uri,
+        lab.hosts[dest].uri,
+        unsafe=True,
+        peer_uri=lab.hosts[dest].tcp_uri,
+    )
 
 
 @contextlib.contextmanager
 def pinging(name: str) -> Iterator[dict[str, int]]:
     """Ping both teams at 1000/s for the block; the dict gets each team's lost count."""
-    ps = {team: FixedRatePinger(ip, run_dir() / f"fault-{name}-{team}.ping", rate=1000,
-                                prefix=["ip", "netns", "exec", CLIENT_NS])
-          for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))}
+    ps = {
+        team: FixedRatePinger(
+            ip,
+            run_dir() / f"fault-{name}-{team}.ping",
+            rate=1000,
+            prefix=["ip", "netns", "exec", CLIENT_NS],
+        )
+        for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))
+    }
     lost: dict[str, int] = {}
     for p in ps.values():
         p.start()
@@ -167,8 +186,9 @@ def pinging(name: str) -> Iterator[dict[str, int]]:
             lost[team] = analyze(p.stop()).lost
 
 
-def migrate(lab: VmLab, dest: str, hooks: dict[tuple[str, str], Callable[[], None]]
-            ) -> MigrationReport:
+def migrate(
+    lab: VmLab, dest: str, hooks: dict[tuple[str, str], Callable[[], None]]
+) -> MigrationReport:
     """Coordinator.migrate in this process; each hook runs once, at its (phase, state)."""
     pending = dict(hooks)
 
@@ -194,8 +214,7 @@ class OnceTheJobRuns:
     """A hook that runs *action* on *host*'s domain, in a thread, as soon as its migration
     job is running (the ``migrate started`` event comes just before libvirt starts it)."""
 
-    def __init__(self, lab: VmLab, host: str,
-                 action: Callable[[libvirt.virDomain], None]) -> None:
+    def __init__(self, lab: VmLab, host: str, action: Callable[[libvirt.virDomain], None]) -> None:
         self.lab, self.host, self.action = lab, host, action
         self.thread: threading.Thread | None = None
 
@@ -241,9 +260,17 @@ def test_agent_stopped_at_preflight_refuses_and_changes_nothing(faulty: VmLab) -
     agent(lab, "stop")
     try:
         with pinging("agent-stopped") as lost:
-            proc = co.ptmig(lab, src, "migrate", DOMAIN_NAME, lab.hosts[OTHER[src]].uri,
-                            "--peer-uri", lab.hosts[OTHER[src]].tcp_uri, "--unsafe",
-                            check=False)
+            proc = co.ptmig(
+                lab,
+                src,
+                "migrate",
+                DOMAIN_NAME,
+                lab.hosts[OTHER[src]].uri,
+                "--peer-uri",
+                lab.hosts[OTHER[src]].tcp_uri,
+                "--unsafe",
+                check=False,
+            )
     finally:
         agent(lab, "start")
     assert proc.returncode == 4, proc.stderr
@@ -265,15 +292,18 @@ def test_agent_hung_at_preflight_is_refused_within_the_call_deadline(faulty: VmL
     took = time.monotonic() - t0
     assert took < 40, took
     assert lab.where() == src
-    record("agent hung (SIGSTOP) @preflight", f"refused in {took:.0f} s + {assert_converged(lab)}",
-           lost)
+    record(
+        "agent hung (SIGSTOP) @preflight",
+        f"refused in {took:.0f} s + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_agent_flooding_garbage_is_refused(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
     agent(lab, "stop")
-    flood = lab.exec(f"cat /dev/urandom > /dev/virtio-ports/{GUEST_AGENT_PORT} & echo $!")
+    flood = lab.exec(f"cat /dev/urandom > /dev/virtio-ports/{AGENT_CHANNEL} & echo $!")
     flooder = flood.check().strip().splitlines()[-1]
     t0 = time.monotonic()
     try:
@@ -285,8 +315,11 @@ def test_agent_flooding_garbage_is_refused(faulty: VmLab) -> None:
     took = time.monotonic() - t0
     assert took < 40, took
     assert lab.where() == src
-    record("agent channel floods garbage @preflight",
-           f"refused in {took:.0f} s + {assert_converged(lab)}", lost)
+    record(
+        "agent channel floods garbage @preflight",
+        f"refused in {took:.0f} s + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_agent_hung_during_switch_rolls_back(faulty: VmLab) -> None:
@@ -357,8 +390,9 @@ def test_link_between_hosts_cut_during_migrate_rolls_back(faulty: VmLab) -> None
     src = lab.where()
     dest = OTHER[src]
     netns = next(h.netns for h in HOSTS if h.name == dest)
-    cut = OnceTheJobRuns(lab, src, lambda _dom: run(["ip", "-n", netns, "link", "set", "mig0",
-                                                      "down"]))
+    cut = OnceTheJobRuns(
+        lab, src, lambda _dom: run(["ip", "-n", netns, "link", "set", "mig0", "down"])
+    )
     try:
         with pinging("link-cut") as lost:
             report = migrate(lab, dest, {("migrate", "started"): cut})
@@ -386,8 +420,10 @@ def test_source_replug_failing_in_rollback_leaves_degraded_then_repaired(faulty:
     lab = faulty
     src = lab.where()
     abort = OnceTheJobRuns(lab, src, abort_job)
-    hooks = {("unplug", "done"): lambda: co.define_pools(lab, {src: []}),
-             ("migrate", "started"): abort}
+    hooks = {
+        ("unplug", "done"): lambda: co.define_pools(lab, {src: []}),
+        ("migrate", "started"): abort,
+    }
     try:
         with pinging("replug-fails") as lost:
             report = migrate(lab, OTHER[src], hooks)
@@ -447,8 +483,9 @@ def test_primary_detached_outside_ptmig_before_migrate(faulty: VmLab) -> None:
     assert report.drift == {"lan": "primary-absent", "wan": "plugged"}
     assert report.teams == {"lan": "primary", "wan": "primary"}
     assert lab.where() == dest
-    record("primary detached outside ptmig before migrate", f"{result} + {assert_converged(lab)}",
-           lost)
+    record(
+        "primary detached outside ptmig before migrate", f"{result} + {assert_converged(lab)}", lost
+    )
 
 
 KILL_SCRIPT = """
@@ -469,43 +506,85 @@ Coordinator(Journal(journal)).migrate(
 """
 
 
-@pytest.mark.parametrize("phase,state", [
-    ("switch", "started"), ("unplug", "started"), ("migrate", "progress"), ("bind", "started"),
-])
+@pytest.mark.parametrize(
+    "phase,state",
+    [
+        ("switch", "started"),
+        ("unplug", "started"),
+        ("migrate", "progress"),
+        ("bind", "started"),
+    ],
+)
 def test_coordinator_killed_then_recover(faulty: VmLab, phase: str, state: str) -> None:
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
     with pinging(f"sigkill-{phase}") as lost:
         proc = subprocess.run(
-            [sys.executable, "-c", KILL_SCRIPT, co.journal_path(), phase, state, DOMAIN_NAME,
-             lab.hosts[src].uri, lab.hosts[dest].uri, lab.hosts[dest].tcp_uri],
-            capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-c",
+                KILL_SCRIPT,
+                co.journal_path(),
+                phase,
+                state,
+                DOMAIN_NAME,
+                lab.hosts[src].uri,
+                lab.hosts[dest].uri,
+                lab.hosts[dest].tcp_uri,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert len(open_workflows()) == 1
         recovered = co.ptmig_json(lab, src, "recover")
-    results = [r["result"] for r in recovered]
+    results = [r["action"] for r in recovered]
     assert len(results) == 1 and results[0] != "still running", recovered
-    record(f"coordinator SIGKILL @{phase} {state}, recover",
-           f"{results[0]} + {assert_converged(lab)}", lost)
+    record(
+        f"coordinator SIGKILL @{phase} {state}, recover",
+        f"{results[0]} + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_same_migration_started_twice_runs_once(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
-    argv = [sys.executable, "-m", "host.cli", "-c", lab.hosts[src].uri, "migrate", DOMAIN_NAME,
-            lab.hosts[dest].uri, "--peer-uri", lab.hosts[dest].tcp_uri, "--unsafe", "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "host.cli",
+        "-c",
+        lab.hosts[src].uri,
+        "migrate",
+        DOMAIN_NAME,
+        lab.hosts[dest].uri,
+        "--peer-uri",
+        lab.hosts[dest].tcp_uri,
+        "--unsafe",
+        "--json",
+    ]
     env = {**os.environ, "PTMIG_JOURNAL": co.journal_path()}
     with pinging("twice") as lost:
-        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(2)
+        ]
         outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 6], (codes, outs)
-    done = json.loads(next(out for (out, _), p in zip(outs, procs, strict=True)
-                           if p.returncode == 0))
+    done = json.loads(
+        next(out for (out, _), p in zip(outs, procs, strict=True) if p.returncode == 0)
+    )
     assert done["outcome"] == str(Outcome.DONE)
     assert lab.where() == dest
-    record("same migration started twice", f"one done, one refused (exit 6) + "
-           f"{assert_converged(lab)}", lost)
+    record(
+        "same migration started twice",
+        f"one done, one refused (exit 6) + {assert_converged(lab)}",
+        lost,
+    )

@@ -29,8 +29,12 @@ def test_guest_answers_on_console_with_output_and_status(lab: VmLab) -> None:
 
 
 def test_cli_exec_returns_guest_output_and_exit_status(lab: VmLab) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--", "hostname;", "false"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lab.cli", "exec", "--", "hostname;", "false"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stdout.strip() == "ptmig-guest"
 
@@ -43,8 +47,9 @@ def test_guest_runs_tcg_q35_with_acpi_hotplug(lab: VmLab) -> None:
 
 
 def test_client_pings_guest_without_loss(lab: VmLab) -> None:
-    with FixedRatePinger(GUEST_IP, run_dir() / "steady.ping", rate=1000,
-                         prefix=["ip", "netns", "exec", CLIENT_NS]) as pinger:
+    with FixedRatePinger(
+        GUEST_IP, run_dir() / "steady.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
+    ) as pinger:
         time.sleep(2)
         record = pinger.stop()
     report = analyze(record)
@@ -73,8 +78,9 @@ def test_live_migration_round_trip_keeps_guest_answering(
 ) -> None:
     lab = guest_on_hosta
     phases = []
-    with FixedRatePinger(GUEST_IP, run_dir() / "migrate.ping", rate=1000,
-                         prefix=["ip", "netns", "exec", CLIENT_NS]) as pinger:
+    with FixedRatePinger(
+        GUEST_IP, run_dir() / "migrate.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
+    ) as pinger:
         time.sleep(1)
         for dest in ("hostb", "hosta"):
             start = time.time()
@@ -98,7 +104,8 @@ def test_live_migration_round_trip_keeps_guest_answering(
         assert phase.received > 0
         assert phase.lost < phase.sent / 2, report.format_table()
     assert report.rate_measured is not None and abs(report.rate_measured - 1000) < 50, (
-        "the sender must keep its rate through the outages")
+        "the sender must keep its rate through the outages"
+    )
 
 
 def test_health_check_fails_on_a_kernel_bug_line(lab: VmLab) -> None:
@@ -110,8 +117,12 @@ def test_health_check_fails_on_a_kernel_bug_line(lab: VmLab) -> None:
 
 
 def test_client_address_is_the_lab_client(lab: VmLab) -> None:
-    out = subprocess.run(["ip", "-n", CLIENT_NS, "-br", "addr", "show", "cl0"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", CLIENT_NS, "-br", "addr", "show", "cl0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert CLIENT_IP in out
 
 

@@ -35,8 +35,10 @@ class FuzzResult:
 
     def line(self) -> str:
         extra = "".join(f", {note}" for note in self.notes)
-        return (f"fuzz {self.target}: {self.inputs} inputs in {self.seconds:.1f} s, "
-                f"{self.failures} failures (seed {self.seed}{extra})")
+        return (
+            f"fuzz {self.target}: {self.inputs} inputs in {self.seconds:.1f} s, "
+            f"{self.failures} failures (seed {self.seed}{extra})"
+        )
 
 
 RESULTS: list[FuzzResult] = []
@@ -46,8 +48,12 @@ def budget() -> float:
     return float(os.environ.get("PTMIG_FUZZ_SECONDS", DEFAULT_SECONDS))
 
 
-def fuzz(target: str, strategy: st.SearchStrategy[Any], body: Callable[[Any], None],
-         seconds: float | None = None) -> FuzzResult:
+def fuzz(
+    target: str,
+    strategy: st.SearchStrategy[Any],
+    body: Callable[[Any], None],
+    seconds: float | None = None,
+) -> FuzzResult:
     """Feed `body` examples of `strategy` for `seconds`; raise the first failure."""
     base = int(os.environ.get("PTMIG_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
     result = FuzzResult(target, base)
@@ -59,9 +65,15 @@ def fuzz(target: str, strategy: st.SearchStrategy[Any], body: Callable[[Any], No
         while time.monotonic() < deadline:
 
             @seed(base + batch)
-            @settings(max_examples=BATCH, database=None, derandomize=False, deadline=None,
-                      phases=[Phase.generate, Phase.shrink], print_blob=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=BATCH,
+                database=None,
+                derandomize=False,
+                deadline=None,
+                phases=[Phase.generate, Phase.shrink],
+                print_blob=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(strategy)
             def run(example: Any) -> None:
                 if time.monotonic() >= deadline:

@@ -78,8 +78,9 @@ def agent(short_tmp: Path) -> Iterator[tuple[str, FakeLinks, Unexpected]]:
     logger = logging.getLogger("guest_agent")
     logger.addHandler(unexpected)
     try:
-        with agent_server(path, links, [lan_team(), OTHER], max_message_bytes=MAX_MESSAGE,
-                          default_timeout_s=0.02):
+        with agent_server(
+            path, links, [lan_team(), OTHER], max_message_bytes=MAX_MESSAGE, default_timeout_s=0.02
+        ):
             yield path, links, unexpected
     finally:
         logger.removeHandler(unexpected)
@@ -89,18 +90,45 @@ def agent(short_tmp: Path) -> Iterator[tuple[str, FakeLinks, Unexpected]]:
 # -- agent-grpc --------------------------------------------------------------------------
 
 TEXT = st.one_of(
-    st.sampled_from(["", "lan", "db", "op-1", "op-2", NEW_PCI, OLD_PCI, "03:00.0", NEW_MAC,
-                     OLD_MAC, "52:54:00:dd:00:05", "ff:ff:ff:ff:ff:ff", "x" * 2000]),
+    st.sampled_from(
+        [
+            "",
+            "lan",
+            "db",
+            "op-1",
+            "op-2",
+            NEW_PCI,
+            OLD_PCI,
+            "03:00.0",
+            NEW_MAC,
+            OLD_MAC,
+            "52:54:00:dd:00:05",
+            "ff:ff:ff:ff:ff:ff",
+            "x" * 2000,
+        ]
+    ),
     st.text(max_size=16),
 )
 TIMEOUTS = st.sampled_from([0, 1, 1, 1, 5, 2**32 - 1])  # 0: the agent default, 20 ms
 STRUCTURED = st.one_of(
     st.builds(pb.GetVersionRequest, operation_id=TEXT),
     st.builds(pb.GetStateRequest, operation_id=TEXT),
-    st.builds(pb.UseStandbyRequest, operation_id=TEXT, team=TEXT, release_primary=st.booleans(),
-              timeout_ms=TIMEOUTS),
-    st.builds(pb.BindPrimaryRequest, operation_id=TEXT, team=TEXT, pci_address=TEXT, mac=TEXT,
-              mac_policy=st.integers(-(2**31), 2**31 - 1), timeout_ms=TIMEOUTS),
+    st.builds(
+        pb.UseStandbyRequest,
+        operation_id=TEXT,
+        team=TEXT,
+        release_primary=st.booleans(),
+        timeout_ms=TIMEOUTS,
+    ),
+    st.builds(
+        pb.BindPrimaryRequest,
+        operation_id=TEXT,
+        team=TEXT,
+        pci_address=TEXT,
+        mac=TEXT,
+        mac_policy=st.integers(-(2**31), 2**31 - 1),
+        timeout_ms=TIMEOUTS,
+    ),
     st.builds(pb.HealthCheckRequest, service=TEXT),
 )
 
@@ -126,15 +154,22 @@ def mutated_bytes(draw: st.DrawFn) -> bytes:
 NORMAL_INPUTS = st.one_of(
     st.tuples(st.just("message"), STRUCTURED),
     st.tuples(st.just("bytes"), st.tuples(st.sampled_from(sorted(METHODS)), mutated_bytes())),
-    st.tuples(st.just("bytes"), st.tuples(st.sampled_from(sorted(METHODS)), st.binary(
-        max_size=64))),
-    st.tuples(st.just("bytes"), st.tuples(
-        st.sampled_from(["/ptmig.v1.GuestAgent/Nope", "/grpc.health.v1.Health/Check", "/", ""]),
-        st.binary(max_size=16))),
+    st.tuples(
+        st.just("bytes"), st.tuples(st.sampled_from(sorted(METHODS)), st.binary(max_size=64))
+    ),
+    st.tuples(
+        st.just("bytes"),
+        st.tuples(
+            st.sampled_from(["/ptmig.v1.GuestAgent/Nope", "/grpc.health.v1.Health/Check", "/", ""]),
+            st.binary(max_size=16),
+        ),
+    ),
 )
 # Larger than the agent's limit: RESOURCE_EXHAUSTED and a new connection, ~0.1 s each.
-OVERSIZED = st.tuples(st.just("bytes"), st.tuples(st.sampled_from(sorted(METHODS)),
-                                                  st.just(b"\x0a" + b"\xff" * MAX_MESSAGE)))
+OVERSIZED = st.tuples(
+    st.just("bytes"),
+    st.tuples(st.sampled_from(sorted(METHODS)), st.just(b"\x0a" + b"\xff" * MAX_MESSAGE)),
+)
 GRPC_INPUTS = st.integers(0, 49).flatmap(lambda n: OVERSIZED if n == 0 else NORMAL_INPUTS)
 ACCEPTABLE = set(grpc.StatusCode) - {grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK}
 
@@ -142,11 +177,24 @@ ACCEPTABLE = set(grpc.StatusCode) - {grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK
 def test_fuzz_agent_grpc(agent: tuple[str, FakeLinks, Unexpected]) -> None:
     path, _links, unexpected = agent
     with grpc.insecure_channel(f"unix:{path}") as channel:
-        raw = {method: channel.unary_unary(method) for method in
-               [*METHODS, "/ptmig.v1.GuestAgent/Nope", "/grpc.health.v1.Health/Check", "/", ""]}
-        typed = {method: channel.unary_unary(
-            method, request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=lambda b: b) for method in METHODS}
+        raw = {
+            method: channel.unary_unary(method)
+            for method in [
+                *METHODS,
+                "/ptmig.v1.GuestAgent/Nope",
+                "/grpc.health.v1.Health/Check",
+                "/",
+                "",
+            ]
+        }
+        typed = {
+            method: channel.unary_unary(
+                method,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda b: b,
+            )
+            for method in METHODS
+        }
         by_type = {request_type: method for method, request_type in METHODS.items()}
         probe = pb.GetVersionRequest(operation_id="probe")
         typed["/ptmig.v1.GuestAgent/GetVersion"](probe, timeout=5)  # warm up before measuring
@@ -165,7 +213,8 @@ def test_fuzz_agent_grpc(agent: tuple[str, FakeLinks, Unexpected]) -> None:
                 assert not (exc.details() or "").startswith("internal error"), exc.details()
             assert not unexpected.records, unexpected.records[0].getMessage()
             reply = pb.GetVersionResponse.FromString(
-                typed["/ptmig.v1.GuestAgent/GetVersion"](probe, timeout=5))
+                typed["/ptmig.v1.GuestAgent/GetVersion"](probe, timeout=5)
+            )
             assert reply.api_version == 1
 
         result = fuzz("agent-grpc", GRPC_INPUTS, one)
@@ -200,8 +249,9 @@ def frame(draw: st.DrawFn) -> bytes:
 CHUNK = st.one_of(
     frame(),
     st.binary(max_size=64),
-    st.sampled_from([PREFACE, PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00",
-                     b"\xff" * 40, b"\x00" * 4096]),
+    st.sampled_from(
+        [PREFACE, PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", b"\xff" * 40, b"\x00" * 4096]
+    ),
 )
 SERIAL_INPUTS = st.tuples(st.lists(CHUNK, max_size=8), st.lists(st.integers(1, 97), max_size=4))
 

@@ -55,6 +55,36 @@ class CoordinatorStub(object):
                 request_serializer=ptmig_dot_v1_dot_coordinator__pb2.ListWorkflowsRequest.SerializeToString,
                 response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.ListWorkflowsResponse.FromString,
                 )
+        self.Failover = channel.unary_unary(
+                '/ptmig.v1.Coordinator/Failover',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.FailoverRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.FailoverResponse.FromString,
+                )
+        self.GetTeams = channel.unary_unary(
+                '/ptmig.v1.Coordinator/GetTeams',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.FromString,
+                )
+        self.SetTeam = channel.unary_unary(
+                '/ptmig.v1.Coordinator/SetTeam',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.SetTeamRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.FromString,
+                )
+        self.RemoveTeam = channel.unary_unary(
+                '/ptmig.v1.Coordinator/RemoveTeam',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.RemoveTeamRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.FromString,
+                )
+        self.DefinePool = channel.unary_unary(
+                '/ptmig.v1.Coordinator/DefinePool',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.DefinePoolRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.Pool.FromString,
+                )
+        self.UndefinePool = channel.unary_unary(
+                '/ptmig.v1.Coordinator/UndefinePool',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolResponse.FromString,
+                )
 
 
 class CoordinatorServicer(object):
@@ -114,6 +144,48 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Failover(self, request, context):
+        """Move every team of a domain to its standby or back to a primary, without migrating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTeams(self, request, context):
+        """A domain's teams as its metadata records them (no agent asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTeam(self, request, context):
+        """Add a team to a domain's metadata, or replace the team of that name.  Journaled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTeam(self, request, context):
+        """Remove a team from a domain's metadata (NOT_FOUND if it has none of that name).  Journaled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DefinePool(self, request, context):
+        """Define a device pool on a host, or redefine the pool of that name.  Journaled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndefinePool(self, request, context):
+        """Remove a device pool from a host (NOT_FOUND if it has none of that name).  Journaled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +213,36 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListWorkflows,
                     request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.ListWorkflowsRequest.FromString,
                     response_serializer=ptmig_dot_v1_dot_coordinator__pb2.ListWorkflowsResponse.SerializeToString,
+            ),
+            'Failover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Failover,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.FailoverRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.FailoverResponse.SerializeToString,
+            ),
+            'GetTeams': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTeams,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.SerializeToString,
+            ),
+            'SetTeam': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTeam,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.SetTeamRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.SerializeToString,
+            ),
+            'RemoveTeam': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTeam,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.RemoveTeamRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.SerializeToString,
+            ),
+            'DefinePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.DefinePool,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.DefinePoolRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.Pool.SerializeToString,
+            ),
+            'UndefinePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndefinePool,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -250,5 +352,107 @@ class Coordinator(object):
         return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/ListWorkflows',
             ptmig_dot_v1_dot_coordinator__pb2.ListWorkflowsRequest.SerializeToString,
             ptmig_dot_v1_dot_coordinator__pb2.ListWorkflowsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Failover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/Failover',
+            ptmig_dot_v1_dot_coordinator__pb2.FailoverRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.FailoverResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def GetTeams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/GetTeams',
+            ptmig_dot_v1_dot_coordinator__pb2.GetTeamsRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def SetTeam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/SetTeam',
+            ptmig_dot_v1_dot_coordinator__pb2.SetTeamRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RemoveTeam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/RemoveTeam',
+            ptmig_dot_v1_dot_coordinator__pb2.RemoveTeamRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.GetTeamsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DefinePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/DefinePool',
+            ptmig_dot_v1_dot_coordinator__pb2.DefinePoolRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.Pool.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UndefinePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/UndefinePool',
+            ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -51,8 +51,9 @@ def test_agent_serves_on_its_socket_and_stops_on_sigterm(short_tmp: Path) -> Non
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             stub = pb_grpc.GuestAgentStub(channel)
-            state = stub.GetState(pb.GetStateRequest(operation_id="main"), timeout=20,
-                                  wait_for_ready=True)
+            state = stub.GetState(
+                pb.GetStateRequest(operation_id="main"), timeout=20, wait_for_ready=True
+            )
             assert any(link.name == "lo" for link in state.links)
             assert "transport:vsock" not in stub.GetVersion(pb.GetVersionRequest()).capabilities
     finally:

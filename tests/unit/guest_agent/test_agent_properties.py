@@ -69,13 +69,42 @@ def scene() -> FakeLinks:
 
 
 TEAMS = st.sampled_from(["lan", "db", "", "LAN", "lan ", "lan\x00", "bond0", "x" * 300, "é"])
-PCIS = st.sampled_from(["", NEW_PCI, "03:00.0", OLD_PCI, "0000:01:00.0", "0000:05:00.0",
-                        "0000:09:00.0", "0000:0a:00.0", "0000:03:00.8", "0000:03:00", "zz",
-                        " 0000:03:00.0 ", "0000:03:00.0\n", "9" * 1000])
-MACS = st.sampled_from(["", NEW_MAC, NEW_MAC.upper(), NEW_MAC.replace(":", "-"), OLD_MAC,
-                        VIRTIO_MAC, "52:54:00:dd:00:05", "52:54:00:ee:00:09",
-                        "01:00:5e:00:00:01", "00:00:00:00:00:00", "52:54:00:cc:00",
-                        "52:54:00:cc:00:02:03", "gg:54:00:cc:00:02", "x" * 1000])
+PCIS = st.sampled_from(
+    [
+        "",
+        NEW_PCI,
+        "03:00.0",
+        OLD_PCI,
+        "0000:01:00.0",
+        "0000:05:00.0",
+        "0000:09:00.0",
+        "0000:0a:00.0",
+        "0000:03:00.8",
+        "0000:03:00",
+        "zz",
+        " 0000:03:00.0 ",
+        "0000:03:00.0\n",
+        "9" * 1000,
+    ]
+)
+MACS = st.sampled_from(
+    [
+        "",
+        NEW_MAC,
+        NEW_MAC.upper(),
+        NEW_MAC.replace(":", "-"),
+        OLD_MAC,
+        VIRTIO_MAC,
+        "52:54:00:dd:00:05",
+        "52:54:00:ee:00:09",
+        "01:00:5e:00:00:01",
+        "00:00:00:00:00:00",
+        "52:54:00:cc:00",
+        "52:54:00:cc:00:02:03",
+        "gg:54:00:cc:00:02",
+        "x" * 1000,
+    ]
+)
 OP_IDS = st.sampled_from(["", "op-1", "op-2", "op-3", "\x00", "é" * 100, "o" * 10_000])
 
 
@@ -84,11 +113,22 @@ def _text(choices: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 
 REQUESTS = st.one_of(
-    st.builds(pb.UseStandbyRequest, operation_id=OP_IDS, team=_text(TEAMS),
-              release_primary=st.booleans(), timeout_ms=st.sampled_from([1, 20, 50])),
-    st.builds(pb.BindPrimaryRequest, operation_id=OP_IDS, team=_text(TEAMS),
-              pci_address=_text(PCIS), mac=_text(MACS),
-              mac_policy=st.integers(-2, 6), timeout_ms=st.sampled_from([1, 20, 50])),
+    st.builds(
+        pb.UseStandbyRequest,
+        operation_id=OP_IDS,
+        team=_text(TEAMS),
+        release_primary=st.booleans(),
+        timeout_ms=st.sampled_from([1, 20, 50]),
+    ),
+    st.builds(
+        pb.BindPrimaryRequest,
+        operation_id=OP_IDS,
+        team=_text(TEAMS),
+        pci_address=_text(PCIS),
+        mac=_text(MACS),
+        mac_policy=st.integers(-2, 6),
+        timeout_ms=st.sampled_from([1, 20, 50]),
+    ),
     st.builds(pb.GetStateRequest, operation_id=OP_IDS),
     st.builds(pb.GetVersionRequest, operation_id=OP_IDS),
     st.builds(pb.HealthCheckRequest, service=st.sampled_from(["", "ptmig.v1.GuestAgent", "x"])),
@@ -112,10 +152,15 @@ def snapshot(links: FakeLinks) -> tuple[Any, ...]:
 
 @settings(max_examples=300)
 @given(st.lists(REQUESTS, min_size=1, max_size=5))
-@example([pb.BindPrimaryRequest(operation_id="op-1", team="lan", mac="52:54:00:dd:00:05",
-                                timeout_ms=20)])  # another team's member
-@example([pb.UseStandbyRequest(operation_id="op-1", team="lan", timeout_ms=20),
-          pb.UseStandbyRequest(operation_id="op-1", team="db", timeout_ms=20)])  # id reused
+@example(
+    [pb.BindPrimaryRequest(operation_id="op-1", team="lan", mac="52:54:00:dd:00:05", timeout_ms=20)]
+)  # another team's member
+@example(
+    [
+        pb.UseStandbyRequest(operation_id="op-1", team="lan", timeout_ms=20),
+        pb.UseStandbyRequest(operation_id="op-1", team="db", timeout_ms=20),
+    ]
+)  # id reused
 def test_requests_answer_or_refuse_and_a_refusal_changes_nothing(requests: list[Any]) -> None:
     links = scene()
     try:
@@ -126,8 +171,9 @@ def test_requests_answer_or_refuse_and_a_refusal_changes_nothing(requests: list[
                 reply = call(agent, request)
             except Aborted as refused:
                 assert refused.code in REFUSALS or (
-                    refused.code is grpc.StatusCode.NOT_FOUND and isinstance(
-                        request, pb.HealthCheckRequest)), refused.details
+                    refused.code is grpc.StatusCode.NOT_FOUND
+                    and isinstance(request, pb.HealthCheckRequest)
+                ), refused.details
                 assert "\n" not in refused.details
                 assert snapshot(links) == before, f"{refused.details} but links changed"
                 continue
@@ -140,17 +186,59 @@ def test_requests_answer_or_refuse_and_a_refusal_changes_nothing(requests: list[
 
 EXAMPLE_DATA = tomllib.loads(EXAMPLE)
 CONFIG_VALUES = st.one_of(
-    st.sampled_from(["", "/run/x.sock", "relative", "enp1s0", "a" * 16, "preserve", "follow",
-                     "agent", "52:54:00:bb:00:01", "05:00.1", "GuestAgent/GetState", 0, -1,
-                     1024, 2**63, True, 1.5, [], ["x"], [{}], {}, {"mac": "zz"},
-                     {"name": ""}, {"pci_address": 5}]),
+    st.sampled_from(
+        [
+            "",
+            "/run/x.sock",
+            "relative",
+            "enp1s0",
+            "a" * 16,
+            "preserve",
+            "follow",
+            "agent",
+            "52:54:00:bb:00:01",
+            "05:00.1",
+            "GuestAgent/GetState",
+            0,
+            -1,
+            1024,
+            2**63,
+            True,
+            1.5,
+            [],
+            ["x"],
+            [{}],
+            {},
+            {"mac": "zz"},
+            {"name": ""},
+            {"pci_address": 5},
+        ]
+    ),
     st.text(max_size=10),
     st.integers(),
 )
-CONFIG_KEYS = st.sampled_from(["socket", "max_message_bytes", "default_timeout_ms",
-                               "operation_log_size", "allowed_rpcs", "transports", "teams",
-                               "name", "bond", "standby", "mac_policy", "ownership", "mac",
-                               "primary", "num_peer_notif", "enabled", "port", "bogus"])
+CONFIG_KEYS = st.sampled_from(
+    [
+        "socket",
+        "max_message_bytes",
+        "default_timeout_ms",
+        "operation_log_size",
+        "allowed_rpcs",
+        "transports",
+        "teams",
+        "name",
+        "bond",
+        "standby",
+        "mac_policy",
+        "ownership",
+        "mac",
+        "primary",
+        "num_peer_notif",
+        "enabled",
+        "port",
+        "bogus",
+    ]
+)
 
 
 def _tables(data: Any) -> list[dict[str, Any]]:

@@ -79,14 +79,16 @@ def test_switch_then_bind(agent: Any, fake: FakeLinks) -> None:
 
 
 def test_a_switch_whose_caller_gave_up_while_queued_does_not_run(
-        agent: Any, fake: FakeLinks) -> None:
+    agent: Any, fake: FakeLinks
+) -> None:
     """The host gave up on a switch queued behind a bind (a stopped agent, then resumed):
     run late, it would undo the newer bind.  It does nothing; a retry of it does run."""
     switch(agent)
     fake.remove("enp2s0")
     fake.hotplug_later(1.0, "enp3s0", mac=NEW_MAC, pci=NEW_PCI)
-    bind = pb.BindPrimaryRequest(operation_id="bind", team="lan", pci_address=NEW_PCI,
-                                 timeout_ms=5000)
+    bind = pb.BindPrimaryRequest(
+        operation_id="bind", team="lan", pci_address=NEW_PCI, timeout_ms=5000
+    )
     bound: list[Any] = []
     binder = threading.Thread(target=lambda: bound.append(agent.BindPrimary(bind)))
     binder.start()

@@ -43,7 +43,8 @@ def test_state_reports_members_and_active(fake: FakeLinks) -> None:
 
 
 def test_an_active_member_missing_from_the_dump_is_reported_as_none_not_named(
-        fake: FakeLinks) -> None:
+    fake: FakeLinks,
+) -> None:
     """A bond can name an active slave the same dump lacks (it just left): the contract's
     "no active member" is "", which the host accepts; a made-up name it would refuse."""
     fake._set_active(fake.get("bond0").index, 999)

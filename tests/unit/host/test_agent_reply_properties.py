@@ -28,30 +28,79 @@ def sample_state() -> Any:
     return pb.GetStateResponse(
         links=[
             pb.Link(name="lo", index=1, operstate="UNKNOWN", admin_up=True),
-            pb.Link(name="enp1s0", index=2, mac="52:54:00:aa:00:01",
-                    permanent_mac="52:54:00:aa:00:01", carrier=True, operstate="UP",
-                    admin_up=True, master="bond0", pci_address="0000:01:00.0"),
-            pb.Link(name="enp2s0", index=3, mac="52:54:00:bb:00:01",
-                    permanent_mac="52:54:00:bb:00:01", carrier=True, operstate="UP",
-                    admin_up=True, master="bond0", pci_address="0000:02:00.0"),
-            pb.Link(name="bond0", index=4, mac="52:54:00:bb:00:01", carrier=True,
-                    operstate="UP", admin_up=True, kind="bond"),
+            pb.Link(
+                name="enp1s0",
+                index=2,
+                mac="52:54:00:aa:00:01",
+                permanent_mac="52:54:00:aa:00:01",
+                carrier=True,
+                operstate="UP",
+                admin_up=True,
+                master="bond0",
+                pci_address="0000:01:00.0",
+            ),
+            pb.Link(
+                name="enp2s0",
+                index=3,
+                mac="52:54:00:bb:00:01",
+                permanent_mac="52:54:00:bb:00:01",
+                carrier=True,
+                operstate="UP",
+                admin_up=True,
+                master="bond0",
+                pci_address="0000:02:00.0",
+            ),
+            pb.Link(
+                name="bond0",
+                index=4,
+                mac="52:54:00:bb:00:01",
+                carrier=True,
+                operstate="UP",
+                admin_up=True,
+                kind="bond",
+            ),
         ],
         teams=[
-            pb.TeamState(name="lan", bond="bond0", bond_present=True,
-                         mac_policy=pb.MAC_POLICY_PRESERVE, ownership=pb.OWNERSHIP_ADMIN,
-                         mac="52:54:00:bb:00:01", fail_over_mac="none",
-                         active_member="enp2s0", standby="enp1s0",
-                         members=["enp1s0", "enp2s0"], primary="enp2s0"),
+            pb.TeamState(
+                name="lan",
+                bond="bond0",
+                bond_present=True,
+                mac_policy=pb.MAC_POLICY_PRESERVE,
+                ownership=pb.OWNERSHIP_ADMIN,
+                mac="52:54:00:bb:00:01",
+                fail_over_mac="none",
+                active_member="enp2s0",
+                standby="enp1s0",
+                members=["enp1s0", "enp2s0"],
+                primary="enp2s0",
+            ),
         ],
     )
 
 
 HOSTILE = st.one_of(
-    st.sampled_from(["", "eth0", "bond0", "a" * 15, "a" * 16, "a b", "a/b", "a:b", "lan",
-                     "52:54:00:AA:00:01", "52:54:00:aa:00:01", "52:54:00:aa:00:1",
-                     "0000:01:00.0", "01:00.0", "0000:01:00.8", "\x1b[2J", "e\u200bth0",
-                     "x" * 5000]),
+    st.sampled_from(
+        [
+            "",
+            "eth0",
+            "bond0",
+            "a" * 15,
+            "a" * 16,
+            "a b",
+            "a/b",
+            "a:b",
+            "lan",
+            "52:54:00:AA:00:01",
+            "52:54:00:aa:00:01",
+            "52:54:00:aa:00:1",
+            "0000:01:00.0",
+            "01:00.0",
+            "0000:01:00.8",
+            "\x1b[2J",
+            "e\u200bth0",
+            "x" * 5000,
+        ]
+    ),
     st.text(max_size=20),
     st.text(st.characters(min_codepoint=0, max_codepoint=0x9F), max_size=6),
 )
@@ -101,7 +150,8 @@ def _accepted_pci(pci: str) -> bool:
 
 def _name_ok(name: str, empty_ok: bool = True) -> bool:
     return (empty_ok and name == "") or (
-        name.isprintable() and 1 <= len(name) <= 15 and not any(c in " /:" for c in name))
+        name.isprintable() and 1 <= len(name) <= 15 and not any(c in " /:" for c in name)
+    )
 
 
 def _check_team(team: Any) -> None:

@@ -30,8 +30,11 @@ def test_a_second_turn_waits_for_the_first_to_be_released(short_tmp: Path) -> No
     got: list[float] = []
     t0 = time.monotonic()
     waiter = threading.Thread(
-        target=lambda: (ChannelTurn(DOMAIN, str(short_tmp), wait=5).release(),
-                        got.append(time.monotonic() - t0)))
+        target=lambda: (
+            ChannelTurn(DOMAIN, str(short_tmp), wait=5).release(),
+            got.append(time.monotonic() - t0),
+        )
+    )
     waiter.start()
     time.sleep(0.5)
     assert not got, "the second turn did not wait"
@@ -57,9 +60,12 @@ def test_other_domains_do_not_wait(short_tmp: Path) -> None:
 
 
 def test_a_dead_holder_gives_its_turn_back(short_tmp: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_IN_A_CHILD, DOMAIN, str(short_tmp)],
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_IN_A_CHILD, DOMAIN, str(short_tmp)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
         with pytest.raises(AgentError):

@@ -26,14 +26,48 @@ from host.workflow.journal import Journal
 
 COMMANDS = [
     ["team-set", "vm1", "--team", "lan", "--standby-mac", "52:54:00:00:01:01", "--pool", "lab"],
-    ["team-set", "vm1", "--team", "new", "--standby-mac", "52:54:00:99:00:01", "--pool", "lab",
-     "--mac-policy", "none", "--team-mac", "52:54:00:99:00:02"],
-    ["team-set", "vm1", "--team", "lan", "--standby-mac", "52:54:00:00:01:01", "--pool", "lab",
-     "--primary-alias", "ua-ptmig-lan-1"],
+    [
+        "team-set",
+        "vm1",
+        "--team",
+        "new",
+        "--standby-mac",
+        "52:54:00:99:00:01",
+        "--pool",
+        "lab",
+        "--mac-policy",
+        "none",
+        "--team-mac",
+        "52:54:00:99:00:02",
+    ],
+    [
+        "team-set",
+        "vm1",
+        "--team",
+        "lan",
+        "--standby-mac",
+        "52:54:00:00:01:01",
+        "--pool",
+        "lab",
+        "--primary-alias",
+        "ua-ptmig-lan-1",
+    ],
     ["team-remove", "vm1", "wan"],
     ["team-show", "vm1", "--json"],
-    ["pool-define", "p2", "--kind", "emulated", "--bridge", "br0", "--model", "virtio",
-     "--slot", "t9=52:54:00:99:00:09", "--slot", "t8=52:54:00:99:00:08"],
+    [
+        "pool-define",
+        "p2",
+        "--kind",
+        "emulated",
+        "--bridge",
+        "br0",
+        "--model",
+        "virtio",
+        "--slot",
+        "t9=52:54:00:99:00:09",
+        "--slot",
+        "t8=52:54:00:99:00:08",
+    ],
     ["pool-define", "p3", "--kind", "pci", "--address", "0000:07:00.0", "--address", "07:00.1"],
     ["pool-define", "p4", "--kind", "vf", "--pf", "enp6s0"],
     ["pool-define", "p5", "--kind", "vf", "--vf", "0000:05:10.1"],
@@ -47,11 +81,42 @@ COMMANDS = [
 ]
 OPTIONS = sorted({t for c in COMMANDS for t in c if t.startswith("-")} | {"-h", "-v", "--"})
 HOSTILE = st.one_of(
-    st.sampled_from(["", " ", "-", "--", "-1", "0", "99999999999999999999999", "1e9", "0x10",
-                     "vm1", "vm2", "lan", "wan", "lab", A, B, "test:///default",
-                     "52:54:00:00:01:01", "ff:ff:ff:ff:ff:ff", "t9=", "=52:54:00:99:00:09",
-                     "0000:07:00.0", "ua-", "ua-ptmig-lan-1", "net0", "lan\nwan", "\x1b[31m",
-                     "x" * 5000, "é", "--team=lan", "--limit=-5", "--max-downtime=-1"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "-",
+            "--",
+            "-1",
+            "0",
+            "99999999999999999999999",
+            "1e9",
+            "0x10",
+            "vm1",
+            "vm2",
+            "lan",
+            "wan",
+            "lab",
+            A,
+            B,
+            "test:///default",
+            "52:54:00:00:01:01",
+            "ff:ff:ff:ff:ff:ff",
+            "t9=",
+            "=52:54:00:99:00:09",
+            "0000:07:00.0",
+            "ua-",
+            "ua-ptmig-lan-1",
+            "net0",
+            "lan\nwan",
+            "\x1b[31m",
+            "x" * 5000,
+            "é",
+            "--team=lan",
+            "--limit=-5",
+            "--max-downtime=-1",
+        ]
+    ),
     st.text(st.characters(exclude_characters="\x00"), max_size=12),
 )
 
@@ -80,9 +145,12 @@ def argv(draw: st.DrawFn) -> list[str]:
 
 def run(world: World, journal: Journal, args: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    with (mock.patch.object(cli, "_coordinator", lambda _args: world.coordinator(journal)),
-          mock.patch("host.hypervisor.Hypervisor", world.connect),
-          contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+    with (
+        mock.patch.object(cli, "_coordinator", lambda _args: world.coordinator(journal)),
+        mock.patch("host.hypervisor.Hypervisor", world.connect),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         try:
             code: Any = cli.main(["-c", A, *args])
         except SystemExit as exc:
@@ -98,8 +166,20 @@ def state(world: World, journal: Journal) -> tuple[Any, ...]:
 @given(argv())
 @example(["workflows", "--limit", "99999999999999999999999"])  # was OverflowError from sqlite
 @example(["migrate", "vm1", B, "--max-downtime", "-1"])
-@example(["team-set", "vm1", "--team", "lan", "--standby-mac", "52:54:00:00:01:01", "--pool",
-          "lab", "--primary-alias", "lan\nwan"])
+@example(
+    [
+        "team-set",
+        "vm1",
+        "--team",
+        "lan",
+        "--standby-mac",
+        "52:54:00:00:01:01",
+        "--pool",
+        "lab",
+        "--primary-alias",
+        "lan\nwan",
+    ]
+)
 @example(["team-show", "vm1", "lan\nwan"])  # argparse's "unrecognized arguments: ..."
 @example(["pool-define", "p2", "--kind", "emulated", "--bridge", "br0", "--slot", "t9=\x1b[2J"])
 def test_any_argv_exits_with_a_documented_code_and_no_traceback(args: list[str]) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from host import daemon, daemon_config
-from host.daemon_config import DaemonConfigError, DaemonSettings
+from host.daemon import config as daemon_config
+from host.daemon import main as daemon
+from host.daemon.config import DaemonConfigError, DaemonSettings
 
 PACKAGED = Path(__file__).resolve().parents[3] / "packaging" / "host" / "ptmigd.toml"
 

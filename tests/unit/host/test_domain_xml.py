@@ -17,13 +17,18 @@ from host.domain.domain_xml import (
     Hostdev,
     Interface,
     Vsock,
-    guest_pci_address,
     parse_domain,
-    strip_device,
     strip_primary,
-    teams_from_domain_xml,
 )
 from host.domain.teams import PrimaryDevice
+
+#: A PCI address no sample uses: strip_primary then matches by alias alone.
+_NOWHERE = "ffff:ff:1f.7"
+
+
+def strip_alias(domain_xml: str, alias: str) -> str:
+    """*domain_xml* without the device called *alias* (strip_primary, matched by alias)."""
+    return strip_primary(domain_xml, PrimaryDevice("pci", alias, pci_address=_NOWHERE))
 
 
 def test_live_domain() -> None:
@@ -61,9 +66,8 @@ def test_live_domain() -> None:
     )
     assert info.vsock == Vsock(cid=7, auto=False)
     assert info.teams == TEAMS
-    assert info.guest_pci_address("hostdev0") == "0000:03:00.0"
-    assert info.guest_pci_address("nope") is None
-    assert guest_pci_address(LIVE_DOMAIN, "net1") == "0000:02:00.0"
+    assert info.device("net1").guest_pci_address == "0000:02:00.0"  # type: ignore[union-attr]
+    assert info.device("nope") is None
 
 
 def test_inactive_domain() -> None:
@@ -74,7 +78,7 @@ def test_inactive_domain() -> None:
     assert info.hostdevs[0].alias is None
     assert info.agent_channel is None
     assert info.vsock == Vsock(cid=None, auto=True)
-    assert teams_from_domain_xml(INACTIVE_DOMAIN) == TEAMS
+    assert parse_domain(INACTIVE_DOMAIN).teams == TEAMS
 
 
 def test_domain_without_devices_or_metadata() -> None:
@@ -131,8 +135,8 @@ def test_bad_domain_xml(xml: str, message: str) -> None:
 # --- strip ---------------------------------------------------------------------
 
 
-def test_strip_device_removes_only_that_device() -> None:
-    stripped = strip_device(LIVE_DOMAIN, "ua-ptmig-san-4")
+def test_strip_by_alias_removes_only_that_device() -> None:
+    stripped = strip_alias(LIVE_DOMAIN, "ua-ptmig-san-4")
     info = parse_domain(stripped)
     assert info.device("ua-ptmig-san-4") is None
     assert [i.alias for i in info.interfaces] == ["net0", "net1"]
@@ -143,18 +147,18 @@ def test_strip_device_removes_only_that_device() -> None:
     assert "ua-ptmig-san-4" not in stripped.split("<devices>")[1]
 
 
-def test_strip_device_without_that_alias_changes_nothing() -> None:
-    stripped = strip_device(INACTIVE_DOMAIN, "hostdev0")  # runtime aliases are not persistent
+def test_strip_by_alias_without_that_alias_changes_nothing() -> None:
+    stripped = strip_alias(INACTIVE_DOMAIN, "hostdev0")  # runtime aliases are not persistent
     assert ET.tostring(ET.fromstring(stripped)) == ET.tostring(ET.fromstring(INACTIVE_DOMAIN))
 
 
-def test_strip_device_refuses_bad_input() -> None:
+def test_strip_by_alias_refuses_bad_input() -> None:
     with pytest.raises(DomainModelError, match="alias"):
-        strip_device(LIVE_DOMAIN, "a b")
+        strip_alias(LIVE_DOMAIN, "a b")
     with pytest.raises(DomainModelError, match="DOCTYPE"):
-        strip_device('<!DOCTYPE d [<!ENTITY e "x">]><domain/>', "ua-x")
+        strip_alias('<!DOCTYPE d [<!ENTITY e "x">]><domain/>', "ua-x")
     with pytest.raises(DomainModelError, match="not domain"):
-        strip_device("<network/>", "ua-x")
+        strip_alias("<network/>", "ua-x")
 
 
 def test_strip_primary_finds_a_hostdev_by_pci_address() -> None:
@@ -199,7 +203,7 @@ def test_any_text_gives_a_domain_or_domain_model_error(text: str) -> None:
     with contextlib.suppress(DomainModelError):
         assert isinstance(parse_domain(text), DomainInfo)
     with contextlib.suppress(DomainModelError):
-        assert isinstance(strip_device(text, "ua-x"), str)
+        assert isinstance(strip_alias(text, "ua-x"), str)
 
 
 _ATTR_VALUES = st.one_of(
@@ -247,4 +251,4 @@ def test_any_device_soup_gives_a_domain_or_domain_model_error(xml: str) -> None:
         return
     for device in (*info.interfaces, *info.hostdevs):
         if device.alias is not None:
-            assert parse_domain(strip_device(xml, device.alias)).device(device.alias) is None
+            assert parse_domain(strip_alias(xml, device.alias)).device(device.alias) is None

@@ -34,17 +34,22 @@ from ptmig.v1 import guest_agent_pb2 as pb
 from ptmig.v1 import guest_agent_pb2_grpc as pb_grpc
 from workflow_fakes import VM1, VM2, A, B, World
 
-from host import agent_client
 from host.agent_client import (
-    MAX_HANDSHAKE_DISCARD,
+    DEADLINE_GRACE,
     MAX_LINKS,
-    MAX_REPLY_BYTES,
     MAX_TEAMS,
-    READER_BACKLOG,
     AgentClient,
     AgentEndpoint,
     AgentError,
-    UnixStream,
+    ChannelReader,
+    SerialRelay,
+)
+from host.agent_client.client import MAX_REPLY_BYTES
+from host.agent_client.relay import (
+    HANDSHAKE_TIMEOUT,
+    MAX_HANDSHAKE_DISCARD,
+    READER_BACKLOG,
+    handshake,
 )
 from host.workflow.coordinator import Coordinator
 from host.workflow.guest import PreflightError
@@ -56,6 +61,38 @@ SLACK = 1.0
 #: What a session may have in flight beyond the reader's backlog: the two ends' socket
 #: buffers (a few hundred KiB each on Linux) and a chunk in hand, generously.
 BUFFERS = 4 << 20
+
+
+class UnixStream:
+    """The channel's socket file, for a coordinator on the guest's own host."""
+
+    def __init__(self, path: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(HANDSHAKE_TIMEOUT)
+        self._sock.connect(path)
+        self._sock.settimeout(None)
+
+    @classmethod
+    def over(cls, sock: socket.socket) -> UnixStream:
+        """The same stream over a socket already connected (one end of a socketpair)."""
+        stream = cls.__new__(cls)
+        stream._sock = sock
+        return stream
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._sock.recv(size)
+        except OSError:
+            return b""
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv
+        self._sock.close()
+
 
 Behaviour = Callable[["GuestConn"], None]
 
@@ -110,8 +147,7 @@ class HostileGuest:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         self._listener.listen(16)
-        self._accepter = threading.Thread(target=self._accept, name="hostile-guest",
-                                          daemon=True)
+        self._accepter = threading.Thread(target=self._accept, name="hostile-guest", daemon=True)
         self._accepter.start()
 
     def _accept(self) -> None:
@@ -122,8 +158,9 @@ class HostileGuest:
                 return
             conn = GuestConn(sock)
             self.conns.append(conn)
-            t = threading.Thread(target=self._run, args=(conn,), name="hostile-guest-conn",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._run, args=(conn,), name="hostile-guest-conn", daemon=True
+            )
             self._threads.append(t)
             t.start()
 
@@ -152,8 +189,7 @@ class HostileGuest:
 
 
 def relay_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate()
-            if t.name.startswith("agent-") and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith("agent-") and t.is_alive()]
 
 
 @pytest.fixture
@@ -168,8 +204,9 @@ def no_relay_threads_left() -> Iterator[None]:
 
 
 @pytest.fixture
-def guest_at(short_tmp: Path, no_relay_threads_left: None
-             ) -> Iterator[Callable[[Behaviour], HostileGuest]]:
+def guest_at(
+    short_tmp: Path, no_relay_threads_left: None
+) -> Iterator[Callable[[Behaviour], HostileGuest]]:
     guests: list[HostileGuest] = []
 
     def start(behave: Behaviour) -> HostileGuest:
@@ -183,7 +220,7 @@ def guest_at(short_tmp: Path, no_relay_threads_left: None
 
 @contextlib.contextmanager
 def client_of(guest: HostileGuest, call_timeout: float) -> Iterator[AgentClient]:
-    with agent_client.connect(AgentEndpoint(serial=guest.stream), call_timeout) as client:
+    with AgentClient(AgentEndpoint(serial=guest.stream), call_timeout) as client:
         yield client
 
 
@@ -234,7 +271,8 @@ def pings_and_never_reads(conn: GuestConn) -> None:
 
 
 def test_a_guest_that_never_answers_the_handshake_fails_the_call_at_its_deadline(
-        guest_at: Callable[[Behaviour], HostileGuest]) -> None:
+    guest_at: Callable[[Behaviour], HostileGuest],
+) -> None:
     guest = guest_at(silent)
     with client_of(guest, call_timeout=1.0) as client:
         error, took = fails(client.healthy)
@@ -248,7 +286,8 @@ def test_a_guest_that_never_answers_the_handshake_fails_the_call_at_its_deadline
 
 
 def test_a_guest_that_completes_the_handshake_then_says_nothing(
-        guest_at: Callable[[Behaviour], HostileGuest]) -> None:
+    guest_at: Callable[[Behaviour], HostileGuest],
+) -> None:
     guest = guest_at(acks_then_silent)
     with client_of(guest, call_timeout=1.0) as client:
         error, took = fails(lambda: client.state())
@@ -262,7 +301,8 @@ def test_a_guest_that_completes_the_handshake_then_says_nothing(
 
 
 def test_a_flood_instead_of_the_handshake_is_cut_off_after_a_bounded_read(
-        guest_at: Callable[[Behaviour], HostileGuest]) -> None:
+    guest_at: Callable[[Behaviour], HostileGuest],
+) -> None:
     guest = guest_at(floods_before_ack)
     tracemalloc.start()
     try:
@@ -283,12 +323,12 @@ def test_handshake_scans_a_flood_of_other_sessions_acks_in_linear_time() -> None
     rescan of the whole buffer per frame: seconds per 64 KiB chunk, deadline unchecked)."""
     host, guest = socket.socketpair()
     stream = UnixStream.over(host)
-    reader = agent_client._Reader(stream)
+    reader = ChannelReader(stream)
     junk = wire.encode(wire.FrameType.ACK, b"x" * 16) * 2048  # 64 KiB of foreign ACKs
     feeder = threading.Thread(target=lambda: _feed(guest, junk), daemon=True)
     feeder.start()
     try:
-        error, took = fails(lambda: agent_client.handshake(stream, reader, timeout=5.0))
+        error, took = fails(lambda: handshake(stream, reader, timeout=5.0))
     finally:
         reader.close()
         stream.close()
@@ -302,7 +342,7 @@ def test_handshake_scans_a_flood_of_other_sessions_acks_in_linear_time() -> None
 def test_handshake_refuses_a_corrupt_answer_with_our_session_at_once() -> None:
     host, guest = socket.socketpair()
     stream = UnixStream.over(host)
-    reader = agent_client._Reader(stream)
+    reader = ChannelReader(stream)
 
     def answer() -> None:
         session = GuestConn(guest).hello()
@@ -312,7 +352,7 @@ def test_handshake_refuses_a_corrupt_answer_with_our_session_at_once() -> None:
 
     threading.Thread(target=answer, daemon=True).start()
     try:
-        error, took = fails(lambda: agent_client.handshake(stream, reader, timeout=3.0))
+        error, took = fails(lambda: handshake(stream, reader, timeout=3.0))
     finally:
         reader.close()
         stream.close()
@@ -321,7 +361,8 @@ def test_handshake_refuses_a_corrupt_answer_with_our_session_at_once() -> None:
 
 
 def test_a_flood_after_the_handshake_fails_fast(
-        guest_at: Callable[[Behaviour], HostileGuest]) -> None:
+    guest_at: Callable[[Behaviour], HostileGuest],
+) -> None:
     guest = guest_at(floods_after_ack)
     with client_of(guest, call_timeout=2.0) as client:
         error, took = fails(client.healthy)
@@ -331,7 +372,8 @@ def test_a_flood_after_the_handshake_fails_fast(
 
 
 def test_a_ping_flood_that_never_reads_the_answers_cannot_outlast_the_deadline(
-        guest_at: Callable[[Behaviour], HostileGuest]) -> None:
+    guest_at: Callable[[Behaviour], HostileGuest],
+) -> None:
     """This wedged gRPC's transport: the call hung past its deadline in most runs (6 of
     10 measured, grpcio 1.85).  The client's watchdog resets the channel."""
     guest = guest_at(pings_and_never_reads)
@@ -339,16 +381,17 @@ def test_a_ping_flood_that_never_reads_the_answers_cannot_outlast_the_deadline(
         with client_of(guest, call_timeout=1.0) as client:
             error, took = fails(client.healthy)
         assert error.code == "DEADLINE_EXCEEDED"
-        assert took < 1.0 + agent_client.DEADLINE_GRACE + SLACK
+        assert took < 1.0 + DEADLINE_GRACE + SLACK
     assert all(c.ended.wait(1.0) for c in guest.conns)
 
 
 def test_the_relay_reads_no_further_than_its_backlog_when_grpc_does_not_read(
-        guest_at: Callable[[Behaviour], HostileGuest]) -> None:
+    guest_at: Callable[[Behaviour], HostileGuest],
+) -> None:
     """Backpressure: with nobody consuming, a flooding guest blocks on its own writes
     (the reader's queue was unbounded: it read as fast as the guest wrote)."""
     guest = guest_at(floods_after_ack)
-    relay = agent_client.SerialRelay(guest.stream)
+    relay = SerialRelay(guest.stream)
     consumer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     consumer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
@@ -372,20 +415,31 @@ def test_the_relay_reads_no_further_than_its_backlog_when_grpc_does_not_read(
 
 
 def team(name: str = "lan", **fields: Any) -> pb.TeamState:
-    base: dict[str, Any] = dict(name=name, bond="bond0", bond_present=True,
-                                mac="52:54:00:aa:00:01", active_member="enp1s0",
-                                standby="enp1s0", members=["enp1s0", "enp3s0"],
-                                primary="enp3s0")
+    base: dict[str, Any] = dict(
+        name=name,
+        bond="bond0",
+        bond_present=True,
+        mac="52:54:00:aa:00:01",
+        active_member="enp1s0",
+        standby="enp1s0",
+        members=["enp1s0", "enp3s0"],
+        primary="enp3s0",
+    )
     return pb.TeamState(**{**base, **fields})
 
 
-def state(links: int = 2, teams: list[pb.TeamState] | None = None, **link: Any
-          ) -> pb.GetStateResponse:
+def state(
+    links: int = 2, teams: list[pb.TeamState] | None = None, **link: Any
+) -> pb.GetStateResponse:
     reply = pb.GetStateResponse(teams=teams if teams is not None else [team()])
     for n in range(links):
-        fields: dict[str, Any] = dict(name=f"enp{n + 1}s0", index=n + 2,
-                                      mac=f"52:54:00:aa:{n >> 8 & 255:02x}:{n & 255:02x}",
-                                      pci_address=f"0000:{n + 1:02x}:00.0", carrier=True)
+        fields: dict[str, Any] = dict(
+            name=f"enp{n + 1}s0",
+            index=n + 2,
+            mac=f"52:54:00:aa:{n >> 8 & 255:02x}:{n & 255:02x}",
+            pci_address=f"0000:{n + 1:02x}:00.0",
+            carrier=True,
+        )
         reply.links.add(**{**fields, **(link if n == 0 else {})})
     return reply
 
@@ -412,8 +466,9 @@ class LyingAgent(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
         return self._answer("UseStandby", pb.UseStandbyResponse(team=team(request.team)))
 
     def BindPrimary(self, request: Any, context: Any) -> Any:
-        return self._answer("BindPrimary", pb.BindPrimaryResponse(team=team(request.team),
-                                                                  device="enp3s0"))
+        return self._answer(
+            "BindPrimary", pb.BindPrimaryResponse(team=team(request.team), device="enp3s0")
+        )
 
 
 class LyingGuest:
@@ -423,8 +478,10 @@ class LyingGuest:
     def __init__(self, tmp: Path, start: Callable[[Behaviour], HostileGuest]) -> None:
         self.agent = LyingAgent()
         self.grpc_path = str(tmp / "agent.sock")
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
-            ("grpc.max_send_message_length", 8 << 20)])
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            options=[("grpc.max_send_message_length", 8 << 20)],
+        )
         pb_grpc.add_GuestAgentServicer_to_server(self.agent, self.server)
         self.server.add_insecure_port(f"unix:{self.grpc_path}")
         self.server.start()
@@ -448,8 +505,7 @@ class LyingGuest:
 
 
 @pytest.fixture
-def liar(short_tmp: Path, guest_at: Callable[[Behaviour], HostileGuest]
-         ) -> Iterator[LyingGuest]:
+def liar(short_tmp: Path, guest_at: Callable[[Behaviour], HostileGuest]) -> Iterator[LyingGuest]:
     guest = LyingGuest(short_tmp, guest_at)
     yield guest
     guest.stop()
@@ -473,8 +529,11 @@ LIES: dict[str, tuple[str, Any, str]] = {
     # name: (method, reply, expected code)
     "oversized reply": ("GetState", _big_state(), "RESOURCE_EXHAUSTED"),
     "too many links": ("GetState", state(links=MAX_LINKS + 1), "PROTOCOL"),
-    "too many teams": ("GetState", state(teams=[team(f"t{n}") for n in range(MAX_TEAMS + 1)]),
-                       "PROTOCOL"),
+    "too many teams": (
+        "GetState",
+        state(teams=[team(f"t{n}") for n in range(MAX_TEAMS + 1)]),
+        "PROTOCOL",
+    ),
     "duplicate teams": ("GetState", state(teams=[team(), team()]), "PROTOCOL"),
     "escape in a link name": ("GetState", state(name="eth\x1b[2J"), "PROTOCOL"),
     "link name too long": ("GetState", state(name="e" * 16), "PROTOCOL"),
@@ -482,20 +541,37 @@ LIES: dict[str, tuple[str, Any, str]] = {
     "invalid permanent MAC": ("GetState", state(permanent_mac="not a mac"), "PROTOCOL"),
     "invalid PCI address": ("GetState", state(pci_address="0000:00:1f.8"), "PROTOCOL"),
     "active member outside the bond": (
-        "GetState", state(teams=[team(active_member="enp9s0")]), "PROTOCOL"),
+        "GetState",
+        state(teams=[team(active_member="enp9s0")]),
+        "PROTOCOL",
+    ),
     "primary outside the bond": ("GetState", state(teams=[team(primary="enp9s0")]), "PROTOCOL"),
-    "too many members": ("GetState", state(teams=[team(members=[f"m{n}" for n in range(9)])]),
-                         "PROTOCOL"),
-    "switched another team": ("UseStandby", pb.UseStandbyResponse(team=team("wan")),
-                              "PROTOCOL"),
+    "too many members": (
+        "GetState",
+        state(teams=[team(members=[f"m{n}" for n in range(9)])]),
+        "PROTOCOL",
+    ),
+    "switched another team": ("UseStandby", pb.UseStandbyResponse(team=team("wan")), "PROTOCOL"),
     "switched to a member outside the bond": (
-        "UseStandby", pb.UseStandbyResponse(team=team(active_member="enp7s0")), "PROTOCOL"),
-    "bound a nameless device": ("BindPrimary", pb.BindPrimaryResponse(team=team(), device=""),
-                                "PROTOCOL"),
-    "bound another team": ("BindPrimary", pb.BindPrimaryResponse(team=team("wan"),
-                                                                  device="enp3s0"), "PROTOCOL"),
-    "too many capabilities": ("GetVersion", pb.GetVersionResponse(
-        capabilities=[str(n) for n in range(65)]), "PROTOCOL"),
+        "UseStandby",
+        pb.UseStandbyResponse(team=team(active_member="enp7s0")),
+        "PROTOCOL",
+    ),
+    "bound a nameless device": (
+        "BindPrimary",
+        pb.BindPrimaryResponse(team=team(), device=""),
+        "PROTOCOL",
+    ),
+    "bound another team": (
+        "BindPrimary",
+        pb.BindPrimaryResponse(team=team("wan"), device="enp3s0"),
+        "PROTOCOL",
+    ),
+    "too many capabilities": (
+        "GetVersion",
+        pb.GetVersionResponse(capabilities=[str(n) for n in range(65)]),
+        "PROTOCOL",
+    ),
 }
 
 CALLS: dict[str, Callable[[AgentClient], object]] = {
@@ -540,8 +616,9 @@ def hangs_until_its_deadline(released: threading.Event) -> Callable[[str, float 
     return hook
 
 
-def run_both(world: World, journal_path: Path, coordinator_for: Callable[[Journal], Coordinator]
-             ) -> dict[str, tuple[MigrationReport | BaseException, float]]:
+def run_both(
+    world: World, journal_path: Path, coordinator_for: Callable[[Journal], Coordinator]
+) -> dict[str, tuple[MigrationReport | BaseException, float]]:
     """Migrate vm1 and vm2 from A to B at the same time; each one's result and seconds."""
     results: dict[str, tuple[MigrationReport | BaseException, float]] = {}
     started = time.monotonic()
@@ -550,7 +627,8 @@ def run_both(world: World, journal_path: Path, coordinator_for: Callable[[Journa
         with Journal(journal_path) as journal:
             try:
                 report: MigrationReport | BaseException = coordinator_for(journal).migrate(
-                    MigrationRequest(name, A, B))
+                    MigrationRequest(name, A, B)
+                )
             except BaseException as exc:
                 report = exc
             results[name] = (report, time.monotonic() - started)
@@ -565,7 +643,8 @@ def run_both(world: World, journal_path: Path, coordinator_for: Callable[[Journa
 
 
 def test_a_guest_that_hangs_its_switch_does_not_delay_another_domains_migration(
-        journal_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("host.workflow.migration.SWITCH_TIMEOUT", HANG_S)
     world = World((VM1, VM2))
     released = threading.Event()
@@ -583,8 +662,10 @@ def test_a_guest_that_hangs_its_switch_does_not_delay_another_domains_migration(
     assert vm1.outcome is Outcome.ROLLED_BACK
     assert "DEADLINE_EXCEEDED" in (vm1.error or "")
     assert HANG_S <= vm1_s < HANG_S + SLACK
-    assert world.running_on("vm1") == [A] and world.modes("vm1") == {"lan": "primary",
-                                                                     "wan": "primary"}
+    assert world.running_on("vm1") == [A] and world.modes("vm1") == {
+        "lan": "primary",
+        "wan": "primary",
+    }
     assert world.running_on("vm2") == [B] and world.modes("vm2") == {"lan": "primary"}
     with Journal(journal_path) as journal:
         assert journal.open_workflows() == []
@@ -593,14 +674,18 @@ def test_a_guest_that_hangs_its_switch_does_not_delay_another_domains_migration(
 
 
 def test_a_guest_that_never_answers_preflight_is_refused_and_others_go_on(
-        journal_path: Path) -> None:
+    journal_path: Path,
+) -> None:
     world = World((VM1, VM2))
     released = threading.Event()
     world.agent_before[("vm1", "Check")] = hangs_until_its_deadline(released)
 
     def coordinator(journal: Journal) -> Coordinator:
-        return Coordinator(journal, connect=world.connect,  # type: ignore[arg-type]
-                           agent_for=lambda hv, dom, _t: world.agent_for(hv, dom, HANG_S))
+        return Coordinator(
+            journal,
+            connect=world.connect,  # type: ignore[arg-type]
+            agent_for=lambda hv, dom, _t: world.agent_for(hv, dom, HANG_S),
+        )
 
     try:
         results = run_both(world, journal_path, coordinator)
@@ -620,8 +705,6 @@ def test_a_guest_that_never_answers_preflight_is_refused_and_others_go_on(
 
 
 # -- helpers for the handshake tests ---------------------------------------------------------
-
-
 
 
 def _feed(sock: socket.socket, chunk: bytes) -> None:

@@ -24,14 +24,18 @@ TEAMS = """<ptmig:teams xmlns:ptmig="https://ptmig.dev/xmlns/teams/1">
 
 
 def nic(alias: str, mac: str) -> str:
-    return (f"<interface type='network'><mac address='{mac}'/><source network='default'/>"
-            f"<alias name='{alias}'/></interface>")
+    return (
+        f"<interface type='network'><mac address='{mac}'/><source network='default'/>"
+        f"<alias name='{alias}'/></interface>"
+    )
 
 
 def domain_xml(*devices: str) -> str:
-    return ("<domain type='test'><name>drift</name><uuid>" + UUID + "</uuid><memory>65536</memory>"
-            f"<os><type>hvm</type></os><metadata>{TEAMS}</metadata>"
-            f"<devices>{''.join(devices)}</devices></domain>")
+    return (
+        "<domain type='test'><name>drift</name><uuid>" + UUID + "</uuid><memory>65536</memory>"
+        f"<os><type>hvm</type></os><metadata>{TEAMS}</metadata>"
+        f"<devices>{''.join(devices)}</devices></domain>"
+    )
 
 
 UUID = "5e6b7c8d-0000-4000-8000-000000000012"
@@ -76,7 +80,8 @@ def test_unplugging_a_device_that_is_gone_is_done_at_once(hv: Hypervisor) -> Non
 
 
 def test_a_device_gone_live_but_still_defined_is_removed_from_the_definition(
-        hv: Hypervisor) -> None:
+    hv: Hypervisor,
+) -> None:
     """virsh detach-device-alias without --config: only the definition is asked."""
     dom = running(hv, LAN_10)
     hv._conn.defineXML(domain_xml(LAN_1, LAN_10))  # the next boot's definition has it
@@ -96,7 +101,8 @@ def test_a_plugged_device_is_detached_live(hv: Hypervisor) -> None:
 
 
 def test_attach_and_detach_affect_the_definition_only_where_it_has_the_device(
-        hv: Hypervisor) -> None:
+    hv: Hypervisor,
+) -> None:
     dom = running(hv, LAN_10)
     live, config = libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG
     assert hv._affect(dom) == live | config  # an attach: both

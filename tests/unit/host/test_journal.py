@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from workflow_fakes import latest_steps
 
 from host.workflow.journal import (
     SCHEMA_VERSION,
@@ -132,7 +133,7 @@ def test_begin_record_finish_round_trip(journal: Journal) -> None:
         (3, "switch", StepStatus.STARTED),
     ]
     assert steps[2].data == {"team": "t0", "nested": {"a": [1, 2.5, None]}}
-    last = journal.last_status(wid)
+    last = latest_steps(journal, wid)
     assert list(last) == ["preflight", "switch"]
     assert last["preflight"].status is StepStatus.DONE
     assert last["preflight"].data == {"teams": ["t0", "t1"]}
@@ -277,7 +278,7 @@ def test_threads_share_one_journal(journal: Journal) -> None:
         t.join()
     steps = journal.steps(wid)
     assert [s.seq for s in steps] == list(range(1, 81))
-    assert all(last.data == {"i": 19} for last in journal.last_status(wid).values())
+    assert all(last.data == {"i": 19} for last in latest_steps(journal, wid).values())
 
 
 # -- crashes and owners ----------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_sigkilled_coordinator_leaves_an_open_workflow_with_its_step(
         (left,) = after.open_workflows()
         assert left.id == wid and left.domain_uuid == DOMAIN
         assert not after.is_owner_alive(left)
-        last = after.last_status(wid)
+        last = latest_steps(after, wid)
         assert list(last) == ["preflight", "switch"]
         assert last["switch"].status is StepStatus.STARTED
         assert last["switch"].data == {"team": "t0"}
@@ -391,7 +392,7 @@ def test_last_status_is_the_last_record_per_step(
         for name, status, n in calls:
             journal.record(wid, name, status, {"n": n})
             expected[name] = (status, n)
-        last = journal.last_status(wid)
+        last = latest_steps(journal, wid)
         assert list(last) == list(dict.fromkeys(name for name, _, _ in calls))
         assert {k: (v.status, v.data["n"]) for k, v in last.items()} == expected
         assert len(journal.steps(wid)) == len(calls)
@@ -406,8 +407,11 @@ def test_many_processes_opening_a_new_journal_at_once(tmp_path: Path) -> None:
         errors: list[BaseException] = []
         barrier = threading.Barrier(6)
 
-        def open_it(path: Path = path, errors: list[BaseException] = errors,
-                    barrier: threading.Barrier = barrier) -> None:
+        def open_it(
+            path: Path = path,
+            errors: list[BaseException] = errors,
+            barrier: threading.Barrier = barrier,
+        ) -> None:
             barrier.wait()
             try:
                 with Journal(path) as j:
@@ -421,3 +425,33 @@ def test_many_processes_opening_a_new_journal_at_once(tmp_path: Path) -> None:
         for t in threads:
             t.join(30)
         assert not errors, errors
+
+
+def test_a_version_1_journal_is_upgraded_keeping_its_workflows_and_steps(
+    tmp_path: Path,
+) -> None:
+    from host.workflow import journal as journal_module
+
+    path = tmp_path / "v1.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(journal_module._MIGRATIONS[0])
+    db.execute(
+        "INSERT INTO workflows VALUES ('w1', 'migrate', 'u1', 'vm1', 'a', 'b', 'open', NULL, "
+        "1.0, 2.0, 1, NULL, NULL, '{}', NULL)"
+    )
+    db.execute("INSERT INTO steps VALUES ('w1', 1, 'switch', 'started', '{}', 1.5)")
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+
+    with Journal(path) as journal:
+        (left,) = journal.open_workflows()
+        assert (left.id, left.kind, left.domain_name) == ("w1", "migrate", "vm1")
+        assert [(s.name, s.status) for s in journal.steps("w1")] == [("switch", "started")]
+        other = journal.begin("team-set", "u2", "vm2", "a", "a", {})
+        with pytest.raises(WorkflowConflict):
+            journal.begin("pool-define", "u1", "vm1", "a", "a", {})  # the index survived
+        journal.finish(other, "done", {})
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert check.execute("PRAGMA foreign_key_check").fetchall() == []
+    check.close()

@@ -23,17 +23,19 @@ from workflow_fakes import (
     World,
     crash,
     crash_in_child,
+    latest_steps,
 )
 
 from host import cli
 from host.agent_client import AgentError
 from host.domain.domain_xml import parse_domain
+from host.domain.pools import PoolKind
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
 from host.hypervisor import HypervisorError
 from host.workflow.coordinator import Coordinator, Reconciler
 from host.workflow.guest import WorkflowError
 from host.workflow.journal import Journal, WorkflowKind
-from host.workflow.model import MigrationRequest, Outcome
+from host.workflow.model import MigrationRequest, Outcome, PoolStatus, TeamMode
 
 REPO = Path(__file__).resolve().parents[3]
 REQUEST = MigrationRequest("vm1", A, B)
@@ -60,17 +62,18 @@ def on(mode: str) -> dict[str, str]:
 # -- failover ----------------------------------------------------------------------------
 
 
-def test_failover_to_standby_and_back(world: World, coordinator: Coordinator,
-                                      journal: Journal) -> None:
-    assert coordinator.failover(A, "vm1", "standby") == on("standby")
+def test_failover_to_standby_and_back(
+    world: World, coordinator: Coordinator, journal: Journal
+) -> None:
+    assert coordinator.failover(A, "vm1", TeamMode.STANDBY).teams == on("standby")
     assert world.modes("vm1") == on("standby")
     assert recorded_taps(world, A) == {"lan": "ptv-a1", "wan": "ptv-a2"}  # still plugged
-    assert {t: s["on"] for t, s in coordinator.status(A, "vm1")["teams"].items()} == on("standby")
+    assert {t.name: t.mode for t in coordinator.status(A, "vm1").teams} == on("standby")
     record = journal.recent(1)[0]
     assert (record.kind, record.outcome) == (WorkflowKind.FAILOVER, "done")
     assert record.report == {"teams": on("standby")}
 
-    assert coordinator.failover(A, "vm1", "primary") == on("primary")
+    assert coordinator.failover(A, "vm1", TeamMode.PRIMARY).teams == on("primary")
     assert world.modes("vm1") == on("primary")
     assert world.active_taps("vm1") == {"lan": "ptv-a1", "wan": "ptv-a2"}
     assert not [c for c in world.calls if c.method in ("attach", "detach_and_wait")]
@@ -83,40 +86,47 @@ def test_failover_to_primary_plugs_a_device_where_none_is_recorded(journal: Jour
     coordinator = world.coordinator(journal)
     assert coordinator.migrate(REQUEST).outcome is Outcome.DONE_DEGRADED
 
-    assert coordinator.failover(B, "vm1", "primary") == on("standby")  # nothing free yet
+    assert coordinator.failover(B, "vm1", TeamMode.PRIMARY).teams == on(
+        "standby"
+    )  # nothing free yet
     world.set_slots(B, 1)
-    assert sorted(coordinator.failover(B, "vm1", "primary").values()) == ["primary", "standby"]
+    assert sorted(coordinator.failover(B, "vm1", TeamMode.PRIMARY).teams.values()) == [
+        "primary",
+        "standby",
+    ]
     world.set_slots(B, 2)
-    assert coordinator.failover(B, "vm1", "primary") == on("primary")
+    assert coordinator.failover(B, "vm1", TeamMode.PRIMARY).teams == on("primary")
     assert set(recorded_taps(world, B).values()) == {"ptv-b1", "ptv-b2"}
 
 
-def test_failover_forgets_a_recorded_primary_that_is_gone(world: World,
-                                                          coordinator: Coordinator) -> None:
+def test_failover_forgets_a_recorded_primary_that_is_gone(
+    world: World, coordinator: Coordinator
+) -> None:
     hv = world.connect(A)
     hv.detach_and_wait(hv.domain("vm1"), "ua-ptmig-wan-1", 5)  # someone unplugged it
 
-    assert coordinator.failover(A, "vm1", "primary") == on("primary")
+    assert coordinator.failover(A, "vm1", TeamMode.PRIMARY).teams == on("primary")
     taps = recorded_taps(world, A)
     assert taps["lan"] == "ptv-a1" and taps["wan"] in A_TAPS
     assert world.active_taps("vm1") == taps
 
 
-def test_failover_refuses_an_unknown_target(world: World, coordinator: Coordinator,
-                                            journal: Journal) -> None:
-    with pytest.raises(WorkflowError, match="--to must be standby or primary"):
-        coordinator.failover(A, "vm1", "sideways")
+def test_failover_refuses_an_unknown_target(
+    world: World, coordinator: Coordinator, journal: Journal
+) -> None:
+    with pytest.raises(WorkflowError, match="failover goes to standby or primary"):
+        coordinator.failover(A, "vm1", TeamMode.DEGRADED)
     assert journal.recent() == []
     assert world.mutations() == []
 
 
-def test_failed_failover_is_not_journalled_as_done(world: World, coordinator: Coordinator,
-                                                   journal: Journal) -> None:
-    world.fail("agent", "UseStandby", AgentError("DEADLINE_EXCEEDED", "no carrier"),
-               subject="wan")
+def test_failed_failover_is_not_journalled_as_done(
+    world: World, coordinator: Coordinator, journal: Journal
+) -> None:
+    world.fail("agent", "UseStandby", AgentError("DEADLINE_EXCEEDED", "no carrier"), subject="wan")
 
     with pytest.raises(AgentError):
-        coordinator.failover(A, "vm1", "standby")
+        coordinator.failover(A, "vm1", TeamMode.STANDBY)
 
     assert journal.recent(1)[0].outcome == "failed"
 
@@ -127,13 +137,14 @@ def test_failed_failover_is_not_journalled_as_done(world: World, coordinator: Co
 def test_status_reports_where_each_team_runs(world: World, coordinator: Coordinator) -> None:
     status = coordinator.status(A, "vm1")
 
-    assert (status["domain"], status["uuid"]) == ("vm1", VM1.uuid)
-    lan = status["teams"]["lan"]
-    assert (lan["on"], lan["pool"], lan["mac_policy"]) == ("primary", "lab", "preserve")
-    assert lan["primary"]["tap"] == "ptv-a1" and lan["primary"]["alias"] == "ua-ptmig-lan-1"
-    assert lan["active_member"] == "enp3s0" and lan["members"] == ["enp1s0", "enp3s0"]
-    assert status["teams"]["wan"]["on"] == "primary"
-    assert "agent_error" not in status
+    assert (status.domain, status.uuid, status.uri) == ("vm1", VM1.uuid, A)
+    lan, wan = status.teams
+    assert (lan.name, lan.mode, lan.pool, lan.mac_policy) == ("lan", "primary", "lab", "preserve")
+    assert lan.primary is not None
+    assert (lan.primary.tap, lan.primary.alias) == ("ptv-a1", "ua-ptmig-lan-1")
+    assert lan.active_member == "enp3s0" and lan.members == ("enp1s0", "enp3s0")
+    assert (wan.name, wan.mode) == ("wan", TeamMode.PRIMARY)
+    assert status.agent_error == "" and status.open_workflow_id == ""
     assert world.mutations() == []
 
 
@@ -143,35 +154,39 @@ def test_status_of_a_degraded_domain_and_of_a_silent_agent(journal: Journal) -> 
     coordinator.migrate(REQUEST)
 
     status = coordinator.status(B, "vm1")
-    assert {t: s["on"] for t, s in status["teams"].items()} == on("degraded")
-    assert status["teams"]["lan"]["primary"] is None
+    assert {t.name: t.mode for t in status.teams} == on("degraded")
+    assert status.teams[0].primary is None
 
     world.guest("vm1").agent_up = False
     status = coordinator.status(B, VM1.uuid)
-    assert {t: s["on"] for t, s in status["teams"].items()} == on("unknown")
-    assert "UNAVAILABLE" in status["agent_error"]
+    assert {t.name: t.mode for t in status.teams} == on("unknown")
+    assert "UNAVAILABLE" in status.agent_error
+    assert all(t.detail == f"guest agent: {status.agent_error}" for t in status.teams)
+
+
+def lab_pool(free: list[str], total: int = 4) -> PoolStatus:
+    return PoolStatus("lab", PoolKind.EMULATED, total, len(free), tuple(free))
 
 
 def test_pools_count_free_devices_per_host(world: World, coordinator: Coordinator) -> None:
-    assert coordinator.pools(A) == [{"name": "lab", "kind": "EmulatedPool", "free": 2}]
-    assert coordinator.pools(B) == [{"name": "lab", "kind": "EmulatedPool", "free": 4}]
+    assert coordinator.pools(A) == [lab_pool(["ptv-a3", "ptv-a4"])]
+    assert coordinator.pools(B) == [lab_pool(["ptv-b1", "ptv-b2", "ptv-b3", "ptv-b4"])]
 
     assert coordinator.migrate(REQUEST).outcome is Outcome.DONE
 
-    assert coordinator.pools(A) == [{"name": "lab", "kind": "EmulatedPool", "free": 4}]
-    assert coordinator.pools(B) == [{"name": "lab", "kind": "EmulatedPool", "free": 2}]
+    assert coordinator.pools(A) == [lab_pool(["ptv-a1", "ptv-a2", "ptv-a3", "ptv-a4"])]
+    assert coordinator.pools(B) == [lab_pool(["ptv-b3", "ptv-b4"])]
     world.set_slots(B, None)
     assert coordinator.pools(B) == []  # "default" is no pool
 
 
 def test_workflows_lists_the_journal_newest_first(coordinator: Coordinator) -> None:
-    coordinator.failover(A, "vm1", "standby")
+    coordinator.failover(A, "vm1", TeamMode.STANDBY)
     coordinator.migrate(REQUEST)
 
     rows = coordinator.workflows()
-    assert [(r["kind"], r["outcome"]) for r in rows] == [("migrate", "done"),
-                                                          ("failover", "done")]
-    assert all(r["state"] == "closed" and r["owner_alive"] for r in rows)
+    assert [(r.kind, r.outcome) for r in rows] == [("migrate", "done"), ("failover", "done")]
+    assert all(r.state == "closed" and r.owner_alive for r in rows)
 
 
 # -- recover: finish what a dead coordinator left ----------------------------------------
@@ -188,7 +203,8 @@ def open_one(journal: Journal) -> str:
 
 
 def test_recover_rolls_back_when_the_vm_is_still_on_the_source(
-        world: World, journal_path: Path) -> None:
+    world: World, journal_path: Path
+) -> None:
     crash_migration(world, journal_path, Events({("unplug", "started"): crash}))
     assert world.modes("vm1") == on("standby")  # switched, then the coordinator died
 
@@ -196,11 +212,10 @@ def test_recover_rolls_back_when_the_vm_is_still_on_the_source(
         workflow_id = open_one(journal)
         (result,) = world.coordinator(journal).recover()
 
-        assert (result["workflow"], result["result"]) == (workflow_id, "rolled-back")
-        assert "on the source" in result["detail"]
+        assert (result.workflow_id, result.action) == (workflow_id, "rolled-back")
+        assert "on the source" in result.detail
         record = journal.get(workflow_id)
-        assert record is not None and (record.state, record.outcome) == ("closed",
-                                                                          "rolled-back")
+        assert record is not None and (record.state, record.outcome) == ("closed", "rolled-back")
         assert record.report is not None and record.report["recovered"] is True
         assert journal.open_workflows() == []
     assert world.running_on("vm1") == [A]
@@ -209,7 +224,8 @@ def test_recover_rolls_back_when_the_vm_is_still_on_the_source(
 
 
 def test_recover_replugs_a_primary_unplugged_before_the_crash(
-        world: World, journal_path: Path) -> None:
+    world: World, journal_path: Path
+) -> None:
     """Killed between a detach and the metadata write: the record names a device that
     is gone; recovery must plug a new one rather than bind a ghost."""
     world.fail(A, "set_metadata", SimulatedCrash())
@@ -220,43 +236,44 @@ def test_recover_replugs_a_primary_unplugged_before_the_crash(
     with Journal(journal_path) as journal:
         (result,) = world.coordinator(journal).recover()
 
-    assert result["result"] == "rolled-back"
+    assert result.action == "rolled-back"
     assert world.modes("vm1") == on("primary")
     taps = recorded_taps(world, A)
     assert set(taps.values()) <= A_TAPS and world.active_taps("vm1") == taps
 
 
 def test_recover_rolls_forward_when_the_vm_is_on_the_destination(
-        world: World, journal_path: Path) -> None:
+    world: World, journal_path: Path
+) -> None:
     crash_migration(world, journal_path, Events({("bind", "started"): crash}))
     assert world.running_on("vm1") == [B]
 
     with Journal(journal_path) as journal:
         (result,) = world.coordinator(journal).recover()
-        assert result["result"] == "done" and "on the destination" in result["detail"]
+        assert result.action == "done" and "on the destination" in result.detail
         assert journal.open_workflows() == []
     assert world.modes("vm1") == on("primary")
     assert set(world.active_taps("vm1").values()) <= B_TAPS
     assert recorded_taps(world, B) == world.active_taps("vm1")
 
 
-def test_recover_after_a_crash_inside_the_migration_call(
-        world: World, journal_path: Path) -> None:
+def test_recover_after_a_crash_inside_the_migration_call(world: World, journal_path: Path) -> None:
     world.fail(A, "migrate:after", SimulatedCrash())
     crash_migration(world, journal_path, Events())
 
     with Journal(journal_path) as journal:
-        last = journal.last_status(open_one(journal))
+        last = latest_steps(journal, open_one(journal))
         assert str(last["migrate"].status) == "started"
         (result,) = world.coordinator(journal).recover()
 
-    assert result["result"] == "done"
+    assert result.action == "done"
     assert world.running_on("vm1") == [B]
     assert world.modes("vm1") == on("primary")
 
 
 def test_recover_waits_for_a_migration_job_the_dead_coordinator_left_running(
-        world: World, journal_path: Path) -> None:
+    world: World, journal_path: Path
+) -> None:
     """libvirtd runs a p2p migration on after its client died: recover must not look
     where the VM is (both hosts, for a moment) before that job ended."""
     crash_migration(world, journal_path, Events({("migrate", "started"): crash}))
@@ -274,13 +291,14 @@ def test_recover_waits_for_a_migration_job_the_dead_coordinator_left_running(
         (result,) = world.coordinator(journal).recover()
 
     assert len(polls) == 3
-    assert result["result"] == "rolled-back"
+    assert result.action == "rolled-back"
     assert world.modes("vm1") == on("primary")
 
 
 @pytest.mark.parametrize("where", ["no-host", "both-hosts"])
 def test_recover_refuses_to_guess_where_the_vm_is(
-        world: World, journal_path: Path, where: str) -> None:
+    world: World, journal_path: Path, where: str
+) -> None:
     crash_migration(world, journal_path, Events({("migrate", "started"): crash}))
     if where == "no-host":
         world.destroy("vm1", A)
@@ -290,30 +308,38 @@ def test_recover_refuses_to_guess_where_the_vm_is(
 
     with Journal(journal_path) as journal:
         (result,) = world.coordinator(journal).recover()
-        assert result["result"] == "failed"
-        assert "check by hand" in result["detail"]
+        assert result.action == "failed"
+        assert "check by hand" in result.detail
         assert journal.open_workflows() == []
         assert journal.recent(1)[0].outcome == "failed"
     assert world.mutations() == []
 
 
 def test_recover_leaves_a_living_coordinators_workflow_alone(
-        world: World, journal: Journal, journal_path: Path) -> None:
+    world: World, journal: Journal, journal_path: Path
+) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from host.workflow.journal import Journal\n"
-         "j = Journal(sys.argv[1])\n"
-         "j.begin('migrate', sys.argv[2], 'vm1', 'fake://a', 'fake://b', {})\n"
-         "print('ready', flush=True)\n"
-         "time.sleep(60)\n",
-         str(journal_path), VM1.uuid],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from host.workflow.journal import Journal\n"
+            "j = Journal(sys.argv[1])\n"
+            "j.begin('migrate', sys.argv[2], 'vm1', 'fake://a', 'fake://b', {})\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n",
+            str(journal_path),
+            VM1.uuid,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         (result,) = world.coordinator(journal).recover()
-        assert result["result"] == "still running"
+        assert result.action == "still running"
         (still,) = journal.open_workflows()
         assert still.owner_pid == holder.pid
     finally:
@@ -333,7 +359,7 @@ def test_after_recovery_the_domain_migrates_again(world: World, journal_path: Pa
 
     with Journal(journal_path) as journal:
         coordinator = world.coordinator(journal)
-        assert [r["result"] for r in coordinator.recover()] == ["rolled-back"]
+        assert [r.action for r in coordinator.recover()] == ["rolled-back"]
         report = coordinator.migrate(REQUEST)
 
     assert report.outcome is Outcome.DONE, report.error
@@ -341,7 +367,8 @@ def test_after_recovery_the_domain_migrates_again(world: World, journal_path: Pa
 
 
 def test_recover_in_the_same_process_leaves_a_running_migration_alone(
-        world: World, journal_path: Path) -> None:
+    world: World, journal_path: Path
+) -> None:
     paused, resume = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
@@ -353,7 +380,8 @@ def test_recover_in_the_same_process_leaves_a_running_migration_alone(
         with Journal(journal_path) as journal:
             try:
                 outcome["report"] = world.coordinator(journal).migrate(
-                    REQUEST, Events({("unplug", "started"): pause}))
+                    REQUEST, Events({("unplug", "started"): pause})
+                )
             except Exception as exc:
                 outcome["error"] = exc
 
@@ -366,7 +394,7 @@ def test_recover_in_the_same_process_leaves_a_running_migration_alone(
     finally:
         resume.set()
         worker.join(30)
-    assert [r["result"] for r in results] == ["still running"]
+    assert [r.action for r in results] == ["still running"]
     report = outcome.get("report")
     assert report is not None and report.outcome is Outcome.DONE  # type: ignore[attr-defined]
 
@@ -383,13 +411,14 @@ def test_reconciler_repairs_and_backs_off_from_a_broken_host(journal: Journal) -
 
     repaired = reconciler.run_once()
 
-    assert repaired == [{"domain": VM1.uuid, "teams": on("primary")}]
+    assert [(r.domain_uuid, r.teams, r.error) for r in repaired] == [(VM1.uuid, on("primary"), "")]
     assert world.modes("vm1") == on("primary")
     assert reconciler._backoff == {B: 1, "fake://gone": 2}
 
 
 def test_stopping_the_reconciler_waits_for_its_repair_and_closes_the_workflow(
-        journal: Journal) -> None:
+    journal: Journal,
+) -> None:
     world = World(slots={B: 0})
     coordinator = world.coordinator(journal)
     coordinator.migrate(REQUEST)
@@ -423,8 +452,12 @@ Ptmig = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def ptmig(world: World, journal: Journal, monkeypatch: pytest.MonkeyPatch,
-          capsys: pytest.CaptureFixture[str]) -> Ptmig:
+def ptmig(
+    world: World,
+    journal: Journal,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Ptmig:
     """``ptmig ARGS`` over the world: (exit code, stdout, stderr)."""
     monkeypatch.setattr(cli, "_coordinator", lambda args: world.coordinator(journal))
 
@@ -447,8 +480,13 @@ def test_cli_migrate_json_report(ptmig: Ptmig) -> None:
     code, out, _ = ptmig("migrate", "vm1", B, "--json")
     report = json.loads(out)
     assert code == 0 and report["outcome"] == "done"
-    assert [p["name"] for p in report["phases"]] == ["preflight", "switch", "unplug",
-                                                      "migrate", "bind"]
+    assert [p["name"] for p in report["phases"]] == [
+        "preflight",
+        "switch",
+        "unplug",
+        "migrate",
+        "bind",
+    ]
 
 
 def test_cli_migrate_degraded_is_3(ptmig: Ptmig, world: World) -> None:
@@ -458,8 +496,7 @@ def test_cli_migrate_degraded_is_3(ptmig: Ptmig, world: World) -> None:
     assert "done-degraded" in out
 
 
-def test_cli_migrate_refused_is_4_in_one_line(
-        ptmig: Ptmig, world: World) -> None:
+def test_cli_migrate_refused_is_4_in_one_line(ptmig: Ptmig, world: World) -> None:
     world.guest("vm1").agent_up = False
     code, out, err = ptmig("migrate", "vm1", B)
     assert code == cli.EXIT_ROLLED_BACK == 4
@@ -470,8 +507,7 @@ def test_cli_migrate_refused_is_4_in_one_line(
     assert "Traceback" not in err
 
 
-def test_cli_hostile_agent_is_a_refusal_without_traceback(
-        ptmig: Ptmig, world: World) -> None:
+def test_cli_hostile_agent_is_a_refusal_without_traceback(ptmig: Ptmig, world: World) -> None:
     world.tamper["GetState"] = lambda reply: reply.teams[0].members.append("x" * 200)
     code, _, err = ptmig("migrate", "vm1", B)
     assert code == 4
@@ -491,14 +527,14 @@ def test_cli_migrate_rolled_back_is_4(ptmig: Ptmig, world: World) -> None:
 def test_cli_migrate_failed_is_5(ptmig: Ptmig, world: World) -> None:
     world.fail(A, "migrate", HypervisorError("migrate vm1: job aborted", 1))
     world.before[(A, "migrate")] = lambda _: world.fail(
-        A, "set_metadata", HypervisorError("set metadata: disk full", 1), every=True)
+        A, "set_metadata", HypervisorError("set metadata: disk full", 1), every=True
+    )
     code, out, _ = ptmig("migrate", "vm1", B)
     assert code == cli.EXIT_FAILED == 5
     assert out.startswith("vm1: failed") and "disk full" in out
 
 
-def test_cli_busy_domain_is_6(
-        ptmig: Ptmig, world: World, journal: Journal) -> None:
+def test_cli_busy_domain_is_6(ptmig: Ptmig, world: World, journal: Journal) -> None:
     journal.begin("migrate", VM1.uuid, "vm1", A, B, {})
     code, _, err = ptmig("migrate", "vm1", B)
     assert code == cli.EXIT_BUSY == 6
@@ -506,10 +542,16 @@ def test_cli_busy_domain_is_6(
     assert world.mutations() == []
 
 
-@pytest.mark.parametrize("args", [["migrate", "vm1"], ["failover", "vm1", "--to", "sideways"],
-                                  ["migrate", "vm1", B, "--max-downtime", "soon"], ["frobnicate"]])
-def test_cli_bad_arguments_are_2(ptmig: Ptmig, world: World,
-                                 args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate", "vm1"],
+        ["failover", "vm1", "--to", "sideways"],
+        ["migrate", "vm1", B, "--max-downtime", "soon"],
+        ["frobnicate"],
+    ],
+)
+def test_cli_bad_arguments_are_2(ptmig: Ptmig, world: World, args: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         ptmig(*args)
     assert caught.value.code == cli.EXIT_USAGE == 2
@@ -518,8 +560,12 @@ def test_cli_bad_arguments_are_2(ptmig: Ptmig, world: World,
 
 def test_cli_unusable_team_metadata_is_2(ptmig: Ptmig, world: World) -> None:
     hv = world.connect(A)
-    hv.set_metadata(hv.domain("vm1"), TEAMS_NS, TEAMS_PREFIX,
-                    "<teams><team name='lan' pool='lab' mac-polcy='preserve'/></teams>")
+    hv.set_metadata(
+        hv.domain("vm1"),
+        TEAMS_NS,
+        TEAMS_PREFIX,
+        "<teams><team name='lan' pool='lab' mac-polcy='preserve'/></teams>",
+    )
     world.calls.clear()
     code, _, err = ptmig("status", "vm1")
     assert code == 2
@@ -530,15 +576,16 @@ def test_cli_unusable_team_metadata_is_2(ptmig: Ptmig, world: World) -> None:
 def test_cli_failover_status_pools_recover(ptmig: Ptmig) -> None:
     assert ptmig("failover", "vm1", "--to", "standby")[:2] == (0, "lan: standby\nwan: standby\n")
     code, out, _ = ptmig("status", "vm1", "--json")
-    assert code == 0 and json.loads(out)["teams"]["lan"]["on"] == "standby"
+    assert code == 0 and json.loads(out)["teams"][0]["mode"] == "standby"
     assert ptmig("failover", "vm1", "--to", "primary")[0] == 0
     code, out, _ = ptmig("pools")
-    assert code == 0 and out.split()[:4] == ["lab", "EmulatedPool", "free", "2"]
+    assert code == 0 and out.split()[:6] == ["lab", "emulated", "free", "2", "of", "4"]
     assert ptmig("recover")[:2] == (0, "nothing to recover\n")
 
 
 def test_cli_failover_to_primary_without_a_free_device_is_3(
-        ptmig: Ptmig, world: World, journal: Journal) -> None:
+    ptmig: Ptmig, world: World, journal: Journal
+) -> None:
     world.set_slots(B, 0)
     world.coordinator(journal).migrate(REQUEST)
     code, out, _ = ptmig("-c", B, "failover", "vm1", "--to", "primary")
@@ -546,8 +593,7 @@ def test_cli_failover_to_primary_without_a_free_device_is_3(
     assert out == "lan: standby\nwan: standby\n"
 
 
-def test_cli_recover_failed_is_5(
-        ptmig: Ptmig, world: World, journal_path: Path) -> None:
+def test_cli_recover_failed_is_5(ptmig: Ptmig, world: World, journal_path: Path) -> None:
     crash_migration(world, journal_path, Events({("migrate", "started"): crash}))
     world.destroy("vm1", A)
     code, out, _ = ptmig("recover")
@@ -555,9 +601,89 @@ def test_cli_recover_failed_is_5(
     assert ": failed domain runs on no host" in out
 
 
-def test_cli_agent_failure_is_1_without_traceback(
-        ptmig: Ptmig, world: World) -> None:
+def test_cli_agent_failure_is_1_without_traceback(ptmig: Ptmig, world: World) -> None:
     world.guest("vm1").agent_up = False
     code, _, err = ptmig("failover", "vm1", "--to", "standby")
     assert code == cli.EXIT_ERROR == 1
     assert err.startswith("ptmig: ") and "UNAVAILABLE" in err
+
+
+def test_cli_team_and_pool_commands_go_through_the_journal(
+    ptmig: Ptmig, world: World, journal: Journal
+) -> None:
+    code, out, _ = ptmig("team-show", "vm1", "--json")
+    assert code == 0 and [t["name"] for t in json.loads(out)["teams"]] == ["lan", "wan"]
+    assert ptmig("team-remove", "vm1", "wan")[0] == 0
+    assert ptmig("team-remove", "vm1", "wan")[:1] == (cli.EXIT_USAGE,)
+    code, out, _ = ptmig(
+        "team-set",
+        "vm1",
+        "--team",
+        "wan",
+        "--standby-mac",
+        "52:54:00:00:02:01",
+        "--pool",
+        "lab",
+        "--mac-policy",
+        "none",
+    )
+    assert code == 0 and out.splitlines()[1].startswith("wan: standby 52:54:00:00:02:01")
+    # 'vf' is the old spelling of vf-network
+    code, out, _ = ptmig("pool-define", "vfs", "--kind", "vf", "--vf", "0000:5e:02.0")
+    assert code == 0 and out.split()[:2] == ["vfs", "vf-network"]
+    code, _, err = ptmig("pool-define", "nics", "--kind", "pci", "--bridge", "br0")
+    assert code == cli.EXIT_USAGE and "a pci pool has no bridge" in err
+    assert ptmig("pool-undefine", "vfs")[0] == 0
+    assert ptmig("pool-undefine", "vfs")[0] == cli.EXIT_USAGE
+    assert [w.kind for w in journal.recent()] == [
+        "pool-undefine",
+        "pool-define",
+        "team-set",
+        "team-remove",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [
+            "team-set",
+            "vm1",
+            "--team",
+            "x",
+            "--standby-mac",
+            "1",
+            "--pool",
+            "p",
+            "--mac-policy",
+            "y",
+        ],
+        ["pool-define", "p", "--kind", "sriov"],
+        ["pool-define", "p", "--kind", "emulated", "--slot", "tap-without-mac"],
+    ],
+)
+def test_cli_bad_configuration_arguments_are_2(ptmig: Ptmig, world: World, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        ptmig(*args)
+    assert caught.value.code == cli.EXIT_USAGE
+    assert world.calls == []
+
+
+def test_recover_closes_a_configuration_change_whose_coordinator_died(
+    world: World, journal_path: Path
+) -> None:
+    pid = os.fork()
+    if pid == 0:  # a coordinator killed inside team-set, between begin and finish
+        try:
+            Journal(journal_path).begin("team-set", VM1.uuid, "vm1", A, A, {"name": "lan"})
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    with Journal(journal_path) as journal:
+        (result,) = world.coordinator(journal).recover()
+        (row,) = journal.recent()
+        assert journal.open_workflows() == []
+    assert (result.domain, result.action, result.outcome) == ("vm1", "failed", Outcome.FAILED)
+    assert "a team-set whose coordinator died" in result.detail
+    assert (row.kind, row.outcome) == ("team-set", "failed")
+    assert world.mutations() == []

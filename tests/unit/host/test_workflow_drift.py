@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from workflow_fakes import POOL_SLOTS, A, B, Events, World
 
-from host.daemon import report_message, status_message
+from host.daemon.encode import report_message, status_message
 from host.domain.domain_xml import parse_domain
 from host.workflow.coordinator import Coordinator
 from host.workflow.drift import TeamCase
 from host.workflow.guest import GuestOnHost, PreflightError
 from host.workflow.journal import Journal
-from host.workflow.model import MigrationReport, MigrationRequest, Outcome
+from host.workflow.model import MigrationReport, MigrationRequest, Outcome, TeamMode, TeamStatus
 
 REQUEST = MigrationRequest("vm1", A, B)
 B_TAPS = {tap for tap, _ in POOL_SLOTS[B]}
@@ -34,8 +34,11 @@ def calls(world: World, method: str) -> list[str]:
 
 def step_data(journal: Journal, step: str) -> dict[str, Any]:
     """What the last workflow's *step* recorded as done."""
-    (done,) = [s for s in journal.steps(journal.recent(1)[0].id)
-               if s.name == step and str(s.status) == "done"]
+    (done,) = [
+        s
+        for s in journal.steps(journal.recent(1)[0].id)
+        if s.name == step and str(s.status) == "done"
+    ]
     return dict(done.data)
 
 
@@ -110,7 +113,8 @@ def test_a_primary_detached_outside_ptmig_migrates_done(world: World, journal: J
 
 
 def test_primaries_detached_outside_with_an_empty_destination_pool_is_done_degraded(
-        journal: Journal) -> None:
+    journal: Journal,
+) -> None:
     world = World(slots={B: 0})
     world.detach_outside("vm1", "ua-ptmig-lan-1", config=True)
     world.detach_outside("vm1", "ua-ptmig-wan-1")
@@ -139,7 +143,8 @@ def test_a_device_plugged_by_hand_is_adopted(world: World, journal: Journal) -> 
 
 
 def test_two_devices_plugged_by_hand_are_refused_naming_them(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     world.attach_outside("vm1", 2, "ua-hand-1")
     world.attach_outside("vm1", 3, "ua-hand-2")
@@ -157,7 +162,8 @@ def test_two_devices_plugged_by_hand_are_refused_naming_them(
 
 
 def test_a_team_the_agent_has_on_its_standby_is_not_switched(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     world.coordinator(journal).failover(A, "vm1", "standby")
     world.calls.clear()
 
@@ -174,7 +180,8 @@ def test_a_team_the_agent_has_on_its_standby_is_not_switched(
 
 
 def test_a_rollback_leaves_a_degraded_team_degraded_and_is_rolled_back(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     world.fail(A, "migrate")
 
@@ -188,7 +195,8 @@ def test_a_rollback_leaves_a_degraded_team_degraded_and_is_rolled_back(
 
 
 def test_a_switch_back_never_waits_for_a_device_that_is_gone(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     """The operator unplugs wan's primary after the switch; lan's unplug then fails."""
     events = Events({("switch", "done"): lambda: world.detach_outside("vm1", "ua-ptmig-wan-1")})
     world.fail(A, "detach_and_wait", subject="ua-ptmig-lan-1")
@@ -198,8 +206,10 @@ def test_a_switch_back_never_waits_for_a_device_that_is_gone(
     assert report.outcome is Outcome.ROLLED_BACK, report.error
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
     # wan got a device plugged anew; no bind asked for the one that was gone.
-    assert any("recorded primary ua-ptmig-wan-1 is not plugged; plugging another" in e.message
-               for e in events.events)
+    assert any(
+        "recorded primary ua-ptmig-wan-1 is not plugged; plugging another" in e.message
+        for e in events.events
+    )
     wan = recorded(world, A)["wan"]
     hv = world.connect(A)
     assert wan is not None and hv.has_device(hv.domain("vm1"), wan)
@@ -207,7 +217,8 @@ def test_a_switch_back_never_waits_for_a_device_that_is_gone(
 
 
 def test_a_failed_compensation_logs_one_line_without_traceback(
-        journal: Journal, caplog: pytest.LogCaptureFixture) -> None:
+    journal: Journal, caplog: pytest.LogCaptureFixture
+) -> None:
     world = World(slots={A: 2})
     world.fail(A, "migrate")
     world.fail(A, "attach", every=True)  # the re-plug finds no device it can plug
@@ -224,30 +235,38 @@ def test_a_failed_compensation_logs_one_line_without_traceback(
 # -- the reconciler and status see the same -------------------------------------------
 
 
-def test_status_and_the_reconciler_agree_with_preflight(
-        world: World, journal: Journal) -> None:
+def test_status_and_the_reconciler_agree_with_preflight(world: World, journal: Journal) -> None:
     coordinator: Coordinator = world.coordinator(journal)
     world.detach_outside("vm1", "ua-ptmig-lan-1")
 
     status = coordinator.status(A, "vm1")
-    lan = status["teams"]["lan"]
-    assert (lan["on"], lan["case"]) == ("degraded", "primary-absent")
-    assert lan["drift"].startswith("recorded primary ua-ptmig-lan-1 is not plugged")
-    assert status["teams"]["wan"]["drift"] == ""
+    teams = {t.name: t for t in status.teams}
+    lan = teams["lan"]
+    assert (lan.mode, lan.case) == (TeamMode.DEGRADED, "primary-absent")
+    assert lan.drift.startswith("recorded primary ua-ptmig-lan-1 is not plugged")
+    assert teams["wan"].drift == ""
     # The API's status message carries the same line.
-    api = {t.name: t for t in status_message(status, A, "vm1").teams}
-    assert api["lan"].drift == lan["drift"] and api["wan"].drift == ""
+    api = {t.name: t for t in status_message(status).teams}
+    assert api["lan"].drift == lan.drift and api["wan"].drift == ""
+    assert api["lan"].case == "primary-absent"
 
     repaired = coordinator.reconcile(A)
 
-    assert repaired == [{"domain": world.find("vm1", A).uuid,  # type: ignore[union-attr]
-                         "teams": {"lan": "primary", "wan": "primary"}}]
+    assert [(r.domain_uuid, r.teams) for r in repaired] == [
+        (world.find("vm1", A).uuid, {"lan": "primary", "wan": "primary"})  # type: ignore[union-attr]
+    ]
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
-    assert coordinator.status(A, "vm1")["teams"]["lan"]["drift"] == ""
+    after = {t.name: t for t in coordinator.status(A, "vm1").teams}
+    assert after["lan"].drift == ""
+
+
+def team_status(coordinator: Coordinator, name: str) -> TeamStatus:
+    return next(t for t in coordinator.status(A, "vm1").teams if t.name == name)
 
 
 def test_the_reconciler_leaves_an_ambiguous_team_to_a_person(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     coordinator = world.coordinator(journal)
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     world.attach_outside("vm1", 2, "ua-hand-1")
@@ -257,19 +276,18 @@ def test_the_reconciler_leaves_an_ambiguous_team_to_a_person(
 
     assert coordinator.reconcile(A) == []
     assert world.snapshot() == before
-    lan = coordinator.status(A, "vm1")["teams"]["lan"]
-    assert (lan["on"], lan["case"]) == ("degraded", "ambiguous")
-    assert "ua-hand-1, ua-hand-2" in lan["drift"]
+    lan = team_status(coordinator, "lan")
+    assert (lan.mode, lan.case) == (TeamMode.DEGRADED, "ambiguous")
+    assert "ua-hand-1, ua-hand-2" in lan.drift
 
 
-def test_the_reconciler_adopts_a_device_plugged_by_hand(
-        world: World, journal: Journal) -> None:
+def test_the_reconciler_adopts_a_device_plugged_by_hand(world: World, journal: Journal) -> None:
     coordinator = world.coordinator(journal)
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     world.attach_outside("vm1", 2, "ua-hand-1")
-    lan = coordinator.status(A, "vm1")["teams"]["lan"]
-    assert (lan["on"], lan["case"]) == ("standby", "unrecorded")  # not in the bond yet
-    assert lan["drift"].startswith("device ua-hand-1 of pool lab is plugged but not recorded")
+    lan = team_status(coordinator, "lan")
+    assert (lan.mode, lan.case) == (TeamMode.STANDBY, "unrecorded")  # not in the bond yet
+    assert lan.drift.startswith("device ua-hand-1 of pool lab is plugged but not recorded")
 
     coordinator.reconcile(A)
 

@@ -40,8 +40,12 @@ A_MACS = {mac for _, mac in POOL_SLOTS[A]}
 B_TAPS = {tap for tap, _ in POOL_SLOTS[B]}
 
 
-def migrate(world: World, journal: Journal, events: Events | None = None,
-            request: MigrationRequest = REQUEST) -> MigrationReport:
+def migrate(
+    world: World,
+    journal: Journal,
+    events: Events | None = None,
+    request: MigrationRequest = REQUEST,
+) -> MigrationReport:
     return world.coordinator(journal).migrate(request, events or Events())
 
 
@@ -78,8 +82,9 @@ def assert_on_devices_of(world: World, uri: str, taps: set[str], name: str = "vm
     assert {t: tap for t, tap in recorded.items() if tap} == primaries
 
 
-def assert_back_on_source(world: World, report: MigrationReport,
-                          teams: tuple[str, ...] = ("lan", "wan")) -> None:
+def assert_back_on_source(
+    world: World, report: MigrationReport, teams: tuple[str, ...] = ("lan", "wan")
+) -> None:
     assert report.outcome is Outcome.ROLLED_BACK, report.error
     assert world.running_on("vm1") == [A]
     assert report.teams == dict.fromkeys(teams, "primary")
@@ -92,8 +97,7 @@ def assert_back_on_source(world: World, report: MigrationReport,
 # -- the happy path ---------------------------------------------------------------------
 
 
-def test_migration_puts_every_team_on_a_destination_primary(
-        world: World, journal: Journal) -> None:
+def test_migration_puts_every_team_on_a_destination_primary(world: World, journal: Journal) -> None:
     events = Events()
     report = migrate(world, journal, events)
 
@@ -119,7 +123,8 @@ def test_migration_puts_every_team_on_a_destination_primary(
     assert (record.state, record.outcome) == ("closed", "done")
     assert record.report is not None and record.report["teams"] == report.teams
     assert step_rows(journal, record.id) == [
-        (phase, status) for phase in PHASES for status in ("started", "done")]
+        (phase, status) for phase in PHASES for status in ("started", "done")
+    ]
     assert journal.open_workflows() == []
     assert world.agents_open == 0
 
@@ -140,7 +145,8 @@ def test_mac_policies_reach_the_guest(world: World, journal: Journal) -> None:
 
 
 def test_persistent_xml_sent_on_never_names_source_devices_without_aliases(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     """A definition may name a primary without our alias (libvirt keeps only ``ua-``
     aliases, ``virsh define`` needs none); detach then leaves it in the definition, and
     the persistent XML the destination gets must still be without it."""
@@ -224,8 +230,7 @@ REFUSALS: dict[str, tuple[Callable[[World], None], str]] = {
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_preflight_refuses_and_changes_nothing(
-        world: World, journal: Journal, case: str) -> None:
+def test_preflight_refuses_and_changes_nothing(world: World, journal: Journal, case: str) -> None:
     arrange, message = REFUSALS[case]
     arrange(world)
     world.calls.clear()
@@ -255,10 +260,12 @@ def _long_team_name(reply: object) -> None:
     reply.teams[0].name = "t" * 200  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("tamper", [_long_member, _bad_link_mac, _long_team_name],
-                         ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "tamper", [_long_member, _bad_link_mac, _long_team_name], ids=lambda f: f.__name__[1:]
+)
 def test_hostile_agent_state_is_a_clean_refusal(
-        world: World, journal: Journal, tamper: Callable[[object], None]) -> None:
+    world: World, journal: Journal, tamper: Callable[[object], None]
+) -> None:
     world.tamper["GetState"] = tamper
     before = world.snapshot()
 
@@ -287,8 +294,7 @@ def test_control_characters_in_agent_names_are_refused(world: World, journal: Jo
 # -- a destination without free devices -----------------------------------------------
 
 
-def test_empty_destination_pool_degrades_and_the_reconciler_repairs_later(
-        journal: Journal) -> None:
+def test_empty_destination_pool_degrades_and_the_reconciler_repairs_later(journal: Journal) -> None:
     world = World(slots={B: 0})
     events = Events()
 
@@ -299,25 +305,30 @@ def test_empty_destination_pool_degrades_and_the_reconciler_repairs_later(
     assert world.running_on("vm1") == [B]
     assert world.modes("vm1") == {"lan": "standby", "wan": "standby"}
     assert teams_on(world, B) == {"lan": None, "wan": None}
-    assert any(e.phase == "preflight" and e.state == "info" and "lan, wan" in e.message
-               for e in events.events)
+    assert any(
+        e.phase == "preflight" and e.state == "info" and "lan, wan" in e.message
+        for e in events.events
+    )
     assert last_workflow(journal).outcome == "done-degraded"
 
     world.set_slots(B, 4)
     repaired = world.coordinator(journal).reconcile(B)
 
-    assert repaired == [{"domain": VM1.uuid, "teams": {"lan": "primary", "wan": "primary"}}]
+    (repair_result,) = repaired
+    assert (repair_result.domain_uuid, repair_result.error) == (VM1.uuid, "")
+    assert repair_result.teams == {"lan": "primary", "wan": "primary"}
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
     assert_on_devices_of(world, B, B_TAPS)
     repair = journal.recent(1)[0]
     assert (repair.kind, repair.state, repair.outcome) == (WorkflowKind.REPAIR, "closed", "done")
+    assert repair.id == repair_result.workflow_id
     assert world.coordinator(journal).reconcile(B) == []  # nothing left to repair
 
 
 def test_bind_failure_on_the_destination_unplugs_that_device_again(
-        world: World, journal: Journal) -> None:
-    world.fail("agent", "BindPrimary", AgentError("DEADLINE_EXCEEDED", "no carrier"),
-               subject="wan")
+    world: World, journal: Journal
+) -> None:
+    world.fail("agent", "BindPrimary", AgentError("DEADLINE_EXCEEDED", "no carrier"), subject="wan")
 
     report = migrate(world, journal)
 
@@ -328,12 +339,13 @@ def test_bind_failure_on_the_destination_unplugs_that_device_again(
     assert_on_devices_of(world, B, B_TAPS)
     for xml in (world.live_xml("vm1", B), world.config_xml("vm1", B)):
         assert device_aliases(xml) == ["ua-ptmig-lan-1"]
-    assert world.coordinator(journal).pools(B) == [{"name": "lab", "kind": "EmulatedPool",
-                                                    "free": 3}]
+    (pool,) = world.coordinator(journal).pools(B)
+    assert (pool.name, pool.kind, pool.total, pool.free) == ("lab", "emulated", 4, 3)
 
 
 def test_hostile_bind_reply_on_the_destination_leaves_the_team_on_its_standby(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     def bad_device(reply: object) -> None:
         reply.device = "../../etc/passwd"  # type: ignore[attr-defined]
 
@@ -362,8 +374,7 @@ def test_switch_refused_rolls_back_untouched(journal: Journal) -> None:
     assert_back_on_source(world, report, ("lan",))
     assert "standby lost carrier" in report.error
     assert teams_on(world, A) == {"lan": "ptv-a1"}
-    assert not any(c.method in ("detach_and_wait", "attach", "migrate")
-                   for c in world.mutations())
+    assert not any(c.method in ("detach_and_wait", "attach", "migrate") for c in world.mutations())
     record = last_workflow(journal)
     assert record.outcome == "rolled-back"
     assert ("switch", "failed") in step_rows(journal, record.id)
@@ -377,12 +388,14 @@ def test_a_switch_that_timed_out_is_undone_too(journal: Journal) -> None:
     report = migrate(world, journal)
 
     assert report.outcome is Outcome.ROLLED_BACK
-    assert [c.subject for c in world.calls
-            if (c.where, c.method) == ("agent", "BindPrimary")] == ["lan"]
+    assert [c.subject for c in world.calls if (c.where, c.method) == ("agent", "BindPrimary")] == [
+        "lan"
+    ]
 
 
 def test_rollback_whose_replug_finds_no_free_device_is_failed(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     world.fail(A, "migrate", HypervisorError("migrate vm1: operation failed: job aborted", 1))
     events = Events({("unplug", "done"): lambda: world.set_slots(A, 0)})
 
@@ -396,7 +409,8 @@ def test_rollback_whose_replug_finds_no_free_device_is_failed(
 
 
 def test_rollback_that_leaves_a_team_off_its_primary_is_failed_not_rolled_back(
-        journal: Journal) -> None:
+    journal: Journal,
+) -> None:
     """Every compensation answered ok, yet the guest ran a late UseStandby after them
     (queued behind a stopped agent): the report says what the guest says."""
     world = World((SOLO1,))
@@ -415,8 +429,7 @@ def test_rollback_that_leaves_a_team_off_its_primary_is_failed_not_rolled_back(
 
 
 @pytest.mark.parametrize("how", ["timeout", "refuse"])
-def test_unplug_failure_rolls_back_by_binding_the_primary_again(
-        journal: Journal, how: str) -> None:
+def test_unplug_failure_rolls_back_by_binding_the_primary_again(journal: Journal, how: str) -> None:
     world = World((SOLO1,))
     world.guest("vm1").hold["ua-ptmig-lan-1"] = how
 
@@ -427,14 +440,18 @@ def test_unplug_failure_rolls_back_by_binding_the_primary_again(
     assert teams_on(world, A) == {"lan": "ptv-a1"}
     rows = step_rows(journal, last_workflow(journal).id)
     # a failed step owes its compensation too (it may have acted for some teams)
-    assert rows[-6:] == [("unplug", "started"), ("unplug", "failed"),
-                         ("unplug", "compensating"), ("unplug", "compensated"),
-                         ("switch", "compensating"), ("switch", "compensated")]
+    assert rows[-6:] == [
+        ("unplug", "started"),
+        ("unplug", "failed"),
+        ("unplug", "compensating"),
+        ("unplug", "compensated"),
+        ("switch", "compensating"),
+        ("switch", "compensated"),
+    ]
     assert not any(c.method == "migrate" for c in world.calls)
 
 
-def test_failed_migration_replugs_and_rebinds_on_the_source(
-        world: World, journal: Journal) -> None:
+def test_failed_migration_replugs_and_rebinds_on_the_source(world: World, journal: Journal) -> None:
     world.fail(A, "migrate", HypervisorError("migrate vm1: operation failed: job aborted", 1))
 
     report = migrate(world, journal)
@@ -446,9 +463,14 @@ def test_failed_migration_replugs_and_rebinds_on_the_source(
     assert len(device_aliases(world.live_xml("vm1", A))) == 2
     assert len(device_aliases(world.config_xml("vm1", A))) == 2
     rows = step_rows(journal, last_workflow(journal).id)
-    assert rows[-6:] == [("migrate", "started"), ("migrate", "failed"),
-                         ("unplug", "compensating"), ("unplug", "compensated"),
-                         ("switch", "compensating"), ("switch", "compensated")]
+    assert rows[-6:] == [
+        ("migrate", "started"),
+        ("migrate", "failed"),
+        ("unplug", "compensating"),
+        ("unplug", "compensated"),
+        ("switch", "compensating"),
+        ("switch", "compensated"),
+    ]
     assert last_workflow(journal).outcome == "rolled-back"
 
 
@@ -458,15 +480,16 @@ BUG_PARTIAL_STEP = (
     "part-way is never compensated: the teams it already moved stay on the standby "
     "(without a primary after unplug) while the outcome says rolled-back.  Since "
     "switch_to_standby runs the teams in parallel (guest.each_team) this also happens when "
-    "the first team fails")
+    "the first team fails"
+)
 
 
 @pytest.mark.parametrize("fault", ["switch-second-team", "announce", "unplug-second-team"])
-def test_a_step_failing_part_way_is_undone_too(
-        world: World, journal: Journal, fault: str) -> None:
+def test_a_step_failing_part_way_is_undone_too(world: World, journal: Journal, fault: str) -> None:
     if fault == "switch-second-team":
-        world.fail("agent", "UseStandby", AgentError("DEADLINE_EXCEEDED", "no carrier"),
-                   subject="wan")
+        world.fail(
+            "agent", "UseStandby", AgentError("DEADLINE_EXCEEDED", "no carrier"), subject="wan"
+        )
     elif fault == "announce":
         world.fail(A, "announce", HypervisorError("announce-self: QMP unavailable", 1))
     else:
@@ -479,10 +502,16 @@ def test_a_step_failing_part_way_is_undone_too(
 
 
 def test_failed_compensation_is_a_failed_outcome_naming_the_error(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     world.fail(A, "migrate", HypervisorError("migrate vm1: operation failed: job aborted", 1))
-    events = Events({("migrate", "started"): lambda: world.fail(
-        A, "set_metadata", HypervisorError("set metadata of vm1: disk full", 1), every=True)})
+    events = Events(
+        {
+            ("migrate", "started"): lambda: world.fail(
+                A, "set_metadata", HypervisorError("set metadata of vm1: disk full", 1), every=True
+            )
+        }
+    )
 
     report = migrate(world, journal, events)
 
@@ -500,7 +529,8 @@ def test_failed_compensation_is_a_failed_outcome_naming_the_error(
 
 
 def test_migration_error_after_the_vm_moved_finishes_on_the_destination(
-        world: World, journal: Journal) -> None:
+    world: World, journal: Journal
+) -> None:
     world.fail(A, "migrate:after", HypervisorError("migrate vm1: connection reset", 1))
 
     report = migrate(world, journal)
@@ -520,7 +550,8 @@ def test_migration_error_after_the_vm_moved_finishes_on_the_destination(
 
 
 def test_second_migration_of_the_same_domain_is_refused_while_one_runs(
-        world: World, journal: Journal, journal_path: Path) -> None:
+    world: World, journal: Journal, journal_path: Path
+) -> None:
     outcome: dict[str, object] = {}
 
     def second() -> None:

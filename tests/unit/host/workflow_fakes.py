@@ -70,7 +70,7 @@ from host.hypervisor import (
     MigrationStats,
 )
 from host.workflow.coordinator import Coordinator
-from host.workflow.journal import Journal
+from host.workflow.journal import Journal, StepRecord
 from host.workflow.model import Event
 
 A = "fake://a"
@@ -81,15 +81,33 @@ POOL_NETWORK = "ptmig-pool-lab"
 BRIDGE = "br-g"
 #: Each host's emulated NICs (tap, per-host MAC), like the lab's.
 POOL_SLOTS = {
-    A: [("ptv-a1", "52:54:00:ba:00:01"), ("ptv-a2", "52:54:00:ba:00:02"),
-        ("ptv-a3", "52:54:00:ba:00:03"), ("ptv-a4", "52:54:00:ba:00:04")],
-    B: [("ptv-b1", "52:54:00:cb:00:01"), ("ptv-b2", "52:54:00:cb:00:02"),
-        ("ptv-b3", "52:54:00:cb:00:03"), ("ptv-b4", "52:54:00:cb:00:04")],
+    A: [
+        ("ptv-a1", "52:54:00:ba:00:01"),
+        ("ptv-a2", "52:54:00:ba:00:02"),
+        ("ptv-a3", "52:54:00:ba:00:03"),
+        ("ptv-a4", "52:54:00:ba:00:04"),
+    ],
+    B: [
+        ("ptv-b1", "52:54:00:cb:00:01"),
+        ("ptv-b2", "52:54:00:cb:00:02"),
+        ("ptv-b3", "52:54:00:cb:00:03"),
+        ("ptv-b4", "52:54:00:cb:00:04"),
+    ],
 }
 ROOT_PORTS = 10  # pcie-root-ports 1..10: bus N is port N (the disk sits on the last)
 LIBVIRT_NO_DOMAIN = 42
-MUTATING = frozenset({"attach", "detach_and_wait", "migrate", "set_metadata", "define_network",
-                      "undefine_network", "UseStandby", "BindPrimary"})
+MUTATING = frozenset(
+    {
+        "attach",
+        "detach_and_wait",
+        "migrate",
+        "set_metadata",
+        "define_network",
+        "undefine_network",
+        "UseStandby",
+        "BindPrimary",
+    }
+)
 
 
 class SimulatedCrash(BaseException):
@@ -124,8 +142,11 @@ class GuestSpec:
 LAN = TeamSpec("lan", "bond0", "preserve", "52:54:00:aa:00:01", "ptv-standby", 0)
 WAN = TeamSpec("wan", "bond1", "follow", "52:54:00:aa:00:02", "ptv-wstandby", 1)
 VM1 = GuestSpec("vm1", "6f1c4f0e-2d2b-4a8e-9d0c-1b2a3c4d5e01", (LAN, WAN))
-VM2 = GuestSpec("vm2", "6f1c4f0e-2d2b-4a8e-9d0c-1b2a3c4d5e02",
-                (TeamSpec("lan", "bond0", "preserve", "52:54:00:aa:01:01", "ptv2-standby", 2),))
+VM2 = GuestSpec(
+    "vm2",
+    "6f1c4f0e-2d2b-4a8e-9d0c-1b2a3c4d5e02",
+    (TeamSpec("lan", "bond0", "preserve", "52:54:00:aa:01:01", "ptv2-standby", 2),),
+)
 
 
 @dataclass(frozen=True)
@@ -169,8 +190,11 @@ class Link:
     pci_address: str
 
 
-_POLICY = {"preserve": pb.MAC_POLICY_PRESERVE, "follow": pb.MAC_POLICY_FOLLOW,
-           "none": pb.MAC_POLICY_NONE}
+_POLICY = {
+    "preserve": pb.MAC_POLICY_PRESERVE,
+    "follow": pb.MAC_POLICY_FOLLOW,
+    "none": pb.MAC_POLICY_NONE,
+}
 _POLICY_NAME = {v: k for k, v in _POLICY.items()}
 
 
@@ -199,16 +223,22 @@ class FakeGuest:
                 continue
             bus = int(address.get("bus", "0"), 0)
             perm = mac_el.get("address", "").lower()
-            out[perm] = Link(f"enp{bus}s0", 10 + bus, self.mac_overrides.get(perm, perm), perm,
-                             f"0000:{bus:02x}:00.0")
+            out[perm] = Link(
+                f"enp{bus}s0",
+                10 + bus,
+                self.mac_overrides.get(perm, perm),
+                perm,
+                f"0000:{bus:02x}:00.0",
+            )
         return out
 
     def _sync(self, links: dict[str, Link]) -> None:
         """A link that went away left its bond; an active one made the standby active."""
         for team in self.teams.values():
             team.enslaved = [m for m in team.enslaved if m in links]
-            if team.active not in links or (team.active != team.standby_mac
-                                            and team.active not in team.enslaved):
+            if team.active not in links or (
+                team.active != team.standby_mac and team.active not in team.enslaved
+            ):
                 standby_up = team.standby_mac in links and team.standby_mac not in self.no_carrier
                 team.active = team.standby_mac if standby_up else ""
         for perm in list(self.mac_overrides):
@@ -227,7 +257,8 @@ class FakeGuest:
     def _team_state(self, team: GuestTeam, links: dict[str, Link]) -> pb.TeamState:
         standby = links.get(team.standby_mac)
         members = ([standby.name] if standby and team.bond_present else []) + [
-            links[m].name for m in team.enslaved if team.bond_present]
+            links[m].name for m in team.enslaved if team.bond_present
+        ]
         if team.mac_policy == "preserve":
             mac = team.team_mac or team.standby_mac
         elif team.active in links:
@@ -236,11 +267,15 @@ class FakeGuest:
             mac = team.standby_mac
         active = links[team.active].name if team.active in links and team.bond_present else ""
         return pb.TeamState(
-            name=team.name, bond=team.bond, bond_present=team.bond_present,
-            mac_policy=_POLICY[team.mac_policy], ownership=team.ownership,
+            name=team.name,
+            bond=team.bond,
+            bond_present=team.bond_present,
+            mac_policy=_POLICY[team.mac_policy],
+            ownership=team.ownership,
             mac=mac if team.bond_present else "",
             fail_over_mac="active" if team.mac_policy == "follow" else "none",
-            active_member=active, standby=standby.name if standby else "",
+            active_member=active,
+            standby=standby.name if standby else "",
             members=members,
             primary=next((links[m].name for m in team.enslaved), "") if team.bond_present else "",
         )
@@ -255,16 +290,28 @@ class FakeGuest:
                     masters[member] = team.bond
         reply = pb.GetStateResponse()
         for link in sorted(links.values(), key=lambda ln: ln.index):
-            reply.links.add(name=link.name, index=link.index, mac=link.mac,
-                            permanent_mac=link.permanent_mac,
-                            carrier=link.permanent_mac not in self.no_carrier, operstate="UP",
-                            admin_up=True, master=masters.get(link.permanent_mac, ""),
-                            pci_address=link.pci_address)
+            reply.links.add(
+                name=link.name,
+                index=link.index,
+                mac=link.mac,
+                permanent_mac=link.permanent_mac,
+                carrier=link.permanent_mac not in self.no_carrier,
+                operstate="UP",
+                admin_up=True,
+                master=masters.get(link.permanent_mac, ""),
+                pci_address=link.pci_address,
+            )
         for number, team in enumerate(self.teams.values()):
             if team.bond_present:
-                reply.links.add(name=team.bond, index=100 + number, kind="bond",
-                                mac=self._team_state(team, links).mac, carrier=bool(team.active),
-                                operstate="UP" if team.active else "DOWN", admin_up=True)
+                reply.links.add(
+                    name=team.bond,
+                    index=100 + number,
+                    kind="bond",
+                    mac=self._team_state(team, links).mac,
+                    carrier=bool(team.active),
+                    operstate="UP" if team.active else "DOWN",
+                    admin_up=True,
+                )
         reply.teams.extend(self._team_state(t, links) for t in self.teams.values())
         return reply
 
@@ -278,15 +325,18 @@ class FakeGuest:
             raise AgentError("FAILED_PRECONDITION", f"team {name}: bond {team.bond} does not exist")
         return team
 
-    def _replay(self, operation_id: str, fingerprint: Any, reply_type: Any,
-                act: Callable[[], Any]) -> Any:
+    def _replay(
+        self, operation_id: str, fingerprint: Any, reply_type: Any, act: Callable[[], Any]
+    ) -> Any:
         if not operation_id:
             raise AgentError("INVALID_ARGUMENT", "operation_id is required")
         recorded = self.operations.get(operation_id)
         if recorded is not None:
             if recorded[0] != fingerprint:
-                raise AgentError("INVALID_ARGUMENT", f"operation_id {operation_id!r} was already "
-                                 "used for a different request")
+                raise AgentError(
+                    "INVALID_ARGUMENT",
+                    f"operation_id {operation_id!r} was already used for a different request",
+                )
             reply = reply_type.FromString(recorded[1])
             reply.replayed = True
             return reply
@@ -300,11 +350,15 @@ class FakeGuest:
             self._sync(links)
             team = self._team(request.team)
             if team.standby_mac not in links:
-                raise AgentError("FAILED_PRECONDITION",
-                                 f"team {team.name}: standby ({team.standby_mac}) not found")
+                raise AgentError(
+                    "FAILED_PRECONDITION",
+                    f"team {team.name}: standby ({team.standby_mac}) not found",
+                )
             if team.standby_mac in self.no_carrier:
-                raise AgentError("DEADLINE_EXCEEDED", f"team {team.name}: standby "
-                                 f"{links[team.standby_mac].name} has no carrier")
+                raise AgentError(
+                    "DEADLINE_EXCEEDED",
+                    f"team {team.name}: standby {links[team.standby_mac].name} has no carrier",
+                )
             team.active = team.standby_mac
             released = []
             if request.release_primary:
@@ -315,8 +369,9 @@ class FakeGuest:
         key = ("UseStandby", request.team, request.release_primary)
         return self._replay(request.operation_id, key, pb.UseStandbyResponse, act)
 
-    def bind_primary(self, live: ET.Element,
-                     request: pb.BindPrimaryRequest) -> pb.BindPrimaryResponse:
+    def bind_primary(
+        self, live: ET.Element, request: pb.BindPrimaryRequest
+    ) -> pb.BindPrimaryResponse:
         def act() -> pb.BindPrimaryResponse:
             links = self.links(live)
             self._sync(links)
@@ -324,33 +379,44 @@ class FakeGuest:
             if not request.pci_address and not request.mac:
                 raise AgentError("INVALID_ARGUMENT", "give the new device's pci_address, mac")
             mac = request.mac.lower()
-            found = [ln for ln in links.values()
-                     if (not request.pci_address or ln.pci_address == request.pci_address)
-                     and (not mac or mac in (ln.mac, ln.permanent_mac))]
+            found = [
+                ln
+                for ln in links.values()
+                if (not request.pci_address or ln.pci_address == request.pci_address)
+                and (not mac or mac in (ln.mac, ln.permanent_mac))
+            ]
             burned_in = [ln for ln in found if mac and ln.permanent_mac == mac]
             found = burned_in or found
             if not found:
-                raise AgentError("NOT_FOUND", f"team {team.name}: no device with pci "
-                                 f"{request.pci_address or '-'} mac {mac or '-'} appeared in time")
+                raise AgentError(
+                    "NOT_FOUND",
+                    f"team {team.name}: no device with pci "
+                    f"{request.pci_address or '-'} mac {mac or '-'} appeared in time",
+                )
             if len(found) > 1:
                 raise AgentError("FAILED_PRECONDITION", f"team {team.name}: ambiguous device")
             device = found[0]
             perm = device.permanent_mac
             for other in self.teams.values():
                 if perm == other.standby_mac or (other is not team and perm in other.enslaved):
-                    raise AgentError("FAILED_PRECONDITION",
-                                     f"{device.name} is a member of team {other.name}")
+                    raise AgentError(
+                        "FAILED_PRECONDITION", f"{device.name} is a member of team {other.name}"
+                    )
             policy = _POLICY_NAME.get(request.mac_policy, team.mac_policy)
             if policy == "preserve":
                 self.mac_overrides[perm] = team.team_mac or team.standby_mac
             if perm not in team.enslaved:
                 team.enslaved.append(perm)
             if perm in self.no_carrier:
-                raise AgentError("DEADLINE_EXCEEDED", f"team {team.name}: {device.name} is a "
-                                 f"member of {team.bond} but has no carrier")
+                raise AgentError(
+                    "DEADLINE_EXCEEDED",
+                    f"team {team.name}: {device.name} is a "
+                    f"member of {team.bond} but has no carrier",
+                )
             team.active = perm
-            return pb.BindPrimaryResponse(team=self._team_state(team, self.links(live)),
-                                          device=device.name)
+            return pb.BindPrimaryResponse(
+                team=self._team_state(team, self.links(live)), device=device.name
+            )
 
         key = ("BindPrimary", request.team, request.pci_address, request.mac, request.mac_policy)
         return self._replay(request.operation_id, key, pb.BindPrimaryResponse, act)
@@ -400,8 +466,14 @@ def render(root: ET.Element, prefixes: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _emit(el: ET.Element, depth: int, lines: list[str], prefixes: dict[str, str],
-          in_scope: frozenset[str], quote: str) -> None:
+def _emit(
+    el: ET.Element,
+    depth: int,
+    lines: list[str],
+    prefixes: dict[str, str],
+    in_scope: frozenset[str],
+    quote: str,
+) -> None:
     tag, attrs = el.tag, list(el.attrib.items())
     if tag.startswith("{"):
         namespace, _, local = tag[1:].partition("}")
@@ -428,8 +500,16 @@ def _emit(el: ET.Element, depth: int, lines: list[str], prefixes: dict[str, str]
 
 
 def _pci_address(bus: int) -> ET.Element:
-    return ET.Element("address", {"type": "pci", "domain": "0x0000", "bus": f"0x{bus:02x}",
-                                  "slot": "0x00", "function": "0x0"})
+    return ET.Element(
+        "address",
+        {
+            "type": "pci",
+            "domain": "0x0000",
+            "bus": f"0x{bus:02x}",
+            "slot": "0x00",
+            "function": "0x0",
+        },
+    )
 
 
 def _standby_xml(spec: TeamSpec, bus: int) -> ET.Element:
@@ -439,20 +519,24 @@ def _standby_xml(spec: TeamSpec, bus: int) -> ET.Element:
         "<model type='virtio'/><driver name='qemu'/><rom enabled='no'/>"
         f"<alias name='ua-{spec.name}-standby'/>"
         f"<address type='pci' domain='0x0000' bus='0x{bus:02x}' slot='0x00' function='0x0'/>"
-        "</interface>")
+        "</interface>"
+    )
 
 
-def _domain_tree(name: str, uuid: str, teams: TeamSet, devices: list[ET.Element], *,
-                 domid: int | None) -> ET.Element:
+def _domain_tree(
+    name: str, uuid: str, teams: TeamSet, devices: list[ET.Element], *, domid: int | None
+) -> ET.Element:
     """The lab guest's domain (lab/guest.py) in libvirt's words, live when *domid* is set."""
     live = domid is not None
     ports = "".join(
         f"<controller type='pci' index='{n}' model='pcie-root-port'><target chassis='{n}' "
-        f"port='0x{0x10 + n - 1:x}'/>" + (f"<alias name='pci.{n}'/>" if live else "")
+        f"port='0x{0x10 + n - 1:x}'/>"
+        + (f"<alias name='pci.{n}'/>" if live else "")
         + "</controller>"
-        for n in range(1, ROOT_PORTS + 1))
+        for n in range(1, ROOT_PORTS + 1)
+    )
     channel_state = " state='connected'" if live else ""
-    root = ET.fromstring(f"""<domain type='kvm'{f" id='{domid}'" if live else ''}>
+    root = ET.fromstring(f"""<domain type='kvm'{f" id='{domid}'" if live else ""}>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
   <metadata>{format_teams(teams, namespaced=True)}</metadata>
@@ -524,8 +608,9 @@ def _host_pci(device: ET.Element) -> str | None:
     address = device.find("source/address")
     if device.tag != "hostdev" or address is None:
         return None
-    return "{}:{}:{}.{}".format(*(int(address.get(k, "0"), 0) for k in
-                                  ("domain", "bus", "slot", "function")))
+    return "{}:{}:{}.{}".format(
+        *(int(address.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function"))
+    )
 
 
 def _taps(root: ET.Element) -> set[str]:
@@ -593,8 +678,11 @@ class FakeHypervisor:
     def _record(self, dom: FakeDomain) -> DomainRecord:
         record = self._host.domains.get(dom.uuid)
         if record is None:
-            raise HypervisorError(f"{self.uri}: Domain not found: no domain with matching uuid "
-                                  f"'{dom.uuid}' ({dom.domain_name})", LIBVIRT_NO_DOMAIN)
+            raise HypervisorError(
+                f"{self.uri}: Domain not found: no domain with matching uuid "
+                f"'{dom.uuid}' ({dom.domain_name})",
+                LIBVIRT_NO_DOMAIN,
+            )
         return record
 
     # -- host ------------------------------------------------------------------------
@@ -603,9 +691,6 @@ class FakeHypervisor:
         with self.world.op(self.uri, "host_uuid"):
             return self._host.host_uuid
 
-    def alive(self) -> bool:
-        return True
-
     # -- domains ---------------------------------------------------------------------
 
     def domain(self, ident: str) -> FakeDomain:
@@ -613,8 +698,11 @@ class FakeHypervisor:
             for record in self._host.domains.values():
                 if ident in (record.uuid, record.name):
                     return FakeDomain(self.uri, record.uuid, record.name)
-            raise HypervisorError(f"{self.uri}: domain {ident!r}: Domain not found: no domain "
-                                  f"with matching name '{ident}'", LIBVIRT_NO_DOMAIN)
+            raise HypervisorError(
+                f"{self.uri}: domain {ident!r}: Domain not found: no domain "
+                f"with matching name '{ident}'",
+                LIBVIRT_NO_DOMAIN,
+            )
 
     def has_domain(self, ident: str) -> bool:
         try:
@@ -636,20 +724,7 @@ class FakeHypervisor:
         with self.world.op(self.uri, "all_domain_xml"):
             return [self.world.xml(r) for r in self._host.domains.values()]
 
-    def metadata(self, dom: FakeDomain, namespace: str) -> str | None:
-        with self.world.op(self.uri, "metadata", dom.domain_name):
-            record = self._record(dom)
-            root = record.live if record.active else record.config
-            assert root is not None
-            for child in root.findall("metadata/*"):
-                if child.tag.startswith(f"{{{namespace}}}"):
-                    bare = copy.deepcopy(child)
-                    bare.tag = child.tag.partition("}")[2]
-                    return ET.tostring(bare, encoding="unicode")
-            return None
-
-    def set_metadata(self, dom: FakeDomain, namespace: str, prefix: str,
-                     xml: str | None) -> None:
+    def set_metadata(self, dom: FakeDomain, namespace: str, prefix: str, xml: str | None) -> None:
         with self.world.op(self.uri, "set_metadata", dom.domain_name):
             record = self._record(dom)
             element = None
@@ -657,11 +732,15 @@ class FakeHypervisor:
                 try:
                     element = ET.fromstring(xml)
                 except ET.ParseError as exc:
-                    raise HypervisorError(f"{self.uri}: set metadata of {dom.domain_name}: "
-                                          f"XML error: {exc}", 27) from None
+                    raise HypervisorError(
+                        f"{self.uri}: set metadata of {dom.domain_name}: XML error: {exc}", 27
+                    ) from None
                 if element.tag.startswith("{") or f"xmlns:{prefix}" in xml:
-                    raise HypervisorError(f"{self.uri}: set metadata of {dom.domain_name}: "
-                                          "failed to create a new XML namespace", 1)
+                    raise HypervisorError(
+                        f"{self.uri}: set metadata of {dom.domain_name}: "
+                        "failed to create a new XML namespace",
+                        1,
+                    )
                 element.tag = f"{{{namespace}}}{element.tag}"
             record.prefixes[namespace] = prefix
             if record.config is not None:
@@ -675,36 +754,47 @@ class FakeHypervisor:
         try:
             device = ET.fromstring(device_xml)
         except ET.ParseError as exc:
-            raise HypervisorError(f"{self.uri}: attach to {dom.domain_name}: XML error: {exc}",
-                                  27) from None
+            raise HypervisorError(
+                f"{self.uri}: attach to {dom.domain_name}: XML error: {exc}", 27
+            ) from None
         with self.world.op(self.uri, "attach", _alias(device) or ""):
             record = self._record(dom)
             what = f"{self.uri}: attach to {dom.domain_name}"
             if not record.active:
-                raise HypervisorError(f"{what}: Requested operation is not valid: domain is not "
-                                      "running", 55)
+                raise HypervisorError(
+                    f"{what}: Requested operation is not valid: domain is not running", 55
+                )
             alias = _alias(device)
             if alias is not None and any(_alias(d) == alias for d in _devices(record.live)):
-                raise HypervisorError(f"{what}: operation failed: non unique alias detected: "
-                                      f"{alias}", 9)
+                raise HypervisorError(
+                    f"{what}: operation failed: non unique alias detected: {alias}", 9
+                )
             for other in self._host.domains.values():
                 if not other.active:
                     continue
                 tap, pci = _tap(device), _host_pci(device)
                 if tap is not None and tap in _taps(other.live):
-                    raise HypervisorError(f"{what}: Unable to create tap device {tap}: Device "
-                                          "or resource busy", 38)
+                    raise HypervisorError(
+                        f"{what}: Unable to create tap device {tap}: Device or resource busy", 38
+                    )
                 if pci is not None and pci in _host_pcis(other.live):
-                    raise HypervisorError(f"{what}: Requested operation is not valid: PCI device "
-                                          f"{pci} is in use by driver QEMU, domain {other.name}",
-                                          55)
+                    raise HypervisorError(
+                        f"{what}: Requested operation is not valid: PCI device "
+                        f"{pci} is in use by driver QEMU, domain {other.name}",
+                        55,
+                    )
             mac = device.find("mac")
             if record.config is not None and mac is not None:
-                macs = {m.get("address", "").lower() for m in record.config.findall(
-                    "devices/interface/mac")}
+                macs = {
+                    m.get("address", "").lower()
+                    for m in record.config.findall("devices/interface/mac")
+                }
                 if mac.get("address", "").lower() in macs:
-                    raise HypervisorError(f"{what}: operation failed: network device with mac "
-                                          f"{mac.get('address')} already exists", 9)
+                    raise HypervisorError(
+                        f"{what}: operation failed: network device with mac "
+                        f"{mac.get('address')} already exists",
+                        9,
+                    )
             free = [n for n in range(1, ROOT_PORTS + 1) if n not in _used_buses(record.live)]
             if not free:
                 raise HypervisorError(f"{what}: internal error: No more available PCI slots", 1)
@@ -726,7 +816,8 @@ class FakeHypervisor:
         with self.world.op(self.uri, "detach_and_wait", alias):
             record = self._record(dom)
             in_config = record.config is not None and any(
-                _alias(d) == alias for d in _devices(record.config))
+                _alias(d) == alias for d in _devices(record.config)
+            )
             if not any(_alias(d) == alias for d in _devices(record.live)):
                 if in_config:
                     _remove_device(record.config, alias)  # type: ignore[arg-type]
@@ -734,7 +825,8 @@ class FakeHypervisor:
             held = record.guest.hold.get(alias)
             if held == "timeout":
                 raise DeviceRemovalError(
-                    f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s")
+                    f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s"
+                )
             if held == "refuse":
                 raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
             _remove_device(record.live, alias)
@@ -744,47 +836,72 @@ class FakeHypervisor:
 
     # -- migration -------------------------------------------------------------------
 
-    def migrate(self, dom: FakeDomain, destination_uri: str, *, persistent_xml: str,
-                unsafe: bool = False,
-                on_progress: Callable[[MigrationProgress], None] | None = None,
-                max_downtime_ms: int | None = None) -> MigrationStats:
+    def migrate(
+        self,
+        dom: FakeDomain,
+        destination_uri: str,
+        *,
+        persistent_xml: str,
+        unsafe: bool = False,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> MigrationStats:
         what = f"migrate {dom.domain_name} {self.uri} -> {destination_uri}"
         with self.world.op(self.uri, "migrate", dom.domain_name):
             record = self._record(dom)
             if not record.active:
-                raise HypervisorError(f"{what}: Requested operation is not valid: domain is not "
-                                      "running", 55)
+                raise HypervisorError(
+                    f"{what}: Requested operation is not valid: domain is not running", 55
+                )
             target = self.world.hosts.get(self.world.peers.get(destination_uri, destination_uri))
             if target is None or target is self._host:
                 raise HypervisorError(f"{what}: unable to connect to server", 38)
             if any(d.tag == "hostdev" for d in _devices(record.live)):
-                raise HypervisorError(f"{what}: Requested operation is not valid: domain has "
-                                      "assigned non-USB host devices", 55)
+                raise HypervisorError(
+                    f"{what}: Requested operation is not valid: domain has "
+                    "assigned non-USB host devices",
+                    55,
+                )
             try:
                 persistent = ET.fromstring(persistent_xml)
             except ET.ParseError as exc:
                 raise HypervisorError(f"{what}: XML error: {exc}", 27) from None
-            if (persistent.findtext("uuid"), persistent.findtext("name")) != (record.uuid,
-                                                                              record.name):
-                raise HypervisorError(f"{what}: unsupported configuration: target domain uuid "
-                                      "or name does not match source", 67)
+            if (persistent.findtext("uuid"), persistent.findtext("name")) != (
+                record.uuid,
+                record.name,
+            ):
+                raise HypervisorError(
+                    f"{what}: unsupported configuration: target domain uuid "
+                    "or name does not match source",
+                    67,
+                )
             there = target.domains.get(record.uuid)
             if there is not None and there.active:
-                raise HypervisorError(f"{what}: Requested operation is not valid: domain is "
-                                      "already active", 55)
+                raise HypervisorError(
+                    f"{what}: Requested operation is not valid: domain is already active", 55
+                )
             for other in target.domains.values():
                 if other.uuid != record.uuid and other.active:
                     for tap in _taps(record.live) & _taps(other.live):
-                        raise HypervisorError(f"{what}: Unable to create tap device {tap}: "
-                                              "Device or resource busy", 38)
+                        raise HypervisorError(
+                            f"{what}: Unable to create tap device {tap}: Device or resource busy",
+                            38,
+                        )
             if on_progress is not None:
                 on_progress(MigrationProgress(120, 64 << 20, 512 << 20, 448 << 20, 1))
             live = copy.deepcopy(record.live)
             live.set("id", str(target.next_domid))
             target.domains[record.uuid] = DomainRecord(
-                record.uuid, record.name, live, persistent, record.guest, True, target.next_domid,
+                record.uuid,
+                record.name,
+                live,
+                persistent,
+                record.guest,
+                True,
+                target.next_domid,
                 dict(record.prefixes),
-                {"type": 3, "downtime": 42, "time_elapsed": 1800, "data_total": 512 << 20})
+                {"type": 3, "downtime": 42, "time_elapsed": 1800, "data_total": 512 << 20},
+            )
             target.next_domid += 1
             del self._host.domains[record.uuid]  # VIR_MIGRATE_UNDEFINE_SOURCE
             self.world.check_faults(self.uri, "migrate:after", dom.domain_name)
@@ -794,28 +911,33 @@ class FakeHypervisor:
         with self.world.op(self.uri, "completed_job", dom.domain_name):
             job = self._record(dom).job
             if job is None:
-                raise HypervisorError(f"{self.uri}: job statistics of {dom.domain_name}: no "
-                                      "completed job", 1)
+                raise HypervisorError(
+                    f"{self.uri}: job statistics of {dom.domain_name}: no completed job", 1
+                )
             return dict(job)
 
     def job_running(self, dom: FakeDomain) -> bool:
         with self.world.op(self.uri, "job_running", dom.domain_name):
             return self._record(dom).job_running
 
-    def abort_job(self, dom: FakeDomain) -> None:
-        with self.world.op(self.uri, "abort_job", dom.domain_name):
-            self._record(dom)
-
     def open_channel(self, dom: FakeDomain, name: str) -> Any:
         raise HypervisorError(f"{self.uri}: open channel {name}: the fakes have no channels")
 
-    def announce(self, dom: FakeDomain, *, interfaces: list[str] | None = None,
-                 rounds: int = 3, initial_ms: int = 50, max_ms: int = 550,
-                 step_ms: int = 100) -> None:
+    def announce(
+        self,
+        dom: FakeDomain,
+        *,
+        interfaces: list[str] | None = None,
+        rounds: int = 3,
+        initial_ms: int = 50,
+        max_ms: int = 550,
+        step_ms: int = 100,
+    ) -> None:
         with self.world.op(self.uri, "announce", dom.domain_name):
             if not self._record(dom).active:
-                raise HypervisorError(f"{self.uri}: announce-self for {dom.domain_name}: domain "
-                                      "is not running", 55)
+                raise HypervisorError(
+                    f"{self.uri}: announce-self for {dom.domain_name}: domain is not running", 55
+                )
 
     # -- networks --------------------------------------------------------------------
 
@@ -835,8 +957,7 @@ class FakeHypervisor:
     def undefine_network(self, name: str) -> None:
         with self.world.op(self.uri, "undefine_network", name):
             if self._host.networks.pop(name, None) is None:
-                raise HypervisorError(f"{self.uri}: undefine network {name}: Network not found",
-                                      43)
+                raise HypervisorError(f"{self.uri}: undefine network {name}: Network not found", 43)
 
 
 # -- the agent ----------------------------------------------------------------------------
@@ -861,8 +982,13 @@ class _Stubs:
     def __init__(self, world: World, uri: str, uuid: str) -> None:
         self.world, self.uri, self.uuid = world, uri, uuid
 
-    def _rpc(self, rpc: str, subject: str, handle: Callable[[DomainRecord], Any],
-             timeout: float | None = None) -> Any:
+    def _rpc(
+        self,
+        rpc: str,
+        subject: str,
+        handle: Callable[[DomainRecord], Any],
+        timeout: float | None = None,
+    ) -> Any:
         try:
             host = self.world.hosts.get(self.uri)
             domain = host.domains.get(self.uuid) if host is not None else None
@@ -875,8 +1001,10 @@ class _Stubs:
                 if record is None or not record.active:
                     raise AgentError("UNAVAILABLE", "the guest's channel closed")
                 if not record.guest.agent_up:
-                    raise AgentError("UNAVAILABLE", "cannot reach the guest agent: no handshake "
-                                     "answer from the guest in 3.0 s")
+                    raise AgentError(
+                        "UNAVAILABLE",
+                        "cannot reach the guest agent: no handshake answer from the guest in 3.0 s",
+                    )
                 reply = handle(record)
                 tamper = self.world.tamper.get(rpc)
                 if tamper is not None:
@@ -885,31 +1013,52 @@ class _Stubs:
         except AgentError as exc:
             raise FakeRpcError(exc.code, exc.message) from None
 
-    def GetVersion(self, request: pb.GetVersionRequest, timeout: float | None = None,
-                   **_: Any) -> pb.GetVersionResponse:
-        return self._rpc("GetVersion", "", lambda r: pb.GetVersionResponse(
-            agent_version="0.1.0", api_version=1,
-            capabilities=["use-standby", "bind-primary", "mac-policy:preserve"]), timeout)
+    def GetVersion(
+        self, request: pb.GetVersionRequest, timeout: float | None = None, **_: Any
+    ) -> pb.GetVersionResponse:
+        return self._rpc(
+            "GetVersion",
+            "",
+            lambda r: pb.GetVersionResponse(
+                agent_version="0.1.0",
+                api_version=1,
+                capabilities=["use-standby", "bind-primary", "mac-policy:preserve"],
+            ),
+            timeout,
+        )
 
-    def Check(self, request: pb.HealthCheckRequest, timeout: float | None = None,
-              **_: Any) -> pb.HealthCheckResponse:
-        return self._rpc("Check", "", lambda r: pb.HealthCheckResponse(
-            status=pb.HealthCheckResponse.SERVING if r.guest.serving
-            else pb.HealthCheckResponse.NOT_SERVING), timeout)
+    def Check(
+        self, request: pb.HealthCheckRequest, timeout: float | None = None, **_: Any
+    ) -> pb.HealthCheckResponse:
+        return self._rpc(
+            "Check",
+            "",
+            lambda r: pb.HealthCheckResponse(
+                status=pb.HealthCheckResponse.SERVING
+                if r.guest.serving
+                else pb.HealthCheckResponse.NOT_SERVING
+            ),
+            timeout,
+        )
 
-    def GetState(self, request: pb.GetStateRequest, timeout: float | None = None,
-                 **_: Any) -> pb.GetStateResponse:
+    def GetState(
+        self, request: pb.GetStateRequest, timeout: float | None = None, **_: Any
+    ) -> pb.GetStateResponse:
         return self._rpc("GetState", "", lambda r: r.guest.state(r.live), timeout)
 
-    def UseStandby(self, request: pb.UseStandbyRequest, timeout: float | None = None,
-                   **_: Any) -> pb.UseStandbyResponse:
-        return self._rpc("UseStandby", request.team,
-                         lambda r: r.guest.use_standby(r.live, request), timeout)
+    def UseStandby(
+        self, request: pb.UseStandbyRequest, timeout: float | None = None, **_: Any
+    ) -> pb.UseStandbyResponse:
+        return self._rpc(
+            "UseStandby", request.team, lambda r: r.guest.use_standby(r.live, request), timeout
+        )
 
-    def BindPrimary(self, request: pb.BindPrimaryRequest, timeout: float | None = None,
-                    **_: Any) -> pb.BindPrimaryResponse:
-        return self._rpc("BindPrimary", request.team,
-                         lambda r: r.guest.bind_primary(r.live, request), timeout)
+    def BindPrimary(
+        self, request: pb.BindPrimaryRequest, timeout: float | None = None, **_: Any
+    ) -> pb.BindPrimaryResponse:
+        return self._rpc(
+            "BindPrimary", request.team, lambda r: r.guest.bind_primary(r.live, request), timeout
+        )
 
 
 class _Channel:
@@ -931,6 +1080,7 @@ class FakeAgent(AgentClient):
         # methods use.
         self.endpoint = AgentEndpoint(vsock_cid=3)
         self.call_timeout = timeout
+        self.on_call = None
         self._relay = None
         self._turn = None
         self._channel = _Channel(world)  # type: ignore[assignment]
@@ -945,8 +1095,9 @@ class World:
     """Two hosts, A and B, with the lab's pool; the guests start on A, every team on a
     primary from A's pool (unless its spec says otherwise)."""
 
-    def __init__(self, guests: tuple[GuestSpec, ...] = (VM1,), *,
-                 slots: dict[str, int | None] | None = None) -> None:
+    def __init__(
+        self, guests: tuple[GuestSpec, ...] = (VM1,), *, slots: dict[str, int | None] | None = None
+    ) -> None:
         self.lock = threading.RLock()
         self.hosts = {uri: FakeHost(uri, HOST_UUIDS[uri]) for uri in (A, B)}
         self.peers: dict[str, str] = {}  # peer-to-peer URI -> host URI
@@ -960,8 +1111,10 @@ class World:
         self.agent_before: dict[tuple[str, str], Callable[[str, float | None], None]] = {}
         self.agents_open = 0
         for host in self.hosts.values():
-            host.networks["default"] = ("<network><name>default</name><forward mode='nat'/>"
-                                        "<bridge name='virbr0'/></network>")
+            host.networks["default"] = (
+                "<network><name>default</name><forward mode='nat'/>"
+                "<bridge name='virbr0'/></network>"
+            )
         for uri, count in {A: 4, B: 4, **(slots or {})}.items():
             self.set_slots(uri, count)
         for spec in guests:
@@ -987,26 +1140,50 @@ class World:
             primary = None
             if t.slot is not None:
                 tap, mac = POOL_SLOTS[uri][t.slot]
-                attachment = attachment_for_slot(EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac),
-                                                 alias=f"ua-ptmig-{t.name}-1")
+                attachment = attachment_for_slot(
+                    EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=f"ua-ptmig-{t.name}-1"
+                )
                 device = ET.fromstring(attachment.device_xml)
                 device.append(_pci_address(bus))
                 bus += 1
                 devices.append(device)
                 primary = attachment.primary
-            teams.append(Team(t.name, t.standby_mac, t.mac_policy, POOL,  # type: ignore[arg-type]
-                              team_mac=t.team_mac, primary=primary))
+            teams.append(
+                Team(
+                    t.name,
+                    t.standby_mac,
+                    t.mac_policy,
+                    POOL,  # type: ignore[arg-type]
+                    team_mac=t.team_mac,
+                    primary=primary,
+                )
+            )
         team_set = TeamSet(tuple(teams))
         domid = host.next_domid
         host.next_domid += 1
-        guest = FakeGuest({t.name: GuestTeam(
-            t.name, t.bond, t.mac_policy, t.standby_mac, t.team_mac,
-            pb.OWNERSHIP_ADMIN if t.mac_policy == "preserve" else pb.OWNERSHIP_AGENT)
-            for t in spec.teams})
+        guest = FakeGuest(
+            {
+                t.name: GuestTeam(
+                    t.name,
+                    t.bond,
+                    t.mac_policy,
+                    t.standby_mac,
+                    t.team_mac,
+                    pb.OWNERSHIP_ADMIN if t.mac_policy == "preserve" else pb.OWNERSHIP_AGENT,
+                )
+                for t in spec.teams
+            }
+        )
         live = _domain_tree(spec.name, spec.uuid, team_set, devices, domid=domid)
         host.domains[spec.uuid] = DomainRecord(
-            spec.uuid, spec.name, live, _domain_tree(spec.name, spec.uuid, team_set, devices,
-                                                     domid=None), guest, True, domid)
+            spec.uuid,
+            spec.name,
+            live,
+            _domain_tree(spec.name, spec.uuid, team_set, devices, domid=None),
+            guest,
+            True,
+            domid,
+        )
         links = guest.links(live)
         for t, team in zip(spec.teams, teams, strict=True):
             gt = guest.teams[t.name]
@@ -1028,8 +1205,11 @@ class World:
         return FakeAgent(self, hv.uri, dom.UUIDString(), timeout)
 
     def coordinator(self, journal: Journal) -> Coordinator:
-        return Coordinator(journal, connect=self.connect,  # type: ignore[arg-type]
-                           agent_for=self.agent_for)  # type: ignore[arg-type]
+        return Coordinator(
+            journal,
+            connect=self.connect,  # type: ignore[arg-type]
+            agent_for=self.agent_for,
+        )  # type: ignore[arg-type]
 
     # -- calls and faults ------------------------------------------------------------
 
@@ -1054,14 +1234,25 @@ class World:
                 fault.fired += 1
                 raise fault.error
 
-    def fail(self, where: str, method: str, error: BaseException | None = None, *, nth: int = 1,
-             every: bool = False, subject: str | None = None) -> Fault:
+    def fail(
+        self,
+        where: str,
+        method: str,
+        error: BaseException | None = None,
+        *,
+        nth: int = 1,
+        every: bool = False,
+        subject: str | None = None,
+    ) -> Fault:
         """Make *method* on *where* (a host URI or "agent") raise at its *nth* call from now
         (about *subject* only, when given).  Agent faults take an ``AgentError``, which the
         fake stub turns into the gRPC error the real client maps back."""
         if error is None:
-            error = (AgentError("UNAVAILABLE", f"{method} failed (injected)") if where == "agent"
-                     else HypervisorError(f"{where}: {method} failed (injected)", 1))
+            error = (
+                AgentError("UNAVAILABLE", f"{method} failed (injected)")
+                if where == "agent"
+                else HypervisorError(f"{where}: {method} failed (injected)", 1)
+            )
         fault = Fault(where, method, error, nth, every, subject)
         self.faults.append(fault)
         return fault
@@ -1086,8 +1277,7 @@ class World:
         return None
 
     def running_on(self, name: str) -> list[str]:
-        return [uri for uri in self.hosts
-                if (r := self.find(name, uri)) is not None and r.active]
+        return [uri for uri in self.hosts if (r := self.find(name, uri)) is not None and r.active]
 
     def guest(self, name: str) -> FakeGuest:
         for host in self.hosts.values():
@@ -1136,15 +1326,18 @@ class World:
         for uri, host in self.hosts.items():
             for record in host.domains.values():
                 out[f"{uri} {record.name}"] = (
-                    record.active, self.xml(record), self.xml(record, inactive=True),
-                    repr(sorted(record.guest.teams.items())), repr(record.guest.mac_overrides))
+                    record.active,
+                    self.xml(record),
+                    self.xml(record, inactive=True),
+                    repr(sorted(record.guest.teams.items())),
+                    repr(record.guest.mac_overrides),
+                )
             out[f"{uri} networks"] = dict(host.networks)
         return out
 
     # -- things that happen outside the workflow -------------------------------------
 
-    def detach_outside(self, name: str, alias: str, uri: str = A, *,
-                       config: bool = False) -> None:
+    def detach_outside(self, name: str, alias: str, uri: str = A, *, config: bool = False) -> None:
         """``virsh detach-device-alias`` by an operator: from the live domain (and with
         *config* the definition), the team record untouched."""
         record = self.find(name, uri)
@@ -1158,8 +1351,11 @@ class World:
         record = self.find(name, uri)
         assert record is not None
         tap, mac = POOL_SLOTS[uri][slot]
-        device = ET.fromstring(attachment_for_slot(
-            EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=alias).device_xml)
+        device = ET.fromstring(
+            attachment_for_slot(
+                EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=alias
+            ).device_xml
+        )
         free = [n for n in range(1, ROOT_PORTS + 1) if n not in _used_buses(record.live)]
         device.append(_pci_address(free[0]))
         _insert_device(record.live, device)
@@ -1178,6 +1374,14 @@ class World:
 
 
 # -- workflow events and crashes -----------------------------------------------------------
+
+
+def latest_steps(journal: Journal, workflow_id: str) -> dict[str, StepRecord]:
+    """Each step's latest row, keyed by step name, in the order steps first appeared."""
+    latest: dict[str, StepRecord] = {}
+    for step in journal.steps(workflow_id):
+        latest[step.name] = step  # re-assigning keeps the key's first position
+    return latest
 
 
 class Events:
@@ -1202,8 +1406,12 @@ def crash() -> None:
     raise SimulatedCrash
 
 
-def crash_in_child(world: World, journal_path: str | os.PathLike[str],
-                   run: Callable[[Coordinator], object], timeout: float = 30.0) -> None:
+def crash_in_child(
+    world: World,
+    journal_path: str | os.PathLike[str],
+    run: Callable[[Coordinator], object],
+    timeout: float = 30.0,
+) -> None:
     """Run *run* in a forked coordinator process that dies (:class:`SimulatedCrash`) and
     leaves its journal open and its owner gone; then take over the world it left.
 

@@ -75,8 +75,27 @@ def nasty_text() -> st.SearchStrategy[str]:
 
 
 NAMES = st.sampled_from(
-    ["name", "type", "mode", "address", "alias", "mac", "source", "target", "model",
-     "team", "primary", "kind", "dev", "tap", "pool", "slot", "device", "cid", "bogus"]
+    [
+        "name",
+        "type",
+        "mode",
+        "address",
+        "alias",
+        "mac",
+        "source",
+        "target",
+        "model",
+        "team",
+        "primary",
+        "kind",
+        "dev",
+        "tap",
+        "pool",
+        "slot",
+        "device",
+        "cid",
+        "bogus",
+    ]
 )
 
 
@@ -95,8 +114,11 @@ def mutated_xml(draw: st.DrawFn, samples: list[str], max_mutations: int = 4) -> 
     for _ in range(draw(st.integers(0, max_mutations))):
         elements = _elements(root)
         parent, element = draw(st.sampled_from(elements))
-        op = draw(st.sampled_from(
-            ["drop", "duplicate", "rename", "set", "unset", "text", "wrap", "add-child"]))
+        op = draw(
+            st.sampled_from(
+                ["drop", "duplicate", "rename", "set", "unset", "text", "wrap", "add-child"]
+            )
+        )
         if op == "drop" and parent is not None:
             parent.remove(element)
         elif op == "duplicate" and parent is not None:

@@ -8,14 +8,23 @@ from lab.traffic import Phase
 
 def sample(case: str, lan: int, wan: int, wall: float, back: float | None = None) -> Sample:
     phases = [Phase("migrate", 0.0, 1.0)]
-    return Sample(case, "hosta->hostb", phases, {"lan": {"migrate": lan}, "wan": {"migrate": wan}},
-                  {"lan": {"migrate": float(lan)}, "wan": {"migrate": float(wan)}}, wall,
-                  back_on_primary_s=back)
+    return Sample(
+        case,
+        "hosta->hostb",
+        phases,
+        {"lan": {"migrate": lan}, "wan": {"migrate": wan}},
+        {"lan": {"migrate": float(lan)}, "wan": {"migrate": float(wan)}},
+        wall,
+        back_on_primary_s=back,
+    )
 
 
 def test_medians_and_spread_per_case_and_team() -> None:
-    samples = [sample("floor", 100, 110, 3.0), sample("floor", 300, 310, 4.0),
-               sample("floor", 200, 210, 5.0)]
+    samples = [
+        sample("floor", 100, 110, 3.0),
+        sample("floor", 300, 310, 4.0),
+        sample("floor", 200, 210, 5.0),
+    ]
     summary = summarize(samples, bare=[2.0, 3.0])
     floor = summary["cases"]["floor"]
     assert floor["lan"]["total_lost"] == {"median": 200.0, "min": 100.0, "max": 300.0, "n": 3}
@@ -24,8 +33,11 @@ def test_medians_and_spread_per_case_and_team() -> None:
 
 
 def test_goals_met_and_not_met_are_told_apart() -> None:
-    samples = [sample("floor", 200, 200, 4.0), sample("naive", 300, 300, 5.0, back=4.0),
-               sample("ptmig", 205, 260, 6.0, back=2.9)]
+    samples = [
+        sample("floor", 200, 200, 4.0),
+        sample("naive", 300, 300, 5.0, back=4.0),
+        sample("ptmig", 205, 260, 6.0, back=2.9),
+    ]
     result = goals(summarize(samples, bare=[2.5]))
     assert result["lan: ptmig loses no more than the floor (+20 noise)"].startswith("met")
     assert result["wan: ptmig loses no more than the floor (+20 noise)"].startswith("not met")

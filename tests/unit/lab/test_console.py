@@ -22,8 +22,9 @@ def shell_socket(tmp_path: Path) -> Iterator[Path]:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
-    bash = subprocess.Popen(["bash", "--norc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    bash = subprocess.Popen(
+        ["bash", "--norc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert bash.stdin and bash.stdout
     stop = threading.Event()
 
@@ -71,7 +72,7 @@ def test_run_returns_output_and_exit_status(shell_socket: Path, tmp_path: Path) 
 
 def test_run_passes_quotes_and_newlines_unchanged(shell_socket: Path, tmp_path: Path) -> None:
     console = GuestConsole(shell_socket, tmp_path / "console.log")
-    text = "it's \"quoted\" $HOME `x`\nsecond line"
+    text = 'it\'s "quoted" $HOME `x`\nsecond line'
     result = console.run(f"cat <<'EOF'\n{text}\nEOF")
     assert result.check() == text + "\n"
 

@@ -21,8 +21,10 @@ from lab.guest import (
 from lab.hosts import LabHost
 from lab.image import GuestImage, ImageRecipe
 
-needs_validator = pytest.mark.skipif(shutil.which("virt-xml-validate") is None,
-                                     reason="virt-xml-validate (libvirt-clients) not installed")
+needs_validator = pytest.mark.skipif(
+    shutil.which("virt-xml-validate") is None,
+    reason="virt-xml-validate (libvirt-clients) not installed",
+)
 
 
 def _image(tmp_path: Path) -> GuestImage:
@@ -44,14 +46,21 @@ def test_domain_is_tcg_q35_with_spare_root_ports_and_both_nics(tmp_path: Path) -
     assert root.find("os/type").get("machine") == "q35"  # type: ignore[union-attr]
     ports = root.findall("devices/controller[@model='pcie-root-port']")
     assert len(ports) == ROOT_PORTS
-    models = {i.find("alias").get("name"): i.find("model").get("type")  # type: ignore[union-attr]
-              for i in root.findall("devices/interface")}
-    assert models == {STANDBY_NIC.alias: "virtio", PRIMARY_NIC.alias: "e1000e",
-                      WAN_STANDBY_NIC.alias: "virtio", WAN_PRIMARY_NIC.alias: "e1000e"}
-    without = ET.fromstring(domain_xml(_image(tmp_path), tmp_path / "d.qcow2",
-                                       with_primary=False))
-    assert {i.find("model").get("type")  # type: ignore[union-attr]
-            for i in without.findall("devices/interface")} == {"virtio"}
+    models = {
+        i.find("alias").get("name"): i.find("model").get("type")  # type: ignore[union-attr]
+        for i in root.findall("devices/interface")
+    }
+    assert models == {
+        STANDBY_NIC.alias: "virtio",
+        PRIMARY_NIC.alias: "e1000e",
+        WAN_STANDBY_NIC.alias: "virtio",
+        WAN_PRIMARY_NIC.alias: "e1000e",
+    }
+    without = ET.fromstring(domain_xml(_image(tmp_path), tmp_path / "d.qcow2", with_primary=False))
+    assert {
+        i.find("model").get("type")  # type: ignore[union-attr]
+        for i in without.findall("devices/interface")
+    } == {"virtio"}
 
 
 def test_nic_xml_escapes_attribute_values() -> None:
@@ -86,8 +95,10 @@ def test_hosts_differ_in_uuid_address_and_state(tmp_path: Path) -> None:
 def test_paths_inside_a_host_map_to_its_private_dirs() -> None:
     a = LabHost(fabric.HOSTS[0])
     assert a.path_inside("/var/lib/libvirt/ptmig/console.sock") == (
-        a.state_dir / "lib" / "ptmig" / "console.sock")
+        a.state_dir / "lib" / "ptmig" / "console.sock"
+    )
     assert a.path_inside("/var/log/libvirt/qemu/x.log") == a.state_dir / "log" / "qemu" / "x.log"
     assert a.path_inside("/var/tmp/ptmig-lab/guest/disk.qcow2") == Path(
-        "/var/tmp/ptmig-lab/guest/disk.qcow2")
+        "/var/tmp/ptmig-lab/guest/disk.qcow2"
+    )
     assert a.path_inside("/var/lib/libvirtx") == Path("/var/lib/libvirtx")

@@ -25,7 +25,7 @@ from lab.traffic import (
     Phase,
     PingRecord,
     RateSchedule,
-    _RecordWriter,
+    RecordWriter,
     analyze,
     build_request,
     icmp_checksum,
@@ -232,7 +232,7 @@ def test_load_phases(tmp_path: Path) -> None:
 
 
 def write_file(path: Path, *, complete: bool, torn_tail: str = "") -> None:
-    w = _RecordWriter(path)
+    w = RecordWriter(path)
     w.header("ptmig-traffic", 1)
     w.header("target", "127.0.0.1")
     w.header("rate", 1000.0)

@@ -44,7 +44,7 @@ FILES = {
     COMPLETION,
     *MAN_PAGES,
     f"{PRIVATE}/host/cli.py",
-    f"{PRIVATE}/host/daemon.py",
+    f"{PRIVATE}/host/daemon/main.py",
     f"{PRIVATE}/host/hypervisor.py",
     f"{PRIVATE}/ptmig/v1/coordinator_pb2.py",
     f"{PRIVATE}/ptmig/v1/coordinator_pb2_grpc.py",
@@ -229,7 +229,7 @@ def parser_words(factory: str) -> tuple[list[str], list[str]]:
     ("page", "factory"),
     [
         ("/usr/share/man/man1/ptmig.1.gz", "host.cli:build_parser"),
-        ("/usr/share/man/man8/ptmigd.8.gz", "host.daemon:build_parser"),
+        ("/usr/share/man/man8/ptmigd.8.gz", "host.daemon.main:build_parser"),
     ],
 )
 def test_every_sub_command_and_option_is_in_the_man_page(
@@ -246,7 +246,7 @@ def test_every_sub_command_and_option_is_in_the_man_page(
 
 def test_the_config_page_names_every_key(deb_root: Path) -> None:
     text = man_text(deb_root, "/usr/share/man/man5/ptmigd.toml.5.gz")
-    from host.daemon_config import DaemonSettings
+    from host.daemon.config import DaemonSettings
 
     for key in DaemonSettings.__dataclass_fields__:
         assert re.search(rf"\b{key} = ", text), key

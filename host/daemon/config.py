@@ -32,6 +32,7 @@ class DaemonSettings:
     tls_client_ca: Path | None = None
     reconcile: tuple[str, ...] = ()
     reconcile_interval: float | None = None
+    metrics_listen: str | None = None
 
     def as_defaults(self) -> dict[str, object]:
         """The settings the file gives, as argparse defaults (dest -> value)."""
@@ -76,8 +77,9 @@ def parse(data: dict[str, object], *, where: str) -> DaemonSettings:
     for key in _PATH_KEYS:
         if key in data:
             values[key] = Path(_string(data[key], where, key))
-    if "listen_tcp" in data:
-        values["listen_tcp"] = _string(data["listen_tcp"], where, "listen_tcp")
+    for key in ("listen_tcp", "metrics_listen"):
+        if key in data:
+            values[key] = _string(data[key], where, key)
     if "reconcile" in data:
         hosts = data["reconcile"]
         if not isinstance(hosts, list):

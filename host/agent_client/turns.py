@@ -1,0 +1,54 @@
+"""One client at a time per guest channel on a host: a flock per domain."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+import uuid
+
+from host.agent_client.errors import AgentError
+
+#: Where the ptmig processes of one host take turns at a guest's agent channel.
+CHANNEL_TURN_DIR = "/run/ptmig/channels"
+#: How long to wait for the turn: longer than any one step's agent calls.
+CHANNEL_TURN_WAIT = 30.0
+
+
+class ChannelTurn:
+    """This process's turn at one guest's agent channel, among all ptmig processes here.
+
+    The channel is opened with VIR_DOMAIN_CHANNEL_FORCE, which takes it from whoever holds
+    it: a ``ptmig status`` would break a running migration's session (and once broke a
+    libvirt client connection).  So a client holds an exclusive flock on a file named by
+    the domain's UUID while it is open; the kernel drops it when the holder dies.
+    """
+
+    def __init__(
+        self, domain_uuid: str, directory: str = CHANNEL_TURN_DIR, wait: float = CHANNEL_TURN_WAIT
+    ) -> None:
+        name = str(uuid.UUID(domain_uuid))  # a UUID, never a path of the caller's choice
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._fd: int | None = os.open(
+            os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.release()
+                    raise AgentError(
+                        "UNAVAILABLE",
+                        f"another ptmig process on this host has "
+                        f"been talking to the agent of {name} for over "
+                        f"{wait:.0f} s",
+                    ) from None
+                time.sleep(0.1)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None

@@ -1,0 +1,277 @@
+"""The one protobuf encoder per Coordinator answer, and the decoders of requests.
+
+Each takes or gives the typed results of host/workflow/model.py; a request that is
+malformed raises ValueError (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ptmig.v1 import coordinator_pb2 as pb
+
+from host.domain.pools import Pool, TapSlot, make_pool
+from host.domain.teams import PrimaryDevice, Team
+from host.workflow.model import (
+    DomainStatus,
+    DomainTeams,
+    Event,
+    FailoverResult,
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+    PoolStatus,
+    RecoverResult,
+    TeamMode,
+    TeamRequest,
+    TeamStatus,
+    WorkflowSummary,
+    plain,
+)
+
+# -- messages --------------------------------------------------------------------------
+
+_OUTCOMES: dict[Outcome, Any] = {
+    Outcome.DONE: pb.OUTCOME_DONE,
+    Outcome.DONE_DEGRADED: pb.OUTCOME_DONE_DEGRADED,
+    Outcome.ROLLED_BACK: pb.OUTCOME_ROLLED_BACK,
+    Outcome.FAILED: pb.OUTCOME_FAILED,
+}
+_TEAM_MODES = {
+    TeamMode.PRIMARY: pb.TEAM_MODE_PRIMARY,
+    TeamMode.STANDBY: pb.TEAM_MODE_STANDBY,
+    TeamMode.DEGRADED: pb.TEAM_MODE_DEGRADED,
+    TeamMode.UNKNOWN: pb.TEAM_MODE_UNSPECIFIED,
+}
+
+
+def migration_request(message: Any) -> MigrationRequest:
+    """The workflow's request for a MigrateRequest; ValueError names a missing field."""
+    for name in ("domain", "source_uri", "destination_uri"):
+        if not getattr(message, name):
+            raise ValueError(f"MigrateRequest.{name} is required")
+    return MigrationRequest(
+        domain=message.domain,
+        source_uri=message.source_uri,
+        destination_uri=message.destination_uri,
+        unsafe=message.unsafe,
+        max_downtime_ms=message.max_downtime_ms or None,
+        peer_uri=message.peer_uri or None,
+    )
+
+
+def require(message: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(message, name):
+            raise ValueError(f"{type(message).__name__}.{name} is required")
+
+
+def failover_target(message: Any) -> TeamMode:
+    """The mode a FailoverRequest asks for; ValueError unless primary or standby."""
+    require(message, "domain")
+    targets = {pb.TEAM_MODE_PRIMARY: TeamMode.PRIMARY, pb.TEAM_MODE_STANDBY: TeamMode.STANDBY}
+    if message.to not in targets:
+        raise ValueError("FailoverRequest.to must be TEAM_MODE_PRIMARY or TEAM_MODE_STANDBY")
+    return targets[message.to]
+
+
+def team_request(message: Any) -> TeamRequest:
+    """The Coordinator's TeamRequest for a SetTeamRequest (values checked by Team)."""
+    require(message, "domain", "name", "standby_mac", "pool")
+    return TeamRequest(
+        name=message.name,
+        standby_mac=message.standby_mac,
+        pool=message.pool,
+        mac_policy=message.mac_policy or "preserve",
+        team_mac=message.team_mac or None,
+        primary_alias=message.primary_alias or None,
+    )
+
+
+def pool_definition(message: Any) -> Pool:
+    """The Pool a DefinePoolRequest describes; DomainModelError (a ValueError) if wrong."""
+    require(message, "name", "kind")
+    return make_pool(
+        message.name,
+        message.kind,
+        bridge=message.bridge,
+        model=message.model,
+        slots=[TapSlot(s.tap, s.mac) for s in message.slots],
+        addresses=message.addresses,
+        pf=message.pf,
+        vf_addresses=message.vf_addresses,
+    )
+
+
+def outcome_enum(outcome: str | None) -> Any:
+    """The Outcome enum for an outcome as the workflow or journal spells it (UNSPECIFIED
+    for none, or for one the contract has no value for, like a refused migration's)."""
+    try:
+        return _OUTCOMES[Outcome(outcome or "")]
+    except ValueError:
+        return pb.OUTCOME_UNSPECIFIED
+
+
+def event_message(event: Event) -> Any:
+    message = pb.WorkflowEvent(
+        workflow_id=event.workflow_id,
+        phase=event.phase,
+        state=event.state,
+        message=event.message,
+        at=event.at,
+    )
+    if event.fraction is not None:
+        message.fraction = event.fraction
+    return message
+
+
+def report_message(report: MigrationReport) -> Any:
+    return pb.MigrationReport(
+        workflow_id=report.workflow_id,
+        domain=report.domain,
+        source_uri=report.source_uri,
+        destination_uri=report.destination_uri,
+        outcome=outcome_enum(report.outcome),
+        outcome_text=str(report.outcome),
+        phases=[
+            pb.PhaseTiming(name=p.name, seconds=p.seconds, detail=p.detail) for p in report.phases
+        ],
+        teams={str(k): str(v) for k, v in report.teams.items()},
+        error=report.error,
+        migration_json=details_json(report.migration),
+        drift=dict(report.drift),
+    )
+
+
+def final_event(report: MigrationReport) -> Any:
+    """The last message of a Migrate stream: phase "report", state = the outcome."""
+    return pb.WorkflowEvent(
+        workflow_id=report.workflow_id,
+        phase="report",
+        state=str(report.outcome),
+        message=report.error or f"{report.domain}: {report.outcome}",
+        at=time.time(),
+        report=report_message(report),
+    )
+
+
+def primary_message(primary: PrimaryDevice | None) -> Any:
+    """A PrimaryDevice message; None for no primary (the field stays unset)."""
+    if primary is None:
+        return None
+    return pb.PrimaryDevice(
+        kind=primary.kind,
+        alias=primary.alias,
+        mac=primary.mac or "",
+        pci_address=primary.pci_address or "",
+        network=primary.network or "",
+        tap=primary.tap or "",
+    )
+
+
+def team_status_message(team: TeamStatus) -> Any:
+    return pb.TeamStatus(
+        name=team.name,
+        mode=_TEAM_MODES[team.mode],
+        mode_text=str(team.mode),
+        active_member=team.active_member,
+        detail=team.detail,
+        pool=team.pool,
+        mac_policy=team.mac_policy,
+        primary=primary_message(team.primary),
+        members=list(team.members),
+        drift=team.drift,
+        case=team.case,
+    )
+
+
+def status_message(status: DomainStatus) -> Any:
+    return pb.GetStatusResponse(
+        domain=status.domain,
+        uri=status.uri,
+        teams=[team_status_message(t) for t in status.teams],
+        open_workflow_id=status.open_workflow_id,
+        details_json=details_json(status),
+        uuid=status.uuid,
+        agent_error=status.agent_error,
+    )
+
+
+def pool_message(pool: PoolStatus) -> Any:
+    return pb.Pool(
+        name=pool.name,
+        kind=str(pool.kind),
+        total=pool.total,
+        free=pool.free or 0,
+        free_devices=list(pool.free_devices),
+        details_json=details_json(pool),
+        error=pool.error,
+    )
+
+
+def recover_result(result: RecoverResult) -> Any:
+    return pb.RecoverResult(
+        workflow_id=result.workflow_id,
+        domain=result.domain,
+        action=result.action,
+        outcome=outcome_enum(result.outcome),
+        outcome_text="" if result.outcome is None else str(result.outcome),
+        error=result.error,
+        details_json=details_json(result),
+        detail=result.detail,
+    )
+
+
+def failover_message(result: FailoverResult) -> Any:
+    return pb.FailoverResponse(
+        workflow_id=result.workflow_id,
+        domain=result.domain,
+        to=_TEAM_MODES[result.to],
+        teams=result.teams,
+    )
+
+
+def team_message(team: Team) -> Any:
+    return pb.Team(
+        name=team.name,
+        standby_mac=team.standby_mac,
+        pool=team.pool,
+        mac_policy=team.mac_policy,
+        team_mac=team.team_mac or "",
+        primary=primary_message(team.primary),
+    )
+
+
+def teams_message(teams: DomainTeams) -> Any:
+    return pb.GetTeamsResponse(
+        domain=teams.domain,
+        uuid=teams.uuid,
+        teams=[team_message(t) for t in teams.teams],
+        cases=dict(teams.cases),
+        drift=dict(teams.drift),
+    )
+
+
+def workflow_summary(row: WorkflowSummary) -> Any:
+    return pb.WorkflowSummary(
+        id=row.id,
+        kind=row.kind,
+        domain_uuid=row.domain_uuid,
+        domain_name=row.domain_name,
+        source_uri=row.source_uri,
+        destination_uri=row.destination_uri,
+        state=row.state,
+        outcome=outcome_enum(row.outcome or None),
+        outcome_text=row.outcome,
+        created=row.created,
+        updated=row.updated,
+        owner_alive=row.owner_alive,
+        report_json=row.report_json,
+    )
+
+
+def details_json(value: object) -> str:
+    """A ``details_json`` field: the answer's JSON form, compact."""
+    return json.dumps(plain(value), default=str, separators=(",", ":"))

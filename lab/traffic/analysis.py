@@ -1,0 +1,266 @@
+"""Loss per phase and outages, from a sender's record."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.traffic.record import PingRecord
+from lab.traffic.sender import GRACE_S
+
+OTHER_PHASE = "other"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A named interval of a test run, in epoch seconds (as the lab scripts write them)."""
+
+    name: str
+    start: float
+    end: float
+
+
+def load_phases(path: str | os.PathLike[str]) -> list[Phase]:
+    """Read ``name start end`` lines (epoch seconds); blank lines and ``#`` comments are skipped."""
+    phases = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, start, end = line.split()
+            phases.append(Phase(name, float(start), float(end)))
+    return phases
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A run of consecutive lost requests ``first_seq..last_seq``.
+
+    Its duration is the time between the send times of the answered requests on either side;
+    at the edge of the record (no answered neighbour) one nominal period stands in for it, so one
+    lost request anywhere counts as two periods.
+    """
+
+    first_seq: int
+    last_seq: int
+    lost: int
+    start_ns: int
+    end_ns: int
+    phase: str
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "duration_ms": self.duration_ns / 1e6}
+
+
+@dataclass
+class PhaseStats:
+    """Loss of the requests SENT in one phase (``other``: sent outside all phases)."""
+
+    name: str
+    start: float | None
+    end: float | None
+    sent: int = 0
+    received: int = 0
+    lost: int = 0
+    undetermined: int = 0
+    outages: int = 0
+    longest_outage: Outage | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["longest_outage"] = _outage_dict(self.longest_outage)
+        d["longest_outage_ms"] = _outage_ms(self.longest_outage)
+        return d
+
+
+def _outage_dict(o: Outage | None) -> dict[str, Any] | None:
+    return None if o is None else o.to_dict()
+
+
+def _outage_ms(o: Outage | None) -> float:
+    return 0.0 if o is None else o.duration_ns / 1e6
+
+
+@dataclass
+class TrafficReport:
+    """Loss summary of one run; ``lost`` = no reply by the end of sending + 1 s."""
+
+    target: str
+    rate_requested: float
+    rate_measured: float | None
+    sent: int
+    received: int
+    lost: int
+    undetermined: int  # unanswered, sent < 1 s before a killed run's last event
+    send_errors: int
+    duplicates: int
+    complete: bool
+    first_send_ns: int | None
+    last_send_ns: int | None
+    longest_outage: Outage | None
+    longest_reply_gap_ns: int | None
+    phases: list[PhaseStats]
+    outages: list[Outage]
+
+    @property
+    def loss_ratio(self) -> float:
+        judged = self.received + self.lost
+        return self.lost / judged if judged else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (times in epoch ns, durations also in ms)."""
+        return {
+            "target": self.target,
+            "rate_requested": self.rate_requested,
+            "rate_measured": self.rate_measured,
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.lost,
+            "loss_ratio": self.loss_ratio,
+            "undetermined": self.undetermined,
+            "send_errors": self.send_errors,
+            "duplicates": self.duplicates,
+            "complete": self.complete,
+            "first_send_ns": self.first_send_ns,
+            "last_send_ns": self.last_send_ns,
+            "longest_outage": _outage_dict(self.longest_outage),
+            "longest_outage_ms": _outage_ms(self.longest_outage),
+            "longest_reply_gap_ns": self.longest_reply_gap_ns,
+            "longest_reply_gap_ms": (
+                None if self.longest_reply_gap_ns is None else self.longest_reply_gap_ns / 1e6
+            ),
+            "phases": [p.to_dict() for p in self.phases],
+            "outages": [o.to_dict() for o in self.outages],
+        }
+
+    def format_table(self) -> str:
+        """A few lines for a terminal or a log."""
+        rate = "-" if self.rate_measured is None else f"{self.rate_measured:.1f}"
+        gap = "-" if self.longest_reply_gap_ns is None else f"{self.longest_reply_gap_ns / 1e6:.1f}"
+        lo = self.longest_outage
+        lines = [
+            f"{self.target}: sent {self.sent}, received {self.received}, lost {self.lost} "
+            f"({100 * self.loss_ratio:.3f}%), rate {rate}/{self.rate_requested:g} pps",
+            f"longest outage {_outage_ms(lo):.1f} ms ({0 if lo is None else lo.lost} lost), "
+            f"{len(self.outages)} outages, longest reply gap {gap} ms",
+        ]
+        notes = []
+        if not self.complete:
+            notes.append(f"incomplete run, {self.undetermined} undetermined")
+        if self.send_errors:
+            notes.append(f"{self.send_errors} send errors")
+        if self.duplicates:
+            notes.append(f"{self.duplicates} duplicate replies")
+        if notes:
+            lines.append("; ".join(notes))
+        if self.phases:
+            width = max(12, *(len(p.name) for p in self.phases))
+            lines.append(
+                f"{'phase':<{width}} {'sent':>7} {'lost':>6} {'outage_ms':>10} {'outages':>7}"
+            )
+            for p in self.phases:
+                lines.append(
+                    f"{p.name:<{width}} {p.sent:>7} {p.lost:>6} "
+                    f"{_outage_ms(p.longest_outage):>10.1f} {p.outages:>7}"
+                )
+        return "\n".join(lines)
+
+
+_ANSWERED, _LOST, _UNKNOWN = 0, 1, 2
+
+
+def analyze(record: PingRecord, phases: Iterable[Phase] | None = None) -> TrafficReport:
+    """Count losses, per phase and overall, and find outages.
+
+    A request belongs to the first phase whose [start, end) holds its send time; an outage
+    belongs to the phase in which its first lost request was sent. If the run was killed,
+    unanswered requests sent less than 1 s before the last recorded event are undetermined,
+    neither lost nor received.
+    """
+    phase_list = list(phases) if phases is not None else None
+    if phase_list is not None and any(p.name == OTHER_PHASE for p in phase_list):
+        raise ValueError(f"phase name {OTHER_PHASE!r} is reserved")
+    n = record.sent
+    send = record.send_ns
+    recv = record.recv_ns
+    period_ns = round(1e9 / record.rate)
+
+    cutoff: int | None = None
+    if not record.complete:
+        events = [t for t in (*send, *recv) if t is not None]
+        cutoff = (max(events) if events else record.start_ns) - int(GRACE_S * 1e9)
+    status = [
+        _ANSWERED if r is not None else _UNKNOWN if cutoff is not None and s > cutoff else _LOST
+        for s, r in zip(send, recv, strict=True)
+    ]
+
+    # Phase of each request (index into stats; the last one is "other").
+    bounds = [(round(p.start * 1e9), round(p.end * 1e9)) for p in phase_list or []]
+    stats = [PhaseStats(p.name, p.start, p.end) for p in phase_list or []]
+    stats.append(PhaseStats(OTHER_PHASE, None, None))
+    other = len(stats) - 1
+
+    def phase_of(t: int) -> int:
+        for i, (a, b) in enumerate(bounds):
+            if a <= t < b:
+                return i
+        return other
+
+    owner = [phase_of(t) for t in send]
+    for i in range(n):
+        st = stats[owner[i]]
+        st.sent += 1
+        if status[i] == _ANSWERED:
+            st.received += 1
+        elif status[i] == _LOST:
+            st.lost += 1
+        else:
+            st.undetermined += 1
+
+    outages: list[Outage] = []
+    i = 0
+    while i < n:
+        if status[i] != _LOST:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and status[j + 1] == _LOST:
+            j += 1
+        start = send[i - 1] if i > 0 and status[i - 1] == _ANSWERED else send[i] - period_ns
+        end = send[j + 1] if j + 1 < n and status[j + 1] == _ANSWERED else send[j] + period_ns
+        outage = Outage(i, j, j - i + 1, start, end, stats[owner[i]].name)
+        outages.append(outage)
+        st = stats[owner[i]]
+        st.outages += 1
+        if st.longest_outage is None or outage.duration_ns > st.longest_outage.duration_ns:
+            st.longest_outage = outage
+        i = j + 1
+
+    arrivals = sorted(r for r in recv if r is not None)
+    gap = max((b - a for a, b in itertools.pairwise(arrivals)), default=None)
+    rate = (n - 1) * 1e9 / (send[-1] - send[0]) if n >= 2 and send[-1] > send[0] else None
+    return TrafficReport(
+        target=record.target,
+        rate_requested=record.rate,
+        rate_measured=rate,
+        sent=n,
+        received=status.count(_ANSWERED),
+        lost=status.count(_LOST),
+        undetermined=status.count(_UNKNOWN),
+        send_errors=len(record.send_errors),
+        duplicates=record.duplicates,
+        complete=record.complete,
+        first_send_ns=send[0] if n else None,
+        last_send_ns=send[-1] if n else None,
+        longest_outage=max(outages, key=lambda o: o.duration_ns, default=None),
+        longest_reply_gap_ns=gap,
+        phases=stats if phase_list is not None else [],
+        outages=outages,
+    )
