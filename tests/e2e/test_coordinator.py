@@ -110,7 +110,7 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
 def detach_outside_ptmig(lab: VmLab) -> dict[str, str]:
     """``virsh detach-device-alias`` of each team's recorded primary: from the live domain
     only (virsh's default), ptmig's metadata untouched.  Returns team -> alias."""
-    teams = co.ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)
+    teams = co.ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)["teams"]
     primaries = {t["name"]: t["primary"]["alias"] for t in teams if t["primary"]}
     assert set(primaries) == {"lan", "wan"}, teams
     for alias in primaries.values():
@@ -142,15 +142,15 @@ def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
     primaries = detach_outside_ptmig(lab)
     # status and team-show say so, per team, in one line a person can act on
     status = co.ptmig_json(lab, src, "status", DOMAIN_NAME)
-    shown = {t["name"]: t for t in co.ptmig_json(lab, src, "team-show", DOMAIN_NAME)}
+    by_team = {t["name"]: t for t in status["teams"]}
+    shown = co.ptmig_json(lab, src, "team-show", DOMAIN_NAME)
     for team, alias in primaries.items():
-        assert status["teams"][team]["on"] == "degraded", status
-        assert status["teams"][team]["drift"].startswith(
-            f"recorded primary {alias} is not plugged"
-        ), status
-        assert (shown[team]["case"], shown[team]["drift"]) == (
+        assert by_team[team]["mode"] == "degraded", status
+        assert by_team[team]["case"] == "primary-absent", status
+        assert by_team[team]["drift"].startswith(f"recorded primary {alias} is not plugged"), status
+        assert (shown["cases"][team], shown["drift"][team]) == (
             "primary-absent",
-            status["teams"][team]["drift"],
+            by_team[team]["drift"],
         )
 
     code, report, losses = migrate_measured(lab, dest, "drift-done")
@@ -167,7 +167,7 @@ def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
     assert guest_mac(lab, wan_active) in {mac for _, mac in co.POOL_SLOTS[dest]}
     assert guest_mac(lab, "bond1") == guest_mac(lab, wan_active)
     status = co.ptmig_json(lab, dest, "status", DOMAIN_NAME)
-    assert {t["drift"] for t in status["teams"].values()} == {""}, status
+    assert {t["drift"] for t in status["teams"]} == {""}, status
 
 
 def test_primaries_detached_outside_ptmig_to_an_empty_pool_is_done_degraded(

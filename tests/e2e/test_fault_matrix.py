@@ -475,7 +475,7 @@ def test_primary_detached_outside_ptmig_before_migrate(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
-    teams = {t["name"]: t for t in co.ptmig_json(lab, src, "team-show", DOMAIN_NAME)}
+    teams = {t["name"]: t for t in co.ptmig_json(lab, src, "team-show", DOMAIN_NAME)["teams"]}
     lab.detach_nic(teams["lan"]["primary"]["alias"], config=False)
     with pinging("detached-outside") as lost:
         report = migrate(lab, dest, {})
