@@ -6,12 +6,16 @@ migrates.  The failure cases are the fault matrix (test_fault_matrix.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,108 @@ def test_migrate_there_and_back_keeps_teams_on_primaries(
     coordinated: VmLab, record_property: pytest.RecordProperty
 ) -> None:
     there_and_back(coordinated, record_property)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The samples of a Prometheus text page, by name with labels."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
+    coordinated: VmLab, tmp_path: Path
+) -> None:
+    """A management layer's migration over gRPC: ptmigd's metrics move, and its log has one
+    line per event naming the domain, the workflow and the phase."""
+    from ptmig.v1 import coordinator_pb2 as pb
+    from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
+
+    lab = coordinated
+    src = lab.where()
+    dest = OTHER[src]
+    sock_dir = Path(tempfile.mkdtemp(prefix="ptmigd-", dir="/run"))
+    os.chmod(sock_dir, 0o700)
+    log_path = tmp_path / "ptmigd.log"
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "host.daemon",
+                "--socket",
+                str(sock_dir / "ptmigd.sock"),
+                "--journal",
+                co.journal_path(),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not (
+            url := re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_path.read_text())
+        ):
+            assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        before = scrape(url[1])
+        assert 'ptmig_migrations_total{outcome="done"}' not in before
+        with grpc_channel(sock_dir / "ptmigd.sock") as channel:
+            events = list(
+                pb_grpc.CoordinatorStub(channel).Migrate(
+                    pb.MigrateRequest(
+                        domain=DOMAIN_NAME,
+                        source_uri=lab.hosts[src].uri,
+                        destination_uri=lab.hosts[dest].uri,
+                        unsafe=True,
+                        peer_uri=lab.hosts[dest].tcp_uri,
+                    ),
+                    timeout=300,
+                )
+            )
+            pools = pb_grpc.CoordinatorStub(channel).ListPools(
+                pb.ListPoolsRequest(uri=lab.hosts[dest].uri), timeout=60
+            )
+        report = events[-1].report
+        assert report.outcome == pb.OUTCOME_DONE, report
+        after = scrape(url[1])
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        (sock_dir / "ptmigd.sock").unlink(missing_ok=True)
+        sock_dir.rmdir()
+    assert lab.where() == dest
+    assert after['ptmig_migrations_total{outcome="done"}'] == 1
+    for phase in ("preflight", "switch", "unplug", "migrate", "bind"):
+        assert after[f'ptmig_phase_seconds_count{{phase="{phase}"}}'] == 1, phase
+    assert after['ptmig_team_standby_seconds_count{team="lan"}'] == 1
+    assert after['ptmig_agent_call_seconds_count{rpc="GuestAgent/UseStandby"}'] >= 2
+    assert after['ptmig_agent_call_seconds_count{rpc="GuestAgent/BindPrimary"}'] >= 2
+    free = {p.name: p.free for p in pools.pools}
+    assert (
+        after[f'ptmig_pool_free_devices{{host="{lab.hosts[dest].uri}",pool="lab"}}'] == free["lab"]
+    )
+    # One logfmt line per event, with the workflow's fields.
+    lines = log_path.read_text().splitlines()
+    unplug_done = [ln for ln in lines if "phase=unplug" in ln and 'msg="done' in ln]
+    assert len(unplug_done) == 1, lines[-40:]
+    assert f"domain={DOMAIN_NAME} workflow={report.workflow_id} phase=unplug" in unplug_done[0]
+    assert unplug_done[0].startswith("time=") and " level=info " in unplug_done[0]
+
+
+@contextlib.contextmanager
+def grpc_channel(socket_path: Path) -> Iterator[Any]:
+    import grpc
+
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        yield channel
 
 
 def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
