@@ -74,26 +74,8 @@ def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
     lab = coordinated
     src = lab.where()
     dest = OTHER[src]
-    sock_dir = Path(tempfile.mkdtemp(prefix="ptmigd-", dir="/run"))
-    os.chmod(sock_dir, 0o700)
     log_path = tmp_path / "ptmigd.log"
-    with log_path.open("w") as log:
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "host.daemon",
-                "--socket",
-                str(sock_dir / "ptmigd.sock"),
-                "--journal",
-                co.journal_path(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    try:
+    with ptmigd(log_path, "--metrics-listen", "127.0.0.1:0") as (daemon, sock):
         deadline = time.monotonic() + 30
         while not (
             url := re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_path.read_text())
@@ -102,7 +84,7 @@ def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
             time.sleep(0.2)
         before = scrape(url[1])
         assert 'ptmig_migrations_total{outcome="done"}' not in before
-        with grpc_channel(sock_dir / "ptmigd.sock") as channel:
+        with grpc_channel(sock) as channel:
             events = list(
                 pb_grpc.CoordinatorStub(channel).Migrate(
                     pb.MigrateRequest(
@@ -121,11 +103,6 @@ def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
         report = events[-1].report
         assert report.outcome == pb.OUTCOME_DONE, report
         after = scrape(url[1])
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        (sock_dir / "ptmigd.sock").unlink(missing_ok=True)
-        sock_dir.rmdir()
     assert lab.where() == dest
     assert after['ptmig_migrations_total{outcome="done"}'] == 1
     for phase in ("preflight", "switch", "unplug", "migrate", "bind"):
@@ -143,6 +120,36 @@ def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
     assert len(unplug_done) == 1, lines[-40:]
     assert f"domain={DOMAIN_NAME} workflow={report.workflow_id} phase=unplug" in unplug_done[0]
     assert unplug_done[0].startswith("time=") and " level=info " in unplug_done[0]
+
+
+@contextlib.contextmanager
+def ptmigd(log_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """ptmigd on a private socket with the lab's journal, stopped with SIGTERM after."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="ptmigd-", dir="/run"))
+    os.chmod(sock_dir, 0o700)
+    sock = sock_dir / "ptmigd.sock"
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "host.daemon",
+                "--socket",
+                str(sock),
+                "--journal",
+                co.journal_path(),
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        yield daemon, sock
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        sock.unlink(missing_ok=True)
+        sock_dir.rmdir()
 
 
 @contextlib.contextmanager
@@ -170,41 +177,16 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
 
     # devices come back to the pool; ptmigd's reconciler repairs the domain
     co.define_pools(lab, {"hostb": co.POOL_SLOTS["hostb"]})
-    sock_dir = Path(tempfile.mkdtemp(prefix="ptmigd-", dir="/run"))
-    os.chmod(sock_dir, 0o700)
-    log = (tmp_path / "ptmigd.log").open("w")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "host.daemon",
-            "--socket",
-            str(sock_dir / "ptmigd.sock"),
-            "--journal",
-            co.journal_path(),
-            "--reconcile",
-            lab.hosts["hostb"].uri,
-            "--reconcile-interval",
-            "2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    log.close()
-    try:
+    log_path = tmp_path / "ptmigd.log"
+    with ptmigd(log_path, "--reconcile", lab.hosts["hostb"].uri, "--reconcile-interval", "2"):
         # Watch the metadata only (no agent channel): the reconciler owns the channel now.
         deadline = time.monotonic() + 120
         while True:
             teams = co.ptmig_json(lab, "hostb", "team-show", DOMAIN_NAME)["teams"]
             if all(t["primary"] for t in teams):
                 break
-            assert time.monotonic() < deadline, (teams, (tmp_path / "ptmigd.log").read_text())
+            assert time.monotonic() < deadline, (teams, log_path.read_text())
             time.sleep(2)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        (sock_dir / "ptmigd.sock").unlink(missing_ok=True)
-        sock_dir.rmdir()
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
     assert {t["mode"] for t in status["teams"]} == {"primary"}, status
     lab.check_health()
