@@ -125,6 +125,18 @@ def test_whole_nic_migrates_there_and_back(
     there_and_back(vlab, {"wan": WAN_GUEST_IP}, record_property, [check_whole_nic])
 
 
+def test_failover_to_standby_and_back_with_the_whole_nic(vlab: VfioLab) -> None:
+    lab = vlab
+    on = lab.where()
+    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "standby") == {"wan": "standby"}
+    active = guest(lab, "cat /sys/class/net/bond1/bonding/active_slave")
+    assert guest(lab, f"ethtool -P {active}").split()[-1] == WAN_STANDBY_MAC  # the virtio
+    assert guest(lab, "cat /sys/class/net/bond1/address") == WAN_STANDBY_MAC
+    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "primary") == {"wan": "primary"}
+    check_whole_nic(lab, on)
+    lab.check_health()
+
+
 def test_vf_binds_and_migrates_there_and_back(
         vlab: VfioLab, record_property: pytest.RecordProperty) -> None:
     lab = vlab
