@@ -21,7 +21,7 @@ from lab import GUEST_IP, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
 from lab.nested.l1 import WIRE_NICS
-from lab.nested.vlab import L1Pinger, VfioLab, peer_uri, uri
+from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri, uri
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vfio]
 
@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vfio]
 RATE = 100
 BURNED_IN = {n.host: n.mac for n in WIRE_NICS if n.model == "e1000e"}
 OTHER = {"hosta": "hostb", "hostb": "hosta"}
+#: What igbvf logs in L2 when the PF does not answer its reset in time (docs/lab.md).
+IGBVF_BLOCKED = "PF still in reset state"
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,17 @@ def test_vf_binds_and_migrates_there_and_back(
     lab = vlab
     co.ptmig(lab.where(), "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac",
              STANDBY_MAC, "--pool", co.VF_POOL, "--mac-policy", "preserve")
-    co.to_primary(lab, timeout=300)
+    try:
+        co.to_primary(lab, timeout=300)
+    except VfioLabError:
+        # A failed bind is compensated: no VF may stay plugged or on vfio-pci.
+        time.sleep(30)
+        on = lab.where()
+        assert "<interface type='hostdev'" not in lab.domain(on).XMLDesc(0)
+        assert not [vf for vf in lab.state.hosts[on].vfs if l1_driver(lab, vf) == "vfio-pci"]
+        if IGBVF_BLOCKED in guest(lab, "dmesg"):
+            pytest.xfail(f"igbvf in L2: {IGBVF_BLOCKED!r} (docs/lab.md: the VF/PF mailbox)")
+        raise
     check_vf(lab, lab.where())
     there_and_back(lab, {"lan": GUEST_IP, "wan": WAN_GUEST_IP}, record_property,
                    [check_vf, check_whole_nic])
