@@ -145,7 +145,7 @@ def test_vf_binds_and_migrates_there_and_back(
     co.ptmig(lab.where(), "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac",
              STANDBY_MAC, "--pool", co.VF_POOL, "--mac-policy", "preserve")
     try:
-        co.to_primary(lab, timeout=300)
+        co.to_primary(lab, timeout=150)  # a failed VF bind takes about 30 s a try
     except VfioLabError:
         # A failed bind is compensated: no VF may stay plugged or on vfio-pci.
         time.sleep(30)
