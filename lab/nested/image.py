@@ -64,6 +64,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
+mkdir -p /run/lock  # /var/lock: libvirt locks a channel's socket there (virDomainOpenChannel)
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 mount -o remount,rw /
