@@ -38,8 +38,9 @@ def ptmig(host: str, *args: str, timeout: float = 600, check: bool = True) -> An
 def ptmig_json(host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
     proc = ptmig(host, *args, "--json", check=False)
     if proc.returncode not in ok:
-        raise VfioLabError(f"ptmig {' '.join(args)} exited {proc.returncode}: "
-                           f"{proc.stderr.strip()}")
+        raise VfioLabError(
+            f"ptmig {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"
+        )
     return json.loads(proc.stdout)
 
 
@@ -58,10 +59,32 @@ def define_pools(lab: VfioLab, vfs: dict[str, list[str]] | None = None) -> None:
 
 def set_teams(lab: VfioLab, lan_policy: str = "preserve", wan_policy: str = "preserve") -> None:
     host = lab.where()
-    ptmig(host, "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac", STANDBY_MAC,
-          "--pool", VF_POOL, "--mac-policy", lan_policy)
-    ptmig(host, "team-set", DOMAIN_NAME, "--team", "wan", "--standby-mac", WAN_STANDBY_MAC,
-          "--pool", PCI_POOL, "--mac-policy", wan_policy)
+    ptmig(
+        host,
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "lan",
+        "--standby-mac",
+        STANDBY_MAC,
+        "--pool",
+        VF_POOL,
+        "--mac-policy",
+        lan_policy,
+    )
+    ptmig(
+        host,
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "wan",
+        "--standby-mac",
+        WAN_STANDBY_MAC,
+        "--pool",
+        PCI_POOL,
+        "--mac-policy",
+        wan_policy,
+    )
 
 
 def to_primary(lab: VfioLab, timeout: float = 600) -> dict[str, Any]:

@@ -35,7 +35,7 @@ mkdir -p /run/ptmig
 hostname ptmig-guest
 ip link set lo up
 echo "ptmig-l2-init: modules at $(cut -d' ' -f1 /proc/uptime)" >/dev/ttyS0
-modprobe -a {' '.join(L2_MODULES)}
+modprobe -a {" ".join(L2_MODULES)}
 for _ in $(seq 100); do
   ls /sys/class/virtio-ports/ 2>/dev/null | grep -q vport && break; sleep 0.1
 done

@@ -89,8 +89,10 @@ while true; do
 done
 """
 
-L1_CMDLINE = ("root=/dev/vda rw console=ttyS0,115200 intel_iommu=on loglevel=4 panic=-1 "
-              "init=/sbin/ptmig-l1-init")
+L1_CMDLINE = (
+    "root=/dev/vda rw console=ttyS0,115200 intel_iommu=on loglevel=4 panic=-1 "
+    "init=/sbin/ptmig-l1-init"
+)
 
 
 def l1_recipe() -> ImageRecipe:
@@ -150,8 +152,19 @@ def build_l2_initrd(l1: GuestImage, l2: GuestImage, init_script: str, out: Path)
         for d in ("bin", "dev", "proc", "sys", "newroot", f"lib/modules/{version}"):
             (root / d).mkdir(parents=True)
         shutil.copy2(base / "bin" / "busybox", root / "bin" / "busybox")
-        for name in ("sh", "mount", "switch_root", "modprobe", "insmod", "mkdir", "cp",
-                     "cat", "echo", "sleep", "umount"):
+        for name in (
+            "sh",
+            "mount",
+            "switch_root",
+            "modprobe",
+            "insmod",
+            "mkdir",
+            "cp",
+            "cat",
+            "echo",
+            "sleep",
+            "umount",
+        ):
             (root / "bin" / name).symlink_to("busybox")
         wanted = _module_closure(moddir, L2_ROOT_MODULES)
         for rel in wanted:
@@ -175,8 +188,10 @@ def newc_archive(root: Path) -> bytes:
     chunks: list[bytes] = []
 
     def entry(name: str, mode: int, data: bytes, ino: int) -> None:
-        head = (f"070701{ino:08x}{mode:08x}{0:08x}{0:08x}{1:08x}{0:08x}{len(data):08x}"
-                f"{0:08x}{0:08x}{0:08x}{0:08x}{len(name) + 1:08x}{0:08x}")
+        head = (
+            f"070701{ino:08x}{mode:08x}{0:08x}{0:08x}{1:08x}{0:08x}{len(data):08x}"
+            f"{0:08x}{0:08x}{0:08x}{0:08x}{len(name) + 1:08x}{0:08x}"
+        )
         blob = head.encode() + name.encode() + b"\0"
         blob += b"\0" * (-len(blob) % 4) + data
         chunks.append(blob + b"\0" * (-len(blob) % 4))
@@ -201,7 +216,7 @@ def _initramfs_init(modules: tuple[str, ...]) -> str:
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in {' '.join(modules)}; do modprobe $m; done
+for m in {" ".join(modules)}; do modprobe $m; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 mount -t ext4 -o rw,noatime /dev/vda /newroot || {{

@@ -40,8 +40,9 @@ def pci_of(netdev: str) -> str:
     return Path(f"/sys/class/net/{netdev}/device").resolve().name
 
 
-def up(wires: dict[str, dict[str, str]], uplink_mac: str,
-       uplink_ips: dict[str, str]) -> dict[str, dict[str, object]]:
+def up(
+    wires: dict[str, dict[str, str]], uplink_mac: str, uplink_ips: dict[str, str]
+) -> dict[str, dict[str, object]]:
     """*wires*: host -> {"igb": MAC, "e1000e": MAC}."""
     for mnt in [*PRIVATE_DIRS, "/var/cache/libvirt"]:  # L1's root is ours: no cleanup
         Path(mnt).mkdir(parents=True, exist_ok=True)
@@ -61,12 +62,28 @@ def up(wires: dict[str, dict[str, str]], uplink_mac: str,
         for dev in (pf, whole):
             run(["ip", "link", "set", dev, "netns", net.netns])
         run(["ip", "-n", net.netns, "link", "set", pf, "up"])
-        run(["ip", "-n", net.netns, "addr", "add", f"{uplink_ips[net.name]}/24",
-             "dev", fabric.GUEST_BRIDGE])
+        run(
+            [
+                "ip",
+                "-n",
+                net.netns,
+                "addr",
+                "add",
+                f"{uplink_ips[net.name]}/24",
+                "dev",
+                fabric.GUEST_BRIDGE,
+            ]
+        )
         host = LabHost(net, listen_addr="0.0.0.0")
         pid = host.start()
-        info[net.name] = {"pid": pid, "pf": pf, "pf_pci": pf_pci, "vfs": vfs,
-                          "whole": whole, "whole_pci": whole_pci}
+        info[net.name] = {
+            "pid": pid,
+            "pf": pf,
+            "pf_pci": pf_pci,
+            "vfs": vfs,
+            "whole": whole,
+            "whole_pci": whole_pci,
+        }
     return info
 
 
@@ -77,8 +94,9 @@ def guest_console(host: str) -> GuestConsole:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
     p = argparse.ArgumentParser(prog="lab.nested.inside")
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("up")
@@ -102,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "console-size":
         print(guest_console(args.host).log_size())
     elif args.command == "exec":
-        result = guest_console(args.host).run(base64.b64decode(args.command_b64).decode(),
-                                              timeout=args.timeout)
+        result = guest_console(args.host).run(
+            base64.b64decode(args.command_b64).decode(), timeout=args.timeout
+        )
         sys.stdout.write(result.output)
         return result.status
     return 0

@@ -97,38 +97,74 @@ class L1:
         return GuestConsole(run_dir() / "console.sock", run_dir() / "console.log")
 
     def argv(self, overlay: Path) -> list[str]:
-        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{LIBVIRT_PORTS[h]}-{UPLINK_IPS[h]}:16509"
-                       for h in LIBVIRT_PORTS)
+        fwd = ",".join(
+            f"hostfwd=tcp:127.0.0.1:{LIBVIRT_PORTS[h]}-{UPLINK_IPS[h]}:16509" for h in LIBVIRT_PORTS
+        )
         args = [
-            QEMU, "-name", "ptmig-vlab-l1", "-machine", "q35,accel=tcg", "-cpu", "max",
-            "-smp", str(L1_VCPUS), "-m", str(L1_MEMORY_MIB), "-nodefaults", "-display", "none",
-            "-device", "intel-iommu,intremap=on,caching-mode=on",
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", L1_CMDLINE,
-            "-drive", f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=root",
-            "-drive", f"file={self.l2_disk},if=none,id=l2,format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=l2",
-            "-virtfs", f"local,path={self.source_tree},mount_tag=src,security_model=none,"
-                       "readonly=on",
-            "-virtfs", f"local,path={run_dir() / 'share'},mount_tag=vlab,security_model=none,"
-                       "readonly=on",
-            "-netdev", f"user,id=slirp,net=10.0.2.0/24,{fwd}",
-            "-netdev", "hubport,id=h-slirp,hubid=0,netdev=slirp",
-            "-netdev", "hubport,id=h-uplink,hubid=0",
-            "-device", f"virtio-net-pci,netdev=h-uplink,mac={UPLINK_MAC}",
-            "-chardev", f"socket,id=con,path={run_dir() / 'console.sock'},server=on,wait=off,"
-                        f"logfile={run_dir() / 'console.log'}",
-            "-serial", "chardev:con",
-            "-chardev", f"socket,id=con2,path={run_dir() / 'console2.sock'},server=on,wait=off,"
-                        f"logfile={run_dir() / 'console2.log'}",
-            "-serial", "chardev:con2",
-            "-pidfile", str(run_dir() / "qemu.pid"),
+            QEMU,
+            "-name",
+            "ptmig-vlab-l1",
+            "-machine",
+            "q35,accel=tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            str(L1_VCPUS),
+            "-m",
+            str(L1_MEMORY_MIB),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-device",
+            "intel-iommu,intremap=on,caching-mode=on",
+            "-kernel",
+            str(self.image.kernel),
+            "-initrd",
+            str(self.image.initrd),
+            "-append",
+            L1_CMDLINE,
+            "-drive",
+            f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe",
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-drive",
+            f"file={self.l2_disk},if=none,id=l2,format=raw,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=l2",
+            "-virtfs",
+            f"local,path={self.source_tree},mount_tag=src,security_model=none,readonly=on",
+            "-virtfs",
+            f"local,path={run_dir() / 'share'},mount_tag=vlab,security_model=none,readonly=on",
+            "-netdev",
+            f"user,id=slirp,net=10.0.2.0/24,{fwd}",
+            "-netdev",
+            "hubport,id=h-slirp,hubid=0,netdev=slirp",
+            "-netdev",
+            "hubport,id=h-uplink,hubid=0",
+            "-device",
+            f"virtio-net-pci,netdev=h-uplink,mac={UPLINK_MAC}",
+            "-chardev",
+            f"socket,id=con,path={run_dir() / 'console.sock'},server=on,wait=off,"
+            f"logfile={run_dir() / 'console.log'}",
+            "-serial",
+            "chardev:con",
+            "-chardev",
+            f"socket,id=con2,path={run_dir() / 'console2.sock'},server=on,wait=off,"
+            f"logfile={run_dir() / 'console2.log'}",
+            "-serial",
+            "chardev:con2",
+            "-pidfile",
+            str(run_dir() / "qemu.pid"),
         ]
         for i, nic in enumerate(WIRE_NICS, start=1):
-            args += ["-netdev", f"hubport,id={nic.netdev},hubid=0",
-                     "-device", f"pcie-root-port,id=rp{i},chassis={i},slot={i}",
-                     "-device", f"{nic.model},bus=rp{i},netdev={nic.netdev},mac={nic.mac}"]
+            args += [
+                "-netdev",
+                f"hubport,id={nic.netdev},hubid=0",
+                "-device",
+                f"pcie-root-port,id=rp{i},chassis={i},slot={i}",
+                "-device",
+                f"{nic.model},bus=rp{i},netdev={nic.netdev},mac={nic.mac}",
+            ]
         return args + self.extra_args
 
     def start(self) -> float:
@@ -141,12 +177,30 @@ class L1:
             (run_dir() / f).unlink(missing_ok=True)
         overlay = run_dir() / "l1.qcow2"
         overlay.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image.disk),
-                        "-F", "raw", str(overlay)], check=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(self.image.disk),
+                "-F",
+                "raw",
+                str(overlay),
+            ],
+            check=True,
+        )
         out = (run_dir() / "qemu.stdout").open("ab")
         t0 = time.monotonic()
-        proc = subprocess.Popen(self.argv(overlay), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=out, start_new_session=True)
+        proc = subprocess.Popen(
+            self.argv(overlay),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
         out.close()
         L1State(pid=proc.pid, started=time.time(), image=str(self.image.directory)).save()
         try:

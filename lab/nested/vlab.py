@@ -134,8 +134,9 @@ class VfioLab:
         share.mkdir(parents=True)
         shutil.copy2(l2_image.kernel, share / "vmlinuz")
         build_l2_initrd(l1_image, l2_image, l2_init(AGENT_CONFIG), share / "initrd.img")
-        (run_dir() / "images.json").write_text(json.dumps(
-            {"l1": str(l1_image.directory), "l2": str(l2_image.directory)}))
+        (run_dir() / "images.json").write_text(
+            json.dumps({"l1": str(l1_image.directory), "l2": str(l2_image.directory)})
+        )
         return l1_image, l2_image
 
     def up(self, *, boot_guest: bool = True, prepared: bool = False) -> None:
@@ -157,8 +158,9 @@ class VfioLab:
             for nic in WIRE_NICS:
                 wires[nic.host][nic.model] = nic.mac
             spec = {"wires": wires, "uplink_mac": UPLINK_MAC, "uplink_ips": UPLINK_IPS}
-            out = self.l1_exec(f"python3 -m lab.nested.inside up {shlex.quote(json.dumps(spec))}",
-                               timeout=300).check()
+            out = self.l1_exec(
+                f"python3 -m lab.nested.inside up {shlex.quote(json.dumps(spec))}", timeout=300
+            ).check()
             info = json.loads(out.strip().splitlines()[-1])
             self.state.hosts = {h: HostDevices(**v) for h, v in info.items()}
             self.state.timings["hosts_s"] = round(time.monotonic() - t1, 1)
@@ -171,18 +173,26 @@ class VfioLab:
 
     def boot_guest(self) -> float:
         """Boot L2 on hosta (no passthrough device); return seconds until its shell."""
-        self.l1_exec(f"mkdir -p {Path(L2_OVERLAY).parent} && rm -f {L2_OVERLAY} && "
-                     f"qemu-img create -q -f qcow2 -b {L2_DISK_DEV} -F raw {L2_OVERLAY}").check()
-        xml = domain_xml(GuestImage(L2_IN_L1), Path(L2_OVERLAY), with_primary=False,
-                         memory_mib=L2_MEMORY_MIB, vcpus=L2_VCPUS)
+        self.l1_exec(
+            f"mkdir -p {Path(L2_OVERLAY).parent} && rm -f {L2_OVERLAY} && "
+            f"qemu-img create -q -f qcow2 -b {L2_DISK_DEV} -F raw {L2_OVERLAY}"
+        ).check()
+        xml = domain_xml(
+            GuestImage(L2_IN_L1),
+            Path(L2_OVERLAY),
+            with_primary=False,
+            memory_mib=L2_MEMORY_MIB,
+            vcpus=L2_VCPUS,
+        )
         if self.accel() == "kvm":
             xml = xml.replace("<domain type='qemu'>", "<domain type='kvm'>", 1)
         since = int(self.inside("console-size", "hosta").check().strip() or 0)
         dom = self.conn("hosta").defineXML(xml)
         t0 = time.monotonic()
         dom.create()
-        self.inside("wait-shell", "hosta", str(since), str(L2_BOOT_TIMEOUT),
-                    timeout=L2_BOOT_TIMEOUT + 30).check()
+        self.inside(
+            "wait-shell", "hosta", str(since), str(L2_BOOT_TIMEOUT), timeout=L2_BOOT_TIMEOUT + 30
+        ).check()
         took = time.monotonic() - t0
         self.state.timings["l2_boot_s"] = round(took, 1)
         self.state.timings["dmesg_baseline"] = self.bad_kernel_lines()
@@ -213,9 +223,11 @@ class VfioLab:
                 c.close()
 
     def where(self) -> str:
-        found = [h for h in LIBVIRT_PORTS
-                 if any(d.name() == DOMAIN_NAME and d.isActive()
-                        for d in self.conn(h).listAllDomains())]
+        found = [
+            h
+            for h in LIBVIRT_PORTS
+            if any(d.name() == DOMAIN_NAME and d.isActive() for d in self.conn(h).listAllDomains())
+        ]
         if len(found) != 1:
             raise VfioLabError(f"the guest is active on {found or 'no host'}")
         return found[0]
@@ -257,8 +269,9 @@ class VfioLab:
     def exec(self, command: str, timeout: float = 60, host: str | None = None) -> ExecResult:
         """Run *command* in L2 over its console on *host* (default: where it runs)."""
         encoded = base64.b64encode(command.encode()).decode()
-        return self.inside("exec", host or self.where(), str(timeout), encoded,
-                           timeout=timeout + 60)
+        return self.inside(
+            "exec", host or self.where(), str(timeout), encoded, timeout=timeout + 60
+        )
 
     def bad_kernel_lines(self) -> int:
         out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
@@ -309,7 +322,8 @@ class L1Pinger:
         self.lab.l1_exec(
             f"rm -f {self.outfile}; (ip netns exec ptmig-client python3 -m lab.traffic send "
             f"{self.target} {self.outfile} --rate {self.rate} >/tmp/ping-{self.name}.err 2>&1 "
-            f"& echo $! > /tmp/ping-{self.name}.pid)").check()
+            f"& echo $! > /tmp/ping-{self.name}.pid)"
+        ).check()
 
     def stop_and_analyze(self, phases: list[tuple[str, float, float]]) -> dict[str, Any]:
         self.lab.l1_exec(f"kill -INT $(cat /tmp/ping-{self.name}.pid); sleep 1.5").check()
@@ -317,7 +331,9 @@ class L1Pinger:
         lines = "".join(f"{n} {s + offset:.6f} {e + offset:.6f}\\n" for n, s, e in phases)
         out = self.lab.l1_exec(
             f"printf '{lines}' > /tmp/ping-{self.name}.phases; python3 -m lab.traffic analyze "
-            f"{self.outfile} --phases /tmp/ping-{self.name}.phases --json", timeout=300).check()
-        report: dict[str, Any] = json.loads(out[out.index("{"):])
+            f"{self.outfile} --phases /tmp/ping-{self.name}.phases --json",
+            timeout=300,
+        ).check()
+        report: dict[str, Any] = json.loads(out[out.index("{") :])
         report["clock_error_s"] = round(error, 3)
         return report

@@ -40,8 +40,19 @@ def vlab() -> Iterator[VfioLab]:
         # PTMIG_VLAB_PREPARED=1: `VfioLab().prepare()` ran before the lab lock was taken
         lab.up(prepared=os.environ.get("PTMIG_VLAB_PREPARED") == "1")
         co.define_pools(lab)
-        co.ptmig(lab.where(), "team-set", DOMAIN_NAME, "--team", "wan", "--standby-mac",
-                 WAN_STANDBY_MAC, "--pool", co.PCI_POOL, "--mac-policy", "preserve")
+        co.ptmig(
+            lab.where(),
+            "team-set",
+            DOMAIN_NAME,
+            "--team",
+            "wan",
+            "--standby-mac",
+            WAN_STANDBY_MAC,
+            "--pool",
+            co.PCI_POOL,
+            "--mac-policy",
+            "preserve",
+        )
         co.to_primary(lab, timeout=300)
         yield lab
     finally:
@@ -49,15 +60,29 @@ def vlab() -> Iterator[VfioLab]:
 
 
 def migrate(lab: VfioLab, dest: str) -> tuple[int, dict[str, Any]]:
-    proc = co.ptmig(lab.where(), "migrate", DOMAIN_NAME, uri(dest), "--json",
-                    "--peer-uri", peer_uri(dest), "--unsafe", check=False)
+    proc = co.ptmig(
+        lab.where(),
+        "migrate",
+        DOMAIN_NAME,
+        uri(dest),
+        "--json",
+        "--peer-uri",
+        peer_uri(dest),
+        "--unsafe",
+        check=False,
+    )
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
 
 
 def l1_driver(lab: VfioLab, pci: str) -> str:
-    return lab.l1_exec(f"basename $(readlink /sys/bus/pci/devices/{pci}/driver) 2>/dev/null "
-                       "|| echo none").check().strip()
+    return (
+        lab.l1_exec(
+            f"basename $(readlink /sys/bus/pci/devices/{pci}/driver) 2>/dev/null || echo none"
+        )
+        .check()
+        .strip()
+    )
 
 
 def guest(lab: VfioLab, command: str) -> str:
@@ -86,15 +111,18 @@ def check_vf(lab: VfioLab, on: str) -> None:
     assert len(held) == 1, held
     assert not [vf for vf in lab.state.hosts[OTHER[on]].vfs if l1_driver(lab, vf) == "vfio-pci"]
     pf_links = lab.l1_exec(f"ip -n ptmig-{on} link show {dev.pf}").check()
-    assert any(line.split()[:2] == ["vf", str(dev.vfs.index(held[0]))] and TEAM_MAC in line
-               for line in pf_links.splitlines()), pf_links
+    assert any(
+        line.split()[:2] == ["vf", str(dev.vfs.index(held[0]))] and TEAM_MAC in line
+        for line in pf_links.splitlines()
+    ), pf_links
     lan = guest(lab, "cat /sys/class/net/bond0/bonding/active_slave")
     assert guest(lab, f"readlink /sys/class/net/{lan}/device/driver").endswith("igbvf")
     assert guest(lab, f"cat /sys/class/net/{lan}/address") == TEAM_MAC
 
 
-def there_and_back(lab: VfioLab, teams: dict[str, str], record: pytest.RecordProperty,
-                   checks: list[Any]) -> None:
+def there_and_back(
+    lab: VfioLab, teams: dict[str, str], record: pytest.RecordProperty, checks: list[Any]
+) -> None:
     for dest in ("hostb", "hosta"):
         src = lab.where()
         pingers = {team: L1Pinger(lab, ip, f"{dest}-{team}", RATE) for team, ip in teams.items()}
@@ -103,8 +131,9 @@ def there_and_back(lab: VfioLab, teams: dict[str, str], record: pytest.RecordPro
         time.sleep(2)
         code, report = migrate(lab, dest)
         time.sleep(2)
-        phases = [(p["name"], p["started_at"], p["started_at"] + p["seconds"])
-                  for p in report["phases"]]
+        phases = [
+            (p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]
+        ]
         losses = {}
         for team, p in pingers.items():
             traffic = p.stop_and_analyze(phases)
@@ -121,7 +150,8 @@ def there_and_back(lab: VfioLab, teams: dict[str, str], record: pytest.RecordPro
 
 
 def test_whole_nic_migrates_there_and_back(
-        vlab: VfioLab, record_property: pytest.RecordProperty) -> None:
+    vlab: VfioLab, record_property: pytest.RecordProperty
+) -> None:
     assert vlab.where() == "hosta"
     check_whole_nic(vlab, "hosta")
     there_and_back(vlab, {"wan": WAN_GUEST_IP}, record_property, [check_whole_nic])
@@ -140,10 +170,22 @@ def test_failover_to_standby_and_back_with_the_whole_nic(vlab: VfioLab) -> None:
 
 
 def test_vf_binds_and_migrates_there_and_back(
-        vlab: VfioLab, record_property: pytest.RecordProperty) -> None:
+    vlab: VfioLab, record_property: pytest.RecordProperty
+) -> None:
     lab = vlab
-    co.ptmig(lab.where(), "team-set", DOMAIN_NAME, "--team", "lan", "--standby-mac",
-             STANDBY_MAC, "--pool", co.VF_POOL, "--mac-policy", "preserve")
+    co.ptmig(
+        lab.where(),
+        "team-set",
+        DOMAIN_NAME,
+        "--team",
+        "lan",
+        "--standby-mac",
+        STANDBY_MAC,
+        "--pool",
+        co.VF_POOL,
+        "--mac-policy",
+        "preserve",
+    )
     try:
         co.to_primary(lab, timeout=150)  # a failed VF bind takes about 30 s a try
     except VfioLabError:
@@ -156,5 +198,6 @@ def test_vf_binds_and_migrates_there_and_back(
             pytest.xfail(f"igbvf in L2: {IGBVF_BLOCKED!r} (docs/lab.md: the VF/PF mailbox)")
         raise
     check_vf(lab, lab.where())
-    there_and_back(lab, {"lan": GUEST_IP, "wan": WAN_GUEST_IP}, record_property,
-                   [check_vf, check_whole_nic])
+    there_and_back(
+        lab, {"lan": GUEST_IP, "wan": WAN_GUEST_IP}, record_property, [check_vf, check_whole_nic]
+    )

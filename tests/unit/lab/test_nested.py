@@ -16,13 +16,13 @@ def _read_newc(blob: bytes) -> dict[str, tuple[int, bytes]]:
     out: dict[str, tuple[int, bytes]] = {}
     pos = 0
     while True:
-        head = blob[pos:pos + 110].decode()
+        head = blob[pos : pos + 110].decode()
         assert head.startswith("070701"), head[:6]
         mode, size, namesize = int(head[14:22], 16), int(head[54:62], 16), int(head[94:102], 16)
-        name = blob[pos + 110:pos + 110 + namesize - 1].decode()
+        name = blob[pos + 110 : pos + 110 + namesize - 1].decode()
         pos += 110 + namesize
         pos += -pos % 4
-        data = blob[pos:pos + size]
+        data = blob[pos : pos + size]
         pos += size
         pos += -pos % 4
         if name == "TRAILER!!!":
@@ -48,18 +48,24 @@ def test_module_closure_follows_modules_dep(tmp_path: Path) -> None:
         "kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/lib/crc16.ko\n"
         "kernel/fs/jbd2/jbd2.ko:\nkernel/lib/crc16.ko:\n"
         "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\n"
-        "kernel/drivers/virtio/virtio.ko:\nkernel/unrelated.ko:\n")
+        "kernel/drivers/virtio/virtio.ko:\nkernel/unrelated.ko:\n"
+    )
     (tmp_path / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
     got = _module_closure(tmp_path, ("virtio_pci", "virtio_blk", "ext4"))
     assert sorted(got) == [
-        "kernel/drivers/block/virtio_blk.ko", "kernel/drivers/virtio/virtio.ko",
-        "kernel/fs/ext4/ext4.ko", "kernel/fs/jbd2/jbd2.ko", "kernel/lib/crc16.ko"]
+        "kernel/drivers/block/virtio_blk.ko",
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/fs/ext4/ext4.ko",
+        "kernel/fs/jbd2/jbd2.ko",
+        "kernel/lib/crc16.ko",
+    ]
     with pytest.raises(RuntimeError, match="nosuch"):
         _module_closure(tmp_path, ("nosuch",))
 
 
 def test_l1_gets_an_iommu_before_its_devices_and_each_wire_nic_its_own_root_port(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     argv = L1(GuestImage(tmp_path), tmp_path / "l2.raw", tmp_path).argv(tmp_path / "o.qcow2")
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert devices[0] == "intel-iommu,intremap=on,caching-mode=on"
@@ -69,6 +75,9 @@ def test_l1_gets_an_iommu_before_its_devices_and_each_wire_nic_its_own_root_port
         port = mine.split("bus=")[1].split(",")[0]
         assert sum(f"bus={port}," in d for d in devices) == 1
     # the libvirtd forwards listen on loopback only
-    netdev = next(argv[i + 1] for i, a in enumerate(argv)
-                  if a == "-netdev" and argv[i + 1].startswith("user,"))
+    netdev = next(
+        argv[i + 1]
+        for i, a in enumerate(argv)
+        if a == "-netdev" and argv[i + 1].startswith("user,")
+    )
     assert all(f.startswith("tcp:127.0.0.1:") for f in netdev.split("hostfwd=")[1:])
