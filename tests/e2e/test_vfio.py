@@ -194,7 +194,8 @@ def test_vf_binds_and_migrates_there_and_back(
         on = lab.where()
         assert "<interface type='hostdev'" not in lab.domain(on).XMLDesc(0)
         assert not [vf for vf in lab.state.hosts[on].vfs if l1_driver(lab, vf) == "vfio-pci"]
-        if IGBVF_BLOCKED in guest(lab, "dmesg"):
+        # Counted in the guest: a whole dmesg through two nested consoles outlasts 120 s.
+        if guest(lab, f"dmesg | grep -c '{IGBVF_BLOCKED}' || true") != "0":
             pytest.xfail(f"igbvf in L2: {IGBVF_BLOCKED!r} (docs/lab.md: the VF/PF mailbox)")
         raise
     check_vf(lab, lab.where())
