@@ -79,6 +79,8 @@ class HostDevices:
     vfs: list[str]
     whole: str
     whole_pci: str
+    #: Whether the VFs answer at their BARs (lab.nested.inside.vf_bar_decodes).
+    vf_bar_decodes: bool = True
 
 
 @dataclass
@@ -237,7 +239,10 @@ class VfioLab:
 
     def l1_exec(self, command: str, timeout: float = 120) -> ExecResult:
         """Run *command* in L1 (in the checkout, with L1's python3 on it)."""
-        prefix = "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src; "
+        # protos/ holds the shared ptmig package (ptmig.serial_session) that lab.guest imports
+        prefix = (
+            "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src:/mnt/src/protos; "
+        )
         return self.l1_console.run(prefix + command, timeout=timeout)
 
     def accel(self) -> str:
