@@ -224,7 +224,7 @@ def read(cls: type[M], element: ET.Element, where: str) -> M:
     return _read(cls, element, where, None)
 
 
-def where_of(cls: type, element: ET.Element, where: str) -> str:
+def _where_of(cls: type, element: ET.Element, where: str) -> str:
     """`where` followed by the element's kind and its label (``interface 'net0'``)."""
     tag = _conf(cls, "XML_TAG").rpartition(":")[2]
     label = _conf(cls, "XML_LABEL", None)
@@ -241,7 +241,7 @@ def _read(cls: type[M], element: ET.Element, where: str, outer: Mapping[str, str
     tag = _conf(cls, "XML_TAG")
     _expect(element, tag, ns, where)
     if nested or _conf(cls, "XML_LABEL", None) is not None:
-        where = where_of(cls, element, where)
+        where = _where_of(cls, element, where)
     for path in _conf(cls, "XML_STRICT", ()):
         steps, _ = _parse_path(path)
         for owned in _find_all(element, steps, ns):

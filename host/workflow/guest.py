@@ -217,20 +217,11 @@ class GuestOnHost:
         self.set_primary(team.name, None)
         return seconds
 
-    def team_state(self, team: str) -> pb.TeamState:
-        for state in self.agent().state().teams:
-            if state.name == team:
-                return state
-        raise WorkflowError(f"the agent in {self.name} does not know team {team!r}")
-
-    def on_primary(self, team: Team) -> bool:
-        """True when the team's recorded primary is plugged and the bond's active member."""
-        return self.teams_on_primary([team])[team.name]
-
     def teams_on_primary(
         self, teams: Sequence[Team], info: DomainInfo | None = None
     ) -> dict[str, bool]:
-        """`on_primary` of each team, from one read of the domain and of the agent."""
+        """Per team: its recorded primary is plugged and is the bond's active member; from
+        one read of the domain and of the agent."""
         info = info or self.info()
         plugged = [t for t in teams if t.primary and info.device(t.primary.alias) is not None]
         states = {s.name: s for s in self.agent().state().teams} if plugged else {}
