@@ -5,10 +5,8 @@ NIC (known by its MAC), the pool a new primary comes from, and the primary that 
 plugged now.  The record travels with the domain (libvirt migrates metadata), so
 the destination knows what the source plugged without any side channel.
 
-The Hypervisor writes it with::
-
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, format_teams(teams),
-                    TEAMS_PREFIX, TEAMS_NS, flags)
+host/hypervisor.py's ``Domain.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(teams))``
+writes it (virDomainSetMetadata, live and persistent).
 
 `format_teams` returns the element without a namespace: libvirt puts it into
 TEAMS_NS under the prefix ``ptmig`` itself, and refuses ("failed to create a new

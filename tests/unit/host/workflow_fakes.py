@@ -2,11 +2,14 @@
 
 What is modelled, and how faithfully:
 
-* :class:`FakeHypervisor` has the methods of :class:`host.hypervisor.Hypervisor` the
-  workflow calls, with the same signatures, return values and exceptions
-  (``HypervisorError``, ``DeviceRemovalError``).  Domain XML is kept as element trees and
-  rendered the way libvirt prints it (single quotes; ``<ptmig:teams xmlns:ptmig="...">``
-  in ``<metadata>``; ``id=`` and runtime aliases only in the live XML).  ``attach`` adds
+* :class:`FakeHypervisor` and :class:`FakeDomain` have the public methods and
+  properties of :class:`host.hypervisor.Hypervisor` and :class:`host.hypervisor.Domain`
+  (test_workflow_fakes.py checks it from the real classes), with the same signatures,
+  return values and exceptions (``HypervisorError``, ``DeviceRemovalError``).  A fault
+  names a host's URI and the method, whichever class has it.  Domain XML is kept as
+  element trees and rendered the way libvirt prints it (single quotes;
+  ``<ptmig:teams xmlns:ptmig="...">`` in ``<metadata>``; ``id=`` and runtime aliases
+  only in the live XML).  ``attach`` adds
   the device to the live and persistent XML with a guest PCI address on a free root port
   and refuses, as libvirt does, a tap or host PCI device another running domain on that
   host holds, a duplicate alias, or a MAC the persistent definition already has.
@@ -16,7 +19,7 @@ What is modelled, and how faithfully:
   unplugged already (0 s), as in production.  ``migrate`` moves the domain to the
   other host (its live XML as it is, the ``persistent_xml`` argument as its
   definition), refusing PCI hostdevs, a UUID/name mismatch, a destination that runs the
-  domain or a tap busy there.
+  domain or a tap busy there, and returns the destination's job statistics.
 * :class:`FakeGuest` is the guest's kernel as the agent sees it: one link per NIC in the
   domain's live XML (named by its PCI slot, ``enp3s0``), one active-backup bond per team
   with its members and active member, carrier, MACs changed by the agent (policy
