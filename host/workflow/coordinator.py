@@ -18,7 +18,8 @@ from dataclasses import asdict
 from typing import Any
 
 from host.agent_client import AgentClient
-from host.domain.domain_xml import DomainInfo, Hostdev, parse_domain
+from host.domain.devices import primary_of_device
+from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import UnknownName
 from host.domain.pools import (
     POOL_NETWORK_PREFIX,
@@ -35,7 +36,7 @@ from host.domain.pools import (
     pool_network_name,
 )
 from host.domain.teams import PrimaryDevice, Team, TeamSet
-from host.hypervisor import Hypervisor, HypervisorError
+from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import log_fields
 from host.workflow.drift import TeamCase
 from host.workflow.guest import (
@@ -94,9 +95,9 @@ class Coordinator:
         self._agent_for = agent_for
         self.observer: Observer = observer or NoObserver()
 
-    def agent_for(self, hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
+    def agent_for(self, dom: Domain, timeout: float) -> AgentClient:
         """The workflow's agent client, its calls told to the observer."""
-        client = self._agent_for(hv, dom, timeout)
+        client = self._agent_for(dom, timeout)
         client.on_call = lambda rpc, seconds, error: notify(
             self.observer.agent_call, rpc, seconds, error
         )
@@ -114,14 +115,14 @@ class Coordinator:
             dom = source.domain(request.domain)
             workflow_id = self.journal.begin(
                 "migrate",
-                str(dom.UUIDString()),
-                str(dom.name()),
+                dom.uuid,
+                dom.name,
                 request.source_uri,
                 request.destination_uri,
                 asdict(request),
             )
             try:
-                with log_fields(domain=str(dom.name()), workflow=workflow_id):
+                with log_fields(domain=dom.name, workflow=workflow_id):
                     report = MigrationWorkflow(
                         request,
                         self.journal,
@@ -392,7 +393,7 @@ class Coordinator:
         for uri in hosts:
             try:
                 with self.connect(uri) as hv:
-                    if hv.has_domain(uuid) and hv.is_active(hv.domain(uuid)):
+                    if hv.has_domain(uuid) and hv.domain(uuid).is_active():
                         running.append(uri)
             except HypervisorError as exc:
                 log.warning("recover: %s unreachable: %s", uri, exc)
@@ -424,7 +425,7 @@ class Coordinator:
                     if not hv.has_domain(uuid):
                         continue
                     dom = hv.domain(uuid)
-                    while hv.is_active(dom) and hv.job_running(dom):
+                    while dom.is_active() and dom.job_running():
                         if time.monotonic() > deadline:
                             log.warning("recover: %s still has a job on %s", uuid, uri)
                             return
@@ -479,7 +480,7 @@ class Coordinator:
             if stopping():
                 break
             with self.connect(uri) as hv:
-                if not hv.is_active(hv.domain(uuid)):
+                if not hv.domain(uuid).is_active():
                     continue
                 guest = GuestOnHost(hv, uuid, self.agent_for)
                 try:
@@ -559,13 +560,7 @@ def primary_of(info: DomainInfo, alias: str) -> PrimaryDevice:
     device = info.device(alias)
     if device is None:
         raise UnknownName(f"{info.name} has no device with alias {alias!r}")
-    if isinstance(device, Hostdev):
-        return PrimaryDevice(PoolKind.PCI.value, alias, pci_address=device.host_pci_address)
-    if device.type in ("network", "hostdev") and device.network:
-        return PrimaryDevice(
-            PoolKind.VF_NETWORK.value, alias, mac=device.mac, network=device.network
-        )
-    return PrimaryDevice(PoolKind.EMULATED.value, alias, mac=device.mac, tap=device.target_dev)
+    return primary_of_device(alias, device)
 
 
 def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:

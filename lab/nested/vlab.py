@@ -185,9 +185,8 @@ class VfioLab:
             with_primary=False,
             memory_mib=L2_MEMORY_MIB,
             vcpus=L2_VCPUS,
+            domain_type="kvm" if self.accel() == "kvm" else "qemu",
         )
-        if self.accel() == "kvm":
-            xml = xml.replace("<domain type='qemu'>", "<domain type='kvm'>", 1)
         since = int(self.inside("console-size", "hosta").check().strip() or 0)
         dom = self.conn("hosta").defineXML(xml)
         t0 = time.monotonic()

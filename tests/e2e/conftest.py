@@ -76,7 +76,7 @@ def agent_of(lab: VmLab) -> Iterator[Callable[[], AgentClient]]:
     def open_client() -> AgentClient:
         hv = Hypervisor(lab.hosts[lab.where()].uri)
         dom = hv.domain(DOMAIN_NAME)
-        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL)))
+        client = AgentClient(AgentEndpoint(serial=lambda: dom.open_channel(AGENT_CHANNEL)))
         opened.append((hv, client))
         return client
 

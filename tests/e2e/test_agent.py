@@ -263,7 +263,7 @@ def test_session_survives_garbage_and_host_reconnects(
     try:
         dom = hv.domain(DOMAIN_NAME)
         # a host that connects, sends junk and half a HELLO, and vanishes
-        stream = hv.open_channel(dom, AGENT_CHANNEL)
+        stream = dom.open_channel(AGENT_CHANNEL)
         hello = serial_session.encode(serial_session.FrameType.HELLO, b"\x01" * 16)
         stream.sendall(b"PRI * HTTP/2.0 garbage" + hello[:20])
         stream.close()
