@@ -214,6 +214,30 @@ class Teams:
         links = self.list_links()
         return [self._state(team, links) for team in self._teams.values()]
 
+    def snapshot(self, deadline: float) -> tuple[list[Link], list[TeamState]]:
+        """The links and every team's state from one dump, between team operations.
+
+        GetState answers with this.  A team being set up at start-up, or bound or switched
+        for a caller, is half-built until its operation ends (a bond without its standby,
+        a primary enslaved but not yet active); a host that reads that may act on it.  So
+        each team's lock is waited for until *deadline*; a team still busy then (an
+        operation waiting on a carrier past the caller's patience) is reported as the dump
+        shows it, which `_state` keeps consistent.
+        """
+        held: list[threading.Lock] = []
+        try:
+            for name in self._teams:
+                lock = self._locks[name]
+                if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    held.append(lock)
+                else:
+                    log.info("team %s: busy; its state is read mid-operation", name)
+            links = self.list_links()
+            return links, [self._state(team, links) for team in self._teams.values()]
+        finally:
+            for lock in held:
+                lock.release()
+
     # -- switch --------------------------------------------------------------
 
     def use_standby(
@@ -518,11 +542,15 @@ class Teams:
             raise KernelError(str(exc)) from exc
 
     def _state(self, team: TeamConfig, links: list[Link]) -> TeamState:
+        """The team as *links* show it.  The active member is named only if it is one of
+        the members: a dump that says otherwise is torn (`links.contradiction`), and the
+        contract's "" (no active member) is true of it, a name outside the bond is not."""
         bond = by_name(links, team.bond)
         info = bond.bond if bond else None
         members = [ln for ln in links if bond and ln.master == bond.index]
         standby = self._standby_or_none(team, links)
         primary = next((ln.name for ln in members if ln.index != _index(standby)), None)
+        active = info.active_slave if info else None
         return TeamState(
             name=team.name,
             bond=team.bond,
@@ -531,9 +559,7 @@ class Teams:
             ownership=team.ownership,
             mac=bond.mac if bond else None,
             fail_over_mac=info.fail_over_mac if info else None,
-            active_member=_name_or_empty(links, info.active_slave)
-            if info and info.active_slave
-            else None,
+            active_member=_name_or_empty(members, active) if active else None,
             standby=standby.name if standby else None,
             members=tuple(ln.name for ln in members),
             primary=primary,
