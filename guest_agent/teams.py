@@ -9,6 +9,7 @@ whose `code` names the gRPC status the service answers with.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import threading
 import time
@@ -34,6 +35,9 @@ from guest_agent.links import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Before asking the bond again for an active slave it refused: its MII monitor's interval.
+ACTIVE_RETRY_S = 0.1
 
 
 class MacPolicy(enum.Enum):
@@ -344,7 +348,7 @@ class Teams:
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
         if self._active(self.list_links(), bond.index) != device.index:
-            self._call(self._links.set_active_slave, bond.index, device.index)
+            self._make_active(team, bond, device, deadline)
 
         def active(links: list[Link]) -> list[Link] | None:
             if self._active(links, bond.index) != device.index:
@@ -363,6 +367,40 @@ class Teams:
         state = self._state(team, self.list_links())
         log.info("team %s: %s bound and active", team.name, device.name)
         return BindResult(state, device.name)
+
+    def _make_active(self, team: TeamConfig, bond: Link, device: Link, deadline: float) -> None:
+        """Make *device* the bond's active slave; if the bond refuses it for want of a link
+        (EINVAL), wait for its carrier again and retry until *deadline*.
+
+        The bond checks the slave's carrier at the moment it is asked, and a NIC's carrier
+        can drop again right after it first came up: the lab's Debian 12 guest logged
+        "bond1: (slave enp4s0): Could not set as active slave; either enp4s0 is down or the
+        link is down" just after the agent had seen enp4s0's carrier, and the agent-owned
+        team stayed on its standby.
+        """
+        while True:
+            try:
+                self._call(self._links.set_active_slave, bond.index, device.index)
+                return
+            except Conflict as exc:
+                cause = exc.__cause__
+                no_link = isinstance(cause, LinkRefused) and cause.errno == errno.EINVAL
+                if not no_link or time.monotonic() >= deadline:
+                    raise
+            log.info(
+                "team %s: %s refused %s as active slave (no link); waiting for its carrier",
+                team.name,
+                bond.name,
+                device.name,
+            )
+            time.sleep(ACTIVE_RETRY_S)
+            self._wait(
+                lambda ls: self._linked(ls, device.index),
+                deadline,
+                f"team {team.name}: {device.name} lost its carrier and it did not come back",
+            )
+            if self._active(self.list_links(), bond.index) == device.index:
+                return
 
     def _wait_for_device(self, team: TeamConfig, match: DeviceMatch, deadline: float) -> Link:
         def find(links: list[Link]) -> Link | None:

@@ -92,6 +92,7 @@ def test_agent_answers_over_virtio_serial(
     version = client.version()
     assert {"use-standby", "bind-primary", "transport:virtio-serial"} <= set(version.capabilities)
     assert client.healthy()
+    client.state()  # the first may wait for the agent's start-up set-up of team wan
     t0 = time.monotonic()
     for _ in range(5):
         state = client.state()

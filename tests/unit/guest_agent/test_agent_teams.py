@@ -335,6 +335,56 @@ def test_agent_owned_team_is_created_and_primary_bound() -> None:
     assert ("set_mac", "bond0", OLD_MAC) in fake.calls
 
 
+def test_bind_retries_when_the_carrier_drops_again_as_it_is_made_active() -> None:
+    """Seen in the Debian 12 guest at start-up: the agent saw enp4s0's carrier, then bond1
+    refused it as active slave ("either enp4s0 is down or the link is down", EINVAL).  The
+    bind waits for the carrier again and retries within its deadline."""
+    fake = FakeLinks()
+    fake.add("enp1s0", mac=VIRTIO_MAC, pci="0000:01:00.0")
+    fake.add("enp2s0", mac=OLD_MAC, pci="0000:02:00.0")
+    refuse_once = fake.set_active_slave
+    flaps: list[float] = []
+
+    def flapping(bond: int, index: int) -> None:
+        if fake._name(index) == "enp2s0" and not flaps:
+            flaps.append(time.monotonic())
+            fake.set_carrier("enp2s0", False)  # the link drops as the bond is asked
+            fake.later(0.3, lambda: fake.set_carrier("enp2s0", True))
+        refuse_once(bond, index)
+
+    fake.set_active_slave = flapping  # type: ignore[method-assign]
+    team = lan_team(ownership=Ownership.AGENT, primary=DeviceMatch(pci_address="0000:02:00.0"))
+    t = Teams(fake, [team])
+    try:
+        assert t.set_up_owned(deadline_in(5)) == []
+        state = t.states()[0]
+    finally:
+        fake.close()
+    assert flaps, "the carrier flapped"
+    assert state.active_member == "enp2s0"
+    assert [c for c in fake.calls if c[0] == "set_active_slave"] == [
+        ("set_active_slave", "bond0", "enp2s0")
+    ] * 2
+
+
+def test_bind_gives_up_on_a_carrier_that_does_not_come_back(fake: FakeLinks) -> None:
+    t = teams(fake)
+    t.use_standby("lan", True, deadline_in(2))
+    fake.remove("enp2s0")
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    original = fake.set_active_slave
+
+    def drop(bond: int, index: int) -> None:
+        fake.set_carrier("enp3s0", False)
+        original(bond, index)
+
+    fake.set_active_slave = drop  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="did not come back"):
+        t.bind_primary("lan", NEW_PCI, None, None, deadline_in(1))
+    assert time.monotonic() - started < 2
+
+
 def test_agent_owned_follow_team_uses_fail_over_mac_active() -> None:
     fake = FakeLinks()
     fake.add("enp1s0", mac=VIRTIO_MAC)
