@@ -77,8 +77,14 @@ def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
     log_path = tmp_path / "ptmigd.log"
     with ptmigd(log_path, "--metrics-listen", "127.0.0.1:0") as (daemon, sock):
         deadline = time.monotonic() + 30
-        while not (
-            url := re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_path.read_text())
+        # ptmigd logs its metrics address before it binds its socket: wait for both
+        while (
+            not (
+                url := re.search(
+                    r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_path.read_text()
+                )
+            )
+            or not sock.exists()
         ):
             assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
