@@ -400,6 +400,14 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: job of {dom.name()}", exc) from exc
 
+    def abort_job(self, dom: libvirt.virDomain) -> None:
+        """virDomainAbortJob: stop the domain's job (an outgoing migration, which then
+        fails in its caller and leaves the domain running here)."""
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: abort the job of {dom.name()}", exc) from exc
+
     # -- guest channels --------------------------------------------------------------
 
     def open_channel(self, dom: libvirt.virDomain, name: str) -> ChannelStream:

@@ -43,6 +43,7 @@ import pickle
 import select
 import signal
 import threading
+import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentEndpoint, AgentError
 from host.domain.devices import attachment_for_slot
+from host.domain.lease import LEASE_NS
 from host.domain.pools import (
     EmulatedPool,
     EmulatedSlot,
@@ -434,6 +436,7 @@ class DomainRecord:
     prefixes: dict[str, str] = field(default_factory=lambda: {TEAMS_NS: TEAMS_PREFIX})
     job: dict[str, Any] | None = None
     job_running: bool = False  # a job (say, a migration a killed client started) in progress
+    aborted: bool = False  # abort_job was called on the running job
 
 
 @dataclass
@@ -725,7 +728,11 @@ class FakeHypervisor:
             return [self.world.xml(r) for r in self._host.domains.values()]
 
     def set_metadata(self, dom: FakeDomain, namespace: str, prefix: str, xml: str | None) -> None:
-        with self.world.op(self.uri, "set_metadata", dom.domain_name):
+        # The workflow lease is bookkeeping, taken and given back: "set_lease" is not
+        # among MUTATING, so "nothing changed" still means the domain and guest are as
+        # they were (the snapshot compares the XML too, lease included).
+        method = "set_lease" if namespace == LEASE_NS else "set_metadata"
+        with self.world.op(self.uri, method, dom.domain_name):
             record = self._record(dom)
             element = None
             if xml is not None:
@@ -847,6 +854,7 @@ class FakeHypervisor:
         max_downtime_ms: int | None = None,
     ) -> MigrationStats:
         what = f"migrate {dom.domain_name} {self.uri} -> {destination_uri}"
+        self._job_window(dom, what)
         with self.world.op(self.uri, "migrate", dom.domain_name):
             record = self._record(dom)
             if not record.active:
@@ -907,6 +915,26 @@ class FakeHypervisor:
             self.world.check_faults(self.uri, "migrate:after", dom.domain_name)
             return MigrationStats(0.2, None, None, None, None)
 
+    def _job_window(self, dom: FakeDomain, what: str) -> None:
+        """With ``world.migration_job_s``, the job runs that long before the VM moves (outside
+        the world's lock, so that abort_job can come from another thread) and an abort in
+        that window fails the call as libvirt's does, the VM still here."""
+        seconds = self.world.migration_job_s
+        record = self._host.domains.get(dom.uuid)
+        if not seconds or record is None:
+            return
+        record.job_running, record.aborted = True, False
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline and not record.aborted:
+                time.sleep(0.005)
+        finally:
+            record.job_running = False
+        if record.aborted:
+            raise HypervisorError(
+                f"{what}: operation aborted: migration out job: canceled by client", 1
+            )
+
     def completed_job(self, dom: FakeDomain) -> dict[str, Any]:
         with self.world.op(self.uri, "completed_job", dom.domain_name):
             job = self._record(dom).job
@@ -915,6 +943,17 @@ class FakeHypervisor:
                     f"{self.uri}: job statistics of {dom.domain_name}: no completed job", 1
                 )
             return dict(job)
+
+    def abort_job(self, dom: FakeDomain) -> None:
+        with self.world.op(self.uri, "abort_job", dom.domain_name):
+            record = self._record(dom)
+            if not record.job_running:
+                raise HypervisorError(
+                    f"{self.uri}: abort the job of {dom.domain_name}: Requested operation "
+                    "is not valid: no job is active on the domain",
+                    55,
+                )
+            record.aborted = True
 
     def job_running(self, dom: FakeDomain) -> bool:
         with self.world.op(self.uri, "job_running", dom.domain_name):
@@ -1110,6 +1149,8 @@ class World:
         #: the call's outcome.
         self.agent_before: dict[tuple[str, str], Callable[[str, float | None], None]] = {}
         self.agents_open = 0
+        #: How long a migration job runs before the VM moves (0: at once).
+        self.migration_job_s = 0.0
         for host in self.hosts.values():
             host.networks["default"] = (
                 "<network><name>default</name><forward mode='nat'/>"
@@ -1205,11 +1246,13 @@ class World:
         return FakeAgent(self, hv.uri, dom.UUIDString(), timeout)
 
     def coordinator(self, journal: Journal) -> Coordinator:
-        return Coordinator(
+        coordinator = Coordinator(
             journal,
             connect=self.connect,  # type: ignore[arg-type]
-            agent_for=self.agent_for,
-        )  # type: ignore[arg-type]
+            agent_for=self.agent_for,  # type: ignore[arg-type]
+        )
+        coordinator.lease_settle = 0.0  # one process's fake hosts: no write is slow
+        return coordinator
 
     # -- calls and faults ------------------------------------------------------------
 
