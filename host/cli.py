@@ -7,7 +7,13 @@ Exit codes:
   3  done-degraded: migrated, but some team stays on its standby (no free device)
   4  refused or rolled back: the VM runs where it ran, as it ran
   5  failed: something could not be undone; the message says what to check
-  6  busy: another workflow holds the domain (see 'ptmig workflows')
+  6  busy: another workflow holds the domain (see 'ptmig workflows'), in this journal
+     or by the lease in the domain's metadata (another coordinator's)
+
+'ptmig cancel' exits 0 once the migration is cancelled (rolled back, or asked, with
+--wait 0), 1 when there is nothing to cancel or it is too late (the VM has moved), 5
+when the cancelled workflow's rollback failed.  Ctrl-C or SIGTERM on 'ptmig migrate'
+cancel it the same way; the exit code is then the migration's (4 when rolled back).
 """
 
 from __future__ import annotations
