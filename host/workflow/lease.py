@@ -12,10 +12,11 @@ later write wins for both readers, provided each write landed within half the wa
 its read (checked; a slower one backs off and tries again).
 
 Free means: no lease, an expired one, or one whose holder process is gone on this very
-machine (a killed coordinator's, for ``ptmig recover``).  A holder on another machine
-cannot be asked, so only expiry frees its lease: :data:`LEASE_TTL` after its last
-renewal, :data:`JOB_LEASE_TTL` while a migration job runs (libvirt allows no metadata
-change then, so the lease cannot be renewed, nor taken by anyone else).  Hosts'
+machine (a killed coordinator's, for ``ptmig recover``; or the machine rebooted since).
+A holder on another machine cannot be asked, so only expiry frees its lease:
+:data:`LEASE_TTL` after its last renewal, :data:`JOB_LEASE_TTL` from the start of the
+migration job (libvirt allows no metadata change during a job, so it cannot be renewed
+then, nor taken by anyone: a domain with a job running is refused at once).  Hosts'
 clocks are assumed to agree within seconds (NTP).
 """
 
@@ -39,7 +40,7 @@ from host.workflow.journal import boot_id_now, process_alive, process_start_time
 log = logging.getLogger(__name__)
 
 LEASE_TTL = 300.0  # between steps; every step is shorter (its calls have deadlines)
-JOB_LEASE_TTL = 6 * 3600.0  # across the migration job, which cannot renew it
+JOB_LEASE_TTL = 3600.0  # across the migration job, which cannot renew it
 SETTLE_S = 0.5  # Fischer's wait: longer than a metadata write may take, halved
 TAKE_ATTEMPTS = 3
 
@@ -80,7 +81,9 @@ def is_free(lease: Lease, me: Holder, now: float) -> bool:
     """Whether *lease* may be taken by *me* at *now* (see the module's docstring)."""
     if now > lease.expires:
         return True
-    if lease.machine and lease.machine == me.machine and lease.boot == me.boot:
+    if lease.machine and lease.machine == me.machine:
+        if lease.boot != me.boot:
+            return True  # this machine rebooted since: its holder is gone
         return not process_alive(lease.pid, lease.start, lease.boot or None)
     return False
 
@@ -140,6 +143,11 @@ class DomainLease:
 
     def take(self, hv: Hypervisor, dom: Any, ttl: float = LEASE_TTL) -> None:
         """Take the lease or raise :class:`LeaseHeld` naming its holder."""
+        if hv.is_active(dom) and hv.job_running(dom):
+            # libvirt would hold the metadata write until its job lock times out (30 s)
+            raise LeaseHeld(
+                f"domain {dom.name()} has a libvirt job running (a migration?); nothing changed"
+            )
         for attempt in range(TAKE_ATTEMPTS):
             t0 = time.monotonic()
             current = self.read(hv, dom)

@@ -685,22 +685,21 @@ def cli_env(journal: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "sig,phase,times",
+    "signame,phase,times",
     [
-        (signal.SIGINT, "preflight", 1),
-        (signal.SIGINT, "switch", 1),
-        (signal.SIGINT, "unplug", 1),
-        (signal.SIGINT, "migrate", 1),
-        (signal.SIGINT, "bind", 1),
-        (signal.SIGTERM, "migrate", 1),
-        (signal.SIGINT, "migrate", 2),
+        ("SIGINT", "preflight", 1),
+        ("SIGINT", "switch", 1),
+        ("SIGINT", "unplug", 1),
+        ("SIGINT", "migrate", 1),
+        ("SIGINT", "bind", 1),
+        ("SIGTERM", "migrate", 1),
+        ("SIGINT", "migrate", 2),
     ],
 )
-def test_signal_on_ptmig_migrate_at(
-    faulty: VmLab, sig: signal.Signals, phase: str, times: int
-) -> None:
+def test_signal_on_ptmig_migrate_at(faulty: VmLab, signame: str, phase: str, times: int) -> None:
     """Ctrl-C (or SIGTERM) on ``ptmig migrate`` does what cancel does and says so on one
     line; a second Ctrl-C does not leave the workflow open."""
+    sig = signal.Signals[signame]
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
@@ -727,6 +726,7 @@ def test_signal_on_ptmig_migrate_at(
         out, rest = proc.communicate(timeout=300)
     took = time.monotonic() - t0
     stderr = "".join(seen) + rest
+    print(stderr)  # shown with the failure (or -rP): the workflow's events, the signal lines
     said = [line for line in stderr.splitlines() if line.startswith(f"ptmig: {sig.name}")]
     assert len(said) == times, stderr
     if phase == "bind":

@@ -265,6 +265,7 @@ def test_a_foreign_live_lease_refuses_and_an_expired_or_dead_one_is_taken(
     assert me.machine and is_free(dead, me, now)  # this machine, its holder is gone
     alive = _lease(machine=me.machine, boot=me.boot, pid=me.pid, start=me.start)
     assert not is_free(alive, me, now)
+    assert is_free(_lease(machine=me.machine, boot="an-earlier-boot", pid=me.pid), me, now)
 
     hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, format_lease(_lease()))
     mine = DomainLease("w-mine", "migrate", settle=0)
@@ -321,3 +322,11 @@ def test_two_takers_that_both_saw_it_free_end_with_one_holder(world: World) -> N
         for t in threads:
             t.join()
     assert sorted(outcomes.values()) == ["holds", "refused"], outcomes
+
+
+def test_a_domain_with_a_libvirt_job_running_is_refused_at_once(world: World) -> None:
+    world.hosts[A].domains[VM1.uuid].job_running = True
+    hv = world.connect(A)
+    with pytest.raises(LeaseHeld, match="has a libvirt job running"):
+        DomainLease("w-mine", "repair", settle=0).take(hv, hv.domain("vm1"))
+    assert [c.method for c in world.calls if c.method == "set_lease"] == []
