@@ -330,3 +330,23 @@ def test_a_domain_with_a_libvirt_job_running_is_refused_at_once(world: World) ->
     with pytest.raises(LeaseHeld, match="has a libvirt job running"):
         DomainLease("w-mine", "repair", settle=0).take(hv, hv.domain("vm1"))
     assert [c.method for c in world.calls if c.method == "set_lease"] == []
+
+
+def test_a_migration_run_by_another_machine_on_a_shared_journal_is_asked_too(
+    world: World, journal: Journal, journal_path: Path
+) -> None:
+    """Its owner's pid means nothing here (another boot id): the request is recorded for
+    that machine's workflow to find, not refused as a dead coordinator's."""
+    import sqlite3
+
+    wf = journal.begin("migrate", VM1.uuid, "vm1", A, B, {})
+    db = sqlite3.connect(journal_path, isolation_level=None)
+    db.execute(
+        "UPDATE workflows SET owner_pid = ?, owner_boot_id = 'another-machine' WHERE id = ?",
+        (2**22 + 4321, wf),
+    )
+    db.close()
+    answer = world.coordinator(journal).cancel("vm1", requested_by="hostb's operator", wait=0)
+    assert (answer.accepted, answer.ended, answer.phase) == (True, False, "preflight")
+    request = journal.cancel_request(wf)
+    assert request is not None and request.requested_by == "hostb's operator"
