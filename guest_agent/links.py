@@ -62,6 +62,30 @@ def by_name(links: Sequence[Link], name: str) -> Link | None:
     return next((link for link in links if link.name == name), None)
 
 
+def contradiction(links: Sequence[Link]) -> str | None:
+    """What makes *links* impossible as one kernel state, or None if nothing does.
+
+    The kernel never has a bond whose active slave is not enslaved to it, nor a link whose
+    master does not exist.  A link dump is not one atomic read, though: it is written in
+    batches, and its "interrupted" flag (NLM_F_DUMP_INTR) covers links added or removed,
+    not a link joining or leaving a bond.  A dump taken while a bond is being built can
+    list its new slave before the enslave and the bond after it has made that slave
+    active.  Such a dump has to be read again, not reported.
+    """
+    for link in links:
+        if link.master is not None and by_index(links, link.master) is None:
+            return f"{link.name}'s master ifindex {link.master} is not in the dump"
+        active = link.bond.active_slave if link.bond else None
+        if active is None:
+            continue
+        slave = by_index(links, active)
+        if slave is None:
+            return f"{link.name}'s active slave ifindex {active} is not in the dump"
+        if slave.master != link.index:
+            return f"{link.name}'s active slave {slave.name} is not enslaved to it"
+    return None
+
+
 class LinkError(Exception):
     """A netlink operation failed; `errno` is the kernel's answer (0 if none)."""
 

@@ -55,6 +55,7 @@ from guest_agent.links import (
     NoSuchLink,
     NotPermitted,
     WaitTimeout,
+    contradiction,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ def preload() -> None:
 
 #: How often a dump raced by link changes is redone before the error is reported.
 DUMP_RETRIES = 5
+#: The pause before the n-th new dump is n times this: a bond being built changes again
+#: within milliseconds.
+TORN_DUMP_PAUSE_S = 0.01
 
 
 def _dump_interrupted(exc: LinkError) -> bool:
@@ -132,17 +136,34 @@ class NetlinkLinks:
             raise _translate(exc, what) from exc
 
     def list_links(self) -> list[Link]:
-        """All links.  A dump that races a link change is flagged NLM_F_DUMP_INTR by the
-        kernel (pyroute2: "dump interrupted", code -1); the answer is to dump again."""
+        """All links, as one state of the kernel.
+
+        A dump that races a link being added or removed is flagged NLM_F_DUMP_INTR by the
+        kernel (pyroute2: "dump interrupted", code -1); one that races a link joining or
+        leaving a bond is not flagged, but contradicts itself (`links.contradiction`; on
+        Debian 13 a GetState at start-up named an active member outside the bond).  Either
+        is dumped again, a little later each time; a dump still contradictory after
+        DUMP_RETRIES is returned as it is (the team logic never names an active member
+        outside its bond).
+        """
+        links: list[Link] = []
         for attempt in range(DUMP_RETRIES):
+            if attempt:
+                time.sleep(TORN_DUMP_PAUSE_S * attempt)
             try:
                 with self._ipr("list links") as ipr:
-                    return [self._link(msg) for msg in ipr.get_links()]
+                    links = [self._link(msg) for msg in ipr.get_links()]
             except LinkError as exc:
                 if not _dump_interrupted(exc) or attempt == DUMP_RETRIES - 1:
                     raise
                 log.debug("link dump interrupted by a change; dumping again")
-        raise AssertionError("unreachable")
+                continue
+            torn = contradiction(links)
+            if torn is None:
+                return links
+            log.debug("link dump contradicts itself (%s); dumping again", torn)
+        log.warning("link dumps kept contradicting themselves; using the last one")
+        return links
 
     def _link(self, msg: Any) -> Link:
         name = msg.get_attr("IFLA_IFNAME")

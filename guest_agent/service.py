@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 API_VERSION = 1
 DEADLINE_MARGIN_S = 0.2  # answer our own DEADLINE_EXCEEDED before the caller's fires
+STATE_READ_MARGIN_S = 1.0  # a link dump under TCG takes a few hundred ms
 
 _POLICY_TO_PB = {
     MacPolicy.PRESERVE: pb.MAC_POLICY_PRESERVE,
@@ -107,8 +108,7 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
 
     def GetState(self, request: Any, context: grpc.ServicerContext) -> Any:
         def state() -> Any:
-            links = self._teams.list_links()
-            teams = self._teams.states()
+            links, teams = self._teams.snapshot(self._state_deadline(context))
             return pb.GetStateResponse(
                 links=[link_to_pb(link, links) for link in links],
                 teams=[team_to_pb(team) for team in teams],
@@ -171,6 +171,15 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
             return response
 
         return _answer(context, method, request, once, changes=True)
+
+    def _state_deadline(self, context: grpc.ServicerContext) -> float:
+        """How long GetState may wait for busy teams: the agent's default wait, less the
+        time to read and answer before the caller's deadline."""
+        wait = self._default_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, max(0.0, remaining - STATE_READ_MARGIN_S))
+        return time.monotonic() + wait
 
     def _deadline(self, request: Any, context: grpc.ServicerContext) -> float:
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self._default_timeout_s

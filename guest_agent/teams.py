@@ -9,6 +9,7 @@ whose `code` names the gRPC status the service answers with.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import threading
 import time
@@ -34,6 +35,9 @@ from guest_agent.links import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Before asking the bond again for an active slave it refused: its MII monitor's interval.
+ACTIVE_RETRY_S = 0.1
 
 
 class MacPolicy(enum.Enum):
@@ -214,6 +218,30 @@ class Teams:
         links = self.list_links()
         return [self._state(team, links) for team in self._teams.values()]
 
+    def snapshot(self, deadline: float) -> tuple[list[Link], list[TeamState]]:
+        """The links and every team's state from one dump, between team operations.
+
+        GetState answers with this.  A team being set up at start-up, or bound or switched
+        for a caller, is half-built until its operation ends (a bond without its standby,
+        a primary enslaved but not yet active); a host that reads that may act on it.  So
+        each team's lock is waited for until *deadline*; a team still busy then (an
+        operation waiting on a carrier past the caller's patience) is reported as the dump
+        shows it, which `_state` keeps consistent.
+        """
+        held: list[threading.Lock] = []
+        try:
+            for name in self._teams:
+                lock = self._locks[name]
+                if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    held.append(lock)
+                else:
+                    log.info("team %s: busy; its state is read mid-operation", name)
+            links = self.list_links()
+            return links, [self._state(team, links) for team in self._teams.values()]
+        finally:
+            for lock in held:
+                lock.release()
+
     # -- switch --------------------------------------------------------------
 
     def use_standby(
@@ -320,7 +348,7 @@ class Teams:
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
         if self._active(self.list_links(), bond.index) != device.index:
-            self._call(self._links.set_active_slave, bond.index, device.index)
+            self._make_active(team, bond, device, deadline)
 
         def active(links: list[Link]) -> list[Link] | None:
             if self._active(links, bond.index) != device.index:
@@ -339,6 +367,40 @@ class Teams:
         state = self._state(team, self.list_links())
         log.info("team %s: %s bound and active", team.name, device.name)
         return BindResult(state, device.name)
+
+    def _make_active(self, team: TeamConfig, bond: Link, device: Link, deadline: float) -> None:
+        """Make *device* the bond's active slave; if the bond refuses it for want of a link
+        (EINVAL), wait for its carrier again and retry until *deadline*.
+
+        The bond checks the slave's carrier at the moment it is asked, and a NIC's carrier
+        can drop again right after it first came up: the lab's Debian 12 guest logged
+        "bond1: (slave enp4s0): Could not set as active slave; either enp4s0 is down or the
+        link is down" just after the agent had seen enp4s0's carrier, and the agent-owned
+        team stayed on its standby.
+        """
+        while True:
+            try:
+                self._call(self._links.set_active_slave, bond.index, device.index)
+                return
+            except Conflict as exc:
+                cause = exc.__cause__
+                no_link = isinstance(cause, LinkRefused) and cause.errno == errno.EINVAL
+                if not no_link or time.monotonic() >= deadline:
+                    raise
+            log.info(
+                "team %s: %s refused %s as active slave (no link); waiting for its carrier",
+                team.name,
+                bond.name,
+                device.name,
+            )
+            time.sleep(ACTIVE_RETRY_S)
+            self._wait(
+                lambda ls: self._linked(ls, device.index),
+                deadline,
+                f"team {team.name}: {device.name} lost its carrier and it did not come back",
+            )
+            if self._active(self.list_links(), bond.index) == device.index:
+                return
 
     def _wait_for_device(self, team: TeamConfig, match: DeviceMatch, deadline: float) -> Link:
         def find(links: list[Link]) -> Link | None:
@@ -518,11 +580,15 @@ class Teams:
             raise KernelError(str(exc)) from exc
 
     def _state(self, team: TeamConfig, links: list[Link]) -> TeamState:
+        """The team as *links* show it.  The active member is named only if it is one of
+        the members: a dump that says otherwise is torn (`links.contradiction`), and the
+        contract's "" (no active member) is true of it, a name outside the bond is not."""
         bond = by_name(links, team.bond)
         info = bond.bond if bond else None
         members = [ln for ln in links if bond and ln.master == bond.index]
         standby = self._standby_or_none(team, links)
         primary = next((ln.name for ln in members if ln.index != _index(standby)), None)
+        active = info.active_slave if info else None
         return TeamState(
             name=team.name,
             bond=team.bond,
@@ -531,9 +597,7 @@ class Teams:
             ownership=team.ownership,
             mac=bond.mac if bond else None,
             fail_over_mac=info.fail_over_mac if info else None,
-            active_member=_name_or_empty(links, info.active_slave)
-            if info and info.active_slave
-            else None,
+            active_member=_name_or_empty(members, active) if active else None,
             standby=standby.name if standby else None,
             members=tuple(ln.name for ln in members),
             primary=primary,

@@ -1,8 +1,11 @@
 """The only module that talks to libvirt (and libvirt-qemu).
 
-Everything the coordinator asks of a host goes through :class:`Hypervisor`: domain XML and
-metadata, device attach and detach with a real wait, live migration with progress, and
-QMP ``announce-self``.  Errors leave as :class:`HypervisorError` with libvirt's message.
+Everything the coordinator asks of a host goes through :class:`Hypervisor` (a connection:
+domains by name, every domain's XML, the pool networks) and of a domain through its
+:class:`Domain` (a virDomain bound to its Hypervisor, as nova's ``Guest``): XML and
+metadata, device attach and detach with a real wait, live migration with progress and its
+statistics, the agent's channel and QMP ``announce-self``.  Errors leave as
+:class:`HypervisorError` with libvirt's message.
 
 Why the waits are event-driven: ``virDomainDetachDeviceAlias`` returns as soon as QEMU has
 *asked* the guest to release the device; only libvirt's DEVICE_REMOVED event means it is
@@ -17,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ import libvirt_qemu
 
 from host.domain.domain_xml import device_aliases
 from host.domain.errors import DomainModelError
+from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, to_text_as_read
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +177,22 @@ class Hypervisor:
     # -- host ------------------------------------------------------------------------
 
     def host_uuid(self) -> str:
-        import xml.etree.ElementTree as ET
-
         try:
-            caps = ET.fromstring(self._conn.getCapabilities())
+            caps = parse_xml(self._conn.getCapabilities(), f"{self.uri}: capabilities")
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: capabilities", exc) from exc
+        except DomainModelError as exc:
+            raise HypervisorError(str(exc)) from exc
         return caps.findtext("host/uuid") or ""
 
     # -- domains ---------------------------------------------------------------------
 
-    def domain(self, ident: str) -> libvirt.virDomain:
+    def domain(self, ident: str) -> Domain:
         """A domain by name or UUID, as virsh takes it."""
         try:
             if len(ident) == 36 and ident.count("-") == 4:
-                return self._conn.lookupByUUIDString(ident)
-            return self._conn.lookupByName(ident)
+                return Domain(self, self._conn.lookupByUUIDString(ident))
+            return Domain(self, self._conn.lookupByName(ident))
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: domain {ident!r}", exc) from exc
 
@@ -197,19 +202,6 @@ class Hypervisor:
             return True
         except HypervisorError:
             return False
-
-    def is_active(self, dom: libvirt.virDomain) -> bool:
-        try:
-            return bool(dom.isActive())
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: state of {dom.name()}", exc) from exc
-
-    def domain_xml(self, dom: libvirt.virDomain, *, inactive: bool = False) -> str:
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        try:
-            return str(dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_SECURE))
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: XML of {dom.name()}", exc) from exc
 
     def all_domain_xml(self) -> list[str]:
         """The live XML of every active domain and the persistent XML of inactive ones."""
@@ -225,20 +217,6 @@ class Hypervisor:
                 continue  # vanished while we listed
         return out
 
-    def set_metadata(
-        self, dom: libvirt.virDomain, namespace: str, prefix: str, xml: str | None
-    ) -> None:
-        """Write (or with ``None`` remove) our metadata, live and persistent alike."""
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        if self.is_active(dom):
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-        try:
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, namespace, flags)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: set metadata of {dom.name()}", exc) from exc
-
-    # -- devices ---------------------------------------------------------------------
-
     @contextmanager
     def _events(
         self, dom: libvirt.virDomain, event_ids: list[int], handler: Callable[..., None]
@@ -253,207 +231,8 @@ class Hypervisor:
                 with suppress(libvirt.libvirtError):
                     self._conn.domainEventDeregisterAny(cb_id)
 
-    def _affect(self, dom: libvirt.virDomain, alias: str | None = None) -> int:
-        """LIVE, plus CONFIG for a persistent domain (and, for a detach, when the device is
-        in the persistent definition): a host's definition names the devices it owns."""
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        try:
-            persistent = bool(dom.isPersistent())
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: {dom.name()}", exc) from exc
-        if persistent and (alias is None or self.has_device(dom, alias, inactive=True)):
-            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        return int(flags)
-
-    def has_device(self, dom: libvirt.virDomain, alias: str, *, inactive: bool = False) -> bool:
-        """Whether the live (or persistent) domain has a device called *alias*.
-
-        Parsed, not searched for: ptmig's metadata names the alias too, and
-        ``ua-ptmig-lan-1`` is a prefix of ``ua-ptmig-lan-10``.
-        """
-        try:
-            return alias in device_aliases(self.domain_xml(dom, inactive=inactive))
-        except DomainModelError as exc:
-            raise HypervisorError(f"{self.uri}: XML of {dom.name()}: {exc}") from exc
-
-    def attach(self, dom: libvirt.virDomain, device_xml: str) -> None:
-        """Hot-plug a device, into the persistent definition too."""
-        try:
-            dom.attachDeviceFlags(device_xml, self._affect(dom))
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: attach to {dom.name()}", exc) from exc
-
-    def detach_and_wait(self, dom: libvirt.virDomain, alias: str, timeout: float) -> float:
-        """Unplug device *alias* and wait for the guest to release it; returns seconds taken."""
-        done = threading.Event()
-        outcome: dict[str, int] = {}
-
-        def on_event(_conn: object, _dom: object, dev_alias: str, event_id: int) -> None:
-            if dev_alias == alias:
-                outcome["event"] = event_id
-                done.set()
-
-        removed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED
-        failed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED
-        t0 = time.monotonic()
-        # Live first, the definition only once the guest let go: a device the guest never
-        # releases must stay in both, or the next boot would silently lose it.
-        config = self._affect(dom, alias) & libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        with self._events(dom, [removed, failed], on_event):
-            # Already gone (an operator's virsh, a guest that let go before) is unplugged.
-            if not self.has_device(dom, alias):
-                self._detach_config(dom, alias, config)
-                return 0.0
-            try:
-                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            except libvirt.libvirtError as exc:
-                if not self.has_device(dom, alias):  # it went between the look and the ask
-                    self._detach_config(dom, alias, config)
-                    return time.monotonic() - t0
-                raise _wrap(f"{self.uri}: detach {alias} from {dom.name()}", exc) from exc
-            # The event may have fired before we looked; the live XML settles it.
-            while not done.wait(0.25):
-                if not self.has_device(dom, alias):
-                    break
-                if time.monotonic() - t0 > timeout:
-                    raise DeviceRemovalError(
-                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s"
-                    )
-        if outcome.get("event") == failed:
-            raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
-        self._detach_config(dom, alias, config)
-        return time.monotonic() - t0
-
-    def _detach_config(self, dom: libvirt.virDomain, alias: str, config: int) -> None:
-        if not config:
-            return
-        try:
-            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: remove {alias} from {dom.name()}'s definition", exc) from exc
-
-    # -- migration -------------------------------------------------------------------
-
-    def migrate(
-        self,
-        dom: libvirt.virDomain,
-        destination_uri: str,
-        *,
-        persistent_xml: str,
-        unsafe: bool = False,
-        on_progress: Callable[[MigrationProgress], None] | None = None,
-        max_downtime_ms: int | None = None,
-    ) -> MigrationStats:
-        """Live-migrate peer-to-peer; *persistent_xml* becomes the destination's definition."""
-        params = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent_xml}
-        stop = threading.Event()
-        if max_downtime_ms is not None:
-            try:
-                dom.migrateSetMaxDowntime(max_downtime_ms, 0)
-            except libvirt.libvirtError as exc:
-                raise _wrap(f"{self.uri}: set max downtime", exc) from exc
-
-        def watch() -> None:
-            while not stop.wait(0.5):
-                try:
-                    info = dom.jobStats(0)
-                except libvirt.libvirtError:
-                    continue
-                if info.get("type", 0) in (0, None) or on_progress is None:
-                    continue
-                on_progress(
-                    MigrationProgress(
-                        elapsed_ms=int(info.get("time_elapsed", 0)),
-                        data_processed=int(info.get("data_processed", 0)),
-                        data_total=int(info.get("data_total", 0)),
-                        data_remaining=int(info.get("data_remaining", 0)),
-                        iteration=int(info.get("memory_iteration", 0)),
-                    )
-                )
-
-        watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
-        watcher.start()
-        t0 = time.monotonic()
-        try:
-            # UNSAFE: the caller vouches that the disk's cache mode is safe (a shared image).
-            flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_UNSAFE if unsafe else 0)
-            dom.migrateToURI3(destination_uri, params, flags)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"migrate {dom.name()} {self.uri} -> {destination_uri}", exc) from exc
-        finally:
-            stop.set()
-            watcher.join()
-        wall = time.monotonic() - t0
-        return MigrationStats(wall, None, None, None, None)
-
-    def completed_job(self, dom: libvirt.virDomain) -> dict[str, Any]:
-        """Statistics of the domain's last completed job (on a migration's destination)."""
-        try:
-            return dict(dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: job statistics of {dom.name()}", exc) from exc
-
-    def job_running(self, dom: libvirt.virDomain) -> bool:
-        """True while the domain has a job (e.g. an outgoing migration) in progress."""
-        try:
-            return bool(int(dom.jobInfo()[0]) != libvirt.VIR_DOMAIN_JOB_NONE)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: job of {dom.name()}", exc) from exc
-
-    def abort_job(self, dom: libvirt.virDomain) -> None:
-        """virDomainAbortJob: stop the domain's job (an outgoing migration, which then
-        fails in its caller and leaves the domain running here)."""
-        try:
-            dom.abortJob()
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: abort the job of {dom.name()}", exc) from exc
-
-    # -- guest channels --------------------------------------------------------------
-
-    def open_channel(self, dom: libvirt.virDomain, name: str) -> ChannelStream:
-        """A byte stream to the guest's virtio-serial channel *name*, through libvirt.
-
-        Through libvirt, not the socket file: the channel's socket lives on whichever host
-        runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
-        FORCE takes over a stream another client holds (a crashed coordinator's, or a
-        second client of this process).  Two processes must not take it from each other
-        in a loop: that can break the libvirt connection itself (libvirtd 11.3), so the
-        ptmig processes of a host take turns (host/agent_client/turns.py).
-        """
-        try:
-            stream = self._conn.newStream(0)
-            dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: open channel {name} of {dom.name()}", exc) from exc
-        return ChannelStream(stream)
-
-    # -- network announcements -------------------------------------------------------
-
-    def announce(
-        self,
-        dom: libvirt.virDomain,
-        *,
-        interfaces: list[str] | None = None,
-        rounds: int = 3,
-        initial_ms: int = 50,
-        max_ms: int = 550,
-        step_ms: int = 100,
-    ) -> None:
-        """QMP ``announce-self``: QEMU sends RARPs for the guest's NICs (*interfaces*: only
-        those device ids) so switches learn the path to the standby at once."""
-        arguments: dict[str, Any] = {
-            "initial": initial_ms,
-            "max": max_ms,
-            "rounds": rounds,
-            "step": step_ms,
-        }
-        if interfaces:
-            arguments["interfaces"] = interfaces
-        cmd = json.dumps({"execute": "announce-self", "arguments": arguments})
-        try:
-            libvirt_qemu.qemuMonitorCommand(dom, cmd, 0)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"{self.uri}: announce-self for {dom.name()}", exc) from exc
+    def _new_stream(self) -> libvirt.virStream:
+        return self._conn.newStream(0)
 
     # -- networks (pool definitions) -------------------------------------------------
 
@@ -489,9 +268,10 @@ class Hypervisor:
 
     def _keep_network_uuid(self, xml: str) -> str:
         """libvirt redefines a network only under its existing UUID; carry it over."""
-        import xml.etree.ElementTree as ET
-
-        root = ET.fromstring(xml)
+        try:
+            root, declared = parse_xml_keeping_prefixes(xml, "network XML")
+        except DomainModelError as exc:
+            raise HypervisorError(f"{self.uri}: define network: {exc}") from exc
         name = root.findtext("name") or ""
         if root.find("uuid") is not None:
             return xml
@@ -502,7 +282,7 @@ class Hypervisor:
         uuid = ET.Element("uuid")
         uuid.text = existing.UUIDString()
         root.insert(1, uuid)
-        return ET.tostring(root, encoding="unicode")
+        return to_text_as_read(root, declared)
 
     def undefine_network(self, name: str) -> None:
         try:
@@ -512,3 +292,276 @@ class Hypervisor:
             net.undefine()
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: undefine network {name}", exc) from exc
+
+
+class Domain:
+    """One domain as one host's libvirt has it: the virDomain handle with its Hypervisor.
+
+    What the coordinator does to a domain is a method here, so a workflow holds one object
+    per domain and host; after a migration the source's handle names a domain that has
+    gone, and the destination's Hypervisor gives the new one.
+    """
+
+    def __init__(self, hv: Hypervisor, dom: libvirt.virDomain) -> None:
+        self.hv = hv
+        self._dom = dom
+
+    @property
+    def uri(self) -> str:
+        return self.hv.uri
+
+    @property
+    def name(self) -> str:
+        return str(self._dom.name())
+
+    @property
+    def uuid(self) -> str:
+        return str(self._dom.UUIDString())
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self._dom.isActive())
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: state of {self.name}", exc) from exc
+
+    def xml(self, *, inactive: bool = False) -> str:
+        """The live (or persistent) domain XML, secure parts included."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        try:
+            return str(self._dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_SECURE))
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: XML of {self.name}", exc) from exc
+
+    def set_metadata(self, namespace: str, prefix: str, xml: str | None) -> None:
+        """Write (or with ``None`` remove) our metadata, live and persistent alike."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if self.is_active():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            self._dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, namespace, flags
+            )
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: set metadata of {self.name}", exc) from exc
+
+    # -- devices ---------------------------------------------------------------------
+
+    def _affect(self, alias: str | None = None) -> int:
+        """LIVE, plus CONFIG for a persistent domain (and, for a detach, when the device is
+        in the persistent definition): a host's definition names the devices it owns."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            persistent = bool(self._dom.isPersistent())
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: {self.name}", exc) from exc
+        if persistent and (alias is None or self.has_device(alias, inactive=True)):
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        return int(flags)
+
+    def has_device(self, alias: str, *, inactive: bool = False) -> bool:
+        """Whether the live (or persistent) domain has a device called *alias*.
+
+        Parsed, not searched for: ptmig's metadata names the alias too, and
+        ``ua-ptmig-lan-1`` is a prefix of ``ua-ptmig-lan-10``.
+        """
+        try:
+            return alias in device_aliases(self.xml(inactive=inactive))
+        except DomainModelError as exc:
+            raise HypervisorError(f"{self.uri}: XML of {self.name}: {exc}") from exc
+
+    def attach(self, device_xml: str) -> None:
+        """Hot-plug a device, into the persistent definition too."""
+        try:
+            self._dom.attachDeviceFlags(device_xml, self._affect())
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: attach to {self.name}", exc) from exc
+
+    def detach_and_wait(self, alias: str, timeout: float) -> float:
+        """Unplug device *alias* and wait for the guest to release it; returns seconds taken."""
+        done = threading.Event()
+        outcome: dict[str, int] = {}
+
+        def on_event(_conn: object, _dom: object, dev_alias: str, event_id: int) -> None:
+            if dev_alias == alias:
+                outcome["event"] = event_id
+                done.set()
+
+        removed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED
+        failed = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED
+        t0 = time.monotonic()
+        # Live first, the definition only once the guest let go: a device the guest never
+        # releases must stay in both, or the next boot would silently lose it.
+        config = self._affect(alias) & libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        with self.hv._events(self._dom, [removed, failed], on_event):
+            # Already gone (an operator's virsh, a guest that let go before) is unplugged.
+            if not self.has_device(alias):
+                self._detach_config(alias, config)
+                return 0.0
+            try:
+                self._dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                if not self.has_device(alias):  # it went between the look and the ask
+                    self._detach_config(alias, config)
+                    return time.monotonic() - t0
+                raise _wrap(f"{self.uri}: detach {alias} from {self.name}", exc) from exc
+            # The event may have fired before we looked; the live XML settles it.
+            while not done.wait(0.25):
+                if not self.has_device(alias):
+                    break
+                if time.monotonic() - t0 > timeout:
+                    raise DeviceRemovalError(
+                        f"{self.uri}: the guest did not release {alias} within {timeout:.0f} s"
+                    )
+        if outcome.get("event") == failed:
+            raise DeviceRemovalError(f"{self.uri}: the guest refused to release {alias}")
+        self._detach_config(alias, config)
+        return time.monotonic() - t0
+
+    def _detach_config(self, alias: str, config: int) -> None:
+        if not config:
+            return
+        try:
+            self._dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: remove {alias} from {self.name}'s definition", exc) from exc
+
+    # -- migration -------------------------------------------------------------------
+
+    def migrate(
+        self,
+        destination: Hypervisor,
+        *,
+        persistent_xml: str,
+        peer_uri: str | None = None,
+        unsafe: bool = False,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> MigrationStats:
+        """Live-migrate peer-to-peer to *destination* (reached by the source's libvirtd at
+        *peer_uri*, by default the destination's URI); *persistent_xml* becomes the
+        destination's definition.  The statistics are the destination's record of the
+        completed job (None where it has none)."""
+        target_uri = peer_uri or destination.uri
+        params = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent_xml}
+        stop = threading.Event()
+        if max_downtime_ms is not None:
+            try:
+                self._dom.migrateSetMaxDowntime(max_downtime_ms, 0)
+            except libvirt.libvirtError as exc:
+                raise _wrap(f"{self.uri}: set max downtime", exc) from exc
+
+        def watch() -> None:
+            while not stop.wait(0.5):
+                try:
+                    info = self._dom.jobStats(0)
+                except libvirt.libvirtError:
+                    continue
+                if info.get("type", 0) in (0, None) or on_progress is None:
+                    continue
+                on_progress(
+                    MigrationProgress(
+                        elapsed_ms=int(info.get("time_elapsed", 0)),
+                        data_processed=int(info.get("data_processed", 0)),
+                        data_total=int(info.get("data_total", 0)),
+                        data_remaining=int(info.get("data_remaining", 0)),
+                        iteration=int(info.get("memory_iteration", 0)),
+                    )
+                )
+
+        watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            # UNSAFE: the caller vouches that the disk's cache mode is safe (a shared image).
+            flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_UNSAFE if unsafe else 0)
+            self._dom.migrateToURI3(target_uri, params, flags)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"migrate {self.name} {self.uri} -> {target_uri}", exc) from exc
+        finally:
+            stop.set()
+            watcher.join()
+        wall = time.monotonic() - t0
+        try:
+            job = destination.domain(self.uuid).completed_job()
+        except HypervisorError as exc:
+            log.warning("no job statistics: %s", exc)
+            job = {}
+        return MigrationStats(
+            wall,
+            _int_or_none(job.get("downtime")),
+            _int_or_none(job.get("time_elapsed")),
+            _int_or_none(job.get("data_total")),
+            _int_or_none(job.get("memory_iteration")),
+        )
+
+    def completed_job(self) -> dict[str, Any]:
+        """Statistics of the domain's last completed job (on a migration's destination)."""
+        try:
+            return dict(self._dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: job statistics of {self.name}", exc) from exc
+
+    def job_running(self) -> bool:
+        """True while the domain has a job (e.g. an outgoing migration) in progress."""
+        try:
+            return bool(int(self._dom.jobInfo()[0]) != libvirt.VIR_DOMAIN_JOB_NONE)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: job of {self.name}", exc) from exc
+
+    def abort_job(self) -> None:
+        """virDomainAbortJob: stop the domain's job (an outgoing migration, which then
+        fails in its caller and leaves the domain running here)."""
+        try:
+            self._dom.abortJob()
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: abort the job of {self.name}", exc) from exc
+
+    # -- guest channels --------------------------------------------------------------
+
+    def open_channel(self, name: str) -> ChannelStream:
+        """A byte stream to the guest's virtio-serial channel *name*, through libvirt.
+
+        Through libvirt, not the socket file: the channel's socket lives on whichever host
+        runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
+        FORCE takes over a stream another client holds (a crashed coordinator's, or a
+        second client of this process).  Two processes must not take it from each other
+        in a loop: that can break the libvirt connection itself (libvirtd 11.3), so the
+        ptmig processes of a host take turns (host/agent_client/turns.py).
+        """
+        try:
+            stream = self.hv._new_stream()
+            self._dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: open channel {name} of {self.name}", exc) from exc
+        return ChannelStream(stream)
+
+    # -- network announcements -------------------------------------------------------
+
+    def announce(
+        self,
+        *,
+        interfaces: list[str] | None = None,
+        rounds: int = 3,
+        initial_ms: int = 50,
+        max_ms: int = 550,
+        step_ms: int = 100,
+    ) -> None:
+        """QMP ``announce-self``: QEMU sends RARPs for the guest's NICs (*interfaces*: only
+        those device ids) so switches learn the path to the standby at once."""
+        arguments: dict[str, Any] = {
+            "initial": initial_ms,
+            "max": max_ms,
+            "rounds": rounds,
+            "step": step_ms,
+        }
+        if interfaces:
+            arguments["interfaces"] = interfaces
+        cmd = json.dumps({"execute": "announce-self", "arguments": arguments})
+        try:
+            libvirt_qemu.qemuMonitorCommand(self._dom, cmd, 0)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: announce-self for {self.name}", exc) from exc
+
+
+def _int_or_none(value: object) -> int | None:
+    return int(value) if isinstance(value, int | float) else None

@@ -67,7 +67,7 @@ def _round_trips(lab: VmLab) -> list[float]:
 
     with Hypervisor(lab.hosts[lab.where()].uri) as hv:
         dom = hv.domain(DOMAIN_NAME)
-        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL)))
+        client = AgentClient(AgentEndpoint(serial=lambda: dom.open_channel(AGENT_CHANNEL)))
         try:
             client.state()  # the first call opens the session
             times = []

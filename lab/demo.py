@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from host.domain.domain_xml import parse_domain
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
 from lab.fabric import CLIENT_NS
@@ -188,12 +189,12 @@ def plain_round_trip(lab: VmLab) -> list[dict[str, Any]]:
 
 
 def _plugged_primaries(lab: VmLab) -> list[str]:
-    xml = lab.domain().XMLDesc(0)
-    aliases = [PRIMARY_NIC.alias, WAN_PRIMARY_NIC.alias]
-    import re
-
-    aliases += re.findall(r"<alias name='(ua-ptmig-[^']+)'/>", xml)
-    return [a for a in aliases if f"<alias name='{a}'/>" in xml]
+    """The lab's own primaries and ptmig's, of those the live domain has."""
+    info = parse_domain(lab.domain().XMLDesc(0))
+    present = [i.alias for i in info.interfaces if i.alias]
+    present += [h.alias for h in info.hostdevs if h.alias]
+    ptmig = [a for a in present if a.startswith("ua-ptmig-")]
+    return [a for a in (PRIMARY_NIC.alias, WAN_PRIMARY_NIC.alias, *ptmig) if a in present]
 
 
 def main(*, as_json: bool, keep: bool) -> int:

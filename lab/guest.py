@@ -31,6 +31,7 @@ STANDBY_ALIAS = "ua-standby"
 PRIMARY_ALIAS = "ua-primary"
 #: Spare PCIe root ports for hot-plug (one device per port on q35).
 ROOT_PORTS = 8
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,11 @@ class Nic:
     tap: str
     alias: str
     model: str = "e1000e"
+    teaming: str | None = None  # virtio-net failover's <teaming type=...>
 
     def xml(self) -> str:
         driver = "<driver name='qemu'/>" if self.model == "virtio" else ""
+        teaming = f"<teaming type={quoteattr(self.teaming)}/>" if self.teaming else ""
         # No option ROM: direct kernel boot needs none, and a ROM the destination lacks
         # would break migration (its RAM block must exist on both sides).
         rom = "<rom enabled='no'/>"
@@ -52,7 +55,7 @@ class Nic:
             f"<mac address={quoteattr(self.mac)}/>"
             f"<source bridge='{GUEST_BRIDGE}'/>"
             f"<target dev={quoteattr(self.tap)}/>"
-            f"<model type={quoteattr(self.model)}/>{driver}{rom}"
+            f"<model type={quoteattr(self.model)}/>{driver}{rom}{teaming}"
             f"<alias name={quoteattr(self.alias)}/>"
             "</interface>"
         )
@@ -71,13 +74,11 @@ def domain_xml(
     with_primary: bool = True,
     memory_mib: int = 512,
     vcpus: int = 2,
+    domain_type: str = "qemu",
 ) -> str:
-    """The guest's domain XML."""
-    ports = "\n    ".join(
-        "<controller type='pci' model='pcie-root-port'/>" for _ in range(ROOT_PORTS)
-    )
-    nics = "\n    ".join(
-        n.xml()
+    """The guest's domain XML (`domain_type` kvm where the host can run it)."""
+    nics = [
+        n
         for n in (
             STANDBY_NIC,
             PRIMARY_NIC if with_primary else None,
@@ -85,8 +86,29 @@ def domain_xml(
             WAN_PRIMARY_NIC if with_primary else None,
         )
         if n is not None
+    ]
+    return _domain(image, disk, nics, memory_mib=memory_mib, vcpus=vcpus, domain_type=domain_type)
+
+
+def _domain(
+    image: GuestImage,
+    disk: Path,
+    nics: list[Nic],
+    *,
+    memory_mib: int,
+    vcpus: int,
+    domain_type: str = "qemu",
+    cmdline: str = BOOT_CMDLINE,
+    qemu_override: str = "",
+) -> str:
+    """The domain with `nics`; a `qemu_override` (QEMU's namespace) goes at its end."""
+    ports = "\n    ".join(
+        "<controller type='pci' model='pcie-root-port'/>" for _ in range(ROOT_PORTS)
     )
-    return f"""<domain type='qemu'>
+    nic_xml = "\n    ".join(n.xml() for n in nics)
+    qemu_ns = f" xmlns:qemu='{QEMU_NS}'" if qemu_override else ""
+    override = f"  {qemu_override}\n" if qemu_override else ""
+    return f"""<domain type={quoteattr(domain_type)}{qemu_ns}>
   <name>{DOMAIN_NAME}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
@@ -94,7 +116,7 @@ def domain_xml(
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{image.kernel}</kernel>
     <initrd>{image.initrd}</initrd>
-    <cmdline>{BOOT_CMDLINE}</cmdline>
+    <cmdline>{cmdline}</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>
@@ -112,7 +134,7 @@ def domain_xml(
     <controller type='usb' model='none'/>
     <controller type='pci' model='pcie-root'/>
     {ports}
-    {nics}
+    {nic_xml}
     <serial type='unix'>
       <source mode='bind' path='{CONSOLE_SOCKET}'/>
       <log file='{CONSOLE_LOG}' append='on'/>
@@ -124,7 +146,7 @@ def domain_xml(
     </channel>
     <memballoon model='none'/>
   </devices>
-</domain>
+{override}</domain>
 """
 
 
@@ -140,22 +162,19 @@ def failover_domain_xml(
     so its ROM's RAM block would be missing there).  The guest boots with
     ``ptmig.failover``: no bond, the failover master gets the address.
     """
-    xml = domain_xml(image, disk, with_primary=False, memory_mib=memory_mib, vcpus=vcpus)
-    xml = xml.replace(
-        "<domain type='qemu'>",
-        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
-    )
-    xml = xml.replace(
-        f"<cmdline>{BOOT_CMDLINE}</cmdline>", f"<cmdline>{BOOT_CMDLINE} ptmig.failover</cmdline>"
-    )
-    standby = STANDBY_NIC.xml().replace("<alias ", "<teaming type='persistent'/><alias ")
-    primary = Nic(STANDBY_MAC, PRIMARY_NIC.tap, PRIMARY_ALIAS).xml()
-    start = xml.index("<interface")
-    end = xml.rindex("</interface>") + len("</interface>")
-    xml = xml[:start] + standby + "\n    " + primary + xml[end:]
+    standby = Nic(STANDBY_MAC, STANDBY_NIC.tap, STANDBY_ALIAS, "virtio", teaming="persistent")
+    primary = Nic(STANDBY_MAC, PRIMARY_NIC.tap, PRIMARY_ALIAS)
     override = (
-        f"  <qemu:override><qemu:device alias='{PRIMARY_ALIAS}'><qemu:frontend>"
+        f"<qemu:override><qemu:device alias='{PRIMARY_ALIAS}'><qemu:frontend>"
         f"<qemu:property name='failover_pair_id' type='string' value='{STANDBY_ALIAS}'/>"
-        "</qemu:frontend></qemu:device></qemu:override>\n</domain>"
+        "</qemu:frontend></qemu:device></qemu:override>"
     )
-    return xml.replace("</domain>", override)
+    return _domain(
+        image,
+        disk,
+        [standby, primary],
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        cmdline=f"{BOOT_CMDLINE} ptmig.failover",
+        qemu_override=override,
+    )

@@ -67,6 +67,14 @@ GUEST_SUITES: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_SUITE = SUITE
 
+#: Installed with apt from the suite's own archive into the lab *image* (not the base: the
+#: clean-root install test needs a stock base): the host side's Debian libraries, so that
+#: tests/e2e/test_ptmigd_unit.py can run ptmigd from its unit under the guest's systemd.
+#: Debian 12 only, the host package's reference distribution.
+GUEST_ARCHIVE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "bookworm": ("python3-libvirt", "python3-prometheus-client"),
+}
+
 #: Printed by the serial console's login shell once the guest is up; the console
 #: driver waits for it after a boot.
 SHELL_READY_MARKER = "PTMIG-SHELL-READY"
@@ -231,6 +239,8 @@ class ImageRecipe:
     size: str = "2G"
     #: Installed into the base from bookworm-backports (the nested lab's QEMU and libvirt).
     backports: tuple[str, ...] = ()
+    #: Installed into the image from the suite's archive (apt, so dependencies follow).
+    archive_packages: tuple[str, ...] = ()
 
     def base_key(self) -> str:
         key: dict[str, object] = {
@@ -243,17 +253,18 @@ class ImageRecipe:
         return _digest(key)
 
     def image_key(self) -> str:
-        return _digest(
-            {
-                "base": self.base_key(),
-                "files": dict(self.files),
-                "masked": self.masked_units,
-                "enabled": self.enabled_units,
-                "debs": [_file_digest(p) for p in self.extra_debs],
-                "size": self.size,
-                "cmdline": BOOT_CMDLINE,
-            }
-        )
+        key: dict[str, object] = {
+            "base": self.base_key(),
+            "files": dict(self.files),
+            "masked": self.masked_units,
+            "enabled": self.enabled_units,
+            "debs": [_file_digest(p) for p in self.extra_debs],
+            "size": self.size,
+            "cmdline": BOOT_CMDLINE,
+        }
+        if self.archive_packages:  # only then: other images keep their cached key
+            key["archive"] = self.archive_packages
+        return _digest(key)
 
 
 def build_agent_package() -> Path:
@@ -279,7 +290,10 @@ def lab_recipe(suite: str = DEFAULT_SUITE) -> ImageRecipe:
     if suite not in GUEST_SUITES:
         raise ValueError(f"no lab guest for suite {suite!r} (one of {sorted(GUEST_SUITES)})")
     return ImageRecipe(
-        suite=suite, packages=GUEST_SUITES[suite], extra_debs=(build_agent_package(),)
+        suite=suite,
+        packages=GUEST_SUITES[suite],
+        extra_debs=(build_agent_package(),),
+        archive_packages=GUEST_ARCHIVE_PACKAGES.get(suite, ()),
     )
 
 
@@ -390,13 +404,18 @@ def _build_base(recipe: ImageRecipe, where: Path) -> Path:
 
 
 def _install_backports(rootfs: Path, recipe: ImageRecipe) -> None:
-    """apt in the chroot, from the same mirror's bookworm-backports suite.
-
-    policy-rc.d keeps package scripts from starting daemons in the build machine.
-    """
+    """apt in the chroot, from the same mirror's bookworm-backports suite."""
     (rootfs / "etc/apt/sources.list.d/backports.list").write_text(
         f"deb {recipe.mirror} {recipe.suite}-backports main\n"
     )
+    _apt_install(rootfs, recipe.backports, ["-t", f"{recipe.suite}-backports"])
+
+
+def _apt_install(rootfs: Path, packages: Sequence[str], options: Sequence[str] = ()) -> None:
+    """apt-get install in the chroot, from the archives its sources list names.
+
+    policy-rc.d keeps package scripts from starting daemons in the build machine.
+    """
     policy = rootfs / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
@@ -408,17 +427,17 @@ def _install_backports(rootfs: Path, recipe: ImageRecipe) -> None:
                 "chroot",
                 str(rootfs),
                 "apt-get",
-                "-t",
-                f"{recipe.suite}-backports",
+                *options,
                 "install",
                 "-y",
                 "-q",
                 "--no-install-recommends",
-                *recipe.backports,
+                *packages,
             ],
             env=env,
             timeout=1800,
         )
+        run(["chroot", str(rootfs), "apt-get", "clean"], env=env)
     finally:
         policy.unlink()
 
@@ -426,6 +445,9 @@ def _install_backports(rootfs: Path, recipe: ImageRecipe) -> None:
 def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
     (rootfs / ".ptmig-complete").unlink(missing_ok=True)
     chroot = ["chroot", str(rootfs)]
+    if recipe.archive_packages:
+        log.info("installing %s from the archive", ", ".join(recipe.archive_packages))
+        _apt_install(rootfs, recipe.archive_packages)
     for deb in recipe.extra_debs:
         inside = Path("/tmp") / deb.name
         shutil.copy2(deb, rootfs / inside.relative_to("/"))

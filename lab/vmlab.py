@@ -22,6 +22,7 @@ from typing import Any
 
 import libvirt
 
+from host.domain.domain_xml import device_aliases
 from lab import fabric
 from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
 from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME, Nic, domain_xml
@@ -359,11 +360,11 @@ class VmLab:
         dom = self.domain()
         t0 = time.monotonic()
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if config and f"<alias name='{alias}'/>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
+        if config and alias in device_aliases(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
         dom.detachDeviceAlias(alias, flags)
         while time.monotonic() - t0 < timeout:
-            if f"<alias name='{alias}'/>" not in dom.XMLDesc(0):
+            if alias not in device_aliases(dom.XMLDesc(0)):
                 return time.monotonic() - t0
             time.sleep(0.02)
         raise LabError(f"{alias} still present {timeout:.0f} s after detach")

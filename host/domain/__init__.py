@@ -3,6 +3,7 @@
 Pure XML: nothing here talks to libvirt (the Hypervisor does).  Every parser
 takes untrusted text and raises only DomainModelError for anything it cannot use.
 
+- xmlmodel: the declarations every model below reads and builds its XML from
 - teams: `Team`/`TeamSet` metadata, `format_teams` (read by `parse_domain`)
 - domain_xml: `parse_domain` (interfaces, hostdevs, agent channel, vsock),
   `strip_primary` for the persistent XML sent to a destination

@@ -16,11 +16,10 @@ would have to match on every host the guest migrates to.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from host.domain.addresses import normalize_mac, pci_attributes
+from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.domain_xml import Hostdev, Interface
 from host.domain.errors import DomainModelError
 from host.domain.names import (
@@ -33,6 +32,7 @@ from host.domain.names import (
 )
 from host.domain.pools import EmulatedSlot, PciSlot, Slot
 from host.domain.teams import PrimaryDevice
+from host.domain.xmlmodel import build
 from host.domain.xmltree import to_text
 
 ALIAS_PREFIX = USER_ALIAS_PREFIX + "ptmig-"
@@ -61,31 +61,42 @@ def emulated_nic_xml(
     *, alias: str, mac: str, bridge: str, tap: str, model: str = "e1000e", rom: bool = False
 ) -> str:
     """An emulated NIC on `bridge` with tap `tap`."""
-    interface = ET.Element("interface", {"type": "bridge"})
-    ET.SubElement(interface, "mac", {"address": normalize_mac(mac, "emulated NIC mac")})
-    ET.SubElement(interface, "source", {"bridge": check_ifname(bridge, "emulated NIC bridge")})
-    ET.SubElement(interface, "target", {"dev": check_ifname(tap, "emulated NIC tap")})
-    ET.SubElement(interface, "model", {"type": check_model(model, "emulated NIC model")})
-    _finish(interface, alias, rom)
-    return to_text(interface)
+    interface = Interface(
+        type="bridge",
+        mac=normalize_mac(mac, "emulated NIC mac"),
+        bridge=check_ifname(bridge, "emulated NIC bridge"),
+        target_dev=check_ifname(tap, "emulated NIC tap"),
+        model=check_model(model, "emulated NIC model"),
+        rom_enabled=_rom(rom),
+        alias=check_user_alias(alias, "device alias"),
+    )
+    return to_text(build(interface))
 
 
 def pci_hostdev_xml(*, alias: str, pci_address: str, rom: bool = False) -> str:
     """A managed PCI hostdev: libvirt unbinds it from its host driver and back."""
-    hostdev = ET.Element("hostdev", {"mode": "subsystem", "type": "pci", "managed": "yes"})
-    source = ET.SubElement(hostdev, "source")
-    ET.SubElement(source, "address", pci_attributes(pci_address, with_type=False))
-    _finish(hostdev, alias, rom)
-    return to_text(hostdev)
+    hostdev = Hostdev(
+        managed=True,
+        host_pci_address=normalize_pci(pci_address, "PCI address"),
+        rom_enabled=_rom(rom),
+        alias=check_user_alias(alias, "device alias"),
+    )
+    return to_text(build(hostdev))
 
 
 def vf_interface_xml(*, alias: str, network: str, mac: str) -> str:
     """An interface on a hostdev network; libvirt picks the VF and sets `mac`."""
-    interface = ET.Element("interface", {"type": "network"})
-    ET.SubElement(interface, "mac", {"address": normalize_mac(mac, "VF interface mac")})
-    ET.SubElement(interface, "source", {"network": check_network_name(network, "VF network")})
-    ET.SubElement(interface, "alias", {"name": check_user_alias(alias, "VF interface alias")})
-    return to_text(interface)
+    interface = Interface(
+        type="network",
+        mac=normalize_mac(mac, "VF interface mac"),
+        network=check_network_name(network, "VF network"),
+        alias=check_user_alias(alias, "VF interface alias"),
+    )
+    return to_text(build(interface))
+
+
+def _rom(rom: bool) -> str | None:
+    return None if rom else "no"
 
 
 @dataclass(frozen=True)
@@ -125,9 +136,3 @@ def primary_of_device(alias: str, device: Interface | Hostdev) -> PrimaryDevice:
     if device.type == "hostdev" and device.host_pci_address:
         return PrimaryDevice("pci", alias, mac=device.mac, pci_address=device.host_pci_address)
     return PrimaryDevice("emulated", alias, mac=device.mac, tap=device.target_dev)
-
-
-def _finish(device: ET.Element, alias: str, rom: bool) -> None:
-    if not rom:
-        ET.SubElement(device, "rom", {"enabled": "no"})
-    ET.SubElement(device, "alias", {"name": check_user_alias(alias, "device alias")})

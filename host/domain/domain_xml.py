@@ -10,51 +10,74 @@ Guest PCI addresses are libvirt's (controller index as bus number).  On q35 with
 one device per pcie-root-port the guest's firmware numbers buses the same way,
 but that is the firmware's choice; the agent should prefer the MAC when it has one.
 
-`strip_primary` removes a team's primary from (persistent) domain XML
-with xml.dom.minidom, which, unlike ElementTree, keeps namespace prefixes and
-comments as they were, so the rest of the document goes through unchanged.
+`Interface` and `Hostdev` declare where each of their fields lives in the device's
+element (host/domain/xmlmodel.py): the same declarations read a domain's devices here
+and build the devices ptmig attaches (host/domain/devices.py).
+
+`strip_primary` removes a team's primary from (persistent) domain XML, keeping
+the namespace prefixes and comments of the rest of the document as they were.
 """
 
 from __future__ import annotations
 
-import xml.dom.minidom
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from dataclasses import dataclass
-from xml.dom.minidom import Element, Text
+from typing import ClassVar
 
 from ptmig.serial_session import AGENT_CHANNEL
 
-from host.domain.addresses import normalize_mac, pci_from_element
+from host.domain.addresses import normalize_mac
 from host.domain.errors import DomainModelError, shown
 from host.domain.names import check_alias
 from host.domain.teams import TEAMS_NS, PrimaryDevice, TeamSet, teams_from_element
-from host.domain.xmltree import parse_xml, split_tag
+from host.domain.xmlmodel import GUEST_PCI, HOST_PCI, SOURCE_PCI, at, matches, read, value_at
+from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, split_tag, to_text_as_read
+
+
+def _yes(value: str, _where: str) -> bool:
+    return value == "yes"
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 @dataclass(frozen=True)
 class Interface:
-    """An ``<interface>``; fields a type does not have are None."""
+    """An ``<interface>``; fields a type does not have are None.  Declared in the order
+    ptmig writes them: ``<mac>``, ``<source>``, ``<target>``, ``<model>``, ``<rom>``,
+    ``<alias>``."""
 
-    type: str
-    mac: str | None
-    model: str | None
-    alias: str | None
-    bridge: str | None  # type bridge, or the bridge libvirt reports for a network
-    network: str | None  # type network (and type hostdev when a network chose it)
-    target_dev: str | None  # the tap, for tap-backed types
-    guest_pci_address: str | None
-    host_pci_address: str | None  # type hostdev: the VF or NIC on the host
+    XML_TAG: ClassVar[str] = "interface"
+    XML_LABEL: ClassVar[str] = "alias"
+
+    type: str = at("@type", default="")
+    mac: str | None = at("mac/@address", default=None, check=normalize_mac)
+    bridge: str | None = at("source/@bridge", default=None)  # or the bridge of a network
+    network: str | None = at("source/@network", default=None)  # type network (and hostdev)
+    target_dev: str | None = at("target/@dev", default=None)  # the tap, for tap-backed types
+    model: str | None = at("model/@type", default=None)
+    rom_enabled: str | None = at("rom/@enabled", default=None)
+    alias: str | None = at("alias/@name", default=None, check=check_alias)
+    guest_pci_address: str | None = at("address", default=None, codec=GUEST_PCI)
+    #: type hostdev: the VF or NIC on the host
+    host_pci_address: str | None = at("source/address", default=None, codec=SOURCE_PCI)
 
 
 @dataclass(frozen=True)
 class Hostdev:
     """A ``<hostdev mode='subsystem' type='pci'>``."""
 
-    alias: str | None
-    host_pci_address: str
-    guest_pci_address: str | None
-    managed: bool
+    XML_TAG: ClassVar[str] = "hostdev"
+    XML_LABEL: ClassVar[str] = "alias"
+    XML_FIXED: ClassVar[dict[str, str]] = {"@mode": "subsystem", "@type": "pci"}
+    XML_IMPLIED: ClassVar[dict[str, str]] = {"@mode": "subsystem"}
+
+    host_pci_address: str = at("source/address", codec=HOST_PCI)
+    managed: bool = at("@managed", default=False, check=_yes, show=_yes_no)
+    rom_enabled: str | None = at("rom/@enabled", default=None)
+    alias: str | None = at("alias/@name", default=None, check=check_alias)
+    guest_pci_address: str | None = at("address", default=None, codec=GUEST_PCI)
 
 
 @dataclass(frozen=True)
@@ -103,13 +126,9 @@ def parse_domain(domain_xml: str) -> DomainInfo:
     where = f"domain {shown(name)}"
     devices = root.find("devices")
     children = list(devices) if devices is not None else []
-    interfaces = tuple(_interface(e, where) for e in children if e.tag == "interface")
+    interfaces = tuple(read(Interface, e, where) for e in children if e.tag == "interface")
     hostdevs = tuple(
-        _hostdev(e, where)
-        for e in children
-        if e.tag == "hostdev"
-        and e.get("mode", "subsystem") == "subsystem"
-        and e.get("type") == "pci"
+        read(Hostdev, e, where) for e in children if e.tag == "hostdev" and matches(Hostdev, e)
     )
     channels = [_channel(e) for e in children if e.tag == "channel" and _is_agent_channel(e)]
     vsocks = [_vsock(e, where) for e in children if e.tag == "vsock"]
@@ -148,120 +167,55 @@ def strip_primary(domain_xml: str, primary: PrimaryDevice) -> str:
     libvirt-assigned aliases (``hostdev0``) are not in persistent XML, so the
     device is also matched by PCI address, tap or VF network + MAC.
     """
-    return _strip(domain_xml, lambda device: _is_primary(device, primary))
-
-
-def _strip(domain_xml: str, matches: Callable[[Element], bool]) -> str:
-    parse_xml(domain_xml, "domain XML")  # refuses DOCTYPEs before minidom sees it
-    try:
-        document = xml.dom.minidom.parseString(domain_xml.encode("utf-8"))
-    except Exception as err:  # pragma: no cover - parse_xml accepted the same bytes
-        raise DomainModelError(f"domain XML: {err}") from None
-    root = document.documentElement
-    if root is None or root.tagName != "domain":
+    root, prefixes = parse_xml_keeping_prefixes(domain_xml, "domain XML")
+    if root.tag != "domain":
         raise DomainModelError("domain XML: root element is not domain")
-    for devices in _dom_children(root, "devices"):
-        for device in _dom_children(devices):
-            if matches(device):
-                previous = device.previousSibling
-                if isinstance(previous, Text) and not previous.data.strip():
-                    devices.removeChild(previous)
-                devices.removeChild(device)
-    return str(root.toxml())
+    for devices in root.findall("devices"):
+        previous: ET.Element | None = None
+        for device in list(devices):
+            if isinstance(device.tag, str) and _is_primary(device, primary):
+                # The whitespace after the device is what followed the one before it.
+                if previous is not None:
+                    previous.tail = device.tail
+                else:
+                    devices.text = device.tail
+                devices.remove(device)
+            else:
+                previous = device
+    return to_text_as_read(root, prefixes)
 
 
-def _is_primary(device: Element, primary: PrimaryDevice) -> bool:
-    """Whether `device` (a child of ``<devices>``) is `primary`.
+def _is_primary(element: ET.Element, primary: PrimaryDevice) -> bool:
+    """Whether `element` (a child of ``<devices>``) is `primary`.
 
     A VF's MAC may be the team's MAC, which may be the standby's, so a VF is
     matched by network *and* MAC; an emulated slot's MAC is per host and unique,
-    but is only trusted on a non-virtio NIC, never on a standby.
+    but is only trusted on a non-virtio NIC, never on a standby.  A device ptmig
+    cannot read is matched by its alias alone.
     """
-    if _alias_of(device) == primary.alias:
+    if value_at(element, "alias/@name") == primary.alias:
         return True
-    kind = device.tagName
-    source_pci = _dom_pci(device)
-    if primary.pci_address is not None and source_pci == primary.pci_address:
-        return kind == "hostdev" or (
-            kind == "interface" and device.getAttribute("type") == "hostdev"
-        )
-    if kind != "interface":
+    device: Interface | Hostdev
+    try:
+        if element.tag == "interface":
+            device = read(Interface, element, "device")
+        elif element.tag == "hostdev" and matches(Hostdev, element):
+            device = read(Hostdev, element, "device")
+        else:
+            return False
+    except DomainModelError:
         return False
-    mac = (_dom_attr(device, "mac", "address") or "").lower()
+    if primary.pci_address is not None and device.host_pci_address == primary.pci_address:
+        return isinstance(device, Hostdev) or device.type == "hostdev"
+    if not isinstance(device, Interface):
+        return False
     if primary.kind == "vf-network":
-        return _dom_attr(device, "source", "network") == primary.network and mac == primary.mac
+        return device.network == primary.network and device.mac == primary.mac
     if primary.kind == "emulated":
-        if _dom_attr(device, "target", "dev") == primary.tap:
+        if device.target_dev == primary.tap:
             return True
-        return mac == primary.mac and _dom_attr(device, "model", "type") != "virtio"
+        return device.mac == primary.mac and device.model != "virtio"
     return False
-
-
-def _dom_children(element: Element, name: str | None = None) -> list[Element]:
-    return [
-        child
-        for child in element.childNodes
-        if isinstance(child, Element) and (name is None or child.tagName == name)
-    ]
-
-
-def _dom_attr(element: Element, child: str, name: str) -> str | None:
-    for found in _dom_children(element, child):
-        return str(found.getAttribute(name)) if found.hasAttribute(name) else None
-    return None
-
-
-def _alias_of(device: Element) -> str | None:
-    return _dom_attr(device, "alias", "name")
-
-
-def _dom_pci(device: Element) -> str | None:
-    """The host PCI address in a device's ``<source><address type='pci'>``."""
-    for source in _dom_children(device, "source"):
-        for address in _dom_children(source, "address"):
-            element = ET.Element("address", {k: v for k, v in address.attributes.items()})
-            try:
-                return pci_from_element(element, "device source")
-            except DomainModelError:
-                return None
-    return None
-
-
-def _interface(element: ET.Element, where: str) -> Interface:
-    alias = _alias(element, where)
-    where = f"{where}: interface {shown(alias)}"
-    mac = _attr(element, "mac", "address")
-    source = element.find("source")
-    host_pci = None
-    if source is not None:
-        address = source.find("address")
-        if address is not None and address.get("type", "pci") == "pci":
-            host_pci = pci_from_element(address, f"{where}: source address")
-    return Interface(
-        type=element.get("type", ""),
-        mac=normalize_mac(mac, f"{where}: mac") if mac is not None else None,
-        model=_attr(element, "model", "type"),
-        alias=alias,
-        bridge=source.get("bridge") if source is not None else None,
-        network=source.get("network") if source is not None else None,
-        target_dev=_attr(element, "target", "dev"),
-        guest_pci_address=_guest_pci(element, where),
-        host_pci_address=host_pci,
-    )
-
-
-def _hostdev(element: ET.Element, where: str) -> Hostdev:
-    alias = _alias(element, where)
-    where = f"{where}: hostdev {shown(alias)}"
-    address = element.find("source/address")
-    if address is None:
-        raise DomainModelError(f"{where}: no <source><address>")
-    return Hostdev(
-        alias=alias,
-        host_pci_address=pci_from_element(address, f"{where}: source address"),
-        guest_pci_address=_guest_pci(element, where),
-        managed=element.get("managed") == "yes",
-    )
 
 
 def _is_agent_channel(element: ET.Element) -> bool:
@@ -296,18 +250,6 @@ def _teams(root: ET.Element, where: str) -> TeamSet | None:
     if len(found) > 1:
         raise DomainModelError(f"{where}: more than one ptmig teams element in <metadata>")
     return teams_from_element(found[0])
-
-
-def _guest_pci(element: ET.Element, where: str) -> str | None:
-    address = element.find("address")
-    if address is None or address.get("type") != "pci":
-        return None
-    return pci_from_element(address, f"{where}: address")
-
-
-def _alias(element: ET.Element, where: str) -> str | None:
-    alias = _attr(element, "alias", "name")
-    return check_alias(alias, f"{where}: alias") if alias is not None else None
 
 
 def _attr(element: ET.Element, child: str, name: str) -> str | None:

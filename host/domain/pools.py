@@ -38,17 +38,19 @@ such a race sees an attach error, re-reads, and picks again; nothing here locks.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from host.domain.addresses import normalize_mac, normalize_pci, pci_attributes, pci_from_element
+from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain
 from host.domain.errors import DomainModelError, shown
 from host.domain.names import check_ifname, check_model, check_name
-from host.domain.xmltree import check_attributes, parse_xml, split_tag, to_text
+from host.domain.xmlmodel import PCI, Codec, at, build, child, each, read, value_at
+from host.domain.xmltree import parse_xml, split_tag, to_text
 
 POOL_NS = "https://ptmig.dev/xmlns/pool/1"
 POOL_NS_PREFIX = "ptmig"  # the XML namespace prefix of POOL_NS
@@ -70,12 +72,46 @@ def pool_network_name(pool: str) -> str:
     return POOL_NETWORK_PREFIX + check_name(pool, "pool name")
 
 
+class _PoolName:
+    """A network's ``<name>``, ``ptmig-pool-<pool>``, as the pool's name."""
+
+    def read(self, element: ET.Element, where: str) -> object:
+        network = (element.text or "").strip()
+        if not network.startswith(POOL_NETWORK_PREFIX):
+            raise DomainModelError(
+                f"network {shown(network)} is not a ptmig pool (want {POOL_NETWORK_PREFIX}<name>)"
+            )
+        return check_name(network[len(POOL_NETWORK_PREFIX) :], f"network {shown(network)}")
+
+    def write(self, value: Any, element: ET.Element) -> None:
+        element.text = pool_network_name(str(value))
+
+
+_NAME: Codec = _PoolName()
+_META = "metadata/ptmig:pool"  # where ptmig keeps a pool in its network
+
+
+class _PoolNetwork:
+    """What every pool's network has: its element, ptmig's namespace, children's order."""
+
+    XML_TAG: ClassVar[str] = "network"
+    XML_NS: ClassVar[dict[str, str]] = {POOL_NS_PREFIX: POOL_NS}
+    XML_ORDER: ClassVar[tuple[str, ...]] = ("name", "metadata", "forward")
+
+
 @dataclass(frozen=True)
-class VfNetworkPool:
+class VfNetworkPool(_PoolNetwork):
     kind: ClassVar[PoolKind] = PoolKind.VF_NETWORK
-    name: str
-    pf_dev: str | None = None
-    vf_addresses: tuple[str, ...] = ()
+    XML_FIXED: ClassVar[dict[str, str]] = {
+        f"{_META}/@kind": PoolKind.VF_NETWORK.value,
+        "forward/@mode": "hostdev",
+        "forward/@managed": "yes",
+    }
+    XML_STRICT: ClassVar[tuple[str, ...]] = (_META,)
+
+    name: str = at("name", codec=_NAME)
+    pf_dev: str | None = at("forward/pf/@dev", default=None)
+    vf_addresses: tuple[str, ...] = each("forward/address", codec=PCI, limit=MAX_POOL_ENTRIES)
 
     def __post_init__(self) -> None:
         check_name(self.name, "pool name")
@@ -93,10 +129,13 @@ class VfNetworkPool:
 
 
 @dataclass(frozen=True)
-class PciPool:
+class PciPool(_PoolNetwork):
     kind: ClassVar[PoolKind] = PoolKind.PCI
-    name: str
-    addresses: tuple[str, ...]
+    XML_FIXED: ClassVar[dict[str, str]] = {f"{_META}/@kind": PoolKind.PCI.value}
+    XML_STRICT: ClassVar[tuple[str, ...]] = (_META, f"{_META}/device")
+
+    name: str = at("name", codec=_NAME)
+    addresses: tuple[str, ...] = each(f"{_META}/device/@address", limit=MAX_POOL_ENTRIES)
 
     def __post_init__(self) -> None:
         check_name(self.name, "pool name")
@@ -113,8 +152,11 @@ class PciPool:
 class TapSlot:
     """One emulated NIC an emulated pool can plug: its tap and its per-host MAC."""
 
-    tap: str
-    mac: str
+    XML_TAG: ClassVar[str] = "slot"
+    XML_STRICT: ClassVar[tuple[str, ...]] = (".",)
+
+    tap: str = at("@tap")
+    mac: str = at("@mac", default="")
 
     def __post_init__(self) -> None:
         check_ifname(self.tap, "slot tap")
@@ -122,12 +164,15 @@ class TapSlot:
 
 
 @dataclass(frozen=True)
-class EmulatedPool:
+class EmulatedPool(_PoolNetwork):
     kind: ClassVar[PoolKind] = PoolKind.EMULATED
-    name: str
-    bridge: str
-    model: str
-    slots: tuple[TapSlot, ...]
+    XML_FIXED: ClassVar[dict[str, str]] = {f"{_META}/@kind": PoolKind.EMULATED.value}
+    XML_STRICT: ClassVar[tuple[str, ...]] = (_META,)
+
+    name: str = at("name", codec=_NAME)
+    bridge: str = at(f"{_META}/@bridge", default="")
+    model: str = at(f"{_META}/@model", default="")
+    slots: tuple[TapSlot, ...] = child(f"{_META}/slot", TapSlot, many=True, limit=MAX_POOL_ENTRIES)
 
     def __post_init__(self) -> None:
         check_name(self.name, "pool name")
@@ -220,35 +265,32 @@ def parse_pool_network(xml: str) -> Pool:
     root = parse_xml(xml, "pool network XML", max_chars=MAX_POOL_XML_CHARS)
     if root.tag != "network":
         raise DomainModelError(f"pool network XML: root element is {shown(root.tag)}")
-    network = (root.findtext("name") or "").strip()
-    if not network.startswith(POOL_NETWORK_PREFIX):
-        raise DomainModelError(
-            f"network {shown(network)} is not a ptmig pool (want {POOL_NETWORK_PREFIX}<name>)"
-        )
-    name = check_name(network[len(POOL_NETWORK_PREFIX) :], f"network {shown(network)}")
+    name_element = root.find("name")
+    name = _NAME.read(name_element if name_element is not None else ET.Element("name"), "")
     where = f"pool {name}"
-    meta = _pool_metadata(root, where)
-    forward = root.find("forward")
-    kind = meta.get("kind") if meta is not None else None
-    if kind is None and forward is not None and forward.get("mode") == "hostdev":
+    metadata = root.find("metadata")
+    found = [
+        c for c in (metadata if metadata is not None else []) if split_tag(c) == (POOL_NS, "pool")
+    ]
+    if len(found) > 1:
+        raise DomainModelError(f"{where}: more than one ptmig pool element in <metadata>")
+    namespaces = {POOL_NS_PREFIX: POOL_NS}
+    kind = value_at(root, f"{_META}/@kind", namespaces)
+    mode = value_at(root, "forward/@mode")
+    if kind is None and mode == "hostdev":
         kind = PoolKind.VF_NETWORK
+    cls: type[Pool]
     if kind == PoolKind.VF_NETWORK:
-        return _parse_vf_network(name, root, meta, forward, where)
-    if kind not in (PoolKind.PCI, PoolKind.EMULATED) or meta is None:
+        if mode != "hostdev":
+            raise DomainModelError(f"{where}: a VF pool needs <forward mode='hostdev'>")
+        cls = VfNetworkPool
+    elif kind in (PoolKind.PCI, PoolKind.EMULATED) and found:
+        if root.find("forward") is not None:
+            raise DomainModelError(f"{where}: a {kind} pool network must be inert (no <forward>)")
+        cls = PciPool if kind == PoolKind.PCI else EmulatedPool
+    else:
         raise DomainModelError(f"{where}: unknown pool kind {shown(kind)}")
-    if forward is not None:
-        raise DomainModelError(f"{where}: a {kind} pool network must be inert (no <forward>)")
-    entries = [child for child in meta if isinstance(child.tag, str)]
-    if len(entries) > MAX_POOL_ENTRIES:
-        raise DomainModelError(f"{where}: more than {MAX_POOL_ENTRIES} entries")
-    if kind == PoolKind.PCI:
-        check_attributes(meta, ("kind",), where)
-        return PciPool(name, tuple(_entry(e, "device", ("address",), where) for e in entries))
-    check_attributes(meta, ("kind", "bridge", "model"), where)
-    slots = tuple(
-        TapSlot(_entry(e, "slot", ("tap", "mac"), where), e.get("mac", "")) for e in entries
-    )
-    return EmulatedPool(name, meta.get("bridge", ""), meta.get("model", ""), slots)
+    return read(cls, root, where)
 
 
 def format_pool_network(pool: Pool) -> str:
@@ -257,32 +299,9 @@ def format_pool_network(pool: Pool) -> str:
     A VF pool with a PF is written with the PF alone, even when VF addresses were
     read from a live network: libvirt would drop the PF next to an address list.
     """
-    root = ET.Element("network")
-    ET.SubElement(root, "name").text = pool.network
-    metadata = ET.SubElement(root, "metadata")
-    attrs = {f"xmlns:{POOL_NS_PREFIX}": POOL_NS}
-    tag = f"{POOL_NS_PREFIX}:pool"
-    if isinstance(pool, VfNetworkPool):
-        ET.SubElement(metadata, tag, {**attrs, "kind": str(pool.kind)})
-        forward = ET.SubElement(root, "forward", {"mode": "hostdev", "managed": "yes"})
-        if pool.pf_dev is not None:  # libvirt drops <pf> next to addresses; lists VFs live
-            ET.SubElement(forward, "pf", {"dev": pool.pf_dev})
-        else:
-            for vf in pool.vf_addresses:
-                ET.SubElement(forward, "address", pci_attributes(vf))
-    elif isinstance(pool, PciPool):
-        meta = ET.SubElement(metadata, tag, {**attrs, "kind": str(pool.kind)})
-        for address in pool.addresses:
-            ET.SubElement(meta, "device", {"address": address})
-    else:
-        meta = ET.SubElement(
-            metadata,
-            tag,
-            {**attrs, "kind": str(pool.kind), "bridge": pool.bridge, "model": pool.model},
-        )
-        for slot in pool.slots:
-            ET.SubElement(meta, "slot", {"tap": slot.tap, "mac": slot.mac})
-    return to_text(root)
+    if isinstance(pool, VfNetworkPool) and pool.pf_dev is not None:
+        pool = dataclasses.replace(pool, vf_addresses=())
+    return to_text(build(pool))
 
 
 def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
@@ -352,50 +371,6 @@ def _used_pci(domains: Iterable[DomainInfo]) -> set[str]:
         used.update(h.host_pci_address for h in domain.hostdevs)
         used.update(i.host_pci_address for i in domain.interfaces if i.host_pci_address)
     return used
-
-
-def _parse_vf_network(
-    name: str,
-    root: ET.Element,
-    meta: ET.Element | None,
-    forward: ET.Element | None,
-    where: str,
-) -> VfNetworkPool:
-    if forward is None or forward.get("mode") != "hostdev":
-        raise DomainModelError(f"{where}: a VF pool needs <forward mode='hostdev'>")
-    if meta is not None:
-        check_attributes(meta, ("kind",), where)
-    pf = forward.find("pf")
-    addresses = forward.findall("address")
-    if len(addresses) > MAX_POOL_ENTRIES:
-        raise DomainModelError(f"{where}: more than {MAX_POOL_ENTRIES} VF addresses")
-    return VfNetworkPool(
-        name=name,
-        pf_dev=pf.get("dev") if pf is not None else None,
-        vf_addresses=tuple(pci_from_element(a, f"{where}: VF address") for a in addresses),
-    )
-
-
-def _pool_metadata(root: ET.Element, where: str) -> ET.Element | None:
-    metadata = root.find("metadata")
-    if metadata is None:
-        return None
-    found = [child for child in metadata if split_tag(child) == (POOL_NS, "pool")]
-    if len(found) > 1:
-        raise DomainModelError(f"{where}: more than one ptmig pool element in <metadata>")
-    return found[0] if found else None
-
-
-def _entry(element: ET.Element, name: str, attributes: tuple[str, ...], where: str) -> str:
-    """Check one entry of a pool's metadata; return its first attribute."""
-    namespace, local = split_tag(element)
-    if namespace not in ("", POOL_NS) or local != name:
-        raise DomainModelError(f"{where}: expected <{name}>, found {shown(element.tag)}")
-    check_attributes(element, attributes, f"{where}: <{name}>")
-    value = element.get(attributes[0])
-    if value is None:
-        raise DomainModelError(f"{where}: <{name}> without {attributes[0]}")
-    return value
 
 
 def _unique(values: tuple[str, ...], where: str) -> tuple[str, ...]:

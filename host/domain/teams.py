@@ -5,10 +5,8 @@ NIC (known by its MAC), the pool a new primary comes from, and the primary that 
 plugged now.  The record travels with the domain (libvirt migrates metadata), so
 the destination knows what the source plugged without any side channel.
 
-The Hypervisor writes it with::
-
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, format_teams(teams),
-                    TEAMS_PREFIX, TEAMS_NS, flags)
+host/hypervisor.py's ``Domain.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(teams))``
+writes it (virDomainSetMetadata, live and persistent).
 
 `format_teams` returns the element without a namespace: libvirt puts it into
 TEAMS_NS under the prefix ``ptmig`` itself, and refuses ("failed to create a new
@@ -26,7 +24,9 @@ namespaced; `teams_from_element` takes both.  Example::
 
 Children are unqualified (libvirt namespaces only the root element); children
 in TEAMS_NS are accepted too.  Unknown elements and attributes are errors: a
-misspelt ``mac-policy`` must not silently fall back to a default.
+misspelt ``mac-policy`` must not silently fall back to a default.  Each element and
+attribute is declared once, on the field of `PrimaryDevice`, `Team` or `TeamSet`
+that holds it (host/domain/xmlmodel.py reads and writes from those declarations).
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from __future__ import annotations
 import dataclasses
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.errors import DomainModelError, shown
 from host.domain.names import check_alias, check_ifname, check_name, check_network_name
-from host.domain.xmltree import check_attributes, split_tag, to_text
+from host.domain.xmlmodel import at, build, child, read
+from host.domain.xmltree import to_text
 
 _Choice = TypeVar("_Choice", bound=str)
 
@@ -69,12 +70,15 @@ class PrimaryDevice:
     `pci_address` is the VF libvirt picked, when known.
     """
 
-    kind: PrimaryKind
-    alias: str
-    mac: str | None = None
-    pci_address: str | None = None
-    network: str | None = None
-    tap: str | None = None
+    XML_TAG: ClassVar[str] = "primary"
+    XML_STRICT: ClassVar[tuple[str, ...]] = (".",)
+
+    kind: PrimaryKind = at("@kind")
+    alias: str = at("@alias")
+    mac: str | None = at("@mac", default=None)
+    pci_address: str | None = at("@pci-address", default=None)
+    network: str | None = at("@network", default=None)
+    tap: str | None = at("@tap", default=None)
 
     def __post_init__(self) -> None:
         where = f"primary {shown(self.alias)}"
@@ -109,12 +113,16 @@ _PRIMARY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 class Team:
     """One bond in the guest, as the coordinator needs to know it."""
 
-    name: str
-    standby_mac: str
-    mac_policy: MacPolicy
-    pool: str
-    team_mac: str | None = None  # the bond's MAC when it is not the standby's
-    primary: PrimaryDevice | None = None
+    XML_TAG: ClassVar[str] = "team"
+    XML_STRICT: ClassVar[tuple[str, ...]] = (".",)
+    XML_LABEL: ClassVar[str] = "name"
+
+    name: str = at("@name")
+    standby_mac: str = at("@standby-mac")
+    mac_policy: MacPolicy = at("@mac-policy")
+    pool: str = at("@pool")
+    team_mac: str | None = at("@team-mac", default=None)  # the bond's MAC, if not the standby's
+    primary: PrimaryDevice | None = child("primary", PrimaryDevice)
 
     def __post_init__(self) -> None:
         check_name(self.name, "team name")
@@ -136,7 +144,11 @@ class Team:
 class TeamSet:
     """All teams of one domain: unique names, and no device claimed twice."""
 
-    teams: tuple[Team, ...] = ()
+    XML_TAG: ClassVar[str] = "teams"
+    XML_NS: ClassVar[dict[str, str]] = {TEAMS_PREFIX: TEAMS_NS}
+    XML_STRICT: ClassVar[tuple[str, ...]] = (".",)
+
+    teams: tuple[Team, ...] = child("team", Team, many=True)
 
     def __post_init__(self) -> None:
         _set(self, "teams", tuple(self.teams))
@@ -177,14 +189,8 @@ class TeamSet:
 
 
 def teams_from_element(root: ET.Element) -> TeamSet:
-    """The TeamSet of an already parsed ``<teams>`` element."""
-    _expect(root, "teams", "teams metadata")
-    check_attributes(root, (), "teams")
-    teams = []
-    for index, child in enumerate(_children(root), start=1):
-        _expect(child, "team", f"teams: element {index}")
-        teams.append(_parse_team(child, index))
-    return TeamSet(tuple(teams))
+    """The TeamSet of an already parsed ``<teams>`` element (either form)."""
+    return read(TeamSet, root, "teams metadata")
 
 
 def format_teams(teams: TeamSet, *, namespaced: bool = False) -> str:
@@ -194,89 +200,7 @@ def format_teams(teams: TeamSet, *, namespaced: bool = False) -> str:
     TEAMS_NS with prefix ``ptmig``), for writing a whole domain XML; never pass
     that form to setMetadata.
     """
-    if namespaced:
-        root = ET.Element(f"{TEAMS_PREFIX}:teams", {f"xmlns:{TEAMS_PREFIX}": TEAMS_NS})
-    else:
-        root = ET.Element("teams")
-    for team in teams.teams:
-        attrs = {
-            "name": team.name,
-            "pool": team.pool,
-            "mac-policy": team.mac_policy,
-            "standby-mac": team.standby_mac,
-        }
-        if team.team_mac is not None:
-            attrs["team-mac"] = team.team_mac
-        element = ET.SubElement(root, "team", attrs)
-        if team.primary is not None:
-            p = team.primary
-            primary = {"kind": p.kind, "alias": p.alias}
-            for name in _PRIMARY_OPTIONAL:
-                value = getattr(p, name)
-                if value is not None:
-                    primary[_attr(name)] = value
-            ET.SubElement(element, "primary", primary)
-    return to_text(root)
-
-
-_PRIMARY_OPTIONAL = ("mac", "pci_address", "network", "tap")
-_TEAM_ATTRIBUTES = ("name", "pool", "mac-policy", "standby-mac", "team-mac")
-
-
-def _parse_team(element: ET.Element, index: int) -> Team:
-    where = f"team {shown(element.get('name', index))}"
-    check_attributes(element, _TEAM_ATTRIBUTES, where)
-    primaries = list(_children(element))
-    if len(primaries) > 1:
-        raise DomainModelError(f"{where}: more than one child element")
-    primary = None
-    if primaries:
-        _expect(primaries[0], "primary", where)
-        primary = _parse_primary(primaries[0], where)
-    return Team(
-        name=_required(element, "name", where),
-        standby_mac=_required(element, "standby-mac", where),
-        mac_policy=_choice(_MAC_POLICIES, _required(element, "mac-policy", where), where),
-        pool=_required(element, "pool", where),
-        team_mac=element.get("team-mac"),
-        primary=primary,
-    )
-
-
-def _parse_primary(element: ET.Element, team_where: str) -> PrimaryDevice:
-    where = f"{team_where}: primary"
-    check_attributes(element, ("kind", "alias", *map(_attr, _PRIMARY_OPTIONAL)), where)
-    if list(_children(element)):
-        raise DomainModelError(f"{where}: unexpected child element")
-    return PrimaryDevice(
-        kind=_choice(_PRIMARY_KINDS, _required(element, "kind", where), f"{where}: kind"),
-        alias=_required(element, "alias", where),
-        mac=element.get("mac"),
-        pci_address=element.get("pci-address"),
-        network=element.get("network"),
-        tap=element.get("tap"),
-    )
-
-
-def _children(element: ET.Element) -> list[ET.Element]:
-    return [child for child in element if isinstance(child.tag, str)]
-
-
-def _expect(element: ET.Element, name: str, where: str) -> None:
-    namespace, local = split_tag(element)
-    if namespace not in ("", TEAMS_NS):
-        raise DomainModelError(
-            f"{where}: element {shown(local)} is in namespace {shown(namespace)}, not {TEAMS_NS}"
-        )
-    if local != name:
-        raise DomainModelError(f"{where}: expected <{name}>, found {shown(local)}")
-
-
-def _required(element: ET.Element, name: str, where: str) -> str:
-    value = element.get(name)
-    if value is None:
-        raise DomainModelError(f"{where}: missing attribute {name}")
-    return value
+    return to_text(build(teams, tag=f"{TEAMS_PREFIX}:teams" if namespaced else None))
 
 
 def _choice(choices: dict[str, _Choice], value: object, where: str) -> _Choice:

@@ -20,7 +20,8 @@ from dataclasses import asdict
 from typing import Any
 
 from host.agent_client import AgentClient
-from host.domain.domain_xml import DomainInfo, Hostdev, parse_domain
+from host.domain.devices import primary_of_device
+from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import UnknownName
 from host.domain.pools import (
     POOL_NETWORK_PREFIX,
@@ -37,7 +38,7 @@ from host.domain.pools import (
     pool_network_name,
 )
 from host.domain.teams import PrimaryDevice, Team, TeamSet
-from host.hypervisor import Hypervisor, HypervisorError
+from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import log_fields
 from host.workflow.drift import TeamCase
 from host.workflow.guest import (
@@ -122,9 +123,9 @@ class Coordinator:
         #: fakes' unit tests set 0.
         self.lease_settle = SETTLE_S
 
-    def agent_for(self, hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
+    def agent_for(self, dom: Domain, timeout: float) -> AgentClient:
         """The workflow's agent client, its calls told to the observer."""
-        client = self._agent_for(hv, dom, timeout)
+        client = self._agent_for(dom, timeout)
         client.on_call = lambda rpc, seconds, error: notify(
             self.observer.agent_call, rpc, seconds, error
         )
@@ -147,15 +148,15 @@ class Coordinator:
             dom = source.domain(request.domain)
             workflow_id = self.journal.begin(
                 "migrate",
-                str(dom.UUIDString()),
-                str(dom.name()),
+                dom.uuid,
+                dom.name,
                 request.source_uri,
                 request.destination_uri,
                 asdict(request),
             )
             lease = self._lease(workflow_id, WorkflowKind.MIGRATE)
             try:
-                lease.take(source, dom)
+                lease.take(dom)
             except Exception as exc:
                 self.journal.finish(workflow_id, "refused", {"error": str(exc)})
                 raise
@@ -168,7 +169,7 @@ class Coordinator:
                 return found.requested_by if found is not None else ""
 
             try:
-                with log_fields(domain=str(dom.name()), workflow=workflow_id):
+                with log_fields(domain=dom.name, workflow=workflow_id):
                     report = MigrationWorkflow(
                         request,
                         self.journal,
@@ -181,14 +182,14 @@ class Coordinator:
                         lease=lease,
                     ).run()
             except PreflightError as exc:
-                self._release(lease, source, destination, str(dom.UUIDString()))
+                self._release(lease, source, destination, dom.uuid)
                 self.journal.finish(workflow_id, "refused", {"error": str(exc)})
                 raise
             except Exception as exc:
-                self._release(lease, source, destination, str(dom.UUIDString()))
+                self._release(lease, source, destination, dom.uuid)
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 raise
-            self._release(lease, source, destination, str(dom.UUIDString()))
+            self._release(lease, source, destination, dom.uuid)
             self.journal.finish(workflow_id, str(report.outcome), plain(report))
             notify(self.observer.migration_finished, report)
             return report
@@ -203,7 +204,7 @@ class Coordinator:
         for hv in hosts:
             try:
                 if hv.has_domain(uuid):
-                    lease.release(hv, hv.domain(uuid))
+                    lease.release(hv.domain(uuid))
             except HypervisorError as exc:
                 log.warning("lease: %s: %s", hv.uri, exc)
 
@@ -323,7 +324,7 @@ class Coordinator:
             lease = self._lease(workflow_id, WorkflowKind.FAILOVER)
             try:
                 try:
-                    lease.take(hv, guest.dom)
+                    lease.take(guest.dom)
                 except LeaseHeld:
                     outcome = "refused"
                     raise
@@ -347,7 +348,7 @@ class Coordinator:
             finally:
                 guest.close()
                 if outcome != "refused":
-                    lease.release(hv, guest.dom)
+                    lease.release(guest.dom)
                 self.journal.finish(workflow_id, outcome, {"teams": result})
             return FailoverResult(workflow_id, guest.name, to, result)
 
@@ -566,7 +567,7 @@ class Coordinator:
         for uri in hosts:
             try:
                 with self.connect(uri) as hv:
-                    if hv.has_domain(uuid) and hv.is_active(hv.domain(uuid)):
+                    if hv.has_domain(uuid) and hv.domain(uuid).is_active():
                         running.append(uri)
             except HypervisorError as exc:
                 log.warning("recover: %s unreachable: %s", uri, exc)
@@ -598,7 +599,7 @@ class Coordinator:
                     if not hv.has_domain(uuid):
                         continue
                     dom = hv.domain(uuid)
-                    while hv.is_active(dom) and hv.job_running(dom):
+                    while dom.is_active() and dom.job_running():
                         if time.monotonic() > deadline:
                             log.warning("recover: %s still has a job on %s", uuid, uri)
                             return
@@ -615,7 +616,7 @@ class Coordinator:
             guest = GuestOnHost(hv, ident, self.agent_for)
             lease = self._lease(workflow_id, kind)
             try:
-                lease.take(hv, guest.dom)
+                lease.take(guest.dom)
             except BaseException:
                 guest.close()
                 raise
@@ -634,7 +635,7 @@ class Coordinator:
                 return out
             finally:
                 guest.close()
-                lease.release(hv, guest.dom)
+                lease.release(guest.dom)
 
     # -- reconciler ------------------------------------------------------------------
 
@@ -663,7 +664,7 @@ class Coordinator:
             if stopping():
                 break
             with self.connect(uri) as hv:
-                if not hv.is_active(hv.domain(uuid)):
+                if not hv.domain(uuid).is_active():
                     continue
                 guest = GuestOnHost(hv, uuid, self.agent_for)
                 try:
@@ -755,13 +756,7 @@ def primary_of(info: DomainInfo, alias: str) -> PrimaryDevice:
     device = info.device(alias)
     if device is None:
         raise UnknownName(f"{info.name} has no device with alias {alias!r}")
-    if isinstance(device, Hostdev):
-        return PrimaryDevice(PoolKind.PCI.value, alias, pci_address=device.host_pci_address)
-    if device.type in ("network", "hostdev") and device.network:
-        return PrimaryDevice(
-            PoolKind.VF_NETWORK.value, alias, mac=device.mac, network=device.network
-        )
-    return PrimaryDevice(PoolKind.EMULATED.value, alias, mac=device.mac, tap=device.target_dev)
+    return primary_of_device(alias, device)
 
 
 def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:

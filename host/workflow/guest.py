@@ -22,7 +22,7 @@ from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import DomainModelError
 from host.domain.pools import Pool, free_slots, parse_pool_network, pool_network_name
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
-from host.hypervisor import Hypervisor, HypervisorError
+from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
 from host.workflow.drift import TeamCase, TeamDrift, classify_teams
 
@@ -43,11 +43,11 @@ class PreflightError(WorkflowError):
     """Refused before anything changed."""
 
 
-def serial_agent(hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
+def serial_agent(dom: Domain, timeout: float) -> AgentClient:
     """The agent over its virtio-serial channel, through libvirt (any host, no paths),
     once no other ptmig process on this host is using that channel."""
-    turn = ChannelTurn(str(dom.UUIDString()))
-    endpoint = AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL))
+    turn = ChannelTurn(dom.uuid)
+    endpoint = AgentEndpoint(serial=lambda: dom.open_channel(AGENT_CHANNEL))
     try:
         return AgentClient(endpoint, call_timeout=timeout, turn=turn)
     except BaseException:
@@ -56,17 +56,24 @@ def serial_agent(hv: Hypervisor, dom: Any, timeout: float) -> AgentClient:
 
 
 #: How a workflow reaches a guest's agent; tests put a fake here.
-AgentFactory = Callable[[Hypervisor, Any, float], AgentClient]
+AgentFactory = Callable[[Domain, float], AgentClient]
 
 
 @dataclass
 class GuestOnHost:
-    """A domain as seen through one host's libvirt, with a lazily opened agent channel."""
+    """A domain as seen through one host's libvirt, with a lazily opened agent channel.
+
+    The teams' pools on this host are read once until `forget_pools` (a workflow calls it
+    at each step): teams bound in parallel share one read, and the claim on a device is
+    the attach anyway.
+    """
 
     hv: Hypervisor
     ident: str
     agent_for: AgentFactory = serial_agent
     agent_timeout: float = 15.0
+    _pools: dict[str, Pool | None] = field(default_factory=dict, repr=False)
+    _pools_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _agent: AgentClient | None = field(default=None, repr=False)
     #: Teams are worked on in parallel; the metadata is one document, read-modify-written.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -78,23 +85,24 @@ class GuestOnHost:
 
     @property
     def name(self) -> str:
-        return str(self.dom.name())
+        return self.dom.name
 
     @property
     def uuid(self) -> str:
-        return str(self.dom.UUIDString())
+        return self.dom.uuid
 
     def info(self) -> DomainInfo:
-        return parse_domain(self.hv.domain_xml(self.dom))
+        return parse_domain(self.dom.xml())
 
-    def teams(self) -> TeamSet:
-        teams = self.info().teams
+    def teams(self, info: DomainInfo | None = None) -> TeamSet:
+        """The recorded teams (of `info`, when the caller has just read the domain)."""
+        teams = (info or self.info()).teams
         if teams is None or not teams.teams:
             raise PreflightError(f"{self.name} has no ptmig teams: set one with 'ptmig team-set'")
         return teams
 
     def save_teams(self, teams: TeamSet) -> None:
-        self.hv.set_metadata(self.dom, TEAMS_NS, TEAMS_PREFIX, format_teams(teams))
+        self.dom.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(teams))
 
     def set_primary(self, team: str, primary: PrimaryDevice | None) -> TeamSet:
         with self._lock:
@@ -103,12 +111,14 @@ class GuestOnHost:
             self.save_teams(updated)
             return updated
 
-    def drift(self, agent_state: pb.GetStateResponse | None = None) -> tuple[TeamDrift, ...]:
-        """Each team as the live domain has it (and the agent, given its state)."""
-        info = self.info()
-        if info.teams is None or not info.teams.teams:
-            raise PreflightError(f"{self.name} has no ptmig teams: set one with 'ptmig team-set'")
-        pools = {t.pool: self.pool(t) for t in info.teams.teams}
+    def drift(
+        self, agent_state: pb.GetStateResponse | None = None, info: DomainInfo | None = None
+    ) -> tuple[TeamDrift, ...]:
+        """Each team as the live domain has it (and the agent, given its state); `info`:
+        the live domain as the caller read it in this step."""
+        info = info or self.info()
+        teams = self.teams(info)
+        pools = {t.pool: self.pool(t) for t in teams.teams}
         agent = {t.name: t for t in agent_state.teams} if agent_state is not None else None
         return classify_teams(info, pools, agent)
 
@@ -122,12 +132,13 @@ class GuestOnHost:
         if drift.case is TeamCase.PRIMARY_ABSENT:
             log.info("%s: %s", self.name, drift.summary)
             self.unplug(self.teams().team(drift.team.name), timeout)
-        return self.teams().team(drift.team.name)
+            return self.teams().team(drift.team.name)
+        return drift.team  # as recorded, and as the domain has it
 
     def agent(self) -> AgentClient:
         with self._lock:
             if self._agent is None:
-                self._agent = self.agent_for(self.hv, self.dom, self.agent_timeout)
+                self._agent = self.agent_for(self.dom, self.agent_timeout)
             return self._agent
 
     def close(self) -> None:
@@ -138,7 +149,16 @@ class GuestOnHost:
     # -- team operations -------------------------------------------------------------
 
     def pool(self, team: Team) -> Pool | None:
-        return pool_on(self.hv, team)
+        """The team's pool on this host (None: not defined here), read once."""
+        with self._pools_lock:
+            if team.pool not in self._pools:
+                self._pools[team.pool] = pool_on(self.hv, team)
+            return self._pools[team.pool]
+
+    def forget_pools(self) -> None:
+        """Read the pools again when next asked (their definitions may have changed)."""
+        with self._pools_lock:
+            self._pools.clear()
 
     def plug(self, team: Team) -> PrimaryDevice | None:
         """Attach a free device of the team's pool and record it; None when none is free.
@@ -158,7 +178,7 @@ class GuestOnHost:
         # Aliases must be unique in the live and the persistent definition alike (a stale
         # persistent device, e.g. one a plain libvirt migration carried over, keeps its).
         aliases: list[str | None] = []
-        for xml in (self.hv.domain_xml(self.dom), self.hv.domain_xml(self.dom, inactive=True)):
+        for xml in (self.dom.xml(), self.dom.xml(inactive=True)):
             info = parse_domain(xml)
             aliases += [i.alias for i in info.interfaces] + [h.alias for h in info.hostdevs]
         for slot in free_slots(pool, self.hv.all_domain_xml()):
@@ -166,7 +186,7 @@ class GuestOnHost:
             vf_mac = team.team_mac or team.standby_mac
             attachment = attachment_for_slot(slot, alias=alias, vf_mac=vf_mac)
             try:
-                self.hv.attach(self.dom, attachment.device_xml)
+                self.dom.attach(attachment.device_xml)
             except HypervisorError as exc:
                 log.info("%s: slot %s taken (%s); trying the next", self.name, slot, exc)
                 aliases.append(alias)
@@ -193,22 +213,25 @@ class GuestOnHost:
         """Detach the team's primary, wait until the guest released it, record its absence."""
         if team.primary is None:
             return 0.0
-        seconds = self.hv.detach_and_wait(self.dom, team.primary.alias, timeout)
+        seconds = self.dom.detach_and_wait(team.primary.alias, timeout)
         self.set_primary(team.name, None)
         return seconds
 
-    def team_state(self, team: str) -> pb.TeamState:
-        for state in self.agent().state().teams:
-            if state.name == team:
-                return state
-        raise WorkflowError(f"the agent in {self.name} does not know team {team!r}")
-
-    def on_primary(self, team: Team) -> bool:
-        """True when the team's recorded primary is plugged and the bond's active member."""
-        if team.primary is None or self.info().device(team.primary.alias) is None:
-            return False
-        state = self.team_state(team.name)
-        return bool(state.active_member) and state.active_member == state.primary
+    def teams_on_primary(
+        self, teams: Sequence[Team], info: DomainInfo | None = None
+    ) -> dict[str, bool]:
+        """Per team: its recorded primary is plugged and is the bond's active member; from
+        one read of the domain and of the agent."""
+        info = info or self.info()
+        plugged = [t for t in teams if t.primary and info.device(t.primary.alias) is not None]
+        states = {s.name: s for s in self.agent().state().teams} if plugged else {}
+        out = dict.fromkeys((t.name for t in teams), False)
+        for team in plugged:
+            state = states.get(team.name)
+            if state is None:
+                raise WorkflowError(f"the agent in {self.name} does not know team {team.name!r}")
+            out[team.name] = bool(state.active_member) and state.active_member == state.primary
+        return out
 
 
 T = TypeVar("T")
@@ -244,7 +267,7 @@ def to_primary(
 ) -> str:
     """Bind the team's recorded primary if the domain has it, else plug and bind a device
     of its pool: never wait on a device the live domain does not have."""
-    if team.primary is not None and guest.hv.has_device(guest.dom, team.primary.alias):
+    if team.primary is not None and guest.dom.has_device(team.primary.alias):
         guest.bind(team, team.primary, operation_id, timeout)
         return "primary"
     if team.primary is not None:
@@ -268,8 +291,8 @@ def pool_on(hv: Hypervisor, team: Team) -> Pool | None:
         raise WorkflowError(f"{hv.uri}: pool {team.pool}: {exc}") from exc
 
 
-def free_devices_on(hv: Hypervisor, team: Team) -> int:
-    pool = pool_on(hv, team)
+def free_devices(hv: Hypervisor, pool: Pool | None) -> int:
+    """How many devices of *pool* no domain on *hv*'s host uses (0 for no pool)."""
     return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
 
 

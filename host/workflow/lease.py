@@ -29,11 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from host.domain.errors import DomainModelError
 from host.domain.lease import LEASE_NS, LEASE_PREFIX, Lease, format_lease, lease_from_domain_xml
-from host.hypervisor import Hypervisor, HypervisorError
+from host.hypervisor import Domain, HypervisorError
 from host.workflow.guest import WorkflowError
 from host.workflow.journal import boot_id_now, process_alive, process_start_time
 
@@ -130,72 +129,72 @@ class DomainLease:
         )
 
     @staticmethod
-    def read(hv: Hypervisor, dom: Any) -> Lease | None:
+    def read(dom: Domain) -> Lease | None:
         try:
-            return lease_from_domain_xml(hv.domain_xml(dom))
+            return lease_from_domain_xml(dom.xml())
         except DomainModelError as exc:
             raise LeaseHeld(
-                f"{dom.name()}: its lease cannot be read ({exc}); fix it by hand"
+                f"{dom.name}: its lease cannot be read ({exc}); fix it by hand"
             ) from None
 
-    def _write(self, hv: Hypervisor, dom: Any, ttl: float) -> None:
-        hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, format_lease(self._mine(ttl)))
+    def _write(self, dom: Domain, ttl: float) -> None:
+        dom.set_metadata(LEASE_NS, LEASE_PREFIX, format_lease(self._mine(ttl)))
 
-    def take(self, hv: Hypervisor, dom: Any, ttl: float = LEASE_TTL) -> None:
+    def take(self, dom: Domain, ttl: float = LEASE_TTL) -> None:
         """Take the lease or raise :class:`LeaseHeld` naming its holder."""
-        if hv.is_active(dom) and hv.job_running(dom):
+        if dom.is_active() and dom.job_running():
             # libvirt would hold the metadata write until its job lock times out (30 s)
             raise LeaseHeld(
-                f"domain {dom.name()} has a libvirt job running (a migration?); nothing changed"
+                f"domain {dom.name} has a libvirt job running (a migration?); nothing changed"
             )
         for attempt in range(TAKE_ATTEMPTS):
             t0 = time.monotonic()
-            current = self.read(hv, dom)
+            current = self.read(dom)
             if current is not None and not self.is_mine(current):
                 if not is_free(current, self.me, self.clock()):
                     raise LeaseHeld(_held_message(dom, current))
                 log.info("taking over the stale lease of %s", current.describe())
-            self._write(hv, dom, ttl)
+            self._write(dom, ttl)
             slow = self.settle > 0 and time.monotonic() - t0 > self.settle / 2
             self.sleep(self.settle)
-            back = self.read(hv, dom)
+            back = self.read(dom)
             if not self.is_mine(back):
-                raise LeaseHeld(_held_message(dom, back) if back else f"{dom.name()}: lease lost")
+                raise LeaseHeld(_held_message(dom, back) if back else f"{dom.name}: lease lost")
             if not slow:
                 return
             # Too slow to be sure nobody read "free" before our write and wrote after the
             # wait: give ours back and try again.
             log.info("lease write took over %.2f s; again (attempt %d)", self.settle / 2, attempt)
-            hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, None)
+            dom.set_metadata(LEASE_NS, LEASE_PREFIX, None)
             self.sleep(self.settle * (attempt + 1))
-        raise LeaseHeld(f"{dom.name()}: libvirt was too slow to take the lease safely; try again")
+        raise LeaseHeld(f"{dom.name}: libvirt was too slow to take the lease safely; try again")
 
-    def renew(self, hv: Hypervisor, dom: Any, ttl: float = LEASE_TTL) -> None:
+    def renew(self, dom: Domain, ttl: float = LEASE_TTL) -> None:
         """Extend ours; raise :class:`LeaseLost` if another workflow's is there.  A lease
         that vanished (another coordinator's slow take gave its own back) is taken again."""
-        current = self.read(hv, dom)
+        current = self.read(dom)
         if current is None:
             try:
-                self.take(hv, dom, ttl)
+                self.take(dom, ttl)
             except LeaseHeld as exc:
                 raise LeaseLost(str(exc)) from exc
             return
         if not self.is_mine(current):
-            raise LeaseLost(f"{dom.name()}: the lease is now held by {current.describe()}")
-        self._write(hv, dom, ttl)
+            raise LeaseLost(f"{dom.name}: the lease is now held by {current.describe()}")
+        self._write(dom, ttl)
 
-    def release(self, hv: Hypervisor, dom: Any) -> None:
+    def release(self, dom: Domain) -> None:
         """Remove ours (never another's); a failure only leaves it to expire."""
         try:
-            if self.is_mine(self.read(hv, dom)):
-                hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, None)
+            if self.is_mine(self.read(dom)):
+                dom.set_metadata(LEASE_NS, LEASE_PREFIX, None)
         except (HypervisorError, WorkflowError) as exc:
-            log.warning("lease of %s not released (it expires by itself): %s", dom.name(), exc)
+            log.warning("lease of %s not released (it expires by itself): %s", dom.name, exc)
 
 
-def _held_message(dom: Any, lease: Lease) -> str:
+def _held_message(dom: Domain, lease: Lease) -> str:
     until = time.strftime("%H:%M:%S", time.localtime(lease.expires))
     return (
-        f"domain {dom.name()} is held by {lease.describe()} (lease until {until}); "
+        f"domain {dom.name} is held by {lease.describe()} (lease until {until}); "
         "nothing was changed: cancel or wait for that workflow"
     )

@@ -33,9 +33,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from host.domain.domain_xml import strip_primary
+from host.domain.pools import Pool
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress
 from host.workflow.drift import TeamDrift
@@ -45,7 +46,7 @@ from host.workflow.guest import (
     PreflightError,
     WorkflowError,
     each_team,
-    free_devices_on,
+    free_devices,
     plug_and_bind,
     pool_on,
     serial_agent,
@@ -56,6 +57,7 @@ from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcom
 from host.workflow.steps import JournalLike, Step, StepRunner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UNPLUG_TIMEOUT = 30.0
 BIND_TIMEOUT = 30.0
@@ -120,15 +122,14 @@ class MigrationWorkflow:
 
     def preflight(self) -> dict[str, Any]:
         src = self.source
-        if not self.source_hv.is_active(src.dom):
+        if not src.dom.is_active():
             raise PreflightError(f"{src.name} is not running on {self.source_hv.uri}")
         if self.source_hv.host_uuid() == self.destination_hv.host_uuid():
             raise PreflightError("source and destination are the same host")
-        if self.destination_hv.has_domain(src.uuid) and self.destination_hv.is_active(
-            self.destination_hv.domain(src.uuid)
-        ):
+        if _active_on(self.destination_hv, src.uuid):
             raise PreflightError(f"{src.name} is already running on the destination")
-        self.recorded_before = list(src.teams().teams)
+        info = src.info()  # the live domain, read once for this step
+        self.recorded_before = list(src.teams(info).teams)
         self.teams = list(self.recorded_before)
         log.debug("preflight: hosts checked")
         agent = src.agent()
@@ -141,13 +142,14 @@ class MigrationWorkflow:
         except Exception as exc:
             raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
         log.debug("preflight: agent answered")
-        drifts = src.drift(state)
+        drifts = src.drift(state, info)
         refused = [d.summary for d in drifts if d.refused]
         if refused:
             raise PreflightError("; ".join(refused))
         links = {link.name: link for link in state.links}
         by_name = {t.name: t for t in state.teams}
         free: dict[str, int] = {}
+        destination_pools: dict[str, Pool | None] = {}
         for team in self.teams:
             ts = by_name.get(team.name)
             if ts is None:
@@ -159,10 +161,12 @@ class MigrationWorkflow:
             standby = links.get(ts.standby)
             if standby is None or not standby.carrier:
                 raise PreflightError(f"team {team.name}: the standby {ts.standby} has no carrier")
-            if pool_on(self.destination_hv, team) is None:
+            if team.pool not in destination_pools:
+                pool = pool_on(self.destination_hv, team)
+                destination_pools[team.pool] = pool
+                free[team.pool] = free_devices(self.destination_hv, pool)
+            if destination_pools[team.pool] is None:
                 raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
-            if team.pool not in free:
-                free[team.pool] = free_devices_on(self.destination_hv, team)
         # Teams may share a pool: compare what each pool has with what it is asked for.
         wanted = {pool: sum(1 for t in self.teams if t.pool == pool) for pool in free}
         short = [pool for pool, n in wanted.items() if free[pool] < n]
@@ -200,6 +204,11 @@ class MigrationWorkflow:
         }
 
     def switch_to_standby(self) -> dict[str, Any]:
+        standby_aliases: dict[str, list[str]] = {}  # NICs by MAC, for announce-self
+        for interface in self.source.info().interfaces:
+            if interface.mac and interface.alias:
+                standby_aliases.setdefault(interface.mac, []).append(interface.alias)
+
         def switch(team: Team) -> str:
             # Owed an undo from the moment it is asked: a switch that timed out may still
             # run in the guest (queued behind a stopped agent), so the undo binds anyway.
@@ -215,13 +224,9 @@ class MigrationWorkflow:
             # peer notification was seen to come up to 300 ms late.  Only this team's:
             # announcing another team's standby while it is still on its primary would
             # pull that team's traffic away.
-            standby = [
-                i.alias
-                for i in self.source.info().interfaces
-                if i.mac == team.standby_mac and i.alias
-            ]
+            standby = standby_aliases.get(team.standby_mac, [])
             if standby:
-                self.source_hv.announce(self.source.dom, interfaces=standby)
+                self.source.dom.announce(interfaces=standby)
             return str(reply.team.active_member)
 
         # Only teams whose traffic runs on a plugged primary: a degraded team and one the
@@ -250,10 +255,11 @@ class MigrationWorkflow:
 
     def unplug(self) -> dict[str, Any]:
         seconds = {}
+        recorded = self.source.teams()
         for team in self.teams:
             if team.name not in self.plugged_before:
                 continue  # degraded: nothing to unplug
-            current = self.source.teams().team(team.name)
+            current = recorded.team(team.name)
             seconds[team.name] = round(self.source.unplug(current, UNPLUG_TIMEOUT), 3)
             self.unplugged.append(team.name)
         return {"seconds": seconds}
@@ -285,7 +291,7 @@ class MigrationWorkflow:
 
     def migrate(self) -> dict[str, Any]:
         src = self.source
-        persistent = self.source_hv.domain_xml(src.dom, inactive=True)
+        persistent = src.dom.xml(inactive=True)
         # Every primary ever recorded, including those gone from the live domain only
         # (virsh detach-device-alias leaves the definition): none is the destination's.
         for team in [*self.recorded_before, *self.teams]:
@@ -306,9 +312,9 @@ class MigrationWorkflow:
         )
         watcher.start()
         try:
-            stats = self.source_hv.migrate(
-                src.dom,
-                self.request.peer_uri or self.request.destination_uri,
+            stats = src.dom.migrate(
+                self.destination_hv,
+                peer_uri=self.request.peer_uri,
                 persistent_xml=persistent,
                 unsafe=self.request.unsafe,
                 on_progress=progress,
@@ -318,19 +324,38 @@ class MigrationWorkflow:
             stop.set()
             watcher.join()
         src.close()
-        self.destination = GuestOnHost(self.destination_hv, src.uuid, self.agent_for)
-        job: dict[str, Any] = {}
-        try:
-            job = self.destination_hv.completed_job(self.destination.dom)
-        except HypervisorError as exc:
-            log.warning("no job statistics: %s", exc)
+        self.destination = self._destination_guest()
         self.migration = {
             "wall_s": round(stats.wall_s, 3),
-            "downtime_ms": job.get("downtime"),
-            "elapsed_ms": job.get("time_elapsed"),
-            "data_total": job.get("data_total"),
+            "downtime_ms": stats.downtime_ms,
+            "elapsed_ms": stats.elapsed_ms,
+            "data_total": stats.data_total,
         }
-        return {**self.migration, "detail": f"downtime {job.get('downtime', '?')} ms"}
+        downtime = "?" if stats.downtime_ms is None else stats.downtime_ms
+        return {**self.migration, "detail": f"downtime {downtime} ms"}
+
+    def _destination_guest(self) -> GuestOnHost:
+        return GuestOnHost(self.destination_hv, self.source.uuid, self.agent_for)
+
+    def _step(
+        self,
+        name: str,
+        action: Callable[[], dict[str, Any] | None],
+        compensation: Callable[[], None] | None = None,
+    ) -> Step:
+        """A step whose action and compensation each read the teams' pools once: a pool
+        redefined while the workflow runs is seen by the next step, not half-way."""
+
+        def fresh(call: Callable[[], T]) -> Callable[[], T]:
+            def run() -> T:
+                for guest in (self.source, self.destination):
+                    if guest is not None:
+                        guest.forget_pools()
+                return call()
+
+            return run
+
+        return Step(name, fresh(action), fresh(compensation) if compensation else None)
 
     def _abort_on_cancel(self, stop: threading.Event) -> None:
         """While the migration call runs: on a cancel, abort its job (again until libvirt
@@ -344,7 +369,7 @@ class MigrationWorkflow:
                 self.runner.emit("migrate", "info", f"cancel ({reason}): aborting the job")
                 told = True
             try:
-                self.source_hv.abort_job(self.source.dom)
+                self.source.dom.abort_job()
                 return
             except HypervisorError as exc:
                 log.info("abort job: %s; again", exc)
@@ -366,16 +391,18 @@ class MigrationWorkflow:
             raise Cancelled(f"cancelled ({reason}) before {next_step}")
         if self.lease is not None:
             if ttl is None:
-                self.lease.renew(self.source_hv, self.source.dom)
+                self.lease.renew(self.source.dom)
             else:
-                self.lease.renew(self.source_hv, self.source.dom, ttl)
+                self.lease.renew(self.source.dom, ttl)
 
     def plug_and_bind(self) -> dict[str, Any]:
         assert self.destination is not None
         dest = self.destination
 
+        recorded = dest.teams()  # as it arrived; each team's bind changes only its own
+
         def bind(team: Team) -> str:
-            current = dest.teams().team(team.name)
+            current = recorded.team(team.name)
             result = plug_and_bind(
                 dest,
                 current,
@@ -394,10 +421,9 @@ class MigrationWorkflow:
 
     def verify(self) -> dict[str, str]:
         assert self.destination is not None
-        out = {}
-        for team in self.destination.teams().teams:
-            out[team.name] = "primary" if self.destination.on_primary(team) else "standby"
-        return out
+        info = self.destination.info()
+        on_primary = self.destination.teams_on_primary(self.destination.teams(info).teams, info)
+        return {name: "primary" if on else "standby" for name, on in on_primary.items()}
 
     # -- the whole ---------------------------------------------------------------------
 
@@ -417,7 +443,7 @@ class MigrationWorkflow:
         )
         r = self.runner
         try:
-            r.run(Step("preflight", self.preflight))
+            r.run(self._step("preflight", self.preflight))
         except Exception as exc:
             report.outcome = Outcome.ROLLED_BACK
             report.error = f"preflight: {exc}"
@@ -426,11 +452,11 @@ class MigrationWorkflow:
             raise PreflightError(str(exc)) from exc
         try:
             self._guard("switch")
-            r.run(Step("switch", self.switch_to_standby, self.switch_back))
+            r.run(self._step("switch", self.switch_to_standby, self.switch_back))
             self._guard("unplug")
-            r.run(Step("unplug", self.unplug, self.replug_on_source))
+            r.run(self._step("unplug", self.unplug, self.replug_on_source))
             self._guard("migrate", JOB_LEASE_TTL)
-            r.run(Step("migrate", self.migrate))
+            r.run(self._step("migrate", self.migrate))
         except Exception as exc:
             report.error = str(exc)
             moved = self._domain_moved()
@@ -438,9 +464,7 @@ class MigrationWorkflow:
                 log.warning("migration reported an error but the VM runs on the destination")
                 r.forget_compensations()
                 self.source.close()  # the agent's channel: one client at a time
-                self.destination = GuestOnHost(
-                    self.destination_hv, self.source.uuid, self.agent_for
-                )
+                self.destination = self._destination_guest()
             else:
                 errors = r.compensate()
                 report.teams = self._team_summary(self.source)
@@ -468,8 +492,8 @@ class MigrationWorkflow:
         try:
             if self.lease is not None:
                 assert self.destination is not None
-                self.lease.renew(self.destination_hv, self.destination.dom)
-            r.run(Step("bind", self.plug_and_bind))
+                self.lease.renew(self.destination.dom)
+            r.run(self._step("bind", self.plug_and_bind))
             report.teams = self.verify()
         except Exception as exc:
             log.error("after the migration: %s", exc)
@@ -526,13 +550,11 @@ class MigrationWorkflow:
 
     def _runs_on_destination_only(self) -> bool:
         try:
-            src_active = self.source_hv.is_active(self.source.dom)
+            src_active = self.source.dom.is_active()
         except HypervisorError:
             src_active = False
         try:
-            dest_active = self.destination_hv.has_domain(
-                self.source.uuid
-            ) and self.destination_hv.is_active(self.destination_hv.domain(self.source.uuid))
+            dest_active = _active_on(self.destination_hv, self.source.uuid)
         except HypervisorError:
             dest_active = False
         if src_active and dest_active:
@@ -543,10 +565,8 @@ class MigrationWorkflow:
         if guest is None:
             return {}
         try:
-            return {
-                t.name: ("primary" if guest.on_primary(t) else "standby")
-                for t in guest.teams().teams
-            }
+            on_primary = guest.teams_on_primary(guest.teams().teams)
+            return {name: "primary" if on else "standby" for name, on in on_primary.items()}
         except Exception as exc:
             log.warning("team summary: %s", exc)
             return {}
@@ -555,3 +575,8 @@ class MigrationWorkflow:
         self.source.close()
         if self.destination is not None:
             self.destination.close()
+
+
+def _active_on(hv: Hypervisor, uuid: str) -> bool:
+    """Whether *hv*'s host runs the domain *uuid*."""
+    return hv.has_domain(uuid) and hv.domain(uuid).is_active()

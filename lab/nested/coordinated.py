@@ -94,8 +94,8 @@ def to_primary(lab: VfioLab, timeout: float = 600) -> dict[str, Any]:
     while time.monotonic() < deadline:
         try:
             last = ptmig_json(lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
-            if all(v == "primary" for v in last.values()):
-                return dict(last)
+            if all(v == "primary" for v in last["teams"].values()):
+                return dict(last["teams"])
         except (VfioLabError, json.JSONDecodeError) as exc:
             last = str(exc)
         time.sleep(5)

@@ -14,6 +14,8 @@ import argparse
 import base64
 import json
 import logging
+import mmap
+import struct
 import sys
 from pathlib import Path
 
@@ -38,6 +40,27 @@ def netdev_by_mac(mac: str) -> str:
 
 def pci_of(netdev: str) -> str:
     return Path(f"/sys/class/net/{netdev}/device").resolve().name
+
+
+#: A VF's STATUS register, in its BAR0 (82576 datasheet, VF register map).
+VF_STATUS = 0x0008
+
+
+def vf_bar_decodes(vf_pci: str) -> bool:
+    """Whether the VF answers at the BAR0 address the kernel assigned it.
+
+    An 82576 VF reads STATUS non-zero (link up, speed, full duplex come from the PF).
+    QEMU 10.0's igb realizes its VFs before it declares their BARs 64-bit, so each VF's
+    BAR is registered as a 32-bit one and is not decoded at the 64-bit address the kernel
+    programs: reads return 0 and writes are dropped (docs/lab.md, "igbvf in L2").  Read
+    with no driver bound: sysfs refuses to map a BAR a driver holds.
+    """
+    with (
+        open(f"/sys/bus/pci/devices/{vf_pci}/resource0", "r+b") as f,
+        mmap.mmap(f.fileno(), mmap.PAGESIZE) as bar,
+    ):
+        status: int = struct.unpack_from("<I", bar, VF_STATUS)[0]
+    return status != 0
 
 
 def up(
@@ -83,6 +106,7 @@ def up(
             "vfs": vfs,
             "whole": whole,
             "whole_pci": whole_pci,
+            "vf_bar_decodes": all(vf_bar_decodes(vf) for vf in vfs),
         }
     return info
 

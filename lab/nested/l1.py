@@ -193,6 +193,7 @@ class L1:
             check=True,
         )
         out = (run_dir() / "qemu.stdout").open("ab")
+        said_from = out.tell()
         t0 = time.monotonic()
         proc = subprocess.Popen(
             self.argv(overlay),
@@ -205,9 +206,13 @@ class L1:
         L1State(pid=proc.pid, started=time.time(), image=str(self.image.directory)).save()
         try:
             self.console.wait_for_shell(0, BOOT_TIMEOUT)
-        except Exception:
+        except Exception as exc:
             self.stop()
-            raise
+            # QEMU refuses a bad device option on stderr and exits: say that, not a timeout
+            with (run_dir() / "qemu.stdout").open("rb") as qemu_log:
+                qemu_log.seek(said_from)
+                said = qemu_log.read().decode(errors="replace").splitlines()[-3:]
+            raise RuntimeError(f"L1 did not boot ({exc}); QEMU's last lines: {said}") from exc
         took = time.monotonic() - t0
         log.info("L1 up in %.1f s (pid %d)", took, proc.pid)
         return took

@@ -79,6 +79,8 @@ class HostDevices:
     vfs: list[str]
     whole: str
     whole_pci: str
+    #: Whether the VFs answer at their BARs (lab.nested.inside.vf_bar_decodes).
+    vf_bar_decodes: bool = True
 
 
 @dataclass
@@ -183,9 +185,8 @@ class VfioLab:
             with_primary=False,
             memory_mib=L2_MEMORY_MIB,
             vcpus=L2_VCPUS,
+            domain_type="kvm" if self.accel() == "kvm" else "qemu",
         )
-        if self.accel() == "kvm":
-            xml = xml.replace("<domain type='qemu'>", "<domain type='kvm'>", 1)
         since = int(self.inside("console-size", "hosta").check().strip() or 0)
         dom = self.conn("hosta").defineXML(xml)
         t0 = time.monotonic()
@@ -237,7 +238,10 @@ class VfioLab:
 
     def l1_exec(self, command: str, timeout: float = 120) -> ExecResult:
         """Run *command* in L1 (in the checkout, with L1's python3 on it)."""
-        prefix = "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src; "
+        # protos/ holds the shared ptmig package (ptmig.serial_session) that lab.guest imports
+        prefix = (
+            "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src:/mnt/src/protos; "
+        )
         return self.l1_console.run(prefix + command, timeout=timeout)
 
     def accel(self) -> str:

@@ -7,7 +7,9 @@ then left up).
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from ptmig.serial_session import AGENT_CHANNEL
@@ -21,6 +23,8 @@ from lab.image import DEFAULT_SUITE, lab_recipe
 from lab.vmlab import LabState, VmLab
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,22 @@ def lab(request: pytest.FixtureRequest) -> Iterator[VmLab]:
     assert not alive, f"daemons left after down: {alive}"
 
 
+@pytest.fixture(scope="session")
+def host_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The host package (ptmig_*.deb) of this checkout, built once per run."""
+    out = tmp_path_factory.mktemp("packages")
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build-packages.sh"), "host", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PTMIG_PACKAGERS": "deb"},
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.split()[0])
+
+
 @pytest.fixture
 def guest_on_hosta(lab: VmLab) -> VmLab:
     """Tests that start from hosta get the guest there."""
@@ -76,7 +96,7 @@ def agent_of(lab: VmLab) -> Iterator[Callable[[], AgentClient]]:
     def open_client() -> AgentClient:
         hv = Hypervisor(lab.hosts[lab.where()].uri)
         dom = hv.domain(DOMAIN_NAME)
-        client = AgentClient(AgentEndpoint(serial=lambda: hv.open_channel(dom, AGENT_CHANNEL)))
+        client = AgentClient(AgentEndpoint(serial=lambda: dom.open_channel(AGENT_CHANNEL)))
         opened.append((hv, client))
         return client
 

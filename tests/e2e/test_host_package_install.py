@@ -18,8 +18,6 @@ from lab.image import base_root
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def chroot(root: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {
@@ -35,21 +33,6 @@ def chroot(root: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedP
 def installed(root: Path, package: str) -> bool:
     status = chroot(root, "dpkg-query", "-W", "-f=${db:Status-Status}", package)
     return status.stdout == "installed"
-
-
-@pytest.fixture(scope="module")
-def host_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("packages")
-    result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "build-packages.sh"), "host", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "PTMIG_PACKAGERS": "deb"},
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    return Path(result.stdout.split()[0])
 
 
 @pytest.fixture(scope="module")

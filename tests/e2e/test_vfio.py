@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vfio]
 RATE = 100
 BURNED_IN = {n.host: n.mac for n in WIRE_NICS if n.model == "e1000e"}
 OTHER = {"hosta": "hostb", "hostb": "hosta"}
-#: What igbvf logs in L2 when the PF does not answer its reset in time (docs/lab.md).
+#: What igbvf logs in L2 when its reset handshake with the PF gets no answer (docs/lab.md).
 IGBVF_BLOCKED = "PF still in reset state"
 
 
@@ -160,11 +161,15 @@ def test_whole_nic_migrates_there_and_back(
 def test_failover_to_standby_and_back_with_the_whole_nic(vlab: VfioLab) -> None:
     lab = vlab
     on = lab.where()
-    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "standby") == {"wan": "standby"}
+    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "standby")["teams"] == {
+        "wan": "standby"
+    }
     active = guest(lab, "cat /sys/class/net/bond1/bonding/active_slave")
     assert guest(lab, f"ethtool -P {active}").split()[-1] == WAN_STANDBY_MAC  # the virtio
     assert guest(lab, "cat /sys/class/net/bond1/address") == WAN_STANDBY_MAC
-    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "primary") == {"wan": "primary"}
+    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "primary")["teams"] == {
+        "wan": "primary"
+    }
     check_whole_nic(lab, on)
     lab.check_health()
 
@@ -192,11 +197,19 @@ def test_vf_binds_and_migrates_there_and_back(
         # A failed bind is compensated: no VF may stay plugged or on vfio-pci.
         time.sleep(30)
         on = lab.where()
-        assert "<interface type='hostdev'" not in lab.domain(on).XMLDesc(0)
+        devices = ET.fromstring(lab.domain(on).XMLDesc(0)).find("devices")
+        assert devices is not None
+        assert not devices.findall("interface[@type='hostdev']")
         assert not [vf for vf in lab.state.hosts[on].vfs if l1_driver(lab, vf) == "vfio-pci"]
         # Counted in the guest: a whole dmesg through two nested consoles outlasts 120 s.
-        if guest(lab, f"dmesg | grep -c '{IGBVF_BLOCKED}' || true") != "0":
-            pytest.xfail(f"igbvf in L2: {IGBVF_BLOCKED!r} (docs/lab.md: the VF/PF mailbox)")
+        # Expected only while L0's QEMU leaves the VF BARs unmapped (docs/lab.md) and igbvf
+        # says so; a VF that decodes its BAR and still fails to bind fails the test.
+        undecoded = [h for h, d in lab.state.hosts.items() if not d.vf_bar_decodes]
+        if undecoded and guest(lab, f"dmesg | grep -c '{IGBVF_BLOCKED}' || true") != "0":
+            pytest.xfail(
+                f"QEMU's igb VF BARs not decoded on {undecoded}, igbvf in L2: "
+                f"{IGBVF_BLOCKED!r} (docs/lab.md: igbvf in L2)"
+            )
         raise
     check_vf(lab, lab.where())
     there_and_back(

@@ -222,6 +222,27 @@ def test_grpc_deadline_caps_the_wait(agent: Any, fake: FakeLinks) -> None:
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_get_state_waits_for_a_busy_team_but_answers_within_the_callers_deadline(
+    agent: Any, fake: FakeLinks
+) -> None:
+    """GetState waits for a team operation in progress (so a half-built team is not
+    reported), yet answers before the caller's deadline (1 s less), not DEADLINE_EXCEEDED."""
+    fake.set_carrier("enp1s0", False)
+    request = pb.UseStandbyRequest(operation_id="w", team="lan", timeout_ms=60_000)
+    switching = threading.Thread(target=lambda: agent.UseStandby(request, timeout=4))
+    switching.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    reply = agent.GetState(pb.GetStateRequest(operation_id="busy"), timeout=2.0)
+    took = time.monotonic() - started
+    fake.set_carrier("enp1s0", True)  # the switch completes
+    switching.join()
+    assert 0.7 <= took < 2.0, took
+    assert reply.teams[0].active_member == "enp2s0"
+    after = agent.GetState(pb.GetStateRequest(operation_id="idle"), timeout=2.0)
+    assert after.teams[0].active_member == "enp1s0"
+
+
 def test_unexpected_failure_is_internal_without_traceback(
     agent: Any, fake: FakeLinks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

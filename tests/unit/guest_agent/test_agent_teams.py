@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -50,6 +51,64 @@ def test_an_active_member_missing_from_the_dump_is_reported_as_none_not_named(
     fake._set_active(fake.get("bond0").index, 999)
     state = teams(fake).states()[0]
     assert state.active_member == ""
+
+
+def test_an_active_slave_outside_the_bond_in_the_dump_is_not_named(fake: FakeLinks) -> None:
+    """A torn dump (the active slave listed before it was enslaved) must not reach the
+    contract as an active member outside the members: the host refuses that as a lie."""
+    fake.update("enp2s0", master=None)
+    state = teams(fake).states()[0]
+    assert state.members == ("enp1s0",)
+    assert state.active_member == "" and state.primary is None
+
+
+def test_snapshot_waits_for_the_start_up_set_up_of_an_agent_owned_team() -> None:
+    """GetState during start-up: the agent has made the bond and enslaved the primary,
+    whose carrier comes up later (e1000e: about 3 s).  The snapshot waits for the set-up,
+    so the host never sees the half-built team (on its standby, primary inactive)."""
+    fake = FakeLinks()
+    fake.add("enp1s0", mac=VIRTIO_MAC, pci="0000:01:00.0")
+    primary = fake.add("enp2s0", mac=OLD_MAC, pci="0000:02:00.0")
+    fake.carrier_delay[primary.index] = 0.6
+    team = lan_team(ownership=Ownership.AGENT, primary=DeviceMatch(pci_address="0000:02:00.0"))
+    t = Teams(fake, [team])
+    setting_up = threading.Thread(target=t.set_up_owned, args=(deadline_in(5),))
+    setting_up.start()
+    try:
+        while ("enslave", "enp2s0", "bond0") not in fake.calls:
+            time.sleep(0.01)
+        assert t.states()[0].active_member == "enp1s0", "half-built, as a plain read sees it"
+        links, states = t.snapshot(deadline_in(5))
+    finally:
+        setting_up.join()
+        fake.close()
+    assert states[0].active_member == "enp2s0" and states[0].members == ("enp1s0", "enp2s0")
+    assert next(link for link in links if link.name == "enp2s0").carrier  # the same dump
+
+
+def test_snapshot_of_a_team_busy_past_its_deadline_is_read_as_it_is(fake: FakeLinks) -> None:
+    """An operation still waiting for a carrier when the caller's patience ends: the state
+    is read mid-operation (consistent, since each dump is) rather than not at all."""
+    t = teams(fake)
+    fake.set_carrier("enp1s0", False)  # lan's standby: the switch waits for its carrier
+    outcome: list[BaseException] = []
+
+    def switch() -> None:
+        try:
+            t.use_standby("lan", False, deadline_in(1.5))
+        except Timeout as exc:
+            outcome.append(exc)
+
+    switching = threading.Thread(target=switch)
+    switching.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    _, states = t.snapshot(deadline_in(0.3))
+    took = time.monotonic() - started
+    switching.join()
+    assert outcome, "the switch was still waiting for its carrier"
+    assert 0.25 <= took < 1.0
+    assert [s.name for s in states] == ["lan", "db"] and states[0].active_member == "enp2s0"
 
 
 def test_use_standby_switches_and_verifies(fake: FakeLinks) -> None:
@@ -274,6 +333,56 @@ def test_agent_owned_team_is_created_and_primary_bound() -> None:
     assert (state.active_member, state.mac) == ("enp2s0", OLD_MAC)
     assert fake.calls[0] == ("create_bond", "bond0", FailOverMac.NONE, 1)
     assert ("set_mac", "bond0", OLD_MAC) in fake.calls
+
+
+def test_bind_retries_when_the_carrier_drops_again_as_it_is_made_active() -> None:
+    """Seen in the Debian 12 guest at start-up: the agent saw enp4s0's carrier, then bond1
+    refused it as active slave ("either enp4s0 is down or the link is down", EINVAL).  The
+    bind waits for the carrier again and retries within its deadline."""
+    fake = FakeLinks()
+    fake.add("enp1s0", mac=VIRTIO_MAC, pci="0000:01:00.0")
+    fake.add("enp2s0", mac=OLD_MAC, pci="0000:02:00.0")
+    refuse_once = fake.set_active_slave
+    flaps: list[float] = []
+
+    def flapping(bond: int, index: int) -> None:
+        if fake._name(index) == "enp2s0" and not flaps:
+            flaps.append(time.monotonic())
+            fake.set_carrier("enp2s0", False)  # the link drops as the bond is asked
+            fake.later(0.3, lambda: fake.set_carrier("enp2s0", True))
+        refuse_once(bond, index)
+
+    fake.set_active_slave = flapping  # type: ignore[method-assign]
+    team = lan_team(ownership=Ownership.AGENT, primary=DeviceMatch(pci_address="0000:02:00.0"))
+    t = Teams(fake, [team])
+    try:
+        assert t.set_up_owned(deadline_in(5)) == []
+        state = t.states()[0]
+    finally:
+        fake.close()
+    assert flaps, "the carrier flapped"
+    assert state.active_member == "enp2s0"
+    assert [c for c in fake.calls if c[0] == "set_active_slave"] == [
+        ("set_active_slave", "bond0", "enp2s0")
+    ] * 2
+
+
+def test_bind_gives_up_on_a_carrier_that_does_not_come_back(fake: FakeLinks) -> None:
+    t = teams(fake)
+    t.use_standby("lan", True, deadline_in(2))
+    fake.remove("enp2s0")
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    original = fake.set_active_slave
+
+    def drop(bond: int, index: int) -> None:
+        fake.set_carrier("enp3s0", False)
+        original(bond, index)
+
+    fake.set_active_slave = drop  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="did not come back"):
+        t.bind_primary("lan", NEW_PCI, None, None, deadline_in(1))
+    assert time.monotonic() - started < 2
 
 
 def test_agent_owned_follow_team_uses_fail_over_mac_active() -> None:

@@ -62,6 +62,7 @@ def test_devices_read_back() -> None:
         bridge="ptmigbr0",
         network=None,
         target_dev="ptmig-lab-0",
+        rom_enabled="no",
         guest_pci_address=None,
         host_pci_address=None,
     )
@@ -70,6 +71,7 @@ def test_devices_read_back() -> None:
         host_pci_address="0000:03:00.0",
         guest_pci_address=None,
         managed=True,
+        rom_enabled="no",
     )
     vf = info.device("ua-ptmig-san-3")
     assert isinstance(vf, Interface)

@@ -684,7 +684,7 @@ def test_a_guest_that_never_answers_preflight_is_refused_and_others_go_on(
         return Coordinator(
             journal,
             connect=world.connect,  # type: ignore[arg-type]
-            agent_for=lambda hv, dom, _t: world.agent_for(hv, dom, HANG_S),
+            agent_for=lambda dom, _t: world.agent_for(dom, HANG_S),
         )
 
     try:

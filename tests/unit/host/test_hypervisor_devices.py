@@ -9,13 +9,13 @@ calls: whether a device is there, and which definitions a detach is asked of.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 libvirt = pytest.importorskip("libvirt")
 
-from host.hypervisor import Hypervisor, HypervisorError  # noqa: E402
+from host.domain.domain_xml import parse_domain  # noqa: E402
+from host.hypervisor import Domain, Hypervisor, HypervisorError  # noqa: E402
 
 TEAMS = """<ptmig:teams xmlns:ptmig="https://ptmig.dev/xmlns/teams/1">
   <team name="lan" pool="lab" mac-policy="preserve" standby-mac="52:54:00:00:00:01">
@@ -54,29 +54,30 @@ def hv() -> Iterator[Hypervisor]:
         dom.undefine()
 
 
-def running(hv: Hypervisor, *devices: str) -> Any:
-    dom = hv._conn.defineXML(domain_xml(*devices))
-    dom.create()
-    return dom
+def running(hv: Hypervisor, *devices: str) -> Domain:
+    hv._conn.defineXML(domain_xml(*devices)).create()
+    return hv.domain("drift")
 
 
 def test_a_device_is_there_only_if_a_device_has_its_alias(hv: Hypervisor) -> None:
     """The metadata names ua-ptmig-lan-1, and ua-ptmig-lan-10 starts with it."""
     dom = running(hv, LAN_10)
-    assert "ua-ptmig-lan-1" in hv.domain_xml(dom)
-    assert not hv.has_device(dom, "ua-ptmig-lan-1")
-    assert not hv.has_device(dom, "ua-ptmig-lan-1", inactive=True)
-    assert hv.has_device(dom, "ua-ptmig-lan-10")
-    assert hv.has_device(dom, "ua-ptmig-lan-10", inactive=True)
+    teams = parse_domain(dom.xml()).teams
+    assert teams is not None and teams.teams[0].primary is not None
+    assert teams.teams[0].primary.alias == "ua-ptmig-lan-1"  # the metadata names it
+    assert not dom.has_device("ua-ptmig-lan-1")
+    assert not dom.has_device("ua-ptmig-lan-1", inactive=True)
+    assert dom.has_device("ua-ptmig-lan-10")
+    assert dom.has_device("ua-ptmig-lan-10", inactive=True)
 
 
 def test_unplugging_a_device_that_is_gone_is_done_at_once(hv: Hypervisor) -> None:
     dom = running(hv, LAN_10)
     with pytest.raises(libvirt.libvirtError, match="no device found"):
-        dom.detachDeviceAlias("ua-ptmig-lan-1", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        dom._dom.detachDeviceAlias("ua-ptmig-lan-1", libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    assert hv.detach_and_wait(dom, "ua-ptmig-lan-1", 5) == 0.0
-    assert hv.has_device(dom, "ua-ptmig-lan-10")
+    assert dom.detach_and_wait("ua-ptmig-lan-1", 5) == 0.0
+    assert dom.has_device("ua-ptmig-lan-10")
 
 
 def test_a_device_gone_live_but_still_defined_is_removed_from_the_definition(
@@ -85,19 +86,19 @@ def test_a_device_gone_live_but_still_defined_is_removed_from_the_definition(
     """virsh detach-device-alias without --config: only the definition is asked."""
     dom = running(hv, LAN_10)
     hv._conn.defineXML(domain_xml(LAN_1, LAN_10))  # the next boot's definition has it
-    assert not hv.has_device(dom, "ua-ptmig-lan-1")
-    assert hv.has_device(dom, "ua-ptmig-lan-1", inactive=True)
-    assert hv._affect(dom, "ua-ptmig-lan-1") & libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    assert not dom.has_device("ua-ptmig-lan-1")
+    assert dom.has_device("ua-ptmig-lan-1", inactive=True)
+    assert dom._affect("ua-ptmig-lan-1") & libvirt.VIR_DOMAIN_AFFECT_CONFIG
 
     # The test driver cannot change a definition by alias; that it was asked is the point.
     with pytest.raises(HypervisorError, match="remove ua-ptmig-lan-1 from drift's definition"):
-        hv.detach_and_wait(dom, "ua-ptmig-lan-1", 5)
+        dom.detach_and_wait("ua-ptmig-lan-1", 5)
 
 
 def test_a_plugged_device_is_detached_live(hv: Hypervisor) -> None:
     dom = running(hv, LAN_1)
     with pytest.raises(HypervisorError, match="detach ua-ptmig-lan-1 from drift"):
-        hv.detach_and_wait(dom, "ua-ptmig-lan-1", 5)  # the test driver cannot unplug NICs
+        dom.detach_and_wait("ua-ptmig-lan-1", 5)  # the test driver cannot unplug NICs
 
 
 def test_attach_and_detach_affect_the_definition_only_where_it_has_the_device(
@@ -105,6 +106,6 @@ def test_attach_and_detach_affect_the_definition_only_where_it_has_the_device(
 ) -> None:
     dom = running(hv, LAN_10)
     live, config = libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    assert hv._affect(dom) == live | config  # an attach: both
-    assert hv._affect(dom, "ua-ptmig-lan-10") == live | config
-    assert hv._affect(dom, "ua-ptmig-lan-1") == live  # named in the metadata only
+    assert dom._affect() == live | config  # an attach: both
+    assert dom._affect("ua-ptmig-lan-10") == live | config
+    assert dom._affect("ua-ptmig-lan-1") == live  # named in the metadata only

@@ -267,23 +267,23 @@ def test_a_foreign_live_lease_refuses_and_an_expired_or_dead_one_is_taken(
     assert not is_free(alive, me, now)
     assert is_free(_lease(machine=me.machine, boot="an-earlier-boot", pid=me.pid), me, now)
 
-    hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, format_lease(_lease()))
+    dom.set_metadata(LEASE_NS, LEASE_PREFIX, format_lease(_lease()))
     mine = DomainLease("w-mine", "migrate", settle=0)
     with pytest.raises(LeaseHeld, match="held by migrate workflow w-other of pid 1 on hostb"):
-        mine.take(hv, dom)
-    hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, format_lease(_lease(expires=now - 1)))
-    mine.take(hv, dom)
-    assert mine.is_mine(DomainLease.read(hv, dom))
-    mine.release(hv, dom)
-    assert DomainLease.read(hv, dom) is None
+        mine.take(dom)
+    dom.set_metadata(LEASE_NS, LEASE_PREFIX, format_lease(_lease(expires=now - 1)))
+    mine.take(dom)
+    assert mine.is_mine(DomainLease.read(dom))
+    mine.release(dom)
+    assert DomainLease.read(dom) is None
 
 
 def test_a_garbled_lease_is_not_taken_as_free(world: World) -> None:
     hv = world.connect(A)
     dom = hv.domain("vm1")
-    hv.set_metadata(dom, LEASE_NS, LEASE_PREFIX, "<lease workflow='w' pid='x'/>")
+    dom.set_metadata(LEASE_NS, LEASE_PREFIX, "<lease workflow='w' pid='x'/>")
     with pytest.raises(LeaseHeld, match="its lease cannot be read"):
-        DomainLease("w-mine", "migrate", settle=0).take(hv, dom)
+        DomainLease("w-mine", "migrate", settle=0).take(dom)
 
 
 def test_two_takers_that_both_saw_it_free_end_with_one_holder(world: World) -> None:
@@ -295,8 +295,8 @@ def test_two_takers_that_both_saw_it_free_end_with_one_holder(world: World) -> N
     both_read = threading.Barrier(2)
     real_read = DomainLease.read
 
-    def read_together(hv_: Any, dom_: Any) -> Lease | None:
-        found = real_read(hv_, dom_)
+    def read_together(dom_: Any) -> Lease | None:
+        found = real_read(dom_)
         if found is None:  # the first read of each take: wait for the other's
             both_read.wait(timeout=5)
         return found
@@ -306,7 +306,7 @@ def test_two_takers_that_both_saw_it_free_end_with_one_holder(world: World) -> N
     def take(lease: DomainLease, delay: float) -> None:
         time.sleep(delay)
         try:
-            lease.take(hv, dom)
+            lease.take(dom)
             outcomes[lease.workflow_id] = "holds"
         except LeaseHeld:
             outcomes[lease.workflow_id] = "refused"
@@ -328,7 +328,7 @@ def test_a_domain_with_a_libvirt_job_running_is_refused_at_once(world: World) ->
     world.hosts[A].domains[VM1.uuid].job_running = True
     hv = world.connect(A)
     with pytest.raises(LeaseHeld, match="has a libvirt job running"):
-        DomainLease("w-mine", "repair", settle=0).take(hv, hv.domain("vm1"))
+        DomainLease("w-mine", "repair", settle=0).take(hv.domain("vm1"))
     assert [c.method for c in world.calls if c.method == "set_lease"] == []
 
 

@@ -103,7 +103,7 @@ def test_failover_forgets_a_recorded_primary_that_is_gone(
     world: World, coordinator: Coordinator
 ) -> None:
     hv = world.connect(A)
-    hv.detach_and_wait(hv.domain("vm1"), "ua-ptmig-wan-1", 5)  # someone unplugged it
+    hv.domain("vm1").detach_and_wait("ua-ptmig-wan-1", 5)  # someone unplugged it
 
     assert coordinator.failover(A, "vm1", TeamMode.PRIMARY).teams == on("primary")
     taps = recorded_taps(world, A)
@@ -560,8 +560,7 @@ def test_cli_bad_arguments_are_2(ptmig: Ptmig, world: World, args: list[str]) ->
 
 def test_cli_unusable_team_metadata_is_2(ptmig: Ptmig, world: World) -> None:
     hv = world.connect(A)
-    hv.set_metadata(
-        hv.domain("vm1"),
+    hv.domain("vm1").set_metadata(
         TEAMS_NS,
         TEAMS_PREFIX,
         "<teams><team name='lan' pool='lab' mac-polcy='preserve'/></teams>",

@@ -85,7 +85,7 @@ def test_a_longer_alias_is_not_the_recorded_one(world: World) -> None:
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     world.attach_outside("vm1", 2, "ua-ptmig-lan-10")
     hv = world.connect(A)
-    assert not hv.has_device(hv.domain("vm1"), "ua-ptmig-lan-1")
+    assert not hv.domain("vm1").has_device("ua-ptmig-lan-1")
     assert cases(world)["lan"] is TeamCase.UNRECORDED  # lan-10 is the pool's, unrecorded
 
 
@@ -212,7 +212,7 @@ def test_a_switch_back_never_waits_for_a_device_that_is_gone(
     )
     wan = recorded(world, A)["wan"]
     hv = world.connect(A)
-    assert wan is not None and hv.has_device(hv.domain("vm1"), wan)
+    assert wan is not None and hv.domain("vm1").has_device(wan)
     assert sorted(calls(world, "BindPrimary")) == ["lan", "wan"]
 
 

@@ -5,34 +5,52 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from workflow_fakes import VM2, A, B, FakeAgent, FakeHypervisor, World
+from workflow_fakes import VM2, A, B, FakeAgent, FakeDomain, FakeHypervisor, World
 
 from host.agent_client import AgentClient, AgentError
 from host.domain.devices import attachment_for_slot
 from host.domain.domain_xml import parse_domain, strip_primary
 from host.domain.pools import EmulatedSlot, free_slots, parse_pool_network
-from host.hypervisor import DeviceRemovalError, Hypervisor, HypervisorError
+from host.hypervisor import DeviceRemovalError, Domain, Hypervisor, HypervisorError
 
-#: Every public method of the real Hypervisor (and its context manager): the workflow may
-#: call any of them, so the fake must have each with the same signature.
-WORKFLOW_METHODS = sorted(
-    name
-    for name, _ in inspect.getmembers(Hypervisor, inspect.isfunction)
-    if not name.startswith("_") or name in ("__enter__", "__exit__")
+
+def public_methods(cls: type) -> list[str]:
+    """Every public method of *cls* (and its context manager), read from the class."""
+    return sorted(
+        name
+        for name, _ in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_") or name in ("__enter__", "__exit__")
+    )
+
+
+def public_properties(cls: type) -> set[str]:
+    return {name for name, value in inspect.getmembers(cls) if isinstance(value, property)}
+
+
+#: The real classes the workflow may call any public method of, and their fakes.
+PAIRS = [(Hypervisor, FakeHypervisor), (Domain, FakeDomain)]
+
+
+def test_the_parity_list_is_the_real_classes() -> None:
+    assert {"domain", "all_domain_xml", "__enter__"} <= set(public_methods(Hypervisor))
+    assert {"detach_and_wait", "job_running", "migrate", "xml"} <= set(public_methods(Domain))
+
+
+@pytest.mark.parametrize(
+    ("real", "fake", "name"),
+    [(real, fake, name) for real, fake in PAIRS for name in public_methods(real)],
 )
-
-
-def test_the_parity_list_is_the_real_class() -> None:
-    assert {"detach_and_wait", "job_running", "migrate", "__enter__"} <= set(WORKFLOW_METHODS)
-
-
-@pytest.mark.parametrize("name", WORKFLOW_METHODS)
-def test_fake_hypervisor_has_the_real_signatures(name: str) -> None:
-    real = inspect.signature(getattr(Hypervisor, name))
-    fake = inspect.signature(getattr(FakeHypervisor, name))
-    assert [(p.name, p.kind, p.default) for p in fake.parameters.values()] == [
-        (p.name, p.kind, p.default) for p in real.parameters.values()
+def test_the_fakes_have_the_real_signatures(real: type, fake: type, name: str) -> None:
+    expected = inspect.signature(getattr(real, name))
+    got = inspect.signature(getattr(fake, name))
+    assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in expected.parameters.values()
     ]
+
+
+@pytest.mark.parametrize(("real", "fake"), PAIRS)
+def test_the_fakes_have_the_real_properties(real: type, fake: type) -> None:
+    assert public_properties(real) <= public_properties(fake)
 
 
 @pytest.mark.parametrize(
@@ -45,8 +63,8 @@ def test_fake_agent_is_the_real_client(name: str) -> None:
 def test_domain_xml_reads_like_libvirts() -> None:
     world = World()
     hv = world.connect(A)
-    live = hv.domain_xml(hv.domain("vm1"))
-    inactive = hv.domain_xml(hv.domain("vm1"), inactive=True)
+    live = hv.domain("vm1").xml()
+    inactive = hv.domain("vm1").xml(inactive=True)
 
     assert '<ptmig:teams xmlns:ptmig="https://ptmig.dev/xmlns/teams/1">' in live
     assert "<alias name='ua-ptmig-lan-1'/>" in live and "<alias name='ua-ptmig-lan-1'/>" in inactive
@@ -68,10 +86,9 @@ def test_attach_refuses_what_libvirt_refuses() -> None:
         EmulatedSlot("lab", "br-g", "e1000e", "ptv-a1", "52:54:00:ba:00:09"), alias="ua-ptmig-lan-7"
     )
     with pytest.raises(HypervisorError, match="non unique alias"):
-        hv.attach(vm1, busy.device_xml.replace("ua-ptmig-lan-7", "ua-ptmig-lan-1"))
+        vm1.attach(busy.device_xml.replace("ua-ptmig-lan-7", "ua-ptmig-lan-1"))
     with pytest.raises(HypervisorError, match="network device with mac"):
-        hv.attach(
-            vm1,
+        vm1.attach(
             busy.device_xml.replace("52:54:00:ba:00:09", "52:54:00:ba:00:01").replace(
                 "ptv-a1", "ptv-a4"
             ),
@@ -82,15 +99,15 @@ def test_attach_refuses_what_libvirt_refuses() -> None:
         EmulatedSlot("lab", "br-g", "e1000e", "ptv-a3", "52:54:00:ba:00:03"), alias="ua-ptmig-lan-7"
     )
     with pytest.raises(HypervisorError, match="Unable to create tap device ptv-a3"):
-        hv.attach(vm1, taken.device_xml)
+        vm1.attach(taken.device_xml)
 
     free = attachment_for_slot(
         EmulatedSlot("lab", "br-g", "e1000e", "ptv-a4", "52:54:00:ba:00:04"), alias="ua-ptmig-lan-7"
     )
-    hv.attach(vm1, free.device_xml)
-    device = parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-lan-7")
+    vm1.attach(free.device_xml)
+    device = parse_domain(vm1.xml()).device("ua-ptmig-lan-7")
     assert device is not None and device.guest_pci_address == "0000:05:00.0"
-    assert "ua-ptmig-lan-7" in hv.domain_xml(vm1, inactive=True)
+    assert "ua-ptmig-lan-7" in vm1.xml(inactive=True)
 
 
 def test_a_held_device_stays_in_both_and_a_released_one_leaves_both() -> None:
@@ -101,15 +118,15 @@ def test_a_held_device_stays_in_both_and_a_released_one_leaves_both() -> None:
     vm1 = hv.domain("vm1")
 
     with pytest.raises(DeviceRemovalError, match="did not release ua-ptmig-wan-1 within 3 s"):
-        hv.detach_and_wait(vm1, "ua-ptmig-wan-1", 3)
-    assert parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-wan-1") is not None
-    assert parse_domain(hv.domain_xml(vm1, inactive=True)).device("ua-ptmig-wan-1") is not None
+        vm1.detach_and_wait("ua-ptmig-wan-1", 3)
+    assert parse_domain(vm1.xml()).device("ua-ptmig-wan-1") is not None
+    assert parse_domain(vm1.xml(inactive=True)).device("ua-ptmig-wan-1") is not None
 
-    assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) > 0
-    assert parse_domain(hv.domain_xml(vm1)).device("ua-ptmig-lan-1") is None
-    assert parse_domain(hv.domain_xml(vm1, inactive=True)).device("ua-ptmig-lan-1") is None
+    assert vm1.detach_and_wait("ua-ptmig-lan-1", 3) > 0
+    assert parse_domain(vm1.xml()).device("ua-ptmig-lan-1") is None
+    assert parse_domain(vm1.xml(inactive=True)).device("ua-ptmig-lan-1") is None
     assert world.modes("vm1")["lan"] == "standby"  # the bond failed over
-    assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) == 0.0
+    assert vm1.detach_and_wait("ua-ptmig-lan-1", 3) == 0.0
 
 
 def test_a_device_gone_from_the_live_domain_is_unplugged_and_leaves_the_definition() -> None:
@@ -118,35 +135,36 @@ def test_a_device_gone_from_the_live_domain_is_unplugged_and_leaves_the_definiti
     world.detach_outside("vm1", "ua-ptmig-lan-1")
     hv = world.connect(A)
     vm1 = hv.domain("vm1")
-    assert "ua-ptmig-lan-1" in hv.domain_xml(vm1)  # the team record
-    assert not hv.has_device(vm1, "ua-ptmig-lan-1")
-    assert hv.has_device(vm1, "ua-ptmig-lan-1", inactive=True)
+    assert "ua-ptmig-lan-1" in vm1.xml()  # the team record
+    assert not vm1.has_device("ua-ptmig-lan-1")
+    assert vm1.has_device("ua-ptmig-lan-1", inactive=True)
 
-    assert hv.detach_and_wait(vm1, "ua-ptmig-lan-1", 3) == 0.0
-    assert not hv.has_device(vm1, "ua-ptmig-lan-1", inactive=True)
+    assert vm1.detach_and_wait("ua-ptmig-lan-1", 3) == 0.0
+    assert not vm1.has_device("ua-ptmig-lan-1", inactive=True)
 
 
 def test_migration_moves_the_domain_and_leaves_a_stale_handle() -> None:
     world = World()
     a, b = world.connect(A), world.connect(B)
     handle = a.domain("vm1")
-    persistent = a.domain_xml(handle, inactive=True)
+    persistent = handle.xml(inactive=True)
     with pytest.raises(HypervisorError, match="does not match"):
-        a.migrate(handle, B, persistent_xml=persistent.replace("vm1", "vm9"))
+        handle.migrate(b, persistent_xml=persistent.replace("vm1", "vm9"))
 
-    a.migrate(handle, B, persistent_xml=persistent)
+    stats = handle.migrate(b, persistent_xml=persistent)
 
     assert world.running_on("vm1") == [B]
     with pytest.raises(HypervisorError, match="Domain not found") as caught:
-        a.is_active(handle)
+        handle.is_active()
     assert caught.value.code == 42
-    assert b.completed_job(b.domain("vm1"))["downtime"] == 42
+    assert b.domain("vm1").completed_job()["downtime"] == 42
+    assert (stats.downtime_ms, stats.elapsed_ms) == (42, 1800)  # the destination's record
 
 
 def test_fake_agent_replies_go_through_the_clients_checks() -> None:
     world = World()
     hv = world.connect(A)
-    agent = world.agent_for(hv, hv.domain("vm1"), 5)
+    agent = world.agent_for(hv.domain("vm1"), 5)
     assert agent.healthy()
     reply = agent.use_standby("lan", release_primary=True, operation_id="op-1")
     assert (reply.team.active_member, list(reply.released)) == ("enp1s0", ["enp3s0"])

@@ -133,8 +133,8 @@ def test_mac_policies_reach_the_guest(world: World, journal: Journal) -> None:
     migrate(world, journal)
 
     hv = world.connect(B)
-    state = {t.name: t for t in world.agent_for(hv, hv.domain("vm1"), 5).state().teams}
-    links = {ln.name: ln for ln in world.agent_for(hv, hv.domain("vm1"), 5).state().links}
+    state = {t.name: t for t in world.agent_for(hv.domain("vm1"), 5).state().teams}
+    links = {ln.name: ln for ln in world.agent_for(hv.domain("vm1"), 5).state().links}
     lan, wan = state["lan"], state["wan"]
     b_macs = {mac for _, mac in POOL_SLOTS[B]}
     # preserve: the new device carries the team's MAC; follow: the bond takes the device's.
@@ -212,7 +212,7 @@ def _already_there(world: World) -> None:
 
 def _no_teams(world: World) -> None:
     hv = world.connect(A)
-    hv.set_metadata(hv.domain("vm1"), TEAMS_NS, TEAMS_PREFIX, None)
+    hv.domain("vm1").set_metadata(TEAMS_NS, TEAMS_PREFIX, None)
 
 
 REFUSALS: dict[str, tuple[Callable[[World], None], str]] = {
@@ -617,3 +617,16 @@ def test_two_migrations_racing_for_the_last_device_one_wins(journal_path: Path) 
     assert len(holders) == 1
     with Journal(journal_path) as journal:
         assert journal.open_workflows() == []
+
+
+def test_a_migration_reads_each_pool_once_per_step(world: World, journal: Journal) -> None:
+    """Two teams share pool lab: preflight reads it on both hosts, bind on the destination
+    (each of them once, however many teams), and the domain's XML is read once per step
+    where a step can (16 reads in all; 24 before the Domain object, 7 pool reads), plus
+    the lease's own fresh reads (7: take and its read-back, renewals before switch, unplug
+    and migrate and at the destination, release)."""
+    world.calls.clear()
+    assert migrate(world, journal).outcome is Outcome.DONE
+
+    assert [c.where for c in world.calls if c.method == "network_xml"] == [A, B, B]
+    assert sum(1 for c in world.calls if c.method == "domain_xml") <= 16 + 7

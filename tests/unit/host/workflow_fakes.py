@@ -2,11 +2,14 @@
 
 What is modelled, and how faithfully:
 
-* :class:`FakeHypervisor` has the methods of :class:`host.hypervisor.Hypervisor` the
-  workflow calls, with the same signatures, return values and exceptions
-  (``HypervisorError``, ``DeviceRemovalError``).  Domain XML is kept as element trees and
-  rendered the way libvirt prints it (single quotes; ``<ptmig:teams xmlns:ptmig="...">``
-  in ``<metadata>``; ``id=`` and runtime aliases only in the live XML).  ``attach`` adds
+* :class:`FakeHypervisor` and :class:`FakeDomain` have the public methods and
+  properties of :class:`host.hypervisor.Hypervisor` and :class:`host.hypervisor.Domain`
+  (test_workflow_fakes.py checks it from the real classes), with the same signatures,
+  return values and exceptions (``HypervisorError``, ``DeviceRemovalError``).  A fault
+  names a host's URI and the method, whichever class has it.  Domain XML is kept as
+  element trees and rendered the way libvirt prints it (single quotes;
+  ``<ptmig:teams xmlns:ptmig="...">`` in ``<metadata>``; ``id=`` and runtime aliases
+  only in the live XML).  ``attach`` adds
   the device to the live and persistent XML with a guest PCI address on a free root port
   and refuses, as libvirt does, a tap or host PCI device another running domain on that
   host holds, a duplicate alias, or a MAC the persistent definition already has.
@@ -16,7 +19,7 @@ What is modelled, and how faithfully:
   unplugged already (0 s), as in production.  ``migrate`` moves the domain to the
   other host (its live XML as it is, the ``persistent_xml`` argument as its
   definition), refusing PCI hostdevs, a UUID/name mismatch, a destination that runs the
-  domain or a tap busy there.
+  domain or a tap busy there, and returns the destination's job statistics.
 * :class:`FakeGuest` is the guest's kernel as the agent sees it: one link per NIC in the
   domain's live XML (named by its PCI slot, ``enp3s0``), one active-backup bond per team
   with its members and active member, carrier, MACs changed by the agent (policy
@@ -639,21 +642,6 @@ def _set_metadata(root: ET.Element, namespace: str, element: ET.Element | None) 
 # -- the hypervisor ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FakeDomain:
-    """A virDomain handle: it names a domain, which may since have gone from the host."""
-
-    uri: str
-    uuid: str
-    domain_name: str
-
-    def name(self) -> str:
-        return self.domain_name
-
-    def UUIDString(self) -> str:
-        return self.uuid
-
-
 class FakeHypervisor:
     """One host of the world, by URI, with :class:`host.hypervisor.Hypervisor`'s face."""
 
@@ -678,16 +666,6 @@ class FakeHypervisor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _record(self, dom: FakeDomain) -> DomainRecord:
-        record = self._host.domains.get(dom.uuid)
-        if record is None:
-            raise HypervisorError(
-                f"{self.uri}: Domain not found: no domain with matching uuid "
-                f"'{dom.uuid}' ({dom.domain_name})",
-                LIBVIRT_NO_DOMAIN,
-            )
-        return record
-
     # -- host ------------------------------------------------------------------------
 
     def host_uuid(self) -> str:
@@ -700,7 +678,7 @@ class FakeHypervisor:
         with self.world.op(self.uri, "domain", ident):
             for record in self._host.domains.values():
                 if ident in (record.uuid, record.name):
-                    return FakeDomain(self.uri, record.uuid, record.name)
+                    return FakeDomain(self, record.uuid, record.name)
             raise HypervisorError(
                 f"{self.uri}: domain {ident!r}: Domain not found: no domain "
                 f"with matching name '{ident}'",
@@ -714,37 +692,97 @@ class FakeHypervisor:
         except HypervisorError:
             return False
 
-    def is_active(self, dom: FakeDomain) -> bool:
-        with self.world.op(self.uri, "is_active", dom.domain_name):
-            return self._record(dom).active
-
-    def domain_xml(self, dom: FakeDomain, *, inactive: bool = False) -> str:
-        with self.world.op(self.uri, "domain_xml", dom.domain_name):
-            record = self._record(dom)
-            return self.world.xml(record, inactive=inactive)
-
     def all_domain_xml(self) -> list[str]:
         with self.world.op(self.uri, "all_domain_xml"):
             return [self.world.xml(r) for r in self._host.domains.values()]
 
-    def set_metadata(self, dom: FakeDomain, namespace: str, prefix: str, xml: str | None) -> None:
+    # -- networks --------------------------------------------------------------------
+
+    def network_xml(self, name: str) -> str | None:
+        with self.world.op(self.uri, "network_xml", name):
+            return self._host.networks.get(name)
+
+    def network_names(self) -> list[str]:
+        with self.world.op(self.uri, "network_names"):
+            return list(self._host.networks)
+
+    def define_network(self, xml: str, *, start: bool = False) -> None:
+        with self.world.op(self.uri, "define_network"):
+            name = ET.fromstring(xml).findtext("name") or ""
+            self._host.networks[name] = xml
+
+    def undefine_network(self, name: str) -> None:
+        with self.world.op(self.uri, "undefine_network", name):
+            if self._host.networks.pop(name, None) is None:
+                raise HypervisorError(f"{self.uri}: undefine network {name}: Network not found", 43)
+
+
+class FakeDomain:
+    """A domain handle bound to its host, with :class:`host.hypervisor.Domain`'s face: it
+    names a domain, which may since have gone from the host."""
+
+    def __init__(self, hv: FakeHypervisor, uuid: str, domain_name: str) -> None:
+        self.hv = hv
+        self._uuid = uuid
+        self.domain_name = domain_name
+
+    @property
+    def uri(self) -> str:
+        return self.hv.uri
+
+    @property
+    def uuid(self) -> str:
+        return self._uuid
+
+    @property
+    def name(self) -> str:
+        return self.domain_name
+
+    @property
+    def world(self) -> World:
+        return self.hv.world
+
+    @property
+    def _host(self) -> FakeHost:
+        return self.hv.world.hosts[self.hv.uri]
+
+    def _record(self) -> DomainRecord:
+        record = self._host.domains.get(self.uuid)
+        if record is None:
+            raise HypervisorError(
+                f"{self.uri}: Domain not found: no domain with matching uuid "
+                f"'{self.uuid}' ({self.domain_name})",
+                LIBVIRT_NO_DOMAIN,
+            )
+        return record
+
+    def is_active(self) -> bool:
+        with self.world.op(self.uri, "is_active", self.domain_name):
+            return self._record().active
+
+    def xml(self, *, inactive: bool = False) -> str:
+        with self.world.op(self.uri, "domain_xml", self.domain_name):
+            record = self._record()
+            return self.world.xml(record, inactive=inactive)
+
+    def set_metadata(self, namespace: str, prefix: str, xml: str | None) -> None:
         # The workflow lease is bookkeeping, taken and given back: "set_lease" is not
         # among MUTATING, so "nothing changed" still means the domain and guest are as
         # they were (the snapshot compares the XML too, lease included).
         method = "set_lease" if namespace == LEASE_NS else "set_metadata"
-        with self.world.op(self.uri, method, dom.domain_name):
-            record = self._record(dom)
+        with self.world.op(self.uri, method, self.domain_name):
+            record = self._record()
             element = None
             if xml is not None:
                 try:
                     element = ET.fromstring(xml)
                 except ET.ParseError as exc:
                     raise HypervisorError(
-                        f"{self.uri}: set metadata of {dom.domain_name}: XML error: {exc}", 27
+                        f"{self.uri}: set metadata of {self.domain_name}: XML error: {exc}", 27
                     ) from None
                 if element.tag.startswith("{") or f"xmlns:{prefix}" in xml:
                     raise HypervisorError(
-                        f"{self.uri}: set metadata of {dom.domain_name}: "
+                        f"{self.uri}: set metadata of {self.domain_name}: "
                         "failed to create a new XML namespace",
                         1,
                     )
@@ -757,16 +795,16 @@ class FakeHypervisor:
 
     # -- devices ---------------------------------------------------------------------
 
-    def attach(self, dom: FakeDomain, device_xml: str) -> None:
+    def attach(self, device_xml: str) -> None:
         try:
             device = ET.fromstring(device_xml)
         except ET.ParseError as exc:
             raise HypervisorError(
-                f"{self.uri}: attach to {dom.domain_name}: XML error: {exc}", 27
+                f"{self.uri}: attach to {self.domain_name}: XML error: {exc}", 27
             ) from None
         with self.world.op(self.uri, "attach", _alias(device) or ""):
-            record = self._record(dom)
-            what = f"{self.uri}: attach to {dom.domain_name}"
+            record = self._record()
+            what = f"{self.uri}: attach to {self.domain_name}"
             if not record.active:
                 raise HypervisorError(
                     f"{what}: Requested operation is not valid: domain is not running", 55
@@ -811,17 +849,17 @@ class FakeHypervisor:
             if record.config is not None:
                 _insert_device(record.config, copy.deepcopy(device))
 
-    def has_device(self, dom: FakeDomain, alias: str, *, inactive: bool = False) -> bool:
+    def has_device(self, alias: str, *, inactive: bool = False) -> bool:
         with self.world.op(self.uri, "has_device", alias):
-            record = self._record(dom)
+            record = self._record()
             root = record.config if inactive and record.config is not None else record.live
             return any(_alias(d) == alias for d in _devices(root))
 
-    def detach_and_wait(self, dom: FakeDomain, alias: str, timeout: float) -> float:
+    def detach_and_wait(self, alias: str, timeout: float) -> float:
         """As production: live first, the definition only once the guest let go; a device
         already gone from the live domain is unplugged (and leaves the definition)."""
         with self.world.op(self.uri, "detach_and_wait", alias):
-            record = self._record(dom)
+            record = self._record()
             in_config = record.config is not None and any(
                 _alias(d) == alias for d in _devices(record.config)
             )
@@ -845,18 +883,19 @@ class FakeHypervisor:
 
     def migrate(
         self,
-        dom: FakeDomain,
-        destination_uri: str,
+        destination: FakeHypervisor,
         *,
         persistent_xml: str,
+        peer_uri: str | None = None,
         unsafe: bool = False,
         on_progress: Callable[[MigrationProgress], None] | None = None,
         max_downtime_ms: int | None = None,
     ) -> MigrationStats:
-        what = f"migrate {dom.domain_name} {self.uri} -> {destination_uri}"
-        self._job_window(dom, what)
-        with self.world.op(self.uri, "migrate", dom.domain_name):
-            record = self._record(dom)
+        destination_uri = peer_uri or destination.uri
+        what = f"migrate {self.domain_name} {self.uri} -> {destination_uri}"
+        self._job_window(what)
+        with self.world.op(self.uri, "migrate", self.domain_name):
+            record = self._record()
             if not record.active:
                 raise HypervisorError(
                     f"{what}: Requested operation is not valid: domain is not running", 55
@@ -912,15 +951,46 @@ class FakeHypervisor:
             )
             target.next_domid += 1
             del self._host.domains[record.uuid]  # VIR_MIGRATE_UNDEFINE_SOURCE
-            self.world.check_faults(self.uri, "migrate:after", dom.domain_name)
-            return MigrationStats(0.2, None, None, None, None)
+            self.world.check_faults(self.uri, "migrate:after", self.domain_name)
+        # As production: the statistics are the destination's record of the job.
+        try:
+            job = destination.domain(self.uuid).completed_job()
+        except HypervisorError:
+            job = {}
+        return MigrationStats(
+            0.2, job.get("downtime"), job.get("time_elapsed"), job.get("data_total"), None
+        )
 
-    def _job_window(self, dom: FakeDomain, what: str) -> None:
+    def completed_job(self) -> dict[str, Any]:
+        with self.world.op(self.uri, "completed_job", self.domain_name):
+            job = self._record().job
+            if job is None:
+                raise HypervisorError(
+                    f"{self.uri}: job statistics of {self.domain_name}: no completed job", 1
+                )
+            return dict(job)
+
+    def job_running(self) -> bool:
+        with self.world.op(self.uri, "job_running", self.domain_name):
+            return self._record().job_running
+
+    def abort_job(self) -> None:
+        with self.world.op(self.uri, "abort_job", self.domain_name):
+            record = self._record()
+            if not record.job_running:
+                raise HypervisorError(
+                    f"{self.uri}: abort the job of {self.domain_name}: Requested operation "
+                    "is not valid: no job is active on the domain",
+                    55,
+                )
+            record.aborted = True
+
+    def _job_window(self, what: str) -> None:
         """With ``world.migration_job_s``, the job runs that long before the VM moves (outside
         the world's lock, so that abort_job can come from another thread) and an abort in
         that window fails the call as libvirt's does, the VM still here."""
         seconds = self.world.migration_job_s
-        record = self._host.domains.get(dom.uuid)
+        record = self._host.domains.get(self.uuid)
         if not seconds or record is None:
             return
         record.job_running, record.aborted = True, False
@@ -935,36 +1005,11 @@ class FakeHypervisor:
                 f"{what}: operation aborted: migration out job: canceled by client", 1
             )
 
-    def completed_job(self, dom: FakeDomain) -> dict[str, Any]:
-        with self.world.op(self.uri, "completed_job", dom.domain_name):
-            job = self._record(dom).job
-            if job is None:
-                raise HypervisorError(
-                    f"{self.uri}: job statistics of {dom.domain_name}: no completed job", 1
-                )
-            return dict(job)
-
-    def abort_job(self, dom: FakeDomain) -> None:
-        with self.world.op(self.uri, "abort_job", dom.domain_name):
-            record = self._record(dom)
-            if not record.job_running:
-                raise HypervisorError(
-                    f"{self.uri}: abort the job of {dom.domain_name}: Requested operation "
-                    "is not valid: no job is active on the domain",
-                    55,
-                )
-            record.aborted = True
-
-    def job_running(self, dom: FakeDomain) -> bool:
-        with self.world.op(self.uri, "job_running", dom.domain_name):
-            return self._record(dom).job_running
-
-    def open_channel(self, dom: FakeDomain, name: str) -> Any:
+    def open_channel(self, name: str) -> Any:
         raise HypervisorError(f"{self.uri}: open channel {name}: the fakes have no channels")
 
     def announce(
         self,
-        dom: FakeDomain,
         *,
         interfaces: list[str] | None = None,
         rounds: int = 3,
@@ -972,31 +1017,11 @@ class FakeHypervisor:
         max_ms: int = 550,
         step_ms: int = 100,
     ) -> None:
-        with self.world.op(self.uri, "announce", dom.domain_name):
-            if not self._record(dom).active:
+        with self.world.op(self.uri, "announce", self.domain_name):
+            if not self._record().active:
                 raise HypervisorError(
-                    f"{self.uri}: announce-self for {dom.domain_name}: domain is not running", 55
+                    f"{self.uri}: announce-self for {self.domain_name}: domain is not running", 55
                 )
-
-    # -- networks --------------------------------------------------------------------
-
-    def network_xml(self, name: str) -> str | None:
-        with self.world.op(self.uri, "network_xml", name):
-            return self._host.networks.get(name)
-
-    def network_names(self) -> list[str]:
-        with self.world.op(self.uri, "network_names"):
-            return list(self._host.networks)
-
-    def define_network(self, xml: str, *, start: bool = False) -> None:
-        with self.world.op(self.uri, "define_network"):
-            name = ET.fromstring(xml).findtext("name") or ""
-            self._host.networks[name] = xml
-
-    def undefine_network(self, name: str) -> None:
-        with self.world.op(self.uri, "undefine_network", name):
-            if self._host.networks.pop(name, None) is None:
-                raise HypervisorError(f"{self.uri}: undefine network {name}: Network not found", 43)
 
 
 # -- the agent ----------------------------------------------------------------------------
@@ -1242,8 +1267,8 @@ class World:
     def connect(self, uri: str) -> FakeHypervisor:
         return FakeHypervisor(self, uri)
 
-    def agent_for(self, hv: Any, dom: Any, timeout: float) -> FakeAgent:
-        return FakeAgent(self, hv.uri, dom.UUIDString(), timeout)
+    def agent_for(self, dom: Any, timeout: float) -> FakeAgent:
+        return FakeAgent(self, dom.uri, dom.uuid, timeout)
 
     def coordinator(self, journal: Journal) -> Coordinator:
         coordinator = Coordinator(

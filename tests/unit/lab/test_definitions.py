@@ -83,6 +83,9 @@ def test_image_key_changes_with_content_and_not_otherwise(tmp_path: Path) -> Non
     key = with_deb.image_key()
     deb.write_bytes(b"two")
     assert with_deb.image_key() != key, "a rebuilt package must make a new image"
+    with_archive = ImageRecipe(mirror=a.mirror, archive_packages=("python3-libvirt",))
+    assert with_archive.image_key() != a.image_key()
+    assert with_archive.base_key() == a.base_key(), "the clean-root test's base stays stock"
 
 
 def test_hosts_differ_in_uuid_address_and_state(tmp_path: Path) -> None:
