@@ -7,7 +7,13 @@ Exit codes:
   3  done-degraded: migrated, but some team stays on its standby (no free device)
   4  refused or rolled back: the VM runs where it ran, as it ran
   5  failed: something could not be undone; the message says what to check
-  6  busy: another workflow holds the domain (see 'ptmig workflows')
+  6  busy: another workflow holds the domain (see 'ptmig workflows'), in this journal
+     or by the lease in the domain's metadata (another coordinator's)
+
+'ptmig cancel' exits 0 once the migration is cancelled (rolled back, or asked, with
+--wait 0), 1 when there is nothing to cancel or it is too late (the VM has moved), 5
+when the cancelled workflow's rollback failed.  Ctrl-C or SIGTERM on 'ptmig migrate'
+cancel it the same way; the exit code is then the migration's (4 when rolled back).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -25,6 +33,7 @@ from host.domain.teams import MAC_POLICIES
 if TYPE_CHECKING:
     from host.workflow.coordinator import Coordinator
     from host.workflow.model import (
+        CancelResult,
         DomainStatus,
         DomainTeams,
         Event,
@@ -182,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("domain")
     fo.add_argument("--to", choices=["standby", "primary"], required=True)
 
+    cn = command("cancel", cancel, "stop a domain's running migration (any process, this journal)")
+    cn.add_argument("domain")
+    cn.add_argument(
+        "--wait",
+        type=_bounded_int(0, 86_400),
+        default=300,
+        metavar="S",
+        help="seconds to wait for the workflow to have rolled back (0: return at once)",
+    )
+
     command("recover", recover, "finish or roll back workflows a killed coordinator left")
 
     wf = command("workflows", workflows, "recent workflows from the journal")
@@ -214,10 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from host.hypervisor import HypervisorError
     from host.workflow.guest import PreflightError, WorkflowError
     from host.workflow.journal import JournalError, WorkflowConflict
+    from host.workflow.lease import LeaseHeld
 
     try:
         return int(args.func(args, _coordinator(args)))
-    except WorkflowConflict as exc:
+    except (WorkflowConflict, LeaseHeld) as exc:
         _fail(exc)
         return EXIT_BUSY
     except PreflightError as exc:
@@ -335,6 +355,16 @@ def workflows(args: argparse.Namespace, coordinator: Coordinator) -> int:
     return EXIT_OK
 
 
+def cancel(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    result = coordinator.cancel(args.domain, wait=float(args.wait))
+    _show(args, result, lambda: _cancel_text(result))
+    if not result.accepted:
+        return EXIT_ERROR  # too late: the VM has moved
+    if result.ended and not result.cancelled:
+        return EXIT_ERROR  # it ended before the cancel took effect
+    return EXIT_FAILED if result.ended and str(result.outcome) == "failed" else EXIT_OK
+
+
 def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
     from host.workflow.model import MigrationRequest, Outcome
 
@@ -346,15 +376,17 @@ def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
         max_downtime_ms=args.max_downtime,
         peer_uri=args.peer_uri,
     )
+    interrupt = _Interrupt(request)
     if not args.json and sys.stderr.isatty() and _can_draw_progress():
-        report = _migrate_with_progress_bars(coordinator, request)
+        report = interrupt.run(lambda: _migrate_with_progress_bars(coordinator, request, interrupt))
     else:
 
         def on_event(event: Event) -> None:
+            interrupt.seen(event)
             if not args.json and event.state != "progress":
                 print(f"{event.phase}: {event.state} {event.message}".rstrip(), file=sys.stderr)
 
-        report = coordinator.migrate(request, on_event)
+        report = interrupt.run(lambda: coordinator.migrate(request, on_event, interrupt.reason))
     _show(args, report, lambda: _report_text(report))
     return {
         Outcome.DONE: EXIT_OK,
@@ -362,6 +394,82 @@ def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
         Outcome.ROLLED_BACK: EXIT_ROLLED_BACK,
         Outcome.FAILED: EXIT_FAILED,
     }[report.outcome]
+
+
+class _Interrupt:
+    """SIGINT and SIGTERM on ``ptmig migrate`` do what ``ptmig cancel`` does, and say so.
+
+    The migration runs in a worker thread; this (main) thread only waits for it, so the
+    signal is handled at once even while libvirt's migration call blocks the worker.
+    The first signal asks the workflow to cancel (it aborts the job and rolls back, or,
+    once the VM has moved, finishes the bind); later ones only say it is still under
+    way: leaving before the workflow ends would leave it open in the journal.
+    """
+
+    def __init__(self, request: MigrationRequest) -> None:
+        self.request = request
+        self._reason = ""
+        self._phase = ""
+        self._moved = False
+
+    def reason(self) -> str:
+        return self._reason
+
+    def seen(self, event: Event) -> None:
+        self._phase = event.phase
+        if (event.phase, event.state) in (("migrate", "done"), ("bind", "started")):
+            self._moved = True
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self._reason:
+            print(
+                f"ptmig: {name}: already cancelling ({self._reason}); waiting for the workflow "
+                "to end so that it is not left open",
+                file=sys.stderr,
+            )
+            return
+        self._reason = name
+        if self._moved:
+            line = (
+                f"ptmig: {name}: too late to cancel: {self.request.domain} has moved to "
+                f"{self.request.destination_uri}; finishing the bind"
+            )
+        else:
+            line = (
+                f"ptmig: {name}: cancelling the migration of {self.request.domain}"
+                f"{' at ' + self._phase if self._phase else ''}: aborting and rolling back "
+                f"onto {self.request.source_uri}"
+            )
+        print(line, file=sys.stderr, flush=True)
+
+    def run(self, work: Callable[[], MigrationReport]) -> MigrationReport:
+        result: list[MigrationReport] = []
+        error: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                result.append(work())
+            except BaseException as exc:
+                error.append(exc)
+
+        if threading.current_thread() is not threading.main_thread():
+            target()  # signals reach the main thread only; an embedding caller's concern
+        else:
+            previous = {
+                s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+            }
+            worker = threading.Thread(target=target, name="migrate")
+            try:
+                worker.start()
+                while worker.is_alive():
+                    worker.join(0.2)
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        if error:
+            raise error[0]
+        return result[0]
 
 
 def _can_draw_progress() -> bool:
@@ -373,7 +481,9 @@ def _can_draw_progress() -> bool:
     return True
 
 
-def _migrate_with_progress_bars(coordinator: Coordinator, request: MigrationRequest) -> Any:
+def _migrate_with_progress_bars(
+    coordinator: Coordinator, request: MigrationRequest, interrupt: _Interrupt
+) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -388,6 +498,7 @@ def _migrate_with_progress_bars(coordinator: Coordinator, request: MigrationRequ
         tasks: dict[str, Any] = {}
 
         def on_event(event: Event) -> None:
+            interrupt.seen(event)
             task = tasks.get(event.phase)
             if task is None:
                 task = tasks[event.phase] = progress.add_task(event.phase, total=1.0, message="")
@@ -398,7 +509,7 @@ def _migrate_with_progress_bars(coordinator: Coordinator, request: MigrationRequ
             else:
                 progress.update(task, message=f"{event.state} {event.message}".strip())
 
-        return coordinator.migrate(request, on_event)
+        return coordinator.migrate(request, on_event, interrupt.reason)
 
 
 # -- text renderings -------------------------------------------------------------------
@@ -460,8 +571,16 @@ def _workflows_text(rows: list[WorkflowSummary]) -> str:
     return "\n".join(lines) or "no workflows"
 
 
+def _cancel_text(result: CancelResult) -> str:
+    return result.message
+
+
 def _report_text(report: MigrationReport) -> str:
-    lines = [f"{report.domain}: {report.outcome}" + (f" ({report.error})" if report.error else "")]
+    cancelled = " (cancelled)" if report.cancelled else ""
+    lines = [
+        f"{report.domain}: {report.outcome}{cancelled}"
+        + (f" ({report.error})" if report.error else "")
+    ]
     lines += [f"  {p.name:<10} {p.seconds:7.2f} s  {p.detail}" for p in report.phases]
     for team, on in report.teams.items():
         case = report.drift.get(team, "plugged")

@@ -508,6 +508,14 @@ class Domain:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: job of {self.name}", exc) from exc
 
+    def abort_job(self) -> None:
+        """virDomainAbortJob: stop the domain's job (an outgoing migration, which then
+        fails in its caller and leaves the domain running here)."""
+        try:
+            self._dom.abortJob()
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: abort the job of {self.name}", exc) from exc
+
     # -- guest channels --------------------------------------------------------------
 
     def open_channel(self, name: str) -> ChannelStream:

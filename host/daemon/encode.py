@@ -7,6 +7,7 @@ malformed raises ValueError (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from ptmig.v1 import coordinator_pb2 as pb
 from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
 from host.workflow.model import (
+    CancelResult,
     DomainStatus,
     DomainTeams,
     Event,
@@ -142,7 +144,30 @@ def report_message(report: MigrationReport) -> Any:
         error=report.error,
         migration_json=details_json(report.migration),
         drift=dict(report.drift),
+        cancelled=report.cancelled,
     )
+
+
+def cancel_message(result: CancelResult) -> Any:
+    return pb.CancelResponse(
+        workflow_id=result.workflow_id,
+        domain=result.domain,
+        phase=result.phase,
+        accepted=result.accepted,
+        ended=result.ended,
+        outcome=outcome_enum(None if result.outcome is None else str(result.outcome)),
+        outcome_text="" if result.outcome is None else str(result.outcome),
+        cancelled=result.cancelled,
+        message=result.message,
+    )
+
+
+def cancel_wait(message: Any) -> float:
+    """CancelRequest.wait_seconds, checked: a finite number of seconds, at most a day."""
+    wait = float(message.wait_seconds)
+    if not math.isfinite(wait) or not 0 <= wait <= 86_400:
+        raise ValueError(f"CancelRequest.wait_seconds {wait} is not within 0..86400")
+    return wait
 
 
 def final_event(report: MigrationReport) -> Any:

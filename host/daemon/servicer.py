@@ -14,6 +14,8 @@ import grpc
 from ptmig.v1 import coordinator_pb2 as pb
 
 from host.daemon.encode import (
+    cancel_message,
+    cancel_wait,
     details_json,
     event_message,
     failover_message,
@@ -32,6 +34,7 @@ from host.daemon.encode import (
 from host.daemon.errors import Refused, abort, log_failure, one_line, peer_of, status_for
 from host.domain.pools import Pool
 from host.workflow.model import (
+    CancelResult,
     DomainStatus,
     DomainTeams,
     Event,
@@ -76,6 +79,8 @@ class Coordinator(Protocol):
     def pool_define(self, uri: str, pool: Pool) -> PoolStatus: ...
 
     def pool_undefine(self, uri: str, name: str) -> None: ...
+
+    def cancel(self, domain: str, *, requested_by: str = "", wait: float = ...) -> CancelResult: ...
 
 
 DEFAULT_URI = "qemu:///system"
@@ -299,6 +304,19 @@ class CoordinatorServicer:
             context, "UndefinePool", lambda: self._coordinator.pool_undefine(uri, request.name)
         )
         return pb.UndefinePoolResponse()
+
+    def Cancel(self, request: Any, context: Any) -> Any:
+        self._decode(context, "Cancel", lambda: require(request, "domain"))
+        wait = self._decode(context, "Cancel", lambda: cancel_wait(request))
+        who = f"the Cancel RPC from {peer_of(context)}"
+        log.info("Cancel %s requested by %s", request.domain, peer_of(context))
+        result = self._ask(
+            context,
+            "Cancel",
+            lambda: self._coordinator.cancel(request.domain, requested_by=who, wait=wait),
+        )
+        log.info("Cancel %s: %s", request.domain, result.message)
+        return self._encode(context, "Cancel", lambda: cancel_message(result))
 
     @staticmethod
     def _decode(context: Any, method: str, decode: Callable[[], T]) -> T:

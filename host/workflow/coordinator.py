@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,10 +49,19 @@ from host.workflow.guest import (
     serial_agent,
     to_primary,
 )
-from host.workflow.journal import Journal, JournalError, WorkflowKind, WorkflowRecord
+from host.workflow.journal import (
+    Journal,
+    JournalError,
+    WorkflowClosed,
+    WorkflowKind,
+    WorkflowRecord,
+    boot_id_now,
+)
+from host.workflow.lease import SETTLE_S, DomainLease, LeaseHeld
 from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
 from host.workflow.model import (
     STILL_RUNNING,
+    CancelResult,
     DomainStatus,
     DomainTeams,
     Event,
@@ -73,6 +84,20 @@ log = logging.getLogger(__name__)
 
 #: How long ``recover`` waits for a migration a killed coordinator left running.
 RECOVER_JOB_WAIT = 300.0
+#: How long ``cancel`` waits, by default, for the workflow to have rolled back.
+CANCEL_WAIT = 300.0
+#: Steps after which a migration cannot be cancelled: the VM has moved.
+PAST_NO_RETURN = frozenset({"bind", "verify"})
+
+
+class NothingToCancel(WorkflowError, LookupError):
+    """The domain has no running migration to cancel; nothing was changed."""
+
+    code = "NOT_FOUND"
+
+
+def _never() -> str:
+    return ""
 
 
 def _ignore(_event: Event) -> None:
@@ -94,6 +119,9 @@ class Coordinator:
         self.connect = connect
         self._agent_for = agent_for
         self.observer: Observer = observer or NoObserver()
+        #: Fischer's wait when taking a domain's lease (host/workflow/lease.py); the
+        #: fakes' unit tests set 0.
+        self.lease_settle = SETTLE_S
 
     def agent_for(self, dom: Domain, timeout: float) -> AgentClient:
         """The workflow's agent client, its calls told to the observer."""
@@ -106,8 +134,13 @@ class Coordinator:
     # -- migration -------------------------------------------------------------------
 
     def migrate(
-        self, request: MigrationRequest, on_event: Callable[[Event], None] = _ignore
+        self,
+        request: MigrationRequest,
+        on_event: Callable[[Event], None] = _ignore,
+        interrupted: Callable[[], str] = _never,
     ) -> MigrationReport:
+        """Run one migration to its end.  *interrupted* says who cancelled it in this
+        process ("SIGINT"; "" while nobody has); ``cancel`` asks through the journal."""
         with (
             self.connect(request.source_uri) as source,
             self.connect(request.destination_uri) as destination,
@@ -121,6 +154,20 @@ class Coordinator:
                 request.destination_uri,
                 asdict(request),
             )
+            lease = self._lease(workflow_id, WorkflowKind.MIGRATE)
+            try:
+                lease.take(dom)
+            except Exception as exc:
+                self.journal.finish(workflow_id, "refused", {"error": str(exc)})
+                raise
+
+            def cancelled() -> str:
+                asked = interrupted()
+                if asked:
+                    return asked
+                found = self.journal.cancel_request(workflow_id)
+                return found.requested_by if found is not None else ""
+
             try:
                 with log_fields(domain=dom.name, workflow=workflow_id):
                     report = MigrationWorkflow(
@@ -131,16 +178,135 @@ class Coordinator:
                         destination,
                         on_event,
                         self.agent_for,
+                        cancelled=cancelled,
+                        lease=lease,
                     ).run()
             except PreflightError as exc:
+                self._release(lease, source, destination, dom.uuid)
                 self.journal.finish(workflow_id, "refused", {"error": str(exc)})
                 raise
             except Exception as exc:
+                self._release(lease, source, destination, dom.uuid)
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 raise
+            self._release(lease, source, destination, dom.uuid)
             self.journal.finish(workflow_id, str(report.outcome), plain(report))
             notify(self.observer.migration_finished, report)
             return report
+
+    def _lease(self, workflow_id: str, kind: str) -> DomainLease:
+        return DomainLease(workflow_id, kind, settle=self.lease_settle)
+
+    @staticmethod
+    def _release(lease: DomainLease, *hosts_and_uuid: Any) -> None:
+        """Give the lease back on whichever host holds the domain now."""
+        *hosts, uuid = hosts_and_uuid
+        for hv in hosts:
+            try:
+                if hv.has_domain(uuid):
+                    lease.release(hv.domain(uuid))
+            except HypervisorError as exc:
+                log.warning("lease: %s: %s", hv.uri, exc)
+
+    def cancel(
+        self, domain: str, *, requested_by: str = "", wait: float = CANCEL_WAIT
+    ) -> CancelResult:
+        """Stop *domain*'s running migration, whichever process runs it on this journal.
+
+        Before the point of no return the cancel is recorded in the journal, where the
+        workflow looks for it (it aborts the libvirt job and rolls back); this waits up
+        to *wait* seconds for the workflow to end.  After it, nothing is asked: the VM
+        has moved and the bind finishes.  No running migration: :class:`NothingToCancel`.
+        """
+        record = self._running_migration(domain)
+        steps = self.journal.steps(record.id)
+        phase = steps[-1].name if steps else "preflight"
+        if phase == "cancel":
+            phase = steps[-2].name if len(steps) > 1 else "preflight"
+        migrated = any(s.name == "migrate" and s.status == "done" for s in steps)
+        if migrated or phase in PAST_NO_RETURN:
+            return CancelResult(
+                record.id,
+                record.domain_name,
+                phase,
+                accepted=False,
+                message=(
+                    f"too late to cancel: {record.domain_name} has moved to "
+                    f"{record.destination_uri}; the bind will finish (workflow {record.id})"
+                ),
+            )
+        who = requested_by or f"ptmig cancel (pid {os.getpid()} on {socket.gethostname()})"
+        try:
+            self.journal.request_cancel(record.id, who)
+        except WorkflowClosed as exc:
+            raise NothingToCancel(f"{record.domain_name}: {exc}; nothing to cancel") from None
+        log.info("cancel of workflow %s (%s) asked by %s at %s", record.id, domain, who, phase)
+        deadline = time.monotonic() + wait
+        ended = self.journal.get(record.id)
+        while ended is not None and ended.is_open and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ended = self.journal.get(record.id)
+        if ended is None or ended.is_open:
+            return CancelResult(
+                record.id,
+                record.domain_name,
+                phase,
+                accepted=True,
+                message=f"cancel of {record.domain_name} requested at {phase}; "
+                f"workflow {record.id} is stopping",
+            )
+        report = ended.report or {}
+        outcome = _outcome(ended.outcome)
+        cancelled = bool(report.get("cancelled"))
+        if cancelled:
+            message = f"{record.domain_name}: cancelled at {phase}, {ended.outcome}"
+            if outcome is Outcome.ROLLED_BACK:
+                message += f": it runs on {record.source_uri} with its teams as before"
+            elif report.get("error"):
+                message += f": {report['error']}"
+        elif outcome in (Outcome.DONE, Outcome.DONE_DEGRADED):
+            message = (
+                f"too late to cancel: {record.domain_name} had moved to "
+                f"{record.destination_uri}; the bind finished ({ended.outcome})"
+            )
+        else:
+            message = f"{record.domain_name}: the workflow ended {ended.outcome} before the cancel"
+        return CancelResult(
+            record.id,
+            record.domain_name,
+            phase,
+            accepted=True,
+            ended=True,
+            outcome=outcome,
+            cancelled=cancelled,
+            message=message,
+        )
+
+    def _running_migration(self, domain: str) -> WorkflowRecord:
+        if not domain:
+            raise NothingToCancel("cancel: which domain?")
+        mine = [
+            w for w in self.journal.open_workflows() if domain in (w.domain_uuid, w.domain_name)
+        ]
+        if not mine:
+            raise NothingToCancel(
+                f"{domain} has no running workflow in journal {self.journal.path}; "
+                "nothing to cancel, nothing changed"
+            )
+        record = mine[0]
+        if record.kind is not WorkflowKind.MIGRATE:
+            raise NothingToCancel(
+                f"{domain}'s open workflow {record.id} is a {record.kind}; only a migration "
+                "can be cancelled (nothing changed)"
+            )
+        # An owner on another machine (a shared journal) cannot be asked whether it runs.
+        here = record.owner_boot_id in (None, boot_id_now())
+        if here and not self.journal.is_owner_alive(record):
+            raise NothingToCancel(
+                f"{domain}'s workflow {record.id} is not running: its coordinator "
+                f"(pid {record.owner_pid}) is gone; run 'ptmig recover' (nothing changed)"
+            )
+        return record
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -155,7 +321,13 @@ class Coordinator:
             )
             result: dict[str, str] = {}
             outcome = "failed"
+            lease = self._lease(workflow_id, WorkflowKind.FAILOVER)
             try:
+                try:
+                    lease.take(guest.dom)
+                except LeaseHeld:
+                    outcome = "refused"
+                    raise
                 for team in guest.teams().teams:
                     op = f"{workflow_id}:{to}:{team.name}"
                     self.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
@@ -175,6 +347,8 @@ class Coordinator:
                 outcome = "done"
             finally:
                 guest.close()
+                if outcome != "refused":
+                    lease.release(guest.dom)
                 self.journal.finish(workflow_id, outcome, {"teams": result})
             return FailoverResult(workflow_id, guest.name, to, result)
 
@@ -400,7 +574,7 @@ class Coordinator:
         if len(running) != 1:
             return Outcome.FAILED, f"domain runs on {running or 'no host'}; check by hand"
         uri = running[0]
-        teams = self._repair(uri, uuid, f"{workflow_id}:recover")
+        teams = self._repair(uri, uuid, f"{workflow_id}:recover", workflow_id, "recover")
         where = "source" if uri == source_uri else "destination"
         if uri == source_uri and source_uri != destination_uri:
             outcome = Outcome.ROLLED_BACK
@@ -433,10 +607,19 @@ class Coordinator:
             except HypervisorError as exc:
                 log.warning("recover: %s: %s", uri, exc)
 
-    def _repair(self, uri: str, ident: str, op_prefix: str) -> dict[str, str]:
-        """Every team of the domain on *uri* back on a primary where a device is free."""
+    def _repair(
+        self, uri: str, ident: str, op_prefix: str, workflow_id: str, kind: str
+    ) -> dict[str, str]:
+        """Every team of the domain on *uri* back on a primary where a device is free,
+        under the domain's lease (:class:`LeaseHeld` if another workflow has it)."""
         with self.connect(uri) as hv:
             guest = GuestOnHost(hv, ident, self.agent_for)
+            lease = self._lease(workflow_id, kind)
+            try:
+                lease.take(guest.dom)
+            except BaseException:
+                guest.close()
+                raise
             try:
                 out = {}
                 for drift in guest.drift(guest.agent().state()):
@@ -452,6 +635,7 @@ class Coordinator:
                 return out
             finally:
                 guest.close()
+                lease.release(guest.dom)
 
     # -- reconciler ------------------------------------------------------------------
 
@@ -510,7 +694,9 @@ class Coordinator:
                 continue
             try:
                 with log_fields(domain=uuid, workflow=workflow_id, phase="repair"):
-                    teams = self._repair(uri, uuid, f"{workflow_id}:repair")
+                    teams = self._repair(
+                        uri, uuid, f"{workflow_id}:repair", workflow_id, WorkflowKind.REPAIR
+                    )
                 self.journal.finish(workflow_id, "done", {"teams": teams})
                 repaired.append(RepairResult(workflow_id, uuid, teams))
                 degraded -= sum(1 for name in needs if teams.get(name) == "primary")
@@ -520,6 +706,9 @@ class Coordinator:
                     else "partly"
                 )
                 notify(self.observer.repair_finished, uuid, outcome)
+            except LeaseHeld as exc:  # another coordinator (another host's) is at it
+                log.info("reconcile: %s busy: %s", uuid, exc)
+                self.journal.finish(workflow_id, "refused", {"error": str(exc)})
             except Exception as exc:
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
                 repaired.append(RepairResult(workflow_id, uuid, error=str(exc)))
@@ -536,6 +725,13 @@ CONFIGURATION_KINDS = frozenset(
         WorkflowKind.POOL_UNDEFINE,
     }
 )
+
+
+def _outcome(text: str | None) -> Outcome | None:
+    try:
+        return Outcome(text) if text else None
+    except ValueError:  # "refused"
+        return None
 
 
 def _pool_subject(name: str, uri: str) -> str:

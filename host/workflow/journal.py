@@ -16,6 +16,11 @@ Tables (schema version :data:`SCHEMA_VERSION` in ``PRAGMA user_version``):
 ``steps``
     append-only rows ``(workflow_id, seq, name, status, data_json, at)``; a step's
     current status is its last row.
+``cancel_requests``
+    at most one row per workflow: someone (``ptmig cancel`` in another process, a
+    signal, ptmigd's Cancel RPC) asked it to stop.  The running workflow polls it
+    between steps and during the migration job (:meth:`Journal.cancel_request`), so
+    the journal is the one place a cancel travels through, whatever process asks.
 
 The owner of a workflow is the process that began (or adopted) it, recorded as
 pid + start time (``/proc/PID/stat`` field 22) + boot id, so that a recycled pid or
@@ -43,7 +48,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 MAX_DATA_JSON_CHARS = 1024 * 1024  # a step's data is a few addresses and names, not logs
 
@@ -132,6 +137,13 @@ class WorkflowRecord:
         return d
 
 
+@dataclass(frozen=True)
+class CancelRequest:
+    workflow_id: str
+    requested: float  # epoch seconds
+    requested_by: str  # who asked, in words ("ptmig cancel (pid 123)", "SIGINT")
+
+
 class WorkflowConflict(JournalError):
     """The domain already has an open workflow (running, or left by a dead coordinator)."""
 
@@ -211,6 +223,14 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX workflows_one_open_per_domain
         ON workflows (domain_uuid) WHERE state = 'open';
     CREATE INDEX workflows_created ON workflows (created);
+    """,
+    # 3: cancel requests, one per workflow, kept with it.
+    """
+    CREATE TABLE cancel_requests (
+        workflow_id TEXT PRIMARY KEY REFERENCES workflows (id) ON DELETE CASCADE,
+        requested REAL NOT NULL,
+        requested_by TEXT NOT NULL
+    );
     """,
 )
 
@@ -461,6 +481,39 @@ class Journal:
                 "updated = ? WHERE id = ?",
                 (str(outcome), report_json, time.time(), workflow_id),
             )
+
+    # -- cancel requests ---------------------------------------------------------------
+
+    def request_cancel(self, workflow_id: str, requested_by: str) -> CancelRequest:
+        """Ask the open workflow to stop; the first request is kept (and returned).
+
+        Raises :class:`WorkflowClosed` when it already ended: nothing is recorded.
+        """
+        with self._errors(), self._write() as db:
+            record = self._get(db, workflow_id)
+            if not record.is_open:
+                raise WorkflowClosed(f"workflow {workflow_id} is already {record.outcome}")
+            db.execute(
+                "INSERT OR IGNORE INTO cancel_requests (workflow_id, requested, requested_by) "
+                "VALUES (?, ?, ?)",
+                (workflow_id, time.time(), requested_by),
+            )
+            row = db.execute(
+                "SELECT workflow_id, requested, requested_by FROM cancel_requests "
+                "WHERE workflow_id = ?",
+                (workflow_id,),
+            ).fetchone()
+        return CancelRequest(row[0], float(row[1]), row[2])
+
+    def cancel_request(self, workflow_id: str) -> CancelRequest | None:
+        """The workflow's cancel request, None if nobody asked (one indexed read)."""
+        with self._errors(), self._lock:
+            row = self._db.execute(
+                "SELECT workflow_id, requested, requested_by FROM cancel_requests "
+                "WHERE workflow_id = ?",
+                (workflow_id,),
+            ).fetchone()
+        return None if row is None else CancelRequest(row[0], float(row[1]), row[2])
 
     # -- reading ---------------------------------------------------------------------
 

@@ -18,11 +18,19 @@ it, there is nothing to undo: a team that cannot get a device stays on its stand
 primary gone) is neither switched nor unplugged, and gets a destination device like any.
 A rollback is rolled-back when the domain is as it was before the workflow: every team
 that was on a primary is on one again, degraded teams stay degraded.
+
+Cancel (``ptmig cancel``, the Cancel RPC, SIGINT/SIGTERM on ``ptmig migrate``) is asked
+through *cancelled*, which the workflow polls between steps and, during the migration
+job, every :data:`CANCEL_POLL_S`: before the point of no return it aborts the job
+(virDomainAbortJob) or stops before the next step and rolls back, the report saying
+``cancelled``; after it, the bind finishes.  Between steps the workflow also renews its
+lease on the domain (host/workflow/lease.py) and stops if another coordinator has it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -44,6 +52,7 @@ from host.workflow.guest import (
     serial_agent,
     to_primary,
 )
+from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
 from host.workflow.steps import JournalLike, Step, StepRunner
 
@@ -55,6 +64,16 @@ BIND_TIMEOUT = 30.0
 SWITCH_TIMEOUT = 15.0
 #: How long a failed migration may leave the domain active on both hosts.
 SETTLE_TIMEOUT = 90.0
+#: How often a cancel is looked for while the migration job runs.
+CANCEL_POLL_S = 0.25
+
+
+class Cancelled(WorkflowError):
+    """A cancel was asked before the point of no return: stop and roll back."""
+
+
+def _never() -> str:
+    return ""
 
 
 class MigrationWorkflow:
@@ -67,7 +86,14 @@ class MigrationWorkflow:
         destination: Hypervisor,
         on_event: Callable[[Event], None],
         agent_for: AgentFactory = serial_agent,
+        *,
+        cancelled: Callable[[], str] = _never,
+        lease: DomainLease | None = None,
     ) -> None:
+        #: Who asked to cancel ("" while nobody has): polled, never waited on.
+        self.cancelled = cancelled
+        self.lease = lease
+        self.cancel_reason = ""
         self.request = request
         self.source_hv = source
         self.destination_hv = destination
@@ -280,14 +306,23 @@ class MigrationWorkflow:
                 p.fraction,
             )
 
-        stats = src.dom.migrate(
-            self.destination_hv,
-            peer_uri=self.request.peer_uri,
-            persistent_xml=persistent,
-            unsafe=self.request.unsafe,
-            on_progress=progress,
-            max_downtime_ms=self.request.max_downtime_ms,
+        stop = threading.Event()
+        watcher = threading.Thread(
+            target=self._abort_on_cancel, args=(stop,), name="migration-cancel", daemon=True
         )
+        watcher.start()
+        try:
+            stats = src.dom.migrate(
+                self.destination_hv,
+                peer_uri=self.request.peer_uri,
+                persistent_xml=persistent,
+                unsafe=self.request.unsafe,
+                on_progress=progress,
+                max_downtime_ms=self.request.max_downtime_ms,
+            )
+        finally:
+            stop.set()
+            watcher.join()
         src.close()
         self.destination = self._destination_guest()
         self.migration = {
@@ -321,6 +356,44 @@ class MigrationWorkflow:
             return run
 
         return Step(name, fresh(action), fresh(compensation) if compensation else None)
+
+    def _abort_on_cancel(self, stop: threading.Event) -> None:
+        """While the migration call runs: on a cancel, abort its job (again until libvirt
+        takes it: the job may not have started yet when the cancel comes)."""
+        told = False
+        while not stop.wait(CANCEL_POLL_S):
+            reason = self._cancel_asked()
+            if not reason:
+                continue
+            if not told:
+                self.runner.emit("migrate", "info", f"cancel ({reason}): aborting the job")
+                told = True
+            try:
+                self.source.dom.abort_job()
+                return
+            except HypervisorError as exc:
+                log.info("abort job: %s; again", exc)
+
+    def _cancel_asked(self) -> str:
+        if not self.cancel_reason:
+            try:
+                self.cancel_reason = self.cancelled()
+            except Exception as exc:  # the journal unreadable: no cancel, keep going
+                log.warning("cannot look for a cancel request: %s", exc)
+        return self.cancel_reason
+
+    def _guard(self, next_step: str, ttl: float | None = None) -> None:
+        """Between steps before the point of no return: stop on a cancel; keep the lease."""
+        reason = self._cancel_asked()
+        if reason:
+            self.runner.journal.record(self.workflow_id, "cancel", "done", {"by": reason})
+            self.runner.emit("cancel", "info", f"{reason}: stopping before {next_step}")
+            raise Cancelled(f"cancelled ({reason}) before {next_step}")
+        if self.lease is not None:
+            if ttl is None:
+                self.lease.renew(self.source.dom)
+            else:
+                self.lease.renew(self.source.dom, ttl)
 
     def plug_and_bind(self) -> dict[str, Any]:
         assert self.destination is not None
@@ -378,8 +451,11 @@ class MigrationWorkflow:
             report.drift = self._cases()
             raise PreflightError(str(exc)) from exc
         try:
+            self._guard("switch")
             r.run(self._step("switch", self.switch_to_standby, self.switch_back))
+            self._guard("unplug")
             r.run(self._step("unplug", self.unplug, self.replug_on_source))
+            self._guard("migrate", JOB_LEASE_TTL)
             r.run(self._step("migrate", self.migrate))
         except Exception as exc:
             report.error = str(exc)
@@ -398,14 +474,25 @@ class MigrationWorkflow:
                 # deadline); degraded teams were left alone and stay degraded.
                 differences = self._differences_from_before(report.teams)
                 report.outcome = Outcome.FAILED if differences else Outcome.ROLLED_BACK
+                if self._cancel_asked():
+                    report.cancelled = True
+                    if not isinstance(exc, Cancelled):  # libvirt's "operation aborted"
+                        report.error = f"cancelled ({self.cancel_reason}): {exc}"
                 if errors or differences:
                     report.error += "; rollback: " + "; ".join(errors + differences)
                 report.phases = r.timings
                 report.drift = self._cases()
                 return report
         r.forget_compensations()
+        if self._cancel_asked():
+            self.runner.emit(
+                "cancel", "info", f"{self.cancel_reason} came too late: the VM has moved; binding"
+            )
         t0 = time.monotonic()
         try:
+            if self.lease is not None:
+                assert self.destination is not None
+                self.lease.renew(self.destination.dom)
             r.run(self._step("bind", self.plug_and_bind))
             report.teams = self.verify()
         except Exception as exc:

@@ -71,6 +71,9 @@ class MigrationReport:
     migration: dict[str, Any] = field(default_factory=dict)  # libvirt job statistics
     #: Preflight's case per team (host/workflow/drift.py): "plugged", "primary-absent", ...
     drift: dict[str, str] = field(default_factory=dict)
+    #: Stopped by a cancel (``ptmig cancel``, the Cancel RPC, SIGINT or SIGTERM) before the
+    #: point of no return; the outcome says whether the rollback made it as it was.
+    cancelled: bool = False
 
 
 # -- what the Coordinator answers (one type per answer; the faces encode these only) --------
@@ -198,6 +201,22 @@ class WorkflowSummary:
     updated: float
     owner_alive: bool  # for open workflows: is its coordinator still running?
     report_json: str  # the final report, a JSON object; "" while open
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What ``cancel`` did to a domain's running migration."""
+
+    workflow_id: str
+    domain: str
+    phase: str  # the workflow's step when the cancel was asked ("switch", "migrate", ...)
+    #: True: asked before the point of no return (the workflow stops and rolls back);
+    #: False: the VM has moved, the bind finishes (nothing was asked of the workflow).
+    accepted: bool
+    ended: bool = False  # the workflow ended within the wait
+    outcome: Outcome | None = None  # its outcome, once ended
+    cancelled: bool = False  # it ended by the cancel (its report says cancelled)
+    message: str = ""  # one line for people
 
 
 def plain(value: object) -> Any:

@@ -588,3 +588,194 @@ def test_same_migration_started_twice_runs_once(faulty: VmLab) -> None:
         f"one done, one refused (exit 6) + {assert_converged(lab)}",
         lost,
     )
+
+
+# -- cancel and signals: "cancel at each phase", "SIGINT at each phase" ------------------
+
+
+def wait_for_cancel_request(timeout: float = 60) -> None:
+    """Until the open workflow has the cancel request another process is recording."""
+    deadline = time.monotonic() + timeout
+    with Journal(co.journal_path()) as journal:
+        while time.monotonic() < deadline:
+            if any(journal.cancel_request(w.id) for w in journal.open_workflows()):
+                return
+            time.sleep(0.05)
+    raise AssertionError("ptmig cancel never recorded its request")
+
+
+def wait_for_job(lab: VmLab, host: str, timeout: float = 30) -> None:
+    dom = lab.domain(host)
+    deadline = time.monotonic() + timeout
+    while dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+        assert time.monotonic() < deadline, "the migration job never started"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("phase", ["preflight", "switch", "unplug", "migrate", "bind"])
+def test_ptmig_cancel_from_another_process_at(faulty: VmLab, phase: str) -> None:
+    """``ptmig cancel`` (its own process) while ``migrate`` is at *phase*: before the point
+    of no return the job is aborted and everything rolls back; at bind it is too late."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    answers: list[subprocess.CompletedProcess[str]] = []
+    threads: list[threading.Thread] = []
+
+    def ask() -> None:
+        def cancel() -> None:
+            answers.append(co.ptmig(lab, src, "cancel", DOMAIN_NAME, "--json", check=False))
+
+        threads.append(threading.Thread(target=cancel))
+        threads[-1].start()
+        if phase != "bind":
+            wait_for_cancel_request()  # the workflow goes on only once it is asked
+
+    job = OnceTheJobRuns(lab, src, lambda _dom: ask())
+    hook: Callable[[], None] = job if phase == "migrate" else ask
+    t0 = time.monotonic()
+    with pinging(f"cancel-{phase}") as lost:
+        report = migrate(lab, dest, {(phase, "started"): hook})
+        job.join()
+        for t in threads:
+            t.join()
+    took = time.monotonic() - t0
+    (proc,) = answers
+    answer = json.loads(proc.stdout)
+    if phase == "bind":
+        assert proc.returncode == 1, proc.stderr
+        assert answer["accepted"] is False and "the bind will finish" in answer["message"]
+        result = expect(report, Outcome.DONE)
+        assert lab.where() == dest and not report.cancelled
+    else:
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        assert (answer["accepted"], answer["cancelled"], answer["outcome"]) == (
+            True,
+            True,
+            "rolled-back",
+        ), answer
+        assert answer["phase"] == phase, answer
+        result = expect(report, Outcome.ROLLED_BACK) + " (cancelled)"
+        assert report.cancelled and lab.where() == src
+    record(f"ptmig cancel @{phase}", f"{result} in {took:.0f} s + {assert_converged(lab)}", lost)
+
+
+def migrate_argv(lab: VmLab, src: str, dest: str) -> list[str]:
+    return [
+        os.environ.get(co.HOST_PYTHON_ENV) or sys.executable,
+        "-m",
+        "host.cli",
+        "-c",
+        lab.hosts[src].uri,
+        "migrate",
+        DOMAIN_NAME,
+        lab.hosts[dest].uri,
+        "--peer-uri",
+        lab.hosts[dest].tcp_uri,
+        "--unsafe",
+    ]
+
+
+def cli_env(journal: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PTMIG_JOURNAL": journal,
+        "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
+    }
+
+
+@pytest.mark.parametrize(
+    "signame,phase,times",
+    [
+        ("SIGINT", "preflight", 1),
+        ("SIGINT", "switch", 1),
+        ("SIGINT", "unplug", 1),
+        ("SIGINT", "migrate", 1),
+        ("SIGINT", "bind", 1),
+        ("SIGTERM", "migrate", 1),
+        ("SIGINT", "migrate", 2),
+    ],
+)
+def test_signal_on_ptmig_migrate_at(faulty: VmLab, signame: str, phase: str, times: int) -> None:
+    """Ctrl-C (or SIGTERM) on ``ptmig migrate`` does what cancel does and says so on one
+    line; a second Ctrl-C does not leave the workflow open."""
+    sig = signal.Signals[signame]
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    t0 = time.monotonic()
+    with pinging(f"{sig.name}-{phase}-{times}") as lost:
+        proc = subprocess.Popen(
+            migrate_argv(lab, src, dest),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(co.journal_path()),
+        )
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # "phase: state message" (stderr is not a terminal)
+            seen.append(line)
+            if line.startswith(f"{phase}: started"):
+                if phase == "migrate":
+                    wait_for_job(lab, src)
+                for _ in range(times):
+                    proc.send_signal(sig)
+                    time.sleep(0.5)
+                break
+        out, rest = proc.communicate(timeout=300)
+    took = time.monotonic() - t0
+    stderr = "".join(seen) + rest
+    print(stderr)  # shown with the failure (or -rP): the workflow's events, the signal lines
+    said = [line for line in stderr.splitlines() if line.startswith(f"ptmig: {sig.name}")]
+    assert len(said) == times, stderr
+    if phase == "bind":
+        assert proc.returncode == 0, stderr
+        assert "too late to cancel" in said[0] and "finishing the bind" in said[0]
+        assert lab.where() == dest
+        result = "done"
+    else:
+        assert proc.returncode == 4, stderr
+        assert said[0].startswith(f"ptmig: {sig.name}: cancelling the migration of"), said
+        assert "rolled-back (cancelled)" in out, out
+        if times > 1:
+            assert "already cancelling" in said[1], said
+        assert lab.where() == src
+        result = "rolled-back (cancelled)"
+    name = f"{sig.name}{' x2' if times > 1 else ''} on ptmig migrate @{phase}"
+    record(name, f"{result} in {took:.0f} s + {assert_converged(lab)}", lost)
+
+
+def test_same_migration_from_both_hosts_coordinators_runs_once(faulty: VmLab) -> None:
+    """Two coordinators with journals of their own, one in hosta's network namespace and
+    one in hostb's, start the same migration at once: the lease in the domain's metadata
+    lets exactly one run; the other is refused (exit 6) and changes nothing."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    other_journal = str(run_dir() / "journal-other-coordinator.sqlite")
+    procs = []
+    with pinging("two-coordinators") as lost:
+        for net, journal in zip(HOSTS, (co.journal_path(), other_journal), strict=True):
+            procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", net.netns, *migrate_argv(lab, src, dest), "--json"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=cli_env(journal),
+                )
+            )
+        outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 6], (codes, outs)
+    refused = next(err for (_, err), p in zip(outs, procs, strict=True) if p.returncode == 6)
+    assert "is held by migrate workflow" in refused and "nothing was changed" in refused, refused
+    assert lab.where() == dest
+    with Journal(other_journal) as journal:
+        assert journal.open_workflows() == []
+    record(
+        "same migration from two coordinators",
+        f"one done, one refused by the lease (exit 6) + {assert_converged(lab)}",
+        lost,
+    )

@@ -85,6 +85,11 @@ class CoordinatorStub(object):
                 request_serializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolRequest.SerializeToString,
                 response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolResponse.FromString,
                 )
+        self.Cancel = channel.unary_unary(
+                '/ptmig.v1.Coordinator/Cancel',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.CancelRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.CancelResponse.FromString,
+                )
 
 
 class CoordinatorServicer(object):
@@ -186,6 +191,16 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Stop a domain's running migration, whichever process of this journal runs it.
+        Before the point of no return the libvirt job is aborted and the workflow rolls
+        back (its report says cancelled); after it, nothing is asked (accepted = false).
+        NOT_FOUND when the domain has no running migration (nothing changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +258,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UndefinePool,
                     request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolRequest.FromString,
                     response_serializer=ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.CancelRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -454,5 +474,22 @@ class Coordinator(object):
         return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/UndefinePool',
             ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolRequest.SerializeToString,
             ptmig_dot_v1_dot_coordinator__pb2.UndefinePoolResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/Cancel',
+            ptmig_dot_v1_dot_coordinator__pb2.CancelRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.CancelResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -366,3 +366,35 @@ def test_define_list_and_undefine_pools(stub: Any, world: World) -> None:
         ("pool-define", f"pool lab@{B}", "lab", "done"),
         ("pool-define", f"pool nics@{B}", "nics", "done"),
     ]
+
+
+def test_cancel_without_a_running_migration_is_not_found(stub: Any, world: World) -> None:
+    before = world.snapshot()
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Cancel(pb.CancelRequest(domain="vm1"), timeout=CALL_TIMEOUT)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "vm1 has no running workflow" in raised.value.details()
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Cancel(pb.CancelRequest(domain="vm1", wait_seconds=-1), timeout=CALL_TIMEOUT)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.snapshot() == before
+
+
+def test_cancel_rolls_a_running_migration_back(stub: Any, world: World) -> None:
+    world.migration_job_s = 20.0
+    request = pb.MigrateRequest(domain="vm1", source_uri=A, destination_uri=B)
+    stream = stub.Migrate(request, timeout=CALL_TIMEOUT)
+    for event in stream:
+        if (event.phase, event.state) == ("migrate", "started"):
+            break
+    answer = stub.Cancel(pb.CancelRequest(domain="vm1", wait_seconds=15), timeout=CALL_TIMEOUT)
+    *_, last = list(stream)
+    assert (answer.accepted, answer.ended, answer.cancelled) == (True, True, True)
+    assert (answer.outcome, answer.outcome_text, answer.domain) == (
+        pb.OUTCOME_ROLLED_BACK,
+        "rolled-back",
+        "vm1",
+    )
+    assert answer.phase in ("migrate", "unplug") and answer.workflow_id == last.workflow_id
+    assert (last.report.outcome, last.report.cancelled) == (pb.OUTCOME_ROLLED_BACK, True)
+    assert world.running_on("vm1") == [A]

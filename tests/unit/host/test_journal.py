@@ -452,6 +452,25 @@ def test_a_version_1_journal_is_upgraded_keeping_its_workflows_and_steps(
             journal.begin("pool-define", "u1", "vm1", "a", "a", {})  # the index survived
         journal.finish(other, "done", {})
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert check.execute("PRAGMA foreign_key_check").fetchall() == []
     check.close()
+
+
+def test_a_cancel_request_is_kept_once_and_seen_by_another_connection(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    with Journal(path) as running, Journal(path) as other:
+        wf = running.begin("migrate", "u1", "vm1", "a", "b", {})
+        assert running.cancel_request(wf) is None
+        first = other.request_cancel(wf, "ptmig cancel (pid 1)")
+        again = other.request_cancel(wf, "SIGINT")
+        assert again == first  # the first request is the one kept
+        assert running.cancel_request(wf) == first
+        running.finish(wf, "rolled-back", {})
+        with pytest.raises(WorkflowClosed):
+            other.request_cancel(wf, "too late")
+
+
+def test_a_cancel_request_for_an_unknown_workflow_is_refused(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.sqlite") as journal, pytest.raises(UnknownWorkflow):
+        journal.request_cancel("nope", "me")

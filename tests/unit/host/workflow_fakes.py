@@ -46,6 +46,7 @@ import pickle
 import select
 import signal
 import threading
+import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -59,6 +60,7 @@ from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentEndpoint, AgentError
 from host.domain.devices import attachment_for_slot
+from host.domain.lease import LEASE_NS
 from host.domain.pools import (
     EmulatedPool,
     EmulatedSlot,
@@ -437,6 +439,7 @@ class DomainRecord:
     prefixes: dict[str, str] = field(default_factory=lambda: {TEAMS_NS: TEAMS_PREFIX})
     job: dict[str, Any] | None = None
     job_running: bool = False  # a job (say, a migration a killed client started) in progress
+    aborted: bool = False  # abort_job was called on the running job
 
 
 @dataclass
@@ -763,7 +766,11 @@ class FakeDomain:
             return self.world.xml(record, inactive=inactive)
 
     def set_metadata(self, namespace: str, prefix: str, xml: str | None) -> None:
-        with self.world.op(self.uri, "set_metadata", self.domain_name):
+        # The workflow lease is bookkeeping, taken and given back: "set_lease" is not
+        # among MUTATING, so "nothing changed" still means the domain and guest are as
+        # they were (the snapshot compares the XML too, lease included).
+        method = "set_lease" if namespace == LEASE_NS else "set_metadata"
+        with self.world.op(self.uri, method, self.domain_name):
             record = self._record()
             element = None
             if xml is not None:
@@ -886,6 +893,7 @@ class FakeDomain:
     ) -> MigrationStats:
         destination_uri = peer_uri or destination.uri
         what = f"migrate {self.domain_name} {self.uri} -> {destination_uri}"
+        self._job_window(what)
         with self.world.op(self.uri, "migrate", self.domain_name):
             record = self._record()
             if not record.active:
@@ -965,6 +973,37 @@ class FakeDomain:
     def job_running(self) -> bool:
         with self.world.op(self.uri, "job_running", self.domain_name):
             return self._record().job_running
+
+    def abort_job(self) -> None:
+        with self.world.op(self.uri, "abort_job", self.domain_name):
+            record = self._record()
+            if not record.job_running:
+                raise HypervisorError(
+                    f"{self.uri}: abort the job of {self.domain_name}: Requested operation "
+                    "is not valid: no job is active on the domain",
+                    55,
+                )
+            record.aborted = True
+
+    def _job_window(self, what: str) -> None:
+        """With ``world.migration_job_s``, the job runs that long before the VM moves (outside
+        the world's lock, so that abort_job can come from another thread) and an abort in
+        that window fails the call as libvirt's does, the VM still here."""
+        seconds = self.world.migration_job_s
+        record = self._host.domains.get(self.uuid)
+        if not seconds or record is None:
+            return
+        record.job_running, record.aborted = True, False
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline and not record.aborted:
+                time.sleep(0.005)
+        finally:
+            record.job_running = False
+        if record.aborted:
+            raise HypervisorError(
+                f"{what}: operation aborted: migration out job: canceled by client", 1
+            )
 
     def open_channel(self, name: str) -> Any:
         raise HypervisorError(f"{self.uri}: open channel {name}: the fakes have no channels")
@@ -1135,6 +1174,8 @@ class World:
         #: the call's outcome.
         self.agent_before: dict[tuple[str, str], Callable[[str, float | None], None]] = {}
         self.agents_open = 0
+        #: How long a migration job runs before the VM moves (0: at once).
+        self.migration_job_s = 0.0
         for host in self.hosts.values():
             host.networks["default"] = (
                 "<network><name>default</name><forward mode='nat'/>"
@@ -1230,11 +1271,13 @@ class World:
         return FakeAgent(self, dom.uri, dom.uuid, timeout)
 
     def coordinator(self, journal: Journal) -> Coordinator:
-        return Coordinator(
+        coordinator = Coordinator(
             journal,
             connect=self.connect,  # type: ignore[arg-type]
-            agent_for=self.agent_for,
-        )  # type: ignore[arg-type]
+            agent_for=self.agent_for,  # type: ignore[arg-type]
+        )
+        coordinator.lease_settle = 0.0  # one process's fake hosts: no write is slow
+        return coordinator
 
     # -- calls and faults ------------------------------------------------------------
 
