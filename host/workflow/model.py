@@ -24,6 +24,63 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"  # something could not be undone; the report says what to check
 
 
+class CopyStorage(enum.StrEnum):
+    """Which non-shared disks libvirt copies with the memory (virsh's --copy-storage-*)."""
+
+    NONE = ""  # disks are shared between the hosts
+    ALL = "all"  # VIR_MIGRATE_NON_SHARED_DISK: the whole disk
+    INCREMENTAL = "inc"  # VIR_MIGRATE_NON_SHARED_INC: what the backing image does not hold
+
+
+#: libvirt's own bound for parallel migration connections (qemuMigrationParams).
+MAX_PARALLEL_CONNECTIONS = 255
+
+
+class InvalidMigrationOptions(ValueError):
+    """A migration option is out of range or contradicts another; nothing was started."""
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """libvirt's migration options that virsh users know, for one migration job.
+
+    Validated when built, so a face refuses a bad combination before any workflow starts.
+    """
+
+    #: VIR_MIGRATE_TLS: the migration stream over TLS (the hosts need libvirt's
+    #: migrate_tls_x509 certificates).
+    tls: bool = False
+    copy_storage: CopyStorage = CopyStorage.NONE
+    #: VIR_MIGRATE_PARAM_BANDWIDTH in MiB/s; None = libvirt's default (unlimited).
+    bandwidth_mib_s: int | None = None
+    #: VIR_MIGRATE_AUTO_CONVERGE: throttle the vCPUs of a guest that dirties memory faster
+    #: than it is sent.
+    auto_converge: bool = False
+    #: Switch to post-copy this many seconds into the job, or earlier once the job stalls
+    #: (a pre-copy pass that does not shrink what remains); None = never.  Safe for ptmig:
+    #: the primaries are unplugged before the VM moves, so only virtio state travels.
+    postcopy_after_s: float | None = None
+    #: VIR_MIGRATE_PARALLEL with this many connections; None = one stream.
+    parallel_connections: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_mib_s is not None and not 1 <= self.bandwidth_mib_s <= 1 << 20:
+            raise InvalidMigrationOptions(
+                f"bandwidth {self.bandwidth_mib_s} MiB/s: must be 1..{1 << 20}"
+            )
+        if self.postcopy_after_s is not None and not 0 <= self.postcopy_after_s <= 86400:
+            raise InvalidMigrationOptions(
+                f"post-copy after {self.postcopy_after_s} s: must be 0..86400"
+            )
+        if self.parallel_connections is not None and not (
+            2 <= self.parallel_connections <= MAX_PARALLEL_CONNECTIONS
+        ):
+            raise InvalidMigrationOptions(
+                f"parallel connections {self.parallel_connections}: must be "
+                f"2..{MAX_PARALLEL_CONNECTIONS}"
+            )
+
+
 @dataclass(frozen=True)
 class MigrationRequest:
     domain: str  # name or UUID
@@ -36,6 +93,7 @@ class MigrationRequest:
     #: Peer-to-peer migration URI the source libvirtd uses to reach the destination, when
     #: it differs from the one the coordinator uses (``qemu+tcp://...`` vs a local socket).
     peer_uri: str | None = None
+    options: MigrationOptions = MigrationOptions()
 
 
 @dataclass(frozen=True)
