@@ -1,4 +1,4 @@
-"""``python -m lab.traffic send|analyze``: the sender process and the analysis."""
+"""``python -m lab.traffic send|tcp-send|analyze``: the senders and the analysis."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from lab.traffic.analysis import analyze, load_phases
 from lab.traffic.record import load_record
 from lab.traffic.sender import send_main
+from lab.traffic.tcp import SINK_PORT, tcp_send_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_send.add_argument(
         "--duration", type=float, default=None, help="seconds (default: until a signal)"
     )
+    p_tcp = sub.add_parser("tcp-send", help="stream TCP at a fixed rate, sampling TCP_INFO")
+    p_tcp.add_argument("target")
+    p_tcp.add_argument("outfile")
+    p_tcp.add_argument("--port", type=int, default=SINK_PORT)
+    p_tcp.add_argument("--rate", type=int, default=1 << 20, help="bytes per second")
     p_an = sub.add_parser("analyze", help="summarize a sender output file")
     p_an.add_argument("outfile")
     p_an.add_argument("--phases", default=None, help="file of 'name start end' lines (epoch s)")
@@ -35,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return send_main(args.target, args.outfile, args.rate, args.payload_size, args.duration)
         except (ValueError, PermissionError) as exc:
             print(f"lab.traffic send: {exc}", file=sys.stderr)
+            return 1
+    if args.cmd == "tcp-send":
+        try:
+            return tcp_send_main(args.target, args.port, args.outfile, args.rate)
+        except (ValueError, OSError) as exc:
+            print(f"lab.traffic tcp-send: {exc}", file=sys.stderr)
             return 1
     report = analyze(load_record(args.outfile), load_phases(args.phases) if args.phases else None)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())

@@ -217,31 +217,27 @@ def send_main(
     return 0
 
 
-class FixedRatePinger:
-    """Runs the sender as a child process, e.g. under ``ip netns exec labcl``.
+class SenderProcess:
+    """A sender run as a child process, e.g. under ``ip netns exec labcl``, which writes its
+    record to *outfile* and announces its start there (see :meth:`_started`).
 
     Control is by PID only: ``ip netns exec`` execs the command, so the child's PID is the
     sender's; with a prefix that forks (sudo), it must relay SIGINT.
     """
 
+    #: The line that says the sender has started.
+    START_MARK = "#start_ns\t"
+
     def __init__(
         self,
-        target: str,
         outfile: str | os.PathLike[str],
         *,
-        rate: float = 1000.0,
         prefix: Sequence[str] = (),
-        payload_size: int = 56,
-        duration: float | None = None,
         python: str = sys.executable,
         ready_timeout: float = 10.0,
     ) -> None:
-        self.target = target
         self.outfile = Path(outfile)
-        self.rate = rate
         self.prefix = list(prefix)
-        self.payload_size = payload_size
-        self.duration = duration
         self.python = python
         self.ready_timeout = ready_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -252,13 +248,12 @@ class FixedRatePinger:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    def arguments(self) -> list[str]:
+        """``python -m lab.traffic`` arguments."""
+        raise NotImplementedError
+
     def command(self) -> list[str]:
-        cmd = [*self.prefix, self.python, "-m", "lab.traffic", "send", self.target]
-        cmd += [str(self.outfile), "--rate", str(self.rate)]
-        cmd += ["--payload-size", str(self.payload_size)]
-        if self.duration is not None:
-            cmd += ["--duration", str(self.duration)]
-        return cmd
+        return [*self.prefix, self.python, "-m", "lab.traffic", *self.arguments()]
 
     def start(self) -> None:
         """Start the sender and return once it has written its start time (t0)."""
@@ -267,7 +262,7 @@ class FixedRatePinger:
         # A stale file would look ready before the new sender truncates it.
         self.outfile.unlink(missing_ok=True)
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parent.parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the child)
         self._proc = subprocess.Popen(
@@ -290,7 +285,7 @@ class FixedRatePinger:
     def _started(self) -> bool:
         try:
             with self.outfile.open(encoding="ascii") as f:
-                return any(line.startswith("#start_ns\t") for line in f)
+                return any(line.startswith(self.START_MARK) for line in f)
         except FileNotFoundError:
             return False
 
@@ -306,19 +301,15 @@ class FixedRatePinger:
             self._killed = True
             self._proc.wait()
 
-    def stop(self, timeout: float = GRACE_S + 10.0) -> PingRecord:
-        """SIGINT the sender, let it listen 1 s for late replies, and load its record."""
+    def _interrupt_and_wait(self, timeout: float | None) -> None:
+        """SIGINT the sender (if it runs) and wait for it; on timeout it is killed."""
         if self._proc is None:
             raise RuntimeError("not started")
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
-        return self.wait(timeout)
+        self._wait(timeout)
 
-    def wait(self, timeout: float | None = None) -> PingRecord:
-        """Wait for the sender to exit (``duration`` runs), then load its record.
-
-        On timeout the sender is killed and the incomplete record is returned.
-        """
+    def _wait(self, timeout: float | None) -> None:
         if self._proc is None:
             raise RuntimeError("not started")
         try:
@@ -328,14 +319,12 @@ class FixedRatePinger:
         rc = self._proc.returncode
         if rc != 0 and not self._killed:
             raise RuntimeError(f"sender exited with {rc}: {self._err()}")
+        self._close()
+
+    def _close(self) -> None:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        return load_record(self.outfile)
-
-    def __enter__(self) -> FixedRatePinger:
-        self.start()
-        return self
 
     def __exit__(
         self,
@@ -349,6 +338,50 @@ class FixedRatePinger:
                 self._proc.wait(GRACE_S + 10.0)
             except subprocess.TimeoutExpired:
                 self._kill()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+        self._close()
+
+
+class FixedRatePinger(SenderProcess):
+    """Runs the echo sender (``python -m lab.traffic send``) as a child process."""
+
+    def __init__(
+        self,
+        target: str,
+        outfile: str | os.PathLike[str],
+        *,
+        rate: float = 1000.0,
+        prefix: Sequence[str] = (),
+        payload_size: int = 56,
+        duration: float | None = None,
+        python: str = sys.executable,
+        ready_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(outfile, prefix=prefix, python=python, ready_timeout=ready_timeout)
+        self.target = target
+        self.rate = rate
+        self.payload_size = payload_size
+        self.duration = duration
+
+    def arguments(self) -> list[str]:
+        args = ["send", self.target, str(self.outfile), "--rate", str(self.rate)]
+        args += ["--payload-size", str(self.payload_size)]
+        if self.duration is not None:
+            args += ["--duration", str(self.duration)]
+        return args
+
+    def stop(self, timeout: float = GRACE_S + 10.0) -> PingRecord:
+        """SIGINT the sender, let it listen 1 s for late replies, and load its record."""
+        self._interrupt_and_wait(timeout)
+        return load_record(self.outfile)
+
+    def wait(self, timeout: float | None = None) -> PingRecord:
+        """Wait for the sender to exit (``duration`` runs), then load its record.
+
+        On timeout the sender is killed and the incomplete record is returned.
+        """
+        self._wait(timeout)
+        return load_record(self.outfile)
+
+    def __enter__(self) -> FixedRatePinger:
+        self.start()
+        return self
