@@ -55,6 +55,12 @@ def vf_bar_decodes(vf_pci: str) -> bool:
     programs: reads return 0 and writes are dropped (docs/lab.md, "igbvf in L2").  Read
     with no driver bound: sysfs refuses to map a BAR a driver holds.
     """
+    driver = Path(f"/sys/bus/pci/devices/{vf_pci}/driver")
+    if driver.exists():
+        raise RuntimeError(
+            f"VF {vf_pci} is bound to {driver.resolve().name}: its BAR cannot be probed "
+            "(unbind it, or keep drivers_autoprobe off for the lab's VFs)"
+        )
     with (
         open(f"/sys/bus/pci/devices/{vf_pci}/resource0", "r+b") as f,
         mmap.mmap(f.fileno(), mmap.PAGESIZE) as bar,
