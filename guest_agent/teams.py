@@ -340,11 +340,15 @@ class Teams:
                 self._call(self._links.set_mac, device.index, team_mac)
             self._call(self._links.enslave, device.index, bond.index)
         self._call(self._links.set_up, device.index, True)
+        log.info(
+            "team %s: %s in %s and up; waiting for its carrier", team.name, device.name, bond.name
+        )
         self._wait(
             lambda ls: self._linked(ls, device.index),
             deadline,
             f"team {team.name}: {device.name} is a member of {bond.name} but has no carrier",
         )
+        log.info("team %s: %s has carrier", team.name, device.name)
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
         if self._active(self.list_links(), bond.index) != device.index:

@@ -61,6 +61,8 @@ class Sample:
     back_on_primary_s: float | None = None
     downtime_ms: int | None = None
     tcp: TcpReport | None = None
+    #: The agent's log lines of the migration, (host epoch s, message), beside the phases.
+    agent_log: list[tuple[float, str]] = field(default_factory=list)
     records: dict[str, PingRecord] = field(default_factory=dict, repr=False)
 
     def phase_seconds(self, name: str) -> float | None:
@@ -81,6 +83,7 @@ class Sample:
             "longest_outage_ms": self.longest_ms,
             "total_lost": {t: self.total_lost(t) for t in self.lost},
             "tcp": asdict(self.tcp) if self.tcp else None,
+            "agent_log": self.agent_log,
         }
 
 
@@ -184,8 +187,35 @@ def run_ptmig(lab: VmLab, dest: str) -> Sample:
         )
     if report["outcome"] != "done":
         raise LabError(f"ptmig migrate ended {report['outcome']}: {report['error']}")
+    sample.agent_log = agent_log(lab, min(p.start for p in sample.phases))
     lab.check_health()
     return sample
+
+
+def agent_log(lab: VmLab, since: float) -> list[tuple[float, str]]:
+    """The agent's journal since *since* (host epoch s), on the host's clock: the guest's
+    own clock is read in the same command and the console's round trip halved."""
+    t0 = time.time()
+    back = int(t0 - since) + 2
+    out = lab.exec(
+        "date +%s.%N; journalctl -u ptmig-agent -o short-unix --no-pager "
+        f"--since @$(( $(date +%s) - {back} ))",
+        timeout=60,
+    ).check()
+    t1 = time.time()
+    lines = out.splitlines()
+    offset = float(lines[0]) - (t0 + t1) / 2  # guest clock - host clock
+    entries = []
+    for line in lines[1:]:
+        stamp, _, rest = line.partition(" ")
+        try:
+            at = float(stamp) - offset
+        except ValueError:
+            continue  # "-- No entries --" and the like
+        message = rest.split(": ", 1)[-1]
+        if at >= since - 0.5:
+            entries.append((round(at, 3), message))
+    return entries
 
 
 def run_naive(lab: VmLab, dest: str) -> Sample:
