@@ -40,7 +40,7 @@ from lab.fabric import CLIENT_NS
 from lab.guest import DOMAIN_NAME, Nic
 from lab.paths import run_dir
 from lab.traffic import FixedRatePinger, Phase, PingRecord, analyze
-from lab.traffic.tcp import SINK_SCRIPT, TcpReport, TcpStream
+from lab.traffic.tcp import SINK_PORT, SINK_SCRIPT, TcpReport, TcpStream
 from lab.vmlab import LabError, VmLab
 
 RATE = 1000.0
@@ -146,9 +146,14 @@ class Recorder:
 
 
 def start_tcp_sink(lab: VmLab) -> None:
-    """The TCP stream's sink in the guest, detached from the console's shell."""
+    """The TCP stream's sink in the guest, detached from the console's shell; returns once
+    it listens (python3 takes about a second to start under TCG).  No ``exit``: the
+    console evaluates commands in its one shell."""
+    listening = f"ss -Hltn 'sport = :{SINK_PORT}' | grep -q ."
     lab.exec(
-        f"setsid python3 -c {shlex.quote(SINK_SCRIPT)} </dev/null >/dev/null 2>&1 &", timeout=30
+        f"setsid python3 -c {shlex.quote(SINK_SCRIPT)} </dev/null >/dev/null 2>&1 & "
+        f"for i in $(seq 200); do {listening} && break; sleep 0.1; done; {listening}",
+        timeout=60,
     ).check()
 
 
