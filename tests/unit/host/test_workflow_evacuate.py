@@ -5,7 +5,10 @@ Ctrl-C, domains without teams, the JSON form and the exit codes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -361,3 +364,29 @@ def test_exit_code_is_the_worst_outcome(outcomes: tuple[str, ...], code: int) ->
         A, 1, 0.0, [DomainEvacuation(o, o, B, EvacuationOutcome(o)) for o in outcomes]
     )
     assert cli.evacuation_exit_code(report) == code
+
+
+def test_cli_sigint_cancels_the_running_and_starts_no_more(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = World(tuple(numbered_guest(n) for n in range(4)), slots={A: 4, B: 4})
+    world.migration_job_s = 20.0  # until aborted
+    monkeypatch.setattr(cli, "_coordinator", lambda args: world.coordinator(journal))
+
+    def interrupt_once_a_job_runs() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(r.job_running for r in world.hosts[A].domains.values()):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=interrupt_once_a_job_runs, daemon=True).start()
+    code = cli.main(["evacuate", A, "--to", B, "--parallel", "2", "--json"])
+    out, err = capsys.readouterr()
+    outcomes = sorted(d["outcome"] for d in json.loads(out)["domains"])
+    assert code == cli.EXIT_ROLLED_BACK
+    assert "SIGINT: stopping the evacuation of fake://a" in err
+    assert outcomes.count("not-started") >= 2 and "done" not in outcomes
+    assert set(outcomes) <= {"rolled-back", "not-started"}
+    assert all(world.running_on(f"g{n:05d}") == [A] for n in range(4))
