@@ -390,3 +390,15 @@ def test_cli_sigint_cancels_the_running_and_starts_no_more(
     assert outcomes.count("not-started") >= 2 and "done" not in outcomes
     assert set(outcomes) <= {"rolled-back", "not-started"}
     assert all(world.running_on(f"g{n:05d}") == [A] for n in range(4))
+
+
+def test_the_live_table_shows_each_domain_destination_and_outcome(
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = EvacuationRequest(A, TO_B_C)
+    report = cli._evacuate_with_table(coordinator, request, cli._EvacuationInterrupt(request))
+    assert {d.domain: str(d.outcome) for d in report.domains} == {"vm1": "done", "vm2": "done"}
+    table = capsys.readouterr().err
+    rows = [line for line in table.splitlines() if "vm1" in line or "vm2" in line]
+    assert any("vm1" in r and B in r and "done" in r for r in rows), table
+    assert any("vm2" in r and C in r and "done" in r for r in rows), table
