@@ -188,6 +188,15 @@ def test_at_most_parallel_migrations_run_at_once(journal: Journal, parallel: int
     assert report.parallel == parallel
     assert {d.outcome for d in report.domains} == {EvacuationOutcome.DONE}
     assert concurrency(events) == parallel
+    # The shared journal kept every workflow whole: one closed row each, its steps in order.
+    rows = journal.recent(100)
+    assert sorted((w.domain_name, w.state, w.outcome) for w in rows) == [
+        (f"g{n:05d}", "closed", "done") for n in range(7)
+    ]
+    for w in rows:
+        steps = [(s.name, s.status) for s in journal.steps(w.id)]
+        assert [s.seq for s in journal.steps(w.id)] == list(range(1, len(steps) + 1))
+        assert steps[-1] == ("bind", "done")
 
 
 def test_parallel_is_capped_at_libvirts_bound(world: World, coordinator: Coordinator) -> None:
