@@ -338,6 +338,15 @@ def test_cli_peer_uris_pair_with_targets_in_order(
     assert code == cli.EXIT_USAGE and "more --peer-uri than --to" in err
 
 
+def test_cli_says_when_parallel_is_capped(ptmig: Ptmig) -> None:
+    code, out, err = ptmig("evacuate", A, "--to", B, "--parallel", "40", "--json")
+    assert code == 0 and json.loads(out)["parallel"] == MAX_PARALLEL_MIGRATIONS == 16
+    assert err == (
+        "ptmig: parallel 40 capped at 16: libvirtd runs each migration call in one of its "
+        "worker threads (max_workers = 20 by default)\n"
+    )
+
+
 def test_cli_plain_lines_and_summary(ptmig: Ptmig) -> None:
     code, out, err = ptmig("evacuate", A, "--to", B, "--to", C)
     assert code == 0
