@@ -48,7 +48,9 @@ import signal
 import threading
 import time
 import traceback
+import uuid as uuidlib
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,7 +82,12 @@ from host.workflow.model import Event
 
 A = "fake://a"
 B = "fake://b"
-HOST_UUIDS = {A: "a0a0a0a0-0000-4000-8000-00000000000a", B: "b0b0b0b0-0000-4000-8000-00000000000b"}
+C = "fake://c"  # a third host, for evacuations (not in a World unless asked for)
+HOST_UUIDS = {
+    A: "a0a0a0a0-0000-4000-8000-00000000000a",
+    B: "b0b0b0b0-0000-4000-8000-00000000000b",
+    C: "c0c0c0c0-0000-4000-8000-00000000000c",
+}
 POOL = "lab"
 POOL_NETWORK = "ptmig-pool-lab"
 BRIDGE = "br-g"
@@ -98,7 +105,26 @@ POOL_SLOTS = {
         ("ptv-b3", "52:54:00:cb:00:03"),
         ("ptv-b4", "52:54:00:cb:00:04"),
     ],
+    C: [
+        ("ptv-c1", "52:54:00:dc:00:01"),
+        ("ptv-c2", "52:54:00:dc:00:02"),
+        ("ptv-c3", "52:54:00:dc:00:03"),
+        ("ptv-c4", "52:54:00:dc:00:04"),
+    ],
 }
+
+
+def pool_slot(uri: str, index: int) -> tuple[str, str]:
+    """Host *uri*'s *index*-th pool NIC (tap, MAC): POOL_SLOTS', then made up (for a host
+    or a pool larger than the lab's, as the coordinator-scale benchmark needs)."""
+    fixed = POOL_SLOTS.get(uri, [])
+    if index < len(fixed):
+        return fixed[index]
+    h = zlib.crc32(uri.encode()) & 0xFF
+    mac = f"52:54:{h:02x}:{index >> 16 & 0xFF:02x}:{index >> 8 & 0xFF:02x}:{index & 0xFF:02x}"
+    return f"pt{h:02x}-{index:06d}", mac
+
+
 ROOT_PORTS = 10  # pcie-root-ports 1..10: bus N is port N (the disk sits on the last)
 LIBVIRT_NO_DOMAIN = 42
 MUTATING = frozenset(
@@ -129,8 +155,10 @@ class TeamSpec:
     mac_policy: str
     standby_mac: str
     standby_tap: str
-    #: Index of the source pool's slot the team's primary uses at the start; None: none.
+    #: Index of the source pool's slot the team's primary uses at the start (its NIC is
+    #: ``pool_slot(uri, slot)``); None: none.
     slot: int | None
+    pool: str = POOL
 
     @property
     def team_mac(self) -> str | None:
@@ -1160,10 +1188,16 @@ class World:
     primary from A's pool (unless its spec says otherwise)."""
 
     def __init__(
-        self, guests: tuple[GuestSpec, ...] = (VM1,), *, slots: dict[str, int | None] | None = None
+        self,
+        guests: tuple[GuestSpec, ...] = (VM1,),
+        *,
+        slots: dict[str, int | None] | None = None,
+        hosts: tuple[str, ...] = (A, B),
     ) -> None:
         self.lock = threading.RLock()
-        self.hosts = {uri: FakeHost(uri, HOST_UUIDS[uri]) for uri in (A, B)}
+        self.hosts = {uri: FakeHost(uri, _host_uuid(uri)) for uri in hosts}
+        #: Keep every call in :attr:`calls` (the benchmark turns it off: it would grow).
+        self.record_calls = True
         self.peers: dict[str, str] = {}  # peer-to-peer URI -> host URI
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
@@ -1181,7 +1215,7 @@ class World:
                 "<network><name>default</name><forward mode='nat'/>"
                 "<bridge name='virbr0'/></network>"
             )
-        for uri, count in {A: 4, B: 4, **(slots or {})}.items():
+        for uri, count in {**dict.fromkeys(hosts, 4), **(slots or {})}.items():
             self.set_slots(uri, count)
         for spec in guests:
             self.add_guest(spec)
@@ -1194,8 +1228,16 @@ class World:
         if count is None:
             networks.pop(POOL_NETWORK, None)
             return
-        slots = tuple(TapSlot(tap, mac) for tap, mac in POOL_SLOTS[uri][:count])
+        slots = tuple(TapSlot(*pool_slot(uri, n)) for n in range(count))
         networks[POOL_NETWORK] = format_pool_network(EmulatedPool(POOL, BRIDGE, "e1000e", slots))
+
+    def define_pool(self, uri: str, name: str, indices: range) -> None:
+        """Define pool *name* on host *uri* with the NICs ``pool_slot(uri, n)``, n in *indices*
+        (a host's pools must not share a NIC: give each its own range)."""
+        slots = tuple(TapSlot(*pool_slot(uri, n)) for n in indices)
+        self.hosts[uri].networks[f"ptmig-pool-{name}"] = format_pool_network(
+            EmulatedPool(name, BRIDGE, "e1000e", slots)  # type: ignore[arg-type]
+        )
 
     def add_guest(self, spec: GuestSpec, uri: str = A) -> None:
         host = self.hosts[uri]
@@ -1205,9 +1247,9 @@ class World:
         for t in spec.teams:
             primary = None
             if t.slot is not None:
-                tap, mac = POOL_SLOTS[uri][t.slot]
+                tap, mac = pool_slot(uri, t.slot)
                 attachment = attachment_for_slot(
-                    EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=f"ua-ptmig-{t.name}-1"
+                    EmulatedSlot(t.pool, BRIDGE, "e1000e", tap, mac), alias=f"ua-ptmig-{t.name}-1"
                 )
                 device = ET.fromstring(attachment.device_xml)
                 device.append(_pci_address(bus))
@@ -1219,7 +1261,7 @@ class World:
                     t.name,
                     t.standby_mac,
                     t.mac_policy,
-                    POOL,  # type: ignore[arg-type]
+                    t.pool,  # type: ignore[arg-type]
                     team_mac=t.team_mac,
                     primary=primary,
                 )
@@ -1287,7 +1329,8 @@ class World:
         if hook is not None:
             hook(subject)
         with self.lock:
-            self.calls.append(Call(where, method, subject))
+            if self.record_calls:
+                self.calls.append(Call(where, method, subject))
             self.check_faults(where, method, subject)
             yield
 
@@ -1418,7 +1461,7 @@ class World:
         """``virsh attach-device --live`` of the pool's *slot*-th NIC by an operator."""
         record = self.find(name, uri)
         assert record is not None
-        tap, mac = POOL_SLOTS[uri][slot]
+        tap, mac = pool_slot(uri, slot)
         device = ET.fromstring(
             attachment_for_slot(
                 EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=alias
@@ -1439,6 +1482,31 @@ class World:
         record = self.find(name, src)
         assert record is not None
         self.hosts[dst].domains[record.uuid] = copy.deepcopy(record)
+
+
+def _host_uuid(uri: str) -> str:
+    return HOST_UUIDS.get(uri) or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, uri))
+
+
+def numbered_guest(number: int, teams: int = 1, slot_base: int = 0, pool: str = POOL) -> GuestSpec:
+    """Guest *number* of many (``g00042``): its own UUID, MACs and standby taps; team *k*'s
+    primary from *pool* on the source's NIC ``pool_slot(uri, slot_base + number * teams + k)``."""
+    specs = []
+    for k in range(teams):
+        specs.append(
+            TeamSpec(
+                f"t{k}",
+                f"bond{k}",
+                "preserve",
+                f"52:54:01:{number >> 8 & 0xFF:02x}:{number & 0xFF:02x}:{k:02x}",
+                f"sb{number:05d}-{k}",
+                slot_base + number * teams + k,
+                pool,
+            )
+        )
+    return GuestSpec(
+        f"g{number:05d}", str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, f"g{number}")), tuple(specs)
+    )
 
 
 # -- workflow events and crashes -----------------------------------------------------------
