@@ -18,6 +18,7 @@ rc=0
 pytest -p no:cacheprovider tests/unit tests/fuzz tests/e2e -m "not vfio" "$@" || rc=$?
 if [ "$#" -eq 0 ] && [ "${PTMIG_SKIP_VFIO:-0}" != 1 ]; then
     echo "== pytest: the nested vfio lab"
-    pytest -p no:cacheprovider tests/e2e/test_vfio.py -m vfio -rA || rc=$?
+    # thread: a libvirt call that never returns (seen once in L1, docs/lab.md) ends the run
+    pytest -p no:cacheprovider tests/e2e/test_vfio.py -m vfio -rA --timeout-method=thread || rc=$?
 fi
 exit "$rc"

@@ -57,34 +57,18 @@ def define_pools(lab: VfioLab, vfs: dict[str, list[str]] | None = None) -> None:
         ptmig(host, "pool-define", PCI_POOL, "--kind", "pci", f"--address={dev.whole_pci}")
 
 
-def set_teams(lab: VfioLab, lan_policy: str = "preserve", wan_policy: str = "preserve") -> None:
-    host = lab.where()
-    ptmig(
-        host,
-        "team-set",
-        DOMAIN_NAME,
-        "--team",
-        "lan",
-        "--standby-mac",
-        STANDBY_MAC,
-        "--pool",
-        VF_POOL,
-        "--mac-policy",
-        lan_policy,
-    )
-    ptmig(
-        host,
-        "team-set",
-        DOMAIN_NAME,
-        "--team",
-        "wan",
-        "--standby-mac",
-        WAN_STANDBY_MAC,
-        "--pool",
-        PCI_POOL,
-        "--mac-policy",
-        wan_policy,
-    )
+#: Each team's standby MAC and pool in L2.
+TEAMS = {"lan": (STANDBY_MAC, VF_POOL), "wan": (WAN_STANDBY_MAC, PCI_POOL)}
+
+
+def team_set(lab: VfioLab, team: str, policy: str, primary_alias: str | None = None) -> None:
+    """``ptmig team-set`` of *team* on the guest's host; *primary_alias* names the device
+    plugged now, so the record keeps it."""
+    standby_mac, pool = TEAMS[team]
+    args = ["--team", team, "--standby-mac", standby_mac, "--pool", pool, "--mac-policy", policy]
+    if primary_alias:
+        args += ["--primary-alias", primary_alias]
+    ptmig(lab.where(), "team-set", DOMAIN_NAME, *args)
 
 
 def to_primary(lab: VfioLab, timeout: float = 600) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from host.workflow.model import Outcome
-from lab import GUEST_IP, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
+from lab import GUEST_IP, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
 from lab.nested.l1 import WIRE_NICS
@@ -41,19 +41,7 @@ def vlab() -> Iterator[VfioLab]:
         # PTMIG_VLAB_PREPARED=1: `VfioLab().prepare()` ran before the lab lock was taken
         lab.up(prepared=os.environ.get("PTMIG_VLAB_PREPARED") == "1")
         co.define_pools(lab)
-        co.ptmig(
-            lab.where(),
-            "team-set",
-            DOMAIN_NAME,
-            "--team",
-            "wan",
-            "--standby-mac",
-            WAN_STANDBY_MAC,
-            "--pool",
-            co.PCI_POOL,
-            "--mac-policy",
-            "preserve",
-        )
+        co.team_set(lab, "wan", "preserve")
         co.to_primary(lab, timeout=300)
         yield lab
     finally:
@@ -174,23 +162,61 @@ def test_failover_to_standby_and_back_with_the_whole_nic(vlab: VfioLab) -> None:
     lab.check_health()
 
 
+#: A peer URI the source's libvirtd cannot reach (nothing listens on port 1 of its
+#: namespace's loopback): the migration job fails after the whole NIC was unplugged.
+UNREACHABLE_PEER = "qemu+tcp://127.0.0.1:1/system"
+
+
+def test_whole_nic_rollback_plugs_it_again_on_the_source(vlab: VfioLab) -> None:
+    lab = vlab
+    on = lab.where()
+    proc = co.ptmig(
+        on,
+        "migrate",
+        DOMAIN_NAME,
+        uri(OTHER[on]),
+        "--json",
+        "--peer-uri",
+        UNREACHABLE_PEER,
+        "--unsafe",
+        check=False,
+    )
+    report = json.loads(proc.stdout)
+    print(f"rollback: {report['phases']}")
+    assert proc.returncode == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
+    assert "unplug" in [p["name"] for p in report["phases"]], "the NIC was never unplugged"
+    assert report["teams"] == {"wan": "primary"}
+    assert lab.where() == on
+    check_whole_nic(lab, on)  # on vfio-pci again here; the other host's never taken
+    lab.check_health()
+
+
+def test_whole_nic_under_mac_policy_none(vlab: VfioLab) -> None:
+    """Policy none: the agent leaves the new NIC's MAC alone; team wan's agent-owned bond
+    (fail_over_mac none) gives its members the bond's MAC as they join."""
+    lab = vlab
+    dest = OTHER[lab.where()]
+    set_wan_policy(lab, "none")
+    try:
+        code, report = migrate(lab, dest)
+        assert code == 0 and report["outcome"] == str(Outcome.DONE), report
+        assert report["teams"] == {"wan": "primary"}
+        check_whole_nic(lab, dest)
+    finally:
+        set_wan_policy(lab, "preserve")
+    lab.check_health()
+
+
+def set_wan_policy(lab: VfioLab, policy: str) -> None:
+    (wan,) = co.ptmig_json(lab.where(), "team-show", DOMAIN_NAME)["teams"]
+    co.team_set(lab, "wan", policy, primary_alias=wan["primary"]["alias"])
+
+
 def test_vf_binds_and_migrates_there_and_back(
     vlab: VfioLab, record_property: pytest.RecordProperty
 ) -> None:
     lab = vlab
-    co.ptmig(
-        lab.where(),
-        "team-set",
-        DOMAIN_NAME,
-        "--team",
-        "lan",
-        "--standby-mac",
-        STANDBY_MAC,
-        "--pool",
-        co.VF_POOL,
-        "--mac-policy",
-        "preserve",
-    )
+    co.team_set(lab, "lan", "preserve")
     try:
         co.to_primary(lab, timeout=150)  # a failed VF bind takes about 30 s a try
     except VfioLabError:
