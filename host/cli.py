@@ -14,6 +14,11 @@ Exit codes:
 --wait 0), 1 when there is nothing to cancel or it is too late (the VM has moved), 5
 when the cancelled workflow's rollback failed.  Ctrl-C or SIGTERM on 'ptmig migrate'
 cancel it the same way; the exit code is then the migration's (4 when rolled back).
+
+'ptmig evacuate' exits with the worst of its domains: 0 when every domain is done,
+skipped or migrated-plain; 3 when some are done-degraded and none was left behind; 4
+when any was left where it was (rolled-back, refused, not-started); 5 when any failed.
+Ctrl-C or SIGTERM stop it starting new migrations and cancel the running ones.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from host.domain.pools import PoolKind
 from host.domain.teams import MAC_POLICIES
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
         CancelResult,
         DomainStatus,
         DomainTeams,
+        EvacuationEvent,
+        EvacuationReport,
+        EvacuationRequest,
         Event,
         FailoverResult,
         MigrationReport,
@@ -45,6 +53,7 @@ if TYPE_CHECKING:
         WorkflowSummary,
     )
 
+R = TypeVar("R")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_ROLLED_BACK, EXIT_FAILED, EXIT_BUSY = range(7)
 DEFAULT_URI = "qemu:///system"
 
@@ -180,12 +189,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="URI the source host uses to reach the destination "
         "(peer-to-peer), when it differs from DEST_URI",
     )
-    mg.add_argument(
-        "--unsafe",
-        action="store_true",
-        help="allow a disk cache mode libvirt calls unsafe (shared image)",
+    _add_migration_flags(mg)
+
+    ev = command(
+        "evacuate",
+        evacuate,
+        "migrate every running domain with teams off a host, onto others",
     )
-    mg.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
+    ev.description = (
+        "Migrate every running domain of SRC_URI that has ptmig teams onto the --to hosts: "
+        "each where its teams find free pool devices (counting what this evacuation "
+        "placed there), spread by the fewest domains placed; a domain no host can take "
+        "whole goes where most of its teams fit (done-degraded).  Domains without teams "
+        "are skipped, or moved by a plain libvirt migration with --all.  Exit: 0 every "
+        "domain done, skipped or migrated-plain; 3 some done-degraded, none left behind; "
+        "4 some left where they were (rolled-back, refused, not-started); 5 some failed."
+    )
+    ev.add_argument("source", metavar="SRC_URI", help="libvirt URI of the host to empty")
+    ev.add_argument(
+        "--to",
+        action="append",
+        required=True,
+        metavar="DEST_URI",
+        help="a host to move domains to (repeat)",
+    )
+    ev.add_argument(
+        "--peer-uri",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="URI the source host uses to reach a destination (peer-to-peer), paired "
+        "with --to in order (repeat; fewer than --to: the rest use their DEST_URI)",
+    )
+    ev.add_argument(
+        "--parallel",
+        type=_bounded_int(1, 1000),
+        default=1,
+        metavar="N",
+        help="migrations at once (default 1; at most 16: libvirtd's worker threads)",
+    )
+    ev.add_argument(
+        "--all",
+        action="store_true",
+        dest="include_untied",
+        help="also move domains without teams, by a plain libvirt migration",
+    )
+    _add_migration_flags(ev)
 
     fo = command("failover", failover, "move teams to standby or primary without migrating")
     fo.add_argument("domain")
@@ -206,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     wf = command("workflows", workflows, "recent workflows from the journal")
     wf.add_argument("--limit", type=_bounded_int(1, 100_000), default=20)
     return p
+
+
+def _add_migration_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of one migration, shared by ``migrate`` and ``evacuate``."""
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow a disk cache mode libvirt calls unsafe (shared image)",
+    )
+    parser.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
 
 
 def _tap_slot(spec: str) -> Any:
@@ -396,6 +455,56 @@ def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
     }[report.outcome]
 
 
+def evacuate(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    from host.workflow.model import EvacuationRequest, EvacuationTarget, capped_parallel
+
+    if len(args.peer_uri) > len(args.to):
+        _fail("evacuate: more --peer-uri than --to")
+        return EXIT_USAGE
+    peers = args.peer_uri + [None] * (len(args.to) - len(args.peer_uri))
+    try:
+        request = EvacuationRequest(
+            args.source,
+            tuple(EvacuationTarget(uri, peer) for uri, peer in zip(args.to, peers, strict=True)),
+            parallel=args.parallel,
+            include_untied=args.include_untied,
+            unsafe=args.unsafe,
+            max_downtime_ms=args.max_downtime,
+        )
+    except ValueError as exc:
+        _fail(exc)
+        return EXIT_USAGE
+    _, capped = capped_parallel(request.parallel)
+    if capped:
+        _fail(capped)
+    interrupt = _EvacuationInterrupt(request)
+    if not args.json and sys.stderr.isatty() and _can_draw_progress():
+        report = interrupt.run(lambda: _evacuate_with_table(coordinator, request, interrupt))
+    else:
+
+        def on_event(event: EvacuationEvent) -> None:
+            if not args.json and event.state != "progress":
+                print(_evacuation_line(event), file=sys.stderr, flush=True)
+
+        report = interrupt.run(lambda: coordinator.evacuate(request, on_event, interrupt.reason))
+    _show(args, report, lambda: _evacuation_text(report))
+    return evacuation_exit_code(report)
+
+
+def evacuation_exit_code(report: EvacuationReport) -> int:
+    """The worst of the domains' outcomes (see ``ptmig evacuate --help``)."""
+    from host.workflow.model import EvacuationOutcome as O
+
+    outcomes = {d.outcome for d in report.domains}
+    if O.FAILED in outcomes:
+        return EXIT_FAILED
+    if outcomes & {O.ROLLED_BACK, O.REFUSED, O.NOT_STARTED}:
+        return EXIT_ROLLED_BACK
+    if O.DONE_DEGRADED in outcomes:
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
 class _Interrupt:
     """SIGINT and SIGTERM on ``ptmig migrate`` do what ``ptmig cancel`` does, and say so.
 
@@ -443,8 +552,8 @@ class _Interrupt:
             )
         print(line, file=sys.stderr, flush=True)
 
-    def run(self, work: Callable[[], MigrationReport]) -> MigrationReport:
-        result: list[MigrationReport] = []
+    def run(self, work: Callable[[], R]) -> R:
+        result: list[R] = []
         error: list[BaseException] = []
 
         def target() -> None:
@@ -470,6 +579,70 @@ class _Interrupt:
         if error:
             raise error[0]
         return result[0]
+
+
+class _EvacuationInterrupt(_Interrupt):
+    """SIGINT and SIGTERM on ``ptmig evacuate``: no new migration starts, the running ones
+    are cancelled as ``ptmig cancel`` does (each rolls back, or finishes its bind)."""
+
+    def __init__(self, request: EvacuationRequest) -> None:
+        self.evacuation = request
+        self._reason = ""
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self._reason:
+            print(
+                f"ptmig: {name}: already stopping ({self._reason}); waiting for the running "
+                "migrations to end so that none is left open",
+                file=sys.stderr,
+            )
+            return
+        self._reason = name
+        print(
+            f"ptmig: {name}: stopping the evacuation of {self.evacuation.source_uri}: no new "
+            "migration starts; the running ones are cancelled (rolled back, or their bind "
+            "finished where the VM has moved)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _evacuation_line(event: EvacuationEvent) -> str:
+    where = f" -> {event.destination_uri}" if event.destination_uri else ""
+    return f"{event.domain}{where}: {event.phase}: {event.state} {event.message}".rstrip()
+
+
+def _evacuate_with_table(
+    coordinator: Coordinator, request: EvacuationRequest, interrupt: _EvacuationInterrupt
+) -> Any:
+    """A live table, one row per domain (rich, on a terminal)."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    rows: dict[str, tuple[str, str, str]] = {}  # domain -> (destination, phase, outcome)
+
+    def table() -> Table:
+        t = Table("domain", "destination", "phase", "outcome", title=request.source_uri)
+        for domain, (destination, phase, outcome) in rows.items():
+            t.add_row(domain, destination, phase, outcome)
+        return t
+
+    with Live(table(), console=Console(stderr=True), refresh_per_second=4) as live:
+
+        def on_event(event: EvacuationEvent) -> None:
+            destination, phase, outcome = rows.get(event.domain, ("", "", ""))
+            if event.outcome:
+                outcome = event.outcome
+            else:
+                phase = f"{event.phase} {event.state}"
+                if event.fraction is not None:
+                    phase += f" {event.fraction:.0%}"
+            rows[event.domain] = (event.destination_uri or destination, phase, outcome)
+            live.update(table())
+
+        return coordinator.evacuate(request, on_event, interrupt.reason)
 
 
 def _can_draw_progress() -> bool:
@@ -573,6 +746,22 @@ def _workflows_text(rows: list[WorkflowSummary]) -> str:
 
 def _cancel_text(result: CancelResult) -> str:
     return result.message
+
+
+def _evacuation_text(report: EvacuationReport) -> str:
+    lines = [
+        f"{d.domain:<20} {d.destination_uri or '-':<28} {d.outcome:<14} {d.seconds:7.2f} s"
+        + (f"  {d.error}" if d.error else "")
+        for d in report.domains
+    ]
+    counts: dict[str, int] = {}
+    for d in report.domains:
+        counts[str(d.outcome)] = counts.get(str(d.outcome), 0) + 1
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "no domains"
+    lines.append(
+        f"{report.source_uri}: {summary} in {report.wall_s:.1f} s ({report.parallel} at a time)"
+    )
+    return "\n".join(lines)
 
 
 def _report_text(report: MigrationReport) -> str:

@@ -41,6 +41,7 @@ from host.domain.teams import PrimaryDevice, Team, TeamSet
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import log_fields
 from host.workflow.drift import TeamCase
+from host.workflow.evacuation import Evacuation
 from host.workflow.guest import (
     AgentFactory,
     GuestOnHost,
@@ -64,6 +65,9 @@ from host.workflow.model import (
     CancelResult,
     DomainStatus,
     DomainTeams,
+    EvacuationEvent,
+    EvacuationReport,
+    EvacuationRequest,
     Event,
     FailoverResult,
     MigrationReport,
@@ -101,6 +105,10 @@ def _never() -> str:
 
 
 def _ignore(_event: Event) -> None:
+    pass
+
+
+def _ignore_evacuation(_event: EvacuationEvent) -> None:
     pass
 
 
@@ -193,6 +201,20 @@ class Coordinator:
             self.journal.finish(workflow_id, str(report.outcome), plain(report))
             notify(self.observer.migration_finished, report)
             return report
+
+    def evacuate(
+        self,
+        request: EvacuationRequest,
+        on_event: Callable[[EvacuationEvent], None] = _ignore_evacuation,
+        interrupted: Callable[[], str] = _never,
+    ) -> EvacuationReport:
+        """Move every running domain with teams off ``request.source_uri`` (with
+        ``include_untied`` the others too, by plain libvirt migrations), at most
+        ``request.parallel`` at once (capped: ``model.capped_parallel``), each by
+        :meth:`migrate`.  *on_event* is called from the worker threads, one event at a
+        time; *interrupted* stops new migrations and cancels the running ones.  Refused
+        only when no target can be reached; each domain's failure is its own result."""
+        return Evacuation(self, request, on_event, interrupted).run()
 
     def _lease(self, workflow_id: str, kind: str) -> DomainLease:
         return DomainLease(workflow_id, kind, settle=self.lease_settle)

@@ -96,6 +96,115 @@ class MigrationRequest:
     options: MigrationOptions = MigrationOptions()
 
 
+#: At most this many migrations an evacuation runs at once.  libvirtd serves a
+#: peer-to-peer migration call in one of its worker threads for the whole job
+#: (libvirtd.conf ``max_workers = 20`` by default, shared with every other call); 16
+#: leaves 4 of them for the XML reads, attaches and job aborts the running workflows
+#: and a cancel need meanwhile.  A destination's qemu.conf port range for incoming
+#: migrations (``migration_port_min..max``, 49152..49215: 64) is not the bound.
+MAX_PARALLEL_MIGRATIONS = 16
+
+
+class InvalidEvacuation(ValueError):
+    """An evacuation request that cannot be run (no target, the source as a target...)."""
+
+
+@dataclass(frozen=True)
+class EvacuationTarget:
+    uri: str
+    #: As MigrationRequest.peer_uri, for migrations to this target.
+    peer_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class EvacuationRequest:
+    """Move every running domain with ptmig teams off *source_uri*, onto *targets*."""
+
+    source_uri: str
+    targets: tuple[EvacuationTarget, ...]
+    #: Migrations at once (capped at MAX_PARALLEL_MIGRATIONS: see capped_parallel).
+    parallel: int = 1
+    #: Domains without teams too, with a plain libvirt migration (``--all``).
+    include_untied: bool = False
+    #: Passed to each domain's MigrationRequest, as ``migrate`` takes them.
+    unsafe: bool = False
+    max_downtime_ms: int | None = None
+    options: MigrationOptions = MigrationOptions()
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise InvalidEvacuation("evacuate: at least one target host is needed")
+        uris = [t.uri for t in self.targets]
+        if self.source_uri in uris:
+            raise InvalidEvacuation(f"evacuate: the source {self.source_uri} is also a target")
+        if len(set(uris)) != len(uris):
+            raise InvalidEvacuation(f"evacuate: a target is named twice: {uris}")
+        if self.parallel < 1:
+            raise InvalidEvacuation(f"evacuate: parallel {self.parallel}: must be at least 1")
+
+
+def capped_parallel(parallel: int) -> tuple[int, str]:
+    """The parallelism an evacuation runs with, and why it is less than asked ("" if not)."""
+    if parallel <= MAX_PARALLEL_MIGRATIONS:
+        return parallel, ""
+    return MAX_PARALLEL_MIGRATIONS, (
+        f"parallel {parallel} capped at {MAX_PARALLEL_MIGRATIONS}: libvirtd runs each "
+        "migration call in one of its worker threads (max_workers = 20 by default)"
+    )
+
+
+class EvacuationOutcome(enum.StrEnum):
+    """How one domain of an evacuation ended."""
+
+    DONE = "done"
+    DONE_DEGRADED = "done-degraded"
+    ROLLED_BACK = "rolled-back"
+    FAILED = "failed"
+    REFUSED = "refused"  # preflight, the lease or the journal refused: nothing changed
+    SKIPPED = "skipped"  # no ptmig teams (without include_untied)
+    MIGRATED_PLAIN = "migrated-plain"  # no teams; moved by a plain libvirt migration
+    NOT_STARTED = "not-started"  # cancelled before its turn came
+
+
+@dataclass
+class DomainEvacuation:
+    domain: str
+    uuid: str
+    destination_uri: str  # "" when skipped
+    outcome: EvacuationOutcome
+    error: str = ""
+    started_at: float = 0.0  # epoch seconds; 0 when it did not start
+    seconds: float = 0.0
+    report: MigrationReport | None = None  # the workflow's, when one ran
+
+
+@dataclass
+class EvacuationReport:
+    source_uri: str
+    parallel: int  # the parallelism it ran with (after the cap)
+    wall_s: float
+    domains: list[DomainEvacuation] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvacuationEvent:
+    """One domain's step in an evacuation, for live displays and the Evacuate stream.
+
+    *phase* is the workflow's ("preflight", "migrate", ...), or "queued" (placed, waiting
+    for a worker), "plain" (a plain libvirt migration), "result" (its end: *outcome* set).
+    """
+
+    domain: str
+    destination_uri: str
+    phase: str
+    state: str
+    outcome: str = ""  # an EvacuationOutcome's value once the domain ended, else ""
+    message: str = ""
+    fraction: float | None = None
+    workflow_id: str = ""
+    at: float = field(default_factory=time.time)
+
+
 @dataclass(frozen=True)
 class Event:
     """A step of a running workflow, for progress displays and the Coordinator API stream."""

@@ -48,7 +48,9 @@ import signal
 import threading
 import time
 import traceback
+import uuid as uuidlib
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,7 +82,12 @@ from host.workflow.model import Event
 
 A = "fake://a"
 B = "fake://b"
-HOST_UUIDS = {A: "a0a0a0a0-0000-4000-8000-00000000000a", B: "b0b0b0b0-0000-4000-8000-00000000000b"}
+C = "fake://c"  # a third host, for evacuations (not in a World unless asked for)
+HOST_UUIDS = {
+    A: "a0a0a0a0-0000-4000-8000-00000000000a",
+    B: "b0b0b0b0-0000-4000-8000-00000000000b",
+    C: "c0c0c0c0-0000-4000-8000-00000000000c",
+}
 POOL = "lab"
 POOL_NETWORK = "ptmig-pool-lab"
 BRIDGE = "br-g"
@@ -98,7 +105,26 @@ POOL_SLOTS = {
         ("ptv-b3", "52:54:00:cb:00:03"),
         ("ptv-b4", "52:54:00:cb:00:04"),
     ],
+    C: [
+        ("ptv-c1", "52:54:00:dc:00:01"),
+        ("ptv-c2", "52:54:00:dc:00:02"),
+        ("ptv-c3", "52:54:00:dc:00:03"),
+        ("ptv-c4", "52:54:00:dc:00:04"),
+    ],
 }
+
+
+def pool_slot(uri: str, index: int) -> tuple[str, str]:
+    """Host *uri*'s *index*-th pool NIC (tap, MAC): POOL_SLOTS', then made up (for a host
+    or a pool larger than the lab's, as the coordinator-scale benchmark needs)."""
+    fixed = POOL_SLOTS.get(uri, [])
+    if index < len(fixed):
+        return fixed[index]
+    h = zlib.crc32(uri.encode()) & 0xFF
+    mac = f"52:54:{h:02x}:{index >> 16 & 0xFF:02x}:{index >> 8 & 0xFF:02x}:{index & 0xFF:02x}"
+    return f"pt{h:02x}-{index:06d}", mac
+
+
 ROOT_PORTS = 10  # pcie-root-ports 1..10: bus N is port N (the disk sits on the last)
 LIBVIRT_NO_DOMAIN = 42
 MUTATING = frozenset(
@@ -1160,10 +1186,16 @@ class World:
     primary from A's pool (unless its spec says otherwise)."""
 
     def __init__(
-        self, guests: tuple[GuestSpec, ...] = (VM1,), *, slots: dict[str, int | None] | None = None
+        self,
+        guests: tuple[GuestSpec, ...] = (VM1,),
+        *,
+        slots: dict[str, int | None] | None = None,
+        hosts: tuple[str, ...] = (A, B),
     ) -> None:
         self.lock = threading.RLock()
-        self.hosts = {uri: FakeHost(uri, HOST_UUIDS[uri]) for uri in (A, B)}
+        self.hosts = {uri: FakeHost(uri, _host_uuid(uri)) for uri in hosts}
+        #: Keep every call in :attr:`calls` (the benchmark turns it off: it would grow).
+        self.record_calls = True
         self.peers: dict[str, str] = {}  # peer-to-peer URI -> host URI
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
@@ -1181,7 +1213,7 @@ class World:
                 "<network><name>default</name><forward mode='nat'/>"
                 "<bridge name='virbr0'/></network>"
             )
-        for uri, count in {A: 4, B: 4, **(slots or {})}.items():
+        for uri, count in {**dict.fromkeys(hosts, 4), **(slots or {})}.items():
             self.set_slots(uri, count)
         for spec in guests:
             self.add_guest(spec)
@@ -1194,7 +1226,7 @@ class World:
         if count is None:
             networks.pop(POOL_NETWORK, None)
             return
-        slots = tuple(TapSlot(tap, mac) for tap, mac in POOL_SLOTS[uri][:count])
+        slots = tuple(TapSlot(*pool_slot(uri, n)) for n in range(count))
         networks[POOL_NETWORK] = format_pool_network(EmulatedPool(POOL, BRIDGE, "e1000e", slots))
 
     def add_guest(self, spec: GuestSpec, uri: str = A) -> None:
@@ -1205,7 +1237,7 @@ class World:
         for t in spec.teams:
             primary = None
             if t.slot is not None:
-                tap, mac = POOL_SLOTS[uri][t.slot]
+                tap, mac = pool_slot(uri, t.slot)
                 attachment = attachment_for_slot(
                     EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=f"ua-ptmig-{t.name}-1"
                 )
@@ -1287,7 +1319,8 @@ class World:
         if hook is not None:
             hook(subject)
         with self.lock:
-            self.calls.append(Call(where, method, subject))
+            if self.record_calls:
+                self.calls.append(Call(where, method, subject))
             self.check_faults(where, method, subject)
             yield
 
@@ -1418,7 +1451,7 @@ class World:
         """``virsh attach-device --live`` of the pool's *slot*-th NIC by an operator."""
         record = self.find(name, uri)
         assert record is not None
-        tap, mac = POOL_SLOTS[uri][slot]
+        tap, mac = pool_slot(uri, slot)
         device = ET.fromstring(
             attachment_for_slot(
                 EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=alias
@@ -1439,6 +1472,30 @@ class World:
         record = self.find(name, src)
         assert record is not None
         self.hosts[dst].domains[record.uuid] = copy.deepcopy(record)
+
+
+def _host_uuid(uri: str) -> str:
+    return HOST_UUIDS.get(uri) or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, uri))
+
+
+def numbered_guest(number: int, teams: int = 1, slot_base: int = 0) -> GuestSpec:
+    """Guest *number* of many (``g00042``): its own UUID, MACs and standby taps; team *k*'s
+    primary on the source pool's slot ``slot_base + number * teams + k``."""
+    specs = []
+    for k in range(teams):
+        specs.append(
+            TeamSpec(
+                f"t{k}",
+                f"bond{k}",
+                "preserve",
+                f"52:54:01:{number >> 8 & 0xFF:02x}:{number & 0xFF:02x}:{k:02x}",
+                f"sb{number:05d}-{k}",
+                slot_base + number * teams + k,
+            )
+        )
+    return GuestSpec(
+        f"g{number:05d}", str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, f"g{number}")), tuple(specs)
+    )
 
 
 # -- workflow events and crashes -----------------------------------------------------------
