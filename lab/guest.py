@@ -92,7 +92,7 @@ def domain_xml(
 
 #: Extra guests' memory: the smallest that boots Debian 12 with systemd and runs the agent
 #: reliably here (docs/lab.md, "Extra guests"), so that three guests fit the 2-core machine.
-EXTRA_MEMORY_MIB = 192
+EXTRA_MEMORY_MIB = 128
 EXTRA_VCPUS = 1
 EXTRA_PREFIX = 24
 

@@ -156,7 +156,7 @@ def _guest_files() -> dict[str, str]:
 
 
 #: Where an extra guest's files wait as templates, and their placeholders.
-EXTRA_TEMPLATES = "/etc/ptmig/lab-extra-guest"
+EXTRA_TEMPLATES = "/usr/local/share/ptmig-lab/extra-guest"
 EXTRA_STANDBY = "@STANDBY@"
 EXTRA_ADDRESS = "@ADDRESS@"
 IDENTITY_SCRIPT = "/usr/local/sbin/ptmig-lab-identity"
