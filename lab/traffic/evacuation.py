@@ -2,9 +2,10 @@
 
 Each domain's own migration report gives its phases (epoch seconds, on the coordinator's
 clock); each team's ping record gives its losses.  A team is on its virtio standby from
-the end of its ``switch`` to the end of its ``bind`` (the report's phases), and the
-stop-and-copy outage of its VM must fall inside that window: that is the cross-check of
-the report against the traffic (a loss the report cannot place is counted apart, as lost
+the end of its ``switch`` to the end of its ``bind`` (the report's phases), and its longest
+outage (the VM's stop-and-copy) must begin while it is off its primary, between the start
+of its switch and the end of its bind: that is the cross-check of the report against the
+traffic (a loss the report cannot place is counted apart, as lost
 outside the domain's own migration: a neighbour's migration starving this one, say).
 """
 
@@ -29,6 +30,8 @@ class StandbyWindow:
 
     start: float  # end of switch (or start of unplug when no switch was needed)
     end: float | None  # end of bind; None when the domain never got to bind (rolled back...)
+    #: Start of switch: from here the team is leaving its primary (a switch's own glitch).
+    leaving: float = 0.0
 
     @property
     def seconds(self) -> float | None:
@@ -53,8 +56,9 @@ class DomainTraffic:
     standby_s: float | None
     #: Lost packets sent outside [migration_start, migration_end] (+- WINDOW_SLACK_S).
     lost_outside_migration: int
-    #: The cross-check: the longest outage began while the team was on its standby (None
-    #: when there was no outage or no standby window to check against).
+    #: The cross-check: the longest outage began while the team was off its primary, from
+    #: the start of its switch to the end of its bind (None when there was no outage or
+    #: no such window to check against).
     outage_on_standby: bool | None
     phases: list[dict[str, Any]] = field(default_factory=list)
 
@@ -77,13 +81,13 @@ def standby_window(phases: Sequence[Phase]) -> StandbyWindow | None:
     primaries (no switch or unplug among the phases)."""
     by_name = {p.name: p for p in phases}
     if "switch" in by_name:
-        start = by_name["switch"].end
+        start, leaving = by_name["switch"].end, by_name["switch"].start
     elif "unplug" in by_name:
-        start = by_name["unplug"].start
+        start = leaving = by_name["unplug"].start
     else:
         return None
     bind = by_name.get("bind")
-    return StandbyWindow(start, bind.end if bind is not None else None)
+    return StandbyWindow(start, bind.end if bind is not None else None, leaving)
 
 
 def domain_traffic(entry: Mapping[str, Any], team: str, record: PingRecord) -> DomainTraffic:
@@ -108,7 +112,7 @@ def domain_traffic(entry: Mapping[str, Any], team: str, record: PingRecord) -> D
     if longest is not None and window is not None:
         t = longest.start_ns / 1e9
         stop = window.end if window.end is not None else float("inf")
-        on_standby = window.start - WINDOW_SLACK_S <= t <= stop + WINDOW_SLACK_S
+        on_standby = window.leaving - WINDOW_SLACK_S <= t <= stop + WINDOW_SLACK_S
     return DomainTraffic(
         domain=str(entry["domain"]),
         team=team,
