@@ -281,6 +281,8 @@ class VmLab:
                     h.path_inside(inside).unlink(missing_ok=True)
                 h.qemu_log(guest.name).unlink(missing_ok=True)
             done.append(f"removed the files of {guest.name}")
+        with suppress(OSError):
+            (run_dir() / "guests").rmdir()
         LabState.path().unlink(missing_ok=True)
         self.state = LabState()
         return done
