@@ -264,7 +264,12 @@ def _add_migration_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a disk cache mode libvirt calls unsafe (shared image)",
     )
-    parser.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
+    parser.add_argument(
+        "--max-downtime",
+        type=_bounded_int(0, 3_600_000),
+        metavar="MS",
+        help="the longest pause libvirt may take to switch the VM over (migrateSetMaxDowntime)",
+    )
 
 
 def _tap_slot(spec: str) -> Any:

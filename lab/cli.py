@@ -75,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--guests", type=int, default=3, metavar="N")
     be.add_argument("--out", default=None, help="write the runs' JSON here")
     be.add_argument("--json", action="store_true")
+    bc = sub.add_parser(
+        "bench-coordinator",
+        help="the coordinator's own cost for 1..1000 domains, over the unit tests' fakes (no VM)",
+    )
+    bc.add_argument("--sizes", default="1,10,100,1000", help="domain counts (comma-separated)")
+    bc.add_argument("--parallel", default="1,8", help="worker counts (comma-separated)")
+    bc.add_argument(
+        "--crowded",
+        default="",
+        help="domain counts for the two-target run (each destination takes half)",
+    )
+    bc.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="lab up, then migrate hosta -> hostb -> hosta under ping")
     demo.add_argument("--json", action="store_true", help="machine-readable report")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
@@ -88,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "bench-coordinator":  # no lab: the fakes, in this process's children
+        from lab import bench_coordinator
+
+        def counts(text: str) -> tuple[int, ...]:
+            return tuple(int(n) for n in text.split(",") if n.strip())
+
+        return bench_coordinator.run(
+            as_json=args.json,
+            sizes=counts(args.sizes),
+            parallel=counts(args.parallel),
+            crowded=counts(args.crowded),
+        )
     from lab.vmlab import LabError, VmLab
 
     if getattr(args, "vfio", False):

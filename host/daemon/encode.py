@@ -17,8 +17,13 @@ from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
 from host.workflow.model import (
     CancelResult,
+    DomainEvacuation,
     DomainStatus,
     DomainTeams,
+    EvacuationEvent,
+    EvacuationReport,
+    EvacuationRequest,
+    EvacuationTarget,
     Event,
     FailoverResult,
     MigrationReport,
@@ -61,6 +66,23 @@ def migration_request(message: Any) -> MigrationRequest:
         unsafe=message.unsafe,
         max_downtime_ms=message.max_downtime_ms or None,
         peer_uri=message.peer_uri or None,
+    )
+
+
+def evacuation_request(message: Any) -> EvacuationRequest:
+    """The evacuation an EvacuateRequest asks for; ValueError (InvalidEvacuation) if it
+    cannot run."""
+    require(message, "source_uri")
+    for target in message.targets:
+        if not target.uri:
+            raise ValueError("EvacuateRequest.targets[].uri is required")
+    return EvacuationRequest(
+        source_uri=message.source_uri,
+        targets=tuple(EvacuationTarget(t.uri, t.peer_uri or None) for t in message.targets),
+        parallel=message.parallel or 1,
+        include_untied=message.include_untied,
+        unsafe=message.unsafe,
+        max_downtime_ms=message.max_downtime_ms or None,
     )
 
 
@@ -179,6 +201,60 @@ def final_event(report: MigrationReport) -> Any:
         message=report.error or f"{report.domain}: {report.outcome}",
         at=time.time(),
         report=report_message(report),
+    )
+
+
+def evacuation_event_message(event: EvacuationEvent) -> Any:
+    message = pb.EvacuationEvent(
+        domain=event.domain,
+        destination_uri=event.destination_uri,
+        phase=event.phase,
+        state=event.state,
+        outcome=event.outcome,
+        message=event.message,
+        workflow_id=event.workflow_id,
+        at=event.at,
+    )
+    if event.fraction is not None:
+        message.fraction = event.fraction
+    return message
+
+
+def domain_evacuation_message(result: DomainEvacuation) -> Any:
+    message = pb.DomainEvacuation(
+        domain=result.domain,
+        uuid=result.uuid,
+        destination_uri=result.destination_uri,
+        outcome=str(result.outcome),
+        error=result.error,
+        started_at=result.started_at,
+        seconds=result.seconds,
+    )
+    if result.report is not None:
+        message.report.CopyFrom(report_message(result.report))
+    return message
+
+
+def evacuation_report_message(report: EvacuationReport) -> Any:
+    return pb.EvacuationReport(
+        source_uri=report.source_uri,
+        parallel=report.parallel,
+        wall_s=report.wall_s,
+        domains=[domain_evacuation_message(d) for d in report.domains],
+    )
+
+
+def final_evacuation_event(report: EvacuationReport) -> Any:
+    """The last message of an Evacuate stream: phase "report", the summary in its report."""
+    counts: dict[str, int] = {}
+    for d in report.domains:
+        counts[str(d.outcome)] = counts.get(str(d.outcome), 0) + 1
+    return pb.EvacuationEvent(
+        phase="report",
+        state="ended",
+        message=", ".join(f"{n} {o}" for o, n in counts.items()) or "no domains",
+        at=time.time(),
+        report=evacuation_report_message(report),
     )
 
 

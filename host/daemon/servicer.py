@@ -17,9 +17,12 @@ from host.daemon.encode import (
     cancel_message,
     cancel_wait,
     details_json,
+    evacuation_event_message,
+    evacuation_request,
     event_message,
     failover_message,
     failover_target,
+    final_evacuation_event,
     final_event,
     migration_request,
     pool_definition,
@@ -37,6 +40,9 @@ from host.workflow.model import (
     CancelResult,
     DomainStatus,
     DomainTeams,
+    EvacuationEvent,
+    EvacuationReport,
+    EvacuationRequest,
     Event,
     FailoverResult,
     MigrationReport,
@@ -58,6 +64,15 @@ class Coordinator(Protocol):
         self, request: MigrationRequest, on_event: Callable[[Event], None]
     ) -> MigrationReport:
         """Run one migration to its end; `on_event` is called from the same thread."""
+        ...
+
+    def evacuate(
+        self,
+        request: EvacuationRequest,
+        on_event: Callable[[EvacuationEvent], None],
+        interrupted: Callable[[], str],
+    ) -> EvacuationReport:
+        """Evacuate a host; `on_event` is called from its worker threads, one at a time."""
         ...
 
     def status(self, uri: str, domain: str) -> DomainStatus: ...
@@ -130,6 +145,11 @@ class Workers:
 @dataclass(frozen=True)
 class _Finished:
     report: MigrationReport
+
+
+@dataclass(frozen=True)
+class _Evacuated:
+    report: EvacuationReport
 
 
 @dataclass(frozen=True)
@@ -208,6 +228,61 @@ class CoordinatorServicer:
                     what,
                     peer_of(context),
                     workflow_id or "(not yet begun)",
+                )
+
+    def Evacuate(self, request: Any, context: Any) -> Iterator[Any]:
+        evacuation = self._decode(context, "Evacuate", lambda: evacuation_request(request))
+        what = f"{evacuation.source_uri} -> {', '.join(t.uri for t in evacuation.targets)}"
+        log.info("Evacuate %s requested by %s", what, peer_of(context))
+        items: queue.Queue[EvacuationEvent | _Evacuated | _Crashed] = queue.Queue()
+        gone = threading.Event()  # the client cancelled or went away: stop the evacuation
+        reason = f"the Evacuate client {peer_of(context)} went away"
+        context.add_callback(gone.set)  # called when the RPC ends, however it ends
+
+        def interrupted() -> str:
+            return reason if gone.is_set() else ""
+
+        def run() -> None:
+            try:
+                report = self._coordinator.evacuate(evacuation, items.put, interrupted)
+            except BaseException as exc:
+                items.put(_Crashed(exc))
+                log_failure(f"Evacuate {what}", exc)
+                return
+            items.put(_Evacuated(report))
+            log.info(
+                "Evacuate %s: %s",
+                what,
+                ", ".join(f"{d.domain} {d.outcome}" for d in report.domains) or "no domains",
+            )
+
+        self.workers.start(run, name=f"evacuate {evacuation.source_uri}")
+        ended = False
+        try:
+            while True:
+                try:
+                    item = items.get(timeout=POLL_S)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                if isinstance(item, EvacuationEvent):
+                    yield evacuation_event_message(item)
+                elif isinstance(item, _Evacuated):
+                    ended = True
+                    yield final_evacuation_event(item.report)
+                    return
+                else:
+                    ended = True
+                    code, message = status_for(item.error)
+                    abort(context, "Evacuate", Refused(code, message))
+        finally:
+            if not ended:
+                gone.set()
+                log.warning(
+                    "Evacuate %s: %s; no new migration starts, the running ones are cancelled",
+                    what,
+                    reason,
                 )
 
     def GetStatus(self, request: Any, context: Any) -> Any:

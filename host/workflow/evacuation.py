@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from host.domain.domain_xml import parse_domain
 from host.domain.pools import POOL_NETWORK_PREFIX, parse_pool_network
 from host.hypervisor import HypervisorError
-from host.workflow.guest import PreflightError
+from host.workflow.guest import PreflightError, WorkflowError
 from host.workflow.journal import WorkflowConflict
 from host.workflow.lease import LeaseHeld
 from host.workflow.model import (
@@ -60,8 +60,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NoTarget(HypervisorError):
+class NoTarget(WorkflowError):
     """No target host of an evacuation could be reached; nothing was started."""
+
+    code = "UNAVAILABLE"
 
 
 @dataclass

@@ -90,6 +90,11 @@ class CoordinatorStub(object):
                 request_serializer=ptmig_dot_v1_dot_coordinator__pb2.CancelRequest.SerializeToString,
                 response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.CancelResponse.FromString,
                 )
+        self.Evacuate = channel.unary_stream(
+                '/ptmig.v1.Coordinator/Evacuate',
+                request_serializer=ptmig_dot_v1_dot_coordinator__pb2.EvacuateRequest.SerializeToString,
+                response_deserializer=ptmig_dot_v1_dot_coordinator__pb2.EvacuationEvent.FromString,
+                )
 
 
 class CoordinatorServicer(object):
@@ -201,6 +206,20 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evacuate(self, request, context):
+        """Evacuate a host: every running domain with teams (with include_untied the others
+        too, by plain libvirt migrations) onto the targets, at most `parallel` at once.
+        Streams each domain's events; the last message (phase "report") carries the
+        summary.  Unlike Migrate, a client that cancels or disconnects stops the
+        evacuation: no new migration starts and the running ones are cancelled as Cancel
+        does (rolled back, or their bind finished where the VM has moved).
+        INVALID_ARGUMENT for no target or the source among them; UNAVAILABLE when no
+        target can be reached (nothing started).  A domain's failure is its own result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -263,6 +282,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.CancelRequest.FromString,
                     response_serializer=ptmig_dot_v1_dot_coordinator__pb2.CancelResponse.SerializeToString,
+            ),
+            'Evacuate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Evacuate,
+                    request_deserializer=ptmig_dot_v1_dot_coordinator__pb2.EvacuateRequest.FromString,
+                    response_serializer=ptmig_dot_v1_dot_coordinator__pb2.EvacuationEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,5 +515,22 @@ class Coordinator(object):
         return grpc.experimental.unary_unary(request, target, '/ptmig.v1.Coordinator/Cancel',
             ptmig_dot_v1_dot_coordinator__pb2.CancelRequest.SerializeToString,
             ptmig_dot_v1_dot_coordinator__pb2.CancelResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Evacuate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(request, target, '/ptmig.v1.Coordinator/Evacuate',
+            ptmig_dot_v1_dot_coordinator__pb2.EvacuateRequest.SerializeToString,
+            ptmig_dot_v1_dot_coordinator__pb2.EvacuationEvent.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -5,7 +5,10 @@ Ctrl-C, domains without teams, the JSON form and the exit codes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -185,6 +188,15 @@ def test_at_most_parallel_migrations_run_at_once(journal: Journal, parallel: int
     assert report.parallel == parallel
     assert {d.outcome for d in report.domains} == {EvacuationOutcome.DONE}
     assert concurrency(events) == parallel
+    # The shared journal kept every workflow whole: one closed row each, its steps in order.
+    rows = journal.recent(100)
+    assert sorted((w.domain_name, w.state, w.outcome) for w in rows) == [
+        (f"g{n:05d}", "closed", "done") for n in range(7)
+    ]
+    for w in rows:
+        steps = [(s.name, s.status) for s in journal.steps(w.id)]
+        assert [s.seq for s in journal.steps(w.id)] == list(range(1, len(steps) + 1))
+        assert steps[-1] == ("bind", "done")
 
 
 def test_parallel_is_capped_at_libvirts_bound(world: World, coordinator: Coordinator) -> None:
@@ -326,6 +338,15 @@ def test_cli_peer_uris_pair_with_targets_in_order(
     assert code == cli.EXIT_USAGE and "more --peer-uri than --to" in err
 
 
+def test_cli_says_when_parallel_is_capped(ptmig: Ptmig) -> None:
+    code, out, err = ptmig("evacuate", A, "--to", B, "--parallel", "40", "--json")
+    assert code == 0 and json.loads(out)["parallel"] == MAX_PARALLEL_MIGRATIONS == 16
+    assert err == (
+        "ptmig: parallel 40 capped at 16: libvirtd runs each migration call in one of its "
+        "worker threads (max_workers = 20 by default)\n"
+    )
+
+
 def test_cli_plain_lines_and_summary(ptmig: Ptmig) -> None:
     code, out, err = ptmig("evacuate", A, "--to", B, "--to", C)
     assert code == 0
@@ -361,3 +382,41 @@ def test_exit_code_is_the_worst_outcome(outcomes: tuple[str, ...], code: int) ->
         A, 1, 0.0, [DomainEvacuation(o, o, B, EvacuationOutcome(o)) for o in outcomes]
     )
     assert cli.evacuation_exit_code(report) == code
+
+
+def test_cli_sigint_cancels_the_running_and_starts_no_more(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = World(tuple(numbered_guest(n) for n in range(4)), slots={A: 4, B: 4})
+    world.migration_job_s = 20.0  # until aborted
+    monkeypatch.setattr(cli, "_coordinator", lambda args: world.coordinator(journal))
+
+    def interrupt_once_a_job_runs() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(r.job_running for r in world.hosts[A].domains.values()):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=interrupt_once_a_job_runs, daemon=True).start()
+    code = cli.main(["evacuate", A, "--to", B, "--parallel", "2", "--json"])
+    out, err = capsys.readouterr()
+    outcomes = sorted(d["outcome"] for d in json.loads(out)["domains"])
+    assert code == cli.EXIT_ROLLED_BACK
+    assert "SIGINT: stopping the evacuation of fake://a" in err
+    assert outcomes.count("not-started") >= 2 and "done" not in outcomes
+    assert set(outcomes) <= {"rolled-back", "not-started"}
+    assert all(world.running_on(f"g{n:05d}") == [A] for n in range(4))
+
+
+def test_the_live_table_shows_each_domain_destination_and_outcome(
+    coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = EvacuationRequest(A, TO_B_C)
+    report = cli._evacuate_with_table(coordinator, request, cli._EvacuationInterrupt(request))
+    assert {d.domain: str(d.outcome) for d in report.domains} == {"vm1": "done", "vm2": "done"}
+    table = capsys.readouterr().err
+    rows = [line for line in table.splitlines() if "vm1" in line or "vm2" in line]
+    assert any("vm1" in r and B in r and "done" in r for r in rows), table
+    assert any("vm2" in r and C in r and "done" in r for r in rows), table

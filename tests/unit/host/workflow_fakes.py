@@ -155,8 +155,10 @@ class TeamSpec:
     mac_policy: str
     standby_mac: str
     standby_tap: str
-    #: Index of the source pool's slot the team's primary uses at the start; None: none.
+    #: Index of the source pool's slot the team's primary uses at the start (its NIC is
+    #: ``pool_slot(uri, slot)``); None: none.
     slot: int | None
+    pool: str = POOL
 
     @property
     def team_mac(self) -> str | None:
@@ -1229,6 +1231,14 @@ class World:
         slots = tuple(TapSlot(*pool_slot(uri, n)) for n in range(count))
         networks[POOL_NETWORK] = format_pool_network(EmulatedPool(POOL, BRIDGE, "e1000e", slots))
 
+    def define_pool(self, uri: str, name: str, indices: range) -> None:
+        """Define pool *name* on host *uri* with the NICs ``pool_slot(uri, n)``, n in *indices*
+        (a host's pools must not share a NIC: give each its own range)."""
+        slots = tuple(TapSlot(*pool_slot(uri, n)) for n in indices)
+        self.hosts[uri].networks[f"ptmig-pool-{name}"] = format_pool_network(
+            EmulatedPool(name, BRIDGE, "e1000e", slots)  # type: ignore[arg-type]
+        )
+
     def add_guest(self, spec: GuestSpec, uri: str = A) -> None:
         host = self.hosts[uri]
         devices = [_standby_xml(t, bus) for bus, t in enumerate(spec.teams, start=1)]
@@ -1239,7 +1249,7 @@ class World:
             if t.slot is not None:
                 tap, mac = pool_slot(uri, t.slot)
                 attachment = attachment_for_slot(
-                    EmulatedSlot(POOL, BRIDGE, "e1000e", tap, mac), alias=f"ua-ptmig-{t.name}-1"
+                    EmulatedSlot(t.pool, BRIDGE, "e1000e", tap, mac), alias=f"ua-ptmig-{t.name}-1"
                 )
                 device = ET.fromstring(attachment.device_xml)
                 device.append(_pci_address(bus))
@@ -1251,7 +1261,7 @@ class World:
                     t.name,
                     t.standby_mac,
                     t.mac_policy,
-                    POOL,  # type: ignore[arg-type]
+                    t.pool,  # type: ignore[arg-type]
                     team_mac=t.team_mac,
                     primary=primary,
                 )
@@ -1478,9 +1488,9 @@ def _host_uuid(uri: str) -> str:
     return HOST_UUIDS.get(uri) or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, uri))
 
 
-def numbered_guest(number: int, teams: int = 1, slot_base: int = 0) -> GuestSpec:
+def numbered_guest(number: int, teams: int = 1, slot_base: int = 0, pool: str = POOL) -> GuestSpec:
     """Guest *number* of many (``g00042``): its own UUID, MACs and standby taps; team *k*'s
-    primary on the source pool's slot ``slot_base + number * teams + k``."""
+    primary from *pool* on the source's NIC ``pool_slot(uri, slot_base + number * teams + k)``."""
     specs = []
     for k in range(teams):
         specs.append(
@@ -1491,6 +1501,7 @@ def numbered_guest(number: int, teams: int = 1, slot_base: int = 0) -> GuestSpec
                 f"52:54:01:{number >> 8 & 0xFF:02x}:{number & 0xFF:02x}:{k:02x}",
                 f"sb{number:05d}-{k}",
                 slot_base + number * teams + k,
+                pool,
             )
         )
     return GuestSpec(
