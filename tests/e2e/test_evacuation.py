@@ -25,11 +25,16 @@ pytestmark = pytest.mark.e2e
 
 GUESTS = 3
 #: Packets at 1000/s (= ms) one team may lose in a whole evacuation of three guests at
-#: once.  Measured here (docs/benchmarks/evacuation.md): see MEASURED_LOSS; one migration
-#: alone loses 120-300 (its stop-and-copy), three at once on two cores stretch each
-#: stop-and-copy.  The bound fails on a team left on a dead member for seconds (a failed
-#: switch, a bind waiting for a link timeout), not on the cores' noise.
+#: once.  Measured here (docs/benchmarks/evacuation.md, 2026-12-02): 214-1483 per team in
+#: this test's run, 339-1491 in the benchmark's two `--parallel 3` runs (one migration alone
+#: loses 120-300 in its stop-and-copy; three at once on two cores lengthen each one's
+#: switch, stop-and-copy and bind).  The bound fails on a team left on a dead member for
+#: seconds (a failed switch, a bind waiting for a link timeout), not on the cores' noise.
 MAX_EVACUATION_LOSS = 2500
+#: Lost outside the team's own domain's migration: 0-6 measured at --parallel 3 (every
+#: window covers the run), up to 156 at --parallel 1 and 100 for a refused domain beside
+#: two migrating ones (a neighbour's stop-and-copy takes the two cores).
+MAX_LOSS_OUTSIDE = 100
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +131,7 @@ def test_evacuation_of_three_guests_under_ping_in_parallel(
         # the report and the traffic agree: the team's outage came while it was on its
         # standby, and nothing was lost outside its domain's own migration
         assert t.outage_on_standby is not False, t
-        assert t.lost_outside_migration <= 20, t
+        assert t.lost_outside_migration <= MAX_LOSS_OUTSIDE, t
 
 
 def test_evacuation_with_one_domain_whose_agent_is_stopped(fleet: VmLab) -> None:
