@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         help="define the guest with its virtio NIC only (no e1000e)",
     )
     up.add_argument(
+        "--guests",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N guests in all: the main one and N-1 smaller extra guests (default 1)",
+    )
+    up.add_argument(
         "--no-guest", action="store_true", help="--vfio: start L1 and its hosts but do not boot L2"
     )
     dn = sub.add_parser("down", help="stop and remove everything the lab started")
@@ -61,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--reps", type=int, default=3)
     bm.add_argument("--out", default="docs/benchmarks", help="where the JSON and PNG go")
     bm.add_argument("--json", action="store_true")
+    be = sub.add_parser(
+        "bench-evacuate",
+        help="lab up with N guests; evacuate hosta -> hostb with --parallel 1, then N, under ping",
+    )
+    be.add_argument("--guests", type=int, default=3, metavar="N")
+    be.add_argument("--out", default=None, help="write the runs' JSON here")
+    be.add_argument("--json", action="store_true")
     bc = sub.add_parser(
         "bench-coordinator",
         help="the coordinator's own cost for 1..1000 domains, over the unit tests' fakes (no VM)",
@@ -105,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lab = VmLab()
         if args.command == "up":
-            lab.up(lab_recipe(args.suite), with_primary=not args.no_primary)
+            lab.up(lab_recipe(args.suite), with_primary=not args.no_primary, guests=args.guests)
             print(f"lab up; guest on {lab.where()}")
+            for guest in lab.extra_guests():
+                print(f"{guest.name} ({guest.ip}) on {lab.where(guest.name)}")
         elif args.command == "down":
             for line in lab.down():
                 print(line)
@@ -136,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
             from lab import bench_migration
 
             return bench_migration.main(reps=args.reps, out_dir=Path(args.out), as_json=args.json)
+        elif args.command == "bench-evacuate":
+            from pathlib import Path
+
+            from lab import bench_evacuate
+
+            return bench_evacuate.main(
+                guests=args.guests,
+                out=Path(args.out) if args.out else None,
+                as_json=args.json,
+            )
         elif args.command == "demo":
             from lab import demo
 
@@ -199,6 +225,12 @@ def _status(lab: object, *, as_json: bool) -> int:
         except GuestHealthError as exc:
             info["guest_on"] = None
             info["problem"] = str(exc)
+        for guest in lab.extra_guests():
+            try:
+                info[f"{guest.name}_on"] = lab.where(guest.name)
+            except GuestHealthError as exc:
+                info[f"{guest.name}_on"] = None
+                info[f"{guest.name}_problem"] = str(exc)
     if as_json:
         print(json.dumps(info, indent=1))
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
-from lab.guest import DOMAIN_NAME, PRIMARY_NIC, WAN_PRIMARY_NIC
+from lab.guest import DOMAIN_NAME, PRIMARY_NIC, WAN_PRIMARY_NIC, ExtraGuest
 from lab.paths import run_dir
 from lab.run import CommandError
 from lab.vmlab import LabError, VmLab
@@ -40,6 +40,30 @@ POOL_SLOTS = {
         ("ptv-b4", "52:54:00:cb:00:04"),
     ],
 }
+
+
+#: Spare slots per host beyond every team's, with extra guests (none are added without).
+EXTRA_SPARES = 1
+
+
+def pool_slots(extras: list[ExtraGuest]) -> dict[str, list[tuple[str, str]]]:
+    """Each host's slots with *extras* beside the main guest: POOL_SLOTS unchanged without
+    extra guests; with them, hosta also has each extra guest's boot primary, and each host
+    has a slot for every team of every guest plus EXTRA_SPARES, so an evacuation to either
+    host finds a device for each team and the fault cases still have spares."""
+    if not extras:
+        return POOL_SLOTS
+    teams = 2 + len(extras)  # the main guest's lan and wan, each extra guest's lan
+    a = [*POOL_SLOTS["hosta"], *((g.primary.tap, g.primary.mac) for g in extras)]
+    b = list(POOL_SLOTS["hostb"])
+    for slots, host in ((a, "a"), (b, "b")):
+        n = len(slots)
+        want = teams + EXTRA_SPARES
+        base = 0xCB if host == "b" else 0xBA
+        slots += [
+            (f"ptv-{host}{i}", f"52:54:00:{base:02x}:00:{i:02x}") for i in range(n + 1, want + 1)
+        ]
+    return {"hosta": a, "hostb": b}
 
 
 def journal_path() -> str:
@@ -138,19 +162,22 @@ def set_teams(lab: VmLab) -> None:
     )
 
 
-def wait_for_teams_on_primary(lab: VmLab, timeout: float = 90) -> dict[str, Any]:
-    """The agent is up and every team runs on its primary (``ptmig failover --to primary``)."""
+def wait_for_teams_on_primary(
+    lab: VmLab, timeout: float = 90, name: str = DOMAIN_NAME
+) -> dict[str, Any]:
+    """The agent is up and every team of guest *name* runs on its primary (``ptmig
+    failover --to primary``)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = ptmig_json(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
+            last = ptmig_json(lab, lab.where(name), "failover", name, "--to", "primary")
             if all(v == "primary" for v in last["teams"].values()):
                 return dict(last["teams"])
         except (LabError, json.JSONDecodeError) as exc:
             last = str(exc)
         time.sleep(2)
-    raise LabError(f"teams did not reach their primaries in {timeout:.0f} s: {last}")
+    raise LabError(f"{name}'s teams did not reach their primaries in {timeout:.0f} s: {last}")
 
 
 def configure(lab: VmLab) -> None:
@@ -160,3 +187,39 @@ def configure(lab: VmLab) -> None:
     if {t["name"] for t in teams} != {"lan", "wan"}:  # a reused lab keeps its teams
         set_teams(lab)
     wait_for_teams_on_primary(lab)
+
+
+def set_extra_team(lab: VmLab, guest: ExtraGuest) -> None:
+    """An extra guest's one team: lan, MAC policy preserve, its boot e1000e as primary."""
+    ptmig(
+        lab,
+        lab.where(guest.name),
+        "team-set",
+        guest.name,
+        "--team",
+        "lan",
+        "--standby-mac",
+        guest.standby.mac,
+        "--pool",
+        POOL,
+        "--mac-policy",
+        "preserve",
+        "--primary-alias",
+        guest.primary.alias,
+    )
+
+
+def configure_all(lab: VmLab) -> None:
+    """:func:`configure` for every guest: pools sized for all of them (:func:`pool_slots`),
+    each extra guest's team lan, every team of every guest on its primary."""
+    extras = lab.extra_guests()
+    define_pools(lab, pool_slots(extras))
+    teams = ptmig_json(lab, lab.where(), "team-show", DOMAIN_NAME)["teams"]
+    if {t["name"] for t in teams} != {"lan", "wan"}:
+        set_teams(lab)
+    for guest in extras:
+        shown = ptmig_json(lab, lab.where(guest.name), "team-show", guest.name)["teams"]
+        if {t["name"] for t in shown} != {"lan"}:
+            set_extra_team(lab, guest)
+    for name in lab.guest_names():
+        wait_for_teams_on_primary(lab, name=name)

@@ -90,6 +90,89 @@ def domain_xml(
     return _domain(image, disk, nics, memory_mib=memory_mib, vcpus=vcpus, domain_type=domain_type)
 
 
+#: Extra guests' memory: room for the kernel to unpack the image's initramfs (35 MiB gzip,
+#: 124 MiB unpacked; 128 MiB panicked in the unpack), then systemd and the agent
+#: (docs/lab.md, "Extra guests").
+EXTRA_MEMORY_MIB = 256
+EXTRA_VCPUS = 1
+EXTRA_PREFIX = 24
+
+
+@dataclass(frozen=True)
+class ExtraGuest:
+    """A guest booted beside the main one (``VmLab.boot_extra_guests``): the same image on
+    its own overlay, with its own MACs, taps, address, console and agent channel, and one
+    team (lan: bond0 from networkd on its virtio standby, an e1000e stand-in as primary).
+
+    *index* is 2, 3, ...: the main guest is guest 1.  The guest learns its MAC and address
+    from its kernel command line (lab.image's ptmig-lab-identity unit).
+    """
+
+    index: int
+    memory_mib: int = EXTRA_MEMORY_MIB
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.index <= 99:
+            raise ValueError(f"extra guests are numbered 2..99, not {self.index}")
+
+    @property
+    def name(self) -> str:
+        return f"{DOMAIN_NAME}{self.index}"
+
+    @property
+    def hostname(self) -> str:
+        return f"ptmig-guest{self.index}"
+
+    @property
+    def ip(self) -> str:
+        return f"192.168.77.{9 + self.index}"
+
+    @property
+    def standby(self) -> Nic:
+        return Nic(
+            f"52:54:00:aa:{self.index:02x}:01", f"ptv-g{self.index}s", STANDBY_ALIAS, "virtio"
+        )
+
+    @property
+    def primary(self) -> Nic:
+        return Nic(f"52:54:00:bb:{self.index:02x}:01", f"ptv-g{self.index}p", PRIMARY_ALIAS)
+
+    @property
+    def console_socket(self) -> str:
+        return f"/var/lib/libvirt/ptmig/console-g{self.index}.sock"
+
+    @property
+    def console_log(self) -> str:
+        return f"/var/log/libvirt/ptmig-console-g{self.index}.log"
+
+    @property
+    def agent_socket(self) -> str:
+        return f"/var/lib/libvirt/ptmig/agent-g{self.index}.sock"
+
+    @property
+    def cmdline(self) -> str:
+        return (
+            f"{BOOT_CMDLINE} systemd.hostname={self.hostname} "
+            f"ptmig.standby={self.standby.mac} ptmig.address={self.ip}/{EXTRA_PREFIX}"
+        )
+
+
+def extra_domain_xml(image: GuestImage, disk: Path, guest: ExtraGuest) -> str:
+    """An extra guest's domain XML: standby and primary of team lan, 1 vCPU, less memory."""
+    return _domain(
+        image,
+        disk,
+        [guest.standby, guest.primary],
+        memory_mib=guest.memory_mib,
+        vcpus=EXTRA_VCPUS,
+        cmdline=guest.cmdline,
+        name=guest.name,
+        console_socket=guest.console_socket,
+        console_log=guest.console_log,
+        agent_socket=guest.agent_socket,
+    )
+
+
 def _domain(
     image: GuestImage,
     disk: Path,
@@ -100,6 +183,10 @@ def _domain(
     domain_type: str = "qemu",
     cmdline: str = BOOT_CMDLINE,
     qemu_override: str = "",
+    name: str = DOMAIN_NAME,
+    console_socket: str = CONSOLE_SOCKET,
+    console_log: str = CONSOLE_LOG,
+    agent_socket: str = AGENT_SOCKET,
 ) -> str:
     """The domain with `nics`; a `qemu_override` (QEMU's namespace) goes at its end."""
     ports = "\n    ".join(
@@ -109,7 +196,7 @@ def _domain(
     qemu_ns = f" xmlns:qemu='{QEMU_NS}'" if qemu_override else ""
     override = f"  {qemu_override}\n" if qemu_override else ""
     return f"""<domain type={quoteattr(domain_type)}{qemu_ns}>
-  <name>{DOMAIN_NAME}</name>
+  <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
   <os>
@@ -136,12 +223,12 @@ def _domain(
     {ports}
     {nic_xml}
     <serial type='unix'>
-      <source mode='bind' path='{CONSOLE_SOCKET}'/>
-      <log file='{CONSOLE_LOG}' append='on'/>
+      <source mode='bind' path='{console_socket}'/>
+      <log file='{console_log}' append='on'/>
       <target type='isa-serial' port='0'/>
     </serial>
     <channel type='unix'>
-      <source mode='bind' path='{AGENT_SOCKET}'/>
+      <source mode='bind' path='{agent_socket}'/>
       <target type='virtio' name='{AGENT_CHANNEL}'/>
     </channel>
     <memballoon model='none'/>

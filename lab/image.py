@@ -137,12 +137,99 @@ def _guest_files() -> dict[str, str]:
             "ConfigureWithoutCarrier=yes\nLinkLocalAddressing=ipv6\n"
         ),
         "/etc/ptmig/agent.toml": AGENT_CONFIG,
+        # Extra guests (lab.guest.ExtraGuest) boot this image too, each with its own MACs
+        # and address on the kernel command line: a unit rewrites these templates into
+        # place before networkd and the agent start.  The main guest's command line has
+        # no ptmig.standby=, so the unit is skipped there.
+        **{
+            f"{EXTRA_TEMPLATES}{path}": content
+            for path, content in _extra_guest_files(EXTRA_STANDBY, EXTRA_ADDRESS).items()
+        },
+        IDENTITY_SCRIPT: _IDENTITY_SCRIPT,
+        f"/etc/systemd/system/{IDENTITY_UNIT}": _IDENTITY_UNIT_FILE,
         # vsock_loopback: this machine has no vhost-vsock, so the guest's own vsock loopback
         # stands in for the host in the vsock tests.  Loaded at boot: a connection in the
         # first second after a late modprobe was seen reset once.
         "/etc/modules-load.d/ptmig-lab.conf": "bonding\nvsock_loopback\n",
         "/etc/modprobe.d/ptmig-lab-bonding.conf": "options bonding max_bonds=0\n",
     }
+
+
+#: Where an extra guest's files wait as templates, and their placeholders.
+EXTRA_TEMPLATES = "/usr/local/share/ptmig-lab/extra-guest"
+EXTRA_STANDBY = "@STANDBY@"
+EXTRA_ADDRESS = "@ADDRESS@"
+IDENTITY_SCRIPT = "/usr/local/sbin/ptmig-lab-identity"
+IDENTITY_UNIT = "ptmig-lab-identity.service"
+
+
+def _extra_guest_files(standby: str, address: str) -> dict[str, str]:
+    """An extra guest's own files: team lan only (bond0 on its standby *standby*, address
+    *address* as ip/prefix), the main guest's lan files with another MAC and address."""
+    return {
+        "/etc/systemd/network/10-bond0.netdev": (
+            "[Match]\nKernelCommandLine=!ptmig.failover\n\n"
+            "[NetDev]\nName=bond0\nKind=bond\n"
+            f"MACAddress={standby}\n\n"
+            "[Bond]\nMode=active-backup\nMIIMonitorSec=100ms\nFailOverMACPolicy=none\n"
+        ),
+        "/etc/systemd/network/20-standby.network": (
+            f"[Match]\nPermanentMACAddress={standby}\n"
+            "KernelCommandLine=!ptmig.failover\n\n[Network]\nBond=bond0\n"
+        ),
+        "/etc/systemd/network/30-bond0.network": (
+            "[Match]\nName=bond0\n\n"
+            f"[Network]\nAddress={address}\n"
+            "ConfigureWithoutCarrier=yes\nLinkLocalAddressing=ipv6\n"
+        ),
+        "/etc/ptmig/agent.toml": (
+            "# ptmig lab: an extra guest\n[[teams]]\n"
+            'name = "lan"\nbond = "bond0"\n'
+            f'standby = {{mac = "{standby}"}}\n'
+            'mac_policy = "preserve"\nownership = "admin"\n'
+        ),
+    }
+
+
+_IDENTITY_SCRIPT = f"""#!/bin/sh
+# ptmig lab: an extra guest's own standby MAC and address, from the kernel command line
+# (ptmig.standby=MAC ptmig.address=IP/PREFIX), written over the main guest's files before
+# systemd-networkd and the agent read them.  The overlay disk is this guest's own.
+set -eu
+standby=
+address=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        ptmig.standby=*) standby=${{arg#ptmig.standby=}} ;;
+        ptmig.address=*) address=${{arg#ptmig.address=}} ;;
+    esac
+done
+if [ -z "$standby" ] || [ -z "$address" ]; then
+    echo "ptmig-lab-identity: ptmig.standby= and ptmig.address= are both needed" >&2
+    exit 1
+fi
+cd {EXTRA_TEMPLATES}
+for f in $(find . -type f); do
+    sed -e "s|{EXTRA_STANDBY}|$standby|g" -e "s|{EXTRA_ADDRESS}|$address|g" "$f" > "/${{f#./}}"
+done
+rm -f /etc/systemd/network/30-bond1.network
+"""
+
+_IDENTITY_UNIT_FILE = f"""[Unit]
+Description=ptmig lab: this extra guest's MACs and address, from the kernel command line
+DefaultDependencies=no
+ConditionKernelCommandLine=ptmig.standby
+After=systemd-remount-fs.service
+Before=systemd-networkd.service ptmig-agent.service network-pre.target sysinit.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={IDENTITY_SCRIPT}
+
+[Install]
+WantedBy=sysinit.target
+"""
 
 
 #: The agent's configuration in the lab guest: the two teams, one per ownership mode and
@@ -176,7 +263,7 @@ MASKED_UNITS: tuple[str, ...] = (
     "getty@tty1.service",
 )
 
-ENABLED_UNITS: tuple[str, ...] = ("systemd-networkd.service",)
+ENABLED_UNITS: tuple[str, ...] = ("systemd-networkd.service", IDENTITY_UNIT)
 
 
 def mirror() -> str:

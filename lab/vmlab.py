@@ -25,7 +25,16 @@ import libvirt
 from host.domain.domain_xml import device_aliases
 from lab import fabric
 from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
-from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME, Nic, domain_xml
+from lab.guest import (
+    CONSOLE_LOG,
+    CONSOLE_SOCKET,
+    DOMAIN_NAME,
+    EXTRA_MEMORY_MIB,
+    ExtraGuest,
+    Nic,
+    domain_xml,
+    extra_domain_xml,
+)
 from lab.hosts import PRIVATE_DIRS, LabHost, is_alive, stop_pid
 from lab.image import GuestImage, ImageRecipe, build_image, lab_recipe, suite_images_dir
 from lab.paths import run_dir
@@ -70,6 +79,9 @@ class LabState:
     image: str = ""
     disk: str = ""
     dmesg_baseline: int = 0
+    #: Extra guests (lab.guest.ExtraGuest) by index, recorded before each is defined.
+    extra_guests: list[int] = field(default_factory=list)
+    extra_dmesg_baselines: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def path() -> Path:
@@ -112,8 +124,13 @@ class VmLab:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def up(self, recipe: ImageRecipe | None = None, *, with_primary: bool = True) -> None:
-        """Start the lab (building the image if needed) and boot the guest on hosta."""
+    def up(
+        self, recipe: ImageRecipe | None = None, *, with_primary: bool = True, guests: int = 1
+    ) -> None:
+        """Start the lab (building the image if needed) and boot the guest on hosta, and
+        ``guests - 1`` extra guests beside it."""
+        if guests < 1:
+            raise LabError(f"the lab runs at least one guest, not {guests}")
         old = LabState.load()
         if old is not None:
             if any(is_alive(pid) for pid in old.pids.values()):
@@ -138,6 +155,8 @@ class VmLab:
                 self.state.pids[host.name] = host.start()
                 self.state.save()
             self.boot_guest(image, with_primary=with_primary)
+            if guests > 1:
+                self.boot_extra_guests(guests - 1)
         except BaseException:
             log.error("lab start failed; logs under %s", run_dir())
             raise
@@ -163,21 +182,7 @@ class VmLab:
         disk = run_dir() / "guest" / "disk.qcow2"
         disk.parent.mkdir(parents=True, exist_ok=True)
         disk.unlink(missing_ok=True)
-        subprocess.run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                str(image.disk),
-                "-F",
-                "raw",
-                str(disk),
-            ],
-            check=True,
-        )
+        _overlay(image, disk)
         self.state.disk = str(disk)
         self.state.save()
         host = self.hosts["hosta"]
@@ -197,6 +202,50 @@ class VmLab:
         )
         self.state.dmesg_baseline = self._bad_kernel_lines()
         self.state.save()
+
+    def boot_extra_guests(self, n: int, *, memory_mib: int = EXTRA_MEMORY_MIB) -> list[ExtraGuest]:
+        """Boot *n* more guests on hosta beside the running ones (lab.guest.ExtraGuest), each
+        on its own overlay of the lab's image; returns them once every one has its shell.
+
+        They boot at once: on two cores that is faster than one after the other.
+        """
+        image = GuestImage(Path(self.state.image))
+        first = max([1, *self.state.extra_guests]) + 1
+        guests = [ExtraGuest(i, memory_mib) for i in range(first, first + n)]
+        host = self.hosts["hosta"]
+        started = []
+        for guest in guests:
+            disk = _extra_disk(guest)
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            disk.unlink(missing_ok=True)
+            _overlay(image, disk)
+            self.state.extra_guests.append(guest.index)  # recorded first: down removes it
+            self.state.save()
+            console = self.console(host.name, guest.name)
+            since = console.log_size()
+            dom = self.conn(host.name).defineXML(extra_domain_xml(image, disk, guest))
+            dom.create()
+            started.append((guest, console, since, time.monotonic()))
+        for guest, console, since, t0 in started:
+            uptime = console.wait_for_shell(since, BOOT_TIMEOUT)
+            log.info(
+                "%s booted on %s in %.1f s (guest uptime %.1f s, %d MiB)",
+                guest.name,
+                host.name,
+                time.monotonic() - t0,
+                uptime,
+                guest.memory_mib,
+            )
+            self.state.extra_dmesg_baselines[guest.name] = self._bad_kernel_lines(guest.name)
+            self.state.save()
+        return guests
+
+    def extra_guests(self) -> list[ExtraGuest]:
+        return [ExtraGuest(i) for i in self.state.extra_guests]
+
+    def guest_names(self) -> list[str]:
+        """Every guest's domain name, the main guest's first."""
+        return [DOMAIN_NAME, *(g.name for g in self.extra_guests())]
 
     def down(self) -> list[str]:
         """Stop everything the lab started; return what was done, for the user."""
@@ -224,6 +273,16 @@ class VmLab:
                 Path(mnt).rmdir()
         if state.disk:
             Path(state.disk).unlink(missing_ok=True)
+        for index in state.extra_guests:
+            guest = ExtraGuest(index)
+            shutil.rmtree(_extra_disk(guest).parent, ignore_errors=True)
+            for h in self.hosts.values():
+                for inside in (guest.console_socket, guest.console_log, guest.agent_socket):
+                    h.path_inside(inside).unlink(missing_ok=True)
+                h.qemu_log(guest.name).unlink(missing_ok=True)
+            done.append(f"removed the files of {guest.name}")
+        with suppress(OSError):
+            (run_dir() / "guests").rmdir()
         LabState.path().unlink(missing_ok=True)
         self.state = LabState()
         return done
@@ -283,35 +342,39 @@ class VmLab:
             with suppress(libvirt.libvirtError):
                 c.close()
 
-    def where(self) -> str:
-        """The host the guest runs on now."""
+    def where(self, name: str = DOMAIN_NAME) -> str:
+        """The host guest *name* (default the main guest) runs on now."""
         running = []
-        for name in self.hosts:
+        for host in self.hosts:
             try:
-                dom = self.conn(name).lookupByName(DOMAIN_NAME)
+                dom = self.conn(host).lookupByName(name)
                 if dom.isActive():
-                    running.append(name)
+                    running.append(host)
             except libvirt.libvirtError:
                 continue
         if len(running) != 1:
-            raise GuestHealthError(f"the guest runs on {running or 'no host'}, not on exactly one")
+            guest = "the guest" if name == DOMAIN_NAME else name
+            raise GuestHealthError(f"{guest} runs on {running or 'no host'}, not on exactly one")
         return running[0]
 
-    def domain(self, host: str | None = None) -> libvirt.virDomain:
-        return self.conn(host or self.where()).lookupByName(DOMAIN_NAME)
+    def domain(self, host: str | None = None, name: str = DOMAIN_NAME) -> libvirt.virDomain:
+        return self.conn(host or self.where(name)).lookupByName(name)
 
-    def console(self, host: str | None = None) -> GuestConsole:
-        h = self.hosts[host or self.where()]
-        return GuestConsole(h.path_inside(CONSOLE_SOCKET), h.path_inside(CONSOLE_LOG))
+    def console(self, host: str | None = None, name: str = DOMAIN_NAME) -> GuestConsole:
+        h = self.hosts[host or self.where(name)]
+        socket, log_file = _console_paths(name)
+        return GuestConsole(h.path_inside(socket), h.path_inside(log_file))
 
-    def exec(self, command: str, timeout: float = 60.0) -> ExecResult:
-        return self.console().run(command, timeout)
+    def exec(self, command: str, timeout: float = 60.0, name: str = DOMAIN_NAME) -> ExecResult:
+        return self.console(name=name).run(command, timeout)
 
     def logs(self) -> list[Path]:
         """Where to look when something failed."""
         out = [run_dir() / "state.json"]
         for h in self.hosts.values():
             out += [h.log_file, h.qemu_log(DOMAIN_NAME), h.path_inside(CONSOLE_LOG)]
+            for guest in self.extra_guests():
+                out += [h.qemu_log(guest.name), h.path_inside(guest.console_log)]
         return out
 
     # -- actions ---------------------------------------------------------------------
@@ -389,15 +452,21 @@ class VmLab:
 
     # -- health ----------------------------------------------------------------------
 
-    def _bad_kernel_lines(self) -> int:
-        out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
+    def _bad_kernel_lines(self, name: str = DOMAIN_NAME) -> int:
+        out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true", name=name).check()
         return int(out.strip().splitlines()[-1])
 
-    def check_health(self) -> None:
-        """Fail loudly if the guest is dead or damaged; the error carries its console log."""
+    def check_health(self, name: str = DOMAIN_NAME) -> None:
+        """Fail loudly if guest *name* (default the main one) is dead or damaged; the error
+        carries its console log."""
+        baseline = (
+            self.state.dmesg_baseline
+            if name == DOMAIN_NAME
+            else self.state.extra_dmesg_baselines.get(name, 0)
+        )
         try:
-            host = self.where()
-            console = self.console(host)
+            host = self.where(name)
+            console = self.console(host, name)
             result = console.run(
                 "echo taint=$(cat /proc/sys/kernel/tainted); "
                 f"echo bad=$(dmesg | grep -cE '{BAD_KERNEL_LINES}'); "
@@ -412,10 +481,11 @@ class VmLab:
         bad = re.search(r"bad=(\d+)", result.output)
         if not taint or not bad:
             raise GuestHealthError(f"unreadable health report:\n{result.output}")
-        if int(taint.group(1)) != 0 or int(bad.group(1)) > self.state.dmesg_baseline:
+        if int(taint.group(1)) != 0 or int(bad.group(1)) > baseline:
+            label = "guest" if name == DOMAIN_NAME else name
             raise GuestHealthError(
-                f"guest kernel damaged on {host} (taint={taint.group(1)}, "
-                f"{int(bad.group(1)) - self.state.dmesg_baseline} new bad lines):\n"
+                f"{label} kernel damaged on {host} (taint={taint.group(1)}, "
+                f"{int(bad.group(1)) - baseline} new bad lines):\n"
                 f"{result.output}\n{log_tail(console.log_file)}"
             )
 
@@ -426,6 +496,29 @@ class VmLab:
         finally:
             for name in list(self._conns):
                 self._close(name)
+
+
+def _overlay(image: GuestImage, disk: Path) -> None:
+    """A fresh qcow2 overlay over the cached raw image (never written to)."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw", str(disk)],
+        check=True,
+    )
+
+
+def _extra_disk(guest: ExtraGuest) -> Path:
+    return run_dir() / "guests" / f"g{guest.index}" / "disk.qcow2"
+
+
+def _console_paths(name: str) -> tuple[str, str]:
+    """(console socket, console log) of guest *name*, inside its host."""
+    if name == DOMAIN_NAME:
+        return CONSOLE_SOCKET, CONSOLE_LOG
+    prefix = DOMAIN_NAME
+    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
+        raise LabError(f"no lab guest named {name!r}")
+    guest = ExtraGuest(int(name[len(prefix) :]))
+    return guest.console_socket, guest.console_log
 
 
 def _shquote(s: str) -> str:

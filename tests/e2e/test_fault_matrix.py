@@ -20,14 +20,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import fault_matrix
 import libvirt
 import pytest
+from fault_matrix import (
+    assert_converged,
+    assert_devices_accounted_for,
+    open_workflows,
+    teams_on,
+)
 from ptmig.serial_session import AGENT_CHANNEL
 
-from host.domain.domain_xml import parse_domain
 from host.workflow.coordinator import Coordinator
 from host.workflow.guest import PreflightError
 from host.workflow.journal import Journal
@@ -54,100 +58,6 @@ HOTPLUG_GPE = "/sys/firmware/acpi/interrupts/gpe01"
 def faulty(lab: VmLab) -> VmLab:
     co.configure(lab)
     return lab
-
-
-# -- the checks every case ends with ---------------------------------------------------
-
-
-def open_workflows() -> list[Any]:
-    with Journal(co.journal_path()) as journal:
-        return journal.open_workflows()
-
-
-def domain_xmls(lab: VmLab, host: str) -> list[tuple[str, str | None]]:
-    """(live XML, persistent XML or None) of every running domain on *host*."""
-    out = []
-    for dom in lab.conn(host).listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
-        out.append((dom.XMLDesc(0), inactive))
-    return out
-
-
-def assert_no_mac_on_two_hosts(lab: VmLab) -> None:
-    seen: dict[str, str] = {}
-    for host in lab.hosts:
-        for live, _ in domain_xmls(lab, host):
-            for nic in parse_domain(live).interfaces:
-                assert nic.mac is not None
-                other = seen.setdefault(nic.mac, host)
-                assert other == host, f"{nic.mac} on {other} and {host}"
-
-
-def assert_devices_accounted_for(lab: VmLab, host: str) -> None:
-    """Each pool device the domain holds is a team's recorded primary, live and persistent."""
-    pool_taps = {tap for slots in co.POOL_SLOTS.values() for tap, _ in slots}
-    for live, persistent in domain_xmls(lab, host):
-        info = parse_domain(live)
-        assert info.teams is not None
-        recorded = {t.primary.tap for t in info.teams.teams if t.primary is not None}
-        held = {n.target_dev for n in info.interfaces if n.target_dev in pool_taps}
-        assert held == recorded, f"live {info.name} holds {held}, its teams name {recorded}"
-        if persistent is not None:
-            defined = {
-                n.target_dev
-                for n in parse_domain(persistent).interfaces
-                if n.target_dev in pool_taps
-            }
-            assert defined == recorded, f"{info.name}'s definition: {defined}, teams {recorded}"
-
-
-def assert_no_orphan_taps(lab: VmLab) -> None:
-    """A pool's tap exists on a host only while a running domain there holds it."""
-    pool_taps = {tap for slots in co.POOL_SLOTS.values() for tap, _ in slots}
-    for net in HOSTS:
-        out = run(["ip", "-n", net.netns, "-o", "link", "show"], capture=True)
-        present = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
-        held = {
-            n.target_dev
-            for live, _ in domain_xmls(lab, net.name)
-            for n in parse_domain(live).interfaces
-        }
-        assert (present & pool_taps) <= held, (
-            f"{net.name}: taps held by no one: {(present & pool_taps) - held}"
-        )
-
-
-def assert_reachable(lab: VmLab) -> None:
-    for ip in (GUEST_IP, WAN_GUEST_IP):
-        run(["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "3", "-i", "0.2", "-W", "2", ip])
-
-
-def teams_on(lab: VmLab) -> dict[str, str]:
-    status = co.ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
-    return {t["name"]: t["mode"] for t in status["teams"]}
-
-
-def assert_converged(lab: VmLab) -> str:
-    """The checks every case ends with; returns how the teams ended ("primary", or
-    "degraded->repaired" when the reconciler's pass had to plug devices)."""
-    where = lab.where()  # exactly one host runs it
-    assert open_workflows() == []
-    assert_no_mac_on_two_hosts(lab)
-    on = teams_on(lab)
-    ended = "primary"
-    if set(on.values()) != {"primary"}:
-        ended = "/".join(sorted(set(on.values()))) + "->repaired"
-        with Journal(co.journal_path()) as journal:
-            repaired = Coordinator(journal).reconcile(lab.hosts[where].uri)
-        assert repaired and all(not r.error for r in repaired), repaired
-        on = teams_on(lab)
-    assert set(on.values()) == {"primary"}, on
-    assert open_workflows() == []
-    assert_devices_accounted_for(lab, where)
-    assert_no_orphan_taps(lab)
-    assert_reachable(lab)
-    lab.check_health()
-    return ended
 
 
 # -- driving a migration and injecting faults --------------------------------------------

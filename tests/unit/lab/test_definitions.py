@@ -9,17 +9,29 @@ from pathlib import Path
 
 import pytest
 
-from lab import fabric
+from lab import GUEST_IP, STANDBY_MAC, fabric
+from lab.coordinated import POOL_SLOTS, pool_slots
 from lab.guest import (
+    EXTRA_MEMORY_MIB,
     PRIMARY_NIC,
     ROOT_PORTS,
     STANDBY_NIC,
     WAN_PRIMARY_NIC,
     WAN_STANDBY_NIC,
+    ExtraGuest,
     domain_xml,
+    extra_domain_xml,
 )
 from lab.hosts import LabHost
-from lab.image import GuestImage, ImageRecipe
+from lab.image import (
+    EXTRA_ADDRESS,
+    EXTRA_STANDBY,
+    EXTRA_TEMPLATES,
+    IDENTITY_SCRIPT,
+    GuestImage,
+    ImageRecipe,
+    _guest_files,
+)
 
 needs_validator = pytest.mark.skipif(
     shutil.which("virt-xml-validate") is None,
@@ -105,3 +117,72 @@ def test_paths_inside_a_host_map_to_its_private_dirs() -> None:
         "/var/tmp/ptmig-lab/guest/disk.qcow2"
     )
     assert a.path_inside("/var/lib/libvirtx") == Path("/var/lib/libvirtx")
+
+
+@needs_validator
+def test_extra_guest_xml_is_valid_by_libvirt_schema(tmp_path: Path) -> None:
+    f = tmp_path / "domain.xml"
+    f.write_text(extra_domain_xml(_image(tmp_path), tmp_path / "disk.qcow2", ExtraGuest(2)))
+    proc = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_extra_guests_have_their_own_name_nics_channel_and_address(tmp_path: Path) -> None:
+    """Nothing an extra guest's domain names is the main guest's or another extra's."""
+    main = ET.fromstring(domain_xml(_image(tmp_path), tmp_path / "d.qcow2"))
+
+    def identity(root: ET.Element) -> set[str]:
+        out = {root.findtext("name") or ""}
+        for nic in root.findall("devices/interface"):
+            out |= {nic.find("mac").get("address"), nic.find("target").get("dev")}  # type: ignore[union-attr]
+        out |= {s.get("path", "") for s in root.findall("devices/*/source")} - {""}
+        return out
+
+    seen = identity(main)
+    for i in (2, 3, 4):
+        guest = ExtraGuest(i)
+        root = ET.fromstring(extra_domain_xml(_image(tmp_path), tmp_path / f"{i}.qcow2", guest))
+        mine = identity(root)
+        assert not mine & seen, mine & seen
+        seen |= mine
+        assert root.findtext("memory") == str(EXTRA_MEMORY_MIB)
+        assert f"ptmig.standby={guest.standby.mac}" in (root.findtext("os/cmdline") or "")
+        assert f"ptmig.address={guest.ip}/24" in (root.findtext("os/cmdline") or "")
+    assert len({ExtraGuest(i).ip for i in (2, 3, 4)} | {GUEST_IP}) == 4
+    with pytest.raises(ValueError):
+        ExtraGuest(1)
+
+
+def test_extra_guest_files_are_the_main_guests_lan_with_its_own_mac_and_address() -> None:
+    files = _guest_files()
+    extra = {
+        path.removeprefix(EXTRA_TEMPLATES): content
+        for path, content in files.items()
+        if path.startswith(EXTRA_TEMPLATES + "/")
+    }
+    assert set(extra) == {
+        "/etc/systemd/network/10-bond0.netdev",
+        "/etc/systemd/network/20-standby.network",
+        "/etc/systemd/network/30-bond0.network",
+        "/etc/ptmig/agent.toml",
+    }
+    for path, content in extra.items():
+        if path.startswith("/etc/systemd/network/"):
+            main = files[path].replace(STANDBY_MAC, EXTRA_STANDBY)
+            assert content == main.replace(f"{GUEST_IP}/24", EXTRA_ADDRESS), path
+    assert EXTRA_STANDBY in extra["/etc/ptmig/agent.toml"]
+    assert files[IDENTITY_SCRIPT].startswith("#!/bin/sh")
+
+
+def test_pools_are_unchanged_without_extra_guests_and_large_enough_with_them() -> None:
+    assert pool_slots([]) is POOL_SLOTS
+    extras = [ExtraGuest(2), ExtraGuest(3)]
+    slots = pool_slots(extras)
+    teams = 2 + len(extras)
+    for host, host_slots in slots.items():
+        assert host_slots[: len(POOL_SLOTS[host])] == POOL_SLOTS[host]
+        assert len(host_slots) >= teams + 1, host
+        assert len({t for t, _ in host_slots}) == len(host_slots)
+    every = [mac for s in slots.values() for _, mac in s]
+    assert len(set(every)) == len(every)
+    assert {(g.primary.tap, g.primary.mac) for g in extras} <= set(slots["hosta"])

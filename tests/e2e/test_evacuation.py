@@ -1,0 +1,171 @@
+"""``ptmig evacuate`` in the lab with three guests: the main one (teams lan and wan) and
+two extra guests (team lan each), every team pinged at 1000/s from the client.
+
+The module's lab is the conftest's, with the extra guests booted beside the main guest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import fault_matrix
+import libvirt
+import pytest
+from fault_matrix import assert_converged, teams_on
+
+from host.domain.domain_xml import parse_domain
+from lab import coordinated as co
+from lab.bench_evacuate import EvacuationRun, evacuate, summary
+from lab.guest import DOMAIN_NAME
+from lab.vmlab import VmLab
+
+pytestmark = pytest.mark.e2e
+
+GUESTS = 3
+#: Packets at 1000/s (= ms) one team may lose in a whole evacuation of three guests at
+#: once.  Measured here (docs/benchmarks/evacuation.md, 2026-12-02): 214-1483 per team in
+#: this test's run, 339-1491 in the benchmark's two `--parallel 3` runs (one migration alone
+#: loses 120-300 in its stop-and-copy; three at once on two cores lengthen each one's
+#: switch, stop-and-copy and bind).  The bound fails on a team left on a dead member for
+#: seconds (a failed switch, a bind waiting for a link timeout), not on the cores' noise.
+MAX_EVACUATION_LOSS = 2500
+#: Lost outside the team's own domain's migration: 0-6 measured at --parallel 3 (every
+#: window covers the run), up to 156 at --parallel 1 and 100 for a refused domain beside
+#: two migrating ones (a neighbour's stop-and-copy takes the two cores).
+MAX_LOSS_OUTSIDE = 100
+
+
+@pytest.fixture(scope="module")
+def fleet(lab: VmLab) -> VmLab:
+    """Three guests on hosta, every team on its primary, pools sized for all of them."""
+    missing = GUESTS - len(lab.guest_names())
+    if missing > 0:
+        lab.boot_extra_guests(missing)
+    co.configure_all(lab)
+    return lab
+
+
+def pool_devices(lab: VmLab) -> list[tuple[str, str, str]]:
+    """(host, domain, tap) of every pool device a running domain holds, live."""
+    taps = {tap for slots in co.pool_slots(lab.extra_guests()).values() for tap, _ in slots}
+    held = []
+    for host in lab.hosts:
+        for dom in lab.conn(host).listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            info = parse_domain(dom.XMLDesc(0))
+            held += [
+                (host, info.name, n.target_dev) for n in info.interfaces if n.target_dev in taps
+            ]
+    return held
+
+
+def assert_no_device_held_twice(lab: VmLab) -> None:
+    """No pool device (tap) held by two domains, and no two teams recording one."""
+    held = pool_devices(lab)
+    twice = {k: n for k, n in Counter((h, t) for h, _, t in held).items() if n > 1}
+    assert not twice, f"held by two domains: {twice} in {held}"
+    recorded = []
+    for name in lab.guest_names():
+        teams = co.ptmig_json(lab, lab.where(name), "team-show", name)["teams"]
+        recorded += [(lab.where(name), t["primary"]["tap"]) for t in teams if t.get("primary")]
+    dup = {k: n for k, n in Counter(recorded).items() if n > 1}
+    assert not dup, f"recorded by two teams: {dup}"
+
+
+def gather_on(lab: VmLab, host: str) -> None:
+    """Every guest on *host* (a case that failed earlier may have left one behind)."""
+    for name in lab.guest_names():
+        src = lab.where(name)
+        if src != host:
+            co.ptmig(
+                lab,
+                src,
+                "migrate",
+                name,
+                lab.hosts[host].uri,
+                "--peer-uri",
+                lab.hosts[host].tcp_uri,
+                "--unsafe",
+            )
+
+
+def lost_by_guest(run: EvacuationRun) -> dict[str, int]:
+    """Lost packets per team: the main guest's as lan/wan, an extra guest's as g2, g3..."""
+    return {
+        t.team if t.domain == DOMAIN_NAME else "g" + t.domain.removeprefix(DOMAIN_NAME): t.lost
+        for t in run.traffic
+    }
+
+
+def report_teams(entry: dict[str, Any]) -> dict[str, str]:
+    return dict((entry.get("report") or {}).get("teams", {}))
+
+
+def test_evacuation_of_three_guests_under_ping_in_parallel(
+    fleet: VmLab, record_property: pytest.RecordProperty
+) -> None:
+    """hosta -> hostb, three domains at once: each ends done on hostb with its teams on
+    primary, no device is held twice, every guest is healthy, and each team's loss is
+    bounded and falls while that team was on its standby (its report's window)."""
+    lab = fleet
+    gather_on(lab, "hosta")
+    run = evacuate(lab, "hosta", "hostb", parallel=GUESTS, name="evac-p3")
+    print("\n".join(summary(run)))
+    record_property("evacuation", run.to_dict())
+    assert run.exit_code == 0, (run.exit_code, run.stderr, json.dumps(run.result)[:4000])
+    assert run.result["parallel"] == GUESTS
+    assert run.result["source_uri"] == lab.hosts["hosta"].uri
+    entries = {d["domain"]: d for d in run.result["domains"]}
+    assert set(entries) == set(lab.guest_names()), entries.keys()
+    for name, entry in entries.items():
+        assert entry["outcome"] == "done", (name, entry.get("error"))
+        assert entry["destination_uri"] == lab.hosts["hostb"].uri, entry
+        assert set(report_teams(entry).values()) == {"primary"}, (name, report_teams(entry))
+        assert lab.where(name) == "hostb"
+        assert set(teams_on(lab, name).values()) == {"primary"}, name
+        lab.check_health(name)
+    assert_no_device_held_twice(lab)
+    for t in run.traffic:
+        assert t.lost <= MAX_EVACUATION_LOSS, (t.domain, t.team, t.lost, t.lost_by_phase)
+        # the report and the traffic agree: the team's outage came while it was on its
+        # standby, and nothing was lost outside its domain's own migration
+        assert t.outage_on_standby is not False, t
+        assert t.lost_outside_migration <= MAX_LOSS_OUTSIDE, t
+
+
+def test_evacuation_with_one_domain_whose_agent_is_stopped(fleet: VmLab) -> None:
+    """The fault matrix's case: one guest's agent stopped before the evacuation.  That
+    domain is refused at its preflight and stays whole where it was; the others move; then
+    the matrix's convergence checks for every guest."""
+    lab = fleet
+    src = lab.where()
+    gather_on(lab, src)
+    dest = "hostb" if src == "hosta" else "hosta"
+    victim = lab.extra_guests()[-1].name
+    before = lab.domain(src, victim).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    lab.exec("systemctl stop ptmig-agent", name=victim).check()
+    try:
+        run = evacuate(lab, src, dest, parallel=GUESTS, name="evac-agent-stopped")
+    finally:
+        lab.exec("systemctl start ptmig-agent", name=victim).check()
+    print("\n".join(summary(run)))
+    outcomes = run.outcomes()
+    assert run.exit_code == 4, (run.exit_code, outcomes, run.stderr)
+    assert outcomes[victim] in ("refused", "rolled-back"), outcomes
+    assert lab.where(victim) == src
+    assert lab.domain(src, victim).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+    for name in lab.guest_names():
+        if name != victim:
+            assert outcomes[name] == "done", (name, outcomes)
+            assert lab.where(name) == dest
+    co.wait_for_teams_on_primary(lab, name=victim)
+    ended = {name: assert_converged(lab, name) for name in lab.guest_names()}
+    assert_no_device_held_twice(lab)
+    fault_matrix.ROWS.append(
+        fault_matrix.Row(
+            "evacuation, one domain's agent stopped",
+            f"{outcomes[victim]} + others done + {'/'.join(sorted(set(ended.values())))}",
+            lost_by_guest(run),
+        )
+    )
