@@ -65,9 +65,10 @@ install_python_env() {
 
 # The editable install leaves the checkout without bytecode, and where Python may not
 # write it (PYTHONDONTWRITEBYTECODE, a read-only checkout) every ptmig process compiles
-# host/ again: 0.35-0.5 s a process on this machine.  compileall writes it whatever the
-# environment says and skips what is up to date; Python reads it while its source is
-# unchanged (an edited module is compiled in memory until the next bootstrap).
+# host/ again (about 0.05 s a process here; docs/benchmarks/cold-first-migration.md).
+# compileall writes it whatever the environment says and skips what is up to date;
+# Python reads it while its source is unchanged (an edited module is compiled in memory
+# until the next bootstrap).
 compile_checkout() {
   "$venv/bin/python" -m compileall -q -j 0 "$here/host" "$here/guest_agent" "$here/lab" \
     "$here/protos/ptmig" >/dev/null || log "byte-compiling the checkout failed (harmless)"
