@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from guest_agent import netlink, server  # grpc and the netlink module, only now
 
     try:
-        agent = server.start(cfg, netlink.NetlinkLinks(), preload=netlink.preload)
+        links = netlink.NetlinkLinks()
+        agent = server.start(cfg, links, warm_up=lambda: netlink.warm_up(links))
     except (server.SocketError, OSError) as exc:
         print(f"ptmig-agent: {exc}", file=sys.stderr)
         return 1

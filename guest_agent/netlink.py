@@ -1,8 +1,13 @@
 """guest_agent.links.Links over pyroute2 -- the only module that imports pyroute2.
 
-pyroute2 is imported lazily (`_pyroute2()`): it costs ~2.5 s under TCG, and the
-agent should answer GetVersion/Health while it loads.  Works on pyroute2 0.7.2
-(Debian 12) and 0.9.x (PyPI); only API common to both is used.
+pyroute2 is imported lazily (`_pyroute2()`), and only its IPRoute: the agent answers
+as soon as its socket listens, and `warm_up` (a background thread from then on) pays
+the import and the first dump before the first call needs them.  `import pyroute2`
+itself would load all of pyroute2 -- 0.7.2 (Debian 12) every entry point (NDB, IPDB,
+IPSet, WireGuard...), 0.9 the same list by hand -- 416 modules and 26 MB resident on
+Debian 12 where IPRoute needs 266 and 16 MB; so the package's ``__init__`` is skipped
+(see `_import_iproute`).  Works on pyroute2 0.7.2 and 0.9.x (PyPI); only API common to
+both is used.
 
 Socket lifetime: one `IPRoute` per operation, as os-vif does.  A long-lived
 socket would be shared by the gRPC worker threads (pyroute2 sockets are not
@@ -35,9 +40,12 @@ Errno meanings (NetlinkError.code), translated in `_translate`:
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import select
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,17 +89,64 @@ _ERRNO_CLASSES: dict[int, type[LinkError]] = {
 }
 
 
-def _pyroute2() -> tuple[Any, type[Exception]]:
-    """Import pyroute2 on first use (Python caches the module after that)."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+_IMPORT_LOCK = threading.Lock()
+_imported: tuple[Any, type[Exception]] | None = None
 
+
+def _pyroute2() -> tuple[Any, type[Exception]]:
+    """pyroute2's IPRoute and NetlinkError, imported on first use (by one thread)."""
+    global _imported
+    with _IMPORT_LOCK:
+        if _imported is None:
+            _imported = _import_iproute()
+        return _imported
+
+
+def _import_iproute() -> tuple[Any, type[Exception]]:
+    """Import ``pyroute2.iproute.linux`` without running ``pyroute2/__init__.py``.
+
+    Python runs a package's ``__init__`` before any of its submodules, and pyroute2's
+    imports everything pyroute2 has.  So while the two submodules are imported, the
+    package is an empty module with pyroute2's search path; afterwards it is taken out
+    of sys.modules again, so that an ``import pyroute2`` elsewhere in the process still
+    gets the real package (which then finds these submodules already loaded).  A
+    pyroute2 imported before is used as it is.
+    """
+    if "pyroute2" in sys.modules:
+        from pyroute2.iproute.linux import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        return IPRoute, NetlinkError
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None:
+        raise ImportError("No module named 'pyroute2'", name="pyroute2")
+    shell = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
+    sys.modules["pyroute2"] = shell
+    try:
+        from pyroute2.iproute.linux import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+    finally:
+        if sys.modules.get("pyroute2") is shell:
+            del sys.modules["pyroute2"]
     return IPRoute, NetlinkError
 
 
-def preload() -> None:
-    """Pay pyroute2's import cost now, e.g. in a background thread at start-up."""
-    _pyroute2()
+def warm_up(links: NetlinkLinks | None = None) -> None:
+    """Import pyroute2 and dump the links once, off the first call's path.
+
+    Started in a background thread once the agent's socket listens: a GetState that
+    comes first waits for this import (the lock above) instead of paying it again, and
+    the dump leaves pyroute2's message classes and sysfs's directories warm.  A failure
+    here is only logged: the first call then meets it and answers with it.
+    """
+    started = time.monotonic()
+    try:
+        _pyroute2()
+        (links or NetlinkLinks()).list_links()
+    except Exception as exc:  # the call that needs netlink meets it again and answers it
+        log.warning("netlink warm-up failed (%s: %s)", type(exc).__name__, exc)
+        return
+    log.debug("netlink warm-up done in %.2f s", time.monotonic() - started)
 
 
 #: How often a dump raced by link changes is redone before the error is reported.

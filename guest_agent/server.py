@@ -112,9 +112,14 @@ class Agent:
 
 
 def start(
-    cfg: config.AgentConfig, links: Links, preload: Callable[[], None] | None = None
+    cfg: config.AgentConfig, links: Links, warm_up: Callable[[], None] | None = None
 ) -> Agent:
-    """Start the gRPC server and the transports; set up agent-owned teams."""
+    """Start the gRPC server and the transports; set up agent-owned teams.
+
+    *warm_up* runs in a thread of its own once the socket listens: what the first call
+    would otherwise pay (netlink's import and first dump) is paid while the agent
+    already answers.
+    """
     teams = Teams(links, cfg.teams)
     capabilities = []
     if cfg.virtio_serial.enabled:
@@ -130,8 +135,8 @@ def start(
     server = build_server(cfg.socket, agent, cfg.max_message_bytes, cfg.allowed_rpcs)
     log.info("ptmig-agent %s listening on %s", __version__, cfg.socket)
     running = Agent(server)
-    if preload is not None:  # netlink's import cost, off the first RPC's path
-        threading.Thread(target=preload, name="preload", daemon=True).start()
+    if warm_up is not None:
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     if cfg.virtio_serial.enabled:
         _run(running, SerialRelay.for_path(cfg.virtio_serial.port, cfg.socket), "virtio-serial")
     if cfg.vsock.enabled:

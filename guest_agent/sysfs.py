@@ -1,9 +1,12 @@
-"""Small predicates over /sys and /run; each takes its root so tests fake it in tmp."""
+"""Small predicates over /sys and /run; each takes its root so tests fake it in tmp.
+
+os.path only: pathlib (with urllib.parse and ipaddress) would be the agent's only
+reason to import them before it serves.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from guest_agent.addresses import is_pci_address
 
@@ -16,15 +19,19 @@ def pci_address(ifname: str, sys_root: str = "/sys") -> str | None:
     device (virtio0) whose parent is the PCI function, so the walk is needed;
     virtual links (bond, veth, lo) have no `device` link at all.
     """
-    device = Path(sys_root, "class", "net", ifname, "device")
+    device = os.path.join(sys_root, "class", "net", ifname, "device")
     try:
-        path = Path(os.path.realpath(device, strict=True))
+        path = os.path.realpath(device, strict=True)
     except OSError:
         return None
-    for part in (path, *path.parents):
-        if is_pci_address(part.name):
-            return part.name
-    return None
+    while True:
+        name = os.path.basename(path)
+        if is_pci_address(name):
+            return name
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def udev_initialized(ifindex: int, run_root: str = "/run") -> bool:
@@ -34,7 +41,7 @@ def udev_initialized(ifindex: int, run_root: str = "/run") -> bool:
     run its rules (systemd-networkd waits for the same file).  Acting earlier races
     the rename: udev cannot rename a link we already brought up by enslaving it.
     """
-    data = Path(run_root, "udev", "data")
-    if not data.is_dir():
+    data = os.path.join(run_root, "udev", "data")
+    if not os.path.isdir(data):
         return True
-    return (data / f"n{ifindex}").exists()
+    return os.path.exists(os.path.join(data, f"n{ifindex}"))

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench-agent", help="the guest agent's start-up time, memory and call round trip"
     )
     bench.add_argument("--json", action="store_true")
+    bench.add_argument(
+        "--baseline", metavar="FILE", help="an earlier --json output: print both side by side"
+    )
     bm = sub.add_parser(
         "bench-migration", help="downtime benchmark: floor, naive and ptmig, repeated"
     )
@@ -143,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             lab.check_health()
             print(f"guest healthy on {lab.where()}")
         elif args.command == "bench-agent":
+            from pathlib import Path
+
             from lab import bench_agent
 
-            return bench_agent.main(as_json=args.json)
+            baseline = Path(args.baseline) if args.baseline else None
+            return bench_agent.main(as_json=args.json, baseline=baseline)
         elif args.command == "bench-migration":
             from pathlib import Path
 

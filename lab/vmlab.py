@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -154,12 +155,44 @@ class VmLab:
             for host in self.hosts.values():
                 self.state.pids[host.name] = host.start()
                 self.state.save()
+            warming = threading.Thread(
+                target=self.warm_capabilities, name="warm-capabilities", daemon=True
+            )
+            warming.start()
             self.boot_guest(image, with_primary=with_primary)
             if guests > 1:
                 self.boot_extra_guests(guests - 1)
+            warming.join()
         except BaseException:
             log.error("lab start failed; logs under %s", run_dir())
             raise
+
+    def warm_capabilities(self) -> None:
+        """Have each host's libvirtd probe its QEMU binaries now, while the guest boots.
+
+        libvirt probes a QEMU binary's capabilities on the first call that needs them and
+        keeps them on disk (here ``~/.cache/ptmig/libvirt-cache/HOST``).  On a machine's
+        first lab nobody has: the first ``ptmig migrate``'s preflight asks both hosts for
+        their capabilities (for the host UUIDs), and libvirt probed qemu-system-i386 on
+        hosta and both binaries on hostb then, 11.7 of that preflight's 12.1 s
+        (docs/benchmarks/cold-first-migration.md).  A real host has done this long before
+        a VM migrates to it; the lab does it here, so its first migration measures ptmig.
+        With the probes on disk this costs a few hundred ms.
+        """
+        started = time.monotonic()
+        for host in self.hosts.values():
+            try:
+                conn = libvirt.open(host.uri)
+            except libvirt.libvirtError as exc:
+                log.warning("%s: no connection to warm its capabilities: %s", host.name, exc)
+                continue
+            try:
+                conn.getCapabilities()
+            except libvirt.libvirtError as exc:
+                log.warning("%s: getCapabilities failed: %s", host.name, exc)
+            finally:
+                conn.close()
+        log.info("QEMU capabilities of both hosts ready in %.1f s", time.monotonic() - started)
 
     def _make_mountpoints(self) -> None:
         """libvirtd's private bind mounts need mount points; make the missing ones, note them."""
