@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         DomainTeams,
         Event,
         FailoverResult,
+        MigrationOptions,
         MigrationReport,
         MigrationRequest,
         PoolStatus,
@@ -180,12 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="URI the source host uses to reach the destination "
         "(peer-to-peer), when it differs from DEST_URI",
     )
-    mg.add_argument(
-        "--unsafe",
-        action="store_true",
-        help="allow a disk cache mode libvirt calls unsafe (shared image)",
-    )
-    mg.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
+    add_migration_options(mg)
 
     fo = command("failover", failover, "move teams to standby or primary without migrating")
     fo.add_argument("domain")
@@ -206,6 +202,102 @@ def build_parser() -> argparse.ArgumentParser:
     wf = command("workflows", workflows, "recent workflows from the journal")
     wf.add_argument("--limit", type=_bounded_int(1, 100_000), default=20)
     return p
+
+
+def add_migration_options(parser: argparse.ArgumentParser) -> None:
+    """The libvirt migration options of one migration job, as virsh spells them; every
+    command that migrates takes them (``migrate``; ``evacuate`` per domain).  Parsed by
+    :func:`migration_options` (and ``--unsafe``/``--max-downtime`` into the request)."""
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow a disk cache mode libvirt calls unsafe (shared image)",
+    )
+    parser.add_argument("--max-downtime", type=_bounded_int(0, 3_600_000), metavar="MS")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="migration stream over TLS (libvirt's migrate_tls_x509 certificates on both hosts)",
+    )
+    copy = parser.add_mutually_exclusive_group()
+    copy.add_argument(
+        "--copy-storage-all",
+        dest="copy_storage",
+        action="store_const",
+        const="all",
+        default="",
+        help="copy the domain's non-shared disks whole (the destination needs the files)",
+    )
+    copy.add_argument(
+        "--copy-storage-inc",
+        dest="copy_storage",
+        action="store_const",
+        const="inc",
+        help="copy what non-shared disks hold beyond a backing image both hosts have",
+    )
+    parser.add_argument(
+        "--bandwidth", type=_integer, metavar="MiB/s", help="cap the migration's bandwidth"
+    )
+    parser.add_argument(
+        "--auto-converge",
+        action="store_true",
+        help="throttle the vCPUs of a guest that dirties memory faster than it is sent",
+    )
+    parser.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to post-copy once the first pre-copy pass has ended",
+    )
+    parser.add_argument(
+        "--postcopy-after",
+        type=_number,
+        metavar="S",
+        help="switch to post-copy after S seconds of pre-copy, or once it stalls "
+        "(implies --postcopy)",
+    )
+    parser.add_argument(
+        "--parallel-connections",
+        type=_integer,
+        metavar="N",
+        help="migrate memory over N connections (2..255; not with post-copy)",
+    )
+
+
+def migration_options(args: argparse.Namespace) -> MigrationOptions:
+    """The options :func:`add_migration_options` parsed; InvalidMigrationOptions (exit 2,
+    nothing changed) for a value out of range or a combination libvirt or QEMU refuse."""
+    from host.workflow.model import CopyStorage, MigrationOptions
+
+    return MigrationOptions(
+        tls=args.tls,
+        copy_storage=CopyStorage(args.copy_storage),
+        bandwidth_mib_s=args.bandwidth,
+        auto_converge=args.auto_converge,
+        postcopy=args.postcopy or args.postcopy_after is not None,
+        postcopy_after_s=args.postcopy_after,
+        parallel_connections=args.parallel_connections,
+    )
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_integer.__name__ = "integer"
+_number.__name__ = "number"
 
 
 def _tap_slot(spec: str) -> Any:
@@ -234,8 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from host.workflow.guest import PreflightError, WorkflowError
     from host.workflow.journal import JournalError, WorkflowConflict
     from host.workflow.lease import LeaseHeld
+    from host.workflow.model import InvalidMigrationOptions
 
     try:
+        if hasattr(args, "copy_storage"):  # the command takes add_migration_options
+            migration_options(args)  # refused before the journal or libvirt is opened
         return int(args.func(args, _coordinator(args)))
     except (WorkflowConflict, LeaseHeld) as exc:
         _fail(exc)
@@ -243,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreflightError as exc:
         _fail(f"refused, nothing changed: {exc}")
         return EXIT_ROLLED_BACK
-    except DomainModelError as exc:
+    except (DomainModelError, InvalidMigrationOptions) as exc:
         _fail(exc)
         return EXIT_USAGE
     except (HypervisorError, WorkflowError, JournalError, AgentError) as exc:
@@ -375,6 +470,7 @@ def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
         unsafe=args.unsafe,
         max_downtime_ms=args.max_downtime,
         peer_uri=args.peer_uri,
+        options=migration_options(args),
     )
     interrupt = _Interrupt(request)
     if not args.json and sys.stderr.isatty() and _can_draw_progress():
