@@ -236,6 +236,13 @@ def add_migration_options(parser: argparse.ArgumentParser) -> None:
         help="copy what non-shared disks hold beyond a backing image both hosts have",
     )
     parser.add_argument(
+        "--migrate-disks",
+        type=lambda text: tuple(t for t in text.split(",") if t),
+        default=(),
+        metavar="TARGETS",
+        help="with --copy-storage-*: copy only these disks (vdb,vdc), the others are shared",
+    )
+    parser.add_argument(
         "--bandwidth", type=_integer, metavar="MiB/s", help="cap the migration's bandwidth"
     )
     parser.add_argument(
@@ -271,6 +278,7 @@ def migration_options(args: argparse.Namespace) -> MigrationOptions:
     return MigrationOptions(
         tls=args.tls,
         copy_storage=CopyStorage(args.copy_storage),
+        migrate_disks=args.migrate_disks,
         bandwidth_mib_s=args.bandwidth,
         auto_converge=args.auto_converge,
         postcopy=args.postcopy or args.postcopy_after is not None,

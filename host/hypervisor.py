@@ -122,6 +122,8 @@ def migration_call(
     if options.tls:
         flags |= libvirt.VIR_MIGRATE_TLS
     flags |= _COPY_STORAGE_FLAGS[options.copy_storage]
+    if options.migrate_disks:
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(options.migrate_disks)
     if options.bandwidth_mib_s is not None:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = options.bandwidth_mib_s
     if options.auto_converge:
@@ -514,8 +516,11 @@ class Domain:
                 if info.get("type", 0) in (0, None):
                     continue
                 seen.sample(info)
-                if options.tls and not seen.tls_creds:
-                    seen.tls_creds = self._migrate_parameter("tls-creds")
+                if not seen.asked_qemu:  # in its own thread: the watcher must not wait
+                    seen.asked_qemu = True
+                    threading.Thread(
+                        target=self._ask_qemu, args=(seen,), name="migration-qmp", daemon=True
+                    ).start()
                 if trigger is not None and seen.postcopy_asked_s is None:
                     elapsed = int(info.get("time_elapsed", 0)) / 1000 or time.monotonic() - t0
                     reason = trigger.reason(
@@ -562,16 +567,28 @@ class Domain:
             job = {}
         return seen.stats(wall, job)
 
-    def _migrate_parameter(self, name: str) -> str:
-        """One of QEMU's migration parameters (query-migrate-parameters), "" if unknown."""
-        cmd = json.dumps({"execute": "query-migrate-parameters"})
+    def _ask_qemu(self, seen: _JobWatch) -> None:
+        """QEMU's migration capabilities and parameters while the job runs (libvirt resets
+        them when it ends): the proof that TLS, multifd, auto-converge, post-copy were on."""
         try:
-            reply = json.loads(libvirt_qemu.qemuMonitorCommand(self._dom, cmd, 0))
-        except (libvirt.libvirtError, ValueError) as exc:
-            log.debug("query-migrate-parameters: %s", exc)
-            return ""
-        value = reply.get("return", {}).get(name, "")
-        return value if isinstance(value, str) else ""
+            caps = self._qmp("query-migrate-capabilities")
+            params = self._qmp("query-migrate-parameters")
+        except (libvirt.libvirtError, ValueError, KeyError) as exc:
+            log.info("%s: QEMU's migration settings not read: %s", self.name, exc)
+            return
+        if isinstance(caps, list):
+            seen.capabilities = tuple(
+                str(c.get("capability")) for c in caps if isinstance(c, dict) and c.get("state")
+            )
+        if isinstance(params, dict):
+            creds = params.get("tls-creds")
+            seen.tls_creds = creds if isinstance(creds, str) else ""
+            channels = params.get("multifd-channels")
+            seen.multifd_channels = channels if isinstance(channels, int) else None
+
+    def _qmp(self, command: str) -> Any:
+        reply = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps({"execute": command}), 0)
+        return json.loads(reply)["return"]
 
     def _start_postcopy(self, seen: _JobWatch, reason: str, at_s: float) -> None:
         try:
@@ -657,7 +674,10 @@ class _JobWatch:
 
     def __init__(self, options: MigrationOptions) -> None:
         self.options = options
+        self.asked_qemu = False
         self.tls_creds = ""
+        self.capabilities: tuple[str, ...] = ()
+        self.multifd_channels: int | None = None
         self.throttle: int | None = None
         self.disk: dict[str, int] = {}
         self.postcopy_asked_s: float | None = None
@@ -696,7 +716,9 @@ class _JobWatch:
             copy_storage=o.copy_storage,
             disk_total=disk("disk_total") if copying else None,
             disk_processed=disk("disk_processed") if copying else None,
+            migrate_disks=o.migrate_disks,
             bandwidth_mib_s=o.bandwidth_mib_s,
+            memory_bps=_int_or_none(job.get("memory_bps")),
             auto_converge=o.auto_converge,
             auto_converge_throttle_pct=throttle if o.auto_converge else None,
             postcopy=o.postcopy,
@@ -708,6 +730,8 @@ class _JobWatch:
             ),
             postcopy_reason=self.postcopy_reason,
             parallel_connections=o.parallel_connections,
+            qemu_capabilities=self.capabilities,
+            multifd_channels=self.multifd_channels if o.parallel_connections else None,
         )
 
 

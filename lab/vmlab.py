@@ -23,7 +23,7 @@ from typing import Any
 import libvirt
 
 from host.domain.domain_xml import device_aliases
-from lab import fabric
+from lab import fabric, pki
 from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
 from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME, Nic, domain_xml
 from lab.hosts import PRIVATE_DIRS, LabHost, is_alive, stop_pid
@@ -134,6 +134,12 @@ class VmLab:
             self.state.netns = fabric.all_netns()  # recorded first: down deletes what exists
             self.state.save()
             fabric.create()
+            # Migration TLS: the lab's own CA and each host's certificates, before the
+            # daemons read qemu.conf (which names them only when they exist).
+            pki.install(
+                (h.name, h.net.migration_ip, h.path_inside("/etc/libvirt"))
+                for h in self.hosts.values()
+            )
             for host in self.hosts.values():
                 self.state.pids[host.name] = host.start()
                 self.state.save()

@@ -84,6 +84,7 @@ def migration_options(message: Any) -> MigrationOptions:
     return MigrationOptions(
         tls=message.tls,
         copy_storage=copy,
+        migrate_disks=tuple(message.migrate_disks),
         bandwidth_mib_s=message.bandwidth_mib_s or None,
         auto_converge=message.auto_converge,
         postcopy=message.postcopy,
@@ -99,6 +100,7 @@ def options_message(options: MigrationOptions) -> Any:
     message = pb.MigrationOptions(
         tls=options.tls,
         copy_storage=_COPY_STORAGE[options.copy_storage],
+        migrate_disks=list(options.migrate_disks),
         bandwidth_mib_s=options.bandwidth_mib_s or 0,
         auto_converge=options.auto_converge,
         postcopy=options.postcopy,

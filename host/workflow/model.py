@@ -52,6 +52,9 @@ class MigrationOptions:
     #: need libvirt's migrate_tls_x509 certificates (docs/operator-guide.md).
     tls: bool = False
     copy_storage: CopyStorage = CopyStorage.NONE
+    #: VIR_MIGRATE_PARAM_MIGRATE_DISKS: copy only these disks (targets: "vdb"), leaving
+    #: the others to shared storage; empty = every non-shared, writable disk.
+    migrate_disks: tuple[str, ...] = ()
     #: VIR_MIGRATE_PARAM_BANDWIDTH in MiB/s; None = libvirt's default (unlimited).
     bandwidth_mib_s: int | None = None
     #: VIR_MIGRATE_AUTO_CONVERGE: throttle the vCPUs of a guest that dirties memory faster
@@ -77,6 +80,14 @@ class MigrationOptions:
                     f"copy storage {self.copy_storage!r}: must be one of "
                     + ", ".join(repr(c.value) for c in CopyStorage)
                 ) from None
+        object.__setattr__(self, "migrate_disks", tuple(self.migrate_disks))
+        if self.migrate_disks and self.copy_storage is CopyStorage.NONE:
+            # libvirt: "use of 'VIR_MIGRATE_PARAM_MIGRATE_DISKS' requires use of
+            # 'VIR_MIGRATE_NON_SHARED_DISK' or 'VIR_MIGRATE_NON_SHARED_INC' flag"
+            raise InvalidMigrationOptions("migrate disks needs copy storage (all or inc)")
+        for target in self.migrate_disks:
+            if not target or not target.isprintable() or "," in target or " " in target:
+                raise InvalidMigrationOptions(f"migrate disks: {target!r} is not a disk target")
         if self.bandwidth_mib_s is not None and not 1 <= self.bandwidth_mib_s <= 1 << 20:
             raise InvalidMigrationOptions(
                 f"bandwidth {self.bandwidth_mib_s} MiB/s: must be 1..{1 << 20}"
@@ -122,7 +133,9 @@ class MigrationStats:
     copy_storage: CopyStorage = CopyStorage.NONE
     disk_total: int | None = None  # bytes of storage copied (NBD), when copy_storage
     disk_processed: int | None = None
+    migrate_disks: tuple[str, ...] = ()  # the disks asked to be copied (empty: all)
     bandwidth_mib_s: int | None = None  # the cap asked for
+    memory_bps: int | None = None  # the memory transfer rate libvirt measured, bytes/s
     auto_converge: bool = False
     #: The highest vCPU throttle libvirt reported (auto_converge_throttle, %).
     auto_converge_throttle_pct: int | None = None
@@ -131,6 +144,11 @@ class MigrationStats:
     postcopy_started_after_s: float | None = None  # seconds into the job
     postcopy_reason: str = ""  # "first pass ended", "stalled", "after 5 s"
     parallel_connections: int | None = None
+    #: QEMU's migration capabilities enabled during the job (query-migrate-capabilities:
+    #: "auto-converge", "multifd", "postcopy-ram", ...), and its multifd-channels, read
+    #: once while the job ran: what QEMU was really told, not what was asked.
+    qemu_capabilities: tuple[str, ...] = ()
+    multifd_channels: int | None = None
 
     @property
     def detail(self) -> str:
@@ -143,7 +161,8 @@ class MigrationStats:
             disk = "?" if self.disk_total is None else f"{self.disk_total >> 20} MiB"
             parts.append(f"copy-storage-{self.copy_storage} {disk}")
         if self.bandwidth_mib_s is not None:
-            parts.append(f"bandwidth {self.bandwidth_mib_s} MiB/s")
+            rate = "" if self.memory_bps is None else f", ran at {self.memory_bps / 2**20:.1f}"
+            parts.append(f"bandwidth {self.bandwidth_mib_s} MiB/s{rate}")
         if self.auto_converge:
             throttle = self.auto_converge_throttle_pct
             parts.append(f"auto-converge (throttle {0 if throttle is None else throttle}%)")

@@ -974,6 +974,7 @@ class FakeDomain:
             copy_storage=options.copy_storage,
             disk_total=(1 << 30) if copying else None,
             disk_processed=(1 << 30) if copying else None,
+            migrate_disks=options.migrate_disks,
             bandwidth_mib_s=options.bandwidth_mib_s,
             auto_converge=options.auto_converge,
             auto_converge_throttle_pct=20 if options.auto_converge else None,
@@ -990,6 +991,16 @@ class FakeDomain:
                 else f"after {options.postcopy_after_s:g} s"
             ),
             parallel_connections=options.parallel_connections,
+            qemu_capabilities=tuple(
+                cap
+                for cap, on in (
+                    ("auto-converge", options.auto_converge),
+                    ("postcopy-ram", options.postcopy),
+                    ("multifd", options.parallel_connections is not None),
+                )
+                if on
+            ),
+            multifd_channels=options.parallel_connections,
         )
 
     def completed_job(self) -> dict[str, Any]:
