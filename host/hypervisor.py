@@ -516,7 +516,10 @@ class Domain:
                 if info.get("type", 0) in (0, None):
                     continue
                 seen.sample(info)
-                if not seen.asked_qemu:  # in its own thread: the watcher must not wait
+                # Once memory moves: libvirt sets QEMU's capabilities and parameters just
+                # before the migrate command (after the destination's prepare and any
+                # storage copy).  In its own thread: the watcher must not wait on it.
+                if not seen.asked_qemu and int(info.get("memory_total", 0)) > 0:
                     seen.asked_qemu = True
                     threading.Thread(
                         target=self._ask_qemu, args=(seen,), name="migration-qmp", daemon=True

@@ -52,6 +52,10 @@ MIGRATE_FLAGS = (
 )
 
 
+#: A disk local to each host: the same path, a different file on each (private mounts).
+DATA_DISK = "/var/lib/libvirt/images/ptmig-data.qcow2"
+
+
 class LabError(RuntimeError):
     """A lab step failed; the message says which and where its logs are."""
 
@@ -350,6 +354,30 @@ class VmLab:
             stats.get("downtime"),
             stats.get("time_elapsed"),
             round(data / 2**20, 1) if data is not None else None,
+        )
+
+    def make_local_disk(self, host: str, path: str = DATA_DISK, size_mib: int = 64) -> Path:
+        """A fresh empty qcow2 at *path* in *host*'s private /var/lib/libvirt (what an
+        operator pre-creates for ``--copy-storage-all``: libvirt creates a destination
+        file itself only inside a storage pool); returns it as the root namespace sees it."""
+        file = self.hosts[host].path_inside(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.unlink(missing_ok=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(file), f"{size_mib}M"], check=True
+        )
+        return file
+
+    def attach_disk(self, path: str, target: str, alias: str) -> None:
+        """Hot-plug a virtio disk (live and persistent, so it migrates)."""
+        xml = (
+            "<disk type='file' device='disk'>"
+            "<driver name='qemu' type='qcow2' cache='unsafe'/>"
+            f"<source file='{path}'/><target dev='{target}' bus='virtio'/>"
+            f"<alias name='{alias}'/></disk>"
+        )
+        self.domain().attachDeviceFlags(
+            xml, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
         )
 
     def attach_nic(self, nic: Nic) -> None:
