@@ -277,3 +277,42 @@ def test_ptmigd_passes_the_options_and_refuses_bad_ones_before_any_workflow(
     with Journal(journal_path) as journal:
         assert len(journal.recent(10)) == 1  # the refused one never reached the journal
     assert world.running_on("vm1") == [B]
+
+
+# -- what the watcher saw, as statistics ---------------------------------------------------
+
+
+def test_the_statistics_take_the_destinations_record_and_what_the_watcher_saw() -> None:
+    from host.hypervisor import _JobWatch
+
+    watch = _JobWatch(EVERYTHING)
+    watch.sample({"auto_converge_throttle": 20, "disk_total": 64 << 20, "disk_processed": 1})
+    watch.sample({"auto_converge_throttle": 50, "disk_processed": 64 << 20})
+    watch.sample({"auto_converge_throttle": 30})
+    watch.capabilities, watch.multifd_channels = ("auto-converge", "multifd"), 4
+    stats = watch.stats(2.5, {"downtime": 80, "memory_bps": 33 << 20, "data_total": 1 << 29})
+
+    assert (stats.wall_s, stats.downtime_ms, stats.data_total) == (2.5, 80, 1 << 29)
+    assert stats.auto_converge_throttle_pct == 50  # the highest seen
+    assert (stats.disk_total, stats.disk_processed) == (64 << 20, 64 << 20)
+    assert (stats.memory_bps, stats.multifd_channels) == (33 << 20, 4)
+    assert stats.qemu_capabilities == ("auto-converge", "multifd")
+    assert not stats.postcopy and not stats.postcopy_started
+
+
+def test_postcopy_counts_as_started_only_once_the_source_said_so() -> None:
+    from host.hypervisor import _JobWatch
+
+    asked_only = _JobWatch(POSTCOPY)
+    asked_only.postcopy_asked_s, asked_only.postcopy_reason = 2.6, "after 2.5 s"
+    stats = asked_only.stats(4.0, {})
+    assert stats.postcopy and not stats.postcopy_started
+    assert stats.postcopy_started_after_s is None
+    assert "post-copy not needed" in stats.detail
+
+    entered = _JobWatch(POSTCOPY)
+    entered.postcopy_asked_s, entered.postcopy_reason = 2.6, "after 2.5 s"
+    entered.postcopy_entered_s = 2.7  # VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY on the source
+    stats = entered.stats(4.0, {})
+    assert stats.postcopy_started and stats.postcopy_started_after_s == 2.6
+    assert "post-copy at 2.6 s (after 2.5 s)" in stats.detail
