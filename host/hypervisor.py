@@ -694,7 +694,7 @@ class _JobWatch:
         for key in ("disk_total", "disk_processed"):
             value = _int_or_none(info.get(key))
             if value is not None:
-                self.disk[key] = value
+                self.disk[key] = max(value, self.disk.get(key, 0))
 
     def stats(self, wall_s: float, job: dict[str, Any]) -> MigrationStats:
         o = self.options
@@ -704,8 +704,10 @@ class _JobWatch:
         copying = o.copy_storage is not CopyStorage.NONE
 
         def disk(key: str) -> int | None:
-            value = _int_or_none(job.get(key))
-            return value if value is not None else self.disk.get(key)
+            # The source's samples: the destination's record of the job says 0 (its
+            # statistics come in the migration cookie, without the storage mirror's).
+            values = [v for v in (_int_or_none(job.get(key)), self.disk.get(key)) if v is not None]
+            return max(values) if values else None
 
         entered = self.postcopy_entered_s is not None
         return MigrationStats(
