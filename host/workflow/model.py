@@ -161,7 +161,9 @@ class MigrationStats:
             disk = "?" if self.disk_total is None else f"{self.disk_total >> 20} MiB"
             parts.append(f"copy-storage-{self.copy_storage} {disk}")
         if self.bandwidth_mib_s is not None:
-            rate = "" if self.memory_bps is None else f", ran at {self.memory_bps / 2**20:.1f}"
+            rate = (
+                "" if self.memory_bps is None else f", ran at {self.memory_bps / 2**20:.1f} MiB/s"
+            )
             parts.append(f"bandwidth {self.bandwidth_mib_s} MiB/s{rate}")
         if self.auto_converge:
             throttle = self.auto_converge_throttle_pct
