@@ -284,6 +284,12 @@ def ptmigd(log_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes]
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
+            # this checkout's contract too, as lab.coordinated runs ptmig (a venv's
+            # editable install may point at another checkout's protos/)
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
+            },
         )
     try:
         yield daemon, sock
