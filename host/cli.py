@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         EvacuationRequest,
         Event,
         FailoverResult,
+        MigrationOptions,
         MigrationReport,
         MigrationRequest,
         PoolStatus,
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="URI the source host uses to reach the destination "
         "(peer-to-peer), when it differs from DEST_URI",
     )
-    _add_migration_flags(mg)
+    add_migration_options(mg)
 
     ev = command(
         "evacuate",
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="include_untied",
         help="also move domains without teams, by a plain libvirt migration",
     )
-    _add_migration_flags(ev)
+    add_migration_options(ev)
 
     fo = command("failover", failover, "move teams to standby or primary without migrating")
     fo.add_argument("domain")
@@ -257,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_migration_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of one migration, shared by ``migrate`` and ``evacuate``."""
+def add_migration_options(parser: argparse.ArgumentParser) -> None:
+    """The libvirt migration options of one migration job, as virsh spells them; every
+    command that migrates takes them (``migrate``; ``evacuate`` per domain).  Parsed by
+    :func:`migration_options` (and ``--unsafe``/``--max-downtime`` into the request)."""
     parser.add_argument(
         "--unsafe",
         action="store_true",
@@ -270,6 +273,98 @@ def _add_migration_flags(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="the longest pause libvirt may take to switch the VM over (migrateSetMaxDowntime)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="migration stream over TLS (libvirt's migrate_tls_x509 certificates on both hosts)",
+    )
+    copy = parser.add_mutually_exclusive_group()
+    copy.add_argument(
+        "--copy-storage-all",
+        dest="copy_storage",
+        action="store_const",
+        const="all",
+        default="",
+        help="copy the domain's non-shared disks whole (the destination needs the files)",
+    )
+    copy.add_argument(
+        "--copy-storage-inc",
+        dest="copy_storage",
+        action="store_const",
+        const="inc",
+        help="copy what non-shared disks hold beyond a backing image both hosts have",
+    )
+    parser.add_argument(
+        "--migrate-disks",
+        type=lambda text: tuple(t for t in text.split(",") if t),
+        default=(),
+        metavar="TARGETS",
+        help="with --copy-storage-*: copy only these disks (vdb,vdc), the others are shared",
+    )
+    parser.add_argument(
+        "--bandwidth", type=_integer, metavar="MiB/s", help="cap the migration's bandwidth"
+    )
+    parser.add_argument(
+        "--auto-converge",
+        action="store_true",
+        help="throttle the vCPUs of a guest that dirties memory faster than it is sent",
+    )
+    parser.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to post-copy once the first pre-copy pass has ended",
+    )
+    parser.add_argument(
+        "--postcopy-after",
+        type=_number,
+        metavar="S",
+        help="switch to post-copy after S seconds of pre-copy, or once it stalls "
+        "(implies --postcopy)",
+    )
+    parser.add_argument(
+        "--parallel-connections",
+        type=_integer,
+        metavar="N",
+        help="migrate memory over N connections (2..255; not with post-copy)",
+    )
+
+
+def migration_options(args: argparse.Namespace) -> MigrationOptions:
+    """The options :func:`add_migration_options` parsed; InvalidMigrationOptions (exit 2,
+    nothing changed) for a value out of range or a combination libvirt or QEMU refuse."""
+    from host.workflow.model import CopyStorage, MigrationOptions
+
+    return MigrationOptions(
+        tls=args.tls,
+        copy_storage=CopyStorage(args.copy_storage),
+        migrate_disks=args.migrate_disks,
+        bandwidth_mib_s=args.bandwidth,
+        auto_converge=args.auto_converge,
+        postcopy=args.postcopy or args.postcopy_after is not None,
+        postcopy_after_s=args.postcopy_after,
+        parallel_connections=args.parallel_connections,
+    )
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_integer.__name__ = "integer"
+_number.__name__ = "number"
 
 
 def _tap_slot(spec: str) -> Any:
@@ -298,8 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from host.workflow.guest import PreflightError, WorkflowError
     from host.workflow.journal import JournalError, WorkflowConflict
     from host.workflow.lease import LeaseHeld
+    from host.workflow.model import InvalidMigrationOptions
 
     try:
+        if hasattr(args, "copy_storage"):  # the command takes add_migration_options
+            migration_options(args)  # refused before the journal or libvirt is opened
         return int(args.func(args, _coordinator(args)))
     except (WorkflowConflict, LeaseHeld) as exc:
         _fail(exc)
@@ -307,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreflightError as exc:
         _fail(f"refused, nothing changed: {exc}")
         return EXIT_ROLLED_BACK
-    except DomainModelError as exc:
+    except (DomainModelError, InvalidMigrationOptions) as exc:
         _fail(exc)
         return EXIT_USAGE
     except (HypervisorError, WorkflowError, JournalError, AgentError) as exc:
@@ -439,6 +537,7 @@ def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
         unsafe=args.unsafe,
         max_downtime_ms=args.max_downtime,
         peer_uri=args.peer_uri,
+        options=migration_options(args),
     )
     interrupt = _Interrupt(request)
     if not args.json and sys.stderr.isatty() and _can_draw_progress():
@@ -475,6 +574,7 @@ def evacuate(args: argparse.Namespace, coordinator: Coordinator) -> int:
             include_untied=args.include_untied,
             unsafe=args.unsafe,
             max_downtime_ms=args.max_downtime,
+            options=migration_options(args),
         )
     except ValueError as exc:
         _fail(exc)

@@ -32,6 +32,7 @@ import libvirt_qemu
 from host.domain.domain_xml import device_aliases
 from host.domain.errors import DomainModelError
 from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, to_text_as_read
+from host.workflow.model import CopyStorage, MigrationOptions, MigrationStats
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +97,71 @@ class MigrationProgress:
         return self.data_processed / self.data_total if self.data_total else 0.0
 
 
-@dataclass(frozen=True)
-class MigrationStats:
-    wall_s: float
-    downtime_ms: int | None
-    elapsed_ms: int | None
-    data_total: int | None
-    iterations: int | None
-
-
 MIGRATE_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE
     | libvirt.VIR_MIGRATE_PEER2PEER
     | libvirt.VIR_MIGRATE_PERSIST_DEST
     | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 )
+_COPY_STORAGE_FLAGS = {
+    CopyStorage.NONE: 0,
+    CopyStorage.ALL: libvirt.VIR_MIGRATE_NON_SHARED_DISK,
+    CopyStorage.INCREMENTAL: libvirt.VIR_MIGRATE_NON_SHARED_INC,
+}
+
+
+def migration_call(
+    options: MigrationOptions, *, persistent_xml: str, unsafe: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """The flags and typed parameters virDomainMigrateToURI3 gets for *options*: every
+    option is a flag or a parameter here, nowhere else."""
+    flags = MIGRATE_FLAGS
+    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent_xml}
+    if unsafe:  # the caller vouches that the disk's cache mode is safe (a shared image)
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
+    if options.tls:
+        flags |= libvirt.VIR_MIGRATE_TLS
+    flags |= _COPY_STORAGE_FLAGS[options.copy_storage]
+    if options.migrate_disks:
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(options.migrate_disks)
+    if options.bandwidth_mib_s is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = options.bandwidth_mib_s
+    if options.auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if options.postcopy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    if options.parallel_connections is not None:
+        flags |= libvirt.VIR_MIGRATE_PARALLEL
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = options.parallel_connections
+    return int(flags), params
+
+
+class PostcopyTrigger:
+    """When the progress watcher switches a post-copy-enabled job to post-copy.
+
+    None after: once the first pre-copy pass has ended (libvirt's iteration 2 began),
+    as virsh's --postcopy-after-precopy.  After S seconds: then, or earlier once the job
+    stalls, i.e. a pass ended with no less left to send than the pass before it.
+    """
+
+    def __init__(self, after_s: float | None) -> None:
+        self.after_s = after_s
+        self._iteration = 0
+        self._remaining_at: dict[int, int] = {}  # pass -> bytes left when it was first seen
+
+    def reason(self, elapsed_s: float, iteration: int, remaining: int) -> str:
+        """Why to switch now, or "" to wait."""
+        if iteration > self._iteration:
+            self._iteration = iteration
+            self._remaining_at[iteration] = remaining
+        if self.after_s is None:
+            return "first pass ended" if iteration >= 2 else ""
+        if elapsed_s >= self.after_s:
+            return f"after {self.after_s:g} s"
+        now, before = self._remaining_at.get(iteration), self._remaining_at.get(iteration - 1)
+        if iteration >= 3 and now is not None and before is not None and now >= before:
+            return "stalled"
+        return ""
 
 
 class ChannelStream:
@@ -436,63 +487,121 @@ class Domain:
         unsafe: bool = False,
         on_progress: Callable[[MigrationProgress], None] | None = None,
         max_downtime_ms: int | None = None,
+        options: MigrationOptions | None = None,
     ) -> MigrationStats:
         """Live-migrate peer-to-peer to *destination* (reached by the source's libvirtd at
-        *peer_uri*, by default the destination's URI); *persistent_xml* becomes the
-        destination's definition.  The statistics are the destination's record of the
-        completed job (None where it has none)."""
+        *peer_uri*, by default the destination's URI) with *options*; *persistent_xml*
+        becomes the destination's definition.  The statistics are the destination's record
+        of the completed job (None where it has none) and what the watcher saw: TLS
+        credentials, the vCPU throttle, the switch to post-copy."""
         target_uri = peer_uri or destination.uri
-        params = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent_xml}
+        options = options or MigrationOptions()
+        flags, params = migration_call(options, persistent_xml=persistent_xml, unsafe=unsafe)
         stop = threading.Event()
         if max_downtime_ms is not None:
             try:
                 self._dom.migrateSetMaxDowntime(max_downtime_ms, 0)
             except libvirt.libvirtError as exc:
                 raise _wrap(f"{self.uri}: set max downtime", exc) from exc
+        seen = _JobWatch(options)
+        t0 = time.monotonic()
 
         def watch() -> None:
+            trigger = PostcopyTrigger(options.postcopy_after_s) if options.postcopy else None
             while not stop.wait(0.5):
                 try:
                     info = self._dom.jobStats(0)
                 except libvirt.libvirtError:
                     continue
-                if info.get("type", 0) in (0, None) or on_progress is None:
+                if info.get("type", 0) in (0, None):
                     continue
-                on_progress(
-                    MigrationProgress(
-                        elapsed_ms=int(info.get("time_elapsed", 0)),
-                        data_processed=int(info.get("data_processed", 0)),
-                        data_total=int(info.get("data_total", 0)),
-                        data_remaining=int(info.get("data_remaining", 0)),
-                        iteration=int(info.get("memory_iteration", 0)),
+                seen.sample(info)
+                # Once memory moves: libvirt sets QEMU's capabilities and parameters just
+                # before the migrate command (after the destination's prepare and any
+                # storage copy).  In its own thread: the watcher must not wait on it.
+                if not seen.asked_qemu and int(info.get("memory_total", 0)) > 0:
+                    seen.asked_qemu = True
+                    threading.Thread(
+                        target=self._ask_qemu, args=(seen,), name="migration-qmp", daemon=True
+                    ).start()
+                if trigger is not None and seen.postcopy_asked_s is None:
+                    elapsed = int(info.get("time_elapsed", 0)) / 1000 or time.monotonic() - t0
+                    reason = trigger.reason(
+                        elapsed,
+                        int(info.get("memory_iteration", 0)),
+                        int(info.get("memory_remaining", info.get("data_remaining", 0))),
                     )
-                )
+                    if reason:
+                        self._start_postcopy(seen, reason, time.monotonic() - t0)
+                if on_progress is not None:
+                    on_progress(
+                        MigrationProgress(
+                            elapsed_ms=int(info.get("time_elapsed", 0)),
+                            data_processed=int(info.get("data_processed", 0)),
+                            data_total=int(info.get("data_total", 0)),
+                            data_remaining=int(info.get("data_remaining", 0)),
+                            iteration=int(info.get("memory_iteration", 0)),
+                        )
+                    )
+
+        def on_lifecycle(_c: object, _d: object, event: int, detail: int, _o: object) -> None:
+            if (event, detail) == (
+                libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
+                libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY,
+            ):
+                seen.postcopy_entered_s = time.monotonic() - t0
 
         watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
-        watcher.start()
-        t0 = time.monotonic()
-        try:
-            # UNSAFE: the caller vouches that the disk's cache mode is safe (a shared image).
-            flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_UNSAFE if unsafe else 0)
-            self._dom.migrateToURI3(target_uri, params, flags)
-        except libvirt.libvirtError as exc:
-            raise _wrap(f"migrate {self.name} {self.uri} -> {target_uri}", exc) from exc
-        finally:
-            stop.set()
-            watcher.join()
+        events = [libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE] if options.postcopy else []
+        with self.hv._events(self._dom, events, on_lifecycle):
+            watcher.start()
+            try:
+                self._dom.migrateToURI3(target_uri, params, flags)
+            except libvirt.libvirtError as exc:
+                raise _wrap(f"migrate {self.name} {self.uri} -> {target_uri}", exc) from exc
+            finally:
+                stop.set()
+                watcher.join()
         wall = time.monotonic() - t0
         try:
             job = destination.domain(self.uuid).completed_job()
         except HypervisorError as exc:
             log.warning("no job statistics: %s", exc)
             job = {}
-        return MigrationStats(
-            wall,
-            _int_or_none(job.get("downtime")),
-            _int_or_none(job.get("time_elapsed")),
-            _int_or_none(job.get("data_total")),
-            _int_or_none(job.get("memory_iteration")),
-        )
+        return seen.stats(wall, job)
+
+    def _ask_qemu(self, seen: _JobWatch) -> None:
+        """QEMU's migration capabilities and parameters while the job runs (libvirt resets
+        them when it ends): the proof that TLS, multifd, auto-converge, post-copy were on."""
+        try:
+            caps = self._qmp("query-migrate-capabilities")
+            params = self._qmp("query-migrate-parameters")
+        except (libvirt.libvirtError, ValueError, KeyError) as exc:
+            log.info("%s: QEMU's migration settings not read: %s", self.name, exc)
+            return
+        if isinstance(caps, list):
+            seen.capabilities = tuple(
+                str(c.get("capability")) for c in caps if isinstance(c, dict) and c.get("state")
+            )
+        if isinstance(params, dict):
+            creds = params.get("tls-creds")
+            seen.tls_creds = creds if isinstance(creds, str) else ""
+            channels = params.get("multifd-channels")
+            seen.multifd_channels = channels if isinstance(channels, int) else None
+
+    def _qmp(self, command: str) -> Any:
+        reply = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps({"execute": command}), 0)
+        return json.loads(reply)["return"]
+
+    def _start_postcopy(self, seen: _JobWatch, reason: str, at_s: float) -> None:
+        try:
+            self._dom.migrateStartPostCopy(0)
+        except libvirt.libvirtError as exc:  # the job may be ending; the next sample retries
+            log.info("start post-copy (%s): %s", reason, exc.get_error_message())
+            return
+        log.info("migration of %s: post-copy asked at %.1f s (%s)", self.name, at_s, reason)
+        seen.postcopy_asked_s = at_s
+        seen.postcopy_reason = reason
 
     def completed_job(self) -> dict[str, Any]:
         """Statistics of the domain's last completed job (on a migration's destination)."""
@@ -561,6 +670,74 @@ class Domain:
             libvirt_qemu.qemuMonitorCommand(self._dom, cmd, 0)
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: announce-self for {self.name}", exc) from exc
+
+
+class _JobWatch:
+    """What the progress watcher saw of one job, for its :class:`MigrationStats`."""
+
+    def __init__(self, options: MigrationOptions) -> None:
+        self.options = options
+        self.asked_qemu = False
+        self.tls_creds = ""
+        self.capabilities: tuple[str, ...] = ()
+        self.multifd_channels: int | None = None
+        self.throttle: int | None = None
+        self.disk: dict[str, int] = {}
+        self.postcopy_asked_s: float | None = None
+        self.postcopy_entered_s: float | None = None
+        self.postcopy_reason = ""
+
+    def sample(self, info: dict[str, Any]) -> None:
+        throttle = _int_or_none(info.get("auto_converge_throttle"))
+        if throttle is not None:
+            self.throttle = max(throttle, self.throttle or 0)
+        for key in ("disk_total", "disk_processed"):
+            value = _int_or_none(info.get(key))
+            if value is not None:
+                self.disk[key] = max(value, self.disk.get(key, 0))
+
+    def stats(self, wall_s: float, job: dict[str, Any]) -> MigrationStats:
+        o = self.options
+        throttle = _int_or_none(job.get("auto_converge_throttle"))
+        if self.throttle is not None:
+            throttle = max(throttle or 0, self.throttle)
+        copying = o.copy_storage is not CopyStorage.NONE
+
+        def disk(key: str) -> int | None:
+            # The source's samples: the destination's record of the job says 0 (its
+            # statistics come in the migration cookie, without the storage mirror's).
+            values = [v for v in (_int_or_none(job.get(key)), self.disk.get(key)) if v is not None]
+            return max(values) if values else None
+
+        entered = self.postcopy_entered_s is not None
+        return MigrationStats(
+            wall_s=wall_s,
+            downtime_ms=_int_or_none(job.get("downtime")),
+            elapsed_ms=_int_or_none(job.get("time_elapsed")),
+            data_total=_int_or_none(job.get("data_total")),
+            iterations=_int_or_none(job.get("memory_iteration")),
+            tls=o.tls,
+            tls_creds=self.tls_creds,
+            copy_storage=o.copy_storage,
+            disk_total=disk("disk_total") if copying else None,
+            disk_processed=disk("disk_processed") if copying else None,
+            migrate_disks=o.migrate_disks,
+            bandwidth_mib_s=o.bandwidth_mib_s,
+            memory_bps=_int_or_none(job.get("memory_bps")),
+            auto_converge=o.auto_converge,
+            auto_converge_throttle_pct=throttle if o.auto_converge else None,
+            postcopy=o.postcopy,
+            postcopy_started=entered,
+            postcopy_started_after_s=(
+                round(self.postcopy_asked_s, 3)
+                if entered and self.postcopy_asked_s is not None
+                else None
+            ),
+            postcopy_reason=self.postcopy_reason,
+            parallel_connections=o.parallel_connections,
+            qemu_capabilities=self.capabilities,
+            multifd_channels=self.multifd_channels if o.parallel_connections else None,
+        )
 
 
 def _int_or_none(value: object) -> int | None:

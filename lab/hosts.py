@@ -138,7 +138,7 @@ migration_address = "{ip}"
 migration_host = "{ip}"
 migration_port_min = 49152
 migration_port_max = 49215
-"""
+{self._tls_config()}"""
         )
         from lab.fabric import HOSTS
 
@@ -146,6 +146,15 @@ migration_port_max = 49215
             "127.0.0.1 localhost\n" + "".join(f"{h.migration_ip} lab-{h.name}\n" for h in HOSTS)
         )
         self._write_accounts()
+
+    def _tls_config(self) -> str:
+        """Migration TLS (lab/pki.py), when the lab made this host its certificates (the
+        nested lab's L1 makes none)."""
+        from lab.pki import CERT_DIR, cert_dir
+
+        if not (cert_dir(self.path_inside("/etc/libvirt")) / "ca-cert.pem").exists():
+            return ""
+        return f'migrate_tls_x509_cert_dir = "{CERT_DIR}"\nmigrate_tls_x509_verify = 1\n'
 
     def _write_accounts(self) -> None:
         """Private passwd and group files with a ``libvirt-qemu`` user if the machine has none."""

@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 
 from host.domain.domain_xml import device_aliases
-from lab import fabric
+from lab import fabric, pki
 from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
 from lab.guest import (
     CONSOLE_LOG,
@@ -60,6 +60,10 @@ MIGRATE_FLAGS = (
     # The disk is one qcow2 file both hosts see, opened with cache='unsafe'.
     | libvirt.VIR_MIGRATE_UNSAFE
 )
+
+
+#: A disk local to each host: the same path, a different file on each (private mounts).
+DATA_DISK = "/var/lib/libvirt/images/ptmig-data.qcow2"
 
 
 class LabError(RuntimeError):
@@ -152,6 +156,12 @@ class VmLab:
             self.state.netns = fabric.all_netns()  # recorded first: down deletes what exists
             self.state.save()
             fabric.create()
+            # Migration TLS: the lab's own CA and each host's certificates, before the
+            # daemons read qemu.conf (which names them only when they exist).
+            pki.install(
+                (h.name, h.net.migration_ip, h.path_inside("/etc/libvirt"))
+                for h in self.hosts.values()
+            )
             for host in self.hosts.values():
                 self.state.pids[host.name] = host.start()
                 self.state.save()
@@ -440,6 +450,30 @@ class VmLab:
             stats.get("downtime"),
             stats.get("time_elapsed"),
             round(data / 2**20, 1) if data is not None else None,
+        )
+
+    def make_local_disk(self, host: str, path: str = DATA_DISK, size_mib: int = 64) -> Path:
+        """A fresh empty qcow2 at *path* in *host*'s private /var/lib/libvirt (what an
+        operator pre-creates for ``--copy-storage-all``: libvirt creates a destination
+        file itself only inside a storage pool); returns it as the root namespace sees it."""
+        file = self.hosts[host].path_inside(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.unlink(missing_ok=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(file), f"{size_mib}M"], check=True
+        )
+        return file
+
+    def attach_disk(self, path: str, target: str, alias: str) -> None:
+        """Hot-plug a virtio disk (live and persistent, so it migrates)."""
+        xml = (
+            "<disk type='file' device='disk'>"
+            "<driver name='qemu' type='qcow2' cache='unsafe'/>"
+            f"<source file='{path}'/><target dev='{target}' bus='virtio'/>"
+            f"<alias name='{alias}'/></disk>"
+        )
+        self.domain().attachDeviceFlags(
+            xml, libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
         )
 
     def attach_nic(self, nic: Nic) -> None:

@@ -17,6 +17,7 @@ from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
 from host.workflow.model import (
     CancelResult,
+    CopyStorage,
     DomainEvacuation,
     DomainStatus,
     DomainTeams,
@@ -26,6 +27,8 @@ from host.workflow.model import (
     EvacuationTarget,
     Event,
     FailoverResult,
+    InvalidMigrationOptions,
+    MigrationOptions,
     MigrationReport,
     MigrationRequest,
     Outcome,
@@ -66,6 +69,7 @@ def migration_request(message: Any) -> MigrationRequest:
         unsafe=message.unsafe,
         max_downtime_ms=message.max_downtime_ms or None,
         peer_uri=message.peer_uri or None,
+        options=migration_options(message.options),
     )
 
 
@@ -83,7 +87,51 @@ def evacuation_request(message: Any) -> EvacuationRequest:
         include_untied=message.include_untied,
         unsafe=message.unsafe,
         max_downtime_ms=message.max_downtime_ms or None,
+        options=migration_options(message.options),
     )
+
+
+_COPY_STORAGE = {
+    CopyStorage.NONE: pb.COPY_STORAGE_NONE,
+    CopyStorage.ALL: pb.COPY_STORAGE_ALL,
+    CopyStorage.INCREMENTAL: pb.COPY_STORAGE_INCREMENTAL,
+}
+
+
+def migration_options(message: Any) -> MigrationOptions:
+    """A MigrationOptions message as the workflow's; InvalidMigrationOptions (a
+    ValueError: INVALID_ARGUMENT) when a value or a combination is refused."""
+    copy = {v: k for k, v in _COPY_STORAGE.items()}.get(message.copy_storage)
+    if copy is None:
+        raise InvalidMigrationOptions(f"MigrationOptions.copy_storage {message.copy_storage}")
+    return MigrationOptions(
+        tls=message.tls,
+        copy_storage=copy,
+        migrate_disks=tuple(message.migrate_disks),
+        bandwidth_mib_s=message.bandwidth_mib_s or None,
+        auto_converge=message.auto_converge,
+        postcopy=message.postcopy,
+        postcopy_after_s=(
+            message.postcopy_after_s if message.HasField("postcopy_after_s") else None
+        ),
+        parallel_connections=message.parallel_connections or None,
+    )
+
+
+def options_message(options: MigrationOptions) -> Any:
+    """The MigrationOptions message for the workflow's (a client's MigrateRequest.options)."""
+    message = pb.MigrationOptions(
+        tls=options.tls,
+        copy_storage=_COPY_STORAGE[options.copy_storage],
+        migrate_disks=list(options.migrate_disks),
+        bandwidth_mib_s=options.bandwidth_mib_s or 0,
+        auto_converge=options.auto_converge,
+        postcopy=options.postcopy,
+        parallel_connections=options.parallel_connections or 0,
+    )
+    if options.postcopy_after_s is not None:
+        message.postcopy_after_s = options.postcopy_after_s
+    return message
 
 
 def require(message: Any, *names: str) -> None:
@@ -164,7 +212,7 @@ def report_message(report: MigrationReport) -> Any:
         ],
         teams={str(k): str(v) for k, v in report.teams.items()},
         error=report.error,
-        migration_json=details_json(report.migration),
+        migration_json=details_json(report.migration) if report.migration else "{}",
         drift=dict(report.drift),
         cancelled=report.cancelled,
     )

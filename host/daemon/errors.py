@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import grpc
 
 from host.workflow.journal import JournalError, WorkflowConflict
+from host.workflow.model import InvalidMigrationOptions
 
 log = logging.getLogger("ptmig.daemon")
 
@@ -30,6 +31,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return getattr(grpc.StatusCode, named), message
     table: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Any], ...] = (
         (WorkflowConflict, grpc.StatusCode.ALREADY_EXISTS),
+        (InvalidMigrationOptions, grpc.StatusCode.INVALID_ARGUMENT),
         (JournalError, grpc.StatusCode.INTERNAL),
         (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
         (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -317,6 +317,7 @@ class Evacuation:
                     peer_uri=target.peer_uri,
                     unsafe=self.request.unsafe,
                     max_downtime_ms=self.request.max_downtime_ms,
+                    options=self.request.options,
                 )
         except Exception as exc:
             self._emit(c.name, target.uri, "plain", "failed", message=str(exc))

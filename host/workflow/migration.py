@@ -29,6 +29,7 @@ lease on the domain (host/workflow/lease.py) and stops if another coordinator ha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -53,7 +54,14 @@ from host.workflow.guest import (
     to_primary,
 )
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
-from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
+from host.workflow.model import (
+    Event,
+    MigrationReport,
+    MigrationRequest,
+    MigrationStats,
+    Outcome,
+    plain,
+)
 from host.workflow.steps import JournalLike, Step, StepRunner
 
 log = logging.getLogger(__name__)
@@ -108,7 +116,7 @@ class MigrationWorkflow:
         self.plugged_before: set[str] = set()  # teams with a device plugged
         self.moved: list[str] = []  # teams switched to standby
         self.unplugged: list[str] = []
-        self.migration: dict[str, Any] = {}
+        self.migration: MigrationStats | None = None
 
     @property
     def workflow_id(self) -> str:
@@ -319,20 +327,15 @@ class MigrationWorkflow:
                 unsafe=self.request.unsafe,
                 on_progress=progress,
                 max_downtime_ms=self.request.max_downtime_ms,
+                options=self.request.options,
             )
         finally:
             stop.set()
             watcher.join()
         src.close()
         self.destination = self._destination_guest()
-        self.migration = {
-            "wall_s": round(stats.wall_s, 3),
-            "downtime_ms": stats.downtime_ms,
-            "elapsed_ms": stats.elapsed_ms,
-            "data_total": stats.data_total,
-        }
-        downtime = "?" if stats.downtime_ms is None else stats.downtime_ms
-        return {**self.migration, "detail": f"downtime {downtime} ms"}
+        self.migration = dataclasses.replace(stats, wall_s=round(stats.wall_s, 3))
+        return {**plain(self.migration), "detail": self.migration.detail}
 
     def _destination_guest(self) -> GuestOnHost:
         return GuestOnHost(self.destination_hv, self.source.uuid, self.agent_for)

@@ -31,10 +31,10 @@ from migration_checks import (
 )
 
 from host.workflow.model import Outcome
-from lab import TEAM_MAC
+from lab import TEAM_MAC, pki
 from lab import coordinated as co
 from lab.guest import DOMAIN_NAME
-from lab.vmlab import VmLab
+from lab.vmlab import DATA_DISK, VmLab
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +49,142 @@ def test_migrate_there_and_back_keeps_teams_on_primaries(
     coordinated: VmLab, record_property: pytest.RecordProperty
 ) -> None:
     there_and_back(coordinated, record_property)
+
+
+# -- the migration options (--tls, --copy-storage-all, --bandwidth, ...) ------------------
+
+
+def move_with(lab: VmLab, dest: str, *options: str) -> dict[str, Any]:
+    """``ptmig migrate`` with *options*: done, both teams on primaries, the guest healthy;
+    returns the report's migration statistics."""
+    code, report = migrate_cli(lab, dest, *options)
+    print(f"{' '.join(options)} -> {dest}: {report['phases']}")
+    assert code == 0 and report["outcome"] == str(Outcome.DONE), report
+    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    assert lab.where() == dest
+    lab.check_health()
+    return dict(report["migration"])
+
+
+def test_tls_migrates_there_and_back_and_a_destination_trusting_another_ca_refuses(
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
+    """What proves TLS was used: the destination trusting a CA that did not sign the
+    source's client certificate makes ``--tls`` fail (rolled back, the VM where it was),
+    the lab's own CA makes it pass; QEMU had the TLS credentials set during the job."""
+    lab = coordinated
+    src = lab.where()
+    dest = OTHER[src]
+    etc = lab.hosts[dest].path_inside("/etc/libvirt")
+    pki.trust(etc, pki.make_ca("foreign"))
+    try:
+        code, report = migrate_cli(lab, dest, "--tls")
+    finally:
+        pki.trust(etc, pki.lab_ca())
+    assert code == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
+    # the handshake is what failed: the source's error or the destination's QEMU says so
+    qemu_log = lab.hosts[dest].qemu_log(DOMAIN_NAME).read_text(errors="replace")[-4000:]
+    assert re.search(r"tls|certificate|x509", report["error"] + qemu_log, re.I), (
+        report["error"],
+        qemu_log,
+    )
+    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    assert lab.where() == src
+    for there in (dest, src):
+        migration = move_with(lab, there, "--tls")
+        record_property(f"tls_{there}", migration)
+        assert migration["tls"] is True
+        assert migration["tls_creds"], migration  # QEMU's tls-creds object, during the job
+
+
+def guest_block(lab: VmLab, command: str) -> str:
+    return lab.exec(command).check().strip()
+
+
+def read_mark(lab: VmLab) -> str:
+    """The first line of the guest's data disk, read past the page cache."""
+    return guest_block(lab, "dd if=/dev/vdb bs=4096 count=1 iflag=direct 2>/dev/null | head -n1")
+
+
+def write_mark(lab: VmLab, mark: str) -> None:
+    guest_block(
+        lab,
+        f"printf '%s\\n' {mark} | dd of=/dev/vdb bs=4096 count=1 conv=sync,fsync "
+        "oflag=direct 2>/dev/null; echo written",
+    )
+
+
+def mark_in_file(path: Path, tmp: Path) -> str:
+    """The first line of a host's disk file, as qemu-img reads it (shared, read-only)."""
+    raw = tmp / f"{path.parent.parent.parent.name}.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)], check=True
+    )
+    with raw.open("rb") as f:
+        return f.read(4096).split(b"\n")[0].decode(errors="replace")
+
+
+def test_copy_storage_all_moves_a_local_disk_there_and_back(
+    coordinated: VmLab, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    """A disk local to each host (same path, each host's own file): what the guest wrote
+    on one host is what it reads on the other, and the destination's own file has it."""
+    lab = coordinated
+    src = lab.where()
+    dest = OTHER[src]
+    files = {host: lab.make_local_disk(host) for host in (src, dest)}
+    assert files[src] != files[dest]
+    lab.attach_disk(DATA_DISK, "vdb", "ua-data")
+    try:
+        deadline = time.monotonic() + 30
+        while lab.exec("test -b /dev/vdb").status != 0:
+            assert time.monotonic() < deadline, "no /dev/vdb in the guest"
+            time.sleep(0.5)
+        write_mark(lab, f"mark-on-{src}")
+        for there in (dest, src):
+            before = lab.where()
+            migration = move_with(lab, there, "--copy-storage-all", "--migrate-disks", "vdb")
+            record_property(f"copy_storage_{there}", migration)
+            assert migration["copy_storage"] == "all"
+            assert migration["migrate_disks"] == ["vdb"]
+            assert (migration["disk_total"] or 0) >= 64 << 20, migration
+            assert read_mark(lab) == f"mark-on-{before}"
+            assert mark_in_file(files[there], tmp_path) == f"mark-on-{before}"
+            write_mark(lab, f"mark-on-{there}")
+        # each host kept its own file: the one left behind has what it had when the VM left
+        assert mark_in_file(files[dest], tmp_path) == f"mark-on-{dest}"
+        assert read_mark(lab) == f"mark-on-{src}"
+    finally:
+        lab.detach_nic("ua-data")
+
+
+def test_bandwidth_auto_converge_parallel_there_and_post_copy_back(
+    coordinated: VmLab, record_property: pytest.RecordProperty
+) -> None:
+    """QEMU had what each option asks for while the job ran, and post-copy really started."""
+    lab = coordinated
+    src = lab.where()
+    migration = move_with(
+        lab,
+        OTHER[src],
+        "--bandwidth",
+        "32",
+        "--auto-converge",
+        "--parallel-connections",
+        "2",
+    )
+    record_property("bandwidth_auto_converge_parallel", migration)
+    assert (migration["bandwidth_mib_s"], migration["auto_converge"]) == (32, True)
+    assert migration["parallel_connections"] == migration["multifd_channels"] == 2
+    assert {"auto-converge", "multifd"} <= set(migration["qemu_capabilities"]), migration
+    if migration["memory_bps"] is not None:
+        assert migration["memory_bps"] <= 1.5 * (32 << 20), migration
+    migration = move_with(lab, src, "--postcopy-after", "1", "--bandwidth", "8")
+    record_property("postcopy", migration)
+    assert "postcopy-ram" in migration["qemu_capabilities"], migration
+    assert migration["postcopy"] and migration["postcopy_started"], migration
+    assert migration["postcopy_reason"] == "after 1 s"
+    assert 1 <= migration["postcopy_started_after_s"] < 5
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -148,6 +284,12 @@ def ptmigd(log_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes]
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
+            # this checkout's contract too, as lab.coordinated runs ptmig (a venv's
+            # editable install may point at another checkout's protos/)
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
+            },
         )
     try:
         yield daemon, sock

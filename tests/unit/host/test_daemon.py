@@ -35,6 +35,7 @@ from host.workflow.model import (
     Event,
     MigrationReport,
     MigrationRequest,
+    MigrationStats,
     Outcome,
     PhaseTiming,
     PoolStatus,
@@ -85,7 +86,7 @@ class FakeCoordinator:
             phases=[PhaseTiming("switch", 0.25), PhaseTiming("migrate", 3.5, "precopy")],
             teams={"t0": "primary", "t1": "standby"},
             error="",
-            migration={"downtime_ms": 42, "memory_total": 2**33},
+            migration=MigrationStats(3.5, downtime_ms=42, data_total=2**33),
         )
 
     def status(self, uri: str, domain: str) -> DomainStatus:
@@ -191,7 +192,12 @@ def test_migrate_streams_events_then_the_report(stub: Any, fake: FakeCoordinator
         ("migrate", 3.5, "precopy"),
     ]
     assert dict(report.teams) == {"t0": "primary", "t1": "standby"}
-    assert json.loads(report.migration_json) == {"downtime_ms": 42, "memory_total": 2**33}
+    migration = json.loads(report.migration_json)
+    assert (migration["wall_s"], migration["downtime_ms"], migration["data_total"]) == (
+        3.5,
+        42,
+        2**33,
+    )
     (request,) = fake.requests
     assert request == MigrationRequest(
         "vm1", "qemu:///system", "qemu+ssh://b/system", max_downtime_ms=300

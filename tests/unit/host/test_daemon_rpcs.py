@@ -74,12 +74,18 @@ def test_migrate(stub: Any, world: World) -> None:
     assert all(p.seconds >= 0 for p in report.phases)
     assert next(p.detail for p in report.phases if p.name == "preflight")
     assert dict(report.teams) == {"lan": "primary", "wan": "primary"}
-    assert json.loads(report.migration_json) == {
+    migration = json.loads(report.migration_json)
+    assert {k: migration[k] for k in ("wall_s", "downtime_ms", "elapsed_ms", "data_total")} == {
         "wall_s": 0.2,
         "downtime_ms": 42,
         "elapsed_ms": 1800,
         "data_total": 2**29,
     }
+    assert (migration["tls"], migration["postcopy"], migration["copy_storage"]) == (
+        False,
+        False,
+        "",
+    )
     assert world.running_on("vm1") == [B]
 
 

@@ -74,11 +74,11 @@ from host.hypervisor import (
     DeviceRemovalError,
     HypervisorError,
     MigrationProgress,
-    MigrationStats,
+    migration_call,
 )
 from host.workflow.coordinator import Coordinator
 from host.workflow.journal import Journal, StepRecord
-from host.workflow.model import Event
+from host.workflow.model import CopyStorage, Event, MigrationOptions, MigrationStats
 
 A = "fake://a"
 B = "fake://b"
@@ -918,8 +918,13 @@ class FakeDomain:
         unsafe: bool = False,
         on_progress: Callable[[MigrationProgress], None] | None = None,
         max_downtime_ms: int | None = None,
+        options: MigrationOptions | None = None,
     ) -> MigrationStats:
         destination_uri = peer_uri or destination.uri
+        options = options or MigrationOptions()
+        # What libvirt would be asked: the production flags and typed parameters.
+        flags, params = migration_call(options, persistent_xml=persistent_xml, unsafe=unsafe)
+        self.world.migrations.append(MigrationCall(self.domain_name, options, flags, params))
         what = f"migrate {self.domain_name} {self.uri} -> {destination_uri}"
         self._job_window(what)
         with self.world.op(self.uri, "migrate", self.domain_name):
@@ -985,8 +990,45 @@ class FakeDomain:
             job = destination.domain(self.uuid).completed_job()
         except HypervisorError:
             job = {}
+        copying = options.copy_storage is not CopyStorage.NONE
         return MigrationStats(
-            0.2, job.get("downtime"), job.get("time_elapsed"), job.get("data_total"), None
+            0.2,
+            job.get("downtime"),
+            job.get("time_elapsed"),
+            job.get("data_total"),
+            None,
+            tls=options.tls,
+            tls_creds="objlibvirt_migrate_tls0" if options.tls else "",
+            copy_storage=options.copy_storage,
+            disk_total=(1 << 30) if copying else None,
+            disk_processed=(1 << 30) if copying else None,
+            migrate_disks=options.migrate_disks,
+            bandwidth_mib_s=options.bandwidth_mib_s,
+            auto_converge=options.auto_converge,
+            auto_converge_throttle_pct=20 if options.auto_converge else None,
+            postcopy=options.postcopy,
+            postcopy_started=options.postcopy,
+            postcopy_started_after_s=(
+                (options.postcopy_after_s or 0.9) if options.postcopy else None
+            ),
+            postcopy_reason=(
+                ""
+                if not options.postcopy
+                else "first pass ended"
+                if options.postcopy_after_s is None
+                else f"after {options.postcopy_after_s:g} s"
+            ),
+            parallel_connections=options.parallel_connections,
+            qemu_capabilities=tuple(
+                cap
+                for cap, on in (
+                    ("auto-converge", options.auto_converge),
+                    ("postcopy-ram", options.postcopy),
+                    ("multifd", options.parallel_connections is not None),
+                )
+                if on
+            ),
+            multifd_channels=options.parallel_connections,
         )
 
     def completed_job(self) -> dict[str, Any]:
@@ -1183,6 +1225,16 @@ class FakeAgent(AgentClient):
 # -- the world ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MigrationCall:
+    """One FakeDomain.migrate: the options and what libvirt would have been given."""
+
+    domain: str
+    options: MigrationOptions
+    flags: int
+    params: dict[str, Any]
+
+
 class World:
     """Two hosts, A and B, with the lab's pool; the guests start on A, every team on a
     primary from A's pool (unless its spec says otherwise)."""
@@ -1200,6 +1252,7 @@ class World:
         self.record_calls = True
         self.peers: dict[str, str] = {}  # peer-to-peer URI -> host URI
         self.calls: list[Call] = []
+        self.migrations: list[MigrationCall] = []
         self.faults: list[Fault] = []
         self.tamper: dict[str, Callable[[Any], None]] = {}
         self.before: dict[tuple[str, str], Callable[[str], None]] = {}

@@ -270,7 +270,7 @@ def test_completion_offers_verbs_options_choices_and_libvirt_domains(
         "t ptmig -c test:///x migrate ''\n"
         "t ptmig -c test:///x team-set --pool lan ''\n"
         "t ptmig team-set web1 --mac-policy ''\n"
-        "t ptmig migrate --m\n"
+        "t ptmig migrate --max\n"
         "t ptmig pools ''\n"
     )
     result = subprocess.run(

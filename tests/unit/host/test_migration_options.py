@@ -1,0 +1,318 @@
+"""The migration options virsh users know (--tls, --copy-storage-*, --bandwidth,
+--auto-converge, --postcopy, --parallel-connections): validated before anything starts,
+passed to libvirt as flags and typed parameters, shown in the report, the same through
+the CLI, the contract and the Coordinator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import libvirt
+import pytest
+from ptmig.v1 import coordinator_pb2 as pb
+from test_daemon_rpcs import CALL_TIMEOUT, ptmigd
+from workflow_fakes import A, B, Events, World
+
+from host import cli
+from host.daemon.encode import migration_options, migration_request, options_message
+from host.daemon.errors import status_for
+from host.hypervisor import MIGRATE_FLAGS, PostcopyTrigger, migration_call
+from host.workflow.journal import Journal
+from host.workflow.model import (
+    CopyStorage,
+    InvalidMigrationOptions,
+    MigrationOptions,
+    MigrationRequest,
+    Outcome,
+    plain,
+)
+
+EVERYTHING = MigrationOptions(
+    tls=True,
+    copy_storage=CopyStorage.ALL,
+    migrate_disks=("vdb",),
+    bandwidth_mib_s=64,
+    auto_converge=True,
+    parallel_connections=4,
+)
+POSTCOPY = MigrationOptions(tls=True, postcopy=True, postcopy_after_s=2.5, bandwidth_mib_s=8)
+
+
+# -- validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bandwidth_mib_s": 0}, "bandwidth 0 MiB/s"),
+        ({"bandwidth_mib_s": (1 << 20) + 1}, "bandwidth"),
+        ({"parallel_connections": 1}, "parallel connections 1"),
+        ({"parallel_connections": 256}, "parallel connections 256"),
+        ({"postcopy_after_s": 3.0}, "needs post-copy on"),
+        ({"postcopy": True, "postcopy_after_s": -1.0}, "post-copy after -1.0 s"),
+        ({"postcopy": True, "parallel_connections": 2}, "refuses post-copy with multifd"),
+        ({"migrate_disks": ("vdb",)}, "needs copy storage"),
+        ({"copy_storage": CopyStorage.ALL, "migrate_disks": ("vdb,vdc",)}, "not a disk"),
+        ({"copy_storage": "both"}, "copy storage 'both'"),
+    ],
+)
+def test_a_bad_value_or_combination_is_refused_when_built(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidMigrationOptions, match=message):
+        MigrationOptions(**kwargs)
+
+
+def test_copy_storage_is_taken_as_its_spelling() -> None:
+    assert MigrationOptions(copy_storage="inc").copy_storage is CopyStorage.INCREMENTAL  # type: ignore[arg-type]
+
+
+# -- what libvirt is given ---------------------------------------------------------------
+
+
+def test_no_option_is_the_plain_live_migration() -> None:
+    flags, params = migration_call(MigrationOptions(), persistent_xml="<domain/>")
+    assert flags == MIGRATE_FLAGS
+    assert params == {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: "<domain/>"}
+
+
+def test_each_option_is_its_libvirt_flag_or_typed_parameter() -> None:
+    flags, params = migration_call(EVERYTHING, persistent_xml="<domain/>", unsafe=True)
+    assert flags == (
+        MIGRATE_FLAGS
+        | libvirt.VIR_MIGRATE_UNSAFE
+        | libvirt.VIR_MIGRATE_TLS
+        | libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        | libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        | libvirt.VIR_MIGRATE_PARALLEL
+    )
+    assert params == {
+        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: "<domain/>",
+        libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vdb"],
+        libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 64,
+        libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS: 4,
+    }
+
+
+def test_postcopy_and_incremental_copy_are_their_flags() -> None:
+    options = MigrationOptions(copy_storage=CopyStorage.INCREMENTAL, postcopy=True)
+    flags, params = migration_call(options, persistent_xml="<domain/>")
+    assert (
+        flags == MIGRATE_FLAGS | libvirt.VIR_MIGRATE_NON_SHARED_INC | libvirt.VIR_MIGRATE_POSTCOPY
+    )
+    assert set(params) == {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML}
+
+
+# -- when the watcher switches to post-copy ---------------------------------------------------
+
+
+def test_postcopy_without_a_time_switches_once_the_first_pass_ended() -> None:
+    trigger = PostcopyTrigger(None)
+    assert trigger.reason(30.0, 1, 400 << 20) == ""
+    assert trigger.reason(31.0, 2, 50 << 20) == "first pass ended"
+
+
+def test_postcopy_after_a_time_switches_then() -> None:
+    trigger = PostcopyTrigger(5.0)
+    assert trigger.reason(1.0, 1, 400 << 20) == ""
+    assert trigger.reason(3.0, 2, 50 << 20) == ""  # the first pass ended: pre-copy goes on
+    assert trigger.reason(5.0, 2, 40 << 20) == "after 5 s"
+
+
+def test_postcopy_after_a_time_switches_earlier_when_a_pass_does_not_shrink_what_is_left() -> None:
+    trigger = PostcopyTrigger(60.0)
+    assert trigger.reason(1.0, 1, 400 << 20) == ""
+    assert trigger.reason(2.0, 2, 30 << 20) == ""
+    assert trigger.reason(2.5, 3, 20 << 20) == ""  # shrinking: converging
+    assert trigger.reason(3.0, 4, 25 << 20) == "stalled"
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+
+def parse(*extra: str) -> MigrationOptions:
+    args = cli.build_parser().parse_args(["migrate", "vm1", B, *extra])
+    return cli.migration_options(args)
+
+
+def test_the_cli_flags_are_the_options() -> None:
+    assert parse() == MigrationOptions()
+    assert (
+        parse(
+            "--tls",
+            "--copy-storage-all",
+            "--migrate-disks",
+            "vdb",
+            "--bandwidth",
+            "64",
+            "--auto-converge",
+            "--parallel-connections",
+            "4",
+        )
+        == EVERYTHING
+    )
+    assert parse("--copy-storage-inc").copy_storage is CopyStorage.INCREMENTAL
+    assert parse("--postcopy") == MigrationOptions(postcopy=True)
+    assert parse("--postcopy-after", "2.5") == MigrationOptions(postcopy=True, postcopy_after_s=2.5)
+
+
+def test_the_cli_refuses_both_copy_storage_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse("--copy-storage-all", "--copy-storage-inc")
+    assert exit_.value.code == cli.EXIT_USAGE
+    assert "not allowed with argument --copy-storage-all" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--bandwidth", "0"], "bandwidth 0 MiB/s"),
+        (["--postcopy", "--parallel-connections", "2"], "refuses post-copy with multifd"),
+        (["--parallel-connections", "300"], "parallel connections 300"),
+        (["--migrate-disks", "vdb"], "needs copy storage"),
+    ],
+)
+def test_a_bad_option_exits_2_before_the_journal_is_opened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    code = cli.main(["--journal", str(journal), "migrate", "vm1", B, *extra])
+    assert code == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not journal.exists()
+
+
+def test_a_non_number_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for extra in (["--bandwidth", "fast"], ["--postcopy-after", "nan"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse(*extra)
+        assert exit_.value.code == cli.EXIT_USAGE
+
+
+# -- the contract ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [MigrationOptions(), EVERYTHING, POSTCOPY, MigrationOptions(postcopy=True, postcopy_after_s=0)],
+)
+def test_options_survive_the_message_both_ways(options: MigrationOptions) -> None:
+    message = options_message(options)
+    wire = pb.MigrationOptions.FromString(message.SerializeToString())
+    assert migration_options(wire) == options
+
+
+def test_a_bad_options_message_is_invalid_argument() -> None:
+    request = pb.MigrateRequest(
+        domain="vm1",
+        source_uri=A,
+        destination_uri=B,
+        options=pb.MigrationOptions(postcopy=True, parallel_connections=2),
+    )
+    with pytest.raises(InvalidMigrationOptions) as refused:
+        migration_request(request)
+    assert status_for(refused.value)[0] is grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- through the Coordinator (fakes) and ptmigd --------------------------------------------------
+
+
+def test_the_options_reach_the_hypervisor_and_the_report(world: World, journal: Journal) -> None:
+    request = MigrationRequest("vm1", A, B, unsafe=True, options=EVERYTHING)
+    report = world.coordinator(journal).migrate(request, Events())
+
+    assert report.outcome is Outcome.DONE, report.error
+    (call,) = world.migrations
+    assert call.options == EVERYTHING
+    assert call.flags & libvirt.VIR_MIGRATE_TLS and call.flags & libvirt.VIR_MIGRATE_PARALLEL
+    stats = report.migration
+    assert stats is not None
+    assert (stats.tls, stats.copy_storage, stats.migrate_disks) == (True, CopyStorage.ALL, ("vdb",))
+    assert (stats.bandwidth_mib_s, stats.auto_converge, stats.parallel_connections) == (64, True, 4)
+    assert stats.disk_total == 1 << 30
+    # the JSON form (--json, the journal) and the per-phase report name each of them
+    assert plain(report)["migration"]["tls"] is True
+    migrate_phase = next(p for p in report.phases if p.name == "migrate")
+    for shown in ("tls", "copy-storage-all", "bandwidth 64 MiB/s", "auto-converge", "4 conn"):
+        assert shown in migrate_phase.detail
+    assert "copy-storage-all 1024 MiB" in cli._report_text(report)
+
+
+def test_postcopy_shows_when_it_started(world: World, journal: Journal) -> None:
+    request = MigrationRequest("vm1", A, B, options=POSTCOPY)
+    report = world.coordinator(journal).migrate(request, Events())
+
+    assert report.migration is not None
+    assert report.migration.postcopy_started
+    assert report.migration.postcopy_reason == "after 2.5 s"
+    migrate_phase = next(p for p in report.phases if p.name == "migrate")
+    assert "post-copy at 2.5 s (after 2.5 s)" in migrate_phase.detail
+
+
+def test_ptmigd_passes_the_options_and_refuses_bad_ones_before_any_workflow(
+    world: World, journal_path: Path, short_tmp: Path
+) -> None:
+    with ptmigd(world, journal_path, short_tmp) as stub:
+        good = pb.MigrateRequest(
+            domain="vm1", source_uri=A, destination_uri=B, options=options_message(POSTCOPY)
+        )
+        *_, last = stub.Migrate(good, timeout=CALL_TIMEOUT)
+        bad = pb.MigrateRequest(
+            domain="vm1",
+            source_uri=B,
+            destination_uri=A,
+            options=pb.MigrationOptions(bandwidth_mib_s=1 << 21),
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Migrate(bad, timeout=CALL_TIMEOUT))
+
+    assert [c.options for c in world.migrations] == [POSTCOPY]
+    migration = json.loads(last.report.migration_json)
+    assert (migration["postcopy"], migration["postcopy_started"]) == (True, True)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "bandwidth 2097152 MiB/s" in str(refused.value.details())
+    with Journal(journal_path) as journal:
+        assert len(journal.recent(10)) == 1  # the refused one never reached the journal
+    assert world.running_on("vm1") == [B]
+
+
+# -- what the watcher saw, as statistics ---------------------------------------------------
+
+
+def test_the_statistics_take_the_destinations_record_and_what_the_watcher_saw() -> None:
+    from host.hypervisor import _JobWatch
+
+    watch = _JobWatch(EVERYTHING)
+    watch.sample({"auto_converge_throttle": 20, "disk_total": 64 << 20, "disk_processed": 1})
+    watch.sample({"auto_converge_throttle": 50, "disk_processed": 64 << 20})
+    watch.sample({"auto_converge_throttle": 30})
+    watch.capabilities, watch.multifd_channels = ("auto-converge", "multifd"), 4
+    stats = watch.stats(2.5, {"downtime": 80, "memory_bps": 33 << 20, "data_total": 1 << 29})
+
+    assert (stats.wall_s, stats.downtime_ms, stats.data_total) == (2.5, 80, 1 << 29)
+    assert stats.auto_converge_throttle_pct == 50  # the highest seen
+    assert (stats.disk_total, stats.disk_processed) == (64 << 20, 64 << 20)
+    assert (stats.memory_bps, stats.multifd_channels) == (33 << 20, 4)
+    assert stats.qemu_capabilities == ("auto-converge", "multifd")
+    assert not stats.postcopy and not stats.postcopy_started
+
+
+def test_postcopy_counts_as_started_only_once_the_source_said_so() -> None:
+    from host.hypervisor import _JobWatch
+
+    asked_only = _JobWatch(POSTCOPY)
+    asked_only.postcopy_asked_s, asked_only.postcopy_reason = 2.6, "after 2.5 s"
+    stats = asked_only.stats(4.0, {})
+    assert stats.postcopy and not stats.postcopy_started
+    assert stats.postcopy_started_after_s is None
+    assert "post-copy not needed" in stats.detail
+
+    entered = _JobWatch(POSTCOPY)
+    entered.postcopy_asked_s, entered.postcopy_reason = 2.6, "after 2.5 s"
+    entered.postcopy_entered_s = 2.7  # VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY on the source
+    stats = entered.stats(4.0, {})
+    assert stats.postcopy_started and stats.postcopy_started_after_s == 2.6
+    assert "post-copy at 2.6 s (after 2.5 s)" in stats.detail
