@@ -7,6 +7,11 @@ The module's lab is the conftest's, with the extra guests booted beside the main
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -16,8 +21,9 @@ import pytest
 from fault_matrix import assert_converged, teams_on
 
 from host.domain.domain_xml import parse_domain
+from host.workflow.journal import Journal
 from lab import coordinated as co
-from lab.bench_evacuate import EvacuationRun, evacuate, summary
+from lab.bench_evacuate import EvacuationRun, evacuate, evacuate_argv, summary
 from lab.guest import DOMAIN_NAME
 from lab.vmlab import VmLab
 
@@ -167,5 +173,70 @@ def test_evacuation_with_one_domain_whose_agent_is_stopped(fleet: VmLab) -> None
             "evacuation, one domain's agent stopped",
             f"{outcomes[victim]} + others done + {'/'.join(sorted(set(ended.values())))}",
             lost_by_guest(run),
+        )
+    )
+
+
+def first_job_running(lab: VmLab, host: str, timeout: float = 120) -> str:
+    """The first guest on *host* whose libvirt migration job has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in lab.guest_names():
+            try:
+                if lab.domain(host, name).jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                    return name
+            except libvirt.libvirtError:
+                continue  # not (or no longer) on this host
+        time.sleep(0.05)
+    raise AssertionError(f"no migration job started on {host} in {timeout:.0f} s")
+
+
+def test_sigint_on_evacuate_cancels_every_running_migration(fleet: VmLab) -> None:
+    """Ctrl-C once the first migration job runs: no new migration starts, the running ones
+    are cancelled before their VM moved, every domain rolls back whole onto the source
+    (exit 4), one line says so, and the journal has no open workflow once it exited."""
+    lab = fleet
+    src = lab.where()
+    gather_on(lab, src)
+    dest = "hostb" if src == "hosta" else "hosta"
+    python = os.environ.get(co.HOST_PYTHON_ENV) or sys.executable
+    argv = [python, "-m", "host.cli", "-c", lab.hosts[src].uri]
+    env = {
+        **os.environ,
+        "PTMIG_JOURNAL": co.journal_path(),
+        "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
+    }
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*argv, *evacuate_argv(lab, src, dest, GUESTS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    first = first_job_running(lab, src)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    took = time.monotonic() - t0
+    print(err)
+    assert proc.returncode == 4, (proc.returncode, err, out[:3000])
+    said = [line for line in err.splitlines() if line.startswith("ptmig: SIGINT")]
+    assert len(said) == 1 and "stopping the evacuation" in said[0], err
+    entries = {d["domain"]: d for d in json.loads(out)["domains"]}
+    assert set(entries) == set(lab.guest_names())
+    for name, entry in entries.items():
+        assert entry["outcome"] == "rolled-back", (name, entry["outcome"], entry["error"])
+        assert entry["report"]["cancelled"] is True, (name, entry["report"])
+        assert lab.where(name) == src, name
+    with Journal(co.journal_path()) as journal:
+        assert journal.open_workflows() == []
+    ended = {name: assert_converged(lab, name) for name in lab.guest_names()}
+    assert_no_device_held_twice(lab)
+    fault_matrix.ROWS.append(
+        fault_matrix.Row(
+            "SIGINT on ptmig evacuate @migrate",
+            f"all rolled-back (cancelled) in {took:.0f} s, first job {first} + "
+            f"{'/'.join(sorted(set(ended.values())))}",
+            {},
         )
     )
