@@ -39,7 +39,6 @@ L1_PACKAGES: tuple[str, ...] = (
     "python3-libvirt",  # lab.hosts waits for its daemon with it
     "python3-pyroute2",
     "busybox-static",  # L2's initramfs
-    "gdb",  # a backtrace of a libvirtd that stops answering (docs/lab.md: seen once)
 )
 
 L1_BACKPORTS: tuple[str, ...] = (
