@@ -266,22 +266,29 @@ class Teams:
                 lambda ls: self._linked(ls, standby.index),
                 deadline,
                 f"team {name}: standby {standby.name} has no carrier",
+                only=(standby.index,),
             )
             if bond.bond is None or bond.bond.active_slave != standby.index:
                 log.info("team %s: making standby %s active", name, standby.name)
                 self._call(self._links.set_active_slave, bond.index, standby.index)
-            links = self._wait(
+            self._wait(
                 lambda ls: ls if self._active(ls, bond.index) == standby.index else None,
                 deadline,
                 f"team {name}: {bond.name} did not make {standby.name} active",
+                only=(bond.index,),
             )
             released = []
-            if release_primary:
-                for member in links:
-                    if member.master == bond.index and member.index != standby.index:
-                        log.info("team %s: releasing %s from %s", name, member.name, bond.name)
+            # The members as the first dump showed them: the team's lock keeps the agent's
+            # own operations out meanwhile, and one that has gone since is released already.
+            for member in links if release_primary else []:
+                if member.master == bond.index and member.index != standby.index:
+                    log.info("team %s: releasing %s from %s", name, member.name, bond.name)
+                    try:
                         self._call(self._links.release, member.index)
-                        released.append(member.name)
+                    except DeviceNotFound:
+                        log.info("team %s: %s is gone already", name, member.name)
+                        continue
+                    released.append(member.name)
             return SwitchResult(self._state(team, self.list_links()), tuple(released))
 
     # -- bind ----------------------------------------------------------------
@@ -323,11 +330,9 @@ class Teams:
                 f"team {team.name}: MAC policy follow needs {bond.name} with fail_over_mac=active, "
                 f"it has {bond.bond.fail_over_mac.name.lower()}"
             )
-        found = self._wait_for_device(team, match, deadline)
-        links = self.list_links()
-        device = by_index(links, found.index)
-        if device is None:
-            raise DeviceNotFound(f"team {team.name}: {found.name} went away")
+        device, links = self._wait_for_device(team, match, deadline)
+        bond = self._bond(team, links)
+        assert bond.bond is not None
         self._refuse_foreign(team, device, bond, links)
         team_mac = (team.mac or bond.mac) if policy is MacPolicy.PRESERVE else None
         log.info(
@@ -347,11 +352,12 @@ class Teams:
             lambda ls: self._linked(ls, device.index),
             deadline,
             f"team {team.name}: {device.name} is a member of {bond.name} but has no carrier",
+            only=(device.index,),
         )
         log.info("team %s: %s has carrier", team.name, device.name)
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
-        if self._active(self.list_links(), bond.index) != device.index:
+        if self._active(self._read(bond.index), bond.index) != device.index:
             self._make_active(team, bond, device, deadline)
 
         def active(links: list[Link]) -> list[Link] | None:
@@ -364,7 +370,10 @@ class Teams:
             return links
 
         self._wait(
-            active, deadline, f"team {team.name}: {bond.name} did not make {device.name} active"
+            active,
+            deadline,
+            f"team {team.name}: {bond.name} did not make {device.name} active",
+            only=(device.index, bond.index),
         )
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
@@ -402,19 +411,25 @@ class Teams:
                 lambda ls: self._linked(ls, device.index),
                 deadline,
                 f"team {team.name}: {device.name} lost its carrier and it did not come back",
+                only=(device.index,),
             )
-            if self._active(self.list_links(), bond.index) == device.index:
+            if self._active(self._read(bond.index), bond.index) == device.index:
                 return
 
-    def _wait_for_device(self, team: TeamConfig, match: DeviceMatch, deadline: float) -> Link:
-        def find(links: list[Link]) -> Link | None:
+    def _wait_for_device(
+        self, team: TeamConfig, match: DeviceMatch, deadline: float
+    ) -> tuple[Link, list[Link]]:
+        """The one link *match* names, once udev has finished with it, and the dump that
+        showed it (the checks before enslaving need every link)."""
+
+        def find(links: list[Link]) -> tuple[Link, list[Link]] | None:
             found = match.select(links)
             if len(found) > 1:
                 names = ", ".join(ln.name for ln in found)
                 raise Conflict(
                     f"team {team.name}: {match} is ambiguous ({names}); give pci_address"
                 )
-            return found[0] if found and found[0].udev_initialized else None
+            return (found[0], links) if found and found[0].udev_initialized else None
 
         try:
             return self._links.wait_for(find, deadline)
@@ -448,8 +463,8 @@ class Teams:
 
     def _keep_mac(self, team: TeamConfig, index: int, mac: str, deadline: float) -> None:
         """Re-apply the team's MAC if a driver reset put the burned-in one back."""
-        link = by_index(self.list_links(), index)
-        if link is None or link.mac == mac:
+        (link,) = self._read(index)
+        if link.mac == mac:
             return
         log.warning(
             "team %s: %s has MAC %s again; re-applying %s", team.name, link.name, link.mac, mac
@@ -464,6 +479,7 @@ class Teams:
                 lambda ls: self._linked(ls, index),
                 deadline,
                 f"team {team.name}: {link.name} lost carrier re-applying its MAC",
+                only=(index,),
             )
 
     # -- agent-owned bonds ---------------------------------------------------
@@ -562,9 +578,19 @@ class Teams:
             raise NoSuchLink(f"ifindex {index} went away")
         return link if link.carrier else None
 
-    def _wait(self, check: Callable[[list[Link]], T | None], deadline: float, what: str) -> T:
+    def _read(self, *indexes: int) -> list[Link]:
+        """Just these links (one bind's NIC and bond), without dumping the others."""
+        return self._call(self._links.get_links, indexes)
+
+    def _wait(
+        self,
+        check: Callable[[list[Link]], T | None],
+        deadline: float,
+        what: str,
+        only: Sequence[int] | None = None,
+    ) -> T:
         try:
-            return self._links.wait_for(check, deadline)
+            return self._links.wait_for(check, deadline, only)
         except WaitTimeout:
             raise Timeout(f"{what} (gave up after the deadline)") from None
         except NoSuchLink as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -43,6 +43,8 @@ class FakeLinks:
         self.refuse_live_mac: set[int] = set()  # EBUSY for a MAC change while up
         self.phys: dict[int, bool] = {}  # ifindex -> cable/peer has link (carrier when up)
         self.waits = 0
+        self.reads: list[tuple[int, ...]] = []  # get_links calls: the links read alone
+        self.dumps = 0  # list_links calls
         self._next = 1
         self._timers: list[threading.Timer] = []
         self.add("lo", mac=None, kind=None)
@@ -165,6 +167,7 @@ class FakeLinks:
 
     def list_links(self) -> list[Link]:
         with self.cond:
+            self.dumps += 1
             return sorted(self.links.values(), key=lambda link: link.index)
 
     def create_bond(self, name: str, fail_over_mac: FailOverMac, num_peer_notif: int) -> int:
@@ -233,11 +236,21 @@ class FakeLinks:
             else:
                 self._carrier(index, False)
 
-    def wait_for(self, check: Callable[[list[Link]], T | None], deadline: float) -> T:
+    def get_links(self, indexes: Sequence[int]) -> list[Link]:
+        with self.cond:
+            self.reads.append(tuple(indexes))
+            return [self._link(index) for index in indexes]
+
+    def wait_for(
+        self,
+        check: Callable[[list[Link]], T | None],
+        deadline: float,
+        only: Sequence[int] | None = None,
+    ) -> T:
         with self.cond:
             self.waits += 1
             while True:
-                result = check(self.list_links())
+                result = check(self.list_links() if only is None else self.get_links(only))
                 if result is not None:
                     return result
                 remaining = deadline - time.monotonic()
@@ -291,5 +304,9 @@ class FakeLinks:
         active = self.links.get(master.bond.active_slave or -1)
         if active is not None and active.carrier and active.master == master.index:
             return
-        members = [ln for ln in self.list_links() if ln.master == master.index and ln.carrier]
+        members = [
+            ln
+            for ln in sorted(self.links.values(), key=lambda link: link.index)
+            if ln.master == master.index and ln.carrier
+        ]
         self._set_active(master.index, members[0].index if members else None)

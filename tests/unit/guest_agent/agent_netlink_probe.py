@@ -19,6 +19,7 @@ from guest_agent import netlink  # noqa: E402
 from guest_agent.links import (  # noqa: E402
     BondingUnavailable,
     FailOverMac,
+    Link,
     LinkError,
     LinkRefused,
     NoSuchLink,
@@ -61,6 +62,26 @@ def main() -> None:
     started = time.monotonic()
     links.wait_for(lambda ls: (by_name(ls, "va") or va).carrier or None, time.monotonic() + 5)
     out["carrier_after_s"] = round(time.monotonic() - started, 2)
+
+    (alone,) = links.get_links([va.index])
+    out["read_alone"] = [alone.name, alone.carrier, alone.mac]
+    try:
+        links.get_links([va.index, 99999])
+    except NoSuchLink as exc:
+        out["read_missing"] = f"NoSuchLink errno={exc.errno}"
+    # A wait on one link: woken by that link's event, not by another link's.
+    later(0.2, lambda: ip("link", "set", "vb", "mtu", "1400"))  # vb's event only
+    later(0.6, lambda: ip("link", "set", "va", "mtu", "1300"))
+    seen: list[list[str]] = []
+
+    def va_mtu_event(ls: list[Link]) -> bool | None:
+        seen.append([ln.name for ln in ls])
+        return True if len(seen) > 1 else None
+
+    started = time.monotonic()
+    links.wait_for(va_mtu_event, time.monotonic() + 5, only=[va.index])
+    out["only_woken_after_s"] = round(time.monotonic() - started, 2)
+    out["only_reads"] = seen
 
     started = time.monotonic()
     try:

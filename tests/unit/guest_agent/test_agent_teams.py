@@ -197,6 +197,42 @@ def test_bind_waits_for_carrier_event_before_activating(fake: FakeLinks) -> None
     assert fake.get("bond0").bond.active_slave == link.index  # type: ignore[union-attr]
 
 
+def test_bind_dumps_every_link_three_times_and_waits_on_its_nic_and_bond_alone(
+    fake: FakeLinks,
+) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    fake.carrier_delay[link.index] = 0.3
+    fake.dumps, fake.reads = 0, []
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    # the bond's first read, the device found, the state answered: nothing while waiting
+    assert fake.dumps == 3
+    bond = fake.get("bond0").index
+    assert fake.reads and set(fake.reads) <= {(link.index,), (bond,), (link.index, bond)}
+
+
+def test_use_standby_dumps_every_link_twice(fake: FakeLinks) -> None:
+    fake.dumps = 0
+    teams(fake).use_standby("lan", release_primary=True, deadline=deadline_in(2))
+    assert fake.dumps == 2  # the first read and the state answered
+    assert set(fake.reads) == {(fake.get("enp1s0").index,), (fake.get("bond0").index,)}
+
+
+def test_use_standby_skips_a_member_gone_before_its_release(fake: FakeLinks) -> None:
+    t = teams(fake)
+    real = fake.release
+
+    def gone_first(index: int) -> None:
+        fake.remove("enp2s0")  # hot-unplugged between the dump and the release
+        real(index)
+
+    fake.release = gone_first  # type: ignore[method-assign]
+    result = t.use_standby("lan", release_primary=True, deadline=deadline_in(2))
+    assert result.released == ()
+    assert result.team.members == ("enp1s0",)
+
+
 def test_bind_reapplies_mac_after_driver_reset(fake: FakeLinks) -> None:
     t = teams(fake)
     switched_and_unplugged(fake, t)
