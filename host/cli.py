@@ -36,6 +36,7 @@ from host.domain.pools import PoolKind
 from host.domain.teams import MAC_POLICIES
 
 if TYPE_CHECKING:
+    from host.migration_options import MigrationOptions
     from host.workflow.coordinator import Coordinator
     from host.workflow.model import (
         CancelResult,
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
         EvacuationRequest,
         Event,
         FailoverResult,
-        MigrationOptions,
         MigrationReport,
         MigrationRequest,
         PoolStatus,
@@ -271,7 +271,8 @@ def add_migration_options(parser: argparse.ArgumentParser) -> None:
         "--max-downtime",
         type=_bounded_int(0, 3_600_000),
         metavar="MS",
-        help="the longest pause libvirt may take to switch the VM over (migrateSetMaxDowntime)",
+        help="the longest pause libvirt may take to switch the VM over (migrateSetMaxDowntime), "
+        "for the whole job instead of ptmig's budget",
     )
     parser.add_argument(
         "--tls",
@@ -327,12 +328,18 @@ def add_migration_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="migrate memory over N connections (2..255; not with post-copy)",
     )
+    parser.add_argument(
+        "--libvirt-defaults",
+        action="store_true",
+        help="libvirt's downtime limit (300 ms) instead of ptmig's: 50 ms for the first "
+        "5 passes, then 300",
+    )
 
 
 def migration_options(args: argparse.Namespace) -> MigrationOptions:
     """The options :func:`add_migration_options` parsed; InvalidMigrationOptions (exit 2,
     nothing changed) for a value out of range or a combination libvirt or QEMU refuse."""
-    from host.workflow.model import CopyStorage, MigrationOptions
+    from host.migration_options import CopyStorage, MigrationOptions
 
     return MigrationOptions(
         tls=args.tls,
@@ -343,6 +350,7 @@ def migration_options(args: argparse.Namespace) -> MigrationOptions:
         postcopy=args.postcopy or args.postcopy_after is not None,
         postcopy_after_s=args.postcopy_after,
         parallel_connections=args.parallel_connections,
+        libvirt_defaults=args.libvirt_defaults,
     )
 
 
@@ -390,10 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from host.agent_client import AgentError
     from host.domain.errors import DomainModelError
     from host.hypervisor import HypervisorError
+    from host.migration_options import InvalidMigrationOptions
     from host.workflow.guest import PreflightError, WorkflowError
     from host.workflow.journal import JournalError, WorkflowConflict
     from host.workflow.lease import LeaseHeld
-    from host.workflow.model import InvalidMigrationOptions
 
     try:
         if hasattr(args, "copy_storage"):  # the command takes add_migration_options

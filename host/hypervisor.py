@@ -32,7 +32,14 @@ import libvirt_qemu
 from host.domain.domain_xml import device_aliases
 from host.domain.errors import DomainModelError
 from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, to_text_as_read
-from host.workflow.model import CopyStorage, MigrationOptions, MigrationStats
+from host.migration_options import (
+    DOWNTIME_BUDGET_PASSES,
+    QEMU_DOWNTIME_MS,
+    TUNED_DOWNTIME_MS,
+    CopyStorage,
+    MigrationOptions,
+    MigrationStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,8 @@ MIGRATE_FLAGS = (
     | libvirt.VIR_MIGRATE_PERSIST_DEST
     | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 )
+#: How often the progress watcher samples a migration job.
+JOB_POLL_S = 0.5
 _COPY_STORAGE_FLAGS = {
     CopyStorage.NONE: 0,
     CopyStorage.ALL: libvirt.VIR_MIGRATE_NON_SHARED_DISK,
@@ -162,6 +171,34 @@ class PostcopyTrigger:
         if iteration >= 3 and now is not None and before is not None and now >= before:
             return "stalled"
         return ""
+
+
+class DowntimeBudget:
+    """The downtime limit of one job: the operator's (fixed), libvirt's (untouched), or
+    ptmig's: :data:`TUNED_DOWNTIME_MS` for :data:`DOWNTIME_BUDGET_PASSES` passes, then
+    QEMU's default.  A pass is libvirt's memory_iteration (1: the first full copy)."""
+
+    def __init__(self, operator_ms: int | None, options: MigrationOptions) -> None:
+        self.budgeted = operator_ms is None and not options.libvirt_defaults
+        self.start_ms = (
+            operator_ms
+            if operator_ms is not None
+            else (TUNED_DOWNTIME_MS if self.budgeted else None)
+        )
+        self.relaxed_at_pass: int | None = None
+
+    def give_up(self) -> None:
+        """libvirt would not take the limit: the job runs with its defaults."""
+        self.budgeted, self.start_ms = False, None
+
+    def relax(self, iteration: int) -> int | None:
+        """The limit to set now (once), or None."""
+        if not self.budgeted or self.relaxed_at_pass is not None:
+            return None
+        if iteration <= DOWNTIME_BUDGET_PASSES:
+            return None
+        self.relaxed_at_pass = iteration
+        return QEMU_DOWNTIME_MS
 
 
 class ChannelStream:
@@ -498,17 +535,22 @@ class Domain:
         options = options or MigrationOptions()
         flags, params = migration_call(options, persistent_xml=persistent_xml, unsafe=unsafe)
         stop = threading.Event()
-        if max_downtime_ms is not None:
+        budget = DowntimeBudget(max_downtime_ms, options)
+        if budget.start_ms is not None:
             try:
-                self._dom.migrateSetMaxDowntime(max_downtime_ms, 0)
+                self._dom.migrateSetMaxDowntime(budget.start_ms, 0)
             except libvirt.libvirtError as exc:
-                raise _wrap(f"{self.uri}: set max downtime", exc) from exc
-        seen = _JobWatch(options)
+                if not budget.budgeted:  # the operator's limit: not without it
+                    raise _wrap(f"{self.uri}: set max downtime", exc) from exc
+                # ptmig's own tuning: without it the job is libvirt's plain one
+                log.warning("%s: libvirt's downtime limit kept: %s", self.name, exc)
+                budget.give_up()
+        seen = _JobWatch(options, budget)
         t0 = time.monotonic()
 
         def watch() -> None:
             trigger = PostcopyTrigger(options.postcopy_after_s) if options.postcopy else None
-            while not stop.wait(0.5):
+            while not stop.wait(JOB_POLL_S):
                 try:
                     info = self._dom.jobStats(0)
                 except libvirt.libvirtError:
@@ -524,6 +566,9 @@ class Domain:
                     threading.Thread(
                         target=self._ask_qemu, args=(seen,), name="migration-qmp", daemon=True
                     ).start()
+                relaxed = budget.relax(int(info.get("memory_iteration", 0)))
+                if relaxed is not None:
+                    self._relax_downtime(relaxed, budget)
                 if trigger is not None and seen.postcopy_asked_s is None:
                     elapsed = int(info.get("time_elapsed", 0)) / 1000 or time.monotonic() - t0
                     reason = trigger.reason(
@@ -592,6 +637,19 @@ class Domain:
     def _qmp(self, command: str) -> Any:
         reply = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps({"execute": command}), 0)
         return json.loads(reply)["return"]
+
+    def _relax_downtime(self, limit_ms: int, budget: DowntimeBudget) -> None:
+        try:
+            self._dom.migrateSetMaxDowntime(limit_ms, 0)
+        except libvirt.libvirtError as exc:  # the job may be ending
+            log.info("relax the downtime limit: %s", exc.get_error_message())
+            return
+        log.info(
+            "migration of %s: pass %s, downtime limit now %d ms",
+            self.name,
+            budget.relaxed_at_pass,
+            limit_ms,
+        )
 
     def _start_postcopy(self, seen: _JobWatch, reason: str, at_s: float) -> None:
         try:
@@ -675,8 +733,9 @@ class Domain:
 class _JobWatch:
     """What the progress watcher saw of one job, for its :class:`MigrationStats`."""
 
-    def __init__(self, options: MigrationOptions) -> None:
+    def __init__(self, options: MigrationOptions, budget: DowntimeBudget) -> None:
         self.options = options
+        self.budget = budget
         self.asked_qemu = False
         self.tls_creds = ""
         self.capabilities: tuple[str, ...] = ()
@@ -735,6 +794,8 @@ class _JobWatch:
             ),
             postcopy_reason=self.postcopy_reason,
             parallel_connections=o.parallel_connections,
+            max_downtime_ms=self.budget.start_ms,
+            downtime_relaxed_at_pass=self.budget.relaxed_at_pass,
             qemu_capabilities=self.capabilities,
             multifd_channels=self.multifd_channels if o.parallel_connections else None,
         )

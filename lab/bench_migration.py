@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from host.hypervisor import Hypervisor
+from host.migration_options import MigrationOptions
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
 from lab.fabric import CLIENT_NS
@@ -260,6 +262,64 @@ def run_floor(lab: VmLab, dest: str) -> Sample:
     return sample
 
 
+@dataclass(frozen=True)
+class FloorVariant:
+    """The floor guest migrated by ptmig's own migration call (host.hypervisor) with one
+    of the choices a virtio-only guest allows, to compare against libvirt's defaults."""
+
+    case: str
+    what: str
+    options: MigrationOptions
+    max_downtime_ms: int | None = None
+
+
+LIBVIRTS = MigrationOptions(libvirt_defaults=True)
+FLOOR_VARIANTS = {
+    v.case: v
+    for v in (
+        FloorVariant(
+            "floor-postcopy",
+            "post-copy after the first pass",
+            MigrationOptions(postcopy=True, libvirt_defaults=True),
+        ),
+        FloorVariant("floor-downtime100", "max downtime 100 ms", LIBVIRTS, max_downtime_ms=100),
+        FloorVariant("floor-downtime20", "max downtime 20 ms", LIBVIRTS, max_downtime_ms=20),
+        FloorVariant(
+            "floor-ptmig",
+            "ptmig's default: max downtime 50 ms for 5 passes, then 300",
+            MigrationOptions(),
+        ),
+    )
+}
+
+
+def run_floor_variant(lab: VmLab, dest: str, variant: FloorVariant) -> Sample:
+    src = lab.where()
+    with (
+        Hypervisor(lab.hosts[src].uri) as source,
+        Hypervisor(lab.hosts[dest].uri) as destination,
+    ):
+        dom = source.domain(DOMAIN_NAME)
+        persistent = dom.xml(inactive=True)
+        with Recorder(f"{variant.case}-{dest}") as rec:
+            t0 = time.time()
+            stats = dom.migrate(
+                destination,
+                persistent_xml=persistent,
+                peer_uri=lab.hosts[dest].tcp_uri,
+                unsafe=True,
+                options=variant.options,
+                max_downtime_ms=variant.max_downtime_ms,
+            )
+            t1 = time.time()
+            rec.phase("migrate", t0, t1)
+            sample = rec.finish(
+                variant.case, f"{src}->{dest}", t1 - t0, downtime_ms=stats.downtime_ms
+            )
+    lab.check_health()
+    return sample
+
+
 UPSTREAM_POST_S = 6.0  # net_failover's outage comes ~2.5 s after the primary is back
 
 
@@ -384,6 +444,26 @@ def summarize(
             p.name: {"first_s": p.end - p.start, "second_s": second.phase_seconds(p.name)}
             for p in first.phases
         }
+    floor = out["cases"].get("floor", {}).get("lan")
+    choices = {}
+    for case, variant in FLOOR_VARIANTS.items():
+        lan = out["cases"].get(case, {}).get("lan")
+        if lan is None:
+            continue
+        lost = lan["total_lost"]["median"]
+        choices[case] = {
+            "what": variant.what,
+            "lost_median": lost,
+            "lost_max": lan["total_lost"]["max"],
+            "floor_lost_median": floor["total_lost"]["median"] if floor else None,
+            "ratio_to_floor": (
+                round(lost / floor["total_lost"]["median"], 3)
+                if floor and floor["total_lost"]["median"]
+                else None
+            ),
+        }
+    if choices:
+        out["floor_choices"] = choices
     if agent is not None:
         out["agent"] = agent
     return out
@@ -438,6 +518,15 @@ def goals(summary: dict[str, Any], samples: list[Sample]) -> list[Goal]:
                     ratio <= 1.03 and pmax <= fmax,
                 )
             )
+    p, f = stat("floor-ptmig", "lan", "total_lost"), stat("floor", "lan", "total_lost")
+    out.append(
+        Goal(
+            "stretch: ptmig's migration choices / libvirt's defaults, virtio-only guest",
+            f"{p:.0f} / {f:.0f} = {p / f:.2f}x" if p is not None and f else "-",
+            "< 0.5x (floor-ptmig vs floor, same run)",
+            None if p is None or not f else p / f < 0.5,
+        )
+    )
     p, u = stat("ptmig", "lan", "total_lost"), stat("upstream", "lan", "total_lost")
     if p is None or u is None or not u:
         out.append(Goal("lan: lost, ptmig / upstream net_failover", "-", "<= 0.2x", None))
@@ -580,34 +669,69 @@ class Progress:
         print(f"[{self.done}/{self.total} {elapsed:5.0f} s] {what}", file=sys.stderr, flush=True)
 
 
-def run(lab: VmLab, reps: int) -> tuple[list[Sample], list[float], dict[str, float]]:
-    # the bare probes, per rep 2 migrations of each of 4 cases, the agent, the upstream boot
-    progress = Progress(1 + 8 * reps + 2)
-    progress(f"bare hotplug + probe of an e1000e, {reps} times")
-    bare = bare_hotplug_probe(lab, reps)
+CASES = ("ptmig", "naive", "floor", *FLOOR_VARIANTS, "upstream")
+
+
+def parse_cases(text: str | None) -> tuple[str, ...]:
+    """``--cases a,b`` in the benchmark's own order; an unknown name is an error."""
+    if not text:
+        return CASES
+    asked = {c.strip() for c in text.split(",") if c.strip()}
+    unknown = sorted(asked - set(CASES))
+    if unknown or not asked:
+        raise LabError(
+            f"--cases: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(CASES)}"
+        )
+    return tuple(c for c in CASES if c in asked)
+
+
+def run(
+    lab: VmLab, reps: int, cases: tuple[str, ...] = CASES
+) -> tuple[list[Sample], list[float], dict[str, float] | None]:
+    """*cases* in a fixed order: ptmig and naive with the primaries, then the floor and its
+    variants interleaved repetition by repetition (so a drift of the machine hits them
+    alike), then the upstream guest.  The bare probes and the agent's figures come with
+    ptmig, whose goals need them."""
+    floors = [c for c in cases if c == "floor" or c in FLOOR_VARIANTS]
+    with_primaries = [c for c in ("ptmig", "naive") if c in cases]
+    total = 2 * reps * len(cases) + 2 * ("ptmig" in cases) + ("upstream" in cases)
+    progress = Progress(total)
+    bare: list[float] = []
+    agent: dict[str, float] | None = None
+    if "ptmig" in cases:
+        progress(f"bare hotplug + probe of an e1000e, {reps} times")
+        bare = bare_hotplug_probe(lab, reps)
     start_tcp_sink(lab)
     samples: list[Sample] = []
-    for case, migrate_one in (("ptmig", run_ptmig), ("naive", run_naive)):
+    for name in with_primaries:
+        migrate_one = run_ptmig if name == "ptmig" else run_naive
         for rep in range(reps):
             for dest in ("hostb", "hosta"):
-                progress(f"{case} -> {dest}, repetition {rep + 1}/{reps}")
+                progress(f"{name} -> {dest}, repetition {rep + 1}/{reps}")
                 samples.append(migrate_one(lab, dest))
-    progress("agent: start-up and memory (bench-agent)")
-    agent = agent_figures(lab)
-    co.ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "standby")
-    for alias in _primary_aliases(lab):
-        lab.detach_nic(alias)
+    if "ptmig" in cases:
+        progress("agent: start-up and memory (bench-agent)")
+        agent = agent_figures(lab)
+    if floors:
+        co.ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "standby")
+        for alias in _primary_aliases(lab):
+            lab.detach_nic(alias)
     for rep in range(reps):
-        for dest in ("hostb", "hosta"):
-            progress(f"floor -> {dest}, repetition {rep + 1}/{reps}")
-            samples.append(run_floor(lab, dest))
-    progress("boot the upstream net_failover guest")
-    boot_upstream(lab)
-    start_tcp_sink(lab)
-    for rep in range(reps):
-        for dest in ("hostb", "hosta"):
-            progress(f"upstream -> {dest}, repetition {rep + 1}/{reps}")
-            samples.append(run_upstream(lab, dest))
+        for case in floors:
+            for dest in ("hostb", "hosta"):
+                progress(f"{case} -> {dest}, repetition {rep + 1}/{reps}")
+                if case == "floor":
+                    samples.append(run_floor(lab, dest))
+                else:
+                    samples.append(run_floor_variant(lab, dest, FLOOR_VARIANTS[case]))
+    if "upstream" in cases:
+        progress("boot the upstream net_failover guest")
+        boot_upstream(lab)
+        start_tcp_sink(lab)
+        for rep in range(reps):
+            for dest in ("hostb", "hosta"):
+                progress(f"upstream -> {dest}, repetition {rep + 1}/{reps}")
+                samples.append(run_upstream(lab, dest))
     return samples, bare, agent
 
 
@@ -622,7 +746,7 @@ def agent_figures(lab: VmLab) -> dict[str, float]:
     }
 
 
-def main(*, reps: int, out_dir: Path, as_json: bool) -> int:
+def main(*, reps: int, out_dir: Path, as_json: bool, cases: tuple[str, ...] = CASES) -> int:
     lab = VmLab()
     started_here = not lab.state.netns
     if started_here:
@@ -630,7 +754,7 @@ def main(*, reps: int, out_dir: Path, as_json: bool) -> int:
         lab.up()
     try:
         co.configure(lab)
-        samples, bare, agent = run(lab, reps)
+        samples, bare, agent = run(lab, reps, cases)
     finally:
         if started_here:
             lab.down()
@@ -639,6 +763,7 @@ def main(*, reps: int, out_dir: Path, as_json: bool) -> int:
     result: dict[str, Any] = {
         "rate_pps": RATE,
         "reps": reps,
+        "cases": list(cases),
         "summary": summary,
         "goals": [{**asdict(g), "verdict": g.verdict} for g in goal_results],
         "samples": [s.to_dict() for s in samples],
@@ -681,6 +806,12 @@ def format_summary(summary: dict[str, Any], goal_results: list[Goal]) -> str:
                 f"({stall['min']:.0f}-{stall['max']:.0f}), retransmits median "
                 f"{retrans['median']:.0f} ({retrans['min']:.0f}-{retrans['max']:.0f})"
             )
+    for case, choice in summary.get("floor_choices", {}).items():
+        ratio = choice["ratio_to_floor"]
+        lines.append(
+            f"{case}: {choice['what']}: lost median {choice['lost_median']:.0f}"
+            + (f", {ratio:.2f}x the floor's" if ratio is not None else "")
+        )
     bare = summary["bare_hotplug_probe_s"]
     if bare:
         lines.append(

@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--reps", type=int, default=3)
     bm.add_argument("--out", default="docs/benchmarks", help="where the JSON and PNG go")
     bm.add_argument("--json", action="store_true")
+    bm.add_argument(
+        "--cases",
+        metavar="A,B",
+        help="only these cases, comma-separated (default: all; ptmig naive floor "
+        "floor-postcopy floor-downtime100 floor-downtime20 floor-ptmig upstream)",
+    )
     be = sub.add_parser(
         "bench-evacuate",
         help="lab up with N guests; evacuate hosta -> hostb with --parallel 1, then N, under ping",
@@ -157,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
 
             from lab import bench_migration
 
-            return bench_migration.main(reps=args.reps, out_dir=Path(args.out), as_json=args.json)
+            cases = bench_migration.parse_cases(args.cases)
+            return bench_migration.main(
+                reps=args.reps, out_dir=Path(args.out), as_json=args.json, cases=cases
+            )
         elif args.command == "bench-evacuate":
             from pathlib import Path
 

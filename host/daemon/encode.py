@@ -15,9 +15,9 @@ from ptmig.v1 import coordinator_pb2 as pb
 
 from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
+from host.migration_options import CopyStorage, InvalidMigrationOptions, MigrationOptions
 from host.workflow.model import (
     CancelResult,
-    CopyStorage,
     DomainEvacuation,
     DomainStatus,
     DomainTeams,
@@ -27,8 +27,6 @@ from host.workflow.model import (
     EvacuationTarget,
     Event,
     FailoverResult,
-    InvalidMigrationOptions,
-    MigrationOptions,
     MigrationReport,
     MigrationRequest,
     Outcome,
@@ -115,6 +113,7 @@ def migration_options(message: Any) -> MigrationOptions:
             message.postcopy_after_s if message.HasField("postcopy_after_s") else None
         ),
         parallel_connections=message.parallel_connections or None,
+        libvirt_defaults=message.libvirt_defaults,
     )
 
 
@@ -128,6 +127,7 @@ def options_message(options: MigrationOptions) -> Any:
         auto_converge=options.auto_converge,
         postcopy=options.postcopy,
         parallel_connections=options.parallel_connections or 0,
+        libvirt_defaults=options.libvirt_defaults,
     )
     if options.postcopy_after_s is not None:
         message.postcopy_after_s = options.postcopy_after_s

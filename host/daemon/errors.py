@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 import grpc
 
+from host.migration_options import InvalidMigrationOptions
 from host.workflow.journal import JournalError, WorkflowConflict
-from host.workflow.model import InvalidMigrationOptions
 
 log = logging.getLogger("ptmig.daemon")
 

@@ -40,6 +40,7 @@ from host.domain.domain_xml import strip_primary
 from host.domain.pools import Pool
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress
+from host.migration_options import MigrationStats
 from host.workflow.drift import TeamDrift
 from host.workflow.guest import (
     AgentFactory,
@@ -54,14 +55,7 @@ from host.workflow.guest import (
     to_primary,
 )
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
-from host.workflow.model import (
-    Event,
-    MigrationReport,
-    MigrationRequest,
-    MigrationStats,
-    Outcome,
-    plain,
-)
+from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome, plain
 from host.workflow.steps import JournalLike, Step, StepRunner
 
 log = logging.getLogger(__name__)

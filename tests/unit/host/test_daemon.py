@@ -24,6 +24,7 @@ from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 from host.daemon import ConfigError, Daemon, ListenConfig, TlsFiles, serve, status_for
 from host.daemon import main as daemon
 from host.domain.pools import PoolKind
+from host.migration_options import MigrationStats
 from host.workflow.journal import (
     WorkflowConflict,
     WorkflowKind,
@@ -35,7 +36,6 @@ from host.workflow.model import (
     Event,
     MigrationReport,
     MigrationRequest,
-    MigrationStats,
     Outcome,
     PhaseTiming,
     PoolStatus,

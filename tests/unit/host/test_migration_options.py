@@ -20,15 +20,9 @@ from host import cli
 from host.daemon.encode import migration_options, migration_request, options_message
 from host.daemon.errors import status_for
 from host.hypervisor import MIGRATE_FLAGS, PostcopyTrigger, migration_call
+from host.migration_options import CopyStorage, InvalidMigrationOptions, MigrationOptions
 from host.workflow.journal import Journal
-from host.workflow.model import (
-    CopyStorage,
-    InvalidMigrationOptions,
-    MigrationOptions,
-    MigrationRequest,
-    Outcome,
-    plain,
-)
+from host.workflow.model import MigrationRequest, Outcome, plain
 
 EVERYTHING = MigrationOptions(
     tls=True,
@@ -197,7 +191,13 @@ def test_a_non_number_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.parametrize(
     "options",
-    [MigrationOptions(), EVERYTHING, POSTCOPY, MigrationOptions(postcopy=True, postcopy_after_s=0)],
+    [
+        MigrationOptions(),
+        EVERYTHING,
+        POSTCOPY,
+        MigrationOptions(postcopy=True, postcopy_after_s=0),
+        MigrationOptions(libvirt_defaults=True),
+    ],
 )
 def test_options_survive_the_message_both_ways(options: MigrationOptions) -> None:
     message = options_message(options)
@@ -283,9 +283,9 @@ def test_ptmigd_passes_the_options_and_refuses_bad_ones_before_any_workflow(
 
 
 def test_the_statistics_take_the_destinations_record_and_what_the_watcher_saw() -> None:
-    from host.hypervisor import _JobWatch
+    from host.hypervisor import DowntimeBudget, _JobWatch
 
-    watch = _JobWatch(EVERYTHING)
+    watch = _JobWatch(EVERYTHING, DowntimeBudget(None, EVERYTHING))
     watch.sample({"auto_converge_throttle": 20, "disk_total": 64 << 20, "disk_processed": 1})
     watch.sample({"auto_converge_throttle": 50, "disk_processed": 64 << 20})
     watch.sample({"auto_converge_throttle": 30})
@@ -301,18 +301,159 @@ def test_the_statistics_take_the_destinations_record_and_what_the_watcher_saw() 
 
 
 def test_postcopy_counts_as_started_only_once_the_source_said_so() -> None:
-    from host.hypervisor import _JobWatch
+    from host.hypervisor import DowntimeBudget, _JobWatch
 
-    asked_only = _JobWatch(POSTCOPY)
+    asked_only = _JobWatch(POSTCOPY, DowntimeBudget(None, POSTCOPY))
     asked_only.postcopy_asked_s, asked_only.postcopy_reason = 2.6, "after 2.5 s"
     stats = asked_only.stats(4.0, {})
     assert stats.postcopy and not stats.postcopy_started
     assert stats.postcopy_started_after_s is None
     assert "post-copy not needed" in stats.detail
 
-    entered = _JobWatch(POSTCOPY)
+    entered = _JobWatch(POSTCOPY, DowntimeBudget(None, POSTCOPY))
     entered.postcopy_asked_s, entered.postcopy_reason = 2.6, "after 2.5 s"
     entered.postcopy_entered_s = 2.7  # VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY on the source
     stats = entered.stats(4.0, {})
     assert stats.postcopy_started and stats.postcopy_started_after_s == 2.6
     assert "post-copy at 2.6 s (after 2.5 s)" in stats.detail
+
+
+# -- the downtime budget ----------------------------------------------------------------
+
+
+def test_ptmigs_budget_starts_low_and_goes_back_to_qemus_limit_after_its_passes() -> None:
+    from host.hypervisor import DowntimeBudget
+    from host.migration_options import DOWNTIME_BUDGET_PASSES, QEMU_DOWNTIME_MS, TUNED_DOWNTIME_MS
+
+    budget = DowntimeBudget(None, MigrationOptions())
+    assert budget.start_ms == TUNED_DOWNTIME_MS
+    assert [budget.relax(i) for i in range(DOWNTIME_BUDGET_PASSES + 1)] == [None] * (
+        DOWNTIME_BUDGET_PASSES + 1
+    )
+    assert budget.relax(DOWNTIME_BUDGET_PASSES + 1) == QEMU_DOWNTIME_MS
+    assert budget.relax(DOWNTIME_BUDGET_PASSES + 2) is None  # once
+    assert budget.relaxed_at_pass == DOWNTIME_BUDGET_PASSES + 1
+
+
+@pytest.mark.parametrize(
+    ("operator_ms", "options", "start"),
+    [
+        (None, MigrationOptions(libvirt_defaults=True), None),  # libvirt's: untouched
+        (120, MigrationOptions(), 120),  # the operator's, for the whole job
+        (120, MigrationOptions(libvirt_defaults=True), 120),
+    ],
+)
+def test_libvirts_defaults_and_the_operators_limit_have_no_budget(
+    operator_ms: int | None, options: MigrationOptions, start: int | None
+) -> None:
+    from host.hypervisor import DowntimeBudget
+
+    budget = DowntimeBudget(operator_ms, options)
+    assert budget.start_ms == start
+    assert all(budget.relax(i) is None for i in range(50))
+
+
+def test_the_cli_flag_restores_libvirts_defaults() -> None:
+    assert parse("--libvirt-defaults") == MigrationOptions(libvirt_defaults=True)
+    assert options_message(MigrationOptions(libvirt_defaults=True)).libvirt_defaults
+
+
+class _FakeJobDomain:
+    """A virDomain whose migration job runs until the watcher relaxed the limit (or 10 s),
+    one pre-copy pass per jobStats sample."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.limits: list[int] = []
+        self.passes = 0
+        self.relaxed = threading.Event()
+
+    def UUIDString(self) -> str:
+        return "0" * 8 + "-0000-0000-0000-" + "0" * 12
+
+    def name(self) -> str:
+        return "vm1"
+
+    def migrateSetMaxDowntime(self, ms: int, _flags: int) -> int:
+        self.limits.append(ms)
+        if len(self.limits) > 1:
+            self.relaxed.set()
+        return 0
+
+    def jobStats(self, _flags: int) -> dict[str, Any]:
+        self.passes += 1
+        return {"type": 2, "memory_iteration": self.passes, "time_elapsed": 10 * self.passes}
+
+    def migrateToURI3(self, _uri: str, _params: dict[str, Any], _flags: int) -> int:
+        self.relaxed.wait(10)
+        return 0
+
+
+class _FakeDestination:
+    uri = "qemu+tcp://b/system"
+
+    def domain(self, _ident: str) -> Any:
+        class Done:
+            def completed_job(self) -> dict[str, Any]:
+                return {"downtime": 90, "memory_iteration": 7}
+
+        return Done()
+
+
+def test_the_watcher_applies_the_budget_to_the_running_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import host.hypervisor as hypervisor
+    from host.migration_options import DOWNTIME_BUDGET_PASSES, QEMU_DOWNTIME_MS, TUNED_DOWNTIME_MS
+
+    monkeypatch.setattr(hypervisor, "JOB_POLL_S", 0.01)
+    hv = hypervisor.Hypervisor.__new__(hypervisor.Hypervisor)
+    hv.uri = "qemu:///system"
+    fake = _FakeJobDomain()
+    dom = hypervisor.Domain(hv, fake)  # type: ignore[arg-type]
+
+    stats = dom.migrate(
+        _FakeDestination(),  # type: ignore[arg-type]
+        persistent_xml="<domain/>",
+        options=MigrationOptions(),
+    )
+
+    assert fake.limits == [TUNED_DOWNTIME_MS, QEMU_DOWNTIME_MS]
+    assert stats.max_downtime_ms == TUNED_DOWNTIME_MS
+    assert stats.downtime_relaxed_at_pass == DOWNTIME_BUDGET_PASSES + 1
+    assert "downtime 90 ms (limit 50 ms, 300 from pass 6)" in stats.detail
+
+
+def test_the_detail_says_the_limit_a_job_kept() -> None:
+    from host.migration_options import MigrationStats
+
+    assert MigrationStats(1.0, downtime_ms=76, max_downtime_ms=50).detail == (
+        "downtime 76 ms (limit 50 ms)"
+    )
+    assert MigrationStats(1.0, downtime_ms=200).detail == "downtime 200 ms"
+
+
+def test_a_driver_that_refuses_the_limit_migrates_with_libvirts_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import host.hypervisor as hypervisor
+
+    class Refusing(_FakeJobDomain):
+        def migrateSetMaxDowntime(self, ms: int, _flags: int) -> int:
+            raise libvirt.libvirtError("this function is not supported by the connection driver")
+
+        def migrateToURI3(self, _uri: str, _params: dict[str, Any], _flags: int) -> int:
+            return 0
+
+    hv = hypervisor.Hypervisor.__new__(hypervisor.Hypervisor)
+    hv.uri = "qemu:///system"
+    dom = hypervisor.Domain(hv, Refusing())  # type: ignore[arg-type]
+    stats = dom.migrate(_FakeDestination(), persistent_xml="<domain/>")  # type: ignore[arg-type]
+    assert stats.max_downtime_ms is None and stats.downtime_relaxed_at_pass is None
+    with pytest.raises(hypervisor.HypervisorError, match="set max downtime"):
+        dom.migrate(
+            _FakeDestination(),  # type: ignore[arg-type]
+            persistent_xml="<domain/>",
+            max_downtime_ms=120,
+        )

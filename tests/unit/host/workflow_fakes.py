@@ -76,9 +76,10 @@ from host.hypervisor import (
     MigrationProgress,
     migration_call,
 )
+from host.migration_options import CopyStorage, MigrationOptions, MigrationStats
 from host.workflow.coordinator import Coordinator
 from host.workflow.journal import Journal, StepRecord
-from host.workflow.model import CopyStorage, Event, MigrationOptions, MigrationStats
+from host.workflow.model import Event
 
 A = "fake://a"
 B = "fake://b"

@@ -95,3 +95,39 @@ def test_the_90th_percentile_of_six_switches_is_the_largest() -> None:
     samples = [sample("ptmig", 200, 200, 6.0, back=1.0, switch=n) for n in (0, 0, 1, 1, 2, 3)]
     result = by_figure(goals(summarize(samples, bare=[1.0]), samples))
     assert result["wan: lost in switch to standby, 90th percentile"].measured.startswith("3 ")
+
+
+def test_each_floor_choice_is_compared_with_libvirts_defaults_and_the_stretch_judged() -> None:
+    samples = [
+        sample("floor", 200, 200, 4.0),
+        sample("floor", 220, 220, 4.0),
+        sample("floor-ptmig", 80, 80, 4.0),
+        sample("floor-ptmig", 90, 90, 4.0),
+        sample("floor-postcopy", 210, 210, 3.0),
+    ]
+    summary = summarize(samples, bare=[])
+    choices = summary["floor_choices"]
+    assert choices["floor-ptmig"]["ratio_to_floor"] == round(85 / 210, 3)
+    assert choices["floor-postcopy"]["ratio_to_floor"] == 1.0
+    stretch = next(g for g in goals(summary, samples) if g.figure.startswith("stretch"))
+    assert stretch.met is True and stretch.measured == "85 / 210 = 0.40x"
+    assert "floor-ptmig: ptmig's default" in format_summary(summary, [])
+
+    worse = [sample("floor", 200, 200, 4.0), sample("floor-ptmig", 120, 120, 4.0)]
+    summary = summarize(worse, bare=[])
+    stretch = next(g for g in goals(summary, worse) if g.figure.startswith("stretch"))
+    assert stretch.met is False
+
+
+def test_cases_are_chosen_by_name_in_the_benchmarks_order() -> None:
+    import pytest
+
+    from lab.bench_migration import CASES, parse_cases
+    from lab.vmlab import LabError
+
+    assert parse_cases(None) == CASES
+    assert parse_cases("floor-ptmig, floor") == ("floor", "floor-ptmig")
+    with pytest.raises(LabError, match="unknown flor"):
+        parse_cases("floor,flor")
+    with pytest.raises(LabError, match="none given"):
+        parse_cases(" , ")
