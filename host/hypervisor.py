@@ -81,6 +81,12 @@ class HypervisorError(RuntimeError):
         self.code = code
 
 
+class PostcopyFailed(HypervisorError):
+    """The migration failed after it had switched to post-copy: the destination ran the
+    VM and holds pages the source no longer has, so the source cannot simply resume it.
+    libvirt keeps the source paused (post-copy failed); nothing of it may be undone."""
+
+
 class DeviceRemovalError(HypervisorError):
     """The guest refused to release a device, or did not within the deadline."""
 
@@ -109,6 +115,11 @@ MIGRATE_FLAGS = (
     | libvirt.VIR_MIGRATE_PEER2PEER
     | libvirt.VIR_MIGRATE_PERSIST_DEST
     | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+#: A source paused in or after post-copy (libvirt 1.3.3 and 8.5 added them).
+_POSTCOPY_PAUSED = (
+    libvirt.VIR_DOMAIN_PAUSED_POSTCOPY,
+    getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY_FAILED", 13),
 )
 #: How often the progress watcher samples a migration job.
 JOB_POLL_S = 0.5
@@ -603,7 +614,15 @@ class Domain:
             try:
                 self._dom.migrateToURI3(target_uri, params, flags)
             except libvirt.libvirtError as exc:
-                raise _wrap(f"migrate {self.name} {self.uri} -> {target_uri}", exc) from exc
+                what = f"migrate {self.name} {self.uri} -> {target_uri}"
+                if options.postcopy and (
+                    seen.postcopy_entered_s is not None or self._paused_in_postcopy()
+                ):
+                    raise PostcopyFailed(
+                        f"{what}: failed in post-copy: {exc.get_error_message() or exc}",
+                        exc.get_error_code(),
+                    ) from exc
+                raise _wrap(what, exc) from exc
             finally:
                 stop.set()
                 watcher.join()
@@ -637,6 +656,15 @@ class Domain:
     def _qmp(self, command: str) -> Any:
         reply = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps({"execute": command}), 0)
         return json.loads(reply)["return"]
+
+    def _paused_in_postcopy(self) -> bool:
+        """The source's own word that the job had reached post-copy (its lifecycle event
+        may not have come before the call failed)."""
+        try:
+            state, reason = self._dom.state()
+        except libvirt.libvirtError:
+            return False
+        return state == libvirt.VIR_DOMAIN_PAUSED and reason in _POSTCOPY_PAUSED
 
     def _relax_downtime(self, limit_ms: int, budget: DowntimeBudget) -> None:
         try:

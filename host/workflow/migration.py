@@ -14,8 +14,12 @@
 Before the migration has moved the VM, a failure undoes the done steps in reverse order
 and the VM stays on the source, back on a passthrough device where one is free.  After
 it, there is nothing to undo: a team that cannot get a device stays on its standby
-(done-degraded) and the reconciler repairs it later.  A team that came degraded (its
-primary gone) is neither switched nor unplugged, and gets a destination device like any.
+(done-degraded) and the reconciler repairs it later.  A migration that fails once it
+has switched to post-copy (``--postcopy``) is neither: the source is paused with stale
+memory, so nothing is undone and the report (failed) and the journal say what the
+operator can still do (resume the post-copy, or destroy and start the VM).  A team that
+came degraded (its primary gone) is neither switched nor unplugged, and gets a
+destination device like any.
 A rollback is rolled-back when the domain is as it was before the workflow: every team
 that was on a primary is on one again, degraded teams stay degraded.
 
@@ -39,7 +43,7 @@ from typing import Any, TypeVar
 from host.domain.domain_xml import strip_primary
 from host.domain.pools import Pool
 from host.domain.teams import Team
-from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress
+from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress, PostcopyFailed
 from host.migration_options import MigrationStats
 from host.workflow.drift import TeamDrift
 from host.workflow.guest import (
@@ -454,6 +458,8 @@ class MigrationWorkflow:
             r.run(self._step("unplug", self.unplug, self.replug_on_source))
             self._guard("migrate", JOB_LEASE_TTL)
             r.run(self._step("migrate", self.migrate))
+        except PostcopyFailed as exc:
+            return self._lost_in_postcopy(report, exc)
         except Exception as exc:
             report.error = str(exc)
             moved = self._domain_moved()
@@ -505,6 +511,33 @@ class MigrationWorkflow:
             report.outcome = Outcome.DONE
         else:
             report.outcome = Outcome.DONE_DEGRADED
+        return report
+
+    def _lost_in_postcopy(self, report: MigrationReport, exc: PostcopyFailed) -> MigrationReport:
+        """A migration that failed in post-copy has nothing to undo that could be undone:
+        the source's memory is stale and libvirt keeps it paused, so plugging a device
+        there or asking its agent would only wait on a frozen guest.  Say what is left
+        for the operator, in the report and the journal, and stop."""
+        self.runner.forget_compensations()
+        domain, dest = self.source.name, self.request.destination_uri
+        advice = (
+            f"the VM ran on the destination and its memory is split between the hosts; "
+            f"libvirt keeps it paused on the source (post-copy failed). If the "
+            f"destination's QEMU still runs, resume the migration from the source: virsh "
+            f"migrate --live --p2p --postcopy --postcopy-resume {domain} {dest}; if it "
+            f"died, the VM's state is lost: virsh destroy {domain} on the source and start "
+            f"it again. ptmig has not plugged anything back; the primaries stay unplugged "
+            f"until the VM runs again and ptmigd --reconcile (or ptmig failover --to "
+            f"primary) repairs its teams"
+        )
+        self.runner.journal.record(
+            self.workflow_id, "postcopy", "failed", {"error": str(exc), "advice": advice}
+        )
+        self.runner.emit("migrate", "info", f"post-copy failed: {advice}")
+        report.outcome = Outcome.FAILED
+        report.error = f"{exc}; {advice}"
+        report.phases = self.runner.timings
+        report.drift = self._cases()
         return report
 
     def _cases(self) -> dict[str, str]:

@@ -5,7 +5,9 @@ the CLI, the contract and the Coordinator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +459,41 @@ def test_a_driver_that_refuses_the_limit_migrates_with_libvirts_own(
             persistent_xml="<domain/>",
             max_downtime_ms=120,
         )
+
+
+@pytest.mark.parametrize(
+    ("postcopy", "state", "raised"),
+    [
+        (True, (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED), "post"),
+        (True, (libvirt.VIR_DOMAIN_RUNNING, 1), "plain"),  # failed in its pre-copy
+        (False, (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED), "plain"),
+    ],
+)
+def test_a_job_that_failed_in_postcopy_says_so(
+    postcopy: bool, state: tuple[int, int], raised: str
+) -> None:
+    import host.hypervisor as hypervisor
+
+    class DiesInPostcopy(_FakeJobDomain):
+        def migrateToURI3(self, _uri: str, _params: dict[str, Any], _flags: int) -> int:
+            raise libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
+
+        def state(self) -> list[int]:
+            return list(state)
+
+    class Events(hypervisor.Hypervisor):
+        def __init__(self) -> None:
+            self.uri = "qemu:///system"
+
+        @contextlib.contextmanager
+        def _events(self, *_args: Any) -> Iterator[None]:
+            yield
+
+    dom = hypervisor.Domain(Events(), DiesInPostcopy())  # type: ignore[arg-type]
+    with pytest.raises(hypervisor.HypervisorError, match="migrate vm1 qemu:") as caught:
+        dom.migrate(
+            _FakeDestination(),  # type: ignore[arg-type]
+            persistent_xml="<domain/>",
+            options=MigrationOptions(postcopy=postcopy, libvirt_defaults=True),
+        )
+    assert isinstance(caught.value, hypervisor.PostcopyFailed) == (raised == "post")

@@ -28,7 +28,7 @@ from workflow_fakes import (
 from host.agent_client import AgentError
 from host.domain.domain_xml import parse_domain
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
-from host.hypervisor import HypervisorError
+from host.hypervisor import HypervisorError, PostcopyFailed
 from host.workflow.guest import PreflightError
 from host.workflow.journal import Journal, WorkflowConflict, WorkflowKind, WorkflowRecord
 from host.workflow.model import MigrationReport, MigrationRequest, Outcome
@@ -544,6 +544,32 @@ def test_migration_error_after_the_vm_moved_finishes_on_the_destination(
     assert ("migrate", "failed") in rows
     assert not any(status.startswith("compensat") for _, status in rows)
     assert rows[-2:] == [("bind", "started"), ("bind", "done")]
+
+
+# -- the migration failed in post-copy: nothing to undo that can be undone -----------
+
+
+def test_a_migration_failed_in_postcopy_is_not_rolled_back_and_says_what_to_do(
+    world: World, journal: Journal
+) -> None:
+    world.fail(A, "migrate", PostcopyFailed("migrate vm1: failed in post-copy: EOF", 1))
+    calls_before = len(world.calls)
+
+    report = migrate(world, journal)
+
+    assert report.outcome is Outcome.FAILED
+    assert "failed in post-copy" in report.error
+    assert "--postcopy-resume vm1" in report.error and "virsh destroy vm1" in report.error
+    # No replug on the paused source, no bind through its frozen agent, nothing on B.
+    after = world.calls[calls_before:]
+    migrate_at = next(i for i, c in enumerate(after) if c.method == "migrate")
+    assert not [c for c in after[migrate_at + 1 :] if c.method in MUTATING]
+    assert not [c for c in after[migrate_at + 1 :] if c.where == "agent"]
+    rows = step_rows(journal, last_workflow(journal).id)
+    assert ("migrate", "failed") in rows and ("postcopy", "failed") in rows
+    assert not any(status.startswith("compensat") for _, status in rows)
+    assert last_workflow(journal).outcome == "failed"
+    assert world.agents_open == 0
 
 
 # -- one workflow per domain, and the last free device ---------------------------------
