@@ -420,7 +420,13 @@ class Teams:
         self, team: TeamConfig, match: DeviceMatch, deadline: float
     ) -> tuple[Link, list[Link]]:
         """The one link *match* names, once udev has finished with it, and the dump that
-        showed it (the checks before enslaving need every link)."""
+        showed it (the checks before enslaving need every link).
+
+        The link is read once more after the dump: a dump's names are from before its
+        sysfs reads, so it can show the kernel's name (eth0) with udev's database entry
+        that was written after the rename (enp2s0).  Read after that entry was seen,
+        the name is udev's.
+        """
 
         def find(links: list[Link]) -> tuple[Link, list[Link]] | None:
             found = match.select(links)
@@ -432,7 +438,7 @@ class Teams:
             return (found[0], links) if found and found[0].udev_initialized else None
 
         try:
-            return self._links.wait_for(find, deadline)
+            found, links = self._links.wait_for(find, deadline)
         except WaitTimeout:
             present = [ln for ln in self.list_links() if match.matches(ln)]
             if present:
@@ -443,6 +449,8 @@ class Teams:
             raise DeviceNotFound(f"team {team.name}: no {match} appeared in time") from None
         except LinkError as exc:
             raise KernelError(f"team {team.name}: {exc}") from exc
+        (device,) = self._read(found.index)
+        return device, [device if ln.index == device.index else ln for ln in links]
 
     def _refuse_foreign(
         self, team: TeamConfig, device: Link, bond: Link, links: list[Link]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from agent_fake_links import FakeLinks
 from agent_scene import NEW_MAC, NEW_PCI, OLD_MAC, VIRTIO_MAC, build_scene, lan_team
 
-from guest_agent.links import FailOverMac
+from guest_agent.links import FailOverMac, Link
 from guest_agent.teams import (
     Conflict,
     DeviceMatch,
@@ -456,3 +457,25 @@ def test_standby_named_by_mac_stays_unique_when_primary_carries_that_mac(
     assert t.states()[0].standby == "enp1s0"
     result = t.use_standby("lan", release_primary=False, deadline=deadline_in(2))
     assert result.team.active_member == "enp1s0"
+
+
+def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
+    """A dump can name a link as before its rename while udev's entry, read after it,
+    already exists (seen in the lab: bind said eth0, the link was enp2s0): the bind
+    reads the link again and reports, and acts on, udev's name."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    renamed = fake.get("enp3s0")
+    real_list = fake.list_links
+    stale = iter([True, True])  # the bind's first dump and the one that finds the device
+
+    def list_links_once_stale() -> list[Link]:
+        links = real_list()
+        if next(stale, False):
+            return [replace(ln, name="eth0") if ln.index == renamed.index else ln for ln in links]
+        return links
+
+    fake.list_links = list_links_once_stale  # type: ignore[method-assign]
+    result = t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5))
+    assert result.device == "enp3s0" == result.team.active_member
