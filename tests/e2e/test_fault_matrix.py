@@ -12,6 +12,7 @@ the end of the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import fault_matrix
 import libvirt
@@ -32,14 +34,18 @@ from fault_matrix import (
 )
 from ptmig.serial_session import AGENT_CHANNEL
 
+from host.domain.domain_xml import device_aliases
+from host.migration_options import MigrationOptions
 from host.workflow.coordinator import Coordinator
 from host.workflow.guest import PreflightError
 from host.workflow.journal import Journal
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
+from lab.demo import wait_reachable
 from lab.fabric import CLIENT_NS, HOSTS
 from lab.guest import DOMAIN_NAME
+from lab.image import GuestImage
 from lab.paths import run_dir
 from lab.run import run
 from lab.traffic import FixedRatePinger, analyze
@@ -97,10 +103,16 @@ def pinging(name: str) -> Iterator[dict[str, int]]:
 
 
 def migrate(
-    lab: VmLab, dest: str, hooks: dict[tuple[str, str], Callable[[], None]]
+    lab: VmLab,
+    dest: str,
+    hooks: dict[tuple[str, str], Callable[[], None]],
+    options: MigrationOptions | None = None,
 ) -> MigrationReport:
     """Coordinator.migrate in this process; each hook runs once, at its (phase, state)."""
     pending = dict(hooks)
+    asked = request(lab, dest)
+    if options is not None:
+        asked = dataclasses.replace(asked, options=options)
 
     def on_event(event: Event) -> None:
         hook = pending.pop((event.phase, event.state), None)
@@ -108,7 +120,7 @@ def migrate(
             hook()
 
     with Journal(co.journal_path()) as journal:
-        report = Coordinator(journal).migrate(request(lab, dest), on_event)
+        report = Coordinator(journal).migrate(asked, on_event)
     assert not pending, f"the fault was never injected: no event {list(pending)}"
     return report
 
@@ -120,24 +132,43 @@ def agent(lab: VmLab, action: str) -> None:
         lab.exec(f"systemctl {action} {AGENT_UNIT}").check()
 
 
+def job_running(dom: libvirt.virDomain) -> bool:
+    return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+
+
+def in_postcopy(dom: libvirt.virDomain) -> bool:
+    """The source's own word: paused because the VM now runs on the destination."""
+    return bool(dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY])
+
+
 class OnceTheJobRuns:
     """A hook that runs *action* on *host*'s domain, in a thread, as soon as its migration
-    job is running (the ``migrate started`` event comes just before libvirt starts it)."""
+    job is running (the ``migrate started`` event comes just before libvirt starts it),
+    or once *ready* says so."""
 
-    def __init__(self, lab: VmLab, host: str, action: Callable[[libvirt.virDomain], None]) -> None:
-        self.lab, self.host, self.action = lab, host, action
+    def __init__(
+        self,
+        lab: VmLab,
+        host: str,
+        action: Callable[[libvirt.virDomain], None],
+        ready: Callable[[libvirt.virDomain], bool] = job_running,
+        within: float = 30,
+    ) -> None:
+        self.lab, self.host, self.action, self.ready, self.within = lab, host, action, ready, within
         self.thread: threading.Thread | None = None
+        self.acted = False
 
     def __call__(self) -> None:
         dom = self.lab.domain(self.host)
 
         def wait_and_act() -> None:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + self.within
             while time.monotonic() < deadline:
-                if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                if self.ready(dom):
                     self.action(dom)
+                    self.acted = True
                     return
-                time.sleep(0.05)
+                time.sleep(0.02)
 
         self.thread = threading.Thread(target=wait_and_act)
         self.thread.start()
@@ -687,5 +718,59 @@ def test_same_migration_from_both_hosts_coordinators_runs_once(faulty: VmLab) ->
     record(
         "same migration from two coordinators",
         f"one done, one refused by the lease (exit 6) + {assert_converged(lab)}",
+        lost,
+    )
+
+
+def ptmig_aliases(dom: libvirt.virDomain) -> set[str]:
+    """The aliases of the devices ptmig plugged (``ua-ptmig-...``) in *dom*'s live XML."""
+    return {a for a in device_aliases(dom.XMLDesc(0)) if a.startswith("ua-ptmig-")}
+
+
+def test_destination_qemu_killed_during_postcopy_fails_and_undoes_nothing(faulty: VmLab) -> None:
+    """Post-copy's own risk: the destination dies while it runs the VM.  Nothing can be
+    rolled back (the source's memory is stale), so ptmig must not try: failed, with what
+    to do, at once, no device plugged on the paused source.  Then the operator's way out
+    (destroy, start again) and the lab's guest is a fresh one.  Last in the module."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    before = ptmig_aliases(lab.domain(src))
+    pidfile = lab.hosts[dest].path_inside(f"/run/libvirt/qemu/{DOMAIN_NAME}.pid")
+
+    def kill_destination_qemu(_dom: libvirt.virDomain) -> None:
+        os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)  # by the PID libvirt wrote
+
+    kill = OnceTheJobRuns(lab, src, kill_destination_qemu, ready=in_postcopy, within=60)
+    # Post-copy at the first sample (after 0 s) and a slow pre-copy, so the job is in
+    # post-copy for seconds, not milliseconds.
+    options = MigrationOptions(postcopy=True, postcopy_after_s=0, bandwidth_mib_s=8)
+    t0 = time.monotonic()
+    with pinging("postcopy-dest-killed") as lost:
+        report = migrate(lab, dest, {("migrate", "started"): kill}, options)
+    took = time.monotonic() - t0
+    kill.join()
+    assert kill.acted, "post-copy never started"
+    result = expect(report, Outcome.FAILED)
+    assert "failed in post-copy" in report.error and "virsh destroy" in report.error
+    assert took < 120, took  # no bind through a frozen agent, no 30 s waits per team
+    state, reason = lab.domain(src).state()
+    assert state == libvirt.VIR_DOMAIN_PAUSED, (state, reason)
+    after = ptmig_aliases(lab.domain(src))
+    assert after <= before, f"plugged on the paused source: {after - before}"
+    with Journal(co.journal_path()) as journal:
+        assert journal.open_workflows() == []
+        steps = [(s.name, str(s.status)) for s in journal.steps(report.workflow_id)]
+    assert ("postcopy", "failed") in steps
+    assert not any(status.startswith("compensat") for _, status in steps)
+    # The operator's way out, as the report says; then the lab's guest again.
+    lab.remove_guest()
+    lab.boot_guest(GuestImage(Path(lab.state.image)))
+    wait_reachable(GUEST_IP)
+    co.configure(lab)
+    record(
+        "destination QEMU killed in post-copy",
+        f"{result} in {took:.0f} s, nothing undone, source paused + "
+        f"(destroyed, started again) {assert_converged(lab)}",
         lost,
     )
