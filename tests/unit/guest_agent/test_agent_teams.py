@@ -470,12 +470,12 @@ def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
     real_list = fake.list_links
     stale = iter([True, True])  # the bind's first dump and the one that finds the device
 
-    def list_links_once_stale() -> list[Link]:
+    def list_links_stale_at_first() -> list[Link]:
         links = real_list()
         if next(stale, False):
             return [replace(ln, name="eth0") if ln.index == renamed.index else ln for ln in links]
         return links
 
-    fake.list_links = list_links_once_stale  # type: ignore[method-assign]
+    fake.list_links = list_links_stale_at_first  # type: ignore[method-assign]
     result = t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5))
     assert result.device == "enp3s0" == result.team.active_member
