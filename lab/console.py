@@ -16,6 +16,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from lab.image import SHELL_READY_MARKER
 
 class ConsoleError(RuntimeError):
     """The guest did not answer on its console; the message carries the console log's tail."""
+
+
+class GuestStopped(ConsoleError):
+    """The guest's QEMU ended while its shell was awaited: nothing will come up, so the
+    wait ends at once rather than at its timeout."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +57,13 @@ class GuestConsole:
         self.socket_path = socket_path
         self.log_file = log_file
 
-    def wait_for_shell(self, since: int, timeout: float) -> float:
+    def wait_for_shell(
+        self, since: int, timeout: float, *, running: Callable[[], bool] | None = None
+    ) -> float:
         """Wait until the login shell prints its marker after log offset *since*.
 
-        Returns the guest's uptime at that moment, as the shell reported it.
+        Returns the guest's uptime at that moment, as the shell reported it.  *running*
+        says whether the guest's QEMU still runs; once it says no, :class:`GuestStopped`.
         """
         pattern = re.compile(re.escape(SHELL_READY_MARKER) + r" ([0-9.]+)")
         deadline = time.monotonic() + timeout
@@ -65,6 +74,10 @@ class GuestConsole:
                     m = pattern.search(f.read().decode(errors="replace"))
                 if m:
                     return float(m.group(1))
+            if running is not None and not running():
+                raise GuestStopped(
+                    f"the guest stopped before its shell came up\n{log_tail(self.log_file)}"
+                )
             time.sleep(0.2)
         raise ConsoleError(
             f"the guest's shell did not come up in {timeout:.0f} s\n{log_tail(self.log_file)}"

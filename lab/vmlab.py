@@ -7,6 +7,7 @@ started, so ``down`` (even from another process, even after a crash half-way thr
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import libvirt
 
 from host.domain.domain_xml import device_aliases
 from lab import fabric, pki
-from lab.console import ConsoleError, ExecResult, GuestConsole, log_tail
+from lab.console import ConsoleError, ExecResult, GuestConsole, GuestStopped, log_tail
 from lab.guest import (
     CONSOLE_LOG,
     CONSOLE_SOCKET,
@@ -50,6 +51,10 @@ def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
 BOOT_TIMEOUT = 240.0
+#: QEMU's own assertion failing, as it prints it to the domain's log before it aborts.
+QEMU_ABORT = re.compile(r"^qemu-system-\S+: (.*Assertion .* failed\.)$", re.MULTILINE)
+#: Boots of one guest when QEMU aborted on its own assertion before the shell came up.
+BOOT_ATTEMPTS = 2
 #: Kernel log lines that mean the guest is damaged (a migration corrupted its memory, say).
 BAD_KERNEL_LINES = r"BUG:|Oops|corrupt|Kernel panic|WARNING:|general protection|Call Trace"
 MIGRATE_FLAGS = (
@@ -87,6 +92,8 @@ class LabState:
     #: Extra guests (lab.guest.ExtraGuest) by index, recorded before each is defined.
     extra_guests: list[int] = field(default_factory=list)
     extra_dmesg_baselines: dict[str, int] = field(default_factory=dict)
+    #: QEMU's own assertions that aborted a boot (each booted again: `VmLab._await_shell`).
+    qemu_aborts: list[str] = field(default_factory=list)
 
     @staticmethod
     def path() -> Path:
@@ -229,18 +236,15 @@ class VmLab:
         self.state.disk = str(disk)
         self.state.save()
         host = self.hosts["hosta"]
-        console = self.console(host.name)
-        since = console.log_size()
         dom = self.conn(host.name).defineXML(
             definition(disk) if definition else domain_xml(image, disk, with_primary=with_primary)
         )
-        t0 = time.monotonic()
-        dom.create()
-        uptime = console.wait_for_shell(since, BOOT_TIMEOUT)
+        boot = self._start(host, DOMAIN_NAME, dom)
+        uptime = self._await_shell(boot, lambda: _overlay(image, disk))
         log.info(
             "guest booted on %s in %.1f s (guest uptime %.1f s)",
             host.name,
-            time.monotonic() - t0,
+            time.monotonic() - boot.started,
             uptime,
         )
         self.state.dmesg_baseline = self._bad_kernel_lines()
@@ -264,24 +268,68 @@ class VmLab:
             _overlay(image, disk)
             self.state.extra_guests.append(guest.index)  # recorded first: down removes it
             self.state.save()
-            console = self.console(host.name, guest.name)
-            since = console.log_size()
             dom = self.conn(host.name).defineXML(extra_domain_xml(image, disk, guest))
-            dom.create()
-            started.append((guest, console, since, time.monotonic()))
-        for guest, console, since, t0 in started:
-            uptime = console.wait_for_shell(since, BOOT_TIMEOUT)
+            started.append((guest, disk, self._start(host, guest.name, dom)))
+        for guest, disk, boot in started:
+            uptime = self._await_shell(boot, functools.partial(_overlay, image, disk))
             log.info(
                 "%s booted on %s in %.1f s (guest uptime %.1f s, %d MiB)",
                 guest.name,
                 host.name,
-                time.monotonic() - t0,
+                time.monotonic() - boot.started,
                 uptime,
                 guest.memory_mib,
             )
             self.state.extra_dmesg_baselines[guest.name] = self._bad_kernel_lines(guest.name)
             self.state.save()
         return guests
+
+    def _start(self, host: LabHost, name: str, dom: libvirt.virDomain) -> _Boot:
+        """Start defined domain *name* on *host*, noting where its logs stood."""
+        qemu_log = host.qemu_log(name)
+        console = self.console(host.name, name)
+        boot = _Boot(
+            name,
+            host,
+            dom,
+            console,
+            console.log_size(),
+            qemu_log.stat().st_size if qemu_log.exists() else 0,
+            time.monotonic(),
+        )
+        dom.create()
+        return boot
+
+    def _await_shell(self, boot: _Boot, fresh_overlay: Callable[[], None]) -> float:
+        """The guest's uptime once its shell is up.  A guest whose QEMU aborted on one of
+        QEMU's own assertions before then is booted once more from a fresh overlay: that
+        is a QEMU fault (docs/lab.md, "QEMU's own faults"), and nothing of ptmig ran yet.
+        Any other end of the guest raises at once, with its QEMU log."""
+        dom = boot.dom
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                return boot.console.wait_for_shell(
+                    boot.console_since, BOOT_TIMEOUT, running=lambda: _is_active(dom)
+                )
+            except GuestStopped as exc:
+                qemu_log = _read_from(boot.host.qemu_log(boot.name), boot.qemu_log_since)
+                abort = QEMU_ABORT.search(qemu_log)
+                if abort is None or attempt == BOOT_ATTEMPTS:
+                    raise GuestStopped(
+                        f"{boot.name} on {boot.host.name}: {exc}\n--- its QEMU log since "
+                        f"the boot ---\n{qemu_log[-3000:]}"
+                    ) from exc
+                log.warning(
+                    "%s: QEMU aborted before the guest's shell came up (%s); booting it "
+                    "again from a fresh overlay",
+                    boot.name,
+                    abort.group(1),
+                )
+                self.state.qemu_aborts.append(f"{boot.name}: {abort.group(1)}")
+                self.state.save()
+                fresh_overlay()
+                boot = self._start(boot.host, boot.name, boot.dom)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def extra_guests(self) -> list[ExtraGuest]:
         return [ExtraGuest(i) for i in self.state.extra_guests]
@@ -590,3 +638,33 @@ def _console_paths(name: str) -> tuple[str, str]:
 
 def _shquote(s: str) -> str:
     return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+@dataclass
+class _Boot:
+    """A guest being booted: its domain, its console, and where its logs stood at start."""
+
+    name: str
+    host: LabHost
+    dom: libvirt.virDomain
+    console: GuestConsole
+    console_since: int
+    qemu_log_since: int
+    started: float
+
+
+def _is_active(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """*path*'s text from byte *offset* on ("" if it is not there)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -6,12 +6,13 @@ import contextlib
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lab.console import ConsoleError, GuestConsole
+from lab.console import ConsoleError, GuestConsole, GuestStopped
 from lab.image import SHELL_READY_MARKER
 
 
@@ -120,3 +121,13 @@ def test_wait_for_shell_times_out_with_log_tail(tmp_path: Path) -> None:
     console = GuestConsole(tmp_path / "c.sock", log)
     with pytest.raises(ConsoleError, match="VFS"):
         console.wait_for_shell(0, timeout=0.5)
+
+
+def test_wait_for_shell_ends_once_the_guest_has_stopped(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text("[ 2.0] booting\n")
+    console = GuestConsole(tmp_path / "c.sock", log)
+    started = time.monotonic()
+    with pytest.raises(GuestStopped, match="stopped before its shell came up"):
+        console.wait_for_shell(0, timeout=60, running=lambda: False)
+    assert time.monotonic() - started < 5
