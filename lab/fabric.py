@@ -16,6 +16,7 @@ libvirt's TCP connections and the migration stream.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -159,6 +160,27 @@ def delete(namespaces: list[str]) -> None:
             run(["ip", "netns", "del", ns])
         except CommandError as exc:
             log.warning("could not delete netns %s: %s", ns, exc)
+
+
+def drop_counters(ip_s_json: str, where: str) -> dict[str, int]:
+    """Every nonzero rx/tx drop counter in ``ip -s -j link``'s output, keyed
+    ``where:link:rx|tx``: where frames died, when pings were lost with nothing to explain it."""
+    out = {}
+    for link in json.loads(ip_s_json):
+        stats = link.get("stats64") or link.get("stats") or {}
+        for way in ("rx", "tx"):
+            dropped = int(stats.get(way, {}).get("dropped", 0))
+            if dropped:
+                out[f"{where}:{link['ifname']}:{way}"] = dropped
+    return out
+
+
+def fabric_drops() -> dict[str, int]:
+    """:func:`drop_counters` of every lab namespace's links."""
+    out: dict[str, int] = {}
+    for netns in sorted(existing_netns() & set(all_netns())):
+        out |= drop_counters(run(["ip", "-n", netns, "-s", "-j", "link"], capture=True), netns)
+    return out
 
 
 def pids_in(netns: str) -> list[int]:

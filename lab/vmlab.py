@@ -565,6 +565,12 @@ class VmLab:
             raise LabError(f"no link with MAC {mac} appeared in the guest in {timeout:.0f} s")
         return result.output.strip().splitlines()[-1]
 
+    def link_drops(self) -> dict[str, int]:
+        """The guest's and the fabric's nonzero link drop counters (:func:`fabric.drop_counters`);
+        compare two readings to see where lost frames died."""
+        guest = fabric.drop_counters(self.exec("ip -s -j link").check(), "guest")
+        return guest | fabric.fabric_drops()
+
     # -- health ----------------------------------------------------------------------
 
     def _bad_kernel_lines(self, name: str = DOMAIN_NAME) -> int:

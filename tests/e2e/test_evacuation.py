@@ -1,5 +1,6 @@
 """``ptmig evacuate`` in the lab with three guests: the main one (teams lan and wan) and
-two extra guests (team lan each), every team pinged at 1000/s from the client.
+two extra guests (team lan each), every team pinged from the client (100/s in the parallel
+case, 1000/s in the fault-matrix case).
 
 The module's lab is the conftest's, with the extra guests booted beside the main guest.
 """
@@ -30,17 +31,21 @@ from lab.vmlab import VmLab
 pytestmark = pytest.mark.e2e
 
 GUESTS = 3
-#: Packets at 1000/s (= ms) one team may lose in a whole evacuation of three guests at
-#: once.  Measured here (docs/benchmarks/evacuation.md, 2026-12-02): 214-1483 per team in
-#: this test's run, 339-1491 in the benchmark's two `--parallel 3` runs (one migration alone
-#: loses 120-300 in its stop-and-copy; three at once on two cores lengthen each one's
-#: switch, stop-and-copy and bind).  The bound fails on a team left on a dead member for
-#: seconds (a failed switch, a bind waiting for a link timeout), not on the cores' noise.
-MAX_EVACUATION_LOSS = 2500
-#: Lost outside the team's own domain's migration: 0-6 measured at --parallel 3 (every
-#: window covers the run), up to 156 at --parallel 1 and 100 for a refused domain beside
-#: two migrating ones (a neighbour's stop-and-copy takes the two cores).
-MAX_LOSS_OUTSIDE = 100
+#: Pings/s per team in the parallel case.  At 1000/s four senders and three TCG guests
+#: answering them saturate the two cores: the same evacuation lost 118-731 per team in one
+#: run and 1328-3638 in the next (many short outages in bind, preflight and outside the
+#: domain's migration, bind up to 18 s), so the bound measured the machine.  At 100/s
+#: (2026-12-03, two runs) each team lost only its stop-and-copy, 60-290 ms in one outage,
+#: nothing outside, and the evacuation took 14 s, not 20-33.
+PARALLEL_RATE = 100.0
+#: Milliseconds of pings one team may lose in a whole evacuation of three guests at once
+#: (one stop-and-copy under three migrations: 60-290 measured at 100/s, up to 704 at
+#: 1000/s).  The bound fails on a team left on a dead member for seconds (a failed switch,
+#: a bind making a member active before it carries), not on the cores' noise.
+MAX_EVACUATION_LOSS_MS = 1500
+#: Milliseconds lost outside the team's own domain's migration: 0 measured at 100/s
+#: (every window covers the run).
+MAX_LOSS_OUTSIDE_MS = 100
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +121,7 @@ def test_evacuation_of_three_guests_under_ping_in_parallel(
     bounded and falls while that team was on its standby (its report's window)."""
     lab = fleet
     gather_on(lab, "hosta")
-    run = evacuate(lab, "hosta", "hostb", parallel=GUESTS, name="evac-p3")
+    run = evacuate(lab, "hosta", "hostb", parallel=GUESTS, rate=PARALLEL_RATE, name="evac-p3")
     print("\n".join(summary(run)))
     record_property("evacuation", run.to_dict())
     assert run.exit_code == 0, (run.exit_code, run.stderr, json.dumps(run.result)[:4000])
@@ -132,12 +137,14 @@ def test_evacuation_of_three_guests_under_ping_in_parallel(
         assert set(teams_on(lab, name).values()) == {"primary"}, name
         lab.check_health(name)
     assert_no_device_held_twice(lab)
+    ms_per_ping = 1000 / PARALLEL_RATE
     for t in run.traffic:
-        assert t.lost <= MAX_EVACUATION_LOSS, (t.domain, t.team, t.lost, t.lost_by_phase)
+        lost_ms = t.lost * ms_per_ping
+        assert lost_ms <= MAX_EVACUATION_LOSS_MS, (t.domain, t.team, t.lost, t.lost_by_phase)
         # the report and the traffic agree: the team's outage came while it was on its
         # standby, and nothing was lost outside its domain's own migration
         assert t.outage_on_standby is not False, t
-        assert t.lost_outside_migration <= MAX_LOSS_OUTSIDE, t
+        assert t.lost_outside_migration * ms_per_ping <= MAX_LOSS_OUTSIDE_MS, t
 
 
 def test_evacuation_with_one_domain_whose_agent_is_stopped(fleet: VmLab) -> None:

@@ -73,11 +73,22 @@ def test_e1000e_unplug_then_new_mac_plugged_is_seen_in_guest(guest_on_hosta: VmL
     lab.check_health()
 
 
+def counter_growth(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters of *after* that grew since *before* (a guest link on another host
+    starts again from 0, so a counter that shrank is shown whole)."""
+    return {
+        k: v - before.get(k, 0) if v >= before.get(k, 0) else v
+        for k, v in after.items()
+        if v != before.get(k, 0)
+    }
+
+
 def test_live_migration_round_trip_keeps_guest_answering(
     guest_on_hosta: VmLab, record_property: pytest.RecordProperty
 ) -> None:
     lab = guest_on_hosta
     phases = []
+    drops_before = lab.link_drops()
     with FixedRatePinger(
         GUEST_IP, run_dir() / "migrate.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
     ) as pinger:
@@ -98,7 +109,13 @@ def test_live_migration_round_trip_keeps_guest_answering(
     for phase in report.phases:
         record_property(f"lost_{phase.name}", phase.lost)
         if phase.name == "other":
-            assert phase.lost == 0, "pings lost outside the migrations"
+            # CI once lost 196 in a row 56 ms after the sender started, before the first
+            # migration; not seen again here (a 200 ms stall of the sender loses none).
+            # Where the frames died, should it recur: the links' drop counters.
+            assert phase.lost == 0, (
+                f"pings lost outside the migrations: {phase.longest_outage}; link drops "
+                f"grew: {counter_growth(drops_before, lab.link_drops())}"
+            )
             continue
         # the guest answers again after each migration: the outage ends inside the phase
         assert phase.received > 0
