@@ -529,14 +529,7 @@ class Coordinator:
     def pools(self, uri: str) -> list[PoolStatus]:
         with self.connect(uri) as hv:
             domains = hv.all_domain_xml()
-            out = []
-            for name in sorted(hv.network_names()):
-                if not name.startswith(POOL_NETWORK_PREFIX):
-                    continue
-                xml = hv.network_xml(name)
-                if xml is None:
-                    continue
-                out.append(pool_status(parse_pool_network(xml), domains))
+            out = [pool_status(parse_pool_network(xml), domains) for _, xml in pool_networks(hv)]
             for pool in out:
                 if pool.free is not None:
                     notify(self.observer.pool_free, uri, pool.name, pool.free, pool.total)
@@ -779,6 +772,14 @@ def primary_of(info: DomainInfo, alias: str) -> PrimaryDevice:
     if device is None:
         raise UnknownName(f"{info.name} has no device with alias {alias!r}")
     return primary_of_device(alias, device)
+
+
+def pool_networks(hv: Hypervisor) -> Iterator[tuple[str, str]]:
+    """(name, XML) of every pool network of *hv*, by name; one gone since the listing is
+    left out."""
+    for name in sorted(hv.network_names()):
+        if name.startswith(POOL_NETWORK_PREFIX) and (xml := hv.network_xml(name)) is not None:
+            yield name, xml
 
 
 def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:

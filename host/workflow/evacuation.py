@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from host.domain.domain_xml import parse_domain
-from host.domain.pools import POOL_NETWORK_PREFIX, parse_pool_network
+from host.domain.pools import parse_pool_network
 from host.hypervisor import HypervisorError
 from host.workflow.guest import PreflightError, WorkflowError
 from host.workflow.journal import WorkflowConflict
@@ -189,17 +189,12 @@ class Evacuation:
 
     def _free_devices(self, uri: str) -> dict[str, int]:
         """Free devices per pool on *uri*: what ``ptmig pools`` says, read once."""
-        from host.workflow.coordinator import pool_status
+        from host.workflow.coordinator import pool_networks, pool_status
 
         with self.coordinator.connect(uri) as hv:
             domains = hv.all_domain_xml()
             out = {}
-            for name in hv.network_names():
-                if not name.startswith(POOL_NETWORK_PREFIX):
-                    continue
-                xml = hv.network_xml(name)
-                if xml is None:
-                    continue
+            for name, xml in pool_networks(hv):
                 try:
                     pool = parse_pool_network(xml)
                 except Exception as exc:
