@@ -32,6 +32,7 @@ class BondInfo:
     active_slave: int | None  # ifindex
     fail_over_mac: FailOverMac
     miimon: int
+    all_slaves_active: bool = False  # backup members' frames go to the bond too
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,11 @@ class Links(Protocol):
     def release(self, index: int) -> None: ...
 
     def set_active_slave(self, bond: int, index: int) -> None: ...
+
+    def set_all_slaves_active(self, bond: int, on: bool) -> None:
+        """The bond's all_slaves_active: whether frames a backup member receives are
+        delivered to the bond (1) or dropped (0, the default)."""
+        ...
 
     def set_mac(self, index: int, mac: str) -> None: ...
 

@@ -247,6 +247,7 @@ class NetlinkLinks:
                     active_slave=int(active) if active else None,
                     fail_over_mac=FailOverMac(int(data.get_attr("IFLA_BOND_FAIL_OVER_MAC") or 0)),
                     miimon=int(data.get_attr("IFLA_BOND_MIIMON") or 0),
+                    all_slaves_active=bool(data.get_attr("IFLA_BOND_ALL_SLAVES_ACTIVE")),
                 )
         master = msg.get_attr("IFLA_MASTER")
         return Link(
@@ -292,6 +293,10 @@ class NetlinkLinks:
     def set_active_slave(self, bond: int, index: int) -> None:
         with self._ipr(f"make ifindex {index} the active slave of ifindex {bond}") as ipr:
             ipr.link("set", index=bond, kind="bond", bond_active_slave=index)
+
+    def set_all_slaves_active(self, bond: int, on: bool) -> None:
+        with self._ipr(f"set all_slaves_active {int(on)} on ifindex {bond}") as ipr:
+            ipr.link("set", index=bond, kind="bond", bond_all_slaves_active=int(on))
 
     def set_mac(self, index: int, mac: str) -> None:
         with self._ipr(f"set MAC {mac} on ifindex {index}") as ipr:

@@ -13,7 +13,8 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -38,6 +39,10 @@ T = TypeVar("T")
 
 #: Before asking the bond again for an active slave it refused: its MII monitor's interval.
 ACTIVE_RETRY_S = 0.1
+#: How long the old member's frames still reach the bond after a handover (`_handover`):
+#: two MII monitor intervals, the bond's gratuitous ARP waits for one when the new member's
+#: link has just come up.
+HANDOVER_GRACE_S = 0.2
 
 
 class MacPolicy(enum.Enum):
@@ -268,15 +273,17 @@ class Teams:
                 f"team {name}: standby {standby.name} has no carrier",
                 only=(standby.index,),
             )
-            if bond.bond is None or bond.bond.active_slave != standby.index:
-                log.info("team %s: making standby %s active", name, standby.name)
-                self._call(self._links.set_active_slave, bond.index, standby.index)
-            self._wait(
-                lambda ls: ls if self._active(ls, bond.index) == standby.index else None,
-                deadline,
-                f"team {name}: {bond.name} did not make {standby.name} active",
-                only=(bond.index,),
-            )
+            change = bond.bond is None or bond.bond.active_slave != standby.index
+            with self._handover(team, bond) if change else nullcontext():
+                if change:
+                    log.info("team %s: making standby %s active", name, standby.name)
+                    self._call(self._links.set_active_slave, bond.index, standby.index)
+                self._wait(
+                    lambda ls: ls if self._active(ls, bond.index) == standby.index else None,
+                    deadline,
+                    f"team {name}: {bond.name} did not make {standby.name} active",
+                    only=(bond.index,),
+                )
             released = []
             # The members as the first dump showed them: the team's lock keeps the agent's
             # own operations out meanwhile, and one that has gone since is released already.
@@ -357,8 +364,6 @@ class Teams:
         log.info("team %s: %s has carrier", team.name, device.name)
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
-        if self._active(self._read(bond.index), bond.index) != device.index:
-            self._make_active(team, bond, device, deadline)
 
         def active(links: list[Link]) -> list[Link] | None:
             if self._active(links, bond.index) != device.index:
@@ -369,17 +374,60 @@ class Teams:
                     return None
             return links
 
-        self._wait(
-            active,
-            deadline,
-            f"team {team.name}: {bond.name} did not make {device.name} active",
-            only=(device.index, bond.index),
-        )
+        (bond,) = self._read(bond.index)
+        change = self._active([bond], bond.index) != device.index
+        with self._handover(team, bond) if change else nullcontext():
+            if change:
+                self._make_active(team, bond, device, deadline)
+            self._wait(
+                active,
+                deadline,
+                f"team {team.name}: {bond.name} did not make {device.name} active",
+                only=(device.index, bond.index),
+            )
         if team_mac:
             self._keep_mac(team, device.index, team_mac, deadline)
         state = self._state(team, self.list_links())
         log.info("team %s: %s bound and active", team.name, device.name)
         return BindResult(state, device.name)
+
+    def _handover(self, team: TeamConfig, bond: Link) -> AbstractContextManager[None]:
+        """While the bond's active member changes, let the old one's frames reach it.
+
+        An active-backup bond drops what a backup member receives, and frames are still
+        sent to the old member for a while: those in its queues, and those a switch
+        forwards there until the bond's gratuitous ARP teaches it the new port.  With
+        all_slaves_active on they reach the bond; it goes off again `HANDOVER_GRACE_S`
+        after the change.  Only where the members share the bond's MAC (fail_over_mac
+        none): under follow the old member's frames carry a MAC the bond no longer has.
+        An operator's own all_slaves_active=1 is left alone.
+        """
+        info = bond.bond
+        if info is None or info.fail_over_mac is not FailOverMac.NONE or info.all_slaves_active:
+            return nullcontext()
+        return self._all_members_deliver(team, bond)
+
+    @contextmanager
+    def _all_members_deliver(self, team: TeamConfig, bond: Link) -> Iterator[None]:
+        try:
+            self._links.set_all_slaves_active(bond.index, True)
+        except LinkError as exc:  # only loses the old member's last frames
+            log.info("team %s: %s keeps dropping a backup's frames: %s", team.name, bond.name, exc)
+            yield
+            return
+        changed = False
+        try:
+            yield
+            changed = True
+        finally:
+            if changed:
+                time.sleep(HANDOVER_GRACE_S)
+            try:
+                self._links.set_all_slaves_active(bond.index, False)
+            except LinkError as exc:
+                log.warning(
+                    "team %s: all_slaves_active of %s is still on: %s", team.name, bond.name, exc
+                )
 
     def _make_active(self, team: TeamConfig, bond: Link, device: Link, deadline: float) -> None:
         """Make *device* the bond's active slave; if the bond refuses it for want of a link

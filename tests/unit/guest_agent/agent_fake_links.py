@@ -214,6 +214,13 @@ class FakeLinks:
                 raise LinkRefused("bond_active_slave: slave has no link", errno.EINVAL)
             self._set_active(bond, index)
 
+    def set_all_slaves_active(self, bond: int, on: bool) -> None:
+        self.calls.append(("set_all_slaves_active", self._name(bond), on))
+        with self.cond:
+            master = self._bond(bond)
+            assert master.bond is not None
+            self._put(replace(master, bond=replace(master.bond, all_slaves_active=on)))
+
     def set_mac(self, index: int, mac: str) -> None:
         self.calls.append(("set_mac", self._name(index), mac))
         with self.cond:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from dataclasses import replace
@@ -10,8 +11,9 @@ import pytest
 from agent_fake_links import FakeLinks
 from agent_scene import NEW_MAC, NEW_PCI, OLD_MAC, VIRTIO_MAC, build_scene, lan_team
 
-from guest_agent.links import FailOverMac, Link
+from guest_agent.links import FailOverMac, Link, LinkRefused
 from guest_agent.teams import (
+    HANDOVER_GRACE_S,
     Conflict,
     DeviceMatch,
     DeviceNotFound,
@@ -124,8 +126,73 @@ def test_use_standby_releases_primary(fake: FakeLinks) -> None:
     assert result.released == ("enp2s0",)
     assert result.team.members == ("enp1s0",)
     assert fake.get("enp2s0").master is None
-    order = [call[0] for call in fake.calls]
-    assert order == ["set_active_slave", "release"]  # switch first, then release
+    # switch first, the old member's frames delivered meanwhile; release after the grace
+    assert fake.calls == [
+        ("set_all_slaves_active", "bond0", True),
+        ("set_active_slave", "bond0", "enp1s0"),
+        ("set_all_slaves_active", "bond0", False),
+        ("release", "enp2s0"),
+    ]
+
+
+def test_handover_keeps_the_old_members_frames_for_the_grace(fake: FakeLinks) -> None:
+    """all_slaves_active is on from before the change until HANDOVER_GRACE_S after the
+    bond confirmed it, then off again: the bond drops a backup's frames as before."""
+    seen: list[tuple[bool, float]] = []
+    real = fake.set_all_slaves_active
+
+    def timed(bond: int, on: bool) -> None:
+        seen.append((on, time.monotonic()))
+        real(bond, on)
+
+    fake.set_all_slaves_active = timed  # type: ignore[method-assign]
+    teams(fake).use_standby("lan", release_primary=False, deadline=deadline_in(2))
+    (on, t_on), (off, t_off) = seen
+    assert on and not off and t_off - t_on >= HANDOVER_GRACE_S
+    assert fake.get("bond0").bond.all_slaves_active is False  # type: ignore[union-attr]
+
+
+def test_handover_leaves_the_operators_all_slaves_active_alone(fake: FakeLinks) -> None:
+    bond = fake.get("bond0")
+    assert bond.bond is not None
+    fake._put(replace(bond, bond=replace(bond.bond, all_slaves_active=True)))
+    teams(fake).use_standby("lan", release_primary=False, deadline=deadline_in(2))
+    assert [c[0] for c in fake.calls] == ["set_active_slave"]
+    assert fake.get("bond0").bond.all_slaves_active is True  # type: ignore[union-attr]
+
+
+def test_handover_is_off_again_when_the_change_fails(fake: FakeLinks) -> None:
+    def refuse(bond: int, index: int) -> None:
+        raise LinkRefused("bond_active_slave: not a slave", errno.ERANGE)
+
+    fake.set_active_slave = refuse  # type: ignore[method-assign]
+    with pytest.raises(Conflict):
+        teams(fake).use_standby("lan", release_primary=False, deadline=deadline_in(2))
+    assert [c[1:] for c in fake.calls] == [("bond0", True), ("bond0", False)]
+    assert fake.get("bond0").bond.all_slaves_active is False  # type: ignore[union-attr]
+
+
+def test_no_handover_under_follow() -> None:
+    """Under follow the old member's frames carry a MAC the bond has given up."""
+    fake = FakeLinks()
+    build_scene(fake, fail_over_mac=FailOverMac.ACTIVE)
+    t = teams(fake, mac_policy=MacPolicy.FOLLOW, mac=None)
+    t.use_standby("lan", False, deadline_in(2))
+    assert "set_all_slaves_active" not in [c[0] for c in fake.calls]
+    fake.close()
+
+
+def test_bind_hands_over_with_the_old_members_frames_delivered(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    calls = [c for c in fake.calls if c[0] in ("set_all_slaves_active", "set_active_slave")]
+    assert calls == [
+        ("set_all_slaves_active", "bond0", True),
+        ("set_active_slave", "bond0", "enp3s0"),
+        ("set_all_slaves_active", "bond0", False),
+    ]
 
 
 def test_use_standby_already_active_changes_nothing(fake: FakeLinks) -> None:
