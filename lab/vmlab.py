@@ -7,7 +7,6 @@ started, so ``down`` (even from another process, even after a crash half-way thr
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -239,8 +238,8 @@ class VmLab:
         dom = self.conn(host.name).defineXML(
             definition(disk) if definition else domain_xml(image, disk, with_primary=with_primary)
         )
-        boot = self._start(host, DOMAIN_NAME, dom)
-        uptime = self._await_shell(boot, lambda: _overlay(image, disk))
+        boot = self._start(host, DOMAIN_NAME, dom, image, disk)
+        uptime = self._await_shell(boot)
         log.info(
             "guest booted on %s in %.1f s (guest uptime %.1f s)",
             host.name,
@@ -269,9 +268,9 @@ class VmLab:
             self.state.extra_guests.append(guest.index)  # recorded first: down removes it
             self.state.save()
             dom = self.conn(host.name).defineXML(extra_domain_xml(image, disk, guest))
-            started.append((guest, disk, self._start(host, guest.name, dom)))
-        for guest, disk, boot in started:
-            uptime = self._await_shell(boot, functools.partial(_overlay, image, disk))
+            started.append((guest, self._start(host, guest.name, dom, image, disk)))
+        for guest, boot in started:
+            uptime = self._await_shell(boot)
             log.info(
                 "%s booted on %s in %.1f s (guest uptime %.1f s, %d MiB)",
                 guest.name,
@@ -284,14 +283,19 @@ class VmLab:
             self.state.save()
         return guests
 
-    def _start(self, host: LabHost, name: str, dom: libvirt.virDomain) -> _Boot:
-        """Start defined domain *name* on *host*, noting where its logs stood."""
+    def _start(
+        self, host: LabHost, name: str, dom: libvirt.virDomain, image: GuestImage, disk: Path
+    ) -> _Boot:
+        """Start defined domain *name* (its overlay *disk* over *image*) on *host*, noting
+        where its logs stood."""
         qemu_log = host.qemu_log(name)
         console = self.console(host.name, name)
         boot = _Boot(
             name,
             host,
             dom,
+            image,
+            disk,
             console,
             console.log_size(),
             qemu_log.stat().st_size if qemu_log.exists() else 0,
@@ -300,7 +304,7 @@ class VmLab:
         dom.create()
         return boot
 
-    def _await_shell(self, boot: _Boot, fresh_overlay: Callable[[], None]) -> float:
+    def _await_shell(self, boot: _Boot) -> float:
         """The guest's uptime once its shell is up.  A guest whose QEMU aborted on one of
         QEMU's own assertions before then is booted once more from a fresh overlay: that
         is a QEMU fault (docs/lab.md, "QEMU's own faults"), and nothing of ptmig ran yet.
@@ -327,8 +331,8 @@ class VmLab:
                 )
                 self.state.qemu_aborts.append(f"{boot.name}: {abort.group(1)}")
                 self.state.save()
-                fresh_overlay()
-                boot = self._start(boot.host, boot.name, boot.dom)
+                _overlay(boot.image, boot.disk)
+                boot = self._start(boot.host, boot.name, dom, boot.image, boot.disk)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def extra_guests(self) -> list[ExtraGuest]:
@@ -648,11 +652,14 @@ def _shquote(s: str) -> str:
 
 @dataclass
 class _Boot:
-    """A guest being booted: its domain, its console, and where its logs stood at start."""
+    """A guest being booted: its domain and overlay, its console, and where its logs stood
+    at start."""
 
     name: str
     host: LabHost
     dom: libvirt.virDomain
+    image: GuestImage
+    disk: Path
     console: GuestConsole
     console_since: int
     qemu_log_since: int

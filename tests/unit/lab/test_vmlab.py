@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lab import vmlab
 from lab.console import GuestConsole, GuestStopped
-from lab.image import SHELL_READY_MARKER
+from lab.image import SHELL_READY_MARKER, GuestImage
 from lab.vmlab import BOOT_ATTEMPTS, VmLab
 
 
@@ -80,7 +81,7 @@ class _Domain:
 
 def _boot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: list[str | None]
-) -> tuple[VmLab, _Domain, list[int], Callable[[], float]]:
+) -> tuple[VmLab, _Domain, list[Path], Callable[[], float]]:
     monkeypatch.setenv("PTMIG_LAB_DIR", str(tmp_path))
     lab = VmLab()
     host = _BootHost("hosta", tmp_path)
@@ -89,9 +90,11 @@ def _boot(
     dom = _Domain(host, console_log, script)
     console = GuestConsole(tmp_path / "c.sock", console_log)
     monkeypatch.setattr(lab, "console", lambda host, name: console)
-    overlays: list[int] = []
-    boot = lab._start(host, "g", dom)  # type: ignore[arg-type]
-    return lab, dom, overlays, lambda: lab._await_shell(boot, lambda: overlays.append(1))
+    overlays: list[Path] = []
+    monkeypatch.setattr(vmlab, "_overlay", lambda image, disk: overlays.append(disk))
+    disk = tmp_path / "disk.qcow2"
+    boot = lab._start(host, "g", dom, GuestImage(tmp_path), disk)  # type: ignore[arg-type]
+    return lab, dom, overlays, lambda: lab._await_shell(boot)
 
 
 def test_a_boot_qemu_aborted_on_its_own_assertion_is_booted_again_from_a_fresh_overlay(
@@ -100,7 +103,7 @@ def test_a_boot_qemu_aborted_on_its_own_assertion_is_booted_again_from_a_fresh_o
     lab, dom, overlays, await_shell = _boot(tmp_path, monkeypatch, [ABORT, None])
     with caplog.at_level(logging.WARNING, logger="lab.vmlab"):
         assert await_shell() == 12.5
-    assert dom.creates == 2 and overlays == [1]
+    assert dom.creates == 2 and overlays == [tmp_path / "disk.qcow2"]
     assert lab.state.qemu_aborts == [
         "g: system/physmem.c:2678: iotlb_to_section: "
         "Assertion `section_index < d->map.sections_nb' failed."
@@ -127,6 +130,6 @@ def test_qemu_aborting_on_every_boot_fails_after_the_second(
     lab, dom, overlays, await_shell = _boot(tmp_path, monkeypatch, [ABORT, ABORT, None])
     with pytest.raises(GuestStopped, match="iotlb_to_section") as exc:
         await_shell()
-    assert dom.creates == BOOT_ATTEMPTS == 2 and overlays == [1]
+    assert dom.creates == BOOT_ATTEMPTS == 2 and overlays == [tmp_path / "disk.qcow2"]
     assert "boot 2" in str(exc.value) and "boot 1" not in str(exc.value)
     assert len(lab.state.qemu_aborts) == 1
