@@ -49,6 +49,7 @@ class Link:
     pci_address: str | None
     udev_initialized: bool  # udev has finished with it (renamed, db written)
     bond: BondInfo | None = None  # set for kind == "bond"
+    driver: str | None = None  # the device's kernel driver (virtio_net, igbvf); None if virtual
 
     def has_mac(self, mac: str) -> bool:
         """True if `mac` is the current or burned-in address."""

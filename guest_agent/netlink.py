@@ -261,6 +261,7 @@ class NetlinkLinks:
             master=int(master) if master else None,
             kind=kind,
             pci_address=sysfs.pci_address(name, self._sys_root),
+            driver=sysfs.driver(name, self._sys_root),
             udev_initialized=sysfs.udev_initialized(int(msg["index"]), self._run_root),
             bond=bond,
         )

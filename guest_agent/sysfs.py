@@ -34,6 +34,23 @@ def pci_address(ifname: str, sys_root: str = "/sys") -> str | None:
         path = parent
 
 
+def driver(ifname: str, sys_root: str = "/sys") -> str | None:
+    """Name of the kernel driver bound to the device behind a network interface, or None.
+
+    Rule: the basename of /sys/class/net/IF/device/driver.  For virtio-net that is the
+    virtio device's driver (virtio_net), for a passthrough NIC its PCI driver (igbvf,
+    e1000e); virtual links have no `device`, so no driver.
+    """
+    try:
+        return os.path.basename(
+            os.path.realpath(
+                os.path.join(sys_root, "class", "net", ifname, "device", "driver"), strict=True
+            )
+        )
+    except OSError:
+        return None
+
+
 def udev_initialized(ifindex: int, run_root: str = "/run") -> bool:
     """True once udev has processed the link, or when no udev runs.
 

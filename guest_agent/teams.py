@@ -43,6 +43,8 @@ ACTIVE_RETRY_S = 0.1
 #: two MII monitor intervals, the bond's gratuitous ARP waits for one when the new member's
 #: link has just come up.
 HANDOVER_GRACE_S = 0.2
+#: The standby's driver: what tells it from a VF that carries the same MAC.
+STANDBY_DRIVER = "virtio_net"
 
 
 class MacPolicy(enum.Enum):
@@ -613,7 +615,18 @@ class Teams:
         return bond
 
     def _standby_or_none(self, team: TeamConfig, links: list[Link]) -> Link | None:
+        """The team's standby, None when no link or several links are it.
+
+        Several links can carry the standby's burned-in MAC: an SR-IOV VF whose MAC the
+        host set through its PF to the team's, which is the standby's unless the team has
+        its own (QEMU failover's arrangement: net_failover pairs the two by that MAC).
+        A VF cannot take another MAC, and a fail_over_mac=none bond gives every member its
+        own, so that is the only VF a bond of the standby's MAC can hold.  Of such links
+        the standby is the paravirtual one, driven by virtio_net.
+        """
         found = team.standby.select(links)
+        if len(found) > 1:
+            found = [ln for ln in found if ln.driver == STANDBY_DRIVER]
         return found[0] if len(found) == 1 else None
 
     def _standby(self, team: TeamConfig, links: list[Link]) -> Link:

@@ -62,6 +62,7 @@ class FakeLinks:
         udev_initialized: bool = True,
         master: int | None = None,
         up: bool = True,
+        driver: str | None = None,
     ) -> Link:
         with self.cond:
             link = Link(
@@ -76,6 +77,7 @@ class FakeLinks:
                 kind=kind,
                 pci_address=pci,
                 udev_initialized=udev_initialized,
+                driver=driver,
             )
             self._next += 1
             self.phys[link.index] = carrier

@@ -11,7 +11,7 @@ import pytest
 
 from guest_agent.addresses import AddressError, parse_mac, parse_pci
 from guest_agent.operations import OperationIdReused, OperationLog
-from guest_agent.sysfs import pci_address, udev_initialized
+from guest_agent.sysfs import driver, pci_address, udev_initialized
 
 
 @pytest.mark.parametrize(
@@ -55,6 +55,13 @@ def fake_sys(root: Path) -> Path:
         path.mkdir(parents=True)
     (net / "enp1s0" / "device").symlink_to(os.path.relpath(virtio, net / "enp1s0"))
     (net / "enp2s0" / "device").symlink_to(os.path.relpath(e1000e, net / "enp2s0"))
+    drivers = (
+        root / "bus" / "virtio" / "drivers" / "virtio_net",
+        root / "bus" / "pci" / "drivers" / "e1000e",
+    )
+    for where, drv in zip((virtio, e1000e), drivers, strict=True):
+        drv.mkdir(parents=True)
+        (where / "driver").symlink_to(os.path.relpath(drv, where))
     return root
 
 
@@ -64,6 +71,14 @@ def test_pci_address_from_sysfs(tmp_path: Path) -> None:
     assert pci_address("enp2s0", root) == "0000:02:00.0"
     assert pci_address("bond0", root) is None
     assert pci_address("gone0", root) is None
+
+
+def test_driver_from_sysfs(tmp_path: Path) -> None:
+    root = str(fake_sys(tmp_path))
+    assert driver("enp1s0", root) == "virtio_net"  # the virtio device's, not the PCI function's
+    assert driver("enp2s0", root) == "e1000e"
+    assert driver("bond0", root) is None
+    assert driver("gone0", root) is None
 
 
 def test_udev_initialized(tmp_path: Path) -> None:

@@ -526,6 +526,43 @@ def test_standby_named_by_mac_stays_unique_when_primary_carries_that_mac(
     assert result.team.active_member == "enp1s0"
 
 
+def vf_scene(fake: FakeLinks) -> Teams:
+    """Team lan under preserve with the team MAC = the standby's, its primary unplugged:
+    the host is about to plug an SR-IOV VF whose MAC it set through the PF to that MAC."""
+    fake.update("enp1s0", driver="virtio_net")
+    fake.update("bond0", mac=VIRTIO_MAC)
+    t = Teams(fake, [lan_team(standby=DeviceMatch(mac=VIRTIO_MAC), mac=VIRTIO_MAC), OTHER])
+    switched_and_unplugged(fake, t)
+    return t
+
+
+def test_a_vf_with_the_standbys_mac_binds_as_primary_and_the_virtio_stays_standby(
+    fake: FakeLinks,
+) -> None:
+    """igbvf reports the PF-set MAC as its burned-in one, so two links carry the
+    standby's burned-in MAC: the standby is the virtio one, the VF the primary."""
+    t = vf_scene(fake)
+    fake.add("enp3s0", mac=VIRTIO_MAC, pci=NEW_PCI, driver="igbvf")
+    result = t.bind_primary("lan", NEW_PCI, VIRTIO_MAC, None, deadline_in(5))
+    assert (result.device, result.team.active_member) == ("enp3s0", "enp3s0")
+    assert (result.team.standby, result.team.primary) == ("enp1s0", "enp3s0")
+    switched = t.use_standby("lan", release_primary=False, deadline=deadline_in(2))
+    assert switched.team.active_member == "enp1s0"
+    assert fake.get("enp3s0").master == fake.get("bond0").index  # the VF stays a member
+
+
+def test_two_links_with_the_standbys_mac_and_no_virtio_leave_the_standby_unnamed(
+    fake: FakeLinks,
+) -> None:
+    """Without a virtio_net link among them nothing tells the standby: it is not guessed."""
+    t = vf_scene(fake)
+    fake.update("enp1s0", driver="e1000e")
+    fake.add("enp3s0", mac=VIRTIO_MAC, pci=NEW_PCI, driver="igbvf")
+    assert t.states()[0].standby is None
+    with pytest.raises(Conflict, match="not found or ambiguous"):
+        t.use_standby("lan", release_primary=False, deadline=deadline_in(2))
+
+
 def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
     """A dump can name a link as before its rename while udev's entry, read after it,
     already exists (seen in the lab: bind said eth0, the link was enp2s0): the bind
