@@ -840,7 +840,10 @@ def _pools_text(pools: list[PoolStatus]) -> str:
 
 
 def _failover_text(result: FailoverResult) -> str:
-    return "\n".join(f"{team}: {on}" for team, on in result.teams.items())
+    return "\n".join(
+        f"{team}: {on}" + (f" ({result.why[team]})" if team in result.why else "")
+        for team, on in result.teams.items()
+    )
 
 
 def _recover_text(results: list[RecoverResult]) -> str:

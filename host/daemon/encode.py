@@ -379,6 +379,7 @@ def failover_message(result: FailoverResult) -> Any:
         domain=result.domain,
         to=_TEAM_MODES[result.to],
         teams=result.teams,
+        why=result.why,
     )
 
 

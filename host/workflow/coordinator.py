@@ -342,6 +342,7 @@ class Coordinator:
                 "failover", guest.uuid, guest.name, uri, uri, {"to": str(to)}
             )
             result: dict[str, str] = {}
+            why: dict[str, str] = {}
             outcome = "failed"
             lease = self._lease(workflow_id, WorkflowKind.FAILOVER)
             try:
@@ -362,7 +363,12 @@ class Coordinator:
                         )
                         result[team.name] = str(TeamMode.STANDBY)
                     else:
-                        result[team.name] = self._to_primary(guest, team, op)
+                        said: list[str] = []
+                        result[team.name] = to_primary(
+                            guest, team, op, BIND_TIMEOUT, _said_and_logged(said)
+                        )
+                        if result[team.name] != str(TeamMode.PRIMARY) and said:
+                            why[team.name] = said[-1]
                     self.journal.record(
                         workflow_id, f"{to}:{team.name}", "done", {"result": result[team.name]}
                     )
@@ -371,8 +377,10 @@ class Coordinator:
                 guest.close()
                 if outcome != "refused":
                     lease.release(guest.dom)
-                self.journal.finish(workflow_id, outcome, {"teams": result})
-            return FailoverResult(workflow_id, guest.name, to, result)
+                self.journal.finish(
+                    workflow_id, outcome, {"teams": result, **({"why": why} if why else {})}
+                )
+            return FailoverResult(workflow_id, guest.name, to, result, why)
 
     def _to_primary(self, guest: GuestOnHost, team: Team, operation_id: str) -> str:
         return to_primary(guest, team, operation_id, BIND_TIMEOUT, log.info)
@@ -871,3 +879,13 @@ class Reconciler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _said_and_logged(said: list[str]) -> Callable[[str], None]:
+    """An emit that logs what a team operation says and keeps it for the caller's result."""
+
+    def emit(message: str) -> None:
+        log.info("%s", message)
+        said.append(message)
+
+    return emit

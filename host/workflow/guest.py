@@ -20,7 +20,13 @@ from host.agent_client import AgentClient, AgentEndpoint, ChannelTurn
 from host.domain.devices import attachment_for_slot, next_primary_alias
 from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import DomainModelError
-from host.domain.pools import Pool, free_slots, parse_pool_network, pool_network_name
+from host.domain.pools import (
+    Pool,
+    VfNetworkPool,
+    free_slots,
+    parse_pool_network,
+    pool_network_name,
+)
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
@@ -277,6 +283,13 @@ def to_primary(
         )
         guest.unplug(team, timeout)  # gone already: out of the definition and the record
         team = team.with_primary(None)
+    pool = guest.pool(team)
+    if isinstance(pool, VfNetworkPool):
+        state = next((t for t in guest.agent().state().teams if t.name == team.name), None)
+        refusal = vf_mac_refusal(team, pool, state) if state is not None else None
+        if refusal:
+            emit(refusal)
+            return "standby"
     return str(plug_and_bind(guest, team, operation_id, timeout, emit)["result"])
 
 
@@ -289,6 +302,28 @@ def pool_on(hv: Hypervisor, team: Team) -> Pool | None:
         return parse_pool_network(xml)
     except DomainModelError as exc:
         raise WorkflowError(f"{hv.uri}: pool {team.pool}: {exc}") from exc
+
+
+def vf_mac_refusal(team: Team, pool: Pool | None, state: pb.TeamState) -> str | None:
+    """Why a VF of *pool* cannot join *team*'s bond as the guest has it, or None.
+
+    libvirt sets a VF's MAC through its PF (the team's MAC, else the standby's), and the
+    PF then refuses any other from the guest ("attempted to override administratively
+    set MAC address").  A fail_over_mac=none bond gives each member its own MAC as it
+    joins, so the VF can join only a bond whose MAC is that one; under fail_over_mac
+    active the bond takes the VF's MAC instead, whatever it is.
+    """
+    if not isinstance(pool, VfNetworkPool) or state.fail_over_mac != "none" or not state.mac:
+        return None
+    vf_mac = (team.team_mac or team.standby_mac).lower()
+    if vf_mac == state.mac.lower():
+        return None
+    return (
+        f"team {team.name}: a VF of pool {team.pool} gets MAC {vf_mac} through its PF and "
+        f"cannot change it in the guest, but bond {state.bond} (fail_over_mac none) gives "
+        f"its members its own MAC {state.mac.lower()}: set the team's MAC to the bond's "
+        f"(ptmig team-set --team-mac {state.mac.lower()}), or give the bond {vf_mac}"
+    )
 
 
 def free_devices(hv: Hypervisor, pool: Pool | None) -> int:

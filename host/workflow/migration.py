@@ -57,6 +57,7 @@ from host.workflow.guest import (
     pool_on,
     serial_agent,
     to_primary,
+    vf_mac_refusal,
 )
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome, plain
@@ -173,6 +174,9 @@ class MigrationWorkflow:
                 free[team.pool] = free_devices(self.destination_hv, pool)
             if destination_pools[team.pool] is None:
                 raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
+            refusal = vf_mac_refusal(team, destination_pools[team.pool], ts)
+            if refusal:
+                raise PreflightError(refusal)
         # Teams may share a pool: compare what each pool has with what it is asked for.
         wanted = {pool: sum(1 for t in self.teams if t.pool == pool) for pool in free}
         short = [pool for pool, n in wanted.items() if free[pool] < n]

@@ -178,6 +178,8 @@ class MigrationReport:
     outcome: Outcome
     phases: list[PhaseTiming] = field(default_factory=list)
     teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    #: team -> why it did not reach the mode asked for (a bind that failed, no device)
+    why: dict[str, str] = field(default_factory=dict)
     error: str = ""
     #: The migration job's statistics; None when the workflow never got that far.
     migration: MigrationStats | None = None
@@ -271,6 +273,8 @@ class FailoverResult:
     domain: str
     to: TeamMode  # PRIMARY or STANDBY
     teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    #: team -> why it did not reach the mode asked for (a bind that failed, no device)
+    why: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,8 @@ class RepairResult:
     workflow_id: str
     domain_uuid: str
     teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    #: team -> why it did not reach the mode asked for (a bind that failed, no device)
+    why: dict[str, str] = field(default_factory=dict)
     error: str = ""  # why the repair failed
 
 

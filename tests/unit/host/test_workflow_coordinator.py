@@ -111,6 +111,26 @@ def test_failover_forgets_a_recorded_primary_that_is_gone(
     assert world.active_taps("vm1") == taps
 
 
+def test_failover_to_primary_says_why_a_team_stayed_on_its_standby(
+    world: World, coordinator: Coordinator, journal: Journal
+) -> None:
+    """A bind that fails is undone (the device unplugged) and its reason is in the
+    result and the journal, not only in a log line (seen with a VF that could not join)."""
+    coordinator.failover(A, "vm1", TeamMode.STANDBY)
+    hv = world.connect(A)
+    hv.domain("vm1").detach_and_wait("ua-ptmig-wan-1", 5)
+    world.fail(
+        "agent", "BindPrimary", AgentError("FAILED_PRECONDITION", "MAC refused"), subject="wan"
+    )
+
+    result = coordinator.failover(A, "vm1", TeamMode.PRIMARY)
+    assert result.teams == {"lan": "primary", "wan": "standby"}
+    assert list(result.why) == ["wan"] and "MAC refused" in result.why["wan"]
+    assert "bind failed" in result.why["wan"]
+    assert journal.recent(1)[0].report["why"] == result.why
+    assert cli._failover_text(result).splitlines()[1].startswith("wan: standby (team wan: bind")
+
+
 def test_failover_refuses_an_unknown_target(
     world: World, coordinator: Coordinator, journal: Journal
 ) -> None:
@@ -589,7 +609,10 @@ def test_cli_failover_to_primary_without_a_free_device_is_3(
     world.coordinator(journal).migrate(REQUEST)
     code, out, _ = ptmig("-c", B, "failover", "vm1", "--to", "primary")
     assert code == cli.EXIT_DEGRADED
-    assert out == "lan: standby\nwan: standby\n"
+    assert out == "".join(
+        f"{t}: standby (team {t}: no free device in pool lab; stays on its standby)\n"
+        for t in ("lan", "wan")
+    )
 
 
 def test_cli_recover_failed_is_5(ptmig: Ptmig, world: World, journal_path: Path) -> None:
@@ -686,3 +709,26 @@ def test_recover_closes_a_configuration_change_whose_coordinator_died(
     assert "a team-set whose coordinator died" in result.detail
     assert (row.kind, row.outcome) == ("team-set", "failed")
     assert world.mutations() == []
+
+
+def test_a_vf_is_refused_where_the_bond_would_give_it_another_mac() -> None:
+    """A VF keeps the MAC its PF was given (the team's, else the standby's); a
+    fail_over_mac=none bond gives members its own: they must be the same MAC."""
+    from ptmig.v1 import guest_agent_pb2 as pb
+
+    from host.domain.pools import PciPool, VfNetworkPool
+    from host.domain.teams import Team
+    from host.workflow.guest import vf_mac_refusal
+
+    vfs = VfNetworkPool("lanvf", pf_dev="enp6s0")
+    team = Team("lan", "52:54:00:aa:00:01", "preserve", "lanvf")
+    bond = pb.TeamState(name="lan", bond="bond0", fail_over_mac="none", mac="52:54:00:AA:00:01")
+    assert vf_mac_refusal(team, vfs, bond) is None
+    apart = Team("lan", "52:54:00:aa:00:01", "preserve", "lanvf", team_mac="52:54:00:cc:00:01")
+    why = vf_mac_refusal(apart, vfs, bond)
+    assert why is not None and "--team-mac 52:54:00:aa:00:01" in why and "bond0" in why
+    follows = pb.TeamState(
+        name="lan", bond="bond0", fail_over_mac="active", mac="52:54:00:aa:00:09"
+    )
+    assert vf_mac_refusal(apart, vfs, follows) is None  # the bond takes the VF's MAC
+    assert vf_mac_refusal(apart, PciPool("nics", addresses=("0000:03:00.0",)), bond) is None
