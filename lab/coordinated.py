@@ -10,11 +10,15 @@ preserve) and team wan (follow) draw from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +227,41 @@ def configure_all(lab: VmLab) -> None:
             set_extra_team(lab, guest)
     for name in lab.guest_names():
         wait_for_teams_on_primary(lab, name=name)
+
+
+@contextlib.contextmanager
+def ptmigd(
+    log_path: Path, journal: str, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """ptmigd on a private socket with *journal*, stopped with SIGTERM after."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="ptmigd-", dir="/run"))
+    os.chmod(sock_dir, 0o700)
+    sock = sock_dir / "ptmigd.sock"
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "host.daemon",
+                "--socket",
+                str(sock),
+                "--journal",
+                journal,
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            # this checkout's contract too, as lab.coordinated runs ptmig (a venv's
+            # editable install may point at another checkout's protos/)
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")]),
+            },
+        )
+    try:
+        yield daemon, sock
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        sock.unlink(missing_ok=True)
+        sock_dir.rmdir()

@@ -52,20 +52,27 @@ def vf_bar_decodes(vf_pci: str) -> bool:
     An 82576 VF reads STATUS non-zero (link up, speed, full duplex come from the PF).
     QEMU 10.0's igb realizes its VFs before it declares their BARs 64-bit, so each VF's
     BAR is registered as a 32-bit one and is not decoded at the 64-bit address the kernel
-    programs: reads return 0 and writes are dropped (docs/lab.md, "igbvf in L2").  Read
-    with no driver bound: sysfs refuses to map a BAR a driver holds.
+    programs: reads return 0 and writes are dropped (docs/lab.md, "igbvf in L2").  An
+    emulated VF decodes only once its own COMMAND memory bit is set (real hardware decodes
+    on the PF's SR-IOV memory enable), so the probe enables the device for the read and
+    disables it after; otherwise every VF reads 0, on any QEMU.  Read with no driver bound:
+    sysfs refuses to map a BAR a driver holds.
     """
-    driver = Path(f"/sys/bus/pci/devices/{vf_pci}/driver")
-    if driver.exists():
+    dev = Path(f"/sys/bus/pci/devices/{vf_pci}")
+    if (dev / "driver").exists():
         raise RuntimeError(
-            f"VF {vf_pci} is bound to {driver.resolve().name}: its BAR cannot be probed "
-            "(unbind it, or keep drivers_autoprobe off for the lab's VFs)"
+            f"VF {vf_pci} is bound to {(dev / 'driver').resolve().name}: its BAR cannot be "
+            "probed (unbind it, or keep drivers_autoprobe off for the lab's VFs)"
         )
-    with (
-        open(f"/sys/bus/pci/devices/{vf_pci}/resource0", "r+b") as f,
-        mmap.mmap(f.fileno(), mmap.PAGESIZE) as bar,
-    ):
-        status: int = struct.unpack_from("<I", bar, VF_STATUS)[0]
+    (dev / "enable").write_text("1\n")
+    try:
+        with (
+            open(dev / "resource0", "r+b") as f,
+            mmap.mmap(f.fileno(), mmap.PAGESIZE) as bar,
+        ):
+            status: int = struct.unpack_from("<I", bar, VF_STATUS)[0]
+    finally:
+        (dev / "enable").write_text("0\n")
     return status != 0
 
 

@@ -1,5 +1,8 @@
 """L1, the hypervisor VM: started on L0 with qemu-system-x86_64 directly, under TCG.
 
+L0's QEMU here is the unpacked QEMU 11.1 of :mod:`lab.nested.qemu`, not the host's (whose
+emulated igb VFs are not decoded once L1 maps them above 4 GiB).
+
 ::
 
    L0 QEMU hub 0: user net 10.0.2.0/24 (hostfwd 127.0.0.1:1661x -> 10.0.2.2x:16509)
@@ -29,10 +32,10 @@ from lab.hosts import is_alive, stop_pid
 from lab.image import GuestImage
 from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
 from lab.nested.image import L1_CMDLINE
+from lab.nested.qemu import UnpackedQemu
 
 log = logging.getLogger(__name__)
 
-QEMU = "/usr/bin/qemu-system-x86_64"
 L1_MEMORY_MIB = 4096
 L1_VCPUS = 2
 BOOT_TIMEOUT = 180.0
@@ -90,6 +93,7 @@ class L1:
     image: GuestImage
     l2_disk: Path
     source_tree: Path
+    qemu: UnpackedQemu
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -101,7 +105,7 @@ class L1:
             f"hostfwd=tcp:127.0.0.1:{LIBVIRT_PORTS[h]}-{UPLINK_IPS[h]}:16509" for h in LIBVIRT_PORTS
         )
         args = [
-            QEMU,
+            *self.qemu.command(),
             "-name",
             "ptmig-vlab-l1",
             "-machine",
@@ -200,6 +204,7 @@ class L1:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            env=self.qemu.env(),
             start_new_session=True,
         )
         out.close()

@@ -33,6 +33,7 @@ from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
 from lab.nested.guest import l2_init
 from lab.nested.image import build_l1, build_l2, build_l2_initrd
 from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, running_pid, src_path
+from lab.nested.qemu import UnpackedQemu, build_qemu
 from lab.vmlab import BAD_KERNEL_LINES
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class HostDevices:
 class VfioLabState:
     hosts: dict[str, HostDevices] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: L0's QEMU that runs L1 (lab.nested.qemu), as its --version says.
+    qemu: str = ""
 
     @staticmethod
     def path() -> Path:
@@ -98,7 +101,11 @@ class VfioLabState:
             data = json.loads(cls.path().read_text())
         except FileNotFoundError:
             return None
-        return cls({k: HostDevices(**v) for k, v in data["hosts"].items()}, data["timings"])
+        return cls(
+            {k: HostDevices(**v) for k, v in data["hosts"].items()},
+            data["timings"],
+            data.get("qemu", ""),
+        )
 
     def save(self) -> None:
         self.path().write_text(json.dumps(asdict(self), indent=1))
@@ -125,10 +132,12 @@ class VfioLab:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def prepare(self) -> tuple[GuestImage, GuestImage]:
-        """Build (or reuse) both images and L2's initramfs; no VM runs yet, so no lock."""
+    def prepare(self) -> tuple[GuestImage, GuestImage, UnpackedQemu]:
+        """Build (or reuse) both images, L2's initramfs and L0's QEMU; no VM runs yet, so
+        no lock."""
         if running_pid() is not None:
             raise VfioLabError("the vfio lab is up already: run 'ptmig-lab down --vfio' first")
+        qemu = build_qemu()
         l1_image, l2_image = build_l1(), build_l2()
         share = run_dir() / "share" / "l2"
         if share.exists():
@@ -137,9 +146,15 @@ class VfioLab:
         shutil.copy2(l2_image.kernel, share / "vmlinuz")
         build_l2_initrd(l1_image, l2_image, l2_init(AGENT_CONFIG), share / "initrd.img")
         (run_dir() / "images.json").write_text(
-            json.dumps({"l1": str(l1_image.directory), "l2": str(l2_image.directory)})
+            json.dumps(
+                {
+                    "l1": str(l1_image.directory),
+                    "l2": str(l2_image.directory),
+                    "qemu": str(qemu.root),
+                }
+            )
         )
-        return l1_image, l2_image
+        return l1_image, l2_image, qemu
 
     def up(self, *, boot_guest: bool = True, prepared: bool = False) -> None:
         """Start L1 and its hosts, then (*boot_guest*) L2; *prepared*: prepare() ran."""
@@ -147,11 +162,12 @@ class VfioLab:
         if prepared:
             paths = json.loads((run_dir() / "images.json").read_text())
             l1_image, l2_image = GuestImage(Path(paths["l1"])), GuestImage(Path(paths["l2"]))
+            qemu = UnpackedQemu(Path(paths["qemu"]))
         else:
-            l1_image, l2_image = self.prepare()
-        self.state = VfioLabState()
+            l1_image, l2_image, qemu = self.prepare()
+        self.state = VfioLabState(qemu=qemu.version)
         self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
-        l1 = L1(l1_image, l2_image.disk, src_path())
+        l1 = L1(l1_image, l2_image.disk, src_path(), qemu)
         self.state.timings["l1_boot_s"] = round(l1.start(), 1)
         self.state.save()
         try:

@@ -7,12 +7,8 @@ migrates.  The failure cases are the fault matrix (test_fault_matrix.py).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -264,40 +260,10 @@ def test_ptmigd_counts_a_migration_it_runs_and_logs_its_events_with_fields(
     assert unplug_done[0].startswith("time=") and " level=info " in unplug_done[0]
 
 
-@contextlib.contextmanager
-def ptmigd(log_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """ptmigd on a private socket with the lab's journal, stopped with SIGTERM after."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="ptmigd-", dir="/run"))
-    os.chmod(sock_dir, 0o700)
-    sock = sock_dir / "ptmigd.sock"
-    with log_path.open("w") as log:
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "host.daemon",
-                "--socket",
-                str(sock),
-                "--journal",
-                co.journal_path(),
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            # this checkout's contract too, as lab.coordinated runs ptmig (a venv's
-            # editable install may point at another checkout's protos/)
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
-            },
-        )
-    try:
-        yield daemon, sock
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
-        sock.unlink(missing_ok=True)
-        sock_dir.rmdir()
+def ptmigd(
+    log_path: Path, *args: str
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], Path]]:
+    return co.ptmigd(log_path, co.journal_path(), *args)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@ real vfio-pci whole e1000e (pool kind pci) and team lan a real vfio-pci VF (pool
 
 Slow (L1 under TCG): selected with ``-m vfio``; docs/lab.md has the command and what CI runs.
 Team wan is set first and migrated alone, so the whole-NIC path is proven whatever the VF
-does; the VF team is added afterwards.
+does; the VF cases set team lan on the VF pool themselves (`vf_team`).  L0's QEMU is 11.1
+(lab.nested.qemu), whose igb VFs decode: the lab fails at once if they do not.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import json
 import os
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from host.workflow.model import Outcome
-from lab import GUEST_IP, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
+from lab import GUEST_IP, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
+from lab.coordinated import ptmigd
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
 from lab.nested.l1 import WIRE_NICS
-from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri, uri
+from lab.nested.vlab import L1Pinger, VfioLab, peer_uri, uri
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vfio]
 
@@ -30,8 +32,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vfio]
 RATE = 100
 BURNED_IN = {n.host: n.mac for n in WIRE_NICS if n.model == "e1000e"}
 OTHER = {"hosta": "hostb", "hostb": "hosta"}
-#: What igbvf logs in L2 when its reset handshake with the PF gets no answer (docs/lab.md).
-IGBVF_BLOCKED = "PF still in reset state"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,11 @@ def vlab() -> Iterator[VfioLab]:
     try:
         # PTMIG_VLAB_PREPARED=1: `VfioLab().prepare()` ran before the lab lock was taken
         lab.up(prepared=os.environ.get("PTMIG_VLAB_PREPARED") == "1")
+        undecoded = [h for h, d in lab.state.hosts.items() if not d.vf_bar_decodes]
+        assert not undecoded, (
+            f"L0's QEMU {lab.state.qemu} should decode the igb VFs' BARs, but on {undecoded} "
+            "they read 0 (docs/lab.md: igbvf in L2)"
+        )
         co.define_pools(lab)
         co.team_set(lab, "wan", "preserve")
         co.to_primary(lab, timeout=300)
@@ -112,7 +117,9 @@ def check_vf(lab: VfioLab, on: str) -> None:
 def there_and_back(
     lab: VfioLab, teams: dict[str, str], record: pytest.RecordProperty, checks: list[Any]
 ) -> None:
-    for dest in ("hostb", "hosta"):
+    """From wherever the guest is to the other host and back, under ping."""
+    start = lab.where()
+    for dest in (OTHER[start], start):
         src = lab.where()
         pingers = {team: L1Pinger(lab, ip, f"{dest}-{team}", RATE) for team, ip in teams.items()}
         for p in pingers.values():
@@ -212,32 +219,172 @@ def set_wan_policy(lab: VfioLab, policy: str) -> None:
     co.team_set(lab, "wan", policy, primary_alias=wan["primary"]["alias"])
 
 
-def test_vf_binds_and_migrates_there_and_back(
-    vlab: VfioLab, record_property: pytest.RecordProperty
-) -> None:
+@pytest.fixture
+def vf_team(vlab: VfioLab) -> VfioLab:
+    """Team lan on a VF of the guest's host's pool under preserve, bound and active."""
     lab = vlab
-    co.team_set(lab, "lan", "preserve")
-    try:
-        co.to_primary(lab, timeout=150)  # a failed VF bind takes about 30 s a try
-    except VfioLabError:
-        # A failed bind is compensated: no VF may stay plugged or on vfio-pci.
-        time.sleep(30)
-        on = lab.where()
-        devices = ET.fromstring(lab.domain(on).XMLDesc(0)).find("devices")
-        assert devices is not None
-        assert not devices.findall("interface[@type='hostdev']")
-        assert not [vf for vf in lab.state.hosts[on].vfs if l1_driver(lab, vf) == "vfio-pci"]
-        # Counted in the guest: a whole dmesg through two nested consoles outlasts 120 s.
-        # Expected only while L0's QEMU leaves the VF BARs unmapped (docs/lab.md) and igbvf
-        # says so; a VF that decodes its BAR and still fails to bind fails the test.
-        undecoded = [h for h, d in lab.state.hosts.items() if not d.vf_bar_decodes]
-        if undecoded and guest(lab, f"dmesg | grep -c '{IGBVF_BLOCKED}' || true") != "0":
-            pytest.xfail(
-                f"QEMU's igb VF BARs not decoded on {undecoded}, igbvf in L2: "
-                f"{IGBVF_BLOCKED!r} (docs/lab.md: igbvf in L2)"
-            )
-        raise
+    shown = co.ptmig_json(lab.where(), "team-show", DOMAIN_NAME)["teams"]
+    lan = next((t for t in shown if t["name"] == "lan"), None)
+    alias = lan["primary"]["alias"] if lan and lan["primary"] else None
+    co.team_set(lab, "lan", "preserve", primary_alias=alias)
+    co.to_primary(lab, timeout=300)
     check_vf(lab, lab.where())
+    return lab
+
+
+def test_vf_binds_and_migrates_there_and_back_beside_the_whole_nic(
+    vf_team: VfioLab, record_property: pytest.RecordProperty
+) -> None:
+    """Both teams at once: lan on a VF (hosta's pool by PF, hostb's by VF list), wan on
+    the whole e1000e."""
     there_and_back(
-        lab, {"lan": GUEST_IP, "wan": WAN_GUEST_IP}, record_property, [check_vf, check_whole_nic]
+        vf_team,
+        {"lan": GUEST_IP, "wan": WAN_GUEST_IP},
+        record_property,
+        [check_vf, check_whole_nic],
     )
+
+
+def test_vf_failover_to_standby_and_back(vf_team: VfioLab) -> None:
+    lab = vf_team
+    on = lab.where()
+    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "standby")["teams"] == {
+        "lan": "standby",
+        "wan": "standby",
+    }
+    active = guest(lab, "cat /sys/class/net/bond0/bonding/active_slave")
+    assert guest(lab, f"readlink /sys/class/net/{active}/device/driver").endswith("virtio_net")
+    status = co.ptmig_json(on, "status", DOMAIN_NAME)
+    assert {t["name"]: t["mode"] for t in status["teams"]} == {"lan": "standby", "wan": "standby"}
+    assert co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "primary")["teams"] == {
+        "lan": "primary",
+        "wan": "primary",
+    }
+    check_vf(lab, on)
+    check_whole_nic(lab, on)
+    lab.check_health()
+
+
+def test_vf_rollback_plugs_a_vf_again_on_the_source(vf_team: VfioLab) -> None:
+    lab = vf_team
+    on = lab.where()
+    proc = co.ptmig(
+        on,
+        "migrate",
+        DOMAIN_NAME,
+        uri(OTHER[on]),
+        "--json",
+        "--peer-uri",
+        UNREACHABLE_PEER,
+        "--unsafe",
+        check=False,
+    )
+    report = json.loads(proc.stdout)
+    print(f"VF rollback: {report['phases']}")
+    assert proc.returncode == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
+    assert "unplug" in [p["name"] for p in report["phases"]], "the VF was never unplugged"
+    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    assert lab.where() == on
+    check_vf(lab, on)  # one VF held here again, none of the other host's: none leaked
+    check_whole_nic(lab, on)
+    lab.check_health()
+
+
+def hold_vfs(lab: VfioLab, host: str) -> str:
+    """Define (not start) a domain on *host* that names each of its VFs as a hostdev: the
+    VF pool there has no free device until it is undefined.  Returns its name."""
+    name = "ptmig-vf-holder"
+    hostdevs = "".join(
+        "<hostdev mode='subsystem' type='pci' managed='yes'><source>"
+        "<address domain='0x{}' bus='0x{}' slot='0x{}' function='0x{}'/></source>"
+        "</hostdev>".format(*vf.replace(".", ":").split(":"))
+        for vf in lab.state.hosts[host].vfs
+    )
+    lab.conn(host).defineXML(
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+        f"<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>{hostdevs}</devices>"
+        "</domain>"
+    )
+    return name
+
+
+def test_empty_destination_vf_pool_gives_degraded_then_the_reconciler_repairs(
+    vf_team: VfioLab, tmp_path: Path
+) -> None:
+    lab = vf_team
+    src = lab.where()
+    dest = OTHER[src]
+    holder = hold_vfs(lab, dest)
+    try:
+        code, report = migrate(lab, dest)
+        assert code == 3 and report["outcome"] == str(Outcome.DONE_DEGRADED), report
+        assert report["teams"] == {"lan": "standby", "wan": "primary"}
+        assert lab.where() == dest
+        status = co.ptmig_json(dest, "status", DOMAIN_NAME)
+        assert {t["name"]: t["mode"] for t in status["teams"]} == {
+            "lan": "degraded",
+            "wan": "primary",
+        }
+        assert not [v for v in lab.state.hosts[src].vfs if l1_driver(lab, v) == "vfio-pci"]
+    finally:
+        lab.conn(dest).lookupByName(holder).undefine()
+    # a VF is free again: ptmigd's reconciler on the destination binds one
+    log_path = tmp_path / "ptmigd.log"
+    with ptmigd(log_path, co.journal(), "--reconcile", uri(dest), "--reconcile-interval", "5"):
+        deadline = time.monotonic() + 600
+        while True:
+            teams = co.ptmig_json(dest, "team-show", DOMAIN_NAME)["teams"]
+            if all(t["primary"] for t in teams):
+                break
+            assert time.monotonic() < deadline, (teams, log_path.read_text())
+            time.sleep(5)
+    check_vf(lab, dest)
+    check_whole_nic(lab, dest)
+    lab.check_health()
+
+
+def test_vf_under_mac_policy_none_migrates(vf_team: VfioLab) -> None:
+    """Policy none: the agent leaves MACs alone; the host programs the VF with the team's
+    MAC through the PF, which is the bond's, so the bond (fail_over_mac none) takes it."""
+    lab = vf_team
+    dest = OTHER[lab.where()]
+    set_lan(lab, "none")
+    try:
+        code, report = migrate(lab, dest)
+        assert code == 0 and report["outcome"] == str(Outcome.DONE), report
+        assert report["teams"] == {"lan": "primary", "wan": "primary"}
+        check_vf(lab, dest)
+    finally:
+        set_lan(lab, "preserve")
+    lab.check_health()
+
+
+def test_vf_whose_team_mac_is_not_the_bonds_is_refused_in_preflight(vf_team: VfioLab) -> None:
+    """A VF cannot take another MAC in the guest, and bond0 (fail_over_mac none) gives its
+    members its own: a team MAC apart from the bond's is refused before anything changes."""
+    lab = vf_team
+    on = lab.where()
+    before = lab.domain(on).XMLDesc(0)
+    set_lan(lab, "preserve", team_mac="52:54:00:cc:00:01")
+    try:
+        code, report = migrate(lab, OTHER[on])
+        assert code == 4 and report["outcome"] == str(Outcome.REFUSED), report
+        assert "--team-mac" in report["error"] and TEAM_MAC in report["error"], report
+        assert lab.where() == on
+        check_vf(lab, on)
+    finally:
+        set_lan(lab, "preserve")
+    assert lab.domain(on).XMLDesc(0).count("<hostdev ") == before.count("<hostdev ")
+
+
+def set_lan(lab: VfioLab, policy: str, team_mac: str | None = None) -> None:
+    (lan,) = [
+        t
+        for t in co.ptmig_json(lab.where(), "team-show", DOMAIN_NAME)["teams"]
+        if t["name"] == "lan"
+    ]
+    args = ["--team", "lan", "--standby-mac", STANDBY_MAC, "--pool", co.VF_POOL]
+    args += ["--mac-policy", policy, "--primary-alias", lan["primary"]["alias"]]
+    if team_mac:
+        args += ["--team-mac", team_mac]
+    co.ptmig(lab.where(), "team-set", DOMAIN_NAME, *args)
