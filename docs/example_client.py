@@ -51,7 +51,7 @@ def drive(
             name=lan.name,
             standby_mac=lan.standby_mac,
             pool=lan.pool,
-            mac_policy="follow",
+            mac_policy="none",  # follow would need the guest's bond0 with fail_over_mac active
             team_mac=lan.team_mac,
             primary_alias=lan.primary.alias,
         )

@@ -284,9 +284,9 @@ def to_primary(
         guest.unplug(team, timeout)  # gone already: out of the definition and the record
         team = team.with_primary(None)
     pool = guest.pool(team)
-    if isinstance(pool, VfNetworkPool):
+    if isinstance(pool, VfNetworkPool) or team.mac_policy == "follow":
         state = next((t for t in guest.agent().state().teams if t.name == team.name), None)
-        refusal = vf_mac_refusal(team, pool, state) if state is not None else None
+        refusal = mac_policy_refusal(team, pool, state) if state is not None else None
         if refusal:
             emit(refusal)
             return "standby"
@@ -304,16 +304,25 @@ def pool_on(hv: Hypervisor, team: Team) -> Pool | None:
         raise WorkflowError(f"{hv.uri}: pool {team.pool}: {exc}") from exc
 
 
-def vf_mac_refusal(team: Team, pool: Pool | None, state: pb.TeamState) -> str | None:
-    """Why a VF of *pool* cannot join *team*'s bond as the guest has it, or None.
+def mac_policy_refusal(team: Team, pool: Pool | None, state: pb.TeamState) -> str | None:
+    """Why a device of *pool* could not join *team*'s bond as the guest has it, or None;
+    checked before anything is unplugged, since the agent would refuse only at the bind.
 
-    libvirt sets a VF's MAC through its PF (the team's MAC, else the standby's), and the
-    PF then refuses any other from the guest ("attempted to override administratively
-    set MAC address").  A fail_over_mac=none bond gives each member its own MAC as it
-    joins, so the VF can join only a bond whose MAC is that one; under fail_over_mac
-    active the bond takes the VF's MAC instead, whatever it is.
+    Policy follow needs a bond whose MAC follows its active member (fail_over_mac active).
+    A VF keeps the MAC libvirt set through its PF (the team's, else the standby's): the PF
+    refuses any other from the guest ("attempted to override administratively set MAC
+    address").  A fail_over_mac=none bond gives each member its own MAC as it joins, so a
+    VF can join it only when the bond's MAC is that one; an active bond takes the VF's.
     """
-    if not isinstance(pool, VfNetworkPool) or state.fail_over_mac != "none" or not state.mac:
+    if not state.mac:
+        return None
+    if team.mac_policy == "follow" and state.fail_over_mac != "active":
+        return (
+            f"team {team.name}: MAC policy follow needs bond {state.bond} with fail_over_mac "
+            f"active, it has {state.fail_over_mac or 'none'}: set the bond's fail_over_mac to "
+            "active, or the team's policy to preserve (ptmig team-set --mac-policy preserve)"
+        )
+    if not isinstance(pool, VfNetworkPool) or state.fail_over_mac != "none":
         return None
     vf_mac = (team.team_mac or team.standby_mac).lower()
     if vf_mac == state.mac.lower():

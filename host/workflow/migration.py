@@ -53,11 +53,11 @@ from host.workflow.guest import (
     WorkflowError,
     each_team,
     free_devices,
+    mac_policy_refusal,
     plug_and_bind,
     pool_on,
     serial_agent,
     to_primary,
-    vf_mac_refusal,
 )
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome, plain
@@ -174,7 +174,7 @@ class MigrationWorkflow:
                 free[team.pool] = free_devices(self.destination_hv, pool)
             if destination_pools[team.pool] is None:
                 raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
-            refusal = vf_mac_refusal(team, destination_pools[team.pool], ts)
+            refusal = mac_policy_refusal(team, destination_pools[team.pool], ts)
             if refusal:
                 raise PreflightError(refusal)
         # Teams may share a pool: compare what each pool has with what it is asked for.
