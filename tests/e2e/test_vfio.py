@@ -361,30 +361,64 @@ def test_vf_under_mac_policy_none_migrates(vf_team: VfioLab) -> None:
 
 def test_vf_whose_team_mac_is_not_the_bonds_is_refused_in_preflight(vf_team: VfioLab) -> None:
     """A VF cannot take another MAC in the guest, and bond0 (fail_over_mac none) gives its
-    members its own: a team MAC apart from the bond's is refused before anything changes."""
+    members its own: a team MAC apart from the bond's is refused before anything changes,
+    by migrate and by failover, each with the line that says what to set."""
     lab = vf_team
     on = lab.where()
     before = lab.domain(on).XMLDesc(0)
     set_lan(lab, "preserve", team_mac="52:54:00:cc:00:01")
     try:
-        code, report = migrate(lab, OTHER[on])
-        assert code == 4 and report["outcome"] == str(Outcome.REFUSED), report
-        assert "--team-mac" in report["error"] and TEAM_MAC in report["error"], report
+        proc = co.ptmig(
+            on,
+            "migrate",
+            DOMAIN_NAME,
+            uri(OTHER[on]),
+            "--peer-uri",
+            peer_uri(OTHER[on]),
+            "--unsafe",
+            check=False,
+        )
+        assert proc.returncode == 4, (proc.returncode, proc.stderr)
+        said = proc.stderr.strip().splitlines()[-1]
+        assert said.startswith("ptmig: refused, nothing changed: team lan: a VF"), said
+        assert f"--team-mac {TEAM_MAC}" in said, said
         assert lab.where() == on
+        assert lab.domain(on).XMLDesc(0).count("<hostdev ") == before.count("<hostdev ")
         check_vf(lab, on)
+        # failover of a team whose VF is gone: refused before a plug, and it says why
+        co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "standby")
+        lan_alias = next(
+            t["primary"]["alias"]
+            for t in co.ptmig_json(on, "team-show", DOMAIN_NAME)["teams"]
+            if t["name"] == "lan"
+        )
+        lab.domain(on).detachDeviceAlias(lan_alias, 3)  # live and config, as virsh would
+        deadline = time.monotonic() + 60
+        while f"'{lan_alias}'" in lab.domain(on).XMLDesc(0):  # the guest releases it
+            assert time.monotonic() < deadline, f"{lan_alias} still plugged"
+            time.sleep(0.5)
+        back = co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "primary", ok=(3,))
+        assert back["teams"] == {"lan": "standby", "wan": "primary"}, back
+        assert "--team-mac" in back["why"]["lan"], back
+        assert not [vf for vf in lab.state.hosts[on].vfs if l1_driver(lab, vf) == "vfio-pci"]
     finally:
         set_lan(lab, "preserve")
-    assert lab.domain(on).XMLDesc(0).count("<hostdev ") == before.count("<hostdev ")
+    co.to_primary(lab, timeout=300)
+    check_vf(lab, on)
+    lab.check_health()
 
 
 def set_lan(lab: VfioLab, policy: str, team_mac: str | None = None) -> None:
+    """Team lan's record changed in place; its plugged VF, if any, kept as its primary."""
     (lan,) = [
         t
         for t in co.ptmig_json(lab.where(), "team-show", DOMAIN_NAME)["teams"]
         if t["name"] == "lan"
     ]
     args = ["--team", "lan", "--standby-mac", STANDBY_MAC, "--pool", co.VF_POOL]
-    args += ["--mac-policy", policy, "--primary-alias", lan["primary"]["alias"]]
+    args += ["--mac-policy", policy]
+    if lan["primary"]:
+        args += ["--primary-alias", lan["primary"]["alias"]]
     if team_mac:
         args += ["--team-mac", team_mac]
     co.ptmig(lab.where(), "team-set", DOMAIN_NAME, *args)
