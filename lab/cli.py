@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--guests", type=int, default=3, metavar="N")
     be.add_argument("--out", default=None, help="write the runs' JSON here")
     be.add_argument("--json", action="store_true")
+    bv = sub.add_parser(
+        "bench-vfio",
+        help="nested lab: VF, whole NIC and plain virtio migrations under ping, with plug times",
+    )
+    bv.add_argument("--rates", default="100,200,500,1000", help="echo rates to search, per team")
+    bv.add_argument("--out", default=None, help="write the run's JSON here")
+    bv.add_argument("--json", action="store_true")
     bc = sub.add_parser(
         "bench-coordinator",
         help="the coordinator's own cost for 1..1000 domains, over the unit tests' fakes (no VM)",
@@ -123,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     from lab.vmlab import LabError, VmLab
 
+    if args.command == "bench-vfio":  # the nested lab, not the emulated one
+        from pathlib import Path
+
+        from lab.nested import bench
+
+        return bench.main(
+            rates=tuple(int(r) for r in args.rates.split(",") if r.strip()),
+            out=Path(args.out) if args.out else None,
+            as_json=args.json,
+        )
     if getattr(args, "vfio", False):
         return _vfio(args)
     try:

@@ -17,6 +17,7 @@ import logging
 import mmap
 import struct
 import sys
+import time
 from pathlib import Path
 
 from lab import fabric
@@ -130,6 +131,21 @@ def guest_console(host: str) -> GuestConsole:
     return GuestConsole(lab_host.path_inside(CONSOLE_SOCKET), lab_host.path_inside(CONSOLE_LOG))
 
 
+def guest_clock_offset(host: str, samples: int = 5) -> tuple[float, float]:
+    """L2's clock minus L1's over L2's console, and the error bound (half the best round
+    trip)."""
+    console = guest_console(host)
+    best: tuple[float, float] | None = None
+    for _ in range(samples):
+        t0 = time.time()
+        l2 = float(console.run("date +%s.%N").check().strip())
+        t1 = time.time()
+        if best is None or (t1 - t0) / 2 < best[1]:
+            best = (l2 - (t0 + t1) / 2, (t1 - t0) / 2)
+    assert best is not None
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("timeout", type=float)
     sz = sub.add_parser("console-size")
     sz.add_argument("host")
+    c = sub.add_parser("clock", help="L2's clock on HOST minus L1's, and its error bound")
+    c.add_argument("host")
     e = sub.add_parser("exec", help="run a base64-encoded command in L2 on HOST")
     e.add_argument("host")
     e.add_argument("timeout", type=float)
@@ -154,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(up(spec["wires"], spec["uplink_mac"], spec["uplink_ips"])))
     elif args.command == "wait-shell":
         print(guest_console(args.host).wait_for_shell(args.since, args.timeout))
+    elif args.command == "clock":
+        print("{:.6f} {:.6f}".format(*guest_clock_offset(args.host)))
     elif args.command == "console-size":
         print(guest_console(args.host).log_size())
     elif args.command == "exec":
