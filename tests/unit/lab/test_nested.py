@@ -9,6 +9,7 @@ import pytest
 from lab.image import GuestImage
 from lab.nested.image import _module_closure, newc_archive
 from lab.nested.l1 import L1, WIRE_NICS
+from lab.nested.qemu import QemuRecipe, UnpackedQemu
 
 
 def _read_newc(blob: bytes) -> dict[str, tuple[int, bytes]]:
@@ -66,7 +67,22 @@ def test_module_closure_follows_modules_dep(tmp_path: Path) -> None:
 def test_l1_gets_an_iommu_before_its_devices_and_each_wire_nic_its_own_root_port(
     tmp_path: Path,
 ) -> None:
-    argv = L1(GuestImage(tmp_path), tmp_path / "l2.raw", tmp_path).argv(tmp_path / "o.qcow2")
+    qemu = UnpackedQemu(tmp_path / "qemu")
+    argv = L1(GuestImage(tmp_path), tmp_path / "l2.raw", tmp_path, qemu).argv(tmp_path / "o.qcow2")
+    # L0's QEMU is the unpacked one, through its own loader, firmware and libraries
+    assert argv[:4] == [
+        str(tmp_path / "qemu/usr/lib64/ld-linux-x86-64.so.2"),
+        "--library-path",
+        f"{tmp_path}/qemu/usr/lib/x86_64-linux-gnu:{tmp_path}/qemu/lib/x86_64-linux-gnu",
+        str(tmp_path / "qemu/usr/bin/qemu-system-x86_64"),
+    ]
+    assert argv[4:8] == [
+        "-L",
+        f"{tmp_path}/qemu/usr/share/qemu",
+        "-L",
+        f"{tmp_path}/qemu/usr/share/seabios",
+    ]
+    assert qemu.env()["QEMU_MODULE_DIR"] == f"{tmp_path}/qemu/usr/lib/x86_64-linux-gnu/qemu"
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert devices[0] == "intel-iommu,intremap=on,caching-mode=on"
     assert "intel_iommu=on" in argv[argv.index("-append") + 1]
@@ -81,3 +97,11 @@ def test_l1_gets_an_iommu_before_its_devices_and_each_wire_nic_its_own_root_port
         if a == "-netdev" and argv[i + 1].startswith("user,")
     )
     assert all(f.startswith("tcp:127.0.0.1:") for f in netdev.split("hostfwd=")[1:])
+
+
+def test_the_nested_qemu_is_keyed_by_its_recipe() -> None:
+    """Another suite, package or mirror unpacks again; the same recipe reuses the cache."""
+    base = QemuRecipe(mirror="http://deb.example/debian")
+    assert base.key() == QemuRecipe(mirror="http://deb.example/debian").key()
+    assert base.key() != QemuRecipe(mirror="http://other.example/debian").key()
+    assert base.key() != QemuRecipe(mirror=base.mirror, backports="forky-backports").key()
