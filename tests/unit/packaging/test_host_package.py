@@ -37,12 +37,19 @@ MAN_PAGES = {
     "/usr/share/man/man5/ptmigd.toml.5.gz",
 }
 COMPLETION = "/usr/share/bash-completion/completions/ptmig"
+#: Installed path -> the repository's file (not conffiles: the operator copies them).
+MONITORING = {
+    "/usr/share/ptmig/monitoring/ptmig-alerts.yml": PACKAGING / "host/monitoring/ptmig-alerts.yml",
+    "/usr/share/ptmig/monitoring/ptmig-dashboard.json": PACKAGING
+    / "host/monitoring/ptmig-dashboard.json",
+}
 FILES = {
     "/usr/bin/ptmig",
     "/usr/sbin/ptmigd",
     "/etc/ptmig/ptmigd.toml",
     COMPLETION,
     *MAN_PAGES,
+    *MONITORING,
     f"{PRIVATE}/host/cli.py",
     f"{PRIVATE}/host/daemon/main.py",
     f"{PRIVATE}/host/hypervisor.py",
@@ -84,6 +91,13 @@ def test_deb_files(packages: Packages) -> None:
     assert listing["/usr/bin/ptmig"] == listing["/usr/sbin/ptmigd"] == "-rwxr-xr-x"
     result = run("dpkg-deb", "-I", packages.deb, "conffiles")
     assert result.stdout.split() == ["/etc/ptmig/ptmigd.toml"]
+
+
+def test_the_monitoring_files_are_the_repositorys(packages: Packages, deb_root: Path) -> None:
+    listing = deb_listing(packages.deb)
+    for installed, source in MONITORING.items():
+        assert listing[installed] == "-rw-r--r--"
+        assert (deb_root / installed.lstrip("/")).read_bytes() == source.read_bytes()
 
 
 def test_rpm_requires_and_files(packages: Packages) -> None:
