@@ -342,8 +342,11 @@ def test_bind_policy_none_never_touches_macs(fake: FakeLinks) -> None:
     t = teams(fake, mac_policy=MacPolicy.NONE, mac=None)
     switched_and_unplugged(fake, t)
     fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
-    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    result = t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
     assert not [call for call in fake.calls if call[0] == "set_mac"]
+    # ...and the bind did happen: the new device is the bond's active member
+    assert result.team.active_member == "enp3s0"
+    assert fake.get("bond0").bond.active_slave == fake.get("enp3s0").index  # type: ignore[union-attr]
 
 
 def test_bind_waits_for_udev_rename(fake: FakeLinks) -> None:
