@@ -314,8 +314,10 @@ def test_metrics_serve_on_the_distribution_prometheus_client(deb_root: Path) -> 
     code = (
         f"import sys, urllib.request; sys.path.insert(0, {str(tree)!r})\n"
         "from host.metrics import PrometheusObserver, serve\n"
+        "from host.workflow.observer import HostPass, PoolUse\n"
         "observer = PrometheusObserver()\n"
         "observer.repair_finished('web1', 'repaired')\n"
+        "observer.host_passed('qemu:///a', HostPass({'web1': False}, (PoolUse('lan', 4, 0, 2),)))\n"
         "server = serve(observer, '127.0.0.1:0')\n"
         "url = 'http://%s:%d/metrics' % server.address\n"
         "print(urllib.request.urlopen(url, timeout=10).read().decode())\n"
@@ -324,3 +326,5 @@ def test_metrics_serve_on_the_distribution_prometheus_client(deb_root: Path) -> 
     result = run(SYSTEM_PYTHON, "-I", "-c", code)
     assert result.returncode == 0, result.stderr
     assert 'ptmig_repairs_total{outcome="repaired"} 1.0' in result.stdout
+    assert 'ptmig_agent_up{domain="web1",host="qemu:///a"} 0.0' in result.stdout
+    assert 'ptmig_pool_teams{host="qemu:///a",pool="lan"} 2.0' in result.stdout
