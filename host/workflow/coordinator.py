@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from host.agent_client import AgentClient, AgentError
+from host.agent_client import AgentClient
 from host.domain.devices import primary_of_device
 from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import UnknownName
@@ -709,7 +709,7 @@ class Coordinator:
                     # tell the device of is left to a person (the status says why).
                     try:
                         state = guest.agent().state()
-                    except AgentError:
+                    except Exception:  # no answer, a bad one, or no channel to ask on
                         agents[guest.name] = False
                         raise
                     agents[guest.name] = True
