@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from host.workflow.model import MigrationReport
+from host.workflow.model import MigrationReport, Outcome
+from host.workflow.observer import HostPass, PoolUse
 
 log = logging.getLogger(__name__)
+
+#: Migration outcomes packaging/host/monitoring/ptmig-alerts.yml alerts on.
+ALERTED_OUTCOMES = (Outcome.FAILED, Outcome.ROLLED_BACK)
 
 #: Phase and standby durations under TCG and on real hosts: 50 ms to 10 min.
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -83,15 +88,12 @@ class PrometheusObserver:
             ["rpc", "code"],
             registry=r,
         )
-        self.pool_free_devices = prom.Gauge(
-            "ptmig_pool_free_devices",
-            "Unclaimed devices of a pool",
-            ["host", "pool"],
-            registry=r,
-        )
-        self.pool_devices = prom.Gauge(
-            "ptmig_pool_devices", "Devices of a pool", ["host", "pool"], registry=r
-        )
+        self.hosts = HostViews()
+        r.register(self.hosts)
+        # The outcomes the alerting rules count start at 0: a series that appears at 1
+        # is no increase() to Prometheus, so a first failure would go unnoticed.
+        for outcome in ALERTED_OUTCOMES:
+            self.migrations.labels(str(outcome))
 
     def migration_finished(self, report: MigrationReport) -> None:
         self.migrations.labels(str(report.outcome)).inc()
@@ -112,8 +114,10 @@ class PrometheusObserver:
             self.agent_errors.labels(rpc, error).inc()
 
     def pool_free(self, uri: str, pool: str, free: int, total: int) -> None:
-        self.pool_free_devices.labels(uri, pool).set(free)
-        self.pool_devices.labels(uri, pool).set(total)
+        self.hosts.pool_free(uri, pool, free, total)
+
+    def host_passed(self, uri: str, seen: HostPass) -> None:
+        self.hosts.passed(uri, seen)
 
 
 def standby_seconds(report: MigrationReport) -> Iterator[tuple[str, float]]:
@@ -128,6 +132,85 @@ def standby_seconds(report: MigrationReport) -> Iterator[tuple[str, float]]:
     for team, on in report.teams.items():
         if on == "primary":
             yield team, max(0.0, ends["bind"] - ends["switch"])
+
+
+@dataclass
+class _HostView:
+    agents: dict[str, bool] = field(default_factory=dict)
+    pools: dict[str, PoolUse] = field(default_factory=dict)
+    passed_at: float | None = None  # time.time() of the last reconciler pass
+
+
+class HostViews:
+    """A collector of what the last reconciler pass saw of each host (its agents, its
+    pools) and when; each pass replaces its host's view, so a domain or a pool that left
+    the host leaves the metrics too (a labelled Gauge would keep its last value)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._lock = threading.Lock()
+        self._hosts: dict[str, _HostView] = {}
+        self._clock = clock
+
+    def passed(self, uri: str, seen: HostPass) -> None:
+        view = _HostView(dict(seen.agents), {p.name: p for p in seen.pools}, self._clock())
+        with self._lock:
+            self._hosts[uri] = view
+
+    def pool_free(self, uri: str, pool: str, free: int, total: int) -> None:
+        """A pool listing (``ptmig pools``) between passes: its counts, teams as known."""
+        with self._lock:
+            view = self._hosts.setdefault(uri, _HostView())
+            teams = view.pools[pool].teams if pool in view.pools else None
+            view.pools[pool] = PoolUse(pool, total, free, teams)
+
+    def describe(self) -> Iterator[Any]:
+        return self._families()
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            hosts = {
+                uri: (dict(v.agents), dict(v.pools), v.passed_at) for uri, v in self._hosts.items()
+            }
+        return self._families(hosts)
+
+    @staticmethod
+    def _families(
+        hosts: dict[str, tuple[dict[str, bool], dict[str, PoolUse], float | None]] | None = None,
+    ) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        def family(name: str, doc: str, labels: list[str]) -> Any:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        up = family(
+            "ptmig_agent_up",
+            "1 when the domain's guest agent answered the reconciler's last pass, 0 when not",
+            ["host", "domain"],
+        )
+        free = family("ptmig_pool_free_devices", "Unclaimed devices of a pool", ["host", "pool"])
+        total = family("ptmig_pool_devices", "Devices of a pool", ["host", "pool"])
+        teams = family(
+            "ptmig_pool_teams",
+            "Teams of the host's domains (running or defined) that name the pool",
+            ["host", "pool"],
+        )
+        passed = family(
+            "ptmig_reconcile_last_pass_timestamp_seconds",
+            "When the reconciler last finished a pass over the host (Unix time)",
+            ["host"],
+        )
+        for uri, (agents, pools, passed_at) in sorted((hosts or {}).items()):
+            for domain, answered in sorted(agents.items()):
+                up.add_metric([uri, domain], 1.0 if answered else 0.0)
+            for name, pool in sorted(pools.items()):
+                total.add_metric([uri, name], pool.total)
+                if pool.free is not None:
+                    free.add_metric([uri, name], pool.free)
+                if pool.teams is not None:
+                    teams.add_metric([uri, name], pool.teams)
+            if passed_at is not None:
+                passed.add_metric([uri], passed_at)
+        yield from (up, free, total, teams, passed)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -44,7 +44,8 @@ install_debian_packages() {
   apt-get "${apto[@]}" install -y -q --no-install-recommends \
     debootstrap e2fsprogs iproute2 iputils-ping procps psmisc kmod ca-certificates \
     python3 python3-venv python3-dev gcc pkg-config make git \
-    python3-grpcio python3-protobuf python3-pyroute2 rpm
+    python3-grpcio python3-protobuf python3-pyroute2 rpm \
+    prometheus  # for promtool (tests/unit/packaging/test_alert_rules.py); its server is not used
   apt-get "${apto[@]}" -t bookworm-backports install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
     libvirt-daemon-driver-network \

@@ -2,8 +2,8 @@
 # Build ptmig's packages with nfpm, a .deb and an .rpm each:
 #   agent  ptmig-agent_VERSION_all.deb, ptmig-agent-VERSION-1.noarch.rpm  (the guest side,
 #          packaging/nfpm.yaml)
-#   host   ptmig_VERSION_all.deb, ptmig-VERSION-1.noarch.rpm  (ptmig, ptmigd and the
-#          contract, packaging/host/nfpm.yaml)
+#   host   ptmig_VERSION_all.deb, ptmig-VERSION-1.noarch.rpm  (ptmig, ptmigd, the
+#          contract, alerting rules and dashboard, packaging/host/nfpm.yaml)
 #
 #   scripts/build-packages.sh agent|host          # into packaging/out/
 #   scripts/build-packages.sh agent|host OUTDIR   # into OUTDIR (the packaging tests use this)
@@ -94,6 +94,10 @@ else
   install -m 0644 "$here/packaging/host/nfpm.yaml" "$here/packaging/host/ptmigd.service" \
     "$here/packaging/host/ptmigd.toml" "$stage/packaging/"
   install -m 0755 "$here/packaging/host/ptmig" "$here/packaging/host/ptmigd" "$stage/packaging/"
+  # Prometheus alerting rules and a Grafana dashboard for ptmigd's metrics.
+  install -d "$stage/packaging/monitoring"
+  install -m 0644 "$here/packaging/host/monitoring/ptmig-alerts.yml" \
+    "$here/packaging/host/monitoring/ptmig-dashboard.json" "$stage/packaging/monitoring/"
   # The agent's maintainer scripts, for ptmigd's unit and tree (no udev rule, and
   # ptmigd runs as root: no system user).
   for script in "$here"/packaging/scripts/*.sh; do

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,48 @@ from hypothesis import settings
 def _root_logger_restored() -> Iterator[None]:
     """Entry points called in-process (ptmigd's main) configure the root logger for the
     process; the next test must not inherit their handlers or level."""
-    import logging
-
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+class LogSeen(logging.Handler):
+    """Set :attr:`seen` when `logger` emits a record whose message holds every one of
+    `words`: a test's event for a point reached in a thread it cannot otherwise see (a
+    server's handler), instead of a sleep or a poll of caplog."""
+
+    def __init__(self, words: tuple[str, ...]) -> None:
+        super().__init__(logging.DEBUG)
+        self.words = words
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if all(word in message for word in self.words):
+            self.seen.set()
+
+
+@pytest.fixture
+def logged() -> Iterator[Callable[..., threading.Event]]:
+    """``logged("logger.name", "word", ...)``: an Event set once that logger (or one below
+    it) logs a record holding every word; the logger's level is lowered to DEBUG meanwhile
+    so the record is made, and restored afterwards."""
+    added: list[tuple[logging.Logger, LogSeen, int]] = []
+
+    def watch(name: str, *words: str) -> threading.Event:
+        logger = logging.getLogger(name)
+        handler = LogSeen(words)
+        added.append((logger, handler, logger.level))
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+        return handler.seen
+
+    yield watch
+    for logger, handler, level in reversed(added):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ from host.workflow.model import (
     WorkflowSummary,
     plain,
 )
-from host.workflow.observer import NoObserver, Observer, notify
+from host.workflow.observer import HostPass, NoObserver, Observer, PoolUse, notify
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,15 @@ class Coordinator:
             except Exception as exc:
                 self._release(lease, source, destination, dom.uuid)
                 self.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
+                failed = MigrationReport(
+                    workflow_id,
+                    dom.name,
+                    request.source_uri,
+                    request.destination_uri,
+                    Outcome.FAILED,
+                    error=str(exc),
+                )
+                notify(self.observer.migration_finished, failed)  # a raised failure counts too
                 raise
             self._release(lease, source, destination, dom.uuid)
             self.journal.finish(workflow_id, str(report.outcome), plain(report))
@@ -674,15 +683,20 @@ class Coordinator:
         """
         repaired: list[RepairResult] = []
         degraded = 0
+        agents: dict[str, bool] = {}  # domain name -> its agent answered (the observer's)
         with self.connect(uri) as hv:
             candidates = []
-            for xml in hv.all_domain_xml():
+            infos = []
+            domains_xml = hv.all_domain_xml()
+            for xml in domains_xml:
                 try:
                     info = parse_domain(xml)
                 except Exception:
                     continue
                 if info.teams and info.teams.teams:
                     candidates.append(info.uuid)
+                    infos.append(info)
+            pools = pool_uses(hv, domains_xml, infos)
         for uuid in candidates:
             if stopping():
                 break
@@ -693,7 +707,13 @@ class Coordinator:
                 try:
                     # The same classification as migrate's preflight; a team ptmig cannot
                     # tell the device of is left to a person (the status says why).
-                    drifts = guest.drift(guest.agent().state())
+                    try:
+                        state = guest.agent().state()
+                    except Exception:  # no answer, a bad one, or no channel to ask on
+                        agents[guest.name] = False
+                        raise
+                    agents[guest.name] = True
+                    drifts = guest.drift(state)
                     needs = [
                         d.team.name
                         for d in drifts
@@ -737,6 +757,7 @@ class Coordinator:
                 repaired.append(RepairResult(workflow_id, uuid, error=str(exc)))
                 notify(self.observer.repair_finished, uuid, "failed")
         notify(self.observer.degraded_teams, uri, degraded)
+        notify(self.observer.host_passed, uri, HostPass(agents, pools))
         return repaired
 
 
@@ -806,6 +827,25 @@ def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:
     return PoolStatus(
         pool.name, pool.kind, total, len(slots), tuple(d for d in map(_device_of, slots) if d)
     )
+
+
+def pool_uses(
+    hv: Hypervisor, domains_xml: list[str], infos: list[DomainInfo]
+) -> tuple[PoolUse, ...]:
+    """Each pool of *hv* with its free devices and the teams of *infos* (the host's domains
+    with teams) that name it; empty, with a warning, when the pools cannot be read."""
+    using: dict[str, int] = {}
+    for info in infos:
+        for team in info.teams.teams if info.teams else ():
+            using[team.pool] = using.get(team.pool, 0) + 1
+    try:
+        statuses = [
+            pool_status(parse_pool_network(xml), domains_xml) for _, xml in pool_networks(hv)
+        ]
+    except Exception as exc:
+        log.warning("reconcile %s: cannot read its pools: %s", hv.uri, exc)
+        return ()
+    return tuple(PoolUse(p.name, p.total, p.free, using.get(p.name, 0)) for p in statuses)
 
 
 def _device_of(slot: Slot) -> str:

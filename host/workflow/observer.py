@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from host.workflow.model import MigrationReport
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolUse:
+    """One pool of a host as a reconciler pass saw it."""
+
+    name: str
+    total: int
+    free: int | None  # None when it cannot be computed (PoolStatus.error)
+    teams: int | None  # teams of the host's domains that name it; None: not counted
+
+
+@dataclass(frozen=True)
+class HostPass:
+    """What one reconciler pass over a host saw, beyond its degraded teams: whether each
+    domain's agent answered, and each pool's free devices against the teams using it.
+    It replaces the previous pass's view of that host: a domain that left is gone."""
+
+    agents: dict[str, bool] = field(default_factory=dict)  # domain name -> answered
+    pools: tuple[PoolUse, ...] = ()
 
 
 class Observer(Protocol):
@@ -32,6 +53,9 @@ class Observer(Protocol):
     def pool_free(self, uri: str, pool: str, free: int, total: int) -> None:
         """Host `uri`'s pool `pool` has `free` of its `total` devices unclaimed."""
 
+    def host_passed(self, uri: str, seen: HostPass) -> None:
+        """A reconciler pass over host `uri` ended (after :meth:`degraded_teams`)."""
+
 
 class NoObserver:
     """Counts nothing: the coordinator's default."""
@@ -49,6 +73,9 @@ class NoObserver:
         pass
 
     def pool_free(self, uri: str, pool: str, free: int, total: int) -> None:
+        pass
+
+    def host_passed(self, uri: str, seen: HostPass) -> None:
         pass
 
 

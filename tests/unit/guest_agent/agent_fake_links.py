@@ -162,6 +162,17 @@ class FakeLinks:
         for timer in self._timers:
             timer.cancel()
 
+    def await_(self, reached: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        """Block until `reached()` holds, checked again at every change of a link and every
+        wait begun on the links: how a test meets the agent's thread at a point (a wait
+        started, a call that changed a link) instead of sleeping."""
+        with self.cond:
+            assert self.cond.wait_for(reached, timeout), f"{what}: not within {timeout} s"
+
+    def waiting(self, since: int, what: str, timeout: float = 10.0) -> None:
+        """Block until a wait on the links began after `since` (a value of :attr:`waits`)."""
+        self.await_(lambda: self.waits > since, what, timeout)
+
     def changes(self) -> list[tuple[Any, ...]]:
         return list(self.calls)
 
@@ -258,6 +269,7 @@ class FakeLinks:
     ) -> T:
         with self.cond:
             self.waits += 1
+            self.cond.notify_all()  # for await_: a thread now waits on the links
             while True:
                 result = check(self.list_links() if only is None else self.get_links(only))
                 if result is not None:

@@ -7,7 +7,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def test_switch_then_bind(agent: Any, fake: FakeLinks) -> None:
 
 
 def test_a_switch_whose_caller_gave_up_while_queued_does_not_run(
-    agent: Any, fake: FakeLinks
+    agent: Any, fake: FakeLinks, logged: Callable[..., threading.Event]
 ) -> None:
     """The host gave up on a switch queued behind a bind (a stopped agent, then resumed):
     run late, it would undo the newer bind.  It does nothing; a retry of it does run."""
@@ -91,15 +91,18 @@ def test_a_switch_whose_caller_gave_up_while_queued_does_not_run(
     )
     bound: list[Any] = []
     binder = threading.Thread(target=lambda: bound.append(agent.BindPrimary(bind)))
+    waits = fake.waits
     binder.start()
-    time.sleep(0.2)  # the bind holds team lan, waiting for the device
+    fake.waiting(waits, "the bind holding team lan, waiting for the device")
+    abandoned = logged("guest_agent.service", "operation_id='late'", "-> CANCELLED")
     late = pb.UseStandbyRequest(operation_id="late", team="lan", release_primary=False)
     code, _ = code_of(lambda: agent.UseStandby(late, timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     binder.join()
 
     assert bound and bound[0].team.active_member == "enp3s0"
-    time.sleep(0.2)  # the abandoned switch has its turn at the lock now
+    # the abandoned switch had its turn at the lock after the bind, and did nothing
+    assert abandoned.wait(10), "the queued switch never ran"
     assert fake.get("bond0").bond.active_slave == fake.get("enp3s0").index  # type: ignore[union-attr]
     again = agent.UseStandby(late)  # the same id again: not a replay of "abandoned"
     assert not again.replayed and again.team.active_member == "enp1s0"
@@ -230,8 +233,9 @@ def test_get_state_waits_for_a_busy_team_but_answers_within_the_callers_deadline
     fake.set_carrier("enp1s0", False)
     request = pb.UseStandbyRequest(operation_id="w", team="lan", timeout_ms=60_000)
     switching = threading.Thread(target=lambda: agent.UseStandby(request, timeout=4))
+    waits = fake.waits
     switching.start()
-    time.sleep(0.3)
+    fake.waiting(waits, "the switch holding team lan, waiting for the standby's carrier")
     started = time.monotonic()
     reply = agent.GetState(pb.GetStateRequest(operation_id="busy"), timeout=2.0)
     took = time.monotonic() - started

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -110,9 +109,15 @@ def test_operation_log_replays_values_and_errors() -> None:
 
 def test_operation_log_is_bounded_and_keeps_running_entries() -> None:
     log: OperationLog[int] = OperationLog(capacity=2)
-    release = threading.Event()
-    threading.Thread(target=lambda: log.run("slow", 0, lambda: release.wait() and 1)).start()
-    time.sleep(0.05)
+    running, release = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        running.set()  # its entry is in the log, not done
+        release.wait(10)
+        return 1
+
+    threading.Thread(target=lambda: log.run("slow", 0, slow)).start()
+    assert running.wait(10)
     for number in range(5):
         log.run(str(number), 0, lambda n=number: n)  # type: ignore[misc]
     assert len(log) <= 3

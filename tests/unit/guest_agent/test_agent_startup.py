@@ -105,18 +105,19 @@ def test_first_call_waits_for_the_warm_ups_import_and_answers(
     import (it is not done twice), then reads the real links."""
     real_import = netlink._import_iproute
     imports: list[float] = []
+    importing = threading.Event()
 
     def slow_import() -> tuple[Any, type[Exception]]:
         imports.append(time.monotonic())
-        time.sleep(0.5)
+        importing.set()
+        time.sleep(0.5)  # the slow import the first call must wait for (the behaviour)
         return real_import()
 
     monkeypatch.setattr(netlink, "_imported", None)
     monkeypatch.setattr(netlink, "_import_iproute", slow_import)
     warm = threading.Thread(target=netlink.warm_up)
     warm.start()
-    while not imports:
-        time.sleep(0.01)
+    assert importing.wait(10)
     links = netlink.NetlinkLinks().list_links()  # the first call, mid-import
     warm.join(10)
     assert any(link.name == "lo" for link in links)

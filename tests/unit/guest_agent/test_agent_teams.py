@@ -78,8 +78,7 @@ def test_snapshot_waits_for_the_start_up_set_up_of_an_agent_owned_team() -> None
     setting_up = threading.Thread(target=t.set_up_owned, args=(deadline_in(5),))
     setting_up.start()
     try:
-        while ("enslave", "enp2s0", "bond0") not in fake.calls:
-            time.sleep(0.01)
+        fake.await_(lambda: ("enslave", "enp2s0", "bond0") in fake.calls, "the enslave")
         assert t.states()[0].active_member == "enp1s0", "half-built, as a plain read sees it"
         links, states = t.snapshot(deadline_in(5))
     finally:
@@ -103,8 +102,9 @@ def test_snapshot_of_a_team_busy_past_its_deadline_is_read_as_it_is(fake: FakeLi
             outcome.append(exc)
 
     switching = threading.Thread(target=switch)
+    waits = fake.waits
     switching.start()
-    time.sleep(0.2)
+    fake.waiting(waits, "the switch's wait for its standby's carrier")
     started = time.monotonic()
     _, states = t.snapshot(deadline_in(0.3))
     took = time.monotonic() - started
@@ -177,8 +177,13 @@ def test_no_handover_under_follow() -> None:
     fake = FakeLinks()
     build_scene(fake, fail_over_mac=FailOverMac.ACTIVE)
     t = teams(fake, mac_policy=MacPolicy.FOLLOW, mac=None)
-    t.use_standby("lan", False, deadline_in(2))
+    assert fake.get("bond0").bond.active_slave == fake.get("enp2s0").index  # type: ignore[union-attr]
+    result = t.use_standby("lan", False, deadline_in(2))
     assert "set_all_slaves_active" not in [c[0] for c in fake.calls]
+    # ...and the switch did happen: the standby is the bond's active member
+    assert ("set_active_slave", "bond0", "enp1s0") in fake.calls
+    assert fake.get("bond0").bond.active_slave == fake.get("enp1s0").index  # type: ignore[union-attr]
+    assert result.team.active_member == "enp1s0"
     fake.close()
 
 
@@ -337,8 +342,11 @@ def test_bind_policy_none_never_touches_macs(fake: FakeLinks) -> None:
     t = teams(fake, mac_policy=MacPolicy.NONE, mac=None)
     switched_and_unplugged(fake, t)
     fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
-    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    result = t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
     assert not [call for call in fake.calls if call[0] == "set_mac"]
+    # ...and the bind did happen: the new device is the bond's active member
+    assert result.team.active_member == "enp3s0"
+    assert fake.get("bond0").bond.active_slave == fake.get("enp3s0").index  # type: ignore[union-attr]
 
 
 def test_bind_waits_for_udev_rename(fake: FakeLinks) -> None:

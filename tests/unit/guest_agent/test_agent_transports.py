@@ -250,7 +250,7 @@ def test_host_eof_leaves_the_relay_serving(port: Port) -> None:
     port.host.sendall(hello())
     read_exactly(port.host, 32)
     port.host.shutdown(socket.SHUT_WR)  # reads on the guest side now return EOF forever
-    time.sleep(0.3)
+    time.sleep(0.3)  # a window for the relay to (wrongly) end on that EOF
     assert port.thread.is_alive()
     started = time.monotonic()
     port.relay.stop()

@@ -36,7 +36,7 @@ def test_a_second_turn_waits_for_the_first_to_be_released(short_tmp: Path) -> No
         )
     )
     waiter.start()
-    time.sleep(0.5)
+    time.sleep(0.5)  # the first holds its turn 0.5 s: the second's wait is what is measured
     assert not got, "the second turn did not wait"
     first.release()
     waiter.join(5)

@@ -87,8 +87,10 @@ def test_domain_without_devices_or_metadata() -> None:
 
 
 def test_foreign_metadata_is_ignored() -> None:
-    xml = minimal_domain(metadata="<x:teams xmlns:x='urn:other'><junk/></x:teams>")
-    assert parse_domain(xml).teams is None
+    xml = minimal_domain(metadata="<x:teams xmlns:x='urn:other'><junk/></x:teams>", name="web1")
+    info = parse_domain(xml)
+    assert info.teams is None
+    assert info.name == "web1"  # the domain itself was read
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,16 @@ import urllib.request
 
 import pytest
 
-from host.metrics import MetricsError, PrometheusObserver, parse_listen, serve, standby_seconds
+from host.metrics import (
+    ALERTED_OUTCOMES,
+    MetricsError,
+    PrometheusObserver,
+    parse_listen,
+    serve,
+    standby_seconds,
+)
 from host.workflow.model import MigrationReport, Outcome, PhaseTiming
+from host.workflow.observer import HostPass, PoolUse
 
 pytest.importorskip("prometheus_client")
 
@@ -74,6 +82,55 @@ def test_repairs_degraded_teams_agent_calls_and_pools() -> None:
     )
     assert sample(observer, "ptmig_pool_free_devices", host="qemu:///a", pool="lan-vfs") == 2
     assert sample(observer, "ptmig_pool_devices", host="qemu:///a", pool="lan-vfs") == 7
+
+
+def test_the_outcomes_alerts_count_are_exported_from_zero() -> None:
+    """A counter's first failure must be an increase a rule can see, not a new series at 1."""
+    observer = PrometheusObserver()
+    for outcome in ALERTED_OUTCOMES:
+        assert sample(observer, "ptmig_migrations_total", outcome=str(outcome)) == 0
+    observer.migration_finished(report(Outcome.FAILED))
+    assert sample(observer, "ptmig_migrations_total", outcome="failed") == 1
+
+
+def test_a_reconciler_pass_replaces_its_hosts_view() -> None:
+    observer = PrometheusObserver()
+    observer.host_passed(
+        "qemu:///a",
+        HostPass(
+            {"web1": True, "db1": False}, (PoolUse("lan", 4, 0, 4), PoolUse("wan", 2, None, 1))
+        ),
+    )
+    observer.host_passed("qemu:///b", HostPass({"web2": True}))
+    assert sample(observer, "ptmig_agent_up", host="qemu:///a", domain="web1") == 1
+    assert sample(observer, "ptmig_agent_up", host="qemu:///a", domain="db1") == 0
+    assert sample(observer, "ptmig_pool_free_devices", host="qemu:///a", pool="lan") == 0
+    assert sample(observer, "ptmig_pool_devices", host="qemu:///a", pool="lan") == 4
+    assert sample(observer, "ptmig_pool_teams", host="qemu:///a", pool="lan") == 4
+    # a pool whose free devices cannot be counted has no free sample (not a false 0)
+    assert sample(observer, "ptmig_pool_free_devices", host="qemu:///a", pool="wan") is None
+    assert sample(observer, "ptmig_pool_teams", host="qemu:///a", pool="wan") == 1
+    passed = sample(observer, "ptmig_reconcile_last_pass_timestamp_seconds", host="qemu:///a")
+    assert passed is not None and passed > 1.7e9
+
+    # db1 left host a, and pool wan with it; host b is untouched
+    observer.host_passed("qemu:///a", HostPass({"web1": True}, (PoolUse("lan", 4, 1, 3),)))
+    assert sample(observer, "ptmig_agent_up", host="qemu:///a", domain="db1") is None
+    assert sample(observer, "ptmig_pool_teams", host="qemu:///a", pool="wan") is None
+    assert sample(observer, "ptmig_pool_free_devices", host="qemu:///a", pool="lan") == 1
+    assert sample(observer, "ptmig_agent_up", host="qemu:///b", domain="web2") == 1
+
+
+def test_a_pool_listing_updates_counts_and_keeps_the_teams_a_pass_counted() -> None:
+    observer = PrometheusObserver()
+    observer.pool_free("qemu:///a", "lan", 2, 4)  # before any pass: no teams known
+    assert sample(observer, "ptmig_pool_free_devices", host="qemu:///a", pool="lan") == 2
+    assert sample(observer, "ptmig_pool_teams", host="qemu:///a", pool="lan") is None
+    assert sample(observer, "ptmig_reconcile_last_pass_timestamp_seconds", host="qemu:///a") is None
+    observer.host_passed("qemu:///a", HostPass({}, (PoolUse("lan", 4, 2, 2),)))
+    observer.pool_free("qemu:///a", "lan", 0, 4)
+    assert sample(observer, "ptmig_pool_free_devices", host="qemu:///a", pool="lan") == 0
+    assert sample(observer, "ptmig_pool_teams", host="qemu:///a", pool="lan") == 2
 
 
 def test_the_endpoint_serves_the_registry_and_stops() -> None:

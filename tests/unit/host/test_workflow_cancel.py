@@ -82,10 +82,8 @@ def test_cancel_during_the_migration_job_aborts_it_and_rolls_back(
         target=lambda: reports.append(world.coordinator(journal).migrate(REQUEST, Events()))
     )
     runner.start()
-    deadline = time.monotonic() + 10
-    while not world.hosts[A].domains[VM1.uuid].job_running:
-        assert time.monotonic() < deadline, "the migration job never started"
-        time.sleep(0.01)
+    assert world.job_started.wait(10), "the migration job never started"
+    assert world.hosts[A].domains[VM1.uuid].job_running
     t0 = time.monotonic()
     with Journal(journal_path) as other:
         answer = world.coordinator(other).cancel("vm1", requested_by="the test", wait=15)
@@ -303,8 +301,7 @@ def test_two_takers_that_both_saw_it_free_end_with_one_holder(world: World) -> N
 
     outcomes: dict[str, str] = {}
 
-    def take(lease: DomainLease, delay: float) -> None:
-        time.sleep(delay)
+    def take(lease: DomainLease) -> None:
         try:
             lease.take(dom)
             outcomes[lease.workflow_id] = "holds"
@@ -314,8 +311,8 @@ def test_two_takers_that_both_saw_it_free_end_with_one_holder(world: World) -> N
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DomainLease, "read", staticmethod(read_together))
         threads = [
-            threading.Thread(target=take, args=(first, 0)),
-            threading.Thread(target=take, args=(second, 0.02)),
+            threading.Thread(target=take, args=(first,)),  # both read "free" (the
+            threading.Thread(target=take, args=(second,)),  # barrier), then both write
         ]
         for t in threads:
             t.start()

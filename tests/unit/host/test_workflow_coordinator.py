@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 from workflow_fakes import (
+    POOL,
     POOL_SLOTS,
     VM1,
+    VM2,
     A,
     B,
     Events,
@@ -463,6 +465,80 @@ def test_stopping_the_reconciler_waits_for_its_repair_and_closes_the_workflow(
     assert not stopper.is_alive()
     assert journal.open_workflows() == []
     assert world.modes("vm1") == on("primary")
+
+
+def test_a_reconciler_pass_tells_the_metrics_agents_pools_and_degraded_teams(
+    journal: Journal,
+) -> None:
+    """What the alerting rules read (packaging/host/monitoring), from a real pass."""
+    pytest.importorskip("prometheus_client")
+    from host.metrics import PrometheusObserver
+
+    world = World((VM1, VM2), slots={A: 4})
+    coordinator = world.coordinator(journal)
+    observer = PrometheusObserver()
+    coordinator.observer = observer
+
+    def sample(name: str, **labels: str) -> float | None:
+        return observer.registry.get_sample_value(name, labels)
+
+    coordinator.reconcile(A)
+    assert sample("ptmig_agent_up", host=A, domain="vm1") == 1
+    assert sample("ptmig_agent_up", host=A, domain="vm2") == 1
+    # vm1's two teams and vm2's name the pool; every device is theirs or free
+    assert sample("ptmig_pool_teams", host=A, pool=POOL) == 2 + len(VM2.teams)
+    used = sum(1 for t in (*VM1.teams, *VM2.teams) if t.slot is not None)
+    assert sample("ptmig_pool_free_devices", host=A, pool=POOL) == 4 - used
+    assert sample("ptmig_pool_devices", host=A, pool=POOL) == 4
+    assert sample("ptmig_degraded_teams", host=A) == 0
+    first = sample("ptmig_reconcile_last_pass_timestamp_seconds", host=A)
+    assert first is not None and first > 0
+
+    # vm2's agent stops answering: the next pass says so, and only for vm2
+    def unavailable(_subject: str, _timeout: float | None) -> None:
+        raise AgentError("UNAVAILABLE", "cannot reach the guest agent")
+
+    world.agent_before[("vm2", "GetState")] = unavailable
+    coordinator.reconcile(A)
+    assert sample("ptmig_agent_up", host=A, domain="vm2") == 0
+    assert sample("ptmig_agent_up", host=A, domain="vm1") == 1
+
+    # vm1 leaves A: its series leave with it; B counts its teams, now degraded
+    world.set_slots(B, 0)
+    assert coordinator.migrate(REQUEST).outcome is Outcome.DONE_DEGRADED
+    coordinator.reconcile(A)
+    coordinator.reconcile(B)
+    assert sample("ptmig_agent_up", host=A, domain="vm1") is None
+    assert sample("ptmig_agent_up", host=B, domain="vm1") == 1
+    assert sample("ptmig_pool_teams", host=B, pool=POOL) == 2
+    assert sample("ptmig_pool_free_devices", host=B, pool=POOL) == 0
+    assert sample("ptmig_degraded_teams", host=B) == 2
+
+
+def test_a_migration_that_raises_counts_as_failed(
+    world: World, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect that escapes the workflow still counts, or 'migrations failing' misses it."""
+    pytest.importorskip("prometheus_client")
+    from host.metrics import PrometheusObserver
+    from host.workflow import coordinator as coordinator_module
+
+    coordinator = world.coordinator(journal)
+    coordinator.observer = observer = PrometheusObserver()
+    assert coordinator.migrate(REQUEST).outcome is Outcome.DONE
+
+    def broken(self: object) -> None:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(coordinator_module.MigrationWorkflow, "run", broken)
+    with pytest.raises(RuntimeError, match="a defect"):
+        coordinator.migrate(MigrationRequest("vm1", B, A))
+
+    def count(outcome: str) -> float | None:
+        return observer.registry.get_sample_value("ptmig_migrations_total", {"outcome": outcome})
+
+    assert (count("done"), count("failed")) == (1, 1)
+    assert journal.recent(1)[0].outcome == "failed"
 
 
 # -- the ptmig CLI -------------------------------------------------------------------------

@@ -1065,6 +1065,7 @@ class FakeDomain:
         if not seconds or record is None:
             return
         record.job_running, record.aborted = True, False
+        self.world.job_started.set()
         deadline = time.monotonic() + seconds
         try:
             while time.monotonic() < deadline and not record.aborted:
@@ -1264,6 +1265,8 @@ class World:
         self.agents_open = 0
         #: How long a migration job runs before the VM moves (0: at once).
         self.migration_job_s = 0.0
+        #: Set when such a job starts running: where a test cancels or interrupts it.
+        self.job_started = threading.Event()
         for host in self.hosts.values():
             host.networks["default"] = (
                 "<network><name>default</name><forward mode='nat'/>"

@@ -96,7 +96,7 @@ def test_a_real_stream_over_loopback(tmp_path: Path) -> None:
     reader.start()
     stream = TcpStream("127.0.0.1", tmp_path / "tcp.tsv", port=port, rate=4 << 20)
     stream.start()
-    time.sleep(1.0)
+    time.sleep(1.0)  # a second of stream: what the report below measures, not a wait
     report = stream.stop()
     server.close()
     assert 0.8 < report.duration_s < 2.0

@@ -466,7 +466,7 @@ def test_no_replies_keep_the_rate(netns: str, tmp_path: Path) -> None:
     with FixedRatePinger(
         "127.0.0.1", tmp_path / "silent.tsv", rate=1000, prefix=["ip", "netns", "exec", netns]
     ) as pinger:
-        time.sleep(1.0)
+        time.sleep(1.0)  # a second of pings: the run measured, not a wait
         rec = pinger.stop()
     rep = analyze(rec)
     print(rep.format_table())
@@ -483,6 +483,7 @@ def test_outage_is_measured_and_the_rate_kept(netns: str, tmp_path: Path) -> Non
         "127.0.0.1", tmp_path / "outage.tsv", rate=1000, prefix=["ip", "netns", "exec", netns]
     ) as pinger:
         t_start = time.time()
+        # The run's phases (0.5 s, a 0.3 s outage, 0.5 s) are what is measured, not waits.
         time.sleep(0.5)
         t1 = time.time()
         set_echo_ignore(netns, True)

@@ -37,12 +37,19 @@ MAN_PAGES = {
     "/usr/share/man/man5/ptmigd.toml.5.gz",
 }
 COMPLETION = "/usr/share/bash-completion/completions/ptmig"
+#: Installed path -> the repository's file (not conffiles: the operator copies them).
+MONITORING = {
+    "/usr/share/ptmig/monitoring/ptmig-alerts.yml": PACKAGING / "host/monitoring/ptmig-alerts.yml",
+    "/usr/share/ptmig/monitoring/ptmig-dashboard.json": PACKAGING
+    / "host/monitoring/ptmig-dashboard.json",
+}
 FILES = {
     "/usr/bin/ptmig",
     "/usr/sbin/ptmigd",
     "/etc/ptmig/ptmigd.toml",
     COMPLETION,
     *MAN_PAGES,
+    *MONITORING,
     f"{PRIVATE}/host/cli.py",
     f"{PRIVATE}/host/daemon/main.py",
     f"{PRIVATE}/host/hypervisor.py",
@@ -84,6 +91,13 @@ def test_deb_files(packages: Packages) -> None:
     assert listing["/usr/bin/ptmig"] == listing["/usr/sbin/ptmigd"] == "-rwxr-xr-x"
     result = run("dpkg-deb", "-I", packages.deb, "conffiles")
     assert result.stdout.split() == ["/etc/ptmig/ptmigd.toml"]
+
+
+def test_the_monitoring_files_are_the_repositorys(packages: Packages, deb_root: Path) -> None:
+    listing = deb_listing(packages.deb)
+    for installed, source in MONITORING.items():
+        assert listing[installed] == "-rw-r--r--"
+        assert (deb_root / installed.lstrip("/")).read_bytes() == source.read_bytes()
 
 
 def test_rpm_requires_and_files(packages: Packages) -> None:
@@ -300,8 +314,10 @@ def test_metrics_serve_on_the_distribution_prometheus_client(deb_root: Path) -> 
     code = (
         f"import sys, urllib.request; sys.path.insert(0, {str(tree)!r})\n"
         "from host.metrics import PrometheusObserver, serve\n"
+        "from host.workflow.observer import HostPass, PoolUse\n"
         "observer = PrometheusObserver()\n"
         "observer.repair_finished('web1', 'repaired')\n"
+        "observer.host_passed('qemu:///a', HostPass({'web1': False}, (PoolUse('lan', 4, 0, 2),)))\n"
         "server = serve(observer, '127.0.0.1:0')\n"
         "url = 'http://%s:%d/metrics' % server.address\n"
         "print(urllib.request.urlopen(url, timeout=10).read().decode())\n"
@@ -310,3 +326,5 @@ def test_metrics_serve_on_the_distribution_prometheus_client(deb_root: Path) -> 
     result = run(SYSTEM_PYTHON, "-I", "-c", code)
     assert result.returncode == 0, result.stderr
     assert 'ptmig_repairs_total{outcome="repaired"} 1.0' in result.stdout
+    assert 'ptmig_agent_up{domain="web1",host="qemu:///a"} 0.0' in result.stdout
+    assert 'ptmig_pool_teams{host="qemu:///a",pool="lan"} 2.0' in result.stdout
