@@ -44,14 +44,29 @@ install_debian_packages() {
   apt-get "${apto[@]}" install -y -q --no-install-recommends \
     debootstrap e2fsprogs iproute2 iputils-ping procps psmisc kmod ca-certificates \
     python3 python3-venv python3-dev gcc pkg-config make git \
-    python3-grpcio python3-protobuf python3-pyroute2 rpm \
-    prometheus  # for promtool (tests/unit/packaging/test_alert_rules.py); its server is not used
+    python3-grpcio python3-protobuf python3-pyroute2 rpm
   apt-get "${apto[@]}" -t bookworm-backports install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils qemu-system-common libvirt-daemon libvirt-daemon-driver-qemu \
     libvirt-daemon-driver-network \
     libvirt-clients libvirt-dev \
     python3-libvirt python3-rich python3-prometheus-client man-db
   touch "$stamp"
+}
+
+# promtool tests the alerting rules the host package ships.  Debian has it only in the
+# prometheus package, whose install would also enable and start a Prometheus server: its
+# .deb is unpacked into the cache instead and promtool run from there.
+install_promtool() {
+  local dir=$cache/promtool
+  [ -x "$dir/usr/bin/promtool" ] && return 0
+  log "unpacking promtool from Debian's prometheus package"
+  rm -rf "$dir" && mkdir -p "$dir/deb"
+  (cd "$dir/deb" && apt-get -o APT::Sandbox::User=root -o "Dir::State::Lists=$cache/apt/lists" \
+     -o "Dir::Etc::SourceList=$cache/apt/backports.list" download prometheus)
+  dpkg-deb -x "$dir"/deb/prometheus_*.deb "$dir/unpacked"
+  mkdir -p "$dir/usr/bin"
+  mv "$dir/unpacked/usr/bin/promtool" "$dir/usr/bin/promtool"
+  rm -rf "$dir/deb" "$dir/unpacked"
 }
 
 install_python_env() {
@@ -76,9 +91,10 @@ compile_checkout() {
 }
 
 install_debian_packages
+install_promtool
 install_python_env
 compile_checkout
-export PATH=$venv/bin:$PATH
+export PATH=$venv/bin:$cache/promtool/usr/bin:$PATH
 
 case "$job" in
   setup) log "ready: . $venv/bin/activate" ;;

@@ -2,7 +2,8 @@
 (packaging/host/monitoring): promtool checks the rules and runs their tests on synthetic
 series (ptmig-alerts.test.yml), and every metric they name is one ptmigd exports.
 
-promtool is Debian's prometheus package (scripts/bootstrap.sh installs it).  In CI
+promtool comes from Debian's prometheus package (scripts/bootstrap.sh unpacks it into the
+cache and puts it on PATH).  In CI
 (CI=true) a missing promtool fails these tests; elsewhere they are skipped with a reason.
 """
 
@@ -32,7 +33,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         message = (
-            "promtool not installed (Debian: apt-get install prometheus; scripts/bootstrap.sh)"
+            "promtool not on PATH (scripts/bootstrap.sh unpacks it from Debian's prometheus .deb)"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
