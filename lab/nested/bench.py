@@ -6,7 +6,10 @@ nothing moves, searched first), three cases move the same L2 guest there and bac
 * ``plain``: both teams on their virtio standbys, no passthrough device plugged, libvirt's
   own p2p migration: the floor the other two are measured against;
 * ``whole-nic``: ``ptmig migrate`` with team wan alone, its whole e1000e on vfio-pci;
-* ``vf+whole-nic``: ``ptmig migrate`` with team lan on an igb VF beside team wan.
+* ``vf+whole-nic``: ``ptmig migrate`` with team lan on an igb VF beside team wan;
+
+and, with both teams on their standbys, a bare hot-plug of each kind of device by libvirt
+alone (no agent, no bind): what the plug itself costs the guest's traffic.
 
 For each ptmig move: the report's phases, the loss per phase and team, and, from the
 guest's own ``ip monitor link`` record, when each team's new device appeared in the guest
@@ -30,6 +33,7 @@ import libvirt
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
+from lab.nested.l1 import WIRE_NICS
 from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri, uri
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class Move:
     #: team -> seconds from the bind phase's start to the device appearing / having
     #: carrier in the guest, and to the team back on it (the bind phase's end)
     plug: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: team -> outages (start, end in seconds from the bind's or plug's start; lost)
+    outages: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,12 +163,94 @@ def ptmig_move(lab: VfioLab, case: str, teams: list[str], rate: int, offset: flo
     move.phases = {p["name"]: p["seconds"] for p in report["phases"]}
     stats = report.get("migration") or {}
     move.downtime_ms = stats.get("downtime_ms")
-    for team, p in pingers.items():
-        move.lost[team] = {ph["name"]: ph["lost"] for ph in p.stop_and_analyze(spans)["phases"]}
     bind = next(((s, e) for n, s, e in spans if n == "bind"), None)
+    for team, p in pingers.items():
+        traffic = p.stop_and_analyze(spans)
+        move.lost[team] = {ph["name"]: ph["lost"] for ph in traffic["phases"]}
+        if bind:
+            move.outages[team] = outages_from(traffic, bind[0], "bind")
     if bind and proc.returncode == 0:
         move.plug = plug_times(lab, teams, bind, offset)
     return move
+
+
+def outages_from(
+    traffic: dict[str, Any], origin: float, phase: str
+) -> list[tuple[float, float, int]]:
+    """The outages of *phase*, in seconds from *origin* (L0 epoch); the analysis has them
+    on L1's clock, shifted back by the offset the pinger measured."""
+    shift = traffic.get("clock_offset_s", 0.0)
+    return [
+        (
+            round(o["start_ns"] / 1e9 - shift - origin, 2),
+            round(o["end_ns"] / 1e9 - shift - origin, 2),
+            o["lost"],
+        )
+        for o in traffic["outages"]
+        if o["phase"] == phase
+    ]
+
+
+def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float = 15.0) -> Move:
+    """Attach one device with libvirt alone while both teams run on their standbys, under
+    ping; detach it again.  No agent call: what the guest loses is the plug's own cost."""
+    on = lab.where()
+    dev = lab.state.hosts[on]
+    alias = f"ua-bench-{kind}"
+    if kind == "whole-nic":
+        domain, bus, slot_fn = dev.whole_pci.split(":")[0], *dev.whole_pci.split(":")[1:]
+        slot, fn = slot_fn.split(".")
+        xml = (
+            f"<hostdev mode='subsystem' type='pci' managed='yes'><source><address "
+            f"domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/></source>"
+            f"<alias name='{alias}'/></hostdev>"
+        )
+    else:
+        xml = (
+            f"<interface type='network'><source network='ptmig-pool-{co.VF_POOL}'/>"
+            f"<mac address='52:54:00:aa:00:01'/><alias name='{alias}'/></interface>"
+        )
+    pingers = {t: L1Pinger(lab, TEAM_IPS[t], f"bare-{kind}-{t}", rate) for t in TEAM_IPS}
+    for p in pingers.values():
+        p.start()
+    time.sleep(2)
+    started = time.time()
+    lab.domain(on).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    called = time.time() - started
+    time.sleep(max(0.0, settle - called))
+    spans = [("plug", started, started + settle)]
+    move = Move(f"bare-{kind}", on, on, 0, round(called, 2), {"attach_call": round(called, 2)})
+    for team, p in pingers.items():
+        traffic = p.stop_and_analyze(spans)
+        move.lost[team] = {ph["name"]: ph["lost"] for ph in traffic["phases"]}
+        move.outages[team] = outages_from(traffic, started, "plug")
+    events = link_events(lab, started - 1, offset)
+    mac = (  # the VF: the MAC libvirt set through the PF; the whole NIC: its burned-in one
+        "52:54:00:aa:00:01"
+        if kind == "vf"
+        else next(n.mac for n in WIRE_NICS if n.host == on and n.model == "e1000e")
+    )
+    new = [
+        (t, text)
+        for t, text in events
+        if "bond" not in text and "master" not in text and mac in text
+    ]
+    appeared = new[0][0] - started if new else -1.0
+    carrier = next(
+        (t - started for t, text in new if "LOWER_UP" in text and "NO-CARRIER" not in text), -1.0
+    )
+    move.plug = {kind: {"appeared_s": round(appeared, 2), "carrier_s": round(carrier, 2)}}
+    lab.domain(on).detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    _wait_gone(lab, on, alias)
+    return move
+
+
+def _wait_gone(lab: VfioLab, on: str, alias: str) -> None:
+    deadline = time.monotonic() + 60
+    while f"'{alias}'" in lab.domain(on).XMLDesc(0):
+        if time.monotonic() > deadline:
+            raise VfioLabError(f"{alias} was not released by the guest in 60 s")
+        time.sleep(0.5)
 
 
 def plain_move(lab: VfioLab, rate: int) -> Move:
@@ -195,11 +283,7 @@ def unplug_all(lab: VfioLab) -> None:
         if team["primary"]:
             alias = team["primary"]["alias"]
             lab.domain(on).detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            deadline = time.monotonic() + 60
-            while f"'{alias}'" in lab.domain(on).XMLDesc(0):
-                if time.monotonic() > deadline:
-                    raise VfioLabError(f"{alias} was not released by the guest in 60 s")
-                time.sleep(0.5)
+            _wait_gone(lab, on, alias)
 
 
 def run(lab: VfioLab, rates: tuple[int, ...]) -> BenchResult:
@@ -227,6 +311,7 @@ def run(lab: VfioLab, rates: tuple[int, ...]) -> BenchResult:
     moves += [ptmig_move(lab, "whole-nic", ["wan"], rate, offset) for _ in range(2)]
     unplug_all(lab)
     moves += [plain_move(lab, rate) for _ in range(2)]
+    moves += [bare_plug(lab, kind, rate, offset) for kind in ("whole-nic", "vf")]
     co.team_set(lab, "lan", "preserve")
     co.to_primary(lab, timeout=300)
     return BenchResult(lab.state.qemu, rate, idle, round(error, 3), moves)

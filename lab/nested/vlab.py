@@ -356,4 +356,5 @@ class L1Pinger:
         ).check()
         report: dict[str, Any] = json.loads(out[out.index("{") :])
         report["clock_error_s"] = round(error, 3)
+        report["clock_offset_s"] = round(offset, 6)  # L1's clock minus L0's
         return report
