@@ -33,7 +33,6 @@ import libvirt
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
-from lab.nested.l1 import WIRE_NICS
 from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri, uri
 
 log = logging.getLogger(__name__)
@@ -210,6 +209,7 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
             f"<interface type='network'><source network='ptmig-pool-{co.VF_POOL}'/>"
             f"<mac address='52:54:00:aa:00:01'/><alias name='{alias}'/></interface>"
         )
+    before = set(lab.exec("ls /sys/class/net").check().split())
     pingers = {t: L1Pinger(lab, TEAM_IPS[t], f"bare-{kind}-{t}", rate) for t in TEAM_IPS}
     for p in pingers.values():
         p.start()
@@ -225,17 +225,9 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
         move.lost[team] = {ph["name"]: ph["lost"] for ph in traffic["phases"]}
         move.outages[team] = outages_from(traffic, started, "plug")
     events = link_events(lab, started - 1, offset)
-    mac = (  # the VF: the MAC libvirt set through the PF; the whole NIC: its burned-in one
-        "52:54:00:aa:00:01"
-        if kind == "vf"
-        else next(n.mac for n in WIRE_NICS if n.host == on and n.model == "e1000e")
-    )
-    new = [
-        (t, text)
-        for t, text in events
-        if "bond" not in text and "master" not in text and mac in text
-    ]
+    new = [(t, text) for t, text in events if _ifname(text) not in before]
     appeared = new[0][0] - started if new else -1.0
+    # nothing brings the new link up (no agent call), so it has no carrier to wait for
     carrier = next(
         (t - started for t, text in new if "LOWER_UP" in text and "NO-CARRIER" not in text), -1.0
     )
@@ -243,6 +235,12 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
     lab.domain(on).detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     _wait_gone(lab, on, alias)
     return move
+
+
+def _ifname(monitor_line: str) -> str:
+    """The link an ``ip -o monitor link`` line is about ("3: eth2@NONE: <...>" -> eth2)."""
+    m = re.match(r"\s*\d+: ([^:@ ]+)", monitor_line)
+    return m.group(1) if m else ""
 
 
 def _wait_gone(lab: VfioLab, on: str, alias: str) -> None:
@@ -330,7 +328,8 @@ def table(result: BenchResult) -> str:
             for t, phases in m.lost.items()
         )
         plug = "; ".join(
-            f"{t} {p['appeared_s']}/{p['carrier_s']}/{p['on_primary_s']}" for t, p in m.plug.items()
+            f"{t} {p['appeared_s']}/{p['carrier_s']}/{p.get('on_primary_s', '-')}"
+            for t, p in m.plug.items()
         )
         lines.append(
             f"{m.case:<13} {m.source + '->' + m.destination:<13} {m.exit_code:>4} "
@@ -340,6 +339,14 @@ def table(result: BenchResult) -> str:
             + (f"; plug {plug}" if plug else "")
         )
     return "\n".join(lines)
+
+
+def load(path: Path) -> BenchResult:
+    """A run's JSON (``--out``) read back, to print its table again."""
+    data = json.loads(path.read_text())
+    moves = [Move(**m) for m in data.pop("moves")]
+    data["idle"] = {int(k): v for k, v in data["idle"].items()}
+    return BenchResult(**data, moves=moves)
 
 
 def main(rates: tuple[int, ...] = RATES, out: Path | None = None, as_json: bool = False) -> int:

@@ -105,3 +105,24 @@ def test_the_nested_qemu_is_keyed_by_its_recipe() -> None:
     assert base.key() == QemuRecipe(mirror="http://deb.example/debian").key()
     assert base.key() != QemuRecipe(mirror="http://other.example/debian").key()
     assert base.key() != QemuRecipe(mirror=base.mirror, backports="forky-backports").key()
+
+
+def test_bench_vfio_reads_its_json_back_and_names_links_from_the_monitor() -> None:
+    from lab.nested.bench import _ifname, load, outages_from, table
+
+    result = load(Path(__file__).parents[3] / "docs" / "benchmarks" / "vfio.json")
+    text = table(result)
+    assert f"{result.rate} echo requests/s" in text
+    assert len(text.splitlines()) == 2 + len(result.moves)
+    assert _ifname(" 3: va@vb: <BROADCAST,MULTICAST> mtu 1500") == "va"
+    assert _ifname("12: eth3: <NO-CARRIER,BROADCAST>") == "eth3"
+    assert _ifname("Deleted 12: eth3: <>") == ""
+    traffic = {
+        "clock_offset_s": 2.0,
+        "outages": [
+            {"start_ns": 105_500_000_000, "end_ns": 106_000_000_000, "lost": 100, "phase": "bind"},
+            {"start_ns": 90_000_000_000, "end_ns": 90_100_000_000, "lost": 20, "phase": "migrate"},
+        ],
+    }
+    # L1's clock is 2 s ahead: the outage starts 3.5 s after a bind that began at L0's 100 s
+    assert outages_from(traffic, 100.0, "bind") == [(3.5, 4.0, 100)]
