@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None, *, coordinator: Coordinator | None =
     reconciler = None
     if args.reconcile:
         from host.workflow.coordinator import Coordinator as WorkflowCoordinator
-        from host.workflow.coordinator import Reconciler
+        from host.workflow.reconcile import Reconciler
 
         if not isinstance(coordinator, WorkflowCoordinator):
             print("ptmigd: --reconcile needs the workflow coordinator", file=sys.stderr)

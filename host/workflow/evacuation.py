@@ -19,8 +19,9 @@ Domains without teams are skipped, or with ``include_untied`` moved by a plain l
 migration (no workflow, no journal record: there are no teams to keep).
 
 Locks: the journal's (one SQLite connection, its lock held for one statement or one
-write transaction, never across a step), this module's for its own counters and for
-calling *on_event* (one event at a time), the domain's lease (one domain).  None is
+write transaction, never across a step), this module's for calling *on_event* (one
+event at a time; the results are each worker's own slot), the domain's lease (one
+domain).  None is
 held across domains, so N workers run N migrations side by side (the coordinator-scale
 benchmark, docs/benchmarks/coordinator-scale.md, measures it).
 """
@@ -34,12 +35,11 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from host.domain.domain_xml import parse_domain
-from host.domain.pools import parse_pool_network
-from host.hypervisor import HypervisorError
+from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.guest import PreflightError, WorkflowError
+from host.workflow.inventory import free_by_pool
 from host.workflow.journal import WorkflowConflict
 from host.workflow.lease import LeaseHeld
 from host.workflow.model import (
@@ -50,12 +50,13 @@ from host.workflow.model import (
     EvacuationRequest,
     EvacuationTarget,
     Event,
+    MigrationReport,
     MigrationRequest,
     capped_parallel,
 )
 
-if TYPE_CHECKING:
-    from host.workflow.coordinator import Coordinator
+#: How an evacuation runs one domain's migration: ``Coordinator.migrate``.
+Migrate = Callable[[MigrationRequest, Callable[[Event], None], Callable[[], str]], MigrationReport]
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,14 @@ class Evacuation:
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        connect: Callable[[str], Hypervisor],
+        migrate: Migrate,
         request: EvacuationRequest,
         on_event: Callable[[EvacuationEvent], None],
         interrupted: Callable[[], str],
     ) -> None:
-        self.coordinator = coordinator
+        self.connect = connect
+        self.migrate = migrate
         self.request = request
         self.parallel, why = capped_parallel(request.parallel)
         if why:
@@ -155,7 +158,7 @@ class Evacuation:
     # -- plan --------------------------------------------------------------------------
 
     def plan(self) -> Plan:
-        with self.coordinator.connect(self.request.source_uri) as source:
+        with self.connect(self.request.source_uri) as source:
             candidates = []
             for xml in source.all_domain_xml():
                 try:
@@ -189,19 +192,8 @@ class Evacuation:
 
     def _free_devices(self, uri: str) -> dict[str, int]:
         """Free devices per pool on *uri*: what ``ptmig pools`` says, read once."""
-        from host.workflow.coordinator import pool_networks, pool_status
-
-        with self.coordinator.connect(uri) as hv:
-            domains = hv.all_domain_xml()
-            out = {}
-            for name, xml in pool_networks(hv):
-                try:
-                    pool = parse_pool_network(xml)
-                except Exception as exc:
-                    log.warning("evacuate: %s: pool network %s unreadable: %s", uri, name, exc)
-                    continue
-                out[pool.name] = pool_status(pool, domains).free or 0
-            return out
+        with self.connect(uri) as hv:
+            return free_by_pool(hv)
 
     # -- run ---------------------------------------------------------------------------
 
@@ -278,7 +270,7 @@ class Evacuation:
             )
 
         try:
-            report = self.coordinator.migrate(request, on_event, self._interrupted)
+            report = self.migrate(request, on_event, self._interrupted)
         except (PreflightError, LeaseHeld, WorkflowConflict) as exc:
             return DomainEvacuation(
                 c.name, c.uuid, target.uri, EvacuationOutcome.REFUSED, error=str(exc)
@@ -302,8 +294,8 @@ class Evacuation:
         self._emit(c.name, target.uri, "plain", "started")
         try:
             with (
-                self.coordinator.connect(self.request.source_uri) as source,
-                self.coordinator.connect(target.uri) as destination,
+                self.connect(self.request.source_uri) as source,
+                self.connect(target.uri) as destination,
             ):
                 dom = source.domain(c.uuid)
                 dom.migrate(
@@ -329,9 +321,9 @@ class Evacuation:
 
     def _runs_on_source_only(self, uuid: str, target_uri: str) -> bool:
         try:
-            with self.coordinator.connect(self.request.source_uri) as source:
+            with self.connect(self.request.source_uri) as source:
                 here = source.has_domain(uuid) and source.domain(uuid).is_active()
-            with self.coordinator.connect(target_uri) as target:
+            with self.connect(target_uri) as target:
                 there = target.has_domain(uuid) and target.domain(uuid).is_active()
         except HypervisorError:
             return False

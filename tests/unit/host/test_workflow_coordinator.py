@@ -521,7 +521,7 @@ def test_a_migration_that_raises_counts_as_failed(
     """A defect that escapes the workflow still counts, or 'migrations failing' misses it."""
     pytest.importorskip("prometheus_client")
     from host.metrics import PrometheusObserver
-    from host.workflow import coordinator as coordinator_module
+    from host.workflow.migration import MigrationWorkflow
 
     coordinator = world.coordinator(journal)
     coordinator.observer = observer = PrometheusObserver()
@@ -530,7 +530,7 @@ def test_a_migration_that_raises_counts_as_failed(
     def broken(self: object) -> None:
         raise RuntimeError("a defect")
 
-    monkeypatch.setattr(coordinator_module.MigrationWorkflow, "run", broken)
+    monkeypatch.setattr(MigrationWorkflow, "run", broken)
     with pytest.raises(RuntimeError, match="a defect"):
         coordinator.migrate(MigrationRequest("vm1", B, A))
 
