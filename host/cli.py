@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from host.domain.pools import PoolKind
+from host.domain.kinds import PoolKind
 from host.domain.teams import MAC_POLICIES
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ from host.agent_client.errors import AgentError, printable
 from host.agent_client.relay import Connector, SerialRelay
 from host.agent_client.replies import check, valid_name, validate_state, validate_team
 from host.agent_client.turns import ChannelTurn
+from host.domain.kinds import MacPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ class AgentEndpoint:
     serial: Connector | None = None
     vsock_cid: int | None = None
     vsock_port: int = 7031
+
+
+#: The contract's MacPolicy for each of ptmig's (None: unspecified, the agent's default).
+_MAC_POLICIES = {
+    None: pb.MAC_POLICY_UNSPECIFIED,
+    MacPolicy.PRESERVE: pb.MAC_POLICY_PRESERVE,
+    MacPolicy.FOLLOW: pb.MAC_POLICY_FOLLOW,
+    MacPolicy.NONE: pb.MAC_POLICY_NONE,
+}
 
 
 def new_operation_id() -> str:
@@ -182,7 +192,7 @@ class AgentClient:
         operation_id: str,
         pci_address: str = "",
         mac: str = "",
-        mac_policy: int = 0,
+        mac_policy: MacPolicy | None = None,
         timeout: float | None = None,
     ) -> pb.BindPrimaryResponse:
         wait = timeout or self.call_timeout
@@ -194,7 +204,7 @@ class AgentClient:
                 team=team,
                 pci_address=pci_address,
                 mac=mac,
-                mac_policy=mac_policy,
+                mac_policy=_MAC_POLICIES[mac_policy],
                 timeout_ms=int(wait * 1000 * 0.9),
             ),
             wait,

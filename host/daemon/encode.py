@@ -13,6 +13,7 @@ from typing import Any
 
 from ptmig.v1 import coordinator_pb2 as pb
 
+from host.domain.kinds import MacPolicy
 from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
 from host.migration_options import CopyStorage, InvalidMigrationOptions, MigrationOptions
@@ -156,7 +157,7 @@ def team_request(message: Any) -> TeamRequest:
         name=message.name,
         standby_mac=message.standby_mac,
         pool=message.pool,
-        mac_policy=message.mac_policy or "preserve",
+        mac_policy=message.mac_policy or MacPolicy.PRESERVE,  # checked by Team
         team_mac=message.team_mac or None,
         primary_alias=message.primary_alias or None,
     )
@@ -181,7 +182,7 @@ def outcome_enum(outcome: str | None) -> Any:
     """The Outcome enum for an outcome as the workflow or journal spells it (UNSPECIFIED
     for none, or for one the contract has no value for, like a refused migration's)."""
     try:
-        return _OUTCOMES[Outcome(outcome or "")]
+        return _OUTCOMES.get(Outcome(outcome or ""), pb.OUTCOME_UNSPECIFIED)
     except ValueError:
         return pb.OUTCOME_UNSPECIFIED
 
@@ -378,7 +379,7 @@ def failover_message(result: FailoverResult) -> Any:
         workflow_id=result.workflow_id,
         domain=result.domain,
         to=_TEAM_MODES[result.to],
-        teams=result.teams,
+        teams={name: str(mode) for name, mode in result.teams.items()},
         why=result.why,
     )
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.domain_xml import Hostdev, Interface
 from host.domain.errors import DomainModelError
+from host.domain.kinds import PoolKind
 from host.domain.names import (
     USER_ALIAS_PREFIX,
     check_ifname,
@@ -117,22 +118,26 @@ def attachment_for_slot(slot: Slot, *, alias: str, vf_mac: str | None = None) ->
         xml = emulated_nic_xml(
             alias=alias, mac=slot.mac, bridge=slot.bridge, tap=slot.tap, model=slot.model
         )
-        return Attachment(xml, PrimaryDevice("emulated", alias, mac=slot.mac, tap=slot.tap))
+        return Attachment(xml, PrimaryDevice(PoolKind.EMULATED, alias, mac=slot.mac, tap=slot.tap))
     if isinstance(slot, PciSlot):
         xml = pci_hostdev_xml(alias=alias, pci_address=slot.address)
-        return Attachment(xml, PrimaryDevice("pci", alias, pci_address=slot.address))
+        return Attachment(xml, PrimaryDevice(PoolKind.PCI, alias, pci_address=slot.address))
     if vf_mac is None:
         raise DomainModelError(f"pool {slot.pool}: a VF slot needs the MAC to program")
     xml = vf_interface_xml(alias=alias, network=slot.network, mac=vf_mac)
-    return Attachment(xml, PrimaryDevice("vf-network", alias, mac=vf_mac, network=slot.network))
+    return Attachment(
+        xml, PrimaryDevice(PoolKind.VF_NETWORK, alias, mac=vf_mac, network=slot.network)
+    )
 
 
 def primary_of_device(alias: str, device: Interface | Hostdev) -> PrimaryDevice:
     """The team record of a plugged device (one attached by hand, to be adopted)."""
     if isinstance(device, Hostdev):
-        return PrimaryDevice("pci", alias, pci_address=device.host_pci_address)
+        return PrimaryDevice(PoolKind.PCI, alias, pci_address=device.host_pci_address)
     if device.type in ("network", "hostdev") and device.network:
-        return PrimaryDevice("vf-network", alias, mac=device.mac, network=device.network)
+        return PrimaryDevice(PoolKind.VF_NETWORK, alias, mac=device.mac, network=device.network)
     if device.type == "hostdev" and device.host_pci_address:
-        return PrimaryDevice("pci", alias, mac=device.mac, pci_address=device.host_pci_address)
-    return PrimaryDevice("emulated", alias, mac=device.mac, tap=device.target_dev)
+        return PrimaryDevice(
+            PoolKind.PCI, alias, mac=device.mac, pci_address=device.host_pci_address
+        )
+    return PrimaryDevice(PoolKind.EMULATED, alias, mac=device.mac, tap=device.target_dev)

@@ -28,6 +28,7 @@ from ptmig.serial_session import AGENT_CHANNEL
 
 from host.domain.addresses import normalize_mac
 from host.domain.errors import DomainModelError, shown
+from host.domain.kinds import PoolKind
 from host.domain.names import check_alias
 from host.domain.teams import TEAMS_NS, PrimaryDevice, TeamSet, teams_from_element
 from host.domain.xmlmodel import GUEST_PCI, HOST_PCI, SOURCE_PCI, at, matches, read, value_at
@@ -209,9 +210,9 @@ def _is_primary(element: ET.Element, primary: PrimaryDevice) -> bool:
         return isinstance(device, Hostdev) or device.type == "hostdev"
     if not isinstance(device, Interface):
         return False
-    if primary.kind == "vf-network":
+    if primary.kind is PoolKind.VF_NETWORK:
         return device.network == primary.network and device.mac == primary.mac
-    if primary.kind == "emulated":
+    if primary.kind is PoolKind.EMULATED:
         if device.target_dev == primary.tap:
             return True
         return device.mac == primary.mac and device.model != "virtio"

@@ -39,7 +39,6 @@ such a race sees an attach error, re-reads, and picks again; nothing here locks.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from typing import Any, ClassVar
 from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain
 from host.domain.errors import DomainModelError, shown
+from host.domain.kinds import PoolKind as PoolKind  # where most callers look for it
 from host.domain.names import check_ifname, check_model, check_name
 from host.domain.xmlmodel import PCI, Codec, at, build, child, each, read, value_at
 from host.domain.xmltree import parse_xml, split_tag, to_text
@@ -57,14 +57,6 @@ POOL_NS_PREFIX = "ptmig"  # the XML namespace prefix of POOL_NS
 POOL_NETWORK_PREFIX = "ptmig-pool-"
 MAX_POOL_XML_CHARS = 1024 * 1024
 MAX_POOL_ENTRIES = 4096  # a PF has at most 256 VFs on today's cards; be generous
-
-
-class PoolKind(enum.StrEnum):
-    """What a pool holds; the same words name a primary's kind in the team metadata."""
-
-    VF_NETWORK = "vf-network"  # SR-IOV VFs behind a libvirt hostdev network
-    PCI = "pci"  # whole non-SR-IOV NICs
-    EMULATED = "emulated"  # emulated NICs on a bridge (the lab)
 
 
 def pool_network_name(pool: str) -> str:

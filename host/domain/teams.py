@@ -32,32 +32,26 @@ that holds it (host/domain/xmlmodel.py reads and writes from those declarations)
 from __future__ import annotations
 
 import dataclasses
+import enum
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, TypeVar
 
 from host.domain.addresses import normalize_mac, normalize_pci
 from host.domain.errors import DomainModelError, shown
+from host.domain.kinds import MacPolicy, PoolKind
 from host.domain.names import check_alias, check_ifname, check_name, check_network_name
 from host.domain.xmlmodel import at, build, child, read
 from host.domain.xmltree import to_text
 
-_Choice = TypeVar("_Choice", bound=str)
+_Choice = TypeVar("_Choice", bound=enum.StrEnum)
 
 TEAMS_NS = "https://ptmig.dev/xmlns/teams/1"
 TEAMS_PREFIX = "ptmig"
 
-MacPolicy = Literal["preserve", "follow", "none"]
-PrimaryKind = Literal["emulated", "pci", "vf-network"]
-
-_MAC_POLICIES: dict[str, MacPolicy] = {"preserve": "preserve", "follow": "follow", "none": "none"}
-_PRIMARY_KINDS: dict[str, PrimaryKind] = {
-    "emulated": "emulated",
-    "pci": "pci",
-    "vf-network": "vf-network",
-}
-MAC_POLICIES: tuple[MacPolicy, ...] = tuple(_MAC_POLICIES.values())
-PRIMARY_KINDS: tuple[PrimaryKind, ...] = tuple(_PRIMARY_KINDS.values())
+#: The MAC policies' words, in the order the CLI and error messages list them.
+MAC_POLICIES: tuple[str, ...] = tuple(str(p) for p in MacPolicy)
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,7 @@ class PrimaryDevice:
     XML_TAG: ClassVar[str] = "primary"
     XML_STRICT: ClassVar[tuple[str, ...]] = (".",)
 
-    kind: PrimaryKind = at("@kind")
+    kind: PoolKind = at("@kind")
     alias: str = at("@alias")
     mac: str | None = at("@mac", default=None)
     pci_address: str | None = at("@pci-address", default=None)
@@ -82,7 +76,7 @@ class PrimaryDevice:
 
     def __post_init__(self) -> None:
         where = f"primary {shown(self.alias)}"
-        _set(self, "kind", _choice(_PRIMARY_KINDS, self.kind, f"{where}: kind"))
+        _set(self, "kind", _choice(PoolKind, self.kind, f"{where}: kind", listed=sorted(PoolKind)))
         check_alias(self.alias, "primary alias")
         if self.mac is not None:
             _set(self, "mac", normalize_mac(self.mac, f"{where}: mac"))
@@ -128,7 +122,7 @@ class Team:
         check_name(self.name, "team name")
         where = f"team {self.name}"
         _set(self, "standby_mac", normalize_mac(self.standby_mac, f"{where}: standby-mac"))
-        _set(self, "mac_policy", _choice(_MAC_POLICIES, self.mac_policy, f"{where}: mac-policy"))
+        _set(self, "mac_policy", _choice(MacPolicy, self.mac_policy, f"{where}: mac-policy"))
         check_name(self.pool, f"{where}: pool")
         if self.team_mac is not None:
             _set(self, "team_mac", normalize_mac(self.team_mac, f"{where}: team-mac"))
@@ -203,12 +197,16 @@ def format_teams(teams: TeamSet, *, namespaced: bool = False) -> str:
     return to_text(build(teams, tag=f"{TEAMS_PREFIX}:teams" if namespaced else None))
 
 
-def _choice(choices: dict[str, _Choice], value: object, where: str) -> _Choice:
-    if not isinstance(value, str) or value not in choices:
+def _choice(
+    choices: type[_Choice], value: object, where: str, listed: Iterable[str] | None = None
+) -> _Choice:
+    """*value* as a member of the enum *choices*; *listed*: the order the error names them."""
+    if not isinstance(value, str) or value not in {str(c) for c in choices}:
         raise DomainModelError(
-            f"{where}: unknown value {shown(value)} (want one of {', '.join(choices)})"
+            f"{where}: unknown value {shown(value)} "
+            f"(want one of {', '.join(listed if listed is not None else map(str, choices))})"
         )
-    return choices[value]
+    return choices(value)
 
 
 def _attr(field: str) -> str:

@@ -124,7 +124,10 @@ def _running_migration(journal: Journal, domain: str) -> WorkflowRecord:
 
 
 def _outcome(text: str | None) -> Outcome | None:
+    """A migration's outcome as a cancel tells it: none for a refused one (it never
+    started, and the contract's Outcome has no refused)."""
     try:
-        return Outcome(text) if text else None
-    except ValueError:  # "refused"
+        outcome = Outcome(text) if text else None
+    except ValueError:
         return None
+    return None if outcome is Outcome.REFUSED else outcome

@@ -12,9 +12,9 @@ from typing import Any
 from host.domain.devices import primary_of_device
 from host.domain.domain_xml import DomainInfo
 from host.domain.errors import UnknownName
+from host.domain.kinds import PoolKind
 from host.domain.pools import (
     Pool,
-    PoolKind,
     format_pool_network,
     parse_pool_network,
     pool_network_name,

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ptmig.serial_session import AGENT_CHANNEL
 from ptmig.v1 import guest_agent_pb2 as pb
@@ -31,14 +31,9 @@ from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamS
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
 from host.workflow.drift import TeamCase, TeamDrift, classify_teams
+from host.workflow.model import TeamMode
 
 log = logging.getLogger(__name__)
-
-MAC_POLICY = {
-    "preserve": pb.MAC_POLICY_PRESERVE,
-    "follow": pb.MAC_POLICY_FOLLOW,
-    "none": pb.MAC_POLICY_NONE,
-}
 
 
 class WorkflowError(RuntimeError):
@@ -211,7 +206,7 @@ class GuestOnHost:
             operation_id=operation_id,
             pci_address=guest_pci,
             mac=primary.mac or "",
-            mac_policy=MAC_POLICY[team.mac_policy],
+            mac_policy=team.mac_policy,
             timeout=timeout,
         )
 
@@ -270,12 +265,12 @@ def _for_team(action: Callable[[Team], T]) -> Callable[[Team], T]:
 
 def to_primary(
     guest: GuestOnHost, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
-) -> str:
+) -> TeamMode:
     """Bind the team's recorded primary if the domain has it, else plug and bind a device
     of its pool: never wait on a device the live domain does not have."""
     if team.primary is not None and guest.dom.has_device(team.primary.alias):
         guest.bind(team, team.primary, operation_id, timeout)
-        return "primary"
+        return TeamMode.PRIMARY
     if team.primary is not None:
         emit(
             f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
@@ -289,8 +284,8 @@ def to_primary(
         refusal = mac_policy_refusal(team, pool, state) if state is not None else None
         if refusal:
             emit(refusal)
-            return "standby"
-    return str(plug_and_bind(guest, team, operation_id, timeout, emit)["result"])
+            return TeamMode.STANDBY
+    return plug_and_bind(guest, team, operation_id, timeout, emit).result
 
 
 def pool_on(hv: Hypervisor, team: Team) -> Pool | None:
@@ -340,17 +335,33 @@ def free_devices(hv: Hypervisor, pool: Pool | None) -> int:
     return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
 
 
+@dataclass(frozen=True)
+class BindResult:
+    """What plugging and binding a team's device came to: on its primary (the device the
+    guest bound and its alias) or left on its standby (and why)."""
+
+    team: str
+    result: TeamMode  # PRIMARY or STANDBY
+    detail: str = ""
+    device: str = ""
+    alias: str = ""
+
+    def journal(self) -> dict[str, str]:
+        """The journal's and the log's form: only the fields that say something."""
+        out = {"team": self.team, "result": str(self.result)}
+        if self.result is TeamMode.PRIMARY:
+            return {**out, "device": self.device, "alias": self.alias}
+        return {**out, "detail": self.detail}
+
+
 def plug_and_bind(
     guest: GuestOnHost, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
-) -> dict[str, Any]:
-    """Plug a device from the pool and bind it; on a failed bind, unplug it again.
-
-    Returns what happened for the journal: ``{"team": ..., "result": "primary"|"standby"}``.
-    """
+) -> BindResult:
+    """Plug a device from the pool and bind it; on a failed bind, unplug it again."""
     primary = guest.plug(team)
     if primary is None:
         emit(f"team {team.name}: no free device in pool {team.pool}; stays on its standby")
-        return {"team": team.name, "result": "standby", "detail": "no free device"}
+        return BindResult(team.name, TeamMode.STANDBY, "no free device")
     team = team.with_primary(primary)
     try:
         reply = guest.bind(team, primary, operation_id, timeout)
@@ -360,5 +371,5 @@ def plug_and_bind(
             guest.unplug(team, timeout)
         except Exception as unplug_exc:
             log.error("unplug after failed bind: %s", unplug_exc)
-        return {"team": team.name, "result": "standby", "detail": f"bind failed: {exc}"}
-    return {"team": team.name, "result": "primary", "device": reply.device, "alias": primary.alias}
+        return BindResult(team.name, TeamMode.STANDBY, f"bind failed: {exc}")
+    return BindResult(team.name, TeamMode.PRIMARY, device=reply.device, alias=primary.alias)

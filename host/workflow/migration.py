@@ -60,7 +60,15 @@ from host.workflow.guest import (
     to_primary,
 )
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
-from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome, plain
+from host.workflow.model import (
+    Event,
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+    TeamMode,
+    plain,
+    team_modes,
+)
 from host.workflow.steps import JournalLike, Step, StepRunner
 
 log = logging.getLogger(__name__)
@@ -290,9 +298,9 @@ class MigrationWorkflow:
                 BIND_TIMEOUT,
                 lambda m: self.runner.emit("unplug", "info", m),
             )
-            log.info("rollback of team %s: %s", name, result)
-            if result["result"] != "primary":
-                left.append(f"{name} ({result.get('detail', 'not bound')})")
+            log.info("rollback of team %s: %s", name, result.journal())
+            if result.result is not TeamMode.PRIMARY:
+                left.append(f"{name} ({result.detail})")
         self.unplugged.clear()
         if left:
             raise WorkflowError(
@@ -406,7 +414,7 @@ class MigrationWorkflow:
 
         recorded = dest.teams()  # as it arrived; each team's bind changes only its own
 
-        def bind(team: Team) -> str:
+        def bind(team: Team) -> TeamMode:
             current = recorded.team(team.name)
             result = plug_and_bind(
                 dest,
@@ -415,7 +423,7 @@ class MigrationWorkflow:
                 BIND_TIMEOUT,
                 lambda m: self.runner.emit("bind", "info", m),
             )
-            return str(result["result"])
+            return result.result
 
         results = each_team(self.teams, bind)
         # No announce-self here: QEMU would announce the *virtio* NIC's MAC, which under
@@ -424,11 +432,11 @@ class MigrationWorkflow:
         # (peer notification) when its active member changes.
         return {"teams": results}
 
-    def verify(self) -> dict[str, str]:
+    def verify(self) -> dict[str, TeamMode]:
         assert self.destination is not None
         info = self.destination.info()
         on_primary = self.destination.teams_on_primary(self.destination.teams(info).teams, info)
-        return {name: "primary" if on else "standby" for name, on in on_primary.items()}
+        return team_modes(on_primary)
 
     # -- the whole ---------------------------------------------------------------------
 
@@ -511,7 +519,7 @@ class MigrationWorkflow:
         report.migration = self.migration
         report.phases = r.timings
         report.drift = self._cases()
-        if report.teams and all(v == "primary" for v in report.teams.values()):
+        if report.teams and all(v is TeamMode.PRIMARY for v in report.teams.values()):
             report.outcome = Outcome.DONE
         else:
             report.outcome = Outcome.DONE_DEGRADED
@@ -547,14 +555,14 @@ class MigrationWorkflow:
     def _cases(self) -> dict[str, str]:
         return {name: str(d.case) for name, d in self.drift.items()}
 
-    def _differences_from_before(self, teams: dict[str, str]) -> list[str]:
+    def _differences_from_before(self, teams: dict[str, TeamMode]) -> list[str]:
         """How the source's domain differs from before the workflow, in its teams."""
         if not teams:
             return ["the teams' state could not be read"]
         out = [
             f"team {name} is not back on its primary"
             for name in sorted(self.on_primary_before)
-            if teams.get(name) != "primary"
+            if teams.get(name) is not TeamMode.PRIMARY
         ]
         try:
             plugged = {d.team.name for d in self.source.drift() if d.device is not None}
@@ -595,12 +603,12 @@ class MigrationWorkflow:
             raise WorkflowError("the VM is active on both hosts; refusing to guess")
         return dest_active and not src_active
 
-    def _team_summary(self, guest: GuestOnHost | None) -> dict[str, str]:
+    def _team_summary(self, guest: GuestOnHost | None) -> dict[str, TeamMode]:
         if guest is None:
             return {}
         try:
             on_primary = guest.teams_on_primary(guest.teams().teams)
-            return {name: "primary" if on else "standby" for name, on in on_primary.items()}
+            return team_modes(on_primary)
         except Exception as exc:
             log.warning("team summary: %s", exc)
             return {}

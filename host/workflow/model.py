@@ -11,18 +11,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.domain.pools import PoolKind
-from host.domain.teams import MacPolicy, PrimaryDevice, Team
+from host.domain.kinds import MacPolicy, PoolKind
+from host.domain.teams import PrimaryDevice, Team
 from host.migration_options import MigrationOptions, MigrationStats
 
 
 class Outcome(enum.StrEnum):
-    """How a workflow ended."""
+    """How a workflow ended, as its journal record says (a migration's report is never
+    refused: a refusal raises before there is one)."""
 
     DONE = "done"  # every team back on a passthrough primary at the destination
     DONE_DEGRADED = "done-degraded"  # migrated; some team stays on its standby (no free device)
     ROLLED_BACK = "rolled-back"  # not migrated; the VM runs on the source as before
     FAILED = "failed"  # something could not be undone; the report says what to check
+    REFUSED = "refused"  # preflight, the lease or the journal refused: nothing changed
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,14 @@ def capped_parallel(parallel: int) -> tuple[int, str]:
 
 
 class EvacuationOutcome(enum.StrEnum):
-    """How one domain of an evacuation ended."""
+    """How one domain of an evacuation ended: a workflow's :class:`Outcome` (the same
+    words, taken from it), or one of the three an evacuation adds."""
 
-    DONE = "done"
-    DONE_DEGRADED = "done-degraded"
-    ROLLED_BACK = "rolled-back"
-    FAILED = "failed"
-    REFUSED = "refused"  # preflight, the lease or the journal refused: nothing changed
+    DONE = Outcome.DONE.value
+    DONE_DEGRADED = Outcome.DONE_DEGRADED.value
+    ROLLED_BACK = Outcome.ROLLED_BACK.value
+    FAILED = Outcome.FAILED.value
+    REFUSED = Outcome.REFUSED.value
     SKIPPED = "skipped"  # no ptmig teams (without include_untied)
     MIGRATED_PLAIN = "migrated-plain"  # no teams; moved by a plain libvirt migration
     NOT_STARTED = "not-started"  # cancelled before its turn came
@@ -177,7 +180,7 @@ class MigrationReport:
     destination_uri: str
     outcome: Outcome
     phases: list[PhaseTiming] = field(default_factory=list)
-    teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    teams: dict[str, TeamMode] = field(default_factory=dict)  # PRIMARY or STANDBY
     #: team -> why it did not reach the mode asked for (a bind that failed, no device)
     why: dict[str, str] = field(default_factory=dict)
     error: str = ""
@@ -200,6 +203,11 @@ class TeamMode(enum.StrEnum):
     STANDBY = "standby"  # the primary is plugged but the virtio standby carries traffic
     DEGRADED = "degraded"  # no primary plugged: the team runs on its standby until repaired
     UNKNOWN = "unknown"  # the agent could not say (unreachable, or does not know the team)
+
+
+def team_modes(on_primary: dict[str, bool]) -> dict[str, TeamMode]:
+    """Each team's mode from whether its primary is the bond's active member."""
+    return {name: TeamMode.PRIMARY if on else TeamMode.STANDBY for name, on in on_primary.items()}
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,7 @@ class TeamRequest:
     name: str
     standby_mac: str
     pool: str
-    mac_policy: MacPolicy = "preserve"
+    mac_policy: MacPolicy = MacPolicy.PRESERVE
     team_mac: str | None = None
     #: Alias of the primary plugged now; its kind and host identity are read from the domain.
     primary_alias: str | None = None
@@ -272,7 +280,7 @@ class FailoverResult:
     workflow_id: str
     domain: str
     to: TeamMode  # PRIMARY or STANDBY
-    teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    teams: dict[str, TeamMode] = field(default_factory=dict)  # PRIMARY or STANDBY
     #: team -> why it did not reach the mode asked for (a bind that failed, no device)
     why: dict[str, str] = field(default_factory=dict)
 
@@ -283,7 +291,7 @@ class RepairResult:
 
     workflow_id: str
     domain_uuid: str
-    teams: dict[str, str] = field(default_factory=dict)  # team -> "primary" | "standby"
+    teams: dict[str, TeamMode] = field(default_factory=dict)  # PRIMARY or STANDBY
     #: team -> why it did not reach the mode asked for (a bind that failed, no device)
     why: dict[str, str] = field(default_factory=dict)
     error: str = ""  # why the repair failed

@@ -18,7 +18,7 @@ from host.workflow.guest import GuestOnHost
 from host.workflow.inventory import pool_uses
 from host.workflow.journal import WorkflowKind
 from host.workflow.lease import LeaseHeld
-from host.workflow.model import Outcome, RepairResult
+from host.workflow.model import Outcome, RepairResult, TeamMode
 from host.workflow.observer import HostPass, notify
 from host.workflow.runs import team_to_primary
 from host.workflow.runtime import Runtime
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def repair(
     rt: Runtime, uri: str, ident: str, op_prefix: str, workflow_id: str, kind: str
-) -> dict[str, str]:
+) -> dict[str, TeamMode]:
     """Every team of the domain on *uri* back on a primary where a device is free,
     under the domain's lease (:class:`LeaseHeld` if another workflow has it)."""
     with rt.connect(uri) as hv:
@@ -40,14 +40,14 @@ def repair(
             guest.close()
             raise
         try:
-            out = {}
+            out: dict[str, TeamMode] = {}
             for drift in guest.drift(guest.agent().state()):
                 name = drift.team.name
                 if drift.case is TeamCase.PLUGGED:
-                    out[name] = "primary"
+                    out[name] = TeamMode.PRIMARY
                 elif drift.refused:
                     log.warning("repair of %s: %s", guest.name, drift.summary)
-                    out[name] = "standby"
+                    out[name] = TeamMode.STANDBY
                 else:
                     team = guest.correct_record(drift)
                     out[name] = team_to_primary(guest, team, f"{op_prefix}:{name}")
@@ -124,18 +124,20 @@ def reconcile(
                 teams = repair(
                     rt, uri, uuid, f"{workflow_id}:repair", workflow_id, WorkflowKind.REPAIR
                 )
-            rt.journal.finish(workflow_id, "done", {"teams": teams})
+            rt.journal.finish(workflow_id, Outcome.DONE, {"teams": teams})
             repaired.append(RepairResult(workflow_id, uuid, teams))
-            degraded -= sum(1 for name in needs if teams.get(name) == "primary")
+            degraded -= sum(1 for name in needs if teams.get(name) is TeamMode.PRIMARY)
             outcome = (
-                "repaired" if teams and all(v == "primary" for v in teams.values()) else "partly"
+                "repaired"
+                if teams and all(v is TeamMode.PRIMARY for v in teams.values())
+                else "partly"
             )
             notify(rt.observer.repair_finished, uuid, outcome)
         except LeaseHeld as exc:  # another coordinator (another host's) is at it
             log.info("reconcile: %s busy: %s", uuid, exc)
-            rt.journal.finish(workflow_id, "refused", {"error": str(exc)})
+            rt.journal.finish(workflow_id, Outcome.REFUSED, {"error": str(exc)})
         except Exception as exc:
-            rt.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
+            rt.journal.finish(workflow_id, Outcome.FAILED, {"error": str(exc)})
             repaired.append(RepairResult(workflow_id, uuid, error=str(exc)))
             notify(rt.observer.repair_finished, uuid, "failed")
     notify(rt.observer.degraded_teams, uri, degraded)

@@ -13,7 +13,7 @@ import time
 from host.hypervisor import HypervisorError
 from host.workflow.configuration import CONFIGURATION_KINDS
 from host.workflow.journal import JournalError
-from host.workflow.model import STILL_RUNNING, Outcome, RecoverResult
+from host.workflow.model import STILL_RUNNING, Outcome, RecoverResult, TeamMode
 from host.workflow.reconcile import repair
 from host.workflow.runtime import Runtime
 
@@ -73,11 +73,11 @@ def _recover_one(
     where = "source" if uri == source_uri else "destination"
     if uri == source_uri and source_uri != destination_uri:
         outcome = Outcome.ROLLED_BACK
-    elif all(v == "primary" for v in teams.values()):
+    elif all(v is TeamMode.PRIMARY for v in teams.values()):
         outcome = Outcome.DONE
     else:
         outcome = Outcome.DONE_DEGRADED
-    return outcome, f"on the {where}; teams {teams}"
+    return outcome, f"on the {where}; teams { {name: str(mode) for name, mode in teams.items()} }"
 
 
 def _wait_for_jobs(

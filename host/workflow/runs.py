@@ -54,7 +54,7 @@ def migrate(
         try:
             lease.take(dom)
         except Exception as exc:
-            rt.journal.finish(workflow_id, "refused", {"error": str(exc)})
+            rt.journal.finish(workflow_id, Outcome.REFUSED, {"error": str(exc)})
             raise
 
         def cancelled() -> str:
@@ -79,11 +79,11 @@ def migrate(
                 ).run()
         except PreflightError as exc:
             release_lease(lease, dom.uuid, source, destination)
-            rt.journal.finish(workflow_id, "refused", {"error": str(exc)})
+            rt.journal.finish(workflow_id, Outcome.REFUSED, {"error": str(exc)})
             raise
         except Exception as exc:
             release_lease(lease, dom.uuid, source, destination)
-            rt.journal.finish(workflow_id, str(Outcome.FAILED), {"error": str(exc)})
+            rt.journal.finish(workflow_id, Outcome.FAILED, {"error": str(exc)})
             failed = MigrationReport(
                 workflow_id,
                 dom.name,
@@ -95,7 +95,7 @@ def migrate(
             notify(rt.observer.migration_finished, failed)  # a raised failure counts too
             raise
         release_lease(lease, dom.uuid, source, destination)
-        rt.journal.finish(workflow_id, str(report.outcome), plain(report))
+        rt.journal.finish(workflow_id, report.outcome, plain(report))
         notify(rt.observer.migration_finished, report)
         return report
 
@@ -109,15 +109,15 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
         workflow_id = rt.journal.begin(
             "failover", guest.uuid, guest.name, uri, uri, {"to": str(to)}
         )
-        result: dict[str, str] = {}
+        result: dict[str, TeamMode] = {}
         why: dict[str, str] = {}
-        outcome = "failed"
+        outcome = Outcome.FAILED
         lease = rt.lease(workflow_id, WorkflowKind.FAILOVER)
         try:
             try:
                 lease.take(guest.dom)
             except LeaseHeld:
-                outcome = "refused"
+                outcome = Outcome.REFUSED
                 raise
             for team in guest.teams().teams:
                 op = f"{workflow_id}:{to}:{team.name}"
@@ -129,21 +129,21 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
                         operation_id=op,
                         timeout=SWITCH_TIMEOUT,
                     )
-                    result[team.name] = str(TeamMode.STANDBY)
+                    result[team.name] = TeamMode.STANDBY
                 else:
                     said: list[str] = []
                     result[team.name] = to_primary(
                         guest, team, op, BIND_TIMEOUT, _said_and_logged(said)
                     )
-                    if result[team.name] != str(TeamMode.PRIMARY) and said:
+                    if result[team.name] is not TeamMode.PRIMARY and said:
                         why[team.name] = said[-1]
                 rt.journal.record(
                     workflow_id, f"{to}:{team.name}", "done", {"result": result[team.name]}
                 )
-            outcome = "done"
+            outcome = Outcome.DONE
         finally:
             guest.close()
-            if outcome != "refused":
+            if outcome is not Outcome.REFUSED:
                 lease.release(guest.dom)
             rt.journal.finish(
                 workflow_id, outcome, {"teams": result, **({"why": why} if why else {})}
@@ -151,8 +151,8 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
         return FailoverResult(workflow_id, guest.name, to, result, why)
 
 
-def team_to_primary(guest: GuestOnHost, team: Team, operation_id: str) -> str:
-    """*team* on a primary, plugging one if needed: "primary", or "standby" if none."""
+def team_to_primary(guest: GuestOnHost, team: Team, operation_id: str) -> TeamMode:
+    """*team* on a primary, plugging one if needed: PRIMARY, or STANDBY if none."""
     return to_primary(guest, team, operation_id, BIND_TIMEOUT, log.info)
 
 
