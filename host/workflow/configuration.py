@@ -143,13 +143,13 @@ def _pool_subject(name: str, uri: str) -> str:
 
 def domain_teams(guest: GuestOnHost, teams: TeamSet) -> DomainTeams:
     """The record, and where the live domain says otherwise (migrate's classification)."""
-    drifts = guest.drift() if teams.teams else ()
+    classified = guest.classify() if teams.teams else ()
     return DomainTeams(
         guest.name,
         guest.uuid,
         teams.teams,
-        cases={d.team.name: str(d.case) for d in drifts},
-        drift={d.team.name: d.message if d.drifted else "" for d in drifts},
+        cases={d.team.name: str(d.case) for d in classified},
+        drift={d.team.name: d.message if d.drifted else "" for d in classified},
     )
 
 

@@ -13,6 +13,12 @@ asks :func:`classify_teams` first, so they cannot disagree about the same domain
                     not recorded (attached by hand)
     ambiguous       several such devices, or one that cannot be      refuse, change nothing
                     recorded
+
+Three words, kept apart: a team's *classification* (:class:`TeamClassification`, what
+:func:`classify_teams` returns), its *case* (:class:`TeamCase`, the first column above),
+and its *drift*, the line a person reads where the record and the live domain disagree
+(``TeamClassification.message`` when ``drifted``; the ``drift`` field of ``status``,
+``team-show`` and the migration report, whose ``drift`` map holds each team's case).
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ class TeamCase(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class TeamDrift:
-    """One team's case, with a line a person can act on."""
+class TeamClassification:
+    """One team's classification: its case, with a line a person can act on."""
 
     team: Team  # as recorded
     case: TeamCase
@@ -75,7 +81,7 @@ def classify_teams(
     info: DomainInfo,
     pools: Mapping[str, Pool | None],
     agent: Mapping[str, pb.TeamState] | None = None,
-) -> tuple[TeamDrift, ...]:
+) -> tuple[TeamClassification, ...]:
     """Each recorded team of the live domain *info*, classified.
 
     *pools* are the teams' pools as this host defines them (None: not defined here, so
@@ -118,23 +124,25 @@ def _classify(
     candidates: list[str],
     wanting: int,
     state: pb.TeamState | None,
-) -> TeamDrift:
+) -> TeamClassification:
     if plugged:
         assert team.primary is not None
         alias = team.primary.alias
         if state is not None and not (state.active_member and state.active_member == state.primary):
-            return TeamDrift(
+            return TeamClassification(
                 team,
                 TeamCase.ON_STANDBY,
                 f"primary {alias} is plugged but the team runs on its standby; "
                 "'ptmig failover --to primary' binds it",
                 team.primary,
             )
-        return TeamDrift(team, TeamCase.PLUGGED, f"primary {alias} is plugged", team.primary)
+        return TeamClassification(
+            team, TeamCase.PLUGGED, f"primary {alias} is plugged", team.primary
+        )
     if candidates:
         names = ", ".join(candidates)
         if len(candidates) > 1 or wanting > 1:
-            return TeamDrift(
+            return TeamClassification(
                 team,
                 TeamCase.AMBIGUOUS,
                 f"device(s) {names} of pool {team.pool} are plugged but not "
@@ -146,13 +154,13 @@ def _classify(
         try:
             primary = primary_of_device(candidates[0], device)
         except DomainModelError as exc:
-            return TeamDrift(
+            return TeamClassification(
                 team,
                 TeamCase.AMBIGUOUS,
                 f"device {names} of pool {team.pool} is plugged but not recorded, "
                 f"and cannot be: {exc}",
             )
-        return TeamDrift(
+        return TeamClassification(
             team,
             TeamCase.UNRECORDED,
             f"device {names} of pool {team.pool} is plugged but not recorded; "
@@ -160,12 +168,12 @@ def _classify(
             primary,
         )
     if team.primary is not None:
-        return TeamDrift(
+        return TeamClassification(
             team,
             TeamCase.PRIMARY_ABSENT,
             f"recorded primary {team.primary.alias} is not plugged; the team is "
             f"degraded: {FAILOVER_HINT}",
         )
-    return TeamDrift(
+    return TeamClassification(
         team, TeamCase.NO_PRIMARY, f"no primary is plugged; the team is degraded: {FAILOVER_HINT}"
     )

@@ -30,7 +30,7 @@ from host.domain.pools import (
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
-from host.workflow.drift import TeamCase, TeamDrift, classify_teams
+from host.workflow.drift import TeamCase, TeamClassification, classify_teams
 from host.workflow.model import TeamMode
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ class GuestOnHost:
             self.save_teams(updated)
             return updated
 
-    def drift(
+    def classify(
         self, agent_state: pb.GetStateResponse | None = None, info: DomainInfo | None = None
-    ) -> tuple[TeamDrift, ...]:
+    ) -> tuple[TeamClassification, ...]:
         """Each team as the live domain has it (and the agent, given its state); `info`:
         the live domain as the caller read it in this step."""
         info = info or self.info()
@@ -123,18 +123,18 @@ class GuestOnHost:
         agent = {t.name: t for t in agent_state.teams} if agent_state is not None else None
         return classify_teams(info, pools, agent)
 
-    def correct_record(self, drift: TeamDrift, timeout: float = 30.0) -> Team:
+    def correct_record(self, found: TeamClassification, timeout: float = 30.0) -> Team:
         """Make the team's record say what the live domain has: adopt the device plugged
         by hand, forget the one that is gone (unplugged: out of the definition too, where
         a live-only detach left it).  Returns the team as now recorded."""
-        if drift.case is TeamCase.UNRECORDED:
-            log.info("%s: %s", self.name, drift.summary)
-            return self.set_primary(drift.team.name, drift.device).team(drift.team.name)
-        if drift.case is TeamCase.PRIMARY_ABSENT:
-            log.info("%s: %s", self.name, drift.summary)
-            self.unplug(self.teams().team(drift.team.name), timeout)
-            return self.teams().team(drift.team.name)
-        return drift.team  # as recorded, and as the domain has it
+        if found.case is TeamCase.UNRECORDED:
+            log.info("%s: %s", self.name, found.summary)
+            return self.set_primary(found.team.name, found.device).team(found.team.name)
+        if found.case is TeamCase.PRIMARY_ABSENT:
+            log.info("%s: %s", self.name, found.summary)
+            self.unplug(self.teams().team(found.team.name), timeout)
+            return self.teams().team(found.team.name)
+        return found.team  # as recorded, and as the domain has it
 
     def agent(self) -> AgentClient:
         with self._lock:

@@ -45,7 +45,7 @@ from host.domain.pools import Pool
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress, PostcopyFailed
 from host.migration_options import MigrationStats
-from host.workflow.drift import TeamDrift
+from host.workflow.drift import TeamClassification
 from host.workflow.guest import (
     AgentFactory,
     GuestOnHost,
@@ -118,7 +118,7 @@ class MigrationWorkflow:
         self.destination: GuestOnHost | None = None
         self.teams: list[Team] = []
         self.recorded_before: list[Team] = []  # as the metadata had them, before corrections
-        self.drift: dict[str, TeamDrift] = {}  # preflight's case per team
+        self.classification: dict[str, TeamClassification] = {}  # preflight's case per team
         self.on_primary_before: set[str] = set()  # teams the guest had on a primary
         self.plugged_before: set[str] = set()  # teams with a device plugged
         self.moved: list[str] = []  # teams switched to standby
@@ -157,8 +157,8 @@ class MigrationWorkflow:
         except Exception as exc:
             raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
         log.debug("preflight: agent answered")
-        drifts = src.drift(state, info)
-        refused = [d.summary for d in drifts if d.refused]
+        classified = src.classify(state, info)
+        refused = [d.summary for d in classified if d.refused]
         if refused:
             raise PreflightError("; ".join(refused))
         links = {link.name: link for link in state.links}
@@ -198,22 +198,22 @@ class MigrationWorkflow:
                 f"teams {teams}, those left without one stay on their standby",
             )
         # Every check passed: now the record may be made to say what the domain has.
-        for drift in drifts:
-            if drift.drifted:
-                self.runner.emit("preflight", "info", drift.summary)
-        self.teams = [src.correct_record(d) for d in drifts]
-        self.drift = {d.team.name: d for d in drifts}
-        self.plugged_before = {d.team.name for d in drifts if d.device is not None}
+        for found in classified:
+            if found.drifted:
+                self.runner.emit("preflight", "info", found.summary)
+        self.teams = [src.correct_record(d) for d in classified]
+        self.classification = {d.team.name: d for d in classified}
+        self.plugged_before = {d.team.name for d in classified if d.device is not None}
         self.on_primary_before = {
             name
             for name in self.plugged_before
             if (ts := by_name[name]).primary and ts.active_member == ts.primary
         }
-        cases = {d.team.name: str(d.case) for d in drifts}
-        healthy = sum(1 for d in drifts if not d.drifted)
-        detail = f"{healthy} of {len(drifts)} team(s) as recorded"
-        if healthy < len(drifts):
-            detail += ": " + ", ".join(f"{d.team.name} {d.case}" for d in drifts if d.drifted)
+        cases = {d.team.name: str(d.case) for d in classified}
+        healthy = sum(1 for d in classified if not d.drifted)
+        detail = f"{healthy} of {len(classified)} team(s) as recorded"
+        if healthy < len(classified):
+            detail += ": " + ", ".join(f"{d.team.name} {d.case}" for d in classified if d.drifted)
         return {
             "teams": [t.name for t in self.teams],
             "free_on_destination": free,
@@ -553,7 +553,7 @@ class MigrationWorkflow:
         return report
 
     def _cases(self) -> dict[str, str]:
-        return {name: str(d.case) for name, d in self.drift.items()}
+        return {name: str(d.case) for name, d in self.classification.items()}
 
     def _differences_from_before(self, teams: dict[str, TeamMode]) -> list[str]:
         """How the source's domain differs from before the workflow, in its teams."""
@@ -565,7 +565,7 @@ class MigrationWorkflow:
             if teams.get(name) is not TeamMode.PRIMARY
         ]
         try:
-            plugged = {d.team.name for d in self.source.drift() if d.device is not None}
+            plugged = {d.team.name for d in self.source.classify() if d.device is not None}
         except Exception as exc:
             return [*out, f"the domain's devices could not be read: {exc}"]
         out += [

@@ -26,22 +26,22 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                 agent_error = str(exc)
             states = {t.name: t for t in state.teams} if state is not None else {}
             out = []
-            for drift in guest.drift(state):  # the same classification as migrate's
-                team = drift.team
+            for found in guest.classify(state):  # the same classification as migrate's
+                team = found.team
                 ts = states.get(team.name)
                 detail = ""
-                if state is None or (ts is None and not drift.degraded):
+                if state is None or (ts is None and not found.degraded):
                     mode = TeamMode.UNKNOWN
                     detail = (
                         f"guest agent: {agent_error}"
                         if agent_error
                         else "the guest agent does not know this team"
                     )
-                elif drift.case is TeamCase.PLUGGED:
+                elif found.case is TeamCase.PLUGGED:
                     mode = TeamMode.PRIMARY
-                elif drift.case is TeamCase.ON_STANDBY:
+                elif found.case is TeamCase.ON_STANDBY:
                     mode = TeamMode.STANDBY
-                elif drift.case is TeamCase.UNRECORDED and ts is not None:
+                elif found.case is TeamCase.UNRECORDED and ts is not None:
                     # plugged by hand: the bond may run on it; the drift line says so
                     bound = ts.active_member and ts.active_member == ts.primary
                     mode = TeamMode.PRIMARY if bound else TeamMode.STANDBY
@@ -57,8 +57,8 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                         active_member=ts.active_member if ts else "",
                         members=tuple(ts.members) if ts else (),
                         detail=detail,
-                        case=str(drift.case),
-                        drift=drift.message if drift.drifted else "",
+                        case=str(found.case),
+                        drift=found.message if found.drifted else "",
                     )
                 )
             open_workflow = rt.journal.open_for_domain(guest.uuid)

@@ -41,15 +41,15 @@ def repair(
             raise
         try:
             out: dict[str, TeamMode] = {}
-            for drift in guest.drift(guest.agent().state()):
-                name = drift.team.name
-                if drift.case is TeamCase.PLUGGED:
+            for found in guest.classify(guest.agent().state()):
+                name = found.team.name
+                if found.case is TeamCase.PLUGGED:
                     out[name] = TeamMode.PRIMARY
-                elif drift.refused:
-                    log.warning("repair of %s: %s", guest.name, drift.summary)
+                elif found.refused:
+                    log.warning("repair of %s: %s", guest.name, found.summary)
                     out[name] = TeamMode.STANDBY
                 else:
-                    team = guest.correct_record(drift)
+                    team = guest.correct_record(found)
                     out[name] = team_to_primary(guest, team, f"{op_prefix}:{name}")
             return out
         finally:
@@ -99,12 +99,14 @@ def reconcile(
                     agents[guest.name] = False
                     raise
                 agents[guest.name] = True
-                drifts = guest.drift(state)
+                classified = guest.classify(state)
                 needs = [
-                    d.team.name for d in drifts if d.case is not TeamCase.PLUGGED and not d.refused
+                    d.team.name
+                    for d in classified
+                    if d.case is not TeamCase.PLUGGED and not d.refused
                 ]
-                degraded += sum(1 for d in drifts if d.case is not TeamCase.PLUGGED)
-                for d in drifts:
+                degraded += sum(1 for d in classified if d.case is not TeamCase.PLUGGED)
+                for d in classified:
                     if d.refused:
                         log.warning("reconcile: %s: %s", guest.name, d.summary)
             except Exception as exc:

@@ -53,7 +53,7 @@ def cases(world: World, uri: str = A, *, agent: bool = True) -> dict[str, TeamCa
     guest = GuestOnHost(hv, "vm1", world.agent_for)  # type: ignore[arg-type]
     try:
         state = guest.agent().state() if agent else None
-        return {d.team.name: d.case for d in guest.drift(state)}
+        return {d.team.name: d.case for d in guest.classify(state)}
     finally:
         guest.close()
 
