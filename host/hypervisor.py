@@ -32,6 +32,7 @@ import libvirt_qemu
 from host.domain.domain_xml import device_aliases
 from host.domain.errors import DomainModelError
 from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, to_text_as_read
+from host.errors import PtmigError
 from host.migration_options import (
     DOWNTIME_BUDGET_PASSES,
     QEMU_DOWNTIME_MS,
@@ -73,7 +74,7 @@ def _ensure_event_loop() -> None:
         _loop_started = True
 
 
-class HypervisorError(RuntimeError):
+class HypervisorError(PtmigError, RuntimeError):
     """A libvirt operation failed; ``code`` is libvirt's error code when there is one."""
 
     def __init__(self, message: str, code: int | None = None) -> None:

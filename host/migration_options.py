@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from host.errors import PtmigError
+
 
 class CopyStorage(enum.StrEnum):
     """Which non-shared disks libvirt copies with the memory (virsh's --copy-storage-*)."""
@@ -19,7 +21,7 @@ class CopyStorage(enum.StrEnum):
 MAX_PARALLEL_CONNECTIONS = 255
 
 
-class InvalidMigrationOptions(ValueError):
+class InvalidMigrationOptions(PtmigError, ValueError):
     """A migration option is out of range or contradicts another; nothing was started."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from host.errors import PtmigError
 
-class AgentError(RuntimeError):
+
+class AgentError(PtmigError, RuntimeError):
     """The agent answered with an error, broke the protocol, or did not answer in time.
 
     ``code`` is the gRPC status code name (``NOT_FOUND``, ``DEADLINE_EXCEEDED``, ...) or

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from host.errors import PtmigError
 
-class DomainModelError(ValueError):
+
+class DomainModelError(PtmigError, ValueError):
     """XML or a model value that ptmig cannot use; the message says which and why.
 
     Every parser and constructor in host.domain raises only this for bad input,

@@ -28,6 +28,7 @@ from host.domain.pools import (
     pool_network_name,
 )
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
+from host.errors import PtmigError
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
 from host.workflow.drift import TeamCase, TeamClassification, classify_teams
@@ -36,7 +37,7 @@ from host.workflow.model import TeamMode
 log = logging.getLogger(__name__)
 
 
-class WorkflowError(RuntimeError):
+class WorkflowError(PtmigError, RuntimeError):
     """A workflow cannot go on; the message says why in the user's terms."""
 
 

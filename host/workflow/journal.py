@@ -47,13 +47,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from host.errors import PtmigError
+
 DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
 SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 MAX_DATA_JSON_CHARS = 1024 * 1024  # a step's data is a few addresses and names, not logs
 
 
-class JournalError(Exception):
+class JournalError(PtmigError):
     """The journal cannot be used (unreadable, corrupt, newer schema) or was misused."""
 
 

@@ -112,7 +112,7 @@ class MigrationWorkflow:
         self.request = request
         self.source_hv = source
         self.destination_hv = destination
-        self.runner = StepRunner(workflow_id, journal, on_event)
+        self.runner = StepRunner(workflow_id, journal, on_event, moving_step="migrate")
         self.agent_for = agent_for
         self.source = GuestOnHost(source, request.domain, agent_for)
         self.destination: GuestOnHost | None = None

@@ -13,6 +13,7 @@ from typing import Any
 
 from host.domain.kinds import MacPolicy, PoolKind
 from host.domain.teams import PrimaryDevice, Team
+from host.errors import PtmigError
 from host.migration_options import MigrationOptions, MigrationStats
 
 
@@ -51,7 +52,7 @@ class MigrationRequest:
 MAX_PARALLEL_MIGRATIONS = 16
 
 
-class InvalidEvacuation(ValueError):
+class InvalidEvacuation(PtmigError, ValueError):
     """An evacuation request that cannot be run (no target, the source as a target...)."""
 
 
@@ -162,6 +163,10 @@ class Event:
     message: str = ""
     fraction: float | None = None
     at: float = field(default_factory=time.time)
+    #: Past the point of no return: the VM has moved (the migrate step is done), so a
+    #: cancel comes too late and the bind finishes.  Set by the workflow, read by the
+    #: faces (``ptmig migrate``'s SIGINT line), which parse no event text for it.
+    moved: bool = False
 
 
 @dataclass

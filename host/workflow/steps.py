@@ -1,8 +1,10 @@
 """A tiny step engine: run steps in order, journal each, undo the done ones on failure.
 
 Every step that changes something is written to the journal as ``started`` *before* it acts,
-so a coordinator killed in the middle leaves a record of what may have happened; ``ptmig
-recover`` reads it.  Compensations run in reverse order, each journaled too.
+so a coordinator killed in the middle leaves a record of what may have happened, for a
+person (``ptmig workflows``); ``ptmig recover`` does not replay it but decides from where
+the VM runs (host/workflow/recovery.py).  Compensations run in reverse order, each
+journaled too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class StepRunner:
     journal: JournalLike
     on_event: Callable[[Event], None]
     timings: list[PhaseTiming] = field(default_factory=list)
+    #: The step whose end moves the VM: from its "done" on, every event says ``moved``.
+    moving_step: str = ""
+    moved: bool = False
     _done: list[Step] = field(default_factory=list)
 
     def emit(
@@ -48,7 +53,9 @@ class StepRunner:
         with log_fields(phase=phase):
             log.log(logging.DEBUG if state == "progress" else logging.INFO, "%s %s", state, message)
         try:
-            self.on_event(Event(self.workflow_id, phase, state, message, fraction))
+            self.on_event(
+                Event(self.workflow_id, phase, state, message, fraction, moved=self.moved)
+            )
         except Exception:  # a broken listener must not break a migration
             log.exception("event listener failed")
 
@@ -73,11 +80,14 @@ class StepRunner:
             PhaseTiming(step.name, round(seconds, 3), data.get("detail", ""), started_at)
         )
         self.journal.record(self.workflow_id, step.name, "done", data)
+        if step.name == self.moving_step:
+            self.moved = True
         self.emit(step.name, "done", data.get("detail", ""))
         return data
 
     def forget_compensations(self) -> None:
         """Past the point of no return (the VM has moved): nothing before can be undone."""
+        self.moved = True
         self._done.clear()
 
     def compensate(self) -> list[str]:

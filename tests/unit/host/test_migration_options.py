@@ -19,6 +19,7 @@ from test_daemon_rpcs import CALL_TIMEOUT, ptmigd
 from workflow_fakes import A, B, Events, World
 
 from host import cli
+from host.commandline import commands, render
 from host.daemon.encode import migration_options, migration_request, options_message
 from host.daemon.errors import status_for
 from host.hypervisor import MIGRATE_FLAGS, PostcopyTrigger, migration_call
@@ -131,7 +132,7 @@ def test_postcopy_after_a_time_switches_earlier_when_a_pass_does_not_shrink_what
 
 def parse(*extra: str) -> MigrationOptions:
     args = cli.build_parser().parse_args(["migrate", "vm1", B, *extra])
-    return cli.migration_options(args)
+    return commands.migration_options(args)
 
 
 def test_the_cli_flags_are_the_options() -> None:
@@ -240,7 +241,7 @@ def test_the_options_reach_the_hypervisor_and_the_report(world: World, journal: 
     migrate_phase = next(p for p in report.phases if p.name == "migrate")
     for shown in ("tls", "copy-storage-all", "bandwidth 64 MiB/s", "auto-converge", "4 conn"):
         assert shown in migrate_phase.detail
-    assert "copy-storage-all 1024 MiB" in cli._report_text(report)
+    assert "copy-storage-all 1024 MiB" in render.report_text(report)
 
 
 def test_postcopy_shows_when_it_started(world: World, journal: Journal) -> None:

@@ -41,6 +41,7 @@ import pytest
 from guest_agent import config as agent_config
 from guest_agent.__main__ import build_parser as agent_parser
 from host import cli
+from host.commandline import render
 from host.daemon import config as daemon_config
 from host.daemon.main import build_parser as ptmigd_parser
 from host.workflow.model import MigrationReport, Outcome, PhaseTiming
@@ -299,7 +300,7 @@ def test_report_block_is_what_the_cli_prints() -> None:
             assert m, line
             report.phases.append(PhaseTiming(m.group(1), float(m.group(2)), m.group(3) or ""))
     assert [p.name for p in report.phases] == ["preflight", "switch", "unplug", "migrate", "bind"]
-    rendered = [line.rstrip() for line in cli._report_text(report).splitlines()]
+    rendered = [line.rstrip() for line in render.report_text(report).splitlines()]
     assert rendered == block.text.splitlines()
 
 

@@ -30,6 +30,7 @@ from workflow_fakes import (
 
 from host import cli
 from host.agent_client import AgentError
+from host.commandline import render
 from host.domain.domain_xml import parse_domain
 from host.domain.pools import PoolKind
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
@@ -130,7 +131,7 @@ def test_failover_to_primary_says_why_a_team_stayed_on_its_standby(
     assert list(result.why) == ["wan"] and "MAC refused" in result.why["wan"]
     assert "bind failed" in result.why["wan"]
     assert journal.recent(1)[0].report["why"] == result.why
-    assert cli._failover_text(result).splitlines()[1].startswith("wan: standby (team wan: bind")
+    assert render.failover_text(result).splitlines()[1].startswith("wan: standby (team wan: bind")
 
 
 def test_failover_refuses_an_unknown_target(

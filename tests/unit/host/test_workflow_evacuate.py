@@ -14,6 +14,7 @@ import pytest
 from workflow_fakes import VM1, VM2, A, B, C, GuestSpec, World, numbered_guest
 
 from host import cli
+from host.commandline import commands, live
 from host.workflow.coordinator import Coordinator
 from host.workflow.evacuation import Candidate, NoTarget, place
 from host.workflow.journal import Journal
@@ -380,7 +381,7 @@ def test_exit_code_is_the_worst_outcome(outcomes: tuple[str, ...], code: int) ->
     report = EvacuationReport(
         A, 1, 0.0, [DomainEvacuation(o, o, B, EvacuationOutcome(o)) for o in outcomes]
     )
-    assert cli.evacuation_exit_code(report) == code
+    assert commands.evacuation_exit_code(report) == code
 
 
 def test_cli_sigint_cancels_the_running_and_starts_no_more(
@@ -409,7 +410,7 @@ def test_the_live_table_shows_each_domain_destination_and_outcome(
     coordinator: Coordinator, capsys: pytest.CaptureFixture[str]
 ) -> None:
     request = EvacuationRequest(A, TO_B_C)
-    report = cli._evacuate_with_table(coordinator, request, cli._EvacuationInterrupt(request))
+    report = live.evacuate_with_table(coordinator, request, live.EvacuationInterrupt(request))
     assert {d.domain: str(d.outcome) for d in report.domains} == {"vm1": "done", "vm2": "done"}
     table = capsys.readouterr().err
     rows = [line for line in table.splitlines() if "vm1" in line or "vm2" in line]

@@ -129,6 +129,29 @@ def test_migration_puts_every_team_on_a_destination_primary(world: World, journa
     assert world.agents_open == 0
 
 
+def test_the_workflow_says_when_the_vm_has_moved_from_the_migrate_steps_end(
+    world: World, journal: Journal
+) -> None:
+    events = Events()
+    report = migrate(world, journal, events)
+
+    assert report.outcome is Outcome.DONE, report.error
+    order = [(e.phase, e.state) for e in events.events]
+    moved_at = order.index(("migrate", "done"))
+    assert not any(e.moved for e in events.events[:moved_at])
+    assert all(e.moved for e in events.events[moved_at:])
+    assert ("bind", "started") in order[moved_at:]
+
+
+def test_a_rolled_back_migration_never_says_moved(world: World, journal: Journal) -> None:
+    world.fail(A, "migrate", HypervisorError("migrate vm1: operation failed: job aborted", 1))
+    events = Events()
+    report = migrate(world, journal, events)
+
+    assert report.outcome is Outcome.ROLLED_BACK, report.error
+    assert events.events and not any(e.moved for e in events.events)
+
+
 def test_mac_policies_reach_the_guest(world: World, journal: Journal) -> None:
     migrate(world, journal)
 
