@@ -23,7 +23,6 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -33,14 +32,8 @@ from host.domain.domain_xml import device_aliases
 from host.domain.errors import DomainModelError
 from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, to_text_as_read
 from host.errors import PtmigError
-from host.migration_options import (
-    DOWNTIME_BUDGET_PASSES,
-    QEMU_DOWNTIME_MS,
-    TUNED_DOWNTIME_MS,
-    CopyStorage,
-    MigrationOptions,
-    MigrationStats,
-)
+from host.migration_job import MigrationJob, MigrationProgress
+from host.migration_options import CopyStorage, MigrationOptions, MigrationStats
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +89,6 @@ def _wrap(what: str, exc: libvirt.libvirtError) -> HypervisorError:
     return HypervisorError(f"{what}: {exc.get_error_message()}", exc.get_error_code())
 
 
-@dataclass(frozen=True)
-class MigrationProgress:
-    """A sample of the migration job, for progress displays."""
-
-    elapsed_ms: int
-    data_processed: int
-    data_total: int
-    data_remaining: int
-    iteration: int
-
-    @property
-    def fraction(self) -> float:
-        return self.data_processed / self.data_total if self.data_total else 0.0
-
-
 MIGRATE_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE
     | libvirt.VIR_MIGRATE_PEER2PEER
@@ -122,8 +100,6 @@ _POSTCOPY_PAUSED = (
     libvirt.VIR_DOMAIN_PAUSED_POSTCOPY,
     getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY_FAILED", 13),
 )
-#: How often the progress watcher samples a migration job.
-JOB_POLL_S = 0.5
 _COPY_STORAGE_FLAGS = {
     CopyStorage.NONE: 0,
     CopyStorage.ALL: libvirt.VIR_MIGRATE_NON_SHARED_DISK,
@@ -155,62 +131,6 @@ def migration_call(
         flags |= libvirt.VIR_MIGRATE_PARALLEL
         params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = options.parallel_connections
     return int(flags), params
-
-
-class PostcopyTrigger:
-    """When the progress watcher switches a post-copy-enabled job to post-copy.
-
-    None after: once the first pre-copy pass has ended (libvirt's iteration 2 began),
-    as virsh's --postcopy-after-precopy.  After S seconds: then, or earlier once the job
-    stalls, i.e. a pass ended with no less left to send than the pass before it.
-    """
-
-    def __init__(self, after_s: float | None) -> None:
-        self.after_s = after_s
-        self._iteration = 0
-        self._remaining_at: dict[int, int] = {}  # pass -> bytes left when it was first seen
-
-    def reason(self, elapsed_s: float, iteration: int, remaining: int) -> str:
-        """Why to switch now, or "" to wait."""
-        if iteration > self._iteration:
-            self._iteration = iteration
-            self._remaining_at[iteration] = remaining
-        if self.after_s is None:
-            return "first pass ended" if iteration >= 2 else ""
-        if elapsed_s >= self.after_s:
-            return f"after {self.after_s:g} s"
-        now, before = self._remaining_at.get(iteration), self._remaining_at.get(iteration - 1)
-        if iteration >= 3 and now is not None and before is not None and now >= before:
-            return "stalled"
-        return ""
-
-
-class DowntimeBudget:
-    """The downtime limit of one job: the operator's (fixed), libvirt's (untouched), or
-    ptmig's: :data:`TUNED_DOWNTIME_MS` for :data:`DOWNTIME_BUDGET_PASSES` passes, then
-    QEMU's default.  A pass is libvirt's memory_iteration (1: the first full copy)."""
-
-    def __init__(self, operator_ms: int | None, options: MigrationOptions) -> None:
-        self.budgeted = operator_ms is None and not options.libvirt_defaults
-        self.start_ms = (
-            operator_ms
-            if operator_ms is not None
-            else (TUNED_DOWNTIME_MS if self.budgeted else None)
-        )
-        self.relaxed_at_pass: int | None = None
-
-    def give_up(self) -> None:
-        """libvirt would not take the limit: the job runs with its defaults."""
-        self.budgeted, self.start_ms = False, None
-
-    def relax(self, iteration: int) -> int | None:
-        """The limit to set now (once), or None."""
-        if not self.budgeted or self.relaxed_at_pass is not None:
-            return None
-        if iteration <= DOWNTIME_BUDGET_PASSES:
-            return None
-        self.relaxed_at_pass = iteration
-        return QEMU_DOWNTIME_MS
 
 
 class ChannelStream:
@@ -317,23 +237,6 @@ class Hypervisor:
                 continue  # vanished while we listed
         return out
 
-    @contextmanager
-    def _events(
-        self, dom: libvirt.virDomain, event_ids: list[int], handler: Callable[..., None]
-    ) -> Iterator[None]:
-        ids = []
-        try:
-            for event_id in event_ids:
-                ids.append(self._conn.domainEventRegisterAny(dom, event_id, handler, event_id))
-            yield
-        finally:
-            for cb_id in ids:
-                with suppress(libvirt.libvirtError):
-                    self._conn.domainEventDeregisterAny(cb_id)
-
-    def _new_stream(self) -> libvirt.virStream:
-        return self._conn.newStream(0)
-
     # -- networks (pool definitions) -------------------------------------------------
 
     def network_xml(self, name: str) -> str | None:
@@ -409,6 +312,24 @@ class Domain:
     @property
     def uri(self) -> str:
         return self.hv.uri
+
+    @contextmanager
+    def _events(self, event_ids: list[int], handler: Callable[..., None]) -> Iterator[None]:
+        """*handler* gets this domain's events *event_ids* while the block runs (on the
+        connection's event loop thread)."""
+        if not event_ids:
+            yield
+            return
+        conn = self._dom.connect()
+        ids = []
+        try:
+            for event_id in event_ids:
+                ids.append(conn.domainEventRegisterAny(self._dom, event_id, handler, event_id))
+            yield
+        finally:
+            for cb_id in ids:
+                with suppress(libvirt.libvirtError):
+                    conn.domainEventDeregisterAny(cb_id)
 
     @property
     def name(self) -> str:
@@ -492,7 +413,7 @@ class Domain:
         # Live first, the definition only once the guest let go: a device the guest never
         # releases must stay in both, or the next boot would silently lose it.
         config = self._affect(alias) & libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        with self.hv._events(self._dom, [removed, failed], on_event):
+        with self._events([removed, failed], on_event):
             # Already gone (an operator's virsh, a guest that let go before) is unplugged.
             if not self.has_device(alias):
                 self._detach_config(alias, config)
@@ -540,122 +461,71 @@ class Domain:
     ) -> MigrationStats:
         """Live-migrate peer-to-peer to *destination* (reached by the source's libvirtd at
         *peer_uri*, by default the destination's URI) with *options*; *persistent_xml*
-        becomes the destination's definition.  The statistics are the destination's record
-        of the completed job (None where it has none) and what the watcher saw: TLS
-        credentials, the vCPU throttle, the switch to post-copy."""
+        becomes the destination's definition.  The job's budget, post-copy switch and
+        progress are :class:`~host.migration_job.MigrationJob`'s; this is the libvirt
+        call.  The statistics are the destination's record of the completed job (None
+        where it has none) and what the job's watcher saw."""
         target_uri = peer_uri or destination.uri
         options = options or MigrationOptions()
         flags, params = migration_call(options, persistent_xml=persistent_xml, unsafe=unsafe)
-        stop = threading.Event()
-        budget = DowntimeBudget(max_downtime_ms, options)
-        if budget.start_ms is not None:
-            try:
-                self._dom.migrateSetMaxDowntime(budget.start_ms, 0)
-            except libvirt.libvirtError as exc:
-                if not budget.budgeted:  # the operator's limit: not without it
-                    raise _wrap(f"{self.uri}: set max downtime", exc) from exc
-                # ptmig's own tuning: without it the job is libvirt's plain one
-                log.warning("%s: libvirt's downtime limit kept: %s", self.name, exc)
-                budget.give_up()
-        seen = _JobWatch(options, budget)
-        t0 = time.monotonic()
-
-        def watch() -> None:
-            trigger = PostcopyTrigger(options.postcopy_after_s) if options.postcopy else None
-            while not stop.wait(JOB_POLL_S):
-                try:
-                    info = self._dom.jobStats(0)
-                except libvirt.libvirtError:
-                    continue
-                if info.get("type", 0) in (0, None):
-                    continue
-                seen.sample(info)
-                # Once memory moves: libvirt sets QEMU's capabilities and parameters just
-                # before the migrate command (after the destination's prepare and any
-                # storage copy).  In its own thread: the watcher must not wait on it.
-                if not seen.asked_qemu and int(info.get("memory_total", 0)) > 0:
-                    seen.asked_qemu = True
-                    threading.Thread(
-                        target=self._ask_qemu, args=(seen,), name="migration-qmp", daemon=True
-                    ).start()
-                relaxed = budget.relax(int(info.get("memory_iteration", 0)))
-                if relaxed is not None:
-                    self._relax_downtime(relaxed, budget)
-                if trigger is not None and seen.postcopy_asked_s is None:
-                    elapsed = int(info.get("time_elapsed", 0)) / 1000 or time.monotonic() - t0
-                    reason = trigger.reason(
-                        elapsed,
-                        int(info.get("memory_iteration", 0)),
-                        int(info.get("memory_remaining", info.get("data_remaining", 0))),
-                    )
-                    if reason:
-                        self._start_postcopy(seen, reason, time.monotonic() - t0)
-                if on_progress is not None:
-                    on_progress(
-                        MigrationProgress(
-                            elapsed_ms=int(info.get("time_elapsed", 0)),
-                            data_processed=int(info.get("data_processed", 0)),
-                            data_total=int(info.get("data_total", 0)),
-                            data_remaining=int(info.get("data_remaining", 0)),
-                            iteration=int(info.get("memory_iteration", 0)),
-                        )
-                    )
+        job = MigrationJob(self, options, max_downtime_ms, on_progress)
+        job.set_start_downtime()
 
         def on_lifecycle(_c: object, _d: object, event: int, detail: int, _o: object) -> None:
             if (event, detail) == (
                 libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
                 libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY,
             ):
-                seen.postcopy_entered_s = time.monotonic() - t0
+                job.entered_postcopy()
 
-        watcher = threading.Thread(target=watch, name="migration-progress", daemon=True)
         events = [libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE] if options.postcopy else []
-        with self.hv._events(self._dom, events, on_lifecycle):
-            watcher.start()
+        with self._events(events, on_lifecycle):
+            job.begin()
             try:
                 self._dom.migrateToURI3(target_uri, params, flags)
             except libvirt.libvirtError as exc:
                 what = f"migrate {self.name} {self.uri} -> {target_uri}"
-                if options.postcopy and (
-                    seen.postcopy_entered_s is not None or self._paused_in_postcopy()
-                ):
+                if options.postcopy and (job.in_postcopy or self._paused_in_postcopy()):
                     raise PostcopyFailed(
                         f"{what}: failed in post-copy: {exc.get_error_message() or exc}",
                         exc.get_error_code(),
                     ) from exc
                 raise _wrap(what, exc) from exc
             finally:
-                stop.set()
-                watcher.join()
-        wall = time.monotonic() - t0
+                job.end()
         try:
-            job = destination.domain(self.uuid).completed_job()
+            completed = destination.domain(self.uuid).completed_job()
         except HypervisorError as exc:
             log.warning("no job statistics: %s", exc)
-            job = {}
-        return seen.stats(wall, job)
+            completed = {}
+        return job.stats(completed)
 
-    def _ask_qemu(self, seen: _JobWatch) -> None:
-        """QEMU's migration capabilities and parameters while the job runs (libvirt resets
-        them when it ends): the proof that TLS, multifd, auto-converge, post-copy were on."""
+    # -- what the migration job's watcher asks (host/migration_job.py's JobControl) ----
+
+    def job_stats(self) -> dict[str, Any]:
+        """The running job's statistics; {} when libvirt gives none (between samples)."""
         try:
-            caps = self._qmp("query-migrate-capabilities")
-            params = self._qmp("query-migrate-parameters")
-        except (libvirt.libvirtError, ValueError, KeyError) as exc:
-            log.info("%s: QEMU's migration settings not read: %s", self.name, exc)
-            return
-        if isinstance(caps, list):
-            seen.capabilities = tuple(
-                str(c.get("capability")) for c in caps if isinstance(c, dict) and c.get("state")
-            )
-        if isinstance(params, dict):
-            creds = params.get("tls-creds")
-            seen.tls_creds = creds if isinstance(creds, str) else ""
-            channels = params.get("multifd-channels")
-            seen.multifd_channels = channels if isinstance(channels, int) else None
+            return dict(self._dom.jobStats(0))
+        except libvirt.libvirtError:
+            return {}
 
-    def _qmp(self, command: str) -> Any:
-        reply = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps({"execute": command}), 0)
+    def set_max_downtime(self, limit_ms: int) -> None:
+        try:
+            self._dom.migrateSetMaxDowntime(limit_ms, 0)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: set max downtime", exc) from exc
+
+    def start_postcopy(self) -> None:
+        try:
+            self._dom.migrateStartPostCopy(0)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: start post-copy", exc) from exc
+
+    def qmp(self, command: str) -> Any:
+        try:
+            reply = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps({"execute": command}), 0)
+        except libvirt.libvirtError as exc:
+            raise _wrap(f"{self.uri}: QMP {command}", exc) from exc
         return json.loads(reply)["return"]
 
     def _paused_in_postcopy(self) -> bool:
@@ -666,29 +536,6 @@ class Domain:
         except libvirt.libvirtError:
             return False
         return state == libvirt.VIR_DOMAIN_PAUSED and reason in _POSTCOPY_PAUSED
-
-    def _relax_downtime(self, limit_ms: int, budget: DowntimeBudget) -> None:
-        try:
-            self._dom.migrateSetMaxDowntime(limit_ms, 0)
-        except libvirt.libvirtError as exc:  # the job may be ending
-            log.info("relax the downtime limit: %s", exc.get_error_message())
-            return
-        log.info(
-            "migration of %s: pass %s, downtime limit now %d ms",
-            self.name,
-            budget.relaxed_at_pass,
-            limit_ms,
-        )
-
-    def _start_postcopy(self, seen: _JobWatch, reason: str, at_s: float) -> None:
-        try:
-            self._dom.migrateStartPostCopy(0)
-        except libvirt.libvirtError as exc:  # the job may be ending; the next sample retries
-            log.info("start post-copy (%s): %s", reason, exc.get_error_message())
-            return
-        log.info("migration of %s: post-copy asked at %.1f s (%s)", self.name, at_s, reason)
-        seen.postcopy_asked_s = at_s
-        seen.postcopy_reason = reason
 
     def completed_job(self) -> dict[str, Any]:
         """Statistics of the domain's last completed job (on a migration's destination)."""
@@ -725,7 +572,7 @@ class Domain:
         ptmig processes of a host take turns (host/agent_client/turns.py).
         """
         try:
-            stream = self.hv._new_stream()
+            stream = self._dom.connect().newStream(0)
             self._dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: open channel {name} of {self.name}", exc) from exc
@@ -757,78 +604,3 @@ class Domain:
             libvirt_qemu.qemuMonitorCommand(self._dom, cmd, 0)
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: announce-self for {self.name}", exc) from exc
-
-
-class _JobWatch:
-    """What the progress watcher saw of one job, for its :class:`MigrationStats`."""
-
-    def __init__(self, options: MigrationOptions, budget: DowntimeBudget) -> None:
-        self.options = options
-        self.budget = budget
-        self.asked_qemu = False
-        self.tls_creds = ""
-        self.capabilities: tuple[str, ...] = ()
-        self.multifd_channels: int | None = None
-        self.throttle: int | None = None
-        self.disk: dict[str, int] = {}
-        self.postcopy_asked_s: float | None = None
-        self.postcopy_entered_s: float | None = None
-        self.postcopy_reason = ""
-
-    def sample(self, info: dict[str, Any]) -> None:
-        throttle = _int_or_none(info.get("auto_converge_throttle"))
-        if throttle is not None:
-            self.throttle = max(throttle, self.throttle or 0)
-        for key in ("disk_total", "disk_processed"):
-            value = _int_or_none(info.get(key))
-            if value is not None:
-                self.disk[key] = max(value, self.disk.get(key, 0))
-
-    def stats(self, wall_s: float, job: dict[str, Any]) -> MigrationStats:
-        o = self.options
-        throttle = _int_or_none(job.get("auto_converge_throttle"))
-        if self.throttle is not None:
-            throttle = max(throttle or 0, self.throttle)
-        copying = o.copy_storage is not CopyStorage.NONE
-
-        def disk(key: str) -> int | None:
-            # The source's samples: the destination's record of the job says 0 (its
-            # statistics come in the migration cookie, without the storage mirror's).
-            values = [v for v in (_int_or_none(job.get(key)), self.disk.get(key)) if v is not None]
-            return max(values) if values else None
-
-        entered = self.postcopy_entered_s is not None
-        return MigrationStats(
-            wall_s=wall_s,
-            downtime_ms=_int_or_none(job.get("downtime")),
-            elapsed_ms=_int_or_none(job.get("time_elapsed")),
-            data_total=_int_or_none(job.get("data_total")),
-            iterations=_int_or_none(job.get("memory_iteration")),
-            tls=o.tls,
-            tls_creds=self.tls_creds,
-            copy_storage=o.copy_storage,
-            disk_total=disk("disk_total") if copying else None,
-            disk_processed=disk("disk_processed") if copying else None,
-            migrate_disks=o.migrate_disks,
-            bandwidth_mib_s=o.bandwidth_mib_s,
-            memory_bps=_int_or_none(job.get("memory_bps")),
-            auto_converge=o.auto_converge,
-            auto_converge_throttle_pct=throttle if o.auto_converge else None,
-            postcopy=o.postcopy,
-            postcopy_started=entered,
-            postcopy_started_after_s=(
-                round(self.postcopy_asked_s, 3)
-                if entered and self.postcopy_asked_s is not None
-                else None
-            ),
-            postcopy_reason=self.postcopy_reason,
-            parallel_connections=o.parallel_connections,
-            max_downtime_ms=self.budget.start_ms,
-            downtime_relaxed_at_pass=self.budget.relaxed_at_pass,
-            qemu_capabilities=self.capabilities,
-            multifd_channels=self.multifd_channels if o.parallel_connections else None,
-        )
-
-
-def _int_or_none(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) else None

@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 from host.domain.domain_xml import strip_primary
 from host.domain.pools import Pool
 from host.domain.teams import Team
-from host.hypervisor import Hypervisor, HypervisorError, MigrationProgress, PostcopyFailed
+from host.hypervisor import Hypervisor, HypervisorError, PostcopyFailed
+from host.migration_job import MigrationProgress
 from host.migration_options import MigrationStats
 from host.workflow.drift import TeamClassification
 from host.workflow.guest import (

@@ -5,9 +5,7 @@ the CLI, the contract and the Coordinator."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,8 @@ from host import cli
 from host.commandline import commands, render
 from host.daemon.encode import migration_options, migration_request, options_message
 from host.daemon.errors import status_for
-from host.hypervisor import MIGRATE_FLAGS, PostcopyTrigger, migration_call
+from host.hypervisor import MIGRATE_FLAGS, migration_call
+from host.migration_job import PostcopyTrigger
 from host.migration_options import CopyStorage, InvalidMigrationOptions, MigrationOptions
 from host.workflow.journal import Journal
 from host.workflow.model import MigrationRequest, Outcome, plain
@@ -286,9 +285,9 @@ def test_ptmigd_passes_the_options_and_refuses_bad_ones_before_any_workflow(
 
 
 def test_the_statistics_take_the_destinations_record_and_what_the_watcher_saw() -> None:
-    from host.hypervisor import DowntimeBudget, _JobWatch
+    from host.migration_job import DowntimeBudget, JobWatch
 
-    watch = _JobWatch(EVERYTHING, DowntimeBudget(None, EVERYTHING))
+    watch = JobWatch(EVERYTHING, DowntimeBudget(None, EVERYTHING))
     watch.sample({"auto_converge_throttle": 20, "disk_total": 64 << 20, "disk_processed": 1})
     watch.sample({"auto_converge_throttle": 50, "disk_processed": 64 << 20})
     watch.sample({"auto_converge_throttle": 30})
@@ -304,16 +303,16 @@ def test_the_statistics_take_the_destinations_record_and_what_the_watcher_saw() 
 
 
 def test_postcopy_counts_as_started_only_once_the_source_said_so() -> None:
-    from host.hypervisor import DowntimeBudget, _JobWatch
+    from host.migration_job import DowntimeBudget, JobWatch
 
-    asked_only = _JobWatch(POSTCOPY, DowntimeBudget(None, POSTCOPY))
+    asked_only = JobWatch(POSTCOPY, DowntimeBudget(None, POSTCOPY))
     asked_only.postcopy_asked_s, asked_only.postcopy_reason = 2.6, "after 2.5 s"
     stats = asked_only.stats(4.0, {})
     assert stats.postcopy and not stats.postcopy_started
     assert stats.postcopy_started_after_s is None
     assert "post-copy not needed" in stats.detail
 
-    entered = _JobWatch(POSTCOPY, DowntimeBudget(None, POSTCOPY))
+    entered = JobWatch(POSTCOPY, DowntimeBudget(None, POSTCOPY))
     entered.postcopy_asked_s, entered.postcopy_reason = 2.6, "after 2.5 s"
     entered.postcopy_entered_s = 2.7  # VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY on the source
     stats = entered.stats(4.0, {})
@@ -325,7 +324,7 @@ def test_postcopy_counts_as_started_only_once_the_source_said_so() -> None:
 
 
 def test_ptmigs_budget_starts_low_and_goes_back_to_qemus_limit_after_its_passes() -> None:
-    from host.hypervisor import DowntimeBudget
+    from host.migration_job import DowntimeBudget
     from host.migration_options import DOWNTIME_BUDGET_PASSES, QEMU_DOWNTIME_MS, TUNED_DOWNTIME_MS
 
     budget = DowntimeBudget(None, MigrationOptions())
@@ -349,7 +348,7 @@ def test_ptmigs_budget_starts_low_and_goes_back_to_qemus_limit_after_its_passes(
 def test_libvirts_defaults_and_the_operators_limit_have_no_budget(
     operator_ms: int | None, options: MigrationOptions, start: int | None
 ) -> None:
-    from host.hypervisor import DowntimeBudget
+    from host.migration_job import DowntimeBudget
 
     budget = DowntimeBudget(operator_ms, options)
     assert budget.start_ms == start
@@ -408,9 +407,10 @@ def test_the_watcher_applies_the_budget_to_the_running_job(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import host.hypervisor as hypervisor
+    from host import migration_job
     from host.migration_options import DOWNTIME_BUDGET_PASSES, QEMU_DOWNTIME_MS, TUNED_DOWNTIME_MS
 
-    monkeypatch.setattr(hypervisor, "JOB_POLL_S", 0.01)
+    monkeypatch.setattr(migration_job, "JOB_POLL_S", 0.01)
     hv = hypervisor.Hypervisor.__new__(hypervisor.Hypervisor)
     hv.uri = "qemu:///system"
     fake = _FakeJobDomain()
@@ -482,15 +482,19 @@ def test_a_job_that_failed_in_postcopy_says_so(
         def state(self) -> list[int]:
             return list(state)
 
-    class Events(hypervisor.Hypervisor):
-        def __init__(self) -> None:
-            self.uri = "qemu:///system"
+        def connect(self) -> Any:
+            class NoEvents:  # the lifecycle event never comes: the state must tell
+                def domainEventRegisterAny(self, *_args: Any) -> int:
+                    return 1
 
-        @contextlib.contextmanager
-        def _events(self, *_args: Any) -> Iterator[None]:
-            yield
+                def domainEventDeregisterAny(self, _id: int) -> int:
+                    return 0
 
-    dom = hypervisor.Domain(Events(), DiesInPostcopy())  # type: ignore[arg-type]
+            return NoEvents()
+
+    hv = hypervisor.Hypervisor.__new__(hypervisor.Hypervisor)
+    hv.uri = "qemu:///system"
+    dom = hypervisor.Domain(hv, DiesInPostcopy())  # type: ignore[arg-type]
     with pytest.raises(hypervisor.HypervisorError, match="migrate vm1 qemu:") as caught:
         dom.migrate(
             _FakeDestination(),  # type: ignore[arg-type]

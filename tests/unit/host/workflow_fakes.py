@@ -70,12 +70,8 @@ from host.domain.pools import (
     format_pool_network,
 )
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, Team, TeamSet, format_teams
-from host.hypervisor import (
-    DeviceRemovalError,
-    HypervisorError,
-    MigrationProgress,
-    migration_call,
-)
+from host.hypervisor import DeviceRemovalError, HypervisorError, migration_call
+from host.migration_job import MigrationProgress
 from host.migration_options import CopyStorage, MigrationOptions, MigrationStats
 from host.workflow.coordinator import Coordinator
 from host.workflow.journal import Journal, StepRecord
@@ -1044,6 +1040,21 @@ class FakeDomain:
     def job_running(self) -> bool:
         with self.world.op(self.uri, "job_running", self.domain_name):
             return self._record().job_running
+
+    # What host/migration_job.py's watcher asks of a real Domain; the fake migrate above
+    # runs no watcher, so these only answer as a domain without a job would.
+
+    def job_stats(self) -> dict[str, Any]:
+        return {}
+
+    def set_max_downtime(self, limit_ms: int) -> None:
+        raise HypervisorError(f"{self.uri}: set max downtime: no job on {self.domain_name}")
+
+    def start_postcopy(self) -> None:
+        raise HypervisorError(f"{self.uri}: start post-copy: no job on {self.domain_name}")
+
+    def qmp(self, command: str) -> Any:
+        raise HypervisorError(f"{self.uri}: QMP {command}: the fakes have no QEMU")
 
     def abort_job(self) -> None:
         with self.world.op(self.uri, "abort_job", self.domain_name):
