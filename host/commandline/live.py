@@ -47,25 +47,28 @@ class MigrationInterrupt:
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if self._reason:
-            print(
-                f"ptmig: {name}: already cancelling ({self._reason}); waiting for the workflow "
-                "to end so that it is not left open",
-                file=sys.stderr,
-            )
+            print(self._again(name), file=sys.stderr)
             return
         self._reason = name
+        print(self._first(name), file=sys.stderr, flush=True)
+
+    def _again(self, name: str) -> str:
+        return (
+            f"ptmig: {name}: already cancelling ({self._reason}); waiting for the workflow "
+            "to end so that it is not left open"
+        )
+
+    def _first(self, name: str) -> str:
         if self._moved:
-            line = (
+            return (
                 f"ptmig: {name}: too late to cancel: {self.request.domain} has moved to "
                 f"{self.request.destination_uri}; finishing the bind"
             )
-        else:
-            line = (
-                f"ptmig: {name}: cancelling the migration of {self.request.domain}"
-                f"{' at ' + self._phase if self._phase else ''}: aborting and rolling back "
-                f"onto {self.request.source_uri}"
-            )
-        print(line, file=sys.stderr, flush=True)
+        return (
+            f"ptmig: {name}: cancelling the migration of {self.request.domain}"
+            f"{' at ' + self._phase if self._phase else ''}: aborting and rolling back "
+            f"onto {self.request.source_uri}"
+        )
 
     def run(self, work: Callable[[], R]) -> R:
         result: list[R] = []
@@ -104,22 +107,17 @@ class EvacuationInterrupt(MigrationInterrupt):
         self.evacuation = request
         self._reason = ""
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        name = signal.Signals(signum).name
-        if self._reason:
-            print(
-                f"ptmig: {name}: already stopping ({self._reason}); waiting for the running "
-                "migrations to end so that none is left open",
-                file=sys.stderr,
-            )
-            return
-        self._reason = name
-        print(
+    def _again(self, name: str) -> str:
+        return (
+            f"ptmig: {name}: already stopping ({self._reason}); waiting for the running "
+            "migrations to end so that none is left open"
+        )
+
+    def _first(self, name: str) -> str:
+        return (
             f"ptmig: {name}: stopping the evacuation of {self.evacuation.source_uri}: no new "
             "migration starts; the running ones are cancelled (rolled back, or their bind "
-            "finished where the VM has moved)",
-            file=sys.stderr,
-            flush=True,
+            "finished where the VM has moved)"
         )
 
 

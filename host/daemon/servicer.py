@@ -63,7 +63,9 @@ class Coordinator(Protocol):
     def migrate(
         self, request: MigrationRequest, on_event: Callable[[Event], None]
     ) -> MigrationReport:
-        """Run one migration to its end; `on_event` is called from the same thread."""
+        """Run one migration to its end; `on_event` is called from the workflow's thread
+        and, during the migration job, from the job's progress watcher
+        (host/migration_job.py): the servicer queues them."""
         ...
 
     def evacuate(

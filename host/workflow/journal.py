@@ -1,10 +1,11 @@
 """The workflow journal: what each workflow did, step by step, on disk before it is done.
 
 A coordinator killed at any point (SIGKILL, power loss) leaves an *open* workflow
-whose last step rows say how far it got; ``ptmig recover`` reads them to resume or
-roll back.  For that to hold, a step is recorded *before* the action it describes
-and every commit is durable when :meth:`Journal.record` returns: SQLite in WAL mode
-with ``synchronous=FULL`` (WAL fsynced at each commit).
+whose last step rows say how far it got, for a person (``ptmig workflows``); ``ptmig
+recover`` adopts it and decides from where the VM runs, not from the rows
+(host/workflow/recovery.py).  For the rows to be true, a step is recorded *before* the
+action it describes and every commit is durable when :meth:`Journal.record` returns:
+SQLite in WAL mode with ``synchronous=FULL`` (WAL fsynced at each commit).
 
 Tables (schema version :data:`SCHEMA_VERSION` in ``PRAGMA user_version``):
 
