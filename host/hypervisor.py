@@ -20,7 +20,6 @@ import json
 import logging
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -30,7 +29,8 @@ import libvirt_qemu
 
 from host.domain.domain_xml import device_aliases
 from host.domain.errors import DomainModelError
-from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, to_text_as_read
+from host.domain.networks import keep_network_uuid
+from host.domain.xmltree import parse_xml
 from host.errors import PtmigError
 from host.migration_job import MigrationJob, MigrationProgress
 from host.migration_options import CopyStorage, MigrationOptions, MigrationStats
@@ -260,7 +260,10 @@ class Hypervisor:
         store, and starting them would make a bridge nobody uses.
         """
         try:
-            xml = self._keep_network_uuid(xml)
+            xml = keep_network_uuid(xml, self._network_uuid)
+        except DomainModelError as exc:
+            raise HypervisorError(f"{self.uri}: define network: {exc}") from exc
+        try:
             net = self._conn.networkDefineXML(xml)
             if start:
                 if not net.isActive():
@@ -269,23 +272,11 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise _wrap(f"{self.uri}: define network", exc) from exc
 
-    def _keep_network_uuid(self, xml: str) -> str:
-        """libvirt redefines a network only under its existing UUID; carry it over."""
+    def _network_uuid(self, name: str) -> str | None:
         try:
-            root, declared = parse_xml_keeping_prefixes(xml, "network XML")
-        except DomainModelError as exc:
-            raise HypervisorError(f"{self.uri}: define network: {exc}") from exc
-        name = root.findtext("name") or ""
-        if root.find("uuid") is not None:
-            return xml
-        try:
-            existing = self._conn.networkLookupByName(name)
+            return str(self._conn.networkLookupByName(name).UUIDString())
         except libvirt.libvirtError:
-            return xml
-        uuid = ET.Element("uuid")
-        uuid.text = existing.UUIDString()
-        root.insert(1, uuid)
-        return to_text_as_read(root, declared)
+            return None
 
     def undefine_network(self, name: str) -> None:
         try:

@@ -32,7 +32,12 @@ from host.domain.kinds import PoolKind
 from host.domain.names import check_alias
 from host.domain.teams import TEAMS_NS, PrimaryDevice, TeamSet, teams_from_element
 from host.domain.xmlmodel import GUEST_PCI, HOST_PCI, SOURCE_PCI, at, matches, read, value_at
-from host.domain.xmltree import parse_xml, parse_xml_keeping_prefixes, split_tag, to_text_as_read
+from host.domain.xmltree import (
+    metadata_element,
+    parse_xml,
+    parse_xml_keeping_prefixes,
+    to_text_as_read,
+)
 
 
 def _yes(value: str, _where: str) -> bool:
@@ -242,15 +247,8 @@ def _vsock(element: ET.Element, where: str) -> Vsock:
 
 
 def _teams(root: ET.Element, where: str) -> TeamSet | None:
-    metadata = root.find("metadata")
-    if metadata is None:
-        return None
-    found = [child for child in metadata if split_tag(child) == (TEAMS_NS, "teams")]
-    if not found:
-        return None
-    if len(found) > 1:
-        raise DomainModelError(f"{where}: more than one ptmig teams element in <metadata>")
-    return teams_from_element(found[0])
+    found = metadata_element(root, TEAMS_NS, "teams", where, "ptmig teams element")
+    return teams_from_element(found) if found is not None else None
 
 
 def _attr(element: ET.Element, child: str, name: str) -> str | None:

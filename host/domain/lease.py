@@ -16,27 +16,58 @@ renewed and released is host/workflow/lease.py; this module only reads and write
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from host.domain.errors import DomainModelError, shown
-from host.domain.xmltree import check_attributes, parse_xml, split_tag
+from host.domain.xmlmodel import at, build, read
+from host.domain.xmltree import metadata_element, parse_xml, to_text
 
 LEASE_NS = "https://ptmig.dev/xmlns/lease/1"
 LEASE_PREFIX = "ptmig-lease"
-_ATTRIBUTES = ("workflow", "kind", "holder", "machine", "boot", "pid", "start", "expires")
 
 
-@dataclass(frozen=True)
+def _number(kind: type[int] | type[float]) -> Callable[[str, str], object]:
+    def check(value: str, where: str) -> object:
+        try:
+            return kind(value)
+        except ValueError:
+            raise DomainModelError(f"{where}: {shown(value)} is not a number") from None
+
+    return check
+
+
+def _start(value: str, where: str) -> int | None:
+    """The owner's start time; "" (written by ptmig before 0.3) is unknown."""
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DomainModelError(f"{where}: {shown(value)} is not a number") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Lease:
-    workflow: str
-    kind: str
-    holder: str  # the coordinator's host name, for people
-    machine: str  # /etc/machine-id of the coordinator's machine ("" if unknown)
-    boot: str  # its boot id ("" if unknown)
-    pid: int
-    start: int | None  # /proc/PID/stat field 22
-    expires: float
+    """``<lease>``, each attribute declared once (host/domain/xmlmodel.py)."""
+
+    XML_TAG: ClassVar[str] = "lease"
+    XML_NS: ClassVar[dict[str, str]] = {"lease": LEASE_NS}
+    XML_STRICT: ClassVar[tuple[str, ...]] = (".",)
+
+    workflow: str = at("@workflow", default="")
+    kind: str = at("@kind", default="")
+    holder: str = at("@holder", default="")  # the coordinator's host name, for people
+    machine: str = at("@machine", default="")  # /etc/machine-id of its machine ("" unknown)
+    boot: str = at("@boot", default="")  # its boot id ("" if unknown)
+    pid: int = at("@pid", check=_number(int))
+    start: int | None = at("@start", default=None, check=_start)  # /proc/PID/stat field 22
+    expires: float = at(  # epoch seconds
+        "@expires",
+        check=_number(float),
+        show=lambda v: repr(float(v)),
+    )
 
     def __post_init__(self) -> None:
         if not self.workflow:
@@ -52,57 +83,12 @@ class Lease:
 
 def format_lease(lease: Lease) -> str:
     """The ``<lease>`` element for virDomainSetMetadata (no namespace: libvirt adds it)."""
-    root = ET.Element(
-        "lease",
-        {
-            "workflow": lease.workflow,
-            "kind": lease.kind,
-            "holder": lease.holder,
-            "machine": lease.machine,
-            "boot": lease.boot,
-            "pid": str(lease.pid),
-            "start": "" if lease.start is None else str(lease.start),
-            "expires": repr(float(lease.expires)),
-        },
-    )
-    return ET.tostring(root, encoding="unicode")
+    return to_text(build(lease))
 
 
 def lease_from_domain_xml(domain_xml: str) -> Lease | None:
     """The domain's lease, None if it has none.  A lease that cannot be read is an
     error, not "free": a garbled record must not let a second coordinator in."""
     root = parse_xml(domain_xml, "domain XML")
-    metadata = root.find("metadata")
-    if metadata is None:
-        return None
-    found = [child for child in metadata if split_tag(child) == (LEASE_NS, "lease")]
-    if not found:
-        return None
-    if len(found) > 1:
-        raise DomainModelError("domain XML: more than one ptmig lease in <metadata>")
-    return lease_from_element(found[0])
-
-
-def lease_from_element(element: ET.Element) -> Lease:
-    where = "ptmig lease"
-    check_attributes(element, _ATTRIBUTES, where)
-    get = element.attrib.get
-    try:
-        pid = int(get("pid", ""))
-        start_text = get("start", "")
-        start = int(start_text) if start_text else None
-        expires = float(get("expires", ""))
-    except ValueError:
-        raise DomainModelError(
-            f"{where}: bad pid, start or expires in {shown(element.attrib)}"
-        ) from None
-    return Lease(
-        workflow=get("workflow", ""),
-        kind=get("kind", ""),
-        holder=get("holder", ""),
-        machine=get("machine", ""),
-        boot=get("boot", ""),
-        pid=pid,
-        start=start,
-        expires=expires,
-    )
+    found = metadata_element(root, LEASE_NS, "lease", "domain XML", "ptmig lease")
+    return read(Lease, found, "ptmig lease") if found is not None else None

@@ -187,3 +187,17 @@ def to_text(element: ET.Element) -> str:
     """Serialise `element` (no XML declaration), indented for people to read."""
     ET.indent(element)
     return ET.tostring(element, encoding="unicode")
+
+
+def metadata_element(
+    root: ET.Element, namespace: str, tag: str, where: str, what: str
+) -> ET.Element | None:
+    """The domain's one ``<metadata>`` child *tag* in *namespace* (ptmig's teams, its
+    lease), None if it has none; two are an error (*what* names them in it)."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        return None
+    found = [child for child in metadata if split_tag(child) == (namespace, tag)]
+    if len(found) > 1:
+        raise DomainModelError(f"{where}: more than one {what} in <metadata>")
+    return found[0] if found else None

@@ -110,14 +110,14 @@ class DomainLease:
 
     def _mine(self, ttl: float) -> Lease:
         return Lease(
-            self.workflow_id,
-            self.kind,
-            self.me.name,
-            self.me.machine,
-            self.me.boot,
-            self.me.pid,
-            self.me.start,
-            self.clock() + ttl,
+            workflow=self.workflow_id,
+            kind=self.kind,
+            holder=self.me.name,
+            machine=self.me.machine,
+            boot=self.me.boot,
+            pid=self.me.pid,
+            start=self.me.start,
+            expires=self.clock() + ttl,
         )
 
     def is_mine(self, lease: Lease | None) -> bool:
