@@ -1,5 +1,6 @@
 """libvirt's migration options as ptmig takes them, and what a migration job did: shared by
-the workflow, which asks, and host/hypervisor.py, which tells libvirt and reads the job."""
+the workflow, which asks, host/hypervisor.py, which tells libvirt, and host/migration_job.py,
+which watches the job."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class MigrationOptions:
     #: VIR_MIGRATE_PARALLEL with this many connections; None = one stream.
     parallel_connections: int | None = None
     #: libvirt's own downtime limit (QEMU's 300 ms) instead of ptmig's budget: 50 ms for
-    #: the first passes, then 300 (host/hypervisor.py DowntimeBudget).  Measured in the
+    #: the first passes, then 300 (host/migration_job.py DowntimeBudget).  Measured in the
     #: lab: the budget's virtio-only guest lost 0.36x the packets of libvirt's defaults.
     libvirt_defaults: bool = False
 
