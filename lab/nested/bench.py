@@ -33,7 +33,7 @@ import libvirt
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
-from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri, uri
+from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,15 @@ class BenchResult:
     idle: dict[int, dict[str, int]]  # rate -> team -> lost in IDLE_S with nothing moving
     clock_error_s: float
     moves: list[Move]
+
+
+def pinging(lab: VfioLab, name: str, rate: int) -> dict[str, L1Pinger]:
+    """A pinger per team, started, and 2 s of its traffic before anything moves."""
+    pingers = {t: L1Pinger(lab, ip, f"{name}{t}", rate) for t, ip in TEAM_IPS.items()}
+    for p in pingers.values():
+        p.start()
+    time.sleep(2)
+    return pingers
 
 
 def idle_loss(lab: VfioLab, rate: int, seconds: float = IDLE_S) -> dict[str, int]:
@@ -138,27 +147,13 @@ def plug_times(
 def ptmig_move(lab: VfioLab, case: str, teams: list[str], rate: int, offset: float) -> Move:
     src = lab.where()
     dest = OTHER[src]
-    pingers = {t: L1Pinger(lab, TEAM_IPS[t], f"{case}-{src}-{t}", rate) for t in TEAM_IPS}
-    for p in pingers.values():
-        p.start()
-    time.sleep(2)
+    pingers = pinging(lab, f"{case}-{src}-", rate)
     t0 = time.monotonic()
-    proc = co.ptmig(
-        src,
-        "migrate",
-        DOMAIN_NAME,
-        uri(dest),
-        "--json",
-        "--peer-uri",
-        peer_uri(dest),
-        "--unsafe",
-        check=False,
-    )
+    code, report = co.migrate(lab, dest)
     wall = time.monotonic() - t0
     time.sleep(2)
-    report = json.loads(proc.stdout)
     spans = [(p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]]
-    move = Move(case, src, dest, proc.returncode, round(wall, 2))
+    move = Move(case, src, dest, code, round(wall, 2))
     move.phases = {p["name"]: p["seconds"] for p in report["phases"]}
     stats = report.get("migration") or {}
     move.downtime_ms = stats.get("downtime_ms")
@@ -168,7 +163,7 @@ def ptmig_move(lab: VfioLab, case: str, teams: list[str], rate: int, offset: flo
         move.lost[team] = {ph["name"]: ph["lost"] for ph in traffic["phases"]}
         if bind:
             move.outages[team] = outages_from(traffic, bind[0], "bind")
-    if bind and proc.returncode == 0:
+    if bind and code == 0:
         move.plug = plug_times(lab, teams, bind, offset)
     return move
 
@@ -210,10 +205,7 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
             f"<mac address='52:54:00:aa:00:01'/><alias name='{alias}'/></interface>"
         )
     before = set(lab.exec("ls /sys/class/net").check().split())
-    pingers = {t: L1Pinger(lab, TEAM_IPS[t], f"bare-{kind}-{t}", rate) for t in TEAM_IPS}
-    for p in pingers.values():
-        p.start()
-    time.sleep(2)
+    pingers = pinging(lab, f"bare-{kind}-", rate)
     started = time.time()
     lab.domain(on).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     called = time.time() - started
@@ -255,10 +247,7 @@ def plain_move(lab: VfioLab, rate: int) -> Move:
     """libvirt's own migration of the guest with no passthrough device plugged."""
     src = lab.where()
     dest = OTHER[src]
-    pingers = {t: L1Pinger(lab, TEAM_IPS[t], f"plain-{src}-{t}", rate) for t in TEAM_IPS}
-    for p in pingers.values():
-        p.start()
-    time.sleep(2)
+    pingers = pinging(lab, f"plain-{src}-", rate)
     started = time.time()
     t0 = time.monotonic()
     lab.domain(src).migrateToURI3(peer_uri(dest), {}, PLAIN_FLAGS)

@@ -21,7 +21,7 @@ from lab import STANDBY_MAC, WAN_STANDBY_MAC
 from lab.coordinated import ptmig_at
 from lab.guest import DOMAIN_NAME
 from lab.nested import run_dir
-from lab.nested.vlab import VfioLab, VfioLabError, uri
+from lab.nested.vlab import VfioLab, VfioLabError, peer_uri, uri
 
 VF_POOL = "lanvf"
 PCI_POOL = "wannic"
@@ -42,6 +42,25 @@ def ptmig_json(host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
             f"ptmig {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"
         )
     return json.loads(proc.stdout)
+
+
+def migrate(lab: VfioLab, dest: str, peer: str | None = None) -> tuple[int, dict[str, Any]]:
+    """``ptmig migrate --json`` of the guest from where it runs to *dest*, p2p over the hosts'
+    L1-internal addresses (*peer*: another peer URI); its exit code and report."""
+    proc = ptmig(
+        lab.where(),
+        "migrate",
+        DOMAIN_NAME,
+        uri(dest),
+        "--json",
+        "--peer-uri",
+        peer or peer_uri(dest),
+        "--unsafe",
+        check=False,
+    )
+    if not proc.stdout:
+        raise VfioLabError(f"ptmig migrate exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.returncode, json.loads(proc.stdout)
 
 
 def define_pools(lab: VfioLab, vfs: dict[str, list[str]] | None = None) -> None:

@@ -9,7 +9,6 @@ does; the VF cases set team lan on the VF pool themselves (`vf_team`).  L0's QEM
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -51,22 +50,6 @@ def vlab() -> Iterator[VfioLab]:
         yield lab
     finally:
         lab.down()
-
-
-def migrate(lab: VfioLab, dest: str) -> tuple[int, dict[str, Any]]:
-    proc = co.ptmig(
-        lab.where(),
-        "migrate",
-        DOMAIN_NAME,
-        uri(dest),
-        "--json",
-        "--peer-uri",
-        peer_uri(dest),
-        "--unsafe",
-        check=False,
-    )
-    assert proc.stdout, proc.stderr
-    return proc.returncode, json.loads(proc.stdout)
 
 
 def l1_driver(lab: VfioLab, pci: str) -> str:
@@ -125,7 +108,7 @@ def there_and_back(
         for p in pingers.values():
             p.start()
         time.sleep(2)
-        code, report = migrate(lab, dest)
+        code, report = co.migrate(lab, dest)
         time.sleep(2)
         phases = [
             (p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]
@@ -174,28 +157,23 @@ def test_failover_to_standby_and_back_with_the_whole_nic(vlab: VfioLab) -> None:
 UNREACHABLE_PEER = "qemu+tcp://127.0.0.1:1/system"
 
 
-def test_whole_nic_rollback_plugs_it_again_on_the_source(vlab: VfioLab) -> None:
-    lab = vlab
+def rollback(lab: VfioLab, teams: dict[str, str]) -> str:
+    """A migration whose job fails after the unplug (*teams* plugged before it): rolled back
+    onto the source with every team on a primary again.  Returns the source."""
     on = lab.where()
-    proc = co.ptmig(
-        on,
-        "migrate",
-        DOMAIN_NAME,
-        uri(OTHER[on]),
-        "--json",
-        "--peer-uri",
-        UNREACHABLE_PEER,
-        "--unsafe",
-        check=False,
-    )
-    report = json.loads(proc.stdout)
+    code, report = co.migrate(lab, OTHER[on], peer=UNREACHABLE_PEER)
     print(f"rollback: {report['phases']}")
-    assert proc.returncode == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
-    assert "unplug" in [p["name"] for p in report["phases"]], "the NIC was never unplugged"
-    assert report["teams"] == {"wan": "primary"}
+    assert code == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
+    assert "unplug" in [p["name"] for p in report["phases"]], "nothing was unplugged"
+    assert report["teams"] == teams
     assert lab.where() == on
-    check_whole_nic(lab, on)  # on vfio-pci again here; the other host's never taken
-    lab.check_health()
+    return on
+
+
+def test_whole_nic_rollback_plugs_it_again_on_the_source(vlab: VfioLab) -> None:
+    on = rollback(vlab, {"wan": "primary"})
+    check_whole_nic(vlab, on)  # on vfio-pci again here; the other host's never taken
+    vlab.check_health()
 
 
 def test_whole_nic_under_mac_policy_none(vlab: VfioLab) -> None:
@@ -205,7 +183,7 @@ def test_whole_nic_under_mac_policy_none(vlab: VfioLab) -> None:
     dest = OTHER[lab.where()]
     set_wan_policy(lab, "none")
     try:
-        code, report = migrate(lab, dest)
+        code, report = co.migrate(lab, dest)
         assert code == 0 and report["outcome"] == str(Outcome.DONE), report
         assert report["teams"] == {"wan": "primary"}
         check_whole_nic(lab, dest)
@@ -266,28 +244,10 @@ def test_vf_failover_to_standby_and_back(vf_team: VfioLab) -> None:
 
 
 def test_vf_rollback_plugs_a_vf_again_on_the_source(vf_team: VfioLab) -> None:
-    lab = vf_team
-    on = lab.where()
-    proc = co.ptmig(
-        on,
-        "migrate",
-        DOMAIN_NAME,
-        uri(OTHER[on]),
-        "--json",
-        "--peer-uri",
-        UNREACHABLE_PEER,
-        "--unsafe",
-        check=False,
-    )
-    report = json.loads(proc.stdout)
-    print(f"VF rollback: {report['phases']}")
-    assert proc.returncode == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
-    assert "unplug" in [p["name"] for p in report["phases"]], "the VF was never unplugged"
-    assert report["teams"] == {"lan": "primary", "wan": "primary"}
-    assert lab.where() == on
-    check_vf(lab, on)  # one VF held here again, none of the other host's: none leaked
-    check_whole_nic(lab, on)
-    lab.check_health()
+    on = rollback(vf_team, {"lan": "primary", "wan": "primary"})
+    check_vf(vf_team, on)  # one VF held here again, none of the other host's: none leaked
+    check_whole_nic(vf_team, on)
+    vf_team.check_health()
 
 
 def hold_vfs(lab: VfioLab, host: str) -> str:
@@ -316,7 +276,7 @@ def test_empty_destination_vf_pool_gives_degraded_then_the_reconciler_repairs(
     dest = OTHER[src]
     holder = hold_vfs(lab, dest)
     try:
-        code, report = migrate(lab, dest)
+        code, report = co.migrate(lab, dest)
         assert code == 3 and report["outcome"] == str(Outcome.DONE_DEGRADED), report
         assert report["teams"] == {"lan": "standby", "wan": "primary"}
         assert lab.where() == dest
@@ -350,7 +310,7 @@ def test_vf_under_mac_policy_none_migrates(vf_team: VfioLab) -> None:
     dest = OTHER[lab.where()]
     set_lan(lab, "none")
     try:
-        code, report = migrate(lab, dest)
+        code, report = co.migrate(lab, dest)
         assert code == 0 and report["outcome"] == str(Outcome.DONE), report
         assert report["teams"] == {"lan": "primary", "wan": "primary"}
         check_vf(lab, dest)
