@@ -27,6 +27,9 @@ back to the default would change what a migration does to the guest's MAC.
     mac = "52:54:00:bb:00:01"              # preserve: the team's MAC (default: the bond's)
     primary = {pci_address = "0000:02:00.0"}  # agent: bound at start-up when present
     num_peer_notif = 1                     # agent: peer notifications per switch
+    managed_by = "coordinator"             # coordinator | guest (the agent acts by itself)
+    primary_rule = {driver = "e1000e"}     # guest: which plugged NIC is the primary, by
+                                           # mac, pci_id ("8086:10d3"), driver, pci_slot
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 from ptmig.serial_session import AGENT_CHANNEL
 
 from guest_agent.addresses import AddressError, parse_mac, parse_pci
+from guest_agent.rules import ManagedBy, PrimaryRule, parse_pci_id, parse_pci_slot
 from guest_agent.teams import DeviceMatch, MacPolicy, Ownership, TeamConfig
 
 DEFAULT_PATH = "/etc/ptmig/agent.toml"
@@ -149,9 +153,13 @@ def _team(t: _Table) -> TeamConfig:
         mac=t.convert("mac", parse_mac, mac) if mac is not None else None,
         primary=_match(t, "primary", primary, required=False) if primary is not None else None,
         num_peer_notif=t.integer("num_peer_notif", 1, 0, 255),
+        managed_by=t.choice("managed_by", ManagedBy, ManagedBy.COORDINATOR),
+        primary_rule=_rule(t),
     )
     if team.mac and policy is not MacPolicy.PRESERVE:
         raise ConfigError(f'{t.where}: mac is only used with mac_policy = "preserve"')
+    if (team.managed_by is ManagedBy.GUEST) != (team.primary_rule is not None):
+        raise ConfigError(f'{t.where}: managed_by = "guest" and primary_rule go together')
     t.refuse_unknown()
     return team
 
@@ -174,6 +182,30 @@ def _match(t: _Table, key: str, value: Any, required: bool) -> DeviceMatch:
         mac=m.convert("mac", parse_mac, mac) if mac else None,
         pci_address=m.convert("pci_address", parse_pci, pci) if pci else None,
     )
+
+
+def _rule(t: _Table) -> PrimaryRule | None:
+    """A guest-managed team's primary_rule: what an operator knows before the NIC exists."""
+    value = t.get("primary_rule")
+    if value is None:
+        return None
+    r = _Table(value, f"{t.where}.primary_rule")
+    mac, pci_id, driver, slot = (
+        r.optional_str(key) for key in ("mac", "pci_id", "driver", "pci_slot")
+    )
+    r.refuse_unknown()
+    if not (mac or pci_id or driver or slot):
+        raise ConfigError(f"{r.where}: give at least one of mac, pci_id, driver, pci_slot")
+    burned_in = r.convert("mac", parse_mac, mac) if mac else None
+    try:
+        return PrimaryRule(
+            mac=burned_in,
+            pci_id=parse_pci_id(pci_id) if pci_id else None,
+            driver=driver,
+            pci_slot=parse_pci_slot(slot) if slot else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{r.where}: {exc}") from None
 
 
 def _check_ifname(name: str, where: str) -> str:

@@ -50,6 +50,7 @@ class Link:
     udev_initialized: bool  # udev has finished with it (renamed, db written)
     bond: BondInfo | None = None  # set for kind == "bond"
     driver: str | None = None  # the device's kernel driver (virtio_net, igbvf); None if virtual
+    pci_id: str | None = None  # the PCI function's "vendor:device" (8086:10d3), sysfs
 
     def has_mac(self, mac: str) -> bool:
         """True if `mac` is the current or burned-in address."""

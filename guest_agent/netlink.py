@@ -264,6 +264,7 @@ class NetlinkLinks:
             driver=sysfs.driver(name, self._sys_root),
             udev_initialized=sysfs.udev_initialized(int(msg["index"]), self._run_root),
             bond=bond,
+            pci_id=sysfs.pci_id(name, self._sys_root),
         )
 
     def create_bond(self, name: str, fail_over_mac: FailOverMac, num_peer_notif: int) -> int:

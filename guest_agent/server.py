@@ -23,8 +23,10 @@ from typing import Any
 import grpc
 
 from guest_agent import __version__, config
+from guest_agent.autonomy import Watcher
 from guest_agent.links import Links
 from guest_agent.operations import OperationLog
+from guest_agent.rules import ManagedBy
 from guest_agent.service import AllowList, GuestAgentServicer, add_to_server
 from guest_agent.teams import Teams, deadline_in
 from guest_agent.transports.virtio_serial import SerialRelay
@@ -102,8 +104,11 @@ class Agent:
     server: Any
     relays: list[SerialRelay | StreamRelay] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    watcher: Watcher | None = None
 
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         for relay in self.relays:
             relay.stop()
         for thread in self.threads:
@@ -126,6 +131,9 @@ def start(
         capabilities.append("transport:virtio-serial")
     if cfg.vsock.enabled:
         capabilities.append("transport:vsock")
+    guest_managed = [team.name for team in cfg.teams if team.managed_by is ManagedBy.GUEST]
+    if guest_managed:
+        capabilities.append("managed-by:guest")
     agent = GuestAgentServicer(
         teams,
         OperationLog(cfg.operation_log_size),
@@ -143,6 +151,10 @@ def start(
         _run(running, StreamRelay.for_port(cfg.vsock.port, cfg.socket), "vsock")
     # After the transports: the host may already ask GetState while bonds are made.
     teams.set_up_owned(deadline_in(cfg.default_timeout_ms / 1000))
+    if guest_managed:  # after the bonds exist; with none, no watcher runs at all
+        log.info("guest-managed teams: %s", ", ".join(guest_managed))
+        running.watcher = Watcher(teams, links, cfg.default_timeout_ms / 1000)
+        running.watcher.start()
     return running
 
 

@@ -20,6 +20,7 @@ from ptmig.v1 import guest_agent_pb2_grpc as pb_grpc
 from guest_agent import __version__
 from guest_agent.links import FailOverMac, Link, by_index
 from guest_agent.operations import OperationIdReused, OperationLog
+from guest_agent.rules import ManagedBy
 from guest_agent.teams import Abandoned, MacPolicy, Ownership, TeamError, Teams, TeamState
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ def link_to_pb(link: Link, links: list[Link]) -> Any:
 
 
 def team_to_pb(team: TeamState) -> Any:
+    """A coordinator-driven team's message is what it was before guest-managed teams
+    existed: their fields are left unset, which proto3 does not serialise."""
     fail_over_mac = team.fail_over_mac
+    event = team.last_event
     return pb.TeamState(
         name=team.name,
         bond=team.bond,
@@ -76,6 +80,17 @@ def team_to_pb(team: TeamState) -> Any:
         standby=team.standby or "",
         members=list(team.members),
         primary=team.primary or "",
+        managed_by_guest=team.managed_by is ManagedBy.GUEST,
+        last_event=pb.TeamEvent(
+            kind=event.kind,
+            device=event.device,
+            reason=event.reason,
+            ok=event.ok,
+            detail=event.detail,
+            unix_ms=event.unix_ms,
+        )
+        if event
+        else None,
     )
 
 

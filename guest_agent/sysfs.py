@@ -19,6 +19,34 @@ def pci_address(ifname: str, sys_root: str = "/sys") -> str | None:
     device (virtio0) whose parent is the PCI function, so the walk is needed;
     virtual links (bond, veth, lo) have no `device` link at all.
     """
+    function = _pci_function(ifname, sys_root)
+    return os.path.basename(function) if function else None
+
+
+def pci_id(ifname: str, sys_root: str = "/sys") -> str | None:
+    """The PCI function's "vendor:device" (8086:10d3) behind a network interface, or None.
+
+    What a guest-managed team's primary rule can name before the device exists: the
+    function's `vendor` and `device` files (0x8086 -> 8086).
+    """
+    function = _pci_function(ifname, sys_root)
+    if function is None:
+        return None
+    ids = [_read_hex_id(os.path.join(function, name)) for name in ("vendor", "device")]
+    return f"{ids[0]}:{ids[1]}" if ids[0] and ids[1] else None
+
+
+def _read_hex_id(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip().lower()
+    except OSError:
+        return None
+    return text[2:] if text.startswith("0x") else text or None
+
+
+def _pci_function(ifname: str, sys_root: str) -> str | None:
+    """The resolved sysfs directory of the PCI function behind *ifname*, or None."""
     device = os.path.join(sys_root, "class", "net", ifname, "device")
     try:
         path = os.path.realpath(device, strict=True)
@@ -27,7 +55,7 @@ def pci_address(ifname: str, sys_root: str = "/sys") -> str | None:
     while True:
         name = os.path.basename(path)
         if is_pci_address(name):
-            return name
+            return path
         parent = os.path.dirname(path)
         if parent == path:
             return None

@@ -32,6 +32,7 @@ from guest_agent.links import (
     by_index,
     by_name,
 )
+from guest_agent.rules import ManagedBy, PrimaryRule
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,20 @@ class TeamConfig:
     mac: str | None = None  # the team's MAC under PRESERVE; None: the bond's MAC
     primary: DeviceMatch | None = None  # AGENT teams: bound at start-up when present
     num_peer_notif: int = 1  # gratuitous ARPs / unsolicited NAs per switch (AGENT bonds)
+    managed_by: ManagedBy = ManagedBy.COORDINATOR  # GUEST: guest_agent.autonomy acts
+    primary_rule: PrimaryRule | None = None  # GUEST: which plugged NIC is the primary
+
+
+@dataclass(frozen=True)
+class TeamEvent:
+    """What the agent did on its own for a guest-managed team, and why (GetState)."""
+
+    kind: str  # "primary-lost", "primary-bound"
+    device: str
+    reason: str  # e.g. "enp2s0 removed (hot-unplug or surprise removal)"
+    ok: bool
+    detail: str  # the outcome: the team's state after it, or the error
+    unix_ms: int
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,18 @@ class TeamState:
     standby: str | None
     members: tuple[str, ...]
     primary: str | None
+    managed_by: ManagedBy = ManagedBy.COORDINATOR
+    last_event: TeamEvent | None = None
+
+
+@dataclass(frozen=True)
+class TeamLayout:
+    """A team's links in one dump: what guest_agent.autonomy compares between events."""
+
+    config: TeamConfig
+    bond: Link | None
+    standby: Link | None
+    members: tuple[Link, ...]  # every link enslaved to the bond, the standby included
 
 
 @dataclass(frozen=True)
@@ -213,6 +240,7 @@ class Teams:
         self._links = links
         self._teams = {team.name: team for team in teams}
         self._locks = {team.name: threading.Lock() for team in teams}
+        self._events: dict[str, TeamEvent] = {}
 
     @property
     def names(self) -> list[str]:
@@ -317,6 +345,57 @@ class Teams:
         with self._locks[name]:
             _still_wanted(name, caller_waits)
             return self._bind(team, match, policy or team.mac_policy, deadline)
+
+    def adopt(self, name: str, index: int, deadline: float) -> BindResult | None:
+        """The agent's own bind of a NIC a guest-managed team's rule picked: BindPrimary's
+        path under the same team lock, so it never races the host's bind of that NIC.
+
+        None, with nothing changed, when it is done already (the NIC is the active member:
+        a coordinator's BindPrimary came first) or the team has another primary with
+        carrier (a second NIC is never bound into a team).
+        """
+        team = self._team(name)
+        with self._locks[name]:
+            links = self.list_links()
+            device = by_index(links, index)
+            if device is None:
+                raise DeviceNotFound(f"team {name}: ifindex {index} went away")
+            bond = self._bond(team, links)
+            if self._active(links, bond.index) == index:
+                log.info("team %s: %s is already its active member", name, device.name)
+                return None
+            standby = _index(self._standby_or_none(team, links))
+            others = [
+                ln
+                for ln in links
+                if ln.master == bond.index and ln.index not in (index, standby) and ln.carrier
+            ]
+            if others:
+                log.warning(
+                    "team %s: has primary %s already; leaving %s alone",
+                    name,
+                    others[0].name,
+                    device.name,
+                )
+                return None
+            match = DeviceMatch(
+                pci_address=device.pci_address,
+                mac=None if device.pci_address else (device.permanent_mac or device.mac),
+            )
+            return self._bind(team, match, team.mac_policy, deadline)
+
+    def record(self, name: str, event: TeamEvent) -> None:
+        """Keep *event* as the team's last one: GetState reports it."""
+        self._events[name] = event
+
+    def layouts(self, links: list[Link]) -> list[TeamLayout]:
+        """Every team's bond, standby and members as *links* show them."""
+        result = []
+        for team in self._teams.values():
+            bond = by_name(links, team.bond)
+            members = tuple(ln for ln in links if bond is not None and ln.master == bond.index)
+            result.append(TeamLayout(team, bond, self._standby_or_none(team, links), members))
+        return result
 
     def _device_match(self, pci_address: str | None, mac: str | None) -> DeviceMatch:
         try:
@@ -700,6 +779,8 @@ class Teams:
             standby=standby.name if standby else None,
             members=tuple(ln.name for ln in members),
             primary=primary,
+            managed_by=team.managed_by,
+            last_event=self._events.get(team.name),
         )
 
 

@@ -13,45 +13,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aptmig/v1/guest_agent.proto\x12\x08ptmig.v1\"\xb0\x01\n\x04Link\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03mac\x18\x03 \x01(\t\x12\x15\n\rpermanent_mac\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61rrier\x18\x05 \x01(\x08\x12\x11\n\toperstate\x18\x06 \x01(\t\x12\x10\n\x08\x61\x64min_up\x18\x07 \x01(\x08\x12\x0e\n\x06master\x18\x08 \x01(\t\x12\x0c\n\x04kind\x18\t \x01(\t\x12\x13\n\x0bpci_address\x18\n \x01(\t\"\xfc\x01\n\tTeamState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62ond\x18\x02 \x01(\t\x12\x14\n\x0c\x62ond_present\x18\x03 \x01(\x08\x12\'\n\nmac_policy\x18\x04 \x01(\x0e\x32\x13.ptmig.v1.MacPolicy\x12&\n\townership\x18\x05 \x01(\x0e\x32\x13.ptmig.v1.Ownership\x12\x0b\n\x03mac\x18\x06 \x01(\t\x12\x15\n\rfail_over_mac\x18\x07 \x01(\t\x12\x15\n\ractive_member\x18\x08 \x01(\t\x12\x0f\n\x07standby\x18\t \x01(\t\x12\x0f\n\x07members\x18\n \x03(\t\x12\x0f\n\x07primary\x18\x0b \x01(\t\")\n\x11GetVersionRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"V\n\x12GetVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\"\'\n\x0fGetStateRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"U\n\x10GetStateResponse\x12\x1d\n\x05links\x18\x01 \x03(\x0b\x32\x0e.ptmig.v1.Link\x12\"\n\x05teams\x18\x02 \x03(\x0b\x32\x13.ptmig.v1.TeamState\"d\n\x11UseStandbyRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x17\n\x0frelease_primary\x18\x03 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"[\n\x12UseStandbyResponse\x12!\n\x04team\x18\x01 \x01(\x0b\x32\x13.ptmig.v1.TeamState\x12\x10\n\x08released\x18\x02 \x03(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x97\x01\n\x12\x42indPrimaryRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x13\n\x0bpci_address\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\'\n\nmac_policy\x18\x05 \x01(\x0e\x32\x13.ptmig.v1.MacPolicy\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"Z\n\x13\x42indPrimaryResponse\x12!\n\x04team\x18\x01 \x01(\x0b\x32\x13.ptmig.v1.TeamState\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"%\n\x12HealthCheckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xa3\x01\n\x13HealthCheckResponse\x12;\n\x06status\x18\x01 \x01(\x0e\x32+.ptmig.v1.HealthCheckResponse.ServingStatus\"O\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03*l\n\tMacPolicy\x12\x1a\n\x16MAC_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MAC_POLICY_PRESERVE\x10\x01\x12\x15\n\x11MAC_POLICY_FOLLOW\x10\x02\x12\x13\n\x0fMAC_POLICY_NONE\x10\x03*P\n\tOwnership\x12\x19\n\x15OWNERSHIP_UNSPECIFIED\x10\x00\x12\x13\n\x0fOWNERSHIP_ADMIN\x10\x01\x12\x13\n\x0fOWNERSHIP_AGENT\x10\x02\x32\xad\x02\n\nGuestAgent\x12G\n\nGetVersion\x12\x1b.ptmig.v1.GetVersionRequest\x1a\x1c.ptmig.v1.GetVersionResponse\x12\x41\n\x08GetState\x12\x19.ptmig.v1.GetStateRequest\x1a\x1a.ptmig.v1.GetStateResponse\x12G\n\nUseStandby\x12\x1b.ptmig.v1.UseStandbyRequest\x1a\x1c.ptmig.v1.UseStandbyResponse\x12J\n\x0b\x42indPrimary\x12\x1c.ptmig.v1.BindPrimaryRequest\x1a\x1d.ptmig.v1.BindPrimaryResponse2N\n\x06Health\x12\x44\n\x05\x43heck\x12\x1c.ptmig.v1.HealthCheckRequest\x1a\x1d.ptmig.v1.HealthCheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aptmig/v1/guest_agent.proto\x12\x08ptmig.v1\"\xb0\x01\n\x04Link\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03mac\x18\x03 \x01(\t\x12\x15\n\rpermanent_mac\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61rrier\x18\x05 \x01(\x08\x12\x11\n\toperstate\x18\x06 \x01(\t\x12\x10\n\x08\x61\x64min_up\x18\x07 \x01(\x08\x12\x0e\n\x06master\x18\x08 \x01(\t\x12\x0c\n\x04kind\x18\t \x01(\t\x12\x13\n\x0bpci_address\x18\n \x01(\t\"\xbf\x02\n\tTeamState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62ond\x18\x02 \x01(\t\x12\x14\n\x0c\x62ond_present\x18\x03 \x01(\x08\x12\'\n\nmac_policy\x18\x04 \x01(\x0e\x32\x13.ptmig.v1.MacPolicy\x12&\n\townership\x18\x05 \x01(\x0e\x32\x13.ptmig.v1.Ownership\x12\x0b\n\x03mac\x18\x06 \x01(\t\x12\x15\n\rfail_over_mac\x18\x07 \x01(\t\x12\x15\n\ractive_member\x18\x08 \x01(\t\x12\x0f\n\x07standby\x18\t \x01(\t\x12\x0f\n\x07members\x18\n \x03(\t\x12\x0f\n\x07primary\x18\x0b \x01(\t\x12\x18\n\x10managed_by_guest\x18\x0c \x01(\x08\x12\'\n\nlast_event\x18\r \x01(\x0b\x32\x13.ptmig.v1.TeamEvent\"f\n\tTeamEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0f\n\x07unix_ms\x18\x06 \x01(\x03\")\n\x11GetVersionRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"V\n\x12GetVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\"\'\n\x0fGetStateRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"U\n\x10GetStateResponse\x12\x1d\n\x05links\x18\x01 \x03(\x0b\x32\x0e.ptmig.v1.Link\x12\"\n\x05teams\x18\x02 \x03(\x0b\x32\x13.ptmig.v1.TeamState\"d\n\x11UseStandbyRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x17\n\x0frelease_primary\x18\x03 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"[\n\x12UseStandbyResponse\x12!\n\x04team\x18\x01 \x01(\x0b\x32\x13.ptmig.v1.TeamState\x12\x10\n\x08released\x18\x02 \x03(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x97\x01\n\x12\x42indPrimaryRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x13\n\x0bpci_address\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\'\n\nmac_policy\x18\x05 \x01(\x0e\x32\x13.ptmig.v1.MacPolicy\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"Z\n\x13\x42indPrimaryResponse\x12!\n\x04team\x18\x01 \x01(\x0b\x32\x13.ptmig.v1.TeamState\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"%\n\x12HealthCheckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xa3\x01\n\x13HealthCheckResponse\x12;\n\x06status\x18\x01 \x01(\x0e\x32+.ptmig.v1.HealthCheckResponse.ServingStatus\"O\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03*l\n\tMacPolicy\x12\x1a\n\x16MAC_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MAC_POLICY_PRESERVE\x10\x01\x12\x15\n\x11MAC_POLICY_FOLLOW\x10\x02\x12\x13\n\x0fMAC_POLICY_NONE\x10\x03*P\n\tOwnership\x12\x19\n\x15OWNERSHIP_UNSPECIFIED\x10\x00\x12\x13\n\x0fOWNERSHIP_ADMIN\x10\x01\x12\x13\n\x0fOWNERSHIP_AGENT\x10\x02\x32\xad\x02\n\nGuestAgent\x12G\n\nGetVersion\x12\x1b.ptmig.v1.GetVersionRequest\x1a\x1c.ptmig.v1.GetVersionResponse\x12\x41\n\x08GetState\x12\x19.ptmig.v1.GetStateRequest\x1a\x1a.ptmig.v1.GetStateResponse\x12G\n\nUseStandby\x12\x1b.ptmig.v1.UseStandbyRequest\x1a\x1c.ptmig.v1.UseStandbyResponse\x12J\n\x0b\x42indPrimary\x12\x1c.ptmig.v1.BindPrimaryRequest\x1a\x1d.ptmig.v1.BindPrimaryResponse2N\n\x06Health\x12\x44\n\x05\x43heck\x12\x1c.ptmig.v1.HealthCheckRequest\x1a\x1d.ptmig.v1.HealthCheckResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ptmig.v1.guest_agent_pb2', globals())
 if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
-  _MACPOLICY._serialized_start=1379
-  _MACPOLICY._serialized_end=1487
-  _OWNERSHIP._serialized_start=1489
-  _OWNERSHIP._serialized_end=1569
+  _MACPOLICY._serialized_start=1550
+  _MACPOLICY._serialized_end=1658
+  _OWNERSHIP._serialized_start=1660
+  _OWNERSHIP._serialized_end=1740
   _LINK._serialized_start=41
   _LINK._serialized_end=217
   _TEAMSTATE._serialized_start=220
-  _TEAMSTATE._serialized_end=472
-  _GETVERSIONREQUEST._serialized_start=474
-  _GETVERSIONREQUEST._serialized_end=515
-  _GETVERSIONRESPONSE._serialized_start=517
-  _GETVERSIONRESPONSE._serialized_end=603
-  _GETSTATEREQUEST._serialized_start=605
-  _GETSTATEREQUEST._serialized_end=644
-  _GETSTATERESPONSE._serialized_start=646
-  _GETSTATERESPONSE._serialized_end=731
-  _USESTANDBYREQUEST._serialized_start=733
-  _USESTANDBYREQUEST._serialized_end=833
-  _USESTANDBYRESPONSE._serialized_start=835
-  _USESTANDBYRESPONSE._serialized_end=926
-  _BINDPRIMARYREQUEST._serialized_start=929
-  _BINDPRIMARYREQUEST._serialized_end=1080
-  _BINDPRIMARYRESPONSE._serialized_start=1082
-  _BINDPRIMARYRESPONSE._serialized_end=1172
-  _HEALTHCHECKREQUEST._serialized_start=1174
-  _HEALTHCHECKREQUEST._serialized_end=1211
-  _HEALTHCHECKRESPONSE._serialized_start=1214
-  _HEALTHCHECKRESPONSE._serialized_end=1377
-  _HEALTHCHECKRESPONSE_SERVINGSTATUS._serialized_start=1298
-  _HEALTHCHECKRESPONSE_SERVINGSTATUS._serialized_end=1377
-  _GUESTAGENT._serialized_start=1572
-  _GUESTAGENT._serialized_end=1873
-  _HEALTH._serialized_start=1875
-  _HEALTH._serialized_end=1953
+  _TEAMSTATE._serialized_end=539
+  _TEAMEVENT._serialized_start=541
+  _TEAMEVENT._serialized_end=643
+  _GETVERSIONREQUEST._serialized_start=645
+  _GETVERSIONREQUEST._serialized_end=686
+  _GETVERSIONRESPONSE._serialized_start=688
+  _GETVERSIONRESPONSE._serialized_end=774
+  _GETSTATEREQUEST._serialized_start=776
+  _GETSTATEREQUEST._serialized_end=815
+  _GETSTATERESPONSE._serialized_start=817
+  _GETSTATERESPONSE._serialized_end=902
+  _USESTANDBYREQUEST._serialized_start=904
+  _USESTANDBYREQUEST._serialized_end=1004
+  _USESTANDBYRESPONSE._serialized_start=1006
+  _USESTANDBYRESPONSE._serialized_end=1097
+  _BINDPRIMARYREQUEST._serialized_start=1100
+  _BINDPRIMARYREQUEST._serialized_end=1251
+  _BINDPRIMARYRESPONSE._serialized_start=1253
+  _BINDPRIMARYRESPONSE._serialized_end=1343
+  _HEALTHCHECKREQUEST._serialized_start=1345
+  _HEALTHCHECKREQUEST._serialized_end=1382
+  _HEALTHCHECKRESPONSE._serialized_start=1385
+  _HEALTHCHECKRESPONSE._serialized_end=1548
+  _HEALTHCHECKRESPONSE_SERVINGSTATUS._serialized_start=1469
+  _HEALTHCHECKRESPONSE_SERVINGSTATUS._serialized_end=1548
+  _GUESTAGENT._serialized_start=1743
+  _GUESTAGENT._serialized_end=2044
+  _HEALTH._serialized_start=2046
+  _HEALTH._serialized_end=2124
 # @@protoc_insertion_point(module_scope)
