@@ -79,11 +79,13 @@ class Watcher:
         links: Links,
         timeout_s: float,
         clock: Callable[[], float] = time.time,
+        on_event: Callable[[str, TeamEvent], None] | None = None,
     ) -> None:
         self._teams = teams
         self._links = links
         self._timeout_s = timeout_s
         self._clock = clock
+        self._on_event = on_event  # besides Teams.record: tests wait on it
         self._stop = threading.Event()
         self._known: set[int] = set()  # ifindexes seen (udev done): not "appeared" again
         self._reported: set[int] = set()  # NICs left alone, logged once
@@ -217,7 +219,7 @@ class Watcher:
         took = (time.monotonic() - started) * 1000
         level = logging.INFO if ok else logging.ERROR
         log.log(level, "autonomy: team %s: %s: %s (%.0f ms)", action.team, kind, detail, took)
-        self._teams.record(
-            action.team,
-            TeamEvent(kind, device, action.reason, ok, detail, int(self._clock() * 1000)),
-        )
+        event = TeamEvent(kind, device, action.reason, ok, detail, int(self._clock() * 1000))
+        self._teams.record(action.team, event)
+        if self._on_event is not None:
+            self._on_event(action.team, event)

@@ -62,6 +62,7 @@ class FakeLinks:
         udev_initialized: bool = True,
         master: int | None = None,
         up: bool = True,
+        pci_id: str | None = None,
         driver: str | None = None,
     ) -> Link:
         with self.cond:
@@ -77,6 +78,7 @@ class FakeLinks:
                 kind=kind,
                 pci_address=pci,
                 udev_initialized=udev_initialized,
+                pci_id=pci_id,
                 driver=driver,
             )
             self._next += 1

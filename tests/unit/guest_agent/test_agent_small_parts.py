@@ -10,7 +10,7 @@ import pytest
 
 from guest_agent.addresses import AddressError, parse_mac, parse_pci
 from guest_agent.operations import OperationIdReused, OperationLog
-from guest_agent.sysfs import driver, pci_address, udev_initialized
+from guest_agent.sysfs import driver, pci_address, pci_id, udev_initialized
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,21 @@ def test_driver_from_sysfs(tmp_path: Path) -> None:
     assert driver("enp2s0", root) == "e1000e"
     assert driver("bond0", root) is None
     assert driver("gone0", root) is None
+
+
+def test_pci_id_from_sysfs(tmp_path: Path) -> None:
+    """What a guest-managed team's rule can name: the PCI function's vendor:device."""
+    root = fake_sys(tmp_path)
+    pci = root / "devices" / "pci0000:00"
+    (pci / "0000:00:02.1" / "0000:02:00.0" / "vendor").write_text("0x8086\n")
+    (pci / "0000:00:02.1" / "0000:02:00.0" / "device").write_text("0x10D3\n")
+    (pci / "0000:00:02.0" / "0000:01:00.0" / "vendor").write_text("0x1af4\n")
+    (pci / "0000:00:02.0" / "0000:01:00.0" / "device").write_text("0x1041\n")
+    assert pci_id("enp2s0", str(root)) == "8086:10d3"
+    assert pci_id("enp1s0", str(root)) == "1af4:1041"  # the function's, past virtio0
+    assert pci_id("bond0", str(root)) is None
+    (pci / "0000:00:02.1" / "0000:02:00.0" / "device").unlink()
+    assert pci_id("enp2s0", str(root)) is None
 
 
 def test_udev_initialized(tmp_path: Path) -> None:
