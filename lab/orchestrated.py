@@ -1,0 +1,127 @@
+"""A guest's passthrough NIC moved the way an orchestrator moves it, with no ptmig on the host.
+
+OpenStack Nova (SR-IOV live migration since Train), KubeVirt (SR-IOV live migration) and an
+operator with virsh all drive libvirt alone: detach the primary with
+virDomainDetachDeviceFlags(VIR_DOMAIN_AFFECT_LIVE) and wait for libvirt's
+DEVICE_REMOVED (here: for the alias to leave the live XML), migrate with virDomainMigrate*
+(peer to peer, `VmLab.migrate`), then attach a NIC of the destination's own with
+virDomainAttachDeviceFlags(VIR_DOMAIN_AFFECT_LIVE).  Nobody calls the guest agent: a team
+`managed_by = "guest"` (guest_agent.autonomy) must keep itself whole.  See
+docs/operator-guide.md, "ptmig-agent under OpenStack Nova, KubeVirt or your own tooling".
+
+The destination's "pool" here is the orchestrator's own list of free devices on each host:
+for the emulated lab a tap and a burned-in MAC per host, plugged into a PCI slot other than
+the one the old primary had (a whole NIC from another host has another MAC and sits at
+another address).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+from host.domain.domain_xml import device_aliases
+from lab import STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
+from lab.guest import Nic
+from lab.vmlab import LabError, VmLab
+
+#: The lab guest's agent.toml with team lan guest-managed: any e1000e plugged while lan
+#: has no primary is bound into bond0 with lan's MAC (preserve).  Team wan is as in
+#: lab.image.AGENT_CONFIG (coordinator-managed, agent-owned), so its primary, an e1000e
+#: too, is not "free" for lan's rule: it is enslaved to bond1 at start-up.
+GUEST_MANAGED_CONFIG = f"""# ptmig lab guest: team lan kept whole by the agent itself
+[[teams]]
+name = "lan"
+bond = "bond0"
+standby = {{mac = "{STANDBY_MAC}"}}
+mac_policy = "preserve"
+ownership = "admin"
+managed_by = "guest"
+primary_rule = {{driver = "e1000e"}}
+
+[[teams]]
+name = "wan"
+bond = "bond1"
+standby = {{mac = "{WAN_STANDBY_MAC}"}}
+mac_policy = "follow"
+ownership = "agent"
+primary = {{mac = "{WAN_PRIMARY_MAC}"}}
+"""
+
+#: Each host's free devices for team lan, as the orchestrator's inventory lists them.
+POOLS: dict[str, list[Nic]] = {
+    "hosta": [Nic("52:54:00:cc:0a:01", "ptv-orch-a1", "ua-orch-a1")],
+    "hostb": [Nic("52:54:00:cc:0b:01", "ptv-orch-b1", "ua-orch-b1")],
+}
+
+
+def configure_agent(lab: VmLab, config: str, timeout: float = 60.0) -> None:
+    """Write the guest's /etc/ptmig/agent.toml (as an admin would) and restart the agent."""
+    encoded = base64.b64encode(config.encode()).decode()
+    lab.exec(
+        f"echo {encoded} | base64 -d > /etc/ptmig/agent.toml && "
+        "ptmig-agent --check-config --config /etc/ptmig/agent.toml && "
+        "systemctl restart ptmig-agent",
+        timeout=timeout,
+    ).check()
+
+
+def detach(lab: VmLab, nic: Nic, timeout: float = 30.0) -> float:
+    """virDomainDetachDeviceFlags(LIVE) of *nic*, then wait until libvirt has removed it
+    (the guest acknowledged the unplug); returns the seconds taken."""
+    dom = lab.domain()
+    started = time.monotonic()
+    dom.detachDeviceFlags(nic.xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    while time.monotonic() - started < timeout:
+        if nic.alias not in device_aliases(dom.XMLDesc(0)):
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise LabError(f"{nic.alias} still present {timeout:.0f} s after its detach")
+
+
+def attach(lab: VmLab, nic: Nic, bus: int) -> None:
+    """virDomainAttachDeviceFlags(LIVE) of *nic* into the root port of PCI bus *bus*."""
+    xml = ET.fromstring(nic.xml())
+    ET.SubElement(
+        xml,
+        "address",
+        {"type": "pci", "domain": "0x0000", "bus": f"0x{bus:02x}", "slot": "0x00"},
+        function="0x0",
+    )
+    lab.domain().attachDeviceFlags(ET.tostring(xml, "unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def free_bus(lab: VmLab, avoid: frozenset[int] = frozenset()) -> int:
+    """The highest PCI bus behind a pcie-root-port that no device uses now, other than
+    *avoid* (the old primary's): the new NIC then sits at another PCI address."""
+    root = ET.fromstring(lab.domain().XMLDesc(0))
+    ports = {
+        int(c.get("index", "0"))
+        for c in root.iter("controller")
+        if c.get("type") == "pci" and c.get("model") == "pcie-root-port"
+    }
+    used = {
+        int(a.get("bus", "0"), 16)
+        for device in root.find("devices") or []
+        if device.tag != "controller"
+        for a in device.findall("address")
+        if a.get("type") == "pci"
+    }
+    free = sorted(ports - used - avoid)
+    if not free:
+        raise LabError("no free pcie-root-port left for a hot-plug")
+    return free[-1]
+
+
+def bus_of(lab: VmLab, alias: str) -> int:
+    """The PCI bus of the live device *alias*."""
+    root = ET.fromstring(lab.domain().XMLDesc(0))
+    for device in root.find("devices") or []:
+        found = device.find("alias")
+        address = device.find("address")
+        if found is not None and found.get("name") == alias and address is not None:
+            return int(address.get("bus", "0"), 16)
+    raise LabError(f"no live device {alias}")

@@ -1,0 +1,247 @@
+"""Team lan kept whole by the guest agent alone while an orchestrator moves its devices the
+way Nova, KubeVirt or virsh do (lab.orchestrated): plain libvirt calls on the host, no ptmig
+command, no call to the agent.  The test reads the agent's GetState only to observe.
+
+In file order on one Debian 12 guest, under 1000 pings/s: the agent binds lan's e1000e
+itself at start; a Nova-style move to hostb (detach the active primary, plain live
+migration, attach a NIC from hostb's pool at another PCI address with another burned-in
+MAC); a surprise removal on hostb and the NIC plugged again; and, for comparison, ptmig's
+coordinated order (the switch first, then the unplug) with the coordinator's BindPrimary
+racing the agent's own bind of the NIC plugged after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from ptmig.v1 import guest_agent_pb2 as pb
+
+from host.agent_client import AgentClient
+from lab import GUEST_IP, PRIMARY_MAC, STANDBY_MAC, TEAM_MAC, WAN_PRIMARY_MAC
+from lab.fabric import CLIENT_NS
+from lab.guest import PRIMARY_ALIAS, PRIMARY_NIC
+from lab.orchestrated import (
+    GUEST_MANAGED_CONFIG,
+    POOLS,
+    attach,
+    bus_of,
+    configure_agent,
+    detach,
+    free_bus,
+)
+from lab.paths import run_dir
+from lab.traffic import FixedRatePinger, analyze
+from lab.vmlab import VmLab
+
+pytestmark = pytest.mark.e2e
+
+#: Seconds from virDomainAttachDeviceFlags returning to the team active on the new NIC.
+#: Measured 5.7-6.9 s here (TCG, 2 shared cores): the guest's PCIe hot-plug and e1000e
+#: probe (~1 s), udev's rename (~0.5 s), then BindPrimary's own path, whose e1000e
+#: autonegotiation after enslaving is about 3 s (tests/e2e/test_agent.py waits 30 s for the
+#: same bind).  The bound is that bind's deadline: the agent's wait is the coordinator's.
+BACK_ON_PRIMARY_S = 30.0
+#: Pings lost when the active primary is pulled with no switch first: the bond notices the
+#: missing carrier at its next MII poll (100 ms) and fails over; the guest's unplug of an
+#: active e1000e in the lab cost 60-230 ms of replies (measured here); a descheduled TCG
+#: vCPU adds tens of ms.
+MAX_UNPLUG_LOSS = 600
+#: The coordinated order's loss: the switch alone (tests/e2e/test_agent.py's bound).
+MAX_SWITCH_LOSS = 100
+
+FIGURES: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def traffic(name: str) -> Iterator[dict[str, float]]:
+    """1000 pings/s to team lan around the block; yields a dict filled with the loss and the
+    longest outage (ms)."""
+    result: dict[str, float] = {}
+    with FixedRatePinger(
+        GUEST_IP, run_dir() / f"{name}.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
+    ) as pinger:
+        time.sleep(0.5)
+        yield result
+        time.sleep(1.0)
+        record = pinger.stop()
+    report = analyze(record)
+    gap = report.longest_outage.duration_ns / 1e6 if report.longest_outage else 0.0
+    result.update(sent=report.sent, lost=report.lost, gap_ms=round(gap, 1))
+    FIGURES[name] = dict(result)
+    print(f"{name}: {report.format_table()}")
+
+
+def lan(client: AgentClient) -> pb.TeamState:
+    return next(t for t in client.state().teams if t.name == "lan")
+
+
+def link(client: AgentClient, mac: str) -> pb.Link | None:
+    return next((ln for ln in client.state().links if ln.permanent_mac == mac), None)
+
+
+def wait_back_on_primary(
+    agent_of: Callable[[], AgentClient], mac: str, timeout: float = BACK_ON_PRIMARY_S
+) -> tuple[float, pb.TeamState]:
+    """Seconds until lan's active member is the NIC with burned-in *mac*, read back to back
+    (each GetState is a round trip over virtio-serial, 20-60 ms here)."""
+    started = time.monotonic()
+    client = agent_of()
+    while True:
+        team = lan(client)
+        new = link(client, mac)
+        if new is not None and team.active_member == new.name:
+            return time.monotonic() - started, team
+        assert time.monotonic() - started < timeout, (
+            f"lan not back on its primary {timeout:.0f} s after the plug: {team}"
+        )
+
+
+def wait_on_standby(agent_of: Callable[[], AgentClient], timeout: float = 20.0) -> pb.TeamEvent:
+    """lan's recorded primary-lost event, once the agent has confirmed the standby."""
+    started = time.monotonic()
+    client = agent_of()
+    while True:
+        team = lan(client)
+        if team.last_event.kind == "primary-lost":
+            standby = link(client, STANDBY_MAC)
+            assert standby is not None and team.active_member == standby.name, team
+            event: pb.TeamEvent = team.last_event
+            return event
+        assert time.monotonic() - started < timeout, f"no primary-lost recorded: {team}"
+
+
+def check_on_primary(client: AgentClient, mac: str) -> pb.Link:
+    """lan whole: standby + exactly the NIC with burned-in *mac*, that one active, carrying
+    the team's MAC (preserve)."""
+    team = lan(client)
+    new = link(client, mac)
+    standby = link(client, STANDBY_MAC)
+    assert new is not None and standby is not None
+    assert team.active_member == new.name
+    assert sorted(team.members) == sorted([standby.name, new.name]), "nothing bound twice"
+    assert new.mac == TEAM_MAC == team.mac, "preserve: the new NIC carries the team's MAC"
+    return new
+
+
+@pytest.fixture(scope="module")
+def managed(lab: VmLab) -> VmLab:
+    if lab.where() != "hosta":
+        lab.migrate("hosta")
+    configure_agent(lab, GUEST_MANAGED_CONFIG)
+    return lab
+
+
+def test_agent_binds_the_primary_present_at_start(
+    managed: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
+    deadline = time.monotonic() + 60
+    while True:  # the restarted agent first answers, then its watcher binds
+        with contextlib.suppress(Exception):
+            client = agent_of()
+            team = lan(client)
+            primary = link(client, PRIMARY_MAC)
+            if primary is not None and team.active_member == primary.name:
+                break
+        assert time.monotonic() < deadline, "the agent did not bind lan's e1000e at start"
+        time.sleep(0.5)
+    assert team.managed_by_guest
+    assert (team.last_event.kind, team.last_event.ok) == ("primary-bound", True)
+    assert "present at start" in team.last_event.reason
+    check_on_primary(client, PRIMARY_MAC)
+    assert "managed-by:guest" in client.version().capabilities
+    wan = next(t for t in client.state().teams if t.name == "wan")
+    assert not wan.managed_by_guest and not wan.HasField("last_event")
+
+
+def test_nova_style_move_brings_the_team_back_on_a_new_primary(
+    managed: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
+    before = agent_of()
+    old = link(before, PRIMARY_MAC)
+    assert old is not None
+    old_bus = bus_of(managed, PRIMARY_ALIAS)
+    with traffic("orchestrator-unplug") as unplug:
+        detach(managed, PRIMARY_NIC)  # the active primary: no switch first
+    event = wait_on_standby(agent_of)
+    assert (event.kind, event.device, event.ok) == ("primary-lost", old.name, True)
+    assert "removed" in event.reason, event
+    with traffic("orchestrator-migrate") as migrate:
+        managed.migrate("hostb")
+    managed.check_health()
+    new_nic = POOLS["hostb"][0]
+    with traffic("orchestrator-plug") as plug:
+        attach(managed, new_nic, free_bus(managed, frozenset({old_bus})))
+        took, team = wait_back_on_primary(agent_of, new_nic.mac)
+    client = agent_of()
+    new = check_on_primary(client, new_nic.mac)
+    assert new.pci_address != old.pci_address, "the destination's NIC sits elsewhere"
+    assert (team.last_event.kind, team.last_event.ok) == ("primary-bound", True)
+    assert "plugged, matches its rule" in team.last_event.reason
+    wan = next(t for t in client.state().teams if t.name == "wan")
+    assert link(client, WAN_PRIMARY_MAC).name == wan.active_member  # type: ignore[union-attr]
+    FIGURES["back_on_primary_after_plug_s"] = round(took, 2)
+    for name, value in (("unplug", unplug), ("migrate", migrate), ("plug", plug)):
+        record_property(f"{name}_lost", value["lost"])
+        record_property(f"{name}_gap_ms", value["gap_ms"])
+    record_property("back_on_primary_s", round(took, 2))
+    print(
+        f"back on primary {took:.2f} s after the plug; pci {old.pci_address} -> {new.pci_address}"
+    )
+    assert unplug["lost"] <= MAX_UNPLUG_LOSS, unplug
+    assert plug["lost"] <= MAX_SWITCH_LOSS, plug
+
+
+def test_surprise_removal_then_the_same_nic_plugged_again(
+    managed: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
+    nic = POOLS[managed.where()][0]
+    bus = bus_of(managed, nic.alias)
+    with traffic("surprise-removal") as removal:
+        detach(managed, nic)
+    assert wait_on_standby(agent_of).ok
+    with traffic("replug") as replug:
+        attach(managed, nic, bus)
+        took, _ = wait_back_on_primary(agent_of, nic.mac)
+    check_on_primary(agent_of(), nic.mac)
+    FIGURES["back_on_primary_after_replug_s"] = round(took, 2)
+    record_property("removal_lost", removal["lost"])
+    record_property("removal_gap_ms", removal["gap_ms"])
+    record_property("replug_back_on_primary_s", round(took, 2))
+    assert removal["lost"] <= MAX_UNPLUG_LOSS, removal
+    assert replug["lost"] <= MAX_SWITCH_LOSS, replug
+
+
+def test_coordinated_order_beside_it_and_the_coordinators_bind_racing_the_agents(
+    managed: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
+    """What ptmig's coordinator does instead: UseStandby first, then the unplug; after the
+    plug its BindPrimary of the NIC the agent is binding too: one of them binds, the other
+    finds it done, and the team ends with that one NIC."""
+    client = agent_of()
+    nic = POOLS[managed.where()][0]
+    bus = bus_of(managed, nic.alias)
+    with traffic("coordinated-switch") as switch:
+        client.use_standby("lan", release_primary=True, operation_id=f"e2e-sw-{time.time_ns()}")
+    with traffic("coordinated-unplug") as unplug:
+        detach(managed, nic)
+    with traffic("plug-and-bind") as plug:
+        attach(managed, nic, bus)
+        reply = agent_of().bind_primary(
+            "lan", operation_id=f"e2e-bind-{time.time_ns()}", mac=nic.mac, timeout=30
+        )
+        took, _ = wait_back_on_primary(agent_of, nic.mac)
+    new = check_on_primary(agent_of(), nic.mac)
+    assert reply.device == new.name == reply.team.active_member
+    record_property("coordinated_switch_lost", switch["lost"])
+    record_property("coordinated_unplug_lost", unplug["lost"])
+    print(json.dumps(FIGURES, indent=1))
+    (run_dir() / "orchestrated-figures.json").write_text(json.dumps(FIGURES, indent=1))
+    assert switch["lost"] <= MAX_SWITCH_LOSS, switch
+    assert unplug["lost"] <= MAX_SWITCH_LOSS, unplug
+    assert took <= BACK_ON_PRIMARY_S
+    assert plug["lost"] <= MAX_SWITCH_LOSS, plug
