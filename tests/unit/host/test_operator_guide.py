@@ -46,6 +46,7 @@ from host.daemon import config as daemon_config
 from host.daemon.main import build_parser as ptmigd_parser
 from host.workflow.model import MigrationReport, Outcome, PhaseTiming
 from lab.image import _guest_files
+from lab.orchestrated import GUEST_MANAGED_CONFIG
 
 GUIDE = Path(__file__).resolve().parents[3] / "docs" / "operator-guide.md"
 MARK = re.compile(r"^<!-- guide-test: (\S+)(?: (\S+))? -->$")
@@ -165,12 +166,18 @@ def test_parse_blocks_are_accepted_by_the_parsers() -> None:
 
 def test_file_blocks_pass_their_own_checkers(tmp_path: Path) -> None:
     files = {b.arg: b for b in of("file")}
-    assert set(files) == {"web1.xml", "agent.toml", "ptmigd.toml"}
+    assert set(files) == {"web1.xml", "agent.toml", "agent-guest-managed.toml", "ptmigd.toml"}
     agent = agent_config.parse(tomllib.loads(files["agent.toml"].text), "agent.toml")
     assert [(t.name, t.ownership.value) for t in agent.teams] == [
         ("lan", "admin"),
         ("wan", "agent"),
     ]
+    guest = agent_config.parse(
+        tomllib.loads(files["agent-guest-managed.toml"].text), "agent-guest-managed.toml"
+    )
+    lab_guest = agent_config.parse(tomllib.loads(GUEST_MANAGED_CONFIG), "lab")
+    assert guest.teams[0] == lab_guest.teams[0], "the guide's team is the one the lab proves"
+    assert guest.teams[0].managed_by.value == "guest"
     daemon_config.parse(tomllib.loads(files["ptmigd.toml"].text), where="ptmigd.toml")
     if shutil.which("virt-xml-validate"):
         xml = tmp_path / "web1.xml"
