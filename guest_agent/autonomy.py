@@ -11,11 +11,11 @@ RTM_DELLINK and udev's monitor group, no polling), compares each dump with the l
   `Teams.use_standby` (the bond's own failover has normally done it already) and records
   why, which GetState reports;
 - a NIC that appeared (an ifindex not seen before, once udev has finished with it), free
-  (no master, no bond, no team's standby) and matching exactly one guest-managed team's
-  rule: binds it with that team's MAC policy through `Teams.adopt`, BindPrimary's own path
-  under the team's lock, so a coordinator's BindPrimary of the same NIC and the agent's
-  never race: whoever comes second finds it done.  A NIC that matches two teams or none is
-  left alone and logged, once;
+  (no master, no bond, no team's standby or configured `primary`) and matching exactly one
+  guest-managed team's rule: binds it with that team's MAC policy through `Teams.adopt`,
+  BindPrimary's own path under the team's lock, so a coordinator's BindPrimary of the same
+  NIC and the agent's never race: whoever comes second finds it done.  A NIC that matches
+  two teams or none is left alone and logged, once;
 - a guest-managed primary whose carrier came back while its standby is active is made
   active again by the same path.
 
@@ -175,6 +175,8 @@ class Watcher:
                 continue
             if link.pci_address is None:  # lo, tun, a veth: no device an orchestrator plugs
                 continue
+            if any(ly.config.primary and ly.config.primary.matches(link) for ly in layouts):
+                continue  # another team's configured primary (agent-owned), even unbound
             teams = [ly.config for ly in guest if ly.config.primary_rule is not None]
             matching = [t.name for t in teams if t.primary_rule and t.primary_rule.matches(link)]
             what = f"{link.name} ({link.pci_address}, {link.pci_id}, {link.driver})"

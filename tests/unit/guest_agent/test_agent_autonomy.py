@@ -335,6 +335,17 @@ def test_nic_matching_two_teams_is_left_alone_and_logged(
     assert enslaves(fake, "enp3s0") == 0
 
 
+def test_another_teams_configured_primary_is_not_taken_even_unbound(fake: FakeLinks) -> None:
+    """An agent-owned team's `primary` that it could not bind yet stays that team's."""
+    db = db_team(primary=DeviceMatch(mac=NEW_MAC))
+    teams = Teams(scene(fake), [guest_lan(), db])
+    watcher = Watcher(teams, fake, WAIT_S)
+    fake.remove("enp2s0")
+    watcher.step(fake.list_links())
+    plug(fake)  # an e1000e, as lan's rule says, but db's configured primary
+    assert [a for a in watcher.step(fake.list_links()) if isinstance(a, Plugged)] == []
+
+
 def test_nic_matching_no_team_is_left_alone_and_logged(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
