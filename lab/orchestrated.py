@@ -24,32 +24,18 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from host.domain.domain_xml import device_aliases
-from lab import STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
 from lab.guest import Nic
+from lab.image import AGENT_CONFIG
 from lab.vmlab import LabError, VmLab
 
-#: The lab guest's agent.toml with team lan guest-managed: any e1000e plugged while lan
-#: has no primary is bound into bond0 with lan's MAC (preserve).  Team wan is as in
-#: lab.image.AGENT_CONFIG (coordinator-managed, agent-owned), so its primary, an e1000e
-#: too, is not "free" for lan's rule: it is enslaved to bond1 at start-up.
-GUEST_MANAGED_CONFIG = f"""# ptmig lab guest: team lan kept whole by the agent itself
-[[teams]]
-name = "lan"
-bond = "bond0"
-standby = {{mac = "{STANDBY_MAC}"}}
-mac_policy = "preserve"
-ownership = "admin"
-managed_by = "guest"
-primary_rule = {{driver = "e1000e"}}
-
-[[teams]]
-name = "wan"
-bond = "bond1"
-standby = {{mac = "{WAN_STANDBY_MAC}"}}
-mac_policy = "follow"
-ownership = "agent"
-primary = {{mac = "{WAN_PRIMARY_MAC}"}}
-"""
+#: The lab guest's agent.toml (lab.image.AGENT_CONFIG) with team lan guest-managed: any
+#: e1000e plugged while lan has no primary is bound into bond0 with lan's MAC (preserve).
+#: Team wan stays coordinator-managed and agent-owned; its primary, an e1000e too, is its
+#: configured `primary`, which no other team's rule takes.
+GUEST_MANAGED_CONFIG = AGENT_CONFIG.replace(
+    'ownership = "admin"\n',
+    'ownership = "admin"\nmanaged_by = "guest"\nprimary_rule = {driver = "e1000e"}\n',
+)
 
 #: Each host's free devices for team lan, as the orchestrator's inventory lists them.
 POOLS: dict[str, list[Nic]] = {

@@ -1,12 +1,15 @@
 """What every ``ptmig migrate`` end-to-end test checks, whatever the guest it moves.
 
-Used by test_coordinator.py (the Debian 12 guest) and test_debian13.py.
+Used by test_coordinator.py (the Debian 12 guest) and test_debian13.py; `traffic` also by
+test_agent.py and test_orchestrated.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +31,24 @@ OTHER = {"hosta": "hostb", "hostb": "hosta"}
 #: descheduled vCPU are suspects).  The bound still fails on what it guards against:
 #: net_failover's ~2.5 s outage at bind, or a switch that waits for a link timeout.
 MAX_MOVE_LOSS = 500
+
+
+@contextlib.contextmanager
+def traffic(target: str, name: str) -> Iterator[dict[str, float]]:
+    """Fixed-rate pings (1000/s) to *target* around the block; yields a dict filled with
+    the loss and the longest outage (gap_ms)."""
+    result: dict[str, float] = {}
+    with FixedRatePinger(
+        target, run_dir() / f"{name}.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
+    ) as pinger:
+        time.sleep(0.5)
+        yield result
+        time.sleep(1.0)
+        record = pinger.stop()
+    report = analyze(record)
+    gap = report.longest_outage.duration_ns / 1e6 if report.longest_outage else 0.0
+    result.update(sent=report.sent, lost=report.lost, gap_ms=round(gap, 1))
+    print(f"{name}: {report.format_table()}")
 
 
 def migrate_cli(lab: VmLab, dest: str, *extra: str) -> tuple[int, dict[str, Any]]:

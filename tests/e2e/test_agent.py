@@ -9,12 +9,12 @@ team wan (follow), then bad input, reconnects, vsock.
 from __future__ import annotations
 
 import base64
-import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+from migration_checks import traffic
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentError
@@ -27,10 +27,7 @@ from lab import (
     WAN_PRIMARY_MAC,
     WAN_STANDBY_MAC,
 )
-from lab.fabric import CLIENT_NS
 from lab.guest import PRIMARY_ALIAS, WAN_PRIMARY_NIC, Nic
-from lab.paths import run_dir
-from lab.traffic import FixedRatePinger, analyze
 from lab.vmlab import VmLab
 
 #: The guest distributions this module runs on, each in its own lab, tests in file order.
@@ -48,22 +45,6 @@ pytestmark = [
 #: room for lab noise: QEMU's TCG vCPUs share the machine's two cores with the pinger, and a
 #: descheduled vCPU shows as tens of ms lost (54 ms seen once).  See test_coordinator.
 MAX_SWITCH_LOSS = 100
-
-
-@contextlib.contextmanager
-def traffic(target: str, name: str) -> Iterator[dict[str, int]]:
-    """Fixed-rate pings to *target* around the block; yields a dict filled with the loss."""
-    result: dict[str, int] = {}
-    with FixedRatePinger(
-        target, run_dir() / f"{name}.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
-    ) as pinger:
-        time.sleep(0.5)
-        yield result
-        time.sleep(1.0)
-        record = pinger.stop()
-    report = analyze(record)
-    result.update(sent=report.sent, lost=report.lost)
-    print(f"{name}: {report.format_table()}")
 
 
 def team(client: AgentClient, name: str) -> pb.TeamState:

@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import migration_checks
 import pytest
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient
 from lab import GUEST_IP, PRIMARY_MAC, STANDBY_MAC, TEAM_MAC, WAN_PRIMARY_MAC
-from lab.fabric import CLIENT_NS
 from lab.guest import PRIMARY_ALIAS, PRIMARY_NIC
 from lab.orchestrated import (
     GUEST_MANAGED_CONFIG,
@@ -35,7 +35,6 @@ from lab.orchestrated import (
     free_bus,
 )
 from lab.paths import run_dir
-from lab.traffic import FixedRatePinger, analyze
 from lab.vmlab import VmLab
 
 pytestmark = pytest.mark.e2e
@@ -59,21 +58,10 @@ FIGURES: dict[str, Any] = {}
 
 @contextlib.contextmanager
 def traffic(name: str) -> Iterator[dict[str, float]]:
-    """1000 pings/s to team lan around the block; yields a dict filled with the loss and the
-    longest outage (ms)."""
-    result: dict[str, float] = {}
-    with FixedRatePinger(
-        GUEST_IP, run_dir() / f"{name}.ping", rate=1000, prefix=["ip", "netns", "exec", CLIENT_NS]
-    ) as pinger:
-        time.sleep(0.5)
+    """migration_checks.traffic to team lan, its figures kept for the module's summary."""
+    with migration_checks.traffic(GUEST_IP, name) as result:
         yield result
-        time.sleep(1.0)
-        record = pinger.stop()
-    report = analyze(record)
-    gap = report.longest_outage.duration_ns / 1e6 if report.longest_outage else 0.0
-    result.update(sent=report.sent, lost=report.lost, gap_ms=round(gap, 1))
     FIGURES[name] = dict(result)
-    print(f"{name}: {report.format_table()}")
 
 
 def lan(client: AgentClient) -> pb.TeamState:

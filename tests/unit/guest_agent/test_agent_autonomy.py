@@ -377,30 +377,9 @@ def _wait_call(fake: FakeLinks, call: tuple[Any, ...]) -> None:
         assert fake.cond.wait_for(lambda: call in fake.calls, WAIT_S)
 
 
-def test_agent_first_then_the_coordinators_bind_of_the_same_nic_sees_it_done(
-    fake: FakeLinks,
-) -> None:
-    teams = Teams(scene(fake), [guest_lan()])
-    watcher = Watcher(teams, fake, WAIT_S)
-    fake.remove("enp2s0")
-    watcher.step(fake.list_links())
-    fake.carrier_delay[fake._next] = 0.3  # the e1000e's autonegotiation after enslaving
-    plug(fake)
-    (action,) = watcher.step(fake.list_links())
-    assert isinstance(action, Plugged) and action.link.name == "enp3s0"
-    agent = threading.Thread(target=watcher.act, args=(action,))
-    agent.start()
-    _wait_call(fake, ("enslave", "enp3s0", "bond0"))  # the agent holds the team now
-    result = teams.bind_primary("lan", NEW_PCI, None, None, deadline_in(WAIT_S))
-    agent.join(WAIT_S)
-    assert result.device == "enp3s0" and result.team.active_member == "enp3s0"
-    assert enslaves(fake, "enp3s0") == 1
-    assert teams.states()[0].last_event is not None and teams.states()[0].last_event.ok
-
-
-def test_coordinator_first_then_the_agents_bind_of_the_same_nic_sees_it_done(
-    fake: FakeLinks,
-) -> None:
+def _plugged_while_binding(fake: FakeLinks) -> tuple[Teams, Watcher, Plugged]:
+    """lan's primary gone, an e1000e plugged whose link comes 0.3 s after enslaving (its
+    autonegotiation), and the watcher's action for it, not yet done."""
     teams = Teams(scene(fake), [guest_lan()])
     watcher = Watcher(teams, fake, WAIT_S)
     fake.remove("enp2s0")
@@ -408,6 +387,29 @@ def test_coordinator_first_then_the_agents_bind_of_the_same_nic_sees_it_done(
     fake.carrier_delay[fake._next] = 0.3
     plug(fake)
     (action,) = watcher.step(fake.list_links())
+    assert isinstance(action, Plugged) and action.link.name == "enp3s0"
+    return teams, watcher, action
+
+
+def test_agent_first_then_the_coordinators_bind_of_the_same_nic_sees_it_done(
+    fake: FakeLinks,
+) -> None:
+    teams, watcher, action = _plugged_while_binding(fake)
+    agent = threading.Thread(target=watcher.act, args=(action,))
+    agent.start()
+    _wait_call(fake, ("enslave", "enp3s0", "bond0"))  # the agent holds the team now
+    result = teams.bind_primary("lan", NEW_PCI, None, None, deadline_in(WAIT_S))
+    agent.join(WAIT_S)
+    assert result.device == "enp3s0" and result.team.active_member == "enp3s0"
+    assert enslaves(fake, "enp3s0") == 1
+    event = teams.states()[0].last_event
+    assert event is not None and event.ok and event.kind == "primary-bound"
+
+
+def test_coordinator_first_then_the_agents_bind_of_the_same_nic_sees_it_done(
+    fake: FakeLinks,
+) -> None:
+    teams, watcher, action = _plugged_while_binding(fake)
     results: list[Any] = []
     coordinator = threading.Thread(
         target=lambda: results.append(
