@@ -37,6 +37,18 @@ GUEST_MANAGED_CONFIG = AGENT_CONFIG.replace(
     'ownership = "admin"\nmanaged_by = "guest"\nprimary_rule = {driver = "e1000e"}\n',
 )
 
+#: Then team wan guest-managed instead (MAC policy follow), lan back to the coordinator's.
+WAN_GUEST_MANAGED_CONFIG = AGENT_CONFIG.replace(
+    'ownership = "agent"\n',
+    'ownership = "agent"\nmanaged_by = "guest"\nprimary_rule = {driver = "e1000e"}\n',
+)
+
+#: Each host's free devices for team wan.
+WAN_POOLS: dict[str, list[Nic]] = {
+    "hosta": [Nic("52:54:00:cd:0a:01", "ptv-orch-wa1", "ua-orch-wa1")],
+    "hostb": [Nic("52:54:00:cd:0b:01", "ptv-orch-wb1", "ua-orch-wb1")],
+}
+
 #: Each host's free devices for team lan, as the orchestrator's inventory lists them.
 POOLS: dict[str, list[Nic]] = {
     "hosta": [Nic("52:54:00:cc:0a:01", "ptv-orch-a1", "ua-orch-a1")],

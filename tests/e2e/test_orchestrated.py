@@ -23,11 +23,13 @@ import pytest
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient
-from lab import GUEST_IP, PRIMARY_MAC, STANDBY_MAC, TEAM_MAC, WAN_PRIMARY_MAC
-from lab.guest import PRIMARY_ALIAS, PRIMARY_NIC
+from lab import GUEST_IP, PRIMARY_MAC, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_PRIMARY_MAC
+from lab.guest import PRIMARY_ALIAS, PRIMARY_NIC, WAN_PRIMARY_NIC
 from lab.orchestrated import (
     GUEST_MANAGED_CONFIG,
     POOLS,
+    WAN_GUEST_MANAGED_CONFIG,
+    WAN_POOLS,
     attach,
     bus_of,
     configure_agent,
@@ -57,15 +59,16 @@ FIGURES: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def traffic(name: str) -> Iterator[dict[str, float]]:
-    """migration_checks.traffic to team lan, its figures kept for the module's summary."""
-    with migration_checks.traffic(GUEST_IP, name) as result:
+def traffic(name: str, target: str = GUEST_IP) -> Iterator[dict[str, float]]:
+    """migration_checks.traffic to team lan (or *target*), its figures kept for the
+    module's summary."""
+    with migration_checks.traffic(target, name) as result:
         yield result
     FIGURES[name] = dict(result)
 
 
-def lan(client: AgentClient) -> pb.TeamState:
-    return next(t for t in client.state().teams if t.name == "lan")
+def lan(client: AgentClient, name: str = "lan") -> pb.TeamState:
+    return next(t for t in client.state().teams if t.name == name)
 
 
 def link(client: AgentClient, mac: str) -> pb.Link | None:
@@ -232,4 +235,49 @@ def test_coordinated_order_beside_it_and_the_coordinators_bind_racing_the_agents
     assert switch["lost"] <= MAX_SWITCH_LOSS, switch
     assert unplug["lost"] <= MAX_SWITCH_LOSS, unplug
     assert took <= BACK_ON_PRIMARY_S
+    assert plug["lost"] <= MAX_SWITCH_LOSS, plug
+
+
+def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
+    managed: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+) -> None:
+    """Team wan guest-managed (MAC policy follow; lan back to the coordinator's): its
+    primary detached on hostb, the guest migrated to hosta, a NIC of hosta's plugged; the
+    bond's MAC is then the new NIC's own."""
+    configure_agent(managed, WAN_GUEST_MANAGED_CONFIG)
+    deadline = time.monotonic() + 60
+    while True:  # the restarted agent answers, with wan bound as before
+        with contextlib.suppress(Exception):
+            client = agent_of()
+            wan = lan(client, "wan")
+            if wan.managed_by_guest and wan.active_member == link(client, WAN_PRIMARY_MAC).name:  # type: ignore[union-attr]
+                break
+        assert time.monotonic() < deadline, "the restarted agent did not report wan whole"
+        time.sleep(0.5)
+    old_bus = bus_of(managed, WAN_PRIMARY_NIC.alias)
+    with traffic("follow-unplug", WAN_GUEST_IP) as unplug:
+        detach(managed, WAN_PRIMARY_NIC)
+    managed.migrate("hosta")
+    managed.check_health()
+    new_nic = WAN_POOLS["hosta"][0]
+    with traffic("follow-plug", WAN_GUEST_IP) as plug:
+        attach(managed, new_nic, free_bus(managed, frozenset({old_bus})))
+        started = time.monotonic()
+        while True:
+            client = agent_of()
+            wan = lan(client, "wan")
+            new = link(client, new_nic.mac)
+            if new is not None and wan.active_member == new.name:
+                break
+            assert time.monotonic() - started < BACK_ON_PRIMARY_S, wan
+    took = time.monotonic() - started
+    assert new.mac == new_nic.mac == wan.mac, "follow: the bond took the new NIC's own MAC"
+    assert (wan.last_event.kind, wan.last_event.ok) == ("primary-bound", True)
+    assert len(wan.members) == 2, "nothing bound twice"
+    FIGURES["follow_back_on_primary_s"] = round(took, 2)
+    record_property("follow_unplug_lost", unplug["lost"])
+    record_property("follow_back_on_primary_s", round(took, 2))
+    (run_dir() / "orchestrated-figures.json").write_text(json.dumps(FIGURES, indent=1))
+    print(json.dumps(FIGURES, indent=1))
+    assert unplug["lost"] <= MAX_UNPLUG_LOSS, unplug
     assert plug["lost"] <= MAX_SWITCH_LOSS, plug
