@@ -103,7 +103,7 @@ def free_bus(lab: VmLab, avoid: frozenset[int] = frozenset()) -> int:
     }
     used = {
         int(a.get("bus", "0"), 16)
-        for device in root.find("devices") or []
+        for device in _devices(root)
         if device.tag != "controller"
         for a in device.findall("address")
         if a.get("type") == "pci"
@@ -117,9 +117,14 @@ def free_bus(lab: VmLab, avoid: frozenset[int] = frozenset()) -> int:
 def bus_of(lab: VmLab, alias: str) -> int:
     """The PCI bus of the live device *alias*."""
     root = ET.fromstring(lab.domain().XMLDesc(0))
-    for device in root.find("devices") or []:
+    for device in _devices(root):
         found = device.find("alias")
         address = device.find("address")
         if found is not None and found.get("name") == alias and address is not None:
             return int(address.get("bus", "0"), 16)
     raise LabError(f"no live device {alias}")
+
+
+def _devices(domain: ET.Element) -> list[ET.Element]:
+    devices = domain.find("devices")
+    return list(devices) if devices is not None else []
