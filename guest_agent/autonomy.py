@@ -89,6 +89,7 @@ class Watcher:
         self._stop = threading.Event()
         self._known: set[int] = set()  # ifindexes seen (udev done): not "appeared" again
         self._reported: set[int] = set()  # NICs left alone, logged once
+        self._pending: set[int] = set()  # NICs seen before udev finished, logged once
         self._primaries: dict[str, _Seen | None] = {}
         self._first = True
         self.thread: threading.Thread | None = None
@@ -111,6 +112,10 @@ class Watcher:
                 continue
             except LinkError as exc:
                 log.warning("autonomy: reading links failed (%s); again in %.0f s", exc, RETRY_S)
+                self._stop.wait(RETRY_S)
+                continue
+            except Exception:  # a dead watcher would leave the teams to nobody: log, go on
+                log.exception("autonomy: unexpected failure; watching again in %.0f s", RETRY_S)
                 self._stop.wait(RETRY_S)
                 continue
             for action in actions:
@@ -136,6 +141,7 @@ class Watcher:
         present = {ln.index for ln in links}
         self._known = {ln.index for ln in links if ln.udev_initialized}
         self._reported &= present
+        self._pending &= present - self._known
         self._first = False
         return actions
 
@@ -169,7 +175,12 @@ class Watcher:
         actions: list[Action] = []
         for link in links:
             new = link.index not in self._known and link.index not in self._reported
-            if not new or not link.udev_initialized or link.kind is not None:
+            if not new or link.kind is not None:
+                continue
+            if not link.udev_initialized:
+                if link.pci_address and link.index not in self._pending:
+                    self._pending.add(link.index)
+                    log.info("autonomy: %s appeared; waiting for udev to finish", link.name)
                 continue
             if link.master is not None or link.index in taken or link.index in bonds:
                 continue

@@ -233,6 +233,35 @@ def test_a_primary_the_standby_cannot_take_over_is_recorded_as_failed(fake: Fake
         run.stop()
 
 
+def test_watcher_survives_an_unexpected_failure_and_acts_after_it(
+    fake: FakeLinks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one wake-up must not leave the teams to nobody for the rest of the run."""
+    teams = Teams(scene(fake), [guest_lan()])
+    original = teams.layouts
+    calls = {"n": 0}
+    watching_again = threading.Event()
+
+    def layouts_failing_once(links: list[Any]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        watching_again.set()
+        return original(links)
+
+    teams.layouts = layouts_failing_once  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="guest_agent.autonomy"):
+        run = Running(fake, teams)
+        try:
+            assert watching_again.wait(WAIT_S)  # after its pause, it reads the links again
+            fake.remove("enp2s0")
+            _, event = run.next_event()
+        finally:
+            run.stop()
+    assert event.kind == "primary-lost" and event.ok
+    assert any("unexpected failure" in r.getMessage() for r in caplog.records)
+
+
 # -- a NIC is plugged -----------------------------------------------------------
 
 
