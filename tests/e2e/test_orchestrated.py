@@ -77,8 +77,12 @@ def link(client: AgentClient, mac: str) -> pb.Link | None:
 
 
 def agent_journal(lab: VmLab) -> str:
-    """The agent's last journal lines, for a failure's message."""
-    return lab.exec("journalctl -u ptmig-agent --no-pager -n 60 -o short-monotonic").output
+    """What the guest saw, for a failure's message: its links, PCI devices, the kernel's
+    last lines and the agent's journal."""
+    return lab.exec(
+        "ip -br link; ls /sys/bus/pci/devices; dmesg | tail -n 25; "
+        "journalctl -u ptmig-agent --no-pager -n 40 -o short-monotonic"
+    ).output
 
 
 def wait_back_on_primary(
