@@ -70,6 +70,16 @@ class _Seen:
     carrier: bool
 
 
+def _read_whole(link: Link) -> bool:
+    """Whether *link* was read as it will stay: udev has finished with it, and its device
+    was found in sysfs unless it has none.  A dump's names are from before its sysfs reads,
+    so a NIC renamed by udev in between (eth0 -> enp8s0) shows without its PCI address,
+    driver or IDs; it is judged again at the next event (the rename's), not forgotten."""
+    return link.udev_initialized and (
+        link.kind is not None or link.pci_address is not None or link.name == "lo"
+    )
+
+
 class Watcher:
     """The thread that acts for guest-managed teams; `step` is its pure part."""
 
@@ -139,7 +149,7 @@ class Watcher:
             actions.extend(self._primary_change(layout, links))
         actions.extend(self._appeared(layouts, guest, links))
         present = {ln.index for ln in links}
-        self._known = {ln.index for ln in links if ln.udev_initialized}
+        self._known = {ln.index for ln in links if _read_whole(ln)}
         self._reported &= present
         self._pending &= present - self._known
         self._first = False
@@ -225,6 +235,7 @@ class Watcher:
                 if result is None:
                     log.info("autonomy: team %s: nothing to do for %s", action.team, device)
                     return
+                device = result.device  # the name after udev's rename, read by the bind
                 detail = f"{result.device} bound and active, team MAC {result.team.mac}"
             ok = True
         except TeamError as exc:

@@ -323,6 +323,20 @@ def test_nic_waits_for_udev_before_it_is_bound(
     assert enslaves(fake, "enp3s0") == 1 and enslaves(fake, "eth0") == 0
 
 
+def test_nic_read_under_its_old_name_is_judged_again_after_the_rename(fake: FakeLinks) -> None:
+    """A dump can name a NIC eth0 after udev renamed it: its sysfs reads then find nothing
+    (no PCI address, no driver).  It must be judged again, not forgotten as not wanted."""
+    teams = Teams(scene(fake), [guest_lan()])
+    watcher = Watcher(teams, fake, WAIT_S)
+    fake.remove("enp2s0")
+    watcher.step(fake.list_links())
+    plug(fake, name="eth0", pci=None, pci_id=None, driver=None)  # the stale read
+    assert [a for a in watcher.step(fake.list_links()) if isinstance(a, Plugged)] == []
+    fake.update("eth0", name="enp3s0", pci_address=NEW_PCI, **E1000E)  # read again
+    (action,) = watcher.step(fake.list_links())
+    assert isinstance(action, Plugged) and action.link.name == "enp3s0"
+
+
 def test_nic_present_at_start_is_bound(fake: FakeLinks) -> None:
     """An agent (re)started after the orchestrator's plug finds the NIC in its first dump."""
     scene(fake).remove("enp2s0")
