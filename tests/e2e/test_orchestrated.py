@@ -42,14 +42,14 @@ from lab.vmlab import VmLab
 pytestmark = pytest.mark.e2e
 
 #: Seconds from virDomainAttachDeviceFlags returning to the team active on the new NIC, as
-#: read back to back over GetState.  Measured 2.05-3.57 s here (TCG, 2 shared cores;
+#: read back to back over GetState.  Measured 1.77-3.57 s here (TCG, 2 shared cores;
 #: docs/benchmarks/orchestrated.md).  The bound is what the agent allows itself: the
 #: guest's hot-plug and probe of this e1000e under the same traffic (at most 4.3 s in
 #: docs/benchmarks/README.md) plus the agent's own bind deadline once the NIC is there
 #: (default_timeout_ms, 10 s), rounded up.  Later than that the agent has given up.
 BACK_ON_PRIMARY_S = 15.0
 #: Pings lost when the active primary is pulled with no switch first, until the bond's MII
-#: monitor (100 ms) fails over: 77-102 (lan), 60-85 (wan) here, 104 median in
+#: monitor (100 ms) fails over: 71-102 (lan), 60-85 (wan) here, 104 median in
 #: docs/benchmarks/README.md's naive case.  The bound is the one a move between members
 #: has in the coordinated tests (a descheduled TCG vCPU shows as hundreds of ms).
 MAX_UNPLUG_LOSS = migration_checks.MAX_MOVE_LOSS
