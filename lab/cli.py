@@ -103,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
         help="domain counts for the two-target run (each destination takes half)",
     )
     bc.add_argument("--json", action="store_true")
+    sk = sub.add_parser(
+        "soak",
+        help="N migrations back and forth under ping (failovers and cancels among them), "
+        "then each resource figure's growth and verdict",
+    )
+    sk.add_argument("--migrations", type=int, default=100, metavar="N", help="even")
+    sk.add_argument("--sample-every", type=int, default=10, metavar="K", help="even")
+    sk.add_argument("--failover-every", type=int, default=10, metavar="K", help="0: none")
+    sk.add_argument("--cancel-every", type=int, default=10, metavar="K", help="0: none")
+    sk.add_argument("--rate", type=float, default=100.0, help="pings/s per team")
+    sk.add_argument("--out", default=None, help="write the run's JSON here")
+    sk.add_argument("--json", action="store_true")
+    sk.add_argument("--keep", action="store_true", help="leave a lab it started up afterwards")
     demo = sub.add_parser("demo", help="lab up, then migrate hosta -> hostb -> hosta under ping")
     demo.add_argument("--json", action="store_true", help="machine-readable report")
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
@@ -193,6 +206,21 @@ def main(argv: list[str] | None = None) -> int:
                 guests=args.guests,
                 out=Path(args.out) if args.out else None,
                 as_json=args.json,
+            )
+        elif args.command == "soak":
+            from pathlib import Path
+
+            from lab import soak
+
+            return soak.main(
+                migrations=args.migrations,
+                out=Path(args.out) if args.out else None,
+                as_json=args.json,
+                sample_every=args.sample_every,
+                failover_every=args.failover_every,
+                cancel_every=args.cancel_every,
+                rate=args.rate,
+                keep=args.keep,
             )
         elif args.command == "demo":
             from lab import demo
