@@ -629,9 +629,14 @@ def run_soak(
                 if cancel_every and i % cancel_every == cancel_every // 2:
                     phase = CANCEL_PHASES[cancels % len(CANCEL_PHASES)]
                     cancels += 1
+                    src = lab.where()
                     attempts.append(
                         _timed(i, f"cancel@{phase}", lab, partial(_cancel, soak, phase))
                     )
+                    if lab.where() != src:  # too late, and done: back, so the count holds
+                        attempts.append(
+                            _timed(i, "migrate-cli", lab, partial(_migrate, soak, "cli", src))
+                        )
                 via = "cli" if i % 2 else "ptmigd"
                 dest = OTHER[lab.where()]
                 attempts.append(
@@ -699,6 +704,9 @@ def _cancel(soak: Soak, phase: str) -> tuple[str, str]:
     src = soak.lab.where()
     report, said = soak.cancelled_migration(phase)
     outcome = str(report.get("outcome"))
+    if outcome == "done" and soak.lab.where() != src:
+        # the cancel came after the point of no return: a migration like the others
+        return "done (cancel too late)", failed_migration(report)
     if outcome != "rolled-back" or not report.get("cancelled"):
         return outcome, f"not rolled back by the cancel ({said}): {report.get('error')}"
     if soak.lab.where() != src:
