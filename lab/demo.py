@@ -87,12 +87,13 @@ def wait_reachable(ip: str, timeout: float = 60.0) -> None:
     raise LabError(f"the client cannot reach the guest at {ip}")
 
 
-def _pingers(name: str) -> dict[str, FixedRatePinger]:
+def pingers(name: str, rate: float = RATE) -> dict[str, FixedRatePinger]:
+    """A sender per team from the client, each writing run_dir()/demo-NAME-TEAM.ping."""
     return {
         team: FixedRatePinger(
             ip,
             run_dir() / f"demo-{name}-{team}.ping",
-            rate=RATE,
+            rate=rate,
             prefix=["ip", "netns", "exec", CLIENT_NS],
         )
         for team, ip in TEAMS.items()
@@ -100,8 +101,8 @@ def _pingers(name: str) -> dict[str, FixedRatePinger]:
 
 
 def _measure(name: str, action: Any) -> tuple[Any, dict[str, Any], list[Phase] | None]:
-    pingers = _pingers(name)
-    for p in pingers.values():
+    senders = pingers(name)
+    for p in senders.values():
         p.start()
     try:
         time.sleep(SETTLE_S)
@@ -110,7 +111,7 @@ def _measure(name: str, action: Any) -> tuple[Any, dict[str, Any], list[Phase] |
         time.sleep(SETTLE_S)
         end = time.time()
     finally:
-        records = {team: p.stop() for team, p in pingers.items()}
+        records = {team: p.stop() for team, p in senders.items()}
     phases = phases or [Phase("migration", start, end)]
     lost = {}
     for team, record in records.items():

@@ -44,19 +44,18 @@ from pathlib import Path
 from typing import Any
 
 from host.domain.domain_xml import parse_domain
-from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
-from lab.demo import wait_reachable
-from lab.fabric import CLIENT_NS, HOSTS
+from lab import demo
+from lab.demo import TEAMS, wait_reachable
+from lab.fabric import HOSTS
 from lab.guest import DOMAIN_NAME
 from lab.paths import run_dir
 from lab.run import run
-from lab.traffic import FixedRatePinger, Phase, analyze
+from lab.traffic import Phase, analyze
 from lab.vmlab import LabError, VmLab
 
 log = logging.getLogger(__name__)
 
-TEAMS = {"lan": GUEST_IP, "wan": WAN_GUEST_IP}
 OTHER = {"hosta": "hostb", "hostb": "hosta"}
 PTMIG_NS_PREFIX = "https://ptmig.dev/xmlns/"
 LEASE_NS = "https://ptmig.dev/xmlns/lease/1"
@@ -574,15 +573,7 @@ def _present_taps() -> set[str]:
 @contextmanager
 def _pinging(rate: float, block: int) -> Iterator[Callable[[list[Phase]], dict[str, list[int]]]]:
     """Ping both teams for the block; the callable gives each team's loss per phase."""
-    pingers = {
-        team: FixedRatePinger(
-            ip,
-            run_dir() / f"soak-{block}-{team}.ping",
-            rate=rate,
-            prefix=["ip", "netns", "exec", CLIENT_NS],
-        )
-        for team, ip in TEAMS.items()
-    }
+    pingers = demo.pingers(f"soak-{block}", rate)
     for p in pingers.values():
         p.start()
     records: dict[str, Any] = {}
