@@ -727,7 +727,7 @@ def main(
         lab.up()
     try:
         if lab.where() != "hosta":
-            lab.migrate("hosta")
+            raise LabError("the soak starts with the guest on hosta ('ptmig migrate' it there)")
         for ip in TEAMS.values():
             wait_reachable(ip)
         co.configure(lab)
