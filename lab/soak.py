@@ -50,7 +50,7 @@ from lab.demo import TEAMS, wait_reachable
 from lab.fabric import HOSTS
 from lab.guest import DOMAIN_NAME
 from lab.paths import run_dir
-from lab.run import run
+from lab.run import CommandError, run
 from lab.traffic import Phase, analyze
 from lab.vmlab import LabError, VmLab
 
@@ -134,6 +134,22 @@ def parse_vmrss_kb(status_text: str) -> int:
     return int(m.group(1))
 
 
+def parse_clients_info(text: str) -> int:
+    """Connected clients from ``virt-admin srv-clients-info libvirtd``."""
+    m = re.search(r"^nclients\s*:\s*(\d+)\s*$", text, re.MULTILINE)
+    if not m:
+        raise ValueError(f"no nclients in virt-admin's answer: {text!r}")
+    return int(m.group(1))
+
+
+def fd_kind(target: str) -> str:
+    """What an fd is, from its /proc/PID/fd link: a path, or its kind without the inode
+    ("socket", "pipe"; anon inodes keep their name: "anon_inode:[eventfd]")."""
+    if target.startswith("/") or target.startswith("anon_inode:"):
+        return target
+    return target.split(":[", 1)[0]
+
+
 def parse_agent_probe(output: str) -> tuple[ProcSample, int]:
     """The agent's (pid, RSS, fds) and the guest's /run/ptmig entry count, from the
     output of :data:`AGENT_PROBE` (console noise around it is ignored)."""
@@ -212,6 +228,8 @@ FIGURES: dict[str, tuple[str, Tolerance]] = {
     "libvirtd_b_rss_kb": ("kB", Tolerance(8 * MIB, "libvirtd's own caches (not ptmig's)")),
     "libvirtd_a_fds": ("fds", Tolerance(2, "a client connection ptmig leaks shows here")),
     "libvirtd_b_fds": ("fds", Tolerance(2, "a client connection ptmig leaks shows here")),
+    "libvirtd_a_clients": ("", Tolerance(0, "at rest: the soak's and ptmigd's, if it keeps one")),
+    "libvirtd_b_clients": ("", Tolerance(0, "as hosta")),
     "domain_xml_bytes": ("B", Tolerance(64, "numbers in it (lease expiry, ids) change width")),
     "domain_xml_inactive_bytes": ("B", Tolerance(64, "as the live XML")),
     "ptmig_metadata_bytes": ("B", Tolerance(32, "the teams' record only; no history kept")),
@@ -228,7 +246,7 @@ FIGURES: dict[str, tuple[str, Tolerance]] = {
     ),
     "journal_bytes_per_workflow": (
         "B",
-        Tolerance(1024, "SQLite page fill; rows per workflow are judged exactly above"),
+        Tolerance(1024, "added per workflow since the last sample; ±4 KiB pages over 13"),
     ),
     "hosta_run_files": ("files", Tolerance(0, "libvirt's per-domain state, as before")),
     "hostb_run_files": ("files", Tolerance(0, "as hosta")),
@@ -326,6 +344,7 @@ class Soak:
         self.cli_peaks: list[int] = []
         self.agent_pids: list[int] = []
         self.last_sampled_at = 0.0
+        self._journal_last: tuple[int, int] | None = None  # (bytes, workflows) at the last sample
         self.pool_taps = {tap for slots in co.POOL_SLOTS.values() for tap, _ in slots}
 
     # -- the actions ------------------------------------------------------------
@@ -427,6 +446,7 @@ class Soak:
         s["guest_run_ptmig_files"] = run_files
         ptmigd = _proc_sample(self.daemon.pid)
         s["ptmigd_rss_kb"], s["ptmigd_fds"] = ptmigd.rss_kb, ptmigd.fds
+        s["ptmigd_fd_kinds"] = _fd_kinds(self.daemon.pid)
         # a CLI's peak since the last sample (the first: a status, before any migration)
         if not self.cli_peaks:
             _status, peak = _measured([*_cli_prefix(), "-c", lab.hosts["hosta"].uri, "workflows"])
@@ -436,6 +456,7 @@ class Soak:
         for host, key in (("hosta", "a"), ("hostb", "b")):
             d = _proc_sample(lab.state.pids[host])
             s[f"libvirtd_{key}_rss_kb"], s[f"libvirtd_{key}_fds"] = d.rss_kb, d.fds
+            s[f"libvirtd_{key}_clients"] = _libvirtd_clients(lab, host)
         import libvirt
 
         dom = lab.domain("hosta")
@@ -470,18 +491,20 @@ class Soak:
                 "GROUP BY w.id",
                 (self.last_sampled_at,),
             ).fetchall()
-        size = sum(
-            Path(path + suffix).stat().st_size
-            for suffix in ("", "-wal")
-            if Path(path + suffix).exists()
-        )
+            # the database's own size, its WAL's committed pages included (the WAL file
+            # itself is reused, not shrunk, so its size says nothing)
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            size = pages * db.execute("PRAGMA page_size").fetchone()[0]
+        added = self._journal_last
+        self._journal_last = (size, workflows)
+        per_workflow = (size - added[0]) / max(workflows - added[1], 1) if added else 0
         return {
             "journal_workflows": workflows,
             "journal_open_workflows": open_,
             "journal_steps_per_migration": max((n for (n,) in steps), default=0),
             "journal_unaccounted_workflows": workflows - self.journal_before - self.workflows_run,
             "journal_bytes": size,
-            "journal_bytes_per_workflow": round(size / max(workflows, 1)),
+            "journal_bytes_per_workflow": round(per_workflow),
         }
 
 
@@ -552,6 +575,29 @@ def _report_or_error(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 def _proc_sample(pid: int) -> ProcSample:
     rss = parse_vmrss_kb(Path(f"/proc/{pid}/status").read_text())
     return ProcSample(pid, rss, len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def _fd_kinds(pid: int) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            kind = fd_kind(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+def _libvirtd_clients(lab: VmLab, host: str) -> int:
+    admin = lab.hosts[host].socket.parent / "libvirt-admin-sock"
+    uri = f"libvirtd:///system?socket={admin}"
+    try:
+        return parse_clients_info(
+            run(["virt-admin", "-c", uri, "srv-clients-info", "libvirtd"], capture=True)
+        )
+    except (CommandError, ValueError) as exc:  # the figure lost, not the soak
+        log.warning("%s: no client count: %s", host, exc)
+        return -1
 
 
 def _live_xmls(lab: VmLab, host: str) -> list[str]:

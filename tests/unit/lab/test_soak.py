@@ -11,9 +11,11 @@ from lab.soak import (
     Tolerance,
     count_files,
     failed_migration,
+    fd_kind,
     held_taps,
     judge,
     parse_agent_probe,
+    parse_clients_info,
     parse_vmrss_kb,
     ptmig_metadata,
 )
@@ -159,3 +161,24 @@ def test_a_migration_fails_unless_done_with_every_team_on_primary(
     said = failed_migration(report)
     assert (said == "") == (why == "")
     assert why in said
+
+
+def test_libvirtd_clients_from_virt_admin() -> None:
+    text = "nclients_max        : 5000\nnclients            : 3\nnclients_unauth_max : 20\n"
+    assert parse_clients_info(text) == 3
+    with pytest.raises(ValueError, match="nclients"):
+        parse_clients_info("nclients_max : 5000\n")
+
+
+@pytest.mark.parametrize(
+    "target,kind",
+    [
+        ("socket:[123456]", "socket"),
+        ("pipe:[98765]", "pipe"),
+        ("anon_inode:[eventfd]", "anon_inode:[eventfd]"),
+        ("anon_inode:[eventpoll]", "anon_inode:[eventpoll]"),
+        ("/var/tmp/ptmig-lab/journal.sqlite", "/var/tmp/ptmig-lab/journal.sqlite"),
+    ],
+)
+def test_fd_kind_drops_inodes_and_keeps_paths(target: str, kind: str) -> None:
+    assert fd_kind(target) == kind
