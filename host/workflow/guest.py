@@ -20,6 +20,7 @@ from host.agent_client import AgentClient, AgentEndpoint, ChannelTurn
 from host.domain.devices import attachment_for_slot, next_primary_alias
 from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.errors import DomainModelError
+from host.domain.kinds import MacPolicy
 from host.domain.pools import (
     Pool,
     VfNetworkPool,
@@ -280,7 +281,7 @@ def to_primary(
         guest.unplug(team, timeout)  # gone already: out of the definition and the record
         team = team.with_primary(None)
     pool = guest.pool(team)
-    if isinstance(pool, VfNetworkPool) or team.mac_policy == "follow":
+    if isinstance(pool, VfNetworkPool) or team.mac_policy == MacPolicy.FOLLOW:
         state = next((t for t in guest.agent().state().teams if t.name == team.name), None)
         refusal = mac_policy_refusal(team, pool, state) if state is not None else None
         if refusal:
@@ -312,7 +313,7 @@ def mac_policy_refusal(team: Team, pool: Pool | None, state: pb.TeamState) -> st
     """
     if not state.mac:
         return None
-    if team.mac_policy == "follow" and state.fail_over_mac != "active":
+    if team.mac_policy == MacPolicy.FOLLOW and state.fail_over_mac != "active":
         return (
             f"team {team.name}: MAC policy follow needs bond {state.bond} with fail_over_mac "
             f"active, it has {state.fail_over_mac or 'none'}: set the bond's fail_over_mac to "

@@ -30,6 +30,8 @@ from typing import Any
 
 import libvirt
 
+from host.domain.devices import pci_hostdev_xml, vf_interface_xml
+from host.domain.pools import pool_network_name
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab.guest import DOMAIN_NAME
 from lab.nested import coordinated as co
@@ -192,18 +194,10 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
     dev = lab.state.hosts[on]
     alias = f"ua-bench-{kind}"
     if kind == "whole-nic":
-        domain, bus, slot_fn = dev.whole_pci.split(":")[0], *dev.whole_pci.split(":")[1:]
-        slot, fn = slot_fn.split(".")
-        xml = (
-            f"<hostdev mode='subsystem' type='pci' managed='yes'><source><address "
-            f"domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/></source>"
-            f"<alias name='{alias}'/></hostdev>"
-        )
-    else:
-        xml = (
-            f"<interface type='network'><source network='ptmig-pool-{co.VF_POOL}'/>"
-            f"<mac address='52:54:00:aa:00:01'/><alias name='{alias}'/></interface>"
-        )
+        xml = pci_hostdev_xml(alias=alias, pci_address=dev.whole_pci)
+    else:  # what ptmig plugs: an interface on the pool's hostdev network, the team's MAC
+        network = pool_network_name(co.VF_POOL)
+        xml = vf_interface_xml(alias=alias, network=network, mac="52:54:00:aa:00:01")
     before = set(lab.exec("ls /sys/class/net").check().split())
     pingers = pinging(lab, f"bare-{kind}-", rate)
     started = time.time()
@@ -224,8 +218,7 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
         (t - started for t, text in new if "LOWER_UP" in text and "NO-CARRIER" not in text), -1.0
     )
     move.plug = {kind: {"appeared_s": round(appeared, 2), "carrier_s": round(carrier, 2)}}
-    lab.domain(on).detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    _wait_gone(lab, on, alias)
+    lab.detach(on, alias)
     return move
 
 
@@ -233,14 +226,6 @@ def _ifname(monitor_line: str) -> str:
     """The link an ``ip -o monitor link`` line is about ("3: eth2@NONE: <...>" -> eth2)."""
     m = re.match(r"\s*\d+: ([^:@ ]+)", monitor_line)
     return m.group(1) if m else ""
-
-
-def _wait_gone(lab: VfioLab, on: str, alias: str) -> None:
-    deadline = time.monotonic() + 60
-    while f"'{alias}'" in lab.domain(on).XMLDesc(0):
-        if time.monotonic() > deadline:
-            raise VfioLabError(f"{alias} was not released by the guest in 60 s")
-        time.sleep(0.5)
 
 
 def plain_move(lab: VfioLab, rate: int) -> Move:
@@ -268,9 +253,7 @@ def unplug_all(lab: VfioLab) -> None:
     co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "standby")
     for team in co.ptmig_json(on, "team-show", DOMAIN_NAME)["teams"]:
         if team["primary"]:
-            alias = team["primary"]["alias"]
-            lab.domain(on).detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            _wait_gone(lab, on, alias)
+            lab.detach(on, team["primary"]["alias"])
 
 
 def run(lab: VfioLab, rates: tuple[int, ...]) -> BenchResult:

@@ -252,6 +252,19 @@ class VfioLab:
     def domain(self, host: str) -> libvirt.virDomain:
         return self.conn(host).lookupByName(DOMAIN_NAME)
 
+    def detach(self, host: str, alias: str, timeout: float = 60, config: bool = False) -> None:
+        """Detach a device of the guest by alias, as virsh would, and wait until the guest
+        released it (gone from the live XML); *config*: from the definition too."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if config:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        self.domain(host).detachDeviceAlias(alias, flags)
+        deadline = time.monotonic() + timeout
+        while f"'{alias}'" in self.domain(host).XMLDesc(0):
+            if time.monotonic() > deadline:
+                raise VfioLabError(f"{alias} was not released by the guest in {timeout:.0f} s")
+            time.sleep(0.5)
+
     def l1_exec(self, command: str, timeout: float = 120) -> ExecResult:
         """Run *command* in L1 (in the checkout, with L1's python3 on it)."""
         # protos/ holds the shared ptmig package (ptmig.serial_session) that lab.guest imports

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from host.domain.devices import pci_hostdev_xml
 from host.workflow.model import Outcome
 from lab import GUEST_IP, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
 from lab.coordinated import ptmigd
@@ -255,10 +256,8 @@ def hold_vfs(lab: VfioLab, host: str) -> str:
     VF pool there has no free device until it is undefined.  Returns its name."""
     name = "ptmig-vf-holder"
     hostdevs = "".join(
-        "<hostdev mode='subsystem' type='pci' managed='yes'><source>"
-        "<address domain='0x{}' bus='0x{}' slot='0x{}' function='0x{}'/></source>"
-        "</hostdev>".format(*vf.replace(".", ":").split(":"))
-        for vf in lab.state.hosts[host].vfs
+        pci_hostdev_xml(alias=f"ua-held-{i}", pci_address=vf)
+        for i, vf in enumerate(lab.state.hosts[host].vfs)
     )
     lab.conn(host).defineXML(
         f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
@@ -352,11 +351,7 @@ def test_vf_whose_team_mac_is_not_the_bonds_is_refused_in_preflight(vf_team: Vfi
             for t in co.ptmig_json(on, "team-show", DOMAIN_NAME)["teams"]
             if t["name"] == "lan"
         )
-        lab.domain(on).detachDeviceAlias(lan_alias, 3)  # live and config, as virsh would
-        deadline = time.monotonic() + 60
-        while f"'{lan_alias}'" in lab.domain(on).XMLDesc(0):  # the guest releases it
-            assert time.monotonic() < deadline, f"{lan_alias} still plugged"
-            time.sleep(0.5)
+        lab.detach(on, lan_alias, config=True)  # live and config, as virsh would
         back = co.ptmig_json(on, "failover", DOMAIN_NAME, "--to", "primary", ok=(3,))
         assert back["teams"] == {"lan": "standby", "wan": "primary"}, back
         assert "--team-mac" in back["why"]["lan"], back
