@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from host.agent_client import AgentClient, AgentEndpoint, AgentError, ChannelTurn
+from host.agent_client import AgentClient, AgentEndpoint, AgentError, ChannelTurn, turns
 
 DOMAIN = "4aefc0df-b3d1-4fba-9b93-7f383c048249"
 
@@ -87,3 +87,34 @@ def test_closing_the_client_releases_its_turn(short_tmp: Path) -> None:
     client = AgentClient(AgentEndpoint(vsock_cid=3), turn=turn)
     client.close()
     ChannelTurn(DOMAIN, str(short_tmp), wait=0).release()
+
+
+def test_a_released_turn_leaves_no_file(short_tmp: Path) -> None:
+    ChannelTurn(DOMAIN, str(short_tmp)).release()
+    assert list(short_tmp.iterdir()) == []
+
+
+def test_a_lock_on_a_file_its_holder_unlinked_is_not_a_turn(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the unlink opens: a waiter opens the file, the holder releases (unlinks
+    it), then the waiter's flock succeeds on the unlinked file.  A third process must
+    still find the turn taken."""
+    holder = ChannelTurn(DOMAIN, str(short_tmp))
+    real_flock = turns.fcntl.flock
+    released: list[bool] = []
+
+    def flock_after_the_holder_lets_go(fd: int, operation: int) -> None:
+        if not released:
+            released.append(True)
+            holder.release()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(turns.fcntl, "flock", flock_after_the_holder_lets_go)
+    waiter = ChannelTurn(DOMAIN, str(short_tmp), wait=5)
+    monkeypatch.setattr(turns.fcntl, "flock", real_flock)
+    assert released == [True]
+    with pytest.raises(AgentError, match="UNAVAILABLE"):
+        ChannelTurn(DOMAIN, str(short_tmp), wait=0)
+    waiter.release()
+    assert list(short_tmp.iterdir()) == []
