@@ -1,9 +1,9 @@
 """The guest agent in the real guest kernel, through its real transport (virtio-serial via
 libvirt's channel stream), while the client sends at 1000 packets per second.
 
-The tests run in file order on one guest: bind the lab's e1000e into team lan, switch to
-the standby, unplug, plug a NIC with another MAC and rebind (preserve), then the same on
-team wan (follow), then bad input, reconnects, vsock.
+The tests share one guest per suite but not an order: each brings the teams to the state
+it starts from (a primary plugged and bound, on the standby, no primary) through the
+fixtures below, whatever the tests before it left.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from migration_checks import traffic
 from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentError
+from host.domain.domain_xml import device_aliases
 from lab import (
     GUEST_IP,
-    PRIMARY_MAC,
     STANDBY_MAC,
     TEAM_MAC,
     WAN_GUEST_IP,
     WAN_PRIMARY_MAC,
     WAN_STANDBY_MAC,
 )
-from lab.guest import PRIMARY_ALIAS, WAN_PRIMARY_NIC, Nic
+from lab.guest import PRIMARY_NIC, WAN_PRIMARY_NIC, Nic
 from lab.vmlab import VmLab
 
 #: The guest distributions this module runs on, each in its own lab, tests in file order.
@@ -45,6 +45,12 @@ pytestmark = [
 #: room for lab noise: QEMU's TCG vCPUs share the machine's two cores with the pinger, and a
 #: descheduled vCPU shows as tens of ms lost (54 ms seen once).  See test_coordinator.
 MAX_SWITCH_LOSS = 100
+
+
+#: The NICs each team's primary can be: the lab's own, and one with another MAC that a
+#: rebind test plugs in its place.
+LAN_NICS = (PRIMARY_NIC, Nic("52:54:00:cc:00:01", "ptv-hot-lan", "ua-hot-lan"))
+WAN_NICS = (WAN_PRIMARY_NIC, Nic("52:54:00:cc:00:02", "ptv-hot-wan", "ua-hot-wan"))
 
 
 def team(client: AgentClient, name: str) -> pb.TeamState:
@@ -66,6 +72,41 @@ def on_hosta(lab: VmLab) -> VmLab:
     return lab
 
 
+def plugged(lab: VmLab, nics: tuple[Nic, ...]) -> list[Nic]:
+    aliases = device_aliases(lab.domain().XMLDesc(0))
+    return [nic for nic in nics if nic.alias in aliases]
+
+
+def plug_one(lab: VmLab, nics: tuple[Nic, ...]) -> Nic:
+    """The team's primary NIC: the one plugged, or the first of *nics*, plugged now."""
+    present = plugged(lab, nics)
+    if present:
+        return present[0]
+    lab.attach_nic(nics[0])
+    lab.wait_for_guest_mac(nics[0].mac)
+    return nics[0]
+
+
+def unplug_all(lab: VmLab, client: AgentClient, name: str, nics: tuple[Nic, ...]) -> None:
+    """The team on its standby with no primary plugged."""
+    client.use_standby(name, release_primary=True, operation_id=op(f"{name}-clear"))
+    for nic in plugged(lab, nics):
+        lab.detach_nic(nic.alias)
+
+
+@pytest.fixture
+def lan_primary(on_hosta: VmLab) -> Nic:
+    """Team lan's primary NIC is plugged (it may be bound or not)."""
+    return plug_one(on_hosta, LAN_NICS)
+
+
+@pytest.fixture
+def lan_on_primary(lan_primary: Nic, agent_of: Callable[[], AgentClient]) -> Nic:
+    """Team lan is bound to its plugged primary and sends on it."""
+    agent_of().bind_primary("lan", operation_id=op("lan-bind"), mac=lan_primary.mac, timeout=30)
+    return lan_primary
+
+
 def test_agent_answers_over_virtio_serial(
     on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
 ) -> None:
@@ -82,9 +123,23 @@ def test_agent_answers_over_virtio_serial(
     print(f"GetState round trip over virtio-serial: {rtt * 1000:.1f} ms")
     teams = {t.name: t for t in state.teams}
     assert teams["lan"].bond_present and teams["lan"].active_member
-    # team wan is agent-owned: the agent made bond1 and binds its primary at start-up,
-    # which takes a few seconds (the e1000e's link comes up about 3 s after enslaving)
     assert teams["wan"].fail_over_mac in ("active", "follow")
+
+
+def test_agent_binds_wan_primary_at_start_up(
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
+    """Team wan is agent-owned: at start-up the agent makes bond1 and binds the primary its
+    configuration names, which takes a few seconds (the e1000e's link comes up about 3 s
+    after enslaving).  So: the primary plugged while the agent is stopped, then a start."""
+    unplug_all(on_hosta, agent_of(), "wan", WAN_NICS)
+    on_hosta.exec("systemctl stop ptmig-agent").check()
+    try:
+        on_hosta.attach_nic(WAN_PRIMARY_NIC)
+        on_hosta.wait_for_guest_mac(WAN_PRIMARY_NIC.mac)
+    finally:
+        on_hosta.exec("systemctl start ptmig-agent").check()
+    client = agent_of()
     deadline = time.monotonic() + 60
     while team(client, "wan").active_member != link_by_mac(client, WAN_PRIMARY_MAC).name:
         assert time.monotonic() < deadline, "the agent did not bind wan's primary at start-up"
@@ -92,12 +147,13 @@ def test_agent_answers_over_virtio_serial(
 
 
 def test_bind_existing_primary_under_preserve(
-    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], lan_primary: Nic
 ) -> None:
     client = agent_of()
+    client.use_standby("lan", release_primary=False, operation_id=op("lan-off"))
     with traffic(GUEST_IP, "bind-lan") as loss:
-        reply = client.bind_primary("lan", operation_id=op("bind"), mac=PRIMARY_MAC, timeout=30)
-    primary = link_by_mac(client, PRIMARY_MAC)
+        reply = client.bind_primary("lan", operation_id=op("bind"), mac=lan_primary.mac, timeout=30)
+    primary = link_by_mac(client, lan_primary.mac)
     assert reply.device == primary.name
     assert reply.team.active_member == primary.name
     assert primary.carrier
@@ -106,9 +162,13 @@ def test_bind_existing_primary_under_preserve(
 
 
 def test_switch_to_standby_under_traffic(
-    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+    on_hosta: VmLab,
+    agent_of: Callable[[], AgentClient],
+    lan_on_primary: Nic,
+    record_property: pytest.RecordProperty,
 ) -> None:
     client = agent_of()
+    assert team(client, "lan").active_member == link_by_mac(client, lan_on_primary.mac).name
     with traffic(GUEST_IP, "switch-lan") as loss:
         reply = client.use_standby("lan", release_primary=False, operation_id=op("switch"))
     standby = link_by_mac(client, STANDBY_MAC)
@@ -118,22 +178,34 @@ def test_switch_to_standby_under_traffic(
 
 
 def test_retried_switch_is_replayed_not_redone(
-    on_hosta: VmLab, agent_of: Callable[[], AgentClient]
+    on_hosta: VmLab, agent_of: Callable[[], AgentClient], lan_on_primary: Nic
 ) -> None:
     client = agent_of()
     same = op("replay")
     first = client.use_standby("lan", release_primary=False, operation_id=same)
+    client.bind_primary("lan", operation_id=op("lan-back"), mac=lan_on_primary.mac, timeout=30)
     again = client.use_standby("lan", release_primary=False, operation_id=same)
     assert not first.replayed and again.replayed
-    assert again.team.active_member == first.team.active_member
+    assert (
+        again.team.active_member
+        == first.team.active_member
+        == link_by_mac(client, STANDBY_MAC).name
+    )
+    # replayed, not redone: the bind between the two left lan on its primary
+    assert team(client, "lan").active_member == link_by_mac(client, lan_on_primary.mac).name
 
 
 def test_unplug_after_switch_loses_nothing(
-    on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
+    on_hosta: VmLab,
+    agent_of: Callable[[], AgentClient],
+    lan_on_primary: Nic,
+    record_property: pytest.RecordProperty,
 ) -> None:
-    assert team(agent_of(), "lan").active_member == link_by_mac(agent_of(), STANDBY_MAC).name
+    client = agent_of()
+    client.use_standby("lan", release_primary=False, operation_id=op("lan-switch"))
+    assert team(client, "lan").active_member == link_by_mac(client, STANDBY_MAC).name
     with traffic(GUEST_IP, "unplug-lan") as loss:
-        on_hosta.detach_nic(PRIMARY_ALIAS)
+        on_hosta.detach_nic(lan_on_primary.alias)
     record_property("unplug_lost", loss["lost"])
     # 0 here; an unplug of the *active* NIC costs ~80 ms (lab-notes), half that fails
     assert loss["lost"] <= 40, loss
@@ -145,7 +217,8 @@ def test_new_mac_rebound_under_preserve(
     on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
 ) -> None:
     client = agent_of()
-    new = Nic("52:54:00:cc:00:01", "ptv-hot-lan", "ua-hot-lan")
+    unplug_all(on_hosta, client, "lan", LAN_NICS)
+    new = LAN_NICS[1]
     with traffic(GUEST_IP, "rebind-lan") as loss:
         on_hosta.attach_nic(new)
         reply = client.bind_primary("lan", operation_id=op("rebind"), mac=new.mac, timeout=30)
@@ -161,13 +234,15 @@ def test_new_mac_rebound_under_follow(
     on_hosta: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
 ) -> None:
     client = agent_of()
-    new = Nic("52:54:00:cc:00:02", "ptv-hot-wan", "ua-hot-wan")
+    old = plug_one(on_hosta, WAN_NICS)
+    client.bind_primary("wan", operation_id=op("wan-on"), mac=old.mac, timeout=30)
+    new = next(nic for nic in WAN_NICS if nic != old)
     with traffic(WAN_GUEST_IP, "switch-wan") as switch_loss:
         reply = client.use_standby("wan", release_primary=True, operation_id=op("wan-switch"))
     assert reply.team.active_member == link_by_mac(client, WAN_STANDBY_MAC).name
     assert reply.team.mac == WAN_STANDBY_MAC, "follow: the team's MAC is the active member's"
     with traffic(WAN_GUEST_IP, "rebind-wan") as rebind_loss:
-        on_hosta.detach_nic(WAN_PRIMARY_NIC.alias)
+        on_hosta.detach_nic(old.alias)
         on_hosta.attach_nic(new)
         reply = client.bind_primary("wan", operation_id=op("wan-bind"), mac=new.mac, timeout=30)
     device = link_by_mac(client, new.mac)
