@@ -346,7 +346,7 @@ def test_agent_reachable_again_after_live_migration(
 
 
 VSOCK_PROBE = r"""
-import os, socket, sys, tempfile, threading
+import os, socket, sys, tempfile, threading, time
 sys.path.insert(0, "/usr/lib/ptmig-agent")
 import grpc
 from ptmig.v1 import guest_agent_pb2 as pb, guest_agent_pb2_grpc as pbg
@@ -360,15 +360,28 @@ def pump(a, b):
         if not data:
             break
         b.sendall(data)
+def agent_vsock():
+    # Soon after boot the agent's listener may not be open yet: it retries every 2 s
+    # while the guest has no vsock transport, and no connection reaches it till then.
+    deadline = time.monotonic() + 20
+    while True:
+        vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        try:
+            vsock.connect((1, 7031))  # VMADDR_CID_LOCAL: the guest's own vsock loopback
+            return vsock
+        except (ConnectionResetError, ConnectionRefusedError):
+            vsock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 def relay():
     conn, _ = listener.accept()
-    vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    vsock.connect((1, 7031))  # VMADDR_CID_LOCAL: the guest's own vsock loopback
+    vsock = agent_vsock()
     threading.Thread(target=pump, args=(vsock, conn), daemon=True).start()
     pump(conn, vsock)
 threading.Thread(target=relay, daemon=True).start()
 reply = pbg.HealthStub(grpc.insecure_channel("unix:" + path)).Check(
-    pb.HealthCheckRequest(), timeout=20)
+    pb.HealthCheckRequest(), timeout=40)
 print("vsock-health", reply.status, flush=True)
 os._exit(0)  # the relay's daemon threads must not race interpreter shutdown
 """
