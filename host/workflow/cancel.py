@@ -10,7 +10,7 @@ import os
 import socket
 import time
 
-from host.workflow.guest import WorkflowError
+from host.workflow.errors import WorkflowError
 from host.workflow.journal import Journal, WorkflowClosed, WorkflowKind, WorkflowRecord, boot_id_now
 from host.workflow.model import CancelResult, Outcome
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from host.agent_client import AgentClient
+from host.agent_client import AgentClient, AgentFactory, serial_agent
 from host.domain.pools import Pool
 from host.hypervisor import Domain, Hypervisor
 from host.workflow import (
@@ -29,7 +29,6 @@ from host.workflow import (
     runs,
 )
 from host.workflow.cancel import CANCEL_WAIT, PAST_NO_RETURN, NothingToCancel
-from host.workflow.guest import AgentFactory, serial_agent
 from host.workflow.journal import Journal
 from host.workflow.model import (
     CancelResult,

@@ -47,20 +47,11 @@ from host.hypervisor import Hypervisor, HypervisorError, PostcopyFailed
 from host.migration_job import MigrationProgress
 from host.migration_options import MigrationStats
 from host.workflow.drift import TeamClassification
-from host.workflow.guest import (
-    AgentFactory,
-    GuestOnHost,
-    PreflightError,
-    WorkflowError,
-    each_team,
-    free_devices,
-    mac_policy_refusal,
-    plug_and_bind,
-    pool_on,
-    serial_agent,
-    to_primary,
-)
+from host.workflow.errors import PreflightError, WorkflowError
+from host.workflow.guest import BIND_TIMEOUT, SWITCH_TIMEOUT, UNPLUG_TIMEOUT, Guest
+from host.workflow.inventory import free_devices, pool_on
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
+from host.workflow.macpolicy import mac_policy_refusal
 from host.workflow.model import (
     Event,
     MigrationReport,
@@ -75,9 +66,6 @@ from host.workflow.steps import JournalLike, Step, StepRunner
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UNPLUG_TIMEOUT = 30.0
-BIND_TIMEOUT = 30.0
-SWITCH_TIMEOUT = 15.0
 #: How long a failed migration may leave the domain active on both hosts.
 SETTLE_TIMEOUT = 90.0
 #: How often a cancel is looked for while the migration job runs.
@@ -92,31 +80,36 @@ def _never() -> str:
     return ""
 
 
+#: How a workflow gets the Guest of a domain on a host, holding a lease (Runtime.guest).
+GuestOpener = Callable[[Hypervisor, str, DomainLease | None], Guest]
+
+
 class MigrationWorkflow:
+    """One migration of *source* (a Guest, its lease taken) to *destination*'s host, where
+    *open_guest* gives the Guest the domain becomes when it arrives."""
+
     def __init__(
         self,
         request: MigrationRequest,
         journal: JournalLike,
         workflow_id: str,
-        source: Hypervisor,
+        source: Guest,
         destination: Hypervisor,
+        open_guest: GuestOpener,
         on_event: Callable[[Event], None],
-        agent_for: AgentFactory = serial_agent,
         *,
         cancelled: Callable[[], str] = _never,
-        lease: DomainLease | None = None,
     ) -> None:
         #: Who asked to cancel ("" while nobody has): polled, never waited on.
         self.cancelled = cancelled
-        self.lease = lease
         self.cancel_reason = ""
         self.request = request
-        self.source_hv = source
+        self.source_hv = source.hv
         self.destination_hv = destination
+        self.open_guest = open_guest
         self.runner = StepRunner(workflow_id, journal, on_event, moving_step="migrate")
-        self.agent_for = agent_for
-        self.source = GuestOnHost(source, request.domain, agent_for)
-        self.destination: GuestOnHost | None = None
+        self.source = source
+        self.destination: Guest | None = None
         self.teams: list[Team] = []
         self.recorded_before: list[Team] = []  # as the metadata had them, before corrections
         self.classification: dict[str, TeamClassification] = {}  # preflight's case per team
@@ -205,11 +198,7 @@ class MigrationWorkflow:
         self.teams = [src.correct_record(d) for d in classified]
         self.classification = {d.team.name: d for d in classified}
         self.plugged_before = {d.team.name for d in classified if d.device is not None}
-        self.on_primary_before = {
-            name
-            for name in self.plugged_before
-            if (ts := by_name[name]).primary and ts.active_member == ts.primary
-        }
+        self.on_primary_before = {name for name in self.plugged_before if by_name[name].on_primary}
         cases = {d.team.name: str(d.case) for d in classified}
         healthy = sum(1 for d in classified if not d.drifted)
         detail = f"{healthy} of {len(classified)} team(s) as recorded"
@@ -232,11 +221,8 @@ class MigrationWorkflow:
             # Owed an undo from the moment it is asked: a switch that timed out may still
             # run in the guest (queued behind a stopped agent), so the undo binds anyway.
             self.moved.append(team.name)
-            reply = self.source.agent().use_standby(
-                team.name,
-                release_primary=True,
-                operation_id=self.op("switch", team.name),
-                timeout=SWITCH_TIMEOUT,
+            state = self.source.use_standby(
+                team, self.op("switch", team.name), SWITCH_TIMEOUT, release_primary=True
             )
             # At once, for this team's standby only: the switches still send its MAC to the
             # primary's port until they see a frame from the standby, and the bond's own
@@ -246,11 +232,12 @@ class MigrationWorkflow:
             standby = standby_aliases.get(team.standby_mac, [])
             if standby:
                 self.source.dom.announce(interfaces=standby)
-            return str(reply.team.active_member)
+            return state.active_member
 
         # Only teams whose traffic runs on a plugged primary: a degraded team and one the
         # guest already has on its standby have nothing to switch.
-        active = each_team([t for t in self.teams if t.name in self.on_primary_before], switch)
+        on_primary = [t for t in self.teams if t.name in self.on_primary_before]
+        active = self.source.each_team(on_primary, switch)
         return {"teams": active}
 
     def switch_back(self) -> None:
@@ -263,8 +250,7 @@ class MigrationWorkflow:
             team = self.source.teams().team(name)
             if team.primary is None:
                 continue  # unplug's undo already plugged and bound one
-            to_primary(
-                self.source,
+            self.source.to_primary(
                 team,
                 self.op("switch-back", name),
                 BIND_TIMEOUT,
@@ -292,8 +278,7 @@ class MigrationWorkflow:
         left = []
         for name in reversed(self.unplugged):
             team = self.source.teams().team(name)
-            result = plug_and_bind(
-                self.source,
+            result = self.source.plug_and_bind(
                 team,
                 self.op("replug", name),
                 BIND_TIMEOUT,
@@ -348,8 +333,9 @@ class MigrationWorkflow:
         self.migration = dataclasses.replace(stats, wall_s=round(stats.wall_s, 3))
         return {**plain(self.migration), "detail": self.migration.detail}
 
-    def _destination_guest(self) -> GuestOnHost:
-        return GuestOnHost(self.destination_hv, self.source.uuid, self.agent_for)
+    def _destination_guest(self) -> Guest:
+        """The domain as it arrived on the destination; the lease moved with it."""
+        return self.open_guest(self.destination_hv, self.source.uuid, self.source.lease)
 
     def _step(
         self,
@@ -403,11 +389,10 @@ class MigrationWorkflow:
             self.runner.journal.record(self.workflow_id, "cancel", "done", {"by": reason})
             self.runner.emit("cancel", "info", f"{reason}: stopping before {next_step}")
             raise Cancelled(f"cancelled ({reason}) before {next_step}")
-        if self.lease is not None:
-            if ttl is None:
-                self.lease.renew(self.source.dom)
-            else:
-                self.lease.renew(self.source.dom, ttl)
+        if ttl is None:
+            self.source.renew_lease()
+        else:
+            self.source.renew_lease(ttl)
 
     def plug_and_bind(self) -> dict[str, Any]:
         assert self.destination is not None
@@ -417,8 +402,7 @@ class MigrationWorkflow:
 
         def bind(team: Team) -> TeamMode:
             current = recorded.team(team.name)
-            result = plug_and_bind(
-                dest,
+            result = dest.plug_and_bind(
                 current,
                 self.op("bind", team.name),
                 BIND_TIMEOUT,
@@ -426,7 +410,7 @@ class MigrationWorkflow:
             )
             return result.result
 
-        results = each_team(self.teams, bind)
+        results = dest.each_team(self.teams, bind)
         # No announce-self here: QEMU would announce the *virtio* NIC's MAC, which under
         # MAC policy preserve is the team's MAC, pulling the switches' path back to the
         # standby just after the bond moved to the primary.  The bond announces itself
@@ -446,6 +430,7 @@ class MigrationWorkflow:
             return self._run()
         finally:
             self._close()  # also on an escaping error: the agent channels are one per guest
+            self._release_lease()
             # The runner's done steps hold closures over this workflow: a cycle that only
             # the cyclic GC frees, and with it both hosts' libvirt domains, which keep
             # their connections open after close (ptmigd held 2 more per migration: the
@@ -511,9 +496,8 @@ class MigrationWorkflow:
             )
         t0 = time.monotonic()
         try:
-            if self.lease is not None:
-                assert self.destination is not None
-                self.lease.renew(self.destination.dom)
+            assert self.destination is not None
+            self.destination.renew_lease()
             r.run(self._step("bind", self.plug_and_bind))
             report.teams = self.verify()
         except Exception as exc:
@@ -609,7 +593,7 @@ class MigrationWorkflow:
             raise WorkflowError("the VM is active on both hosts; refusing to guess")
         return dest_active and not src_active
 
-    def _team_summary(self, guest: GuestOnHost | None) -> dict[str, TeamMode]:
+    def _team_summary(self, guest: Guest | None) -> dict[str, TeamMode]:
         if guest is None:
             return {}
         try:
@@ -623,6 +607,19 @@ class MigrationWorkflow:
         self.source.close()
         if self.destination is not None:
             self.destination.close()
+
+    def _release_lease(self) -> None:
+        """Give the lease back on whichever host has the domain now (both, in between)."""
+        self.source.release_lease()
+        destination = self.destination
+        if destination is None:
+            try:
+                if self.destination_hv.has_domain(self.source.uuid):
+                    destination = self._destination_guest()
+            except HypervisorError as exc:
+                log.warning("lease: %s: %s", self.destination_hv.uri, exc)
+        if destination is not None:
+            destination.release_lease()
 
 
 def _active_on(hv: Hypervisor, uuid: str) -> bool:
