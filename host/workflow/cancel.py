@@ -11,8 +11,9 @@ import socket
 import time
 
 from host.workflow.errors import WorkflowError
-from host.workflow.journal import Journal, WorkflowClosed, WorkflowKind, WorkflowRecord, boot_id_now
+from host.workflow.journal import Journal, WorkflowClosed, WorkflowKind, WorkflowRecord
 from host.workflow.model import CancelResult, Outcome
+from host.workflow.owners import boot_id_now
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from host.domain.errors import DomainModelError
 from host.domain.lease import LEASE_NS, LEASE_PREFIX, Lease, format_lease, lease_from_domain_xml
 from host.hypervisor import Domain, HypervisorError
 from host.workflow.errors import WorkflowError
-from host.workflow.journal import boot_id_now, process_alive, process_start_time
+from host.workflow.owners import boot_id_now, process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 
