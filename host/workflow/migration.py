@@ -41,7 +41,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from host.domain.domain_xml import strip_primary
-from host.domain.pools import Pool
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, PostcopyFailed
 from host.migration_job import MigrationProgress
@@ -49,9 +48,7 @@ from host.migration_options import MigrationStats
 from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.guest import BIND_TIMEOUT, SWITCH_TIMEOUT, UNPLUG_TIMEOUT, Guest
-from host.workflow.inventory import free_devices, pool_on
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
-from host.workflow.macpolicy import mac_policy_refusal
 from host.workflow.model import (
     Event,
     MigrationReport,
@@ -61,6 +58,7 @@ from host.workflow.model import (
     plain,
     team_modes,
 )
+from host.workflow.preflight import active_on, preflight
 from host.workflow.steps import JournalLike, Step, StepRunner
 
 log = logging.getLogger(__name__)
@@ -130,86 +128,15 @@ class MigrationWorkflow:
     # -- steps -----------------------------------------------------------------------
 
     def preflight(self) -> dict[str, Any]:
-        src = self.source
-        if not src.dom.is_active():
-            raise PreflightError(f"{src.name} is not running on {self.source_hv.uri}")
-        if self.source_hv.host_uuid() == self.destination_hv.host_uuid():
-            raise PreflightError("source and destination are the same host")
-        if _active_on(self.destination_hv, src.uuid):
-            raise PreflightError(f"{src.name} is already running on the destination")
-        info = src.info()  # the live domain, read once for this step
-        self.recorded_before = list(src.teams(info).teams)
-        self.teams = list(self.recorded_before)
-        log.debug("preflight: hosts checked")
-        agent = src.agent()
-        try:
-            if not agent.healthy():
-                raise PreflightError(f"the agent in {src.name} is not serving")
-            state = agent.state()
-        except PreflightError:
-            raise
-        except Exception as exc:
-            raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
-        log.debug("preflight: agent answered")
-        classified = src.classify(state, info)
-        refused = [d.summary for d in classified if d.refused]
-        if refused:
-            raise PreflightError("; ".join(refused))
-        links = {link.name: link for link in state.links}
-        by_name = {t.name: t for t in state.teams}
-        free: dict[str, int] = {}
-        destination_pools: dict[str, Pool | None] = {}
-        for team in self.teams:
-            ts = by_name.get(team.name)
-            if ts is None:
-                raise PreflightError(f"the agent in {src.name} does not know team {team.name!r}")
-            if not ts.bond_present:
-                raise PreflightError(f"team {team.name}: bond {ts.bond} is missing in the guest")
-            if not ts.standby or ts.standby not in ts.members:
-                raise PreflightError(f"team {team.name}: the standby is not in bond {ts.bond}")
-            standby = links.get(ts.standby)
-            if standby is None or not standby.carrier:
-                raise PreflightError(f"team {team.name}: the standby {ts.standby} has no carrier")
-            if team.pool not in destination_pools:
-                pool = pool_on(self.destination_hv, team)
-                destination_pools[team.pool] = pool
-                free[team.pool] = free_devices(self.destination_hv, pool)
-            if destination_pools[team.pool] is None:
-                raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
-            refusal = mac_policy_refusal(team, destination_pools[team.pool], ts)
-            if refusal:
-                raise PreflightError(refusal)
-        # Teams may share a pool: compare what each pool has with what it is asked for.
-        wanted = {pool: sum(1 for t in self.teams if t.pool == pool) for pool in free}
-        short = [pool for pool, n in wanted.items() if free[pool] < n]
-        if short:
-            teams = ", ".join(t.name for t in self.teams if t.pool in short)
-            pools = ", ".join(f"{p} has {free[p]} for {wanted[p]}" for p in short)
-            self.runner.emit(
-                "preflight",
-                "info",
-                f"not enough free devices on the destination ({pools}): of "
-                f"teams {teams}, those left without one stay on their standby",
-            )
-        # Every check passed: now the record may be made to say what the domain has.
-        for found in classified:
-            if found.drifted:
-                self.runner.emit("preflight", "info", found.summary)
-        self.teams = [src.correct_record(d) for d in classified]
-        self.classification = {d.team.name: d for d in classified}
-        self.plugged_before = {d.team.name for d in classified if d.device is not None}
-        self.on_primary_before = {name for name in self.plugged_before if by_name[name].on_primary}
-        cases = {d.team.name: str(d.case) for d in classified}
-        healthy = sum(1 for d in classified if not d.drifted)
-        detail = f"{healthy} of {len(classified)} team(s) as recorded"
-        if healthy < len(classified):
-            detail += ": " + ", ".join(f"{d.team.name} {d.case}" for d in classified if d.drifted)
-        return {
-            "teams": [t.name for t in self.teams],
-            "free_on_destination": free,
-            "cases": cases,
-            "detail": detail,
-        }
+        found = preflight(
+            self.source, self.destination_hv, lambda m: self.runner.emit("preflight", "info", m)
+        )
+        self.recorded_before = list(found.recorded_before)
+        self.teams = list(found.teams)
+        self.classification = found.classification
+        self.plugged_before = set(found.plugged_before)
+        self.on_primary_before = set(found.on_primary_before)
+        return found.journal()
 
     def switch_to_standby(self) -> dict[str, Any]:
         standby_aliases: dict[str, list[str]] = {}  # NICs by MAC, for announce-self
@@ -586,7 +513,7 @@ class MigrationWorkflow:
         except HypervisorError:
             src_active = False
         try:
-            dest_active = _active_on(self.destination_hv, self.source.uuid)
+            dest_active = active_on(self.destination_hv, self.source.uuid)
         except HypervisorError:
             dest_active = False
         if src_active and dest_active:
@@ -620,8 +547,3 @@ class MigrationWorkflow:
                 log.warning("lease: %s: %s", self.destination_hv.uri, exc)
         if destination is not None:
             destination.release_lease()
-
-
-def _active_on(hv: Hypervisor, uuid: str) -> bool:
-    """Whether *hv*'s host runs the domain *uuid*."""
-    return hv.has_domain(uuid) and hv.domain(uuid).is_active()
