@@ -28,7 +28,9 @@ through *cancelled*, which the workflow polls between steps and, during the migr
 job, every :data:`CANCEL_POLL_S`: before the point of no return it aborts the job
 (virDomainAbortJob) or stops before the next step and rolls back, the report saying
 ``cancelled``; after it, the bind finishes.  Between steps the workflow also renews its
-lease on the domain (host/workflow/lease.py) and stops if another coordinator has it.
+lease on the domain through the source's Guest (the destination's once the VM moved) and
+stops if another coordinator has it; :meth:`MigrationWorkflow.run` gives it back as it
+ends, wherever the domain is.
 """
 
 from __future__ import annotations
