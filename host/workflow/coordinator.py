@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from host.agent_client import AgentClient, AgentFactory, serial_agent
+from host.agent_client import AgentFactory, serial_agent
 from host.domain.pools import Pool
-from host.hypervisor import Domain, Hypervisor
+from host.hypervisor import Hypervisor
 from host.workflow import (
     cancel,
     configuration,
@@ -104,10 +104,6 @@ class Coordinator:
     @lease_settle.setter
     def lease_settle(self, seconds: float) -> None:
         self.runtime.lease_settle = seconds
-
-    def agent_for(self, dom: Domain, timeout: float) -> AgentClient:
-        """The workflow's agent client, its calls told to the observer."""
-        return self.runtime.agent_for(dom, timeout)
 
     # -- migration -------------------------------------------------------------------
 
