@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from host.domain.errors import DomainModelError
     from host.migration_options import InvalidMigrationOptions
-    from host.workflow.guest import PreflightError
+    from host.workflow.errors import PreflightError
     from host.workflow.journal import WorkflowConflict
     from host.workflow.lease import LeaseHeld
 

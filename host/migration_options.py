@@ -1,5 +1,5 @@
 """libvirt's migration options as ptmig takes them, and what a migration job did: shared by
-the workflow, which asks, host/hypervisor.py, which tells libvirt, and host/migration_job.py,
+the workflow, which asks, host/hypervisor/, which tells libvirt, and host/migration_job.py,
 which watches the job."""
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ from ptmig.v1 import guest_agent_pb2_grpc as pb_grpc
 from host.agent_client.errors import AgentError, printable
 from host.agent_client.relay import Connector, SerialRelay
 from host.agent_client.replies import check, valid_name, validate_state, validate_team
+from host.agent_client.state import (
+    MAC_POLICY_TO_PB,
+    AgentVersion,
+    BindReply,
+    GuestState,
+    StandbyReply,
+    TeamState,
+)
 from host.agent_client.turns import ChannelTurn
 from host.domain.kinds import MacPolicy
 
@@ -39,21 +47,13 @@ class AgentEndpoint:
     vsock_port: int = 7031
 
 
-#: The contract's MacPolicy for each of ptmig's (None: unspecified, the agent's default).
-_MAC_POLICIES = {
-    None: pb.MAC_POLICY_UNSPECIFIED,
-    MacPolicy.PRESERVE: pb.MAC_POLICY_PRESERVE,
-    MacPolicy.FOLLOW: pb.MAC_POLICY_FOLLOW,
-    MacPolicy.NONE: pb.MAC_POLICY_NONE,
-}
-
-
 def new_operation_id() -> str:
     return str(uuid.uuid4())
 
 
 class AgentClient:
-    """Calls into one guest's agent, each with a deadline, each reply validated."""
+    """Calls into one guest's agent, each with a deadline, each reply validated and
+    returned as the types of :mod:`host.agent_client.state`."""
 
     def __init__(
         self,
@@ -143,7 +143,7 @@ class AgentClient:
             if self.on_call is not None:
                 self.on_call(rpc, time.monotonic() - started, error)
 
-    def version(self, timeout: float | None = None) -> pb.GetVersionResponse:
+    def version(self, timeout: float | None = None) -> AgentVersion:
         reply: pb.GetVersionResponse = self._call(
             "GuestAgent/GetVersion",
             self._stub.GetVersion,
@@ -151,13 +151,13 @@ class AgentClient:
             timeout,
         )
         check(len(reply.capabilities) <= 64, "too many capabilities")
-        return reply
+        return AgentVersion(reply.agent_version, reply.api_version, tuple(reply.capabilities))
 
     def healthy(self, timeout: float | None = None) -> bool:
         reply = self._call("Health/Check", self._health.Check, pb.HealthCheckRequest(), timeout)
         return bool(reply.status == pb.HealthCheckResponse.SERVING)
 
-    def state(self, timeout: float | None = None) -> pb.GetStateResponse:
+    def state(self, timeout: float | None = None) -> GuestState:
         reply: pb.GetStateResponse = self._call(
             "GuestAgent/GetState",
             self._stub.GetState,
@@ -165,11 +165,11 @@ class AgentClient:
             timeout,
         )
         validate_state(reply)
-        return reply
+        return GuestState.from_pb(reply)
 
     def use_standby(
         self, team: str, *, release_primary: bool, operation_id: str, timeout: float | None = None
-    ) -> pb.UseStandbyResponse:
+    ) -> StandbyReply:
         wait = timeout or self.call_timeout
         reply: pb.UseStandbyResponse = self._call(
             "GuestAgent/UseStandby",
@@ -183,7 +183,7 @@ class AgentClient:
             wait,
         )
         validate_team(reply.team, team)
-        return reply
+        return StandbyReply(TeamState.from_pb(reply.team), tuple(reply.released), reply.replayed)
 
     def bind_primary(
         self,
@@ -194,7 +194,7 @@ class AgentClient:
         mac: str = "",
         mac_policy: MacPolicy | None = None,
         timeout: float | None = None,
-    ) -> pb.BindPrimaryResponse:
+    ) -> BindReply:
         wait = timeout or self.call_timeout
         reply: pb.BindPrimaryResponse = self._call(
             "GuestAgent/BindPrimary",
@@ -204,11 +204,11 @@ class AgentClient:
                 team=team,
                 pci_address=pci_address,
                 mac=mac,
-                mac_policy=_MAC_POLICIES[mac_policy],
+                mac_policy=MAC_POLICY_TO_PB[mac_policy],
                 timeout_ms=int(wait * 1000 * 0.9),
             ),
             wait,
         )
         validate_team(reply.team, team)
         check(valid_name(reply.device, empty_ok=False), "bound device name")
-        return reply
+        return BindReply(TeamState.from_pb(reply.team), reply.device, reply.replayed)

@@ -2,9 +2,10 @@
 
 `parse_domain` reads live or inactive domain XML into a `DomainInfo`: the NICs
 and PCI hostdevs (with the guest-side PCI address the agent sees and the host-side
-identity that pools track), the agent's virtio-serial channel, the vsock device
-and ptmig's team metadata.  Devices ptmig does not know are skipped, not refused:
-this module reads every domain on a host to find free pool slots.
+identity that pools track) and ptmig's team metadata.  The agent's channel is opened
+by its name (libvirt finds it), so its element is not read here.  Devices ptmig does not
+know are skipped, not refused: this module reads every domain on a host to find free
+pool slots.
 
 Guest PCI addresses are libvirt's (controller index as bus number).  On q35 with
 one device per pcie-root-port the guest's firmware numbers buses the same way,
@@ -23,8 +24,6 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import ClassVar
-
-from ptmig.serial_session import AGENT_CHANNEL
 
 from host.domain.addresses import normalize_mac
 from host.domain.errors import DomainModelError, shown
@@ -87,29 +86,11 @@ class Hostdev:
 
 
 @dataclass(frozen=True)
-class AgentChannel:
-    """The virtio-serial port ``org.ptmig.agent.0``; `path` is the host socket."""
-
-    path: str | None
-    state: str | None  # libvirt's live "connected"/"disconnected", None when inactive
-
-
-@dataclass(frozen=True)
-class Vsock:
-    """The ``<vsock>`` device: `cid` is None when libvirt will pick one."""
-
-    cid: int | None
-    auto: bool
-
-
-@dataclass(frozen=True)
 class DomainInfo:
     name: str
     uuid: str
     interfaces: tuple[Interface, ...]
     hostdevs: tuple[Hostdev, ...]
-    agent_channel: AgentChannel | None
-    vsock: Vsock | None
     teams: TeamSet | None  # None: the domain has no ptmig metadata
 
     def device(self, alias: str) -> Interface | Hostdev | None:
@@ -136,15 +117,11 @@ def parse_domain(domain_xml: str) -> DomainInfo:
     hostdevs = tuple(
         read(Hostdev, e, where) for e in children if e.tag == "hostdev" and matches(Hostdev, e)
     )
-    channels = [_channel(e) for e in children if e.tag == "channel" and _is_agent_channel(e)]
-    vsocks = [_vsock(e, where) for e in children if e.tag == "vsock"]
     return DomainInfo(
         name=name,
         uuid=_text(root, "uuid") or "",
         interfaces=interfaces,
         hostdevs=hostdevs,
-        agent_channel=channels[0] if channels else None,
-        vsock=vsocks[0] if vsocks else None,
         teams=_teams(root, where),
     )
 
@@ -224,36 +201,9 @@ def _is_primary(element: ET.Element, primary: PrimaryDevice) -> bool:
     return False
 
 
-def _is_agent_channel(element: ET.Element) -> bool:
-    return element.get("type") == "unix" and _attr(element, "target", "name") == AGENT_CHANNEL
-
-
-def _channel(element: ET.Element) -> AgentChannel:
-    return AgentChannel(
-        path=_attr(element, "source", "path"), state=_attr(element, "target", "state")
-    )
-
-
-def _vsock(element: ET.Element, where: str) -> Vsock:
-    cid = element.find("cid")
-    auto = cid is None or cid.get("auto", "no") == "yes"
-    raw = cid.get("address") if cid is not None else None
-    if raw is None:
-        return Vsock(cid=None, auto=auto)
-    # isascii: str.isdigit() also takes '³' (which int() refuses) and other scripts' digits.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or not 3 <= int(raw) <= 0xFFFFFFFE:
-        raise DomainModelError(f"{where}: vsock cid {shown(raw)} is not a guest CID")
-    return Vsock(cid=int(raw), auto=auto)
-
-
 def _teams(root: ET.Element, where: str) -> TeamSet | None:
     found = metadata_element(root, TEAMS_NS, "teams", where, "ptmig teams element")
     return teams_from_element(found) if found is not None else None
-
-
-def _attr(element: ET.Element, child: str, name: str) -> str | None:
-    found = element.find(child)
-    return found.get(name) if found is not None else None
 
 
 def _text(element: ET.Element, child: str) -> str | None:

@@ -5,7 +5,7 @@ NIC (known by its MAC), the pool a new primary comes from, and the primary that 
 plugged now.  The record travels with the domain (libvirt migrates metadata), so
 the destination knows what the source plugged without any side channel.
 
-host/hypervisor.py's ``Domain.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(teams))``
+host/hypervisor/'s ``Domain.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(teams))``
 writes it (virDomainSetMetadata, live and persistent).
 
 `format_teams` returns the element without a namespace: libvirt puts it into

@@ -10,9 +10,10 @@ import os
 import socket
 import time
 
-from host.workflow.guest import WorkflowError
-from host.workflow.journal import Journal, WorkflowClosed, WorkflowKind, WorkflowRecord, boot_id_now
+from host.workflow.errors import WorkflowError
+from host.workflow.journal import Journal, WorkflowClosed, WorkflowKind, WorkflowRecord
 from host.workflow.model import CancelResult, Outcome
+from host.workflow.owners import boot_id_now
 
 log = logging.getLogger(__name__)
 

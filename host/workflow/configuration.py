@@ -20,7 +20,8 @@ from host.domain.pools import (
     pool_network_name,
 )
 from host.domain.teams import PrimaryDevice, Team, TeamSet
-from host.workflow.guest import GuestOnHost, WorkflowError
+from host.workflow.errors import WorkflowError
+from host.workflow.guest import Guest
 from host.workflow.inventory import pool_status
 from host.workflow.journal import Journal, WorkflowKind
 from host.workflow.model import DomainTeams, Outcome, PoolStatus, TeamRequest, plain
@@ -39,14 +40,14 @@ CONFIGURATION_KINDS = frozenset(
 
 def team_show(rt: Runtime, uri: str, domain: str) -> DomainTeams:
     with rt.connect(uri) as hv:
-        guest = GuestOnHost(hv, domain, rt.agent_for)
+        guest = rt.guest(hv, domain)
         return domain_teams(guest, guest.info().teams or TeamSet())
 
 
 def team_set(rt: Runtime, uri: str, domain: str, request: TeamRequest) -> DomainTeams:
     """Add the team to the domain's metadata, or replace the team of that name."""
     with rt.connect(uri) as hv:
-        guest = GuestOnHost(hv, domain, rt.agent_for)
+        guest = rt.guest(hv, domain)
         info = guest.info()
         primary = None
         if request.primary_alias:
@@ -69,7 +70,7 @@ def team_set(rt: Runtime, uri: str, domain: str, request: TeamRequest) -> Domain
 
 def team_remove(rt: Runtime, uri: str, domain: str, team: str) -> DomainTeams:
     with rt.connect(uri) as hv:
-        guest = GuestOnHost(hv, domain, rt.agent_for)
+        guest = rt.guest(hv, domain)
         teams = guest.info().teams or TeamSet()
         remaining = TeamSet(tuple(t for t in teams.teams if t.name != team))
         if len(remaining.teams) == len(teams.teams):
@@ -141,7 +142,7 @@ def _pool_subject(name: str, uri: str) -> str:
     return f"pool {name}@{uri}"
 
 
-def domain_teams(guest: GuestOnHost, teams: TeamSet) -> DomainTeams:
+def domain_teams(guest: Guest, teams: TeamSet) -> DomainTeams:
     """The record, and where the live domain says otherwise (migrate's classification)."""
     classified = guest.classify() if teams.teams else ()
     return DomainTeams(

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from host.agent_client import AgentClient
+from host.agent_client import AgentFactory, serial_agent
 from host.domain.pools import Pool
-from host.hypervisor import Domain, Hypervisor
+from host.hypervisor import Hypervisor
 from host.workflow import (
     cancel,
     configuration,
@@ -29,7 +29,6 @@ from host.workflow import (
     runs,
 )
 from host.workflow.cancel import CANCEL_WAIT, PAST_NO_RETURN, NothingToCancel
-from host.workflow.guest import AgentFactory, serial_agent
 from host.workflow.journal import Journal
 from host.workflow.model import (
     CancelResult,
@@ -105,10 +104,6 @@ class Coordinator:
     @lease_settle.setter
     def lease_settle(self, seconds: float) -> None:
         self.runtime.lease_settle = seconds
-
-    def agent_for(self, dom: Domain, timeout: float) -> AgentClient:
-        """The workflow's agent client, its calls told to the observer."""
-        return self.runtime.agent_for(dom, timeout)
 
     # -- migration -------------------------------------------------------------------
 

@@ -27,8 +27,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ptmig.v1 import guest_agent_pb2 as pb
-
+from host.agent_client import TeamState
 from host.domain.devices import primary_of_device
 from host.domain.domain_xml import DomainInfo, Hostdev, Interface
 from host.domain.errors import DomainModelError
@@ -80,7 +79,7 @@ class TeamClassification:
 def classify_teams(
     info: DomainInfo,
     pools: Mapping[str, Pool | None],
-    agent: Mapping[str, pb.TeamState] | None = None,
+    agent: Mapping[str, TeamState] | None = None,
 ) -> tuple[TeamClassification, ...]:
     """Each recorded team of the live domain *info*, classified.
 
@@ -123,12 +122,12 @@ def _classify(
     plugged: bool,
     candidates: list[str],
     wanting: int,
-    state: pb.TeamState | None,
+    state: TeamState | None,
 ) -> TeamClassification:
     if plugged:
         assert team.primary is not None
         alias = team.primary.alias
-        if state is not None and not (state.active_member and state.active_member == state.primary):
+        if state is not None and not state.on_primary:
             return TeamClassification(
                 team,
                 TeamCase.ON_STANDBY,

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from host.domain.domain_xml import parse_domain
 from host.hypervisor import Hypervisor, HypervisorError
-from host.workflow.guest import PreflightError, WorkflowError
+from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.inventory import free_by_pool
 from host.workflow.journal import WorkflowConflict
 from host.workflow.lease import LeaseHeld

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 
 from host.domain.domain_xml import DomainInfo
+from host.domain.errors import DomainModelError
 from host.domain.pools import (
     POOL_NETWORK_PREFIX,
     EmulatedPool,
@@ -18,8 +19,11 @@ from host.domain.pools import (
     VfSlot,
     free_slots,
     parse_pool_network,
+    pool_network_name,
 )
+from host.domain.teams import Team
 from host.hypervisor import Hypervisor
+from host.workflow.errors import WorkflowError
 from host.workflow.model import PoolStatus
 from host.workflow.observer import PoolUse
 
@@ -32,6 +36,22 @@ def pool_networks(hv: Hypervisor) -> Iterator[tuple[str, str]]:
     for name in sorted(hv.network_names()):
         if name.startswith(POOL_NETWORK_PREFIX) and (xml := hv.network_xml(name)) is not None:
             yield name, xml
+
+
+def pool_on(hv: Hypervisor, team: Team) -> Pool | None:
+    """The team's pool as defined on *hv*'s host, None when that host has none."""
+    xml = hv.network_xml(pool_network_name(team.pool))
+    if xml is None:
+        return None
+    try:
+        return parse_pool_network(xml)
+    except DomainModelError as exc:
+        raise WorkflowError(f"{hv.uri}: pool {team.pool}: {exc}") from exc
+
+
+def free_devices(hv: Hypervisor, pool: Pool | None) -> int:
+    """How many devices of *pool* no domain on *hv*'s host uses (0 for no pool)."""
+    return 0 if pool is None else len(free_slots(pool, hv.all_domain_xml()))
 
 
 def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:

@@ -27,6 +27,9 @@ The owner of a workflow is the process that began (or adopted) it, recorded as
 pid + start time (``/proc/PID/stat`` field 22) + boot id, so that a recycled pid or
 a reboot is not mistaken for a live owner (:meth:`Journal.is_owner_alive`).
 
+The schema is in ``journal_schema.py``, the records and the JSON the journal accepts in
+``journal_records.py``, the owners' liveness in ``owners.py``.
+
 One :class:`Journal` holds one connection, shared by its threads under a lock.
 Several processes may open the same file (``busy_timeout`` makes them wait for
 each other's short write transactions).
@@ -34,213 +37,54 @@ each other's short write transactions).
 
 from __future__ import annotations
 
-import enum
-import json
-import math
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from host.errors import PtmigError
+from host.workflow.journal_records import (
+    CancelRequest,
+    JournalDataError,
+    JournalError,
+    StepRecord,
+    StepStatus,
+    UnknownWorkflow,
+    WorkflowClosed,
+    WorkflowConflict,
+    WorkflowKind,
+    WorkflowRecord,
+    WorkflowState,
+    checked_enum,
+    json_object,
+    to_json,
+)
+from host.workflow.journal_schema import MIGRATIONS, SCHEMA_VERSION, WORKFLOW_COLUMNS, statements
+from host.workflow.owners import boot_id_now, process_alive, process_start_time
+
+__all__ = [
+    "DEFAULT_PATH",
+    "SCHEMA_VERSION",
+    "CancelRequest",
+    "Journal",
+    "JournalDataError",
+    "JournalError",
+    "StepRecord",
+    "StepStatus",
+    "UnknownWorkflow",
+    "WorkflowClosed",
+    "WorkflowConflict",
+    "WorkflowKind",
+    "WorkflowRecord",
+    "WorkflowState",
+]
 
 DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
-SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
-MAX_DATA_JSON_CHARS = 1024 * 1024  # a step's data is a few addresses and names, not logs
-
-
-class JournalError(PtmigError):
-    """The journal cannot be used (unreadable, corrupt, newer schema) or was misused."""
-
-
-class JournalDataError(JournalError, ValueError):
-    """A request, step data or report that is not plain JSON."""
-
-
-class UnknownWorkflow(JournalError, LookupError):
-    """No workflow with that id."""
-
-
-class WorkflowClosed(JournalError):
-    """The workflow was already finished; it takes no more steps."""
-
-
-class WorkflowKind(enum.StrEnum):
-    MIGRATE = "migrate"
-    FAILOVER = "failover"
-    REPAIR = "repair"
-    # One libvirt call each, journaled so that every change ptmig makes has a record.
-    TEAM_SET = "team-set"
-    TEAM_REMOVE = "team-remove"
-    POOL_DEFINE = "pool-define"
-    POOL_UNDEFINE = "pool-undefine"
-
-
-class WorkflowState(enum.StrEnum):
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class StepStatus(enum.StrEnum):
-    STARTED = "started"  # recorded before the action
-    DONE = "done"
-    FAILED = "failed"
-    COMPENSATING = "compensating"  # recorded before the compensation
-    COMPENSATED = "compensated"
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    workflow_id: str
-    seq: int
-    name: str
-    status: StepStatus
-    data: dict[str, Any]
-    at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["status"] = str(self.status)
-        return d
-
-
-@dataclass(frozen=True)
-class WorkflowRecord:
-    id: str
-    kind: WorkflowKind
-    domain_uuid: str
-    domain_name: str
-    source_uri: str
-    destination_uri: str
-    state: WorkflowState
-    outcome: str | None
-    created: float
-    updated: float
-    owner_pid: int
-    owner_start: int | None  # /proc/PID/stat field 22 (clock ticks after boot)
-    owner_boot_id: str | None
-    request: dict[str, Any]
-    report: dict[str, Any] | None
-
-    @property
-    def is_open(self) -> bool:
-        return self.state is WorkflowState.OPEN
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kind"] = str(self.kind)
-        d["state"] = str(self.state)
-        return d
-
-
-@dataclass(frozen=True)
-class CancelRequest:
-    workflow_id: str
-    requested: float  # epoch seconds
-    requested_by: str  # who asked, in words ("ptmig cancel (pid 123)", "SIGINT")
-
-
-class WorkflowConflict(JournalError):
-    """The domain already has an open workflow (running, or left by a dead coordinator)."""
-
-    def __init__(self, open_workflow: WorkflowRecord, owner_alive: bool) -> None:
-        self.open_workflow = open_workflow
-        self.owner_alive = owner_alive
-        w = open_workflow
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.created))
-        if owner_alive:
-            how = f"still running in pid {w.owner_pid}"
-        else:
-            how = f"its coordinator (pid {w.owner_pid}) is gone: run `ptmig recover`"
-        super().__init__(
-            f"domain {w.domain_name or w.domain_uuid} already has an open {w.kind} workflow "
-            f"{w.id} (since {since}, {w.source_uri} -> {w.destination_uri}); {how}"
-        )
-
-
-# Each entry upgrades the schema from version N to N+1 (index N); append, never edit.
-_MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE workflows (
-        id TEXT PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('migrate', 'failover', 'repair')),
-        domain_uuid TEXT NOT NULL,
-        domain_name TEXT NOT NULL,
-        source_uri TEXT NOT NULL,
-        destination_uri TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
-        outcome TEXT,
-        created REAL NOT NULL,
-        updated REAL NOT NULL,
-        owner_pid INTEGER NOT NULL,
-        owner_start INTEGER,
-        owner_boot_id TEXT,
-        request_json TEXT NOT NULL,
-        report_json TEXT
-    );
-    CREATE UNIQUE INDEX workflows_one_open_per_domain
-        ON workflows (domain_uuid) WHERE state = 'open';
-    CREATE INDEX workflows_created ON workflows (created);
-    CREATE TABLE steps (
-        workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        status TEXT NOT NULL
-            CHECK (status IN ('started', 'done', 'failed', 'compensating', 'compensated')),
-        data_json TEXT NOT NULL,
-        at REAL NOT NULL,
-        PRIMARY KEY (workflow_id, seq)
-    );
-    """,
-    # 2: the one-call configuration kinds.  SQLite cannot change a CHECK in place: the
-    # table is rebuilt (with foreign keys off, so that dropping it keeps the steps).
-    """
-    CREATE TABLE workflows_2 (
-        id TEXT PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('migrate', 'failover', 'repair', 'team-set',
-                                           'team-remove', 'pool-define', 'pool-undefine')),
-        domain_uuid TEXT NOT NULL,
-        domain_name TEXT NOT NULL,
-        source_uri TEXT NOT NULL,
-        destination_uri TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
-        outcome TEXT,
-        created REAL NOT NULL,
-        updated REAL NOT NULL,
-        owner_pid INTEGER NOT NULL,
-        owner_start INTEGER,
-        owner_boot_id TEXT,
-        request_json TEXT NOT NULL,
-        report_json TEXT
-    );
-    INSERT INTO workflows_2 SELECT * FROM workflows;
-    DROP TABLE workflows;
-    ALTER TABLE workflows_2 RENAME TO workflows;
-    CREATE UNIQUE INDEX workflows_one_open_per_domain
-        ON workflows (domain_uuid) WHERE state = 'open';
-    CREATE INDEX workflows_created ON workflows (created);
-    """,
-    # 3: cancel requests, one per workflow, kept with it.
-    """
-    CREATE TABLE cancel_requests (
-        workflow_id TEXT PRIMARY KEY REFERENCES workflows (id) ON DELETE CASCADE,
-        requested REAL NOT NULL,
-        requested_by TEXT NOT NULL
-    );
-    """,
-)
-
-_WORKFLOW_COLUMNS = (
-    "id, kind, domain_uuid, domain_name, source_uri, destination_uri, state, outcome, "
-    "created, updated, owner_pid, owner_start, owner_boot_id, request_json, report_json"
-)
 
 
 class Journal:
@@ -322,18 +166,18 @@ class Journal:
     def _migrate(self) -> None:
         with self._write() as db:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > len(_MIGRATIONS):
+            if version > len(MIGRATIONS):
                 raise JournalError(
                     f"journal {self.path}: schema version {version} is newer than this "
-                    f"ptmig understands ({len(_MIGRATIONS)}); upgrade ptmig"
+                    f"ptmig understands ({len(MIGRATIONS)}); upgrade ptmig"
                 )
-            for step in range(version, len(_MIGRATIONS)):
-                for statement in _statements(_MIGRATIONS[step]):
+            for step in range(version, len(MIGRATIONS)):
+                for statement in statements(MIGRATIONS[step]):
                     db.execute(statement)
-            if version < len(_MIGRATIONS):
+            if version < len(MIGRATIONS):
                 if db.execute("PRAGMA foreign_key_check").fetchall():
                     raise JournalError(f"journal {self.path}: steps without a workflow")
-                db.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+                db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -372,7 +216,7 @@ class Journal:
 
         Raises :class:`WorkflowConflict` when the domain already has an open workflow.
         """
-        kind = _enum(WorkflowKind, kind, "workflow kind")
+        kind = checked_enum(WorkflowKind, kind, "workflow kind")
         if not domain_uuid:
             raise JournalDataError("begin: domain_uuid is empty")
         request_json = to_json(request, "request")
@@ -398,7 +242,7 @@ class Journal:
                 try:
                     with self._write() as db:
                         db.execute(
-                            f"INSERT INTO workflows ({_WORKFLOW_COLUMNS}) VALUES "
+                            f"INSERT INTO workflows ({WORKFLOW_COLUMNS}) VALUES "
                             "(?, ?, ?, ?, ?, ?, 'open', NULL, ?, ?, ?, ?, ?, ?, NULL)",
                             row,
                         )
@@ -446,7 +290,7 @@ class Journal:
         data: Mapping[str, Any] | None = None,
     ) -> None:
         """Append a step row; durable on return.  Record `started` before acting."""
-        status = _enum(StepStatus, status, "step status")
+        status = checked_enum(StepStatus, status, "step status")
         if not step_name:
             raise JournalDataError("record: step name is empty")
         data_json = to_json({} if data is None else data, f"step {step_name} data")
@@ -523,7 +367,7 @@ class Journal:
     def get(self, workflow_id: str) -> WorkflowRecord | None:
         with self._errors(), self._lock:
             row = self._db.execute(
-                f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
+                f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
             ).fetchone()
         return None if row is None else self._workflow(row)
 
@@ -560,7 +404,7 @@ class Journal:
     def _select(self, tail: str, args: tuple[Any, ...] = ()) -> list[WorkflowRecord]:
         with self._errors(), self._lock:
             rows = self._db.execute(
-                f"SELECT {_WORKFLOW_COLUMNS} FROM workflows {tail}", args
+                f"SELECT {WORKFLOW_COLUMNS} FROM workflows {tail}", args
             ).fetchall()
         return [self._workflow(row) for row in rows]
 
@@ -571,7 +415,7 @@ class Journal:
 
     def _get(self, db: sqlite3.Connection, workflow_id: str) -> WorkflowRecord:
         row = db.execute(
-            f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
+            f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
         ).fetchone()
         if row is None:
             raise UnknownWorkflow(f"journal {self.path}: no workflow {workflow_id}")
@@ -593,8 +437,8 @@ class Journal:
                 owner_pid=int(row[10]),
                 owner_start=None if row[11] is None else int(row[11]),
                 owner_boot_id=row[12],
-                request=_object(row[13]),
-                report=None if row[14] is None else _object(row[14]),
+                request=json_object(row[13]),
+                report=None if row[14] is None else json_object(row[14]),
             )
         except (ValueError, TypeError) as exc:
             raise JournalError(
@@ -608,135 +452,10 @@ class Journal:
                 seq=int(row[1]),
                 name=row[2],
                 status=StepStatus(row[3]),
-                data=_object(row[4]),
+                data=json_object(row[4]),
                 at=float(row[5]),
             )
         except (ValueError, TypeError) as exc:
             raise JournalError(
                 f"journal {self.path}: corrupt step row {row[0]!r}/{row[1]!r}: {exc}"
             ) from exc
-
-
-# -- JSON ----------------------------------------------------------------------------
-
-
-def to_json(value: Mapping[str, Any], what: str) -> str:
-    """`value` as compact JSON, or :class:`JournalDataError` saying which part is not JSON.
-
-    Accepted: dicts with str keys, lists, tuples, str, int, finite float, bool, None.
-    (``json.dumps`` alone would turn int keys into strings and NaN into invalid JSON.)
-    """
-    if not isinstance(value, Mapping):
-        raise JournalDataError(f"{what} must be a JSON object, not {type(value).__name__}")
-    _check_json(value, what, depth=0)
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    if len(text) > MAX_DATA_JSON_CHARS:
-        raise JournalDataError(
-            f"{what} is {len(text)} characters of JSON; the limit is {MAX_DATA_JSON_CHARS}"
-        )
-    return text
-
-
-def _check_json(value: object, where: str, depth: int) -> None:
-    if depth > 64:
-        raise JournalDataError(f"{where}: nested too deeply for the journal")
-    if value is None or isinstance(value, (str, bool, int)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise JournalDataError(f"{where}: {value} is not a JSON number")
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise JournalDataError(
-                    f"{where}: key {key!r} is a {type(key).__name__}; JSON keys are strings"
-                )
-            _check_json(item, f"{where}[{key!r}]", depth + 1)
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_json(item, f"{where}[{index}]", depth + 1)
-        return
-    raise JournalDataError(f"{where}: a {type(value).__name__} is not JSON ({value!r:.60})")
-
-
-def _object(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("stored JSON is not an object")
-    return value
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
-
-
-E = TypeVar("E", bound=enum.StrEnum)
-
-
-def _enum(cls: type[E], value: E | str, what: str) -> E:
-    try:
-        return cls(value)
-    except ValueError:
-        choices = ", ".join(str(m) for m in cls)
-        raise JournalDataError(f"{what} {value!r} is not one of {choices}") from None
-
-
-# -- processes -----------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat (after the parenthesised comm), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    _, _, rest = text.rpartition(")")
-    return rest.split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot."""
-    fields = _proc_stat(pid)
-    if fields is None or len(fields) < 20:
-        return None
-    try:
-        return int(fields[19])  # fields[0] is field 3
-    except ValueError:
-        return None
-
-
-def boot_id_now() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
-
-
-def process_alive(
-    pid: int,
-    start_time: int | None,
-    boot_id: str | None,
-    *,
-    current_boot_id: Callable[[], str | None] = boot_id_now,
-) -> bool:
-    """Whether process `pid`, started at `start_time` in boot `boot_id`, still runs."""
-    if pid <= 0:
-        return False
-    if boot_id is not None:
-        now = current_boot_id()
-        if now is not None and now != boot_id:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    fields = _proc_stat(pid)
-    if fields is None:
-        return start_time is None  # no /proc: the pid is all we can go by
-    if fields and fields[0] in ("Z", "X"):
-        return False
-    return start_time is None or process_start_time(pid) == start_time

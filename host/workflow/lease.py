@@ -3,7 +3,9 @@
 The journal's unique index keeps one open workflow per domain *per journal*; the lease
 (host/domain/lease.py) extends that to every coordinator that can reach the domain,
 whatever journal it keeps: before acting, a workflow takes the lease; between steps it
-renews it (and stops if it is someone else's); at the end it releases it.
+renews it (and stops if it is someone else's); at the end it releases it.  A workflow
+does each through the :class:`~host.workflow.guest.Guest` it holds (``take_lease``,
+``renew_lease``, ``release_lease``), which passes its own Domain here.
 
 libvirt has no compare-and-swap for metadata, so taking is Fischer's timed mutual
 exclusion: read; if free, write ours; wait :data:`SETTLE_S`; read again and go on only
@@ -33,8 +35,8 @@ from pathlib import Path
 from host.domain.errors import DomainModelError
 from host.domain.lease import LEASE_NS, LEASE_PREFIX, Lease, format_lease, lease_from_domain_xml
 from host.hypervisor import Domain, HypervisorError
-from host.workflow.guest import WorkflowError
-from host.workflow.journal import boot_id_now, process_alive, process_start_time
+from host.workflow.errors import WorkflowError
+from host.workflow.owners import boot_id_now, process_alive, process_start_time
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,9 @@ through *cancelled*, which the workflow polls between steps and, during the migr
 job, every :data:`CANCEL_POLL_S`: before the point of no return it aborts the job
 (virDomainAbortJob) or stops before the next step and rolls back, the report saying
 ``cancelled``; after it, the bind finishes.  Between steps the workflow also renews its
-lease on the domain (host/workflow/lease.py) and stops if another coordinator has it.
+lease on the domain through the source's Guest (the destination's once the VM moved) and
+stops if another coordinator has it; :meth:`MigrationWorkflow.run` gives it back as it
+ends, wherever the domain is.
 """
 
 from __future__ import annotations
@@ -41,25 +43,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from host.domain.domain_xml import strip_primary
-from host.domain.pools import Pool
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, PostcopyFailed
 from host.migration_job import MigrationProgress
 from host.migration_options import MigrationStats
 from host.workflow.drift import TeamClassification
-from host.workflow.guest import (
-    AgentFactory,
-    GuestOnHost,
-    PreflightError,
-    WorkflowError,
-    each_team,
-    free_devices,
-    mac_policy_refusal,
-    plug_and_bind,
-    pool_on,
-    serial_agent,
-    to_primary,
-)
+from host.workflow.errors import PreflightError, WorkflowError
+from host.workflow.guest import BIND_TIMEOUT, SWITCH_TIMEOUT, UNPLUG_TIMEOUT, Guest
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import (
     Event,
@@ -70,14 +60,12 @@ from host.workflow.model import (
     plain,
     team_modes,
 )
+from host.workflow.preflight import active_on, preflight
 from host.workflow.steps import JournalLike, Step, StepRunner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UNPLUG_TIMEOUT = 30.0
-BIND_TIMEOUT = 30.0
-SWITCH_TIMEOUT = 15.0
 #: How long a failed migration may leave the domain active on both hosts.
 SETTLE_TIMEOUT = 90.0
 #: How often a cancel is looked for while the migration job runs.
@@ -92,31 +80,36 @@ def _never() -> str:
     return ""
 
 
+#: How a workflow gets the Guest of a domain on a host, holding a lease (Runtime.guest).
+GuestOpener = Callable[[Hypervisor, str, DomainLease | None], Guest]
+
+
 class MigrationWorkflow:
+    """One migration of *source* (a Guest, its lease taken) to *destination*'s host, where
+    *open_guest* gives the Guest the domain becomes when it arrives."""
+
     def __init__(
         self,
         request: MigrationRequest,
         journal: JournalLike,
         workflow_id: str,
-        source: Hypervisor,
+        source: Guest,
         destination: Hypervisor,
+        open_guest: GuestOpener,
         on_event: Callable[[Event], None],
-        agent_for: AgentFactory = serial_agent,
         *,
         cancelled: Callable[[], str] = _never,
-        lease: DomainLease | None = None,
     ) -> None:
         #: Who asked to cancel ("" while nobody has): polled, never waited on.
         self.cancelled = cancelled
-        self.lease = lease
         self.cancel_reason = ""
         self.request = request
-        self.source_hv = source
+        self.source_hv = source.hv
         self.destination_hv = destination
+        self.open_guest = open_guest
         self.runner = StepRunner(workflow_id, journal, on_event, moving_step="migrate")
-        self.agent_for = agent_for
-        self.source = GuestOnHost(source, request.domain, agent_for)
-        self.destination: GuestOnHost | None = None
+        self.source = source
+        self.destination: Guest | None = None
         self.teams: list[Team] = []
         self.recorded_before: list[Team] = []  # as the metadata had them, before corrections
         self.classification: dict[str, TeamClassification] = {}  # preflight's case per team
@@ -137,90 +130,15 @@ class MigrationWorkflow:
     # -- steps -----------------------------------------------------------------------
 
     def preflight(self) -> dict[str, Any]:
-        src = self.source
-        if not src.dom.is_active():
-            raise PreflightError(f"{src.name} is not running on {self.source_hv.uri}")
-        if self.source_hv.host_uuid() == self.destination_hv.host_uuid():
-            raise PreflightError("source and destination are the same host")
-        if _active_on(self.destination_hv, src.uuid):
-            raise PreflightError(f"{src.name} is already running on the destination")
-        info = src.info()  # the live domain, read once for this step
-        self.recorded_before = list(src.teams(info).teams)
-        self.teams = list(self.recorded_before)
-        log.debug("preflight: hosts checked")
-        agent = src.agent()
-        try:
-            if not agent.healthy():
-                raise PreflightError(f"the agent in {src.name} is not serving")
-            state = agent.state()
-        except PreflightError:
-            raise
-        except Exception as exc:
-            raise PreflightError(f"the agent in {src.name} does not answer: {exc}") from exc
-        log.debug("preflight: agent answered")
-        classified = src.classify(state, info)
-        refused = [d.summary for d in classified if d.refused]
-        if refused:
-            raise PreflightError("; ".join(refused))
-        links = {link.name: link for link in state.links}
-        by_name = {t.name: t for t in state.teams}
-        free: dict[str, int] = {}
-        destination_pools: dict[str, Pool | None] = {}
-        for team in self.teams:
-            ts = by_name.get(team.name)
-            if ts is None:
-                raise PreflightError(f"the agent in {src.name} does not know team {team.name!r}")
-            if not ts.bond_present:
-                raise PreflightError(f"team {team.name}: bond {ts.bond} is missing in the guest")
-            if not ts.standby or ts.standby not in ts.members:
-                raise PreflightError(f"team {team.name}: the standby is not in bond {ts.bond}")
-            standby = links.get(ts.standby)
-            if standby is None or not standby.carrier:
-                raise PreflightError(f"team {team.name}: the standby {ts.standby} has no carrier")
-            if team.pool not in destination_pools:
-                pool = pool_on(self.destination_hv, team)
-                destination_pools[team.pool] = pool
-                free[team.pool] = free_devices(self.destination_hv, pool)
-            if destination_pools[team.pool] is None:
-                raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
-            refusal = mac_policy_refusal(team, destination_pools[team.pool], ts)
-            if refusal:
-                raise PreflightError(refusal)
-        # Teams may share a pool: compare what each pool has with what it is asked for.
-        wanted = {pool: sum(1 for t in self.teams if t.pool == pool) for pool in free}
-        short = [pool for pool, n in wanted.items() if free[pool] < n]
-        if short:
-            teams = ", ".join(t.name for t in self.teams if t.pool in short)
-            pools = ", ".join(f"{p} has {free[p]} for {wanted[p]}" for p in short)
-            self.runner.emit(
-                "preflight",
-                "info",
-                f"not enough free devices on the destination ({pools}): of "
-                f"teams {teams}, those left without one stay on their standby",
-            )
-        # Every check passed: now the record may be made to say what the domain has.
-        for found in classified:
-            if found.drifted:
-                self.runner.emit("preflight", "info", found.summary)
-        self.teams = [src.correct_record(d) for d in classified]
-        self.classification = {d.team.name: d for d in classified}
-        self.plugged_before = {d.team.name for d in classified if d.device is not None}
-        self.on_primary_before = {
-            name
-            for name in self.plugged_before
-            if (ts := by_name[name]).primary and ts.active_member == ts.primary
-        }
-        cases = {d.team.name: str(d.case) for d in classified}
-        healthy = sum(1 for d in classified if not d.drifted)
-        detail = f"{healthy} of {len(classified)} team(s) as recorded"
-        if healthy < len(classified):
-            detail += ": " + ", ".join(f"{d.team.name} {d.case}" for d in classified if d.drifted)
-        return {
-            "teams": [t.name for t in self.teams],
-            "free_on_destination": free,
-            "cases": cases,
-            "detail": detail,
-        }
+        found = preflight(
+            self.source, self.destination_hv, lambda m: self.runner.emit("preflight", "info", m)
+        )
+        self.recorded_before = list(found.recorded_before)
+        self.teams = list(found.teams)
+        self.classification = found.classification
+        self.plugged_before = set(found.plugged_before)
+        self.on_primary_before = set(found.on_primary_before)
+        return found.journal()
 
     def switch_to_standby(self) -> dict[str, Any]:
         standby_aliases: dict[str, list[str]] = {}  # NICs by MAC, for announce-self
@@ -232,11 +150,8 @@ class MigrationWorkflow:
             # Owed an undo from the moment it is asked: a switch that timed out may still
             # run in the guest (queued behind a stopped agent), so the undo binds anyway.
             self.moved.append(team.name)
-            reply = self.source.agent().use_standby(
-                team.name,
-                release_primary=True,
-                operation_id=self.op("switch", team.name),
-                timeout=SWITCH_TIMEOUT,
+            state = self.source.use_standby(
+                team, self.op("switch", team.name), SWITCH_TIMEOUT, release_primary=True
             )
             # At once, for this team's standby only: the switches still send its MAC to the
             # primary's port until they see a frame from the standby, and the bond's own
@@ -246,11 +161,12 @@ class MigrationWorkflow:
             standby = standby_aliases.get(team.standby_mac, [])
             if standby:
                 self.source.dom.announce(interfaces=standby)
-            return str(reply.team.active_member)
+            return state.active_member
 
         # Only teams whose traffic runs on a plugged primary: a degraded team and one the
         # guest already has on its standby have nothing to switch.
-        active = each_team([t for t in self.teams if t.name in self.on_primary_before], switch)
+        on_primary = [t for t in self.teams if t.name in self.on_primary_before]
+        active = self.source.each_team(on_primary, switch)
         return {"teams": active}
 
     def switch_back(self) -> None:
@@ -263,8 +179,7 @@ class MigrationWorkflow:
             team = self.source.teams().team(name)
             if team.primary is None:
                 continue  # unplug's undo already plugged and bound one
-            to_primary(
-                self.source,
+            self.source.to_primary(
                 team,
                 self.op("switch-back", name),
                 BIND_TIMEOUT,
@@ -292,8 +207,7 @@ class MigrationWorkflow:
         left = []
         for name in reversed(self.unplugged):
             team = self.source.teams().team(name)
-            result = plug_and_bind(
-                self.source,
+            result = self.source.plug_and_bind(
                 team,
                 self.op("replug", name),
                 BIND_TIMEOUT,
@@ -348,8 +262,9 @@ class MigrationWorkflow:
         self.migration = dataclasses.replace(stats, wall_s=round(stats.wall_s, 3))
         return {**plain(self.migration), "detail": self.migration.detail}
 
-    def _destination_guest(self) -> GuestOnHost:
-        return GuestOnHost(self.destination_hv, self.source.uuid, self.agent_for)
+    def _destination_guest(self) -> Guest:
+        """The domain as it arrived on the destination; the lease moved with it."""
+        return self.open_guest(self.destination_hv, self.source.uuid, self.source.lease)
 
     def _step(
         self,
@@ -403,11 +318,10 @@ class MigrationWorkflow:
             self.runner.journal.record(self.workflow_id, "cancel", "done", {"by": reason})
             self.runner.emit("cancel", "info", f"{reason}: stopping before {next_step}")
             raise Cancelled(f"cancelled ({reason}) before {next_step}")
-        if self.lease is not None:
-            if ttl is None:
-                self.lease.renew(self.source.dom)
-            else:
-                self.lease.renew(self.source.dom, ttl)
+        if ttl is None:
+            self.source.renew_lease()
+        else:
+            self.source.renew_lease(ttl)
 
     def plug_and_bind(self) -> dict[str, Any]:
         assert self.destination is not None
@@ -417,8 +331,7 @@ class MigrationWorkflow:
 
         def bind(team: Team) -> TeamMode:
             current = recorded.team(team.name)
-            result = plug_and_bind(
-                dest,
+            result = dest.plug_and_bind(
                 current,
                 self.op("bind", team.name),
                 BIND_TIMEOUT,
@@ -426,7 +339,7 @@ class MigrationWorkflow:
             )
             return result.result
 
-        results = each_team(self.teams, bind)
+        results = dest.each_team(self.teams, bind)
         # No announce-self here: QEMU would announce the *virtio* NIC's MAC, which under
         # MAC policy preserve is the team's MAC, pulling the switches' path back to the
         # standby just after the bond moved to the primary.  The bond announces itself
@@ -446,6 +359,7 @@ class MigrationWorkflow:
             return self._run()
         finally:
             self._close()  # also on an escaping error: the agent channels are one per guest
+            self._release_lease()
             # The runner's done steps hold closures over this workflow: a cycle that only
             # the cyclic GC frees, and with it both hosts' libvirt domains, which keep
             # their connections open after close (ptmigd held 2 more per migration: the
@@ -511,9 +425,8 @@ class MigrationWorkflow:
             )
         t0 = time.monotonic()
         try:
-            if self.lease is not None:
-                assert self.destination is not None
-                self.lease.renew(self.destination.dom)
+            assert self.destination is not None
+            self.destination.renew_lease()
             r.run(self._step("bind", self.plug_and_bind))
             report.teams = self.verify()
         except Exception as exc:
@@ -602,14 +515,14 @@ class MigrationWorkflow:
         except HypervisorError:
             src_active = False
         try:
-            dest_active = _active_on(self.destination_hv, self.source.uuid)
+            dest_active = active_on(self.destination_hv, self.source.uuid)
         except HypervisorError:
             dest_active = False
         if src_active and dest_active:
             raise WorkflowError("the VM is active on both hosts; refusing to guess")
         return dest_active and not src_active
 
-    def _team_summary(self, guest: GuestOnHost | None) -> dict[str, TeamMode]:
+    def _team_summary(self, guest: Guest | None) -> dict[str, TeamMode]:
         if guest is None:
             return {}
         try:
@@ -624,7 +537,15 @@ class MigrationWorkflow:
         if self.destination is not None:
             self.destination.close()
 
-
-def _active_on(hv: Hypervisor, uuid: str) -> bool:
-    """Whether *hv*'s host runs the domain *uuid*."""
-    return hv.has_domain(uuid) and hv.domain(uuid).is_active()
+    def _release_lease(self) -> None:
+        """Give the lease back on whichever host has the domain now (both, in between)."""
+        self.source.release_lease()
+        destination = self.destination
+        if destination is None:
+            try:
+                if self.destination_hv.has_domain(self.source.uuid):
+                    destination = self._destination_guest()
+            except HypervisorError as exc:
+                log.warning("lease: %s: %s", self.destination_hv.uri, exc)
+        if destination is not None:
+            destination.release_lease()

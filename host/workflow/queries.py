@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from host.workflow.drift import TeamCase
-from host.workflow.guest import GuestOnHost
 from host.workflow.inventory import pool_statuses
 from host.workflow.journal import WorkflowRecord
 from host.workflow.model import DomainStatus, PoolStatus, TeamMode, TeamStatus, WorkflowSummary
@@ -16,7 +15,7 @@ from host.workflow.runtime import Runtime
 
 def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
     with rt.connect(uri) as hv:
-        guest = GuestOnHost(hv, domain, rt.agent_for)
+        guest = rt.guest(hv, domain)
         try:
             agent_error = ""
             state = None
@@ -43,8 +42,7 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                     mode = TeamMode.STANDBY
                 elif found.case is TeamCase.UNRECORDED and ts is not None:
                     # plugged by hand: the bond may run on it; the drift line says so
-                    bound = ts.active_member and ts.active_member == ts.primary
-                    mode = TeamMode.PRIMARY if bound else TeamMode.STANDBY
+                    mode = TeamMode.PRIMARY if ts.on_primary else TeamMode.STANDBY
                 else:
                     mode = TeamMode.DEGRADED
                 out.append(
@@ -55,7 +53,7 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                         mac_policy=team.mac_policy,
                         primary=team.primary,
                         active_member=ts.active_member if ts else "",
-                        members=tuple(ts.members) if ts else (),
+                        members=ts.members if ts else (),
                         detail=detail,
                         case=str(found.case),
                         drift=found.message if found.drifted else "",

@@ -14,13 +14,12 @@ from typing import Protocol
 from host.domain.domain_xml import parse_domain
 from host.logfields import log_fields
 from host.workflow.drift import TeamCase
-from host.workflow.guest import GuestOnHost
+from host.workflow.guest import BIND_TIMEOUT
 from host.workflow.inventory import pool_uses
 from host.workflow.journal import WorkflowKind
 from host.workflow.lease import LeaseHeld
 from host.workflow.model import Outcome, RepairResult, TeamMode
 from host.workflow.observer import HostPass, notify
-from host.workflow.runs import team_to_primary
 from host.workflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,9 @@ def repair(
     """Every team of the domain on *uri* back on a primary where a device is free,
     under the domain's lease (:class:`LeaseHeld` if another workflow has it)."""
     with rt.connect(uri) as hv:
-        guest = GuestOnHost(hv, ident, rt.agent_for)
-        lease = rt.lease(workflow_id, kind)
+        guest = rt.guest(hv, ident)
         try:
-            lease.take(guest.dom)
+            guest.take_lease(rt.lease(workflow_id, kind))
         except BaseException:
             guest.close()
             raise
@@ -50,11 +48,12 @@ def repair(
                     out[name] = TeamMode.STANDBY
                 else:
                     team = guest.correct_record(found)
-                    out[name] = team_to_primary(guest, team, f"{op_prefix}:{name}")
+                    op = f"{op_prefix}:{name}"
+                    out[name] = guest.to_primary(team, op, BIND_TIMEOUT, log.info)
             return out
         finally:
             guest.close()
-            lease.release(guest.dom)
+            guest.release_lease()
 
 
 def reconcile(
@@ -89,7 +88,7 @@ def reconcile(
         with rt.connect(uri) as hv:
             if not hv.domain(uuid).is_active():
                 continue
-            guest = GuestOnHost(hv, uuid, rt.agent_for)
+            guest = rt.guest(hv, uuid)
             try:
                 # The same classification as migrate's preflight; a team ptmig cannot
                 # tell the device of is left to a person (the status says why).

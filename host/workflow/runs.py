@@ -1,6 +1,7 @@
-"""A workflow run on one domain: its journal record opened, the domain's lease taken, the
-workflow run, the lease given back and the record closed, refused if the lease is held.
-``migrate`` and ``failover``; the steps themselves are in ``migration.py`` and ``guest.py``.
+"""A workflow run on one domain: its journal record opened, the domain's lease taken on
+its :class:`~host.workflow.guest.Guest`, the workflow run, the lease given back and the
+record closed, refused if the lease is held.  ``migrate`` and ``failover``; the steps
+themselves are in ``migration.py`` and the team operations on ``guest.py``'s Guest.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict
 
-from host.domain.teams import Team
 from host.logfields import log_fields
-from host.workflow.guest import GuestOnHost, PreflightError, WorkflowError, to_primary
+from host.workflow.errors import PreflightError, WorkflowError
+from host.workflow.guest import BIND_TIMEOUT, SWITCH_TIMEOUT
 from host.workflow.journal import WorkflowKind
 from host.workflow.lease import LeaseHeld
-from host.workflow.migration import BIND_TIMEOUT, SWITCH_TIMEOUT, MigrationWorkflow
+from host.workflow.migration import MigrationWorkflow
 from host.workflow.model import (
     Event,
     FailoverResult,
@@ -25,7 +26,7 @@ from host.workflow.model import (
     plain,
 )
 from host.workflow.observer import notify
-from host.workflow.runtime import Runtime, release_lease
+from host.workflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +39,20 @@ def migrate(
 ) -> MigrationReport:
     """Run one migration to its end (``Coordinator.migrate``)."""
     with (
-        rt.connect(request.source_uri) as source,
-        rt.connect(request.destination_uri) as destination,
+        rt.connect(request.source_uri) as source_hv,
+        rt.connect(request.destination_uri) as destination_hv,
     ):
-        dom = source.domain(request.domain)
+        source = rt.guest(source_hv, request.domain)
         workflow_id = rt.journal.begin(
             "migrate",
-            dom.uuid,
-            dom.name,
+            source.uuid,
+            source.name,
             request.source_uri,
             request.destination_uri,
             asdict(request),
         )
-        lease = rt.lease(workflow_id, WorkflowKind.MIGRATE)
         try:
-            lease.take(dom)
+            source.take_lease(rt.lease(workflow_id, WorkflowKind.MIGRATE))
         except Exception as exc:
             rt.journal.finish(workflow_id, Outcome.REFUSED, {"error": str(exc)})
             raise
@@ -65,28 +65,25 @@ def migrate(
             return found.requested_by if found is not None else ""
 
         try:
-            with log_fields(domain=dom.name, workflow=workflow_id):
+            with log_fields(domain=source.name, workflow=workflow_id):
                 report = MigrationWorkflow(
                     request,
                     rt.journal,
                     workflow_id,
                     source,
-                    destination,
+                    destination_hv,
+                    rt.guest,
                     on_event,
-                    rt.agent_for,
                     cancelled=cancelled,
-                    lease=lease,
-                ).run()
+                ).run()  # gives the lease back, wherever the domain is, as it ends
         except PreflightError as exc:
-            release_lease(lease, dom.uuid, source, destination)
             rt.journal.finish(workflow_id, Outcome.REFUSED, {"error": str(exc)})
             raise
         except Exception as exc:
-            release_lease(lease, dom.uuid, source, destination)
             rt.journal.finish(workflow_id, Outcome.FAILED, {"error": str(exc)})
             failed = MigrationReport(
                 workflow_id,
-                dom.name,
+                source.name,
                 request.source_uri,
                 request.destination_uri,
                 Outcome.FAILED,
@@ -94,7 +91,6 @@ def migrate(
             )
             notify(rt.observer.migration_finished, failed)  # a raised failure counts too
             raise
-        release_lease(lease, dom.uuid, source, destination)
         rt.journal.finish(workflow_id, report.outcome, plain(report))
         notify(rt.observer.migration_finished, report)
         return report
@@ -105,17 +101,16 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
     if to not in (TeamMode.STANDBY, TeamMode.PRIMARY):
         raise WorkflowError(f"failover goes to standby or primary, not {to!r}")
     with rt.connect(uri) as hv:
-        guest = GuestOnHost(hv, domain, rt.agent_for)
+        guest = rt.guest(hv, domain)
         workflow_id = rt.journal.begin(
             "failover", guest.uuid, guest.name, uri, uri, {"to": str(to)}
         )
         result: dict[str, TeamMode] = {}
         why: dict[str, str] = {}
         outcome = Outcome.FAILED
-        lease = rt.lease(workflow_id, WorkflowKind.FAILOVER)
         try:
             try:
-                lease.take(guest.dom)
+                guest.take_lease(rt.lease(workflow_id, WorkflowKind.FAILOVER))
             except LeaseHeld:
                 outcome = Outcome.REFUSED
                 raise
@@ -123,17 +118,12 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
                 op = f"{workflow_id}:{to}:{team.name}"
                 rt.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
                 if to == TeamMode.STANDBY:
-                    guest.agent().use_standby(
-                        team.name,
-                        release_primary=False,
-                        operation_id=op,
-                        timeout=SWITCH_TIMEOUT,
-                    )
+                    guest.use_standby(team, op, SWITCH_TIMEOUT, release_primary=False)
                     result[team.name] = TeamMode.STANDBY
                 else:
                     said: list[str] = []
-                    result[team.name] = to_primary(
-                        guest, team, op, BIND_TIMEOUT, _said_and_logged(said)
+                    result[team.name] = guest.to_primary(
+                        team, op, BIND_TIMEOUT, _said_and_logged(said)
                     )
                     if result[team.name] is not TeamMode.PRIMARY and said:
                         why[team.name] = said[-1]
@@ -143,17 +133,11 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
             outcome = Outcome.DONE
         finally:
             guest.close()
-            if outcome is not Outcome.REFUSED:
-                lease.release(guest.dom)
+            guest.release_lease()  # only if taken
             rt.journal.finish(
                 workflow_id, outcome, {"teams": result, **({"why": why} if why else {})}
             )
         return FailoverResult(workflow_id, guest.name, to, result, why)
-
-
-def team_to_primary(guest: GuestOnHost, team: Team, operation_id: str) -> TeamMode:
-    """*team* on a primary, plugging one if needed: PRIMARY, or STANDBY if none."""
-    return to_primary(guest, team, operation_id, BIND_TIMEOUT, log.info)
 
 
 def _said_and_logged(said: list[str]) -> Callable[[str], None]:

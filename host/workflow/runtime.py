@@ -1,5 +1,6 @@
 """What every part of the coordinator shares: the journal, how to open a host and reach a
-guest's agent, whom to tell, and how a workflow takes and gives back a domain's lease.
+guest's agent, whom to tell; and the :class:`~host.workflow.guest.Guest` built from them,
+with its domain and its agent, for a workflow to hold.
 
 The parts (``runs``, ``cancel``, ``configuration``, ``queries``, ``recovery``,
 ``reconcile``, ``evacuation``) are handed one :class:`Runtime`; none of them knows the
@@ -8,18 +9,15 @@ The parts (``runs``, ``cancel``, ``configuration``, ``queries``, ``recovery``,
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from host.agent_client import AgentClient
-from host.hypervisor import Domain, Hypervisor, HypervisorError
-from host.workflow.guest import AgentFactory
+from host.agent_client import AgentClient, AgentFactory, AgentOnDemand
+from host.hypervisor import Domain, Hypervisor
+from host.workflow.guest import AGENT_TIMEOUT, Guest
 from host.workflow.journal import Journal
 from host.workflow.lease import SETTLE_S, DomainLease
 from host.workflow.observer import Observer, notify
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,12 +44,7 @@ class Runtime:
     def lease(self, workflow_id: str, kind: str) -> DomainLease:
         return DomainLease(workflow_id, kind, settle=self.lease_settle)
 
-
-def release_lease(lease: DomainLease, uuid: str, *hosts: Hypervisor) -> None:
-    """Give the lease back on whichever of *hosts* holds the domain now."""
-    for hv in hosts:
-        try:
-            if hv.has_domain(uuid):
-                lease.release(hv.domain(uuid))
-        except HypervisorError as exc:
-            log.warning("lease: %s: %s", hv.uri, exc)
+    def guest(self, hv: Hypervisor, ident: str, lease: DomainLease | None = None) -> Guest:
+        """The domain *ident* on *hv*'s host, its agent opened when first asked."""
+        dom = hv.domain(ident)
+        return Guest(hv, dom, AgentOnDemand(lambda: self.agent_for(dom, AGENT_TIMEOUT)), lease)

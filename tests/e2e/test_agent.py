@@ -15,9 +15,8 @@ from collections.abc import Callable
 
 import pytest
 from migration_checks import traffic
-from ptmig.v1 import guest_agent_pb2 as pb
 
-from host.agent_client import AgentClient, AgentError
+from host.agent_client import AgentClient, AgentError, LinkState, TeamState
 from host.domain.domain_xml import device_aliases
 from lab import (
     GUEST_IP,
@@ -53,11 +52,11 @@ LAN_NICS = (PRIMARY_NIC, Nic("52:54:00:cc:00:01", "ptv-hot-lan", "ua-hot-lan"))
 WAN_NICS = (WAN_PRIMARY_NIC, Nic("52:54:00:cc:00:02", "ptv-hot-wan", "ua-hot-wan"))
 
 
-def team(client: AgentClient, name: str) -> pb.TeamState:
+def team(client: AgentClient, name: str) -> TeamState:
     return next(t for t in client.state().teams if t.name == name)
 
 
-def link_by_mac(client: AgentClient, mac: str) -> pb.Link:
+def link_by_mac(client: AgentClient, mac: str) -> LinkState:
     return next(link for link in client.state().links if link.permanent_mac == mac)
 
 

@@ -37,7 +37,7 @@ from ptmig.serial_session import AGENT_CHANNEL
 from host.domain.domain_xml import device_aliases
 from host.migration_options import MigrationOptions
 from host.workflow.coordinator import Coordinator
-from host.workflow.guest import PreflightError
+from host.workflow.errors import PreflightError
 from host.workflow.journal import Journal, StepStatus
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
 from lab import GUEST_IP, WAN_GUEST_IP
@@ -432,7 +432,7 @@ def test_primary_detached_outside_ptmig_before_migrate(faulty: VmLab) -> None:
 KILL_SCRIPT = """
 import os, signal, sys
 from host.workflow.coordinator import Coordinator
-from host.workflow.guest import PreflightError
+from host.workflow.errors import PreflightError
 from host.workflow.journal import Journal
 from host.workflow.model import MigrationRequest
 

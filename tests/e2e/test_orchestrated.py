@@ -20,9 +20,8 @@ from typing import Any
 
 import migration_checks
 import pytest
-from ptmig.v1 import guest_agent_pb2 as pb
 
-from host.agent_client import AgentClient
+from host.agent_client import AgentClient, LinkState, TeamEvent, TeamState
 from lab import GUEST_IP, PRIMARY_MAC, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_PRIMARY_MAC
 from lab.guest import PRIMARY_ALIAS, PRIMARY_NIC, WAN_PRIMARY_NIC
 from lab.orchestrated import (
@@ -68,11 +67,11 @@ def traffic(name: str, target: str = GUEST_IP) -> Iterator[dict[str, float]]:
     FIGURES[name] = dict(result)
 
 
-def lan(client: AgentClient, name: str = "lan") -> pb.TeamState:
+def lan(client: AgentClient, name: str = "lan") -> TeamState:
     return next(t for t in client.state().teams if t.name == name)
 
 
-def link(client: AgentClient, mac: str) -> pb.Link | None:
+def link(client: AgentClient, mac: str) -> LinkState | None:
     return next((ln for ln in client.state().links if ln.permanent_mac == mac), None)
 
 
@@ -91,7 +90,7 @@ def wait_back_on_primary(
     mac: str,
     team: str = "lan",
     timeout: float = BACK_ON_PRIMARY_S,
-) -> tuple[float, pb.TeamState]:
+) -> tuple[float, TeamState]:
     """Seconds until *team*'s active member is the NIC with burned-in *mac*, read back to
     back (each GetState is a round trip over virtio-serial, 20-60 ms here)."""
     started = time.monotonic()
@@ -108,21 +107,20 @@ def wait_back_on_primary(
             )
 
 
-def wait_on_standby(agent_of: Callable[[], AgentClient], timeout: float = 20.0) -> pb.TeamEvent:
+def wait_on_standby(agent_of: Callable[[], AgentClient], timeout: float = 20.0) -> TeamEvent:
     """lan's recorded primary-lost event, once the agent has confirmed the standby."""
     started = time.monotonic()
     client = agent_of()
     while True:
         team = lan(client)
-        if team.last_event.kind == "primary-lost":
+        if team.last_event is not None and team.last_event.kind == "primary-lost":
             standby = link(client, STANDBY_MAC)
             assert standby is not None and team.active_member == standby.name, team
-            event: pb.TeamEvent = team.last_event
-            return event
+            return team.last_event
         assert time.monotonic() - started < timeout, f"no primary-lost recorded: {team}"
 
 
-def check_on_primary(client: AgentClient, mac: str) -> pb.Link:
+def check_on_primary(client: AgentClient, mac: str) -> LinkState:
     """lan whole: standby + exactly the NIC with burned-in *mac*, that one active, carrying
     the team's MAC (preserve)."""
     team = lan(client)
@@ -157,12 +155,13 @@ def test_agent_binds_the_primary_present_at_start(
         assert time.monotonic() < deadline, "the agent did not bind lan's e1000e at start"
         time.sleep(0.5)
     assert team.managed_by_guest
+    assert team.last_event is not None, team
     assert (team.last_event.kind, team.last_event.ok) == ("primary-bound", True)
     assert "present at start" in team.last_event.reason
     check_on_primary(client, PRIMARY_MAC)
     assert "managed-by:guest" in client.version().capabilities
     wan = next(t for t in client.state().teams if t.name == "wan")
-    assert not wan.managed_by_guest and not wan.HasField("last_event")
+    assert not wan.managed_by_guest and wan.last_event is None
 
 
 def test_nova_style_move_brings_the_team_back_on_a_new_primary(
@@ -187,6 +186,7 @@ def test_nova_style_move_brings_the_team_back_on_a_new_primary(
     client = agent_of()
     new = check_on_primary(client, new_nic.mac)
     assert new.pci_address != old.pci_address, "the destination's NIC sits elsewhere"
+    assert team.last_event is not None, team
     assert (team.last_event.kind, team.last_event.ok) == ("primary-bound", True)
     assert "plugged, matches its rule" in team.last_event.reason
     wan = next(t for t in client.state().teams if t.name == "wan")
@@ -284,6 +284,7 @@ def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
     new = link(agent_of(), new_nic.mac)
     assert new is not None
     assert new.mac == new_nic.mac == wan.mac, "follow: the bond took the new NIC's own MAC"
+    assert wan.last_event is not None, wan
     assert (wan.last_event.kind, wan.last_event.ok) == ("primary-bound", True)
     assert len(wan.members) == 2, "nothing bound twice"
     FIGURES["follow_back_on_primary_s"] = round(took, 2)

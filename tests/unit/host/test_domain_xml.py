@@ -12,11 +12,9 @@ from hypothesis import strategies as st
 
 from host.domain import DomainModelError
 from host.domain.domain_xml import (
-    AgentChannel,
     DomainInfo,
     Hostdev,
     Interface,
-    Vsock,
     parse_domain,
     strip_primary,
 )
@@ -61,10 +59,6 @@ def test_live_domain() -> None:
             managed=True,
         ),
     )
-    assert info.agent_channel == AgentChannel(
-        path="/run/libvirt/qemu/channel/1-guest1/org.ptmig.agent.0", state="connected"
-    )
-    assert info.vsock == Vsock(cid=7, auto=False)
     assert info.teams == TEAMS
     assert info.device("net1").guest_pci_address == "0000:02:00.0"  # type: ignore[union-attr]
     assert info.device("nope") is None
@@ -76,14 +70,12 @@ def test_inactive_domain() -> None:
     assert info.interfaces[1].guest_pci_address is None
     assert info.interfaces[2].type == "network"
     assert info.hostdevs[0].alias is None
-    assert info.agent_channel is None
-    assert info.vsock == Vsock(cid=None, auto=True)
     assert parse_domain(INACTIVE_DOMAIN).teams == TEAMS
 
 
 def test_domain_without_devices_or_metadata() -> None:
     info = parse_domain("<domain type='kvm'><name>bare</name></domain>")
-    assert info == DomainInfo("bare", "", (), (), None, None, None)
+    assert info == DomainInfo("bare", "", (), (), None)
 
 
 def test_foreign_metadata_is_ignored() -> None:
@@ -116,8 +108,6 @@ def test_foreign_metadata_is_ignored() -> None:
             ),
             "not a number",
         ),
-        (minimal_domain("<vsock><cid address='2'/></vsock>"), "not a guest CID"),
-        (minimal_domain("<vsock><cid address='-1'/></vsock>"), "not a guest CID"),
         (minimal_domain("<interface type='bridge'><mac address='x'/></interface>"), "MAC"),
         (minimal_domain("<interface type='bridge'><alias name='a b'/></interface>"), "alias"),
         (
@@ -142,7 +132,7 @@ def test_strip_by_alias_removes_only_that_device() -> None:
     info = parse_domain(stripped)
     assert info.device("ua-ptmig-san-4") is None
     assert [i.alias for i in info.interfaces] == ["net0", "net1"]
-    assert info.hostdevs and info.agent_channel and info.vsock and info.teams == TEAMS
+    assert info.hostdevs and info.teams == TEAMS
     # The rest goes through as written: prefixes, comments, other metadata.
     assert "<qemu:commandline>" in stripped and "<libosinfo:os " in stripped
     assert "<!-- the standby of team lan -->" in stripped

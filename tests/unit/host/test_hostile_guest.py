@@ -52,7 +52,7 @@ from host.agent_client.relay import (
     handshake,
 )
 from host.workflow.coordinator import Coordinator
-from host.workflow.guest import PreflightError
+from host.workflow.errors import PreflightError
 from host.workflow.journal import Journal
 from host.workflow.model import MigrationReport, MigrationRequest, Outcome
 

@@ -1,4 +1,4 @@
-"""host/hypervisor.py on libvirt's test driver (test:///default): what that driver supports.
+"""host/hypervisor/ on libvirt's test driver (test:///default): what that driver supports.
 
 Domains defined and looked up, metadata written and read back, devices attached to the
 live domain and its definition, pool networks defined, listed, redefined and undefined,

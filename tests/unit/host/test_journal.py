@@ -430,11 +430,11 @@ def test_many_processes_opening_a_new_journal_at_once(tmp_path: Path) -> None:
 def test_a_version_1_journal_is_upgraded_keeping_its_workflows_and_steps(
     tmp_path: Path,
 ) -> None:
-    from host.workflow import journal as journal_module
+    from host.workflow.journal_schema import MIGRATIONS
 
     path = tmp_path / "v1.sqlite"
     db = sqlite3.connect(path, isolation_level=None)
-    db.executescript(journal_module._MIGRATIONS[0])
+    db.executescript(MIGRATIONS[0])
     db.execute(
         "INSERT INTO workflows VALUES ('w1', 'migrate', 'u1', 'vm1', 'a', 'b', 'open', NULL, "
         "1.0, 2.0, 1, NULL, NULL, '{}', NULL)"

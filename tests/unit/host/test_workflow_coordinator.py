@@ -36,7 +36,7 @@ from host.domain.pools import PoolKind
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
 from host.hypervisor import HypervisorError
 from host.workflow.coordinator import Coordinator, Reconciler
-from host.workflow.guest import WorkflowError
+from host.workflow.errors import WorkflowError
 from host.workflow.journal import Journal, WorkflowKind
 from host.workflow.model import MigrationRequest, Outcome, PoolStatus, TeamMode
 
@@ -791,39 +791,33 @@ def test_recover_closes_a_configuration_change_whose_coordinator_died(
 def test_a_vf_is_refused_where_the_bond_would_give_it_another_mac() -> None:
     """A VF keeps the MAC its PF was given (the team's, else the standby's); a
     fail_over_mac=none bond gives members its own: they must be the same MAC."""
-    from ptmig.v1 import guest_agent_pb2 as pb
-
+    from host.agent_client import TeamState
     from host.domain.pools import PciPool, VfNetworkPool
     from host.domain.teams import Team
-    from host.workflow.guest import mac_policy_refusal
+    from host.workflow.macpolicy import mac_policy_refusal
 
     vfs = VfNetworkPool("lanvf", pf_dev="enp6s0")
     team = Team("lan", "52:54:00:aa:00:01", "preserve", "lanvf")
-    bond = pb.TeamState(name="lan", bond="bond0", fail_over_mac="none", mac="52:54:00:AA:00:01")
+    bond = TeamState(name="lan", bond="bond0", fail_over_mac="none", mac="52:54:00:AA:00:01")
     assert mac_policy_refusal(team, vfs, bond) is None
     apart = Team("lan", "52:54:00:aa:00:01", "preserve", "lanvf", team_mac="52:54:00:cc:00:01")
     why = mac_policy_refusal(apart, vfs, bond)
     assert why is not None and "--team-mac 52:54:00:aa:00:01" in why and "bond0" in why
-    follows = pb.TeamState(
-        name="lan", bond="bond0", fail_over_mac="active", mac="52:54:00:aa:00:09"
-    )
+    follows = TeamState(name="lan", bond="bond0", fail_over_mac="active", mac="52:54:00:aa:00:09")
     assert mac_policy_refusal(apart, vfs, follows) is None  # the bond takes the VF's MAC
     assert mac_policy_refusal(apart, PciPool("nics", addresses=("0000:03:00.0",)), bond) is None
 
 
 def test_policy_follow_is_refused_where_the_bond_does_not_follow() -> None:
-    from ptmig.v1 import guest_agent_pb2 as pb
-
+    from host.agent_client import TeamState
     from host.domain.pools import PciPool
     from host.domain.teams import Team
-    from host.workflow.guest import mac_policy_refusal
+    from host.workflow.macpolicy import mac_policy_refusal
 
     nics = PciPool("nics", addresses=("0000:03:00.0",))
     team = Team("wan", "52:54:00:aa:00:02", "follow", "nics")
-    fixed = pb.TeamState(name="wan", bond="bond1", fail_over_mac="none", mac="52:54:00:aa:00:02")
+    fixed = TeamState(name="wan", bond="bond1", fail_over_mac="none", mac="52:54:00:aa:00:02")
     why = mac_policy_refusal(team, nics, fixed)
     assert why is not None and "fail_over_mac active" in why and "--mac-policy preserve" in why
-    follows = pb.TeamState(
-        name="wan", bond="bond1", fail_over_mac="active", mac="52:54:00:aa:00:02"
-    )
+    follows = TeamState(name="wan", bond="bond1", fail_over_mac="active", mac="52:54:00:aa:00:02")
     assert mac_policy_refusal(team, nics, follows) is None

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from workflow_fakes import POOL_SLOTS, A, B, Events, World
 
+from host.agent_client import AgentOnDemand
 from host.daemon.encode import report_message, status_message
 from host.domain.domain_xml import parse_domain
 from host.workflow.coordinator import Coordinator
 from host.workflow.drift import TeamCase
-from host.workflow.guest import GuestOnHost, PreflightError
+from host.workflow.errors import PreflightError
+from host.workflow.guest import Guest
 from host.workflow.journal import Journal
 from host.workflow.model import MigrationReport, MigrationRequest, Outcome, TeamMode, TeamStatus
 
@@ -50,7 +52,8 @@ def recorded(world: World, uri: str) -> dict[str, str | None]:
 
 def cases(world: World, uri: str = A, *, agent: bool = True) -> dict[str, TeamCase]:
     hv = world.connect(uri)
-    guest = GuestOnHost(hv, "vm1", world.agent_for)  # type: ignore[arg-type]
+    dom = hv.domain("vm1")
+    guest = Guest(hv, dom, AgentOnDemand(lambda: world.agent_for(dom, 15.0)))  # type: ignore[arg-type]
     try:
         state = guest.agent().state() if agent else None
         return {d.team.name: d.case for d in guest.classify(state)}

@@ -29,7 +29,7 @@ from host.agent_client import AgentError
 from host.domain.domain_xml import parse_domain
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
 from host.hypervisor import HypervisorError, PostcopyFailed
-from host.workflow.guest import PreflightError
+from host.workflow.errors import PreflightError
 from host.workflow.journal import Journal, WorkflowConflict, WorkflowKind, WorkflowRecord
 from host.workflow.model import MigrationReport, MigrationRequest, Outcome
 
