@@ -85,6 +85,10 @@ __all__ = [
 
 DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+#: How long a closed workflow is kept, steps and report with it (its outcome is in the
+#: logs and metrics too).  Without a bound the journal grows ~5 kB a workflow forever
+#: (docs/benchmarks/soak.md); an open workflow is never pruned, whatever its age.
+KEEP_CLOSED_S = 90 * 86400.0
 
 
 class Journal:
@@ -95,8 +99,10 @@ class Journal:
         path: str | os.PathLike[str] = DEFAULT_PATH,
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        keep_closed_s: float = KEEP_CLOSED_S,
     ) -> None:
         self.path = Path(path)
+        self.keep_closed_s = keep_closed_s
         self._lock = threading.RLock()
         self._create_file()
         try:
@@ -214,6 +220,8 @@ class Journal:
     ) -> str:
         """Open a workflow owned by this process; its id (a uuid4).
 
+        In the same transaction, closed workflows older than ``keep_closed_s`` are
+        forgotten: the journal grows only when workflows begin, so that bounds it.
         Raises :class:`WorkflowConflict` when the domain already has an open workflow.
         """
         kind = checked_enum(WorkflowKind, kind, "workflow kind")
@@ -245,6 +253,10 @@ class Journal:
                             f"INSERT INTO workflows ({WORKFLOW_COLUMNS}) VALUES "
                             "(?, ?, ?, ?, ?, ?, 'open', NULL, ?, ?, ?, ?, ?, ?, NULL)",
                             row,
+                        )
+                        db.execute(  # their steps and cancel requests go by cascade
+                            "DELETE FROM workflows WHERE state = 'closed' AND updated < ?",
+                            (now - self.keep_closed_s,),
                         )
                     break
                 except sqlite3.IntegrityError as exc:

@@ -474,3 +474,38 @@ def test_a_cancel_request_is_kept_once_and_seen_by_another_connection(tmp_path: 
 def test_a_cancel_request_for_an_unknown_workflow_is_refused(tmp_path: Path) -> None:
     with Journal(tmp_path / "j.sqlite") as journal, pytest.raises(UnknownWorkflow):
         journal.request_cancel("nope", "me")
+
+
+def test_a_begin_forgets_closed_workflows_older_than_the_retention(path: Path) -> None:
+    """Old closed workflows go with their steps and cancel requests; recent closed ones
+    and open ones of any age stay."""
+    with Journal(path, keep_closed_s=3600) as journal:
+        old = begin(journal, domain=str(uuid.uuid4()))
+        journal.record(old, "preflight", "done", {})
+        journal.request_cancel(old, "test")
+        journal.finish(old, "rolled-back", {})
+        recent = begin(journal, domain=str(uuid.uuid4()))
+        journal.finish(recent, "done", {})
+        still_open = begin(journal, domain=str(uuid.uuid4()))
+        with sqlite3.connect(path) as db:  # two hours ago, both the closed and the open
+            db.execute(
+                "UPDATE workflows SET updated = updated - 7200 WHERE id IN (?, ?)",
+                (old, still_open),
+            )
+        assert journal.get(old) is not None  # nothing pruned before a workflow begins
+        new = begin(journal, domain=str(uuid.uuid4()))
+        assert journal.get(old) is None
+        assert journal.steps(old) == []
+        assert journal.cancel_request(old) is None
+        assert {r.id for r in journal.recent(10)} == {recent, still_open, new}
+        with sqlite3.connect(path) as db:
+            assert (
+                db.execute("SELECT COUNT(*) FROM steps WHERE workflow_id = ?", (old,)).fetchone()[0]
+                == 0
+            )
+            assert (
+                db.execute(
+                    "SELECT COUNT(*) FROM cancel_requests WHERE workflow_id = ?", (old,)
+                ).fetchone()[0]
+                == 0
+            )
