@@ -8,13 +8,22 @@ for the headers and source that ``mtty.ko`` is built from (:mod:`lab.nested.kern
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 #: Debian's archive keyring on Debian 12 carries Debian 13's keys too.
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+def recipe_key(recipe: Any) -> str:
+    """A cache key for a dataclass recipe: what it asks for, hashed."""
+    return hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PrivateApt:

@@ -17,7 +17,6 @@ L1's image then installs, so module and kernel always match.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from lab.image import mirror
 from lab.nested import cache_dir
-from lab.nested.debs import PrivateApt, unpack
+from lab.nested.debs import PrivateApt, recipe_key, unpack
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class MttyRecipe:
     mirror: str = ""
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return recipe_key(self)
 
 
 @dataclass(frozen=True)

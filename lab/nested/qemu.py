@@ -14,7 +14,6 @@ keep it off the host's QEMU 10 firmware and modules.  Cached by :meth:`QemuRecip
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab.image import mirror
-from lab.nested.debs import PrivateApt, unpack
+from lab.nested.debs import PrivateApt, recipe_key, unpack
 from lab.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class QemuRecipe:
     mirror: str = ""
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return recipe_key(self)
 
 
 @dataclass(frozen=True)
