@@ -22,7 +22,7 @@ from pathlib import Path
 from lab.image import GuestImage, ImageRecipe, build_image, lab_recipe
 from lab.image import mirror as debian_mirror
 from lab.nested import cache_dir
-from lab.nested.kernel import DEFAULT_L1_KERNEL, MTTY_IN_L1, build_mtty, selected_l1_kernel
+from lab.nested.kernel import MTTY_IN_L1, build_mtty, selected_l1_kernel
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ L1_CMDLINE = (
 )
 
 
-def l1_recipe(kernel: str = DEFAULT_L1_KERNEL) -> ImageRecipe:
+def l1_recipe(kernel: str = "6.1") -> ImageRecipe:
     """L1's image for *kernel* (:data:`lab.nested.kernel.L1_KERNELS`); 6.12 builds ``mtty.ko``
     first and installs the exact kernel package it was built against."""
     backports = L1_BACKPORTS
@@ -112,7 +112,7 @@ def l1_recipe(kernel: str = DEFAULT_L1_KERNEL) -> ImageRecipe:
         backports = (*L1_BACKPORTS, mtty.image_package)
         binary = {MTTY_IN_L1: mtty.ko}
         modules = MTTY_LOAD
-    elif kernel != DEFAULT_L1_KERNEL:
+    elif kernel != "6.1":  # Debian 12's own: linux-image-amd64 of L1_PACKAGES
         raise ValueError(f"no L1 image for kernel {kernel!r}")
     return ImageRecipe(
         packages=L1_PACKAGES,
@@ -136,7 +136,7 @@ def l1_recipe(kernel: str = DEFAULT_L1_KERNEL) -> ImageRecipe:
 def l1_cache(kernel: str) -> Path:
     """One directory per kernel: a build prunes its directory's other images, and switching
     kernels must not throw the other one away."""
-    return cache_dir() / "l1" if kernel == DEFAULT_L1_KERNEL else cache_dir() / f"l1-{kernel}"
+    return cache_dir() / "l1" if kernel == "6.1" else cache_dir() / f"l1-{kernel}"
 
 
 def build_l1(kernel: str | None = None) -> GuestImage:
@@ -145,7 +145,7 @@ def build_l1(kernel: str | None = None) -> GuestImage:
     recipe = l1_recipe(kernel)
     image = build_image(recipe, l1_cache(kernel))
     booted = str(image.manifest["kernel"]).removeprefix("vmlinuz-")
-    if kernel != DEFAULT_L1_KERNEL and not booted.startswith(kernel + "."):
+    if not booted.startswith(kernel + "."):
         raise RuntimeError(f"L1 image {image.directory} boots {booted}, not {kernel}")
     return image
 
