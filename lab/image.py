@@ -328,6 +328,9 @@ class ImageRecipe:
     backports: tuple[str, ...] = ()
     #: Installed into the image from the suite's archive (apt, so dependencies follow).
     archive_packages: tuple[str, ...] = ()
+    #: Copied into the image as they are (path in the image -> file here), keyed by content:
+    #: the nested L1's out-of-tree ``mtty.ko``.
+    binary_files: Mapping[str, Path] = field(default_factory=dict)
 
     def base_key(self) -> str:
         key: dict[str, object] = {
@@ -351,6 +354,8 @@ class ImageRecipe:
         }
         if self.archive_packages:  # only then: other images keep their cached key
             key["archive"] = self.archive_packages
+        if self.binary_files:  # likewise
+            key["binary"] = {k: _file_digest(v) for k, v in sorted(self.binary_files.items())}
         return _digest(key)
 
 
@@ -551,6 +556,10 @@ def _configure(rootfs: Path, recipe: ImageRecipe) -> None:
         dest.write_text(content)
         if content.startswith("#!"):  # a script (the nested lab's inits)
             dest.chmod(0o755)
+    for path, source in recipe.binary_files.items():
+        dest = rootfs / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
     run([*chroot, "passwd", "-d", "root"])
     if recipe.enabled_units:
         run([*chroot, "systemctl", "enable", *recipe.enabled_units])

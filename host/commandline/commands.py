@@ -109,6 +109,7 @@ def pool_define(args: argparse.Namespace, coordinator: Coordinator) -> int:
         addresses=args.address,
         pf=args.pf,
         vf_addresses=args.vf,
+        state_copy=args.state_copy,
     )
     result = coordinator.pool_define(args.connect, pool)
     show(args, result, lambda: render.pools_text([result]))
@@ -169,6 +170,7 @@ def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
         max_downtime_ms=args.max_downtime,
         peer_uri=args.peer_uri,
         options=migration_options(args),
+        switch_all=args.switch_all,
     )
     interrupt = MigrationInterrupt(request)
     if not args.json and sys.stderr.isatty() and can_draw_progress():

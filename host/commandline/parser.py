@@ -143,6 +143,12 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         metavar="PCI",
         help="vf-network: a VF address (repeat; instead of --pf)",
     )
+    pd.add_argument(
+        "--state-copy",
+        action="store_true",
+        help="pci: these NICs' drivers implement VFIO migration; a team on one stays plugged "
+        "while QEMU copies its state, when the destination's pool says so too",
+    )
 
     pu = command("pool-undefine", pool_undefine, "remove a device pool from this host", json=False)
     pu.add_argument("name")
@@ -158,6 +164,12 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         "(peer-to-peer), when it differs from DEST_URI",
     )
     add_migration_options(mg)
+    mg.add_argument(
+        "--switch-all",
+        action="store_true",
+        help="switch and unplug every team's primary, even one whose state QEMU could copy "
+        "(a pci pool marked --state-copy on both hosts)",
+    )
 
     ev = command(
         "evacuate",

@@ -43,6 +43,8 @@ def status_text(status: DomainStatus) -> str:
         )
         if team.drift:
             lines.append(f"    drift: {team.drift}")
+        if team.way:
+            lines.append(f"    way: {team.way}")
     if status.agent_error:
         lines.append(f"  agent: {status.agent_error}")
     return "\n".join(lines)
@@ -108,4 +110,6 @@ def report_text(report: MigrationReport) -> str:
     for team, on in report.teams.items():
         case = report.drift.get(team, "plugged")
         lines.append(f"  team {team}: on {on}" + ("" if case == "plugged" else f" (was {case})"))
+        if team in report.ways:  # the hybrid path was in play (host/workflow/hybrid.py)
+            lines.append(f"    {report.ways[team]}")
     return "\n".join(lines)

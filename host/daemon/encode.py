@@ -69,6 +69,7 @@ def migration_request(message: Any) -> MigrationRequest:
         max_downtime_ms=message.max_downtime_ms or None,
         peer_uri=message.peer_uri or None,
         options=migration_options(message.options),
+        switch_all=message.switch_all,
     )
 
 
@@ -175,6 +176,7 @@ def pool_definition(message: Any) -> Pool:
         addresses=message.addresses,
         pf=message.pf,
         vf_addresses=message.vf_addresses,
+        state_copy=message.state_copy,
     )
 
 
@@ -215,6 +217,7 @@ def report_message(report: MigrationReport) -> Any:
         error=report.error,
         migration_json=details_json(report.migration) if report.migration else "{}",
         drift=dict(report.drift),
+        ways=dict(report.ways),
         cancelled=report.cancelled,
     )
 
@@ -333,6 +336,7 @@ def team_status_message(team: TeamStatus) -> Any:
         primary=primary_message(team.primary),
         members=list(team.members),
         drift=team.drift,
+        way=team.way,
         case=team.case,
     )
 

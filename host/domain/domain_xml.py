@@ -22,6 +22,7 @@ the namespace prefixes and comments of the rest of the document as they were.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,7 +31,16 @@ from host.domain.errors import DomainModelError, shown
 from host.domain.kinds import PoolKind
 from host.domain.names import check_alias
 from host.domain.teams import TEAMS_NS, PrimaryDevice, TeamSet, teams_from_element
-from host.domain.xmlmodel import GUEST_PCI, HOST_PCI, SOURCE_PCI, at, matches, read, value_at
+from host.domain.xmlmodel import (
+    GUEST_PCI,
+    HOST_PCI,
+    SOURCE_PCI,
+    at,
+    matches,
+    read,
+    value_at,
+    write_field,
+)
 from host.domain.xmltree import (
     metadata_element,
     parse_xml,
@@ -39,11 +49,12 @@ from host.domain.xmltree import (
 )
 
 
-def _yes(value: str, _where: str) -> bool:
+def yes(value: str, _where: str) -> bool:
+    """An attribute's ``yes`` as True, anything else as False."""
     return value == "yes"
 
 
-def _yes_no(value: bool) -> str:
+def yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
@@ -79,7 +90,7 @@ class Hostdev:
     XML_IMPLIED: ClassVar[dict[str, str]] = {"@mode": "subsystem"}
 
     host_pci_address: str = at("source/address", codec=HOST_PCI)
-    managed: bool = at("@managed", default=False, check=_yes, show=_yes_no)
+    managed: bool = at("@managed", default=False, check=yes, show=yes_no)
     rom_enabled: str | None = at("rom/@enabled", default=None)
     alias: str | None = at("alias/@name", default=None, check=check_alias)
     guest_pci_address: str | None = at("address", default=None, codec=GUEST_PCI)
@@ -165,6 +176,28 @@ def strip_primary(domain_xml: str, primary: PrimaryDevice) -> str:
                 devices.remove(device)
             else:
                 previous = device
+    return to_text_as_read(root, prefixes)
+
+
+def retarget_hostdev(domain_xml: str, moves: Mapping[str, str], *, strict: bool = True) -> str:
+    """`domain_xml` with each PCI hostdev whose host address is a key of `moves` given the
+    value as its host address instead: the destination's device for a device whose state
+    QEMU copies (libvirt migrates onto whatever the destination XML names, as Nova does).
+    Everything else, the guest address and alias among it, stays as it was.  `strict`: an
+    address of `moves` the XML has no hostdev at is an error (a persistent definition may
+    lack a device plugged live only)."""
+    root, prefixes = parse_xml_keeping_prefixes(domain_xml, "domain XML")
+    if root.tag != "domain":
+        raise DomainModelError("domain XML: root element is not domain")
+    left = dict(moves)
+    for element in root.iterfind("devices/hostdev"):
+        if not matches(Hostdev, element):
+            continue
+        device = read(Hostdev, element, "hostdev")
+        if device.host_pci_address in left:
+            write_field(Hostdev, element, "host_pci_address", left.pop(device.host_pci_address))
+    if left and strict:
+        raise DomainModelError(f"domain XML: no PCI hostdev at {', '.join(sorted(left))}")
     return to_text_as_read(root, prefixes)
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from host.domain.addresses import normalize_mac, normalize_pci
-from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain
+from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain, yes, yes_no
 from host.domain.errors import DomainModelError, shown
 from host.domain.kinds import PoolKind as PoolKind  # where most callers look for it
 from host.domain.names import check_ifname, check_model, check_name
@@ -128,6 +128,10 @@ class PciPool(_PoolNetwork):
 
     name: str = at("name", codec=_NAME)
     addresses: tuple[str, ...] = each(f"{_META}/device/@address", limit=MAX_POOL_ENTRIES)
+    #: The operator's word that these devices' drivers implement VFIO migration (both
+    #: hosts' pools must say so): a team on one may stay plugged while QEMU copies the
+    #: device's state (host/workflow/hybrid.py).  Unset: never (Nova's live_migratable).
+    state_copy: bool | None = at(f"{_META}/@state-copy", default=None, check=yes, show=yes_no)
 
     def __post_init__(self) -> None:
         check_name(self.name, "pool name")
@@ -219,6 +223,7 @@ def make_pool(
     addresses: Iterable[str] = (),
     pf: str = "",
     vf_addresses: Iterable[str] = (),
+    state_copy: bool = False,
 ) -> Pool:
     """A pool from what a face was given; fields of another kind must be empty."""
     try:
@@ -234,10 +239,11 @@ def make_pool(
         "addresses": bool(addresses := tuple(addresses)),
         "pf": bool(pf),
         "vf addresses": bool(vf_addresses := tuple(vf_addresses)),
+        "state copy": state_copy,
     }
     belongs = {
         PoolKind.EMULATED: {"bridge", "model", "slots"},
-        PoolKind.PCI: {"addresses"},
+        PoolKind.PCI: {"addresses", "state copy"},
         PoolKind.VF_NETWORK: {"pf", "vf addresses"},
     }[pool_kind]
     stray = [field for field, present in given.items() if present and field not in belongs]
@@ -248,7 +254,7 @@ def make_pool(
             raise DomainModelError(f"pool {shown(name)}: an emulated pool needs a bridge")
         return EmulatedPool(name, bridge, model or "e1000e", slots)
     if pool_kind is PoolKind.PCI:
-        return PciPool(name, addresses)
+        return PciPool(name, addresses, state_copy=state_copy or None)
     return VfNetworkPool(name, pf_dev=pf or None, vf_addresses=vf_addresses)
 
 

@@ -384,6 +384,20 @@ def build(
     return root
 
 
+def write_field(cls: type, element: ET.Element, name: str, value: Any) -> None:
+    """Set field `name` of model `cls` in `element`, an element libvirt wrote and ptmig
+    otherwise keeps as it is (a hostdev's source address rewritten for a destination)."""
+    place = dict(_places(cls))[name]
+    ns = _namespaces(cls)
+    target = _find(element, place.steps, ns) or _ensure(element, place.steps, ns)
+    if place.codec is not None:
+        target.attrib.clear()
+        place.codec.write(value, target)
+    else:
+        assert place.attribute is not None
+        target.set(place.attribute, place.show(value))
+
+
 def _new(parent: ET.Element | None, step: str, ns: Mapping[str, str]) -> ET.Element:
     """An element for `step`; a prefixed one carries its namespace declaration."""
     prefix = step.partition(":")[0] if ":" in step else None

@@ -66,6 +66,23 @@ class Domain:
         except libvirt.libvirtError as exc:
             raise wrap(f"{self.uri}: XML of {self.name}", exc) from exc
 
+    def migratable_xml(self) -> str:
+        """The live XML as a migration's destination XML must start from (libvirt's
+        MIGRATABLE form: no runtime-only parts)."""
+        flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
+        try:
+            return str(self._dom.XMLDesc(flags))
+        except libvirt.libvirtError as exc:
+            raise wrap(f"{self.uri}: migratable XML of {self.name}", exc) from exc
+
+    def migration_blockers(self) -> list[str]:
+        """What QEMU says blocks a migration of the domain now (``query-migrate``'s
+        ``blocked-reasons``, QEMU >= 6.0: free text, often naming the device); empty when
+        nothing does.  libvirt refuses a migration on any of them."""
+        reply = self.qmp("query-migrate")
+        reasons = reply.get("blocked-reasons", []) if isinstance(reply, dict) else []
+        return [str(r) for r in reasons]
+
     def set_metadata(self, namespace: str, prefix: str, xml: str | None) -> None:
         """Write (or with ``None`` remove) our metadata, live and persistent alike."""
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -171,6 +188,7 @@ class Domain:
         on_progress: Callable[[MigrationProgress], None] | None = None,
         max_downtime_ms: int | None = None,
         options: MigrationOptions | None = None,
+        destination_xml: str | None = None,
     ) -> MigrationStats:
         """Live-migrate peer-to-peer to *destination* (reached by the source's libvirtd at
         *peer_uri*, by default the destination's URI) with *options*; *persistent_xml*
@@ -180,7 +198,9 @@ class Domain:
         where it has none) and what the job's watcher saw."""
         target_uri = peer_uri or destination.uri
         options = options or MigrationOptions()
-        flags, params = migration_call(options, persistent_xml=persistent_xml, unsafe=unsafe)
+        flags, params = migration_call(
+            options, persistent_xml=persistent_xml, unsafe=unsafe, destination_xml=destination_xml
+        )
         job = MigrationJob(self, options, max_downtime_ms, on_progress)
         job.set_start_downtime()
 

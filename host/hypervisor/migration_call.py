@@ -28,12 +28,20 @@ _COPY_STORAGE_FLAGS = {
 
 
 def migration_call(
-    options: MigrationOptions, *, persistent_xml: str, unsafe: bool = False
+    options: MigrationOptions,
+    *,
+    persistent_xml: str,
+    unsafe: bool = False,
+    destination_xml: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """The flags and typed parameters virDomainMigrateToURI3 gets for *options*: every
-    option is a flag or a parameter here, nowhere else."""
+    option is a flag or a parameter here, nowhere else.  *destination_xml*: the running
+    domain as the destination is to start it (a state-copied device's destination
+    address), from the source's migratable XML."""
     flags = MIGRATE_FLAGS
     params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent_xml}
+    if destination_xml is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = destination_xml
     if unsafe:  # the caller vouches that the disk's cache mode is safe (a shared image)
         flags |= libvirt.VIR_MIGRATE_UNSAFE
     if options.tls:

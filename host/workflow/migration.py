@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from host.domain.domain_xml import strip_primary
+from host.domain.domain_xml import retarget_hostdev, strip_primary
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor, HypervisorError, PostcopyFailed
 from host.migration_job import MigrationProgress
@@ -50,6 +50,7 @@ from host.migration_options import MigrationStats
 from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.guest import BIND_TIMEOUT, SWITCH_TIMEOUT, UNPLUG_TIMEOUT, Guest
+from host.workflow.hybrid import TeamWay, Way, kept, plan_ways, still_blocked
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import (
     Event,
@@ -117,6 +118,11 @@ class MigrationWorkflow:
         self.plugged_before: set[str] = set()  # teams with a device plugged
         self.moved: list[str] = []  # teams switched to standby
         self.unplugged: list[str] = []
+        #: Each team's way through the migration (host/workflow/hybrid.py), from preflight;
+        #: reported only when the hybrid was in play (a pool here allows a state copy, or
+        #: the operator forced the switch).
+        self.ways: dict[str, TeamWay] = {}
+        self.hybrid_considered = False
         self.migration: MigrationStats | None = None
 
     @property
@@ -138,9 +144,29 @@ class MigrationWorkflow:
         self.classification = found.classification
         self.plugged_before = set(found.plugged_before)
         self.on_primary_before = set(found.on_primary_before)
-        return found.journal()
+        plan = plan_ways(
+            self.source,
+            self.destination_hv,
+            found.classification.values(),
+            switch_all=self.request.switch_all,
+        )
+        self.ways, self.hybrid_considered = plan.ways, plan.considered
+        data = found.journal()
+        if self.hybrid_considered:
+            for name, way in self.ways.items():
+                self.runner.emit("preflight", "info", f"team {name}: {way.line()}")
+            data["ways"] = self._ways()
+        if kept(self.ways):
+            data["detail"] += f"; state copied for {', '.join(kept(self.ways))}"
+        return data
 
     def switch_to_standby(self) -> dict[str, Any]:
+        # Only teams whose traffic runs on a plugged primary: a degraded team and one the
+        # guest already has on its standby have nothing to switch; a kept one stays on it.
+        return {"teams": self._switch([t for t in self.teams if t.name not in kept(self.ways)])}
+
+    def _switch(self, teams: list[Team]) -> dict[str, str]:
+        """Switch each of *teams* that runs on its plugged primary to its standby."""
         standby_aliases: dict[str, list[str]] = {}  # NICs by MAC, for announce-self
         for interface in self.source.info().interfaces:
             if interface.mac and interface.alias:
@@ -163,11 +189,8 @@ class MigrationWorkflow:
                 self.source.dom.announce(interfaces=standby)
             return state.active_member
 
-        # Only teams whose traffic runs on a plugged primary: a degraded team and one the
-        # guest already has on its standby have nothing to switch.
-        on_primary = [t for t in self.teams if t.name in self.on_primary_before]
-        active = self.source.each_team(on_primary, switch)
-        return {"teams": active}
+        on_primary = [t for t in teams if t.name in self.on_primary_before]
+        return self.source.each_team(on_primary, switch)
 
     def switch_back(self) -> None:
         """Undo of switch: bind the (still plugged) primary of each team asked to move.
@@ -188,15 +211,36 @@ class MigrationWorkflow:
         self.moved.clear()
 
     def unplug(self) -> dict[str, Any]:
+        return {"seconds": self._unplug([t for t in self.teams if t.name not in kept(self.ways)])}
+
+    def _unplug(self, teams: list[Team]) -> dict[str, float]:
         seconds = {}
         recorded = self.source.teams()
-        for team in self.teams:
+        for team in teams:
             if team.name not in self.plugged_before:
                 continue  # degraded: nothing to unplug
             current = recorded.team(team.name)
             seconds[team.name] = round(self.source.unplug(current, UNPLUG_TIMEOUT), 3)
             self.unplugged.append(team.name)
-        return {"seconds": seconds}
+        return seconds
+
+    def check_blockers(self) -> dict[str, Any]:
+        """With the switched primaries unplugged, QEMU must name no blocker for the kept
+        ones to stay plugged; if it still does, they are switched and unplugged too (the
+        switch's and unplug's undos cover them)."""
+        before = kept(self.ways)
+        blockers = self.source.dom.migration_blockers()
+        self.ways = still_blocked(self.ways, blockers)
+        fallen = [t for t in self.teams if t.name in before and t.name not in kept(self.ways)]
+        if fallen:
+            self.runner.emit(
+                "state-check", "info", f"{', '.join(t.name for t in fallen)}: switching after all"
+            )
+            self._switch(fallen)
+            self._unplug(fallen)
+        kept_now = kept(self.ways)
+        detail = f"state copied for {', '.join(kept_now)}" if kept_now else "every team switched"
+        return {"blockers": blockers, "kept": kept_now, "detail": detail}
 
     def replug_on_source(self) -> None:
         """Undo of unplug: a device from the source's pool (the one just freed), bound.
@@ -225,11 +269,18 @@ class MigrationWorkflow:
     def migrate(self) -> dict[str, Any]:
         src = self.source
         persistent = src.dom.xml(inactive=True)
+        keep = kept(self.ways)
         # Every primary ever recorded, including those gone from the live domain only
         # (virsh detach-device-alias leaves the definition): none is the destination's.
+        # A kept one is the destination's device instead, in both XMLs.
         for team in [*self.recorded_before, *self.teams]:
-            if team.primary is not None:
+            if team.primary is not None and team.name not in keep:
                 persistent = strip_primary(persistent, team.primary)
+        destination_xml = None
+        moves = self._moves()
+        if moves:
+            persistent = retarget_hostdev(persistent, moves, strict=False)
+            destination_xml = retarget_hostdev(src.dom.migratable_xml(), moves)
 
         def progress(p: MigrationProgress) -> None:
             self.runner.emit(
@@ -253,6 +304,7 @@ class MigrationWorkflow:
                 on_progress=progress,
                 max_downtime_ms=self.request.max_downtime_ms,
                 options=self.request.options,
+                destination_xml=destination_xml,
             )
         finally:
             stop.set()
@@ -261,6 +313,17 @@ class MigrationWorkflow:
         self.destination = self._destination_guest()
         self.migration = dataclasses.replace(stats, wall_s=round(stats.wall_s, 3))
         return {**plain(self.migration), "detail": self.migration.detail}
+
+    def _moves(self) -> dict[str, str]:
+        """Source PCI address -> the destination's, for each kept primary."""
+        moves = {}
+        for name in kept(self.ways):
+            device = self.classification[name].device
+            destination = self.ways[name].destination
+            if device is None or device.pci_address is None or destination is None:
+                raise WorkflowError(f"team {name}: no device to copy the state of")
+            moves[device.pci_address] = destination
+        return moves
 
     def _destination_guest(self) -> Guest:
         """The domain as it arrived on the destination; the lease moved with it."""
@@ -331,6 +394,12 @@ class MigrationWorkflow:
 
         def bind(team: Team) -> TeamMode:
             current = recorded.team(team.name)
+            way = self.ways.get(team.name)
+            if way is not None and way.way is Way.COPY and current.primary is not None:
+                # Plugged all along: the record now names the destination's device.
+                moved = dataclasses.replace(current.primary, pci_address=way.destination)
+                dest.set_primary(team.name, moved)
+                return TeamMode.PRIMARY
             result = dest.plug_and_bind(
                 current,
                 self.op("bind", team.name),
@@ -381,13 +450,16 @@ class MigrationWorkflow:
             report.outcome = Outcome.ROLLED_BACK
             report.error = f"preflight: {exc}"
             report.phases = r.timings
-            report.drift = self._cases()
+            report.drift, report.ways = self._cases(), self._ways()
             raise PreflightError(str(exc)) from exc
         try:
             self._guard("switch")
             r.run(self._step("switch", self.switch_to_standby, self.switch_back))
             self._guard("unplug")
             r.run(self._step("unplug", self.unplug, self.replug_on_source))
+            if kept(self.ways):
+                self._guard("state-check")
+                r.run(self._step("state-check", self.check_blockers))
             self._guard("migrate", JOB_LEASE_TTL)
             r.run(self._step("migrate", self.migrate))
         except PostcopyFailed as exc:
@@ -416,7 +488,7 @@ class MigrationWorkflow:
                 if errors or differences:
                     report.error += "; rollback: " + "; ".join(errors + differences)
                 report.phases = r.timings
-                report.drift = self._cases()
+                report.drift, report.ways = self._cases(), self._ways()
                 return report
         r.forget_compensations()
         if self._cancel_asked():
@@ -437,7 +509,7 @@ class MigrationWorkflow:
         log.debug("post-migration took %.2f s", time.monotonic() - t0)
         report.migration = self.migration
         report.phases = r.timings
-        report.drift = self._cases()
+        report.drift, report.ways = self._cases(), self._ways()
         if report.teams and all(v is TeamMode.PRIMARY for v in report.teams.values()):
             report.outcome = Outcome.DONE
         else:
@@ -468,11 +540,16 @@ class MigrationWorkflow:
         report.outcome = Outcome.FAILED
         report.error = f"{exc}; {advice}"
         report.phases = self.runner.timings
-        report.drift = self._cases()
+        report.drift, report.ways = self._cases(), self._ways()
         return report
 
     def _cases(self) -> dict[str, str]:
         return {name: str(d.case) for name, d in self.classification.items()}
+
+    def _ways(self) -> dict[str, str]:
+        if not self.hybrid_considered:
+            return {}
+        return {name: way.line() for name, way in self.ways.items()}
 
     def _differences_from_before(self, teams: dict[str, TeamMode]) -> list[str]:
         """How the source's domain differs from before the workflow, in its teams."""

@@ -41,6 +41,9 @@ class MigrationRequest:
     #: it differs from the one the coordinator uses (``qemu+tcp://...`` vs a local socket).
     peer_uri: str | None = None
     options: MigrationOptions = field(default_factory=MigrationOptions)
+    #: Switch every team to its standby and unplug it, even one whose primary's state QEMU
+    #: could copy (host/workflow/hybrid.py): the operator's override for this migration.
+    switch_all: bool = False
 
 
 #: At most this many migrations an evacuation runs at once.  libvirtd serves a
@@ -196,6 +199,9 @@ class MigrationReport:
     #: Stopped by a cancel (``ptmig cancel``, the Cancel RPC, SIGINT or SIGTERM) before the
     #: point of no return; the outcome says whether the rollback made it as it was.
     cancelled: bool = False
+    #: Which way each team went and why: ``copy-state: ...`` (its primary stayed plugged,
+    #: QEMU copied its state) or ``switch: ...`` (host/workflow/hybrid.py).
+    ways: dict[str, str] = field(default_factory=dict)
 
 
 # -- what the Coordinator answers (one type per answer; the faces encode these only) --------
@@ -230,6 +236,9 @@ class TeamStatus:
     #: How the metadata, the live domain and the guest disagree, in one line a person can
     #: act on; "" when they agree.
     drift: str = ""
+    #: Whether a migration could copy the primary's state (host/workflow/hybrid.py): ""
+    #: unless the team's pool here is marked state-copy.
+    way: str = ""
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import json
 
+from host.domain.teams import PrimaryDevice, Team
 from host.workflow.drift import TeamCase
+from host.workflow.errors import WorkflowError
+from host.workflow.guest import Guest
+from host.workflow.hybrid import Candidate, way_here
 from host.workflow.inventory import pool_statuses
 from host.workflow.journal import WorkflowRecord
 from host.workflow.model import DomainStatus, PoolStatus, TeamMode, TeamStatus, WorkflowSummary
 from host.workflow.observer import notify
 from host.workflow.runtime import Runtime
+
+
+def _way_here(guest: Guest, team: Team, device: PrimaryDevice | None) -> str:
+    """The team's hybrid line for status; a pool that cannot be read says nothing here
+    (the pools command reports it)."""
+    if device is None:
+        return ""
+    try:
+        pool = guest.pool(team)
+    except WorkflowError:
+        return ""
+    return way_here(Candidate(team, device, pool, None))
 
 
 def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
@@ -57,6 +73,7 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                         detail=detail,
                         case=str(found.case),
                         drift=found.message if found.drifted else "",
+                        way=_way_here(guest, team, found.device),
                     )
                 )
             open_workflow = rt.journal.open_for_domain(guest.uuid)

@@ -22,6 +22,7 @@ from pathlib import Path
 from lab.image import GuestImage, ImageRecipe, build_image, lab_recipe
 from lab.image import mirror as debian_mirror
 from lab.nested import cache_dir
+from lab.nested.kernel import MTTY_IN_L1, build_mtty, selected_l1_kernel
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,13 @@ L1_BACKPORTS: tuple[str, ...] = (
 SHELL_READY = "PTMIG-SHELL-READY"
 _PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 
+#: Added to L1's init on the 6.12 kernel: the mtty sample as an mdev parent (hybrid path).
+MTTY_LOAD = f"""modprobe mdev && insmod {MTTY_IN_L1}  # built by lab/nested/kernel.py
+"""
+
 #: L1's init: mounts, modules, the worktree over 9p, then a root shell on the console.
-L1_INIT = f"""#!/bin/sh
+#: ``{modules}`` takes kernel-specific lines (none on 6.1, whose image key stays as it was).
+L1_INIT_TEMPLATE = f"""#!/bin/sh
 # ptmig nested lab: L1 init, run as PID 1 (no systemd; see lab/nested/image.py)
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -73,7 +79,7 @@ hostname ptmig-l1
 ip link set lo up
 modprobe -a 9p 9pnet_virtio vfio-pci igb e1000e virtio_net tun bridge veth bonding 2>/dev/null
 modprobe kvm_amd 2>/dev/null  # /dev/kvm for L2 when L0's TCG offers SVM
-mkdir -p /mnt/src /mnt/vlab
+{{modules}}mkdir -p /mnt/src /mnt/vlab
 mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src
 mount -t 9p -o trans=virtio,version=9p2000.L,ro vlab /mnt/vlab
 echo "ptmig-l1-init: up at $(cut -d' ' -f1 /proc/uptime)" > /dev/ttyS0
@@ -95,15 +101,27 @@ L1_CMDLINE = (
 )
 
 
-def l1_recipe() -> ImageRecipe:
+def l1_recipe(kernel: str = "6.1") -> ImageRecipe:
+    """L1's image for *kernel* (:data:`lab.nested.kernel.L1_KERNELS`); 6.12 builds ``mtty.ko``
+    first and installs the exact kernel package it was built against."""
+    backports = L1_BACKPORTS
+    binary: dict[str, Path] = {}
+    modules = ""
+    if kernel == "6.12":
+        mtty = build_mtty()
+        backports = (*L1_BACKPORTS, mtty.image_package)
+        binary = {MTTY_IN_L1: mtty.ko}
+        modules = MTTY_LOAD
+    elif kernel != "6.1":  # Debian 12's own: linux-image-amd64 of L1_PACKAGES
+        raise ValueError(f"no L1 image for kernel {kernel!r}")
     return ImageRecipe(
         packages=L1_PACKAGES,
-        backports=L1_BACKPORTS,
+        backports=backports,
         files={
             "/etc/hostname": "ptmig-l1\n",
             "/etc/hosts": "127.0.0.1 localhost\n",
             "/etc/fstab": "/dev/vda / ext4 rw,noatime 0 0\n",
-            "/sbin/ptmig-l1-init": L1_INIT,
+            "/sbin/ptmig-l1-init": L1_INIT_TEMPLATE.format(modules=modules),
             # A program reads the console: no bracketed-paste escapes around each command.
             "/root/.inputrc": "set enable-bracketed-paste off\n",
             "/etc/ptmig-l1-cmdline": L1_CMDLINE + "\n",  # in the key: a new cmdline rebuilds
@@ -111,11 +129,25 @@ def l1_recipe() -> ImageRecipe:
         masked_units=(),
         enabled_units=(),
         size="4G",
+        binary_files=binary,
     )
 
 
-def build_l1() -> GuestImage:
-    return build_image(l1_recipe(), cache_dir() / "l1")
+def l1_cache(kernel: str) -> Path:
+    """One directory per kernel: a build prunes its directory's other images, and switching
+    kernels must not throw the other one away."""
+    return cache_dir() / "l1" if kernel == "6.1" else cache_dir() / f"l1-{kernel}"
+
+
+def build_l1(kernel: str | None = None) -> GuestImage:
+    """L1's image for *kernel* (default: :func:`lab.nested.kernel.selected_l1_kernel`)."""
+    kernel = kernel or selected_l1_kernel()
+    recipe = l1_recipe(kernel)
+    image = build_image(recipe, l1_cache(kernel))
+    booted = str(image.manifest["kernel"]).removeprefix("vmlinuz-")
+    if not booted.startswith(kernel + "."):
+        raise RuntimeError(f"L1 image {image.directory} boots {booted}, not {kernel}")
+    return image
 
 
 def build_l2() -> GuestImage:

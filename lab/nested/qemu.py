@@ -14,7 +14,6 @@ keep it off the host's QEMU 10 firmware and modules.  Cached by :meth:`QemuRecip
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,12 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab.image import mirror
+from lab.nested.debs import PrivateApt, recipe_key, unpack
 from lab.paths import cache_dir
 
 log = logging.getLogger(__name__)
-
-#: Debian's archive keyring on Debian 12 carries Debian 13's keys.
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class QemuRecipe:
     mirror: str = ""
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return recipe_key(self)
 
 
 @dataclass(frozen=True)
@@ -106,9 +103,7 @@ def build_qemu(recipe: QemuRecipe | None = None) -> UnpackedQemu:
         staging = Path(tmp)
         debs = _download(recipe, staging / "apt")
         root = staging / "root"
-        root.mkdir()
-        for deb in debs:
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        unpack(debs, root)
         built = UnpackedQemu(root)
         out = subprocess.run(
             [*built.command(), "--version"],
@@ -133,40 +128,6 @@ def build_qemu(recipe: QemuRecipe | None = None) -> UnpackedQemu:
 def _download(recipe: QemuRecipe, state: Path) -> list[Path]:
     """The .debs of the recipe and everything they depend on, resolved against an empty
     system so no library is taken from the host."""
-    (state / "lists/partial").mkdir(parents=True)
-    (state / "archives/partial").mkdir(parents=True)
-    (state / "status").write_text("")
-    sources = state / "sources.list"
-    sources.write_text(
-        "".join(
-            f"deb [signed-by={KEYRING}] {recipe.mirror} {suite} main\n"
-            for suite in (recipe.suite, recipe.backports)
-        )
-    )
-    options = [
-        f"-oDir::State={state}",
-        f"-oDir::State::Lists={state / 'lists'}",
-        f"-oDir::State::status={state / 'status'}",
-        f"-oDir::Etc::SourceList={sources}",
-        "-oDir::Etc::SourceParts=/dev/null",
-        "-oDir::Etc::Preferences=/dev/null",
-        "-oDir::Etc::PreferencesParts=/dev/null",
-        f"-oDir::Cache={state}",
-        f"-oDir::Cache::Archives={state / 'archives'}",
-        "-oAPT::Architecture=amd64",
-        "-oAPT::Install-Recommends=false",
-        "-oDebug::NoLocking=1",
-        "-oAPT::Sandbox::User=root",  # the private archive dir is root's
-    ]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", *options, "-q", "update"], check=True, env=env)
+    apt = PrivateApt(state, recipe.mirror, (recipe.suite, recipe.backports))
     wanted = [f"{p}/{recipe.backports}" for p in recipe.packages] + list(recipe.suite_packages)
-    subprocess.run(
-        ["apt-get", *options, "-q", "-y", "--download-only", "install", *wanted],
-        check=True,
-        env=env,
-    )
-    debs = sorted((state / "archives").glob("*.deb"))
-    if not debs:
-        raise RuntimeError("apt downloaded no package for the nested lab's QEMU")
-    return debs
+    return apt.install_closure(wanted)

@@ -45,6 +45,8 @@ L2_OVERLAY = "/var/tmp/ptmig-lab/guest/disk.qcow2"
 L2_BOOT_TIMEOUT = 900.0
 L2_MEMORY_MIB = 384
 L2_VCPUS = 1
+#: The mtty parent's mdev types in L1 (samples/vfio-mdev/README.rst).
+MTTY_TYPES = "/sys/devices/virtual/mtty/mtty/mdev_supported_types"
 
 #: The agent's teams in L2.  Team wan is agent-owned with no primary at start: its whole
 #: NIC is plugged by ptmig from the host's pci pool.
@@ -90,6 +92,10 @@ class VfioLabState:
     timings: dict[str, float] = field(default_factory=dict)
     #: L0's QEMU that runs L1 (lab.nested.qemu), as its --version says.
     qemu: str = ""
+    #: L1's ``uname -r`` (lab.nested.kernel: 6.1 by default, 6.12 opt-in).
+    l1_kernel: str = ""
+    #: Whether L1 has the mtty mdev parent (6.12 only): the hybrid path's migratable device.
+    mtty: bool = False
 
     @staticmethod
     def path() -> Path:
@@ -105,6 +111,8 @@ class VfioLabState:
             {k: HostDevices(**v) for k, v in data["hosts"].items()},
             data["timings"],
             data.get("qemu", ""),
+            data.get("l1_kernel", ""),
+            data.get("mtty", False),
         )
 
     def save(self) -> None:
@@ -171,6 +179,11 @@ class VfioLab:
         self.state.timings["l1_boot_s"] = round(l1.start(), 1)
         self.state.save()
         try:
+            self.state.l1_kernel = self.l1_exec("uname -r").check().strip()
+            self.state.mtty = (
+                self.l1_exec(f"test -d {MTTY_TYPES} && echo yes || echo no").check().strip()
+                == "yes"
+            )
             t1 = time.monotonic()
             wires: dict[str, dict[str, str]] = {h: {} for h in LIBVIRT_PORTS}
             for nic in WIRE_NICS:
@@ -325,6 +338,8 @@ class VfioLab:
             info["uris"] = {h: uri(h) for h in LIBVIRT_PORTS}
             info["hosts"] = {h: asdict(d) for h, d in self.state.hosts.items()}
             info["timings"] = self.state.timings
+            info["l1_kernel"] = self.state.l1_kernel
+            info["mtty"] = self.state.mtty
             try:
                 info["guest_on"] = self.where()
             except (VfioLabError, libvirt.libvirtError) as exc:

@@ -66,10 +66,17 @@ class FakeGuest:
             if device.tag not in ("interface", "hostdev"):
                 continue
             mac_el, address = device.find("mac"), device.find("address")
-            if mac_el is None or address is None or address.get("type") != "pci":
+            if address is None or address.get("type") != "pci":
                 continue
             bus = int(address.get("bus", "0"), 0)
-            perm = mac_el.get("address", "").lower()
+            if mac_el is not None:
+                perm = mac_el.get("address", "").lower()
+            elif device.tag == "hostdev":
+                # A whole PCI NIC's burned-in MAC, which libvirt's XML does not show; by
+                # its guest slot, so a NIC whose state QEMU copies keeps it on the other host.
+                perm = f"52:54:00:fc:00:{bus:02x}"
+            else:
+                continue
             out[perm] = Link(
                 f"enp{bus}s0",
                 10 + bus,

@@ -309,11 +309,14 @@ class FakeDomain:
         on_progress: Callable[[MigrationProgress], None] | None = None,
         max_downtime_ms: int | None = None,
         options: MigrationOptions | None = None,
+        destination_xml: str | None = None,
     ) -> MigrationStats:
         destination_uri = peer_uri or destination.uri
         options = options or MigrationOptions()
         # What libvirt would be asked: the production flags and typed parameters.
-        flags, params = migration_call(options, persistent_xml=persistent_xml, unsafe=unsafe)
+        flags, params = migration_call(
+            options, persistent_xml=persistent_xml, unsafe=unsafe, destination_xml=destination_xml
+        )
         self.world.migrations.append(MigrationCall(self.domain_name, options, flags, params))
         what = f"migrate {self.domain_name} {self.uri} -> {destination_uri}"
         self._job_window(what)
@@ -326,7 +329,10 @@ class FakeDomain:
             target = self.world.hosts.get(self.world.peers.get(destination_uri, destination_uri))
             if target is None or target is self._host:
                 raise HypervisorError(f"{what}: unable to connect to server", 38)
-            if any(d.tag == "hostdev" for d in devices_of(record.live)):
+            blockers = self._blockers(record)
+            if blockers:
+                raise HypervisorError(f"{what}: cannot migrate domain: {'; '.join(blockers)}", 55)
+            if any(d.tag == "hostdev" for d in devices_of(record.live)) and not destination_xml:
                 raise HypervisorError(
                     f"{what}: Requested operation is not valid: domain has "
                     "assigned non-USB host devices",
@@ -360,6 +366,18 @@ class FakeDomain:
             if on_progress is not None:
                 on_progress(MigrationProgress(120, 64 << 20, 512 << 20, 448 << 20, 1))
             live = copy.deepcopy(record.live)
+            if destination_xml:  # libvirt starts the destination from it (the devices' part)
+                asked = ET.fromstring(destination_xml)
+                for device, wanted in zip(devices_of(live), devices_of(asked), strict=True):
+                    if device.tag == "hostdev":
+                        device[:] = list(copy.deepcopy(wanted))
+                busy = host_pcis_in(live) & {
+                    p for o in target.domains.values() if o.active for p in host_pcis_in(o.live)
+                }
+                if busy:
+                    raise HypervisorError(
+                        f"{what}: PCI device {sorted(busy)[0]} is in use by driver QEMU", 1
+                    )
             live.set("id", str(target.next_domid))
             target.domains[record.uuid] = DomainRecord(
                 record.uuid,
@@ -445,6 +463,22 @@ class FakeDomain:
 
     def start_postcopy(self) -> None:
         raise HypervisorError(f"{self.uri}: start post-copy: no job on {self.domain_name}")
+
+    def migratable_xml(self) -> str:
+        with self.world.op(self.uri, "migratable_xml", self.domain_name):
+            return self.world.xml(self._record())
+
+    def migration_blockers(self) -> list[str]:
+        with self.world.op(self.uri, "migration_blockers", self.domain_name):
+            return self._blockers(self._record())
+
+    def _blockers(self, record: DomainRecord) -> list[str]:
+        """As QEMU's query-migrate: the world's own, and each hostdev whose device the
+        world does not call state-copyable (QEMU names it by its host address)."""
+        reasons = list(self.world.blockers.get(record.name, []))
+        for pci in sorted(host_pcis_in(record.live) - self.world.state_copyable):
+            reasons.append(f"{pci}: VFIO migration is not supported in kernel")
+        return reasons
 
     def qmp(self, command: str) -> Any:
         raise HypervisorError(f"{self.uri}: QMP {command}: the fakes have no QEMU")

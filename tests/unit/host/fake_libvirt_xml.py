@@ -171,7 +171,8 @@ def host_pci_of(device: ET.Element) -> str | None:
     address = device.find("source/address")
     if device.tag != "hostdev" or address is None:
         return None
-    return "{}:{}:{}.{}".format(
+    # As ptmig writes a PCI address (host.domain.addresses.normalize_pci).
+    return "{:04x}:{:02x}:{:02x}.{:x}".format(
         *(int(address.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function"))
     )
 

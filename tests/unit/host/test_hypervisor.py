@@ -194,3 +194,14 @@ def test_pool_networks_are_defined_listed_redefined_and_undefined(hv: Hypervisor
 def test_a_malformed_network_is_refused_before_libvirt(hv: Hypervisor) -> None:
     with pytest.raises(HypervisorError, match="DOCTYPE"):
         hv.define_network("<!DOCTYPE n><network><name>x</name></network>")
+
+
+def test_the_migratable_xml_is_the_running_domain(hv: Hypervisor, name: str) -> None:
+    dom = define(hv, name)
+    assert parse_domain(dom.migratable_xml()).name == name
+
+
+def test_blockers_need_qemu_and_say_so_as_a_hypervisor_error(hv: Hypervisor, name: str) -> None:
+    dom = define(hv, name)
+    with pytest.raises(HypervisorError, match="query-migrate"):
+        dom.migration_blockers()

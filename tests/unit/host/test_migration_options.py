@@ -502,3 +502,13 @@ def test_a_job_that_failed_in_postcopy_says_so(
             options=MigrationOptions(postcopy=postcopy, libvirt_defaults=True),
         )
     assert isinstance(caught.value, hypervisor.PostcopyFailed) == (raised == "post")
+
+
+def test_a_destination_xml_is_libvirts_dest_xml_parameter_and_absent_otherwise() -> None:
+    _, without = migration_call(MigrationOptions(), persistent_xml="<domain/>")
+    assert libvirt.VIR_MIGRATE_PARAM_DEST_XML not in without
+    _, params = migration_call(
+        MigrationOptions(), persistent_xml="<domain/>", destination_xml="<domain><x/></domain>"
+    )
+    assert params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] == "<domain><x/></domain>"
+    assert params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] == "<domain/>"

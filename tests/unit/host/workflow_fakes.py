@@ -178,6 +178,10 @@ class World:
         #: the call's outcome.
         self.agent_before: dict[tuple[str, str], Callable[[str, float | None], None]] = {}
         self.agents_open = 0
+        #: Host PCI addresses whose devices implement VFIO migration (QEMU names no
+        #: blocker for them), and blockers QEMU names per domain whatever is plugged.
+        self.state_copyable: set[str] = set()
+        self.blockers: dict[str, list[str]] = {}
         #: How long a migration job runs before the VM moves (0: at once).
         self.migration_job_s = 0.0
         #: Set when such a job starts running: where a test cancels or interrupts it.

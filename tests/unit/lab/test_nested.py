@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from lab.image import GuestImage
+from lab.nested import image as nested_image
 from lab.nested.image import _module_closure, newc_archive
+from lab.nested.kernel import (
+    L1_KERNEL_ENV,
+    MTTY_IN_L1,
+    MttyModule,
+    MttyRecipe,
+    selected_l1_kernel,
+)
 from lab.nested.l1 import L1, WIRE_NICS
 from lab.nested.qemu import QemuRecipe, UnpackedQemu
 
@@ -126,3 +135,57 @@ def test_bench_vfio_reads_its_json_back_and_names_links_from_the_monitor() -> No
     }
     # L1's clock is 2 s ahead: the outage starts 3.5 s after a bind that began at L0's 100 s
     assert outages_from(traffic, 100.0, "bind") == [(3.5, 4.0, 100)]
+
+
+def _fake_mtty(tmp_path: Path, content: bytes = b"\x7fELF mtty") -> MttyModule:
+    root = tmp_path / "mtty-x"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "mtty.ko").write_bytes(content)
+    kernel = {"release": "6.12.95+deb12-amd64", "version": "6.12.95-1~bpo12+1", "gcc": "gcc-12"}
+    (root / "manifest.json").write_text(json.dumps({"kernel": kernel}))
+    return MttyModule(root)
+
+
+def test_l1_kernel_is_6_1_unless_asked_and_a_bad_choice_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(L1_KERNEL_ENV, raising=False)
+    assert selected_l1_kernel() == "6.1"
+    monkeypatch.setenv(L1_KERNEL_ENV, "6.12")
+    assert selected_l1_kernel() == "6.12"
+    monkeypatch.setenv(L1_KERNEL_ENV, "6.13")
+    with pytest.raises(ValueError, match=r"6\.1, 6\.12"):
+        selected_l1_kernel()
+
+
+def test_the_6_12_l1_pins_the_kernel_mtty_was_built_for_and_loads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _fake_mtty(tmp_path)
+    monkeypatch.setattr(nested_image, "build_mtty", lambda: module)
+    default, hybrid = nested_image.l1_recipe("6.1"), nested_image.l1_recipe("6.12")
+    assert "linux-image-6.12.95+deb12-amd64=6.12.95-1~bpo12+1" in hybrid.backports
+    assert not any(p.startswith("linux-image") for p in default.backports)
+    assert hybrid.binary_files == {MTTY_IN_L1: module.ko}
+    assert f"insmod {MTTY_IN_L1}" in hybrid.files["/sbin/ptmig-l1-init"]
+    assert "mtty" not in default.files["/sbin/ptmig-l1-init"]
+    assert not default.binary_files
+    # separate caches: building one kernel's image never prunes the other's
+    assert nested_image.l1_cache("6.1") != nested_image.l1_cache("6.12")
+    with pytest.raises(ValueError):
+        nested_image.l1_recipe("5.10")
+
+
+def test_a_rebuilt_module_gives_a_new_l1_image_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nested_image, "build_mtty", lambda: _fake_mtty(tmp_path, b"one"))
+    first = nested_image.l1_recipe("6.12").image_key()
+    monkeypatch.setattr(nested_image, "build_mtty", lambda: _fake_mtty(tmp_path, b"two"))
+    assert nested_image.l1_recipe("6.12").image_key() != first
+
+
+def test_the_mtty_build_is_keyed_by_its_recipe() -> None:
+    assert MttyRecipe(mirror="a").key() == MttyRecipe(mirror="a").key()
+    assert MttyRecipe(mirror="a").key() != MttyRecipe(mirror="b").key()
+    assert MttyRecipe(mirror="a").key() != MttyRecipe(mirror="a", backports="trixie").key()

@@ -1,0 +1,175 @@
+"""The hybrid path's decisions (host/workflow/hybrid.py) and the XML they need: which
+team keeps its primary plugged while QEMU copies its state, which switches, and why."""
+
+from __future__ import annotations
+
+import pytest
+from domain_samples import INACTIVE_DOMAIN, LIVE_DOMAIN
+
+from host.domain import DomainModelError
+from host.domain.domain_xml import parse_domain, retarget_hostdev
+from host.domain.kinds import PoolKind
+from host.domain.pools import EmulatedPool, PciPool, format_pool_network, parse_pool_network
+from host.domain.teams import PrimaryDevice, Team
+from host.workflow.hybrid import Candidate, TeamWay, Way, choose_ways, kept, still_blocked
+
+SRC_NIC = "0000:03:00.0"
+
+
+def _team(name: str, pool: str = "nics") -> Team:
+    return Team(name, "52:54:00:aa:00:01", "preserve", pool)
+
+
+def _pci(alias: str = "ua-ptmig-lan-1", address: str = SRC_NIC) -> PrimaryDevice:
+    return PrimaryDevice(PoolKind.PCI, alias, pci_address=address)
+
+
+def _pool(copy: bool | None = True, *addresses: str) -> PciPool:
+    return PciPool("nics", addresses or (SRC_NIC,), state_copy=copy)
+
+
+def _lan(**kw: object) -> Candidate:
+    args: dict[str, object] = {
+        "team": _team("lan"),
+        "device": _pci(),
+        "source_pool": _pool(),
+        "destination_pool": _pool(True, "0000:05:00.0"),
+    }
+    args.update(kw)
+    return Candidate(**args)  # type: ignore[arg-type]
+
+
+FREE = {"nics": ["0000:05:00.0"]}
+
+
+def test_a_marked_pool_with_no_blocker_and_a_free_destination_device_copies_state() -> None:
+    ways = choose_ways([_lan()], blockers=[], destination_free=FREE)
+    assert ways["lan"].way is Way.COPY
+    assert ways["lan"].destination == "0000:05:00.0"
+    assert "0000:05:00.0" in ways["lan"].reason
+    assert kept(ways) == ["lan"]
+
+
+@pytest.mark.parametrize(
+    ("candidate", "why"),
+    [
+        (_lan(source_pool=_pool(None)), "not marked state-copy"),
+        (_lan(source_pool=_pool(False)), "not marked state-copy"),
+        (_lan(destination_pool=_pool(None, "0000:05:00.0")), "on the destination"),
+        (_lan(destination_pool=None), "on the destination"),
+        (_lan(device=None), "no primary plugged"),
+        (
+            _lan(
+                device=PrimaryDevice(PoolKind.EMULATED, "ua-x", mac="52:54:00:ba:00:01", tap="t0"),
+                source_pool=EmulatedPool("nics", "br0", "e1000e"),
+            ),
+            "not a pci pool",
+        ),
+    ],
+)
+def test_without_the_pools_word_on_both_hosts_a_team_switches(
+    candidate: Candidate, why: str
+) -> None:
+    ways = choose_ways([candidate], blockers=[], destination_free=FREE)
+    assert ways["lan"].way is Way.SWITCH
+    assert why in ways["lan"].reason
+
+
+def test_the_operator_forces_the_switch() -> None:
+    ways = choose_ways([_lan()], blockers=[], destination_free=FREE, force_switch=True)
+    assert ways["lan"] == TeamWay(Way.SWITCH, "the operator forced the switch")
+
+
+def test_a_blocker_that_names_the_device_switches_it() -> None:
+    reason = f"{SRC_NIC}: VFIO migration is not supported in kernel"
+    ways = choose_ways([_lan()], blockers=[reason], destination_free=FREE)
+    assert ways["lan"].way is Way.SWITCH
+    assert ways["lan"].reason == f"QEMU blocks it: {reason}"
+
+
+def test_a_blocker_of_a_primary_that_will_be_unplugged_does_not_stop_the_copy() -> None:
+    wan = _lan(
+        team=_team("wan", "other"),
+        device=_pci("ua-ptmig-wan-1", "0000:04:00.0"),
+        source_pool=PciPool("other", ("0000:04:00.0",)),
+        destination_pool=PciPool("other", ("0000:06:00.0",)),
+    )
+    blocker = "0000:04:00.0: VFIO migration is not supported in kernel"
+    ways = choose_ways([_lan(), wan], blockers=[blocker], destination_free=FREE)
+    assert ways["lan"].way is Way.COPY
+    assert ways["wan"].way is Way.SWITCH
+
+
+def test_a_blocker_for_the_whole_vm_switches_every_team() -> None:
+    blocker = "Migration is disabled when VirtFS export path '/x' is mounted in the guest"
+    ways = choose_ways([_lan()], blockers=[blocker], destination_free=FREE)
+    assert ways["lan"] == TeamWay(Way.SWITCH, f"QEMU blocks the VM: {blocker}")
+
+
+def test_each_kept_team_gets_its_own_destination_device_or_switches() -> None:
+    two = _lan(team=_team("san"), device=_pci("ua-ptmig-san-1", "0000:03:00.1"))
+    ways = choose_ways([_lan(), two], blockers=[], destination_free=FREE)
+    assert ways["lan"].way is Way.COPY
+    assert ways["san"].way is Way.SWITCH
+    assert "no free device" in ways["san"].reason
+
+
+def test_a_blocker_left_after_the_unplug_switches_the_kept_ones_too() -> None:
+    ways = choose_ways([_lan()], blockers=[], destination_free=FREE)
+    assert still_blocked(ways, []) == ways
+    after = still_blocked(ways, ["vIOMMU"])
+    assert after["lan"].way is Way.SWITCH
+    assert "vIOMMU" in after["lan"].reason
+    assert kept(after) == []
+
+
+def test_state_copy_is_declared_on_the_pci_pool_and_absent_unless_set() -> None:
+    marked = parse_pool_network(format_pool_network(_pool(True)))
+    assert isinstance(marked, PciPool) and marked.state_copy is True
+    assert "state-copy='yes'" in format_pool_network(_pool(True)).replace('"', "'")
+    plain = format_pool_network(_pool(None))
+    assert "state-copy" not in plain
+    parsed = parse_pool_network(plain)
+    assert isinstance(parsed, PciPool) and not parsed.state_copy
+
+
+def test_retarget_gives_the_hostdev_the_destination_address_and_keeps_the_rest() -> None:
+    before = parse_domain(LIVE_DOMAIN)
+    out = parse_domain(retarget_hostdev(LIVE_DOMAIN, {SRC_NIC: "0000:07:00.1"}))
+    (old,), (new,) = before.hostdevs, out.hostdevs
+    assert new.host_pci_address == "0000:07:00.1"
+    assert (new.alias, new.guest_pci_address, new.managed) == (
+        old.alias,
+        old.guest_pci_address,
+        old.managed,
+    )
+    assert out.interfaces == before.interfaces
+    assert out.teams == before.teams
+
+
+def test_retarget_refuses_an_address_no_hostdev_has_unless_told_not_to() -> None:
+    with pytest.raises(DomainModelError, match=r"no PCI hostdev at 0000:09:00\.0"):
+        retarget_hostdev(INACTIVE_DOMAIN, {"0000:09:00.0": "0000:07:00.1"})
+    same = retarget_hostdev(INACTIVE_DOMAIN, {"0000:09:00.0": "0000:07:00.1"}, strict=False)
+    assert parse_domain(same) == parse_domain(INACTIVE_DOMAIN)
+
+
+def test_the_faces_carry_the_switch_the_pools_word_and_the_ways() -> None:
+    from ptmig.v1 import coordinator_pb2 as cpb
+
+    from host.daemon.encode import migration_request, pool_definition, report_message
+    from host.domain.pools import make_pool
+    from host.workflow.model import MigrationReport, Outcome
+
+    request = cpb.MigrateRequest(domain="vm1", source_uri="a", destination_uri="b")
+    assert migration_request(request).switch_all is False
+    request.switch_all = True
+    assert migration_request(request).switch_all is True
+    pool = pool_definition(
+        cpb.DefinePoolRequest(name="nics", kind="pci", addresses=[SRC_NIC], state_copy=True)
+    )
+    assert isinstance(pool, PciPool) and pool.state_copy is True
+    with pytest.raises(DomainModelError, match="state copy"):
+        make_pool("lab", "emulated", bridge="br0", state_copy=True)
+    report = MigrationReport("id", "vm1", "a", "b", Outcome.DONE, ways={"wan": "copy-state: x"})
+    assert dict(report_message(report).ways) == {"wan": "copy-state: x"}
