@@ -24,13 +24,11 @@ from typing import Any
 import grpc
 import pytest
 from ptmig.v1 import coordinator_pb2 as pb
-from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 from workflow_fakes import VM1, A, B, World
+from world_daemon import CALL_TIMEOUT, world_ptmigd
 
-from host.daemon import ListenConfig, serve
 from host.workflow.journal import Journal
 
-CALL_TIMEOUT = 30
 C = "fake://c"  # no such host: unreachable
 BAD_URI = "fake:// a"  # libvirt cannot parse it
 OK = grpc.StatusCode.OK
@@ -73,6 +71,10 @@ def evacuate(source: str, *targets: str) -> Any:
     )
 
 
+def failover(**fields: Any) -> Any:
+    return pb.FailoverRequest(**{"uri": A, "domain": "vm1", "to": pb.TEAM_MODE_STANDBY, **fields})
+
+
 def set_team(**fields: Any) -> Any:
     team = {"uri": A, "domain": "vm1", "name": "lan", "standby_mac": "52:54:00:00:01:01"}
     return pb.SetTeamRequest(**{**team, "pool": "lab", **fields})
@@ -110,41 +112,13 @@ CASES = [
     Case("ListPools", "unreachable", pb.ListPoolsRequest(uri=C), UNREACHABLE),
     Case("Recover", "nothing-to-recover", pb.RecoverRequest(), OK),
     Case("ListWorkflows", "limit-above-the-cap", pb.ListWorkflowsRequest(limit=2**32 - 1), OK),
-    Case("Failover", "no-domain", pb.FailoverRequest(uri=A, to=pb.TEAM_MODE_STANDBY), INVALID),
-    Case("Failover", "no-mode", pb.FailoverRequest(uri=A, domain="vm1"), INVALID),
-    Case(
-        "Failover",
-        "degraded-is-no-target",
-        pb.FailoverRequest(uri=A, domain="vm1", to=pb.TEAM_MODE_DEGRADED),
-        INVALID,
-    ),
-    Case(
-        "Failover",
-        "unknown-domain",
-        pb.FailoverRequest(uri=A, domain="nope", to=pb.TEAM_MODE_STANDBY),
-        NOT_FOUND,
-    ),
-    Case(
-        "Failover",
-        "unreachable",
-        pb.FailoverRequest(uri=C, domain="vm1", to=pb.TEAM_MODE_STANDBY),
-        UNREACHABLE,
-    ),
-    Case(
-        "Failover",
-        "held-by-another-workflow",
-        pb.FailoverRequest(uri=A, domain="vm1", to=pb.TEAM_MODE_STANDBY),
-        BUSY,
-        setup=busy,
-    ),
-    Case(
-        "Failover",
-        "agent-down",
-        pb.FailoverRequest(uri=A, domain="vm1", to=pb.TEAM_MODE_STANDBY),
-        UNREACHABLE,
-        setup=agent_down,
-        records=True,
-    ),
+    Case("Failover", "no-domain", failover(domain=""), INVALID),
+    Case("Failover", "no-mode", failover(to=pb.TEAM_MODE_UNSPECIFIED), INVALID),
+    Case("Failover", "degraded-is-no-target", failover(to=pb.TEAM_MODE_DEGRADED), INVALID),
+    Case("Failover", "unknown-domain", failover(domain="nope"), NOT_FOUND),
+    Case("Failover", "unreachable", failover(uri=C), UNREACHABLE),
+    Case("Failover", "held-by-another-workflow", failover(), BUSY, setup=busy),
+    Case("Failover", "agent-down", failover(), UNREACHABLE, setup=agent_down, records=True),
     Case("GetTeams", "no-domain", pb.GetTeamsRequest(uri=A), INVALID),
     Case("GetTeams", "unknown-domain", pb.GetTeamsRequest(uri=A, domain="nope"), NOT_FOUND),
     Case("GetTeams", "malformed-uri", pb.GetTeamsRequest(uri=BAD_URI, domain="vm1"), INVALID),
@@ -201,17 +175,8 @@ def journal_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 @pytest.fixture
 def ptmigd(world: World, journal_path: Path, short_tmp: Path) -> Iterator[tuple[Any, Journal]]:
-    with Journal(journal_path) as journal:
-        daemon = serve(
-            world.coordinator(journal),
-            ListenConfig(socket=short_tmp / "run" / "ptmigd.sock", threads=4),
-        )
-        try:
-            with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
-                yield pb_grpc.CoordinatorStub(channel), journal
-        finally:
-            daemon.stop(grace=1)
-            assert daemon.wait_for_workflows(timeout=CALL_TIMEOUT)
+    with world_ptmigd(world, journal_path, short_tmp) as served:
+        yield served
 
 
 def call(stub: Any, rpc: str, request: Any) -> tuple[grpc.StatusCode, str]:
