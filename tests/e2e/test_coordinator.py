@@ -406,7 +406,7 @@ def test_primaries_detached_outside_ptmig_to_an_empty_pool_is_done_degraded(
 
 
 def test_real_libvirtd_errors_name_their_category_and_change_nothing(
-    coordinated: VmLab, short_tmp: Path
+    lab: VmLab, short_tmp: Path
 ) -> None:
     """A domain hosta's libvirtd (the QEMU driver, over the remote protocol) does not have
     is not found, a host whose libvirtd is not there is unreachable: ``ptmig`` says so in
