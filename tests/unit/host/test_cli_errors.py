@@ -113,6 +113,12 @@ def test_every_error_class_is_one_line_with_its_exit_code(tmp_path: Path, node: 
             "team wan: standby-mac: malformed MAC address '52:54:zz' (want aa:bb:cc:dd:ee:ff)",
         ),
         (
+            ["migrate", "web1"],
+            cli.EXIT_USAGE,
+            "migrate",
+            "the following arguments are required: DEST_URI; see 'ptmig migrate --help'",
+        ),
+        (
             ["-c", "test:///default", "status", "test"],
             cli.EXIT_ROLLED_BACK,
             "status test",
