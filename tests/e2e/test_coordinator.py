@@ -411,8 +411,7 @@ def test_real_libvirtd_errors_name_their_category_and_change_nothing(
     """A domain hosta's libvirtd (the QEMU driver, over the remote protocol) does not have
     is not found, a host whose libvirtd is not there is unreachable: ``ptmig`` says so in
     one line with exit 7 or 8, ptmigd with NOT_FOUND or UNAVAILABLE; the lab's domain and
-    the journal are as they were."""
-    lab = coordinated
+    the journal are as they were.  It only reads: it needs the lab's hosts, not its pools."""
     where = lab.where()
     gone = f"qemu+unix:///system?socket={short_tmp}/no-libvirtd/libvirt-sock"
     with Hypervisor(lab.hosts[where].uri) as hv:
