@@ -154,7 +154,7 @@ def test_log_records_and_the_traceback_only_with_v(tmp_path: Path) -> None:
     assert last == line
     assert TIMESTAMP.match(records[0]) and " ptmig: status nosuch failed" in records[0]
     assert "Traceback (most recent call last):" in records
-    assert records[-1].startswith("host.hypervisor.DomainNotFound: test:///default: domain")
+    assert records[-1].startswith("host.hypervisor.errors.DomainNotFound: test:///default: domain")
 
 
 def test_a_defect_says_internal_error_and_what_to_do(
