@@ -5,7 +5,7 @@ Exit codes:
   1  error: libvirt, the guest agent or the journal failed, or a defect of ptmig
   2  usage: bad arguments or malformed input: URI, name, MAC, address, option
   3  done-degraded: migrated, but some team stays on its standby (no free device)
-  4  refused or rolled back: the VM runs where it ran, as it ran (nothing changed)
+  4  refused or rolled back: the VM runs where it ran, as it ran
   5  failed: something could not be undone; the message says what to check
   6  busy: another workflow holds the domain (see 'ptmig workflows'), in this journal
      or by the lease in the domain's metadata (another coordinator's)
