@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from host.errors import PtmigError
+from host.errors import Category, PtmigError
 
 
 class CopyStorage(enum.StrEnum):
@@ -24,6 +24,8 @@ MAX_PARALLEL_CONNECTIONS = 255
 
 class InvalidMigrationOptions(PtmigError, ValueError):
     """A migration option is out of range or contradicts another; nothing was started."""
+
+    category = Category.INVALID
 
 
 #: QEMU's default downtime limit, which libvirt leaves as it is.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -35,11 +34,12 @@ DEFAULT_URI = "qemu:///system"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its error message on one printable line (it echoes arguments)."""
+    """argparse, with its error as ptmig's one printable line (it echoes arguments), the
+    usage left to ``--help``."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
+        what = self.prog.removeprefix("ptmig").strip() or "usage"
+        self.exit(EXIT_USAGE, f"ptmig: {what}: {one_line(message)}; see '{self.prog} --help'\n")
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:

@@ -18,11 +18,11 @@ Who may call
 
 Errors
     Exceptions from the coordinator become a gRPC status and a one-line message,
-    never a traceback (that goes to ptmigd's log).  An exception class may choose
-    its status with a class attribute ``code = "FAILED_PRECONDITION"`` (a
-    ``grpc.StatusCode`` name, the convention of guest_agent's TeamError); otherwise
-    :func:`status_for` maps by type.  A migration that rolled back or failed after it
-    started is not an RPC error: the stream ends normally with its report.
+    never a traceback (that goes to ptmigd's log).  The status is the error's
+    category (``PtmigError.category``, host/errors.py) through one table,
+    ``errors.STATUS``; anything that is not a PtmigError is INTERNAL.  A migration
+    that rolled back or failed after it started is not an RPC error: the stream ends
+    normally with its report.
 
 Migrate and clients that go away
     The migration runs in its own (non-daemon) worker thread; its events go through a

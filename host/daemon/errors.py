@@ -1,8 +1,7 @@
 """How ptmigd answers a failure: a gRPC status with one line, never a traceback.
 
-An exception class may choose its status with a class attribute ``code =
-"FAILED_PRECONDITION"`` (a ``grpc.StatusCode`` name, the convention of guest_agent's
-TeamError); otherwise :func:`status_for` maps by type.
+The status is the error's category (host/errors.py) through :data:`STATUS`, the one
+table of it (docs/operator-guide.md lists it with the CLI's exit codes).
 """
 
 from __future__ import annotations
@@ -13,37 +12,34 @@ from typing import Any, NoReturn
 
 import grpc
 
-from host.migration_options import InvalidMigrationOptions
-from host.workflow.journal import JournalError, WorkflowConflict
+from host.errors import Category, category_of
 
 log = logging.getLogger("ptmig.daemon")
 
 MAX_MESSAGE_CHARS = 1000
 
+#: The gRPC status of each category.
+STATUS: dict[Category, grpc.StatusCode] = {
+    Category.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Category.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Category.REFUSED: grpc.StatusCode.FAILED_PRECONDITION,
+    Category.BUSY: grpc.StatusCode.ALREADY_EXISTS,
+    Category.ABORTED: grpc.StatusCode.ABORTED,
+    Category.UNREACHABLE: grpc.StatusCode.UNAVAILABLE,
+    Category.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Category.DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Category.FAILED: grpc.StatusCode.UNKNOWN,
+    Category.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message a client gets for `exc` (never a traceback)."""
     message = one_line(str(exc)) or type(exc).__name__
-    named = getattr(exc, "code", None)
-    if isinstance(named, str) and isinstance(
-        getattr(grpc.StatusCode, named, None), grpc.StatusCode
-    ):
-        return getattr(grpc.StatusCode, named), message
-    table: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], Any], ...] = (
-        (WorkflowConflict, grpc.StatusCode.ALREADY_EXISTS),
-        (InvalidMigrationOptions, grpc.StatusCode.INVALID_ARGUMENT),
-        (JournalError, grpc.StatusCode.INTERNAL),
-        (PermissionError, grpc.StatusCode.PERMISSION_DENIED),
-        (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-        ((LookupError, FileNotFoundError), grpc.StatusCode.NOT_FOUND),
-        (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
-        ((ValueError, TypeError), grpc.StatusCode.INVALID_ARGUMENT),
-        (ConnectionError, grpc.StatusCode.UNAVAILABLE),
-    )
-    for types, code in table:
-        if isinstance(exc, types):
-            return code, message
-    return grpc.StatusCode.INTERNAL, f"internal error in ptmigd: {type(exc).__name__}: {message}"
+    code = STATUS[category_of(exc)]
+    if code == grpc.StatusCode.INTERNAL:
+        return code, f"internal error in ptmigd: {type(exc).__name__}: {message}"
+    return code, message
 
 
 def one_line(text: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from host.errors import PtmigError
+from host.errors import Category, PtmigError
 
 
 class DomainModelError(PtmigError, ValueError):
@@ -12,9 +12,13 @@ class DomainModelError(PtmigError, ValueError):
     whatever the input is, so callers need one except clause for untrusted XML.
     """
 
+    category = Category.INVALID
+
 
 class UnknownName(DomainModelError, LookupError):
     """No team, device or pool of that name (a face answers "not found")."""
+
+    category = Category.NOT_FOUND
 
 
 def shown(value: object) -> str:

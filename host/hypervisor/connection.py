@@ -24,7 +24,7 @@ class Hypervisor:
         try:
             self._conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
-            raise wrap(f"cannot connect to {uri}", exc) from exc
+            raise wrap(f"cannot connect to {uri}", exc, connecting=True) from exc
         # Notice a dead peer in about 15 s instead of waiting on TCP; a daemon that does
         # not support keepalives is still usable.
         with contextlib.suppress(libvirt.libvirtError):

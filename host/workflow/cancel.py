@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+from host.errors import Category
 from host.workflow.errors import WorkflowError
 from host.workflow.journal import Journal, WorkflowClosed, WorkflowKind, WorkflowRecord
 from host.workflow.model import CancelResult, Outcome
@@ -26,7 +27,7 @@ PAST_NO_RETURN = frozenset({"bind", "verify"})
 class NothingToCancel(WorkflowError, LookupError):
     """The domain has no running migration to cancel; nothing was changed."""
 
-    code = "NOT_FOUND"
+    category = Category.NOT_FOUND
 
 
 def cancel(

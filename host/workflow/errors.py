@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from host.errors import PtmigError
+from host.errors import Category, PtmigError
 
 
 class WorkflowError(PtmigError, RuntimeError):
@@ -11,3 +11,5 @@ class WorkflowError(PtmigError, RuntimeError):
 
 class PreflightError(WorkflowError):
     """Refused before anything changed."""
+
+    category = Category.REFUSED

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from host.domain.domain_xml import parse_domain
+from host.errors import Category
 from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.inventory import free_by_pool
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 class NoTarget(WorkflowError):
     """No target host of an evacuation could be reached; nothing was started."""
 
-    code = "UNAVAILABLE"
+    category = Category.UNREACHABLE
 
 
 @dataclass

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from host.errors import PtmigError
+from host.errors import Category, PtmigError
 
 MAX_DATA_JSON_CHARS = 1024 * 1024  # a step's data is a few addresses and names, not logs
 
@@ -21,15 +21,21 @@ class JournalError(PtmigError):
 
 
 class JournalDataError(JournalError, ValueError):
-    """A request, step data or report that is not plain JSON."""
+    """A request, step data or report that is not plain JSON (ptmig's own data: a defect)."""
+
+    category = Category.INTERNAL
 
 
 class UnknownWorkflow(JournalError, LookupError):
     """No workflow with that id."""
 
+    category = Category.NOT_FOUND
+
 
 class WorkflowClosed(JournalError):
     """The workflow was already finished; it takes no more steps."""
+
+    category = Category.REFUSED
 
 
 class WorkflowKind(enum.StrEnum):
@@ -109,6 +115,8 @@ class CancelRequest:
 
 class WorkflowConflict(JournalError):
     """The domain already has an open workflow (running, or left by a dead coordinator)."""
+
+    category = Category.BUSY
 
     def __init__(self, open_workflow: WorkflowRecord, owner_alive: bool) -> None:
         self.open_workflow = open_workflow

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from host.domain.errors import DomainModelError
 from host.domain.lease import LEASE_NS, LEASE_PREFIX, Lease, format_lease, lease_from_domain_xml
+from host.errors import Category
 from host.hypervisor import Domain, HypervisorError
 from host.workflow.errors import WorkflowError
 from host.workflow.owners import boot_id_now, process_alive, process_start_time
@@ -49,13 +50,14 @@ TAKE_ATTEMPTS = 3
 class LeaseHeld(WorkflowError):
     """Another coordinator's workflow holds the domain; nothing was changed."""
 
-    code = "ALREADY_EXISTS"
+    category = Category.BUSY
+    hint = "wait for it, or see 'ptmig workflows' on its host"
 
 
 class LeaseLost(WorkflowError):
     """The lease this workflow took is now someone else's: it must stop acting."""
 
-    code = "ABORTED"
+    category = Category.ABORTED
 
 
 @dataclass(frozen=True)

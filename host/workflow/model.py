@@ -13,7 +13,7 @@ from typing import Any
 
 from host.domain.kinds import MacPolicy, PoolKind
 from host.domain.teams import PrimaryDevice, Team
-from host.errors import PtmigError
+from host.errors import Category, PtmigError
 from host.migration_options import MigrationOptions, MigrationStats
 
 
@@ -57,6 +57,8 @@ MAX_PARALLEL_MIGRATIONS = 16
 
 class InvalidEvacuation(PtmigError, ValueError):
     """An evacuation request that cannot be run (no target, the source as a target...)."""
+
+    category = Category.INVALID
 
 
 @dataclass(frozen=True)

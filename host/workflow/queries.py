@@ -33,6 +33,7 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
     with rt.connect(uri) as hv:
         guest = rt.guest(hv, domain)
         try:
+            guest.teams()  # none: refused at once, not after the agent's deadline
             agent_error = ""
             state = None
             try:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from migration_checks import (
     OTHER,
@@ -25,7 +26,13 @@ from migration_checks import (
     pingers,
     there_and_back,
 )
+from ptmig.v1 import coordinator_pb2 as pb
+from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 
+from host.daemon import ListenConfig, serve
+from host.hypervisor import Hypervisor
+from host.workflow.coordinator import Coordinator
+from host.workflow.journal import Journal
 from host.workflow.model import Outcome
 from lab import TEAM_MAC, pki
 from lab import coordinated as co
@@ -393,3 +400,67 @@ def test_primaries_detached_outside_ptmig_to_an_empty_pool_is_done_degraded(
     assert lab.where() == dest
     lab.check_health()
     co.wait_for_teams_on_primary(lab)  # the pool has devices again
+
+
+# -- the error contract against the real libvirtd ----------------------------------------
+
+
+def test_real_libvirtd_errors_name_their_category_and_change_nothing(
+    lab: VmLab, short_tmp: Path
+) -> None:
+    """A domain hosta's libvirtd (the QEMU driver, over the remote protocol) does not have
+    is not found, a host whose libvirtd is not there is unreachable: ``ptmig`` says so in
+    one line with exit 7 or 8, ptmigd with NOT_FOUND or UNAVAILABLE; the lab's domain and
+    the journal are as they were.  It only reads: it needs the lab's hosts, not its pools."""
+    where = lab.where()
+    gone = f"qemu+unix:///system?socket={short_tmp}/no-libvirtd/libvirt-sock"
+    with Hypervisor(lab.hosts[where].uri) as hv:
+        before = hv.domain(DOMAIN_NAME).xml()
+    journal_before = co.ptmig(lab, where, "workflows", "--json").stdout
+
+    missing = co.ptmig(lab, where, "status", "ptmig-nonesuch", check=False)
+    assert missing.returncode == 7, missing.stderr
+    assert missing.stderr.startswith("ptmig: status ptmig-nonesuch: ")
+    assert "Domain not found" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    unreachable = co.ptmig_at(gone, co.journal_path(), "status", DOMAIN_NAME, check=False)
+    assert unreachable.returncode == 8, unreachable.stderr
+    assert unreachable.stderr.startswith(f"ptmig: status {DOMAIN_NAME}: cannot connect to ")
+    assert len(unreachable.stderr.splitlines()) == 1
+
+    with Journal(short_tmp / "journal.sqlite") as journal:
+        daemon = serve(Coordinator(journal), ListenConfig(socket=short_tmp / "run" / "ptmigd.sock"))
+        try:
+            with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                for request, code in (
+                    (
+                        pb.GetStatusRequest(uri=lab.hosts[where].uri, domain="ptmig-nonesuch"),
+                        grpc.StatusCode.NOT_FOUND,
+                    ),
+                    (
+                        pb.GetStatusRequest(uri=gone, domain=DOMAIN_NAME),
+                        grpc.StatusCode.UNAVAILABLE,
+                    ),
+                ):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        stub.GetStatus(request, timeout=60)
+                    assert caught.value.code() == code, caught.value.details()
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(
+                        stub.Migrate(
+                            pb.MigrateRequest(
+                                domain="ptmig-nonesuch",
+                                source_uri=lab.hosts[where].uri,
+                                destination_uri=lab.hosts[OTHER[where]].uri,
+                            ),
+                            timeout=60,
+                        )
+                    )
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            daemon.stop(grace=1)
+        assert journal.recent() == []
+
+    with Hypervisor(lab.hosts[where].uri) as hv:
+        assert hv.domain(DOMAIN_NAME).xml() == before
+    assert co.ptmig(lab, where, "workflows", "--json").stdout == journal_before

@@ -339,7 +339,9 @@ def test_vf_whose_team_mac_is_not_the_bonds_is_refused_in_preflight(vf_team: Vfi
         )
         assert proc.returncode == 4, (proc.returncode, proc.stderr)
         said = proc.stderr.strip().splitlines()[-1]
-        assert said.startswith("ptmig: refused, nothing changed: team lan: a VF"), said
+        assert said.startswith(
+            f"ptmig: migrate {DOMAIN_NAME}: refused, nothing changed: team lan: a VF"
+        ), said
         assert f"--team-mac {TEAM_MAC}" in said, said
         assert lab.where() == on
         assert lab.domain(on).XMLDesc(0).count("<hostdev ") == before.count("<hostdev ")

@@ -4,6 +4,7 @@ of host.hypervisor's classes (test_workflow_fakes.py checks it; see workflow_fak
 from __future__ import annotations
 
 import copy
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -28,12 +29,16 @@ from fake_specs import LIBVIRT_NO_DOMAIN, ROOT_PORTS
 
 from host.domain.lease import LEASE_NS
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
-from host.hypervisor import DeviceRemovalError, HypervisorError, migration_call
+from host.hypervisor import DeviceRemovalError, HypervisorError, libvirt_error, migration_call
 from host.migration_job import MigrationProgress
 from host.migration_options import CopyStorage, MigrationOptions, MigrationStats
 
 if TYPE_CHECKING:
     from workflow_fakes import World
+
+
+#: What libvirt's URI parser (libxml2's) takes: a scheme, then no whitespace.
+URI_SYNTAX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S*")
 
 
 @dataclass
@@ -67,8 +72,17 @@ class FakeHypervisor:
         self.world = world
         self.uri = uri
         with world.op(uri, "connect"):
+            if not URI_SYNTAX.fullmatch(uri):  # as virURIParse refuses it (VIR_FROM_URI)
+                raise libvirt_error(
+                    f"cannot connect to {uri}: internal error: Unable to parse URI {uri}",
+                    1,
+                    45,
+                    connecting=True,
+                )
             if world.hosts.get(uri) is None:
-                raise HypervisorError(f"cannot connect to {uri}: unable to connect to server", 38)
+                raise libvirt_error(
+                    f"cannot connect to {uri}: unable to connect to server", 38, connecting=True
+                )
         self.closed = False
 
     @property
@@ -97,7 +111,7 @@ class FakeHypervisor:
             for record in self._host.domains.values():
                 if ident in (record.uuid, record.name):
                     return FakeDomain(self, record.uuid, record.name)
-            raise HypervisorError(
+            raise libvirt_error(
                 f"{self.uri}: domain {ident!r}: Domain not found: no domain "
                 f"with matching name '{ident}'",
                 LIBVIRT_NO_DOMAIN,
@@ -132,7 +146,7 @@ class FakeHypervisor:
     def undefine_network(self, name: str) -> None:
         with self.world.op(self.uri, "undefine_network", name):
             if self._host.networks.pop(name, None) is None:
-                raise HypervisorError(f"{self.uri}: undefine network {name}: Network not found", 43)
+                raise libvirt_error(f"{self.uri}: undefine network {name}: Network not found", 43)
 
 
 class FakeDomain:
@@ -167,7 +181,7 @@ class FakeDomain:
     def _record(self) -> DomainRecord:
         record = self._host.domains.get(self.uuid)
         if record is None:
-            raise HypervisorError(
+            raise libvirt_error(
                 f"{self.uri}: Domain not found: no domain with matching uuid "
                 f"'{self.uuid}' ({self.domain_name})",
                 LIBVIRT_NO_DOMAIN,
@@ -195,11 +209,11 @@ class FakeDomain:
                 try:
                     element = ET.fromstring(xml)
                 except ET.ParseError as exc:
-                    raise HypervisorError(
+                    raise libvirt_error(
                         f"{self.uri}: set metadata of {self.domain_name}: XML error: {exc}", 27
                     ) from None
                 if element.tag.startswith("{") or f"xmlns:{prefix}" in xml:
-                    raise HypervisorError(
+                    raise libvirt_error(
                         f"{self.uri}: set metadata of {self.domain_name}: "
                         "failed to create a new XML namespace",
                         1,
@@ -217,19 +231,19 @@ class FakeDomain:
         try:
             device = ET.fromstring(device_xml)
         except ET.ParseError as exc:
-            raise HypervisorError(
+            raise libvirt_error(
                 f"{self.uri}: attach to {self.domain_name}: XML error: {exc}", 27
             ) from None
         with self.world.op(self.uri, "attach", alias_of(device) or ""):
             record = self._record()
             what = f"{self.uri}: attach to {self.domain_name}"
             if not record.active:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{what}: Requested operation is not valid: domain is not running", 55
                 )
             alias = alias_of(device)
             if alias is not None and any(alias_of(d) == alias for d in devices_of(record.live)):
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{what}: operation failed: non unique alias detected: {alias}", 9
                 )
             for other in self._host.domains.values():
@@ -237,11 +251,11 @@ class FakeDomain:
                     continue
                 tap, pci = tap_of(device), host_pci_of(device)
                 if tap is not None and tap in taps_in(other.live):
-                    raise HypervisorError(
+                    raise libvirt_error(
                         f"{what}: Unable to create tap device {tap}: Device or resource busy", 38
                     )
                 if pci is not None and pci in host_pcis_in(other.live):
-                    raise HypervisorError(
+                    raise libvirt_error(
                         f"{what}: Requested operation is not valid: PCI device "
                         f"{pci} is in use by driver QEMU, domain {other.name}",
                         55,
@@ -253,14 +267,14 @@ class FakeDomain:
                     for m in record.config.findall("devices/interface/mac")
                 }
                 if mac.get("address", "").lower() in macs:
-                    raise HypervisorError(
+                    raise libvirt_error(
                         f"{what}: operation failed: network device with mac "
                         f"{mac.get('address')} already exists",
                         9,
                     )
             free = [n for n in range(1, ROOT_PORTS + 1) if n not in used_buses(record.live)]
             if not free:
-                raise HypervisorError(f"{what}: internal error: No more available PCI slots", 1)
+                raise libvirt_error(f"{what}: internal error: No more available PCI slots", 1)
             if device.find("address") is None:
                 device.append(pci_address_element(free[0]))
             insert_device(record.live, copy.deepcopy(device))
@@ -323,17 +337,17 @@ class FakeDomain:
         with self.world.op(self.uri, "migrate", self.domain_name):
             record = self._record()
             if not record.active:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{what}: Requested operation is not valid: domain is not running", 55
                 )
             target = self.world.hosts.get(self.world.peers.get(destination_uri, destination_uri))
             if target is None or target is self._host:
-                raise HypervisorError(f"{what}: unable to connect to server", 38)
+                raise libvirt_error(f"{what}: unable to connect to server", 38, 7)
             blockers = self._blockers(record)
             if blockers:
-                raise HypervisorError(f"{what}: cannot migrate domain: {'; '.join(blockers)}", 55)
+                raise libvirt_error(f"{what}: cannot migrate domain: {'; '.join(blockers)}", 55)
             if any(d.tag == "hostdev" for d in devices_of(record.live)) and not destination_xml:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{what}: Requested operation is not valid: domain has "
                     "assigned non-USB host devices",
                     55,
@@ -341,25 +355,25 @@ class FakeDomain:
             try:
                 persistent = ET.fromstring(persistent_xml)
             except ET.ParseError as exc:
-                raise HypervisorError(f"{what}: XML error: {exc}", 27) from None
+                raise libvirt_error(f"{what}: XML error: {exc}", 27) from None
             if (persistent.findtext("uuid"), persistent.findtext("name")) != (
                 record.uuid,
                 record.name,
             ):
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{what}: unsupported configuration: target domain uuid "
                     "or name does not match source",
                     67,
                 )
             there = target.domains.get(record.uuid)
             if there is not None and there.active:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{what}: Requested operation is not valid: domain is already active", 55
                 )
             for other in target.domains.values():
                 if other.uuid != record.uuid and other.active:
                     for tap in taps_in(record.live) & taps_in(other.live):
-                        raise HypervisorError(
+                        raise libvirt_error(
                             f"{what}: Unable to create tap device {tap}: Device or resource busy",
                             38,
                         )
@@ -375,7 +389,7 @@ class FakeDomain:
                     p for o in target.domains.values() if o.active for p in host_pcis_in(o.live)
                 }
                 if busy:
-                    raise HypervisorError(
+                    raise libvirt_error(
                         f"{what}: PCI device {sorted(busy)[0]} is in use by driver QEMU", 1
                     )
             live.set("id", str(target.next_domid))
@@ -443,7 +457,7 @@ class FakeDomain:
         with self.world.op(self.uri, "completed_job", self.domain_name):
             job = self._record().job
             if job is None:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{self.uri}: job statistics of {self.domain_name}: no completed job", 1
                 )
             return dict(job)
@@ -459,10 +473,10 @@ class FakeDomain:
         return {}
 
     def set_max_downtime(self, limit_ms: int) -> None:
-        raise HypervisorError(f"{self.uri}: set max downtime: no job on {self.domain_name}")
+        raise libvirt_error(f"{self.uri}: set max downtime: no job on {self.domain_name}")
 
     def start_postcopy(self) -> None:
-        raise HypervisorError(f"{self.uri}: start post-copy: no job on {self.domain_name}")
+        raise libvirt_error(f"{self.uri}: start post-copy: no job on {self.domain_name}")
 
     def migratable_xml(self) -> str:
         with self.world.op(self.uri, "migratable_xml", self.domain_name):
@@ -481,13 +495,13 @@ class FakeDomain:
         return reasons
 
     def qmp(self, command: str) -> Any:
-        raise HypervisorError(f"{self.uri}: QMP {command}: the fakes have no QEMU")
+        raise libvirt_error(f"{self.uri}: QMP {command}: the fakes have no QEMU")
 
     def abort_job(self) -> None:
         with self.world.op(self.uri, "abort_job", self.domain_name):
             record = self._record()
             if not record.job_running:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{self.uri}: abort the job of {self.domain_name}: Requested operation "
                     "is not valid: no job is active on the domain",
                     55,
@@ -511,12 +525,12 @@ class FakeDomain:
         finally:
             record.job_running = False
         if record.aborted:
-            raise HypervisorError(
+            raise libvirt_error(
                 f"{what}: operation aborted: migration out job: canceled by client", 1
             )
 
     def open_channel(self, name: str) -> Any:
-        raise HypervisorError(f"{self.uri}: open channel {name}: the fakes have no channels")
+        raise libvirt_error(f"{self.uri}: open channel {name}: the fakes have no channels")
 
     def announce(
         self,
@@ -529,7 +543,7 @@ class FakeDomain:
     ) -> None:
         with self.world.op(self.uri, "announce", self.domain_name):
             if not self._record().active:
-                raise HypervisorError(
+                raise libvirt_error(
                     f"{self.uri}: announce-self for {self.domain_name}: domain is not running", 55
                 )
 

@@ -24,8 +24,8 @@ def ptmig(journal: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_cancel_with_nothing_running_fails_clearly_and_records_nothing(tmp_path: Path) -> None:
     journal = tmp_path / "journal.sqlite"
     proc = ptmig(journal, "cancel", "web1")
-    assert proc.returncode == 1, proc
-    assert proc.stderr.startswith("ptmig: web1 has no running workflow in journal ")
+    assert proc.returncode == 7, proc  # not found
+    assert proc.stderr.startswith("ptmig: cancel web1: web1 has no running workflow in journal ")
     assert "nothing to cancel, nothing changed" in proc.stderr
     with Journal(journal) as j:
         assert j.recent() == []
@@ -36,7 +36,7 @@ def test_cancel_refuses_a_workflow_that_is_not_a_migration(tmp_path: Path) -> No
     with Journal(journal) as j:
         wf = j.begin("failover", "u-1", "web1", "a", "a", {})
     proc = ptmig(journal, "cancel", "web1", "--wait", "0")
-    assert proc.returncode == 1, proc
+    assert proc.returncode == 7, proc
     assert "is a failover; only a migration can be cancelled" in proc.stderr
     with Journal(journal) as j:
         assert j.cancel_request(wf) is None

@@ -12,10 +12,9 @@ from typing import Any
 import grpc
 import pytest
 from ptmig.v1 import coordinator_pb2 as pb
-from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 from workflow_fakes import VM1, A, B, Events, World, crash, crash_in_child
+from world_daemon import world_ptmigd
 
-from host.daemon import ListenConfig, serve
 from host.workflow.journal import Journal
 from host.workflow.model import MigrationRequest
 
@@ -26,17 +25,8 @@ REQUEST = MigrationRequest("vm1", A, B)
 @contextmanager
 def ptmigd(world: World, journal_path: Path, short_tmp: Path) -> Iterator[Any]:
     """A stub of a ptmigd serving the world's Coordinator."""
-    with Journal(journal_path) as journal:
-        daemon = serve(
-            world.coordinator(journal),
-            ListenConfig(socket=short_tmp / "run" / "ptmigd.sock", threads=4),
-        )
-        try:
-            with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
-                yield pb_grpc.CoordinatorStub(channel)
-        finally:
-            daemon.stop(grace=1)
-            assert daemon.wait_for_workflows(timeout=CALL_TIMEOUT)
+    with world_ptmigd(world, journal_path, short_tmp) as (stub, _journal):
+        yield stub
 
 
 @pytest.fixture

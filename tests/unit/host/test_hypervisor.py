@@ -9,6 +9,7 @@ one per process: every test names its objects uniquely and removes them.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -33,7 +34,17 @@ from host.domain.teams import (  # noqa: E402
     format_teams,
 )
 from host.domain.xmltree import parse_xml  # noqa: E402
-from host.hypervisor import Domain, Hypervisor, HypervisorError  # noqa: E402
+from host.errors import Category  # noqa: E402
+from host.hypervisor import (  # noqa: E402
+    Domain,
+    DomainNotFound,
+    HostRefused,
+    HostUnreachable,
+    Hypervisor,
+    HypervisorError,
+    InvalidURI,
+    NetworkNotFound,
+)
 
 TEAMS = TeamSet(
     (
@@ -95,9 +106,12 @@ def test_a_domain_is_found_by_name_or_uuid(hv: Hypervisor, name: str) -> None:
 
 
 def test_an_unknown_domain_is_a_hypervisor_error(hv: Hypervisor) -> None:
-    with pytest.raises(HypervisorError, match="domain 'ptmig-nonesuch'") as caught:
+    with pytest.raises(DomainNotFound, match="domain 'ptmig-nonesuch'") as caught:
         hv.domain("ptmig-nonesuch")
     assert caught.value.code == libvirt.VIR_ERR_NO_DOMAIN
+    assert caught.value.category is Category.NOT_FOUND
+    with pytest.raises(DomainNotFound):
+        hv.domain(str(uuid.uuid4()))
     assert not hv.has_domain("ptmig-nonesuch")
     assert not hv.has_domain(str(uuid.uuid4()))
 
@@ -187,7 +201,7 @@ def test_pool_networks_are_defined_listed_redefined_and_undefined(hv: Hypervisor
         hv.undefine_network(network)
     assert hv.network_xml(network) is None
     assert network not in hv.network_names()
-    with pytest.raises(HypervisorError, match=f"undefine network {network}"):
+    with pytest.raises(NetworkNotFound, match=f"undefine network {network}"):
         hv.undefine_network(network)
 
 
@@ -205,3 +219,32 @@ def test_blockers_need_qemu_and_say_so_as_a_hypervisor_error(hv: Hypervisor, nam
     dom = define(hv, name)
     with pytest.raises(HypervisorError, match="query-migrate"):
         dom.migration_blockers()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "qemu+tcp://127.0.0.1:1/system",  # nobody listens: refused at once
+        "qemu+unix:///system?socket=/nonexistent/libvirt-sock",  # libvirtd is not there
+    ],
+)
+def test_a_host_that_cannot_be_reached_is_unreachable(uri: str) -> None:
+    with pytest.raises(HostUnreachable, match=f"cannot connect to {re.escape(uri)}: ") as caught:
+        Hypervisor(uri)
+    assert caught.value.category is Category.UNREACHABLE
+
+
+def test_a_uri_libvirt_cannot_parse_is_invalid() -> None:
+    with pytest.raises(InvalidURI, match="malformed URI: Unable to parse URI") as caught:
+        Hypervisor("qemu:///sys tem")
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.category is Category.INVALID
+
+
+def test_an_operation_the_domain_state_forbids_is_refused(hv: Hypervisor, name: str) -> None:
+    dom = define(hv, name, start=False)
+    nic = "<interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>"
+    with pytest.raises(HostRefused, match="domain is not running") as caught:
+        dom.attach(nic)  # to the live domain, which is not running
+    assert caught.value.category is Category.REFUSED
+    assert not dom.is_active()

@@ -19,7 +19,11 @@ What is checked, honestly (the guide's own table says the same):
   are parsed only (stanzas, options, keyfile sections and keys): no ifupdown or
   NetworkManager runs here or in the lab.
 - ``report``: the CLI's formatter renders the same figures the same way.
-- The exit codes table against ``ptmig --help``; every shell block in the guide is marked.
+- ``errors`` blocks: each ``$ ptmig ...  # exit N`` line runs through ``host.cli.main``
+  against the test driver; its exit code and its one stderr line are compared.
+- The exit codes table against ``ptmig --help``, the errors' table (category, gRPC
+  status, exit code) against ``host.errors.Category``, ``ptmigd``'s ``STATUS`` and
+  ``ptmig``'s ``EXIT_FOR``; every shell block in the guide is marked.
 """
 
 from __future__ import annotations
@@ -103,8 +107,8 @@ def of(mark: str) -> list[Block]:
 
 def test_every_command_block_is_marked_and_every_mark_is_known() -> None:
     marks = {b.mark for b in blocks()}
-    assert marks <= {"run", "parse", "file", "networkd", "ifupdown", "nm", "report"}, marks
-    assert {"run", "parse", "file", "networkd", "ifupdown", "nm", "report"} <= marks
+    known = {"run", "parse", "file", "networkd", "ifupdown", "nm", "report", "errors"}
+    assert marks == known, marks
 
 
 def pools(conn: libvirt.virConnect) -> list[libvirt.virNetwork]:
@@ -320,3 +324,43 @@ def test_exit_codes_table_matches_the_cli() -> None:
     for code, outcome in rows:
         for word in filter(None, (w.strip() for w in outcome.split("/"))):
             assert word.replace("-", " ") in codes[code].replace("-", " "), (code, word)
+
+
+EXIT_COMMENT = re.compile(r"^(?P<command>.+?)\s+# exit (?P<code>\d+)$")
+
+
+def test_error_blocks_print_their_line_and_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran = 0
+    for block in of("errors"):
+        lines = block.text.splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("$ "):
+                continue
+            m = EXIT_COMMENT.match(line[2:])
+            assert m, f"operator-guide.md:{block.line + i + 1}: no '# exit N'"
+            argv = [URI if a == "qemu:///system" else a for a in shlex.split(m["command"])]
+            assert argv[0] == "ptmig"
+            capsys.readouterr()
+            code = cli.main(["--journal", str(tmp_path / "journal.sqlite"), *argv[1:]])
+            captured = capsys.readouterr()
+            where = f"operator-guide.md:{block.line + i + 1}"
+            assert code == int(m["code"]), f"{where}: exit {code}: {captured.err}"
+            assert captured.out == "", where
+            assert captured.err.replace(URI, "qemu:///system") == lines[i + 1] + "\n", where
+            ran += 1
+    assert ran >= 4
+
+
+def test_the_errors_table_is_the_codes_table() -> None:
+    from host.commandline.exits import EXIT_FOR
+    from host.daemon.errors import STATUS
+    from host.errors import Category
+
+    text = GUIDE.read_text()
+    section = text[text.index("| category | gRPC status | exit |") :]
+    rows = re.findall(r"^\| ([a-z-]+) \| ([A-Z_]+) \| (\d) \|", section, re.M)
+    table = {category: (status, int(code)) for category, status, code in rows}
+    assert table == {str(c): (STATUS[c].name, EXIT_FOR[c]) for c in Category}
+    assert len(rows) == len(Category)

@@ -599,8 +599,11 @@ def test_cli_migrate_refused_is_4_in_one_line(ptmig: Ptmig, world: World) -> Non
     assert code == cli.EXIT_ROLLED_BACK == 4
     assert out == ""
     *progress, last = err.splitlines()
-    assert last.startswith("ptmig: refused, nothing changed: the agent in vm1 does not answer")
-    assert progress == ["preflight: started", f"preflight: failed {last.split(': ', 2)[2]}"]
+    prefix = "ptmig: migrate vm1: refused, nothing changed: "
+    assert last.startswith(prefix + "the agent in vm1 does not answer: UNAVAILABLE: ")
+    why, hint = last.removeprefix(prefix).split("; ")
+    assert hint == "check that ptmig-agent runs in the guest (systemctl status ptmig-agent)"
+    assert progress == ["preflight: started", f"preflight: failed {why}"]
     assert "Traceback" not in err
 
 
@@ -609,7 +612,7 @@ def test_cli_hostile_agent_is_a_refusal_without_traceback(ptmig: Ptmig, world: W
     code, _, err = ptmig("migrate", "vm1", B)
     assert code == 4
     assert "invalid reply from the guest" in err and "Traceback" not in err
-    assert err.splitlines()[-1].startswith("ptmig: refused, nothing changed: ")
+    assert err.splitlines()[-1].startswith("ptmig: migrate vm1: refused, nothing changed: ")
     assert all(line.isprintable() for line in err.splitlines())
 
 
@@ -700,11 +703,15 @@ def test_cli_recover_failed_is_5(ptmig: Ptmig, world: World, journal_path: Path)
     assert ": failed domain runs on no host" in out
 
 
-def test_cli_agent_failure_is_1_without_traceback(ptmig: Ptmig, world: World) -> None:
+def test_cli_unreachable_agent_is_8_in_one_line(ptmig: Ptmig, world: World) -> None:
     world.guest("vm1").agent_up = False
     code, _, err = ptmig("failover", "vm1", "--to", "standby")
-    assert code == cli.EXIT_ERROR == 1
-    assert err.startswith("ptmig: ") and "UNAVAILABLE" in err
+    assert code == cli.EXIT_UNREACHABLE == 8
+    (line,) = err.splitlines()
+    assert line.startswith("ptmig: failover vm1: UNAVAILABLE: ")
+    assert line.endswith(
+        "; check that ptmig-agent runs in the guest (systemctl status ptmig-agent)"
+    )
 
 
 def test_cli_team_and_pool_commands_go_through_the_journal(
@@ -713,7 +720,7 @@ def test_cli_team_and_pool_commands_go_through_the_journal(
     code, out, _ = ptmig("team-show", "vm1", "--json")
     assert code == 0 and [t["name"] for t in json.loads(out)["teams"]] == ["lan", "wan"]
     assert ptmig("team-remove", "vm1", "wan")[0] == 0
-    assert ptmig("team-remove", "vm1", "wan")[:1] == (cli.EXIT_USAGE,)
+    assert ptmig("team-remove", "vm1", "wan")[:1] == (cli.EXIT_NOT_FOUND,)
     code, out, _ = ptmig(
         "team-set",
         "vm1",
@@ -733,7 +740,7 @@ def test_cli_team_and_pool_commands_go_through_the_journal(
     code, _, err = ptmig("pool-define", "nics", "--kind", "pci", "--bridge", "br0")
     assert code == cli.EXIT_USAGE and "a pci pool has no bridge" in err
     assert ptmig("pool-undefine", "vfs")[0] == 0
-    assert ptmig("pool-undefine", "vfs")[0] == cli.EXIT_USAGE
+    assert ptmig("pool-undefine", "vfs")[0] == cli.EXIT_NOT_FOUND
     assert [w.kind for w in journal.recent()] == [
         "pool-undefine",
         "pool-define",
