@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
 from lab import STANDBY_MAC, WAN_STANDBY_MAC
 from lab.console import ExecResult, GuestConsole
@@ -66,6 +67,23 @@ mac_policy = "preserve"
 ownership = "agent"
 mac = "{WAN_STANDBY_MAC}"
 """
+
+
+#: What L1's QEMU is asked when L2 stops answering (docs/lab.md, "L2 hung after a VF
+#: hot-plug"): where the vCPU is, its local APIC, the IOAPIC, and ICH9's GPE0 status and
+#: enable registers (PMBASE 0x600 + 0x20 and + 0x28): is a hot-plug's ACPI event holding
+#: the level-triggered SCI up?
+STALL_MONITOR_COMMANDS = (
+    "info registers",
+    "info lapic",
+    "info pic",
+    "i /l 0x620",
+    "i /l 0x624",
+    "i /l 0x628",
+    "i /l 0x62c",
+)
+#: How long L2 may take to answer ``true`` on its console before it counts as stalled.
+STALL_PROBE_S = 20.0
 
 
 class VfioLabError(RuntimeError):
@@ -330,6 +348,41 @@ class VfioLab:
         if out != "0" or bad > self.state.timings.get("dmesg_baseline", 0):
             detail = self.exec(f"dmesg | grep -E '{BAD_KERNEL_LINES}' | tail -n 20").output
             raise VfioLabError(f"L2 damaged (taint={out}, bad lines {bad}):\n{detail}")
+
+    def stall_report(self) -> str | None:
+        """None while L2 answers on its console; else what L1 sees of it: its vCPU time
+        over a second (spinning or halted), the monitor's view (STALL_MONITOR_COMMANDS)
+        and L1's /proc/interrupts.  For a failed test's report: the L2 hang seen once
+        had no such evidence beyond what was typed by hand."""
+        try:
+            host = self.where()
+            if self.exec("true", timeout=STALL_PROBE_S).status == 0:
+                return None
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            problem = "L2's console command failed"
+        lines = [f"L2 does not answer ({problem[:300]})"]
+        try:
+            dom = self.domain(host)
+            cpu = []
+            for _ in range(2):
+                cpu.append(dom.getCPUStats(True)[0]["cpu_time"] / 1e9)
+                time.sleep(1.0)  # a second of vCPU time: the measurement, not a wait
+            lines.append(f"L2 vCPU time over 1 s on {host}: {cpu[1] - cpu[0]:.2f} s")
+            for command in STALL_MONITOR_COMMANDS:
+                try:
+                    out = libvirt_qemu.qemuMonitorCommand(
+                        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+                    )
+                except libvirt.libvirtError as exc:
+                    out = f"(failed: {exc})"
+                lines.append(f"--- (qemu) {command}\n{out.strip()}")
+        except (VfioLabError, libvirt.libvirtError) as exc:
+            lines.append(f"L1's libvirt: {exc}")
+        interrupts = self.l1_exec("cat /proc/interrupts", timeout=30)
+        lines.append(f"--- L1 /proc/interrupts\n{interrupts.output.strip()}")
+        return "\n".join(lines)
 
     def status(self) -> dict[str, Any]:
         pid = running_pid()

@@ -82,10 +82,24 @@ def guest_on_hosta(lab: VmLab) -> VmLab:
 
 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-    """A failing lab test names the logs to read."""
-    if call.excinfo is not None and "lab" in getattr(item, "funcargs", {}):
-        lab: VmLab = item.funcargs["lab"]  # type: ignore[attr-defined]
+    """A failing lab test names the logs to read; one of the nested lab says what L1 saw
+    of L2 if L2 stopped answering (``VfioLab.stall_report``)."""
+    if call.excinfo is None:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    if "lab" in funcargs:
+        lab: VmLab = funcargs["lab"]
         item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
+    from lab.nested.vlab import VfioLab
+
+    nested = [value for value in funcargs.values() if isinstance(value, VfioLab)]
+    if nested and call.when == "call":
+        try:
+            stall = nested[0].stall_report()
+        except Exception as exc:  # a report must not hide the failure it reports
+            stall = f"the stall report failed: {type(exc).__name__}: {exc}"
+        if stall:
+            item.add_report_section(call.when, "L2 stall report", stall)
 
 
 @pytest.fixture

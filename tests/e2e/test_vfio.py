@@ -379,3 +379,21 @@ def set_lan(lab: VfioLab, policy: str, team_mac: str | None = None) -> None:
     if team_mac:
         args += ["--team-mac", team_mac]
     co.ptmig(lab.where(), "team-set", DOMAIN_NAME, *args)
+
+
+def test_a_stalled_l2_gives_a_stall_report_and_a_running_one_none(vlab: VfioLab) -> None:
+    """The evidence a failed nested test carries when L2 stops answering (the L2 hang
+    after a VF hot-plug, docs/lab.md): here L2 is paused, so it answers nothing."""
+    assert vlab.stall_report() is None
+    host = vlab.where()
+    vlab.domain(host).suspend()
+    try:
+        report = vlab.stall_report()
+    finally:
+        vlab.domain(host).resume()
+    assert report is not None
+    assert "L2 vCPU time over 1 s on " + host + ": 0.00 s" in report  # paused: no vCPU time
+    assert "RIP=" in report, report  # info registers
+    assert "--- (qemu) i /l 0x620" in report and "(failed" not in report, report
+    assert "--- L1 /proc/interrupts" in report and "CPU0" in report, report
+    vlab.check_health()
