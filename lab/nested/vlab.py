@@ -82,6 +82,24 @@ STALL_MONITOR_COMMANDS = (
     "i /l 0x628",
     "i /l 0x62c",
 )
+#: L1's KVM counters for every VM it runs (L2 is the only one), by debugfs.
+KVM_EXIT_COUNTERS = (
+    "/sys/kernel/debug/kvm/*-*/{"
+    + ",".join(
+        (
+            "exits",
+            "irq_exits",
+            "irq_window_exits",
+            "nmi_window_exits",
+            "halt_exits",
+            "insn_emulation",
+            "insn_emulation_fail",
+            "request_irq_exits",
+            "irq_injections",
+        )
+    )
+    + "}"
+)
 #: How long L2 may take to answer ``true`` on its console before it counts as stalled.
 STALL_PROBE_S = 20.0
 
@@ -382,6 +400,14 @@ class VfioLab:
             lines.append(f"L1's libvirt: {exc}")
         interrupts = self.l1_exec("cat /proc/interrupts", timeout=30)
         lines.append(f"--- L1 /proc/interrupts\n{interrupts.output.strip()}")
+        # Which exits L1's KVM takes for L2, a second apart: MSR exits at one RIP (the
+        # EOI's WRMSR not skipped) or interrupt/NPF exits before it runs (docs/lab.md).
+        counters = self.l1_exec(
+            "mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug; "
+            f"for i in 1 2; do grep -H . {KVM_EXIT_COUNTERS}; sleep 1; done",
+            timeout=30,
+        )
+        lines.append(f"--- L1 KVM exit counters, twice 1 s apart\n{counters.output.strip()}")
         return "\n".join(lines)
 
     def status(self) -> dict[str, Any]:

@@ -396,6 +396,7 @@ def test_a_stalled_l2_gives_a_stall_report_and_a_running_one_none(vlab: VfioLab)
     assert "RIP=" in report, report  # info registers
     assert "--- (qemu) i /l 0x620" in report and "(failed" not in report, report
     assert "--- L1 /proc/interrupts" in report and "CPU0" in report, report
+    assert "/irq_exits:" in report and "/exits:" in report, report  # L1's KVM counters
     # The probe was typed into a paused guest, whose console took only part of it: the
     # shell waits for the rest.  A timed-out command ends with a Ctrl-C, which frees it.
     answered = any(vlab.exec("true", timeout=20).status == 0 for _ in range(3))
