@@ -159,6 +159,40 @@ class _Crashed:
     error: BaseException
 
 
+class _Relay:
+    """A streaming RPC's side of a worker thread: its events go out as they come, its
+    end as the final message, its crash as the RPC's status.  ``ended`` stays False when
+    the client went away first (the caller decides what the worker does then)."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[Any] = queue.Queue()
+        self.ended = False
+
+    def messages(
+        self,
+        context: Any,
+        method: str,
+        event: Callable[[Any], Any],
+        final: Callable[[Any], Any],
+    ) -> Iterator[Any]:
+        while True:
+            try:
+                item = self.items.get(timeout=POLL_S)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if isinstance(item, _Crashed):
+                self.ended = True
+                code, message = status_for(item.error)
+                abort(context, method, Refused(code, message))
+            if isinstance(item, (_Finished, _Evacuated)):
+                self.ended = True
+                yield final(item.report)
+                return
+            yield event(item)
+
+
 class CoordinatorServicer:
     """ptmig.v1.Coordinator over a :class:`Coordinator` (registered without subclassing
     the generated, untyped base class)."""
@@ -174,23 +208,25 @@ class CoordinatorServicer:
             abort(context, "Migrate", Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
         what = f"{migration.domain} {migration.source_uri} -> {migration.destination_uri}"
         log.info("Migrate %s requested by %s", what, peer_of(context))
-        items: queue.Queue[Event | _Finished | _Crashed] = queue.Queue()
+        relay = _Relay()
         listening = threading.Event()
         listening.set()
+        workflow_ids: list[str] = []  # the first event's, for the log line if the client goes
 
         def on_event(event: Event) -> None:
             if listening.is_set():
-                items.put(event)
+                workflow_ids.append(event.workflow_id)
+                relay.items.put(event)
 
         def run() -> None:
             try:
                 report = self._coordinator.migrate(migration, on_event)
             except BaseException as exc:
                 if listening.is_set():
-                    items.put(_Crashed(exc))
+                    relay.items.put(_Crashed(exc))
                 log_failure(f"Migrate {what}", exc)
                 return
-            items.put(_Finished(report))
+            relay.items.put(_Finished(report))
             log.info(
                 "Migrate %s: workflow %s ended %s%s",
                 what,
@@ -200,43 +236,24 @@ class CoordinatorServicer:
             )
 
         self.workers.start(run, name=f"migrate {migration.domain}")
-        ended = False
-        workflow_id = ""
         try:
-            while True:
-                try:
-                    item = items.get(timeout=POLL_S)
-                except queue.Empty:
-                    if not context.is_active():
-                        return
-                    continue
-                if isinstance(item, Event):
-                    workflow_id = workflow_id or item.workflow_id
-                    yield event_message(item)
-                elif isinstance(item, _Finished):
-                    ended = True
-                    yield final_event(item.report)
-                    return
-                else:
-                    ended = True
-                    code, message = status_for(item.error)
-                    abort(context, "Migrate", Refused(code, message))
+            yield from relay.messages(context, "Migrate", event_message, final_event)
         finally:
-            if not ended:
+            if not relay.ended:
                 listening.clear()
                 log.warning(
                     "Migrate %s: client %s went away; workflow %s continues without it "
                     "(its outcome will be logged and journalled)",
                     what,
                     peer_of(context),
-                    workflow_id or "(not yet begun)",
+                    next((w for w in workflow_ids if w), "(not yet begun)"),
                 )
 
     def Evacuate(self, request: Any, context: Any) -> Iterator[Any]:
         evacuation = self._decode(context, "Evacuate", lambda: evacuation_request(request))
         what = f"{evacuation.source_uri} -> {', '.join(t.uri for t in evacuation.targets)}"
         log.info("Evacuate %s requested by %s", what, peer_of(context))
-        items: queue.Queue[EvacuationEvent | _Evacuated | _Crashed] = queue.Queue()
+        relay = _Relay()
         gone = threading.Event()  # the client cancelled or went away: stop the evacuation
         reason = f"the Evacuate client {peer_of(context)} went away"
         context.add_callback(gone.set)  # called when the RPC ends, however it ends
@@ -246,12 +263,12 @@ class CoordinatorServicer:
 
         def run() -> None:
             try:
-                report = self._coordinator.evacuate(evacuation, items.put, interrupted)
+                report = self._coordinator.evacuate(evacuation, relay.items.put, interrupted)
             except BaseException as exc:
-                items.put(_Crashed(exc))
+                relay.items.put(_Crashed(exc))
                 log_failure(f"Evacuate {what}", exc)
                 return
-            items.put(_Evacuated(report))
+            relay.items.put(_Evacuated(report))
             log.info(
                 "Evacuate %s: %s",
                 what,
@@ -259,27 +276,12 @@ class CoordinatorServicer:
             )
 
         self.workers.start(run, name=f"evacuate {evacuation.source_uri}")
-        ended = False
         try:
-            while True:
-                try:
-                    item = items.get(timeout=POLL_S)
-                except queue.Empty:
-                    if not context.is_active():
-                        return
-                    continue
-                if isinstance(item, EvacuationEvent):
-                    yield evacuation_event_message(item)
-                elif isinstance(item, _Evacuated):
-                    ended = True
-                    yield final_evacuation_event(item.report)
-                    return
-                else:
-                    ended = True
-                    code, message = status_for(item.error)
-                    abort(context, "Evacuate", Refused(code, message))
+            yield from relay.messages(
+                context, "Evacuate", evacuation_event_message, final_evacuation_event
+            )
         finally:
-            if not ended:
+            if not relay.ended:
                 gone.set()
                 log.warning(
                     "Evacuate %s: %s; no new migration starts, the running ones are cancelled",
