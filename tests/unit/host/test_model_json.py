@@ -1,14 +1,17 @@
-"""``--json``'s one form read back: :func:`from_plain` is the inverse of :func:`plain` for
-the Coordinator's results, and refuses what is not the type's shape."""
+"""The results read back: :func:`from_plain` is the inverse of :func:`plain` (``--json``)
+for the Coordinator's results and refuses what is not the type's shape;
+``report_from_message`` reads the Migrate stream's report back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 
+from host.daemon.encode import report_from_message, report_message
 from host.domain.kinds import PoolKind
 from host.domain.teams import PrimaryDevice
 from host.migration_options import CopyStorage, MigrationStats
@@ -113,3 +116,15 @@ def test_a_shape_that_is_not_the_types_is_refused_with_where(
     with pytest.raises(ValueError) as err:
         from_plain(MigrationReport, data)
     assert said in str(err.value)
+
+
+def test_the_migrate_streams_report_comes_back_but_for_what_the_contract_lacks() -> None:
+    back = report_from_message(report_message(REPORT))
+    phases = [dataclasses.replace(p, started_at=0.0) for p in REPORT.phases]
+    assert back == dataclasses.replace(REPORT, phases=phases, why={})
+    bare = MigrationReport("w2", "vm2", "a", "b", Outcome.ROLLED_BACK, error="aborted")
+    assert report_from_message(report_message(bare)) == bare
+    message = report_message(bare)
+    message.outcome_text = "moved"
+    with pytest.raises(ValueError, match="moved"):
+        report_from_message(message)
