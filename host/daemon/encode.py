@@ -248,6 +248,7 @@ def report_from_message(message: Any) -> MigrationReport:
         migration=from_plain(MigrationStats, migration) if migration else None,
         drift=dict(message.drift),
         cancelled=message.cancelled,
+        ways=dict(message.ways),
     )
 
 

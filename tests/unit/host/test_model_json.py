@@ -48,6 +48,7 @@ REPORT = MigrationReport(
     ),
     drift={"lan": "plugged"},
     cancelled=True,
+    ways={"lan": "switch: no state copy asked", "wan": "copy-state: both hosts allow it"},
 )
 
 
