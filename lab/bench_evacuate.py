@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from host.workflow.model import EvacuationReport, from_plain, plain
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
 from lab.fabric import CLIENT_NS
@@ -51,18 +52,19 @@ def ping_targets(lab: VmLab) -> list[PingTarget]:
 
 @dataclass
 class EvacuationRun:
-    """One ``ptmig evacuate`` under ping: its exit code, its JSON and each team's traffic."""
+    """One ``ptmig evacuate`` under ping: its exit code, its report (read back from its
+    JSON) and each team's traffic."""
 
     source: str
     destination: str
     parallel: int
     exit_code: int
-    result: dict[str, Any]
+    result: EvacuationReport
     traffic: list[DomainTraffic]
     stderr: str
 
     def outcomes(self) -> dict[str, str]:
-        return {d["domain"]: d["outcome"] for d in self.result["domains"]}
+        return {d.domain: str(d.outcome) for d in self.result.domains}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,10 +72,10 @@ class EvacuationRun:
             "destination": self.destination,
             "parallel": self.parallel,
             "exit_code": self.exit_code,
-            "wall_s": self.result.get("wall_s"),
+            "wall_s": self.result.wall_s,
             "outcomes": self.outcomes(),
             "traffic": [t.to_dict() for t in self.traffic],
-            "result": self.result,
+            "result": plain(self.result),
         }
 
 
@@ -133,7 +135,7 @@ def evacuate(
         records = {key: p.stop() for key, p in pingers.items() if p in started}
     if not proc.stdout.strip():
         raise LabError(f"ptmig evacuate exited {proc.returncode} with no JSON: {proc.stderr}")
-    result = json.loads(proc.stdout)
+    result = from_plain(EvacuationReport, json.loads(proc.stdout))
     return EvacuationRun(
         source,
         destination,
@@ -148,7 +150,7 @@ def evacuate(
 def summary(run: EvacuationRun) -> list[str]:
     return [
         f"evacuate {run.source} -> {run.destination} --parallel {run.parallel}: "
-        f"exit {run.exit_code}, wall {run.result.get('wall_s')} s",
+        f"exit {run.exit_code}, wall {run.result.wall_s} s",
         *format_table(run.traffic),
     ]
 

@@ -34,121 +34,19 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from host.hypervisor import Hypervisor
 from host.migration_options import MigrationOptions
-from lab import GUEST_IP, WAN_GUEST_IP
+from host.workflow.model import Outcome
+from lab import GUEST_IP
 from lab import coordinated as co
-from lab.fabric import CLIENT_NS
 from lab.guest import DOMAIN_NAME, Nic
-from lab.paths import run_dir
-from lab.traffic import FixedRatePinger, Phase, PingRecord, analyze
-from lab.traffic.tcp import SINK_PORT, SINK_SCRIPT, TcpReport, TcpStream
+from lab.measure import RATE, SETTLE_S, TEAMS, Recorder, Sample, wait_reachable
+from lab.traffic.tcp import SINK_PORT, SINK_SCRIPT
 from lab.vmlab import LabError, VmLab
-
-RATE = 1000.0
-SETTLE_S = 1.5
-TEAMS = {"lan": GUEST_IP, "wan": WAN_GUEST_IP}
-
-
-@dataclass
-class Sample:
-    """One migration of one case: phases, and per team the loss in each."""
-
-    case: str
-    route: str
-    phases: list[Phase]
-    lost: dict[str, dict[str, int]]  # team -> phase -> lost
-    longest_ms: dict[str, dict[str, float]]  # team -> phase -> longest outage
-    wall_s: float
-    back_on_primary_s: float | None = None
-    downtime_ms: int | None = None
-    tcp: TcpReport | None = None
-    #: The agent's log lines of the migration, (host epoch s, message), beside the phases.
-    agent_log: list[tuple[float, str]] = field(default_factory=list)
-    records: dict[str, PingRecord] = field(default_factory=dict, repr=False)
-
-    def phase_seconds(self, name: str) -> float | None:
-        return next((p.end - p.start for p in self.phases if p.name == name), None)
-
-    def total_lost(self, team: str) -> int:
-        return sum(v for k, v in self.lost[team].items())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "case": self.case,
-            "route": self.route,
-            "wall_s": self.wall_s,
-            "downtime_ms": self.downtime_ms,
-            "back_on_primary_s": self.back_on_primary_s,
-            "phases": [{"name": p.name, "start": p.start, "end": p.end} for p in self.phases],
-            "lost": self.lost,
-            "longest_outage_ms": self.longest_ms,
-            "total_lost": {t: self.total_lost(t) for t in self.lost},
-            "tcp": asdict(self.tcp) if self.tcp else None,
-            "agent_log": self.agent_log,
-        }
-
-
-def _pingers(name: str, teams: tuple[str, ...]) -> dict[str, FixedRatePinger]:
-    return {
-        team: FixedRatePinger(
-            TEAMS[team],
-            run_dir() / f"bench-{name}-{team}.ping",
-            rate=RATE,
-            prefix=["ip", "netns", "exec", CLIENT_NS],
-        )
-        for team in teams
-    }
-
-
-class Recorder:
-    """Pingers and the TCP stream around a migration, with phase marks."""
-
-    def __init__(self, name: str, teams: tuple[str, ...] = tuple(TEAMS)) -> None:
-        self.pingers = _pingers(name, teams)
-        self.tcp = TcpStream(
-            TEAMS["lan"], run_dir() / f"bench-{name}.tcp", prefix=["ip", "netns", "exec", CLIENT_NS]
-        )
-        self.phases: list[Phase] = []
-
-    def __enter__(self) -> Recorder:
-        for p in self.pingers.values():
-            p.start()
-        self.tcp.start()
-        time.sleep(SETTLE_S)
-        return self
-
-    def phase(self, name: str, start: float, end: float) -> None:
-        self.phases.append(Phase(name, start, end))
-
-    def finish(self, case: str, route: str, wall_s: float, **extra: Any) -> Sample:
-        time.sleep(SETTLE_S)
-        lost: dict[str, dict[str, int]] = {}
-        longest: dict[str, dict[str, float]] = {}
-        records = {}
-        for team, pinger in self.pingers.items():
-            record = pinger.stop()
-            records[team] = record
-            report = analyze(record, self.phases)
-            lost[team] = {p.name: p.lost for p in report.phases}
-            longest[team] = {
-                p.name: (p.longest_outage.duration_ns / 1e6 if p.longest_outage else 0.0)
-                for p in report.phases
-            }
-        tcp = self.tcp.stop(self.phases)
-        return Sample(
-            case, route, self.phases, lost, longest, wall_s, tcp=tcp, records=records, **extra
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        """On an error, stop the senders that finish() did not (stop() is idempotent)."""
-        for p in [*self.pingers.values(), self.tcp]:
-            with contextlib.suppress(Exception):
-                p.__exit__(None, None, None)
 
 
 def start_tcp_sink(lab: VmLab) -> None:
@@ -163,41 +61,21 @@ def start_tcp_sink(lab: VmLab) -> None:
     ).check()
 
 
-def _primary_aliases(lab: VmLab) -> list[str]:
-    status = co.ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
-    return [t["primary"]["alias"] for t in status["teams"] if t["primary"]]
-
-
 def run_ptmig(lab: VmLab, dest: str) -> Sample:
     src = lab.where()
-    with Recorder(f"ptmig-{dest}") as rec:
-        proc = co.ptmig(
-            lab,
-            src,
-            "migrate",
-            DOMAIN_NAME,
-            lab.hosts[dest].uri,
-            "--json",
-            "--peer-uri",
-            lab.hosts[dest].tcp_uri,
-            "--unsafe",
-            check=False,
-        )
-        if not proc.stdout:
-            raise LabError(f"ptmig migrate: {proc.stderr.strip()}")
-        report = json.loads(proc.stdout)
-        for p in report["phases"]:
-            rec.phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
-        bind = next(p for p in report["phases"] if p["name"] == "bind")
+    with Recorder(f"bench-ptmig-{dest}") as rec:
+        moved = co.migrate(lab, dest)
+        rec.phases += moved.phases
+        bind = next(p for p in moved.report.phases if p.name == "bind")
         sample = rec.finish(
             "ptmig",
             f"{src}->{dest}",
-            sum(p["seconds"] for p in report["phases"]),
-            back_on_primary_s=bind["seconds"],
-            downtime_ms=report["migration"].get("downtime_ms"),
+            moved.wall_s,
+            back_on_primary_s=bind.seconds,
+            downtime_ms=moved.downtime_ms,
         )
-    if report["outcome"] != "done":
-        raise LabError(f"ptmig migrate ended {report['outcome']}: {report['error']}")
+    if moved.report.outcome is not Outcome.DONE:
+        raise LabError(f"ptmig migrate ended {moved.report.outcome}: {moved.report.error}")
     sample.agent_log = agent_log(lab, min(p.start for p in sample.phases))
     lab.check_health()
     return sample
@@ -231,9 +109,9 @@ def agent_log(lab: VmLab, since: float) -> list[tuple[float, str]]:
 
 def run_naive(lab: VmLab, dest: str) -> Sample:
     src = lab.where()
-    with Recorder(f"naive-{dest}") as rec:
+    with Recorder(f"bench-naive-{dest}") as rec:
         t0 = time.time()
-        for alias in _primary_aliases(lab):
+        for alias in co.primary_aliases(lab):
             lab.detach_nic(alias)
         t1 = time.time()
         rec.phase("unplug", t0, t1)
@@ -256,7 +134,7 @@ def run_naive(lab: VmLab, dest: str) -> Sample:
 
 def run_floor(lab: VmLab, dest: str) -> Sample:
     src = lab.where()
-    with Recorder(f"floor-{dest}") as rec:
+    with Recorder(f"bench-floor-{dest}") as rec:
         t0 = time.time()
         result = lab.migrate(dest)
         t1 = time.time()
@@ -305,7 +183,7 @@ def run_floor_variant(lab: VmLab, dest: str, variant: FloorVariant) -> Sample:
     ):
         dom = source.domain(DOMAIN_NAME)
         persistent = dom.xml(inactive=True)
-        with Recorder(f"{variant.case}-{dest}") as rec:
+        with Recorder(f"bench-{variant.case}-{dest}") as rec:
             t0 = time.time()
             stats = dom.migrate(
                 destination,
@@ -330,7 +208,7 @@ UPSTREAM_POST_S = 6.0  # net_failover's outage comes ~2.5 s after the primary is
 def run_upstream(lab: VmLab, dest: str) -> Sample:
     """The failover guest: libvirt migrates, QEMU unplugs and replugs the primary itself."""
     src = lab.where()
-    with Recorder(f"upstream-{dest}", teams=("lan",)) as rec:
+    with Recorder(f"bench-upstream-{dest}", teams=("lan",)) as rec:
         t0 = time.time()
         result = lab.migrate(dest)
         t1 = time.time()
@@ -344,7 +222,6 @@ def run_upstream(lab: VmLab, dest: str) -> Sample:
 
 def boot_upstream(lab: VmLab) -> None:
     """Replace the guest by its QEMU-failover variant (team lan's pair only)."""
-    from lab.demo import wait_reachable
     from lab.guest import failover_domain_xml
     from lab.image import GuestImage
 
@@ -369,7 +246,7 @@ def bare_hotplug_probe(lab: VmLab, reps: int, *, under_traffic: bool) -> list[fl
     the passthrough device" is measured in the conditions of ptmig's bind."""
     out = []
     for i in range(reps):
-        with Recorder(f"bare-{i}") if under_traffic else contextlib.nullcontext():
+        with Recorder(f"bench-bare-{i}") if under_traffic else contextlib.nullcontext():
             out.append(_probe_once(lab, i + (reps if under_traffic else 0)))
     return out
 
@@ -748,9 +625,7 @@ def run(
         progress("agent: start-up and memory (bench-agent)")
         agent = agent_figures(lab)
     if floors:
-        co.ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "standby")
-        for alias in _primary_aliases(lab):
-            lab.detach_nic(alias)
+        co.unplug_primaries(lab)
     for rep in range(reps):
         for case in floors:
             for dest in ("hostb", "hosta"):

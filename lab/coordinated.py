@@ -24,8 +24,9 @@ from typing import Any
 
 from lab import PRIMARY_MAC, STANDBY_MAC, WAN_PRIMARY_MAC, WAN_STANDBY_MAC
 from lab.guest import DOMAIN_NAME, PRIMARY_NIC, WAN_PRIMARY_NIC, ExtraGuest
+from lab.migration import Hop, PtmigMigration, ptmig_migrate
 from lab.paths import run_dir
-from lab.run import CommandError
+from lab.ptmig import CHECKOUT_PYTHONPATH, ptmig_at
 from lab.vmlab import LabError, VmLab
 
 POOL = "lab"
@@ -74,12 +75,6 @@ def journal_path() -> str:
     return str(run_dir() / "journal.sqlite")
 
 
-#: The interpreter ``ptmig`` runs on; e.g. /usr/bin/python3 to drive the lab from the
-#: distribution's python3-libvirt, -grpcio and -protobuf instead of the virtualenv's.
-HOST_PYTHON_ENV = "PTMIG_LAB_HOST_PYTHON"
-REPO = Path(__file__).resolve().parents[1]
-
-
 def ptmig(
     lab: VmLab, host: str, *args: str, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
@@ -87,22 +82,15 @@ def ptmig(
     return ptmig_at(lab.hosts[host].uri, journal_path(), *args, timeout=timeout, check=check)
 
 
-def ptmig_at(
-    uri: str, journal: str, *args: str, timeout: float = 300, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run ``ptmig -c URI ARGS`` with *journal*, as an operator would type it, from this
-    checkout."""
-    python = os.environ.get(HOST_PYTHON_ENV) or sys.executable
-    argv = [python, "-m", "host.cli", "-c", uri, *args]
-    env = {
-        **os.environ,
-        "PTMIG_JOURNAL": journal,
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")]),
-    }
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, proc.stdout + proc.stderr)
-    return proc
+def hop(lab: VmLab, dest: str, name: str = DOMAIN_NAME) -> Hop:
+    """Guest *name*'s move from where it runs to *dest*, p2p over the hosts' TCP URIs."""
+    return Hop(lab.hosts[lab.where(name)].uri, lab.hosts[dest].uri, lab.hosts[dest].tcp_uri)
+
+
+def migrate(lab: VmLab, dest: str, *extra: str, name: str = DOMAIN_NAME) -> PtmigMigration:
+    """``ptmig migrate --json`` of guest *name* to *dest* (*extra*: more options), read
+    back as its typed report (lab.migration)."""
+    return ptmig_migrate(hop(lab, dest, name), journal_path(), *extra, domain=name)
 
 
 def ptmig_json(lab: VmLab, host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
@@ -184,6 +172,20 @@ def wait_for_teams_on_primary(
     raise LabError(f"{name}'s teams did not reach their primaries in {timeout:.0f} s: {last}")
 
 
+def primary_aliases(lab: VmLab) -> list[str]:
+    """The aliases of the main guest's recorded primaries (``ptmig status``)."""
+    status = ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
+    return [t["primary"]["alias"] for t in status["teams"] if t["primary"]]
+
+
+def unplug_primaries(lab: VmLab) -> None:
+    """Every team of the main guest on its standby (``ptmig failover --to standby``),
+    then each recorded primary detached: the guest a plain libvirt migration can move."""
+    ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "standby")
+    for alias in primary_aliases(lab):
+        lab.detach_nic(alias)
+
+
 def configure(lab: VmLab) -> None:
     """Pools on both hosts, teams in the metadata, every team on its primary."""
     define_pools(lab)
@@ -251,12 +253,8 @@ def ptmigd(
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
-            # this checkout's contract too, as lab.coordinated runs ptmig (a venv's
-            # editable install may point at another checkout's protos/)
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")]),
-            },
+            # this checkout's contract too, as lab.ptmig runs ptmig
+            env={**os.environ, "PYTHONPATH": CHECKOUT_PYTHONPATH},
         )
     try:
         yield daemon, sock

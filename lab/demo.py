@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.domain.domain_xml import parse_domain
-from lab import GUEST_IP, WAN_GUEST_IP
+from host.workflow.model import plain
 from lab import coordinated as co
-from lab.fabric import CLIENT_NS
-from lab.guest import DOMAIN_NAME, PRIMARY_NIC, WAN_PRIMARY_NIC
-from lab.paths import run_dir
-from lab.run import CommandError, run
-from lab.traffic import FixedRatePinger, Phase, analyze
-from lab.vmlab import LabError, VmLab
+from lab.measure import RATE, TEAMS, Recorder, wait_reachable
+from lab.vmlab import VmLab
 
 log = logging.getLogger(__name__)
 
-RATE = 1000.0
-SETTLE_S = 1.5
-TEAMS = {"lan": GUEST_IP, "wan": WAN_GUEST_IP}
 PHASES = ("preflight", "switch", "unplug", "migrate", "bind")
 
 
@@ -75,91 +66,26 @@ class DemoReport:
         return "\n".join(out)
 
 
-def wait_reachable(ip: str, timeout: float = 60.0) -> None:
-    """The guest's address answers the client (networkd configures it after login)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            run(["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "1", "-W", "1", ip])
-            return
-        except CommandError:
-            time.sleep(0.5)
-    raise LabError(f"the client cannot reach the guest at {ip}")
-
-
-def pingers(name: str, rate: float = RATE) -> dict[str, FixedRatePinger]:
-    """A sender per team from the client, each writing run_dir()/demo-NAME-TEAM.ping."""
-    return {
-        team: FixedRatePinger(
-            ip,
-            run_dir() / f"demo-{name}-{team}.ping",
-            rate=rate,
-            prefix=["ip", "netns", "exec", CLIENT_NS],
-        )
-        for team, ip in TEAMS.items()
-    }
-
-
-def _measure(name: str, action: Any) -> tuple[Any, dict[str, Any], list[Phase] | None]:
-    senders = pingers(name)
-    for p in senders.values():
-        p.start()
-    try:
-        time.sleep(SETTLE_S)
-        start = time.time()
-        result, phases = action()
-        time.sleep(SETTLE_S)
-        end = time.time()
-    finally:
-        records = {team: p.stop() for team, p in senders.items()}
-    phases = phases or [Phase("migration", start, end)]
-    lost = {}
-    for team, record in records.items():
-        report = analyze(record, phases)
-        lost[team] = {p.name: p.lost for p in report.phases} | {"total": report.lost}
-    return result, lost, phases
-
-
 def ptmig_round_trip(lab: VmLab) -> list[dict[str, Any]]:
     out = []
     for dest in ("hostb", "hosta"):
         src = lab.where()
-
-        def migrate(dest: str = dest) -> tuple[dict[str, Any], list[Phase]]:
-            proc = co.ptmig(
-                lab,
-                lab.where(),
-                "migrate",
-                DOMAIN_NAME,
-                lab.hosts[dest].uri,
-                "--json",
-                "--peer-uri",
-                lab.hosts[dest].tcp_uri,
-                "--unsafe",
-                check=False,
-            )
-            if not proc.stdout:
-                raise LabError(f"ptmig migrate failed: {proc.stderr.strip()}")
-            report = json.loads(proc.stdout)
-            phases = [
-                Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"])
-                for p in report["phases"]
-            ]
-            return report, phases
-
-        report, lost, _ = _measure(f"ptmig-{dest}", migrate)
+        with Recorder(f"demo-ptmig-{dest}", tcp=False) as rec:
+            moved = co.migrate(lab, dest)
+            rec.phases += moved.phases
+            sample = rec.finish("ptmig", f"{src} -> {dest}", moved.wall_s)
         lab.check_health()
-        wall = sum(p["seconds"] for p in report["phases"])
+        report = moved.report
         out.append(
             {
-                "route": f"{src} -> {dest}",
-                "outcome": report["outcome"],
-                "teams": report["teams"],
-                "phases": report["phases"],
-                "wall_s": wall,
-                "downtime_ms": report["migration"].get("downtime_ms"),
-                "lost": lost,
-                "error": report["error"],
+                "route": sample.route,
+                "outcome": str(report.outcome),
+                "teams": plain(report.teams),
+                "phases": plain(report.phases),
+                "wall_s": moved.wall_s,
+                "downtime_ms": moved.downtime_ms,
+                "lost": sample.lost_with_totals(),
+                "error": report.error,
             }
         )
     return out
@@ -167,35 +93,22 @@ def ptmig_round_trip(lab: VmLab) -> list[dict[str, Any]]:
 
 def plain_round_trip(lab: VmLab) -> list[dict[str, Any]]:
     """The same guest on its standbys only (primaries unplugged), migrated by libvirt."""
-    co.ptmig(lab, lab.where(), "failover", DOMAIN_NAME, "--to", "standby")
-    for alias in _plugged_primaries(lab):
-        lab.detach_nic(alias)
+    co.unplug_primaries(lab)
     out = []
     for dest in ("hostb", "hosta"):
-
-        def migrate(dest: str = dest) -> tuple[Any, None]:
-            return lab.migrate(dest), None
-
-        result, lost, _ = _measure(f"plain-{dest}", migrate)
+        with Recorder(f"demo-plain-{dest}", tcp=False) as rec:
+            result = lab.migrate(dest)
+            sample = rec.finish("plain", f"{result.source} -> {dest}", result.wall_s)
         lab.check_health()
         out.append(
             {
-                "route": f"{result.source} -> {dest}",
+                "route": sample.route,
                 "wall_s": result.wall_s,
                 "downtime_ms": result.downtime_ms,
-                "lost": {t: v["total"] for t, v in lost.items()},
+                "lost": {t: sample.total_lost(t) for t in sample.lost},
             }
         )
     return out
-
-
-def _plugged_primaries(lab: VmLab) -> list[str]:
-    """The lab's own primaries and ptmig's, of those the live domain has."""
-    info = parse_domain(lab.domain().XMLDesc(0))
-    present = [i.alias for i in info.interfaces if i.alias]
-    present += [h.alias for h in info.hostdevs if h.alias]
-    ptmig = [a for a in present if a.startswith("ua-ptmig-")]
-    return [a for a in (PRIMARY_NIC.alias, WAN_PRIMARY_NIC.alias, *ptmig) if a in present]
 
 
 def main(*, as_json: bool, keep: bool) -> int:

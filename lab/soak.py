@@ -43,13 +43,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from host.daemon.encode import report_from_message
 from host.domain.domain_xml import parse_domain
+from host.workflow.model import MigrationReport, Outcome, TeamMode
 from lab import coordinated as co
-from lab import demo
-from lab.demo import TEAMS, wait_reachable
 from lab.fabric import HOSTS
 from lab.guest import DOMAIN_NAME
+from lab.measure import TEAMS, pingers, wait_reachable
+from lab.migration import migrate_argv, read_migration
 from lab.paths import run_dir
+from lab.ptmig import cli_argv, cli_env
 from lab.run import CommandError, run
 from lab.traffic import Phase, analyze
 from lab.vmlab import LabError, VmLab
@@ -194,12 +197,20 @@ def count_files(root: Path) -> int:
     return total
 
 
-def failed_migration(report: dict[str, Any]) -> str:
-    """Why a migration report is a failure ("" when done with every team on primary)."""
-    if report.get("outcome") != "done":
-        return f"outcome {report.get('outcome')}: {report.get('error') or ''}".strip()
-    off = {t: m for t, m in report.get("teams", {}).items() if m != "primary"}
-    if not report.get("teams") or off:
+@dataclass(frozen=True)
+class NoReport:
+    """A migration that gave no report: the CLI's exit without one, an RPC error."""
+
+    outcome: str  # "exit 4", "rpc-error"
+    error: str
+
+
+def failed_migration(report: MigrationReport | NoReport) -> str:
+    """Why a migration is a failure ("" when done with every team on primary)."""
+    if isinstance(report, NoReport) or report.outcome is not Outcome.DONE:
+        return f"outcome {report.outcome}: {report.error}".strip()
+    off = {t: str(m) for t, m in report.teams.items() if m is not TeamMode.PRIMARY}
+    if not report.teams or off:
         return f"teams not on primary: {off or 'none reported'}"
     return ""
 
@@ -349,14 +360,13 @@ class Soak:
 
     # -- the actions ------------------------------------------------------------
 
-    def migrate_cli(self, dest: str) -> dict[str, Any]:
-        src = self.lab.where()
-        proc, peak = _measured(self._migrate_argv(src, dest))
+    def migrate_cli(self, dest: str) -> MigrationReport | NoReport:
+        proc, peak = _measured(migrate_argv(DOMAIN_NAME, co.hop(self.lab, dest)))
         self.cli_peaks.append(peak)
         self.workflows_run += 1
-        return _report_or_error(proc)
+        return _read(proc)
 
-    def migrate_ptmigd(self, dest: str) -> dict[str, Any]:
+    def migrate_ptmigd(self, dest: str) -> MigrationReport | NoReport:
         import grpc
         from ptmig.v1 import coordinator_pb2 as pb
         from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
@@ -378,14 +388,11 @@ class Soak:
                     )
                 )
             except grpc.RpcError as exc:
-                return {"outcome": "rpc-error", "error": f"{exc.code()}: {exc.details()}"}
-        report = events[-1].report
-        return {
-            "outcome": report.outcome_text,
-            "teams": dict(report.teams),
-            "error": report.error,
-            "cancelled": report.cancelled,
-        }
+                return NoReport("rpc-error", f"{exc.code()}: {exc.details()}")
+        try:
+            return report_from_message(events[-1].report)
+        except ValueError as exc:
+            return NoReport("bad-report", str(exc))
 
     def failover(self, to: str) -> str:
         self.workflows_run += 1
@@ -398,14 +405,17 @@ class Soak:
         off = {t: m for t, m in teams.items() if m != to}
         return f"failover --to {to}: teams {off} not on {to}" if off or not teams else ""
 
-    def cancelled_migration(self, phase: str) -> tuple[dict[str, Any], str]:
+    def cancelled_migration(self, phase: str) -> tuple[MigrationReport | NoReport, str]:
         """``ptmig migrate`` cancelled by ``ptmig cancel`` once the journal shows it at
         *phase*; returns (the migration's report, what the cancel said)."""
         src = self.lab.where()
         self.workflows_run += 1
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(
-                self._migrate_argv(src, OTHER[src]), stdout=out, stderr=err, env=_cli_env()
+                migrate_argv(DOMAIN_NAME, co.hop(self.lab, OTHER[src])),
+                stdout=out,
+                stderr=err,
+                env=cli_env(co.journal_path()),
             )
             at = _wait_for_step(phase, proc, timeout=180)
             answer = co.ptmig(self.lab, src, "cancel", DOMAIN_NAME, "--json", check=False)
@@ -414,21 +424,7 @@ class Soak:
             err.seek(0)
             done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
         said = f"cancel at {at or 'the end'}: exit {answer.returncode} {answer.stdout.strip()}"
-        return _report_or_error(done), said
-
-    def _migrate_argv(self, src: str, dest: str) -> list[str]:
-        return [
-            *_cli_prefix(),
-            "-c",
-            self.lab.hosts[src].uri,
-            "migrate",
-            DOMAIN_NAME,
-            self.lab.hosts[dest].uri,
-            "--peer-uri",
-            self.lab.hosts[dest].tcp_uri,
-            "--unsafe",
-            "--json",
-        ]
+        return _read(done), said
 
     # -- the sample -------------------------------------------------------------
 
@@ -449,7 +445,7 @@ class Soak:
         s["ptmigd_fd_kinds"] = _fd_kinds(self.daemon.pid)
         # a CLI's peak since the last sample (the first: a status, before any migration)
         if not self.cli_peaks:
-            _status, peak = _measured([*_cli_prefix(), "-c", lab.hosts["hosta"].uri, "workflows"])
+            _status, peak = _measured(cli_argv(lab.hosts["hosta"].uri, "workflows"))
             self.cli_peaks.append(peak)
         s["cli_peak_rss_kb"] = max(self.cli_peaks)
         self.cli_peaks.clear()
@@ -539,22 +535,10 @@ def _wait_for_step(phase: str, proc: subprocess.Popen[bytes], timeout: float) ->
     return ""
 
 
-def _cli_prefix() -> list[str]:
-    return [os.environ.get(co.HOST_PYTHON_ENV) or sys.executable, "-m", "host.cli"]
-
-
-def _cli_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PTMIG_JOURNAL": co.journal_path(),
-        "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
-    }
-
-
 def _measured(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run *argv* as ``lab.coordinated.ptmig_at`` does; also its peak RSS in kB (wait4)."""
+    """Run *argv* as ``lab.ptmig.ptmig_at`` does; also its peak RSS in kB (wait4)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=_cli_env())
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=cli_env(co.journal_path()))
         _pid, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -564,12 +548,12 @@ def _measured(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
         )
 
 
-def _report_or_error(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+def _read(proc: subprocess.CompletedProcess[str]) -> MigrationReport | NoReport:
+    """The report a ``ptmig migrate --json`` printed, or why there is none."""
     try:
-        report = json.loads(proc.stdout)
-        return dict(report)
-    except json.JSONDecodeError:
-        return {"outcome": f"exit {proc.returncode}", "error": proc.stderr.strip()[-500:]}
+        return read_migration(proc).report
+    except CommandError:
+        return NoReport(f"exit {proc.returncode}", proc.stderr.strip()[-500:])
 
 
 def _proc_sample(pid: int) -> ProcSample:
@@ -619,8 +603,8 @@ def _present_taps() -> set[str]:
 @contextmanager
 def _pinging(rate: float, block: int) -> Iterator[Callable[[list[Phase]], dict[str, list[int]]]]:
     """Ping both teams for the block; the callable gives each team's loss per phase."""
-    pingers = demo.pingers(f"soak-{block}", rate)
-    for p in pingers.values():
+    senders = pingers(f"soak-{block}", rate)
+    for p in senders.values():
         p.start()
     records: dict[str, Any] = {}
 
@@ -635,7 +619,7 @@ def _pinging(rate: float, block: int) -> Iterator[Callable[[list[Phase]], dict[s
         yield lost
     finally:
         time.sleep(1.5)
-        for team, p in pingers.items():
+        for team, p in senders.items():
             records[team] = p.stop()
             Path(p.outfile).unlink(missing_ok=True)
 
@@ -729,7 +713,7 @@ def _migrate(soak: Soak, via: str, dest: str) -> tuple[str, str]:
     failure = failed_migration(report)
     if not failure and soak.lab.where() != dest:
         failure = f"done, but the guest is not on {dest}"
-    return str(report.get("outcome")), failure
+    return str(report.outcome), failure
 
 
 def _failover(soak: Soak) -> tuple[str, str]:
@@ -740,15 +724,15 @@ def _failover(soak: Soak) -> tuple[str, str]:
 def _cancel(soak: Soak, phase: str) -> tuple[str, str]:
     src = soak.lab.where()
     report, said = soak.cancelled_migration(phase)
-    outcome = str(report.get("outcome"))
-    if outcome == "done" and soak.lab.where() != src:
+    outcome = str(report.outcome)
+    if outcome == Outcome.DONE and soak.lab.where() != src:
         # the cancel came after the point of no return: a migration like the others
         return "done (cancel too late)", failed_migration(report)
-    if outcome != "rolled-back" or not report.get("cancelled"):
-        return outcome, f"not rolled back by the cancel ({said}): {report.get('error')}"
+    if isinstance(report, NoReport) or outcome != Outcome.ROLLED_BACK or not report.cancelled:
+        return outcome, f"not rolled back by the cancel ({said}): {report.error}"
     if soak.lab.where() != src:
         return outcome, f"rolled back, but the guest left {src}"
-    off = {t: m for t, m in report.get("teams", {}).items() if m != "primary"}
+    off = {t: str(m) for t, m in report.teams.items() if m is not TeamMode.PRIMARY}
     return outcome, f"rolled back with teams off primary: {off}" if off else ""
 
 

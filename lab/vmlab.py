@@ -38,6 +38,7 @@ from lab.guest import (
 )
 from lab.hosts import PRIVATE_DIRS, LabHost, is_alive, stop_pid
 from lab.image import GuestImage, ImageRecipe, build_image, lab_recipe, suite_images_dir
+from lab.migration import libvirt_migrate
 from lab.paths import run_dir
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,6 @@ QEMU_ABORT = re.compile(r"^qemu-system-\S+: (.*Assertion .* failed\.)$", re.MULT
 BOOT_ATTEMPTS = 2
 #: Kernel log lines that mean the guest is damaged (a migration corrupted its memory, say).
 BAD_KERNEL_LINES = r"BUG:|Oops|corrupt|Kernel panic|WARNING:|general protection|Call Trace"
-MIGRATE_FLAGS = (
-    libvirt.VIR_MIGRATE_LIVE
-    | libvirt.VIR_MIGRATE_PEER2PEER
-    | libvirt.VIR_MIGRATE_PERSIST_DEST
-    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-    # The disk is one qcow2 file both hosts see, opened with cache='unsafe'.
-    | libvirt.VIR_MIGRATE_UNSAFE
-)
-
-
 #: A disk local to each host: the same path, a different file on each (private mounts).
 DATA_DISK = "/var/lib/libvirt/images/ptmig-data.qcow2"
 
@@ -475,33 +466,26 @@ class VmLab:
     # -- actions ---------------------------------------------------------------------
 
     def migrate(self, destination: str) -> MigrationResult:
-        """Live-migrate the guest (peer-to-peer, persistent at the destination)."""
+        """Live-migrate the guest with libvirt alone (lab.migration.libvirt_migrate)."""
         source = self.where()
         if source == destination:
             raise LabError(f"the guest already runs on {destination}")
-        dom = self.domain(source)
-        t0 = time.monotonic()
         try:
-            dom.migrateToURI3(self.hosts[destination].tcp_uri, {}, MIGRATE_FLAGS)
+            done = libvirt_migrate(
+                self.domain(source), self.conn(destination), self.hosts[destination].tcp_uri
+            )
         except libvirt.libvirtError as exc:
             raise LabError(
                 f"migration {source} -> {destination} failed: {exc}; "
                 f"logs: {', '.join(map(str, self.logs()))}"
             ) from exc
-        wall = time.monotonic() - t0
-        stats: dict[str, Any] = {}
-        try:
-            stats = self.domain(destination).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        except libvirt.libvirtError as exc:
-            log.warning("no job statistics from %s: %s", destination, exc)
-        data = stats.get("data_total")
         return MigrationResult(
             source,
             destination,
-            round(wall, 3),
-            stats.get("downtime"),
-            stats.get("time_elapsed"),
-            round(data / 2**20, 1) if data is not None else None,
+            round(done.wall_s, 3),
+            done.downtime_ms,
+            done.elapsed_ms,
+            round(done.data_total / 2**20, 1) if done.data_total is not None else None,
         )
 
     def make_local_disk(self, host: str, path: str = DATA_DISK, size_mib: int = 64) -> Path:

@@ -1,4 +1,5 @@
-"""The one protobuf encoder per Coordinator answer, and the decoders of requests.
+"""The one protobuf encoder per Coordinator answer, and the decoders of requests (and of
+the migration report, for Python clients).
 
 Each takes or gives the typed results of host/workflow/model.py; a request that is
 malformed raises ValueError (INVALID_ARGUMENT).
@@ -16,7 +17,12 @@ from ptmig.v1 import coordinator_pb2 as pb
 from host.domain.kinds import MacPolicy
 from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
-from host.migration_options import CopyStorage, InvalidMigrationOptions, MigrationOptions
+from host.migration_options import (
+    CopyStorage,
+    InvalidMigrationOptions,
+    MigrationOptions,
+    MigrationStats,
+)
 from host.workflow.model import (
     CancelResult,
     DomainEvacuation,
@@ -31,12 +37,14 @@ from host.workflow.model import (
     MigrationReport,
     MigrationRequest,
     Outcome,
+    PhaseTiming,
     PoolStatus,
     RecoverResult,
     TeamMode,
     TeamRequest,
     TeamStatus,
     WorkflowSummary,
+    from_plain,
     plain,
 )
 
@@ -219,6 +227,28 @@ def report_message(report: MigrationReport) -> Any:
         drift=dict(report.drift),
         ways=dict(report.ways),
         cancelled=report.cancelled,
+    )
+
+
+def report_from_message(message: Any) -> MigrationReport:
+    """The report a Migrate stream's last event carries, for a client in Python (the
+    lab's soak): :func:`report_message` read back, but for what the contract does not
+    carry (the phases' start times, ``why``).  ValueError for an outcome or a team mode it does not
+    know."""
+    migration = json.loads(message.migration_json or "{}")
+    return MigrationReport(
+        workflow_id=message.workflow_id,
+        domain=message.domain,
+        source_uri=message.source_uri,
+        destination_uri=message.destination_uri,
+        outcome=Outcome(message.outcome_text),
+        phases=[PhaseTiming(p.name, p.seconds, p.detail) for p in message.phases],
+        teams={k: TeamMode(v) for k, v in message.teams.items()},
+        error=message.error,
+        migration=from_plain(MigrationStats, migration) if migration else None,
+        drift=dict(message.drift),
+        cancelled=message.cancelled,
+        ways=dict(message.ways),
     )
 
 

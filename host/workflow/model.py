@@ -1,6 +1,7 @@
 """What the workflow takes and gives back: requests, events, reports and the Coordinator's
 answers (plain data).  The faces encode these types, and only these: one protobuf encoder
-per message in ptmigd, one JSON form (:func:`plain`) for ``--json`` and the journal."""
+per message in ptmigd, one JSON form (:func:`plain`) for ``--json`` and the journal, read
+back by :func:`from_plain`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import dataclasses
 import enum
 import json
 import time
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from host.domain.kinds import MacPolicy, PoolKind
 from host.domain.teams import PrimaryDevice, Team
@@ -377,3 +380,68 @@ def plain(value: object) -> Any:
 
 def to_json(value: object) -> str:
     return json.dumps(plain(value), indent=1, default=str)
+
+
+_T = TypeVar("_T")
+
+
+def from_plain(cls: type[_T], value: object) -> _T:
+    """The result of type *cls* whose :func:`plain` form is *value* (``ptmig ... --json``
+    parsed), so a reader of the CLI's output (the lab, the e2e tests) gets the typed
+    result instead of declaring its shape again.  ValueError names the first place
+    that is not as *cls* declares it (an unknown or missing field, a wrong type)."""
+    decoded: _T = _decode(cls, value, cls.__name__)
+    return decoded
+
+
+def _decode(hint: Any, value: object, where: str) -> Any:
+    """*value* as the type *hint* (a field's annotation) says, checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _decode(arg, value, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors) or f"{where}: {value!r} is not {hint}")
+    if origin in (list, tuple) and isinstance(value, list):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise ValueError(f"{where}: {len(value)} items, not {len(args)}")
+            return tuple(
+                _decode(a, v, f"{where}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+        items = [_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict and isinstance(value, dict):
+        return {
+            _decode(args[0], k, f"{where} key"): _decode(args[1], v, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        fields = {f.name for f in dataclasses.fields(hint) if f.init}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+        hints = typing.get_type_hints(hint)
+        kwargs = {k: _decode(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return hint(**kwargs)
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"{where}: {exc}") from None
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not a {hint.__name__}") from None
+    if hint is float and type(value) in (int, float):
+        return float(typing.cast(float, value))
+    if hint in (str, int, bool) and type(value) is hint:
+        return value
+    raise ValueError(f"{where}: {value!r} is not {getattr(hint, '__name__', hint)}")

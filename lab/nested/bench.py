@@ -34,8 +34,10 @@ from host.domain.devices import pci_hostdev_xml, vf_interface_xml
 from host.domain.pools import pool_network_name
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab.guest import DOMAIN_NAME
+from lab.migration import libvirt_migrate
 from lab.nested import coordinated as co
 from lab.nested.vlab import L1Pinger, VfioLab, VfioLabError, peer_uri
+from lab.traffic import Phase
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +46,6 @@ TEAM_IPS = {"lan": GUEST_IP, "wan": WAN_GUEST_IP}
 BONDS = {"lan": "bond0", "wan": "bond1"}
 RATES = (100, 200, 500, 1000)
 IDLE_S = 20.0
-#: libvirt's p2p live migration as ptmig asks for it (the lab's disk cache needs UNSAFE).
-PLAIN_FLAGS = (
-    libvirt.VIR_MIGRATE_LIVE
-    | libvirt.VIR_MIGRATE_PEER2PEER
-    | libvirt.VIR_MIGRATE_PERSIST_DEST
-    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-    | libvirt.VIR_MIGRATE_UNSAFE
-)
 LINK_LOG = "/run/ptmig-bench-links.log"
 _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)\]")
 
@@ -151,15 +145,14 @@ def ptmig_move(lab: VfioLab, case: str, teams: list[str], rate: int, offset: flo
     dest = OTHER[src]
     pingers = pinging(lab, f"{case}-{src}-", rate)
     t0 = time.monotonic()
-    code, report = co.migrate(lab, dest)
+    moved = co.migrate(lab, dest)
     wall = time.monotonic() - t0
     time.sleep(2)
-    spans = [(p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]]
+    code, spans = moved.exit_code, moved.phases
     move = Move(case, src, dest, code, round(wall, 2))
-    move.phases = {p["name"]: p["seconds"] for p in report["phases"]}
-    stats = report.get("migration") or {}
-    move.downtime_ms = stats.get("downtime_ms")
-    bind = next(((s, e) for n, s, e in spans if n == "bind"), None)
+    move.phases = {p.name: p.seconds for p in moved.report.phases}
+    move.downtime_ms = moved.downtime_ms
+    bind = next(((p.start, p.end) for p in spans if p.name == "bind"), None)
     for team, p in pingers.items():
         traffic = p.stop_and_analyze(spans)
         move.lost[team] = {ph["name"]: ph["lost"] for ph in traffic["phases"]}
@@ -204,7 +197,7 @@ def bare_plug(lab: VfioLab, kind: str, rate: int, offset: float, settle: float =
     lab.domain(on).attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     called = time.time() - started
     time.sleep(max(0.0, settle - called))
-    spans = [("plug", started, started + settle)]
+    spans = [Phase("plug", started, started + settle)]
     move = Move(f"bare-{kind}", on, on, 0, round(called, 2), {"attach_call": round(called, 2)})
     for team, p in pingers.items():
         traffic = p.stop_and_analyze(spans)
@@ -233,17 +226,14 @@ def plain_move(lab: VfioLab, rate: int) -> Move:
     src = lab.where()
     dest = OTHER[src]
     pingers = pinging(lab, f"plain-{src}-", rate)
-    started = time.time()
-    t0 = time.monotonic()
-    lab.domain(src).migrateToURI3(peer_uri(dest), {}, PLAIN_FLAGS)
-    wall = time.monotonic() - t0
+    moved = libvirt_migrate(lab.domain(src), lab.conn(dest), peer_uri(dest))
     time.sleep(2)
-    stats = lab.domain(dest).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    wall = moved.wall_s
     move = Move("plain", src, dest, 0, round(wall, 2), {"migrate": round(wall, 3)})
-    move.downtime_ms = stats.get("downtime")
-    spans = [("migrate", started, started + wall)]
+    move.downtime_ms = moved.downtime_ms
     for team, p in pingers.items():
-        move.lost[team] = {ph["name"]: ph["lost"] for ph in p.stop_and_analyze(spans)["phases"]}
+        analyzed = p.stop_and_analyze(moved.phases)
+        move.lost[team] = {ph["name"]: ph["lost"] for ph in analyzed["phases"]}
     return move
 
 

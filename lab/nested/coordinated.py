@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from lab import STANDBY_MAC, WAN_STANDBY_MAC
-from lab.coordinated import ptmig_at
 from lab.guest import DOMAIN_NAME
+from lab.migration import Hop, PtmigMigration, ptmig_migrate
 from lab.nested import run_dir
 from lab.nested.vlab import VfioLab, VfioLabError, peer_uri, uri
+from lab.ptmig import ptmig_at
 
 VF_POOL = "lanvf"
 PCI_POOL = "wannic"
@@ -44,23 +45,10 @@ def ptmig_json(host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
     return json.loads(proc.stdout)
 
 
-def migrate(lab: VfioLab, dest: str, peer: str | None = None) -> tuple[int, dict[str, Any]]:
+def migrate(lab: VfioLab, dest: str, peer: str | None = None) -> PtmigMigration:
     """``ptmig migrate --json`` of the guest from where it runs to *dest*, p2p over the hosts'
-    L1-internal addresses (*peer*: another peer URI); its exit code and report."""
-    proc = ptmig(
-        lab.where(),
-        "migrate",
-        DOMAIN_NAME,
-        uri(dest),
-        "--json",
-        "--peer-uri",
-        peer or peer_uri(dest),
-        "--unsafe",
-        check=False,
-    )
-    if not proc.stdout:
-        raise VfioLabError(f"ptmig migrate exited {proc.returncode}: {proc.stderr.strip()}")
-    return proc.returncode, json.loads(proc.stdout)
+    L1-internal addresses (*peer*: another peer URI), read back (lab.migration)."""
+    return ptmig_migrate(Hop(uri(lab.where()), uri(dest), peer or peer_uri(dest)), journal())
 
 
 def define_pools(lab: VfioLab, vfs: dict[str, list[str]] | None = None) -> None:

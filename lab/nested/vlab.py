@@ -35,6 +35,7 @@ from lab.nested.guest import l2_init
 from lab.nested.image import build_l1, build_l2, build_l2_initrd
 from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, running_pid, src_path
 from lab.nested.qemu import UnpackedQemu, build_qemu
+from lab.traffic import Phase
 from lab.vmlab import BAD_KERNEL_LINES
 
 log = logging.getLogger(__name__)
@@ -452,10 +453,10 @@ class L1Pinger:
             f"& echo $! > /tmp/ping-{self.name}.pid)"
         ).check()
 
-    def stop_and_analyze(self, phases: list[tuple[str, float, float]]) -> dict[str, Any]:
+    def stop_and_analyze(self, phases: list[Phase]) -> dict[str, Any]:
         self.lab.l1_exec(f"kill -INT $(cat /tmp/ping-{self.name}.pid); sleep 1.5").check()
         offset, error = self.lab.l1_clock_offset()
-        lines = "".join(f"{n} {s + offset:.6f} {e + offset:.6f}\\n" for n, s, e in phases)
+        lines = "".join(f"{p.name} {p.start + offset:.6f} {p.end + offset:.6f}\\n" for p in phases)
         out = self.lab.l1_exec(
             f"printf '{lines}' > /tmp/ping-{self.name}.phases; python3 -m lab.traffic analyze "
             f"{self.outfile} --phases /tmp/ping-{self.name}.phases --json",

@@ -1,4 +1,5 @@
-"""Per-domain loss and time on standby of one host evacuation (``ptmig evacuate --json``).
+"""Per-domain loss and time on standby of one host evacuation (``ptmig evacuate --json``,
+read back as the product's EvacuationReport).
 
 Each domain's own migration report gives its phases (epoch seconds, on the coordinator's
 clock); each team's ping record gives its losses.  A team is on its virtio standby from
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from host.workflow.model import DomainEvacuation, EvacuationReport
+from lab.migration import report_phases
 from lab.traffic.analysis import Phase, analyze
 from lab.traffic.record import PingRecord
 
@@ -66,16 +69,6 @@ class DomainTraffic:
         return asdict(self)
 
 
-def report_phases(report: Mapping[str, Any] | None) -> list[Phase]:
-    """The phases of a ``MigrationReport`` as ``ptmig migrate --json`` prints it."""
-    if not report:
-        return []
-    return [
-        Phase(p["name"], float(p["started_at"]), float(p["started_at"]) + float(p["seconds"]))
-        for p in report.get("phases", [])
-    ]
-
-
 def standby_window(phases: Sequence[Phase]) -> StandbyWindow | None:
     """From the end of switch to the end of bind; None if the teams never left their
     primaries (no switch or unplug among the phases)."""
@@ -90,10 +83,9 @@ def standby_window(phases: Sequence[Phase]) -> StandbyWindow | None:
     return StandbyWindow(start, bind.end if bind is not None else None, leaving)
 
 
-def domain_traffic(entry: Mapping[str, Any], team: str, record: PingRecord) -> DomainTraffic:
-    """*team*'s loss through the migration of *entry* (one of ``evacuate --json``'s
-    ``domains``)."""
-    phases = report_phases(entry.get("report"))
+def domain_traffic(entry: DomainEvacuation, team: str, record: PingRecord) -> DomainTraffic:
+    """*team*'s loss through the migration of *entry* (one domain of the evacuation)."""
+    phases = report_phases(entry.report)
     traffic = analyze(record, phases)
     window = standby_window(phases)
     start = min((p.start for p in phases), default=None)
@@ -114,10 +106,10 @@ def domain_traffic(entry: Mapping[str, Any], team: str, record: PingRecord) -> D
         stop = window.end if window.end is not None else float("inf")
         on_standby = window.leaving - WINDOW_SLACK_S <= t <= stop + WINDOW_SLACK_S
     return DomainTraffic(
-        domain=str(entry["domain"]),
+        domain=entry.domain,
         team=team,
         target=record.target,
-        outcome=str(entry["outcome"]),
+        outcome=str(entry.outcome),
         sent=traffic.sent,
         lost=traffic.lost,
         lost_by_phase={p.name: p.lost for p in traffic.phases if p.lost},
@@ -132,12 +124,12 @@ def domain_traffic(entry: Mapping[str, Any], team: str, record: PingRecord) -> D
 
 
 def evacuation_traffic(
-    result: Mapping[str, Any], records: Mapping[tuple[str, str], PingRecord]
+    result: EvacuationReport, records: Mapping[tuple[str, str], PingRecord]
 ) -> list[DomainTraffic]:
-    """Every pinged team of every domain in *result* (``evacuate --json``); *records* by
-    (domain, team).  A domain with no record is left out; a record with no domain in the
-    result is an error (it was pinged, so it was expected to be evacuated)."""
-    entries = {str(d["domain"]): d for d in result["domains"]}
+    """Every pinged team of every domain in *result* (``evacuate --json`` read back);
+    *records* by (domain, team).  A domain with no record is left out; a record with no
+    domain in the result is an error (it was pinged, so it was expected to be evacuated)."""
+    entries = {d.domain: d for d in result.domains}
     missing = sorted({dom for dom, _ in records} - set(entries))
     if missing:
         raise ValueError(f"pinged but not in the evacuation's result: {missing}")

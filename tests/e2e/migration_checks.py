@@ -7,20 +7,19 @@ test_agent.py and test_orchestrated.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from host.workflow.model import Outcome
-from lab import GUEST_IP, TEAM_MAC, WAN_GUEST_IP
+from host.workflow.model import Outcome, TeamMode, plain
+from lab import TEAM_MAC
 from lab import coordinated as co
 from lab.fabric import CLIENT_NS
-from lab.guest import DOMAIN_NAME
+from lab.measure import Recorder
+from lab.migration import PtmigMigration
 from lab.paths import run_dir
-from lab.traffic import FixedRatePinger, Phase, analyze
+from lab.traffic import FixedRatePinger, analyze
 from lab.vmlab import VmLab
 
 OTHER = {"hosta": "hostb", "hostb": "hosta"}
@@ -51,44 +50,19 @@ def traffic(target: str, name: str) -> Iterator[dict[str, float]]:
     print(f"{name}: {report.format_table()}")
 
 
-def migrate_cli(lab: VmLab, dest: str, *extra: str) -> tuple[int, dict[str, Any]]:
+def measured_move(
+    lab: VmLab, dest: str, name: str, *extra: str
+) -> tuple[PtmigMigration, dict[str, dict[str, int]]]:
+    """``ptmig migrate`` to *dest* (lab.coordinated.migrate) under 1000 pings/s per team;
+    the migration and each team's loss per phase of its report, with the total."""
     src = lab.where()
-    proc = co.ptmig(
-        lab,
-        src,
-        "migrate",
-        DOMAIN_NAME,
-        lab.hosts[dest].uri,
-        "--json",
-        "--peer-uri",
-        lab.hosts[dest].tcp_uri,
-        "--unsafe",
-        *extra,
-        check=False,
-    )
-    assert proc.stdout, proc.stderr
-    return proc.returncode, json.loads(proc.stdout)
-
-
-def pingers(name: str) -> list[FixedRatePinger]:
-    return [
-        FixedRatePinger(
-            ip,
-            run_dir() / f"{name}-{team}.ping",
-            rate=1000,
-            prefix=["ip", "netns", "exec", CLIENT_NS],
-        )
-        for team, ip in (("lan", GUEST_IP), ("wan", WAN_GUEST_IP))
-    ]
-
-
-def phase_loss(pinger: FixedRatePinger, report: dict[str, Any]) -> dict[str, int]:
-    record = pinger.stop()
-    phases = [
-        Phase(p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]
-    ]
-    traffic = analyze(record, phases)
-    return {p.name: p.lost for p in traffic.phases} | {"total": traffic.lost}
+    with Recorder(name, tcp=False) as rec:
+        moved = co.migrate(lab, dest, *extra)
+        rec.phases += moved.phases
+        sample = rec.finish("ptmig", f"{src} -> {dest}", moved.wall_s)
+    losses = sample.lost_with_totals()
+    print(f"{name}: {moved.report.outcome} {moved.report.phases}\nlost per phase: {losses}")
+    return moved, losses
 
 
 def guest_mac(lab: VmLab, ifname: str) -> str:
@@ -105,18 +79,12 @@ def there_and_back(lab: VmLab, record_property: pytest.RecordProperty) -> None:
     for dest in ("hostb", "hosta"):
         src = lab.where()
         source_taps = {tap for tap, _ in co.POOL_SLOTS[src]}
-        ps = pingers(f"migrate-{dest}")
-        for p in ps:
-            p.start()
-        time.sleep(1)
-        code, report = migrate_cli(lab, dest)
-        time.sleep(1.5)
-        losses = {team: phase_loss(p, report) for team, p in zip(("lan", "wan"), ps, strict=True)}
-        print(f"{src} -> {dest}: {report['phases']}\nlost per phase: {losses}")
-        record_property(f"report_{src}_{dest}", report)
+        moved, losses = measured_move(lab, dest, f"migrate-{dest}")
+        report = moved.report
+        record_property(f"report_{src}_{dest}", plain(report))
         record_property(f"lost_{src}_{dest}", losses)
-        assert code == 0 and report["outcome"] == str(Outcome.DONE), report
-        assert report["teams"] == {"lan": "primary", "wan": "primary"}
+        assert moved.exit_code == 0 and report.outcome is Outcome.DONE, report
+        assert report.teams == {"lan": TeamMode.PRIMARY, "wan": TeamMode.PRIMARY}
         assert lab.where() == dest
         lab.check_health()
         # the destination's definitions name its own devices, never the source's

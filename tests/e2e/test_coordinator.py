@@ -17,23 +17,16 @@ from typing import Any
 
 import grpc
 import pytest
-from migration_checks import (
-    OTHER,
-    active_slave,
-    guest_mac,
-    migrate_cli,
-    phase_loss,
-    pingers,
-    there_and_back,
-)
+from migration_checks import OTHER, active_slave, guest_mac, measured_move, there_and_back
 from ptmig.v1 import coordinator_pb2 as pb
 from ptmig.v1 import coordinator_pb2_grpc as pb_grpc
 
 from host.daemon import ListenConfig, serve
 from host.hypervisor import Hypervisor
+from host.migration_options import MigrationStats
 from host.workflow.coordinator import Coordinator
 from host.workflow.journal import Journal
-from host.workflow.model import Outcome
+from host.workflow.model import Outcome, TeamMode, plain
 from lab import TEAM_MAC, pki
 from lab import coordinated as co
 from lab.guest import DOMAIN_NAME
@@ -57,16 +50,21 @@ def test_migrate_there_and_back_keeps_teams_on_primaries(
 # -- the migration options (--tls, --copy-storage-all, --bandwidth, ...) ------------------
 
 
-def move_with(lab: VmLab, dest: str, *options: str) -> dict[str, Any]:
+PRIMARIES = {"lan": TeamMode.PRIMARY, "wan": TeamMode.PRIMARY}
+
+
+def move_with(lab: VmLab, dest: str, *options: str) -> MigrationStats:
     """``ptmig migrate`` with *options*: done, both teams on primaries, the guest healthy;
     returns the report's migration statistics."""
-    code, report = migrate_cli(lab, dest, *options)
-    print(f"{' '.join(options)} -> {dest}: {report['phases']}")
-    assert code == 0 and report["outcome"] == str(Outcome.DONE), report
-    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    moved = co.migrate(lab, dest, *options)
+    report = moved.report
+    print(f"{' '.join(options)} -> {dest}: {report.phases}")
+    assert moved.exit_code == 0 and report.outcome is Outcome.DONE, report
+    assert report.teams == PRIMARIES
     assert lab.where() == dest
     lab.check_health()
-    return dict(report["migration"])
+    assert report.migration is not None, report
+    return report.migration
 
 
 def test_tls_migrates_there_and_back_and_a_destination_trusting_another_ca_refuses(
@@ -81,23 +79,24 @@ def test_tls_migrates_there_and_back_and_a_destination_trusting_another_ca_refus
     etc = lab.hosts[dest].path_inside("/etc/libvirt")
     pki.trust(etc, pki.make_ca("foreign"))
     try:
-        code, report = migrate_cli(lab, dest, "--tls")
+        moved = co.migrate(lab, dest, "--tls")
     finally:
         pki.trust(etc, pki.lab_ca())
-    assert code == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
+    report = moved.report
+    assert moved.exit_code == 4 and report.outcome is Outcome.ROLLED_BACK, report
     # the handshake is what failed: the source's error or the destination's QEMU says so
     qemu_log = lab.hosts[dest].qemu_log(DOMAIN_NAME).read_text(errors="replace")[-4000:]
-    assert re.search(r"tls|certificate|x509", report["error"] + qemu_log, re.I), (
-        report["error"],
+    assert re.search(r"tls|certificate|x509", report.error + qemu_log, re.I), (
+        report.error,
         qemu_log,
     )
-    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    assert report.teams == PRIMARIES
     assert lab.where() == src
     for there in (dest, src):
         migration = move_with(lab, there, "--tls")
-        record_property(f"tls_{there}", migration)
-        assert migration["tls"] is True
-        assert migration["tls_creds"], migration  # QEMU's tls-creds object, during the job
+        record_property(f"tls_{there}", plain(migration))
+        assert migration.tls is True
+        assert migration.tls_creds, migration  # QEMU's tls-creds object, during the job
 
 
 def guest_block(lab: VmLab, command: str) -> str:
@@ -147,10 +146,10 @@ def test_copy_storage_all_moves_a_local_disk_there_and_back(
         for there in (dest, src):
             before = lab.where()
             migration = move_with(lab, there, "--copy-storage-all", "--migrate-disks", "vdb")
-            record_property(f"copy_storage_{there}", migration)
-            assert migration["copy_storage"] == "all"
-            assert migration["migrate_disks"] == ["vdb"]
-            assert (migration["disk_total"] or 0) >= 64 << 20, migration
+            record_property(f"copy_storage_{there}", plain(migration))
+            assert migration.copy_storage == "all"
+            assert migration.migrate_disks == ("vdb",)
+            assert (migration.disk_total or 0) >= 64 << 20, migration
             assert read_mark(lab) == f"mark-on-{before}"
             assert mark_in_file(files[there], tmp_path) == f"mark-on-{before}"
             write_mark(lab, f"mark-on-{there}")
@@ -176,18 +175,18 @@ def test_bandwidth_auto_converge_parallel_there_and_post_copy_back(
         "--parallel-connections",
         "2",
     )
-    record_property("bandwidth_auto_converge_parallel", migration)
-    assert (migration["bandwidth_mib_s"], migration["auto_converge"]) == (32, True)
-    assert migration["parallel_connections"] == migration["multifd_channels"] == 2
-    assert {"auto-converge", "multifd"} <= set(migration["qemu_capabilities"]), migration
-    if migration["memory_bps"] is not None:
-        assert migration["memory_bps"] <= 1.5 * (32 << 20), migration
+    record_property("bandwidth_auto_converge_parallel", plain(migration))
+    assert (migration.bandwidth_mib_s, migration.auto_converge) == (32, True)
+    assert migration.parallel_connections == migration.multifd_channels == 2
+    assert {"auto-converge", "multifd"} <= set(migration.qemu_capabilities), migration
+    if migration.memory_bps is not None:
+        assert migration.memory_bps <= 1.5 * (32 << 20), migration
     migration = move_with(lab, src, "--postcopy-after", "1", "--bandwidth", "8")
-    record_property("postcopy", migration)
-    assert "postcopy-ram" in migration["qemu_capabilities"], migration
-    assert migration["postcopy"] and migration["postcopy_started"], migration
-    assert migration["postcopy_reason"] == "after 1 s"
-    assert 1 <= migration["postcopy_started_after_s"] < 5
+    record_property("postcopy", plain(migration))
+    assert "postcopy-ram" in migration.qemu_capabilities, migration
+    assert migration.postcopy and migration.postcopy_started, migration
+    assert migration.postcopy_reason == "after 1 s"
+    assert 1 <= (migration.postcopy_started_after_s or 0) < 5
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -286,12 +285,12 @@ def test_empty_destination_pool_gives_degraded_then_the_reconciler_repairs(
 ) -> None:
     lab = coordinated
     if lab.where() != "hosta":
-        migrate_cli(lab, "hosta")
+        co.migrate(lab, "hosta")
     co.define_pools(lab, {"hostb": []})  # hostb's pool has no device left
-    code, report = migrate_cli(lab, "hostb")
+    moved = co.migrate(lab, "hostb")
     assert lab.where() == "hostb"
-    assert code == 3 and report["outcome"] == str(Outcome.DONE_DEGRADED), report
-    assert set(report["teams"].values()) == {"standby"}
+    assert moved.exit_code == 3 and moved.report.outcome is Outcome.DONE_DEGRADED, moved
+    assert set(moved.report.teams.values()) == {TeamMode.STANDBY}
     lab.check_health()
     status = co.ptmig_json(lab, "hostb", "status", DOMAIN_NAME)
     assert {t["mode"] for t in status["teams"]} == {"degraded"}
@@ -327,20 +326,6 @@ def detach_outside_ptmig(lab: VmLab) -> dict[str, str]:
     return primaries
 
 
-def migrate_measured(
-    lab: VmLab, dest: str, name: str
-) -> tuple[int, dict[str, Any], dict[str, dict[str, int]]]:
-    ps = pingers(name)
-    for p in ps:
-        p.start()
-    time.sleep(1)
-    code, report = migrate_cli(lab, dest)
-    time.sleep(1.5)
-    losses = {team: phase_loss(p, report) for team, p in zip(("lan", "wan"), ps, strict=True)}
-    print(f"{name}: {report['outcome']} {report['phases']}\nlost per phase: {losses}")
-    return code, report, losses
-
-
 def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
     coordinated: VmLab, record_property: pytest.RecordProperty
 ) -> None:
@@ -362,13 +347,14 @@ def test_primaries_detached_outside_ptmig_migrate_done_on_destination_primaries(
             by_team[team]["drift"],
         )
 
-    code, report, losses = migrate_measured(lab, dest, "drift-done")
-    record_property("report_drift_done", report)
+    moved, losses = measured_move(lab, dest, "drift-done")
+    report = moved.report
+    record_property("report_drift_done", plain(report))
     record_property("lost_drift_done", losses)
 
-    assert code == 0 and report["outcome"] == str(Outcome.DONE), report
-    assert report["drift"] == {"lan": "primary-absent", "wan": "primary-absent"}
-    assert report["teams"] == {"lan": "primary", "wan": "primary"}
+    assert moved.exit_code == 0 and report.outcome is Outcome.DONE, report
+    assert report.drift == {"lan": "primary-absent", "wan": "primary-absent"}
+    assert report.teams == PRIMARIES
     assert lab.where() == dest
     lab.check_health()
     lan_active, wan_active = active_slave(lab, "bond0"), active_slave(lab, "bond1")
@@ -388,15 +374,16 @@ def test_primaries_detached_outside_ptmig_to_an_empty_pool_is_done_degraded(
     detach_outside_ptmig(lab)
     co.define_pools(lab, {dest: []})
     try:
-        code, report, losses = migrate_measured(lab, dest, "drift-degraded")
+        moved, losses = measured_move(lab, dest, "drift-degraded")
     finally:
         co.define_pools(lab, {dest: co.POOL_SLOTS[dest]})
-    record_property("report_drift_degraded", report)
+    report = moved.report
+    record_property("report_drift_degraded", plain(report))
     record_property("lost_drift_degraded", losses)
 
-    assert code == 3 and report["outcome"] == str(Outcome.DONE_DEGRADED), report
-    assert report["drift"] == {"lan": "primary-absent", "wan": "primary-absent"}
-    assert report["teams"] == {"lan": "standby", "wan": "standby"}
+    assert moved.exit_code == 3 and report.outcome is Outcome.DONE_DEGRADED, report
+    assert report.drift == {"lan": "primary-absent", "wan": "primary-absent"}
+    assert report.teams == {"lan": TeamMode.STANDBY, "wan": TeamMode.STANDBY}
     assert lab.where() == dest
     lab.check_health()
     co.wait_for_teams_on_primary(lab)  # the pool has devices again

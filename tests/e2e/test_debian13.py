@@ -19,6 +19,7 @@ import pytest
 from migration_checks import there_and_back
 
 from lab import coordinated as co
+from lab.ptmig import HOST_PYTHON_ENV
 from lab.vmlab import VmLab
 
 pytestmark = [
@@ -40,7 +41,7 @@ def on_debian_python() -> Iterator[str]:
         "the bootstrap installs python3-libvirt, -grpcio and -protobuf: " + probe.stderr
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(co.HOST_PYTHON_ENV, SYSTEM_PYTHON)
+        patch.setenv(HOST_PYTHON_ENV, SYSTEM_PYTHON)
         yield SYSTEM_PYTHON
 
 
@@ -65,5 +66,5 @@ def test_the_guest_is_debian_13_with_its_own_agent_stack(coordinated: VmLab) -> 
 def test_migrate_there_and_back_with_the_coordinator_on_debian_python(
     coordinated: VmLab, record_property: pytest.RecordProperty
 ) -> None:
-    assert os.environ[co.HOST_PYTHON_ENV] == SYSTEM_PYTHON
+    assert os.environ[HOST_PYTHON_ENV] == SYSTEM_PYTHON
     there_and_back(coordinated, record_property)

@@ -8,13 +8,10 @@ The module's lab is the conftest's, with the extra guests booted beside the main
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from typing import Any
 
 import fault_matrix
 import libvirt
@@ -23,9 +20,11 @@ from fault_matrix import assert_converged, teams_on
 
 from host.domain.domain_xml import parse_domain
 from host.workflow.journal import Journal
+from host.workflow.model import EvacuationOutcome, EvacuationReport, TeamMode, from_plain
 from lab import coordinated as co
 from lab.bench_evacuate import EvacuationRun, evacuate, evacuate_argv, summary
 from lab.guest import DOMAIN_NAME
+from lab.ptmig import cli_argv, cli_env
 from lab.vmlab import VmLab
 
 pytestmark = pytest.mark.e2e
@@ -89,16 +88,8 @@ def gather_on(lab: VmLab, host: str) -> None:
     for name in lab.guest_names():
         src = lab.where(name)
         if src != host:
-            co.ptmig(
-                lab,
-                src,
-                "migrate",
-                name,
-                lab.hosts[host].uri,
-                "--peer-uri",
-                lab.hosts[host].tcp_uri,
-                "--unsafe",
-            )
+            moved = co.migrate(lab, host, name=name)
+            assert moved.exit_code == 0, moved
 
 
 def lost_by_guest(run: EvacuationRun) -> dict[str, int]:
@@ -107,10 +98,6 @@ def lost_by_guest(run: EvacuationRun) -> dict[str, int]:
         t.team if t.domain == DOMAIN_NAME else "g" + t.domain.removeprefix(DOMAIN_NAME): t.lost
         for t in run.traffic
     }
-
-
-def report_teams(entry: dict[str, Any]) -> dict[str, str]:
-    return dict((entry.get("report") or {}).get("teams", {}))
 
 
 def test_evacuation_of_three_guests_under_ping_in_parallel(
@@ -124,15 +111,16 @@ def test_evacuation_of_three_guests_under_ping_in_parallel(
     run = evacuate(lab, "hosta", "hostb", parallel=GUESTS, rate=PARALLEL_RATE, name="evac-p3")
     print("\n".join(summary(run)))
     record_property("evacuation", run.to_dict())
-    assert run.exit_code == 0, (run.exit_code, run.stderr, json.dumps(run.result)[:4000])
-    assert run.result["parallel"] == GUESTS
-    assert run.result["source_uri"] == lab.hosts["hosta"].uri
-    entries = {d["domain"]: d for d in run.result["domains"]}
+    assert run.exit_code == 0, (run.exit_code, run.stderr, str(run.result)[:4000])
+    assert run.result.parallel == GUESTS
+    assert run.result.source_uri == lab.hosts["hosta"].uri
+    entries = {d.domain: d for d in run.result.domains}
     assert set(entries) == set(lab.guest_names()), entries.keys()
     for name, entry in entries.items():
-        assert entry["outcome"] == "done", (name, entry.get("error"))
-        assert entry["destination_uri"] == lab.hosts["hostb"].uri, entry
-        assert set(report_teams(entry).values()) == {"primary"}, (name, report_teams(entry))
+        assert entry.outcome is EvacuationOutcome.DONE, (name, entry.error)
+        assert entry.destination_uri == lab.hosts["hostb"].uri, entry
+        assert entry.report is not None, entry
+        assert set(entry.report.teams.values()) == {TeamMode.PRIMARY}, (name, entry.report)
         assert lab.where(name) == "hostb"
         assert set(teams_on(lab, name).values()) == {"primary"}, name
         lab.check_health(name)
@@ -206,20 +194,13 @@ def test_sigint_on_evacuate_cancels_every_running_migration(fleet: VmLab) -> Non
     src = lab.where()
     gather_on(lab, src)
     dest = "hostb" if src == "hosta" else "hosta"
-    python = os.environ.get(co.HOST_PYTHON_ENV) or sys.executable
-    argv = [python, "-m", "host.cli", "-c", lab.hosts[src].uri]
-    env = {
-        **os.environ,
-        "PTMIG_JOURNAL": co.journal_path(),
-        "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
-    }
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [*argv, *evacuate_argv(lab, src, dest, GUESTS)],
+        cli_argv(lab.hosts[src].uri, *evacuate_argv(lab, src, dest, GUESTS)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=cli_env(co.journal_path()),
     )
     first = first_job_running(lab, src)
     proc.send_signal(signal.SIGINT)
@@ -229,11 +210,12 @@ def test_sigint_on_evacuate_cancels_every_running_migration(fleet: VmLab) -> Non
     assert proc.returncode == 4, (proc.returncode, err, out[:3000])
     said = [line for line in err.splitlines() if line.startswith("ptmig: SIGINT")]
     assert len(said) == 1 and "stopping the evacuation" in said[0], err
-    entries = {d["domain"]: d for d in json.loads(out)["domains"]}
+    report = from_plain(EvacuationReport, json.loads(out))
+    entries = {d.domain: d for d in report.domains}
     assert set(entries) == set(lab.guest_names())
     for name, entry in entries.items():
-        assert entry["outcome"] == "rolled-back", (name, entry["outcome"], entry["error"])
-        assert entry["report"]["cancelled"] is True, (name, entry["report"])
+        assert entry.outcome is EvacuationOutcome.ROLLED_BACK, (name, entry.outcome, entry.error)
+        assert entry.report is not None and entry.report.cancelled, (name, entry.report)
         assert lab.where(name) == src, name
     with Journal(co.journal_path()) as journal:
         assert journal.open_workflows() == []

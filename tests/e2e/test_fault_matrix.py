@@ -42,11 +42,13 @@ from host.workflow.journal import Journal, StepStatus
 from host.workflow.model import Event, MigrationReport, MigrationRequest, Outcome
 from lab import GUEST_IP, WAN_GUEST_IP
 from lab import coordinated as co
-from lab.demo import wait_reachable
 from lab.fabric import CLIENT_NS, HOSTS
 from lab.guest import DOMAIN_NAME
 from lab.image import GuestImage
+from lab.measure import wait_reachable
+from lab.migration import migrate_args, migrate_argv, read_migration
 from lab.paths import run_dir
+from lab.ptmig import cli_env
 from lab.run import run
 from lab.traffic import FixedRatePinger, analyze
 from lab.vmlab import VmLab
@@ -201,17 +203,8 @@ def test_agent_stopped_at_preflight_refuses_and_changes_nothing(faulty: VmLab) -
     agent(lab, "stop")
     try:
         with pinging("agent-stopped") as lost:
-            proc = co.ptmig(
-                lab,
-                src,
-                "migrate",
-                DOMAIN_NAME,
-                lab.hosts[OTHER[src]].uri,
-                "--peer-uri",
-                lab.hosts[OTHER[src]].tcp_uri,
-                "--unsafe",
-                check=False,
-            )
+            hop = co.hop(lab, OTHER[src])
+            proc = co.ptmig(lab, src, *migrate_args(DOMAIN_NAME, hop, as_json=False), check=False)
     finally:
         agent(lab, "start")
     assert proc.returncode == 4, proc.stderr
@@ -494,35 +487,27 @@ def test_same_migration_started_twice_runs_once(faulty: VmLab) -> None:
     lab = faulty
     src = lab.where()
     dest = OTHER[src]
-    argv = [
-        sys.executable,
-        "-m",
-        "host.cli",
-        "-c",
-        lab.hosts[src].uri,
-        "migrate",
-        DOMAIN_NAME,
-        lab.hosts[dest].uri,
-        "--peer-uri",
-        lab.hosts[dest].tcp_uri,
-        "--unsafe",
-        "--json",
-    ]
-    env = {**os.environ, "PTMIG_JOURNAL": co.journal_path()}
+    argv = migrate_argv(DOMAIN_NAME, co.hop(lab, dest))
     with pinging("twice") as lost:
         procs = [
             subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=cli_env(co.journal_path()),
             )
             for _ in range(2)
         ]
         outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 6], (codes, outs)
-    done = json.loads(
-        next(out for (out, _), p in zip(outs, procs, strict=True) if p.returncode == 0)
+    (done,) = (
+        read_migration(subprocess.CompletedProcess(argv, p.returncode, out, err))
+        for (out, err), p in zip(outs, procs, strict=True)
+        if p.returncode == 0
     )
-    assert done["outcome"] == str(Outcome.DONE)
+    assert done.report.outcome is Outcome.DONE, done
     assert lab.where() == dest
     record(
         "same migration started twice",
@@ -601,30 +586,6 @@ def test_ptmig_cancel_from_another_process_at(faulty: VmLab, phase: str) -> None
     record(f"ptmig cancel @{phase}", f"{result} in {took:.0f} s + {assert_converged(lab)}", lost)
 
 
-def migrate_argv(lab: VmLab, src: str, dest: str) -> list[str]:
-    return [
-        os.environ.get(co.HOST_PYTHON_ENV) or sys.executable,
-        "-m",
-        "host.cli",
-        "-c",
-        lab.hosts[src].uri,
-        "migrate",
-        DOMAIN_NAME,
-        lab.hosts[dest].uri,
-        "--peer-uri",
-        lab.hosts[dest].tcp_uri,
-        "--unsafe",
-    ]
-
-
-def cli_env(journal: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PTMIG_JOURNAL": journal,
-        "PYTHONPATH": os.pathsep.join([str(co.REPO), str(co.REPO / "protos")]),
-    }
-
-
 @pytest.mark.parametrize(
     "signame,phase,times",
     [
@@ -647,7 +608,7 @@ def test_signal_on_ptmig_migrate_at(faulty: VmLab, signame: str, phase: str, tim
     t0 = time.monotonic()
     with pinging(f"{sig.name}-{phase}-{times}") as lost:
         proc = subprocess.Popen(
-            migrate_argv(lab, src, dest),
+            migrate_argv(DOMAIN_NAME, co.hop(lab, dest), as_json=False),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -695,12 +656,13 @@ def test_same_migration_from_both_hosts_coordinators_runs_once(faulty: VmLab) ->
     src = lab.where()
     dest = OTHER[src]
     other_journal = str(run_dir() / "journal-other-coordinator.sqlite")
+    argv = migrate_argv(DOMAIN_NAME, co.hop(lab, dest))
     procs = []
     with pinging("two-coordinators") as lost:
         for net, journal in zip(HOSTS, (co.journal_path(), other_journal), strict=True):
             procs.append(
                 subprocess.Popen(
-                    ["ip", "netns", "exec", net.netns, *migrate_argv(lab, src, dest), "--json"],
+                    ["ip", "netns", "exec", net.netns, *argv],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from host.domain.devices import pci_hostdev_xml
-from host.workflow.model import Outcome
+from host.workflow.model import Outcome, TeamMode, plain
 from lab import GUEST_IP, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_STANDBY_MAC
 from lab.coordinated import ptmigd
 from lab.guest import DOMAIN_NAME
+from lab.migration import Hop, migrate_args
 from lab.nested import coordinated as co
 from lab.nested.l1 import WIRE_NICS
 from lab.nested.vlab import L1Pinger, VfioLab, peer_uri, uri
@@ -109,20 +110,18 @@ def there_and_back(
         for p in pingers.values():
             p.start()
         time.sleep(2)
-        code, report = co.migrate(lab, dest)
+        moved = co.migrate(lab, dest)
         time.sleep(2)
-        phases = [
-            (p["name"], p["started_at"], p["started_at"] + p["seconds"]) for p in report["phases"]
-        ]
         losses = {}
         for team, p in pingers.items():
-            traffic = p.stop_and_analyze(phases)
+            traffic = p.stop_and_analyze(moved.phases)
             losses[team] = {ph["name"]: ph["lost"] for ph in traffic["phases"]}
-        print(f"{src} -> {dest}: {report['phases']}\nlost per phase at {RATE}/s: {losses}")
-        record(f"report_{src}_{dest}", report)
+        report = moved.report
+        print(f"{src} -> {dest}: {report.phases}\nlost per phase at {RATE}/s: {losses}")
+        record(f"report_{src}_{dest}", plain(report))
         record(f"lost_{src}_{dest}", losses)
-        assert code == 0 and report["outcome"] == str(Outcome.DONE), report
-        assert report["teams"] == dict.fromkeys(teams, "primary")
+        assert moved.exit_code == 0 and report.outcome is Outcome.DONE, report
+        assert report.teams == dict.fromkeys(teams, TeamMode.PRIMARY)
         assert lab.where() == dest
         for check in checks:
             check(lab, dest)
@@ -162,11 +161,12 @@ def rollback(lab: VfioLab, teams: dict[str, str]) -> str:
     """A migration whose job fails after the unplug (*teams* plugged before it): rolled back
     onto the source with every team on a primary again.  Returns the source."""
     on = lab.where()
-    code, report = co.migrate(lab, OTHER[on], peer=UNREACHABLE_PEER)
-    print(f"rollback: {report['phases']}")
-    assert code == 4 and report["outcome"] == str(Outcome.ROLLED_BACK), report
-    assert "unplug" in [p["name"] for p in report["phases"]], "nothing was unplugged"
-    assert report["teams"] == teams
+    moved = co.migrate(lab, OTHER[on], peer=UNREACHABLE_PEER)
+    report = moved.report
+    print(f"rollback: {report.phases}")
+    assert moved.exit_code == 4 and report.outcome is Outcome.ROLLED_BACK, report
+    assert "unplug" in [p.name for p in report.phases], "nothing was unplugged"
+    assert report.teams == teams
     assert lab.where() == on
     return on
 
@@ -184,9 +184,9 @@ def test_whole_nic_under_mac_policy_none(vlab: VfioLab) -> None:
     dest = OTHER[lab.where()]
     set_wan_policy(lab, "none")
     try:
-        code, report = co.migrate(lab, dest)
-        assert code == 0 and report["outcome"] == str(Outcome.DONE), report
-        assert report["teams"] == {"wan": "primary"}
+        moved = co.migrate(lab, dest)
+        assert moved.exit_code == 0 and moved.report.outcome is Outcome.DONE, moved
+        assert moved.report.teams == {"wan": TeamMode.PRIMARY}
         check_whole_nic(lab, dest)
     finally:
         set_wan_policy(lab, "preserve")
@@ -275,9 +275,9 @@ def test_empty_destination_vf_pool_gives_degraded_then_the_reconciler_repairs(
     dest = OTHER[src]
     holder = hold_vfs(lab, dest)
     try:
-        code, report = co.migrate(lab, dest)
-        assert code == 3 and report["outcome"] == str(Outcome.DONE_DEGRADED), report
-        assert report["teams"] == {"lan": "standby", "wan": "primary"}
+        moved = co.migrate(lab, dest)
+        assert moved.exit_code == 3 and moved.report.outcome is Outcome.DONE_DEGRADED, moved
+        assert moved.report.teams == {"lan": TeamMode.STANDBY, "wan": TeamMode.PRIMARY}
         assert lab.where() == dest
         status = co.ptmig_json(dest, "status", DOMAIN_NAME)
         assert {t["name"]: t["mode"] for t in status["teams"]} == {
@@ -309,9 +309,9 @@ def test_vf_under_mac_policy_none_migrates(vf_team: VfioLab) -> None:
     dest = OTHER[lab.where()]
     set_lan(lab, "none")
     try:
-        code, report = co.migrate(lab, dest)
-        assert code == 0 and report["outcome"] == str(Outcome.DONE), report
-        assert report["teams"] == {"lan": "primary", "wan": "primary"}
+        moved = co.migrate(lab, dest)
+        assert moved.exit_code == 0 and moved.report.outcome is Outcome.DONE, moved
+        assert moved.report.teams == {"lan": TeamMode.PRIMARY, "wan": TeamMode.PRIMARY}
         check_vf(lab, dest)
     finally:
         set_lan(lab, "preserve")
@@ -327,16 +327,8 @@ def test_vf_whose_team_mac_is_not_the_bonds_is_refused_in_preflight(vf_team: Vfi
     before = lab.domain(on).XMLDesc(0)
     set_lan(lab, "preserve", team_mac="52:54:00:cc:00:01")
     try:
-        proc = co.ptmig(
-            on,
-            "migrate",
-            DOMAIN_NAME,
-            uri(OTHER[on]),
-            "--peer-uri",
-            peer_uri(OTHER[on]),
-            "--unsafe",
-            check=False,
-        )
+        hop = Hop(uri(on), uri(OTHER[on]), peer_uri(OTHER[on]))
+        proc = co.ptmig(on, *migrate_args(DOMAIN_NAME, hop, as_json=False), check=False)
         assert proc.returncode == 4, (proc.returncode, proc.stderr)
         said = proc.stderr.strip().splitlines()[-1]
         assert said.startswith(

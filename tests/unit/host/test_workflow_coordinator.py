@@ -38,7 +38,15 @@ from host.hypervisor import HypervisorError
 from host.workflow.coordinator import Coordinator, Reconciler
 from host.workflow.errors import WorkflowError
 from host.workflow.journal import Journal, WorkflowKind
-from host.workflow.model import MigrationRequest, Outcome, PoolStatus, TeamMode
+from host.workflow.model import (
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+    PoolStatus,
+    TeamMode,
+    from_plain,
+    to_json,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 REQUEST = MigrationRequest("vm1", A, B)
@@ -584,6 +592,11 @@ def test_cli_migrate_json_report(ptmig: Ptmig) -> None:
         "migrate",
         "bind",
     ]
+    # read back as the report it was printed from (what the lab does with it)
+    typed = from_plain(MigrationReport, report)
+    assert typed.outcome is Outcome.DONE and set(typed.teams.values()) == {TeamMode.PRIMARY}
+    assert typed.migration is not None and typed.migration.wall_s >= 0
+    assert json.loads(to_json(typed)) == report
 
 
 def test_cli_migrate_degraded_is_3(ptmig: Ptmig, world: World) -> None:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from host.workflow.model import MigrationReport, Outcome, TeamMode
 from lab.soak import (
     FIGURES,
+    NoReport,
     Tolerance,
     count_files,
     failed_migration,
@@ -145,20 +147,27 @@ def test_count_files_counts_directories_and_files_and_an_absent_root_is_zero(
     assert count_files(tmp_path / "absent") == 0
 
 
+def report(outcome: Outcome, teams: dict[str, TeamMode], error: str = "") -> MigrationReport:
+    return MigrationReport("w", "vm", "a", "b", outcome, teams=teams, error=error)
+
+
+P, S = TeamMode.PRIMARY, TeamMode.STANDBY
+
+
 @pytest.mark.parametrize(
-    "report,why",
+    "ended,why",
     [
-        ({"outcome": "done", "teams": {"lan": "primary", "wan": "primary"}}, ""),
-        ({"outcome": "done", "teams": {"lan": "primary", "wan": "standby"}}, "wan"),
-        ({"outcome": "done", "teams": {}}, "none reported"),
-        ({"outcome": "done-degraded", "teams": {"lan": "standby"}, "error": "pool"}, "degraded"),
-        ({"outcome": "exit 4", "error": "ptmig: agent unreachable"}, "agent unreachable"),
+        (report(Outcome.DONE, {"lan": P, "wan": P}), ""),
+        (report(Outcome.DONE, {"lan": P, "wan": S}), "wan"),
+        (report(Outcome.DONE, {}), "none reported"),
+        (report(Outcome.DONE_DEGRADED, {"lan": S}, "pool"), "degraded"),
+        (NoReport("exit 4", "ptmig: agent unreachable"), "agent unreachable"),
     ],
 )
 def test_a_migration_fails_unless_done_with_every_team_on_primary(
-    report: dict[str, object], why: str
+    ended: MigrationReport | NoReport, why: str
 ) -> None:
-    said = failed_migration(report)
+    said = failed_migration(ended)
     assert (said == "") == (why == "")
     assert why in said
 
