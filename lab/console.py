@@ -66,6 +66,21 @@ class GuestConsole:
         says whether the guest's QEMU still runs; once it says no, :class:`GuestStopped`.
         """
         pattern = re.compile(re.escape(SHELL_READY_MARKER) + r" ([0-9.]+)")
+        m = self.wait_for(pattern, since, timeout, "its shell came up", running=running)
+        return float(m.group(1))
+
+    def wait_for(
+        self,
+        pattern: re.Pattern[str],
+        since: int,
+        timeout: float,
+        what: str,
+        *,
+        running: Callable[[], bool] | None = None,
+    ) -> re.Match[str]:
+        """The first match of *pattern* the guest prints after log offset *since* (*what*
+        names it in the error); once *running* says the guest's QEMU stopped,
+        :class:`GuestStopped`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.log_file.exists():
@@ -73,14 +88,13 @@ class GuestConsole:
                     f.seek(since)
                     m = pattern.search(f.read().decode(errors="replace"))
                 if m:
-                    return float(m.group(1))
+                    return m
             if running is not None and not running():
-                raise GuestStopped(
-                    f"the guest stopped before its shell came up\n{log_tail(self.log_file)}"
-                )
+                raise GuestStopped(f"the guest stopped before {what}\n{log_tail(self.log_file)}")
             time.sleep(0.2)
         raise ConsoleError(
-            f"the guest's shell did not come up in {timeout:.0f} s\n{log_tail(self.log_file)}"
+            f"the guest printed nothing saying {what} in {timeout:.0f} s\n"
+            + log_tail(self.log_file)
         )
 
     def log_size(self) -> int:
