@@ -696,6 +696,11 @@ def ptmig_aliases(dom: libvirt.virDomain) -> set[str]:
 # same table ("When a fault hits a migration").
 
 
+def record_converged(lab: VmLab, case: str, result: str, took: float, lost: dict[str, int]) -> None:
+    """The row of a case that ran a migration for *took* seconds, once it converged."""
+    record(case, f"{result} in {took:.0f} s + {assert_converged(lab)}", lost)
+
+
 def ptmig_device_plugged(dom: libvirt.virDomain) -> bool:
     """The bind's first attach has happened on *dom* (it arrived with no primary)."""
     return bool(ptmig_aliases(dom))
@@ -720,11 +725,7 @@ def test_destination_libvirtd_restarted_during_bind(faulty: VmLab) -> None:
     assert restart.acted, "no device was ever plugged at the destination"
     result = expect(report, Outcome.DONE, Outcome.DONE_DEGRADED)
     assert lab.where() == dest
-    record(
-        "destination libvirtd restarted @bind",
-        f"{result} in {took:.0f} s + {assert_converged(lab)}",
-        lost,
-    )
+    record_converged(lab, "destination libvirtd restarted @bind", result, took, lost)
 
 
 def test_coordinator_loses_the_destination_after_the_point_of_no_return(faulty: VmLab) -> None:
@@ -750,11 +751,8 @@ def test_coordinator_loses_the_destination_after_the_point_of_no_return(faulty: 
     assert "after the migration" in (report.error or ""), report.error
     assert lab.where() == dest
     assert co.ptmig_json(lab, dest, "recover") == []
-    record(
-        "coordinator loses the destination after the move",
-        f"{result} in {took:.0f} s, recover: nothing open + {assert_converged(lab)}",
-        lost,
-    )
+    case = "coordinator loses the destination after the move"
+    record_converged(lab, case, f"{result} (recover: nothing open)", took, lost)
 
 
 #: What systemd prints on the guest's console once the agent has stopped at shutdown
@@ -785,11 +783,7 @@ def test_guest_rebooted_during_switch(faulty: VmLab) -> None:
         lab.await_reboot(src, since)
     result = expect(report, Outcome.ROLLED_BACK, Outcome.FAILED)
     agent(lab, "start")  # waits for the start job the boot queued, if it is still running
-    record(
-        "guest rebooted @switch",
-        f"{result} in {took:.0f} s + (rebooted) {assert_converged(lab)}",
-        lost,
-    )
+    record_converged(lab, "guest rebooted @switch", f"{result} (rebooted)", took, lost)
 
 
 #: What a package upgrade runs in the guest: the installed package's own postinst, as
@@ -821,11 +815,7 @@ def test_agent_upgraded_during_migration(faulty: VmLab, phase: str, state: str) 
     assert lab.where() == OTHER[src]
     after = agent_pid(lab)
     assert after not in (before, "0"), (before, after)
-    record(
-        f"agent upgraded (postinst) @{phase} {state}",
-        f"{result} in {took:.0f} s + {assert_converged(lab)}",
-        lost,
-    )
+    record_converged(lab, f"agent upgraded (postinst) @{phase} {state}", result, took, lost)
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
@@ -852,16 +842,12 @@ def test_journal_full_or_read_only_is_refused_before_anything_changes(
         dom = lab.domain(src)
         before = (dom.XMLDesc(0), dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         with pinging(f"journal-{fault}") as lost:
-            proc = co.ptmig_at(
-                lab.hosts[src].uri,
-                str(journal),
-                "migrate",
-                DOMAIN_NAME,
-                lab.hosts[dest].uri,
-                "--peer-uri",
-                lab.hosts[dest].tcp_uri,
-                "--unsafe",
-                check=False,
+            proc = subprocess.run(
+                migrate_argv(lab, src, dest),
+                capture_output=True,
+                text=True,
+                env=cli_env(str(journal)),
+                timeout=300,
             )
     finally:
         run(["umount", str(mnt)])
