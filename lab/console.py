@@ -100,6 +100,14 @@ class GuestConsole:
     def log_size(self) -> int:
         return self.log_file.stat().st_size if self.log_file.exists() else 0
 
+    def send(self, command: str) -> None:
+        """Type *command* into the guest's shell and return at once, for a command the
+        shell does not live through (a reboot): its output is only in the console log."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10.0)
+            sock.connect(str(self.socket_path))
+            sock.sendall(f"{command}\n".encode())
+
     def run(self, command: str, timeout: float = 60.0) -> ExecResult:
         """Run *command* with bash in the guest; return its output and exit status."""
         token = secrets.token_hex(6)

@@ -122,7 +122,8 @@ class LabHost:
 
     @property
     def admin_socket(self) -> Path:
-        return self.path_inside("/run/libvirt/libvirt-admin-sock")
+        """libvirtd's admin socket, beside its main one (both in ``unix_sock_dir``)."""
+        return self.socket.parent / "libvirt-admin-sock"
 
     # -- configuration -----------------------------------------------------------------
 
