@@ -16,7 +16,8 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,13 +101,17 @@ class GuestConsole:
     def log_size(self) -> int:
         return self.log_file.stat().st_size if self.log_file.exists() else 0
 
-    def send(self, command: str) -> None:
-        """Type *command* into the guest's shell and return at once, for a command the
-        shell does not live through (a reboot): its output is only in the console log."""
+    @contextmanager
+    def typing(self, command: str) -> Iterator[None]:
+        """Type *command* into the guest's shell and hold the console for the block, for
+        a command the shell does not live through (a reboot): what it says is only in
+        the console log.  Held, because QEMU drops what the guest's UART has not taken
+        yet when the connection closes (a bare send typed half a reboot)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10.0)
             sock.connect(str(self.socket_path))
             sock.sendall(f"{command}\n".encode())
+            yield
 
     def run(self, command: str, timeout: float = 60.0) -> ExecResult:
         """Run *command* with bash in the guest; return its output and exit status."""

@@ -772,8 +772,8 @@ def test_guest_rebooted_during_switch(faulty: VmLab) -> None:
     since = console.log_size()
 
     def reboot() -> None:
-        console.send("systemctl reboot")  # the shell does not live to say it is done
-        console.wait_for(AGENT_STOPPED, since, 60, "the agent stopped")
+        with console.typing("systemctl reboot"):  # the shell does not live to say it is done
+            console.wait_for(AGENT_STOPPED, since, 60, "the agent stopped")
 
     t0 = time.monotonic()
     with pinging("guest-rebooted-switch") as lost:
