@@ -493,11 +493,11 @@ class FakeDomain:
         raise libvirt_error(f"{self.uri}: start post-copy: no job on {self.domain_name}")
 
     def migratable_xml(self) -> str:
-        with self.world.op(self.uri, "migratable_xml", self.domain_name):
+        with self.hv.op("migratable_xml", self.domain_name):
             return self.world.xml(self._record())
 
     def migration_blockers(self) -> list[str]:
-        with self.world.op(self.uri, "migration_blockers", self.domain_name):
+        with self.hv.op("migration_blockers", self.domain_name):
             return self._blockers(self._record())
 
     def _blockers(self, record: DomainRecord) -> list[str]:
