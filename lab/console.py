@@ -15,6 +15,7 @@ import base64
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,13 +106,34 @@ class GuestConsole:
     def typing(self, command: str) -> Iterator[None]:
         """Type *command* into the guest's shell and hold the console for the block, for
         a command the shell does not live through (a reboot): what it says is only in
-        the console log.  Held, because QEMU drops what the guest's UART has not taken
-        yet when the connection closes (a bare send typed half a reboot)."""
+        the console log.  Held, because QEMU drops the input the guest's UART has not
+        taken yet when the connection closes (a bare send typed half a reboot); and read
+        meanwhile, because QEMU writes the guest's output to the connection and to the
+        log alike, so an unread connection stalls the guest's console, and with it a
+        shutdown that prints on it."""
+        done = threading.Event()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10.0)
+            sock.settimeout(0.2)
             sock.connect(str(self.socket_path))
             sock.sendall(f"{command}\n".encode())
-            yield
+
+            def drain() -> None:
+                while not done.is_set():
+                    try:
+                        if not sock.recv(65536):
+                            return
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
+
+            reader = threading.Thread(target=drain, daemon=True)
+            reader.start()
+            try:
+                yield
+            finally:
+                done.set()
+                reader.join()
 
     def run(self, command: str, timeout: float = 60.0) -> ExecResult:
         """Run *command* with bash in the guest; return its output and exit status."""

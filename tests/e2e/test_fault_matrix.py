@@ -117,14 +117,22 @@ def migrate(
     if options is not None:
         asked = dataclasses.replace(asked, options=options)
 
+    failed: list[BaseException] = []
+
     def on_event(event: Event) -> None:
         hook = pending.pop((event.phase, event.state), None)
         if hook is not None:
-            hook()
+            try:
+                hook()
+            except BaseException as exc:  # the workflow only logs a listener's failure
+                failed.append(exc)
+                raise
 
     with Journal(co.journal_path()) as journal:
         report = Coordinator(journal).migrate(asked, on_event)
     assert not pending, f"the fault was never injected: no event {list(pending)}"
+    if failed:
+        raise AssertionError(f"injecting the fault failed: {failed[0]!r}") from failed[0]
     return report
 
 
