@@ -851,7 +851,7 @@ def test_journal_full_or_read_only_is_refused_before_anything_changes(
         before = (dom.XMLDesc(0), dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         with pinging(f"journal-{fault}") as lost:
             proc = subprocess.run(
-                migrate_argv(lab, src, dest),
+                migrate_argv(DOMAIN_NAME, co.hop(lab, dest), as_json=False),
                 capture_output=True,
                 text=True,
                 env=cli_env(str(journal)),
