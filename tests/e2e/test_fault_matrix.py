@@ -862,7 +862,7 @@ def test_journal_full_or_read_only_is_refused_before_anything_changes(
         mnt.rmdir()
     said = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr
-    assert len(said) == 1 and said[0].startswith("ptmig: journal "), said
+    assert len(said) == 1 and said[0].startswith("ptmig: ") and " journal " in said[0], said
     assert f"its filesystem is {fault}" in said[0] and "nothing was changed" in said[0], said
     assert lab.where() == src
     dom = lab.domain(src)
