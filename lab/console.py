@@ -15,8 +15,10 @@ import base64
 import re
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,21 @@ class GuestConsole:
         says whether the guest's QEMU still runs; once it says no, :class:`GuestStopped`.
         """
         pattern = re.compile(re.escape(SHELL_READY_MARKER) + r" ([0-9.]+)")
+        m = self.wait_for(pattern, since, timeout, "its shell came up", running=running)
+        return float(m.group(1))
+
+    def wait_for(
+        self,
+        pattern: re.Pattern[str],
+        since: int,
+        timeout: float,
+        what: str,
+        *,
+        running: Callable[[], bool] | None = None,
+    ) -> re.Match[str]:
+        """The first match of *pattern* the guest prints after log offset *since* (*what*
+        names it in the error); once *running* says the guest's QEMU stopped,
+        :class:`GuestStopped`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.log_file.exists():
@@ -73,18 +90,50 @@ class GuestConsole:
                     f.seek(since)
                     m = pattern.search(f.read().decode(errors="replace"))
                 if m:
-                    return float(m.group(1))
+                    return m
             if running is not None and not running():
-                raise GuestStopped(
-                    f"the guest stopped before its shell came up\n{log_tail(self.log_file)}"
-                )
+                raise GuestStopped(f"the guest stopped before {what}\n{log_tail(self.log_file)}")
             time.sleep(0.2)
         raise ConsoleError(
-            f"the guest's shell did not come up in {timeout:.0f} s\n{log_tail(self.log_file)}"
+            f"the guest printed nothing saying {what} in {timeout:.0f} s\n"
+            + log_tail(self.log_file)
         )
 
     def log_size(self) -> int:
         return self.log_file.stat().st_size if self.log_file.exists() else 0
+
+    @contextmanager
+    def typing(self, command: str) -> Iterator[None]:
+        """Type *command* into the guest's shell and hold the console for the block, for
+        a command the shell does not live through (a reboot): what it says is only in
+        the console log.  Held, because QEMU drops the input the guest's UART has not
+        taken yet when the connection closes (a bare send typed half a reboot); and read
+        meanwhile, because QEMU writes the guest's output to the connection and to the
+        log alike, so an unread connection stalls the guest's console, and with it a
+        shutdown that prints on it."""
+        done = threading.Event()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            sock.connect(str(self.socket_path))
+            sock.sendall(f"{command}\n".encode())
+
+            def drain() -> None:
+                while not done.is_set():
+                    try:
+                        if not sock.recv(65536):
+                            return
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
+
+            reader = threading.Thread(target=drain, daemon=True)
+            reader.start()
+            try:
+                yield
+            finally:
+                done.set()
+                reader.join()
 
     def run(self, command: str, timeout: float = 60.0) -> ExecResult:
         """Run *command* with bash in the guest; return its output and exit status."""

@@ -99,6 +99,32 @@ class LabHost:
     def qemu_log(self, domain: str) -> Path:
         return self.path_inside(f"/var/log/libvirt/qemu/{domain}.log")
 
+    def disconnect_clients_of(self, pid: int) -> list[str]:
+        """Close every client connection process *pid* has to this libvirtd, from the
+        daemon's side, through its admin interface (``virt-admin client-disconnect``);
+        the ids of the clients closed."""
+        admin = ["virt-admin", "-c", f"libvirtd:///system?socket={self.admin_socket}"]
+        listing = subprocess.run(
+            [*admin, "client-list", "libvirtd"], capture_output=True, text=True, check=True
+        ).stdout
+        ids = [line.split()[0] for line in listing.splitlines() if line.strip()[:1].isdigit()]
+        closed = []
+        for client in ids:
+            info = subprocess.run(
+                [*admin, "client-info", "libvirtd", client], capture_output=True, text=True
+            ).stdout
+            fields = [line.partition(":") for line in info.splitlines()]
+            owner = next((v.strip() for k, _, v in fields if k.strip() == "unix_process_id"), "")
+            if owner == str(pid):
+                subprocess.run([*admin, "client-disconnect", "libvirtd", client], check=True)
+                closed.append(client)
+        return closed
+
+    @property
+    def admin_socket(self) -> Path:
+        """libvirtd's admin socket, beside its main one (both in ``unix_sock_dir``)."""
+        return self.socket.parent / "libvirt-admin-sock"
+
     # -- configuration -----------------------------------------------------------------
 
     def _write_config(self) -> None:

@@ -408,6 +408,20 @@ class VmLab:
         os.kill(pid, signal.SIGKILL)
         stop_pid(pid, timeout=10)
 
+    def restart_host(self, name: str) -> None:
+        """Restart a host's libvirtd as ``systemctl restart libvirtd`` does: SIGTERM to its
+        PID, wait for it to exit, start it again; QEMU stays, and the daemon reconnects to
+        it.  Every client connection it had is gone."""
+        self._close(name)
+        stop_pid(self.state.pids[name])
+        self.start_host(name)
+
+    def disconnect_clients(self, name: str, pid: int) -> list[str]:
+        """Have host *name*'s libvirtd close every connection process *pid* holds to it
+        (the lab's own first, which it opens again when next asked); the clients' ids."""
+        self._close(name)
+        return self.hosts[name].disconnect_clients_of(pid)
+
     def start_host(self, name: str) -> None:
         """(Re)start a host's libvirtd; it reconnects to the QEMU processes it knows."""
         self.state.pids[name] = self.hosts[name].start()
@@ -560,6 +574,22 @@ class VmLab:
         return guest | fabric.fabric_drops()
 
     # -- health ----------------------------------------------------------------------
+
+    def await_reboot(self, host: str, since: int, name: str = DOMAIN_NAME) -> float:
+        """Once guest *name* rebooted on *host*: wait for its shell (printed after console
+        log offset *since*), then count its new kernel's bad lines as the baseline, as a
+        boot does.  Its uptime then."""
+        dom = self.domain(host, name)
+        uptime = self.console(host, name).wait_for_shell(
+            since, BOOT_TIMEOUT, running=lambda: _is_active(dom)
+        )
+        baseline = self._bad_kernel_lines(name)
+        if name == DOMAIN_NAME:
+            self.state.dmesg_baseline = baseline
+        else:
+            self.state.extra_dmesg_baselines[name] = baseline
+        self.state.save()
+        return uptime
 
     def _bad_kernel_lines(self, name: str = DOMAIN_NAME) -> int:
         out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true", name=name).check()

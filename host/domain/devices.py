@@ -47,15 +47,25 @@ def primary_alias(team: str, number: int) -> str:
     return check_user_alias(f"{ALIAS_PREFIX}{team}-{number}", "primary alias")
 
 
+def _alias_pattern(team: str) -> re.Pattern[str]:
+    return re.compile(re.escape(f"{ALIAS_PREFIX}{check_name(team, 'team name')}-") + r"(\d+)")
+
+
 def next_primary_alias(team: str, aliases_in_use: Iterable[str | None]) -> str:
     """The team's next alias, one past the highest of its aliases in `aliases_in_use`.
 
     A fresh alias per attach keeps events of the old device (a late
     DEVICE_REMOVED) from being taken for the new one.
     """
-    pattern = re.compile(re.escape(f"{ALIAS_PREFIX}{check_name(team, 'team name')}-") + r"(\d+)")
+    pattern = _alias_pattern(team)
     numbers = [int(m.group(1)) for a in aliases_in_use if a and (m := pattern.fullmatch(a))]
     return primary_alias(team, max(numbers, default=0) + 1)
+
+
+def is_primary_alias_of(team: str, alias: str) -> bool:
+    """Whether ptmig gave *alias* to a primary it plugged for *team* (``ua-ptmig-lan-3``
+    is lan's, not ``lan-b``'s)."""
+    return _alias_pattern(team).fullmatch(alias) is not None
 
 
 def emulated_nic_xml(

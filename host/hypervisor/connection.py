@@ -34,6 +34,14 @@ class Hypervisor:
         with suppress(libvirt.libvirtError):
             self._conn.close()
 
+    def is_alive(self) -> bool:
+        """Whether the connection still stands (a libvirtd restarted or a client the
+        daemon closed ends it for good: open the host again)."""
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
     def __enter__(self) -> Hypervisor:
         return self
 

@@ -10,7 +10,9 @@ asks :func:`classify_teams` first, so they cannot disagree about the same domain
     primary-absent  the recorded primary is not plugged              degraded: no switch, no
     no-primary      none is recorded and none is plugged             unplug; a new device
     unrecorded      one device of the team's pool is plugged but     adopt it, then normal
-                    not recorded (attached by hand)
+                    not recorded (attached by hand; or by ptmig,
+                    whose alias names the team, when the
+                    record could not be written)
     ambiguous       several such devices, or one that cannot be      refuse, change nothing
                     recorded
 
@@ -28,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from host.agent_client import TeamState
-from host.domain.devices import primary_of_device
+from host.domain.devices import is_primary_alias_of, primary_of_device
 from host.domain.domain_xml import DomainInfo, Hostdev, Interface
 from host.domain.errors import DomainModelError
 from host.domain.pools import Pool, is_pool_device
@@ -101,15 +103,32 @@ def classify_teams(
                 for d in devices
                 if d.alias and d.alias not in recorded and is_pool_device(pool, d)
             ]
+    # A device ptmig plugged for a team but could not record (its libvirtd restarted
+    # between the attach and the metadata write) carries that team's alias: it is that
+    # team's alone, whatever other team of the pool lacks a primary.
+    own = {
+        t.name: [a for a in unrecorded.get(t.pool, []) if is_primary_alias_of(t.name, a)]
+        for t in teams
+    }
+    claimed = {a for aliases in own.values() for a in aliases}
     out = []
     for team in teams:
+        if own[team.name]:
+            candidates, wanting = own[team.name], 1
+        else:
+            candidates = [a for a in unrecorded.get(team.pool, []) if a not in claimed]
+            wanting = sum(
+                1
+                for t in teams
+                if t.pool == team.pool and t.name not in plugged and not own[t.name]
+            )
         out.append(
             _classify(
                 team,
                 info,
                 team.name in plugged,
-                unrecorded.get(team.pool, []),
-                sum(1 for t in teams if t.pool == team.pool and t.name not in plugged),
+                candidates,
+                wanting,
                 agent.get(team.name) if agent is not None else None,
             )
         )

@@ -37,6 +37,7 @@ each other's short write transactions).
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -51,6 +52,7 @@ from host.workflow.journal_records import (
     CancelRequest,
     JournalDataError,
     JournalError,
+    JournalUnwritable,
     StepRecord,
     StepStatus,
     UnknownWorkflow,
@@ -73,6 +75,7 @@ __all__ = [
     "Journal",
     "JournalDataError",
     "JournalError",
+    "JournalUnwritable",
     "StepRecord",
     "StepStatus",
     "UnknownWorkflow",
@@ -85,6 +88,14 @@ __all__ = [
 
 DEFAULT_PATH = Path("/var/lib/ptmig/journal.sqlite")
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+#: Free space a workflow needs on the journal's filesystem before it begins: a migration
+#: commits about 30 transactions, and the WAL grows up to SQLite's autocheckpoint of 1000
+#: pages (4 MiB) before it starts over.  Less, and a step could fail to be recorded half-way
+#: through a migration; so :meth:`Journal.begin` refuses before anything changes.
+MIN_FREE_BYTES = 4 * 1024 * 1024
+#: SQLite's primary result codes a full or read-only filesystem gives: READONLY, IOERR,
+#: FULL, CANTOPEN.
+_SQLITE_STORAGE_ERRORS = (8, 10, 13, 14)
 #: How long a closed workflow is kept, steps and report with it (its outcome is in the
 #: logs and metrics too).  Without a bound the journal grows ~5 kB a workflow forever
 #: (docs/benchmarks/soak.md); an open workflow is never pruned, whatever its age.
@@ -100,9 +111,11 @@ class Journal:
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         keep_closed_s: float = KEEP_CLOSED_S,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.path = Path(path)
         self.keep_closed_s = keep_closed_s
+        self.min_free_bytes = min_free_bytes
         self._lock = threading.RLock()
         self._create_file()
         try:
@@ -113,6 +126,7 @@ class Journal:
                 check_same_thread=False,  # guarded by self._lock
             )
         except sqlite3.Error as exc:
+            self._raise_if_unwritable(exc)
             raise JournalError(f"journal {self.path}: cannot open: {exc}") from exc
         try:
             self._configure(busy_timeout_ms)
@@ -123,6 +137,7 @@ class Journal:
             raise
         except sqlite3.Error as exc:
             self._db.close()
+            self._raise_if_unwritable(exc)
             raise JournalError(f"journal {self.path}: unreadable or corrupt: {exc}") from exc
 
     # -- life cycle ------------------------------------------------------------------
@@ -149,7 +164,45 @@ class Journal:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
         except OSError as exc:
+            self._raise_if_unwritable(exc)
             raise JournalError(f"journal {self.path}: cannot create: {exc}") from exc
+
+    def _unwritable(self) -> JournalUnwritable | None:
+        """Why the journal's filesystem cannot take a workflow, if it cannot: read-only,
+        or less free than :attr:`min_free_bytes`."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        todo = (
+            "nothing was changed: {}, or point --journal (PTMIG_JOURNAL, ptmigd's journal) "
+            "at another filesystem"
+        )
+        if fs.f_flag & os.ST_RDONLY:
+            return JournalUnwritable(
+                f"journal {self.path}: its filesystem is read-only; "
+                + todo.format("remount it read-write"),
+                "FAILED_PRECONDITION",
+            )
+        free = fs.f_bavail * fs.f_frsize
+        if free < self.min_free_bytes:
+            return JournalUnwritable(
+                f"journal {self.path}: its filesystem is full ({free // 1024} KiB free, "
+                f"a workflow needs {self.min_free_bytes // 1024} KiB); "
+                + todo.format(f"free space on {self.path.parent}"),
+                "RESOURCE_EXHAUSTED",
+            )
+        return None
+
+    def _raise_if_unwritable(self, exc: BaseException) -> None:
+        """Say a full or read-only filesystem as such, not as a corrupt journal."""
+        if isinstance(exc, OSError):
+            storage = exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+        else:  # sqlite3.Error: its primary result code
+            storage = getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_STORAGE_ERRORS
+        found = self._unwritable() if storage else None
+        if found is not None:
+            raise found from exc
 
     def _configure(self, busy_timeout_ms: int) -> None:
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -205,6 +258,7 @@ class Journal:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
+            self._raise_if_unwritable(exc)
             raise JournalError(f"journal {self.path}: {exc}") from exc
 
     # -- workflows -------------------------------------------------------------------
@@ -222,9 +276,14 @@ class Journal:
 
         In the same transaction, closed workflows older than ``keep_closed_s`` are
         forgotten: the journal grows only when workflows begin, so that bounds it.
-        Raises :class:`WorkflowConflict` when the domain already has an open workflow.
+        Raises :class:`WorkflowConflict` when the domain already has an open workflow,
+        :class:`JournalUnwritable` when its filesystem could not record the workflow to
+        its end (before any row is written).
         """
         kind = checked_enum(WorkflowKind, kind, "workflow kind")
+        unwritable = self._unwritable()
+        if unwritable is not None:
+            raise unwritable
         if not domain_uuid:
             raise JournalDataError("begin: domain_uuid is empty")
         request_json = to_json(request, "request")

@@ -26,6 +26,15 @@ class JournalDataError(JournalError, ValueError):
     category = Category.INTERNAL
 
 
+class JournalUnwritable(JournalError):
+    """The journal's filesystem is full or read-only: no workflow can be recorded, so
+    none begins (nothing was changed)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code  # the gRPC status ptmigd answers with (host/daemon/errors.py)
+
+
 class UnknownWorkflow(JournalError, LookupError):
     """No workflow with that id."""
 

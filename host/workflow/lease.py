@@ -187,13 +187,16 @@ class DomainLease:
             raise LeaseLost(f"{dom.name}: the lease is now held by {current.describe()}")
         self._write(dom, ttl)
 
-    def release(self, dom: Domain) -> None:
-        """Remove ours (never another's); a failure only leaves it to expire."""
+    def release(self, dom: Domain) -> bool:
+        """Remove ours (never another's); whether none of ours is left.  A failure only
+        leaves it to expire."""
         try:
             if self.is_mine(self.read(dom)):
                 dom.set_metadata(LEASE_NS, LEASE_PREFIX, None)
+            return True
         except (HypervisorError, WorkflowError) as exc:
             log.warning("lease of %s not released (it expires by itself): %s", dom.name, exc)
+            return False
 
 
 def _held_message(dom: Domain, lease: Lease) -> str:

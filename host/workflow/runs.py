@@ -64,6 +64,8 @@ def migrate(
             found = rt.journal.cancel_request(workflow_id)
             return found.requested_by if found is not None else ""
 
+        lease = source.lease
+
         try:
             with log_fields(domain=source.name, workflow=workflow_id):
                 report = MigrationWorkflow(
@@ -91,6 +93,9 @@ def migrate(
             )
             notify(rt.observer.migration_finished, failed)  # a raised failure counts too
             raise
+        finally:
+            if lease is not None:
+                rt.release_lease_where_lost(lease, source.uuid, source_hv, destination_hv)
         rt.journal.finish(workflow_id, report.outcome, plain(report))
         notify(rt.observer.migration_finished, report)
         return report

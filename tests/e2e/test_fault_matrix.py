@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,14 +117,22 @@ def migrate(
     if options is not None:
         asked = dataclasses.replace(asked, options=options)
 
+    failed: list[BaseException] = []
+
     def on_event(event: Event) -> None:
         hook = pending.pop((event.phase, event.state), None)
         if hook is not None:
-            hook()
+            try:
+                hook()
+            except BaseException as exc:  # the workflow only logs a listener's failure
+                failed.append(exc)
+                raise
 
     with Journal(co.journal_path()) as journal:
         report = Coordinator(journal).migrate(asked, on_event)
     assert not pending, f"the fault was never injected: no event {list(pending)}"
+    if failed:
+        raise AssertionError(f"injecting the fault failed: {failed[0]!r}") from failed[0]
     return report
 
 
@@ -687,6 +696,182 @@ def test_same_migration_from_both_hosts_coordinators_runs_once(faulty: VmLab) ->
 def ptmig_aliases(dom: libvirt.virDomain) -> set[str]:
     """The aliases of the devices ptmig plugged (``ua-ptmig-...``) in *dom*'s live XML."""
     return {a for a in device_aliases(dom.XMLDesc(0)) if a.startswith("ua-ptmig-")}
+
+
+# -- faults a datacenter really has (issue 24) ---------------------------------------------
+#
+# Each row's docstring says what the operator sees and does; the operator's guide has the
+# same table ("When a fault hits a migration").
+
+
+def record_converged(lab: VmLab, case: str, result: str, took: float, lost: dict[str, int]) -> None:
+    """The row of a case that ran a migration for *took* seconds, once it converged."""
+    record(case, f"{result} in {took:.0f} s + {assert_converged(lab)}", lost)
+
+
+def ptmig_device_plugged(dom: libvirt.virDomain) -> bool:
+    """The bind's first attach has happened on *dom* (it arrived with no primary)."""
+    return bool(ptmig_aliases(dom))
+
+
+def test_destination_libvirtd_restarted_during_bind(faulty: VmLab) -> None:
+    """``systemctl restart libvirtd`` on the destination (SIGTERM to its PID, started
+    again) once the bind's first device is plugged: the coordinator's connection to it
+    is gone.  The VM has moved and keeps running; the operator sees done-degraded (the
+    report names the lost connection) and the reconciler plugs and binds what is left."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    restart = OnceTheJobRuns(
+        lab, dest, lambda _dom: lab.restart_host(dest), ready=ptmig_device_plugged
+    )
+    t0 = time.monotonic()
+    with pinging("dest-restarted-bind") as lost:
+        report = migrate(lab, dest, {("bind", "started"): restart})
+        restart.join()
+    took = time.monotonic() - t0
+    assert restart.acted, "no device was ever plugged at the destination"
+    result = expect(report, Outcome.DONE, Outcome.DONE_DEGRADED)
+    assert lab.where() == dest
+    record_converged(lab, "destination libvirtd restarted @bind", result, took, lost)
+
+
+def test_coordinator_loses_the_destination_after_the_point_of_no_return(faulty: VmLab) -> None:
+    """The destination's libvirtd closes the coordinator's connection (``virt-admin
+    client-disconnect``: a network partition or a libvirtd that dropped its client) as
+    soon as the VM has moved.  The coordinator cannot bind there: done-degraded, the
+    workflow closed, the lease not left behind; ``ptmig recover`` finds nothing open and
+    the reconciler binds the teams."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    closed: list[str] = []
+
+    def cut() -> None:
+        closed.extend(lab.disconnect_clients(dest, os.getpid()))
+
+    t0 = time.monotonic()
+    with pinging("dest-connection-lost") as lost:
+        report = migrate(lab, dest, {("migrate", "done"): cut})
+    took = time.monotonic() - t0
+    assert closed, "the coordinator had no connection to the destination to close"
+    result = expect(report, Outcome.DONE_DEGRADED)
+    assert "after the migration" in (report.error or ""), report.error
+    assert lab.where() == dest
+    assert co.ptmig_json(lab, dest, "recover") == []
+    case = "coordinator loses the destination after the move"
+    record_converged(lab, case, f"{result} (recover: nothing open)", took, lost)
+
+
+#: What systemd prints on the guest's console once the agent has stopped at shutdown
+#: (the unit's name in colour and cut to the console's width: "ptmig-agent.servic…").
+AGENT_STOPPED = re.compile(r"Stopped \S*ptmig-agent\.servi")
+
+
+def test_guest_rebooted_during_switch(faulty: VmLab) -> None:
+    """``systemctl reboot`` in the guest as the switch starts, the switch going on once
+    the agent has stopped: the VM stays on the source (rolled-back, or failed when the
+    rollback could not reach the rebooting guest, exit 5).  The guest boots with its
+    primaries still plugged; the operator waits for it, and the reconciler puts any team
+    left on its standby back on its primary."""
+    lab = faulty
+    src = lab.where()
+    console = lab.console(src)
+    since = console.log_size()
+
+    def reboot() -> None:
+        with console.typing("systemctl reboot"):  # the shell does not live to say it is done
+            console.wait_for(AGENT_STOPPED, since, 60, "the agent stopped")
+
+    t0 = time.monotonic()
+    with pinging("guest-rebooted-switch") as lost:
+        report = migrate(lab, OTHER[src], {("switch", "started"): reboot})
+        took = time.monotonic() - t0
+        assert lab.where() == src
+        lab.await_reboot(src, since)
+    result = expect(report, Outcome.ROLLED_BACK, Outcome.FAILED)
+    agent(lab, "start")  # waits for the start job the boot queued, if it is still running
+    record_converged(lab, "guest rebooted @switch", f"{result} (rebooted)", took, lost)
+
+
+#: What a package upgrade runs in the guest: the installed package's own postinst, as
+#: dpkg calls it after unpacking a new version (byte-compiles, then restarts the unit).
+AGENT_UPGRADE = (
+    "/var/lib/dpkg/info/ptmig-agent.postinst configure "
+    "\"$(dpkg-query -W -f='${Version}' ptmig-agent)\""
+)
+
+
+def agent_pid(lab: VmLab) -> str:
+    return lab.exec(f"systemctl show -p MainPID --value {AGENT_UNIT}").check().strip()
+
+
+@pytest.mark.parametrize("phase,state", [("switch", "done"), ("bind", "started")])
+def test_agent_upgraded_during_migration(faulty: VmLab, phase: str, state: str) -> None:
+    """The agent's package upgraded in the guest (its postinst: byte-compile, restart the
+    unit) at *phase*: after the switch (the teams on their standby, the source's client
+    session broken) or as the bind starts (its calls meet an agent still starting).  The
+    operator sees done; the agent runs with a new PID."""
+    lab = faulty
+    src = lab.where()
+    before = agent_pid(lab)
+    t0 = time.monotonic()
+    with pinging(f"agent-upgraded-{phase}") as lost:
+        report = migrate(lab, OTHER[src], {(phase, state): lambda: lab.exec(AGENT_UPGRADE).check()})
+    took = time.monotonic() - t0
+    result = expect(report, Outcome.DONE)
+    assert lab.where() == OTHER[src]
+    after = agent_pid(lab)
+    assert after not in (before, "0"), (before, after)
+    record_converged(lab, f"agent upgraded (postinst) @{phase} {state}", result, took, lost)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_journal_full_or_read_only_is_refused_before_anything_changes(
+    faulty: VmLab, fault: str
+) -> None:
+    """``ptmig migrate`` with its journal on a filesystem that is full (a small tmpfs
+    filled by dd) or read-only (remounted so): one line saying which and what to do,
+    exit 1, and the domain exactly as it was, on its host, with no lease."""
+    lab = faulty
+    src = lab.where()
+    dest = OTHER[src]
+    mnt = run_dir() / f"journal-{fault}"
+    mnt.mkdir(exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "ptmig-journal", str(mnt)])
+    try:
+        journal = mnt / "journal.sqlite"
+        with Journal(journal) as j:  # a journal that was in use: a workflow in it
+            j.finish(j.begin("migrate", "0" * 32, "earlier", "a", "b", {}), "done", {})
+        if fault == "full":
+            subprocess.run(["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=64k"], check=False)
+        else:
+            run(["mount", "-o", "remount,ro", str(mnt)])
+        dom = lab.domain(src)
+        before = (dom.XMLDesc(0), dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        with pinging(f"journal-{fault}") as lost:
+            proc = subprocess.run(
+                migrate_argv(DOMAIN_NAME, co.hop(lab, dest), as_json=False),
+                capture_output=True,
+                text=True,
+                env=cli_env(str(journal)),
+                timeout=300,
+            )
+    finally:
+        run(["umount", str(mnt)])
+        mnt.rmdir()
+    said = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(said) == 1 and said[0].startswith("ptmig: ") and " journal " in said[0], said
+    assert f"its filesystem is {fault}" in said[0] and "nothing was changed" in said[0], said
+    assert lab.where() == src
+    dom = lab.domain(src)
+    assert (dom.XMLDesc(0), dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == before
+    record(
+        f"journal's filesystem {fault}",
+        f"refused (exit 1), nothing changed + {assert_converged(lab)}",
+        lost,
+    )
 
 
 def test_destination_qemu_killed_during_postcopy_fails_and_undoes_nothing(faulty: VmLab) -> None:

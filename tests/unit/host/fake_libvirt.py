@@ -7,7 +7,8 @@ import copy
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,8 @@ class FakeHypervisor:
                     f"cannot connect to {uri}: unable to connect to server", 38, connecting=True
                 )
         self.closed = False
+        self.alive = True  # False once World.drop_connections ended it from the host's side
+        world.connections.add(self)
 
     @property
     def _host(self) -> FakeHost:
@@ -91,6 +94,17 @@ class FakeHypervisor:
 
     def close(self) -> None:
         self.closed = True
+
+    def is_alive(self) -> bool:
+        return self.alive and not self.closed
+
+    @contextmanager
+    def op(self, method: str, subject: str = "") -> Iterator[None]:
+        """A call on this connection: refused once the host dropped it, else the world's."""
+        if not self.alive:
+            raise HypervisorError(f"{self.uri}: internal error: client socket is closed", 1)
+        with self.world.op(self.uri, method, subject):
+            yield
 
     def __enter__(self) -> FakeHypervisor:
         return self
@@ -101,13 +115,13 @@ class FakeHypervisor:
     # -- host ------------------------------------------------------------------------
 
     def host_uuid(self) -> str:
-        with self.world.op(self.uri, "host_uuid"):
+        with self.op("host_uuid"):
             return self._host.host_uuid
 
     # -- domains ---------------------------------------------------------------------
 
     def domain(self, ident: str) -> FakeDomain:
-        with self.world.op(self.uri, "domain", ident):
+        with self.op("domain", ident):
             for record in self._host.domains.values():
                 if ident in (record.uuid, record.name):
                     return FakeDomain(self, record.uuid, record.name)
@@ -125,26 +139,26 @@ class FakeHypervisor:
             return False
 
     def all_domain_xml(self) -> list[str]:
-        with self.world.op(self.uri, "all_domain_xml"):
+        with self.op("all_domain_xml"):
             return [self.world.xml(r) for r in self._host.domains.values()]
 
     # -- networks --------------------------------------------------------------------
 
     def network_xml(self, name: str) -> str | None:
-        with self.world.op(self.uri, "network_xml", name):
+        with self.op("network_xml", name):
             return self._host.networks.get(name)
 
     def network_names(self) -> list[str]:
-        with self.world.op(self.uri, "network_names"):
+        with self.op("network_names"):
             return list(self._host.networks)
 
     def define_network(self, xml: str, *, start: bool = False) -> None:
-        with self.world.op(self.uri, "define_network"):
+        with self.op("define_network"):
             name = ET.fromstring(xml).findtext("name") or ""
             self._host.networks[name] = xml
 
     def undefine_network(self, name: str) -> None:
-        with self.world.op(self.uri, "undefine_network", name):
+        with self.op("undefine_network", name):
             if self._host.networks.pop(name, None) is None:
                 raise libvirt_error(f"{self.uri}: undefine network {name}: Network not found", 43)
 
@@ -189,11 +203,11 @@ class FakeDomain:
         return record
 
     def is_active(self) -> bool:
-        with self.world.op(self.uri, "is_active", self.domain_name):
+        with self.hv.op("is_active", self.domain_name):
             return self._record().active
 
     def xml(self, *, inactive: bool = False) -> str:
-        with self.world.op(self.uri, "domain_xml", self.domain_name):
+        with self.hv.op("domain_xml", self.domain_name):
             record = self._record()
             return self.world.xml(record, inactive=inactive)
 
@@ -202,7 +216,7 @@ class FakeDomain:
         # among MUTATING, so "nothing changed" still means the domain and guest are as
         # they were (the snapshot compares the XML too, lease included).
         method = "set_lease" if namespace == LEASE_NS else "set_metadata"
-        with self.world.op(self.uri, method, self.domain_name):
+        with self.hv.op(method, self.domain_name):
             record = self._record()
             element = None
             if xml is not None:
@@ -234,7 +248,7 @@ class FakeDomain:
             raise libvirt_error(
                 f"{self.uri}: attach to {self.domain_name}: XML error: {exc}", 27
             ) from None
-        with self.world.op(self.uri, "attach", alias_of(device) or ""):
+        with self.hv.op("attach", alias_of(device) or ""):
             record = self._record()
             what = f"{self.uri}: attach to {self.domain_name}"
             if not record.active:
@@ -282,7 +296,7 @@ class FakeDomain:
                 insert_device(record.config, copy.deepcopy(device))
 
     def has_device(self, alias: str, *, inactive: bool = False) -> bool:
-        with self.world.op(self.uri, "has_device", alias):
+        with self.hv.op("has_device", alias):
             record = self._record()
             root = record.config if inactive and record.config is not None else record.live
             return any(alias_of(d) == alias for d in devices_of(root))
@@ -290,7 +304,7 @@ class FakeDomain:
     def detach_and_wait(self, alias: str, timeout: float) -> float:
         """As production: live first, the definition only once the guest let go; a device
         already gone from the live domain is unplugged (and leaves the definition)."""
-        with self.world.op(self.uri, "detach_and_wait", alias):
+        with self.hv.op("detach_and_wait", alias):
             record = self._record()
             in_config = record.config is not None and any(
                 alias_of(d) == alias for d in devices_of(record.config)
@@ -334,7 +348,7 @@ class FakeDomain:
         self.world.migrations.append(MigrationCall(self.domain_name, options, flags, params))
         what = f"migrate {self.domain_name} {self.uri} -> {destination_uri}"
         self._job_window(what)
-        with self.world.op(self.uri, "migrate", self.domain_name):
+        with self.hv.op("migrate", self.domain_name):
             record = self._record()
             if not record.active:
                 raise libvirt_error(
@@ -454,7 +468,7 @@ class FakeDomain:
         )
 
     def completed_job(self) -> dict[str, Any]:
-        with self.world.op(self.uri, "completed_job", self.domain_name):
+        with self.hv.op("completed_job", self.domain_name):
             job = self._record().job
             if job is None:
                 raise libvirt_error(
@@ -463,7 +477,7 @@ class FakeDomain:
             return dict(job)
 
     def job_running(self) -> bool:
-        with self.world.op(self.uri, "job_running", self.domain_name):
+        with self.hv.op("job_running", self.domain_name):
             return self._record().job_running
 
     # What host/migration_job.py's watcher asks of a real Domain; the fake migrate above
@@ -479,11 +493,11 @@ class FakeDomain:
         raise libvirt_error(f"{self.uri}: start post-copy: no job on {self.domain_name}")
 
     def migratable_xml(self) -> str:
-        with self.world.op(self.uri, "migratable_xml", self.domain_name):
+        with self.hv.op("migratable_xml", self.domain_name):
             return self.world.xml(self._record())
 
     def migration_blockers(self) -> list[str]:
-        with self.world.op(self.uri, "migration_blockers", self.domain_name):
+        with self.hv.op("migration_blockers", self.domain_name):
             return self._blockers(self._record())
 
     def _blockers(self, record: DomainRecord) -> list[str]:
@@ -498,7 +512,7 @@ class FakeDomain:
         raise libvirt_error(f"{self.uri}: QMP {command}: the fakes have no QEMU")
 
     def abort_job(self) -> None:
-        with self.world.op(self.uri, "abort_job", self.domain_name):
+        with self.hv.op("abort_job", self.domain_name):
             record = self._record()
             if not record.job_running:
                 raise libvirt_error(
@@ -541,7 +555,7 @@ class FakeDomain:
         max_ms: int = 550,
         step_ms: int = 100,
     ) -> None:
-        with self.world.op(self.uri, "announce", self.domain_name):
+        with self.hv.op("announce", self.domain_name):
             if not self._record().active:
                 raise libvirt_error(
                     f"{self.uri}: announce-self for {self.domain_name}: domain is not running", 55

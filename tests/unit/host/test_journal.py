@@ -25,6 +25,7 @@ from host.workflow.journal import (
     Journal,
     JournalDataError,
     JournalError,
+    JournalUnwritable,
     StepStatus,
     UnknownWorkflow,
     WorkflowClosed,
@@ -95,6 +96,25 @@ def test_unreadable_location_is_a_journal_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(JournalError, match="cannot create"):
         Journal(blocker / "journal.sqlite")
+
+
+def test_a_filesystem_too_full_for_a_workflow_refuses_begin_and_writes_nothing(
+    path: Path,
+) -> None:
+    """Less free space than a workflow needs (here: more than any disk has) is refused
+    at begin, before a row is written, in words that say what to do."""
+    fs = os.statvfs(path.parent.parent)
+    free = fs.f_bavail * fs.f_frsize
+    with Journal(path, min_free_bytes=free + 2**40) as journal:
+        with pytest.raises(JournalUnwritable) as refused:
+            begin(journal)
+        assert refused.value.code == "RESOURCE_EXHAUSTED"
+        assert "its filesystem is full" in str(refused.value)
+        assert "nothing was changed" in str(refused.value)
+        assert journal.recent() == [] and journal.open_workflows() == []
+    with Journal(path) as journal:  # with room, the same journal takes it
+        begin(journal)
+        assert len(journal.open_workflows()) == 1
 
 
 def test_newer_schema_is_refused(path: Path) -> None:

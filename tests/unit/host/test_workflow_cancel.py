@@ -156,6 +156,26 @@ def test_after_the_point_of_no_return_cancel_says_the_bind_will_finish(
     assert lease_from_domain_xml(world.live_xml("vm1", B)) is None
 
 
+def test_the_destination_dropping_the_coordinator_at_bind_leaves_no_lease_behind(
+    world: World, journal: Journal
+) -> None:
+    """The destination's libvirtd ends the coordinator's connections once the VM has
+    moved (restarted, or it closed the client): the bind cannot run, done-degraded.  The
+    lease is given back over a new connection, so the same process's repair (ptmigd's
+    reconciler) is not refused until it expires."""
+    report = world.coordinator(journal).migrate(
+        REQUEST, Events({("bind", "started"): lambda: world.drop_connections(B)})
+    )
+    assert report.outcome == Outcome.DONE_DEGRADED
+    assert "after the migration" in (report.error or ""), report.error
+    assert world.running_on("vm1") == [B]
+    assert journal.open_workflows() == []
+    assert lease_from_domain_xml(world.live_xml("vm1", B)) is None
+    (repaired,) = world.coordinator(journal).reconcile(B)
+    assert not repaired.error and repaired.teams == ON_PRIMARY, repaired
+    assert world.modes("vm1") == ON_PRIMARY
+
+
 def test_cancel_without_a_running_workflow_is_an_error_that_changes_nothing(
     world: World, journal: Journal
 ) -> None:

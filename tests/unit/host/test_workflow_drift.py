@@ -297,3 +297,25 @@ def test_the_reconciler_adopts_a_device_plugged_by_hand(world: World, journal: J
     assert recorded(world, A)["lan"] == "ua-hand-1"
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
     assert world.active_taps("vm1")["lan"] == "ptv-a3"
+
+
+def test_a_device_ptmig_plugged_but_could_not_record_is_its_teams(
+    journal: Journal,
+) -> None:
+    """The destination's libvirtd restarted between a bind's attach and its metadata
+    write: both teams of the pool lack a primary and one device is plugged, unrecorded.
+    Its alias is ptmig's for lan, so it is lan's (adopted), not an ambiguity that would
+    leave both teams degraded for a person; wan gets a device of its own."""
+    world = World(slots={B: 0})
+    coordinator = world.coordinator(journal)
+    assert migrate(world, journal).outcome is Outcome.DONE_DEGRADED
+    world.set_slots(B, 4)
+    world.attach_outside("vm1", 0, "ua-ptmig-lan-2", uri=B)
+    world.modes("vm1")  # the guest's kernel has seen the device come
+
+    assert cases(world, B) == {"lan": TeamCase.UNRECORDED, "wan": TeamCase.NO_PRIMARY}
+    (repaired,) = coordinator.reconcile(B)
+
+    assert not repaired.error and repaired.teams == {"lan": "primary", "wan": "primary"}
+    assert recorded(world, B)["lan"] == "ua-ptmig-lan-2"
+    assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}

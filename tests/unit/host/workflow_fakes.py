@@ -54,6 +54,7 @@ import signal
 import threading
 import traceback
 import uuid as uuidlib
+import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,6 +183,8 @@ class World:
         #: blocker for them), and blockers QEMU names per domain whatever is plugged.
         self.state_copyable: set[str] = set()
         self.blockers: dict[str, list[str]] = {}
+        #: Every connection opened (FakeHypervisor), for drop_connections.
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
         #: How long a migration job runs before the VM moves (0: at once).
         self.migration_job_s = 0.0
         #: Set when such a job starts running: where a test cancels or interrupts it.
@@ -195,6 +198,14 @@ class World:
             self.set_slots(uri, count)
         for spec in guests:
             self.add_guest(spec)
+
+    def drop_connections(self, uri: str) -> None:
+        """Host *uri*'s libvirtd ends every connection open to it (restarted, or its
+        clients closed): their calls fail from now on; new ones work."""
+        with self.lock:
+            for hv in self.connections:
+                if hv.uri == uri:
+                    hv.alive = False
 
     # -- construction ----------------------------------------------------------------
 
