@@ -170,7 +170,7 @@ def test_nova_style_move_brings_the_team_back_on_a_new_primary(
     before = agent_of()
     old = link(before, PRIMARY_MAC)
     assert old is not None
-    old_bus = bus_of(managed, PRIMARY_ALIAS)
+    old_bus = bus_of(managed.domain(), PRIMARY_ALIAS)
     with traffic("orchestrator-unplug") as unplug:
         detach(managed, PRIMARY_NIC)  # the active primary: no switch first
     event = wait_on_standby(agent_of)
@@ -181,7 +181,7 @@ def test_nova_style_move_brings_the_team_back_on_a_new_primary(
     managed.check_health()
     new_nic = POOLS["hostb"][0]
     with traffic("orchestrator-plug") as plug:
-        attach(managed, new_nic, free_bus(managed, frozenset({old_bus})))
+        attach(managed, new_nic, free_bus(managed.domain(), frozenset({old_bus})))
         took, team = wait_back_on_primary(managed, agent_of, new_nic.mac)
     client = agent_of()
     new = check_on_primary(client, new_nic.mac)
@@ -207,7 +207,7 @@ def test_surprise_removal_then_the_same_nic_plugged_again(
     managed: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
 ) -> None:
     nic = POOLS[managed.where()][0]
-    bus = bus_of(managed, nic.alias)
+    bus = bus_of(managed.domain(), nic.alias)
     with traffic("surprise-removal") as removal:
         detach(managed, nic)
     assert wait_on_standby(agent_of).ok
@@ -231,7 +231,7 @@ def test_coordinated_order_beside_it_and_the_coordinators_bind_racing_the_agents
     finds it done, and the team ends with that one NIC."""
     client = agent_of()
     nic = POOLS[managed.where()][0]
-    bus = bus_of(managed, nic.alias)
+    bus = bus_of(managed.domain(), nic.alias)
     with traffic("coordinated-switch") as switch:
         client.use_standby("lan", release_primary=True, operation_id=f"e2e-sw-{time.time_ns()}")
     with traffic("coordinated-unplug") as unplug:
@@ -271,7 +271,7 @@ def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
                 break
         assert time.monotonic() < deadline, "the restarted agent did not report wan whole"
         time.sleep(0.5)
-    old_bus = bus_of(managed, WAN_PRIMARY_NIC.alias)
+    old_bus = bus_of(managed.domain(), WAN_PRIMARY_NIC.alias)
     with traffic("follow-unplug", WAN_GUEST_IP) as unplug:
         detach(managed, WAN_PRIMARY_NIC)
     destination = "hosta" if managed.where() == "hostb" else "hostb"
@@ -279,7 +279,7 @@ def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
     managed.check_health()
     new_nic = WAN_POOLS[destination][0]
     with traffic("follow-plug", WAN_GUEST_IP) as plug:
-        attach(managed, new_nic, free_bus(managed, frozenset({old_bus})))
+        attach(managed, new_nic, free_bus(managed.domain(), frozenset({old_bus})))
         took, wan = wait_back_on_primary(managed, agent_of, new_nic.mac, "wan")
     new = link(agent_of(), new_nic.mac)
     assert new is not None
