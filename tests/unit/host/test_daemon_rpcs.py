@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from ptmig.v1 import coordinator_pb2 as pb
+from ptmig.v1 import guest_agent_pb2 as agent_pb
 from workflow_fakes import VM1, A, B, Events, World, crash, crash_in_child
 from world_daemon import world_ptmigd
 
@@ -107,6 +108,33 @@ def test_get_status(stub: Any) -> None:
     details = json.loads(reply.details_json)
     assert details["teams"][0]["primary"]["tap"] == "ptv-a1"
     assert details["uuid"] == VM1.uuid
+
+
+def test_get_status_carries_what_a_guest_managed_team_did(world: World, stub: Any) -> None:
+    guest = world.guest("vm1")
+    guest.teams["lan"].managed_by_guest = True
+    guest.teams["lan"].last_event = agent_pb.TeamEvent(
+        kind="primary-lost",
+        device="enp3s0",
+        reason="enp3s0 removed (hot-unplug or surprise removal)",
+        ok=True,
+        detail="on standby enp1s0",
+        unix_ms=1_796_000_000_000,
+    )
+    reply = stub.GetStatus(pb.GetStatusRequest(uri=A, domain="vm1"), timeout=CALL_TIMEOUT)
+    lan, wan = reply.teams
+    assert lan.managed_by_guest
+    event = lan.last_event
+    assert (event.kind, event.device, event.ok, event.detail, event.unix_ms) == (
+        "primary-lost",
+        "enp3s0",
+        True,
+        "on standby enp1s0",
+        1_796_000_000_000,
+    )
+    assert event.reason == "enp3s0 removed (hot-unplug or surprise removal)"
+    assert not wan.managed_by_guest and not wan.HasField("last_event")
+    assert json.loads(reply.details_json)["teams"][0]["last_event"]["kind"] == "primary-lost"
 
 
 def test_get_status_names_the_open_workflow_and_a_silent_agent(
