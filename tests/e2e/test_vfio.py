@@ -532,6 +532,18 @@ def test_nova_style_vf_move_and_surprise_removal_with_the_agent_alone(
         team = check_lan_whole(lab, dest, new.name)
         assert "plugged, matches its rule" in team.last_event.reason
         lab.check_health()
+        # what the host is told: ptmig status (read only) shows the agent's own bind
+        (shown,) = [
+            t for t in co.ptmig_json(dest, "status", DOMAIN_NAME)["teams"] if t["name"] == "lan"
+        ]
+        # (mode and case are ptmig's record's: a VF ptmig plugged earlier and Nova detached
+        # leaves lan recorded on a primary that is gone; with no record it is guest-managed)
+        assert shown["managed_by_guest"], shown
+        assert (shown["last_event"]["kind"], shown["last_event"]["device"]) == (
+            "primary-bound",
+            new.name,
+        )
+        print(co.ptmig(dest, "status", DOMAIN_NAME).stdout)
 
         # surprise removal under policy none: the VF pulled, no migration, another plugged
         orch.configure_agent(lab, orch.guest_managed_config("none"))
