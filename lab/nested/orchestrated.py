@@ -55,15 +55,16 @@ def configure_agent(lab: VfioLab, config: str, timeout: float = 180) -> None:
     starts it again (lab/nested/guest.py).  Returns once the new agent has said it runs."""
     encoded = base64.b64encode(config.encode()).decode()
     ready = _READY['managed_by = "guest"' in config]
+    # in a subshell: the console's shell must survive set -e and exit
     lab.exec(
-        "set -e; off=$(stat -c %s /run/ptmig-agent.log 2>/dev/null || echo 0); "
+        "(set -e; off=$(stat -c %s /run/ptmig-agent.log 2>/dev/null || echo 0); "
         f"echo {encoded} | base64 -d > /etc/ptmig/agent.toml.new; "
         "/usr/sbin/ptmig-agent --check-config --config /etc/ptmig/agent.toml.new; "
         "mv /etc/ptmig/agent.toml.new /etc/ptmig/agent.toml; "
         "kill $(pgrep -f 'python3 -I -c'); "
         f"for i in $(seq {int(timeout * 4)}); do "
         f"tail -c +$((off + 1)) /run/ptmig-agent.log | grep -q '{ready}' && exit 0; "
-        "sleep 0.25; done; exit 1",
+        "sleep 0.25; done; exit 1)",
         timeout=timeout + 30,
     ).check()
 
