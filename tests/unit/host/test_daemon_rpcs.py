@@ -111,29 +111,16 @@ def test_get_status(stub: Any) -> None:
 
 
 def test_get_status_carries_what_a_guest_managed_team_did(world: World, stub: Any) -> None:
-    guest = world.guest("vm1")
-    guest.teams["lan"].managed_by_guest = True
-    guest.teams["lan"].last_event = agent_pb.TeamEvent(
-        kind="primary-lost",
-        device="enp3s0",
-        reason="enp3s0 removed (hot-unplug or surprise removal)",
-        ok=True,
-        detail="on standby enp1s0",
-        unix_ms=1_796_000_000_000,
+    lost = agent_pb.TeamEvent(
+        kind="primary-lost", device="enp3s0", reason="enp3s0 removed", ok=True, unix_ms=7
     )
+    world.guest("vm1").teams["lan"].managed_by_guest = True
+    world.guest("vm1").teams["lan"].last_event = lost
     reply = stub.GetStatus(pb.GetStatusRequest(uri=A, domain="vm1"), timeout=CALL_TIMEOUT)
     lan, wan = reply.teams
-    assert lan.managed_by_guest
-    event = lan.last_event
-    assert (event.kind, event.device, event.ok, event.detail, event.unix_ms) == (
-        "primary-lost",
-        "enp3s0",
-        True,
-        "on standby enp1s0",
-        1_796_000_000_000,
-    )
-    assert event.reason == "enp3s0 removed (hot-unplug or surprise removal)"
-    assert not wan.managed_by_guest and not wan.HasField("last_event")
+    assert lan.managed_by_guest and not wan.managed_by_guest
+    assert lan.last_event.SerializeToString() == lost.SerializeToString()  # field by field
+    assert not wan.HasField("last_event")
     assert json.loads(reply.details_json)["teams"][0]["last_event"]["kind"] == "primary-lost"
 
 
