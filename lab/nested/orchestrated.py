@@ -72,8 +72,13 @@ def configure_agent(lab: VfioLab, config: str, timeout: float = 180) -> None:
 def lan_vifs(lab: VfioLab, host: str) -> list[str]:
     """Aliases of the live VF interfaces of team lan on *host*: the lab's Nova-style ones
     and any ptmig plugged from its VF pool."""
+    return passthrough_aliases(lab, host, ALIAS_PREFIX, "ua-ptmig-lan-")
+
+
+def passthrough_aliases(lab: VfioLab, host: str, *prefixes: str) -> list[str]:
+    """Aliases of the guest's live devices on *host* that start with one of *prefixes*."""
     aliases = device_aliases(lab.domain(host).XMLDesc(0))
-    return sorted(a for a in aliases if a.startswith((ALIAS_PREFIX, "ua-ptmig-lan-")))
+    return sorted(a for a in aliases if a.startswith(prefixes))
 
 
 def plug_vf(lab: VfioLab, host: str, vf: str, number: int, avoid_bus: int | None = None) -> str:
