@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from ptmig.serial_session import AGENT_CHANNEL
-from ptmig.v1 import guest_agent_pb2 as pb
 
 from host.agent_client import AgentClient, AgentEndpoint
+from host.agent_client.state import LinkState, TeamEvent, TeamState
 from host.domain.devices import pci_hostdev_xml
 from host.hypervisor import Hypervisor
 from host.workflow.model import Outcome, TeamMode, plain
@@ -425,12 +425,12 @@ def agent_at(host: str) -> Iterator[AgentClient]:
         hv.close()
 
 
-def lan_state(client: AgentClient) -> tuple[pb.TeamState, dict[str, pb.Link]]:
+def lan_state(client: AgentClient) -> tuple[TeamState, dict[str, LinkState]]:
     state = client.state()
     return next(t for t in state.teams if t.name == "lan"), {ln.name: ln for ln in state.links}
 
 
-def wait_lan_on_vf(host: str, not_at: str = "") -> tuple[float, pb.TeamState, pb.Link]:
+def wait_lan_on_vf(host: str, not_at: str = "") -> tuple[float, TeamState, LinkState]:
     """Seconds until lan's active member is a primary other than the standby (and not at
     guest PCI address *not_at*), read back to back; the team and that link."""
     started = time.monotonic()
@@ -448,20 +448,19 @@ def wait_lan_on_vf(host: str, not_at: str = "") -> tuple[float, pb.TeamState, pb
             assert time.monotonic() - started < BACK_ON_VF_S, f"lan not back on a VF: {team}"
 
 
-def wait_lan_lost(host: str, timeout: float = 60) -> pb.TeamEvent:
+def wait_lan_lost(host: str, timeout: float = 60) -> TeamEvent:
     """lan's primary-lost event, once the agent has confirmed the standby."""
     started = time.monotonic()
     with agent_at(host) as client:
         while True:
             team, _ = lan_state(client)
-            if team.last_event.kind == "primary-lost":
+            if team.last_event is not None and team.last_event.kind == "primary-lost":
                 assert team.active_member == team.standby, team
-                event: pb.TeamEvent = team.last_event
-                return event
+                return team.last_event
             assert time.monotonic() - started < timeout, f"no primary-lost recorded: {team}"
 
 
-def check_lan_whole(lab: VfioLab, on: str, device: str) -> pb.TeamState:
+def check_lan_whole(lab: VfioLab, on: str, device: str) -> TeamState:
     """check_vf, and in the agent's words: lan guest-managed, standby + *device* only (no
     VF bound twice), its last event the bind of *device*."""
     check_vf(lab, on)
@@ -470,6 +469,7 @@ def check_lan_whole(lab: VfioLab, on: str, device: str) -> pb.TeamState:
     assert team.managed_by_guest
     assert sorted(team.members) == sorted([team.standby, device]), "nothing bound twice"
     assert team.active_member == device and team.mac == TEAM_MAC
+    assert team.last_event is not None, team
     assert (team.last_event.kind, team.last_event.device, team.last_event.ok) == (
         "primary-bound",
         device,
@@ -535,7 +535,7 @@ def test_nova_style_vf_move_and_surprise_removal_with_the_agent_alone(
         assert lab.where() == dest
         assert new.pci_address != old.pci_address
         team = check_lan_whole(lab, dest, new.name)
-        assert "plugged, matches its rule" in team.last_event.reason
+        assert team.last_event is not None and "plugged, matches its rule" in team.last_event.reason
         lab.check_health()
         # what the host is told: ptmig status (read only) shows the agent's own bind
         (shown,) = [
