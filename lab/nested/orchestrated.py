@@ -16,16 +16,15 @@ must bind the new VF by itself.
 from __future__ import annotations
 
 import base64
-import time
 
 import libvirt
 
 from host.domain.devices import vf_hostdev_interface_xml
 from host.domain.domain_xml import device_aliases
 from lab import TEAM_MAC
+from lab.migration import libvirt_migrate
 from lab.nested.vlab import AGENT_CONFIG, VfioLab, VfioLabError, peer_uri
 from lab.orchestrated import attach_at, free_bus
-from lab.vmlab import MIGRATE_FLAGS
 
 #: Nova's attach_interface / detach_interface of an SR-IOV port: persistent and live.
 NOVA_FLAGS = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -94,12 +93,10 @@ def plug_vf(lab: VfioLab, host: str, vf: str, number: int, avoid_bus: int | None
 
 
 def migrate(lab: VfioLab, dest: str) -> float:
-    """Plain libvirt live migration to *dest* (peer to peer inside L1), as Nova's
-    `_live_migration_operation` does it; returns the seconds the call took."""
-    dom = lab.domain(lab.where())
-    started = time.monotonic()
+    """Plain libvirt live migration to *dest* (peer to peer inside L1,
+    `lab.migration.libvirt_migrate`), as Nova's `_live_migration_operation` does it;
+    returns the seconds the call took."""
     try:
-        dom.migrateToURI3(peer_uri(dest), {}, MIGRATE_FLAGS)
+        return libvirt_migrate(lab.domain(lab.where()), lab.conn(dest), peer_uri(dest)).wall_s
     except libvirt.libvirtError as exc:
         raise VfioLabError(f"plain migration to {dest} failed: {exc}") from exc
-    return time.monotonic() - started
