@@ -33,6 +33,7 @@ from lab.nested import orchestrated as orch
 from lab.nested.l1 import WIRE_NICS
 from lab.nested.vlab import AGENT_CONFIG, L1Pinger, VfioLab, peer_uri, uri
 from lab.orchestrated import bus_of
+from lab.traffic import Phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vfio]
 
@@ -525,7 +526,7 @@ def test_nova_style_vf_move_and_surprise_removal_with_the_agent_alone(
         took, _, new = wait_lan_on_vf(dest, not_at=old.pci_address)
         t5 = time.time()
         time.sleep(2)
-        phases = [("unplug", t0, t1), ("migrate", t2, t3), ("plug", t3, t5)]
+        phases = [Phase("unplug", t0, t1), Phase("migrate", t2, t3), Phase("plug", t3, t5)]
         lost = {p["name"]: p["lost"] for p in pinger.stop_and_analyze(phases)["phases"]}
         figures["back_on_vf_after_plug_s"] = round(took, 2)
         figures["attach_call_s"] = round(t4 - t3, 2)
@@ -567,7 +568,7 @@ def test_nova_style_vf_move_and_surprise_removal_with_the_agent_alone(
         took, _, again = wait_lan_on_vf(dest, not_at=new.pci_address)
         t4 = time.time()
         time.sleep(2)
-        phases = [("removal", t0, t1), ("plug", t2, t4)]
+        phases = [Phase("removal", t0, t1), Phase("plug", t2, t4)]
         lost = {p["name"]: p["lost"] for p in pinger.stop_and_analyze(phases)["phases"]}
         figures["none_back_on_vf_after_plug_s"] = round(took, 2)
         figures["removal_lost"] = lost
