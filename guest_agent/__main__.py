@@ -36,8 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{args.config}: OK ({len(cfg.teams)} team(s))")
         return 0
+    log = logging.getLogger("ptmig")
     if not cfg.teams:
-        logging.getLogger("ptmig").warning("no teams configured in %s", args.config)
+        log.warning("no teams configured in %s", args.config)
+    reasons = config.reasons_to_run(cfg)
+    if not reasons:
+        log.info(
+            "nothing to serve: no host channel (%s, %s) and no guest-managed team; "
+            "started again when a channel appears",
+            cfg.virtio_serial.port,
+            config.VSOCK_DEVICE,
+        )
+        return 0
+    log.info("serving: %s", "; ".join(reasons))
     os.umask(0o077)
 
     from guest_agent import netlink, server  # grpc and the netlink module, only now

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,34 @@ class AgentConfig:
     virtio_serial: SerialConfig = field(default_factory=SerialConfig)
     vsock: VsockConfig = field(default_factory=VsockConfig)
     teams: tuple[TeamConfig, ...] = ()
+
+
+#: The device whose presence means a vsock transport can exist (the vsock core is loaded).
+VSOCK_DEVICE = "/dev/vsock"
+
+
+def reasons_to_run(cfg: AgentConfig, exists: Callable[[str], bool] = os.path.exists) -> list[str]:
+    """Why the agent should run now; empty when it has nothing to do yet.
+
+    A host reaches the agent only through a channel, so with every enabled transport's
+    device missing and no guest-managed team there is nobody to serve: the unit stops and
+    the udev rule starts it when a channel appears (packaging/60-ptmig-agent.rules).  A
+    guest-managed team needs the agent whether or not a channel exists (Nova and KubeVirt
+    give the guest none); its relays then wait for one.  With every transport disabled
+    the admin asked for the local socket alone: it runs.
+    """
+    reasons = [
+        f"guest-managed team {team.name}"
+        for team in cfg.teams
+        if team.managed_by is ManagedBy.GUEST
+    ]
+    if cfg.virtio_serial.enabled and exists(cfg.virtio_serial.port):
+        reasons.append(f"virtio-serial port {cfg.virtio_serial.port}")
+    if cfg.vsock.enabled and exists(VSOCK_DEVICE):
+        reasons.append(f"vsock device {VSOCK_DEVICE}")
+    if not cfg.virtio_serial.enabled and not cfg.vsock.enabled:
+        reasons.append("no transport enabled: the local socket alone")
+    return reasons
 
 
 def load(path: str = DEFAULT_PATH, missing_ok: bool = False) -> AgentConfig:

@@ -28,7 +28,7 @@ from guest_agent.links import Links
 from guest_agent.operations import OperationLog
 from guest_agent.rules import ManagedBy
 from guest_agent.service import AllowList, GuestAgentServicer, add_to_server
-from guest_agent.teams import Teams, deadline_in
+from guest_agent.teams import TeamEvent, Teams, deadline_in
 from guest_agent.transports.virtio_serial import SerialRelay
 from guest_agent.transports.vsock import StreamRelay
 
@@ -117,13 +117,16 @@ class Agent:
 
 
 def start(
-    cfg: config.AgentConfig, links: Links, warm_up: Callable[[], None] | None = None
+    cfg: config.AgentConfig,
+    links: Links,
+    warm_up: Callable[[], None] | None = None,
+    on_event: Callable[[str, TeamEvent], None] | None = None,
 ) -> Agent:
     """Start the gRPC server and the transports; set up agent-owned teams.
 
     *warm_up* runs in a thread of its own once the socket listens: what the first call
     would otherwise pay (netlink's import and first dump) is paid while the agent
-    already answers.
+    already answers.  *on_event*: each event the watcher records (tests wait on it).
     """
     teams = Teams(links, cfg.teams)
     capabilities = []
@@ -153,7 +156,7 @@ def start(
     teams.set_up_owned(deadline_in(cfg.default_timeout_ms / 1000))
     if guest_managed:  # after the bonds exist; with none, no watcher runs at all
         log.info("guest-managed teams: %s", ", ".join(guest_managed))
-        running.watcher = Watcher(teams, links, cfg.default_timeout_ms / 1000)
+        running.watcher = Watcher(teams, links, cfg.default_timeout_ms / 1000, on_event=on_event)
         running.watcher.start()
     return running
 

@@ -82,20 +82,26 @@ def detach(lab: VmLab, nic: Nic, timeout: float = 30.0) -> float:
 
 def attach(lab: VmLab, nic: Nic, bus: int) -> None:
     """virDomainAttachDeviceFlags(LIVE) of *nic* into the root port of PCI bus *bus*."""
-    xml = ET.fromstring(nic.xml())
+    attach_at(lab.domain(), nic.xml(), bus, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def attach_at(dom: libvirt.virDomain, device_xml: str, bus: int, flags: int) -> None:
+    """virDomainAttachDeviceFlags(*flags*) of *device_xml* into the root port of PCI bus
+    *bus* (the emulated and the nested lab alike)."""
+    xml = ET.fromstring(device_xml)
     ET.SubElement(
         xml,
         "address",
         {"type": "pci", "domain": "0x0000", "bus": f"0x{bus:02x}", "slot": "0x00"},
         function="0x0",
     )
-    lab.domain().attachDeviceFlags(ET.tostring(xml, "unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    dom.attachDeviceFlags(ET.tostring(xml, "unicode"), flags)
 
 
-def free_bus(lab: VmLab, avoid: frozenset[int] = frozenset()) -> int:
-    """The highest PCI bus behind a pcie-root-port that no device uses now, other than
-    *avoid* (the old primary's): the new NIC then sits at another PCI address."""
-    root = ET.fromstring(lab.domain().XMLDesc(0))
+def free_bus(dom: libvirt.virDomain, avoid: frozenset[int] = frozenset()) -> int:
+    """The highest PCI bus behind a pcie-root-port that no device of *dom* uses now, other
+    than *avoid* (the old primary's): the new NIC then sits at another PCI address."""
+    root = ET.fromstring(dom.XMLDesc(0))
     ports = {
         int(c.get("index", "0"))
         for c in root.iter("controller")
@@ -114,9 +120,9 @@ def free_bus(lab: VmLab, avoid: frozenset[int] = frozenset()) -> int:
     return free[-1]
 
 
-def bus_of(lab: VmLab, alias: str) -> int:
-    """The PCI bus of the live device *alias*."""
-    root = ET.fromstring(lab.domain().XMLDesc(0))
+def bus_of(dom: libvirt.virDomain, alias: str) -> int:
+    """The PCI bus of *dom*'s live device *alias*."""
+    root = ET.fromstring(dom.XMLDesc(0))
     for device in _devices(root):
         found = device.find("alias")
         address = device.find("address")

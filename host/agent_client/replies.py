@@ -49,6 +49,13 @@ def validate_team(team: pb.TeamState, name: str | None = None) -> None:
             member == "" or member in team.members,
             f"team {printable(team.name)}: {role} {member!r} is not in the bond",
         )
+    if team.HasField("last_event"):
+        event = team.last_event
+        check(
+            len(event.kind) <= 32 and event.kind.isprintable(),
+            f"event kind {printable(event.kind)!r}",
+        )
+        check(valid_name(event.device), f"event device {printable(event.device)!r}")
 
 
 def validate_state(state: pb.GetStateResponse) -> None:

@@ -3,6 +3,7 @@ answer's one JSON form instead, ``model.plain``)."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
         DomainTeams,
         EvacuationReport,
         FailoverResult,
+        GuestEvent,
         MigrationReport,
         PoolStatus,
         RecoverResult,
@@ -45,9 +47,20 @@ def status_text(status: DomainStatus) -> str:
             lines.append(f"    drift: {team.drift}")
         if team.way:
             lines.append(f"    way: {team.way}")
+        if team.managed_by_guest:
+            lines.append(f"    managed by the guest's agent; {guest_event_text(team.last_event)}")
     if status.agent_error:
         lines.append(f"  agent: {status.agent_error}")
     return "\n".join(lines)
+
+
+def guest_event_text(event: GuestEvent | None) -> str:
+    """What a guest-managed team's agent last did on its own, in one line."""
+    if event is None:
+        return "nothing done on its own since the agent started"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.unix_ms / 1000))
+    outcome = event.detail if event.ok else f"failed: {event.detail}"
+    return f"last event {event.kind} {event.device} at {when} UTC: {event.reason}; {outcome}"
 
 
 def pools_text(pools: list[PoolStatus]) -> str:

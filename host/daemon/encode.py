@@ -34,6 +34,7 @@ from host.workflow.model import (
     EvacuationTarget,
     Event,
     FailoverResult,
+    GuestEvent,
     MigrationReport,
     MigrationRequest,
     Outcome,
@@ -368,6 +369,22 @@ def team_status_message(team: TeamStatus) -> Any:
         drift=team.drift,
         way=team.way,
         case=team.case,
+        managed_by_guest=team.managed_by_guest,
+        last_event=guest_event_message(team.last_event),
+    )
+
+
+def guest_event_message(event: GuestEvent | None) -> Any:
+    """A GuestTeamEvent message; None for no event (the field stays unset)."""
+    if event is None:
+        return None
+    return pb.GuestTeamEvent(
+        kind=event.kind,
+        device=event.device,
+        reason=event.reason,
+        ok=event.ok,
+        detail=event.detail,
+        unix_ms=event.unix_ms,
     )
 
 

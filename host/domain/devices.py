@@ -106,6 +106,21 @@ def vf_interface_xml(*, alias: str, network: str, mac: str) -> str:
     return to_text(build(interface))
 
 
+def vf_hostdev_interface_xml(*, alias: str, pci_address: str, mac: str) -> str:
+    """One VF as ``<interface type='hostdev' managed='yes'>``, the form OpenStack Nova
+    plugs an SR-IOV port in: libvirt gives the VF `mac` through its PF.  ptmig's own
+    pools plug VFs from a hostdev network (`vf_interface_xml`); the lab drives libvirt
+    the way Nova does with this one (lab/nested/orchestrated.py)."""
+    interface = Interface(
+        type="hostdev",
+        managed=True,
+        mac=normalize_mac(mac, "VF interface mac"),
+        host_pci_address=normalize_pci(pci_address, "VF PCI address"),
+        alias=check_user_alias(alias, "VF interface alias"),
+    )
+    return to_text(build(interface))
+
+
 def _rom(rom: bool) -> str | None:
     return None if rom else "no"
 

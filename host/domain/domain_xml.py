@@ -68,6 +68,8 @@ class Interface:
     XML_LABEL: ClassVar[str] = "alias"
 
     type: str = at("@type", default="")
+    #: type hostdev: libvirt detaches the device from its host driver and back
+    managed: bool | None = at("@managed", default=None, check=yes, show=yes_no)
     mac: str | None = at("mac/@address", default=None, check=normalize_mac)
     bridge: str | None = at("source/@bridge", default=None)  # or the bridge of a network
     network: str | None = at("source/@network", default=None)  # type network (and hostdev)

@@ -86,8 +86,10 @@ PCI: Codec = _Pci(with_type=True, refuse_other=True)
 GUEST_PCI: Codec = _Pci(with_type=True, absent=None, refuse_other=False)
 #: A hostdev's ``<source><address>`` (no type there: libvirt's schema refuses one).
 HOST_PCI: Codec = _Pci(with_type=False, refuse_other=True)
-#: An interface's ``<source><address>``: a PCI one for type hostdev, else not ours.
-SOURCE_PCI: Codec = _Pci(with_type=False, refuse_other=False)
+#: An interface's ``<source><address>``: a PCI one for type hostdev, else not ours.  Written
+#: with ``type='pci'``: libvirt refuses one without ("unknown host device source address
+#: type '(null)'", libvirt 11.3 attaching an ``<interface type='hostdev'>``).
+SOURCE_PCI: Codec = _Pci(with_type=True, refuse_other=False)
 
 
 @dataclass(frozen=True)

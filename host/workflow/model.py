@@ -227,6 +227,20 @@ def team_modes(on_primary: dict[str, bool]) -> dict[str, TeamMode]:
 
 
 @dataclass(frozen=True)
+class GuestEvent:
+    """What a guest's agent last did on its own for a guest-managed team, as it said it:
+    the texts made printable and bounded (host/agent_client/replies.py), the time by the
+    guest's clock."""
+
+    kind: str  # "primary-lost", "primary-bound"
+    device: str
+    reason: str
+    ok: bool
+    detail: str
+    unix_ms: int
+
+
+@dataclass(frozen=True)
 class TeamStatus:
     name: str
     mode: TeamMode
@@ -244,6 +258,9 @@ class TeamStatus:
     #: Whether a migration could copy the primary's state (host/workflow/hybrid.py): ""
     #: unless the team's pool here is marked state-copy.
     way: str = ""
+    #: The guest's agent keeps the team whole by itself (managed_by = "guest").
+    managed_by_guest: bool = False
+    last_event: GuestEvent | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from host.agent_client.errors import printable
+from host.agent_client.state import TeamEvent, TeamState
 from host.domain.teams import PrimaryDevice, Team
 from host.workflow.drift import TeamCase
 from host.workflow.errors import WorkflowError
@@ -12,7 +14,14 @@ from host.workflow.guest import Guest
 from host.workflow.hybrid import Candidate, way_here
 from host.workflow.inventory import pool_statuses
 from host.workflow.journal import WorkflowRecord
-from host.workflow.model import DomainStatus, PoolStatus, TeamMode, TeamStatus, WorkflowSummary
+from host.workflow.model import (
+    DomainStatus,
+    GuestEvent,
+    PoolStatus,
+    TeamMode,
+    TeamStatus,
+    WorkflowSummary,
+)
 from host.workflow.observer import notify
 from host.workflow.runtime import Runtime
 
@@ -75,8 +84,16 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                         case=str(found.case),
                         drift=found.message if found.drifted else "",
                         way=_way_here(guest, team, found.device),
+                        managed_by_guest=bool(ts and ts.managed_by_guest),
+                        last_event=guest_event(ts) if ts else None,
                     )
                 )
+            recorded = {t.name for t in out}
+            out += [
+                guest_managed_status(ts)
+                for ts in states.values()
+                if ts.managed_by_guest and ts.name not in recorded
+            ]
             open_workflow = rt.journal.open_for_domain(guest.uuid)
             return DomainStatus(
                 domain=guest.name,
@@ -88,6 +105,47 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
             )
         finally:
             guest.close()
+
+
+GUEST_MANAGED_CASE = "guest-managed"
+
+
+def guest_managed_status(ts: TeamState) -> TeamStatus:
+    """A team the guest keeps whole by itself and ptmig's metadata does not record (a
+    guest under Nova or KubeVirt): its mode as the agent reports it, no pool."""
+    if ts.on_primary:
+        mode = TeamMode.PRIMARY
+    elif ts.primary:
+        mode = TeamMode.STANDBY
+    else:
+        mode = TeamMode.DEGRADED
+    return TeamStatus(
+        name=ts.name,
+        mode=mode,
+        pool="",
+        mac_policy=str(ts.mac_policy or ""),
+        active_member=ts.active_member,
+        members=ts.members,
+        case=GUEST_MANAGED_CASE,
+        managed_by_guest=True,
+        last_event=guest_event(ts),
+    )
+
+
+def guest_event(ts: TeamState) -> GuestEvent | None:
+    """A team's last event as its (validated) GetState reply says it, the free texts made
+    printable and bounded."""
+    event: TeamEvent | None = ts.last_event
+    if event is None:
+        return None
+    return GuestEvent(
+        kind=event.kind,
+        device=event.device,
+        reason=printable(event.reason),
+        ok=event.ok,
+        detail=printable(event.detail),
+        unix_ms=event.unix_ms,
+    )
 
 
 def pools(rt: Runtime, uri: str) -> list[PoolStatus]:

@@ -24,6 +24,7 @@ import pytest
 from host.agent_client import AgentClient, LinkState, TeamEvent, TeamState
 from lab import GUEST_IP, PRIMARY_MAC, STANDBY_MAC, TEAM_MAC, WAN_GUEST_IP, WAN_PRIMARY_MAC
 from lab.guest import PRIMARY_ALIAS, PRIMARY_NIC, WAN_PRIMARY_NIC
+from lab.image import AGENT_CONFIG
 from lab.orchestrated import (
     GUEST_MANAGED_CONFIG,
     POOLS,
@@ -170,7 +171,7 @@ def test_nova_style_move_brings_the_team_back_on_a_new_primary(
     before = agent_of()
     old = link(before, PRIMARY_MAC)
     assert old is not None
-    old_bus = bus_of(managed, PRIMARY_ALIAS)
+    old_bus = bus_of(managed.domain(), PRIMARY_ALIAS)
     with traffic("orchestrator-unplug") as unplug:
         detach(managed, PRIMARY_NIC)  # the active primary: no switch first
     event = wait_on_standby(agent_of)
@@ -181,7 +182,7 @@ def test_nova_style_move_brings_the_team_back_on_a_new_primary(
     managed.check_health()
     new_nic = POOLS["hostb"][0]
     with traffic("orchestrator-plug") as plug:
-        attach(managed, new_nic, free_bus(managed, frozenset({old_bus})))
+        attach(managed, new_nic, free_bus(managed.domain(), frozenset({old_bus})))
         took, team = wait_back_on_primary(managed, agent_of, new_nic.mac)
     client = agent_of()
     new = check_on_primary(client, new_nic.mac)
@@ -207,7 +208,7 @@ def test_surprise_removal_then_the_same_nic_plugged_again(
     managed: VmLab, agent_of: Callable[[], AgentClient], record_property: pytest.RecordProperty
 ) -> None:
     nic = POOLS[managed.where()][0]
-    bus = bus_of(managed, nic.alias)
+    bus = bus_of(managed.domain(), nic.alias)
     with traffic("surprise-removal") as removal:
         detach(managed, nic)
     assert wait_on_standby(agent_of).ok
@@ -231,7 +232,7 @@ def test_coordinated_order_beside_it_and_the_coordinators_bind_racing_the_agents
     finds it done, and the team ends with that one NIC."""
     client = agent_of()
     nic = POOLS[managed.where()][0]
-    bus = bus_of(managed, nic.alias)
+    bus = bus_of(managed.domain(), nic.alias)
     with traffic("coordinated-switch") as switch:
         client.use_standby("lan", release_primary=True, operation_id=f"e2e-sw-{time.time_ns()}")
     with traffic("coordinated-unplug") as unplug:
@@ -271,7 +272,7 @@ def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
                 break
         assert time.monotonic() < deadline, "the restarted agent did not report wan whole"
         time.sleep(0.5)
-    old_bus = bus_of(managed, WAN_PRIMARY_NIC.alias)
+    old_bus = bus_of(managed.domain(), WAN_PRIMARY_NIC.alias)
     with traffic("follow-unplug", WAN_GUEST_IP) as unplug:
         detach(managed, WAN_PRIMARY_NIC)
     destination = "hosta" if managed.where() == "hostb" else "hostb"
@@ -279,7 +280,7 @@ def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
     managed.check_health()
     new_nic = WAN_POOLS[destination][0]
     with traffic("follow-plug", WAN_GUEST_IP) as plug:
-        attach(managed, new_nic, free_bus(managed, frozenset({old_bus})))
+        attach(managed, new_nic, free_bus(managed.domain(), frozenset({old_bus})))
         took, wan = wait_back_on_primary(managed, agent_of, new_nic.mac, "wan")
     new = link(agent_of(), new_nic.mac)
     assert new is not None
@@ -294,3 +295,64 @@ def test_follow_team_moved_back_by_the_orchestrator_takes_the_new_nics_mac(
     print(json.dumps(FIGURES, indent=1))
     assert unplug["lost"] <= MAX_UNPLUG_LOSS, unplug
     assert plug["lost"] <= MAX_SWITCH_LOSS, plug
+
+
+#: A virtio-serial port path with no device behind it yet: the agent sees no ptmig channel,
+#: as in a guest Nova or KubeVirt defines (they give it none).
+LATE_PORT = "/dev/virtio-ports/org.ptmig.agent.later"
+
+
+def without_channel(config: str) -> str:
+    """*config* with the virtio-serial transport on LATE_PORT and vsock off."""
+    return (
+        f'[transports.virtio_serial]\nport = "{LATE_PORT}"\n'
+        "[transports.vsock]\nenabled = false\n\n" + config
+    )
+
+
+def unit_state(lab: VmLab, want: str, timeout: float = 30.0) -> str:
+    """`systemctl is-active ptmig-agent` once it says *want* (or the last answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        said = lab.exec("systemctl is-active ptmig-agent").output.strip()
+        if said == want or time.monotonic() > deadline:
+            return said
+        time.sleep(0.5)
+
+
+def test_shipped_unit_runs_the_agent_with_no_channel_for_a_guest_managed_team(
+    managed: VmLab, agent_of: Callable[[], AgentClient]
+) -> None:
+    """The packaged unit with no ptmig channel: with only coordinator-driven teams the agent
+    has nothing to serve and exits 0; with a guest-managed team it runs, and serves the
+    channel once one appears (here: the port's link made at LATE_PORT)."""
+    before = managed.exec("cat /etc/ptmig/agent.toml").check()
+    try:
+        configure_agent(managed, without_channel(AGENT_CONFIG))
+        assert unit_state(managed, "inactive") == "inactive"
+        status = managed.exec("systemctl show -p ExecMainStatus --value ptmig-agent").output
+        assert status.strip() == "0"
+        journal = managed.exec("journalctl -u ptmig-agent -n 20 -o cat --no-pager").output
+        assert "nothing to serve" in journal, journal
+
+        configure_agent(managed, without_channel(GUEST_MANAGED_CONFIG))
+        deadline = time.monotonic() + 30
+        while "serving: guest-managed team lan" not in (
+            journal := managed.exec("journalctl -u ptmig-agent -n 20 -o cat --no-pager").output
+        ):
+            assert time.monotonic() < deadline, journal
+            time.sleep(0.5)
+        assert unit_state(managed, "active") == "active"
+
+        managed.exec(f"ln -s org.ptmig.agent.0 {LATE_PORT}").check()
+        deadline = time.monotonic() + 60
+        while True:  # the relay tries the port every 2 s; then the host's handshake
+            with contextlib.suppress(Exception):
+                team = lan(agent_of())
+                break
+            assert time.monotonic() < deadline, agent_journal(managed)
+            time.sleep(1)
+        assert team.managed_by_guest
+    finally:
+        managed.exec(f"rm -f {LATE_PORT}")
+        configure_agent(managed, before)

@@ -24,6 +24,8 @@ class GuestTeam:
     enslaved: list[str] = field(default_factory=list)  # burned-in MACs of non-standby members
     active: str = ""  # burned-in MAC of the active member
     bond_present: bool = True
+    managed_by_guest: bool = False
+    last_event: pb.TeamEvent | None = None  # what the agent did on its own, if anything
 
 
 @dataclass
@@ -132,6 +134,8 @@ class FakeGuest:
             standby=standby.name if standby else "",
             members=members,
             primary=next((links[m].name for m in team.enslaved), "") if team.bond_present else "",
+            managed_by_guest=team.managed_by_guest,
+            last_event=team.last_event,
         )
 
     def state(self, live: ET.Element) -> pb.GetStateResponse:

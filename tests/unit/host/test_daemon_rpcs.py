@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from ptmig.v1 import coordinator_pb2 as pb
+from ptmig.v1 import guest_agent_pb2 as agent_pb
 from workflow_fakes import VM1, A, B, Events, World, crash, crash_in_child
 from world_daemon import world_ptmigd
 
@@ -107,6 +108,20 @@ def test_get_status(stub: Any) -> None:
     details = json.loads(reply.details_json)
     assert details["teams"][0]["primary"]["tap"] == "ptv-a1"
     assert details["uuid"] == VM1.uuid
+
+
+def test_get_status_carries_what_a_guest_managed_team_did(world: World, stub: Any) -> None:
+    lost = agent_pb.TeamEvent(
+        kind="primary-lost", device="enp3s0", reason="enp3s0 removed", ok=True, unix_ms=7
+    )
+    world.guest("vm1").teams["lan"].managed_by_guest = True
+    world.guest("vm1").teams["lan"].last_event = lost
+    reply = stub.GetStatus(pb.GetStatusRequest(uri=A, domain="vm1"), timeout=CALL_TIMEOUT)
+    lan, wan = reply.teams
+    assert lan.managed_by_guest and not wan.managed_by_guest
+    assert lan.last_event.SerializeToString() == lost.SerializeToString()  # field by field
+    assert not wan.HasField("last_event")
+    assert json.loads(reply.details_json)["teams"][0]["last_event"]["kind"] == "primary-lost"
 
 
 def test_get_status_names_the_open_workflow_and_a_silent_agent(

@@ -17,6 +17,7 @@ from host.domain.devices import (
     next_primary_alias,
     pci_hostdev_xml,
     primary_alias,
+    vf_hostdev_interface_xml,
     vf_interface_xml,
 )
 from host.domain.domain_xml import Hostdev, Interface, parse_domain
@@ -28,9 +29,13 @@ EMULATED = emulated_nic_xml(
 )
 HOSTDEV = pci_hostdev_xml(alias="ua-ptmig-lan-2", pci_address="03:00.0")
 VF = vf_interface_xml(alias="ua-ptmig-san-3", network="ptmig-pool-sriov", mac="52:54:00:a0:00:02")
+#: A VF as OpenStack Nova plugs an SR-IOV port (the nested lab drives libvirt with it).
+NOVA_VF = vf_hostdev_interface_xml(
+    alias="ua-nova-lan-1", pci_address="0000:01:10.2", mac="52:54:00:aa:00:05"
+)
 
 
-@pytest.mark.parametrize("device", [EMULATED, HOSTDEV, VF])
+@pytest.mark.parametrize("device", [EMULATED, HOSTDEV, VF, NOVA_VF])
 def test_devices_validate_against_libvirts_schema(device: str) -> None:
     virt_xml_validate(minimal_domain(device), "domain")
 
@@ -49,6 +54,20 @@ def test_rom_can_stay_enabled() -> None:
             )
         ),
         "domain",
+    )
+
+
+def test_a_nova_style_vf_reads_back() -> None:
+    """type hostdev, managed, the VF's host address with type='pci' (libvirt refuses an
+    interface's source address without one)."""
+    assert '<address type="pci" domain="0x0000" bus="0x01" slot="0x10"' in NOVA_VF
+    info = parse_domain(minimal_domain(NOVA_VF))
+    assert info.device("ua-nova-lan-1") == Interface(
+        type="hostdev",
+        managed=True,
+        mac="52:54:00:aa:00:05",
+        alias="ua-nova-lan-1",
+        host_pci_address="0000:01:10.2",
     )
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fake_guest import GuestTeam
+from ptmig.v1 import guest_agent_pb2 as agent_pb
 from workflow_fakes import (
     POOL,
     POOL_SLOTS,
@@ -39,6 +41,7 @@ from host.workflow.coordinator import Coordinator, Reconciler
 from host.workflow.errors import WorkflowError
 from host.workflow.journal import Journal, WorkflowKind
 from host.workflow.model import (
+    GuestEvent,
     MigrationReport,
     MigrationRequest,
     Outcome,
@@ -193,6 +196,76 @@ def test_status_of_a_degraded_domain_and_of_a_silent_agent(journal: Journal) -> 
     assert {t.name: t.mode for t in status.teams} == on("unknown")
     assert "UNAVAILABLE" in status.agent_error
     assert all(t.detail == f"guest agent: {status.agent_error}" for t in status.teams)
+
+
+#: What a guest-managed team's agent says it did, with a control sequence in its reason.
+BOUND = agent_pb.TeamEvent(
+    kind="primary-bound",
+    device="enp3s0",
+    reason="enp3s0 (0000:03:00.0) plugged, matches its rule\x1b[31m",
+    ok=True,
+    detail="enp3s0 bound and active, team MAC 52:54:00:aa:00:05",
+    unix_ms=1_796_000_000_123,
+)
+
+
+def guest_managed(world: World) -> None:
+    """vm1's team lan guest-managed with an event; a team db the guest manages and ptmig
+    has no record of (a Nova guest's, say), with no primary."""
+    guest = world.guest("vm1")
+    guest.teams["lan"].managed_by_guest = True
+    guest.teams["lan"].last_event = BOUND
+    guest.teams["db"] = GuestTeam(
+        "db", "bond7", "none", "52:54:00:dd:00:01", None, 1, managed_by_guest=True
+    )
+
+
+def test_status_shows_what_a_guest_managed_team_did_on_its_own(
+    world: World, coordinator: Coordinator
+) -> None:
+    guest_managed(world)
+    status = coordinator.status(A, "vm1")
+    lan, wan, db = status.teams
+    assert lan.managed_by_guest and lan.mode is TeamMode.PRIMARY and lan.case == "plugged"
+    assert lan.last_event == GuestEvent(
+        kind="primary-bound",
+        device="enp3s0",
+        reason="enp3s0 (0000:03:00.0) plugged, matches its rule?[31m",  # made printable
+        ok=True,
+        detail="enp3s0 bound and active, team MAC 52:54:00:aa:00:05",
+        unix_ms=1_796_000_000_123,
+    )
+    assert not wan.managed_by_guest and wan.last_event is None
+    assert (db.name, db.mode, db.case, db.pool, db.mac_policy) == (
+        "db",
+        TeamMode.DEGRADED,
+        "guest-managed",
+        "",
+        "none",
+    )
+    assert db.managed_by_guest and db.last_event is None and db.primary is None
+    text = render.status_text(status).splitlines()
+    assert text[2] == (
+        "    managed by the guest's agent; last event primary-bound enp3s0 at "
+        "2026-11-30 00:53:20 UTC: enp3s0 (0000:03:00.0) plugged, matches its rule?[31m; "
+        "enp3s0 bound and active, team MAC 52:54:00:aa:00:05"
+    )
+    assert text[-2:] == [
+        "  team db: on degraded, active -, primary -, pool , MAC policy none",
+        "    managed by the guest's agent; nothing done on its own since the agent started",
+    ]
+    assert world.mutations() == []
+
+
+def test_status_refuses_an_event_about_a_link_no_kernel_would_name(
+    world: World, coordinator: Coordinator
+) -> None:
+    guest = world.guest("vm1")
+    guest.teams["lan"].managed_by_guest = True
+    guest.teams["lan"].last_event = agent_pb.TeamEvent(kind="primary-lost", device="../x")
+    status = coordinator.status(A, "vm1")
+    assert "event device '../x'" in status.agent_error
+    assert {t.mode for t in status.teams} == {TeamMode.UNKNOWN}
 
 
 def lab_pool(free: list[str], total: int = 4) -> PoolStatus:
@@ -683,6 +756,18 @@ def test_cli_unusable_team_metadata_is_2(ptmig: Ptmig, world: World) -> None:
     assert code == 2
     assert "unknown attribute 'mac-polcy'" in err
     assert world.mutations() == []
+
+
+def test_cli_status_json_has_the_guest_managed_fields(ptmig: Ptmig, world: World) -> None:
+    guest_managed(world)
+    code, out, _ = ptmig("status", "vm1", "--json")
+    assert code == 0
+    teams = {t["name"]: t for t in json.loads(out)["teams"]}
+    assert teams["lan"]["managed_by_guest"] is True
+    assert teams["lan"]["last_event"]["kind"] == "primary-bound"
+    assert teams["lan"]["last_event"]["unix_ms"] == BOUND.unix_ms
+    assert teams["wan"]["managed_by_guest"] is False and teams["wan"]["last_event"] is None
+    assert teams["db"]["case"] == "guest-managed"
 
 
 def test_cli_failover_status_pools_recover(ptmig: Ptmig) -> None:

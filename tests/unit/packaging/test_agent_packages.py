@@ -275,7 +275,9 @@ def test_unit_settings() -> None:
     assert unit["ExecStart"] == ["/usr/sbin/ptmig-agent --config /etc/ptmig/agent.toml"]
     assert unit["Type"] == ["exec"]
     assert unit["Restart"] == ["on-failure"]
-    assert unit["ConditionPathExists"] == ["|/dev/virtio-ports/org.ptmig.agent.0", "|/dev/vsock"]
+    # no condition on the channels: a guest-managed team's guest has none (the agent
+    # itself exits 0 when it has nothing to serve)
+    assert not [key for key in unit if key.startswith("Condition")]
     assert unit["WantedBy"] == ["multi-user.target"]
     assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
     assert unit["AmbientCapabilities"] == ["CAP_NET_ADMIN"]  # not root: ambient
