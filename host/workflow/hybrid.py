@@ -195,10 +195,13 @@ def plan_ways(
     """Each team's way through a migration of *source* to *destination*'s host: reads the
     pools of the teams on PCI primaries on both hosts, and only when one allows a copy,
     QEMU's blockers and the destination's free devices."""
-    candidates = [
-        Candidate(d.team, d.device, _pci_pool(source.hv, d), _pci_pool(destination, d))
-        for d in classified
-    ]
+    candidates = []
+    for d in classified:
+        here = _pci_pool(source.hv, d)
+        # The destination's pool matters only when this host's allows a copy: every other
+        # migration reads no more pools than before the hybrid.
+        there = _pci_pool(destination, d) if _state_copy(here) else None
+        candidates.append(Candidate(d.team, d.device, here, there))
     considered = switch_all or any(_state_copy(c.source_pool) for c in candidates)
     blockers: list[str] = []
     free: dict[str, list[str]] = {}
