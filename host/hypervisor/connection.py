@@ -11,7 +11,7 @@ from host.domain.errors import DomainModelError
 from host.domain.networks import keep_network_uuid
 from host.domain.xmltree import parse_xml
 from host.hypervisor.domain import Domain
-from host.hypervisor.errors import HypervisorError, wrap
+from host.hypervisor.errors import DomainNotFound, HypervisorError, wrap
 from host.hypervisor.events import ensure_event_loop
 
 
@@ -71,10 +71,12 @@ class Hypervisor:
             raise wrap(f"{self.uri}: domain {ident!r}", exc) from exc
 
     def has_domain(self, ident: str) -> bool:
+        """Whether this host defines the domain; a host that cannot answer raises
+        (HostUnreachable...): "no" would send a caller after a VM that may well be there."""
         try:
             self.domain(ident)
             return True
-        except HypervisorError:
+        except DomainNotFound:
             return False
 
     def all_domain_xml(self) -> list[str]:

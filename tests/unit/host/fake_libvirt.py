@@ -30,7 +30,13 @@ from fake_specs import LIBVIRT_NO_DOMAIN, ROOT_PORTS
 
 from host.domain.lease import LEASE_NS
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX
-from host.hypervisor import DeviceRemovalError, HypervisorError, libvirt_error, migration_call
+from host.hypervisor import (
+    DeviceRemovalError,
+    DomainNotFound,
+    HypervisorError,
+    libvirt_error,
+    migration_call,
+)
 from host.migration_job import MigrationProgress
 from host.migration_options import CopyStorage, MigrationOptions, MigrationStats
 
@@ -132,10 +138,12 @@ class FakeHypervisor:
             )
 
     def has_domain(self, ident: str) -> bool:
+        """Whether this host defines the domain; a host that cannot answer raises
+        (HostUnreachable...): "no" would send a caller after a VM that may well be there."""
         try:
             self.domain(ident)
             return True
-        except HypervisorError:
+        except DomainNotFound:
             return False
 
     def all_domain_xml(self) -> list[str]:

@@ -116,6 +116,15 @@ def test_an_unknown_domain_is_a_hypervisor_error(hv: Hypervisor) -> None:
     assert not hv.has_domain(str(uuid.uuid4()))
 
 
+def test_a_host_that_cannot_answer_is_not_a_host_without_the_domain(name: str) -> None:
+    """has_domain raises when the host cannot be asked: "no" would send recovery and the
+    lease's release after a VM that may well run there."""
+    gone = Hypervisor("test:///default")
+    gone.close()
+    with pytest.raises(HostUnreachable):
+        gone.has_domain(name)
+
+
 def test_metadata_is_written_live_and_persistent_and_removed(hv: Hypervisor, name: str) -> None:
     dom = define(hv, name)
     dom.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(TEAMS))
