@@ -28,12 +28,14 @@ from host.commandline.live import (
 )
 
 if TYPE_CHECKING:
+    from host.domain.pools import Pool
     from host.migration_options import MigrationOptions
     from host.workflow.coordinator import Coordinator
     from host.workflow.model import (
         EvacuationEvent,
         EvacuationReport,
         Event,
+        MigrationRequest,
     )
 
 
@@ -53,6 +55,24 @@ def migration_options(args: argparse.Namespace) -> MigrationOptions:
         postcopy_after_s=args.postcopy_after,
         parallel_connections=args.parallel_connections,
         libvirt_defaults=args.libvirt_defaults,
+    )
+
+
+def migration_request(args: argparse.Namespace) -> MigrationRequest:
+    """``ptmig migrate``'s request, as ptmigd's ``encode.migration_request`` builds it from
+    a MigrateRequest (the two faces agree: tests/unit/host/test_hybrid.py)."""
+    from host.workflow.model import MigrationRequest
+
+    return MigrationRequest(
+        args.domain,
+        args.connect,
+        args.destination,
+        unsafe=args.unsafe,
+        max_downtime_ms=args.max_downtime,
+        peer_uri=args.peer_uri,
+        options=migration_options(args),
+        switch_all=args.switch_all,
+        switch_teams=tuple(dict.fromkeys(args.switch)),
     )
 
 
@@ -97,10 +117,12 @@ def status(args: argparse.Namespace, coordinator: Coordinator) -> int:
     return EXIT_OK
 
 
-def pool_define(args: argparse.Namespace, coordinator: Coordinator) -> int:
+def pool_definition(args: argparse.Namespace) -> Pool:
+    """``ptmig pool-define``'s pool, as ptmigd's ``encode.pool_definition`` builds it from a
+    DefinePoolRequest."""
     from host.domain.pools import make_pool
 
-    pool = make_pool(
+    return make_pool(
         args.name,
         args.kind,
         bridge=args.bridge,
@@ -110,7 +132,13 @@ def pool_define(args: argparse.Namespace, coordinator: Coordinator) -> int:
         pf=args.pf,
         vf_addresses=args.vf,
         state_copy=args.state_copy,
+        mdev_type=args.mdev_type,
+        mdev_uuids=args.uuid,
     )
+
+
+def pool_define(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    pool = pool_definition(args)
     result = coordinator.pool_define(args.connect, pool)
     show(args, result, lambda: render.pools_text([result]))
     return EXIT_OK
@@ -160,18 +188,9 @@ def cancel(args: argparse.Namespace, coordinator: Coordinator) -> int:
 
 
 def migrate(args: argparse.Namespace, coordinator: Coordinator) -> int:
-    from host.workflow.model import MigrationRequest, Outcome
+    from host.workflow.model import Outcome
 
-    request = MigrationRequest(
-        args.domain,
-        args.connect,
-        args.destination,
-        unsafe=args.unsafe,
-        max_downtime_ms=args.max_downtime,
-        peer_uri=args.peer_uri,
-        options=migration_options(args),
-        switch_all=args.switch_all,
-    )
+    request = migration_request(args)
     interrupt = MigrationInterrupt(request)
     if not args.json and sys.stderr.isatty() and can_draw_progress():
         report = interrupt.run(lambda: migrate_with_progress_bars(coordinator, request, interrupt))

@@ -116,7 +116,8 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         required=True,
         type=lambda kind: KIND_ALIASES.get(kind, kind),
         choices=[str(k) for k in PoolKind],
-        help="vf-network (SR-IOV VFs; 'vf' is accepted too), pci (whole NICs) or emulated",
+        help="vf-network (SR-IOV VFs; 'vf' is accepted too), pci (whole NICs), emulated, "
+        "or mdev (mediated devices, carried by a state copy)",
     )
     pd.add_argument("--bridge", default="", help="emulated: the bridge the NICs join")
     pd.add_argument("--model", default="", help="emulated: NIC model (default e1000e)")
@@ -144,10 +145,25 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         help="vf-network: a VF address (repeat; instead of --pf)",
     )
     pd.add_argument(
+        "--mdev-type",
+        default="",
+        metavar="TYPE",
+        help="mdev: the mediated devices' type, as sysfs names it (mtty-2); the same on "
+        "every host's pool of this name",
+    )
+    pd.add_argument(
+        "--uuid",
+        action="append",
+        default=[],
+        metavar="UUID",
+        help="mdev: a mediated device made on this host (repeat)",
+    )
+    pd.add_argument(
         "--state-copy",
         action="store_true",
-        help="pci: these NICs' drivers implement VFIO migration; a team on one stays plugged "
-        "while QEMU copies its state, when the destination's pool says so too",
+        help="pci, mdev: these devices' drivers implement VFIO migration; a team's NIC (or a "
+        "domain's mdev) stays plugged while QEMU copies its state, when the destination's "
+        "pool says so too",
     )
 
     pu = command("pool-undefine", pool_undefine, "remove a device pool from this host", json=False)
@@ -169,6 +185,15 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
         action="store_true",
         help="switch and unplug every team's primary, even one whose state QEMU could copy "
         "(a pci pool marked --state-copy on both hosts)",
+    )
+    mg.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        metavar="TEAM",
+        type=_team_name,
+        help="switch and unplug this team's primary even if its state could be copied "
+        "(repeat; beside --switch-all, which does it for every team)",
     )
 
     ev = command(
@@ -346,5 +371,15 @@ def _tap_slot(spec: str) -> Any:
         raise argparse.ArgumentTypeError(f"{spec!r}: want TAP=MAC")
     try:
         return TapSlot(tap, mac)
+    except DomainModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _team_name(name: str) -> str:
+    from host.domain.errors import DomainModelError
+    from host.domain.names import check_name
+
+    try:
+        return check_name(name, "--switch")
     except DomainModelError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

@@ -49,6 +49,8 @@ def status_text(status: DomainStatus) -> str:
             lines.append(f"    way: {team.way}")
         if team.managed_by_guest:
             lines.append(f"    managed by the guest's agent; {guest_event_text(team.last_event)}")
+    for uuid, way in status.devices.items():  # mediated devices (host/workflow/hybrid.py)
+        lines.append(f"  mdev {uuid}: {way}")
     if status.agent_error:
         lines.append(f"  agent: {status.agent_error}")
     return "\n".join(lines)
@@ -125,4 +127,6 @@ def report_text(report: MigrationReport) -> str:
         lines.append(f"  team {team}: on {on}" + ("" if case == "plugged" else f" (was {case})"))
         if team in report.ways:  # the hybrid path was in play (host/workflow/hybrid.py)
             lines.append(f"    {report.ways[team]}")
+    for uuid, way in report.devices.items():  # mediated devices, carried by a state copy
+        lines.append(f"  mdev {uuid}: {way}")
     return "\n".join(lines)

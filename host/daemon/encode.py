@@ -15,6 +15,7 @@ from typing import Any
 from ptmig.v1 import coordinator_pb2 as pb
 
 from host.domain.kinds import MacPolicy
+from host.domain.names import check_name
 from host.domain.pools import Pool, TapSlot, make_pool
 from host.domain.teams import PrimaryDevice, Team
 from host.migration_options import (
@@ -79,6 +80,9 @@ def migration_request(message: Any) -> MigrationRequest:
         peer_uri=message.peer_uri or None,
         options=migration_options(message.options),
         switch_all=message.switch_all,
+        switch_teams=tuple(
+            dict.fromkeys(check_name(t, "switch_teams") for t in message.switch_teams)
+        ),
     )
 
 
@@ -186,6 +190,8 @@ def pool_definition(message: Any) -> Pool:
         pf=message.pf,
         vf_addresses=message.vf_addresses,
         state_copy=message.state_copy,
+        mdev_type=message.mdev_type,
+        mdev_uuids=message.mdev_uuids,
     )
 
 
@@ -227,6 +233,7 @@ def report_message(report: MigrationReport) -> Any:
         migration_json=details_json(report.migration) if report.migration else "{}",
         drift=dict(report.drift),
         ways=dict(report.ways),
+        devices=dict(report.devices),
         cancelled=report.cancelled,
     )
 
@@ -250,6 +257,7 @@ def report_from_message(message: Any) -> MigrationReport:
         drift=dict(message.drift),
         cancelled=message.cancelled,
         ways=dict(message.ways),
+        devices=dict(message.devices),
     )
 
 
@@ -397,6 +405,7 @@ def status_message(status: DomainStatus) -> Any:
         details_json=details_json(status),
         uuid=status.uuid,
         agent_error=status.agent_error,
+        devices=dict(status.devices),
     )
 
 

@@ -13,6 +13,7 @@ from host.domain.errors import DomainModelError, shown
 
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _PCI = re.compile(r"(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NUMBER = re.compile(r"0x[0-9a-f]{1,8}|[0-9]{1,10}")
 
 # Upper bounds of a PCI address's fields: the slot is 5 bits, the function 3.
@@ -50,6 +51,16 @@ def normalize_pci(text: object, where: str) -> str:
     if int(slot, 16) > _PCI_LIMITS["slot"]:
         raise DomainModelError(f"{where}: PCI slot {slot} is out of range (max 1f)")
     return f"{domain or '0000'}:{bus}:{slot}.{function}"
+
+
+def normalize_uuid(text: object, where: str) -> str:
+    """Return `text` as a lower-case UUID (8-4-4-4-12 hex digits): a mediated device's name
+    in sysfs (``/sys/bus/mdev/devices/<uuid>``) and in libvirt's ``<address uuid=>``."""
+    if not isinstance(text, str) or len(text) > 36 or not _UUID.fullmatch(text.lower()):
+        raise DomainModelError(
+            f"{where}: malformed UUID {shown(text)} (want 8-4-4-4-12 hex digits)"
+        )
+    return text.lower()
 
 
 def pci_from_element(address: ET.Element, where: str) -> str:

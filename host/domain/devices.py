@@ -4,7 +4,10 @@
   slot's tap and per-host MAC;
 - non-SR-IOV PCI NIC: ``<hostdev mode='subsystem' type='pci' managed='yes'>``;
 - SR-IOV VF: ``<interface type='network'>`` on the pool's hostdev network: libvirt
-  picks the VF and programs the MAC we give.
+  picks the VF and programs the MAC we give;
+- mediated device: ``<hostdev mode='subsystem' type='mdev' model='vfio-pci'>`` by UUID,
+  never a team's primary (an mdev pool's devices travel by state copy), built for the
+  lab and the tests that give a domain one.
 
 Every device gets a user alias ``ua-ptmig-<team>-<n>`` (libvirt keeps only aliases
 starting with ``ua-``), so that detach, events and the team record all name it.
@@ -19,8 +22,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from host.domain.addresses import normalize_mac, normalize_pci
-from host.domain.domain_xml import Hostdev, Interface
+from host.domain.addresses import normalize_mac, normalize_pci, normalize_uuid
+from host.domain.domain_xml import Hostdev, Interface, MdevHostdev
 from host.domain.errors import DomainModelError
 from host.domain.kinds import PoolKind
 from host.domain.names import (
@@ -31,7 +34,7 @@ from host.domain.names import (
     check_network_name,
     check_user_alias,
 )
-from host.domain.pools import EmulatedSlot, PciSlot, Slot
+from host.domain.pools import EmulatedSlot, MdevSlot, PciSlot, Slot
 from host.domain.teams import PrimaryDevice
 from host.domain.xmlmodel import build
 from host.domain.xmltree import to_text
@@ -121,6 +124,15 @@ def vf_hostdev_interface_xml(*, alias: str, pci_address: str, mac: str) -> str:
     return to_text(build(interface))
 
 
+def mdev_hostdev_xml(*, alias: str, uuid: str) -> str:
+    """A mediated device (``/sys/bus/mdev/devices/<uuid>``) as a vfio-pci hostdev."""
+    hostdev = MdevHostdev(
+        uuid=normalize_uuid(uuid, "mdev uuid"),
+        alias=check_user_alias(alias, "device alias"),
+    )
+    return to_text(build(hostdev))
+
+
 def _rom(rom: bool) -> str | None:
     return None if rom else "no"
 
@@ -147,6 +159,11 @@ def attachment_for_slot(slot: Slot, *, alias: str, vf_mac: str | None = None) ->
     if isinstance(slot, PciSlot):
         xml = pci_hostdev_xml(alias=alias, pci_address=slot.address)
         return Attachment(xml, PrimaryDevice(PoolKind.PCI, alias, pci_address=slot.address))
+    if isinstance(slot, MdevSlot):
+        raise DomainModelError(
+            f"pool {slot.pool} holds mediated devices: they are carried by a state copy, "
+            "never plugged as a team's primary"
+        )
     if vf_mac is None:
         raise DomainModelError(f"pool {slot.pool}: a VF slot needs the MAC to program")
     xml = vf_interface_xml(alias=alias, network=slot.network, mac=vf_mac)

@@ -1,8 +1,9 @@
 """What the workflow reads from a domain's XML, and the persistent XML it sends on.
 
-`parse_domain` reads live or inactive domain XML into a `DomainInfo`: the NICs
-and PCI hostdevs (with the guest-side PCI address the agent sees and the host-side
-identity that pools track) and ptmig's team metadata.  The agent's channel is opened
+`parse_domain` reads live or inactive domain XML into a `DomainInfo`: the NICs, PCI
+hostdevs and mediated devices (with the guest-side PCI address the agent sees and the
+host-side identity that pools track: a PCI address, an mdev's UUID) and ptmig's team
+metadata.  The agent's channel is opened
 by its name (libvirt finds it), so its element is not read here.  Devices ptmig does not
 know are skipped, not refused: this module reads every domain on a host to find free
 pool slots.
@@ -16,7 +17,9 @@ element (host/domain/xmlmodel.py): the same declarations read a domain's devices
 and build the devices ptmig attaches (host/domain/devices.py).
 
 `strip_primary` removes a team's primary from (persistent) domain XML, keeping
-the namespace prefixes and comments of the rest of the document as they were.
+the namespace prefixes and comments of the rest of the document as they were;
+`retarget_hostdev` gives a hostdev whose state QEMU copies the destination's device (a
+PCI address, or an mdev's UUID) in the XML a migration sends.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from host.domain.addresses import normalize_mac
+from host.domain.addresses import normalize_mac, normalize_uuid
 from host.domain.errors import DomainModelError, shown
 from host.domain.kinds import PoolKind
 from host.domain.names import check_alias
@@ -99,12 +102,31 @@ class Hostdev:
 
 
 @dataclass(frozen=True)
+class MdevHostdev:
+    """A ``<hostdev mode='subsystem' type='mdev' model='vfio-pci'>``: a mediated device
+    (``/sys/bus/mdev/devices/<uuid>``, e.g. the kernel's ``mtty`` sample), known on its
+    host by its UUID alone; libvirt finds its parent and type from sysfs."""
+
+    XML_TAG: ClassVar[str] = "hostdev"
+    XML_LABEL: ClassVar[str] = "alias"
+    XML_FIXED: ClassVar[dict[str, str]] = {"@mode": "subsystem", "@type": "mdev"}
+    XML_IMPLIED: ClassVar[dict[str, str]] = {"@mode": "subsystem"}
+
+    uuid: str = at("source/address/@uuid", check=normalize_uuid)
+    #: vfio-pci, vfio-ccw or vfio-ap (libvirt's schema requires one)
+    model: str = at("@model", default="vfio-pci")
+    alias: str | None = at("alias/@name", default=None, check=check_alias)
+    guest_pci_address: str | None = at("address", default=None, codec=GUEST_PCI)
+
+
+@dataclass(frozen=True)
 class DomainInfo:
     name: str
     uuid: str
     interfaces: tuple[Interface, ...]
     hostdevs: tuple[Hostdev, ...]
     teams: TeamSet | None  # None: the domain has no ptmig metadata
+    mdevs: tuple[MdevHostdev, ...] = ()
 
     def device(self, alias: str) -> Interface | Hostdev | None:
         """The interface or hostdev called `alias`, if any."""
@@ -130,12 +152,18 @@ def parse_domain(domain_xml: str) -> DomainInfo:
     hostdevs = tuple(
         read(Hostdev, e, where) for e in children if e.tag == "hostdev" and matches(Hostdev, e)
     )
+    mdevs = tuple(
+        read(MdevHostdev, e, where)
+        for e in children
+        if e.tag == "hostdev" and matches(MdevHostdev, e)
+    )
     return DomainInfo(
         name=name,
         uuid=_text(root, "uuid") or "",
         interfaces=interfaces,
         hostdevs=hostdevs,
         teams=_teams(root, where),
+        mdevs=mdevs,
     )
 
 
@@ -182,24 +210,28 @@ def strip_primary(domain_xml: str, primary: PrimaryDevice) -> str:
 
 
 def retarget_hostdev(domain_xml: str, moves: Mapping[str, str], *, strict: bool = True) -> str:
-    """`domain_xml` with each PCI hostdev whose host address is a key of `moves` given the
-    value as its host address instead: the destination's device for a device whose state
-    QEMU copies (libvirt migrates onto whatever the destination XML names, as Nova does).
-    Everything else, the guest address and alias among it, stays as it was.  `strict`: an
-    address of `moves` the XML has no hostdev at is an error (a persistent definition may
-    lack a device plugged live only)."""
+    """`domain_xml` with each hostdev whose host identity is a key of `moves` given the
+    value instead: a PCI hostdev's host address, or a mediated device's UUID.  This is the
+    destination's device for a device whose state QEMU copies (libvirt migrates onto
+    whatever the destination XML names, as Nova's ``_update_mdev_xml`` and its PCI
+    counterpart do).  Everything else, the guest address and alias among it, stays as it
+    was.  `strict`: a key of `moves` the XML has no hostdev for is an error (a persistent
+    definition may lack a device plugged live only)."""
     root, prefixes = parse_xml_keeping_prefixes(domain_xml, "domain XML")
     if root.tag != "domain":
         raise DomainModelError("domain XML: root element is not domain")
     left = dict(moves)
     for element in root.iterfind("devices/hostdev"):
-        if not matches(Hostdev, element):
-            continue
-        device = read(Hostdev, element, "hostdev")
-        if device.host_pci_address in left:
-            write_field(Hostdev, element, "host_pci_address", left.pop(device.host_pci_address))
+        if matches(Hostdev, element):
+            address = read(Hostdev, element, "hostdev").host_pci_address
+            if address in left:
+                write_field(Hostdev, element, "host_pci_address", left.pop(address))
+        elif matches(MdevHostdev, element):
+            uuid = read(MdevHostdev, element, "hostdev").uuid
+            if uuid in left:
+                write_field(MdevHostdev, element, "uuid", left.pop(uuid))
     if left and strict:
-        raise DomainModelError(f"domain XML: no PCI hostdev at {', '.join(sorted(left))}")
+        raise DomainModelError(f"domain XML: no hostdev at {', '.join(sorted(left))}")
     return to_text_as_read(root, prefixes)
 
 

@@ -15,6 +15,9 @@ class PoolKind(enum.StrEnum):
     VF_NETWORK = "vf-network"  # SR-IOV VFs behind a libvirt hostdev network
     PCI = "pci"  # whole non-SR-IOV NICs
     EMULATED = "emulated"  # emulated NICs on a bridge (the lab)
+    #: mediated devices (``<hostdev type='mdev'>``) by UUID: carried by a state copy, never
+    #: a team's primary (host/workflow/hybrid.py says why)
+    MDEV = "mdev"
 
 
 class MacPolicy(enum.StrEnum):

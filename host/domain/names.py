@@ -18,6 +18,7 @@ _ALIAS = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # libvirt's aliasName, length capp
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1, no '/', ':' or spaces
 _NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _MODEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_MDEV_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a sysfs mdev_supported_types entry
 
 
 def check_name(value: object, where: str) -> str:
@@ -51,6 +52,11 @@ def check_network_name(value: object, where: str) -> str:
 def check_model(value: object, where: str) -> str:
     """A QEMU NIC model such as e1000e or virtio."""
     return _check(_MODEL, value, where, "a NIC model such as e1000e")
+
+
+def check_mdev_type(value: object, where: str) -> str:
+    """A mediated device type as sysfs names it (``mtty-2``, ``nvidia-35``)."""
+    return _check(_MDEV_TYPE, value, where, "an mdev type such as mtty-2")
 
 
 def _check(pattern: re.Pattern[str], value: object, where: str, want: str) -> str:

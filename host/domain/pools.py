@@ -13,8 +13,12 @@ two hosts names each host's own devices.
 - `PciPool`: the PCI addresses of non-SR-IOV NICs the host admin opted in.
 - `EmulatedPool` (the lab): a bridge, a NIC model and slots, each a tap name and
   a MAC that differs per host, like a card whose MAC is burned in.
+- `MdevPool`: mediated devices of one type (``mtty-2``) by UUID, made beforehand on the
+  host (``mdevctl``, or ``echo UUID > .../mdev_supported_types/TYPE/create``).  They are
+  no team's primary: a domain holding one has it carried by QEMU's state copy onto a
+  free one of the destination's pool of the same name (host/workflow/hybrid.py).
 
-The last two are inert network definitions (never started, no ``<forward>``)
+The last three are inert network definitions (never started, no ``<forward>``)
 that carry the pool in the network's ``<metadata>``, namespace POOL_NS::
 
     <network>
@@ -31,7 +35,9 @@ that carry the pool in the network's ``<metadata>``, namespace POOL_NS::
 host.  Two coordinators may read the same answer and pick the same slot; the
 claim itself is the attach, which libvirt makes atomic: a managed PCI hostdev
 already assigned to a domain is refused ("PCI device ... is in use by driver
-QEMU, domain ..."), a tap name that exists and is in use cannot be opened a second
+QEMU, domain ..."), so is an mdev another domain holds (for a state-copied one
+the claim is the migration: the destination's QEMU opens it or the migration
+fails), a tap name that exists and is in use cannot be opened a second
 time, and a hostdev network hands each VF to one interface only.  The loser of
 such a race sees an attach error, re-reads, and picks again; nothing here locks.
 """
@@ -44,11 +50,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from host.domain.addresses import normalize_mac, normalize_pci
-from host.domain.domain_xml import DomainInfo, Hostdev, Interface, parse_domain, yes, yes_no
+from host.domain.addresses import normalize_mac, normalize_pci, normalize_uuid
+from host.domain.domain_xml import (
+    DomainInfo,
+    Hostdev,
+    Interface,
+    MdevHostdev,
+    parse_domain,
+    yes,
+    yes_no,
+)
 from host.domain.errors import DomainModelError, shown
 from host.domain.kinds import PoolKind as PoolKind  # where most callers look for it
-from host.domain.names import check_ifname, check_model, check_name
+from host.domain.names import check_ifname, check_mdev_type, check_model, check_name
 from host.domain.xmlmodel import PCI, Codec, at, build, child, each, read, value_at
 from host.domain.xmltree import parse_xml, split_tag, to_text
 
@@ -184,7 +198,39 @@ class EmulatedPool(_PoolNetwork):
         return pool_network_name(self.name)
 
 
-Pool = VfNetworkPool | PciPool | EmulatedPool
+@dataclass(frozen=True)
+class MdevPool(_PoolNetwork):
+    """Mediated devices of one type, by UUID.  One type per pool: libvirt migrates an mdev
+    only onto one of the same type (its vendor driver checks the state stream, mtty the
+    number of ports), so a pool's name on two hosts must name the same type there too."""
+
+    kind: ClassVar[PoolKind] = PoolKind.MDEV
+    XML_FIXED: ClassVar[dict[str, str]] = {f"{_META}/@kind": PoolKind.MDEV.value}
+    XML_STRICT: ClassVar[tuple[str, ...]] = (_META, f"{_META}/mdev")
+
+    name: str = at("name", codec=_NAME)
+    mdev_type: str = at(f"{_META}/@type", check=check_mdev_type)
+    uuids: tuple[str, ...] = each(
+        f"{_META}/mdev/@uuid", check=normalize_uuid, limit=MAX_POOL_ENTRIES
+    )
+    #: As a pci pool's: the operator's word that this type's vendor driver implements
+    #: VFIO migration (mtty does since Linux 6.7).  Unset: a domain holding one of these
+    #: is not migrated (an mdev has no standby to switch to).
+    state_copy: bool | None = at(f"{_META}/@state-copy", default=None, check=yes, show=yes_no)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "pool name")
+        where = f"pool {self.name}"
+        check_mdev_type(self.mdev_type, f"{where}: mdev type")
+        uuids = tuple(normalize_uuid(u, f"{where}: mdev uuid") for u in self.uuids)
+        object.__setattr__(self, "uuids", _unique(uuids, f"{where}: mdev uuid"))
+
+    @property
+    def network(self) -> str:
+        return pool_network_name(self.name)
+
+
+Pool = VfNetworkPool | PciPool | EmulatedPool | MdevPool
 
 
 @dataclass(frozen=True)
@@ -210,7 +256,14 @@ class EmulatedSlot:
     mac: str
 
 
-Slot = VfSlot | PciSlot | EmulatedSlot
+@dataclass(frozen=True)
+class MdevSlot:
+    pool: str
+    uuid: str
+    mdev_type: str
+
+
+Slot = VfSlot | PciSlot | EmulatedSlot | MdevSlot
 
 
 def make_pool(
@@ -224,6 +277,8 @@ def make_pool(
     pf: str = "",
     vf_addresses: Iterable[str] = (),
     state_copy: bool = False,
+    mdev_type: str = "",
+    mdev_uuids: Iterable[str] = (),
 ) -> Pool:
     """A pool from what a face was given; fields of another kind must be empty."""
     try:
@@ -240,11 +295,14 @@ def make_pool(
         "pf": bool(pf),
         "vf addresses": bool(vf_addresses := tuple(vf_addresses)),
         "state copy": state_copy,
+        "mdev type": bool(mdev_type),
+        "mdev uuids": bool(mdev_uuids := tuple(mdev_uuids)),
     }
     belongs = {
         PoolKind.EMULATED: {"bridge", "model", "slots"},
         PoolKind.PCI: {"addresses", "state copy"},
         PoolKind.VF_NETWORK: {"pf", "vf addresses"},
+        PoolKind.MDEV: {"mdev type", "mdev uuids", "state copy"},
     }[pool_kind]
     stray = [field for field, present in given.items() if present and field not in belongs]
     if stray:
@@ -255,7 +313,19 @@ def make_pool(
         return EmulatedPool(name, bridge, model or "e1000e", slots)
     if pool_kind is PoolKind.PCI:
         return PciPool(name, addresses, state_copy=state_copy or None)
+    if pool_kind is PoolKind.MDEV:
+        if not mdev_type:
+            raise DomainModelError(f"pool {shown(name)}: an mdev pool needs its mdev type")
+        return MdevPool(name, mdev_type, mdev_uuids, state_copy=state_copy or None)
     return VfNetworkPool(name, pf_dev=pf or None, vf_addresses=vf_addresses)
+
+
+#: The kinds kept in an inert network's metadata.
+_INERT: dict[PoolKind, type[PciPool | EmulatedPool | MdevPool]] = {
+    PoolKind.PCI: PciPool,
+    PoolKind.EMULATED: EmulatedPool,
+    PoolKind.MDEV: MdevPool,
+}
 
 
 def parse_pool_network(xml: str) -> Pool:
@@ -282,10 +352,10 @@ def parse_pool_network(xml: str) -> Pool:
         if mode != "hostdev":
             raise DomainModelError(f"{where}: a VF pool needs <forward mode='hostdev'>")
         cls = VfNetworkPool
-    elif kind in (PoolKind.PCI, PoolKind.EMULATED) and found:
+    elif kind in _INERT and found:
         if root.find("forward") is not None:
             raise DomainModelError(f"{where}: a {kind} pool network must be inert (no <forward>)")
-        cls = PciPool if kind == PoolKind.PCI else EmulatedPool
+        cls = _INERT[PoolKind(kind)]
     else:
         raise DomainModelError(f"{where}: unknown pool kind {shown(kind)}")
     return read(cls, root, where)
@@ -310,9 +380,13 @@ def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
     device would fail to start (or take it) later.  Taken is: a PCI address in any
     hostdev's or hostdev interface's source; a tap in any interface's target dev or
     a slot MAC on any interface.  A VF network's free count is its VFs minus the
-    interfaces using it (by VF address when libvirt reports it, else by network).
+    interfaces using it (by VF address when libvirt reports it, else by network).  An
+    mdev is taken by any domain's mdev hostdev of its UUID.
     """
     domains = [parse_domain(xml) for xml in domains_xml]
+    if isinstance(pool, MdevPool):
+        held = {m.uuid for d in domains for m in d.mdevs}
+        return [MdevSlot(pool.name, u, pool.mdev_type) for u in pool.uuids if u not in held]
     if isinstance(pool, PciPool):
         used = _used_pci(domains)
         return [PciSlot(pool.name, a) for a in pool.addresses if a not in used]
@@ -327,9 +401,15 @@ def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
     return [VfSlot(pool.name, pool.network)] * vf_capacity(pool, domains)
 
 
-def is_pool_device(pool: Pool, device: Interface | Hostdev) -> bool:
+def is_pool_device(pool: Pool, device: Interface | Hostdev | MdevHostdev) -> bool:
     """Whether `device` (of a domain on the pool's host) is one of `pool`'s devices, by
     the same identity `free_slots` counts as taken."""
+    if isinstance(pool, MdevPool) or isinstance(device, MdevHostdev):
+        return (
+            isinstance(pool, MdevPool)
+            and isinstance(device, MdevHostdev)
+            and (device.uuid in pool.uuids)
+        )
     if isinstance(pool, PciPool):
         return device.host_pci_address in pool.addresses
     if isinstance(pool, EmulatedPool):

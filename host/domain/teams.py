@@ -76,7 +76,12 @@ class PrimaryDevice:
 
     def __post_init__(self) -> None:
         where = f"primary {shown(self.alias)}"
-        _set(self, "kind", _choice(PoolKind, self.kind, f"{where}: kind", listed=sorted(PoolKind)))
+        kinds = sorted(_PRIMARY_FIELDS)
+        _set(self, "kind", _choice(PoolKind, self.kind, f"{where}: kind", listed=kinds))
+        if self.kind not in _PRIMARY_FIELDS:  # an mdev: no NIC, no bond member
+            raise DomainModelError(
+                f"{where}: kind {self.kind} is no team's primary (want one of {', '.join(kinds)})"
+            )
         check_alias(self.alias, "primary alias")
         if self.mac is not None:
             _set(self, "mac", normalize_mac(self.mac, f"{where}: mac"))

@@ -8,7 +8,8 @@ way each team goes, and why; the workflow (host/workflow/migration.py) acts on i
 
 A team stays plugged (:attr:`Way.COPY`) only when all of these hold, else it switches:
 
-- the operator did not force the switch (``ptmig migrate --switch-all``);
+- the operator did not force the switch, for every team (``ptmig migrate --switch-all``)
+  or for this one (``--switch TEAM``, repeated; ``MigrateRequest.switch_teams``);
 - its primary is a PCI hostdev of a ``pci`` pool that says ``state-copy='yes'`` on
   both hosts: the operator's word, as Nova's ``live_migratable`` tag, since libvirt's XML
   says nothing about it and the device's own answer is not visible through libvirt;
@@ -23,6 +24,29 @@ host address.  "No blocker" alone is not trusted (vfio-user devices add none yet
 state), which is why the pool's word is needed too.  After the switched primaries are
 unplugged, QEMU is asked again (:func:`still_blocked`): any blocker left means the kept
 ones are switched and unplugged too, before the migration starts.
+
+**Mediated devices are passengers, not primaries.**  The lab's migratable device is the
+kernel's ``mtty`` sample, a mediated device (``<hostdev type='mdev'>`` by UUID): an
+emulated UART, not a NIC.  It cannot be a bond member (the agent binds NICs found by MAC
+or PCI address; a serial port has neither a MAC nor a link), and no upstream NIC driver
+offers mdevs (mlx5's mdev sub-functions and Intel's Scalable IOV never landed; SFs went to
+the auxiliary bus).  So an mdev is modelled as what it is to the guest, a device with no
+standby: a domain holding one has it *carried* (:class:`Passenger`) by QEMU's state copy
+onto a free mdev of the destination's pool of the same name (kind ``mdev``, one mdev type
+per pool, ``state-copy`` on both hosts), its UUID rewritten in the destination's and the
+persistent XML (:func:`~host.domain.domain_xml.retarget_hostdev`, as Nova's
+``_update_mdev_xml`` rewrites ``target_mdevs``).  A passenger that cannot be carried (in
+no pool here, the pools not saying ``state-copy`` on both hosts or differing in type, a
+blocker naming it or the whole VM, no free mdev there) refuses the migration in preflight,
+before anything changed: unplugging it would lose its state with nothing in its place, and
+Nova likewise aborts a migration whose mdev has no destination UUID.  (The other model, an
+mdev as a team's primary switched and replugged like a VF when it cannot be copied, was
+not built: it would need a NIC offered as an mdev to be anything but untested code, and
+``PrimaryDevice`` refuses kind ``mdev``.)  Forcing a switch
+concerns teams only: a passenger has nothing to switch to.  Once the VM moved there is
+nothing to record (no metadata names a passenger); on a rollback nothing was plugged on the
+destination, and the destination's mdev is free again as soon as its QEMU is gone (the
+claim is the migration itself, as for a state-copied PCI primary).
 """
 
 from __future__ import annotations
@@ -32,14 +56,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from host.domain.domain_xml import MdevHostdev
+from host.domain.errors import DomainModelError
 from host.domain.kinds import PoolKind
-from host.domain.pools import PciPool, PciSlot, Pool, free_slots
+from host.domain.pools import (
+    MdevPool,
+    MdevSlot,
+    PciPool,
+    PciSlot,
+    Pool,
+    free_slots,
+    parse_pool_network,
+    pool_network_name,
+)
 from host.domain.teams import PrimaryDevice, Team
 from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.drift import TeamClassification
-from host.workflow.errors import WorkflowError
+from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.guest import Guest
-from host.workflow.inventory import pool_on
+from host.workflow.inventory import pool_networks, pool_on
 
 
 class Way(StrEnum):
@@ -53,8 +88,9 @@ class Way(StrEnum):
 
 @dataclass(frozen=True)
 class TeamWay:
-    """Which way one team goes and why; `destination` is the device a kept primary's
-    state is copied onto (a PCI address of the destination's pool)."""
+    """Which way one team (or passenger device) goes and why; `destination` is the device a
+    kept primary's state is copied onto (a PCI address of the destination's pool; an mdev's
+    UUID for a passenger)."""
 
     way: Way
     reason: str
@@ -75,10 +111,42 @@ class Candidate:
     destination_pool: Pool | None
 
 
-def names_device(reason: str, device: PrimaryDevice) -> bool:
+@dataclass(frozen=True)
+class Passenger:
+    """A mediated device the domain holds (no team's), and the pool of its name on each
+    host: the mdev pool here that lists its UUID (None: none does), and the pool of that
+    name on the destination (None: none, or not read)."""
+
+    device: MdevHostdev
+    source_pool: MdevPool | None
+    destination_pool: Pool | None
+
+
+@dataclass(frozen=True)
+class Forced:
+    """The operator's override: switch every team, or these teams, whatever their pools
+    allow (the faces' ``--switch-all`` / ``--switch TEAM``)."""
+
+    every: bool = False
+    teams: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return self.every or bool(self.teams)
+
+    def reason(self, team: str) -> str | None:
+        """Why *team* switches by the operator's word, or None: it does not."""
+        if self.every:
+            return "forced by the operator, for every team"
+        return "forced by the operator, for this team" if team in self.teams else None
+
+
+def names_device(reason: str, device: PrimaryDevice | MdevHostdev) -> bool:
     """Whether QEMU's blocker `reason` names `device` (its alias is QEMU's id; vfio-pci
-    names a device by its host address)."""
-    names = [n for n in (device.alias, device.pci_address) if n]
+    names a device by its host address, an mdev by its UUID, the sysfs name it was given)."""
+    if isinstance(device, MdevHostdev):
+        names = [n for n in (device.alias, device.uuid) if n]
+    else:
+        names = [n for n in (device.alias, device.pci_address) if n]
     return any(name in reason for name in names)
 
 
@@ -87,18 +155,29 @@ def choose_ways(
     *,
     blockers: Sequence[str],
     destination_free: Mapping[str, Sequence[str]],
-    force_switch: bool = False,
+    forced: Forced = Forced(),
 ) -> dict[str, TeamWay]:
     """Each team's way.  `blockers`: QEMU's blocked-reasons now (every primary still
     plugged); `destination_free`: per pool, the PCI addresses free on the destination."""
-    switched = [c.device for c in candidates if c.device is not None and not _may_copy(c)]
-    # A blocker that names no primary about to be unplugged stays after the unplug.
-    lasting = [r for r in blockers if not any(names_device(r, d) for d in switched)]
+    lasting = lasting_blockers(candidates, blockers, forced)
     free = {pool: list(addresses) for pool, addresses in destination_free.items()}
     ways: dict[str, TeamWay] = {}
     for c in candidates:
-        ways[c.team.name] = _one(c, lasting, free, force_switch)
+        ways[c.team.name] = _one(c, lasting, free, forced)
     return ways
+
+
+def lasting_blockers(
+    candidates: Sequence[Candidate], blockers: Sequence[str], forced: Forced = Forced()
+) -> list[str]:
+    """QEMU's blockers that stay once the switched primaries are unplugged: those naming
+    none of them."""
+    switched = [
+        c.device
+        for c in candidates
+        if c.device is not None and (not _may_copy(c) or forced.reason(c.team.name))
+    ]
+    return [r for r in blockers if not any(names_device(r, d) for d in switched)]
 
 
 def _may_copy(c: Candidate) -> bool:
@@ -119,10 +198,11 @@ def _refusal(c: Candidate) -> str | None:
 
 
 def _one(
-    c: Candidate, lasting: Sequence[str], free: dict[str, list[str]], force_switch: bool
+    c: Candidate, lasting: Sequence[str], free: dict[str, list[str]], forced: Forced
 ) -> TeamWay:
-    if force_switch:
-        return TeamWay(Way.SWITCH, "the operator forced the switch")
+    override = forced.reason(c.team.name)
+    if override is not None:
+        return TeamWay(Way.SWITCH, override)
     refusal = _refusal(c)
     if refusal is not None:
         return TeamWay(Way.SWITCH, refusal)
@@ -142,6 +222,129 @@ def _one(
         f"its state goes to {destination}",
         destination,
     )
+
+
+def carry(
+    passengers: Sequence[Passenger],
+    *,
+    lasting: Sequence[str],
+    destination_free: Mapping[str, Sequence[str]],
+) -> dict[str, TeamWay]:
+    """Each passenger's way, by UUID: always a copy, onto a free mdev of the destination's
+    pool (`destination_free`: per pool, its free UUIDs there); `lasting`: QEMU's blockers
+    that stay once the switched primaries are unplugged.  Any passenger that cannot be
+    carried refuses the migration (PreflightError naming each), since it has no standby."""
+    free = {pool: list(uuids) for pool, uuids in destination_free.items()}
+    ways: dict[str, TeamWay] = {}
+    refused = []
+    for p in passengers:
+        why = _not_carried(p, lasting, free)
+        if why is not None:
+            refused.append(f"mdev {p.device.uuid}: {why}")
+            continue
+        assert p.source_pool is not None
+        pool = p.source_pool
+        destination = free[pool.name].pop(0)
+        ways[p.device.uuid] = TeamWay(
+            Way.COPY,
+            f"pool {pool.name} ({pool.mdev_type}) is marked state-copy on both hosts and QEMU "
+            f"names no blocker; its state goes to {destination}",
+            destination,
+        )
+    if refused:
+        raise PreflightError(
+            "; ".join(refused) + " (a mediated device has no standby: ptmig moves one only "
+            "by QEMU's state copy; detach it to migrate without it)"
+        )
+    return ways
+
+
+def _not_carried(p: Passenger, lasting: Sequence[str], free: Mapping[str, list[str]]) -> str | None:
+    pool = p.source_pool
+    if pool is None:
+        return (
+            "in no mdev pool on this host: define one on both hosts (ptmig pool-define "
+            "--kind mdev --state-copy) so that ptmig can choose its destination device"
+        )
+    if not pool.state_copy:
+        return f"pool {pool.name} here is not marked state-copy"
+    there = p.destination_pool
+    if not isinstance(there, MdevPool) or not there.state_copy:
+        return f"pool {pool.name} on the destination is not an mdev pool marked state-copy"
+    if there.mdev_type != pool.mdev_type:
+        return (
+            f"pool {pool.name} holds type {pool.mdev_type} here and {there.mdev_type} on the "
+            "destination"
+        )
+    own = [r for r in lasting if names_device(r, p.device)]
+    if own:
+        return f"QEMU blocks it: {'; '.join(own)}"
+    if lasting:
+        return f"QEMU blocks the VM: {'; '.join(lasting)}"
+    if not free.get(pool.name):
+        return f"no free mdev in pool {pool.name} on the destination"
+    return None
+
+
+def devices_here(source: Hypervisor, mdevs: Sequence[MdevHostdev]) -> dict[str, str]:
+    """What status says of each mediated device the domain holds, before any migration:
+    whether this host's side lets it be carried (the destination's pool, QEMU's blockers
+    and its free mdevs decide at migrate), by UUID; empty for a domain with none."""
+    if not mdevs:
+        return {}
+    here = _mdev_pools(source)
+    out = {}
+    for mdev in mdevs:
+        pool = next((p for p in here if mdev.uuid in p.uuids), None)
+        if pool is None:
+            out[mdev.uuid] = "refused at migrate: in no mdev pool on this host"
+        elif not pool.state_copy:
+            out[mdev.uuid] = f"refused at migrate: pool {pool.name} here is not marked state-copy"
+        else:
+            out[mdev.uuid] = (
+                f"{Way.COPY} if the destination agrees: pool {pool.name} ({pool.mdev_type}) is "
+                "marked state-copy here; the destination's pool, QEMU's blockers and its free "
+                "mdevs decide at migrate"
+            )
+    return out
+
+
+def passengers_blocked(
+    passengers: Mapping[str, TeamWay],
+    blockers: Sequence[str],
+    unplugging: Sequence[PrimaryDevice] = (),
+) -> str | None:
+    """After the unplug: why the carried passengers cannot go after all (a blocker left
+    that names none of the primaries being unplugged now, *unplugging*), or None.  The
+    workflow then rolls back."""
+    blockers = [r for r in blockers if not any(names_device(r, d) for d in unplugging)]
+    if not passengers or not blockers:
+        return None
+    return (
+        f"QEMU still blocks the VM once the primaries were unplugged ({'; '.join(blockers)}), "
+        f"and mdev {', '.join(passengers)} cannot be switched: rolling back"
+    )
+
+
+def moves(
+    ways: Mapping[str, TeamWay],
+    classification: Mapping[str, TeamClassification],
+    passengers: Mapping[str, TeamWay],
+) -> dict[str, str]:
+    """Each device whose state QEMU copies, by its host identity here -> the destination's
+    (kept primaries: PCI addresses; passengers: mdev UUIDs), for the migration's XML."""
+    out = {}
+    for name in kept(ways):
+        device = classification[name].device
+        destination = ways[name].destination
+        if device is None or device.pci_address is None or destination is None:
+            raise WorkflowError(f"team {name}: no device to copy the state of")
+        out[device.pci_address] = destination
+    for uuid, way in passengers.items():
+        if way.destination is None:  # pragma: no cover - carry() always names one
+            raise WorkflowError(f"mdev {uuid}: no destination device")
+        out[uuid] = way.destination
+    return out
 
 
 def way_here(c: Candidate) -> str:
@@ -177,12 +380,14 @@ def kept(ways: Mapping[str, TeamWay]) -> list[str]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Preflight's hybrid decision: each team's way, and whether the hybrid was in play
-    at all (a pool here allows a state copy, or the operator forced the switch); when it
-    was not, every team switches as ptmig always did and nothing new is reported."""
+    """Preflight's hybrid decision: each team's way, each passenger's (by UUID), and
+    whether the hybrid was in play at all (a pool here allows a state copy, the domain
+    holds an mdev, or the operator forced a switch); when it was not, every team switches
+    as ptmig always did and nothing new is reported."""
 
     ways: dict[str, TeamWay]
     considered: bool
+    passengers: dict[str, TeamWay] = dataclasses.field(default_factory=dict)
 
 
 def plan_ways(
@@ -190,11 +395,22 @@ def plan_ways(
     destination: Hypervisor,
     classified: Iterable[TeamClassification],
     *,
-    switch_all: bool,
+    mdevs: Sequence[MdevHostdev] | None = None,
+    forced: Forced = Forced(),
 ) -> Plan:
-    """Each team's way through a migration of *source* to *destination*'s host: reads the
-    pools of the teams on PCI primaries on both hosts, and only when one allows a copy,
-    QEMU's blockers and the destination's free devices."""
+    """Each team's and passenger's way through a migration of *source* to *destination*'s
+    host: reads the pools of the teams on PCI primaries on both hosts, and only when one
+    allows a copy or the domain holds an mdev (*mdevs*, of the live domain preflight
+    read; None: read it again), QEMU's blockers and the destination's free devices.  A
+    name in *forced* that is no team of the domain, or a passenger that cannot be
+    carried, is a PreflightError."""
+    classified = list(classified)
+    unknown = sorted(forced.teams - {d.team.name for d in classified})
+    if unknown:
+        raise PreflightError(
+            f"no team {', '.join(unknown)} in {source.name} to force the switch of "
+            f"(its teams: {', '.join(d.team.name for d in classified) or 'none'})"
+        )
     candidates = []
     for d in classified:
         here = _pci_pool(source.hv, d)
@@ -202,24 +418,71 @@ def plan_ways(
         # migration reads no more pools than before the hybrid.
         there = _pci_pool(destination, d) if _state_copy(here) else None
         candidates.append(Candidate(d.team, d.device, here, there))
-    considered = switch_all or any(_state_copy(c.source_pool) for c in candidates)
+    if mdevs is None:
+        mdevs = source.info().mdevs
+    passengers = _passengers(source.hv, destination, mdevs) if mdevs else []
+    considered = (
+        bool(forced) or bool(passengers) or any(_state_copy(c.source_pool) for c in candidates)
+    )
     blockers: list[str] = []
     free: dict[str, list[str]] = {}
-    if any(c.device is not None and _state_copy(c.source_pool) for c in candidates):
+    carried: dict[str, TeamWay] = {}
+    if passengers or any(c.device is not None and _state_copy(c.source_pool) for c in candidates):
         try:
             blockers = source.dom.migration_blockers()
         except HypervisorError as exc:
             blockers = [f"QEMU's blockers could not be read ({exc})"]
         domains = destination.all_domain_xml()
-        for c in candidates:
-            pool = c.destination_pool
-            if isinstance(pool, PciPool) and pool.state_copy and pool.name not in free:
+        pools = [c.destination_pool for c in candidates] + [p.destination_pool for p in passengers]
+        for pool in pools:
+            if isinstance(pool, (PciPool, MdevPool)) and pool.state_copy and pool.name not in free:
                 slots = free_slots(pool, domains)
-                free[pool.name] = [s.address for s in slots if isinstance(s, PciSlot)]
-    ways = choose_ways(
-        candidates, blockers=blockers, destination_free=free, force_switch=switch_all
-    )
-    return Plan(ways, considered)
+                free[pool.name] = [
+                    s.address if isinstance(s, PciSlot) else s.uuid
+                    for s in slots
+                    if isinstance(s, (PciSlot, MdevSlot))
+                ]
+        carried = carry(
+            passengers,
+            lasting=lasting_blockers(candidates, blockers, forced),
+            destination_free=free,
+        )
+    ways = choose_ways(candidates, blockers=blockers, destination_free=free, forced=forced)
+    return Plan(ways, considered, carried)
+
+
+def _passengers(
+    source: Hypervisor, destination: Hypervisor, mdevs: Sequence[MdevHostdev]
+) -> list[Passenger]:
+    """The domain's mdevs with their pools on both hosts: the mdev pools here are all
+    read (a passenger names no pool; its UUID does), the destination's by name."""
+    pools = _mdev_pools(source)
+    theirs: dict[str, Pool | None] = {}
+    out = []
+    for mdev in mdevs:
+        here = next((p for p in pools if mdev.uuid in p.uuids), None)
+        if here is not None and here.name not in theirs:
+            there = destination.network_xml(pool_network_name(here.name))
+            try:
+                theirs[here.name] = parse_pool_network(there) if there is not None else None
+            except DomainModelError as exc:
+                raise PreflightError(f"{destination.uri}: pool {here.name}: {exc}") from exc
+        out.append(Passenger(mdev, here, theirs.get(here.name) if here else None))
+    return out
+
+
+def _mdev_pools(hv: Hypervisor) -> list[MdevPool]:
+    """Every mdev pool of *hv*'s host; one that cannot be read is a PreflightError (it may
+    be the one that lists the domain's mdev)."""
+    pools = []
+    for name, xml in pool_networks(hv):
+        try:
+            pool = parse_pool_network(xml)
+        except DomainModelError as exc:
+            raise PreflightError(f"{hv.uri}: pool network {name}: {exc}") from exc
+        if isinstance(pool, MdevPool):
+            pools.append(pool)
+    return pools
 
 
 def _pci_pool(hv: Hypervisor, found: TeamClassification) -> Pool | None:

@@ -12,6 +12,8 @@ from host.domain.errors import DomainModelError
 from host.domain.pools import (
     POOL_NETWORK_PREFIX,
     EmulatedPool,
+    MdevPool,
+    MdevSlot,
     PciPool,
     PciSlot,
     Pool,
@@ -61,6 +63,8 @@ def pool_status(pool: Pool, domains_xml: list[str]) -> PoolStatus:
         total = len(pool.addresses)
     elif isinstance(pool, EmulatedPool):
         total = len(pool.slots)
+    elif isinstance(pool, MdevPool):
+        total = len(pool.uuids)
     else:
         total = len(pool.vf_addresses)
     try:
@@ -94,9 +98,12 @@ def free_by_pool(hv: Hypervisor) -> dict[str, int]:
 
 
 def _device_of(slot: Slot) -> str:
-    """A free slot's device: a PCI address or a tap; "" for a VF (libvirt picks which)."""
+    """A free slot's device: a PCI address, a tap or an mdev's UUID; "" for a VF (libvirt
+    picks which)."""
     if isinstance(slot, VfSlot):
         return ""
+    if isinstance(slot, MdevSlot):
+        return slot.uuid
     return slot.address if isinstance(slot, PciSlot) else slot.tap
 
 

@@ -50,7 +50,15 @@ from host.migration_options import MigrationStats
 from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.guest import BIND_TIMEOUT, SWITCH_TIMEOUT, UNPLUG_TIMEOUT, Guest
-from host.workflow.hybrid import TeamWay, Way, kept, plan_ways, still_blocked
+from host.workflow.hybrid import (
+    Forced,
+    TeamWay,
+    Way,
+    kept,
+    moves,
+    passengers_blocked,
+    still_blocked,
+)
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import (
     Event,
@@ -122,6 +130,8 @@ class MigrationWorkflow:
         #: reported only when the hybrid was in play (a pool here allows a state copy, or
         #: the operator forced the switch).
         self.ways: dict[str, TeamWay] = {}
+        #: The domain's mediated devices carried by a state copy, by UUID (hybrid.py).
+        self.passengers: dict[str, TeamWay] = {}
         self.hybrid_considered = False
         self.migration: MigrationStats | None = None
 
@@ -137,27 +147,29 @@ class MigrationWorkflow:
 
     def preflight(self) -> dict[str, Any]:
         found = preflight(
-            self.source, self.destination_hv, lambda m: self.runner.emit("preflight", "info", m)
+            self.source,
+            self.destination_hv,
+            lambda m: self.runner.emit("preflight", "info", m),
+            Forced(self.request.switch_all, frozenset(self.request.switch_teams)),
         )
         self.recorded_before = list(found.recorded_before)
         self.teams = list(found.teams)
         self.classification = found.classification
         self.plugged_before = set(found.plugged_before)
         self.on_primary_before = set(found.on_primary_before)
-        plan = plan_ways(
-            self.source,
-            self.destination_hv,
-            found.classification.values(),
-            switch_all=self.request.switch_all,
-        )
+        plan = found.plan
         self.ways, self.hybrid_considered = plan.ways, plan.considered
+        self.passengers = plan.passengers
         data = found.journal()
         if self.hybrid_considered:
             for name, way in self.ways.items():
                 self.runner.emit("preflight", "info", f"team {name}: {way.line()}")
-            data["ways"] = self._ways()
-        if kept(self.ways):
-            data["detail"] += f"; state copied for {', '.join(kept(self.ways))}"
+            for uuid, way in self.passengers.items():
+                self.runner.emit("preflight", "info", f"mdev {uuid}: {way.line()}")
+            data["ways"], data["devices"] = self._ways(), self._devices()
+        copied = [*kept(self.ways), *(f"mdev {u}" for u in self.passengers)]
+        if copied:
+            data["detail"] += f"; state copied for {', '.join(copied)}"
         return data
 
     def switch_to_standby(self) -> dict[str, Any]:
@@ -232,6 +244,10 @@ class MigrationWorkflow:
         blockers = self.source.dom.migration_blockers()
         self.ways = still_blocked(self.ways, blockers)
         fallen = [t for t in self.teams if t.name in before and t.name not in kept(self.ways)]
+        unplugging = [d for t in fallen if (d := self.classification[t.name].device)]
+        stuck = passengers_blocked(self.passengers, blockers, unplugging)
+        if stuck:
+            raise WorkflowError(stuck)
         if fallen:
             self.runner.emit(
                 "state-check", "info", f"{', '.join(t.name for t in fallen)}: switching after all"
@@ -239,7 +255,8 @@ class MigrationWorkflow:
             self._switch(fallen)
             self._unplug(fallen)
         kept_now = kept(self.ways)
-        detail = f"state copied for {', '.join(kept_now)}" if kept_now else "every team switched"
+        copied = [*kept_now, *(f"mdev {u}" for u in self.passengers)]
+        detail = f"state copied for {', '.join(copied)}" if copied else "every team switched"
         return {"blockers": blockers, "kept": kept_now, "detail": detail}
 
     def replug_on_source(self) -> None:
@@ -277,10 +294,10 @@ class MigrationWorkflow:
             if team.primary is not None and team.name not in keep:
                 persistent = strip_primary(persistent, team.primary)
         destination_xml = None
-        moves = self._moves()
-        if moves:
-            persistent = retarget_hostdev(persistent, moves, strict=False)
-            destination_xml = retarget_hostdev(src.dom.migratable_xml(), moves)
+        copied = moves(self.ways, self.classification, self.passengers)
+        if copied:
+            persistent = retarget_hostdev(persistent, copied, strict=False)
+            destination_xml = retarget_hostdev(src.dom.migratable_xml(), copied)
 
         def progress(p: MigrationProgress) -> None:
             self.runner.emit(
@@ -313,17 +330,6 @@ class MigrationWorkflow:
         self.destination = self._destination_guest()
         self.migration = dataclasses.replace(stats, wall_s=round(stats.wall_s, 3))
         return {**plain(self.migration), "detail": self.migration.detail}
-
-    def _moves(self) -> dict[str, str]:
-        """Source PCI address -> the destination's, for each kept primary."""
-        moves = {}
-        for name in kept(self.ways):
-            device = self.classification[name].device
-            destination = self.ways[name].destination
-            if device is None or device.pci_address is None or destination is None:
-                raise WorkflowError(f"team {name}: no device to copy the state of")
-            moves[device.pci_address] = destination
-        return moves
 
     def _destination_guest(self) -> Guest:
         """The domain as it arrived on the destination; the lease moved with it."""
@@ -450,14 +456,14 @@ class MigrationWorkflow:
             report.outcome = Outcome.ROLLED_BACK
             report.error = f"preflight: {exc}"
             report.phases = r.timings
-            report.drift, report.ways = self._cases(), self._ways()
+            self._explain(report)
             raise PreflightError(str(exc)) from exc
         try:
             self._guard("switch")
             r.run(self._step("switch", self.switch_to_standby, self.switch_back))
             self._guard("unplug")
             r.run(self._step("unplug", self.unplug, self.replug_on_source))
-            if kept(self.ways):
+            if kept(self.ways) or self.passengers:
                 self._guard("state-check")
                 r.run(self._step("state-check", self.check_blockers))
             self._guard("migrate", JOB_LEASE_TTL)
@@ -488,7 +494,7 @@ class MigrationWorkflow:
                 if errors or differences:
                     report.error += "; rollback: " + "; ".join(errors + differences)
                 report.phases = r.timings
-                report.drift, report.ways = self._cases(), self._ways()
+                self._explain(report)
                 return report
         r.forget_compensations()
         if self._cancel_asked():
@@ -509,7 +515,7 @@ class MigrationWorkflow:
         log.debug("post-migration took %.2f s", time.monotonic() - t0)
         report.migration = self.migration
         report.phases = r.timings
-        report.drift, report.ways = self._cases(), self._ways()
+        self._explain(report)
         if report.teams and all(v is TeamMode.PRIMARY for v in report.teams.values()):
             report.outcome = Outcome.DONE
         else:
@@ -540,7 +546,7 @@ class MigrationWorkflow:
         report.outcome = Outcome.FAILED
         report.error = f"{exc}; {advice}"
         report.phases = self.runner.timings
-        report.drift, report.ways = self._cases(), self._ways()
+        self._explain(report)
         return report
 
     def _cases(self) -> dict[str, str]:
@@ -550,6 +556,14 @@ class MigrationWorkflow:
         if not self.hybrid_considered:
             return {}
         return {name: way.line() for name, way in self.ways.items()}
+
+    def _explain(self, report: MigrationReport) -> None:
+        """The report's word on each team's case and way, and each passenger's way."""
+        report.drift, report.ways = self._cases(), self._ways()
+        report.devices = self._devices()
+
+    def _devices(self) -> dict[str, str]:
+        return {uuid: way.line() for uuid, way in self.passengers.items()}
 
     def _differences_from_before(self, teams: dict[str, TeamMode]) -> list[str]:
         """How the source's domain differs from before the workflow, in its teams."""

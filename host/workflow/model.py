@@ -47,6 +47,8 @@ class MigrationRequest:
     #: Switch every team to its standby and unplug it, even one whose primary's state QEMU
     #: could copy (host/workflow/hybrid.py): the operator's override for this migration.
     switch_all: bool = False
+    #: The same override for these teams only (each must be a team of the domain).
+    switch_teams: tuple[str, ...] = ()
 
 
 #: At most this many migrations an evacuation runs at once.  libvirtd serves a
@@ -207,6 +209,9 @@ class MigrationReport:
     #: Which way each team went and why: ``copy-state: ...`` (its primary stayed plugged,
     #: QEMU copied its state) or ``switch: ...`` (host/workflow/hybrid.py).
     ways: dict[str, str] = field(default_factory=dict)
+    #: Each mediated device the domain holds, by UUID: how it went (``copy-state: ...``,
+    #: carried by QEMU's state copy onto the destination's mdev; host/workflow/hybrid.py).
+    devices: dict[str, str] = field(default_factory=dict)
 
 
 # -- what the Coordinator answers (one type per answer; the faces encode these only) --------
@@ -271,6 +276,9 @@ class DomainStatus:
     teams: tuple[TeamStatus, ...]
     open_workflow_id: str = ""  # the domain's open workflow in the journal, "" if none
     agent_error: str = ""  # why the agent could not be asked, "" if it answered
+    #: Each mediated device the domain holds, by UUID: whether a migration could carry it
+    #: (host/workflow/hybrid.py, ``devices_here``).
+    devices: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

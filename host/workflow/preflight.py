@@ -4,8 +4,11 @@ team record (made to say what the live domain has, once every check has passed).
 Each team is classified by the live domain and the agent (host/workflow/drift.py); the
 source must run the VM and the destination must not; every team's bond needs its
 standby with carrier, and the destination a pool whose device may join the bond (its
-MAC policy, host/workflow/macpolicy.py).  Too few free devices on the destination is
-not a refusal: the teams left without one stay on their standby.
+MAC policy, host/workflow/macpolicy.py), and no team may name a pool of mediated
+devices.  Too few free devices on the destination is not a refusal: the teams left
+without one stay on their standby.  The hybrid's plan (host/workflow/hybrid.py) is made
+last, still before the record is corrected: a mediated device it cannot carry, or a
+forced switch naming no team, refuses with nothing changed.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from host.domain.pools import Pool
+from host.domain.pools import MdevPool, Pool
 from host.domain.teams import Team
 from host.hypervisor import Hypervisor
 from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError
 from host.workflow.guest import Guest
+from host.workflow.hybrid import Forced, Plan, plan_ways
 from host.workflow.inventory import free_devices, pool_on
 from host.workflow.macpolicy import mac_policy_refusal
 
@@ -37,6 +41,8 @@ class Preflight:
     plugged_before: frozenset[str]  # teams with a device plugged
     on_primary_before: frozenset[str]  # teams the guest had on a primary
     free_on_destination: dict[str, int]  # per pool
+    #: Each team's and mediated device's way (host/workflow/hybrid.py).
+    plan: Plan
 
     def journal(self) -> dict[str, Any]:
         """The step's journal data; ``detail`` is its event's line."""
@@ -58,9 +64,16 @@ def active_on(hv: Hypervisor, uuid: str) -> bool:
     return hv.has_domain(uuid) and hv.domain(uuid).is_active()
 
 
-def preflight(source: Guest, destination: Hypervisor, emit: Callable[[str], None]) -> Preflight:
+def preflight(
+    source: Guest,
+    destination: Hypervisor,
+    emit: Callable[[str], None],
+    forced: Forced,
+) -> Preflight:
     """Check that *source* can migrate to *destination*'s host, or raise PreflightError;
-    *emit* tells what is not a refusal (drift found, too few free devices)."""
+    *emit* tells what is not a refusal (drift found, too few free devices).  The hybrid's
+    plan (*forced*: the operator's switch) is made here too, before the record is
+    corrected: its refusals change nothing either."""
     if not source.dom.is_active():
         raise PreflightError(f"{source.name} is not running on {source.hv.uri}")
     if source.hv.host_uuid() == destination.host_uuid():
@@ -105,6 +118,12 @@ def preflight(source: Guest, destination: Hypervisor, emit: Callable[[str], None
             free[team.pool] = free_devices(destination, pool)
         if destination_pools[team.pool] is None:
             raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
+        if isinstance(destination_pools[team.pool], MdevPool):
+            raise PreflightError(
+                f"team {team.name}: pool {team.pool} holds mediated devices, which are no "
+                "team's primary (a domain's mdev is carried by a state copy): name a pool of "
+                "NICs (ptmig team-set --pool)"
+            )
         refusal = mac_policy_refusal(team, destination_pools[team.pool], ts)
         if refusal:
             raise PreflightError(refusal)
@@ -118,6 +137,7 @@ def preflight(source: Guest, destination: Hypervisor, emit: Callable[[str], None
             f"not enough free devices on the destination ({pools}): of "
             f"teams {teams}, those left without one stay on their standby"
         )
+    plan = plan_ways(source, destination, classified, mdevs=info.mdevs, forced=forced)
     # Every check passed: now the record may be made to say what the domain has.
     for found in classified:
         if found.drifted:
@@ -130,4 +150,5 @@ def preflight(source: Guest, destination: Hypervisor, emit: Callable[[str], None
         plugged_before=plugged,
         on_primary_before=frozenset(n for n in plugged if by_name[n].on_primary),
         free_on_destination=free,
+        plan=plan,
     )

@@ -11,7 +11,7 @@ from host.domain.teams import PrimaryDevice, Team
 from host.workflow.drift import TeamCase
 from host.workflow.errors import WorkflowError
 from host.workflow.guest import Guest
-from host.workflow.hybrid import Candidate, way_here
+from host.workflow.hybrid import Candidate, devices_here, way_here
 from host.workflow.inventory import pool_statuses
 from host.workflow.journal import WorkflowRecord
 from host.workflow.model import (
@@ -36,6 +36,14 @@ def _way_here(guest: Guest, team: Team, device: PrimaryDevice | None) -> str:
     except WorkflowError:
         return ""
     return way_here(Candidate(team, device, pool, None))
+
+
+def _devices_here(guest: Guest) -> dict[str, str]:
+    """The domain's mediated devices for status; pools that cannot be read say so."""
+    try:
+        return devices_here(guest.hv, guest.info().mdevs)
+    except WorkflowError as exc:
+        return {"?": f"the pools cannot be read: {exc}"}
 
 
 def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
@@ -102,6 +110,7 @@ def status(rt: Runtime, uri: str, domain: str) -> DomainStatus:
                 teams=tuple(out),
                 open_workflow_id=open_workflow.id if open_workflow else "",
                 agent_error=agent_error,
+                devices=_devices_here(guest),
             )
         finally:
             guest.close()

@@ -65,8 +65,8 @@ class FakeGuest:
     def links(self, live: ET.Element) -> dict[str, Link]:
         out = {}
         for device in devices_of(live):
-            if device.tag not in ("interface", "hostdev"):
-                continue
+            if device.tag not in ("interface", "hostdev") or device.get("type") == "mdev":
+                continue  # a mediated device (mtty) is a serial port: no link
             mac_el, address = device.find("mac"), device.find("address")
             if address is None or address.get("type") != "pci":
                 continue

@@ -19,6 +19,8 @@ from fake_libvirt_xml import (
     host_pci_of,
     host_pcis_in,
     insert_device,
+    mdev_of,
+    mdevs_in,
     pci_address_element,
     remove_device,
     set_metadata_element,
@@ -271,7 +273,13 @@ class FakeDomain:
             for other in self._host.domains.values():
                 if not other.active:
                     continue
-                tap, pci = tap_of(device), host_pci_of(device)
+                tap, pci, mdev = tap_of(device), host_pci_of(device), mdev_of(device)
+                if mdev is not None and mdev in mdevs_in(other.live):
+                    raise libvirt_error(
+                        f"{what}: Requested operation is not valid: mediated device "
+                        f"{mdev} is in use by driver QEMU, domain {other.name}",
+                        55,
+                    )
                 if tap is not None and tap in taps_in(other.live):
                     raise libvirt_error(
                         f"{what}: Unable to create tap device {tap}: Device or resource busy", 38
@@ -414,6 +422,13 @@ class FakeDomain:
                     raise libvirt_error(
                         f"{what}: PCI device {sorted(busy)[0]} is in use by driver QEMU", 1
                     )
+                held = mdevs_in(live) & {
+                    m for o in target.domains.values() if o.active for m in mdevs_in(o.live)
+                }
+                if held:
+                    raise libvirt_error(
+                        f"{what}: mediated device {sorted(held)[0]} is in use by driver QEMU", 1
+                    )
             live.set("id", str(target.next_domid))
             target.domains[record.uuid] = DomainRecord(
                 record.uuid,
@@ -510,10 +525,12 @@ class FakeDomain:
 
     def _blockers(self, record: DomainRecord) -> list[str]:
         """As QEMU's query-migrate: the world's own, and each hostdev whose device the
-        world does not call state-copyable (QEMU names it by its host address)."""
+        world does not call state-copyable (QEMU names it by its host address, an mdev by
+        its UUID)."""
         reasons = list(self.world.blockers.get(record.name, []))
-        for pci in sorted(host_pcis_in(record.live) - self.world.state_copyable):
-            reasons.append(f"{pci}: VFIO migration is not supported in kernel")
+        held = host_pcis_in(record.live) | mdevs_in(record.live)
+        for device in sorted(held - self.world.state_copyable):
+            reasons.append(f"{device}: VFIO migration is not supported in kernel")
         return reasons
 
     def qmp(self, command: str) -> Any:

@@ -169,12 +169,24 @@ def tap_of(device: ET.Element) -> str | None:
 
 def host_pci_of(device: ET.Element) -> str | None:
     address = device.find("source/address")
-    if device.tag != "hostdev" or address is None:
+    if device.tag != "hostdev" or address is None or device.get("type") == "mdev":
         return None
     # As ptmig writes a PCI address (host.domain.addresses.normalize_pci).
     return "{:04x}:{:02x}:{:02x}.{:x}".format(
         *(int(address.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function"))
     )
+
+
+def mdev_of(device: ET.Element) -> str | None:
+    """A mediated device's UUID (``<hostdev type='mdev'><source><address uuid=>``)."""
+    address = device.find("source/address")
+    if device.tag != "hostdev" or device.get("type") != "mdev" or address is None:
+        return None
+    return address.get("uuid", "").lower() or None
+
+
+def mdevs_in(root: ET.Element) -> set[str]:
+    return {uuid for d in devices_of(root) if (uuid := mdev_of(d))}
 
 
 def taps_in(root: ET.Element) -> set[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -148,14 +147,6 @@ def test_attachment_for_each_slot_kind() -> None:
     )
     with pytest.raises(DomainModelError, match="needs the MAC"):
         attachment_for_slot(VfSlot("sriov", "ptmig-pool-sriov"), alias="ua-x")
-
-
-@pytest.fixture
-def conn() -> Iterator[Any]:
-    libvirt = pytest.importorskip("libvirt")
-    connection = libvirt.open("test:///default")
-    yield connection
-    connection.close()
 
 
 def test_libvirt_test_driver_takes_the_devices(conn: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -219,14 +218,6 @@ def test_a_bad_domain_is_an_error_not_a_free_slot() -> None:
 
 
 # --- libvirt test driver -----------------------------------------------------------
-
-
-@pytest.fixture
-def conn() -> Iterator[Any]:
-    libvirt = pytest.importorskip("libvirt")
-    connection = libvirt.open("test:///default")
-    yield connection
-    connection.close()
 
 
 @pytest.mark.parametrize("pool", [LAB, NICS, SRIOV, VfNetworkPool("pf", pf_dev="enp6s0")])

@@ -11,7 +11,15 @@ from host.domain.domain_xml import parse_domain, retarget_hostdev
 from host.domain.kinds import PoolKind
 from host.domain.pools import EmulatedPool, PciPool, format_pool_network, parse_pool_network
 from host.domain.teams import PrimaryDevice, Team
-from host.workflow.hybrid import Candidate, TeamWay, Way, choose_ways, kept, still_blocked
+from host.workflow.hybrid import (
+    Candidate,
+    Forced,
+    TeamWay,
+    Way,
+    choose_ways,
+    kept,
+    still_blocked,
+)
 
 SRC_NIC = "0000:03:00.0"
 
@@ -75,9 +83,30 @@ def test_without_the_pools_word_on_both_hosts_a_team_switches(
     assert why in ways["lan"].reason
 
 
-def test_the_operator_forces_the_switch() -> None:
-    ways = choose_ways([_lan()], blockers=[], destination_free=FREE, force_switch=True)
-    assert ways["lan"] == TeamWay(Way.SWITCH, "the operator forced the switch")
+def test_the_operator_forces_the_switch_of_every_team() -> None:
+    ways = choose_ways([_lan()], blockers=[], destination_free=FREE, forced=Forced(every=True))
+    assert ways["lan"] == TeamWay(Way.SWITCH, "forced by the operator, for every team")
+
+
+def test_the_operator_forces_the_switch_of_one_team_and_the_other_keeps_its_copy() -> None:
+    san = _lan(team=_team("san"), device=_pci("ua-ptmig-san-1", "0000:03:00.1"))
+    free = {"nics": ["0000:05:00.0", "0000:05:00.1"]}
+    ways = choose_ways(
+        [_lan(), san], blockers=[], destination_free=free, forced=Forced(teams=frozenset({"lan"}))
+    )
+    assert ways["lan"] == TeamWay(Way.SWITCH, "forced by the operator, for this team")
+    assert ways["san"].way is Way.COPY
+    # lan's device is not taken from the destination's pool for a copy that will not happen
+    assert ways["san"].destination == "0000:05:00.0"
+
+
+def test_a_blocker_naming_a_forced_teams_device_does_not_stop_the_others_copy() -> None:
+    san = _lan(team=_team("san"), device=_pci("ua-ptmig-san-1", "0000:03:00.1"))
+    blocker = f"{SRC_NIC}: VFIO migration is not supported in kernel"
+    forced = Forced(teams=frozenset({"lan"}))
+    ways = choose_ways([_lan(), san], blockers=[blocker], destination_free=FREE, forced=forced)
+    assert ways["san"].way is Way.COPY
+    assert ways["lan"].reason == "forced by the operator, for this team"
 
 
 def test_a_blocker_that_names_the_device_switches_it() -> None:
@@ -148,7 +177,7 @@ def test_retarget_gives_the_hostdev_the_destination_address_and_keeps_the_rest()
 
 
 def test_retarget_refuses_an_address_no_hostdev_has_unless_told_not_to() -> None:
-    with pytest.raises(DomainModelError, match=r"no PCI hostdev at 0000:09:00\.0"):
+    with pytest.raises(DomainModelError, match=r"no hostdev at 0000:09:00\.0"):
         retarget_hostdev(INACTIVE_DOMAIN, {"0000:09:00.0": "0000:07:00.1"})
     same = retarget_hostdev(INACTIVE_DOMAIN, {"0000:09:00.0": "0000:07:00.1"}, strict=False)
     assert parse_domain(same) == parse_domain(INACTIVE_DOMAIN)
@@ -173,3 +202,123 @@ def test_the_faces_carry_the_switch_the_pools_word_and_the_ways() -> None:
         make_pool("lab", "emulated", bridge="br0", state_copy=True)
     report = MigrationReport("id", "vm1", "a", "b", Outcome.DONE, ways={"wan": "copy-state: x"})
     assert dict(report_message(report).ways) == {"wan": "copy-state: x"}
+
+
+def test_both_faces_build_the_same_request_with_teams_forced_to_switch() -> None:
+    from ptmig.v1 import coordinator_pb2 as cpb
+
+    from host.cli import build_parser
+    from host.commandline.commands import migration_request as cli_request
+    from host.daemon.encode import migration_request as rpc_request
+
+    argv = ["-c", "qemu:///system", "migrate", "vm1", "qemu+tcp://b/system"]
+    cli = cli_request(
+        build_parser().parse_args([*argv, "--switch", "lan", "--switch", "san", "--switch", "lan"])
+    )
+    rpc = rpc_request(
+        cpb.MigrateRequest(
+            domain="vm1",
+            source_uri="qemu:///system",
+            destination_uri="qemu+tcp://b/system",
+            switch_teams=["lan", "san", "lan"],
+        )
+    )
+    assert cli == rpc
+    assert cli.switch_teams == ("lan", "san")
+    assert cli.switch_all is False
+    assert cli_request(build_parser().parse_args(argv)).switch_teams == ()
+    with pytest.raises(DomainModelError, match="switch_teams"):
+        rpc_request(
+            cpb.MigrateRequest(
+                domain="vm1", source_uri="a", destination_uri="b", switch_teams=["no such"]
+            )
+        )
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*argv, "--switch", "no such"])
+    assert exited.value.code == 2
+
+
+def test_both_faces_define_the_same_mdev_pool() -> None:
+    from ptmig.v1 import coordinator_pb2 as cpb
+
+    from host.cli import build_parser
+    from host.commandline import commands
+    from host.daemon.encode import pool_definition
+    from host.domain.pools import MdevPool
+
+    uuid = "6a1c9a6e-0000-4000-8000-000000000001"
+    args = build_parser().parse_args(
+        [
+            "pool-define",
+            "serial",
+            "--kind",
+            "mdev",
+            "--mdev-type",
+            "mtty-2",
+            "--uuid",
+            uuid,
+            "--state-copy",
+        ]
+    )
+    cli = commands.pool_definition(args)
+    rpc = pool_definition(
+        cpb.DefinePoolRequest(
+            name="serial", kind="mdev", mdev_type="mtty-2", mdev_uuids=[uuid], state_copy=True
+        )
+    )
+    assert cli == rpc == MdevPool("serial", "mtty-2", (uuid,), state_copy=True)
+
+
+def test_the_report_says_how_each_mdev_went_on_every_face() -> None:
+    from host.commandline.render import report_text
+    from host.daemon.encode import report_from_message, report_message
+    from host.workflow.model import MigrationReport, Outcome, from_plain, plain
+
+    line = (
+        "copy-state: pool serial (mtty-2) is marked state-copy on both hosts; its state goes to u2"
+    )
+    report = MigrationReport(
+        "id",
+        "vm1",
+        "a",
+        "b",
+        Outcome.DONE,
+        ways={"lan": "switch: forced by the operator, for this team"},
+        devices={"u1": line},
+    )
+    assert report_from_message(report_message(report)).devices == {"u1": line}
+    assert from_plain(MigrationReport, plain(report)).devices == {"u1": line}
+    assert f"  mdev u1: {line}" in report_text(report).splitlines()
+
+
+def test_a_blocker_left_after_the_unplug_stops_a_passenger_unless_it_names_a_device_going() -> None:
+    from host.workflow.hybrid import passengers_blocked
+
+    carried = {"u1": TeamWay(Way.COPY, "x", "u2")}
+    going = _pci()
+    assert passengers_blocked(carried, []) is None
+    assert passengers_blocked({}, ["vIOMMU"]) is None
+    assert (
+        passengers_blocked(carried, [f"{SRC_NIC}: VFIO migration is not supported"], [going])
+        is None
+    )
+    why = passengers_blocked(carried, ["vIOMMU"], [going])
+    assert why is not None and "vIOMMU" in why and "mdev u1 cannot be switched" in why
+
+
+def test_each_mdev_gets_its_own_free_destination_mdev_or_the_migration_is_refused() -> None:
+    from host.domain.domain_xml import MdevHostdev
+    from host.domain.pools import MdevPool
+    from host.workflow.errors import PreflightError
+    from host.workflow.hybrid import Passenger, carry
+
+    u = [f"6a1c9a6e-0000-4000-8000-00000000000{n}" for n in range(4)]
+    here = MdevPool("serial", "mtty-2", (u[0], u[1]), state_copy=True)
+    there = MdevPool("serial", "mtty-2", (u[2], u[3]), state_copy=True)
+    riders = [Passenger(MdevHostdev(uuid), here, there) for uuid in (u[0], u[1])]
+    ways = carry(riders, lasting=[], destination_free={"serial": [u[2], u[3]]})
+    assert {k: w.destination for k, w in ways.items()} == {u[0]: u[2], u[1]: u[3]}
+    assert all(w.way is Way.COPY for w in ways.values())
+    with pytest.raises(PreflightError, match=f"mdev {u[1]}: no free mdev in pool serial") as err:
+        carry(riders, lasting=[], destination_free={"serial": [u[2]]})
+    assert f"mdev {u[0]}" not in str(err.value)

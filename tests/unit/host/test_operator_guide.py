@@ -141,8 +141,9 @@ def test_run_blocks_against_the_test_driver(
                 ran += 1
         assert ran >= 7
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            held.lookupByName("web1").undefine()
+        for name in ("web1", "db1"):
+            with contextlib.suppress(libvirt.libvirtError):
+                held.lookupByName(name).undefine()
         for network in pools(held):
             if network.isActive():
                 network.destroy()
@@ -170,7 +171,13 @@ def test_parse_blocks_are_accepted_by_the_parsers() -> None:
 
 def test_file_blocks_pass_their_own_checkers(tmp_path: Path) -> None:
     files = {b.arg: b for b in of("file")}
-    assert set(files) == {"web1.xml", "agent.toml", "agent-guest-managed.toml", "ptmigd.toml"}
+    assert set(files) == {
+        "web1.xml",
+        "db1.xml",
+        "agent.toml",
+        "agent-guest-managed.toml",
+        "ptmigd.toml",
+    }
     agent = agent_config.parse(tomllib.loads(files["agent.toml"].text), "agent.toml")
     assert [(t.name, t.ownership.value) for t in agent.teams] == [
         ("lan", "admin"),
@@ -184,12 +191,13 @@ def test_file_blocks_pass_their_own_checkers(tmp_path: Path) -> None:
     assert guest.teams[0].managed_by.value == "guest"
     daemon_config.parse(tomllib.loads(files["ptmigd.toml"].text), where="ptmigd.toml")
     if shutil.which("virt-xml-validate"):
-        xml = tmp_path / "web1.xml"
-        xml.write_text(files["web1.xml"].text)
-        checked = subprocess.run(
-            ["virt-xml-validate", str(xml), "domain"], capture_output=True, text=True
-        )
-        assert checked.returncode == 0, checked.stderr
+        for name in ("web1.xml", "db1.xml"):
+            xml = tmp_path / name
+            xml.write_text(files[name].text)
+            checked = subprocess.run(
+                ["virt-xml-validate", str(xml), "domain"], capture_output=True, text=True
+            )
+            assert checked.returncode == 0, f"{name}: {checked.stderr}"
 
 
 def _ini(text: str) -> dict[str, dict[str, str]]:

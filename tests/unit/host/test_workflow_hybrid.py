@@ -76,11 +76,12 @@ def test_a_state_copyable_nic_stays_plugged_and_only_the_other_team_switches(
     [
         ({"copy_on_b": False}, {}, "on the destination is not a pci pool marked state-copy"),
         ({"copyable": False}, {}, "QEMU blocks it"),
-        ({}, {"switch_all": True}, "the operator forced the switch"),
+        ({}, {"switch_all": True}, "forced by the operator, for every team"),
+        ({}, {"switch_teams": ("wan",)}, "forced by the operator, for this team"),
     ],
 )
 def test_without_every_condition_the_nic_is_switched_and_unplugged_as_always(
-    journal: Journal, world_kw: dict[str, bool], request_kw: dict[str, bool], why: str
+    journal: Journal, world_kw: dict[str, bool], request_kw: dict[str, object], why: str
 ) -> None:
     world = hybrid_world(journal, **world_kw)
     report = migrate(world, journal, **request_kw)
