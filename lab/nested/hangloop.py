@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepared", action="store_true", help="VfioLab().prepare() ran")
     args = p.parse_args(argv)
     chosen = variant(args.variant)
+    # an outer `timeout` ends the run through the finally below, which takes L1 down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = LoopResult(chosen, time.time())
     lab = VfioLab()
     try:
