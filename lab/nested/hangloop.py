@@ -208,22 +208,16 @@ def run_loop(lab: VfioLab, result: LoopResult, iterations: int, budget_s: float,
             return
         try:
             it = one_iteration(lab, host, number)
-        except LibvirtTimeout as exc:
-            it = Iteration(number, "", outcome="libvirt-timeout", detail=str(exc))
-            result.iterations.append(it)
-            result.ended = it.outcome
-            result.evidence = lab.libvirtd_report() or "(every libvirtd answered in L1)"
-            return
         except Exception as exc:
             detail = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            stalled = not l2_answers(lab)
-            it = Iteration(number, "", outcome="l2-stalled" if stalled else "error", detail=detail)
-            result.iterations.append(it)
-            result.ended = it.outcome
-            evidence = lab.libvirtd_report()
-            if evidence is None:  # the daemons answer, so their calls in the report return
-                evidence = lab.stall_report() or "(L2 answers again)"
-            result.evidence = evidence
+            if isinstance(exc, LibvirtTimeout):
+                outcome = "libvirt-timeout"
+            else:
+                outcome = "error" if l2_answers(lab) else "l2-stalled"
+            result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
+            result.ended = outcome
+            evidence = lab.hang_evidence()
+            result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
         result.iterations.append(it)
         result.save(out)

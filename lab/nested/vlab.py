@@ -420,6 +420,7 @@ class VfioLab:
         over a second (spinning or halted), the monitor's view (STALL_MONITOR_COMMANDS)
         and L1's /proc/interrupts.  For a failed test's report: the L2 hang seen once
         had no such evidence beyond what was typed by hand."""
+        host = ""  # where() itself may fail: L2 on no host, or a libvirtd that refuses
         try:
             host = self.where()
             if self.exec("true", timeout=STALL_PROBE_S).status == 0:
@@ -430,6 +431,8 @@ class VfioLab:
             problem = "L2's console command failed"
         lines = [f"L2 does not answer ({problem[:300]})"]
         try:
+            if not host:
+                raise VfioLabError("L2's domain is not active on exactly one host")
             dom = self.domain(host)
             cpu = []
             for _ in range(2):
@@ -474,6 +477,16 @@ class VfioLab:
             if out.status != 0 or text.splitlines()[-1:] != ["answers"]:
                 reports.append(text)
         return "\n".join(reports) or None
+
+    def hang_evidence(self) -> list[tuple[str, str]]:
+        """(title, text) of what a failed or timed-out nested run should carry: every
+        libvirtd that does not answer in L1, with its threads' stacks; else, if L2 does
+        not answer, the stall report (its libvirt calls would block on a stuck daemon)."""
+        stuck = self.libvirtd_report()
+        if stuck is not None:
+            return [("L1 libvirtd report", stuck)]
+        stall = self.stall_report()
+        return [("L2 stall report", stall)] if stall is not None else []
 
     def status(self) -> dict[str, Any]:
         pid = running_pid()
