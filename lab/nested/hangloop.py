@@ -169,10 +169,10 @@ def wait_vf_up_in_l2(lab: VfioLab, timeout: float = VF_UP_S) -> float:
     """Seconds until igbvf drives a netdev in L2 and it is up (its MSI-X in use, as when
     the agent enslaves it); raises VfioLabError if L2 answers but the VF never comes."""
     t0 = time.monotonic()
-    lab.exec(
-        f"for i in $(seq {int(timeout * 5)}); do "
+    lab.exec(  # in a subshell: an exit in the console's own shell would end it
+        f"(for i in $(seq {int(timeout * 5)}); do "
         "n=$(ls /sys/bus/pci/drivers/igbvf/*/net/ 2>/dev/null | head -n 1); "
-        '[ -n "$n" ] && ip link set dev "$n" up && exit 0; sleep 0.2; done; exit 1',
+        '[ -n "$n" ] && ip link set dev "$n" up && exit 0; sleep 0.2; done; exit 1)',
         timeout=timeout + 30,
     ).check()
     return time.monotonic() - t0
