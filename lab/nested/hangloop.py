@@ -141,6 +141,7 @@ class LoopResult:
     l2_cmdline: str = ""
     boot_s: float = 0.0
     iterations: list[Iteration] = field(default_factory=list)
+    migrations: list[str] = field(default_factory=list)
     #: Why the loop ended: iterations, budget, or the failed iteration's outcome.
     ended: str = ""
     evidence: str = ""
@@ -156,7 +157,8 @@ class LoopResult:
         where = f"hang at iteration {hang.number} ({hang.outcome})" if hang else "no hang"
         return (
             f"variant {self.variant.name} (L1 {self.l1_kernel}, kvm_amd {self.kvm_amd}, "
-            f"L2 +{self.variant.l2 or '-'}): {ok} iterations ok, {where}; ended: {self.ended}"
+            f"L2 +{self.variant.l2 or '-'}): {ok} iterations ok, {len(self.migrations)} "
+            f"migrations, {where}; ended: {self.ended}"
         )
 
     def save(self, path: Path) -> None:
@@ -192,6 +194,35 @@ def one_iteration(lab: VfioLab, host: str, number: int) -> Iteration:
     return it
 
 
+def attach_whole_nic(lab: VfioLab, host: str) -> None:
+    """Team wan's whole e1000e of *host*, live, as every VF test has it beside the VF."""
+    whole = pci_hostdev_xml(alias=WHOLE_ALIAS, pci_address=lab.state.hosts[host].whole_pci)
+    dom = lab.domain(host)
+    within(
+        LIBVIRT_CALL_S,
+        "whole NIC attach",
+        lambda: attach_at(dom, whole, free_bus(dom), libvirt.VIR_DOMAIN_AFFECT_LIVE),
+    )
+
+
+def migrate_with_whole_nic(lab: VfioLab) -> str:
+    """L2 to the other host as the tests move it (libvirt migrates no domain with a vfio
+    device): the whole NIC unplugged, plain live migration, the destination's plugged.
+    Both hangs seen came within seconds of a VF plug after a migration (docs/lab.md)."""
+    src = lab.where()
+    dest = next(h for h in lab.state.hosts if h != src)
+    within(2 * LIBVIRT_CALL_S, "whole NIC detach", lambda: lab.detach(src, WHOLE_ALIAS))
+    within(4 * LIBVIRT_CALL_S, "migration", lambda: orch.migrate(lab, dest))
+    attach_whole_nic(lab, dest)
+    return dest
+
+
+def migration_due(number: int, every: int) -> bool:
+    """Whether L2 migrates before iteration *number* (1-based): after every *every*
+    iterations; never for 0."""
+    return every > 0 and number > 1 and (number - 1) % every == 0
+
+
 def l2_answers(lab: VfioLab) -> bool:
     try:
         return lab.exec("true", timeout=STALL_PROBE_S).status == 0
@@ -199,7 +230,14 @@ def l2_answers(lab: VfioLab) -> bool:
         return False
 
 
-def run_loop(lab: VfioLab, result: LoopResult, iterations: int, budget_s: float, out: Path) -> None:
+def run_loop(
+    lab: VfioLab,
+    result: LoopResult,
+    iterations: int,
+    budget_s: float,
+    out: Path,
+    migrate_every: int = 0,
+) -> None:
     host = lab.where()
     deadline = time.monotonic() + budget_s
     for number in range(1, iterations + 1):
@@ -207,6 +245,19 @@ def run_loop(lab: VfioLab, result: LoopResult, iterations: int, budget_s: float,
             result.ended = "budget"
             return
         try:
+            if migration_due(number, migrate_every):
+                t0 = time.monotonic()
+                try:
+                    host = migrate_with_whole_nic(lab)
+                except (VfioLabError, libvirt.libvirtError) as exc:
+                    if isinstance(exc, LibvirtTimeout) or not l2_answers(lab):
+                        raise
+                    # a failed move is not the hang: record it, loop on without moves
+                    migrate_every, host = 0, lab.where()
+                    result.migrations.append(f"before {number}: failed, no more: {exc}")
+                else:
+                    took = time.monotonic() - t0
+                    result.migrations.append(f"before {number}: to {host} in {took:.1f} s")
             it = one_iteration(lab, host, number)
         except Exception as exc:
             detail = f"{type(exc).__name__}: {str(exc)[:2000]}"
@@ -233,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=960.0, help="loop time, boot excluded")
     p.add_argument("--out", type=Path, required=True, help="the JSON result")
     p.add_argument("--no-ping", action="store_true", help="no ping at L2 during the loop")
+    p.add_argument(
+        "--migrate-every", type=int, default=0, help="migrate L2 after every N iterations"
+    )
     p.add_argument("--prepared", action="store_true", help="VfioLab().prepare() ran")
     args = p.parse_args(argv)
     chosen = variant(args.variant)
@@ -247,18 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         state = lab.state
         result.l1_kernel, result.l1_cmdline = state.l1_kernel, state.l1_cmdline
         result.kvm_amd, result.l2_cmdline = state.kvm_amd, state.l2_cmdline
-        host = lab.where()
-        whole = pci_hostdev_xml(alias=WHOLE_ALIAS, pci_address=state.hosts[host].whole_pci)
-        dom = lab.domain(host)
-        within(
-            LIBVIRT_CALL_S,
-            "whole NIC attach",
-            lambda: attach_at(dom, whole, free_bus(dom), libvirt.VIR_DOMAIN_AFFECT_LIVE),
-        )
+        attach_whole_nic(lab, lab.where())
         if not args.no_ping:
             L1Pinger(lab, GUEST_IP, "hangloop", 100).start()
         result.save(args.out)
-        run_loop(lab, result, args.iterations, args.budget_s, args.out)
+        run_loop(lab, result, args.iterations, args.budget_s, args.out, args.migrate_every)
     except Exception as exc:
         result.ended = result.ended or f"lab error: {type(exc).__name__}: {str(exc)[:2000]}"
         raise

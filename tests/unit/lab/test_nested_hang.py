@@ -15,6 +15,7 @@ from lab.nested.hangloop import (
     LibvirtTimeout,
     LoopResult,
     Variant,
+    migration_due,
     variant,
     within,
 )
@@ -106,7 +107,7 @@ def test_the_loop_result_names_the_first_hang() -> None:
     result = LoopResult(Variant("control"), 0.0, l1_kernel="6.1.0-50-amd64")
     result.iterations = [Iteration(1, "0000:02:10.0"), Iteration(2, "0000:02:10.2")]
     result.ended = "iterations"
-    assert result.hang is None and "2 iterations ok, no hang" in result.summary()
+    assert result.hang is None and "2 iterations ok, 0 migrations, no hang" in result.summary()
     result.iterations.append(Iteration(3, "", outcome="l2-stalled", detail="ConsoleError"))
     result.ended = "l2-stalled"
     assert result.hang is not None and result.hang.number == 3
@@ -148,3 +149,9 @@ def test_a_libvirtd_that_does_not_answer_gives_its_threads_stacks_and_log(
     assert "--- eu-stack -p 4242 -m (exit 0)" in report
     assert "__futex_abstimed_wait_common" in report
     assert report.endswith("virNetSocketReadWire: End of file while reading data")
+
+
+def test_a_migration_comes_after_every_n_iterations_and_never_for_zero() -> None:
+    assert [n for n in range(1, 11) if migration_due(n, 4)] == [5, 9]
+    assert not any(migration_due(n, 0) for n in range(1, 11))
+    assert [n for n in range(1, 4) if migration_due(n, 1)] == [2, 3]
