@@ -267,7 +267,10 @@ def run_loop(
                 outcome = "error" if l2_answers(lab) else "l2-stalled"
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
             result.ended = outcome
-            evidence = lab.hang_evidence()
+            try:
+                evidence = lab.hang_evidence()
+            except Exception as report_failed:  # the outcome stands without it
+                evidence = [("report failed", f"{type(report_failed).__name__}: {report_failed}")]
             result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
         result.iterations.append(it)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import json
 import logging
 import mmap
@@ -262,6 +263,30 @@ def libvirtd_report(host: str, pid: int, timeout: float) -> str | None:
     return "\n".join(lines)
 
 
+def symbolize(kallsyms: str, l2_text: int, addresses: list[int]) -> list[str]:
+    """Name L2's kernel addresses by L1's symbols (*kallsyms*, L1's /proc/kallsyms):
+    both run Debian's same kernel with their own KASLR base, so an L2 address minus L2's
+    ``_text`` plus L1's falls on the same instruction.  ``?`` where nothing matches."""
+    text: list[tuple[int, str]] = []
+    for line in kallsyms.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] in "tT":
+            text.append((int(parts[0], 16), parts[2]))
+    text.sort()
+    starts = [a for a, _ in text]
+    l1_text = next((a for a, n in text if n == "_text"), None)
+    named = []
+    for addr in addresses:
+        name = "?"
+        if l1_text is not None:
+            here = addr - l2_text + l1_text
+            i = bisect.bisect_right(starts, here) - 1
+            if i >= 0 and here - starts[i] < 0x10000:
+                name = f"{text[i][1]}+0x{here - starts[i]:x}"
+        named.append(f"{addr:016x} {name}")
+    return named
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
@@ -288,8 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     lr.add_argument("host")
     lr.add_argument("pid", type=int)
     lr.add_argument("timeout", type=float)
+    sy = sub.add_parser("symbolize", help="L2 kernel addresses by L1's kallsyms")
+    sy.add_argument("l2_text", help="L2's _text, hex")
+    sy.add_argument("addresses", nargs="+", help="hex")
     args = p.parse_args(argv)
-    if args.command == "kvm-trace":
+    if args.command == "symbolize":
+        release = Path("/proc/sys/kernel/osrelease").read_text().strip()
+        print(f"(L1's kernel {release}; L2's must be the same for these names)")
+        names = symbolize(
+            Path("/proc/kallsyms").read_text(),
+            int(args.l2_text, 16),
+            [int(a, 16) for a in args.addresses],
+        )
+        print("\n".join(names))
+    elif args.command == "kvm-trace":
         print(kvm_trace(args.seconds).text())
     elif args.command == "libvirtd-report":
         print(libvirtd_report(args.host, args.pid, args.timeout) or "answers")

@@ -79,11 +79,31 @@ STALL_MONITOR_COMMANDS = (
     "info registers",
     "info lapic",
     "info pic",
-    "i /l 0x620",
-    "i /l 0x624",
-    "i /l 0x628",
-    "i /l 0x62c",
+    "i /w 0x620",  # HMP's 32-bit size is w ("i /l" is refused: invalid char in format)
+    "i /w 0x624",
+    "i /w 0x628",
+    "i /w 0x62c",
 )
+#: How much of L2's kernel stack the stall report dumps (``x /<n>gx RSP``): enough to hold
+#: the interrupt frame of a handler that spins (its saved RFLAGS says whether the
+#: interrupt came in with IF set) and the interrupted code's return addresses.
+STALL_STACK_WORDS = 96
+_REGISTER = re.compile(r"\b(RIP|RSP)=([0-9a-f]{16})\b")
+#: Kernel text on x86-64 (KASLR places it in [0xffffffff80000000, 0xffffffffc0000000)).
+_KERNEL_TEXT = re.compile(r"\b0x(ffffffff[89ab][0-9a-f]{7})\b")
+
+
+def registers(info: str) -> dict[str, int]:
+    """RIP and RSP from HMP's ``info registers``."""
+    return {name: int(value, 16) for name, value in _REGISTER.findall(info)}
+
+
+def kernel_text_words(dump: str) -> list[str]:
+    """The words of an HMP ``x /gx`` dump that point into kernel text (return addresses,
+    a saved RIP), in order, once each."""
+    return list(dict.fromkeys(_KERNEL_TEXT.findall(dump)))
+
+
 #: L1's KVM counters for every VM it runs (L2 is the only one), by debugfs.
 KVM_EXIT_COUNTERS = (
     "/sys/kernel/debug/kvm/*-*/{"
@@ -157,6 +177,9 @@ class VfioLabState:
     l1_cmdline: str = ""
     kvm_amd: dict[str, str] = field(default_factory=dict)
     l2_cmdline: str = ""
+    #: L2's ``_text`` (its KASLR base, hex), read once it booted: with it the stall
+    #: report names L2's RIP and stack words by L1's kallsyms (the same 6.1 kernel).
+    l2_text: str = ""
 
     @staticmethod
     def path() -> Path:
@@ -177,6 +200,7 @@ class VfioLabState:
             data.get("l1_cmdline", ""),
             data.get("kvm_amd", {}),
             data.get("l2_cmdline", ""),
+            data.get("l2_text", ""),
         )
 
     def save(self) -> None:
@@ -310,6 +334,9 @@ class VfioLab:
         took = time.monotonic() - t0
         self.state.timings["l2_boot_s"] = round(took, 1)
         self.state.timings["dmesg_baseline"] = self.bad_kernel_lines()
+        text = self.exec("grep -m1 ' _text$' /proc/kallsyms || true").output.split()
+        # all zeros where kptr_restrict hides it: then unknown
+        self.state.l2_text = text[0] if text and int(text[0], 16) else ""
         self.state.save()
         log.info("L2 booted on hosta in %.1f s", took)
         return took
@@ -439,14 +466,19 @@ class VfioLab:
                 cpu.append(dom.getCPUStats(True)[0]["cpu_time"] / 1e9)
                 time.sleep(1.0)  # a second of vCPU time: the measurement, not a wait
             lines.append(f"L2 vCPU time over 1 s on {host}: {cpu[1] - cpu[0]:.2f} s")
+            said = {}
             for command in STALL_MONITOR_COMMANDS:
-                try:
-                    out = libvirt_qemu.qemuMonitorCommand(
-                        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-                    )
-                except libvirt.libvirtError as exc:
-                    out = f"(failed: {exc})"
-                lines.append(f"--- (qemu) {command}\n{out.strip()}")
+                said[command] = self._monitor(dom, command)
+                lines.append(f"--- (qemu) {command}\n{said[command]}")
+            regs = registers(said["info registers"])
+            if "RSP" in regs:  # the spinning handler's frame and what it interrupted
+                stack = self._monitor(dom, f"x /{STALL_STACK_WORDS}gx 0x{regs['RSP']:x}")
+                lines.append(f"--- (qemu) x /{STALL_STACK_WORDS}gx RSP\n{stack}")
+                text = [f"{regs['RIP']:016x}"] if "RIP" in regs else []
+                text += kernel_text_words(stack)
+                if text and self.state.l2_text:
+                    names = self.inside("symbolize", self.state.l2_text, *text, timeout=120)
+                    lines.append(f"--- RIP and stack words by L1's kallsyms\n{names.output}")
         except (VfioLabError, libvirt.libvirtError) as exc:
             lines.append(f"L1's libvirt: {exc}")
         interrupts = self.l1_exec("cat /proc/interrupts", timeout=30)
@@ -463,6 +495,16 @@ class VfioLab:
         trace = self.inside("kvm-trace", str(STALL_TRACE_S), timeout=60)
         lines.append(f"--- L1 KVM trace over {STALL_TRACE_S:g} s\n{trace.output.strip()}")
         return "\n".join(lines)
+
+    @staticmethod
+    def _monitor(dom: libvirt.virDomain, command: str) -> str:
+        try:
+            out: str = libvirt_qemu.qemuMonitorCommand(
+                dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            )
+        except libvirt.libvirtError as exc:
+            return f"(failed: {exc})"
+        return out.strip()
 
     def libvirtd_report(self, timeout: float = LIBVIRTD_PROBE_S) -> str | None:
         """None while every host's libvirtd answers in L1; else, for each that does not,

@@ -20,10 +20,10 @@ from lab.nested.hangloop import (
     within,
 )
 from lab.nested.image import L1_CMDLINE
-from lab.nested.inside import libvirtd_report, summarize_kvm_trace
+from lab.nested.inside import libvirtd_report, summarize_kvm_trace, symbolize
 from lab.nested.l1 import L1
 from lab.nested.qemu import UnpackedQemu
-from lab.nested.vlab import exit_counter_deltas
+from lab.nested.vlab import exit_counter_deltas, kernel_text_words, registers
 
 #: ftrace's format as L1's 6.1 prints it; the task name has a space.
 _TASK = "       CPU 0/KVM-812     [001] d..2.   431.000100: "
@@ -155,3 +155,39 @@ def test_a_migration_comes_after_every_n_iterations_and_never_for_zero() -> None
     assert [n for n in range(1, 11) if migration_due(n, 4)] == [5, 9]
     assert not any(migration_due(n, 0) for n in range(1, 11))
     assert [n for n in range(1, 4) if migration_due(n, 1)] == [2, 3]
+
+
+#: From the control run's stall report (2026-12-05): L2 spinning with IF=0.
+INFO_REGISTERS = """CPU#0
+RAX=ffff8e021702300c RBX=000000000000822f RCX=ffff8e0217023138 RDX=ffff8e02170230f8
+RSI=ffff8e02170230b8 RDI=ffff8e021702300c RBP=ffff8e02170230b8 RSP=ffffd4d100003d10
+RIP=ffffffffab559017 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0
+"""
+
+
+def test_the_stall_report_finds_rip_rsp_and_the_stacks_text_words() -> None:
+    assert registers(INFO_REGISTERS) == {"RIP": 0xFFFFFFFFAB559017, "RSP": 0xFFFFD4D100003D10}
+    dump = (
+        "ffffd4d100003d10: 0xffff8e0217023138 0xffffffffab4c2b1e\n"
+        "ffffd4d100003d20: 0x0000000000000002 0xffffffffab4c2b1e\n"
+        "ffffd4d100003d30: 0xffffffffc0a01234 0xffffffffab60f0a1\n"
+    )
+    # modules (0xffffffffc...) are not kernel text; each word once, in order
+    assert kernel_text_words(dump) == ["ffffffffab4c2b1e", "ffffffffab60f0a1"]
+
+
+def test_l2_addresses_are_named_by_l1s_symbols_across_the_two_kaslr_bases() -> None:
+    kallsyms = (
+        "ffffffffaee00000 T _text\n"
+        "ffffffffaef58ff0 T ktime_get_update_offsets_now\n"
+        "ffffffffaef590f0 t timekeeping_advance\n"
+        "ffffffffc0000000 d some_data\n"
+    )
+    l2_text = 0xFFFFFFFFAB400000  # the control run's L2: slide 0x2a400000
+    named = symbolize(kallsyms, l2_text, [0xFFFFFFFFAB559017, 0xFFFFFFFFAB559100, 0x1000])
+    assert named == [
+        "ffffffffab559017 ktime_get_update_offsets_now+0x27",
+        "ffffffffab559100 timekeeping_advance+0x10",
+        "0000000000001000 ?",
+    ]
+    assert symbolize("", l2_text, [0xFFFFFFFFAB559017]) == ["ffffffffab559017 ?"]
