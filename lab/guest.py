@@ -75,6 +75,7 @@ def domain_xml(
     memory_mib: int = 512,
     vcpus: int = 2,
     domain_type: str = "qemu",
+    cmdline: str = BOOT_CMDLINE,
 ) -> str:
     """The guest's domain XML (`domain_type` kvm where the host can run it)."""
     nics = [
@@ -87,7 +88,15 @@ def domain_xml(
         )
         if n is not None
     ]
-    return _domain(image, disk, nics, memory_mib=memory_mib, vcpus=vcpus, domain_type=domain_type)
+    return _domain(
+        image,
+        disk,
+        nics,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        domain_type=domain_type,
+        cmdline=cmdline,
+    )
 
 
 #: Extra guests' memory: room for the kernel to unpack the image's initramfs (35 MiB gzip,

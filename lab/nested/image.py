@@ -40,6 +40,10 @@ L1_PACKAGES: tuple[str, ...] = (
     "python3-libvirt",  # lab.hosts waits for its daemon with it
     "python3-pyroute2",
     "busybox-static",  # L2's initramfs
+    # eu-stack: every libvirtd thread's stack when a host stops answering
+    # (VfioLab.libvirtd_report); 2.8 MB with its libraries, where gdb is 11.6 MB and its
+    # libsource-highlight4v5 dependency made debootstrap fail
+    "elfutils",
 )
 
 L1_BACKPORTS: tuple[str, ...] = (

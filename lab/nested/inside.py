@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import json
 import logging
 import mmap
+import re
 import struct
+import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab import fabric
@@ -146,6 +151,142 @@ def guest_clock_offset(host: str, samples: int = 5) -> tuple[float, float]:
     return best
 
 
+#: L1's KVM tracepoints that tell which of docs/lab.md's "L2 hung after a VF hot-plug"
+#: hypotheses holds: exits and their RIPs, MSR accesses (the x2APIC EOI is MSR 0x80b),
+#: interrupts injected and the IOAPIC's view of its lines.
+KVM_TRACE_EVENTS = (
+    "kvm:kvm_exit",
+    "kvm:kvm_msr",
+    "kvm:kvm_inj_virq",
+    "kvm:kvm_ioapic_set_irq",
+    "kvm:kvm_ioapic_delayed_eoi_inj",
+    "kvm:kvm_eoi",
+)
+#: ``<task>-<pid> [cpu] flags timestamp: kvm_exit: vcpu 0 reason msr rip 0x...``; the task
+#: name has spaces (``CPU 0/KVM``), so only the event and its text are matched.
+_TRACE_EVENT = re.compile(r"\s(kvm_\w+): (.*)$")
+_EXIT = re.compile(r"reason (\S+) rip (0x[0-9a-f]+)")
+
+
+@dataclass
+class KvmTraceSummary:
+    """What L1's KVM did for its guests over a short trace (:func:`kvm_trace`)."""
+
+    seconds: float
+    events: Counter[str] = field(default_factory=Counter)
+    #: Exit reason -> count, and (reason, RIP) -> count: one RIP for every MSR exit means
+    #: the guest never got past its WRMSR; interrupt exits only, that it never ran.
+    exit_reasons: Counter[str] = field(default_factory=Counter)
+    exit_rips: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: kvm_msr lines (``msr_write 80b = 0x0``), kvm_inj_virq lines (``IRQ 0x21``), ...
+    details: Counter[str] = field(default_factory=Counter)
+
+    def text(self, top: int = 8) -> str:
+        rate = {k: round(v / self.seconds) for k, v in self.events.most_common()}
+        lines = [f"events per second over {self.seconds:g} s: {rate}"]
+        lines.append(f"exit reasons: {dict(self.exit_reasons.most_common(top))}")
+        lines.append(
+            "exits by RIP: "
+            + ", ".join(f"{r}@{rip} x{n}" for (r, rip), n in self.exit_rips.most_common(top))
+        )
+        lines.append(
+            "other events: " + ", ".join(f"{d} x{n}" for d, n in self.details.most_common(top))
+        )
+        return "\n".join(lines)
+
+
+def summarize_kvm_trace(trace: str, seconds: float) -> KvmTraceSummary:
+    """Count a ftrace ``trace`` file's KVM events (``kvm_exit: reason EXIT_MSR rip 0x...``)."""
+    summary = KvmTraceSummary(seconds)
+    for line in trace.splitlines():
+        m = None if line.startswith("#") else _TRACE_EVENT.search(line)
+        if m is None:
+            continue
+        event, rest = m.group(1), m.group(2).strip()
+        summary.events[event] += 1
+        if event == "kvm_exit":
+            exit_ = _EXIT.search(rest)
+            if exit_:
+                summary.exit_reasons[exit_.group(1)] += 1
+                summary.exit_rips[(exit_.group(1), exit_.group(2))] += 1
+        else:
+            summary.details[f"{event}: {rest}"] += 1
+    return summary
+
+
+def kvm_trace(seconds: float) -> KvmTraceSummary:
+    """Trace L1's KVM for *seconds* (tracefs; debugfs is mounted by the stall report)."""
+    tracing = Path("/sys/kernel/tracing")
+    if not (tracing / "trace").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracing)], check=True)
+    (tracing / "tracing_on").write_text("0\n")
+    (tracing / "set_event").write_text("\n".join(KVM_TRACE_EVENTS) + "\n")
+    (tracing / "buffer_size_kb").write_text("8192\n")
+    (tracing / "trace").write_text("")
+    (tracing / "tracing_on").write_text("1\n")
+    time.sleep(seconds)  # the trace's window: the measurement
+    (tracing / "tracing_on").write_text("0\n")
+    (tracing / "set_event").write_text("")
+    return summarize_kvm_trace((tracing / "trace").read_text(errors="replace"), seconds)
+
+
+def libvirtd_report(host: str, pid: int, timeout: float) -> str | None:
+    """None when *host*'s libvirtd answers a ``virsh list`` within *timeout*; else every
+    one of its threads' stacks (``eu-stack``, from L1's image) and its log's tail: the
+    evidence for a daemon that deadlocked (docs/lab.md, "hostb's libvirtd")."""
+    lab_host = LabHost(next(n for n in fabric.HOSTS if n.name == host))
+    try:
+        probe = subprocess.run(
+            ["virsh", "-c", lab_host.uri, "list", "--all"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if probe.returncode == 0:
+            return None
+        problem = f"virsh list failed: {probe.stderr.strip()[-300:]}"
+    except subprocess.TimeoutExpired:
+        problem = f"virsh list did not answer in {timeout:g} s"
+    lines = [f"{host}'s libvirtd (pid {pid}): {problem}"]
+    stack = subprocess.run(
+        ["eu-stack", "-p", str(pid), "-m"], capture_output=True, text=True, timeout=60
+    )
+    lines.append(f"--- eu-stack -p {pid} -m (exit {stack.returncode})")
+    lines.append((stack.stdout + stack.stderr).strip())
+    if stack.returncode != 0:  # no eu-stack (an image before it): each thread's kernel side
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+            wchan = (task / "wchan").read_text().strip()
+            lines.append(f"task {task.name} {(task / 'comm').read_text().strip()} {wchan}")
+    log_lines = lab_host.log_file.read_text(errors="replace").splitlines()[-20:]
+    lines.append(f"--- last lines of {lab_host.log_file}")
+    lines.extend(log_lines)
+    return "\n".join(lines)
+
+
+def symbolize(kallsyms: str, l2_text: int, addresses: list[int]) -> list[str]:
+    """Name L2's kernel addresses by L1's symbols (*kallsyms*, L1's /proc/kallsyms):
+    both run Debian's same kernel with their own KASLR base, so an L2 address minus L2's
+    ``_text`` plus L1's falls on the same instruction.  ``?`` where nothing matches."""
+    text: list[tuple[int, str]] = []
+    for line in kallsyms.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] in "tT":
+            text.append((int(parts[0], 16), parts[2]))
+    text.sort()
+    starts = [a for a, _ in text]
+    l1_text = next((a for a, n in text if n == "_text"), None)
+    named = []
+    for addr in addresses:
+        name = "?"
+        if l1_text is not None:
+            here = addr - l2_text + l1_text
+            i = bisect.bisect_right(starts, here) - 1
+            if i >= 0 and here - starts[i] < 0x10000:
+                name = f"{text[i][1]}+0x{here - starts[i]:x}"
+        named.append(f"{addr:016x} {name}")
+    return named
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
@@ -166,8 +307,30 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("host")
     e.add_argument("timeout", type=float)
     e.add_argument("command_b64")
+    t = sub.add_parser("kvm-trace", help="L1's KVM events over SECONDS, summarized")
+    t.add_argument("seconds", type=float)
+    lr = sub.add_parser("libvirtd-report", help="HOST's libvirtd: nothing if it answers")
+    lr.add_argument("host")
+    lr.add_argument("pid", type=int)
+    lr.add_argument("timeout", type=float)
+    sy = sub.add_parser("symbolize", help="L2 kernel addresses by L1's kallsyms")
+    sy.add_argument("l2_text", help="L2's _text, hex")
+    sy.add_argument("addresses", nargs="+", help="hex")
     args = p.parse_args(argv)
-    if args.command == "up":
+    if args.command == "symbolize":
+        release = Path("/proc/sys/kernel/osrelease").read_text().strip()
+        print(f"(L1's kernel {release}; L2's must be the same for these names)")
+        names = symbolize(
+            Path("/proc/kallsyms").read_text(),
+            int(args.l2_text, 16),
+            [int(a, 16) for a in args.addresses],
+        )
+        print("\n".join(names))
+    elif args.command == "kvm-trace":
+        print(kvm_trace(args.seconds).text())
+    elif args.command == "libvirtd-report":
+        print(libvirtd_report(args.host, args.pid, args.timeout) or "answers")
+    elif args.command == "up":
         spec = json.loads(args.spec)
         print(json.dumps(up(spec["wires"], spec["uplink_mac"], spec["uplink_ips"])))
     elif args.command == "wait-shell":

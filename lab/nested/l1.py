@@ -95,6 +95,9 @@ class L1:
     source_tree: Path
     qemu: UnpackedQemu
     extra_args: list[str] = field(default_factory=list)
+    #: Appended to L1_CMDLINE at boot, not in the image (whose key holds L1_CMDLINE): a
+    #: measurement's variant (``kvm_amd.vgif=0``) needs no image rebuild.
+    cmdline_extra: str = ""
 
     @property
     def console(self) -> GuestConsole:
@@ -126,7 +129,7 @@ class L1:
             "-initrd",
             str(self.image.initrd),
             "-append",
-            L1_CMDLINE,
+            f"{L1_CMDLINE} {self.cmdline_extra}".strip(),
             "-drive",
             f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe",
             "-device",

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import time
@@ -29,7 +30,7 @@ from lab import STANDBY_MAC, WAN_STANDBY_MAC
 from lab.console import ExecResult, GuestConsole
 from lab.fabric import HOSTS
 from lab.guest import DOMAIN_NAME, domain_xml
-from lab.image import GuestImage
+from lab.image import BOOT_CMDLINE, GuestImage
 from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
 from lab.nested.guest import l2_init
 from lab.nested.image import build_l1, build_l2, build_l2_initrd
@@ -78,11 +79,31 @@ STALL_MONITOR_COMMANDS = (
     "info registers",
     "info lapic",
     "info pic",
-    "i /l 0x620",
-    "i /l 0x624",
-    "i /l 0x628",
-    "i /l 0x62c",
+    "i /w 0x620",  # HMP's 32-bit size is w ("i /l" is refused: invalid char in format)
+    "i /w 0x624",
+    "i /w 0x628",
+    "i /w 0x62c",
 )
+#: How much of L2's kernel stack the stall report dumps (``x /<n>gx RSP``): enough to hold
+#: the interrupt frame of a handler that spins (its saved RFLAGS says whether the
+#: interrupt came in with IF set) and the interrupted code's return addresses.
+STALL_STACK_WORDS = 96
+_REGISTER = re.compile(r"\b(RIP|RSP)=([0-9a-f]{16})\b")
+#: Kernel text on x86-64 (KASLR places it in [0xffffffff80000000, 0xffffffffc0000000)).
+_KERNEL_TEXT = re.compile(r"\b0x(ffffffff[89ab][0-9a-f]{7})\b")
+
+
+def registers(info: str) -> dict[str, int]:
+    """RIP and RSP from HMP's ``info registers``."""
+    return {name: int(value, 16) for name, value in _REGISTER.findall(info)}
+
+
+def kernel_text_words(dump: str) -> list[str]:
+    """The words of an HMP ``x /gx`` dump that point into kernel text (return addresses,
+    a saved RIP), in order, once each."""
+    return list(dict.fromkeys(_KERNEL_TEXT.findall(dump)))
+
+
 #: L1's KVM counters for every VM it runs (L2 is the only one), by debugfs.
 KVM_EXIT_COUNTERS = (
     "/sys/kernel/debug/kvm/*-*/{"
@@ -103,6 +124,24 @@ KVM_EXIT_COUNTERS = (
 )
 #: How long L2 may take to answer ``true`` on its console before it counts as stalled.
 STALL_PROBE_S = 20.0
+#: How long L1's KVM is traced for a stall report (lab.nested.inside.kvm_trace).
+STALL_TRACE_S = 2.0
+#: How long a host's libvirtd may take to answer ``virsh list`` in L1 before its threads'
+#: stacks are taken (lab.nested.inside.libvirtd_report).
+LIBVIRTD_PROBE_S = 20.0
+KVM_AMD_PARAMETERS = "/sys/module/kvm_amd/parameters/{nested,npt,vgif,avic,nrips,vls}"
+_COUNTER = re.compile(r"^/sys/kernel/debug/kvm/[^/]+/(\w+):(\d+)$")
+
+
+def exit_counter_deltas(output: str) -> dict[str, int]:
+    """How much each of L1's KVM counters grew between the stall report's two reads
+    (``grep -H`` lines, first read then second); a counter read once is left out."""
+    reads: dict[str, list[int]] = {}
+    for line in output.splitlines():
+        m = _COUNTER.match(line.strip())
+        if m:
+            reads.setdefault(m.group(1), []).append(int(m.group(2)))
+    return {name: v[-1] - v[0] for name, v in reads.items() if len(v) >= 2}
 
 
 class VfioLabError(RuntimeError):
@@ -133,6 +172,14 @@ class VfioLabState:
     l1_kernel: str = ""
     #: Whether L1 has the mtty mdev parent (6.12 only): the hybrid path's migratable device.
     mtty: bool = False
+    #: L1's /proc/cmdline and kvm_amd's parameters in effect (/sys/module/kvm_amd/parameters),
+    #: and L2's kernel command line: what a hang measurement ran under (lab.nested.hangloop).
+    l1_cmdline: str = ""
+    kvm_amd: dict[str, str] = field(default_factory=dict)
+    l2_cmdline: str = ""
+    #: L2's ``_text`` (its KASLR base, hex), read once it booted: with it the stall
+    #: report names L2's RIP and stack words by L1's kallsyms (the same 6.1 kernel).
+    l2_text: str = ""
 
     @staticmethod
     def path() -> Path:
@@ -150,6 +197,10 @@ class VfioLabState:
             data.get("qemu", ""),
             data.get("l1_kernel", ""),
             data.get("mtty", False),
+            data.get("l1_cmdline", ""),
+            data.get("kvm_amd", {}),
+            data.get("l2_cmdline", ""),
+            data.get("l2_text", ""),
         )
 
     def save(self) -> None:
@@ -201,8 +252,17 @@ class VfioLab:
         )
         return l1_image, l2_image, qemu
 
-    def up(self, *, boot_guest: bool = True, prepared: bool = False) -> None:
-        """Start L1 and its hosts, then (*boot_guest*) L2; *prepared*: prepare() ran."""
+    def up(
+        self,
+        *,
+        boot_guest: bool = True,
+        prepared: bool = False,
+        l1_cmdline_extra: str = "",
+        l2_cmdline_extra: str = "",
+    ) -> None:
+        """Start L1 and its hosts, then (*boot_guest*) L2; *prepared*: prepare() ran.
+        The extras go at the end of L1's and L2's kernel command lines (the hang
+        mitigations lab.nested.hangloop measures, e.g. ``kvm_amd.vgif=0``, ``nox2apic``)."""
         t0 = time.monotonic()
         if prepared:
             paths = json.loads((run_dir() / "images.json").read_text())
@@ -212,7 +272,7 @@ class VfioLab:
             l1_image, l2_image, qemu = self.prepare()
         self.state = VfioLabState(qemu=qemu.version)
         self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
-        l1 = L1(l1_image, l2_image.disk, src_path(), qemu)
+        l1 = L1(l1_image, l2_image.disk, src_path(), qemu, cmdline_extra=l1_cmdline_extra)
         self.state.timings["l1_boot_s"] = round(l1.start(), 1)
         self.state.save()
         try:
@@ -220,6 +280,14 @@ class VfioLab:
             self.state.mtty = (
                 self.l1_exec(f"test -d {MTTY_TYPES} && echo yes || echo no").check().strip()
                 == "yes"
+            )
+            self.state.l1_cmdline = self.l1_exec("cat /proc/cmdline").check().strip()
+            self.state.kvm_amd = dict(
+                line.rsplit("/", 1)[-1].split(":", 1)
+                for line in self.l1_exec(f"grep -H . {KVM_AMD_PARAMETERS} 2>/dev/null || true")
+                .check()
+                .split()
+                if ":" in line
             )
             t1 = time.monotonic()
             wires: dict[str, dict[str, str]] = {h: {} for h in LIBVIRT_PORTS}
@@ -234,13 +302,14 @@ class VfioLab:
             self.state.timings["hosts_s"] = round(time.monotonic() - t1, 1)
             self.state.save()
             if boot_guest:
-                self.boot_guest()
+                self.boot_guest(l2_cmdline_extra)
         except BaseException:
             log.error("vfio lab start failed; L1 console log: %s", run_dir() / "console.log")
             raise
 
-    def boot_guest(self) -> float:
-        """Boot L2 on hosta (no passthrough device); return seconds until its shell."""
+    def boot_guest(self, cmdline_extra: str = "") -> float:
+        """Boot L2 on hosta (no passthrough device); return seconds until its shell.
+        *cmdline_extra* goes at the end of its kernel command line."""
         self.l1_exec(
             f"mkdir -p {Path(L2_OVERLAY).parent} && rm -f {L2_OVERLAY} && "
             f"qemu-img create -q -f qcow2 -b {L2_DISK_DEV} -F raw {L2_OVERLAY}"
@@ -252,7 +321,9 @@ class VfioLab:
             memory_mib=L2_MEMORY_MIB,
             vcpus=L2_VCPUS,
             domain_type="kvm" if self.accel() == "kvm" else "qemu",
+            cmdline=f"{BOOT_CMDLINE} {cmdline_extra}".strip(),
         )
+        self.state.l2_cmdline = f"{BOOT_CMDLINE} {cmdline_extra}".strip()
         since = int(self.inside("console-size", "hosta").check().strip() or 0)
         dom = self.conn("hosta").defineXML(xml)
         t0 = time.monotonic()
@@ -263,6 +334,9 @@ class VfioLab:
         took = time.monotonic() - t0
         self.state.timings["l2_boot_s"] = round(took, 1)
         self.state.timings["dmesg_baseline"] = self.bad_kernel_lines()
+        text = self.exec("grep -m1 ' _text$' /proc/kallsyms || true").output.split()
+        # all zeros where kptr_restrict hides it: then unknown
+        self.state.l2_text = text[0] if text and int(text[0], 16) else ""
         self.state.save()
         log.info("L2 booted on hosta in %.1f s", took)
         return took
@@ -373,6 +447,7 @@ class VfioLab:
         over a second (spinning or halted), the monitor's view (STALL_MONITOR_COMMANDS)
         and L1's /proc/interrupts.  For a failed test's report: the L2 hang seen once
         had no such evidence beyond what was typed by hand."""
+        host = ""  # where() itself may fail: L2 on no host, or a libvirtd that refuses
         try:
             host = self.where()
             if self.exec("true", timeout=STALL_PROBE_S).status == 0:
@@ -383,20 +458,27 @@ class VfioLab:
             problem = "L2's console command failed"
         lines = [f"L2 does not answer ({problem[:300]})"]
         try:
+            if not host:
+                raise VfioLabError("L2's domain is not active on exactly one host")
             dom = self.domain(host)
             cpu = []
             for _ in range(2):
                 cpu.append(dom.getCPUStats(True)[0]["cpu_time"] / 1e9)
                 time.sleep(1.0)  # a second of vCPU time: the measurement, not a wait
             lines.append(f"L2 vCPU time over 1 s on {host}: {cpu[1] - cpu[0]:.2f} s")
+            said = {}
             for command in STALL_MONITOR_COMMANDS:
-                try:
-                    out = libvirt_qemu.qemuMonitorCommand(
-                        dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-                    )
-                except libvirt.libvirtError as exc:
-                    out = f"(failed: {exc})"
-                lines.append(f"--- (qemu) {command}\n{out.strip()}")
+                said[command] = self._monitor(dom, command)
+                lines.append(f"--- (qemu) {command}\n{said[command]}")
+            regs = registers(said["info registers"])
+            if "RSP" in regs:  # the spinning handler's frame and what it interrupted
+                stack = self._monitor(dom, f"x /{STALL_STACK_WORDS}gx 0x{regs['RSP']:x}")
+                lines.append(f"--- (qemu) x /{STALL_STACK_WORDS}gx RSP\n{stack}")
+                text = [f"{regs['RIP']:016x}"] if "RIP" in regs else []
+                text += kernel_text_words(stack)
+                if text and self.state.l2_text:
+                    names = self.inside("symbolize", self.state.l2_text, *text, timeout=120)
+                    lines.append(f"--- RIP and stack words by L1's kallsyms\n{names.output}")
         except (VfioLabError, libvirt.libvirtError) as exc:
             lines.append(f"L1's libvirt: {exc}")
         interrupts = self.l1_exec("cat /proc/interrupts", timeout=30)
@@ -409,7 +491,44 @@ class VfioLab:
             timeout=30,
         )
         lines.append(f"--- L1 KVM exit counters, twice 1 s apart\n{counters.output.strip()}")
+        lines.append(f"--- their growth in that second: {exit_counter_deltas(counters.output)}")
+        trace = self.inside("kvm-trace", str(STALL_TRACE_S), timeout=60)
+        lines.append(f"--- L1 KVM trace over {STALL_TRACE_S:g} s\n{trace.output.strip()}")
         return "\n".join(lines)
+
+    @staticmethod
+    def _monitor(dom: libvirt.virDomain, command: str) -> str:
+        try:
+            out: str = libvirt_qemu.qemuMonitorCommand(
+                dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            )
+        except libvirt.libvirtError as exc:
+            return f"(failed: {exc})"
+        return out.strip()
+
+    def libvirtd_report(self, timeout: float = LIBVIRTD_PROBE_S) -> str | None:
+        """None while every host's libvirtd answers in L1; else, for each that does not,
+        all of its threads' stacks and its log's tail (lab.nested.inside.libvirtd_report).
+        For a failed test's report: hostb's deadlock seen once had no backtrace."""
+        reports = []
+        for host, dev in self.state.hosts.items():
+            out = self.inside(
+                "libvirtd-report", host, str(dev.pid), str(timeout), timeout=timeout + 120
+            )
+            text = out.output.strip()
+            if out.status != 0 or text.splitlines()[-1:] != ["answers"]:
+                reports.append(text)
+        return "\n".join(reports) or None
+
+    def hang_evidence(self) -> list[tuple[str, str]]:
+        """(title, text) of what a failed or timed-out nested run should carry: every
+        libvirtd that does not answer in L1, with its threads' stacks; else, if L2 does
+        not answer, the stall report (its libvirt calls would block on a stuck daemon)."""
+        stuck = self.libvirtd_report()
+        if stuck is not None:
+            return [("L1 libvirtd report", stuck)]
+        stall = self.stall_report()
+        return [("L2 stall report", stall)] if stall is not None else []
 
     def status(self) -> dict[str, Any]:
         pid = running_pid()

@@ -6,10 +6,14 @@ then left up).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ptmig.serial_session import AGENT_CHANNEL
@@ -95,11 +99,51 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     nested = [value for value in funcargs.values() if isinstance(value, VfioLab)]
     if nested and call.when == "call":
         try:
-            stall = nested[0].stall_report()
+            evidence = nested[0].hang_evidence()
         except Exception as exc:  # a report must not hide the failure it reports
-            stall = f"the stall report failed: {type(exc).__name__}: {exc}"
-        if stall:
-            item.add_report_section(call.when, "L2 stall report", stall)
+            evidence = [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
+        for title, text in evidence:
+            item.add_report_section(call.when, title, text)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """A nested lab test that runs out of time (a libvirt call into L1 that never
+    returns: hostb's libvirtd deadlock in docs/lab.md) first prints what the lab sees,
+    every stuck libvirtd's thread stacks or L2's stall report, then pytest-timeout's
+    thread method dumps the stacks and ends the run as it would."""
+    if item.get_closest_marker("vfio") is None or settings.method != "thread":
+        return None
+    if not settings.timeout or settings.timeout <= 0:
+        return None
+    import pytest_timeout
+
+    from lab.nested import run_dir
+    from lab.nested.vlab import VfioLab
+
+    def expire() -> None:
+        try:
+            evidence = VfioLab().hang_evidence()
+        except Exception as exc:  # the timeout must still end the run
+            evidence = [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
+        text = "".join(f"=== {title}\n{body}\n" for title, body in evidence)
+        saved = run_dir() / f"timeout-{item.name}-{int(time.time())}.txt"
+        with contextlib.suppress(OSError):
+            saved.write_text(text)
+        # captured: pytest-timeout prints the captured output before its own dump
+        print(f"nested lab at the timeout (also in {saved}):\n{text}", flush=True)
+        pytest_timeout.timeout_timer(item, settings)
+
+    timer = threading.Timer(settings.timeout, expire)
+    timer.name = f"nested timeout {item.nodeid}"
+
+    def cancel() -> None:
+        timer.cancel()
+        timer.join()
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # pytest-timeout's cancel hook
+    timer.start()
+    return True
 
 
 @pytest.fixture

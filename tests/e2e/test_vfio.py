@@ -394,7 +394,9 @@ def test_a_stalled_l2_gives_a_stall_report_and_a_running_one_none(vlab: VfioLab)
     assert report is not None
     assert "L2 vCPU time over 1 s on " + host + ": 0.00 s" in report  # paused: no vCPU time
     assert "RIP=" in report, report  # info registers
-    assert "--- (qemu) i /l 0x620" in report and "(failed" not in report, report
+    assert "--- (qemu) i /w 0x620" in report and "(failed" not in report, report
+    assert "invalid char" not in report, report  # HMP took every command
+    assert "--- (qemu) x /96gx RSP" in report, report  # L2's kernel stack
     assert "--- L1 /proc/interrupts" in report and "CPU0" in report, report
     assert "/irq_exits:" in report and "/exits:" in report, report  # L1's KVM counters
     # The probe was typed into a paused guest, whose console took only part of it: the

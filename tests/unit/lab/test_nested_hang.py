@@ -1,0 +1,193 @@
+"""The nested lab's hang evidence and its reproduction loop (lab.nested.hangloop): the
+parts that run without L1."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from lab.guest import domain_xml
+from lab.image import BOOT_CMDLINE, GuestImage
+from lab.nested.hangloop import (
+    Iteration,
+    LibvirtTimeout,
+    LoopResult,
+    Variant,
+    migration_due,
+    variant,
+    within,
+)
+from lab.nested.image import L1_CMDLINE
+from lab.nested.inside import libvirtd_report, summarize_kvm_trace, symbolize
+from lab.nested.l1 import L1
+from lab.nested.qemu import UnpackedQemu
+from lab.nested.vlab import exit_counter_deltas, kernel_text_words, registers
+
+#: ftrace's format as L1's 6.1 prints it; the task name has a space.
+_TASK = "       CPU 0/KVM-812     [001] d..2.   431.000100: "
+_INFO = " info1 0x0000000000000001 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x0"
+TRACE = "\n".join(
+    [
+        "# tracer: nop",
+        "#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION",
+        f"{_TASK}kvm_exit: vcpu 0 reason msr rip 0xffffffff8105a1c2{_INFO}",
+        f"{_TASK}kvm_msr: msr_write 80b = 0x0",
+        f"{_TASK}kvm_inj_virq: IRQ 0x21",
+        f"{_TASK}kvm_exit: vcpu 0 reason msr rip 0xffffffff8105a1c2{_INFO}",
+        f"{_TASK}kvm_msr: msr_write 80b = 0x0",
+        f"{_TASK}kvm_exit: vcpu 0 reason vintr rip 0xffffffff81a0b3c4{_INFO}",
+    ]
+)
+
+
+def test_a_kvm_trace_is_counted_by_exit_reason_rip_and_event() -> None:
+    summary = summarize_kvm_trace(TRACE, 2.0)
+    assert summary.events == {"kvm_exit": 3, "kvm_msr": 2, "kvm_inj_virq": 1}
+    assert summary.exit_reasons == {"msr": 2, "vintr": 1}
+    assert summary.exit_rips[("msr", "0xffffffff8105a1c2")] == 2
+    assert summary.details["kvm_msr: msr_write 80b = 0x0"] == 2
+    text = summary.text()
+    assert "'kvm_exit': 2" in text  # per second over the 2 s window
+    assert "msr@0xffffffff8105a1c2 x2" in text
+    assert summarize_kvm_trace("# only a header\n", 1.0).events == {}
+
+
+def test_exit_counter_deltas_are_the_growth_between_the_two_reads() -> None:
+    out = (
+        "/sys/kernel/debug/kvm/812-11/exits:1000\n"
+        "/sys/kernel/debug/kvm/812-11/irq_exits:10\n"
+        "/sys/kernel/debug/kvm/812-11/halt_exits:7\n"
+        "/sys/kernel/debug/kvm/812-11/exits:4500\n"
+        "/sys/kernel/debug/kvm/812-11/irq_exits:12\n"
+        "grep: /sys/kernel/debug/kvm/812-11/insn_emulation: No such file or directory\n"
+    )
+    assert exit_counter_deltas(out) == {"exits": 3500, "irq_exits": 2}
+
+
+def test_variants_combine_their_command_line_extras_and_unknown_ones_are_refused() -> None:
+    assert variant("control") == Variant("control", "", "")
+    assert variant("vgif0,nox2apic") == Variant("vgif0+nox2apic", "kvm_amd.vgif=0", "nox2apic")
+    with pytest.raises(ValueError, match="vgif"):
+        variant("vgif")
+    with pytest.raises(ValueError):
+        variant(" , ")
+
+
+def test_l1_and_l2_take_the_extras_at_the_end_of_their_command_lines(tmp_path: Path) -> None:
+    l1 = L1(
+        GuestImage(tmp_path),
+        tmp_path / "l2.raw",
+        tmp_path,
+        UnpackedQemu(tmp_path / "q"),
+        cmdline_extra="kvm_amd.vgif=0",
+    )
+    argv = l1.argv(tmp_path / "o.qcow2")
+    assert argv[argv.index("-append") + 1] == f"{L1_CMDLINE} kvm_amd.vgif=0"
+    plain = L1(GuestImage(tmp_path), tmp_path / "l2.raw", tmp_path, UnpackedQemu(tmp_path / "q"))
+    assert plain.argv(tmp_path / "o.qcow2")[argv.index("-append") + 1] == L1_CMDLINE
+    xml = domain_xml(GuestImage(tmp_path), tmp_path / "d.qcow2", cmdline=f"{BOOT_CMDLINE} nox2apic")
+    assert f"<cmdline>{BOOT_CMDLINE} nox2apic</cmdline>" in xml
+
+
+def test_within_returns_raises_or_gives_up_on_a_call_that_does_not_return() -> None:
+    assert within(5, "ok", lambda: 42) == 42
+    with pytest.raises(KeyError):
+        within(5, "error", lambda: {}["missing"])
+    release = threading.Event()
+    try:
+        with pytest.raises(LibvirtTimeout, match="lookup: no answer"):
+            within(0.2, "lookup", release.wait)
+    finally:
+        release.set()  # the abandoned thread ends
+
+
+def test_the_loop_result_names_the_first_hang() -> None:
+    result = LoopResult(Variant("control"), 0.0, l1_kernel="6.1.0-50-amd64")
+    result.iterations = [Iteration(1, "0000:02:10.0"), Iteration(2, "0000:02:10.2")]
+    result.ended = "iterations"
+    assert result.hang is None and "2 iterations ok, 0 migrations, no hang" in result.summary()
+    result.iterations.append(Iteration(3, "", outcome="l2-stalled", detail="ConsoleError"))
+    result.ended = "l2-stalled"
+    assert result.hang is not None and result.hang.number == 3
+    assert "hang at iteration 3 (l2-stalled)" in result.summary()
+
+
+def _fake_tools(tmp_path: Path, virsh: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "virsh").write_text(f"#!/bin/sh\n{virsh}\n")
+    (bin_dir / "eu-stack").write_text(
+        "#!/bin/sh\necho \"PID $2 - process\"\necho 'TID 901:'\n"
+        "echo '#0  0x00007f00 __futex_abstimed_wait_common - /lib/x86_64-linux-gnu/libc.so.6'\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+def test_a_libvirtd_that_answers_gives_no_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", f"{_fake_tools(tmp_path, 'exit 0')}:/usr/bin:/bin")
+    monkeypatch.setenv("PTMIG_LAB_DIR", str(tmp_path / "run"))
+    assert libvirtd_report("hostb", 4242, 5.0) is None
+
+
+def test_a_libvirtd_that_does_not_answer_gives_its_threads_stacks_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", f"{_fake_tools(tmp_path, 'exec sleep 30')}:/usr/bin:/bin")
+    monkeypatch.setenv("PTMIG_LAB_DIR", str(tmp_path / "run"))
+    log_file = tmp_path / "run" / "hostb" / "libvirtd.log"
+    log_file.parent.mkdir(parents=True)
+    log_file.write_text("virNetSocketReadWire: End of file while reading data\n")
+    report = libvirtd_report("hostb", 4242, 0.3)
+    assert report is not None
+    assert "hostb's libvirtd (pid 4242): virsh list did not answer in 0.3 s" in report
+    assert "--- eu-stack -p 4242 -m (exit 0)" in report
+    assert "__futex_abstimed_wait_common" in report
+    assert report.endswith("virNetSocketReadWire: End of file while reading data")
+
+
+def test_a_migration_comes_after_every_n_iterations_and_never_for_zero() -> None:
+    assert [n for n in range(1, 11) if migration_due(n, 4)] == [5, 9]
+    assert not any(migration_due(n, 0) for n in range(1, 11))
+    assert [n for n in range(1, 4) if migration_due(n, 1)] == [2, 3]
+
+
+#: From the control run's stall report (2026-12-05): L2 spinning with IF=0.
+INFO_REGISTERS = """CPU#0
+RAX=ffff8e021702300c RBX=000000000000822f RCX=ffff8e0217023138 RDX=ffff8e02170230f8
+RSI=ffff8e02170230b8 RDI=ffff8e021702300c RBP=ffff8e02170230b8 RSP=ffffd4d100003d10
+RIP=ffffffffab559017 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0
+"""
+
+
+def test_the_stall_report_finds_rip_rsp_and_the_stacks_text_words() -> None:
+    assert registers(INFO_REGISTERS) == {"RIP": 0xFFFFFFFFAB559017, "RSP": 0xFFFFD4D100003D10}
+    dump = (
+        "ffffd4d100003d10: 0xffff8e0217023138 0xffffffffab4c2b1e\n"
+        "ffffd4d100003d20: 0x0000000000000002 0xffffffffab4c2b1e\n"
+        "ffffd4d100003d30: 0xffffffffc0a01234 0xffffffffab60f0a1\n"
+    )
+    # modules (0xffffffffc...) are not kernel text; each word once, in order
+    assert kernel_text_words(dump) == ["ffffffffab4c2b1e", "ffffffffab60f0a1"]
+
+
+def test_l2_addresses_are_named_by_l1s_symbols_across_the_two_kaslr_bases() -> None:
+    kallsyms = (
+        "ffffffffaee00000 T _text\n"
+        "ffffffffaef58ff0 T ktime_get_update_offsets_now\n"
+        "ffffffffaef590f0 t timekeeping_advance\n"
+        "ffffffffc0000000 d some_data\n"
+    )
+    l2_text = 0xFFFFFFFFAB400000  # the control run's L2: slide 0x2a400000
+    named = symbolize(kallsyms, l2_text, [0xFFFFFFFFAB559017, 0xFFFFFFFFAB559100, 0x1000])
+    assert named == [
+        "ffffffffab559017 ktime_get_update_offsets_now+0x27",
+        "ffffffffab559100 timekeeping_advance+0x10",
+        "0000000000001000 ?",
+    ]
+    assert symbolize("", l2_text, [0xFFFFFFFFAB559017]) == ["ffffffffab559017 ?"]
