@@ -56,7 +56,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from host.domain.domain_xml import MdevHostdev
+from host.domain.domain_xml import DomainInfo, MdevHostdev
 from host.domain.errors import DomainModelError
 from host.domain.kinds import PoolKind
 from host.domain.pools import (
@@ -163,7 +163,7 @@ def choose_ways(
     free = {pool: list(addresses) for pool, addresses in destination_free.items()}
     ways: dict[str, TeamWay] = {}
     for c in candidates:
-        ways[c.team.name] = _one(c, lasting, free, forced)
+        ways[c.team.name] = _one(c, blockers, lasting, free, forced)
     return ways
 
 
@@ -171,11 +171,17 @@ def lasting_blockers(
     candidates: Sequence[Candidate], blockers: Sequence[str], forced: Forced = Forced()
 ) -> list[str]:
     """QEMU's blockers that stay once the switched primaries are unplugged: those naming
-    none of them."""
+    none of them.  A primary a blocker names switches too (QEMU blocks it), so its own
+    blockers do not hold the others, passengers included."""
     switched = [
         c.device
         for c in candidates
-        if c.device is not None and (not _may_copy(c) or forced.reason(c.team.name))
+        if c.device is not None
+        and (
+            not _may_copy(c)
+            or forced.reason(c.team.name)
+            or any(names_device(r, c.device) for r in blockers)
+        )
     ]
     return [r for r in blockers if not any(names_device(r, d) for d in switched)]
 
@@ -198,7 +204,11 @@ def _refusal(c: Candidate) -> str | None:
 
 
 def _one(
-    c: Candidate, lasting: Sequence[str], free: dict[str, list[str]], forced: Forced
+    c: Candidate,
+    blockers: Sequence[str],
+    lasting: Sequence[str],
+    free: dict[str, list[str]],
+    forced: Forced,
 ) -> TeamWay:
     override = forced.reason(c.team.name)
     if override is not None:
@@ -207,7 +217,7 @@ def _one(
     if refusal is not None:
         return TeamWay(Way.SWITCH, refusal)
     assert c.device is not None
-    own = [r for r in lasting if names_device(r, c.device)]
+    own = [r for r in blockers if names_device(r, c.device)]
     if own:
         return TeamWay(Way.SWITCH, f"QEMU blocks it: {'; '.join(own)}")
     if lasting:
@@ -395,13 +405,13 @@ def plan_ways(
     destination: Hypervisor,
     classified: Iterable[TeamClassification],
     *,
-    mdevs: Sequence[MdevHostdev] | None = None,
+    live: DomainInfo | None = None,
     forced: Forced = Forced(),
 ) -> Plan:
     """Each team's and passenger's way through a migration of *source* to *destination*'s
     host: reads the pools of the teams on PCI primaries on both hosts, and only when one
-    allows a copy or the domain holds an mdev (*mdevs*, of the live domain preflight
-    read; None: read it again), QEMU's blockers and the destination's free devices.  A
+    allows a copy or the domain holds an mdev (*live*: the live domain preflight read;
+    None: read it again), QEMU's blockers and the destination's free devices.  A
     name in *forced* that is no team of the domain, or a passenger that cannot be
     carried, is a PreflightError."""
     classified = list(classified)
@@ -411,15 +421,16 @@ def plan_ways(
             f"no team {', '.join(unknown)} in {source.name} to force the switch of "
             f"(its teams: {', '.join(d.team.name for d in classified) or 'none'})"
         )
+    if live is None:
+        live = source.info()
     candidates = []
     for d in classified:
         here = _pci_pool(source.hv, d)
         # The destination's pool matters only when this host's allows a copy: every other
         # migration reads no more pools than before the hybrid.
         there = _pci_pool(destination, d) if _state_copy(here) else None
-        candidates.append(Candidate(d.team, d.device, here, there))
-    if mdevs is None:
-        mdevs = source.info().mdevs
+        candidates.append(Candidate(d.team, _with_host_address(d.device, live), here, there))
+    mdevs = live.mdevs
     passengers = _passengers(source.hv, destination, mdevs) if mdevs else []
     considered = (
         bool(forced) or bool(passengers) or any(_state_copy(c.source_pool) for c in candidates)
@@ -449,6 +460,17 @@ def plan_ways(
         )
     ways = choose_ways(candidates, blockers=blockers, destination_free=free, forced=forced)
     return Plan(ways, considered, carried)
+
+
+def _with_host_address(device: PrimaryDevice | None, live: DomainInfo) -> PrimaryDevice | None:
+    """*device* with the host PCI address the live domain shows for it: QEMU's blockers
+    name a vfio-pci device by that address, and a VF's record has none (libvirt picks
+    the VF; its live XML says which)."""
+    if device is None or device.pci_address is not None:
+        return device
+    plugged = live.device(device.alias)
+    address = getattr(plugged, "host_pci_address", None)
+    return dataclasses.replace(device, pci_address=address) if address else device
 
 
 def _passengers(

@@ -137,7 +137,7 @@ def preflight(
             f"not enough free devices on the destination ({pools}): of "
             f"teams {teams}, those left without one stay on their standby"
         )
-    plan = plan_ways(source, destination, classified, mdevs=info.mdevs, forced=forced)
+    plan = plan_ways(source, destination, classified, live=info, forced=forced)
     # Every check passed: now the record may be made to say what the domain has.
     for found in classified:
         if found.drifted:

@@ -16,8 +16,10 @@ from host.workflow.hybrid import (
     Forced,
     TeamWay,
     Way,
+    _with_host_address,
     choose_ways,
     kept,
+    lasting_blockers,
     still_blocked,
 )
 
@@ -127,6 +129,38 @@ def test_a_blocker_of_a_primary_that_will_be_unplugged_does_not_stop_the_copy() 
     ways = choose_ways([_lan(), wan], blockers=[blocker], destination_free=FREE)
     assert ways["lan"].way is Way.COPY
     assert ways["wan"].way is Way.SWITCH
+
+
+def test_a_marked_team_that_qemu_blocks_switches_and_holds_neither_the_others_nor_a_passenger() -> (
+    None
+):
+    """A pci pool marked state-copy whose NIC QEMU blocks (the lab's whole e1000e): that
+    team switches, and its blocker, gone with the unplug, keeps no other team or mdev."""
+    san = _lan(team=_team("san"), device=_pci("ua-ptmig-san-1", "0000:03:00.1"))
+    blocker = f"{SRC_NIC}: VFIO migration is not supported in kernel"
+    ways = choose_ways([_lan(), san], blockers=[blocker], destination_free=FREE)
+    assert ways["lan"] == TeamWay(Way.SWITCH, f"QEMU blocks it: {blocker}")
+    assert ways["san"].way is Way.COPY
+    assert lasting_blockers([_lan(), san], [blocker]) == []
+
+
+def test_a_vfs_blocker_is_known_by_the_address_the_live_domain_shows() -> None:
+    """A VF team's record names its network, not the VF: QEMU's blocker names the VF's host
+    address, which the live XML gives (so the blocker goes with the VF's unplug)."""
+    live = parse_domain(LIVE_DOMAIN)
+    vf = PrimaryDevice(
+        PoolKind.VF_NETWORK, "ua-ptmig-san-4", mac="52:54:00:00:02:01", network="ptmig-pool-sriov"
+    )
+    found = _with_host_address(vf, live)
+    assert found is not None and found.pci_address == "0000:05:10.2"
+    vf_team = Candidate(_team("san", "sriov"), found, None, None)
+    blocker = "0000:05:10.2: VFIO migration is not supported in kernel"
+    assert lasting_blockers([vf_team], [blocker]) == []
+    assert _with_host_address(None, live) is None
+    gone = PrimaryDevice(
+        PoolKind.VF_NETWORK, "ua-gone", mac="52:54:00:00:02:02", network="ptmig-pool-sriov"
+    )
+    assert _with_host_address(gone, live) == gone
 
 
 def test_a_blocker_for_the_whole_vm_switches_every_team() -> None:
