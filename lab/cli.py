@@ -95,12 +95,13 @@ def _parser() -> argparse.ArgumentParser:
         "bench-coordinator",
         help="the coordinator's own cost for 1..1000 domains, over the unit tests' fakes (no VM)",
     )
-    bc.add_argument("--sizes", default="1,10,100,1000", help="domain counts (comma-separated)")
+    bc.add_argument("--sizes", default="1,10,100,300,1000", help="domain counts (comma-separated)")
     bc.add_argument("--parallel", default="1,8", help="worker counts (comma-separated)")
     bc.add_argument(
         "--crowded",
-        default="",
-        help="domain counts for the two-target run (each destination takes half)",
+        default="10,100,300,1000",
+        help="domain counts for the layout where two targets receive everything "
+        "(each destination takes half; empty: not run)",
     )
     bc.add_argument("--json", action="store_true")
     sk = sub.add_parser(

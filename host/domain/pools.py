@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, ClassVar
 
 from host.domain.addresses import normalize_mac, normalize_pci, normalize_uuid
@@ -372,6 +373,83 @@ def format_pool_network(pool: Pool) -> str:
     return to_text(build(pool))
 
 
+@dataclass(frozen=True)
+class HeldDevices:
+    """What one domain holds that a pool counts as taken: the device-only view of a
+    domain, small enough to keep for every domain of a host (host/workflow/inventory.py
+    keeps it per domain XML, so a domain unchanged since the last step is not parsed
+    again)."""
+
+    pci: frozenset[str] = frozenset()  # hostdevs' and interfaces' host PCI sources
+    taps: frozenset[str] = frozenset()  # interfaces' target devs
+    macs: frozenset[str] = frozenset()  # interfaces' MACs
+    #: (host PCI source or None, network) of each interface on a network: a VF network's
+    #: user whose VF its (inactive) XML does not name still takes one VF.
+    networked: tuple[tuple[str | None, str], ...] = ()
+    mdevs: frozenset[str] = frozenset()  # mdev hostdevs' UUIDs
+
+    @classmethod
+    def of(cls, domain: DomainInfo) -> HeldDevices:
+        interfaces = domain.interfaces
+        return cls(
+            frozenset(h.host_pci_address for h in domain.hostdevs)
+            | frozenset(i.host_pci_address for i in interfaces if i.host_pci_address),
+            frozenset(i.target_dev for i in interfaces if i.target_dev),
+            frozenset(i.mac for i in interfaces if i.mac),
+            tuple((i.host_pci_address, i.network) for i in interfaces if i.network),
+            frozenset(m.uuid for m in domain.mdevs),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """What the domains of one host hold, together (`HeldDevices` of every domain)."""
+
+    pci: frozenset[str] = frozenset()
+    taps: frozenset[str] = frozenset()
+    macs: frozenset[str] = frozenset()
+    networked: tuple[tuple[str | None, str], ...] = ()
+    mdevs: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, domains: Iterable[HeldDevices]) -> DeviceUse:
+        held = tuple(domains)
+        return cls(
+            frozenset().union(*(h.pci for h in held)),
+            frozenset().union(*(h.taps for h in held)),
+            frozenset().union(*(h.macs for h in held)),
+            tuple(chain.from_iterable(h.networked for h in held)),
+            frozenset().union(*(h.mdevs for h in held)),
+        )
+
+    def free(self, pool: Pool) -> Iterator[Slot]:
+        """The slots of *pool* no domain holds, in pool order (see `free_slots`), made as
+        they are asked for: a plug takes the first that its attach gets."""
+        if isinstance(pool, MdevPool):
+            return (
+                MdevSlot(pool.name, u, pool.mdev_type) for u in pool.uuids if u not in self.mdevs
+            )
+        if isinstance(pool, PciPool):
+            return (PciSlot(pool.name, a) for a in pool.addresses if a not in self.pci)
+        if isinstance(pool, EmulatedPool):
+            return (
+                EmulatedSlot(pool.name, pool.bridge, pool.model, s.tap, s.mac)
+                for s in pool.slots
+                if s.tap not in self.taps and s.mac not in self.macs
+            )
+        return iter([VfSlot(pool.name, pool.network)] * vf_capacity(pool, self))
+
+    def free_count(self, pool: Pool) -> int:
+        """How many slots of *pool* no domain holds (`free` without making the slots)."""
+        if isinstance(pool, MdevPool):
+            return sum(1 for u in pool.uuids if u not in self.mdevs)
+        if isinstance(pool, PciPool):
+            return sum(1 for a in pool.addresses if a not in self.pci)
+        if isinstance(pool, EmulatedPool):
+            return sum(1 for s in pool.slots if s.tap not in self.taps and s.mac not in self.macs)
+        return vf_capacity(pool, self)
+
+
 def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
     """The slots of `pool` no domain uses, in pool order.
 
@@ -383,22 +461,7 @@ def free_slots(pool: Pool, domains_xml: Iterable[str]) -> list[Slot]:
     interfaces using it (by VF address when libvirt reports it, else by network).  An
     mdev is taken by any domain's mdev hostdev of its UUID.
     """
-    domains = [parse_domain(xml) for xml in domains_xml]
-    if isinstance(pool, MdevPool):
-        held = {m.uuid for d in domains for m in d.mdevs}
-        return [MdevSlot(pool.name, u, pool.mdev_type) for u in pool.uuids if u not in held]
-    if isinstance(pool, PciPool):
-        used = _used_pci(domains)
-        return [PciSlot(pool.name, a) for a in pool.addresses if a not in used]
-    if isinstance(pool, EmulatedPool):
-        taps = {i.target_dev for d in domains for i in d.interfaces if i.target_dev}
-        macs = {i.mac for d in domains for i in d.interfaces if i.mac}
-        return [
-            EmulatedSlot(pool.name, pool.bridge, pool.model, s.tap, s.mac)
-            for s in pool.slots
-            if s.tap not in taps and s.mac not in macs
-        ]
-    return [VfSlot(pool.name, pool.network)] * vf_capacity(pool, domains)
+    return list(DeviceUse.of(HeldDevices.of(parse_domain(xml)) for xml in domains_xml).free(pool))
 
 
 def is_pool_device(pool: Pool, device: Interface | Hostdev | MdevHostdev) -> bool:
@@ -423,32 +486,18 @@ def is_pool_device(pool: Pool, device: Interface | Hostdev | MdevHostdev) -> boo
     return isinstance(device, Interface) and device.network == pool.network
 
 
-def vf_capacity(pool: VfNetworkPool, domains: Iterable[DomainInfo]) -> int:
-    """How many more interfaces `pool`'s network can take."""
+def vf_capacity(pool: VfNetworkPool, use: DeviceUse) -> int:
+    """How many more interfaces `pool`'s network can take, given what the host's domains
+    hold."""
     if not pool.vf_addresses:
         raise DomainModelError(
             f"pool {pool.name}: the network lists no VFs; read the active network's XML "
             "(libvirt lists a PF's VFs once the network is started)"
         )
     vfs = set(pool.vf_addresses)
-    used_vfs: set[str] = set()
-    unplaced = 0  # users whose VF is not in the XML (inactive XML)
-    for domain in domains:
-        for interface in domain.interfaces:
-            if interface.host_pci_address in vfs:
-                used_vfs.add(interface.host_pci_address)
-            elif interface.network == pool.network:
-                unplaced += 1
-        used_vfs.update(h.host_pci_address for h in domain.hostdevs if h.host_pci_address in vfs)
-    return max(0, len(vfs) - len(used_vfs) - unplaced)
-
-
-def _used_pci(domains: Iterable[DomainInfo]) -> set[str]:
-    used: set[str] = set()
-    for domain in domains:
-        used.update(h.host_pci_address for h in domain.hostdevs)
-        used.update(i.host_pci_address for i in domain.interfaces if i.host_pci_address)
-    return used
+    # Users whose VF is not in the XML (inactive XML) take one each.
+    unplaced = sum(1 for pci, net in use.networked if pci not in vfs and net == pool.network)
+    return max(0, len(vfs) - len(use.pci & vfs) - unplaced)
 
 
 def _unique(values: tuple[str, ...], where: str) -> tuple[str, ...]:

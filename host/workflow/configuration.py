@@ -22,7 +22,7 @@ from host.domain.pools import (
 from host.domain.teams import PrimaryDevice, Team, TeamSet
 from host.workflow.errors import WorkflowError
 from host.workflow.guest import Guest
-from host.workflow.inventory import pool_status
+from host.workflow.inventory import DeviceView, pool_status
 from host.workflow.journal import Journal, WorkflowKind
 from host.workflow.model import DomainTeams, Outcome, PoolStatus, TeamRequest, plain
 from host.workflow.runtime import Runtime
@@ -99,7 +99,7 @@ def pool_define(rt: Runtime, uri: str, pool: Pool) -> PoolStatus:
         defined = hv.network_xml(pool.network)
         if defined is None:
             raise WorkflowError(f"{uri}: pool {pool.name} vanished as it was defined")
-        return pool_status(parse_pool_network(defined), hv.all_domain_xml())
+        return pool_status(parse_pool_network(defined), DeviceView.read(hv))
 
 
 def pool_undefine(rt: Runtime, uri: str, name: str) -> None:

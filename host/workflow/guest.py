@@ -21,13 +21,13 @@ from host.agent_client import AgentClient, AgentOnDemand, GuestState, TeamState
 from host.domain.devices import attachment_for_slot, next_primary_alias
 from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.kinds import MacPolicy
-from host.domain.pools import Pool, VfNetworkPool, free_slots
+from host.domain.pools import Pool, VfNetworkPool
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
 from host.workflow.drift import TeamCase, TeamClassification, classify_teams
 from host.workflow.errors import PreflightError, WorkflowError
-from host.workflow.inventory import pool_on
+from host.workflow.inventory import DeviceView, pool_on
 from host.workflow.lease import LEASE_TTL, DomainLease, LeaseHeld
 from host.workflow.macpolicy import mac_policy_refusal
 from host.workflow.model import TeamMode
@@ -244,7 +244,7 @@ class Guest:
         for xml in (self.dom.xml(), self.dom.xml(inactive=True)):
             info = parse_domain(xml)
             aliases += [i.alias for i in info.interfaces] + [h.alias for h in info.hostdevs]
-        for slot in free_slots(pool, self.hv.all_domain_xml()):
+        for slot in DeviceView.read(self.hv).free_slots(pool):
             alias = next_primary_alias(team.name, aliases)
             vf_mac = team.team_mac or team.standby_mac
             attachment = attachment_for_slot(slot, alias=alias, vf_mac=vf_mac)

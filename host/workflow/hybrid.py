@@ -65,7 +65,6 @@ from host.domain.pools import (
     PciPool,
     PciSlot,
     Pool,
-    free_slots,
     parse_pool_network,
     pool_network_name,
 )
@@ -74,7 +73,7 @@ from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.guest import Guest
-from host.workflow.inventory import pool_networks, pool_on
+from host.workflow.inventory import DeviceView, pool_networks, pool_on
 
 
 class Way(StrEnum):
@@ -443,11 +442,11 @@ def plan_ways(
             blockers = source.dom.migration_blockers()
         except HypervisorError as exc:
             blockers = [f"QEMU's blockers could not be read ({exc})"]
-        domains = destination.all_domain_xml()
+        held = DeviceView.read(destination)  # the destination's devices, for this step
         pools = [c.destination_pool for c in candidates] + [p.destination_pool for p in passengers]
         for pool in pools:
             if isinstance(pool, (PciPool, MdevPool)) and pool.state_copy and pool.name not in free:
-                slots = free_slots(pool, domains)
+                slots = held.free_slots(pool)
                 free[pool.name] = [
                     s.address if isinstance(s, PciSlot) else s.uuid
                     for s in slots

@@ -25,7 +25,7 @@ from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError
 from host.workflow.guest import Guest
 from host.workflow.hybrid import Forced, Plan, plan_ways
-from host.workflow.inventory import free_devices, pool_on
+from host.workflow.inventory import DeviceView, pool_on
 from host.workflow.macpolicy import mac_policy_refusal
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def preflight(
     by_name = {t.name: t for t in state.teams}
     free: dict[str, int] = {}
     destination_pools: dict[str, Pool | None] = {}
+    held: DeviceView | None = None  # the destination's devices, read once for this step
     for team in recorded:
         ts = by_name.get(team.name)
         if ts is None:
@@ -115,7 +116,9 @@ def preflight(
         if team.pool not in destination_pools:
             pool = pool_on(destination, team)
             destination_pools[team.pool] = pool
-            free[team.pool] = free_devices(destination, pool)
+            if pool is not None and held is None:
+                held = DeviceView.read(destination)
+            free[team.pool] = held.free(pool) if held is not None else 0
         if destination_pools[team.pool] is None:
             raise PreflightError(f"team {team.name}: the destination has no pool {team.pool}")
         if isinstance(destination_pools[team.pool], MdevPool):

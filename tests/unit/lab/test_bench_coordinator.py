@@ -23,17 +23,37 @@ def test_one_run_moves_every_domain_and_counts_the_journal() -> None:
     assert r["tracemalloc_peak_kib"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0
 
 
-def test_bench_reports_ratios_and_speedup_from_its_runs() -> None:
-    result = bc.bench(sizes=(1, 4), parallel=(1,), through=(4, 0.05, (1, 4)), child=False)
-    assert [(r["domains"], r["parallel"]) for r in result["runs"]] == [(1, 1), (4, 1)]
-    assert all(r["outcomes"] == {"done": r["domains"]} for r in result["runs"])
-    assert set(result["cpu_per_domain_ratio"]) == {"4/1 parallel 1"}
+def test_bench_reports_ratios_verdicts_and_speedup_from_its_runs() -> None:
+    result = bc.bench(
+        sizes=(1, 10, 12), parallel=(1,), through=(4, 0.05, (1, 4)), crowded=(10, 12), child=False
+    )
+    assert [(r["domains"], r["parallel"]) for r in result["runs"]] == [(1, 1), (10, 1), (12, 1)]
+    assert [(r["domains"], r["targets"]) for r in result["crowded"]] == [(10, 2), (12, 2)]
+    assert all(r["outcomes"] == {"done": r["domains"]} for r in result["runs"] + result["crowded"])
+    spread, crowded = result["layouts"]
+    assert crowded["layout"] == "two targets receive everything, 1 worker"
+    for layout, runs in ((spread, result["runs"]), (crowded, result["crowded"])):
+        own = {r["domains"]: r["coordinator_cpu_per_domain_ms"] for r in runs}
+        assert layout["ratio"] == round(own[12] / own[10], 2)  # from 10 up, not from 1
+        assert layout["met"] == (layout["ratio"] <= bc.GOAL_RATIO)
+    assert result["goal"]["met"] == (spread["met"] and crowded["met"])
     one, four = result["throughput"]
     assert (one["parallel"], four["parallel"], four["domains"]) == (1, 4, 4)
     assert result["speedup"] == {
         "4 vs 1": round(four["domains_per_s"] / one["domains_per_s"], 2)
     }  # how fast, the benchmark says (docs/benchmarks/coordinator-scale.md); not a test's job
-    assert "per-domain CPU ratio" in bc.render(result)
+    assert set(result["machine"]["before"]) == {"loadavg", "cpus"}
+    assert "two targets receive everything, 1 worker: coordinator CPU" in bc.render(result)
+
+
+def test_the_fakes_cpu_is_counted_apart_from_the_coordinators() -> None:
+    r = bc.run_one(3, 1, crowded=True)
+    # Every migration reads the destination's domains (fake libvirt) and asks the agent.
+    assert r["fake_libvirt_cpu_s"] > 0 and r["fake_agent_cpu_s"] > 0
+    assert r["fake_libvirt_cpu_s"] + r["fake_agent_cpu_s"] < r["cpu_s"]
+    run = bc.scale_run(3, 1, crowded=True, child=False, memory=False)
+    own = run.cpu_s - run.fake_libvirt_cpu_s - run.fake_agent_cpu_s
+    assert abs(run.coordinator_cpu_s - own) <= 0.002
 
 
 def test_a_configuration_runs_in_its_own_interpreter() -> None:
