@@ -427,9 +427,15 @@ def run(
     parallel: tuple[int, ...] = PARALLEL,
     crowded: tuple[int, ...] = CROWDED,
 ) -> int:
-    """``ptmig-lab bench-coordinator``."""
-    result = bench(sizes, parallel, crowded=crowded)
-    print(json.dumps(result, indent=1) if as_json else render(result))
+    """``ptmig-lab bench-coordinator``, with the machine's load over it (lab.load: the
+    configurations run in this process's children, so they are its own)."""
+    from lab.load import LoadSampler
+
+    with LoadSampler() as sampler:
+        result = bench(sizes, parallel, crowded=crowded)
+    load = sampler.stop()
+    result["machine_load"] = load.to_dict()
+    print(json.dumps(result, indent=1) if as_json else render(result) + "\n" + load.summary())
     return 0
 
 

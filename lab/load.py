@@ -21,7 +21,11 @@ not use.  The verdict (:func:`judge`) is stated in :data:`THRESHOLDS`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shlex
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -220,6 +224,9 @@ class MachineLoad:
     busy: bool
     reasons: list[str]
     thresholds: dict[str, float] = field(default_factory=lambda: dict(THRESHOLDS))
+    #: What ran: the command line and the checkout's commit (``-dirty`` with changes).
+    command: str = ""
+    commit: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -329,6 +336,27 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
     )
 
 
+def checkout_commit() -> str:
+    """This checkout's commit, ``-dirty`` when it has uncommitted changes ("" outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("-dirty" if dirty else "")
+
+
 def _read(path: str) -> str | None:
     try:
         return Path(path).read_text()
@@ -413,7 +441,9 @@ class LoadSampler:
         if self._thread is not None:
             self._thread.join()
         self._snapshots.append(take_snapshot(os.getpid(), self._lab_ns))
-        self.record = summarize(self._snapshots, self._started_utc, os.cpu_count() or 1)
+        load = summarize(self._snapshots, self._started_utc, os.cpu_count() or 1)
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        self.record = dataclasses.replace(load, command=command, commit=checkout_commit())
         return self.record
 
     def __enter__(self) -> LoadSampler:
