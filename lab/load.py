@@ -9,13 +9,17 @@ run (/proc/stat, all CPUs), and each process's CPU time, split by whose it is:
 
 * ``own``: this process and its descendants (pingers, ``ptmig`` commands, the lab's
   libvirtds when this run started them);
-* ``lab``: processes in the mount namespace of one of the lab's libvirtds (its QEMUs);
+* ``lab``: processes in the network namespace of one of the lab's libvirtds (its QEMUs,
+  which libvirt gives a private mount namespace each but leaves in the host's network);
 * ``kernel``: kernel threads;
 * ``other``: everything else, QEMUs of other labs or VMs among them (``other_qemu``).
 
-A process that starts and ends between two samples is not seen: its time shows only in
-``unattributed_cpu_s`` (busy time no seen process accounts for), which the verdict does
-not use.  The verdict (:func:`judge`) is stated in :data:`THRESHOLDS`.
+A process that ends is reaped by its parent, whose reaped-children time then holds the
+child's whole time: a child seen alive counts as its own kind and its time is taken off the
+parent's; one never seen counts as its parent's kind (a build's compilers as the shell's).
+Busy time no seen process accounts for (a process whose parent is gone too, interrupts) is
+``unattributed_cpu_s``, which the verdict does not use.  The verdict (:func:`judge`) is
+stated in :data:`THRESHOLDS`.
 """
 
 from __future__ import annotations
@@ -141,11 +145,11 @@ OWN, LAB, KERNEL, OTHER = "own", "lab", "kernel", "other"
 def classify(
     procs: Mapping[int, ProcStat],
     own_pid: int,
-    mount_ns: Mapping[int, str],
-    lab_mount_ns: frozenset[str],
+    net_ns: Mapping[int, str],
+    lab_net_ns: frozenset[str],
 ) -> dict[int, str]:
     """Whose each process is (module docstring): descendants of *own_pid* first, then the
-    lab's mount namespaces, then kernel threads; the rest is other."""
+    lab's network namespaces, then kernel threads; the rest is other."""
     out: dict[int, str] = {}
 
     def is_own(pid: int) -> bool:
@@ -163,7 +167,7 @@ def classify(
     for pid, p in procs.items():
         if is_own(pid):
             out[pid] = OWN
-        elif mount_ns.get(pid) in lab_mount_ns:
+        elif net_ns.get(pid) in lab_net_ns:
             out[pid] = LAB
         elif p.kernel_thread:
             out[pid] = KERNEL
@@ -285,13 +289,20 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
             else:
                 base, _old, old_kind = seen[key]
                 seen[key] = (base, p, OWN if OWN in (kind, old_kind) else kind)
+    # A process that ended while its parent lived was reaped by it: its whole time (from
+    # before the run too) went into the parent's reaped-children time.  It counts as its
+    # own kind, from its base; its whole time is taken off the parent's.
+    reaped: dict[tuple[int, int], int] = {}
+    for (pid, start), (_base, p, _kind) in seen.items():
+        parent = last.procs.get(p.ppid)
+        alive = pid in last.procs and last.procs[pid].starttime == start
+        if not alive and parent is not None:
+            key = (parent.pid, parent.starttime)
+            reaped[key] = reaped.get(key, 0) + p.cpu_ticks
     by_kind = {OWN: 0, LAB: 0, KERNEL: 0, OTHER: 0}
     others: list[ProcessCpu] = []
-    for (pid, start), (base, p, kind) in seen.items():
-        alive = pid in last.procs and last.procs[pid].starttime == start
-        if not alive and p.ppid in last.procs:
-            continue  # ended, its time now in its parent's (counted there)
-        ticks = max(0, p.cpu_ticks - base)
+    for key, (base, p, kind) in seen.items():
+        ticks = max(0, p.cpu_ticks - base - reaped.get(key, 0))
         by_kind[kind] += ticks
         if kind == OTHER and ticks:
             others.append(ProcessCpu(p.pid, p.comm, round(ticks / HZ, 2)))
@@ -360,21 +371,21 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _mount_ns(pid: int) -> str | None:
+def _net_ns(pid: int) -> str | None:
     try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
+        return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
         return None
 
 
-def take_snapshot(own_pid: int, lab_mount_ns: frozenset[str]) -> Snapshot:
+def take_snapshot(own_pid: int, lab_net_ns: frozenset[str]) -> Snapshot:
     """One reading of /proc (a few milliseconds for a few hundred processes)."""
     at = time.monotonic()
     cpu, running = parse_proc_stat(Path("/proc/stat").read_text())
     loadavg = parse_loadavg(Path("/proc/loadavg").read_text())
     uptime = int(float(Path("/proc/uptime").read_text().split()[0]) * HZ)
     procs: dict[int, ProcStat] = {}
-    mount_ns: dict[int, str] = {}
+    net_ns: dict[int, str] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -383,9 +394,9 @@ def take_snapshot(own_pid: int, lab_mount_ns: frozenset[str]) -> Snapshot:
             continue
         p = parse_pid_stat(text)
         procs[p.pid] = p
-        if lab_mount_ns and not p.kernel_thread and (ns := _mount_ns(p.pid)) is not None:
-            mount_ns[p.pid] = ns
-    kinds = classify(procs, own_pid, mount_ns, lab_mount_ns)
+        if lab_net_ns and not p.kernel_thread and (ns := _net_ns(p.pid)) is not None:
+            net_ns[p.pid] = ns
+    kinds = classify(procs, own_pid, net_ns, lab_net_ns)
     return Snapshot(at, uptime, cpu, running, loadavg, procs, kinds)
 
 
@@ -393,8 +404,8 @@ class LoadSampler:
     """Samples /proc every *interval* s from a daemon thread between start and stop;
     ``with LoadSampler(lab_pids) as load: ...`` then ``load.record``.
 
-    *lab_pids*: the lab's libvirtds (``VmLab.state.pids``), whose mount namespaces hold
-    the lab's QEMUs; a callable is read at start, after a lab the run brings up is up.
+    *lab_pids*: the lab's libvirtds (``VmLab.state.pids``), whose network namespaces
+    hold the lab's QEMUs; a callable is read at start, after a lab the run brings up is up.
     """
 
     def __init__(
@@ -417,7 +428,7 @@ class LoadSampler:
 
     def start(self) -> LoadSampler:
         pids = self._lab_pids() if callable(self._lab_pids) else self._lab_pids
-        self._lab_ns = frozenset(ns for pid in pids if (ns := _mount_ns(pid)) is not None)
+        self._lab_ns = frozenset(ns for pid in pids if (ns := _net_ns(pid)) is not None)
         self._started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._snapshots = [take_snapshot(os.getpid(), self._lab_ns)]
         self._thread = threading.Thread(target=self._loop, name="load-sampler", daemon=True)

@@ -86,12 +86,12 @@ def test_classify_own_lab_kernel_other() -> None:
         10: proc(10, 1),  # the run
         11: proc(11, 10),  # its child
         12: proc(12, 11),  # and grandchild
-        20: proc(20, 1, comm="qemu-system-x86"),  # in the lab's mount namespace
+        20: proc(20, 1, comm="qemu-system-x86"),  # in the lab's network namespace
         30: proc(30, 2, kthread=True),
         40: proc(40, 1, comm="qemu-system-x86"),  # someone else's VM
     }
-    ns = {20: "mnt:[9]", 40: "mnt:[1]", 10: "mnt:[1]", 11: "mnt:[9]"}
-    kinds = classify(procs, 10, ns, frozenset({"mnt:[9]"}))
+    ns = {20: "net:[9]", 40: "net:[1]", 10: "net:[1]", 11: "net:[9]"}
+    kinds = classify(procs, 10, ns, frozenset({"net:[9]"}))
     assert kinds == {1: OTHER, 2: KERNEL, 10: OWN, 11: OWN, 12: OWN, 20: LAB, 30: KERNEL, 40: OTHER}
 
 
@@ -147,6 +147,21 @@ def test_summarize_splits_cpu_by_whose_and_flags_others() -> None:
     assert load.busy
     assert any("other processes used 0.60 cores" in r for r in load.reasons)
     assert "BUSY" in load.summary()
+
+
+def test_a_reaped_process_counts_once_as_its_own_kind() -> None:
+    """A lab QEMU that ran 100 s before the run and 3 s in it, then ended and was reaped
+    by init (other): 3 s of lab, and init's reaped-children jump of 103 s is not other."""
+    s = HZ
+    qemu = proc(20, 1, 100 * s, "qemu-system-x86", start=5)
+    first = snap(0.0, 0, 0, {1: proc(1, 0, 7 * s), 20: qemu}, {1: OTHER, 20: LAB}, uptime=500)
+    mid = snap(
+        5.0, 0, 0, {1: proc(1, 0, 7 * s), 20: proc(20, 1, 103 * s, start=5)}, {1: OTHER, 20: LAB}
+    )
+    last = snap(10.0, 4 * s, 0, {1: proc(1, 0, (7 + 103 + 1) * s)}, {1: OTHER})
+    load = summarize([first, mid, last], "t", 2)
+    assert (load.lab_cpu_s, load.other_cpu_s) == (3.0, 1.0)  # init's own second stays
+    assert not load.busy
 
 
 def test_summarize_quiet_run() -> None:
