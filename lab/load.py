@@ -267,6 +267,18 @@ def judge(
     return reasons
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """A process across the snapshots: its CPU base, its last reading and kind, the index
+    of the last snapshot it was in, and its parent's key there."""
+
+    base: int
+    stat: ProcStat
+    kind: str
+    index: int
+    parent: tuple[int, int] | None
+
+
 def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> MachineLoad:
     """The run's record from its snapshots (at least two: the first and the last)."""
     if len(snapshots) < 2:
@@ -276,36 +288,35 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
     dt = last.cpu.total - first.cpu.total or 1
     # Per process, keyed (pid, starttime) against PID reuse: CPU from its first sighting
     # (or from its start, when it started after the first snapshot) to its last.
-    seen: dict[tuple[int, int], tuple[int, ProcStat, str]] = {}
-    for snap in snapshots:
+    seen: dict[tuple[int, int], _Seen] = {}
+    for index, snap in enumerate(snapshots):
         for pid, p in snap.procs.items():
             key = (pid, p.starttime)
             kind = snap.kinds.get(pid, OTHER)
-            if key not in seen:
-                base = (
-                    0 if (snap is not first and p.starttime > first.uptime_ticks) else p.cpu_ticks
-                )
-                seen[key] = (base, p, kind)
+            parent = snap.procs.get(p.ppid)
+            parent_key = (parent.pid, parent.starttime) if parent is not None else None
+            old = seen.get(key)
+            if old is None:
+                late = snap is not first and p.starttime > first.uptime_ticks
+                seen[key] = _Seen(0 if late else p.cpu_ticks, p, kind, index, parent_key)
             else:
-                base, _old, old_kind = seen[key]
-                seen[key] = (base, p, OWN if OWN in (kind, old_kind) else kind)
-    # A process that ended while its parent lived was reaped by it: its whole time (from
-    # before the run too) went into the parent's reaped-children time.  It counts as its
-    # own kind, from its base; its whole time is taken off the parent's.
+                kind = OWN if OWN in (kind, old.kind) else kind
+                seen[key] = _Seen(old.base, p, kind, index, parent_key)
+    # A process gone while its parent was still seen after it was reaped by it: its
+    # whole time (from before the run too) went into the parent's reaped-children time.
+    # It counts as its own kind, from its base; its whole time is taken off the parent's.
     reaped: dict[tuple[int, int], int] = {}
-    for (pid, start), (_base, p, _kind) in seen.items():
-        parent = last.procs.get(p.ppid)
-        alive = pid in last.procs and last.procs[pid].starttime == start
-        if not alive and parent is not None:
-            key = (parent.pid, parent.starttime)
-            reaped[key] = reaped.get(key, 0) + p.cpu_ticks
+    for child in seen.values():
+        reaper = seen.get(child.parent) if child.parent is not None else None
+        if reaper is not None and reaper.index > child.index and child.parent is not None:
+            reaped[child.parent] = reaped.get(child.parent, 0) + child.stat.cpu_ticks
     by_kind = {OWN: 0, LAB: 0, KERNEL: 0, OTHER: 0}
     others: list[ProcessCpu] = []
-    for key, (base, p, kind) in seen.items():
-        ticks = max(0, p.cpu_ticks - base - reaped.get(key, 0))
-        by_kind[kind] += ticks
-        if kind == OTHER and ticks:
-            others.append(ProcessCpu(p.pid, p.comm, round(ticks / HZ, 2)))
+    for key, entry in seen.items():
+        ticks = max(0, entry.stat.cpu_ticks - entry.base - reaped.get(key, 0))
+        by_kind[entry.kind] += ticks
+        if entry.kind == OTHER and ticks:
+            others.append(ProcessCpu(entry.stat.pid, entry.stat.comm, round(ticks / HZ, 2)))
     busy_ticks = last.cpu.busy - first.cpu.busy
     steal = (last.cpu.steal - first.cpu.steal) / dt
     other_qemu = [o for o in others if is_qemu(o.comm)]
@@ -320,7 +331,10 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
     other_qemu += [
         ProcessCpu(p.pid, p.comm, 0.0) for p in idle_qemus.values() if p.pid not in listed
     ]
-    other_s = by_kind[OTHER] / HZ
+    # Readings of /proc/PID/stat and /proc/stat differ by a few per cent over a busy
+    # run (taken at other instants): the others' share is bounded by the CPU's counters.
+    accounted = by_kind[OWN] + by_kind[LAB] + by_kind[KERNEL]
+    other_s = min(by_kind[OTHER], max(0, busy_ticks - accounted)) / HZ
     reasons = judge(seconds, steal, other_s, sum(o.cpu_s for o in other_qemu))
     running = [max(0, s.running - 1) for s in snapshots]
     return MachineLoad(
