@@ -140,6 +140,9 @@ def parse_pid_stat(text: str) -> ProcStat:
 
 
 OWN, LAB, KERNEL, OTHER = "own", "lab", "kernel", "other"
+#: A process keeps the first of these it was ever seen as: a QEMU that has exited is a
+#: zombie until reaped, and a zombie's namespaces cannot be read (it would look other).
+KIND_RANK = (OWN, LAB, KERNEL, OTHER)
 
 
 def classify(
@@ -300,7 +303,7 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
                 late = snap is not first and p.starttime > first.uptime_ticks
                 seen[key] = _Seen(0 if late else p.cpu_ticks, p, kind, index, parent_key)
             else:
-                kind = OWN if OWN in (kind, old.kind) else kind
+                kind = min(kind, old.kind, key=KIND_RANK.index)
                 seen[key] = _Seen(old.base, p, kind, index, parent_key)
     # A process gone while its parent was still seen after it was reaped by it: its
     # whole time (from before the run too) went into the parent's reaped-children time.
@@ -322,10 +325,9 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
     other_qemu = [o for o in others if is_qemu(o.comm)]
     # qemu processes that used no CPU are still other VMs on the machine
     idle_qemus = {
-        (pid, p.starttime): p
-        for snap in snapshots
-        for pid, p in snap.procs.items()
-        if snap.kinds.get(pid) == OTHER and is_qemu(p.comm)
+        key: entry.stat
+        for key, entry in seen.items()
+        if entry.kind == OTHER and is_qemu(entry.stat.comm)
     }
     listed = {o.pid for o in other_qemu}
     other_qemu += [

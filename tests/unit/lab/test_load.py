@@ -164,6 +164,16 @@ def test_a_reaped_process_counts_once_as_its_own_kind() -> None:
     assert not load.busy
 
 
+def test_a_zombie_keeps_its_kind() -> None:
+    """An exited lab QEMU, a zombie at its last sighting, is classified other there (its
+    namespaces are gone): it stays lab, as first seen."""
+    s = HZ
+    first = snap(0.0, 0, 0, {20: proc(20, 1, 0, "qemu-system-x86")}, {20: LAB})
+    last = snap(10.0, 5 * s, 0, {20: proc(20, 1, 5 * s, "qemu-system-x86")}, {20: OTHER})
+    load = summarize([first, last], "t", 2)
+    assert (load.lab_cpu_s, load.other_cpu_s, load.other_qemu) == (5.0, 0.0, [])
+
+
 def test_summarize_quiet_run() -> None:
     s = HZ
     first = snap(0.0, 0, 0, {10: proc(10, 1, 0)}, {10: OWN})
