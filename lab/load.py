@@ -305,14 +305,17 @@ def summarize(snapshots: Sequence[Snapshot], started_utc: str, cpus: int) -> Mac
             else:
                 kind = min(kind, old.kind, key=KIND_RANK.index)
                 seen[key] = _Seen(old.base, p, kind, index, parent_key)
-    # A process gone while its parent was still seen after it was reaped by it: its
+    # A process gone while its parent was still seen after was reaped by it: its
     # whole time (from before the run too) went into the parent's reaped-children time.
     # It counts as its own kind, from its base; its whole time is taken off the parent's.
+    # A parent gone in the same interval passed it on to its own parent: up the chain.
     reaped: dict[tuple[int, int], int] = {}
     for child in seen.values():
-        reaper = seen.get(child.parent) if child.parent is not None else None
-        if reaper is not None and reaper.index > child.index and child.parent is not None:
-            reaped[child.parent] = reaped.get(child.parent, 0) + child.stat.cpu_ticks
+        up = child.parent
+        while up is not None and up in seen and seen[up].index == child.index:
+            up = seen[up].parent
+        if up is not None and up in seen and seen[up].index > child.index:
+            reaped[up] = reaped.get(up, 0) + child.stat.cpu_ticks
     by_kind = {OWN: 0, LAB: 0, KERNEL: 0, OTHER: 0}
     others: list[ProcessCpu] = []
     for key, entry in seen.items():

@@ -164,6 +164,20 @@ def test_a_reaped_process_counts_once_as_its_own_kind() -> None:
     assert not load.busy
 
 
+def test_a_chain_gone_in_one_interval_is_taken_off_the_survivor() -> None:
+    """A shell (other) ran `timeout` running a test run with 50 s behind it; the test run
+    and `timeout` both ended in the same interval: the shell's reaped-children jump holds
+    both, and only what they did in the run (2 s, 0 s) counts."""
+    s = HZ
+    procs0 = {100: proc(100, 1, 0), 101: proc(101, 100, 1 * s), 102: proc(102, 101, 50 * s)}
+    kinds = {100: OTHER, 101: OTHER, 102: OTHER}
+    first = snap(0.0, 0, 0, procs0, kinds, uptime=500)
+    mid = snap(5.0, 0, 0, {**procs0, 102: proc(102, 101, 52 * s)}, kinds)
+    last = snap(10.0, 4 * s, 0, {100: proc(100, 1, (1 + 52) * s)}, {100: OTHER})
+    load = summarize([first, mid, last], "t", 2)
+    assert load.other_cpu_s == 2.0
+
+
 def test_a_zombie_keeps_its_kind() -> None:
     """An exited lab QEMU, a zombie at its last sighting, is classified other there (its
     namespaces are gone): it stays lab, as first seen."""
