@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import os
@@ -277,15 +278,17 @@ USER_PING_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class Gap:
-    """A loss as a user's pinger sees it: from the last echo reply before it to the first
-    after it (reply times, so the reply's own round trip is inside).
+    """A loss as a user's pinger sees it: the stretch with no echo reply around it, from
+    the last reply that arrived before the first lost request was sent to the first that
+    arrived after (arrival times: a reply held up by the VM's stop-and-copy and let out
+    with the others when it resumes ends the gap, it does not start it).
 
     At the start of the record (no reply before) the gap opens at the first request's
     send time (``open_start``); at its end (no reply after) it closes at the last
     request's send time (``open_end``): either way the gap was at least that long.
     """
 
-    first_seq: int  # the first and last lost request, as seqs of the full record
+    first_seq: int  # the first and last lost request in it, as seqs of the full record
     last_seq: int
     lost: int  # the user's requests lost in it
     start_ns: int
@@ -316,35 +319,22 @@ def connectivity_gaps(
     """The gaps a pinger every *interval_s* would have seen, from a faster record: its
     requests *offset*, *offset* + k, ... (k = :func:`user_stride`), whose fates are the
     ones a ``ping -i 0.1`` beside the fast sender met.  Undetermined requests (a killed
-    run's last second) end the series."""
+    run's last second) end the series.  Losses inside one stretch without replies make
+    one gap."""
     stride = user_stride(record.rate, interval_s)
     status = _status(record)
     seqs = [i for i in range(offset, record.sent, stride) if status[i] != _UNKNOWN]
+    arrivals = sorted(r for i in seqs if (r := record.recv_ns[i]) is not None)
     gaps: list[Gap] = []
-    last_reply: int | None = None  # recv time of the last answered request
-    run: list[int] = []  # the current run of lost requests
     for i in seqs:
-        if status[i] == _LOST:
-            run.append(i)
+        if status[i] != _LOST:
             continue
-        reply = record.recv_ns[i]
-        assert reply is not None
-        if run:
-            start = last_reply if last_reply is not None else record.send_ns[run[0]]
-            gaps.append(Gap(run[0], run[-1], len(run), start, reply, open_start=last_reply is None))
-            run = []
-        last_reply = reply
-    if run:
-        start = last_reply if last_reply is not None else record.send_ns[run[0]]
-        gaps.append(
-            Gap(
-                run[0],
-                run[-1],
-                len(run),
-                start,
-                max(start, record.send_ns[run[-1]]),
-                open_start=last_reply is None,
-                open_end=True,
-            )
-        )
+        sent = record.send_ns[i]
+        k = bisect.bisect_left(arrivals, sent)
+        start = arrivals[k - 1] if k else record.send_ns[seqs[0]]
+        end = arrivals[k] if k < len(arrivals) else max(start, record.send_ns[seqs[-1]])
+        if gaps and gaps[-1].start_ns == start and gaps[-1].end_ns == end:
+            gaps[-1] = dataclasses.replace(gaps[-1], last_seq=i, lost=gaps[-1].lost + 1)
+        else:
+            gaps.append(Gap(i, i, 1, start, end, not k, k == len(arrivals)))
     return gaps

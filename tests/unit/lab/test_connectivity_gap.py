@@ -81,3 +81,15 @@ def test_stride_must_be_whole() -> None:
         user_stride(1.0)  # a request every second cannot stand for one every 100 ms
     with pytest.raises(ValueError, match="whole number"):
         user_stride(1234.5)
+
+
+def test_a_reply_held_up_by_the_pause_ends_the_gap_it_does_not_start_it() -> None:
+    """Request 400's reply is let out with the others when the VM resumes (at 1405 ms):
+    the users saw no reply from 300's (300.3 ms) to 1400's (1400.3 ms)."""
+    rec = record(3000, range(450, 1350))
+    rec.recv_ns[400] = T0 + 1405 * MS
+    (gap,) = connectivity_gaps(rec)
+    assert (gap.first_seq, gap.last_seq, gap.lost) == (500, 1300, 9)
+    assert gap.start_ns == T0 + 300 * MS + RTT
+    assert gap.end_ns == T0 + 1400 * MS + RTT
+    assert gap.duration_ns == 1100 * MS
