@@ -238,6 +238,12 @@ class MachineLoad:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MachineLoad:
+        """The record back from :meth:`to_dict`'s output (a run's JSON)."""
+        procs = {k: [ProcessCpu(**p) for p in data[k]] for k in ("other_qemu", "top_other")}
+        return cls(**{**data, **procs})
+
     def summary(self) -> str:
         """One line to print beside a run's figures."""
         verdict = "BUSY: " + "; ".join(self.reasons) if self.busy else "quiet"

@@ -19,6 +19,7 @@ from lab.load import (
     THRESHOLDS,
     CpuTimes,
     LoadSampler,
+    MachineLoad,
     ProcStat,
     Snapshot,
     classify,
@@ -147,6 +148,7 @@ def test_summarize_splits_cpu_by_whose_and_flags_others() -> None:
     assert load.busy
     assert any("other processes used 0.60 cores" in r for r in load.reasons)
     assert "BUSY" in load.summary()
+    assert MachineLoad.from_dict(load.to_dict()) == load  # read back from a run's JSON
 
 
 def test_a_reaped_process_counts_once_as_its_own_kind() -> None:
