@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lab.load import LoadSampler
 from lab.vmlab import LabError, VmLab
 
 RESTARTS = 5
@@ -197,11 +198,15 @@ def main(*, as_json: bool, baseline: Path | None = None) -> int:
     lab = VmLab()
     if not lab.state.netns:
         raise LabError("the lab is not up: run 'ptmig-lab up' first")
-    result = run(lab)
+    with LoadSampler(lab.state.pids.values()) as sampler:
+        result = run(lab)
+    load = sampler.stop()
+    result["machine_load"] = load.to_dict()
     if as_json:
         print(json.dumps(result, indent=1))
     else:
         print("\n".join(_lines(result)))
+        print(load.summary())
     if baseline is not None:
         print(compare(json.loads(baseline.read_text()), result))
     return 0

@@ -51,6 +51,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from lab.load import LoadSampler, MachineLoad
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = (1, 10, 100, 300, 1000)
 CROWDED = (10, 100, 300, 1000)
@@ -329,11 +331,6 @@ def verdict(layout: str, runs: list[ScaleRun]) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    """What else the machine was doing: its load (other work shares the cores)."""
-    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
-
-
 def bench(
     sizes: tuple[int, ...] = SIZES,
     parallel: tuple[int, ...] = PARALLEL,
@@ -341,7 +338,9 @@ def bench(
     crowded: tuple[int, ...] = CROWDED,
     child: bool = True,
 ) -> dict[str, Any]:
-    before = machine()
+    """Every configuration, with the machine's load over them all (lab.load: the
+    configurations run in this process's children, so they are its own)."""
+    sampler = LoadSampler().start()
     runs = [scale_run(n, p, child=child) for p in parallel for n in sizes]
     crowd = [scale_run(n, 1, crowded=True, child=child, memory=False) for n in crowded]
     n, job_s, workers = through
@@ -368,7 +367,7 @@ def bench(
             f"{t.parallel} vs {tp[0].parallel}": round(t.domains_per_s / tp[0].domains_per_s, 2)
             for t in tp[1:]
         },
-        "machine": {"before": before, "after": machine()},
+        "machine_load": sampler.stop().to_dict(),
     }
 
 
@@ -398,7 +397,7 @@ def render(result: dict[str, Any]) -> str:
             + ("met" if v["met"] else "not met")
         )
     lines.append(f"speedup: {result['speedup']}")
-    lines.append(f"machine: {result['machine']}")
+    lines.append(MachineLoad.from_dict(result["machine_load"]).summary())
     return "\n".join(lines)
 
 

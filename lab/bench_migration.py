@@ -44,7 +44,8 @@ from host.workflow.model import Outcome
 from lab import GUEST_IP
 from lab import coordinated as co
 from lab.guest import DOMAIN_NAME, Nic
-from lab.measure import RATE, SETTLE_S, TEAMS, Recorder, Sample, wait_reachable
+from lab.load import LoadSampler
+from lab.measure import RATE, SETTLE_S, TEAMS, Recorder, Sample, agent_log, wait_reachable
 from lab.traffic.tcp import SINK_PORT, SINK_SCRIPT
 from lab.vmlab import LabError, VmLab
 
@@ -79,32 +80,6 @@ def run_ptmig(lab: VmLab, dest: str) -> Sample:
     sample.agent_log = agent_log(lab, min(p.start for p in sample.phases))
     lab.check_health()
     return sample
-
-
-def agent_log(lab: VmLab, since: float) -> list[tuple[float, str]]:
-    """The agent's journal since *since* (host epoch s), on the host's clock: the guest's
-    own clock is read in the same command and the console's round trip halved."""
-    t0 = time.time()
-    back = int(t0 - since) + 2
-    out = lab.exec(
-        "date +%s.%N; journalctl -u ptmig-agent -o short-unix --no-pager "
-        f"--since @$(( $(date +%s) - {back} ))",
-        timeout=60,
-    ).check()
-    t1 = time.time()
-    lines = out.splitlines()
-    offset = float(lines[0]) - (t0 + t1) / 2  # guest clock - host clock
-    entries = []
-    for line in lines[1:]:
-        stamp, _, rest = line.partition(" ")
-        try:
-            at = float(stamp) - offset
-        except ValueError:
-            continue  # "-- No entries --" and the like
-        message = rest.split(": ", 1)[-1]
-        if at >= since - 0.5:
-            entries.append((round(at, 3), message))
-    return entries
 
 
 def run_naive(lab: VmLab, dest: str) -> Sample:
@@ -664,16 +639,19 @@ def main(*, reps: int, out_dir: Path, as_json: bool, cases: tuple[str, ...] = CA
         lab.up()
     try:
         co.configure(lab)
-        samples, bare, agent = run(lab, reps, cases)
+        with LoadSampler(lab.state.pids.values()) as sampler:
+            samples, bare, agent = run(lab, reps, cases)
     finally:
         if started_here:
             lab.down()
     summary = summarize(samples, bare.traffic, agent, bare_idle=bare.idle)
     goal_results = goals(summary, samples)
+    load = sampler.stop()
     result: dict[str, Any] = {
         "rate_pps": RATE,
         "reps": reps,
         "cases": list(cases),
+        "machine_load": load.to_dict(),
         "summary": summary,
         "goals": [{**asdict(g), "verdict": g.verdict} for g in goal_results],
         "samples": [s.to_dict() for s in samples],
@@ -685,6 +663,7 @@ def main(*, reps: int, out_dir: Path, as_json: bool, cases: tuple[str, ...] = CA
         print(json.dumps(result, indent=1))
     else:
         print(format_summary(summary, goal_results))
+        print(load.summary())
         print(f"\nwritten: {out_dir / 'bench-migration.json'}, {out_dir / 'bench-migration.png'}")
     return 0
 

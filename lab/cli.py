@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     be = sub.add_parser(
         "bench-evacuate",
-        help="lab up with N guests; evacuate hosta -> hostb with --parallel 1, then N, under ping",
+        help="lab up with N guests; evacuate hosta -> hostb with --parallel 1, then N, and the "
+        "plain-libvirt drain of the same guests with N, under ping",
     )
     be.add_argument("--guests", type=int, default=3, metavar="N")
     be.add_argument("--out", default=None, help="write the runs' JSON here")

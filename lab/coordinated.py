@@ -87,10 +87,12 @@ def hop(lab: VmLab, dest: str, name: str = DOMAIN_NAME) -> Hop:
     return Hop(lab.hosts[lab.where(name)].uri, lab.hosts[dest].uri, lab.hosts[dest].tcp_uri)
 
 
-def migrate(lab: VmLab, dest: str, *extra: str, name: str = DOMAIN_NAME) -> PtmigMigration:
+def migrate(
+    lab: VmLab, dest: str, *extra: str, name: str = DOMAIN_NAME, verbose: bool = False
+) -> PtmigMigration:
     """``ptmig migrate --json`` of guest *name* to *dest* (*extra*: more options), read
-    back as its typed report (lab.migration)."""
-    return ptmig_migrate(hop(lab, dest, name), journal_path(), *extra, domain=name)
+    back as its typed report (lab.migration); *verbose*: with ``ptmig -v``'s log."""
+    return ptmig_migrate(hop(lab, dest, name), journal_path(), *extra, domain=name, verbose=verbose)
 
 
 def ptmig_json(lab: VmLab, host: str, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
@@ -172,9 +174,9 @@ def wait_for_teams_on_primary(
     raise LabError(f"{name}'s teams did not reach their primaries in {timeout:.0f} s: {last}")
 
 
-def primary_aliases(lab: VmLab) -> list[str]:
-    """The aliases of the main guest's recorded primaries (``ptmig status``)."""
-    status = ptmig_json(lab, lab.where(), "status", DOMAIN_NAME)
+def primary_aliases(lab: VmLab, name: str = DOMAIN_NAME) -> list[str]:
+    """The aliases of guest *name*'s recorded primaries (``ptmig status``)."""
+    status = ptmig_json(lab, lab.where(name), "status", name)
     return [t["primary"]["alias"] for t in status["teams"] if t["primary"]]
 
 

@@ -4,7 +4,11 @@ migration of the same guest without its passthrough stand-ins, for comparison; a
 end ``ptmig failover --to primary`` plugs the primaries again, so a lab kept up is ready
 for ``ptmig migrate``.
 
-The report gives, per migration, each phase's time and the pings lost in it.
+The report gives, per migration, each phase's time and the pings lost in it, with the
+machine's load over the run beside them (lab.load: a figure taken on a busy machine says
+so).  The JSON also has, per ptmig migration, each outage (when, how long, in which
+phase) and the log lines around it on the host's clock: ``ptmig -v``'s and the agent's
+(lab.measure.agent_log), to tell what ran when a phase outside the data path lost.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 
 from host.workflow.model import plain
 from lab import coordinated as co
-from lab.measure import RATE, TEAMS, Recorder, wait_reachable
+from lab.load import LoadSampler, MachineLoad
+from lab.measure import RATE, TEAMS, Recorder, agent_log, wait_reachable
+from lab.traffic import analyze
 from lab.vmlab import VmLab
 
 log = logging.getLogger(__name__)
@@ -28,9 +34,15 @@ PHASES = ("preflight", "switch", "unplug", "migrate", "bind")
 class DemoReport:
     ptmig: list[dict[str, Any]] = field(default_factory=list)
     plain: list[dict[str, Any]] = field(default_factory=list)
+    load: MachineLoad | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rate_pps": RATE, "ptmig_migrate": self.ptmig, "plain_libvirt_migrate": self.plain}
+        return {
+            "rate_pps": RATE,
+            "machine_load": self.load.to_dict() if self.load is not None else None,
+            "ptmig_migrate": self.ptmig,
+            "plain_libvirt_migrate": self.plain,
+        }
 
     def format(self) -> str:
         out = [
@@ -63,6 +75,8 @@ class DemoReport:
                 f"{m['route']:<16}{m['wall_s']:>9.2f}s{m['downtime_ms'] or '-':>9} ms"
                 f"{m['lost']['lan']:>10}{m['lost']['wan']:>10}"
             )
+        if self.load is not None:
+            out += ["", self.load.summary()]
         return "\n".join(out)
 
 
@@ -71,11 +85,12 @@ def ptmig_round_trip(lab: VmLab) -> list[dict[str, Any]]:
     for dest in ("hostb", "hosta"):
         src = lab.where()
         with Recorder(f"demo-ptmig-{dest}", tcp=False) as rec:
-            moved = co.migrate(lab, dest)
+            moved = co.migrate(lab, dest, verbose=True)
             rec.phases += moved.phases
             sample = rec.finish("ptmig", f"{src} -> {dest}", moved.wall_s)
         lab.check_health()
         report = moved.report
+        start = min((p.start for p in sample.phases), default=0.0)
         out.append(
             {
                 "route": sample.route,
@@ -86,6 +101,20 @@ def ptmig_round_trip(lab: VmLab) -> list[dict[str, Any]]:
                 "downtime_ms": moved.downtime_ms,
                 "lost": sample.lost_with_totals(),
                 "error": report.error,
+                "outages": {
+                    team: [
+                        {
+                            "phase": o.phase,
+                            "at": round(o.start_ns / 1e9, 3),
+                            "ms": round(o.duration_ns / 1e6, 1),
+                            "lost": o.lost,
+                        }
+                        for o in analyze(record, sample.phases).outages
+                    ]
+                    for team, record in sample.records.items()
+                },
+                "ptmig_log": moved.log(),
+                "agent_log": agent_log(lab, start),
             }
         )
     return out
@@ -121,8 +150,10 @@ def main(*, as_json: bool, keep: bool) -> int:
         for ip in TEAMS.values():
             wait_reachable(ip)
         co.configure(lab)
-        report = DemoReport(ptmig=ptmig_round_trip(lab))
-        report.plain = plain_round_trip(lab)
+        with LoadSampler(lab.state.pids.values()) as sampler:
+            report = DemoReport(ptmig=ptmig_round_trip(lab))
+            report.plain = plain_round_trip(lab)
+        report.load = sampler.record
         # The comparison unplugged the primaries behind ptmig's back: plug them again
         # through ptmig, so that a lab left up (--keep) is as ptmig recorded it.
         co.wait_for_teams_on_primary(lab)

@@ -15,7 +15,7 @@ from lab.paths import run_dir
 from lab.run import CommandError, run
 from lab.traffic import FixedRatePinger, Phase, PingRecord, analyze
 from lab.traffic.tcp import TcpReport, TcpStream
-from lab.vmlab import LabError
+from lab.vmlab import LabError, VmLab
 
 RATE = 1000.0
 SETTLE_S = 1.5
@@ -142,3 +142,29 @@ class Recorder:
         for p in [*self.pingers.values(), *([self.tcp] if self.tcp is not None else [])]:
             with contextlib.suppress(Exception):
                 p.__exit__(None, None, None)
+
+
+def agent_log(lab: VmLab, since: float) -> list[tuple[float, str]]:
+    """The agent's journal since *since* (host epoch s), on the host's clock: the guest's
+    own clock is read in the same command and the console's round trip halved."""
+    t0 = time.time()
+    back = int(t0 - since) + 2
+    out = lab.exec(
+        "date +%s.%N; journalctl -u ptmig-agent -o short-unix --no-pager "
+        f"--since @$(( $(date +%s) - {back} ))",
+        timeout=60,
+    ).check()
+    t1 = time.time()
+    lines = out.splitlines()
+    offset = float(lines[0]) - (t0 + t1) / 2  # guest clock - host clock
+    entries = []
+    for line in lines[1:]:
+        stamp, _, rest = line.partition(" ")
+        try:
+            at = float(stamp) - offset
+        except ValueError:
+            continue  # "-- No entries --" and the like
+        message = rest.split(": ", 1)[-1]
+        if at >= since - 0.5:
+            entries.append((round(at, 3), message))
+    return entries

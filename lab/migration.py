@@ -86,6 +86,26 @@ class PtmigMigration:
     def downtime_ms(self) -> int | None:
         return self.report.migration.downtime_ms if self.report.migration else None
 
+    def log(self) -> list[tuple[float, str]]:
+        """``ptmig -v``'s log records in its stderr, (epoch s, "logger: message"); none
+        without -v."""
+        return log_lines(self.stderr)
+
+
+def log_lines(text: str) -> list[tuple[float, str]]:
+    """The records ``ptmig -v`` writes (``%(asctime)s %(name)s: %(message)s``, local
+    time to the millisecond) as (epoch s, rest); other lines are left out."""
+    out = []
+    for line in text.splitlines():
+        stamp, _, rest = line[:23], line[23:24], line[24:]
+        try:
+            parsed = time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")
+            at = time.mktime(parsed) + int(stamp[20:23]) / 1000
+        except ValueError:
+            continue
+        out.append((round(at, 3), rest))
+    return out
+
 
 def read_migration(proc: subprocess.CompletedProcess[str]) -> PtmigMigration:
     """The migration a finished ``ptmig migrate --json`` printed; CommandError when it
@@ -101,12 +121,25 @@ def read_migration(proc: subprocess.CompletedProcess[str]) -> PtmigMigration:
 
 
 def ptmig_migrate(
-    hop: Hop, journal: str, *extra: str, domain: str = DOMAIN_NAME, timeout: float = 600
+    hop: Hop,
+    journal: str,
+    *extra: str,
+    domain: str = DOMAIN_NAME,
+    timeout: float = 600,
+    verbose: bool = False,
 ) -> PtmigMigration:
     """``ptmig -c SOURCE migrate DOMAIN DESTINATION --json`` with *journal*, read back;
-    an outcome other than done is the caller's to judge (the exit code says it too)."""
+    an outcome other than done is the caller's to judge (the exit code says it too).
+    *verbose*: ``ptmig -v``, whose log records (:meth:`PtmigMigration.log`) time the
+    steps inside a phase."""
+    args = ["-v"] if verbose else []
     proc = ptmig_at(
-        hop.source_uri, journal, *migrate_args(domain, hop, *extra), timeout=timeout, check=False
+        hop.source_uri,
+        journal,
+        *args,
+        *migrate_args(domain, hop, *extra),
+        timeout=timeout,
+        check=False,
     )
     return read_migration(proc)
 

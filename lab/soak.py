@@ -49,6 +49,7 @@ from host.workflow.model import MigrationReport, Outcome, TeamMode
 from lab import coordinated as co
 from lab.fabric import HOSTS
 from lab.guest import DOMAIN_NAME
+from lab.load import LoadSampler, MachineLoad
 from lab.measure import TEAMS, pingers, wait_reachable
 from lab.migration import migrate_argv, read_migration
 from lab.paths import run_dir
@@ -292,6 +293,7 @@ class SoakReport:
     samples: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    load: MachineLoad | None = None
 
     @property
     def failures(self) -> list[Attempt]:
@@ -316,6 +318,7 @@ class SoakReport:
             },
             "verdicts": [v.to_dict() for v in self.verdicts],
             "ok": self.ok,
+            "machine_load": self.load.to_dict() if self.load is not None else None,
             "samples": self.samples,
             "attempts": [asdict(a) for a in self.attempts],
         }
@@ -334,6 +337,8 @@ class SoakReport:
             )
         for a in self.failures:
             out.append(f"FAILED #{a.index} {a.kind} {a.route}: {a.failure}")
+        if self.load is not None:
+            out.append(self.load.summary())
         return "\n".join(out)
 
 
@@ -761,7 +766,10 @@ def main(
         for ip in TEAMS.values():
             wait_reachable(ip)
         co.configure(lab)
-        with co.ptmigd(run_dir() / "soak-ptmigd.log", co.journal_path()) as daemon:
+        with (
+            co.ptmigd(run_dir() / "soak-ptmigd.log", co.journal_path()) as daemon,
+            LoadSampler(lab.state.pids.values()) as sampler,
+        ):
             _wait_for_socket(*daemon)
             report = run_soak(
                 lab,
@@ -772,6 +780,7 @@ def main(
                 cancel_every=cancel_every,
                 rate=rate,
             )
+        report.load = sampler.stop()
         lab.check_health()
     finally:
         if started_here and not keep:

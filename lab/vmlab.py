@@ -530,24 +530,8 @@ class VmLab:
         self.domain().attachDeviceFlags(nic.xml(), libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def detach_nic(self, alias: str, timeout: float = 20.0, *, config: bool = True) -> float:
-        """Unplug a NIC (from the persistent definition too, where it is there, unless not
-        *config*: what ``virsh detach-device-alias`` does by default) and wait until it
-        has left the live XML; returns the seconds taken.
-
-        libvirt's detach returns before the guest has released the device; only the
-        device's absence from the live definition means it is gone.
-        """
-        dom = self.domain()
-        t0 = time.monotonic()
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if config and alias in device_aliases(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
-            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        dom.detachDeviceAlias(alias, flags)
-        while time.monotonic() - t0 < timeout:
-            if alias not in device_aliases(dom.XMLDesc(0)):
-                return time.monotonic() - t0
-            time.sleep(0.02)
-        raise LabError(f"{alias} still present {timeout:.0f} s after detach")
+        """Unplug a NIC of the main guest (:func:`detach_device`); the seconds taken."""
+        return detach_device(self.domain(), alias, timeout, config=config)
 
     def guest_links(self) -> dict[str, dict[str, Any]]:
         """The guest's links by name, from ``ip -j link``."""
@@ -635,6 +619,28 @@ class VmLab:
         finally:
             for name in list(self._conns):
                 self._close(name)
+
+
+def detach_device(
+    dom: libvirt.virDomain, alias: str, timeout: float = 20.0, *, config: bool = True
+) -> float:
+    """Unplug a device (from the persistent definition too, where it is there, unless not
+    *config*: what ``virsh detach-device-alias`` does by default) and wait until it has
+    left the live XML; returns the seconds taken.
+
+    libvirt's detach returns before the guest has released the device; only the
+    device's absence from the live definition means it is gone.
+    """
+    t0 = time.monotonic()
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    if config and alias in device_aliases(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    dom.detachDeviceAlias(alias, flags)
+    while time.monotonic() - t0 < timeout:
+        if alias not in device_aliases(dom.XMLDesc(0)):
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise LabError(f"{alias} still present {timeout:.0f} s after detach")
 
 
 def _overlay(image: GuestImage, disk: Path) -> None:

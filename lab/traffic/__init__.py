@@ -30,13 +30,23 @@ when available), so they can be matched against phase marks written by other pro
 
 from __future__ import annotations
 
-from lab.traffic.analysis import Outage, Phase, PhaseStats, TrafficReport, analyze, load_phases
+from lab.traffic.analysis import (
+    Gap,
+    Outage,
+    Phase,
+    PhaseStats,
+    TrafficReport,
+    analyze,
+    connectivity_gaps,
+    load_phases,
+)
 from lab.traffic.codec import build_request, icmp_checksum, parse_reply
 from lab.traffic.record import PingRecord, RecordWriter, load_record
 from lab.traffic.sender import FixedRatePinger, RateSchedule, run_schedule, send_main
 
 __all__ = [
     "FixedRatePinger",
+    "Gap",
     "Outage",
     "Phase",
     "PhaseStats",
@@ -46,6 +56,7 @@ __all__ = [
     "TrafficReport",
     "analyze",
     "build_request",
+    "connectivity_gaps",
     "icmp_checksum",
     "load_phases",
     "load_record",

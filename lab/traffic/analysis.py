@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import os
@@ -176,6 +177,18 @@ class TrafficReport:
 _ANSWERED, _LOST, _UNKNOWN = 0, 1, 2
 
 
+def _status(record: PingRecord) -> list[int]:
+    """Each request answered, lost, or (a killed run's last second) undetermined."""
+    cutoff: int | None = None
+    if not record.complete:
+        events = [t for t in (*record.send_ns, *record.recv_ns) if t is not None]
+        cutoff = (max(events) if events else record.start_ns) - int(GRACE_S * 1e9)
+    return [
+        _ANSWERED if r is not None else _UNKNOWN if cutoff is not None and s > cutoff else _LOST
+        for s, r in zip(record.send_ns, record.recv_ns, strict=True)
+    ]
+
+
 def analyze(record: PingRecord, phases: Iterable[Phase] | None = None) -> TrafficReport:
     """Count losses, per phase and overall, and find outages.
 
@@ -191,15 +204,7 @@ def analyze(record: PingRecord, phases: Iterable[Phase] | None = None) -> Traffi
     send = record.send_ns
     recv = record.recv_ns
     period_ns = round(1e9 / record.rate)
-
-    cutoff: int | None = None
-    if not record.complete:
-        events = [t for t in (*send, *recv) if t is not None]
-        cutoff = (max(events) if events else record.start_ns) - int(GRACE_S * 1e9)
-    status = [
-        _ANSWERED if r is not None else _UNKNOWN if cutoff is not None and s > cutoff else _LOST
-        for s, r in zip(send, recv, strict=True)
-    ]
+    status = _status(record)
 
     # Phase of each request (index into stats; the last one is "other").
     bounds = [(round(p.start * 1e9), round(p.end * 1e9)) for p in phase_list or []]
@@ -264,3 +269,72 @@ def analyze(record: PingRecord, phases: Iterable[Phase] | None = None) -> Traffi
         phases=stats if phase_list is not None else [],
         outages=outages,
     )
+
+
+#: The users' pinger: one echo request every 100 ms (``ping -i 0.1``), as OpenShift
+#: Virtualization's QE measures a live migration's connectivity gap.
+USER_PING_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A loss as a user's pinger sees it: the stretch with no echo reply around it, from
+    the last reply that arrived before the first lost request was sent to the first that
+    arrived after (arrival times: a reply held up by the VM's stop-and-copy and let out
+    with the others when it resumes ends the gap, it does not start it).
+
+    At the start of the record (no reply before) the gap opens at the first request's
+    send time (``open_start``); at its end (no reply after) it closes at the last
+    request's send time (``open_end``): either way the gap was at least that long.
+    """
+
+    first_seq: int  # the first and last lost request in it, as seqs of the full record
+    last_seq: int
+    lost: int  # the user's requests lost in it
+    start_ns: int
+    end_ns: int
+    open_start: bool = False
+    open_end: bool = False
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "duration_ms": self.duration_ns / 1e6}
+
+
+def user_stride(rate: float, interval_s: float = USER_PING_INTERVAL_S) -> int:
+    """Every how many requests of a *rate* record a pinger every *interval_s* would send;
+    ValueError unless the interval is a whole number of the record's periods."""
+    stride = round(rate * interval_s)
+    if stride < 1 or abs(stride - rate * interval_s) > 1e-6 * stride:
+        raise ValueError(f"{interval_s} s is not a whole number of periods at {rate} requests/s")
+    return stride
+
+
+def connectivity_gaps(
+    record: PingRecord, interval_s: float = USER_PING_INTERVAL_S, offset: int = 0
+) -> list[Gap]:
+    """The gaps a pinger every *interval_s* would have seen, from a faster record: its
+    requests *offset*, *offset* + k, ... (k = :func:`user_stride`), whose fates are the
+    ones a ``ping -i 0.1`` beside the fast sender met.  Undetermined requests (a killed
+    run's last second) end the series.  Losses inside one stretch without replies make
+    one gap."""
+    stride = user_stride(record.rate, interval_s)
+    status = _status(record)
+    seqs = [i for i in range(offset, record.sent, stride) if status[i] != _UNKNOWN]
+    arrivals = sorted(r for i in seqs if (r := record.recv_ns[i]) is not None)
+    gaps: list[Gap] = []
+    for i in seqs:
+        if status[i] != _LOST:
+            continue
+        sent = record.send_ns[i]
+        k = bisect.bisect_left(arrivals, sent)
+        start = arrivals[k - 1] if k else record.send_ns[seqs[0]]
+        end = arrivals[k] if k < len(arrivals) else max(start, record.send_ns[seqs[-1]])
+        if gaps and gaps[-1].start_ns == start and gaps[-1].end_ns == end:
+            gaps[-1] = dataclasses.replace(gaps[-1], last_seq=i, lost=gaps[-1].lost + 1)
+        else:
+            gaps.append(Gap(i, i, 1, start, end, not k, k == len(arrivals)))
+    return gaps

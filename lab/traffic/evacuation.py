@@ -8,6 +8,13 @@ outage (the VM's stop-and-copy) must begin while it is off its primary, between 
 of its switch and the end of its bind: that is the cross-check of the report against the
 traffic (a loss the report cannot place is counted apart, as lost
 outside the domain's own migration: a neighbour's migration starving this one, say).
+
+Beside the packets lost, each team's connectivity gap as users measure it: the longest
+time from the last echo reply before a loss to the first after it, at 100 ms pings
+(lab.traffic.analysis.connectivity_gaps, on every 100th request of the 1000/s record).
+
+The same per-team figures serve the plain-libvirt drain (lab.bench_evacuate), whose
+phases come from the lab's own marks instead of a ptmig report (:func:`team_traffic`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 from host.workflow.model import DomainEvacuation, EvacuationReport
 from lab.migration import report_phases
-from lab.traffic.analysis import Phase, analyze
+from lab.traffic.analysis import Phase, analyze, connectivity_gaps
 from lab.traffic.record import PingRecord
 
 #: Slack (s) around a domain's own window before a loss counts as outside it: the phases
@@ -63,6 +70,11 @@ class DomainTraffic:
     #: the start of its switch to the end of its bind (None when there was no outage or
     #: no such window to check against).
     outage_on_standby: bool | None
+    #: At 100 ms pings: the longest gap (last reply before a loss to the first after), ms,
+    #: the number of gaps and the pings lost (0.0, 0, 0 without a loss).
+    gap_ms: float = 0.0
+    gaps: int = 0
+    lost_at_100ms: int = 0
     phases: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,7 +97,13 @@ def standby_window(phases: Sequence[Phase]) -> StandbyWindow | None:
 
 def domain_traffic(entry: DomainEvacuation, team: str, record: PingRecord) -> DomainTraffic:
     """*team*'s loss through the migration of *entry* (one domain of the evacuation)."""
-    phases = report_phases(entry.report)
+    return team_traffic(entry.domain, team, str(entry.outcome), report_phases(entry.report), record)
+
+
+def team_traffic(
+    domain: str, team: str, outcome: str, phases: Sequence[Phase], record: PingRecord
+) -> DomainTraffic:
+    """*team*'s loss through its domain's move, whose *phases* are on the epoch clock."""
     traffic = analyze(record, phases)
     window = standby_window(phases)
     start = min((p.start for p in phases), default=None)
@@ -105,11 +123,12 @@ def domain_traffic(entry: DomainEvacuation, team: str, record: PingRecord) -> Do
         t = longest.start_ns / 1e9
         stop = window.end if window.end is not None else float("inf")
         on_standby = window.leaving - WINDOW_SLACK_S <= t <= stop + WINDOW_SLACK_S
+    gaps = connectivity_gaps(record)
     return DomainTraffic(
-        domain=entry.domain,
+        domain=domain,
         team=team,
         target=record.target,
-        outcome=str(entry.outcome),
+        outcome=outcome,
         sent=traffic.sent,
         lost=traffic.lost,
         lost_by_phase={p.name: p.lost for p in traffic.phases if p.lost},
@@ -119,6 +138,9 @@ def domain_traffic(entry: DomainEvacuation, team: str, record: PingRecord) -> Do
         standby_s=None if window is None else window.seconds,
         lost_outside_migration=outside,
         outage_on_standby=on_standby,
+        gap_ms=round(max((g.duration_ns for g in gaps), default=0) / 1e6, 1),
+        gaps=len(gaps),
+        lost_at_100ms=sum(g.lost for g in gaps),
         phases=[{"name": p.name, "start": p.start, "end": p.end} for p in phases],
     )
 
@@ -140,15 +162,15 @@ def evacuation_traffic(
 
 
 def format_table(rows: Sequence[DomainTraffic]) -> list[str]:
-    """One line per team: outcome, loss, longest outage, time on standby."""
+    """One line per team: outcome, loss, longest outage, time on standby, the users' gap."""
     lines = [
         f"{'domain':20} {'team':5} {'outcome':14} {'lost':>6} {'outage_ms':>10} "
-        f"{'standby_s':>9} {'outside':>7} on-standby"
+        f"{'standby_s':>9} {'outside':>7} {'gap_ms':>7} on-standby"
     ]
     for r in rows:
         standby = "-" if r.standby_s is None else f"{r.standby_s:.1f}"
         lines.append(
             f"{r.domain:20} {r.team:5} {r.outcome:14} {r.lost:>6} {r.longest_outage_ms:>10.1f} "
-            f"{standby:>9} {r.lost_outside_migration:>7} {r.outage_on_standby}"
+            f"{standby:>9} {r.lost_outside_migration:>7} {r.gap_ms:>7.0f} {r.outage_on_standby}"
         )
     return lines
