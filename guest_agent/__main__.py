@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import replace
 
 from guest_agent import __version__, config
 
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptmig-agent: {exc}", file=sys.stderr)
         return 2
     if args.socket:
-        cfg = replace(cfg, socket=args.socket)
+        cfg = cfg._replace(socket=args.socket)
     if args.check_config:
         print(f"{args.config}: OK ({len(cfg.teams)} team(s))")
         return 0
