@@ -20,11 +20,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Debugging only, off unless set: trace Python allocations with this many frames each
+#: (tracemalloc); every SIGUSR2 logs what grew most since the previous one.
+TRACEMALLOC_ENV = "PTMIG_AGENT_TRACEMALLOC"
+
+
+def trace_allocations(frames: int) -> None:
+    """Start tracemalloc; on each SIGUSR2 log the 10 biggest growths since the last one.
+
+    For finding what a long-running agent keeps (``ptmig-lab agent-churn --trace``);
+    tracing costs memory and time, so it is never on unless asked for.
+    """
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(frames)
+    log = logging.getLogger("ptmig.tracemalloc")
+    last = [tracemalloc.take_snapshot()]
+
+    def report(*_: object) -> None:
+        now = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        stats = now.compare_to(last[0], "traceback")
+        last[0] = now
+        log.info("tracemalloc: %+.0f kB in all", sum(s.size_diff for s in stats) / 1024)
+        for stat in stats[:10]:
+            lines = stat.traceback.format()[-2 * frames :: 2]
+            where = " <- ".join(line.strip() for line in reversed(lines))
+            log.info("tracemalloc: %+.0f kB %+d: %s", stat.size_diff / 1024, stat.count_diff, where)
+
+    signal.signal(signal.SIGUSR2, report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if os.environ.get(TRACEMALLOC_ENV):
+        trace_allocations(int(os.environ[TRACEMALLOC_ENV]))
     try:
         cfg = config.load(args.config, missing_ok=args.config == config.DEFAULT_PATH)
     except config.ConfigError as exc:
