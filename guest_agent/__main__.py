@@ -10,8 +10,30 @@ import sys
 from guest_agent import __version__, config
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, given the terminal's width by os instead of shutil.
+
+    argparse makes a formatter for every add_argument (to check its metavar), and the
+    default one imports shutil for the width, which imports bz2, lzma and fnmatch: on
+    every start of the agent, for a help text it seldom prints.  COLUMNS first, as
+    shutil.get_terminal_size does.
+    """
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(sys.stdout.fileno()).columns
+            except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+                columns = 80
+        super().__init__(prog, width=columns - 2)  # as argparse's own default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptmig-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ptmig-agent", description=__doc__, formatter_class=_HelpFormatter
+    )
     parser.add_argument("--config", default=config.DEFAULT_PATH, help="TOML config file")
     parser.add_argument("--socket", help="override the gRPC unix socket path")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])

@@ -61,3 +61,33 @@ def test_agent_serves_on_its_socket_and_stops_on_sigterm(short_tmp: Path) -> Non
         _, err = agent.communicate(timeout=20)
     assert agent.returncode == 0, err
     assert "listening on" in err and "no teams configured" in err
+
+
+def test_parsing_the_command_line_does_not_import_shutil() -> None:
+    """argparse's default formatter imports shutil (and with it bz2, lzma) on every start."""
+    code = (
+        "import sys\n"
+        "before = 'shutil' in sys.modules\n"
+        "from guest_agent.__main__ import build_parser\n"
+        "build_parser().parse_args(['--config', '/x.toml'])\n"
+        "print(before, 'shutil' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_help_is_wrapped_at_the_terminal_width(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+    for columns in (70, 120):
+        result = subprocess.run(
+            [sys.executable, "-m", "guest_agent", "--help"],
+            env={**env, "COLUMNS": str(columns)},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: ptmig-agent")
+        widest = max(len(line) for line in result.stdout.splitlines())
+        assert columns - 30 < widest <= columns - 2
