@@ -3,12 +3,14 @@
 Each round is what one migration asks of the agent, over its real transport (a new
 virtio-serial session through libvirt's channel, as every migration's client opens):
 GetState, then per team UseStandby (releasing the primary) and BindPrimary of that same
-device, then GetState; with ``--refused`` also one call the agent refuses (a team it does
-not have), the outcome a failed step records.  No migration happens, so hundreds of
-rounds take minutes.  Every ``--every`` rounds the agent's VmRSS, Pss, fds and threads are
-sampled; with ``--trace`` the agent runs with PTMIG_AGENT_TRACEMALLOC (a systemd drop-in
-under /run, gone at the guest's next boot) and logs the Python allocations that grew
-between the first and the last sample (its SIGUSR2), which are returned too.
+device, then GetState.  With ``--refused`` a round is GetState, a UseStandby and a
+BindPrimary the agent refuses (a team it does not have: NOT_FOUND, recorded under its
+operation id as a failed step's outcome is), then GetState.  No migration happens, so
+hundreds of rounds take minutes.  Every ``--every`` rounds the agent's VmRSS, Pss, fds
+and threads are sampled; with ``--trace`` the agent runs with PTMIG_AGENT_TRACEMALLOC (a
+systemd drop-in under /run, gone at the guest's next boot) and logs the Python
+allocations that grew between the first and the last sample (its SIGUSR2), which are
+returned too.
 """
 
 from __future__ import annotations
@@ -49,23 +51,26 @@ def _restart_agent(lab: VmLab, trace_frames: int) -> None:
     else:
         setup = f"rm -f {DROP_IN}"
     lab.exec(f"{setup}; systemctl daemon-reload; systemctl restart ptmig-agent", 120).check()
-    time.sleep(5)  # past the warm-up
+    time.sleep(15 if trace_frames else 5)  # past the warm-up (slower while tracing)
 
 
 def _round(client: Any, refused: bool) -> None:
     state = client.state()
-    pci = {link.name: link.pci_address for link in state.links}
-    for team in state.teams:
-        if not team.primary:
-            raise LabError(f"team {team.name} has no primary: {team}")
-        device = pci[team.primary]
-        client.use_standby(team.name, release_primary=True, operation_id=new_operation_id())
-        client.bind_primary(team.name, operation_id=new_operation_id(), pci_address=device)
     if refused:
-        with contextlib.suppress(AgentError):  # NOT_FOUND, recorded under its id
+        with contextlib.suppress(AgentError):  # NOT_FOUND
             client.use_standby(
                 "no-such-team", release_primary=True, operation_id=new_operation_id()
             )
+        with contextlib.suppress(AgentError):
+            client.bind_primary("no-such-team", operation_id=new_operation_id())
+    else:
+        pci = {link.name: link.pci_address for link in state.links}
+        for team in state.teams:
+            if not team.primary:
+                raise LabError(f"team {team.name} has no primary: {team}")
+            device = pci[team.primary]
+            client.use_standby(team.name, release_primary=True, operation_id=new_operation_id())
+            client.bind_primary(team.name, operation_id=new_operation_id(), pci_address=device)
     client.state()
 
 
@@ -91,7 +96,7 @@ def run(
         close()
     result: dict[str, Any] = {
         "rounds": rounds,
-        "refused_call_per_round": refused,
+        "rounds_of_refused_calls": refused,
         "seconds": round(time.monotonic() - started, 1),
         "agent_package": lab.exec("dpkg-query -W -f '${Version}' ptmig-agent").output.strip(),
         "samples": samples,

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     churn.add_argument("--rounds", type=int, default=300)
     churn.add_argument("--every", type=int, default=25, help="sample every N rounds")
     churn.add_argument(
-        "--refused", action="store_true", help="add one call the agent refuses per round"
+        "--refused", action="store_true", help="rounds of calls the agent refuses instead"
     )
     churn.add_argument(
         "--trace",
