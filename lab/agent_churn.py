@@ -34,12 +34,17 @@ SAMPLE = (
 )
 
 
-def _sample(lab: VmLab) -> dict[str, int]:
+def parse_sample(text: str) -> dict[str, int]:
+    """SAMPLE's output ("VmRSS:  38000 kB", "fds 16", ...) as {"VmRSS": 38000, "fds": 16}."""
     values: dict[str, int] = {}
-    for line in lab.exec(SAMPLE, timeout=60).check().splitlines():
-        key, value = line.replace(":", "").split()[:2]
+    for line in text.splitlines():
+        key, value = line.replace(":", " ").split()[:2]
         values[key] = int(value)
     return values
+
+
+def _sample(lab: VmLab) -> dict[str, int]:
+    return parse_sample(lab.exec(SAMPLE, timeout=60).check())
 
 
 def _restart_agent(lab: VmLab, trace_frames: int) -> None:
