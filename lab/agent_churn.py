@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from typing import Any
 
@@ -97,6 +98,7 @@ def run(
                 client.close()
             if number % every == 0 or number == rounds:
                 samples.append({"round": number, **_sample(lab)})
+                print(json.dumps(samples[-1]), file=sys.stderr, flush=True)  # as it goes
     finally:
         close()
     result: dict[str, Any] = {
