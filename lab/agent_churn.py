@@ -86,6 +86,7 @@ def run(
     _restart_agent(lab, trace_frames)
     new_client, close = client_factory(lab)
     samples = [{"round": 0, **_sample(lab)}]
+    print(json.dumps(samples[0]), file=sys.stderr, flush=True)
     if trace_frames:
         lab.exec("systemctl kill -s USR2 ptmig-agent").check()  # the baseline snapshot
     started = time.monotonic()
