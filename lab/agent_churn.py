@@ -83,6 +83,10 @@ def _round(client: Any, refused: bool) -> None:
 def run(
     lab: VmLab, rounds: int, every: int, refused: bool = False, trace_frames: int = 0
 ) -> dict[str, Any]:
+    if not refused:  # a migration's rounds need every team on its primary (ptmig's plug)
+        from lab.coordinated import configure
+
+        configure(lab)
     _restart_agent(lab, trace_frames)
     new_client, close = client_factory(lab)
     samples = [{"round": 0, **_sample(lab)}]
