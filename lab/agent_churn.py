@@ -80,15 +80,23 @@ def _round(client: Any, refused: bool) -> None:
     client.state()
 
 
+def _on_primaries(new_client: Any) -> bool:
+    client = new_client()
+    try:
+        return all(team.primary for team in client.state().teams)
+    finally:
+        client.close()
+
+
 def run(
     lab: VmLab, rounds: int, every: int, refused: bool = False, trace_frames: int = 0
 ) -> dict[str, Any]:
-    if not refused:  # a migration's rounds need every team on its primary (ptmig's plug)
+    new_client, close = client_factory(lab)
+    if not refused and not _on_primaries(new_client):
         from lab.coordinated import configure
 
-        configure(lab)
+        configure(lab)  # ptmig's pools and teams, every team plugged and bound
     _restart_agent(lab, trace_frames)
-    new_client, close = client_factory(lab)
     samples = [{"round": 0, **_sample(lab)}]
     print(json.dumps(samples[0]), file=sys.stderr, flush=True)
     if trace_frames:
