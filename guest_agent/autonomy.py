@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent.links import Link, LinkError, Links, WaitTimeout, by_index
 from guest_agent.rules import ManagedBy
@@ -44,15 +44,13 @@ IDLE_REREAD_S = 300.0
 RETRY_S = 1.0
 
 
-@dataclass(frozen=True)
-class PrimaryLost:
+class PrimaryLost(NamedTuple):
     team: str
     device: str
     reason: str
 
 
-@dataclass(frozen=True)
-class Plugged:
+class Plugged(NamedTuple):
     team: str
     link: Link
     reason: str
@@ -61,11 +59,10 @@ class Plugged:
 Action = PrimaryLost | Plugged
 
 
-@dataclass(frozen=True)
-class _Seen:
+class _Seen(NamedTuple):
     """A guest-managed team's primary at the last dump: which link, in the bond, carrier."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), as Link.index
     name: str
     carrier: bool
 

@@ -37,8 +37,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ptmig.serial_session import AGENT_CHANNEL
 
@@ -64,27 +63,24 @@ class ConfigError(ValueError):
     """The configuration is unusable; the message names the file and key."""
 
 
-@dataclass(frozen=True)
-class SerialConfig:
+class SerialConfig(NamedTuple):
     enabled: bool = True
     port: str = DEFAULT_SERIAL_PORT
 
 
-@dataclass(frozen=True)
-class VsockConfig:
+class VsockConfig(NamedTuple):
     enabled: bool = True
     port: int = DEFAULT_VSOCK_PORT
 
 
-@dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(NamedTuple):
     socket: str = DEFAULT_SOCKET
     max_message_bytes: int = 256 * 1024
     default_timeout_ms: int = 10_000
     operation_log_size: int = 256
     allowed_rpcs: frozenset[str] = frozenset(ALL_RPCS)
-    virtio_serial: SerialConfig = field(default_factory=SerialConfig)
-    vsock: VsockConfig = field(default_factory=VsockConfig)
+    virtio_serial: SerialConfig = SerialConfig()
+    vsock: VsockConfig = VsockConfig()
     teams: tuple[TeamConfig, ...] = ()
 
 

@@ -51,6 +51,7 @@ import struct
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -131,13 +132,39 @@ def _import_iproute() -> tuple[Any, type[Exception]]:
         raise ImportError("No module named 'pyroute2'", name="pyroute2")
     shell = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
     sys.modules["pyroute2"] = shell
+    lab = _lab_stand_in()
     try:
         from pyroute2.iproute.linux import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
     finally:
         if sys.modules.get("pyroute2") is shell:
             del sys.modules["pyroute2"]
+        if lab is not None and sys.modules.get(lab.__name__) is lab:
+            del sys.modules[lab.__name__]
     return IPRoute, NetlinkError
+
+
+def _lab_stand_in() -> types.ModuleType | None:
+    """pyroute2 0.7's ``pyroute2.lab``, without its ``unittest.mock``, while IPRoute imports.
+
+    0.7.2 (Debian 12) makes IPRoute a subclass of ``pyroute2.lab.LAB_API``, whose only
+    job is its documentation's mock mode (``pyroute2.lab.use_mock``, off unless set);
+    the module imports ``unittest.mock`` for it: 27 ms natively and 0.7 MiB of the
+    agent's resident memory (docs/benchmarks/agent.md).  The stand-in is the class with
+    mock mode off, and is taken out of sys.modules again like the package shell above.
+    None when there is no such module (pyroute2 0.9) or it is imported already.
+    """
+    name = "pyroute2.lab"
+    if name in sys.modules or importlib.util.find_spec(name) is None:
+        return None
+    lab = types.ModuleType(name, "stand-in for pyroute2.lab: LAB_API with mock mode off")
+
+    class LAB_API:
+        pass
+
+    lab.LAB_API = LAB_API  # type: ignore[attr-defined]
+    sys.modules[name] = lab
+    return lab
 
 
 def warm_up(links: NetlinkLinks | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guest_agent.links import Link
 
@@ -25,8 +25,7 @@ class ManagedBy(enum.Enum):
     GUEST = "guest"  # the agent reacts to the team's devices coming and going
 
 
-@dataclass(frozen=True)
-class PrimaryRule:
+class PrimaryRule(NamedTuple):
     """Which hot-plugged NIC becomes a guest-managed team's primary; every field given
     must match.
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -97,14 +96,14 @@ def build_server(
     return server
 
 
-@dataclass
 class Agent:
-    """The running pieces, for an orderly stop."""
+    """The running pieces, for an orderly stop (a plain class: see guest_agent.links)."""
 
-    server: Any
-    relays: list[SerialRelay | StreamRelay] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-    watcher: Watcher | None = None
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.relays: list[SerialRelay | StreamRelay] = []
+        self.threads: list[threading.Thread] = []
+        self.watcher: Watcher | None = None
 
     def stop(self) -> None:
         if self.watcher is not None:

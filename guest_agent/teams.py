@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 from guest_agent.addresses import AddressError, parse_mac, parse_pci
 from guest_agent.links import (
@@ -59,8 +58,7 @@ class Ownership(enum.Enum):
     AGENT = "agent"  # the agent creates the bond at start-up
 
 
-@dataclass(frozen=True)
-class DeviceMatch:
+class DeviceMatch(NamedTuple):
     """How a device is recognised; every given field must match.
 
     A MAC names the burned-in address first: under fail_over_mac=none the bond
@@ -98,8 +96,7 @@ class DeviceMatch:
         return "device with " + " and ".join(parts)
 
 
-@dataclass(frozen=True)
-class TeamConfig:
+class TeamConfig(NamedTuple):
     name: str
     bond: str
     standby: DeviceMatch
@@ -112,8 +109,7 @@ class TeamConfig:
     primary_rule: PrimaryRule | None = None  # GUEST: which plugged NIC is the primary
 
 
-@dataclass(frozen=True)
-class TeamEvent:
+class TeamEvent(NamedTuple):
     """What the agent did on its own for a guest-managed team, and why (GetState)."""
 
     kind: str  # "primary-lost", "primary-bound"
@@ -124,8 +120,7 @@ class TeamEvent:
     unix_ms: int
 
 
-@dataclass(frozen=True)
-class TeamState:
+class TeamState(NamedTuple):
     name: str
     bond: str
     bond_present: bool
@@ -141,8 +136,7 @@ class TeamState:
     last_event: TeamEvent | None = None
 
 
-@dataclass(frozen=True)
-class TeamLayout:
+class TeamLayout(NamedTuple):
     """A team's links in one dump: what guest_agent.autonomy compares between events."""
 
     config: TeamConfig
@@ -151,14 +145,12 @@ class TeamLayout:
     members: tuple[Link, ...]  # every link enslaved to the bond, the standby included
 
 
-@dataclass(frozen=True)
-class SwitchResult:
+class SwitchResult(NamedTuple):
     team: TeamState
     released: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class BindResult:
+class BindResult(NamedTuple):
     team: TeamState
     device: str
 

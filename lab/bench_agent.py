@@ -68,7 +68,7 @@ def _memory_kb(lab: VmLab) -> dict[str, int]:
     return values
 
 
-def _client_factory(lab: VmLab) -> tuple[Callable[[], Any], Callable[[], None]]:
+def client_factory(lab: VmLab) -> tuple[Callable[[], Any], Callable[[], None]]:
     """New AgentClients over the guest's channel, and the close of their connection."""
     from ptmig.serial_session import AGENT_CHANNEL
 
@@ -93,7 +93,7 @@ def _timed(call: Callable[[], Any]) -> float:
 
 def _restarts(lab: VmLab) -> tuple[list[float], list[float], list[float]]:
     """Per restart: start to serving, then a new client's first and second GetState."""
-    new_client, close = _client_factory(lab)
+    new_client, close = client_factory(lab)
     starts, firsts, seconds = [], [], []
     try:
         for _ in range(RESTARTS):
@@ -110,7 +110,7 @@ def _restarts(lab: VmLab) -> tuple[list[float], list[float], list[float]]:
 
 
 def _round_trips(lab: VmLab) -> list[float]:
-    new_client, close = _client_factory(lab)
+    new_client, close = client_factory(lab)
     client = new_client()
     try:
         client.state()  # the first call opens the session

@@ -65,6 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baseline", metavar="FILE", help="an earlier --json output: print both side by side"
     )
+    churn = sub.add_parser(
+        "agent-churn",
+        help="the calls of many migrations to the guest's agent, its memory sampled",
+    )
+    churn.add_argument("--rounds", type=int, default=300)
+    churn.add_argument("--every", type=int, default=25, help="sample every N rounds")
+    churn.add_argument(
+        "--refused", action="store_true", help="rounds of calls the agent refuses instead"
+    )
+    churn.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="run the agent with PTMIG_AGENT_TRACEMALLOC=FRAMES and report what grew",
+    )
+    churn.add_argument("--json", action="store_true")
     bm = sub.add_parser(
         "bench-migration", help="downtime benchmark: floor, naive and ptmig, repeated"
     )
@@ -190,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
             baseline = Path(args.baseline) if args.baseline else None
             return bench_agent.main(as_json=args.json, baseline=baseline)
+        elif args.command == "agent-churn":
+            from lab import agent_churn
+
+            return agent_churn.main(args.rounds, args.every, args.refused, args.trace, args.json)
         elif args.command == "bench-migration":
             from pathlib import Path
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: The virtio-serial port the agent listens on: the domain's ``<channel>`` target name
 #: and, in the guest, ``/dev/virtio-ports/<AGENT_CHANNEL>``.
@@ -42,8 +42,7 @@ class FrameType(enum.IntEnum):
     REJECT = 3  # version not supported, or the agent's gRPC socket is unavailable
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     type: int
     session: bytes
     version: int = VERSION

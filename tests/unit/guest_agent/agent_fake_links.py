@@ -14,7 +14,6 @@ import errno
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from guest_agent.links import (
@@ -90,15 +89,15 @@ class FakeLinks:
     def add_bond(self, name: str, mac: str, fail_over_mac: FailOverMac = FailOverMac.NONE) -> Link:
         link = self.add(name, mac=mac, kind="bond", permanent_mac="")
         bond = BondInfo(BOND_MODE_ACTIVE_BACKUP, None, fail_over_mac, 100)
-        return self._put(replace(link, bond=bond, permanent_mac=None))
+        return self._put(link._replace(bond=bond, permanent_mac=None))
 
     def team(self, name: str, members: list[Link], active: Link | None) -> None:
         """Enslave `members` to bond `name` directly, as the guest's config would."""
         bond = self.get(name)
         for member in members:
-            self._put(replace(self.get(member.name), master=bond.index))
+            self._put(self.get(member.name)._replace(master=bond.index))
             if bond.bond and bond.bond.fail_over_mac is FailOverMac.NONE:
-                self._put(replace(self.get(member.name), mac=bond.mac))
+                self._put(self.get(member.name)._replace(mac=bond.mac))
         self._set_active(bond.index, active.index if active else None)
 
     def later(self, delay: float, func: Callable[[], object]) -> None:
@@ -121,7 +120,7 @@ class FakeLinks:
         link = self.links.get(index)
         if link is None or link.carrier == carrier:
             return
-        self._put(replace(link, carrier=carrier, operstate="UP" if carrier else "DOWN"))
+        self._put(link._replace(carrier=carrier, operstate="UP" if carrier else "DOWN"))
         self._miimon(link.master)
 
     def _bring_up(self, index: int) -> None:
@@ -129,7 +128,7 @@ class FakeLinks:
         link = self.links[index]
         if index in self.mac_reset_on_up and link.mac != link.permanent_mac:
             self.mac_reset_on_up.discard(index)  # one reset, e.g. the one enslaving causes
-            self._put(replace(link, mac=link.permanent_mac))
+            self._put(link._replace(mac=link.permanent_mac))
         delay = self.carrier_delay.get(index, 0.0)
         if not self.phys.get(index):
             return
@@ -147,7 +146,7 @@ class FakeLinks:
 
     def update(self, which: str, **changes: Any) -> None:
         with self.cond:
-            self._put(replace(self.get(which), **changes))
+            self._put(self.get(which)._replace(**changes))
 
     def remove(self, name: str) -> None:
         with self.cond:
@@ -191,7 +190,7 @@ class FakeLinks:
             if any(link.name == name for link in self.links.values()):
                 raise LinkRefused(f"create bond {name}: exists", errno.EEXIST)
             bond = self.add_bond(name, mac="02:00:00:00:0b:0d", fail_over_mac=fail_over_mac)
-            self._put(replace(bond, admin_up=False, carrier=False))
+            self._put(bond._replace(admin_up=False, carrier=False))
             return bond.index
 
     def enslave(self, index: int, bond: int) -> None:
@@ -203,7 +202,7 @@ class FakeLinks:
             assert master.bond is not None
             mac = master.mac if master.bond.fail_over_mac is FailOverMac.NONE else link.mac
             # Links.enslave takes the link down first; the bond then opens its new slave.
-            self._put(replace(link, master=bond, mac=mac, admin_up=True, carrier=False))
+            self._put(link._replace(master=bond, mac=mac, admin_up=True, carrier=False))
             self._bring_up(index)
             self._miimon(bond)
 
@@ -212,7 +211,7 @@ class FakeLinks:
         with self.cond:
             link = self._link(index)
             bond = link.master
-            self._put(replace(link, master=None, mac=link.permanent_mac))
+            self._put(link._replace(master=None, mac=link.permanent_mac))
             master = self.links.get(bond) if bond else None
             if master and master.bond and master.bond.active_slave == index:
                 self._set_active(master.index, None)
@@ -234,7 +233,7 @@ class FakeLinks:
         with self.cond:
             master = self._bond(bond)
             assert master.bond is not None
-            self._put(replace(master, bond=replace(master.bond, all_slaves_active=on)))
+            self._put(master._replace(bond=master.bond._replace(all_slaves_active=on)))
 
     def set_mac(self, index: int, mac: str) -> None:
         self.calls.append(("set_mac", self._name(index), mac))
@@ -242,7 +241,7 @@ class FakeLinks:
             link = self._link(index)
             if index in self.refuse_live_mac and link.admin_up:
                 raise LinkRefused("device busy", errno.EBUSY)
-            self._put(replace(link, mac=mac))
+            self._put(link._replace(mac=mac))
             if link.master is not None:
                 self._follow(link.master)
 
@@ -252,7 +251,7 @@ class FakeLinks:
             link = self._link(index)
             if link.admin_up == up:
                 return
-            self._put(replace(link, admin_up=up))
+            self._put(link._replace(admin_up=up))
             if up:
                 self._bring_up(index)
             else:
@@ -308,7 +307,7 @@ class FakeLinks:
     def _set_active(self, bond: int, index: int | None) -> None:
         master = self.links[bond]
         assert master.bond is not None
-        self._put(replace(master, bond=replace(master.bond, active_slave=index)))
+        self._put(master._replace(bond=master.bond._replace(active_slave=index)))
         self._follow(bond)
 
     def _follow(self, bond: int) -> None:
@@ -317,7 +316,7 @@ class FakeLinks:
         if master.bond and master.bond.fail_over_mac is FailOverMac.ACTIVE:
             active = self.links.get(master.bond.active_slave or -1)
             if active is not None:
-                self._put(replace(master, mac=active.mac))
+                self._put(master._replace(mac=active.mac))
 
     def _miimon(self, bond: int | None) -> None:
         """Fail over when the active member loses carrier or leaves; adopt a first member."""

@@ -38,8 +38,12 @@ def later(delay: float, func: object) -> None:
 
 def main() -> None:
     links = netlink.NetlinkLinks(run_root=sys.argv[2])
-    out: dict[str, object] = {"pyroute2": __import__("pyroute2").__version__}
-    out["lo"] = by_name(links.list_links(), "lo") is not None
+    out: dict[str, object] = {"lo": by_name(links.list_links(), "lo") is not None}
+    # IPRoute alone, imported by the first dump: without pyroute2.lab's unittest.mock
+    out["mock_imported"] = "unittest.mock" in sys.modules
+    out["pyroute2"] = __import__("pyroute2").__version__  # the whole package still imports
+    lab = sys.modules.get("pyroute2.lab")
+    out["lab_after_import"] = None if lab is None else lab.__file__ is not None
 
     later(0.3, lambda: ip("link", "add", "va", "type", "veth", "peer", "name", "vb"))
     started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -61,3 +62,56 @@ def test_agent_serves_on_its_socket_and_stops_on_sigterm(short_tmp: Path) -> Non
         _, err = agent.communicate(timeout=20)
     assert agent.returncode == 0, err
     assert "listening on" in err and "no teams configured" in err
+
+
+def test_parsing_the_command_line_does_not_import_shutil() -> None:
+    """argparse's default formatter imports shutil (and with it bz2, lzma) on every start."""
+    code = (
+        "import sys\n"
+        "before = 'shutil' in sys.modules\n"
+        "from guest_agent.__main__ import build_parser\n"
+        "build_parser().parse_args(['--config', '/x.toml'])\n"
+        "print(before, 'shutil' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_help_is_wrapped_at_the_terminal_width(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+    for columns in (70, 120):
+        result = subprocess.run(
+            [sys.executable, "-m", "guest_agent", "--help"],
+            env={**env, "COLUMNS": str(columns)},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: ptmig-agent")
+        widest = max(len(line) for line in result.stdout.splitlines())
+        assert columns - 30 < widest <= columns - 2
+
+
+def test_the_tracemalloc_option_logs_what_grew_since_the_last_signal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import tracemalloc
+
+    from guest_agent.__main__ import trace_allocations
+
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        trace_allocations(4)
+        kept = [bytearray(4096) for _ in range(256)]  # 1 MiB that stays
+        with caplog.at_level("INFO", logger="ptmig.tracemalloc"):
+            os.kill(os.getpid(), signal.SIGUSR2)  # handled before the next line runs
+        lines = [record.getMessage() for record in caplog.records]
+    finally:
+        tracemalloc.stop()
+        signal.signal(signal.SIGUSR2, before)
+    assert len(kept) == 256
+    assert lines[0].startswith("tracemalloc: +") and lines[0].endswith("kB in all")
+    # the biggest growth is the list above (1 MiB and a little), told by where it was made
+    assert re.match(r"tracemalloc: \+10[2-9]\d kB \+\d+: .*test_agent_main\.py", lines[1])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,32 @@ def test_operation_log_replays_values_and_errors() -> None:
     assert calls == ["a", "b"]
     with pytest.raises(OperationIdReused):
         log.run("a", "other request", lambda: "x")
+
+
+class _CallState:
+    """Stands for what gRPC's frames hold while a call runs (its call state, connection)."""
+
+
+def test_operation_log_keeps_no_frame_of_a_failed_call() -> None:
+    """A recorded failure must not keep its call's frames, nor their locals, alive."""
+    log: OperationLog[str] = OperationLog(capacity=4)
+
+    def fail() -> str:
+        raise ValueError("refused")
+
+    def call() -> weakref.ref[_CallState]:
+        state = _CallState()  # a local of the calling frame, as gRPC's are
+        with pytest.raises(ValueError, match="refused") as raised:
+            log.run("a", "fp", fail)
+        assert raised.value.__traceback__ is not None  # the first caller's, for its log
+        return weakref.ref(state)
+
+    first, replay = call(), call()
+    gc.collect()  # the frames and the exceptions that were raised in them form cycles
+    assert first() is None
+    assert replay() is None
+    with pytest.raises(ValueError, match="refused"):  # still recorded, still replayed
+        log.run("a", "fp", lambda: "ran again")
 
 
 def test_operation_log_is_bounded_and_keeps_running_entries() -> None:

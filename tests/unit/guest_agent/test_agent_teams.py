@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 from agent_fake_links import FakeLinks
@@ -155,7 +154,7 @@ def test_handover_keeps_the_old_members_frames_for_the_grace(fake: FakeLinks) ->
 def test_handover_leaves_the_operators_all_slaves_active_alone(fake: FakeLinks) -> None:
     bond = fake.get("bond0")
     assert bond.bond is not None
-    fake._put(replace(bond, bond=replace(bond.bond, all_slaves_active=True)))
+    fake._put(bond._replace(bond=bond.bond._replace(all_slaves_active=True)))
     teams(fake).use_standby("lan", release_primary=False, deadline=deadline_in(2))
     assert [c[0] for c in fake.calls] == ["set_active_slave"]
     assert fake.get("bond0").bond.all_slaves_active is True  # type: ignore[union-attr]
@@ -585,7 +584,7 @@ def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
     def list_links_stale_at_first() -> list[Link]:
         links = real_list()
         if next(stale, False):
-            return [replace(ln, name="eth0") if ln.index == renamed.index else ln for ln in links]
+            return [ln._replace(name="eth0") if ln.index == renamed.index else ln for ln in links]
         return links
 
     fake.list_links = list_links_stale_at_first  # type: ignore[method-assign]
