@@ -17,8 +17,13 @@ per-operation socket costs a socket() and a bind(), which is nothing next to the
 bond's own timings (seconds).
 
 Events: `wait_for` subscribes a plain NETLINK_ROUTE socket to RTMGRP_LINK (plus
-udev's monitor group, for "udev has finished with the link") and treats each
-message only as a wake-up to re-read the links.  IPRoute.bind()/get() is not used
+udev's monitor group and an inotify watch on udev's database directory, for "udev
+has finished with the link") and treats each message only as a wake-up to re-read
+the links.  udev writes a link's database entry (what `sysfs.udev_initialized`
+looks for) as soon as its rules have run, but tells its monitor only after the
+rules' RUN programs have ended: in the lab's guest 1.5-3 s later under load, which
+a bind waited for (docs/benchmarks/README.md, issue 25); inotify wakes it at the
+write.  IPRoute.bind()/get() is not used
 for this: get() has no timeout on either version, and both versions may already
 hold unread events in their own buffers (0.7 "backlog", 0.9 asyncio queue), so a
 select() on the IPRoute fd can sleep past an event.  Re-reading the links after
@@ -45,6 +50,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import logging
+import os
 import select
 import socket
 import struct
@@ -79,6 +85,8 @@ IFF_UP = 0x1
 RTMGRP_LINK = 0x1
 NETLINK_KOBJECT_UEVENT = 15
 UDEV_MONITOR_GROUP = 2  # events udev re-broadcasts after processing them
+IN_MOVED_TO = 0x80  # udev writes a database entry to a temporary file, then renames it
+IN_CREATE = 0x100
 BOND_MIIMON_MS = 100
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
@@ -343,7 +351,8 @@ class NetlinkLinks:
         only: Sequence[int] | None = None,
     ) -> T:
         wanted = frozenset(only) if only is not None else None
-        with _LinkEvents(udev=wanted is None) as events:
+        udev_db = os.path.join(self._run_root, "udev", "data") if wanted is None else None
+        with _LinkEvents(udev=wanted is None, udev_db=udev_db) as events:
             while True:
                 links = self.list_links() if only is None else self.get_links(only)
                 result = check(links)
@@ -384,7 +393,7 @@ def link_indexes(data: bytes) -> set[int] | None:
 class _LinkEvents:
     """Wake-ups on link changes: rtnetlink RTMGRP_LINK and (*udev*) udev's monitor group."""
 
-    def __init__(self, udev: bool = True) -> None:
+    def __init__(self, udev: bool = True, udev_db: str | None = None) -> None:
         self._sockets: list[socket.socket] = []
         self._add(socket.NETLINK_ROUTE, RTMGRP_LINK, required=True)
         if udev:
@@ -392,6 +401,9 @@ class _LinkEvents:
         self._poll = select.poll()
         for sock in self._sockets:
             self._poll.register(sock, select.POLLIN)
+        self._inotify = _inotify_watch(udev_db) if udev_db else None
+        if self._inotify is not None:
+            self._poll.register(self._inotify, select.POLLIN)
 
     def _add(self, protocol: int, groups: int, required: bool) -> None:
         flags = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -429,6 +441,8 @@ class _LinkEvents:
                     break
                 named = link_indexes(data) if number == 0 else None  # 0: rtnetlink
                 changed = None if changed is None or named is None else changed | named
+        if self._inotify is not None and _drain(self._inotify):
+            changed = None  # a database entry was written: any link may be done now
         return changed
 
     def __enter__(self) -> _LinkEvents:
@@ -437,3 +451,38 @@ class _LinkEvents:
     def __exit__(self, *exc: object) -> None:
         for sock in self._sockets:
             sock.close()
+        if self._inotify is not None:
+            os.close(self._inotify)
+
+
+def _inotify_watch(directory: str) -> int | None:
+    """A non-blocking inotify descriptor that becomes readable when a file is created or
+    renamed into *directory*; None where inotify cannot be had (no such directory, no
+    libc symbol, out of watches): the wait then has udev's monitor alone."""
+    try:
+        import ctypes  # only here: the agent's start-up does not pay for it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO) < 0:
+            error = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(error, f"inotify_add_watch {directory}")
+    except (OSError, AttributeError) as exc:
+        log.debug("no inotify on %s (%s); udev's monitor alone", directory, exc)
+        return None
+    return fd
+
+
+def _drain(fd: int) -> bool:
+    """Read every pending inotify event of *fd*; whether there was any."""
+    seen = False
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                return seen
+        except BlockingIOError:
+            return seen
+        seen = True

@@ -469,14 +469,23 @@ class Teams:
 
         An active-backup bond drops what a backup member receives, and frames are still
         sent to the old member for a while: those in its queues, and those a switch
-        forwards there until the bond's gratuitous ARP teaches it the new port.  With
-        all_slaves_active on they reach the bond; it goes off again `HANDOVER_GRACE_S`
-        after the change.  Only where the members share the bond's MAC (fail_over_mac
-        none): under follow the old member's frames carry a MAC the bond no longer has.
-        An operator's own all_slaves_active=1 is left alone.
+        forwards there (or a peer addresses to the old MAC) until the bond's gratuitous
+        ARP and unsolicited NA, sent from the new member in the same call, have taught it
+        the new one.  With all_slaves_active on they reach the bond; it goes off again
+        `HANDOVER_GRACE_S` after the change.  Under fail_over_mac none the members share
+        the bond's MAC; under active (MAC policy follow) each keeps its own, so the old
+        member's frames carry its own MAC, which its driver takes as the host's
+        (PACKET_HOST) before the bond sees them: delivered all the same (under follow
+        the lab's team lost 0-5 in the switch with it, 0-70 without).  Under kernel
+        follow (2) the MACs swap and the old member's frames are for a MAC it no longer
+        has: no handover.  An operator's own all_slaves_active=1 is left alone.
         """
         info = bond.bond
-        if info is None or info.fail_over_mac is not FailOverMac.NONE or info.all_slaves_active:
+        if (
+            info is None
+            or info.all_slaves_active
+            or info.fail_over_mac not in (FailOverMac.NONE, FailOverMac.ACTIVE)
+        ):
             return nullcontext()
         return self._all_members_deliver(team, bond)
 
@@ -549,6 +558,8 @@ class Teams:
         the name is udev's.
         """
 
+        seen: list[str] = []  # named once it appears, for the bind's timeline
+
         def find(links: list[Link]) -> tuple[Link, list[Link]] | None:
             found = match.select(links)
             if len(found) > 1:
@@ -556,6 +567,9 @@ class Teams:
                 raise Conflict(
                     f"team {team.name}: {match} is ambiguous ({names}); give pci_address"
                 )
+            if found and not found[0].udev_initialized and not seen:
+                seen.append(found[0].name)
+                log.info("team %s: %s is there; waiting for udev", team.name, found[0].name)
             return (found[0], links) if found and found[0].udev_initialized else None
 
         try:

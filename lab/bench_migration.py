@@ -29,18 +29,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from host.hypervisor import Hypervisor
 from host.migration_options import MigrationOptions
-from host.workflow.model import Outcome
+from host.workflow.model import BindTiming, Outcome
 from lab import GUEST_IP
 from lab import coordinated as co
 from lab.guest import DOMAIN_NAME, Nic
@@ -62,7 +63,8 @@ def start_tcp_sink(lab: VmLab) -> None:
     ).check()
 
 
-def run_ptmig(lab: VmLab, dest: str) -> Sample:
+def run_ptmig(lab: VmLab, dest: str, binds: list[BindBreakdown] | None = None) -> Sample:
+    """One ``ptmig migrate``; each team's bind, both sides' steps, appended to *binds*."""
     src = lab.where()
     with Recorder(f"bench-ptmig-{dest}") as rec:
         moved = co.migrate(lab, dest)
@@ -78,8 +80,107 @@ def run_ptmig(lab: VmLab, dest: str) -> Sample:
     if moved.report.outcome is not Outcome.DONE:
         raise LabError(f"ptmig migrate ended {moved.report.outcome}: {moved.report.error}")
     sample.agent_log = agent_log(lab, min(p.start for p in sample.phases))
+    if binds is not None:
+        route = f"{src}->{dest}"
+        binds += [
+            bind_breakdown(team, route, timing, sample.agent_log)
+            for team, timing in sorted(moved.report.binds.items())
+        ]
     lab.check_health()
     return sample
+
+
+@dataclass(frozen=True)
+class BindBreakdown:
+    """Where one team's bind went, in seconds from its attach call, on the host's clock:
+    the coordinator's own times (``MigrationReport.binds``) and the guest's steps from its
+    kernel's and agent's log lines (journald's reception times, the clock offset measured
+    over the console: about +-0.05 s).  None: the line was not found."""
+
+    team: str
+    route: str
+    device: str
+    attach_returned: float
+    device_added: float | None  # libvirt's DEVICE_ADDED reached the coordinator
+    bind_called: float  # the coordinator called BindPrimary
+    pci_found: float | None  # kernel: the hot-plugged function enumerated
+    netdev: float | None  # kernel: the driver registered its netdev (ethN)
+    renamed: float | None  # udev renamed it (enpNs0)
+    agent_saw: float | None  # agent: the link is there, udev not done with it
+    agent_found: float | None  # agent: "binding" (device found, udev done)
+    enslaved_up: float | None  # agent: MAC set (preserve), enslaved and up
+    carrier: float | None  # agent: carrier seen
+    made_active: float | None  # kernel: the bond made it the active member
+    active: float | None  # agent: "bound and active" (verified)
+    bind_reply: float  # the coordinator had the agent's answer
+
+
+#: The guest's steps of one bind: (field, pattern); {pci}, {dev}, {team} filled in.
+GUEST_STEPS = (
+    ("pci_found", r"pci {pci}: \["),
+    ("netdev", r"{pci} eth\d+: "),
+    ("renamed", r"{dev}: renamed from "),
+    ("agent_saw", r"team {team}: \S+ is there; waiting for udev"),
+    ("agent_found", r"team {team}: binding {dev} "),
+    ("enslaved_up", r"team {team}: {dev} in \S+ and up"),
+    ("carrier", r"team {team}: {dev} has carrier"),
+    ("made_active", r"\(slave {dev}\): making interface (?:{dev} )?the new active one"),
+    ("active", r"team {team}: {dev} bound and active"),
+)
+
+
+def bind_breakdown(
+    team: str, route: str, timing: BindTiming, log: list[tuple[float, str]]
+) -> BindBreakdown:
+    """*team*'s bind from the coordinator's *timing* and the guest's *log* (host clock)."""
+    t0 = timing.attach_called
+    found = next(
+        (
+            m
+            for _, line in log
+            if (
+                m := re.search(
+                    rf"team {re.escape(team)}: binding (\S+) \(device with pci ([0-9a-f:.]+)", line
+                )
+            )
+        ),
+        None,
+    )
+    dev, pci = (found.group(1), found.group(2)) if found else ("", "")
+    steps: dict[str, float | None] = {}
+    for name, pattern in GUEST_STEPS:
+        steps[name] = None
+        if not dev:
+            continue
+        wanted = re.compile(
+            pattern.format(pci=re.escape(pci), dev=re.escape(dev), team=re.escape(team))
+        )
+        at = next((t for t, line in log if t >= t0 - 0.5 and wanted.search(line)), None)
+        steps[name] = None if at is None else round(at - t0, 3)
+    added = timing.device_added
+    return BindBreakdown(
+        team=team,
+        route=route,
+        device=dev,
+        attach_returned=round(timing.attach_returned - t0, 3),
+        bind_called=round(timing.bind_called - t0, 3),
+        device_added=None if added is None else round(added - t0, 3),
+        bind_reply=round(timing.bound - t0, 3),
+        **steps,
+    )
+
+
+def breakdown_summary(binds: list[BindBreakdown]) -> dict[str, dict[str, float]]:
+    """Per step, the median (and spread) of its seconds from the attach call, every
+    team's bind together; a step no bind logged is left out."""
+    out = {}
+    for f in fields(BindBreakdown):
+        if f.name in ("team", "route", "device"):
+            continue
+        values = [v for b in binds if (v := getattr(b, f.name)) is not None]
+        if values:
+            out[f.name] = _stats(values)
+    return out
 
 
 def run_naive(lab: VmLab, dest: str) -> Sample:
@@ -570,7 +671,7 @@ class Bare:
 
 def run(
     lab: VmLab, reps: int, cases: tuple[str, ...] = CASES
-) -> tuple[list[Sample], Bare, dict[str, float] | None]:
+) -> tuple[list[Sample], Bare, dict[str, float] | None, list[BindBreakdown]]:
     """*cases* in a fixed order: ptmig and naive with the primaries, then the floor and its
     variants interleaved repetition by repetition (so a drift of the machine hits them
     alike), then the upstream guest.  The bare probes and the agent's figures come with
@@ -590,12 +691,15 @@ def run(
         progress(f"bare hotplug + probe of an e1000e, {reps} times, under the cases' traffic")
         bare = bare_hotplug_probe(lab, reps, under_traffic=True)
     samples: list[Sample] = []
+    binds: list[BindBreakdown] = []
     for name in with_primaries:
-        migrate_one = run_ptmig if name == "ptmig" else run_naive
         for rep in range(reps):
             for dest in ("hostb", "hosta"):
                 progress(f"{name} -> {dest}, repetition {rep + 1}/{reps}")
-                samples.append(migrate_one(lab, dest))
+                if name == "ptmig":
+                    samples.append(run_ptmig(lab, dest, binds))
+                else:
+                    samples.append(run_naive(lab, dest))
     if "ptmig" in cases:
         progress("agent: start-up and memory (bench-agent)")
         agent = agent_figures(lab)
@@ -617,7 +721,7 @@ def run(
             for dest in ("hostb", "hosta"):
                 progress(f"upstream -> {dest}, repetition {rep + 1}/{reps}")
                 samples.append(run_upstream(lab, dest))
-    return samples, Bare(bare, idle), agent
+    return samples, Bare(bare, idle), agent, binds
 
 
 def agent_figures(lab: VmLab) -> dict[str, float]:
@@ -640,11 +744,13 @@ def main(*, reps: int, out_dir: Path, as_json: bool, cases: tuple[str, ...] = CA
     try:
         co.configure(lab)
         with LoadSampler(lab.state.pids.values()) as sampler:
-            samples, bare, agent = run(lab, reps, cases)
+            samples, bare, agent, binds = run(lab, reps, cases)
     finally:
         if started_here:
             lab.down()
     summary = summarize(samples, bare.traffic, agent, bare_idle=bare.idle)
+    if binds:
+        summary["bind_breakdown_s"] = breakdown_summary(binds)
     goal_results = goals(summary, samples)
     load = sampler.stop()
     result: dict[str, Any] = {
@@ -655,6 +761,7 @@ def main(*, reps: int, out_dir: Path, as_json: bool, cases: tuple[str, ...] = CA
         "summary": summary,
         "goals": [{**asdict(g), "verdict": g.verdict} for g in goal_results],
         "samples": [s.to_dict() for s in samples],
+        "binds": [asdict(b) for b in binds],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench-migration.json").write_text(json.dumps(result, indent=1))
@@ -711,6 +818,10 @@ def format_summary(summary: dict[str, Any], goal_results: list[Goal]) -> str:
                 f"bare hotplug + probe of an e1000e, {how}: median {bare['median']:.2f} s "
                 f"({bare['min']:.2f}-{bare['max']:.2f})"
             )
+    breakdown = summary.get("bind_breakdown_s")
+    if breakdown:
+        steps = ", ".join(f"{name} {v['median']:.2f}" for name, v in breakdown.items())
+        lines.append(f"a bind, median s from the attach call: {steps}")
     lines.append("")
     lines += [f"{g.figure}: {g.measured} (goal {g.goal}): {g.verdict}" for g in goal_results]
     return "\n".join(lines)

@@ -145,13 +145,14 @@ class Recorder:
 
 
 def agent_log(lab: VmLab, since: float) -> list[tuple[float, str]]:
-    """The agent's journal since *since* (host epoch s), on the host's clock: the guest's
-    own clock is read in the same command and the console's round trip halved."""
+    """The agent's and the guest kernel's journal since *since* (host epoch s), on the
+    host's clock: the guest's own clock is read in the same command and the console's
+    round trip halved.  The times are journald's, when it received each line."""
     t0 = time.time()
     back = int(t0 - since) + 2
     out = lab.exec(
-        "date +%s.%N; journalctl -u ptmig-agent -o short-unix --no-pager "
-        f"--since @$(( $(date +%s) - {back} ))",
+        "date +%s.%N; journalctl _SYSTEMD_UNIT=ptmig-agent.service + _TRANSPORT=kernel "
+        f"-o short-unix --no-pager --since @$(( $(date +%s) - {back} ))",
         timeout=60,
     ).check()
     t1 = time.time()

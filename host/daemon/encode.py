@@ -241,8 +241,8 @@ def report_message(report: MigrationReport) -> Any:
 def report_from_message(message: Any) -> MigrationReport:
     """The report a Migrate stream's last event carries, for a client in Python (the
     lab's soak): :func:`report_message` read back, but for what the contract does not
-    carry (the phases' start times, ``why``).  ValueError for an outcome or a team mode it does not
-    know."""
+    carry (the phases' start times, ``why``, ``binds``).  ValueError for an outcome or a
+    team mode it does not know."""
     migration = json.loads(message.migration_json or "{}")
     return MigrationReport(
         workflow_id=message.workflow_id,

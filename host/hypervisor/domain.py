@@ -8,7 +8,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import libvirt
@@ -126,6 +127,28 @@ class Domain:
             self._dom.attachDeviceFlags(device_xml, self._affect())
         except libvirt.libvirtError as exc:
             raise wrap(f"{self.uri}: attach to {self.name}", exc) from exc
+
+    @contextmanager
+    def devices_added(self) -> Iterator[dict[str, float]]:
+        """While the block runs: alias -> when (epoch s) libvirt's DEVICE_ADDED event for
+        it reached this process.  Only recorded, never waited for: the guest's agent waits
+        for the device itself, and the attach call has returned by then.  libvirt takes
+        one registration of an event per domain and connection ("event callback already
+        tracked"): a second block at the same time (two teams repaired in parallel, each
+        plugging) records nothing rather than failing its plug."""
+        seen: dict[str, float] = {}
+
+        def on_event(_conn: object, _dom: object, dev_alias: str, _opaque: object) -> None:
+            seen.setdefault(dev_alias, time.time())
+
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(
+                    domain_events(self._dom, [libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED], on_event)
+                )
+            except libvirt.libvirtError as exc:
+                log.debug("%s: DEVICE_ADDED not recorded: %s", self.name, exc)
+            yield seen
 
     def detach_and_wait(self, alias: str, timeout: float) -> float:
         """Unplug device *alias* and wait for the guest to release it; returns seconds taken."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,7 +22,7 @@ from host.agent_client import AgentClient, AgentOnDemand, GuestState, TeamState
 from host.domain.devices import attachment_for_slot, next_primary_alias
 from host.domain.domain_xml import DomainInfo, parse_domain
 from host.domain.kinds import MacPolicy
-from host.domain.pools import Pool, VfNetworkPool
+from host.domain.pools import Pool, Slot, VfNetworkPool
 from host.domain.teams import TEAMS_NS, TEAMS_PREFIX, PrimaryDevice, Team, TeamSet, format_teams
 from host.hypervisor import Domain, Hypervisor, HypervisorError
 from host.logfields import in_this_context, log_fields
@@ -30,7 +31,7 @@ from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.inventory import DeviceView, pool_on
 from host.workflow.lease import LEASE_TTL, DomainLease, LeaseHeld
 from host.workflow.macpolicy import mac_policy_refusal
-from host.workflow.model import TeamMode
+from host.workflow.model import BindTiming, TeamMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +42,9 @@ AGENT_TIMEOUT = 15.0
 UNPLUG_TIMEOUT = 30.0
 BIND_TIMEOUT = 30.0
 SWITCH_TIMEOUT = 15.0
+NO_FREE_DEVICE = "no free device"
+#: How long the binds' step waits at most for its early opening of the agent's channel.
+WARM_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class BindResult:
     detail: str = ""
     device: str = ""
     alias: str = ""
+    #: When a device was plugged: its attach and bind on the coordinator's clock.
+    timing: BindTiming | None = None
 
     def journal(self) -> dict[str, str]:
         """The journal's and the log's form: only the fields that say something."""
@@ -60,6 +66,17 @@ class BindResult:
         if self.result is TeamMode.PRIMARY:
             return {**out, "device": self.device, "alias": self.alias}
         return {**out, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Plugged:
+    """One team's plug in :meth:`Guest.plug_all`: its device (None: none, and why), and its
+    attach call's start and return (epoch s)."""
+
+    primary: PrimaryDevice | None
+    detail: str = ""
+    attach_called: float = 0.0
+    attach_returned: float = 0.0
 
 
 class Guest:
@@ -87,8 +104,11 @@ class Guest:
         self._pools_lock = threading.Lock()
         #: Teams are worked on in parallel; the metadata is one document, read-modify-written.
         self._lock = threading.Lock()
-        #: One plug at a time per domain: free slots are computed from the domain's own XML.
+        #: One plug step at a time per domain: free slots are computed from the domain's own
+        #: XML (a plug step attaches every team's device in one go: plug_all).
         self._plug_lock = threading.Lock()
+        #: One detach at a time per domain (see :meth:`unplug`); taken inside _plug_lock.
+        self._detach_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -151,11 +171,7 @@ class Guest:
         self.dom.set_metadata(TEAMS_NS, TEAMS_PREFIX, format_teams(teams))
 
     def set_primary(self, team: str, primary: PrimaryDevice | None) -> TeamSet:
-        with self._lock:
-            teams = self.teams()
-            updated = teams.with_team(teams.team(team).with_primary(primary))
-            self.save_teams(updated)
-            return updated
+        return self.set_primaries({team: primary})
 
     def classify(
         self, agent_state: GuestState | None = None, info: DomainInfo | None = None
@@ -224,44 +240,112 @@ class Guest:
         return reply.team
 
     def plug(self, team: Team) -> PrimaryDevice | None:
-        """Attach a free device of the team's pool and record it; None when none is free.
+        """Attach a free device of the team's pool and record it; None when none is free."""
+        return self.plug_all([team])[team.name].primary
 
-        The attach is the claim: libvirt refuses a PCI device or tap another domain holds,
-        so two coordinators racing for the last device cannot both get it; the loser tries
-        the next free slot.
+    def plug_all(self, teams: Sequence[Team]) -> dict[str, Plugged]:
+        """Attach a free device of each team's pool in one go, then record them all.
+
+        One read of the domain and of the host's domains for every team, the attaches
+        back to back, one metadata write: the guest sees the devices arrive together and
+        probes them side by side, where one plug after another made the last team wait
+        for the others' reads and writes.  The attach is the claim: libvirt refuses a PCI
+        device or tap another domain holds, so two coordinators racing for the last
+        device cannot both get it; the loser tries the next free slot.  A team whose plug
+        fails gets no device and a reason; the others' devices are recorded all the same,
+        and a device whose record cannot be written is unplugged again, so none is left
+        attached and unknown (a crash in between leaves it to drift's `unrecorded` case,
+        its alias ptmig's).
         """
         with self._plug_lock:
-            return self._plug(team)
+            plugged = self._attach_all(teams)
+            attached = {n: p.primary for n, p in plugged.items() if p.primary is not None}
+            if not attached:
+                return plugged
+            try:
+                self.set_primaries(attached)
+            except Exception as exc:
+                log.error("%s: recording the plugged devices failed: %s", self.name, exc)
+                for team in teams:
+                    primary = attached.get(team.name)
+                    if primary is None:
+                        continue
+                    try:
+                        with self._detach_lock:
+                            self.dom.detach_and_wait(primary.alias, BIND_TIMEOUT)
+                    except Exception as unplug_exc:
+                        log.error("unplug of unrecorded %s: %s", primary.alias, unplug_exc)
+                    plugged[team.name] = Plugged(None, f"recording the device failed: {exc}")
+            return plugged
 
-    def _plug(self, team: Team) -> PrimaryDevice | None:
-        pool = self.pool(team)
-        if pool is None:
-            log.info("%s: no pool %s on %s", self.name, team.pool, self.hv.uri)
-            return None
+    def _attach_all(self, teams: Sequence[Team]) -> dict[str, Plugged]:
+        """Each team's attach, from one read of the domain and of the host's domains.  An
+        error reading those is every team's (nothing attached yet); one team's own error
+        (its pool, its device XML) is that team's alone."""
         # Aliases must be unique in the live and the persistent definition alike (a stale
         # persistent device, e.g. one a plain libvirt migration carried over, keeps its).
         aliases: list[str | None] = []
         for xml in (self.dom.xml(), self.dom.xml(inactive=True)):
             info = parse_domain(xml)
             aliases += [i.alias for i in info.interfaces] + [h.alias for h in info.hostdevs]
-        for slot in DeviceView.read(self.hv).free_slots(pool):
+        view = DeviceView.read(self.hv)
+        free: dict[str, Iterator[Slot]] = {}  # per pool, the slots this step has not tried
+        out = {}
+        for team in teams:
+            try:
+                out[team.name] = self._attach_one(team, aliases, view, free)
+            except Exception as exc:
+                log.error("%s: plugging a device for team %s: %s", self.name, team.name, exc)
+                out[team.name] = Plugged(None, f"plug failed: {exc}")
+        return out
+
+    def _attach_one(
+        self,
+        team: Team,
+        aliases: list[str | None],
+        view: DeviceView,
+        free: dict[str, Iterator[Slot]],
+    ) -> Plugged:
+        pool = self.pool(team)
+        if pool is None:
+            log.info("%s: no pool %s on %s", self.name, team.pool, self.hv.uri)
+            return Plugged(None, NO_FREE_DEVICE)
+        if pool.name not in free:
+            free[pool.name] = iter(view.free_slots(pool))
+        for slot in free[pool.name]:
             alias = next_primary_alias(team.name, aliases)
+            aliases.append(alias)
             vf_mac = team.team_mac or team.standby_mac
             attachment = attachment_for_slot(slot, alias=alias, vf_mac=vf_mac)
+            called = time.time()
             try:
                 self.dom.attach(attachment.device_xml)
             except HypervisorError as exc:
                 log.info("%s: slot %s taken (%s); trying the next", self.name, slot, exc)
-                aliases.append(alias)
                 continue
-            self.set_primary(team.name, attachment.primary)
-            return attachment.primary
-        return None
+            return Plugged(attachment.primary, "", called, time.time())
+        return Plugged(None, NO_FREE_DEVICE)
 
-    def bind(self, team: Team, primary: PrimaryDevice, operation_id: str, timeout: float) -> str:
+    def set_primaries(self, primaries: Mapping[str, PrimaryDevice | None]) -> TeamSet:
+        """Record several teams' primaries in one metadata write."""
+        with self._lock:
+            teams = self.teams()
+            for name, primary in primaries.items():
+                teams = teams.with_team(teams.team(name).with_primary(primary))
+            self.save_teams(teams)
+            return teams
+
+    def bind(
+        self,
+        team: Team,
+        primary: PrimaryDevice,
+        operation_id: str,
+        timeout: float,
+        info: DomainInfo | None = None,
+    ) -> str:
         """The agent binds the plugged *primary* into the team's bond; returns the guest's
-        name for the device."""
-        device = self.info().device(primary.alias)
+        name for the device.  *info*: the live domain read after the plug."""
+        device = (info or self.info()).device(primary.alias)
         guest_pci = getattr(device, "guest_pci_address", None) or ""
         reply = self.agent().bind_primary(
             team.name,
@@ -274,10 +358,17 @@ class Guest:
         return reply.device
 
     def unplug(self, team: Team, timeout: float) -> float:
-        """Detach the team's primary, wait until the guest released it, record its absence."""
+        """Detach the team's primary, wait until the guest released it, record its absence.
+
+        One detach at a time per domain: a detach waits on the domain's DEVICE_REMOVED
+        event, and libvirt refuses a second registration of that event for the same
+        domain on the same connection ("event callback already tracked": two teams'
+        binds failing together in the lab's fault matrix, each unplugging its device).
+        """
         if team.primary is None:
             return 0.0
-        seconds = self.dom.detach_and_wait(team.primary.alias, timeout)
+        with self._detach_lock:
+            seconds = self.dom.detach_and_wait(team.primary.alias, timeout)
         self.set_primary(team.name, None)
         return seconds
 
@@ -285,21 +376,100 @@ class Guest:
         self, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
     ) -> BindResult:
         """Plug a device from the pool and bind it; on a failed bind, unplug it again."""
-        primary = self.plug(team)
-        if primary is None:
-            emit(f"team {team.name}: no free device in pool {team.pool}; stays on its standby")
-            return BindResult(team.name, TeamMode.STANDBY, "no free device")
-        team = team.with_primary(primary)
+        return self.plug_and_bind_all([team], lambda _: operation_id, timeout, emit)[team.name]
+
+    def plug_and_bind_all(
+        self,
+        teams: Sequence[Team],
+        operation_id: Callable[[str], str],
+        timeout: float,
+        emit: Callable[[str], None],
+    ) -> dict[str, BindResult]:
+        """Plug every team's device in one step (:meth:`plug_all`), then bind them all at
+        once (the agent locks per team); a failed bind unplugs its own device only.
+
+        The agent's channel is opened while the devices go in (:meth:`_warm_agent`): on
+        a destination that is its first use, a stream and a handshake through a busy
+        guest, which the first bind would otherwise wait for.
+        """
+        with (
+            self.dom.devices_added() as added,
+            ThreadPoolExecutor(1, thread_name_prefix="agent-warm") as warm,
+        ):
+            warm.submit(in_this_context(self._warm_agent))
+            plugged = self.plug_all(teams)
+            info = self.info() if any(p.primary for p in plugged.values()) else None
+
+            def bind(team: Team) -> BindResult:
+                got = plugged[team.name]
+                if got.primary is None:
+                    why = (
+                        f"{got.detail} in pool {team.pool}"
+                        if got.detail == NO_FREE_DEVICE
+                        else got.detail
+                    )
+                    emit(f"team {team.name}: {why}; stays on its standby")
+                    return BindResult(team.name, TeamMode.STANDBY, got.detail)
+                team = team.with_primary(got.primary)
+                return self._bind_plugged(
+                    team, got, operation_id(team.name), timeout, emit, info, added
+                )
+
+            return self.each_team(teams, bind)
+
+    def _warm_agent(self) -> None:
+        """Open the agent's channel and its connection (one Health call); a failure is
+        only logged: the binds meet it again and answer for it."""
         try:
-            device = self.bind(team, primary, operation_id, timeout)
+            self.agent().healthy(timeout=WARM_TIMEOUT)
         except Exception as exc:
+            log.info("%s: the agent's channel did not open ahead of the binds: %s", self.name, exc)
+
+    def _bind_plugged(
+        self,
+        team: Team,
+        got: Plugged,
+        operation_id: str,
+        timeout: float,
+        emit: Callable[[str], None],
+        info: DomainInfo | None,
+        added: dict[str, float],
+    ) -> BindResult:
+        primary = got.primary
+        assert primary is not None
+        called = time.time()
+
+        def timing() -> BindTiming:
+            return BindTiming(
+                got.attach_called,
+                got.attach_returned,
+                added.get(primary.alias),
+                called,
+                time.time(),
+            )
+
+        try:
+            device = self.bind(team, primary, operation_id, timeout, info)
+        except Exception as exc:
+            ended = timing()
             emit(f"team {team.name}: bind failed ({exc}); unplugging {primary.alias}")
             try:
                 self.unplug(team, timeout)
             except Exception as unplug_exc:
                 log.error("unplug after failed bind: %s", unplug_exc)
-            return BindResult(team.name, TeamMode.STANDBY, f"bind failed: {exc}")
-        return BindResult(team.name, TeamMode.PRIMARY, device=device, alias=primary.alias)
+            return BindResult(
+                team.name,
+                TeamMode.STANDBY,
+                f"bind failed: {exc}",
+                timing=ended,
+            )
+        return BindResult(
+            team.name,
+            TeamMode.PRIMARY,
+            device=device,
+            alias=primary.alias,
+            timing=timing(),
+        )
 
     def to_primary(
         self, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]

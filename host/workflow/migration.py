@@ -5,10 +5,12 @@
     switch             agent: every team on a plugged primary onto its standby
                                                                undo: bind the primary again
     unplug             detach each plugged primary, wait for DEVICE_REMOVED (gone = done)
-                                                               undo: plug a source device, bind
+                                                               undo: plug a source device for
+                                                               every team at once, bind all
     migrate            libvirt peer-to-peer, persistent at the destination
     -- point of no return: the VM runs on the destination --
-    plug + bind        a device from each team's destination pool; the agent binds it
+    plug + bind        a device from each team's destination pool, all attached in one
+                       step and recorded in one write; the agent binds them in parallel
     verify             every team's active member is its primary (or it is degraded)
 
 Before the migration has moved the VM, a failure undoes the done steps in reverse order
@@ -61,6 +63,7 @@ from host.workflow.hybrid import (
 )
 from host.workflow.lease import JOB_LEASE_TTL, DomainLease
 from host.workflow.model import (
+    BindTiming,
     Event,
     MigrationReport,
     MigrationRequest,
@@ -134,6 +137,8 @@ class MigrationWorkflow:
         self.passengers: dict[str, TeamWay] = {}
         self.hybrid_considered = False
         self.migration: MigrationStats | None = None
+        #: Each plugged team's bind on the coordinator's clock, for the report.
+        self.binds: dict[str, BindTiming] = {}
 
     @property
     def workflow_id(self) -> str:
@@ -260,23 +265,26 @@ class MigrationWorkflow:
         return {"blockers": blockers, "kept": kept_now, "detail": detail}
 
     def replug_on_source(self) -> None:
-        """Undo of unplug: a device from the source's pool (the one just freed), bound.
+        """Undo of unplug: a device from the source's pool (the one just freed) for every
+        unplugged team, plugged in one step and bound in parallel.
 
         A team left on its standby (no free device, or the bind failed) is an undo that did
         not undo: it fails the compensation, so the outcome says failed, not rolled back.
         """
+        recorded = self.source.teams()
+        teams = [recorded.team(name) for name in reversed(self.unplugged)]
+        results = self.source.plug_and_bind_all(
+            teams,
+            lambda name: self.op("replug", name),
+            BIND_TIMEOUT,
+            lambda m: self.runner.emit("unplug", "info", m),
+        )
         left = []
-        for name in reversed(self.unplugged):
-            team = self.source.teams().team(name)
-            result = self.source.plug_and_bind(
-                team,
-                self.op("replug", name),
-                BIND_TIMEOUT,
-                lambda m: self.runner.emit("unplug", "info", m),
-            )
-            log.info("rollback of team %s: %s", name, result.journal())
+        for team in teams:
+            result = results[team.name]
+            log.info("rollback of team %s: %s", team.name, result.journal())
             if result.result is not TeamMode.PRIMARY:
-                left.append(f"{name} ({result.detail})")
+                left.append(f"{team.name} ({result.detail})")
         self.unplugged.clear()
         if left:
             raise WorkflowError(
@@ -393,33 +401,39 @@ class MigrationWorkflow:
             self.source.renew_lease(ttl)
 
     def plug_and_bind(self) -> dict[str, Any]:
+        """Every switched team's destination device plugged in one step and bound in
+        parallel (Guest.plug_and_bind_all); a kept team is only recorded."""
         assert self.destination is not None
         dest = self.destination
-
         recorded = dest.teams()  # as it arrived; each team's bind changes only its own
-
-        def bind(team: Team) -> TeamMode:
+        results: dict[str, TeamMode] = {}
+        to_plug = []
+        for team in self.teams:
             current = recorded.team(team.name)
             way = self.ways.get(team.name)
             if way is not None and way.way is Way.COPY and current.primary is not None:
                 # Plugged all along: the record now names the destination's device.
                 moved = dataclasses.replace(current.primary, pci_address=way.destination)
                 dest.set_primary(team.name, moved)
-                return TeamMode.PRIMARY
-            result = dest.plug_and_bind(
-                current,
-                self.op("bind", team.name),
-                BIND_TIMEOUT,
-                lambda m: self.runner.emit("bind", "info", m),
-            )
-            return result.result
-
-        results = dest.each_team(self.teams, bind)
+                results[team.name] = TeamMode.PRIMARY
+            else:
+                to_plug.append(current)
+        bound = dest.plug_and_bind_all(
+            to_plug,
+            lambda name: self.op("bind", name),
+            BIND_TIMEOUT,
+            lambda m: self.runner.emit("bind", "info", m),
+        )
+        self.binds = {name: r.timing for name, r in bound.items() if r.timing is not None}
+        results.update({name: r.result for name, r in bound.items()})
         # No announce-self here: QEMU would announce the *virtio* NIC's MAC, which under
         # MAC policy preserve is the team's MAC, pulling the switches' path back to the
         # standby just after the bond moved to the primary.  The bond announces itself
         # (peer notification) when its active member changes.
-        return {"teams": results}
+        return {
+            "teams": {t.name: results[t.name] for t in self.teams},
+            "binds": {name: r.journal() for name, r in bound.items()},
+        }
 
     def verify(self) -> dict[str, TeamMode]:
         assert self.destination is not None
@@ -514,6 +528,7 @@ class MigrationWorkflow:
             report.teams = self._team_summary(self.destination)
         log.debug("post-migration took %.2f s", time.monotonic() - t0)
         report.migration = self.migration
+        report.binds = dict(self.binds)
         report.phases = r.timings
         self._explain(report)
         if report.teams and all(v is TeamMode.PRIMARY for v in report.teams.values()):

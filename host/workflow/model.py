@@ -187,6 +187,22 @@ class PhaseTiming:
     started_at: float = 0.0  # epoch seconds, to line phases up with other measurements
 
 
+@dataclass(frozen=True)
+class BindTiming:
+    """Where one team's way back onto a primary went, on the coordinator's clock (epoch
+    seconds): the attach call made and returned, libvirt's DEVICE_ADDED event for the
+    device (None: not seen before the bind ended), the agent's BindPrimary called and
+    answered (or failed).  The guest's side of the same seconds (probe, carrier, enslave,
+    active) is in the agent's and the kernel's log; ``ptmig-lab bench-migration`` lines
+    both up.  Not carried by the gRPC contract (like ``why``): the JSON form has it."""
+
+    attach_called: float
+    attach_returned: float
+    device_added: float | None
+    bind_called: float
+    bound: float
+
+
 @dataclass
 class MigrationReport:
     workflow_id: str
@@ -212,6 +228,8 @@ class MigrationReport:
     #: Each mediated device the domain holds, by UUID: how it went (``copy-state: ...``,
     #: carried by QEMU's state copy onto the destination's mdev; host/workflow/hybrid.py).
     devices: dict[str, str] = field(default_factory=dict)
+    #: Each plugged team's bind on the coordinator's clock (``BindTiming``).
+    binds: dict[str, BindTiming] = field(default_factory=dict)
 
 
 # -- what the Coordinator answers (one type per answer; the faces encode these only) --------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -287,3 +288,29 @@ def test_contradictions_of_a_link_dump() -> None:
     assert "not enslaved" in str(contradiction([link(1), link(2, active=1)]))
     assert "not in the dump" in str(contradiction([link(2, active=7)]))
     assert "master ifindex 5" in str(contradiction([link(1, master=5)]))
+
+
+def test_a_udev_database_entry_written_wakes_a_link_wait(tmp_path: Path) -> None:
+    """udev tells its monitor only after its RUN programs; the entry it writes before
+    them (a temporary file renamed in) wakes the wait at once."""
+    from guest_agent.netlink import _LinkEvents
+
+    (tmp_path / "n7.tmp").write_text("I:1\n")
+    timer = threading.Timer(0.2, os.rename, (tmp_path / "n7.tmp", tmp_path / "n7"))
+    with _LinkEvents(udev=False, udev_db=str(tmp_path)) as events:
+        started = time.monotonic()
+        timer.start()
+        woken = events.wait(5.0)
+        took = time.monotonic() - started
+    timer.join()
+    assert woken is None  # any link may have changed
+    assert 0.15 <= took < 2.0
+
+
+def test_a_link_wait_without_a_udev_database_directory_still_works(tmp_path: Path) -> None:
+    from guest_agent.netlink import _LinkEvents
+
+    with _LinkEvents(udev=False, udev_db=str(tmp_path / "absent")) as events:
+        started = time.monotonic()
+        assert events.wait(0.2) == set()  # no event: nothing named
+        assert time.monotonic() - started >= 0.2

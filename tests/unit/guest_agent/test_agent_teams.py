@@ -171,18 +171,33 @@ def test_handover_is_off_again_when_the_change_fails(fake: FakeLinks) -> None:
     assert fake.get("bond0").bond.all_slaves_active is False  # type: ignore[union-attr]
 
 
-def test_no_handover_under_follow() -> None:
-    """Under follow the old member's frames carry a MAC the bond has given up."""
+def test_handover_under_follow_delivers_the_old_members_frames() -> None:
+    """Under fail_over_mac active each member keeps its own MAC, so the old member's frames
+    are its host's and reach the bond with all_slaves_active on for the change."""
     fake = FakeLinks()
     build_scene(fake, fail_over_mac=FailOverMac.ACTIVE)
     t = teams(fake, mac_policy=MacPolicy.FOLLOW, mac=None)
     assert fake.get("bond0").bond.active_slave == fake.get("enp2s0").index  # type: ignore[union-attr]
-    result = t.use_standby("lan", False, deadline_in(2))
-    assert "set_all_slaves_active" not in [c[0] for c in fake.calls]
-    # ...and the switch did happen: the standby is the bond's active member
-    assert ("set_active_slave", "bond0", "enp1s0") in fake.calls
+    result = t.use_standby("lan", True, deadline_in(2))
+    assert fake.calls == [
+        ("set_all_slaves_active", "bond0", True),
+        ("set_active_slave", "bond0", "enp1s0"),
+        ("set_all_slaves_active", "bond0", False),
+        ("release", "enp2s0"),
+    ]
     assert fake.get("bond0").bond.active_slave == fake.get("enp1s0").index  # type: ignore[union-attr]
     assert result.team.active_member == "enp1s0"
+    fake.close()
+
+
+def test_no_handover_under_kernel_follow() -> None:
+    """fail_over_mac follow (2) swaps the members' MACs: the old member's frames are for a
+    MAC it no longer has."""
+    fake = FakeLinks()
+    build_scene(fake, fail_over_mac=FailOverMac.FOLLOW)
+    t = teams(fake, mac_policy=MacPolicy.NONE, mac=None)
+    t.use_standby("lan", False, deadline_in(2))
+    assert [c[0] for c in fake.calls] == ["set_active_slave"]
     fake.close()
 
 

@@ -181,6 +181,7 @@ class FakeDomain:
         self.hv = hv
         self._uuid = uuid
         self.domain_name = domain_name
+        self._added: list[dict[str, float]] = []  # devices_added blocks open on this handle
 
     @property
     def uri(self) -> str:
@@ -310,6 +311,18 @@ class FakeDomain:
             insert_device(record.live, copy.deepcopy(device))
             if record.config is not None:
                 insert_device(record.config, copy.deepcopy(device))
+            for seen in self._added:
+                seen.setdefault(alias or "", time.time())
+
+    @contextmanager
+    def devices_added(self) -> Iterator[dict[str, float]]:
+        """As production: alias -> when its attach took effect, for the block's attaches."""
+        seen: dict[str, float] = {}
+        self._added.append(seen)
+        try:
+            yield seen
+        finally:
+            self._added.remove(seen)
 
     def has_device(self, alias: str, *, inactive: bool = False) -> bool:
         with self.hv.op("has_device", alias):

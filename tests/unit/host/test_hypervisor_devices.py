@@ -109,3 +109,49 @@ def test_attach_and_detach_affect_the_definition_only_where_it_has_the_device(
     assert dom._affect() == live | config  # an attach: both
     assert dom._affect("ua-ptmig-lan-10") == live | config
     assert dom._affect("ua-ptmig-lan-1") == live  # named in the metadata only
+
+
+class _OneRegistrationPerEvent:
+    """A connection as libvirt's client library keeps domain event callbacks: one per
+    (domain, event) on a connection; a second is refused as "already tracked"."""
+
+    def __init__(self) -> None:
+        self.callbacks: dict[int, tuple[int, object]] = {}
+        self._next = 1
+
+    def domainEventRegisterAny(self, dom: object, event_id: int, cb: object, opaque: object) -> int:
+        if any(e == event_id for e, _ in self.callbacks.values()):
+            raise libvirt.libvirtError("invalid argument: event callback already tracked")
+        self._next += 1
+        self.callbacks[self._next] = (event_id, cb)
+        return self._next
+
+    def domainEventDeregisterAny(self, cb_id: int) -> None:
+        del self.callbacks[cb_id]
+
+
+class _VirDomain:
+    def __init__(self, conn: _OneRegistrationPerEvent) -> None:
+        self.conn = conn
+
+    def connect(self) -> _OneRegistrationPerEvent:
+        return self.conn
+
+    def name(self) -> str:
+        return "drift"
+
+
+def test_devices_added_records_the_events_and_a_second_block_at_once_records_nothing() -> None:
+    """Two teams plugged in parallel (a repair of each) must not fail the second's plug
+    because libvirt tracks one DEVICE_ADDED callback per domain and connection."""
+    conn = _OneRegistrationPerEvent()
+    dom = Domain(None, _VirDomain(conn))  # type: ignore[arg-type]
+    added = libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED
+    with dom.devices_added() as first:
+        ((event_id, callback),) = conn.callbacks.values()
+        assert event_id == added
+        callback(conn, None, "ua-ptmig-lan-1", added)  # type: ignore[operator]
+        with dom.devices_added() as second:
+            assert second == {}
+        assert list(first) == ["ua-ptmig-lan-1"]
+    assert conn.callbacks == {}

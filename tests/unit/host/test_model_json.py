@@ -16,6 +16,7 @@ from host.domain.kinds import PoolKind
 from host.domain.teams import PrimaryDevice
 from host.migration_options import CopyStorage, MigrationStats
 from host.workflow.model import (
+    BindTiming,
     DomainEvacuation,
     DomainStatus,
     EvacuationOutcome,
@@ -49,6 +50,10 @@ REPORT = MigrationReport(
     drift={"lan": "plugged"},
     cancelled=True,
     ways={"lan": "switch: no state copy asked", "wan": "copy-state: both hosts allow it"},
+    binds={
+        "lan": BindTiming(1700000010.0, 1700000010.25, 1700000010.3, 1700000010.5, 1700000013.0),
+        "wan": BindTiming(1700000010.25, 1700000010.5, None, 1700000010.5, 1700000011.0),
+    },
 )
 
 
@@ -122,7 +127,7 @@ def test_a_shape_that_is_not_the_types_is_refused_with_where(
 def test_the_migrate_streams_report_comes_back_but_for_what_the_contract_lacks() -> None:
     back = report_from_message(report_message(REPORT))
     phases = [dataclasses.replace(p, started_at=0.0) for p in REPORT.phases]
-    assert back == dataclasses.replace(REPORT, phases=phases, why={})
+    assert back == dataclasses.replace(REPORT, phases=phases, why={}, binds={})
     bare = MigrationReport("w2", "vm2", "a", "b", Outcome.ROLLED_BACK, error="aborted")
     assert report_from_message(report_message(bare)) == bare
     message = report_message(bare)

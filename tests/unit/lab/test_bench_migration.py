@@ -131,3 +131,53 @@ def test_cases_are_chosen_by_name_in_the_benchmarks_order() -> None:
         parse_cases("floor,flor")
     with pytest.raises(LabError, match="none given"):
         parse_cases(" , ")
+
+
+def test_a_binds_breakdown_lines_up_both_sides_from_the_attach_call() -> None:
+    """The coordinator's times and the guest's log lines of one team, in seconds from its
+    attach call; the other team's lines and earlier lines are not taken for its own."""
+    from host.workflow.model import BindTiming
+    from lab.bench_migration import bind_breakdown, breakdown_summary
+
+    t0 = 1000.0
+    agent = "2026-12-05 22:27:01,123 INFO guest_agent.teams: "
+    log = [
+        (t0 - 5.0, "bond0: (slave enp3s0): making interface enp3s0 the new active one"),
+        (t0 + 0.4, "pci 0000:03:00.0: [8086:10d3] type 00 class 0x020000"),
+        (t0 + 0.5, "pci 0000:04:00.0: [8086:10d3] type 00 class 0x020000"),
+        (t0 + 1.2, "e1000e 0000:03:00.0 eth0: (PCI Express:2.5GT/s:Width x1) 52:54:00:bb:00:01"),
+        (t0 + 1.5, agent + "team lan: eth0 is there; waiting for udev"),
+        (t0 + 1.6, "e1000e 0000:03:00.0 enp3s0: renamed from eth0"),
+        (
+            t0 + 1.7,
+            agent + "team wan: binding enp4s0 (device with pci 0000:04:00.0), MAC policy follow",
+        ),
+        (
+            t0 + 1.8,
+            agent + "team lan: binding enp3s0 (device with pci 0000:03:00.0 and mac "
+            "52:54:00:bb:00:01), MAC policy preserve",
+        ),
+        (t0 + 1.9, agent + "team lan: enp3s0 in bond0 and up; waiting for its carrier"),
+        (t0 + 2.6, agent + "team lan: enp3s0 has carrier"),
+        (t0 + 2.7, "bond0: (slave enp3s0): making interface the new active one"),
+        (t0 + 2.95, agent + "team lan: enp3s0 bound and active"),
+    ]
+    timing = BindTiming(t0, t0 + 0.1, t0 + 0.12, t0 + 0.3, t0 + 3.0)
+
+    lan = bind_breakdown("lan", "hosta->hostb", timing, log)
+
+    assert (lan.device, lan.attach_returned, lan.device_added, lan.bind_called) == (
+        "enp3s0",
+        0.1,
+        0.12,
+        0.3,
+    )
+    assert (lan.agent_saw, lan.bind_reply) == (1.5, 3.0)
+    assert (lan.pci_found, lan.netdev, lan.renamed, lan.agent_found) == (0.4, 1.2, 1.6, 1.8)
+    assert (lan.enslaved_up, lan.carrier, lan.made_active, lan.active) == (1.9, 2.6, 2.7, 2.95)
+    wan = bind_breakdown("wan", "hosta->hostb", timing, log)
+    assert (wan.device, wan.pci_found, wan.netdev, wan.carrier) == ("enp4s0", 0.5, None, None)
+    assert wan.agent_saw is None
+    summary = breakdown_summary([lan, wan])
+    assert summary["pci_found"]["median"] == 0.45 and "netdev" in summary
+    assert summary["carrier"]["n"] == 1
