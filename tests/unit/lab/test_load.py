@@ -216,7 +216,9 @@ def test_judge_thresholds() -> None:
     assert "other QEMUs" in judge(10.0, 0.0, 0.0, 1.0)[0]
 
 
-BUSY = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < {s}: pass\n"
+#: Busy for *s* seconds of its own CPU, not of the wall: a loaded machine only stretches it.
+#: It says "ready" once its interpreter is up, so a sampler can start on a busy process.
+BUSY = "import time\nprint('ready', flush=True)\nwhile time.process_time() < {s}: pass\n"
 
 
 def test_live_sampler_tells_its_own_child_from_an_orphan() -> None:
@@ -227,7 +229,9 @@ def test_live_sampler_tells_its_own_child_from_an_orphan() -> None:
             "-c",
             "import subprocess, sys\n"
             f"p = subprocess.Popen([sys.executable, '-c', {BUSY.format(s=2.5)!r}],\n"
-            "    start_new_session=True)\n"
+            "    start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,\n"
+            "    text=True)\n"
+            "p.stdout.readline()\n"
             "print(p.pid)",
         ],
         capture_output=True,
@@ -235,7 +239,10 @@ def test_live_sampler_tells_its_own_child_from_an_orphan() -> None:
         check=True,
     )
     orphan_pid = int(orphan.stdout)
-    child = subprocess.Popen([sys.executable, "-c", BUSY.format(s=2.5)])
+    child = subprocess.Popen(
+        [sys.executable, "-c", BUSY.format(s=2.5)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
     try:
         with LoadSampler(interval=0.2) as sampler:
             time.sleep(1.5)
