@@ -60,7 +60,7 @@ def configure_agent(lab: VfioLab, config: str, timeout: float = 180) -> None:
         f"echo {encoded} | base64 -d > /etc/ptmig/agent.toml.new; "
         "/usr/sbin/ptmig-agent --check-config --config /etc/ptmig/agent.toml.new; "
         "mv /etc/ptmig/agent.toml.new /etc/ptmig/agent.toml; "
-        "kill $(pgrep -f 'python3 -I -c'); "
+        "kill $(pgrep -f 'python3 -I /usr/sbin/ptmig-agent --config'); "
         f"for i in $(seq {int(timeout * 4)}); do "
         f"tail -c +$((off + 1)) /run/ptmig-agent.log | grep -q '{ready}' && exit 0; "
         "sleep 0.25; done; exit 1)",
