@@ -14,7 +14,6 @@ a migration's own work does not grow with the domains already on the destination
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,23 +46,15 @@ log = logging.getLogger(__name__)
 #: How many domains' `HeldDevices` are kept, by their XML text (a couple of full hosts'
 #: worth: at libvirt's usual 4-10 KB of XML a domain, at most some 20 MB).
 HELD_CACHE_SIZE = 2048
-_held: dict[str, HeldDevices] = {}
-_held_lock = threading.Lock()
 
 
+@lru_cache(maxsize=HELD_CACHE_SIZE)
 def held_devices(domain_xml: str) -> HeldDevices:
     """What the domain whose XML is *domain_xml* holds; parsed once per distinct XML text
     (the answer depends on that text alone, so it cannot go stale).  Keyed by the text
     itself, not a digest: a look-up is a string hash and compare, and no collision can
     answer for another domain."""
-    found = _held.get(domain_xml)
-    if found is None:
-        found = HeldDevices.of(parse_domain(domain_xml))
-        with _held_lock:
-            if len(_held) >= HELD_CACHE_SIZE:
-                _held.clear()  # a new generation: the domains still there are read again
-            _held[domain_xml] = found
-    return found
+    return HeldDevices.of(parse_domain(domain_xml))
 
 
 @dataclass(frozen=True)
