@@ -267,10 +267,7 @@ def run_loop(
                 outcome = "error" if l2_answers(lab) else "l2-stalled"
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
             result.ended = outcome
-            try:
-                evidence = lab.hang_evidence()
-            except Exception as report_failed:  # the outcome stands without it
-                evidence = [("report failed", f"{type(report_failed).__name__}: {report_failed}")]
+            evidence = lab.evidence_or_why()  # the outcome stands without it
             result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
         result.iterations.append(it)

@@ -129,6 +129,13 @@ STALL_TRACE_S = 2.0
 #: How long a host's libvirtd may take to answer ``virsh list`` in L1 before its threads'
 #: stacks are taken (lab.nested.inside.libvirtd_report).
 LIBVIRTD_PROBE_S = 20.0
+#: What L2 runs for `VfioLab.agent_report` (its init loop restarts the agent into that log).
+AGENT_REPORT = (
+    "pgrep -af ptmig-agent; echo '--- /run/ptmig-agent.log, last 40 lines'; "
+    "tail -n 40 /run/ptmig-agent.log; echo '--- /dev/virtio-ports'; ls -l /dev/virtio-ports/; "
+    "echo '--- links'; ip -br link; echo '--- bonds'; "
+    "grep -H . /sys/class/net/bond*/bonding/active_slave /sys/class/net/bond*/bonding/slaves"
+)
 KVM_AMD_PARAMETERS = "/sys/module/kvm_amd/parameters/{nested,npt,vgif,avic,nrips,vls}"
 _COUNTER = re.compile(r"^/sys/kernel/debug/kvm/[^/]+/(\w+):(\d+)$")
 
@@ -520,15 +527,39 @@ class VfioLab:
                 reports.append(text)
         return "\n".join(reports) or None
 
+    def agent_report(self) -> str:
+        """L2's agent as L2 sees it: its processes, its log's tail, the channel's port and
+        the links.  For a failure where L2 answers but ptmig's calls into its agent do not
+        (a CI run's fixture saw only DEADLINE_EXCEEDED for 300 s, and nothing else)."""
+        out = self.exec(AGENT_REPORT, timeout=STALL_PROBE_S)
+        return out.output.strip() if out.status == 0 else f"(exit {out.status}) {out.output}"
+
     def hang_evidence(self) -> list[tuple[str, str]]:
         """(title, text) of what a failed or timed-out nested run should carry: every
         libvirtd that does not answer in L1, with its threads' stacks; else, if L2 does
-        not answer, the stall report (its libvirt calls would block on a stuck daemon)."""
+        not answer, the stall report (its libvirt calls would block on a stuck daemon);
+        else what L2's agent shows."""
         stuck = self.libvirtd_report()
         if stuck is not None:
             return [("L1 libvirtd report", stuck)]
         stall = self.stall_report()
-        return [("L2 stall report", stall)] if stall is not None else []
+        if stall is not None:
+            return [("L2 stall report", stall)]
+        return [("L2 agent report", self.agent_report())]
+
+    def evidence_or_why(self) -> list[tuple[str, str]]:
+        """:meth:`hang_evidence`, or why it could not be had: a report must not hide the
+        failure it reports."""
+        try:
+            return self.hang_evidence()
+        except Exception as exc:
+            return [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
+
+    def print_evidence(self) -> None:
+        """For a module fixture's failure (pytest attaches no report section to a setup
+        that failed): printed, so the first test's error carries it as captured output."""
+        for title, text in self.evidence_or_why():
+            print(f"=== {title}\n{text}", flush=True)
 
     def status(self) -> dict[str, Any]:
         pid = running_pid()

@@ -98,11 +98,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
     nested = [value for value in funcargs.values() if isinstance(value, VfioLab)]
     if nested and call.when == "call":
-        try:
-            evidence = nested[0].hang_evidence()
-        except Exception as exc:  # a report must not hide the failure it reports
-            evidence = [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
-        for title, text in evidence:
+        for title, text in nested[0].evidence_or_why():
             item.add_report_section(call.when, title, text)
 
 
@@ -122,10 +118,7 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     from lab.nested.vlab import VfioLab
 
     def expire() -> None:
-        try:
-            evidence = VfioLab().hang_evidence()
-        except Exception as exc:  # the timeout must still end the run
-            evidence = [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
+        evidence = VfioLab().evidence_or_why()  # the timeout must still end the run
         text = "".join(f"=== {title}\n{body}\n" for title, body in evidence)
         saved = run_dir() / f"timeout-{item.name}-{int(time.time())}.txt"
         with contextlib.suppress(OSError):

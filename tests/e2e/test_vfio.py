@@ -56,7 +56,11 @@ def vlab() -> Iterator[VfioLab]:
         )
         co.define_pools(lab)
         co.team_set(lab, "wan", "preserve")
-        co.to_primary(lab, timeout=300)
+        try:
+            co.to_primary(lab, timeout=300)
+        except Exception:
+            lab.print_evidence()  # CI once saw only DEADLINE_EXCEEDED here for 300 s
+            raise
         yield lab
     finally:
         lab.down()

@@ -23,7 +23,7 @@ from lab.nested.image import L1_CMDLINE
 from lab.nested.inside import libvirtd_report, summarize_kvm_trace, symbolize
 from lab.nested.l1 import L1
 from lab.nested.qemu import UnpackedQemu
-from lab.nested.vlab import exit_counter_deltas, kernel_text_words, registers
+from lab.nested.vlab import VfioLab, exit_counter_deltas, kernel_text_words, registers
 
 #: ftrace's format as L1's 6.1 prints it; the task name has a space.
 _TASK = "       CPU 0/KVM-812     [001] d..2.   431.000100: "
@@ -191,3 +191,52 @@ def test_l2_addresses_are_named_by_l1s_symbols_across_the_two_kaslr_bases() -> N
         "0000000000001000 ?",
     ]
     assert symbolize("", l2_text, [0xFFFFFFFFAB559017]) == ["ffffffffab559017 ?"]
+
+
+class _Probed(VfioLab):
+    """A VfioLab whose probes answer from fixed values (no L1): what each would report."""
+
+    def __init__(self, libvirtd: str | None, stall: str | None, agent: str | Exception) -> None:
+        super().__init__()
+        self._said = (libvirtd, stall, agent)
+        self.asked: list[str] = []
+
+    def libvirtd_report(self, timeout: float = 0) -> str | None:
+        self.asked.append("libvirtd")
+        return self._said[0]
+
+    def stall_report(self) -> str | None:
+        self.asked.append("stall")
+        return self._said[1]
+
+    def agent_report(self) -> str:
+        self.asked.append("agent")
+        agent = self._said[2]
+        if isinstance(agent, Exception):
+            raise agent
+        return agent
+
+
+@pytest.mark.parametrize(
+    ("libvirtd", "stall", "title", "asked"),
+    [
+        ("stacks", None, "L1 libvirtd report", ["libvirtd"]),
+        (None, "spinning", "L2 stall report", ["libvirtd", "stall"]),
+        (None, None, "L2 agent report", ["libvirtd", "stall", "agent"]),
+    ],
+)
+def test_evidence_is_a_stuck_libvirtd_first_then_a_stalled_l2_else_l2s_agent(
+    libvirtd: str | None, stall: str | None, title: str, asked: list[str]
+) -> None:
+    lab = _Probed(libvirtd, stall, "agent log")
+    assert [t for t, _ in lab.evidence_or_why()] == [title]
+    assert lab.asked == asked
+
+
+def test_evidence_that_cannot_be_had_says_why_instead_of_raising(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lab = _Probed(None, None, TimeoutError("console silent"))
+    lab.print_evidence()
+    out = capsys.readouterr().out
+    assert out.startswith("=== nested lab report\nfailed: TimeoutError: console silent"), out
