@@ -81,13 +81,18 @@ def team_set(lab: VfioLab, team: str, policy: str, primary_alias: str | None = N
 def to_primary(lab: VfioLab, timeout: float = 600) -> dict[str, Any]:
     """``ptmig failover --to primary`` until every team runs on a passthrough device."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    tried: list[str] = []  # each attempt's start, length and answer, for the error
     while time.monotonic() < deadline:
+        started = time.monotonic()
         try:
             last = ptmig_json(lab.where(), "failover", DOMAIN_NAME, "--to", "primary")
             if all(v == "primary" for v in last["teams"].values()):
                 return dict(last["teams"])
+            said = f"teams {last['teams']}, why {last.get('why', {})}"
         except (VfioLabError, json.JSONDecodeError) as exc:
-            last = str(exc)
+            said = str(exc)
+        took = time.monotonic() - started
+        tried.append(f"{time.strftime('%H:%M:%S')}, {took:.0f} s: {said}")
         time.sleep(5)
-    raise VfioLabError(f"teams did not reach their primaries in {timeout:.0f} s: {last}")
+    attempts = "\n  ".join(tried)
+    raise VfioLabError(f"teams did not reach their primaries in {timeout:.0f} s:\n  {attempts}")
