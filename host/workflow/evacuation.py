@@ -7,7 +7,9 @@
               of its teams fit, else where its teams' pools are defined at all (the
               fewest placed breaking ties) and ends done-degraded, its missing teams on
               their standby until the reconciler finds a device; a team whose pool no
-              target defines is refused by the migration's preflight
+              target defines is refused by the migration's preflight.  A domain's
+              mediated devices (carried by QEMU's state copy, no standby) each need a
+              free mdev of their pool: a target short of one comes last
     run       at most *parallel* domains at once, each one ``Coordinator.migrate`` in a
               worker thread with its own libvirt connections; a domain that fails does
               not stop the others
@@ -40,6 +42,7 @@ from host.domain.domain_xml import parse_domain
 from host.errors import Category
 from host.hypervisor import Hypervisor, HypervisorError
 from host.workflow.errors import PreflightError, WorkflowError
+from host.workflow.hybrid import mdev_pools, pool_holding
 from host.workflow.inventory import free_by_pool
 from host.workflow.journal import WorkflowConflict
 from host.workflow.lease import LeaseHeld
@@ -75,6 +78,9 @@ class Candidate:
     name: str
     uuid: str
     pools: tuple[str, ...]  # one entry per team: the pool its primary comes from
+    #: One entry per mediated device: its mdev pool here.  Each needs a free mdev of the
+    #: pool on the target, or the domain's preflight refuses it (an mdev has no standby).
+    carried: tuple[str, ...] = ()
 
 
 @dataclass
@@ -112,6 +118,7 @@ def place(
             out.append(Placement(c, target, plain=True))
             continue
         need = Counter(c.pools)
+        carried = Counter(c.carried)
 
         def fits(t: EvacuationTarget, need: Counter[str] = need) -> int:
             return sum(min(n, left[t.uri].get(pool, 0)) for pool, n in need.items())
@@ -119,15 +126,26 @@ def place(
         def has_pools(t: EvacuationTarget, need: Counter[str] = need) -> int:
             return sum(n for pool, n in need.items() if pool in left[t.uri])
 
-        # Whole fit first, then the most teams that fit, then the most teams whose pool
-        # the target has at all (preflight refuses a destination without the pool); the
-        # fewest placed breaks ties and the targets' order those (min keeps the first).
+        def carries(t: EvacuationTarget, carried: Counter[str] = carried) -> bool:
+            return all(left[t.uri].get(pool, 0) >= n for pool, n in carried.items())
+
+        # A target that can take every mediated device first (elsewhere the migration is
+        # refused), then a whole fit, then the most teams that fit, then the most teams
+        # whose pool the target has at all (preflight refuses a destination without the
+        # pool); the fewest placed breaks ties and the targets' order those (min keeps
+        # the first).
         target = min(
             targets,
-            key=lambda t: (fits(t) < len(c.pools), -fits(t), -has_pools(t), placed[t.uri]),
+            key=lambda t: (
+                not carries(t),
+                fits(t) < len(c.pools),
+                -fits(t),
+                -has_pools(t),
+                placed[t.uri],
+            ),
         )
         fit = fits(target)
-        for pool, n in need.items():
+        for pool, n in (need + carried).items():
             have = left[target.uri].get(pool, 0)
             left[target.uri][pool] = have - min(n, have)
         placed[target.uri] += 1
@@ -160,6 +178,7 @@ class Evacuation:
 
     def plan(self) -> Plan:
         with self.connect(self.request.source_uri) as source:
+            here = mdev_pools(source, strict=False)
             candidates = []
             for xml in source.all_domain_xml():
                 try:
@@ -173,7 +192,13 @@ class Evacuation:
                 except HypervisorError:
                     continue  # gone since the listing
                 teams = info.teams.teams if info.teams else ()
-                candidates.append(Candidate(info.name, info.uuid, tuple(t.pool for t in teams)))
+                carried = tuple(
+                    pool.name
+                    for mdev in info.mdevs
+                    if (pool := pool_holding(here, mdev.uuid)) is not None
+                )
+                pools = tuple(t.pool for t in teams)
+                candidates.append(Candidate(info.name, info.uuid, pools, carried))
         free: dict[str, dict[str, int]] = {}
         reachable = []
         for target in self.request.targets:

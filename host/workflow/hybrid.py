@@ -52,6 +52,7 @@ claim is the migration itself, as for a state-copied PCI primary).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -74,6 +75,8 @@ from host.workflow.drift import TeamClassification
 from host.workflow.errors import PreflightError, WorkflowError
 from host.workflow.guest import Guest
 from host.workflow.inventory import DeviceView, pool_networks, pool_on
+
+log = logging.getLogger(__name__)
 
 
 class Way(StrEnum):
@@ -301,10 +304,10 @@ def devices_here(source: Hypervisor, mdevs: Sequence[MdevHostdev]) -> dict[str, 
     and its free mdevs decide at migrate), by UUID; empty for a domain with none."""
     if not mdevs:
         return {}
-    here = _mdev_pools(source)
+    here = mdev_pools(source)
     out = {}
     for mdev in mdevs:
-        pool = next((p for p in here if mdev.uuid in p.uuids), None)
+        pool = pool_holding(here, mdev.uuid)
         if pool is None:
             out[mdev.uuid] = "refused at migrate: in no mdev pool on this host"
         elif not pool.state_copy:
@@ -477,11 +480,11 @@ def _passengers(
 ) -> list[Passenger]:
     """The domain's mdevs with their pools on both hosts: the mdev pools here are all
     read (a passenger names no pool; its UUID does), the destination's by name."""
-    pools = _mdev_pools(source)
+    pools = mdev_pools(source)
     theirs: dict[str, Pool | None] = {}
     out = []
     for mdev in mdevs:
-        here = next((p for p in pools if mdev.uuid in p.uuids), None)
+        here = pool_holding(pools, mdev.uuid)
         if here is not None and here.name not in theirs:
             there = destination.network_xml(pool_network_name(here.name))
             try:
@@ -492,14 +495,23 @@ def _passengers(
     return out
 
 
-def _mdev_pools(hv: Hypervisor) -> list[MdevPool]:
-    """Every mdev pool of *hv*'s host; one that cannot be read is a PreflightError (it may
-    be the one that lists the domain's mdev)."""
+def pool_holding(pools: Sequence[MdevPool], uuid: str) -> MdevPool | None:
+    """The mdev pool that lists *uuid* (a passenger names no pool; its UUID does)."""
+    return next((p for p in pools if uuid in p.uuids), None)
+
+
+def mdev_pools(hv: Hypervisor, *, strict: bool = True) -> list[MdevPool]:
+    """Every mdev pool of *hv*'s host.  *strict*: one that cannot be read is a
+    PreflightError (it may be the one that lists the domain's mdev); else it is logged and
+    left out (an evacuation's plan only ranks targets: the domain's preflight meets it)."""
     pools = []
     for name, xml in pool_networks(hv):
         try:
             pool = parse_pool_network(xml)
         except DomainModelError as exc:
+            if not strict:
+                log.warning("%s: pool network %s unreadable: %s", hv.uri, name, exc)
+                continue
             raise PreflightError(f"{hv.uri}: pool network {name}: {exc}") from exc
         if isinstance(pool, MdevPool):
             pools.append(pool)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 from fake_specs import VM2
-from workflow_fakes import LAN, A, B, Events, World
+from workflow_fakes import LAN, A, B, C, Events, World
 
 from host.domain.devices import mdev_hostdev_xml
 from host.domain.domain_xml import parse_domain
@@ -21,8 +21,16 @@ from host.domain.pools import (
     parse_pool_network,
 )
 from host.workflow.errors import PreflightError
+from host.workflow.evacuation import Candidate, place
 from host.workflow.journal import Journal
-from host.workflow.model import MigrationReport, MigrationRequest, Outcome
+from host.workflow.model import (
+    EvacuationOutcome,
+    EvacuationRequest,
+    EvacuationTarget,
+    MigrationReport,
+    MigrationRequest,
+    Outcome,
+)
 
 A_MDEV = "6a1c9a6e-0000-4000-8000-00000000000a"
 B_MDEV = "6a1c9a6e-0000-4000-8000-00000000000b"
@@ -35,10 +43,12 @@ def define(world: World, uri: str, *uuids: str, copy: bool = True, kind: str = "
     world.hosts[uri].networks[SERIAL] = format_pool_network(pool)
 
 
-def mdev_world(*, b_uuids: tuple[str, ...] = (B_MDEV,), copy_on_b: bool = True) -> World:
+def mdev_world(
+    *, b_uuids: tuple[str, ...] = (B_MDEV,), copy_on_b: bool = True, hosts: tuple[str, ...] = (A, B)
+) -> World:
     """vm1 on A (teams lan and wan on emulated NICs) holding A's mdev A_MDEV; pool serial on
     both hosts, marked state-copy; the mtty's driver implements VFIO migration."""
-    world = World()
+    world = World(hosts=hosts)
     define(world, A, A_MDEV)
     define(world, B, *b_uuids, copy=copy_on_b)
     world.state_copyable |= {A_MDEV, *b_uuids}
@@ -217,3 +227,34 @@ def test_status_says_whether_the_mdev_could_be_carried(journal: Journal) -> None
         A_MDEV: "refused at migrate: in no mdev pool on this host"
     }
     assert World().coordinator(journal).status(A, "vm1").devices == {}
+
+
+# -- evacuation: a target must take every mediated device --------------------------------
+
+C_MDEV = "6a1c9a6e-0000-4000-8000-00000000000c"
+
+
+def test_an_evacuation_places_a_domain_where_its_mdev_has_a_free_one(journal: Journal) -> None:
+    """B is first in the targets' order and takes both teams, but its pool serial lists no
+    mdev; C has a free one: the domain goes to C and its mdev is carried there."""
+    world = mdev_world(hosts=(A, B, C))
+    world.set_slots(C, 2)
+    define(world, C, C_MDEV)
+    world.state_copyable.add(C_MDEV)
+    define(world, B)  # pool serial on B lists no mdev at all
+    request = EvacuationRequest(A, (EvacuationTarget(B), EvacuationTarget(C)))
+    report = world.coordinator(journal).evacuate(request)
+    (moved,) = report.domains
+    assert (moved.destination_uri, moved.outcome) == (C, EvacuationOutcome.DONE), moved.error
+    assert mdevs(world, C) == [C_MDEV]
+
+
+def test_placement_puts_a_target_short_of_a_carried_mdev_last() -> None:
+    vm = Candidate("vm", "u", ("lan",), carried=("serial", "serial"))
+    targets = (EvacuationTarget(B), EvacuationTarget(C))
+    free = {B: {"lan": 1, "serial": 1}, C: {"serial": 2}}
+    (p,) = place([vm], targets, free, False)
+    assert p.target == EvacuationTarget(C) and p.fits == 0  # its team degrades there
+    # the next domain with an mdev finds C's taken by the first
+    first, second = place([vm, Candidate("vm2", "v", ("lan",), ("serial",))], targets, free, False)
+    assert (first.target, second.target) == (EvacuationTarget(C), EvacuationTarget(B))
