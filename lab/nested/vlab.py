@@ -444,6 +444,15 @@ class VfioLab:
             "exec", host or self.where(), str(timeout), encoded, timeout=timeout + 60
         )
 
+    def qemu_logs(self, lines: int = 30) -> str:
+        """The tail of L2's QEMU log on each host, for a failed migration's report (QEMU's
+        own reason, which libvirt shortens, is only there)."""
+        out = []
+        for host in LIBVIRT_PORTS:
+            got = self.inside("qemu-log", host, str(lines), timeout=60)
+            out.append(f"--- {host}: L2's QEMU log\n{got.output.strip()}")
+        return "\n".join(out)
+
     def bad_kernel_lines(self) -> int:
         out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
         return int(out.strip().splitlines()[-1])

@@ -27,6 +27,7 @@ from host.domain.domain_xml import parse_domain
 from host.hypervisor.events import ensure_event_loop
 from host.workflow.model import Outcome, TeamMode
 from lab.guest import DOMAIN_NAME
+from lab.migration import PtmigMigration
 from lab.nested import LIBVIRT_PORTS, mdev
 from lab.nested import coordinated as co
 from lab.nested.vlab import VfioLab
@@ -81,6 +82,17 @@ def events(hlab: VfioLab) -> Iterator[mdev.VfioMigrationEvents]:
     watched = mdev.VfioMigrationEvents({h: hlab.conn(h) for h in LIBVIRT_PORTS})
     yield watched
     watched.close()
+
+
+def migrate(lab: VfioLab, dest: str) -> PtmigMigration:
+    """``ptmig migrate`` to *dest*; the report printed, and with a migration job that failed
+    both hosts' QEMU logs too (QEMU's own reason, which libvirt shortens)."""
+    moved = co.migrate(lab, dest)
+    report = moved.report
+    print(f"-> {dest}: {report.phases}\nways {report.ways}\ndevices {report.devices}")
+    if report.error:
+        print(f"error {report.error}\n{lab.qemu_logs()}")
+    return moved
 
 
 def pool_free(host: str, pool: str = co.MDEV_POOL) -> list[str]:
@@ -163,9 +175,8 @@ def test_mdev_state_is_copied_there_and_back_while_only_the_vf_team_switches(
         free_there = pool_free(dest)
         assert free_there and set(free_there) <= set(UUIDS[dest]), free_there
         events.clear()
-        moved = co.migrate(lab, dest)
+        moved = migrate(lab, dest)
         report = moved.report
-        print(f"{src} -> {dest}: {report.phases}\nways {report.ways}\ndevices {report.devices}")
         assert moved.exit_code == 0 and report.outcome is Outcome.DONE, report
         assert lab.where() == dest
         # the mdev was carried by the state copy onto the destination's first free mdev
@@ -203,9 +214,8 @@ def test_a_whole_nic_in_a_pool_marked_state_copy_is_blocked_by_qemu_and_switched
         co.to_primary(lab, timeout=300)
         assert l1_driver(lab, lab.state.hosts[src].whole_pci) == "vfio-pci"
         ((held, _),) = held_mdevs(lab, src)
-        moved = co.migrate(lab, dest)
+        moved = migrate(lab, dest)
         report = moved.report
-        print(f"{src} -> {dest}: {report.phases}\nways {report.ways}\ndevices {report.devices}")
         assert moved.exit_code == 0 and report.outcome is Outcome.DONE, report
         assert report.ways["wan"].startswith("switch: QEMU blocks it: "), report.ways
         assert lab.state.hosts[src].whole_pci in report.ways["wan"], report.ways
@@ -238,9 +248,8 @@ def test_a_destination_without_its_mdev_rolls_back_with_the_mdev_still_plugged(
     left = lab.l1_exec(mdev.remove_command(UUIDS[dest]), timeout=60).check().split()
     assert not set(left) & set(UUIDS[dest]), left
     try:
-        moved = co.migrate(lab, dest)
+        moved = migrate(lab, dest)
         report = moved.report
-        print(f"rollback: {report.phases}\nerror {report.error}")
         assert moved.exit_code == 4 and report.outcome is Outcome.ROLLED_BACK, report
         assert "unplug" in [p.name for p in report.phases], "nothing was unplugged"
         assert report.teams == {"lan": TeamMode.PRIMARY}

@@ -151,3 +151,22 @@ def test_vfio_migration_events_are_read_per_host_and_device() -> None:
         events.wait_for("hostb", "running", timeout=0)
     events.clear()
     assert events.states("hosta") == []
+
+
+def test_qemu_log_gives_the_tail_of_the_domains_log_or_says_it_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lab.hosts import LabHost
+    from lab.nested import inside
+
+    seen: list[str] = []
+
+    def path_inside(_self: LabHost, path: str) -> Path:
+        seen.append(path)
+        return tmp_path / "guest.log"
+
+    monkeypatch.setattr(LabHost, "path_inside", path_inside)
+    assert inside.qemu_log("hosta", 2) == f"(no {tmp_path / 'guest.log'})"
+    (tmp_path / "guest.log").write_text("one\ntwo\nram_save_setup failed\n")
+    assert inside.qemu_log("hostb", 2) == "two\nram_save_setup failed"
+    assert seen[-1] == "/var/log/libvirt/qemu/ptmig-lab-guest.log"
