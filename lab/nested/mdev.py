@@ -70,12 +70,33 @@ def remove_command(uuids: Iterable[str] | None = None) -> str:
     )
 
 
+#: The guest mdev's vfio-pci properties set through libvirt's ``<qemu:override>`` (name,
+#: libvirt type, value).  ``migration-events``: QEMU reports each VFIO migration state change
+#: (``VFIO_MIGRATION``), the state copy's own evidence.  The other two are the lab's, not
+#: ptmig's: mtty answers the DMA-logging probe (its no-op ``log_ops``), but L1's Debian 6.12
+#: is built without ``CONFIG_IOMMUFD_DRIVER``, whose absence makes the kernel answer every
+#: DMA-logging report with EOPNOTSUPP, so QEMU's first dirty sync fails ("ram_save_setup
+#: failed").  ``x-device-dirty-page-tracking=off`` makes QEMU use the type1 container's
+#: dirty tracking instead (mtty pins no pages, so it reports nothing dirty: right for a
+#: device that does no DMA); QEMU 10.0 then blocks the migration unless
+#: ``enable-migration=on`` (it counts only device and iommufd dirty tracking at realize).
+#: docs/lab.md has the sources.
+MDEV_QEMU_PROPERTIES = (
+    ("migration-events", "bool", "true"),
+    ("x-device-dirty-page-tracking", "string", "off"),
+    ("enable-migration", "string", "on"),
+)
+
+
 def override_xml(alias: str = MDEV_ALIAS) -> str:
-    """``migration-events=on`` for the mdev's vfio-pci device: QEMU then reports each
-    VFIO migration state change (``VFIO_MIGRATION``), the state copy's own evidence."""
+    """The ``<qemu:override>`` that sets :data:`MDEV_QEMU_PROPERTIES` on the vfio-pci
+    device *alias* (QEMU's device id)."""
+    props = "".join(
+        f"<qemu:property name='{name}' type='{kind}' value='{value}'/>"
+        for name, kind, value in MDEV_QEMU_PROPERTIES
+    )
     return (
-        f"<qemu:override><qemu:device alias='{alias}'><qemu:frontend>"
-        "<qemu:property name='migration-events' type='bool' value='true'/>"
+        f"<qemu:override><qemu:device alias='{alias}'><qemu:frontend>{props}"
         "</qemu:frontend></qemu:device></qemu:override>"
     )
 

@@ -75,12 +75,12 @@ def test_the_guest_holds_the_mdev_with_migration_events_and_no_viommu(tmp_path: 
     root = ET.fromstring(xml)
     assert root.find("devices/iommu") is None
     ns = {"qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
-    prop = root.find("qemu:override/qemu:device/qemu:frontend/qemu:property", ns)
-    assert prop is not None and prop.attrib == {
-        "name": "migration-events",
-        "type": "bool",
-        "value": "true",
-    }
+    props = root.findall("qemu:override/qemu:device/qemu:frontend/qemu:property", ns)
+    assert [p.attrib for p in props] == [
+        {"name": "migration-events", "type": "bool", "value": "true"},
+        {"name": "x-device-dirty-page-tracking", "type": "string", "value": "off"},
+        {"name": "enable-migration", "type": "string", "value": "on"},
+    ]
     assert root.find("qemu:override/qemu:device", ns).get("alias") == mdev.MDEV_ALIAS  # type: ignore[union-attr]
     if shutil.which("virt-xml-validate"):
         f = tmp_path / "domain.xml"
