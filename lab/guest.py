@@ -76,8 +76,11 @@ def domain_xml(
     vcpus: int = 2,
     domain_type: str = "qemu",
     cmdline: str = BOOT_CMDLINE,
+    extra_devices: str = "",
+    qemu_override: str = "",
 ) -> str:
-    """The guest's domain XML (`domain_type` kvm where the host can run it)."""
+    """The guest's domain XML (`domain_type` kvm where the host can run it); `extra_devices`
+    go after its NICs, a `qemu_override` (QEMU's namespace) at its end."""
     nics = [
         n
         for n in (
@@ -96,6 +99,8 @@ def domain_xml(
         vcpus=vcpus,
         domain_type=domain_type,
         cmdline=cmdline,
+        extra_devices=extra_devices,
+        qemu_override=qemu_override,
     )
 
 
@@ -192,12 +197,14 @@ def _domain(
     domain_type: str = "qemu",
     cmdline: str = BOOT_CMDLINE,
     qemu_override: str = "",
+    extra_devices: str = "",
     name: str = DOMAIN_NAME,
     console_socket: str = CONSOLE_SOCKET,
     console_log: str = CONSOLE_LOG,
     agent_socket: str = AGENT_SOCKET,
 ) -> str:
-    """The domain with `nics`; a `qemu_override` (QEMU's namespace) goes at its end."""
+    """The domain with `nics` (and `extra_devices` after them); a `qemu_override` (QEMU's
+    namespace) goes at its end."""
     ports = "\n    ".join(
         "<controller type='pci' model='pcie-root-port'/>" for _ in range(ROOT_PORTS)
     )
@@ -230,7 +237,7 @@ def _domain(
     <controller type='usb' model='none'/>
     <controller type='pci' model='pcie-root'/>
     {ports}
-    {nic_xml}
+    {nic_xml}{extra_devices}
     <serial type='unix'>
       <source mode='bind' path='{console_socket}'/>
       <log file='{console_log}' append='on'/>

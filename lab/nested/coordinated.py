@@ -6,7 +6,10 @@ Pools (the same names on both hosts name each host's own devices):
   is defined by its PF (``--pf``), hostb's by an explicit VF list (``--vf``), so both forms
   run;
 * ``wannic``, kind pci: the host's whole e1000e, a managed PCI hostdev whose burned-in MAC
-  differs per host.
+  differs per host (``state_copy``: marked ``--state-copy``, which QEMU refuses for it:
+  e1000e has no VFIO migration driver, the hybrid's negative control);
+* ``serial``, kind mdev (L1 on 6.12 only): the host's own ``mtty-2`` mediated devices
+  (lab.nested.mdev), marked ``--state-copy``: a domain's mdev is carried by QEMU's copy.
 
 Team lan (bond0) draws a VF from ``lanvf``, team wan (bond1) the whole NIC from ``wannic``.
 """
@@ -26,6 +29,7 @@ from lab.ptmig import ptmig_at
 
 VF_POOL = "lanvf"
 PCI_POOL = "wannic"
+MDEV_POOL = "serial"
 
 
 def journal() -> str:
@@ -61,7 +65,24 @@ def define_pools(lab: VfioLab, vfs: dict[str, list[str]] | None = None) -> None:
         else:
             spec = [f"--vf={vf}" for vf in dev.vfs]
         ptmig(host, "pool-define", VF_POOL, "--kind", "vf", *spec)
-        ptmig(host, "pool-define", PCI_POOL, "--kind", "pci", f"--address={dev.whole_pci}")
+    define_whole_nic_pool(lab)
+
+
+def define_whole_nic_pool(lab: VfioLab, *, state_copy: bool = False) -> None:
+    """Each host's ``wannic`` (re)defined on its whole e1000e, marked state-copy or not."""
+    for host, dev in lab.state.hosts.items():
+        marked = ["--state-copy"] if state_copy else []
+        ptmig(host, "pool-define", PCI_POOL, "--kind", "pci", f"--address={dev.whole_pci}", *marked)
+
+
+def define_mdev_pools(lab: VfioLab, uuids: dict[str, tuple[str, ...]], mdev_type: str) -> None:
+    """Each host's ``serial`` pool of its own mdevs (*uuids* by host), marked state-copy."""
+    for host in lab.state.hosts:
+        spec = [f"--uuid={u}" for u in uuids[host]]
+        ptmig(
+            host, "pool-define", MDEV_POOL, "--kind", "mdev", "--mdev-type", mdev_type,
+            "--state-copy", *spec,
+        )  # fmt: skip
 
 
 #: Each team's standby MAC and pool in L2.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lab import fabric
 from lab.console import GuestConsole
-from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET
+from lab.guest import CONSOLE_LOG, CONSOLE_SOCKET, DOMAIN_NAME
 from lab.hosts import PRIVATE_DIRS, LabHost
 from lab.run import run
 
@@ -134,6 +134,18 @@ def guest_console(host: str) -> GuestConsole:
     """L2's console on *host* (lab.guest's paths, as the host's daemon sees them)."""
     lab_host = LabHost(next(n for n in fabric.HOSTS if n.name == host))
     return GuestConsole(lab_host.path_inside(CONSOLE_SOCKET), lab_host.path_inside(CONSOLE_LOG))
+
+
+def qemu_log(host: str, lines: int) -> str:
+    """The last *lines* of L2's QEMU log on *host* (libvirt's per-domain log: QEMU's own
+    error reports, e.g. why a migration's setup failed, land only there)."""
+    lab_host = LabHost(next(n for n in fabric.HOSTS if n.name == host))
+    path = lab_host.path_inside(f"/var/log/libvirt/qemu/{DOMAIN_NAME}.log")
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no {path})"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def guest_clock_offset(host: str, samples: int = 5) -> tuple[float, float]:
@@ -303,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     sz.add_argument("host")
     c = sub.add_parser("clock", help="L2's clock on HOST minus L1's, and its error bound")
     c.add_argument("host")
+    q = sub.add_parser("qemu-log", help="the tail of L2's QEMU log on HOST")
+    q.add_argument("host")
+    q.add_argument("lines", type=int)
     e = sub.add_parser("exec", help="run a base64-encoded command in L2 on HOST")
     e.add_argument("host")
     e.add_argument("timeout", type=float)
@@ -337,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         print(guest_console(args.host).wait_for_shell(args.since, args.timeout))
     elif args.command == "clock":
         print("{:.6f} {:.6f}".format(*guest_clock_offset(args.host)))
+    elif args.command == "qemu-log":
+        print(qemu_log(args.host, args.lines))
     elif args.command == "console-size":
         print(guest_console(args.host).log_size())
     elif args.command == "exec":

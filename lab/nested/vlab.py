@@ -35,6 +35,7 @@ from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
 from lab.nested.guest import l2_init
 from lab.nested.image import build_l1, build_l2, build_l2_initrd
 from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, running_pid, src_path
+from lab.nested.mdev import MTTY_TYPES
 from lab.nested.qemu import UnpackedQemu, build_qemu
 from lab.traffic import Phase
 from lab.vmlab import BAD_KERNEL_LINES
@@ -48,8 +49,6 @@ L2_OVERLAY = "/var/tmp/ptmig-lab/guest/disk.qcow2"
 L2_BOOT_TIMEOUT = 900.0
 L2_MEMORY_MIB = 384
 L2_VCPUS = 1
-#: The mtty parent's mdev types in L1 (samples/vfio-mdev/README.rst).
-MTTY_TYPES = "/sys/devices/virtual/mtty/mtty/mdev_supported_types"
 
 #: The agent's teams in L2.  Team wan is agent-owned with no primary at start: its whole
 #: NIC is plugged by ptmig from the host's pci pool.
@@ -225,8 +224,11 @@ def peer_uri(host: str) -> str:
 
 
 class VfioLab:
-    def __init__(self) -> None:
+    def __init__(self, l1_kernel: str | None = None) -> None:
+        """*l1_kernel*: L1's kernel for this lab (lab.nested.kernel.L1_KERNELS; None:
+        ``$PTMIG_VLAB_L1_KERNEL`` or the default)."""
         self.state = VfioLabState.load() or VfioLabState()
+        self.l1_kernel = l1_kernel
         self._conns: dict[str, libvirt.virConnect] = {}
 
     @property
@@ -241,7 +243,7 @@ class VfioLab:
         if running_pid() is not None:
             raise VfioLabError("the vfio lab is up already: run 'ptmig-lab down --vfio' first")
         qemu = build_qemu()
-        l1_image, l2_image = build_l1(), build_l2()
+        l1_image, l2_image = build_l1(self.l1_kernel), build_l2()
         share = run_dir() / "share" / "l2"
         if share.exists():
             shutil.rmtree(share)
@@ -314,9 +316,12 @@ class VfioLab:
             log.error("vfio lab start failed; L1 console log: %s", run_dir() / "console.log")
             raise
 
-    def boot_guest(self, cmdline_extra: str = "") -> float:
-        """Boot L2 on hosta (no passthrough device); return seconds until its shell.
-        *cmdline_extra* goes at the end of its kernel command line."""
+    def boot_guest(
+        self, cmdline_extra: str = "", *, extra_devices: str = "", qemu_override: str = ""
+    ) -> float:
+        """Boot L2 on hosta (no passthrough device but *extra_devices*, e.g. an mdev, with
+        *qemu_override*); return seconds until its shell.  *cmdline_extra* goes at the end
+        of its kernel command line."""
         self.l1_exec(
             f"mkdir -p {Path(L2_OVERLAY).parent} && rm -f {L2_OVERLAY} && "
             f"qemu-img create -q -f qcow2 -b {L2_DISK_DEV} -F raw {L2_OVERLAY}"
@@ -329,6 +334,8 @@ class VfioLab:
             vcpus=L2_VCPUS,
             domain_type="kvm" if self.accel() == "kvm" else "qemu",
             cmdline=f"{BOOT_CMDLINE} {cmdline_extra}".strip(),
+            extra_devices=extra_devices,
+            qemu_override=qemu_override,
         )
         self.state.l2_cmdline = f"{BOOT_CMDLINE} {cmdline_extra}".strip()
         since = int(self.inside("console-size", "hosta").check().strip() or 0)
@@ -436,6 +443,15 @@ class VfioLab:
         return self.inside(
             "exec", host or self.where(), str(timeout), encoded, timeout=timeout + 60
         )
+
+    def qemu_logs(self, lines: int = 30) -> str:
+        """The tail of L2's QEMU log on each host, for a failed migration's report (QEMU's
+        own reason, which libvirt shortens, is only there)."""
+        out = []
+        for host in LIBVIRT_PORTS:
+            got = self.inside("qemu-log", host, str(lines), timeout=60)
+            out.append(f"--- {host}: L2's QEMU log\n{got.output.strip()}")
+        return "\n".join(out)
 
     def bad_kernel_lines(self) -> int:
         out = self.exec(f"dmesg | grep -cE '{BAD_KERNEL_LINES}' || true").check()
