@@ -19,9 +19,9 @@ CHANNEL_TURN_WAIT = 30.0
 class ChannelTurn:
     """This process's turn at one guest's agent channel, among all ptmig processes here.
 
-    The channel is opened with VIR_DOMAIN_CHANNEL_FORCE, which takes it from whoever holds
-    it: a ``ptmig status`` would break a running migration's session (and once broke a
-    libvirt client connection).  So a client holds an exclusive flock on a file named by
+    A channel whose stream stays is taken over with VIR_DOMAIN_CHANNEL_FORCE from whoever
+    holds it (host/hypervisor/qemu.py): a ``ptmig status`` would break a running
+    migration's session.  So a client holds an exclusive flock on a file named by
     the domain's UUID while it is open; the kernel drops it when the holder dies.
     """
 

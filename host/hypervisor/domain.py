@@ -323,9 +323,10 @@ class Domain:
         Through libvirt, not the socket file: the channel's socket lives on whichever host
         runs the guest, and libvirt's connection is the only way ptmig reaches other hosts.
         FORCE takes over a stream another client holds (a crashed coordinator's, or a
-        second client of this process).  Two processes must not take it from each other
-        in a loop: that can break the libvirt connection itself (libvirtd 11.3), so the
-        ptmig processes of a host take turns (host/agent_client/turns.py).
+        second client of this process), but only after the previous stream stayed for a
+        grace period (host/hypervisor/qemu.py: FORCE against a stream being closed
+        deadlocks libvirtd 11.3).  Two processes must not take it from each other in a
+        loop, so the ptmig processes of a host take turns (host/agent_client/turns.py).
         """
         try:
             return open_channel(self._dom, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any
 
 import libvirt
@@ -48,8 +49,43 @@ class ChannelStream:
             self._stream.abort()
 
 
-def open_channel(dom: libvirt.virDomain, name: str) -> ChannelStream:
-    """A byte stream to *dom*'s virtio-serial channel *name* (see Domain.open_channel)."""
+#: How long an open waits for the channel's previous stream to go before taking it over
+#: with FORCE: a stream being closed is gone in milliseconds, even in a busy libvirtd.
+CHANNEL_BUSY_GRACE_S = 2.0
+#: Between two tries of an open the channel's previous stream still held.
+CHANNEL_BUSY_RETRY_S = 0.05
+#: What libvirt's QEMU driver says when a channel has a stream and FORCE was not given.
+CHANNEL_BUSY = "Active channel stream exists"
+
+
+def open_channel(
+    dom: libvirt.virDomain, name: str, grace: float = CHANNEL_BUSY_GRACE_S
+) -> ChannelStream:
+    """A byte stream to *dom*'s virtio-serial channel *name* (see Domain.open_channel).
+
+    Without FORCE first, and with FORCE only once the previous stream stayed for *grace*
+    seconds (a crashed holder's).  FORCE makes libvirtd (``virChrdevOpen``, 11.3 and
+    master) abort the previous stream while it holds the domain's chardev lock; if that
+    stream's own abort is under way in libvirtd's main loop at that moment (its client
+    just closed it: each agent session of ptmig opens after the last one closed), the
+    two take the chardev lock and the stream's lock in opposite orders and libvirtd
+    deadlocks for good (docs/lab.md, with the backtrace).  Without FORCE an open meets
+    "busy" until the previous stream is gone, and nothing is aborted under the lock.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        stream = dom.connect().newStream(0)
+        try:
+            dom.openChannel(name, stream, 0)
+            return ChannelStream(stream)
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()  # never opened: only the client's end to free
+            if CHANNEL_BUSY not in str(exc):  # libvirt's message, or the one given
+                raise
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(CHANNEL_BUSY_RETRY_S)
     stream = dom.connect().newStream(0)
     dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
     return ChannelStream(stream)
