@@ -175,8 +175,8 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
         The log keeps a response as its message type and wire bytes, not as the message:
         a message of Debian 12's protobuf is C++ memory, malloc'd in the RPC thread's
         glibc arena right after the call's netlink work, and 256 of them (the log's
-        size) kept that arena's freed pages from going back: in the lab guest +36 kB of
-        resident memory per recorded call, +8 MB until the log was full
+        size) kept that arena's freed pages resident: +8 MB over a full log natively, and
+        in the lab guest +9.5 MB against +3.4 MB with bytes over 70 migrations' calls
         (docs/benchmarks/agent.md, issue 24).  Bytes are Python's (small ones from its
         own allocator) and cost a parse per answer, microseconds.
         """
