@@ -38,6 +38,14 @@ class _Entry(Generic[T]):
         self.error: BaseException | None = None
 
 
+#: The `done` of every finished entry: its own Event (a Condition, a lock and a deque
+#: of waiters) is dropped once set, so that the log's few hundred finished entries are
+#: small; what an agent keeps long between calls leaves holes in the memory its calls
+#: used (docs/benchmarks/agent.md, issue 24).
+_FINISHED = threading.Event()
+_FINISHED.set()
+
+
 def _detached(error: BaseException) -> BaseException:
     """A copy of *error* to record and to raise on replays: same type, message and
     attributes, but no traceback, cause or context.
@@ -98,7 +106,8 @@ class OperationLog(Generic[T]):
                 entry.error = _detached(exc)
                 raise  # the first caller gets the original, with its traceback
             finally:
-                entry.done.set()
+                done, entry.done = entry.done, _FINISHED  # a waiter holds `done` itself
+                done.set()
             return value, False
         entry.done.wait()
         if entry.error is not None:

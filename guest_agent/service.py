@@ -94,11 +94,15 @@ def team_to_pb(team: TeamState) -> Any:
     )
 
 
+#: What the operation log keeps of a state-changing call's response: its type and bytes.
+Recorded = tuple[Any, bytes]
+
+
 class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
     def __init__(
         self,
         teams: Teams,
-        operations: OperationLog[Any],
+        operations: OperationLog[Recorded],
         default_timeout_s: float,
         capabilities: Iterable[str] = (),
     ) -> None:
@@ -166,7 +170,16 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
     def _once(
         self, context: grpc.ServicerContext, method: str, request: Any, action: Callable[[], Any]
     ) -> Any:
-        """Run `action` at most once per operation id; replay its recorded outcome."""
+        """Run `action` at most once per operation id; replay its recorded outcome.
+
+        The log keeps a response as its message type and wire bytes, not as the message:
+        a message of Debian 12's protobuf is C++ memory, malloc'd in the RPC thread's
+        glibc arena right after the call's netlink work, and 256 of them (the log's
+        size) kept that arena's freed pages resident: +8 MB over a full log natively, and
+        in the lab guest +9.5 MB against +3.4 MB with bytes over 70 migrations' calls
+        (docs/benchmarks/agent.md, issue 24).  Bytes are Python's (small ones from its
+        own allocator) and cost a parse per answer, microseconds.
+        """
         if not request.operation_id:
             return _answer(context, method, request, _bad("operation_id is required"))
         key = request.__class__()
@@ -174,15 +187,17 @@ class GuestAgentServicer(pb_grpc.GuestAgentServicer):  # type: ignore[misc]
         key.operation_id = ""
         fingerprint = (method, key.SerializeToString(deterministic=True))
 
+        def record() -> Recorded:
+            response = action()
+            return type(response), response.SerializeToString()
+
         def once() -> Any:
-            response, replayed = self._operations.run(
-                request.operation_id, fingerprint, action, not_done=(Abandoned,)
+            (kind, data), replayed = self._operations.run(
+                request.operation_id, fingerprint, record, not_done=(Abandoned,)
             )
+            response = kind.FromString(data)
             if replayed:
-                copy = response.__class__()
-                copy.CopyFrom(response)
-                copy.replayed = True
-                return copy
+                response.replayed = True
             return response
 
         return _answer(context, method, request, once, changes=True)

@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FRAMES",
         help="run the agent with PTMIG_AGENT_TRACEMALLOC=FRAMES and report what grew",
     )
+    churn.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the agent with glibc's MALLOC_ARENA_MAX=N (default: glibc's own)",
+    )
     churn.add_argument("--json", action="store_true")
     bm = sub.add_parser(
         "bench-migration", help="downtime benchmark: floor, naive and ptmig, repeated"
@@ -210,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "agent-churn":
             from lab import agent_churn
 
-            return agent_churn.main(args.rounds, args.every, args.refused, args.trace, args.json)
+            return agent_churn.main(
+                args.rounds,
+                args.every,
+                args.refused,
+                args.trace,
+                args.json,
+                malloc_arena_max=args.malloc_arena_max,
+            )
         elif args.command == "bench-migration":
             from pathlib import Path
 

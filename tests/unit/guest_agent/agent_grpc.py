@@ -25,8 +25,10 @@ def agent_server(
     allowed: Sequence[str] = ALL_RPCS,
     max_message_bytes: int = 64 * 1024,
     default_timeout_s: float = 2.0,
+    operations: OperationLog[Any] | None = None,
 ) -> Iterator[Any]:
-    servicer = GuestAgentServicer(Teams(links, teams), OperationLog(64), default_timeout_s)
+    log = operations if operations is not None else OperationLog(64)
+    servicer = GuestAgentServicer(Teams(links, teams), log, default_timeout_s)
     server = build_server(socket_path, servicer, max_message_bytes, frozenset(allowed))
     try:
         yield server

@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+from agent_reachable import reachable
 
 from guest_agent.addresses import AddressError, parse_mac, parse_pci
 from guest_agent.operations import OperationIdReused, OperationLog
@@ -149,6 +150,34 @@ def test_operation_log_keeps_no_frame_of_a_failed_call() -> None:
     assert replay() is None
     with pytest.raises(ValueError, match="refused"):  # still recorded, still replayed
         log.run("a", "fp", lambda: "ran again")
+
+
+def test_finished_operations_keep_no_lock_of_their_own() -> None:
+    """A finished entry shares one set Event: the log keeps hundreds of entries for a long
+    time, and each Event is a Condition, a lock and a deque (issue 24's RSS growth)."""
+    log: OperationLog[int] = OperationLog(capacity=8)
+    running, release = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        running.set()
+        release.wait(10)
+        return 1
+
+    for number in range(5):
+        log.run(str(number), 0, lambda n=number: n)  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        log.run("failed", 0, lambda: int("x"))
+    waiter = threading.Thread(target=lambda: log.run("slow", 0, slow))
+    waiter.start()
+    assert running.wait(10)
+    conditions = [obj for obj in reachable(log) if isinstance(obj, threading.Condition)]
+    assert len(log) == 7 and len(conditions) == 2  # the running entry's and the shared one
+    release.set()
+    waiter.join(10)
+    conditions = [obj for obj in reachable(log) if isinstance(obj, threading.Condition)]
+    assert len(conditions) == 1
+    assert log.run("slow", 0, lambda: 0) == (1, True)  # a finished entry still replays
+    assert log.run("3", 0, lambda: 0) == (3, True)
 
 
 def test_operation_log_is_bounded_and_keeps_running_entries() -> None:
