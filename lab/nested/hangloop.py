@@ -52,6 +52,9 @@ LIBVIRT_CALL_S = 120.0
 #: Seconds L2 may take from the attach returning to igbvf driving the VF (igbvf waits up
 #: to 2 s on the PF's mailbox; the Nova-style test measured 2-3 s to the bond).
 VF_UP_S = 60.0
+#: L1 KVM events kept at a failed iteration (entries, exits, injections): L2's last
+#: seconds before a hang or a triple fault (an L2 reset: "reason shutdown").
+FLIGHT_TAIL = 600
 #: Alias of team wan's whole NIC, plugged once before the loop.
 WHOLE_ALIAS = "ua-hang-wan"
 
@@ -267,7 +270,10 @@ def run_loop(
                 outcome = "error" if l2_answers(lab) else "l2-stalled"
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
             result.ended = outcome
+            # first: the stall report's own kvm trace reuses the recorder's buffer
+            recorded = lab.inside("flight-recorder", "tail", str(FLIGHT_TAIL), timeout=120)
             evidence = lab.evidence_or_why()  # the outcome stands without it
+            evidence.append(("L1 KVM flight recorder", recorded.output.strip()))
             result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
         result.iterations.append(it)
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         attach_whole_nic(lab, lab.where())
         if not args.no_ping:
             L1Pinger(lab, GUEST_IP, "hangloop", 100).start()
+        lab.inside("flight-recorder", "start", timeout=60).check()
         result.save(args.out)
         run_loop(lab, result, args.iterations, args.budget_s, args.out, args.migrate_every)
     except Exception as exc:
