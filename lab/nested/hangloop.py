@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -100,6 +101,10 @@ class LibvirtTimeout(VfioLabError):
     """A libvirt call into L1 did not return in time: its daemon is stuck."""
 
 
+class L2Restarted(VfioLabError):
+    """L2's uptime went back: it reset (a triple fault: L2 boots with panic=0)."""
+
+
 def within(seconds: float, what: str, call: Callable[[], T]) -> T:
     """*call* in a thread, given up after *seconds*: a libvirt call blocked in C cannot be
     interrupted, so the thread is left behind (the lab goes down after a hang anyway)."""
@@ -151,7 +156,11 @@ class LoopResult:
 
     @property
     def hang(self) -> Iteration | None:
-        bad = [i for i in self.iterations if i.outcome in ("l2-stalled", "libvirt-timeout")]
+        bad = [
+            i
+            for i in self.iterations
+            if i.outcome in ("l2-stalled", "l2-restarted", "libvirt-timeout")
+        ]
         return bad[0] if bad else None
 
     def summary(self) -> str:
@@ -214,10 +223,29 @@ def migrate_with_whole_nic(lab: VfioLab) -> str:
     Both hangs seen came within seconds of a VF plug after a migration (docs/lab.md)."""
     src = lab.where()
     dest = next(h for h in lab.state.hosts if h != src)
+    before = l2_uptime(lab, "before the migration")
     within(2 * LIBVIRT_CALL_S, "whole NIC detach", lambda: lab.detach(src, WHOLE_ALIAS))
     within(4 * LIBVIRT_CALL_S, "migration", lambda: orch.migrate(lab, dest))
+    migrated = l2_uptime(lab, "after the migration, before the whole NIC plug", before)
     attach_whole_nic(lab, dest)
+    l2_uptime(lab, "after the whole NIC plug", migrated)
     return dest
+
+
+def l2_uptime(lab: VfioLab, when: str, earlier: float = 0.0) -> float:
+    """L2's uptime; VfioLabError naming *when* if L2 does not answer or has restarted
+    since *earlier*: which step of a move L2 stopped at (the hangs came within a few
+    plugs of a migration, and nothing checked L2 between the migration and the plug)."""
+    out = lab.exec("cut -d' ' -f1 /proc/uptime", timeout=STALL_PROBE_S)
+    if out.status != 0:
+        raise VfioLabError(f"L2 does not answer {when}: {out.output.strip()[-300:]}")
+    read = re.findall(r"^(\d+\.\d+)\s*$", out.output, re.M)
+    if not read:
+        raise VfioLabError(f"L2's uptime unreadable {when}: {out.output.strip()[-300:]}")
+    uptime = float(read[-1])
+    if uptime < earlier:
+        raise L2Restarted(f"L2 restarted {when}: uptime {uptime:.1f} s, {earlier:.1f} s before")
+    return uptime
 
 
 def migration_due(number: int, every: int) -> bool:
@@ -253,7 +281,7 @@ def run_loop(
                 try:
                     host = migrate_with_whole_nic(lab)
                 except (VfioLabError, libvirt.libvirtError) as exc:
-                    if isinstance(exc, LibvirtTimeout) or not l2_answers(lab):
+                    if isinstance(exc, (LibvirtTimeout, L2Restarted)) or not l2_answers(lab):
                         raise
                     # a failed move is not the hang: record it, loop on without moves
                     migrate_every, host = 0, lab.where()
@@ -266,6 +294,8 @@ def run_loop(
             detail = f"{type(exc).__name__}: {str(exc)[:2000]}"
             if isinstance(exc, LibvirtTimeout):
                 outcome = "libvirt-timeout"
+            elif isinstance(exc, L2Restarted):
+                outcome = "l2-restarted"
             else:
                 outcome = "error" if l2_answers(lab) else "l2-stalled"
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))

@@ -287,3 +287,23 @@ def test_interrupt_frames_are_found_with_their_saved_if() -> None:
     assert [f.interrupts_on for f in on] == [True]
     # a user-mode frame (CS 0x33) is not a kernel one
     assert interrupt_frames(TASK_STACK.replace("0x0000000000000010", "0x0000000000000033")) == []
+
+
+def test_l2_uptime_names_the_step_where_l2_stopped_or_restarted() -> None:
+    from lab.console import ExecResult
+    from lab.nested.hangloop import L2Restarted, l2_uptime
+    from lab.nested.vlab import VfioLabError
+
+    class Console:
+        def __init__(self, status: int, output: str) -> None:
+            self.result = ExecResult(output, status)
+
+        def exec(self, command: str, timeout: float = 60) -> ExecResult:
+            return self.result
+
+    up = Console(0, "kernel noise\n351.20\n")
+    assert l2_uptime(up, "after the migration", 300.0) == 351.2  # type: ignore[arg-type]
+    with pytest.raises(L2Restarted, match="restarted after the migration"):
+        l2_uptime(Console(0, "18.27\n"), "after the migration", 351.2)  # type: ignore[arg-type]
+    with pytest.raises(VfioLabError, match="does not answer after the whole NIC plug"):
+        l2_uptime(Console(1, "timed out"), "after the whole NIC plug")  # type: ignore[arg-type]
