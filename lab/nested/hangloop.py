@@ -301,9 +301,14 @@ def run_loop(
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
             result.ended = outcome
             # first: the stall report's own kvm trace reuses the recorder's buffer
-            recorded = lab.inside("flight-recorder", "tail", str(FLIGHT_TAIL), timeout=120)
+            # first: the stall report's own kvm trace reuses the recorder's buffer
+            try:
+                recorded = lab.inside("flight-recorder", "tail", str(FLIGHT_TAIL), timeout=120)
+                flight = recorded.output.strip()
+            except Exception as tail_failed:  # the outcome stands without it
+                flight = f"{type(tail_failed).__name__}: {tail_failed}"
             evidence = lab.evidence_or_why()  # the outcome stands without it
-            evidence.append(("L1 KVM flight recorder", recorded.output.strip()))
+            evidence.append(("L1 KVM flight recorder", flight))
             result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
         result.iterations.append(it)
