@@ -233,7 +233,7 @@ def flight_recorder_start() -> None:
     tracing = _tracefs()
     (tracing / "tracing_on").write_text("0\n")
     (tracing / "set_event").write_text("\n".join(FLIGHT_EVENTS) + "\n")
-    (tracing / "buffer_size_kb").write_text("16384\n")
+    (tracing / "buffer_size_kb").write_text("32768\n")
     (tracing / "trace").write_text("")
     (tracing / "tracing_on").write_text("1\n")
 
@@ -259,7 +259,28 @@ def flight_recorder_tail(lines: int) -> str:
     out.extend(dmesg[-30:])
     out.append(f"--- the last {len(tail)} events")
     out.extend(tail)
+    before, start = spin_onset(events)
+    out.append(f"--- the {len(before)} events before L2 began to exit at one RIP only, then 40")
+    out.extend(before + events[start : start + 40])
     return "\n".join(out)
+
+
+_RIP = re.compile(r"\brip 0x([0-9a-f]+)")
+
+
+def spin_onset(events: list[str], before: int = 300) -> tuple[list[str], int]:
+    """Where the trailing run of entries and exits at the last event's RIP begins (a vCPU
+    spinning at one instruction), and the *before* events that led to it: the injection
+    that broke L2 is there, the tail holds only the spin."""
+    rips = [_RIP.search(e) for e in events]
+    last = next((m.group(1) for m in reversed(rips) if m), None)
+    start = 0
+    for i in range(len(events) - 1, -1, -1):
+        m = rips[i]
+        if m and m.group(1) != last:
+            start = i + 1
+            break
+    return events[max(0, start - before) : start], start
 
 
 def kvm_trace(seconds: float) -> KvmTraceSummary:

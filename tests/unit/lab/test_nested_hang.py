@@ -307,3 +307,18 @@ def test_l2_uptime_names_the_step_where_l2_stopped_or_restarted() -> None:
         l2_uptime(Console(0, "18.27\n"), "after the migration", 351.2)  # type: ignore[arg-type]
     with pytest.raises(VfioLabError, match="does not answer after the whole NIC plug"):
         l2_uptime(Console(1, "timed out"), "after the whole NIC plug")  # type: ignore[arg-type]
+
+
+def test_the_spins_onset_is_found_behind_its_run_of_exits_at_one_rip() -> None:
+    from lab.nested.inside import spin_onset
+
+    spin = "kvm_exit: vcpu 0 reason interrupt rip 0xffffffffa4a4f739 info1 0x0"
+    entry = "kvm_entry: vcpu 0, rip 0xffffffffa4a4f739"
+    led = [
+        "kvm_exit: vcpu 0 reason interrupt rip 0xffffffffa4155d84 info1 0x0",
+        "kvm_inj_virq: IRQ 0xec",
+        "kvm_entry: vcpu 0, rip 0xffffffffa4155d84",
+    ]
+    events = ["kvm_exit: vcpu 0 reason msr rip 0xffffffff8105a1c2"] + led + [spin, entry] * 5
+    before, start = spin_onset(events, before=3)
+    assert before == led and events[start] == spin
