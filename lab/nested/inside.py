@@ -230,12 +230,18 @@ def _tracefs() -> Path:
 def flight_recorder_start() -> None:
     """Trace L1's KVM from now on into the ring buffer (the oldest events dropped), so a
     hang or an L2 reset can be read back with what led to it (``flight_recorder_tail``)."""
+    _trace_afresh(FLIGHT_EVENTS, 32768)
+
+
+def _trace_afresh(events: tuple[str, ...], buffer_kb: int) -> Path:
+    """Tracing on for *events* alone, into an emptied buffer of *buffer_kb* per CPU."""
     tracing = _tracefs()
     (tracing / "tracing_on").write_text("0\n")
-    (tracing / "set_event").write_text("\n".join(FLIGHT_EVENTS) + "\n")
-    (tracing / "buffer_size_kb").write_text("32768\n")
+    (tracing / "set_event").write_text("\n".join(events) + "\n")
+    (tracing / "buffer_size_kb").write_text(f"{buffer_kb}\n")
     (tracing / "trace").write_text("")
     (tracing / "tracing_on").write_text("1\n")
+    return tracing
 
 
 def flight_recorder_tail(lines: int) -> str:
@@ -285,12 +291,7 @@ def spin_onset(events: list[str], before: int = 300) -> tuple[list[str], int]:
 
 def kvm_trace(seconds: float) -> KvmTraceSummary:
     """Trace L1's KVM for *seconds* (tracefs; debugfs is mounted by the stall report)."""
-    tracing = _tracefs()
-    (tracing / "tracing_on").write_text("0\n")
-    (tracing / "set_event").write_text("\n".join(KVM_TRACE_EVENTS) + "\n")
-    (tracing / "buffer_size_kb").write_text("8192\n")
-    (tracing / "trace").write_text("")
-    (tracing / "tracing_on").write_text("1\n")
+    tracing = _trace_afresh(KVM_TRACE_EVENTS, 8192)
     time.sleep(seconds)  # the trace's window: the measurement
     (tracing / "tracing_on").write_text("0\n")
     (tracing / "set_event").write_text("")
