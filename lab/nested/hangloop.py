@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -52,6 +53,9 @@ LIBVIRT_CALL_S = 120.0
 #: Seconds L2 may take from the attach returning to igbvf driving the VF (igbvf waits up
 #: to 2 s on the PF's mailbox; the Nova-style test measured 2-3 s to the bond).
 VF_UP_S = 60.0
+#: L1 KVM events kept at a failed iteration (entries, exits, injections): L2's last
+#: seconds before a hang or a triple fault (an L2 reset: "reason shutdown").
+FLIGHT_TAIL = 600
 #: Alias of team wan's whole NIC, plugged once before the loop.
 WHOLE_ALIAS = "ua-hang-wan"
 
@@ -76,6 +80,10 @@ VARIANTS = {
     "npt0": Variant("npt0", l1="kvm_amd.npt=0"),
     # 6.1's default already, and TCG offers no AVIC: a control of the control
     "avic0": Variant("avic0", l1="kvm_amd.avic=0"),
+    # L2 as a generic guest: no PV EOI, so every EOI exits again (a #VMEXIT resets L0's
+    # exception_index; docs/lab.md, "The frame read"); kvm-clock and the other PV
+    # features go with it (the only switch for PV EOI on L2's command line)
+    "nopv": Variant("nopv", l2="nopv"),
 }
 
 
@@ -95,6 +103,10 @@ def variant(spec: str) -> Variant:
 
 class LibvirtTimeout(VfioLabError):
     """A libvirt call into L1 did not return in time: its daemon is stuck."""
+
+
+class L2Restarted(VfioLabError):
+    """L2's uptime went back: it reset (a triple fault: L2 boots with panic=0)."""
 
 
 def within(seconds: float, what: str, call: Callable[[], T]) -> T:
@@ -148,7 +160,11 @@ class LoopResult:
 
     @property
     def hang(self) -> Iteration | None:
-        bad = [i for i in self.iterations if i.outcome in ("l2-stalled", "libvirt-timeout")]
+        bad = [
+            i
+            for i in self.iterations
+            if i.outcome in ("l2-stalled", "l2-restarted", "libvirt-timeout")
+        ]
         return bad[0] if bad else None
 
     def summary(self) -> str:
@@ -211,10 +227,29 @@ def migrate_with_whole_nic(lab: VfioLab) -> str:
     Both hangs seen came within seconds of a VF plug after a migration (docs/lab.md)."""
     src = lab.where()
     dest = next(h for h in lab.state.hosts if h != src)
+    before = l2_uptime(lab, "before the migration")
     within(2 * LIBVIRT_CALL_S, "whole NIC detach", lambda: lab.detach(src, WHOLE_ALIAS))
     within(4 * LIBVIRT_CALL_S, "migration", lambda: orch.migrate(lab, dest))
+    migrated = l2_uptime(lab, "after the migration, before the whole NIC plug", before)
     attach_whole_nic(lab, dest)
+    l2_uptime(lab, "after the whole NIC plug", migrated)
     return dest
+
+
+def l2_uptime(lab: VfioLab, when: str, earlier: float = 0.0) -> float:
+    """L2's uptime; VfioLabError naming *when* if L2 does not answer or has restarted
+    since *earlier*: which step of a move L2 stopped at (the hangs came within a few
+    plugs of a migration, and nothing checked L2 between the migration and the plug)."""
+    out = lab.exec("cut -d' ' -f1 /proc/uptime", timeout=STALL_PROBE_S)
+    if out.status != 0:
+        raise VfioLabError(f"L2 does not answer {when}: {out.output.strip()[-300:]}")
+    read = re.findall(r"^(\d+\.\d+)\s*$", out.output, re.M)
+    if not read:
+        raise VfioLabError(f"L2's uptime unreadable {when}: {out.output.strip()[-300:]}")
+    uptime = float(read[-1])
+    if uptime < earlier:
+        raise L2Restarted(f"L2 restarted {when}: uptime {uptime:.1f} s, {earlier:.1f} s before")
+    return uptime
 
 
 def migration_due(number: int, every: int) -> bool:
@@ -250,7 +285,7 @@ def run_loop(
                 try:
                     host = migrate_with_whole_nic(lab)
                 except (VfioLabError, libvirt.libvirtError) as exc:
-                    if isinstance(exc, LibvirtTimeout) or not l2_answers(lab):
+                    if isinstance(exc, (LibvirtTimeout, L2Restarted)) or not l2_answers(lab):
                         raise
                     # a failed move is not the hang: record it, loop on without moves
                     migrate_every, host = 0, lab.where()
@@ -263,11 +298,21 @@ def run_loop(
             detail = f"{type(exc).__name__}: {str(exc)[:2000]}"
             if isinstance(exc, LibvirtTimeout):
                 outcome = "libvirt-timeout"
+            elif isinstance(exc, L2Restarted):
+                outcome = "l2-restarted"
             else:
                 outcome = "error" if l2_answers(lab) else "l2-stalled"
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
             result.ended = outcome
+            # first: the stall report's own kvm trace reuses the recorder's buffer
+            # first: the stall report's own kvm trace reuses the recorder's buffer
+            try:
+                recorded = lab.inside("flight-recorder", "tail", str(FLIGHT_TAIL), timeout=120)
+                flight = recorded.output.strip()
+            except Exception as tail_failed:  # the outcome stands without it
+                flight = f"{type(tail_failed).__name__}: {tail_failed}"
             evidence = lab.evidence_or_why()  # the outcome stands without it
+            evidence.append(("L1 KVM flight recorder", flight))
             result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
         result.iterations.append(it)
@@ -304,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         attach_whole_nic(lab, lab.where())
         if not args.no_ping:
             L1Pinger(lab, GUEST_IP, "hangloop", 100).start()
+        lab.inside("flight-recorder", "start", timeout=60).check()
         result.save(args.out)
         run_loop(lab, result, args.iterations, args.budget_s, args.out, args.migrate_every)
     except Exception as exc:

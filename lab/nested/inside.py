@@ -226,16 +226,84 @@ def summarize_kvm_trace(trace: str, seconds: float) -> KvmTraceSummary:
     return summary
 
 
-def kvm_trace(seconds: float) -> KvmTraceSummary:
-    """Trace L1's KVM for *seconds* (tracefs; debugfs is mounted by the stall report)."""
+#: What the flight recorder keeps: each entry into L2 with its RIP, each exit with its
+#: reason and RIP, each injection (6.1 marks a re-injected one), each host interrupt
+#: taken in L2: the last of them before a hang or L2's triple fault ("shutdown").
+FLIGHT_EVENTS = ("kvm:kvm_entry", "kvm:kvm_exit", "kvm:kvm_inj_virq", "kvm:kvm_inj_exception")
+
+
+def _tracefs() -> Path:
     tracing = Path("/sys/kernel/tracing")
     if not (tracing / "trace").exists():
         subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracing)], check=True)
+    return tracing
+
+
+def flight_recorder_start() -> None:
+    """Trace L1's KVM from now on into the ring buffer (the oldest events dropped), so a
+    hang or an L2 reset can be read back with what led to it (``flight_recorder_tail``)."""
+    _trace_afresh(FLIGHT_EVENTS, 32768)
+
+
+def _trace_afresh(events: tuple[str, ...], buffer_kb: int) -> Path:
+    """Tracing on for *events* alone, into an emptied buffer of *buffer_kb* per CPU."""
+    tracing = _tracefs()
     (tracing / "tracing_on").write_text("0\n")
-    (tracing / "set_event").write_text("\n".join(KVM_TRACE_EVENTS) + "\n")
-    (tracing / "buffer_size_kb").write_text("8192\n")
+    (tracing / "set_event").write_text("\n".join(events) + "\n")
+    (tracing / "buffer_size_kb").write_text(f"{buffer_kb}\n")
     (tracing / "trace").write_text("")
     (tracing / "tracing_on").write_text("1\n")
+    return tracing
+
+
+def flight_recorder_tail(lines: int) -> str:
+    """The recorder's last *lines* events, tracing stopped (kvm_trace reuses the buffer);
+    with each ``kvm_exit`` reason's count over them and L1's kernel log's tail."""
+    tracing = _tracefs()
+    (tracing / "tracing_on").write_text("0\n")
+    events = (tracing / "trace").read_text(errors="replace").splitlines()
+    tail = [e for e in events if not e.startswith("#")][-lines:]
+    reasons: dict[str, int] = {}
+    for e in tail:
+        m = re.search(r"kvm_exit: vcpu \d+ reason (\S+)", e)
+        if m:
+            reasons[m.group(1)] = reasons.get(m.group(1), 0) + 1
+    shutdowns = [e for e in events if "reason shutdown" in e]
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+    out = [f"exit reasons in the last {len(tail)} events: {reasons}"]
+    out.append(f"shutdown exits (L2 triple faults) in the whole buffer: {len(shutdowns)}")
+    out.extend(shutdowns[-5:])
+    out.append("--- L1 dmesg, last 30 lines")
+    out.extend(dmesg[-30:])
+    out.append(f"--- the last {len(tail)} events")
+    out.extend(tail)
+    before, start = spin_onset(events)
+    out.append(f"--- the {len(before)} events before L2 began to exit at one RIP only, then 40")
+    out.extend(before + events[start : start + 40])
+    return "\n".join(out)
+
+
+_RIP = re.compile(r"\brip 0x([0-9a-f]+)")
+
+
+def spin_onset(events: list[str], before: int = 300) -> tuple[list[str], int]:
+    """Where the trailing run of entries and exits at the last event's RIP begins (a vCPU
+    spinning at one instruction), and the *before* events that led to it: the injection
+    that broke L2 is there, the tail holds only the spin."""
+    rips = [_RIP.search(e) for e in events]
+    last = next((m.group(1) for m in reversed(rips) if m), None)
+    start = 0
+    for i in range(len(events) - 1, -1, -1):
+        m = rips[i]
+        if m and m.group(1) != last:
+            start = i + 1
+            break
+    return events[max(0, start - before) : start], start
+
+
+def kvm_trace(seconds: float) -> KvmTraceSummary:
+    """Trace L1's KVM for *seconds* (tracefs; debugfs is mounted by the stall report)."""
+    tracing = _trace_afresh(KVM_TRACE_EVENTS, 8192)
     time.sleep(seconds)  # the trace's window: the measurement
     (tracing / "tracing_on").write_text("0\n")
     (tracing / "set_event").write_text("")
@@ -322,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("host")
     e.add_argument("timeout", type=float)
     e.add_argument("command_b64")
+    fr = sub.add_parser("flight-recorder", help="L1's KVM events into the ring buffer")
+    fr.add_argument("action", choices=("start", "tail"))
+    fr.add_argument("lines", type=int, nargs="?", default=400)
     t = sub.add_parser("kvm-trace", help="L1's KVM events over SECONDS, summarized")
     t.add_argument("seconds", type=float)
     lr = sub.add_parser("libvirtd-report", help="HOST's libvirtd: nothing if it answers")
@@ -341,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             [int(a, 16) for a in args.addresses],
         )
         print("\n".join(names))
+    elif args.command == "flight-recorder":
+        if args.action == "start":
+            flight_recorder_start()
+        else:
+            print(flight_recorder_tail(args.lines))
     elif args.command == "kvm-trace":
         print(kvm_trace(args.seconds).text())
     elif args.command == "libvirtd-report":

@@ -103,6 +103,90 @@ def kernel_text_words(dump: str) -> list[str]:
     return list(dict.fromkeys(_KERNEL_TEXT.findall(dump)))
 
 
+#: Words dumped where an interrupt on the IRQ stack came from: the C entry's frame, its
+#: return into the asm entry and pt_regs (21 words) with the CPU's frame at its end.
+STALL_LINK_WORDS = 48
+_DUMP_LINE = re.compile(r"^([0-9a-f]{16}):((?:\s+0x[0-9a-f]{16})+)\s*$", re.M)
+#: The C entries that switch to the IRQ stack (call_on_irqstack in 6.1's
+#: arch/x86/include/asm/irq_stack.h), as L1's kallsyms names them.
+_IRQ_ENTRY = re.compile(r"^(sysvec_\w+|common_interrupt|spurious_interrupt)\+0x")
+#: Linux x86-64's kernel code and data segments, as the CPU pushes them for CPL 0.
+_KERNEL_CS, _KERNEL_SS = 0x10, 0x18
+
+
+def dump_words(dump: str) -> list[tuple[int, int]]:
+    """(address, value) of every word of an HMP ``x /gx`` dump, in order."""
+    words = []
+    for m in _DUMP_LINE.finditer(dump):
+        base = int(m.group(1), 16)
+        for i, value in enumerate(m.group(2).split()):
+            words.append((base + 8 * i, int(value, 16)))
+    return words
+
+
+def irq_stack_link(dump: str, names: dict[int, str]) -> int | None:
+    """The interrupted stack pointer that call_on_irqstack saved at the IRQ stack's top,
+    the word just above the return address into the C entry (*names*: words by
+    symbol): the way to the pt_regs on the task stack, which a dump of the IRQ stack
+    does not reach.  None if the dump holds no such return address."""
+    words = [v for _, v in dump_words(dump)]
+    for i, value in enumerate(words[:-1]):
+        if _IRQ_ENTRY.match(names.get(value, "")) and words[i + 1] >> 48 == 0xFFFF:
+            return words[i + 1]
+    return None
+
+
+@dataclass(frozen=True)
+class InterruptFrame:
+    """What the CPU pushed when an interrupt or exception came in at CPL 0."""
+
+    at: int
+    rip: int
+    rflags: int
+    rsp: int
+
+    @property
+    def interrupts_on(self) -> bool:
+        return bool(self.rflags & 0x200)
+
+    def __str__(self) -> str:
+        flag = "IF=1" if self.interrupts_on else "IF=0"
+        return (
+            f"frame at {self.at:016x}: RIP={self.rip:016x} RFLAGS={self.rflags:08x} ({flag}) "
+            f"RSP={self.rsp:016x}"
+        )
+
+
+def interrupt_frames(dump: str) -> list[InterruptFrame]:
+    """The hardware frames (RIP in kernel text, CS 0x10, RFLAGS, RSP, SS 0x18 or 0) in an
+    ``x /gx`` dump: pt_regs' last five words.  RFLAGS' IF is the decisive bit: clear, the
+    interrupt was delivered while the interrupted code had interrupts off."""
+    words = dump_words(dump)
+    frames = []
+    for i in range(len(words) - 4):
+        rip, cs, flags, rsp, ss = (v for _, v in words[i : i + 5])
+        if (
+            _KERNEL_TEXT.fullmatch(f"0x{rip:016x}")
+            and cs == _KERNEL_CS
+            and flags & 0x2
+            and flags < 1 << 22
+            and rsp >> 48 == 0xFFFF
+            and ss in (0, _KERNEL_SS)
+        ):
+            frames.append(InterruptFrame(words[i][0], rip, flags, rsp))
+    return frames
+
+
+def symbol_names(output: str) -> dict[int, str]:
+    """``lab.nested.inside symbolize``'s lines (address, name) by address."""
+    names = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-f]{16}", parts[0]):
+            names[int(parts[0], 16)] = parts[1]
+    return names
+
+
 #: L1's KVM counters for every VM it runs (L2 is the only one), by debugfs.
 KVM_EXIT_COUNTERS = (
     "/sys/kernel/debug/kvm/*-*/{"
@@ -502,6 +586,11 @@ class VfioLab:
                 if text and self.state.l2_text:
                     names = self.inside("symbolize", self.state.l2_text, *text, timeout=120)
                     lines.append(f"--- RIP and stack words by L1's kallsyms\n{names.output}")
+                    link = irq_stack_link(stack, symbol_names(names.output))
+                    if link is not None:
+                        stack += "\n" + self._linked_stack(dom, link, lines)
+                frames = [str(f) for f in interrupt_frames(stack)] or ["none found"]
+                lines.append("--- interrupt frames on L2's stack\n" + "\n".join(frames))
         except (VfioLabError, libvirt.libvirtError) as exc:
             lines.append(f"L1's libvirt: {exc}")
         interrupts = self.l1_exec("cat /proc/interrupts", timeout=30)
@@ -518,6 +607,17 @@ class VfioLab:
         trace = self.inside("kvm-trace", str(STALL_TRACE_S), timeout=60)
         lines.append(f"--- L1 KVM trace over {STALL_TRACE_S:g} s\n{trace.output.strip()}")
         return "\n".join(lines)
+
+    def _linked_stack(self, dom: libvirt.virDomain, link: int, lines: list[str]) -> str:
+        """The interrupted stack the IRQ stack's top points at (*link*), its words named;
+        appended to *lines*, and returned for the frame search."""
+        stack = self._monitor(dom, f"x /{STALL_LINK_WORDS}gx 0x{link:x}")
+        lines.append(f"--- (qemu) x /{STALL_LINK_WORDS}gx at the IRQ stack's link\n{stack}")
+        text = kernel_text_words(stack)
+        if text:
+            names = self.inside("symbolize", self.state.l2_text, *text, timeout=120)
+            lines.append(f"--- its words by L1's kallsyms\n{names.output}")
+        return stack
 
     @staticmethod
     def _monitor(dom: libvirt.virDomain, command: str) -> str:

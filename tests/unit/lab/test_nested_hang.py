@@ -23,7 +23,16 @@ from lab.nested.image import L1_CMDLINE
 from lab.nested.inside import libvirtd_report, summarize_kvm_trace, symbolize
 from lab.nested.l1 import L1
 from lab.nested.qemu import UnpackedQemu
-from lab.nested.vlab import VfioLab, exit_counter_deltas, kernel_text_words, registers
+from lab.nested.vlab import (
+    VfioLab,
+    dump_words,
+    exit_counter_deltas,
+    interrupt_frames,
+    irq_stack_link,
+    kernel_text_words,
+    registers,
+    symbol_names,
+)
 
 #: ftrace's format as L1's 6.1 prints it; the task name has a space.
 _TASK = "       CPU 0/KVM-812     [001] d..2.   431.000100: "
@@ -240,3 +249,76 @@ def test_evidence_that_cannot_be_had_says_why_instead_of_raising(
     lab.print_evidence()
     out = capsys.readouterr().out
     assert out.startswith("=== nested lab report\nfailed: TimeoutError: console silent"), out
+
+
+#: An IRQ stack's top as 6.1 leaves it (HMP's line ends as libvirt returns them): the
+#: return into sysvec_apic_timer_interrupt, then the task stack pointer it saved.
+IRQ_STACK_TOP = (
+    "ffffd4d100003fe0: 0xffffffffab4c2b1e 0x0000000000000000\r\n"
+    "ffffd4d100003ff0: 0xffffffffabe01234 0xffffb7a0c0013e58\r\n"
+)
+#: pt_regs' end on the task stack: orig_ax -1, then RIP, CS, RFLAGS (IF clear), RSP, SS.
+TASK_STACK = (
+    "ffffb7a0c0013ee8: 0xffffffffffffffff 0xffffffffab55a3c0\n"
+    "ffffb7a0c0013ef8: 0x0000000000000010 0x0000000000000046\n"
+    "ffffb7a0c0013f08: 0xffffb7a0c0013f30 0x0000000000000018\n"
+)
+
+
+def test_the_irq_stacks_top_leads_to_the_interrupted_stack() -> None:
+    assert dump_words(IRQ_STACK_TOP)[3] == (0xFFFFD4D100003FF8, 0xFFFFB7A0C0013E58)
+    names = symbol_names(
+        "(L1's kernel 6.1.0-50-amd64; L2's must be the same for these names)\n"
+        "ffffffffab4c2b1e hrtimer_interrupt+0x11e\n"
+        "ffffffffabe01234 sysvec_apic_timer_interrupt+0x74\n"
+    )
+    assert names[0xFFFFFFFFABE01234] == "sysvec_apic_timer_interrupt+0x74"
+    assert irq_stack_link(IRQ_STACK_TOP, names) == 0xFFFFB7A0C0013E58
+    # no return into an IRQ entry (an interrupt taken on the IRQ stack itself): no link
+    assert irq_stack_link(IRQ_STACK_TOP, {}) is None
+
+
+def test_interrupt_frames_are_found_with_their_saved_if() -> None:
+    (frame,) = interrupt_frames(IRQ_STACK_TOP + TASK_STACK)
+    assert (frame.at, frame.rip, frame.rflags) == (0xFFFFB7A0C0013EF0, 0xFFFFFFFFAB55A3C0, 0x46)
+    assert not frame.interrupts_on
+    assert "IF=0" in str(frame)
+    on = interrupt_frames(TASK_STACK.replace("0x0000000000000046", "0x0000000000000246"))
+    assert [f.interrupts_on for f in on] == [True]
+    # a user-mode frame (CS 0x33) is not a kernel one
+    assert interrupt_frames(TASK_STACK.replace("0x0000000000000010", "0x0000000000000033")) == []
+
+
+def test_l2_uptime_names_the_step_where_l2_stopped_or_restarted() -> None:
+    from lab.console import ExecResult
+    from lab.nested.hangloop import L2Restarted, l2_uptime
+    from lab.nested.vlab import VfioLabError
+
+    class Console:
+        def __init__(self, status: int, output: str) -> None:
+            self.result = ExecResult(output, status)
+
+        def exec(self, command: str, timeout: float = 60) -> ExecResult:
+            return self.result
+
+    up = Console(0, "kernel noise\n351.20\n")
+    assert l2_uptime(up, "after the migration", 300.0) == 351.2  # type: ignore[arg-type]
+    with pytest.raises(L2Restarted, match="restarted after the migration"):
+        l2_uptime(Console(0, "18.27\n"), "after the migration", 351.2)  # type: ignore[arg-type]
+    with pytest.raises(VfioLabError, match="does not answer after the whole NIC plug"):
+        l2_uptime(Console(1, "timed out"), "after the whole NIC plug")  # type: ignore[arg-type]
+
+
+def test_the_spins_onset_is_found_behind_its_run_of_exits_at_one_rip() -> None:
+    from lab.nested.inside import spin_onset
+
+    spin = "kvm_exit: vcpu 0 reason interrupt rip 0xffffffffa4a4f739 info1 0x0"
+    entry = "kvm_entry: vcpu 0, rip 0xffffffffa4a4f739"
+    led = [
+        "kvm_exit: vcpu 0 reason interrupt rip 0xffffffffa4155d84 info1 0x0",
+        "kvm_inj_virq: IRQ 0xec",
+        "kvm_entry: vcpu 0, rip 0xffffffffa4155d84",
+    ]
+    events = ["kvm_exit: vcpu 0 reason msr rip 0xffffffff8105a1c2"] + led + [spin, entry] * 5
+    before, start = spin_onset(events, before=3)
+    assert before == led and events[start] == spin
