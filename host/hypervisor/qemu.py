@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from typing import Any
 
 import libvirt
 import libvirt_qemu
+
+log = logging.getLogger(__name__)
 
 
 class ChannelStream:
@@ -72,20 +75,26 @@ def open_channel(
     deadlocks for good (docs/lab.md, with the backtrace).  Without FORCE an open meets
     "busy" until the previous stream is gone, and nothing is aborted under the lock.
     """
-    deadline = time.monotonic() + grace
+    started = time.monotonic()
+    deadline = started + grace
+    busy = 0
     while True:
         stream = dom.connect().newStream(0)
         try:
             dom.openChannel(name, stream, 0)
+            if busy:
+                log.debug("channel %s: free after %.2f s", name, time.monotonic() - started)
             return ChannelStream(stream)
         except libvirt.libvirtError as exc:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()  # never opened: only the client's end to free
             if CHANNEL_BUSY not in str(exc):  # libvirt's message, or the one given
                 raise
+        busy += 1
         if time.monotonic() >= deadline:
             break
         time.sleep(CHANNEL_BUSY_RETRY_S)
+    log.info("channel %s: another stream held it for %.1f s; taking it over", name, grace)
     stream = dom.connect().newStream(0)
     dom.openChannel(name, stream, libvirt.VIR_DOMAIN_CHANNEL_FORCE)
     return ChannelStream(stream)

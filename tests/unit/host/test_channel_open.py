@@ -70,9 +70,13 @@ def test_a_stream_being_closed_is_waited_for_not_forced_away() -> None:
     assert [s.aborted for s in dom.conn.streams] == [True, True, True, False]
 
 
-def test_a_stream_that_stays_past_the_grace_is_taken_over_with_force() -> None:
+def test_a_stream_that_stays_past_the_grace_is_taken_over_with_force(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     dom = Domain(held=10**6)
-    open_channel(dom, "agent", grace=0.2)
+    with caplog.at_level("INFO", logger="host.hypervisor.qemu"):
+        open_channel(dom, "agent", grace=0.2)
+    assert "channel agent: another stream held it for 0.2 s; taking it over" in caplog.text
     flags = [f for _, f in dom.opens]
     assert flags[-1] == FORCE and set(flags[:-1]) == {0} and len(flags) >= 2
     assert not dom.conn.streams[-1].aborted
