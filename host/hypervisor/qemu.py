@@ -54,7 +54,7 @@ class ChannelStream:
 
 #: How long an open waits for the channel's previous stream to go before taking it over
 #: with FORCE: a stream being closed is gone in milliseconds, even in a busy libvirtd.
-CHANNEL_BUSY_GRACE_S = 2.0
+CHANNEL_BUSY_GRACE_S = 0.5
 #: Between two tries of an open the channel's previous stream still held.
 CHANNEL_BUSY_RETRY_S = 0.05
 #: What libvirt's QEMU driver says when a channel has a stream and FORCE was not given.

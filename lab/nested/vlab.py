@@ -97,6 +97,27 @@ def registers(info: str) -> dict[str, int]:
     return {name: int(value, 16) for name, value in _REGISTER.findall(info)}
 
 
+_STALL_CPU = re.compile(r"^L2 vCPU time over 1 s on \w+: ([\d.]+) s$", re.M)
+_STALL_FLAGS = re.compile(r"\bRFL=([0-9a-f]+) .*\bCPL=(\d)")
+
+
+def is_l2_hang(report: str) -> bool:
+    """Whether a stall report (:meth:`VfioLab.stall_report`) shows the nested lab's L2
+    hang (docs/lab.md, "The frame read"): L2 silent on its console, its vCPU busy (half a
+    second a second or more) in its kernel (CPL 0) with interrupts off (IF=0): an
+    interrupt delivered below L2's kernel while it had them off, where none of ptmig's
+    code runs."""
+    cpu, flags = _STALL_CPU.search(report), _STALL_FLAGS.search(report)
+    return bool(
+        report.startswith("L2 does not answer")
+        and cpu is not None
+        and float(cpu[1]) >= 0.5
+        and flags is not None
+        and not int(flags[1], 16) & 0x200
+        and flags[2] == "0"
+    )
+
+
 def kernel_text_words(dump: str) -> list[str]:
     """The words of an HMP ``x /gx`` dump that point into kernel text (return addresses,
     a saved RIP), in order, once each."""
@@ -438,6 +459,35 @@ class VfioLab:
         self.state.save()
         log.info("L2 booted on hosta in %.1f s", took)
         return took
+
+    def answers(self) -> bool:
+        """Whether L2 runs its console's commands (within STALL_PROBE_S)."""
+        try:
+            return self.exec("true", timeout=STALL_PROBE_S).status == 0
+        except Exception:  # no active domain, a libvirtd that refuses: not answering
+            return False
+
+    def l2_hang(self) -> str | None:
+        """The stall report when L2 is in the L2 hang (:func:`is_l2_hang`), else None."""
+        report = self.stall_report()
+        return report if report is not None and is_l2_hang(report) else None
+
+    def restart_guest(self) -> float:
+        """L2 destroyed and undefined on every host and booted again on hosta: the only
+        way back from the L2 hang (the undefine also frees the pool devices an inactive
+        definition would keep held).  Seconds until its shell."""
+        for host in LIBVIRT_PORTS:
+            try:
+                dom = self.conn(host).lookupByName(DOMAIN_NAME)
+            except libvirt.libvirtError:
+                continue
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+        log.warning("L2 destroyed after the L2 hang; booting it again")
+        return self.boot_guest()
 
     def down(self) -> list[str]:
         for name in list(self._conns):

@@ -60,10 +60,31 @@ def vlab() -> Iterator[VfioLab]:
             co.to_primary(lab, timeout=300)
         except Exception:
             lab.print_evidence()  # CI once saw only DEADLINE_EXCEEDED here for 300 s
-            raise
+            if lab.l2_hang() is None:
+                raise
+            bring_back(lab)  # the L2 hang at the first plug: below ptmig (docs/lab.md)
         yield lab
     finally:
         lab.down()
+
+
+def bring_back(lab: VfioLab) -> None:
+    """After the L2 hang (docs/lab.md: an interrupt delivered into L2 with interrupts off,
+    below its kernel): L2 booted again and team wan on its whole NIC, as the module
+    starts.  Printed, so the run says it happened."""
+    print("L2 hung (its stall report is above or in the last test's report); booting it again")
+    lab.restart_guest()
+    co.team_set(lab, "wan", "preserve")
+    co.to_primary(lab, timeout=300)
+
+
+@pytest.fixture(autouse=True)
+def l2_answering(vlab: VfioLab) -> None:
+    """Each test starts with an L2 that answers: one the L2 hang took in an earlier test
+    (reported there as an expected failure with its stall report: tests/e2e/conftest.py)
+    is booted again and set up as the module's start."""
+    if not vlab.answers():
+        bring_back(vlab)
 
 
 def l1_driver(lab: VfioLab, pci: str) -> str:

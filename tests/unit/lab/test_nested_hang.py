@@ -4,6 +4,7 @@ parts that run without L1."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from lab.nested.vlab import (
     exit_counter_deltas,
     interrupt_frames,
     irq_stack_link,
+    is_l2_hang,
     kernel_text_words,
     registers,
     symbol_names,
@@ -322,3 +324,31 @@ def test_the_spins_onset_is_found_behind_its_run_of_exits_at_one_rip() -> None:
     events = ["kvm_exit: vcpu 0 reason msr rip 0xffffffff8105a1c2"] + led + [spin, entry] * 5
     before, start = spin_onset(events, before=3)
     assert before == led and events[start] == spin
+
+
+#: The head of a stall report CI printed (2026-12-06, the Nova-style test): L2 spinning in
+#: handle_edge_irq's lock with interrupts off.
+CI_HANG = """L2 does not answer (L2's console command failed)
+L2 vCPU time over 1 s on hosta: 1.23 s
+--- (qemu) info registers
+CPU#0
+RAX=0000000000000101 RBX=ffff8ccc026ec2a4 RCX=ffffffffae801220 RDX=0000000000000000
+RIP=ffffffffae64f739 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "hang"),
+    [
+        (lambda r: r, True),
+        (lambda r: r.replace("RFL=00000002", "RFL=00000202"), False),  # IF=1: not that hang
+        (lambda r: r.replace("1.23 s", "0.02 s"), False),  # halted, not spinning
+        (lambda r: r.replace("CPL=0", "CPL=3"), False),  # in user space
+        (lambda r: r.replace("L2 does not answer", "L2 answers"), False),
+        (lambda r: r.split("--- (qemu) info registers")[0], False),  # no registers read
+    ],
+)
+def test_the_l2_hang_is_told_by_a_silent_spinning_l2_kernel_with_interrupts_off(
+    change: Callable[[str], str], hang: bool
+) -> None:
+    assert is_l2_hang(change(CI_HANG)) is hang
