@@ -258,13 +258,6 @@ def migration_due(number: int, every: int) -> bool:
     return every > 0 and number > 1 and (number - 1) % every == 0
 
 
-def l2_answers(lab: VfioLab) -> bool:
-    try:
-        return lab.exec("true", timeout=STALL_PROBE_S).status == 0
-    except Exception:  # any failure to reach L2 counts as not answering
-        return False
-
-
 def run_loop(
     lab: VfioLab,
     result: LoopResult,
@@ -285,7 +278,7 @@ def run_loop(
                 try:
                     host = migrate_with_whole_nic(lab)
                 except (VfioLabError, libvirt.libvirtError) as exc:
-                    if isinstance(exc, (LibvirtTimeout, L2Restarted)) or not l2_answers(lab):
+                    if isinstance(exc, (LibvirtTimeout, L2Restarted)) or not lab.answers():
                         raise
                     # a failed move is not the hang: record it, loop on without moves
                     migrate_every, host = 0, lab.where()
@@ -301,7 +294,7 @@ def run_loop(
             elif isinstance(exc, L2Restarted):
                 outcome = "l2-restarted"
             else:
-                outcome = "error" if l2_answers(lab) else "l2-stalled"
+                outcome = "error" if lab.answers() else "l2-stalled"
             result.iterations.append(Iteration(number, "", outcome=outcome, detail=detail))
             result.ended = outcome
             # first: the stall report's own kvm trace reuses the recorder's buffer
