@@ -78,9 +78,11 @@ def domain_xml(
     cmdline: str = BOOT_CMDLINE,
     extra_devices: str = "",
     qemu_override: str = "",
+    pv_eoi: bool = True,
 ) -> str:
     """The guest's domain XML (`domain_type` kvm where the host can run it); `extra_devices`
-    go after its NICs, a `qemu_override` (QEMU's namespace) at its end."""
+    go after its NICs, a `qemu_override` (QEMU's namespace) at its end; without `pv_eoi`
+    a KVM guest is offered no paravirtual EOI (``<apic eoi='off'/>``)."""
     nics = [
         n
         for n in (
@@ -101,6 +103,7 @@ def domain_xml(
         cmdline=cmdline,
         extra_devices=extra_devices,
         qemu_override=qemu_override,
+        pv_eoi=pv_eoi,
     )
 
 
@@ -202,6 +205,7 @@ def _domain(
     console_socket: str = CONSOLE_SOCKET,
     console_log: str = CONSOLE_LOG,
     agent_socket: str = AGENT_SOCKET,
+    pv_eoi: bool = True,
 ) -> str:
     """The domain with `nics` (and `extra_devices` after them); a `qemu_override` (QEMU's
     namespace) goes at its end."""
@@ -211,6 +215,7 @@ def _domain(
     nic_xml = "\n    ".join(n.xml() for n in nics)
     qemu_ns = f" xmlns:qemu='{QEMU_NS}'" if qemu_override else ""
     override = f"  {qemu_override}\n" if qemu_override else ""
+    apic = "<apic/>" if pv_eoi else "<apic eoi='off'/>"
     return f"""<domain type={quoteattr(domain_type)}{qemu_ns}>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
@@ -221,7 +226,7 @@ def _domain(
     <initrd>{image.initrd}</initrd>
     <cmdline>{cmdline}</cmdline>
   </os>
-  <features><acpi/><apic/></features>
+  <features><acpi/>{apic}</features>
   <cpu mode='custom' match='exact'><model fallback='forbid'>qemu64</model></cpu>
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>

@@ -39,8 +39,9 @@ import libvirt
 from host.domain.devices import pci_hostdev_xml
 from lab import GUEST_IP
 from lab.nested import orchestrated as orch
+from lab.nested.kicker import Kicker
 from lab.nested.l1 import L1
-from lab.nested.vlab import STALL_PROBE_S, L1Pinger, VfioLab, VfioLabError
+from lab.nested.vlab import STALL_PROBE_S, L1Pinger, VfioLab, VfioLabError, is_l2_hang
 from lab.orchestrated import attach_at, free_bus
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,21 @@ VF_UP_S = 60.0
 #: L1 KVM events kept at a failed iteration (entries, exits, injections): L2's last
 #: seconds before a hang or a triple fault (an L2 reset: "reason shutdown").
 FLIGHT_TAIL = 600
+#: Seconds between two checks of L2 when the loop only watches (``--watch-only``).
+WATCH_S = 5.0
 #: Alias of team wan's whole NIC, plugged once before the loop.
 WHOLE_ALIAS = "ua-hang-wan"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """Extras for L1's and L2's kernel command lines; what the variant turns off."""
+    """Extras for L1's and L2's kernel command lines, and whether L2 is offered PV EOI;
+    what the variant turns off."""
 
     name: str
     l1: str = ""
     l2: str = ""
+    l2_pv_eoi: bool = True
 
 
 #: The mitigations docs/lab.md names, by name; ``--variant a,b`` combines them.
@@ -84,6 +89,9 @@ VARIANTS = {
     # exception_index; docs/lab.md, "The frame read"); kvm-clock and the other PV
     # features go with it (the only switch for PV EOI on L2's command line)
     "nopv": Variant("nopv", l2="nopv"),
+    # only PV EOI off (<apic eoi='off'/>: L2's CPUID has no KVM_FEATURE_PV_EOI): the EOI
+    # of an edge interrupt exits at once again, kvm-clock and the rest stay
+    "pveoi0": Variant("pveoi0", l2_pv_eoi=False),
 }
 
 
@@ -98,6 +106,7 @@ def variant(spec: str) -> Variant:
         "+".join(names),
         " ".join(p.l1 for p in parts if p.l1),
         " ".join(p.l2 for p in parts if p.l2),
+        all(p.l2_pv_eoi for p in parts),
     )
 
 
@@ -151,12 +160,19 @@ class LoopResult:
     l1_cmdline: str = ""
     kvm_amd: dict[str, str] = field(default_factory=dict)
     l2_cmdline: str = ""
+    #: stop/cont pairs a second on L0's monitor (lab.nested.kicker), 0: none; and how many
+    #: were sent, and why the kicker ended early if it did.
+    kick_hz: float = 0.0
+    kicks: int = 0
+    kick_error: str = ""
     boot_s: float = 0.0
     iterations: list[Iteration] = field(default_factory=list)
     migrations: list[str] = field(default_factory=list)
     #: Why the loop ended: iterations, budget, or the failed iteration's outcome.
     ended: str = ""
     evidence: str = ""
+    #: Whether the evidence's stall report is the L2 hang's (lab.nested.vlab.is_l2_hang).
+    l2_hang_signature: bool = False
 
     @property
     def hang(self) -> Iteration | None:
@@ -171,10 +187,13 @@ class LoopResult:
         ok = sum(1 for i in self.iterations if i.outcome == "ok")
         hang = self.hang
         where = f"hang at iteration {hang.number} ({hang.outcome})" if hang else "no hang"
+        if hang and self.l2_hang_signature:
+            where += ", the L2 hang's signature"
         return (
             f"variant {self.variant.name} (L1 {self.l1_kernel}, kvm_amd {self.kvm_amd}, "
-            f"L2 +{self.variant.l2 or '-'}): {ok} iterations ok, {len(self.migrations)} "
-            f"migrations, {where}; ended: {self.ended}"
+            f"L2 +{self.variant.l2 or '-'} pv_eoi {self.variant.l2_pv_eoi}, "
+            f"kicks {self.kicks} at {self.kick_hz:g}/s): {ok} iterations ok, "
+            f"{len(self.migrations)} migrations, {where}; ended: {self.ended}"
         )
 
     def save(self, path: Path) -> None:
@@ -208,6 +227,15 @@ def one_iteration(lab: VfioLab, host: str, number: int) -> Iteration:
     within(2 * LIBVIRT_CALL_S, "detach", lambda: lab.detach(host, alias, config=True))
     it.unplug_s = round(time.monotonic() - t1, 2)
     return it
+
+
+def watch_once(lab: VfioLab, number: int, since: float) -> tuple[Iteration, float]:
+    """No plug: WATCH_S of L2 running (under the ping and the kicks), then its uptime
+    checked; the iteration and that uptime."""
+    time.sleep(WATCH_S)  # the measurement's period: L2 left alone for it
+    t0 = time.monotonic()
+    uptime = l2_uptime(lab, f"after watch {number}", since)
+    return Iteration(number, "watch", plug_s=round(time.monotonic() - t0, 2)), uptime
 
 
 def attach_whole_nic(lab: VfioLab, host: str) -> None:
@@ -265,9 +293,11 @@ def run_loop(
     budget_s: float,
     out: Path,
     migrate_every: int = 0,
+    watch_only: bool = False,
 ) -> None:
     host = lab.where()
     deadline = time.monotonic() + budget_s
+    uptime = 0.0
     for number in range(1, iterations + 1):
         if time.monotonic() > deadline:
             result.ended = "budget"
@@ -286,7 +316,10 @@ def run_loop(
                 else:
                     took = time.monotonic() - t0
                     result.migrations.append(f"before {number}: to {host} in {took:.1f} s")
-            it = one_iteration(lab, host, number)
+            if watch_only:
+                it, uptime = watch_once(lab, number, uptime)
+            else:
+                it = one_iteration(lab, host, number)
         except Exception as exc:
             detail = f"{type(exc).__name__}: {str(exc)[:2000]}"
             if isinstance(exc, LibvirtTimeout):
@@ -305,6 +338,9 @@ def run_loop(
             except Exception as tail_failed:  # the outcome stands without it
                 flight = f"{type(tail_failed).__name__}: {tail_failed}"
             evidence = lab.evidence_or_why()  # the outcome stands without it
+            result.l2_hang_signature = any(
+                title == "L2 stall report" and is_l2_hang(text) for title, text in evidence
+            )
             evidence.append(("L1 KVM flight recorder", flight))
             result.evidence = "\n".join(f"=== {t}\n{x}" for t, x in evidence) or "(none)"
             return
@@ -326,15 +362,27 @@ def main(argv: list[str] | None = None) -> int:
         "--migrate-every", type=int, default=0, help="migrate L2 after every N iterations"
     )
     p.add_argument("--prepared", action="store_true", help="VfioLab().prepare() ran")
+    p.add_argument(
+        "--kick-hz", type=float, default=0.0, help="stop/cont on L0's monitor per second"
+    )
+    p.add_argument(
+        "--watch-only", action="store_true", help="no plugs: watch L2 under ping and kicks"
+    )
     args = p.parse_args(argv)
     chosen = variant(args.variant)
     # an outer `timeout` ends the run through the finally below, which takes L1 down
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = LoopResult(chosen, time.time())
+    result = LoopResult(chosen, time.time(), kick_hz=args.kick_hz)
     lab = VfioLab()
+    kicker = Kicker(args.kick_hz) if args.kick_hz > 0 else None
     try:
         t0 = time.monotonic()
-        lab.up(prepared=args.prepared, l1_cmdline_extra=chosen.l1, l2_cmdline_extra=chosen.l2)
+        lab.up(
+            prepared=args.prepared,
+            l1_cmdline_extra=chosen.l1,
+            l2_cmdline_extra=chosen.l2,
+            l2_pv_eoi=chosen.l2_pv_eoi,
+        )
         result.boot_s = round(time.monotonic() - t0, 1)
         state = lab.state
         result.l1_kernel, result.l1_cmdline = state.l1_kernel, state.l1_cmdline
@@ -344,7 +392,21 @@ def main(argv: list[str] | None = None) -> int:
             L1Pinger(lab, GUEST_IP, "hangloop", 100).start()
         lab.inside("flight-recorder", "start", timeout=60).check()
         result.save(args.out)
-        run_loop(lab, result, args.iterations, args.budget_s, args.out, args.migrate_every)
+        if kicker is not None:
+            kicker.start()
+        try:
+            run_loop(
+                lab,
+                result,
+                args.iterations,
+                args.budget_s,
+                args.out,
+                args.migrate_every,
+                args.watch_only,
+            )
+        finally:
+            if kicker is not None:
+                result.kicks, result.kick_error = kicker.stop(), kicker.error
     except Exception as exc:
         result.ended = result.ended or f"lab error: {type(exc).__name__}: {str(exc)[:2000]}"
         raise

@@ -162,6 +162,9 @@ class L1:
             "chardev:con2",
             "-pidfile",
             str(run_dir() / "qemu.pid"),
+            # L0's own monitor: lab.nested.kicker kicks L1's vCPUs through it
+            "-qmp",
+            f"unix:{qmp_socket()},server=on,wait=off",
         ]
         for i, nic in enumerate(WIRE_NICS, start=1):
             args += [
@@ -180,7 +183,7 @@ class L1:
         if old and old.pid and is_alive(old.pid):
             raise RuntimeError(f"L1 runs already (pid {old.pid}): run 'ptmig-lab down --vfio'")
         run_dir().mkdir(parents=True, exist_ok=True)
-        for f in ("console.sock", "console.log", "qemu.pid"):
+        for f in ("console.sock", "console.log", "qemu.pid", "qmp.sock"):
             (run_dir() / f).unlink(missing_ok=True)
         overlay = run_dir() / "l1.qcow2"
         overlay.unlink(missing_ok=True)
@@ -234,6 +237,11 @@ class L1:
         L1State.path().unlink(missing_ok=True)
         (run_dir() / "l1.qcow2").unlink(missing_ok=True)
         return f"stopped L1 (pid {state.pid})"
+
+
+def qmp_socket() -> Path:
+    """L0's QMP socket of the running L1."""
+    return run_dir() / "qmp.sock"
 
 
 def running_pid() -> int | None:

@@ -4,6 +4,7 @@ parts that run without L1."""
 from __future__ import annotations
 
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lab.nested.hangloop import (
 )
 from lab.nested.image import L1_CMDLINE
 from lab.nested.inside import libvirtd_report, summarize_kvm_trace, symbolize
-from lab.nested.l1 import L1
+from lab.nested.l1 import L1, qmp_socket
 from lab.nested.qemu import UnpackedQemu
 from lab.nested.vlab import (
     VfioLab,
@@ -84,6 +85,23 @@ def test_variants_combine_their_command_line_extras_and_unknown_ones_are_refused
         variant("vgif")
     with pytest.raises(ValueError):
         variant(" , ")
+    assert variant("nox2apic,pveoi0") == Variant("nox2apic+pveoi0", "", "nox2apic", False)
+    assert variant("nox2apic").l2_pv_eoi
+
+
+def test_pv_eoi_is_turned_off_on_the_apic_only_when_asked(tmp_path: Path) -> None:
+    off = ET.fromstring(domain_xml(GuestImage(tmp_path), tmp_path / "d.qcow2", pv_eoi=False))
+    apic = off.find("features/apic")
+    assert apic is not None and apic.get("eoi") == "off"
+    on = ET.fromstring(domain_xml(GuestImage(tmp_path), tmp_path / "d.qcow2"))
+    apic = on.find("features/apic")
+    assert apic is not None and apic.get("eoi") is None
+
+
+def test_l0s_monitor_is_a_qmp_socket_in_the_run_dir(tmp_path: Path) -> None:
+    l1 = L1(GuestImage(tmp_path), tmp_path / "l2.raw", tmp_path, UnpackedQemu(tmp_path / "q"))
+    argv = l1.argv(tmp_path / "o.qcow2")
+    assert argv[argv.index("-qmp") + 1] == f"unix:{qmp_socket()},server=on,wait=off"
 
 
 def test_l1_and_l2_take_the_extras_at_the_end_of_their_command_lines(tmp_path: Path) -> None:
