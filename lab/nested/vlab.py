@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -103,22 +104,64 @@ def registers(info: str) -> dict[str, int]:
 
 _STALL_CPU = re.compile(r"^L2 vCPU time over 1 s on \w+: ([\d.]+) s$", re.M)
 _STALL_FLAGS = re.compile(r"\bRFL=([0-9a-f]+) .*\bCPL=(\d)")
+#: The first line of :class:`HangWatch`'s report.
+SPIN_HEADER = "L2 spins in its kernel with interrupts off"
 
 
 def is_l2_hang(report: str) -> bool:
-    """Whether a stall report (:meth:`VfioLab.stall_report`) shows the nested lab's L2
-    hang (docs/lab.md, "The frame read"): L2 silent on its console, its vCPU busy (half a
-    second a second or more) in its kernel (CPL 0) with interrupts off (IF=0): an
-    interrupt delivered below L2's kernel while it had them off, where none of ptmig's
-    code runs."""
+    """Whether a stall report (:meth:`VfioLab.stall_report`, or :class:`HangWatch`'s)
+    shows the nested lab's L2 hang (docs/lab.md, "The frame read"): L2 silent on its
+    console (or seen spinning at one place by the watch), its vCPU busy (half a second a
+    second or more) in its kernel (CPL 0) with interrupts off (IF=0): an interrupt
+    delivered below L2's kernel while it had them off, where none of ptmig's code runs."""
     cpu, flags = _STALL_CPU.search(report), _STALL_FLAGS.search(report)
     return bool(
-        report.startswith("L2 does not answer")
+        report.startswith(("L2 does not answer", SPIN_HEADER))
         and cpu is not None
         and float(cpu[1]) >= 0.5
         and flags is not None
         and not int(flags[1], 16) & 0x200
         and flags[2] == "0"
+    )
+
+
+@dataclass(frozen=True)
+class SpinSample:
+    """One look at L2's vCPU from L1's libvirt (no console): its CPU time so far, and
+    RIP, RFLAGS and CPL from ``info registers``."""
+
+    at: float
+    cpu_s: float
+    rip: int
+    rflags: int
+    cpl: int
+    registers: str
+
+
+#: A spin is at one place: every sample's RIP within this many bytes of the first's (the
+#: spins seen: a ``pause`` loop of 9-16 bytes in one function).
+SPIN_SPAN = 0x100
+#: Samples, and seconds between them, that make a spin: three, 5 s apart (10 s of
+#: spinning at one RIP with interrupts off, far past any critical section of a healthy
+#: kernel, which the soft-lockup detector would call a bug at 20 s).
+SPIN_SAMPLES = 3
+SPIN_PERIOD_S = 5.0
+
+
+def is_spinning(samples: list[SpinSample]) -> bool:
+    """Whether the last SPIN_SAMPLES samples show L2 stuck as in the L2 hang: in its
+    kernel (CPL 0), interrupts off (IF=0), its vCPU busy (half a second a second or
+    more) and its RIP at one place (SPIN_SPAN)."""
+    last = samples[-SPIN_SAMPLES:]
+    if len(last) < SPIN_SAMPLES:
+        return False
+    if any(s.cpl != 0 or s.rflags & 0x200 for s in last):
+        return False
+    if any(abs(s.rip - last[0].rip) > SPIN_SPAN for s in last):
+        return False
+    return all(
+        b.at > a.at and (b.cpu_s - a.cpu_s) / (b.at - a.at) >= 0.5
+        for a, b in itertools.pairwise(last)
     )
 
 
@@ -490,6 +533,15 @@ class VfioLab:
         report = self.stall_report()
         return report if report is not None and is_l2_hang(report) else None
 
+    def destroy_guest(self) -> None:
+        """L2 destroyed wherever it is active (its definitions kept): the end of a test
+        the L2 hang took (lab.nested.hangwatch)."""
+        for host in LIBVIRT_PORTS:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom = self.conn(host).lookupByName(DOMAIN_NAME)
+                if dom.isActive():
+                    dom.destroy()
+
     def restart_guest(self) -> float:
         """L2 destroyed and undefined on every host and booted again on hosta: the only
         way back from the L2 hang (the undefine also frees the pool devices an inactive
@@ -617,6 +669,45 @@ class VfioLab:
         if out != "0" or bad > self.state.timings.get("dmesg_baseline", 0):
             detail = self.exec(f"dmesg | grep -E '{BAD_KERNEL_LINES}' | tail -n 20").output
             raise VfioLabError(f"L2 damaged (taint={out}, bad lines {bad}):\n{detail}")
+
+    def spin_sample(self) -> SpinSample | None:
+        """L2's vCPU as L1's libvirt sees it (no console: a test may be using it); None
+        while L2 is not active on exactly one host or its registers cannot be read."""
+        try:
+            dom = self.domain(self.where())
+            cpu_s = dom.getCPUStats(True)[0]["cpu_time"] / 1e9
+            at = time.monotonic()
+        except (VfioLabError, libvirt.libvirtError):
+            return None
+        info = self._monitor(dom, "info registers")
+        regs, flags = registers(info), _STALL_FLAGS.search(info)
+        if "RIP" not in regs or flags is None:
+            return None
+        return SpinSample(at, cpu_s, regs["RIP"], int(flags[1], 16), int(flags[2]), info)
+
+    def spin_report(self, samples: list[SpinSample]) -> str:
+        """:class:`HangWatch`'s report: the samples, then what L1's QEMU shows of L2 (as
+        :meth:`stall_report`, without the console's parts), in the form
+        :func:`is_l2_hang` reads."""
+        last = samples[-SPIN_SAMPLES:]
+        span = last[-1].at - last[0].at
+        busy = (last[-1].cpu_s - last[0].cpu_s) / span if span > 0 else 0.0
+        host = self.where()
+        lines = [
+            f"{SPIN_HEADER}: {len(last)} samples over {span:.1f} s, RIPs "
+            + ", ".join(f"{s.rip:016x}" for s in last),
+            f"L2 vCPU time over 1 s on {host}: {busy:.2f} s",
+        ]
+        dom = self.domain(host)
+        for command in STALL_MONITOR_COMMANDS:
+            lines.append(f"--- (qemu) {command}\n{self._monitor(dom, command)}")
+        regs = registers(last[-1].registers)
+        if "RSP" in regs:
+            stack = self._monitor(dom, f"x /{STALL_STACK_WORDS}gx 0x{regs['RSP']:x}")
+            lines.append(f"--- (qemu) x /{STALL_STACK_WORDS}gx RSP\n{stack}")
+            frames = [str(f) for f in interrupt_frames(stack)] or ["none found"]
+            lines.append("--- interrupt frames on L2's stack\n" + "\n".join(frames))
+        return "\n".join(lines)
 
     def stall_report(self) -> str | None:
         """None while L2 answers on its console; else what L1 sees of it: its vCPU time

@@ -101,10 +101,16 @@ def pytest_runtest_makereport(
         if "lab" in funcargs:
             lab: VmLab = funcargs["lab"]
             item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
+        from lab.nested.hangwatch import HangWatch
         from lab.nested.vlab import VfioLab, is_l2_hang
 
         nested = [value for value in funcargs.values() if isinstance(value, VfioLab)]
-        if nested and call.when == "call":
+        watched = [v.report for v in funcargs.values() if isinstance(v, HangWatch) and v.report]
+        if nested and call.when == "call" and watched and is_l2_hang(watched[0]):
+            # the watch found the hang and destroyed L2: its report is the evidence
+            item.add_report_section(call.when, "L2 hang watch", watched[0])
+            hang = watched[0]
+        elif nested and call.when == "call":
             for title, text in nested[0].evidence_or_why():
                 item.add_report_section(call.when, title, text)
                 if title == "L2 stall report" and is_l2_hang(text):

@@ -30,6 +30,7 @@ from lab.guest import DOMAIN_NAME
 from lab.migration import Hop, migrate_args
 from lab.nested import coordinated as co
 from lab.nested import orchestrated as orch
+from lab.nested.hangwatch import HangWatch
 from lab.nested.l1 import WIRE_NICS
 from lab.nested.vlab import AGENT_CONFIG, L1Pinger, VfioLab, peer_uri, uri
 from lab.orchestrated import bus_of
@@ -79,12 +80,17 @@ def bring_back(lab: VfioLab) -> None:
 
 
 @pytest.fixture(autouse=True)
-def l2_answering(vlab: VfioLab) -> None:
+def l2_answering(vlab: VfioLab) -> Iterator[HangWatch]:
     """Each test starts with an L2 that answers: one the L2 hang took in an earlier test
     (reported there as an expected failure with its stall report: tests/e2e/conftest.py)
-    is booted again and set up as the module's start."""
+    is booted again and set up as the module's start.  While the test runs, the hang
+    watch ends the L2 hang as soon as it is certain (lab.nested.hangwatch), instead of
+    the test's own timeouts."""
     if not vlab.answers():
         bring_back(vlab)
+    watch = HangWatch(vlab).start()
+    yield watch
+    watch.stop()
 
 
 def l1_driver(lab: VfioLab, pci: str) -> str:
