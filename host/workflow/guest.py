@@ -474,26 +474,72 @@ class Guest:
     def to_primary(
         self, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
     ) -> TeamMode:
-        """Bind the team's recorded primary if the domain has it, else plug and bind a
-        device of its pool: never wait on a device the live domain does not have."""
-        if team.primary is not None and self.dom.has_device(team.primary.alias):
-            self.bind(team, team.primary, operation_id, timeout)
-            return TeamMode.PRIMARY
-        if team.primary is not None:
-            emit(
-                f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
-                "plugging another"
-            )
-            self.unplug(team, timeout)  # gone already: out of the definition and the record
-            team = team.with_primary(None)
-        pool = self.pool(team)
-        if isinstance(pool, VfNetworkPool) or team.mac_policy == MacPolicy.FOLLOW:
-            state = self.agent().state().team(team.name)
-            refusal = mac_policy_refusal(team, pool, state) if state is not None else None
-            if refusal:
-                emit(refusal)
-                return TeamMode.STANDBY
-        return self.plug_and_bind(team, operation_id, timeout, emit).result
+        """One team back on a primary (:meth:`to_primaries`)."""
+        return self.to_primaries([team], lambda _: operation_id, timeout, emit)[team.name].result
+
+    def to_primaries(
+        self,
+        teams: Sequence[Team],
+        operation_id: Callable[[str], str],
+        timeout: float,
+        emit: Callable[[str], None],
+    ) -> dict[str, BindResult]:
+        """Every team back on a primary: a recorded primary the live domain has is bound
+        (never waited on when it has not); the others get devices of their pools plugged
+        in one step and bound together (:meth:`plug_and_bind_all`), as a migration's bind
+        step does.  A team its MAC policy bars from its pool's devices stays on its
+        standby, and says why."""
+        recorded: list[Team] = []
+        to_plug: list[Team] = []
+        out: dict[str, BindResult] = {}
+        states: dict[str, TeamState] | None = None
+        for team in teams:
+            if team.primary is not None and self.dom.has_device(team.primary.alias):
+                recorded.append(team)
+                continue
+            if team.primary is not None:
+                emit(
+                    f"team {team.name}: recorded primary {team.primary.alias} is not plugged; "
+                    "plugging another"
+                )
+                self.unplug(team, timeout)  # gone already: out of the definition and the record
+                team = team.with_primary(None)
+            pool = self.pool(team)
+            if isinstance(pool, VfNetworkPool) or team.mac_policy == MacPolicy.FOLLOW:
+                if states is None:
+                    states = {s.name: s for s in self.agent().state().teams}
+                state = states.get(team.name)
+                refusal = mac_policy_refusal(team, pool, state) if state is not None else None
+                if refusal:
+                    emit(refusal)
+                    out[team.name] = BindResult(team.name, TeamMode.STANDBY, refusal)
+                    continue
+            to_plug.append(team)
+
+        def bind_recorded(team: Team) -> BindResult:
+            assert team.primary is not None
+            self.bind(team, team.primary, operation_id(team.name), timeout)
+            return BindResult(team.name, TeamMode.PRIMARY, alias=team.primary.alias)
+
+        def plug_and_bind() -> dict[str, BindResult]:
+            return self.plug_and_bind_all(to_plug, operation_id, timeout, emit)
+
+        def bind_all_recorded() -> dict[str, BindResult]:
+            return self.each_team(recorded, bind_recorded)
+
+        wanted = ((plug_and_bind, to_plug), (bind_all_recorded, recorded))
+        jobs = [job for job, teams_of_job in wanted if teams_of_job]
+        if len(jobs) == 1:
+            out.update(jobs[0]())
+        elif jobs:  # the plugged devices' binds and the recorded ones' at the same time
+            with ThreadPoolExecutor(len(jobs), thread_name_prefix="to-primary") as executor:
+                futures = [executor.submit(in_this_context(job)) for job in jobs]
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+            if errors:
+                raise errors[0]
+            for future in futures:
+                out.update(future.result())
+        return {t.name: out[t.name] for t in teams}
 
     def teams_on_primary(
         self, teams: Sequence[Team], info: DomainInfo | None = None

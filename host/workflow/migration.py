@@ -215,16 +215,14 @@ class MigrationWorkflow:
         A recorded primary the live domain no longer has is not waited for: the team
         gets a device of the source's pool instead, as the reconciler would do.
         """
-        for name in reversed(self.moved):
-            team = self.source.teams().team(name)
-            if team.primary is None:
-                continue  # unplug's undo already plugged and bound one
-            self.source.to_primary(
-                team,
-                self.op("switch-back", name),
-                BIND_TIMEOUT,
-                lambda m: self.runner.emit("switch", "info", m),
-            )
+        recorded = self.source.teams()
+        teams = [recorded.team(name) for name in reversed(self.moved)]
+        self.source.to_primaries(
+            [t for t in teams if t.primary is not None],  # None: unplug's undo bound one
+            lambda name: self.op("switch-back", name),
+            BIND_TIMEOUT,
+            lambda m: self.runner.emit("switch", "info", m),
+        )
         self.moved.clear()
 
     def unplug(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def repair(
             raise
         try:
             out: dict[str, TeamMode] = {}
+            repair = []
             for found in guest.classify(guest.agent().state()):
                 name = found.team.name
                 if found.case is TeamCase.PLUGGED:
@@ -47,9 +48,12 @@ def repair(
                     log.warning("repair of %s: %s", guest.name, found.summary)
                     out[name] = TeamMode.STANDBY
                 else:
-                    team = guest.correct_record(found)
-                    op = f"{op_prefix}:{name}"
-                    out[name] = guest.to_primary(team, op, BIND_TIMEOUT, log.info)
+                    repair.append(guest.correct_record(found))
+            if repair:  # their devices plugged in one step, the binds together
+                bound = guest.to_primaries(
+                    repair, lambda name: f"{op_prefix}:{name}", BIND_TIMEOUT, log.info
+                )
+                out.update({name: got.result for name, got in bound.items()})
             return out
         finally:
             guest.close()

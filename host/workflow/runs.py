@@ -119,22 +119,31 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
             except LeaseHeld:
                 outcome = Outcome.REFUSED
                 raise
-            for team in guest.teams().teams:
-                op = f"{workflow_id}:{to}:{team.name}"
-                rt.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
-                if to == TeamMode.STANDBY:
+            teams = guest.teams().teams
+            if to == TeamMode.STANDBY:
+                for team in teams:
+                    op = f"{workflow_id}:{to}:{team.name}"
+                    rt.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
                     guest.use_standby(team, op, SWITCH_TIMEOUT, release_primary=False)
                     result[team.name] = TeamMode.STANDBY
-                else:
-                    said: list[str] = []
-                    result[team.name] = guest.to_primary(
-                        team, op, BIND_TIMEOUT, _said_and_logged(said)
+                    rt.journal.record(
+                        workflow_id, f"{to}:{team.name}", "done", {"result": result[team.name]}
                     )
-                    if result[team.name] is not TeamMode.PRIMARY and said:
-                        why[team.name] = said[-1]
-                rt.journal.record(
-                    workflow_id, f"{to}:{team.name}", "done", {"result": result[team.name]}
+            else:  # every team's device plugged in one step, the binds together
+                for team in teams:
+                    rt.journal.record(workflow_id, f"{to}:{team.name}", "started", {})
+                said: list[str] = []
+                bound = guest.to_primaries(
+                    teams,
+                    lambda name: f"{workflow_id}:{to}:{name}",
+                    BIND_TIMEOUT,
+                    _said_and_logged(said),
                 )
+                for name, got in bound.items():
+                    result[name] = got.result
+                    if got.result is not TeamMode.PRIMARY:
+                        why[name] = _last_said_of(said, name) or got.detail
+                    rt.journal.record(workflow_id, f"{to}:{name}", "done", {"result": got.result})
             outcome = Outcome.DONE
         finally:
             guest.close()
@@ -143,6 +152,11 @@ def failover(rt: Runtime, uri: str, domain: str, to: TeamMode) -> FailoverResult
                 workflow_id, outcome, {"teams": result, **({"why": why} if why else {})}
             )
         return FailoverResult(workflow_id, guest.name, to, result, why)
+
+
+def _last_said_of(said: list[str], team: str) -> str:
+    """The last thing said of *team* (team operations say ``team NAME: ...``)."""
+    return next((m for m in reversed(said) if m.startswith(f"team {team}:")), "")
 
 
 def _said_and_logged(said: list[str]) -> Callable[[str], None]:

@@ -7,6 +7,7 @@ import threading
 
 from test_workflow_migration import (
     B_TAPS,
+    REQUEST,
     assert_on_devices_of,
     device_aliases,
     migrate,
@@ -15,8 +16,14 @@ from test_workflow_migration import (
 from workflow_fakes import A, B, Call, Events, World
 
 from host.hypervisor import HypervisorError
+from host.workflow.coordinator import Coordinator, Reconciler
 from host.workflow.journal import Journal
-from host.workflow.model import Outcome
+from host.workflow.model import MigrationReport, Outcome, TeamMode
+
+
+def migrate_degraded(coordinator: Coordinator) -> MigrationReport:
+    """vm1 from A to B with nothing free on B: both teams left on their standbys."""
+    return coordinator.migrate(REQUEST)
 
 
 def bind_step_calls(world: World) -> Events:
@@ -134,3 +141,64 @@ def test_the_rollbacks_replug_plugs_every_team_in_one_step(world: World, journal
         "BindPrimary",
     ]
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
+
+
+def test_failover_to_primary_plugs_every_team_in_one_step(journal: Journal) -> None:
+    """Both teams degraded on B (no free device at the migration): a failover once
+    devices are free attaches both back to back, records them once, then binds."""
+    world = World(slots={B: 0})
+    coordinator = world.coordinator(journal)
+    assert migrate_degraded(coordinator).outcome is Outcome.DONE_DEGRADED
+    world.set_slots(B, 2)
+    world.calls.clear()
+
+    result = coordinator.failover(B, "vm1", TeamMode.PRIMARY)
+
+    assert result.teams == {"lan": "primary", "wan": "primary"}
+    assert [m for m, _ in plug_and_bind_calls(world.calls, B)] == [
+        "attach",
+        "attach",
+        "set_metadata",
+        "BindPrimary",
+        "BindPrimary",
+    ]
+    assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
+
+
+def test_failover_binds_a_recorded_primary_and_plugs_the_missing_one_together(
+    world: World, journal: Journal
+) -> None:
+    """lan's recorded device is still plugged (bind only); wan's is gone (plugged anew):
+    the two binds are in flight at once."""
+    coordinator = world.coordinator(journal)
+    coordinator.failover(A, "vm1", TeamMode.STANDBY)
+    world.connect(A).domain("vm1").detach_and_wait("ua-ptmig-wan-1", 5)
+    both = threading.Barrier(2, timeout=10)
+    world.agent_before[("vm1", "BindPrimary")] = lambda _team, _timeout: both.wait() and None
+    world.calls.clear()
+
+    result = coordinator.failover(A, "vm1", TeamMode.PRIMARY)
+
+    assert result.teams == {"lan": "primary", "wan": "primary"}, result.why
+    assert not both.broken
+    attached = [s for m, s in plug_and_bind_calls(world.calls, A) if m == "attach"]
+    assert len(attached) == 1, "only wan's device is plugged"
+
+
+def test_the_reconciler_plugs_every_degraded_team_in_one_step(journal: Journal) -> None:
+    world = World(slots={B: 0})
+    coordinator = world.coordinator(journal)
+    migrate_degraded(coordinator)
+    world.set_slots(B, 2)
+    world.calls.clear()
+
+    repaired = Reconciler(coordinator, [B], interval=0.0).run_once()
+
+    assert [r.teams for r in repaired] == [{"lan": "primary", "wan": "primary"}]
+    assert [m for m, _ in plug_and_bind_calls(world.calls, B)] == [
+        "attach",
+        "attach",
+        "set_metadata",
+        "BindPrimary",
+        "BindPrimary",
+    ]
