@@ -239,10 +239,6 @@ class Guest:
         )
         return reply.team
 
-    def plug(self, team: Team) -> PrimaryDevice | None:
-        """Attach a free device of the team's pool and record it; None when none is free."""
-        return self.plug_all([team])[team.name].primary
-
     def plug_all(self, teams: Sequence[Team]) -> dict[str, Plugged]:
         """Attach a free device of each team's pool in one go, then record them all.
 
@@ -372,12 +368,6 @@ class Guest:
         self.set_primary(team.name, None)
         return seconds
 
-    def plug_and_bind(
-        self, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
-    ) -> BindResult:
-        """Plug a device from the pool and bind it; on a failed bind, unplug it again."""
-        return self.plug_and_bind_all([team], lambda _: operation_id, timeout, emit)[team.name]
-
     def plug_and_bind_all(
         self,
         teams: Sequence[Team],
@@ -470,12 +460,6 @@ class Guest:
             alias=primary.alias,
             timing=timing(),
         )
-
-    def to_primary(
-        self, team: Team, operation_id: str, timeout: float, emit: Callable[[str], None]
-    ) -> TeamMode:
-        """One team back on a primary (:meth:`to_primaries`)."""
-        return self.to_primaries([team], lambda _: operation_id, timeout, emit)[team.name].result
 
     def to_primaries(
         self,

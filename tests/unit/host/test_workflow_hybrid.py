@@ -29,7 +29,8 @@ def hybrid_world(journal: Journal, *, copy_on_b: bool = True, copyable: bool = T
         world.state_copyable |= {A_NIC, B_NIC}
     runtime = world.coordinator(journal).runtime
     guest = runtime.guest(world.connect(A), "vm1")  # type: ignore[arg-type]
-    result = guest.plug_and_bind(guest.teams().team("wan"), "setup", 5, lambda _m: None)
+    wan = guest.teams().team("wan")
+    result = guest.plug_and_bind_all([wan], lambda _: "setup", 5, lambda _m: None)["wan"]
     assert result.result is TeamMode.PRIMARY
     guest.close()
     return world
