@@ -31,6 +31,7 @@ from lab.migration import Hop, migrate_args
 from lab.nested import coordinated as co
 from lab.nested import orchestrated as orch
 from lab.nested.hangwatch import HangWatch
+from lab.nested.kicker import Kicker
 from lab.nested.l1 import WIRE_NICS
 from lab.nested.vlab import AGENT_CONFIG, L1Pinger, VfioLab, peer_uri, uri
 from lab.orchestrated import bus_of
@@ -89,7 +90,15 @@ def l2_answering(vlab: VfioLab) -> Iterator[HangWatch]:
     if not vlab.answers():
         bring_back(vlab)
     watch = HangWatch(vlab).start()
+    # PTMIG_VLAB_KICK_HZ: L1's vCPUs kicked meanwhile (lab.nested.kicker), which brings
+    # the L2 hang within seconds: this path (watch, expected failure, restart) on demand
+    kick_hz = float(os.environ.get("PTMIG_VLAB_KICK_HZ") or 0)
+    kicker = Kicker(kick_hz) if kick_hz > 0 else None
+    if kicker is not None:
+        kicker.start()
     yield watch
+    if kicker is not None:
+        kicker.stop()
     watch.stop()
 
 
