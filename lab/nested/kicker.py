@@ -1,6 +1,6 @@
 """Kick L1's vCPUs from L0's monitor: the L2 hang's trigger, on demand.
 
-docs/lab.md ("The cause: L0's TCG delivers an injected interrupt twice"): when L0's TCG
+docs/lab.md ("The cause ...: L0's TCG delivers an injected interrupt twice"): when L0's TCG
 enters L2 with an interrupt L1's KVM injected (``helper_vmrun``, ``SVM_EVTINJ_TYPE_INTR``),
 it delivers it at once and leaves ``exception_index`` set to its vector.  A vCPU kicked
 before L2's next #VMEXIT, by anything that is not an interrupt for it, hands that stale

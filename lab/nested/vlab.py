@@ -51,8 +51,8 @@ L2_BOOT_TIMEOUT = 900.0
 L2_MEMORY_MIB = 384
 L2_VCPUS = 1
 
-#: Whether L2 is offered PV EOI.  Yes for now: the L2 hang's mitigation is measured first
-#: (docs/lab.md, "The cause: L0's TCG delivers an injected interrupt twice").
+#: Whether L2 is offered PV EOI.  Yes: without it the L2 hang came as a panic instead of a
+#: deadlock, later but not gone (docs/lab.md, "The cause ... reproduced on demand").
 L2_PV_EOI = True
 
 #: The agent's teams in L2.  Team wan is agent-owned with no primary at start: its whole
