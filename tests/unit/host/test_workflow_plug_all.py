@@ -20,6 +20,9 @@ from host.workflow.coordinator import Coordinator, Reconciler
 from host.workflow.journal import Journal
 from host.workflow.model import MigrationReport, Outcome, TeamMode
 
+#: Both teams' devices attached back to back, recorded in one write, then both bound.
+ONE_PLUG_STEP = ["attach", "attach", "set_metadata", "BindPrimary", "BindPrimary"]
+
 
 def migrate_degraded(coordinator: Coordinator) -> MigrationReport:
     """vm1 from A to B with nothing free on B: both teams left on their standbys."""
@@ -47,13 +50,7 @@ def test_every_teams_device_is_plugged_and_recorded_before_any_bind(
 
     assert report.outcome is Outcome.DONE, report.error
     calls = plug_and_bind_calls(world.calls, B)
-    assert [m for m, _ in calls] == [
-        "attach",
-        "attach",
-        "set_metadata",
-        "BindPrimary",
-        "BindPrimary",
-    ]
+    assert [m for m, _ in calls] == ONE_PLUG_STEP
     assert sorted(s for m, s in calls if m == "BindPrimary") == ["lan", "wan"]
     assert_on_devices_of(world, B, B_TAPS)
 
@@ -133,13 +130,7 @@ def test_the_rollbacks_replug_plugs_every_team_in_one_step(world: World, journal
     assert report.outcome is Outcome.ROLLED_BACK, report.error
     calls = plug_and_bind_calls(world.calls, A)
     # (the switch's undo binds the replugged primaries once more after: its own step)
-    assert [m for m, _ in calls][:5] == [
-        "attach",
-        "attach",
-        "set_metadata",
-        "BindPrimary",
-        "BindPrimary",
-    ]
+    assert [m for m, _ in calls][:5] == ONE_PLUG_STEP
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
 
 
@@ -155,13 +146,7 @@ def test_failover_to_primary_plugs_every_team_in_one_step(journal: Journal) -> N
     result = coordinator.failover(B, "vm1", TeamMode.PRIMARY)
 
     assert result.teams == {"lan": "primary", "wan": "primary"}
-    assert [m for m, _ in plug_and_bind_calls(world.calls, B)] == [
-        "attach",
-        "attach",
-        "set_metadata",
-        "BindPrimary",
-        "BindPrimary",
-    ]
+    assert [m for m, _ in plug_and_bind_calls(world.calls, B)] == ONE_PLUG_STEP
     assert world.modes("vm1") == {"lan": "primary", "wan": "primary"}
 
 
@@ -195,10 +180,4 @@ def test_the_reconciler_plugs_every_degraded_team_in_one_step(journal: Journal) 
     repaired = Reconciler(coordinator, [B], interval=0.0).run_once()
 
     assert [r.teams for r in repaired] == [{"lan": "primary", "wan": "primary"}]
-    assert [m for m, _ in plug_and_bind_calls(world.calls, B)] == [
-        "attach",
-        "attach",
-        "set_metadata",
-        "BindPrimary",
-        "BindPrimary",
-    ]
+    assert [m for m, _ in plug_and_bind_calls(world.calls, B)] == ONE_PLUG_STEP
