@@ -102,6 +102,7 @@ def registers(info: str) -> dict[str, int]:
     return {name: int(value, 16) for name, value in _REGISTER.findall(info)}
 
 
+_BOOT_ID = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\s*$", re.M)
 _STALL_CPU = re.compile(r"^L2 vCPU time over 1 s on \w+: ([\d.]+) s$", re.M)
 _STALL_FLAGS = re.compile(r"\bRFL=([0-9a-f]+) .*\bCPL=(\d)")
 #: The first line of :class:`HangWatch`'s report.
@@ -386,6 +387,8 @@ class VfioLab:
         self.state = VfioLabState.load() or VfioLabState()
         self.l1_kernel = l1_kernel
         self._conns: dict[str, libvirt.virConnect] = {}
+        #: L2's boot id when the running test began (:meth:`mark_boot`), None: not read.
+        self.boot_at_start: str | None = None
 
     @property
     def l1_console(self) -> GuestConsole:
@@ -520,6 +523,31 @@ class VfioLab:
         self.state.save()
         log.info("L2 booted on hosta in %.1f s", took)
         return took
+
+    def boot_id(self) -> str | None:
+        """L2's ``/proc/sys/kernel/random/boot_id`` over its console; None if unread."""
+        try:
+            out = self.exec("cat /proc/sys/kernel/random/boot_id", timeout=STALL_PROBE_S)
+        except Exception:  # not answering: no boot id
+            return None
+        found = _BOOT_ID.findall(out.output) if out.status == 0 else []
+        return found[-1] if found else None
+
+    def mark_boot(self) -> None:
+        """Remember L2's boot id as a test begins (for :meth:`restart_report`)."""
+        self.boot_at_start = self.boot_id()
+
+    def restart_report(self) -> str | None:
+        """If L2 booted again since :meth:`mark_boot` (a reset: docs/lab.md, "The cause"),
+        what says so; else None (also when either boot id is unknown)."""
+        now = self.boot_id()
+        if self.boot_at_start is None or now is None or now == self.boot_at_start:
+            return None
+        uptime = self.exec("cut -d' ' -f1 /proc/uptime", timeout=STALL_PROBE_S).output.strip()
+        return (
+            f"L2 restarted during the test: boot id {self.boot_at_start} -> {now}, "
+            f"uptime now {uptime.splitlines()[-1] if uptime else '?'} s"
+        )
 
     def answers(self) -> bool:
         """Whether L2 runs its console's commands (within STALL_PROBE_S)."""

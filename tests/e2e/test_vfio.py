@@ -86,6 +86,7 @@ def l2_answering(vlab: VfioLab) -> None:
     lab.nested.hangwatch, is not run here: docs/lab.md, "The hang watch".)"""
     if not vlab.answers():
         bring_back(vlab)
+    vlab.mark_boot()  # an L2 reset during the test is told by its boot id (conftest)
 
 
 def l1_driver(lab: VfioLab, pci: str) -> str:

@@ -370,3 +370,28 @@ def test_the_l2_hang_is_told_by_a_silent_spinning_l2_kernel_with_interrupts_off(
     change: Callable[[str], str], hang: bool
 ) -> None:
     assert is_l2_hang(change(CI_HANG)) is hang
+
+
+def test_an_l2_reset_during_a_test_is_told_by_its_boot_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mark_boot`` then ``restart_report``: a changed boot id is a reset; the same one,
+    or one that cannot be read, is not."""
+    answers = iter(
+        [
+            "cat ...\n0b7d3e4c-1f2a-4b5c-8d9e-0123456789ab\n",  # mark_boot
+            "0b7d3e4c-1f2a-4b5c-8d9e-0123456789ab\n",  # same boot: no report
+            "9f8e7d6c-5b4a-4392-8170-fedcba987654\n",  # booted again
+            "12.34\n",  # its uptime
+        ]
+    )
+    from lab.console import ExecResult
+
+    lab = VfioLab()
+    monkeypatch.setattr(lab, "exec", lambda *_a, **_k: ExecResult(next(answers), 0))
+    lab.mark_boot()
+    assert lab.boot_at_start == "0b7d3e4c-1f2a-4b5c-8d9e-0123456789ab"
+    assert lab.restart_report() is None
+    report = lab.restart_report()
+    assert report is not None and "-> 9f8e7d6c-5b4a-4392-8170-fedcba987654" in report
+    assert "uptime now 12.34 s" in report
+    monkeypatch.setattr(lab, "exec", lambda *_a, **_k: ExecResult("no console", 1))
+    assert lab.restart_report() is None
