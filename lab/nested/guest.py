@@ -73,7 +73,7 @@ echo "ptmig-l2-init: agent at $(cut -d' ' -f1 /proc/uptime)" >/dev/ttyS0
 echo "set enable-bracketed-paste off" > /run/ptmig-inputrc
 while true; do
   INPUTRC=/run/ptmig-inputrc setsid -c /bin/bash --norc --noprofile -c \\
-    'stty -echo -onlcr cols 4000; export PS1=; dmesg -n 4; \\
+    'stty -echo -onlcr cols 4000; export PS1=; dmesg -n 1; \\
      echo "{SHELL_READY_MARKER} $(cut -d" " -f1 /proc/uptime)"; \\
      exec /bin/bash --norc --noprofile -i' \\
     <>/dev/ttyS0 >&0 2>&1
