@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from lab.soak import (
     fd_kind,
     held_taps,
     judge,
+    measured,
     parse_agent_probe,
     parse_clients_info,
     parse_vmrss_kb,
@@ -191,3 +194,63 @@ def test_libvirtd_clients_from_virt_admin() -> None:
 )
 def test_fd_kind_drops_inodes_and_keeps_paths(target: str, kind: str) -> None:
     assert fd_kind(target) == kind
+
+
+# -- a spawned process's own peak RSS ---------------------------------------------------
+
+_ALLOCATE_MIB = 'b = bytearray({n} << 20); b[::4096] = b"x" * len(b[::4096]); print("held")'
+
+
+def test_a_spawned_processs_peak_is_its_own_not_the_spawners() -> None:
+    """The soak's CLI figure grew with the soak's own RSS (stop 31): a process spawned from
+    a large one reports the large one's peak through wait4 unless spawned through a small
+    process.  The spawner here holds 300 MiB; the child allocates 64 MiB."""
+    spawner = bytearray(300 << 20)
+    spawner[::4096] = b"x" * len(spawner[::4096])
+    proc, peak_kb = measured([sys.executable, "-c", _ALLOCATE_MIB.format(n=64)])
+    assert (proc.returncode, proc.stdout) == (0, "held\n")
+    assert 64 * 1024 < peak_kb < 200 * 1024, peak_kb  # the child's 64 MiB, not 300
+    _small, small_kb = measured([sys.executable, "-c", "pass"])
+    assert small_kb < 64 * 1024 < peak_kb, (small_kb, peak_kb)
+    del spawner
+
+
+def test_a_spawned_processs_exit_and_output_are_kept() -> None:
+    proc, _ = measured(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
+    killed, _ = measured(["sh", "-c", "kill -TERM $$"])
+    assert killed.returncode == -signal.SIGTERM
+
+
+# -- a figure behind a bounded structure: judged once it is full ---------------------------
+
+SETTLING = Tolerance(1024, "a log that fills", settles_after=80)
+AFTER = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150]
+
+
+def test_a_figure_that_fills_then_stays_level_is_judged_from_its_settling() -> None:
+    """The agent's RSS rises while its operation log fills, then stays level: judged from
+    the sample at 80 migrations, the fill is not a leak."""
+    values = [37900, 40500, 41700, 42300, 42500, 42800, 43100] + [43900] * 9
+    v = judge("agent_rss_kb", "kB", values, SETTLING, AFTER)
+    assert (v.baseline, v.judged_growth, v.growth) == (43900, 0, 6000)
+    assert v.ok
+
+
+def test_a_leak_after_the_settling_still_fails() -> None:
+    """20 kB a migration past the settling: 1.4 MB over 70 migrations."""
+    values = [37900 + 20 * n for n in AFTER]
+    v = judge("agent_rss_kb", "kB", values, SETTLING, AFTER)
+    assert v.baseline == 37900 + 20 * 80 and v.judged_growth == 1400
+    assert not v.ok
+
+
+def test_a_soak_that_ends_before_the_settling_proves_nothing() -> None:
+    v = judge("agent_rss_kb", "kB", [100, 100, 100, 100], SETTLING, [0, 10, 20, 80])
+    assert not v.ok and v.why.startswith("NOT JUDGED")
+    assert judge("agent_rss_kb", "kB", [100] * 5, SETTLING, [0, 10, 20, 80, 90]).ok
+
+
+def test_a_settling_figure_needs_the_migration_counts() -> None:
+    with pytest.raises(ValueError, match="no counts"):
+        judge("agent_rss_kb", "kB", [1, 2, 3], SETTLING)
