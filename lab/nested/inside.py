@@ -15,6 +15,7 @@ import base64
 import bisect
 import json
 import logging
+import lzma
 import mmap
 import re
 import struct
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,10 +345,69 @@ def libvirtd_report(host: str, pid: int, timeout: float) -> str | None:
     return "\n".join(lines)
 
 
-def symbolize(kallsyms: str, l2_text: int, addresses: list[int]) -> list[str]:
+def elf_section_symbols(data: bytes, section: str) -> list[tuple[int, str]]:
+    """The function and untyped symbols of an ELF64 relocatable object (a kernel module's
+    ``.ko``) defined in *section*, as (offset in the section, name), sorted: what names
+    an address in a module once the module's section base is known."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a little-endian ELF64 object")
+    shoff, shentsize, shnum, shstrndx = (
+        struct.unpack_from("<Q", data, 0x28)[0],
+        *struct.unpack_from("<HHH", data, 0x3A),
+    )
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+    def name_at(table: int, offset: int) -> str:
+        start = headers[table][4] + offset
+        return data[start : data.index(b"\0", start)].decode(errors="replace")
+
+    wanted = [i for i, h in enumerate(headers) if name_at(shstrndx, h[0]) == section]
+    symtab = next((h for h in headers if h[1] == 2), None)  # SHT_SYMTAB
+    if not wanted or symtab is None:
+        return []
+    symbols = []
+    for off in range(symtab[4], symtab[4] + symtab[5], 24):
+        st_name, st_info, _other, st_shndx, st_value, _size = struct.unpack_from(
+            "<IBBHQQ", data, off
+        )
+        if st_shndx == wanted[0] and st_info & 0xF in (0, 2) and st_name:  # NOTYPE, FUNC
+            symbols.append((st_value, name_at(symtab[6], st_name)))
+    return sorted(symbols)
+
+
+def module_file(name: str, release: str) -> Path | None:
+    """The ``.ko`` (or ``.ko.xz``) of module *name* under /lib/modules/*release*."""
+    root = Path("/lib/modules") / release
+    for stem in {name, name.replace("_", "-")}:
+        for found in sorted(root.rglob(f"{stem}.ko*")):
+            return found
+    return None
+
+
+def module_symbols(name: str, section: str, release: str) -> list[tuple[int, str]]:
+    """:func:`elf_section_symbols` of L1's copy of module *name* ([] if it has none)."""
+    path = module_file(name, release)
+    if path is None:
+        return []
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        data = lzma.decompress(data)
+    return elf_section_symbols(data, section)
+
+
+def symbolize(
+    kallsyms: str,
+    l2_text: int,
+    addresses: list[int],
+    modules: dict[str, int] | None = None,
+    symbols_of: Callable[[str, str], list[tuple[int, str]]] | None = None,
+) -> list[str]:
     """Name L2's kernel addresses by L1's symbols (*kallsyms*, L1's /proc/kallsyms):
     both run Debian's same kernel with their own KASLR base, so an L2 address minus L2's
-    ``_text`` plus L1's falls on the same instruction.  ``?`` where nothing matches."""
+    ``_text`` plus L1's falls on the same instruction.  An address in one of L2's modules
+    (*modules*: ``"module/section"`` -> its base in L2, lab.nested.vlab.module_sections)
+    is named by the module's own symbols (*symbols_of(module, section)*: offsets in the
+    section, from the same module's ``.ko`` in L1).  ``?`` where nothing matches."""
     text: list[tuple[int, str]] = []
     for line in kallsyms.splitlines():
         parts = line.split()
@@ -355,6 +416,7 @@ def symbolize(kallsyms: str, l2_text: int, addresses: list[int]) -> list[str]:
     text.sort()
     starts = [a for a, _ in text]
     l1_text = next((a for a, n in text if n == "_text"), None)
+    bases = sorted((base, key) for key, base in (modules or {}).items())
     named = []
     for addr in addresses:
         name = "?"
@@ -363,6 +425,15 @@ def symbolize(kallsyms: str, l2_text: int, addresses: list[int]) -> list[str]:
             i = bisect.bisect_right(starts, here) - 1
             if i >= 0 and here - starts[i] < 0x10000:
                 name = f"{text[i][1]}+0x{here - starts[i]:x}"
+        j = bisect.bisect_right([b for b, _ in bases], addr) - 1
+        if name == "?" and j >= 0 and addr - bases[j][0] < 0x100000:
+            base, key = bases[j]
+            module, section = key.split("/", 1)
+            name = f"[{module} {section}+0x{addr - base:x}]"
+            syms = symbols_of(module, section) if symbols_of else []
+            k = bisect.bisect_right([o for o, _ in syms], addr - base) - 1
+            if k >= 0:
+                name = f"{syms[k][1]}+0x{addr - base - syms[k][0]:x} {name}"
         named.append(f"{addr:016x} {name}")
     return named
 
@@ -402,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     sy = sub.add_parser("symbolize", help="L2 kernel addresses by L1's kallsyms")
     sy.add_argument("l2_text", help="L2's _text, hex")
     sy.add_argument("addresses", nargs="+", help="hex")
+    sy.add_argument("--modules", default="{}", help='JSON: {"module/section": "hex base"}')
     args = p.parse_args(argv)
     if args.command == "symbolize":
         release = Path("/proc/sys/kernel/osrelease").read_text().strip()
@@ -410,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             Path("/proc/kallsyms").read_text(),
             int(args.l2_text, 16),
             [int(a, 16) for a in args.addresses],
+            {k: int(v, 16) for k, v in json.loads(args.modules).items()},
+            lambda module, section: module_symbols(module, section, release),
         )
         print("\n".join(names))
     elif args.command == "flight-recorder":

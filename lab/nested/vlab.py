@@ -35,7 +35,7 @@ from lab.image import BOOT_CMDLINE, GuestImage
 from lab.nested import LIBVIRT_PORTS, UPLINK_IPS, run_dir
 from lab.nested.guest import l2_init
 from lab.nested.image import build_l1, build_l2, build_l2_initrd
-from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, running_pid, src_path
+from lab.nested.l1 import L1, UPLINK_MAC, WIRE_NICS, l1_vcpus, running_pid, src_path
 from lab.nested.mdev import MTTY_TYPES
 from lab.nested.qemu import UnpackedQemu, build_qemu
 from lab.traffic import Phase
@@ -95,6 +95,30 @@ STALL_STACK_WORDS = 96
 _REGISTER = re.compile(r"\b(RIP|RSP)=([0-9a-f]{16})\b")
 #: Kernel text on x86-64 (KASLR places it in [0xffffffff80000000, 0xffffffffc0000000)).
 _KERNEL_TEXT = re.compile(r"\b0x(ffffffff[89ab][0-9a-f]{7})\b")
+
+
+#: Loadable modules on x86-64 ([0xffffffffc0000000, 0xffffffffff000000)): a spin seen in
+#: module text (stop 31: RIP ffffffffc0b5a13c) is named by the module's own symbols.
+_MODULE_TEXT = re.compile(r"\b0x(ffffffff[c-e][0-9a-f]{7})\b")
+#: ``grep -H . /sys/module/*/sections/.text*``'s lines in L2.
+_MODULE_SECTION = re.compile(r"^/sys/module/([\w-]+)/sections/(\.text[\w.]*):(0x[0-9a-f]+)$", re.M)
+#: Read in L2 once it booted (its modules are all loaded by then: lab.nested.guest).
+MODULE_SECTIONS_COMMAND = "grep -H . /sys/module/*/sections/.text* 2>/dev/null || true"
+
+
+def module_sections(output: str) -> dict[str, str]:
+    """``"module/section"`` -> base (hex) from :data:`MODULE_SECTIONS_COMMAND`'s output;
+    bases of 0 (hidden by kptr_restrict) are left out."""
+    return {
+        f"{name}/{section}": base
+        for name, section, base in _MODULE_SECTION.findall(output)
+        if int(base, 16)
+    }
+
+
+def module_text_words(dump: str) -> list[str]:
+    """The words of an HMP ``x /gx`` dump that point into module text, once each."""
+    return list(dict.fromkeys(_MODULE_TEXT.findall(dump)))
 
 
 def registers(info: str) -> dict[str, int]:
@@ -329,6 +353,8 @@ class VfioLabState:
     qemu: str = ""
     #: L1's ``uname -r`` (lab.nested.kernel: 6.1 by default, 6.12 opt-in).
     l1_kernel: str = ""
+    #: L1's vCPUs (lab.nested.l1.l1_vcpus).
+    l1_vcpus: int = 0
     #: Whether L1 has the mtty mdev parent (6.12 only): the hybrid path's migratable device.
     mtty: bool = False
     #: L1's /proc/cmdline and kvm_amd's parameters in effect (/sys/module/kvm_amd/parameters),
@@ -342,6 +368,9 @@ class VfioLabState:
     #: L2's ``_text`` (its KASLR base, hex), read once it booted: with it the stall
     #: report names L2's RIP and stack words by L1's kallsyms (the same 6.1 kernel).
     l2_text: str = ""
+    #: L2's module sections (:func:`module_sections`), read with ``l2_text``: the stall
+    #: report names a module address by L1's copy of that module.
+    l2_modules: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def path() -> Path:
@@ -364,6 +393,7 @@ class VfioLabState:
             l2_cmdline=data.get("l2_cmdline", ""),
             l2_pv_eoi=data.get("l2_pv_eoi", True),
             l2_text=data.get("l2_text", ""),
+            l2_modules=data.get("l2_modules", {}),
         )
 
     def save(self) -> None:
@@ -441,7 +471,15 @@ class VfioLab:
             l1_image, l2_image, qemu = self.prepare()
         self.state = VfioLabState(qemu=qemu.version)
         self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
-        l1 = L1(l1_image, l2_image.disk, src_path(), qemu, cmdline_extra=l1_cmdline_extra)
+        self.state.l1_vcpus = l1_vcpus()
+        l1 = L1(
+            l1_image,
+            l2_image.disk,
+            src_path(),
+            qemu,
+            cmdline_extra=l1_cmdline_extra,
+            vcpus=self.state.l1_vcpus,
+        )
         self.state.timings["l1_boot_s"] = round(l1.start(), 1)
         self.state.save()
         try:
@@ -520,6 +558,7 @@ class VfioLab:
         text = self.exec("grep -m1 ' _text$' /proc/kallsyms || true").output.split()
         # all zeros where kptr_restrict hides it: then unknown
         self.state.l2_text = text[0] if text and int(text[0], 16) else ""
+        self.state.l2_modules = module_sections(self.exec(MODULE_SECTIONS_COMMAND).output)
         self.state.save()
         log.info("L2 booted on hosta in %.1f s", took)
         return took
@@ -770,9 +809,9 @@ class VfioLab:
                 stack = self._monitor(dom, f"x /{STALL_STACK_WORDS}gx 0x{regs['RSP']:x}")
                 lines.append(f"--- (qemu) x /{STALL_STACK_WORDS}gx RSP\n{stack}")
                 text = [f"{regs['RIP']:016x}"] if "RIP" in regs else []
-                text += kernel_text_words(stack)
+                text += kernel_text_words(stack) + module_text_words(stack)
                 if text and self.state.l2_text:
-                    names = self.inside("symbolize", self.state.l2_text, *text, timeout=120)
+                    names = self._symbolize(text)
                     lines.append(f"--- RIP and stack words by L1's kallsyms\n{names.output}")
                     link = irq_stack_link(stack, symbol_names(names.output))
                     if link is not None:
@@ -801,11 +840,18 @@ class VfioLab:
         appended to *lines*, and returned for the frame search."""
         stack = self._monitor(dom, f"x /{STALL_LINK_WORDS}gx 0x{link:x}")
         lines.append(f"--- (qemu) x /{STALL_LINK_WORDS}gx at the IRQ stack's link\n{stack}")
-        text = kernel_text_words(stack)
+        text = kernel_text_words(stack) + module_text_words(stack)
         if text:
-            names = self.inside("symbolize", self.state.l2_text, *text, timeout=120)
+            names = self._symbolize(text)
             lines.append(f"--- its words by L1's kallsyms\n{names.output}")
         return stack
+
+    def _symbolize(self, addresses: list[str]) -> ExecResult:
+        """L2's *addresses* named in L1 (lab.nested.inside.symbolize)."""
+        modules = json.dumps(self.state.l2_modules)
+        return self.inside(
+            "symbolize", self.state.l2_text, *addresses, "--modules", modules, timeout=120
+        )
 
     @staticmethod
     def _monitor(dom: libvirt.virDomain, command: str) -> str:
