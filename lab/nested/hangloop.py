@@ -158,6 +158,7 @@ class LoopResult:
     variant: Variant
     started: float
     l1_kernel: str = ""
+    l1_vcpus: int = 0
     l1_cmdline: str = ""
     kvm_amd: dict[str, str] = field(default_factory=dict)
     l2_cmdline: str = ""
@@ -191,7 +192,8 @@ class LoopResult:
         if hang and self.l2_hang_signature:
             where += ", the L2 hang's signature"
         return (
-            f"variant {self.variant.name} (L1 {self.l1_kernel}, kvm_amd {self.kvm_amd}, "
+            f"variant {self.variant.name} (L1 {self.l1_kernel}, {self.l1_vcpus} vCPUs, "
+            f"kvm_amd {self.kvm_amd}, "
             f"L2 +{self.variant.l2 or '-'} pv_eoi {self.variant.l2_pv_eoi}, "
             f"kicks {self.kicks} at {self.kick_hz:g}/s): {ok} iterations ok, "
             f"{len(self.migrations)} migrations, {where}; ended: {self.ended}"
@@ -387,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         result.boot_s = round(time.monotonic() - t0, 1)
         state = lab.state
         result.l1_kernel, result.l1_cmdline = state.l1_kernel, state.l1_cmdline
+        result.l1_vcpus = state.l1_vcpus
         result.kvm_amd, result.l2_cmdline = state.kvm_amd, state.l2_cmdline
         attach_whole_nic(lab, lab.where())
         if not args.no_ping:

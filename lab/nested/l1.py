@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 L1_MEMORY_MIB = 4096
 L1_VCPUS = 2
+#: Overrides L1_VCPUS for a run (the L2 hang's measurements: docs/lab.md).
+L1_VCPUS_ENV = "PTMIG_VLAB_L1_VCPUS"
 BOOT_TIMEOUT = 180.0
 
 
@@ -98,6 +100,7 @@ class L1:
     #: Appended to L1_CMDLINE at boot, not in the image (whose key holds L1_CMDLINE): a
     #: measurement's variant (``kvm_amd.vgif=0``) needs no image rebuild.
     cmdline_extra: str = ""
+    vcpus: int = L1_VCPUS
 
     @property
     def console(self) -> GuestConsole:
@@ -116,7 +119,7 @@ class L1:
             "-cpu",
             "max",
             "-smp",
-            str(L1_VCPUS),
+            str(self.vcpus),
             "-m",
             str(L1_MEMORY_MIB),
             "-nodefaults",
@@ -253,3 +256,13 @@ def running_pid() -> int | None:
 
 def src_path() -> Path:
     return Path(os.path.dirname(os.path.abspath(__file__))).parent.parent
+
+
+def l1_vcpus() -> int:
+    """L1's vCPU count for this run: ``$PTMIG_VLAB_L1_VCPUS`` or :data:`L1_VCPUS`."""
+    value = os.environ.get(L1_VCPUS_ENV, "").strip()
+    if not value:
+        return L1_VCPUS
+    if not value.isdigit() or not 1 <= int(value) <= 8:
+        raise ValueError(f"${L1_VCPUS_ENV} must be 1-8, not {value!r}")
+    return int(value)
