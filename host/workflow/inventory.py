@@ -14,6 +14,7 @@ a migration's own work does not grow with the domains already on the destination
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,18 +44,40 @@ from host.workflow.observer import PoolUse
 
 log = logging.getLogger(__name__)
 
-#: How many domains' `HeldDevices` are kept, by their XML text (a couple of full hosts'
-#: worth: at libvirt's usual 4-10 KB of XML a domain, at most some 20 MB).
-HELD_CACHE_SIZE = 2048
+
+class HeldByHost:
+    """Per host, what each of its domains holds, by the domain XML text it had at the
+    host's last read: a read parses only the texts that host's previous read did not
+    have (the answer depends on the text alone, so it cannot go stale), and keeps exactly
+    the texts it was given.  So what is kept is the hosts' current domains, never a
+    migrated domain's older XML: an earlier cache keyed by every text seen kept up to
+    2048 of them, which a long-running ptmigd filled at about 4 texts a migration
+    (issue 24's soak: +3 MB over 75 migrations)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_host: dict[str, dict[str, HeldDevices]] = {}
+
+    def of(self, uri: str, domains_xml: list[str]) -> list[HeldDevices]:
+        """What each domain of *domains_xml* (host *uri*'s, all of them) holds, in order."""
+        with self._lock:
+            before = self._by_host.get(uri, {})
+        now = {
+            xml: before[xml] if xml in before else HeldDevices.of(parse_domain(xml))
+            for xml in domains_xml
+        }
+        with self._lock:  # two steps reading one host at once: either's is the host's
+            self._by_host[uri] = now
+        return [now[xml] for xml in domains_xml]
+
+    def forget(self) -> None:
+        with self._lock:
+            self._by_host.clear()
 
 
-@lru_cache(maxsize=HELD_CACHE_SIZE)
-def held_devices(domain_xml: str) -> HeldDevices:
-    """What the domain whose XML is *domain_xml* holds; parsed once per distinct XML text
-    (the answer depends on that text alone, so it cannot go stale).  Keyed by the text
-    itself, not a digest: a look-up is a string hash and compare, and no collision can
-    answer for another domain."""
-    return HeldDevices.of(parse_domain(domain_xml))
+#: The process's one :class:`HeldByHost`: the coordinator's steps, and ptmigd's requests,
+#: share what they have read.
+HELD = HeldByHost()
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,7 @@ class DeviceView:
     @classmethod
     def of(cls, uri: str, domains_xml: list[str]) -> DeviceView:
         try:
-            return cls(uri, DeviceUse.of([held_devices(xml) for xml in domains_xml]))
+            return cls(uri, DeviceUse.of(HELD.of(uri, domains_xml)))
         except DomainModelError as exc:
             return cls(uri, DeviceUse(), f"a domain of {uri or 'the host'}: {exc}")
 

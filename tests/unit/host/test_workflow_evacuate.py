@@ -428,7 +428,7 @@ def domains_parsed_per_migration(n: int, tmp_path: Path, monkeypatch: pytest.Mon
     """Evacuate *n* one-team domains from A to B alone (B ends with all of them); how many
     domain XMLs the device views parsed, per migration."""
     world = World(tuple(numbered_guest(i) for i in range(n)), slots={A: n, B: n}, hosts=(A, B))
-    inventory.held_devices.cache_clear()  # nothing kept from other tests
+    inventory.HELD.forget()  # nothing kept from other tests
     parsed = 0
     real = inventory.parse_domain
 

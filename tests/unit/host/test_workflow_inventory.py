@@ -24,7 +24,7 @@ from host.domain.domain_xml import parse_domain  # noqa: E402
 from host.domain.pools import EmulatedPool, MdevPool, PciPool, PciSlot, TapSlot  # noqa: E402
 from host.domain.teams import Team, TeamSet, format_teams  # noqa: E402
 from host.hypervisor import Hypervisor  # noqa: E402
-from host.workflow.inventory import DeviceView, held_devices  # noqa: E402
+from host.workflow.inventory import DeviceView, HeldByHost  # noqa: E402
 
 #: Addresses of this file alone (bus 0x7a), so other tests' domains hold none of them.
 NICS = PciPool("inv", ("0000:7a:00.0", "0000:7a:00.1", "0000:7a:00.2"))
@@ -137,11 +137,41 @@ def test_a_view_is_its_steps_alone_the_next_step_reads_libvirt_again(
 
 
 def test_what_a_domain_holds_follows_its_xml_text() -> None:
+    held = HeldByHost()
     bare = minimal_domain("", name="inv-memo")
     plugged = minimal_domain(hostdev("0000:7a:00.1"), name="inv-memo")
-    assert held_devices(bare).pci == frozenset()
-    assert held_devices(plugged).pci == {"0000:7a:00.1"}
-    assert held_devices(bare).pci == frozenset()  # the same text, the same answer
+    assert held.of("test:///a", [bare])[0].pci == frozenset()
+    assert held.of("test:///a", [plugged])[0].pci == {"0000:7a:00.1"}
+    assert held.of("test:///a", [bare])[0].pci == frozenset()  # the same text, the same answer
+
+
+def test_a_hosts_unchanged_domains_are_not_parsed_again_and_older_texts_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The soak's ptmigd grew with every migration while a cache kept each text it had
+    seen; now a host's read keeps that read's texts only."""
+    from host.workflow import inventory
+
+    parsed: list[str] = []
+
+    def counting(xml: str) -> Any:
+        parsed.append(xml)
+        return parse_domain(xml)
+
+    monkeypatch.setattr(inventory, "parse_domain", counting)
+    held = HeldByHost()
+    other = minimal_domain("", name="inv-other")
+    versions = [minimal_domain(hostdev(f"0000:7a:00.{i % 3}"), name=f"inv-v{i}") for i in range(6)]
+    for version in versions:  # a domain whose XML changes at every read, beside one that does not
+        held.of("test:///a", [other, version])
+    assert parsed.count(other) == 1 and parsed.count(versions[-1]) == 1
+    assert held.of("test:///b", [other])[0].pci == frozenset()  # another host: its own read
+    assert parsed.count(other) == 2
+    kept = held._by_host  # the test's look inside: what a long-running ptmigd keeps
+    assert {uri: list(texts) for uri, texts in kept.items()} == {
+        "test:///a": [other, versions[-1]],
+        "test:///b": [other],
+    }
 
 
 def test_an_unreadable_domain_makes_every_count_an_error() -> None:
