@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import functools
 import json
 import logging
 import lzma
@@ -384,8 +385,10 @@ def module_file(name: str, release: str) -> Path | None:
     return None
 
 
+@functools.cache
 def module_symbols(name: str, section: str, release: str) -> list[tuple[int, str]]:
-    """:func:`elf_section_symbols` of L1's copy of module *name* ([] if it has none)."""
+    """:func:`elf_section_symbols` of L1's copy of module *name* ([] if it has none); read
+    once per process, however many of a report's addresses fall in it."""
     path = module_file(name, release)
     if path is None:
         return []
@@ -417,6 +420,7 @@ def symbolize(
     starts = [a for a, _ in text]
     l1_text = next((a for a, n in text if n == "_text"), None)
     bases = sorted((base, key) for key, base in (modules or {}).items())
+    base_starts = [b for b, _ in bases]
     named = []
     for addr in addresses:
         name = "?"
@@ -425,13 +429,13 @@ def symbolize(
             i = bisect.bisect_right(starts, here) - 1
             if i >= 0 and here - starts[i] < 0x10000:
                 name = f"{text[i][1]}+0x{here - starts[i]:x}"
-        j = bisect.bisect_right([b for b, _ in bases], addr) - 1
+        j = bisect.bisect_right(base_starts, addr) - 1
         if name == "?" and j >= 0 and addr - bases[j][0] < 0x100000:
             base, key = bases[j]
             module, section = key.split("/", 1)
             name = f"[{module} {section}+0x{addr - base:x}]"
             syms = symbols_of(module, section) if symbols_of else []
-            k = bisect.bisect_right([o for o, _ in syms], addr - base) - 1
+            k = bisect.bisect_right(syms, addr - base, key=lambda sym: sym[0]) - 1
             if k >= 0:
                 name = f"{syms[k][1]}+0x{addr - base - syms[k][0]:x} {name}"
         named.append(f"{addr:016x} {name}")
