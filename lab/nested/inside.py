@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import contextlib
 import functools
 import json
 import logging
@@ -331,6 +332,25 @@ def libvirtd_report(host: str, pid: int, timeout: float) -> str | None:
     except subprocess.TimeoutExpired:
         problem = f"virsh list did not answer in {timeout:g} s"
     lines = [f"{host}'s libvirtd (pid {pid}): {problem}"]
+    if Path(f"/proc/{pid}").exists():
+        lines.extend(_thread_stacks(pid))
+    else:  # gone, not stuck: how it ended, if anything said so
+        lines.append(f"--- pid {pid} is gone; the tail of its stdout and stderr")
+        with contextlib.suppress(OSError):
+            stdout = (lab_host.state_dir / "libvirtd.stdout").read_text(errors="replace")
+            lines.extend(stdout.splitlines()[-20:])
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
+        lines.append("--- L1's kernel log, its last lines")
+        lines.extend(kernel.stdout.splitlines()[-40:])
+    log_lines = lab_host.log_file.read_text(errors="replace").splitlines()[-20:]
+    lines.append(f"--- last lines of {lab_host.log_file}")
+    lines.extend(log_lines)
+    return "\n".join(lines)
+
+
+def _thread_stacks(pid: int) -> list[str]:
+    """Every thread's stack of a live *pid* (``eu-stack``), else each one's kernel wait."""
+    lines = []
     stack = subprocess.run(
         ["eu-stack", "-p", str(pid), "-m"], capture_output=True, text=True, timeout=60
     )
@@ -340,10 +360,7 @@ def libvirtd_report(host: str, pid: int, timeout: float) -> str | None:
         for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
             wchan = (task / "wchan").read_text().strip()
             lines.append(f"task {task.name} {(task / 'comm').read_text().strip()} {wchan}")
-    log_lines = lab_host.log_file.read_text(errors="replace").splitlines()[-20:]
-    lines.append(f"--- last lines of {lab_host.log_file}")
-    lines.extend(log_lines)
-    return "\n".join(lines)
+    return lines
 
 
 def elf_section_symbols(data: bytes, section: str) -> list[tuple[int, str]]:

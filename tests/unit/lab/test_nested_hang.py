@@ -3,6 +3,7 @@ parts that run without L1."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -12,20 +13,13 @@ import pytest
 
 from lab.guest import domain_xml
 from lab.image import BOOT_CMDLINE, GuestImage
-from lab.nested.hangloop import (
-    Iteration,
-    LibvirtTimeout,
-    LoopResult,
-    Variant,
-    migration_due,
-    variant,
-    within,
-)
+from lab.nested.hangloop import Iteration, LoopResult, Variant, migration_due, variant
 from lab.nested.image import L1_CMDLINE
 from lab.nested.inside import libvirtd_report, summarize_kvm_trace, symbolize
 from lab.nested.l1 import L1, qmp_socket
 from lab.nested.qemu import UnpackedQemu
 from lab.nested.vlab import (
+    LibvirtTimeout,
     VfioLab,
     dump_words,
     exit_counter_deltas,
@@ -35,6 +29,7 @@ from lab.nested.vlab import (
     kernel_text_words,
     registers,
     symbol_names,
+    within,
 )
 
 #: ftrace's format as L1's 6.1 prints it; the task name has a space.
@@ -147,6 +142,7 @@ def _fake_tools(tmp_path: Path, virsh: str) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "virsh").write_text(f"#!/bin/sh\n{virsh}\n")
+    (bin_dir / "dmesg").write_text("#!/bin/sh\necho '[  612.5] libvirtd[269]: segfault at 0'\n")
     (bin_dir / "eu-stack").write_text(
         "#!/bin/sh\necho \"PID $2 - process\"\necho 'TID 901:'\n"
         "echo '#0  0x00007f00 __futex_abstimed_wait_common - /lib/x86_64-linux-gnu/libc.so.6'\n"
@@ -172,12 +168,39 @@ def test_a_libvirtd_that_does_not_answer_gives_its_threads_stacks_and_log(
     log_file = tmp_path / "run" / "hostb" / "libvirtd.log"
     log_file.parent.mkdir(parents=True)
     log_file.write_text("virNetSocketReadWire: End of file while reading data\n")
-    report = libvirtd_report("hostb", 4242, 0.3)
+    with subprocess.Popen(["sleep", "30"]) as stuck:  # a live process stands for the daemon
+        try:
+            report = libvirtd_report("hostb", stuck.pid, 0.3)
+        finally:
+            stuck.kill()
     assert report is not None
-    assert "hostb's libvirtd (pid 4242): virsh list did not answer in 0.3 s" in report
-    assert "--- eu-stack -p 4242 -m (exit 0)" in report
+    assert f"hostb's libvirtd (pid {stuck.pid}): virsh list did not answer in 0.3 s" in report
+    assert f"--- eu-stack -p {stuck.pid} -m (exit 0)" in report
     assert "__futex_abstimed_wait_common" in report
+    assert "is gone" not in report
     assert report.endswith("virNetSocketReadWire: End of file while reading data")
+
+
+def test_a_libvirtd_that_is_gone_gives_its_last_words_and_l1s_kernel_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI run met both of L1's libvirtds gone (their sockets refused): no stacks to
+    take, so what it printed last and what L1's kernel said (a segfault, the OOM killer)."""
+    monkeypatch.setenv("PATH", f"{_fake_tools(tmp_path, 'exit 1')}:/usr/bin:/bin")
+    monkeypatch.setenv("PTMIG_LAB_DIR", str(tmp_path / "run"))
+    state = tmp_path / "run" / "hostb"
+    state.mkdir(parents=True)
+    (state / "libvirtd.log").write_text("qemuDomainObjTaintMsg: high-privileges\n")
+    (state / "libvirtd.stdout").write_text("free(): double free detected in tcache 2\n")
+    with subprocess.Popen(["true"]) as ended:
+        ended.wait()  # reaped: its pid is gone
+    report = libvirtd_report("hostb", ended.pid, 5.0)
+    assert report is not None
+    assert f"--- pid {ended.pid} is gone; the tail of its stdout and stderr" in report
+    assert "free(): double free detected in tcache 2" in report
+    assert "libvirtd[269]: segfault at 0" in report
+    assert "eu-stack" not in report
+    assert report.endswith("qemuDomainObjTaintMsg: high-privileges")
 
 
 def test_a_migration_comes_after_every_n_iterations_and_never_for_zero() -> None:
