@@ -27,9 +27,7 @@ import logging
 import re
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -41,7 +39,15 @@ from lab import GUEST_IP
 from lab.nested import orchestrated as orch
 from lab.nested.kicker import Kicker
 from lab.nested.l1 import L1
-from lab.nested.vlab import STALL_PROBE_S, L1Pinger, VfioLab, VfioLabError, is_l2_hang
+from lab.nested.vlab import (
+    STALL_PROBE_S,
+    L1Pinger,
+    LibvirtTimeout,
+    VfioLab,
+    VfioLabError,
+    is_l2_hang,
+    within,
+)
 from lab.orchestrated import attach_at, free_bus
 
 log = logging.getLogger(__name__)
@@ -111,33 +117,8 @@ def variant(spec: str) -> Variant:
     )
 
 
-class LibvirtTimeout(VfioLabError):
-    """A libvirt call into L1 did not return in time: its daemon is stuck."""
-
-
 class L2Restarted(VfioLabError):
     """L2's uptime went back: it reset (a triple fault: L2 boots with panic=0)."""
-
-
-def within(seconds: float, what: str, call: Callable[[], T]) -> T:
-    """*call* in a thread, given up after *seconds*: a libvirt call blocked in C cannot be
-    interrupted, so the thread is left behind (the lab goes down after a hang anyway)."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = call()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    worker = threading.Thread(target=run, name=f"libvirt: {what}", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise LibvirtTimeout(f"{what}: no answer from L1's libvirtd in {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
 
 
 @dataclass
@@ -157,6 +138,9 @@ class Iteration:
 class LoopResult:
     variant: Variant
     started: float
+    #: L0's QEMU and its binary fixes (lab.nested.qemu.BINARY_FIXES), as the lab ran them.
+    qemu: str = ""
+    qemu_fixes: dict[str, str] = field(default_factory=dict)
     l1_kernel: str = ""
     l1_vcpus: int = 0
     l1_cmdline: str = ""
@@ -192,7 +176,8 @@ class LoopResult:
         if hang and self.l2_hang_signature:
             where += ", the L2 hang's signature"
         return (
-            f"variant {self.variant.name} (L1 {self.l1_kernel}, {self.l1_vcpus} vCPUs, "
+            f"variant {self.variant.name} (QEMU {self.qemu} fixes {self.qemu_fixes}, "
+            f"L1 {self.l1_kernel}, {self.l1_vcpus} vCPUs, "
             f"kvm_amd {self.kvm_amd}, "
             f"L2 +{self.variant.l2 or '-'} pv_eoi {self.variant.l2_pv_eoi}, "
             f"kicks {self.kicks} at {self.kick_hz:g}/s): {ok} iterations ok, "
@@ -390,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         state = lab.state
         result.l1_kernel, result.l1_cmdline = state.l1_kernel, state.l1_cmdline
         result.l1_vcpus = state.l1_vcpus
+        result.qemu, result.qemu_fixes = state.qemu, state.qemu_fixes
         result.kvm_amd, result.l2_cmdline = state.kvm_amd, state.l2_cmdline
         attach_whole_nic(lab, lab.where())
         if not args.no_ping:

@@ -45,6 +45,8 @@ class QemuRecipe:
     #: From the release itself (its option ROMs): backports has none newer.
     suite_packages: tuple[str, ...] = ("ipxe-qemu",)
     mirror: str = ""
+    #: Fixes applied to the unpacked binary (:data:`BINARY_FIXES`), part of the cache key.
+    fixes: tuple[str, ...] = ("svm-intr-injected-once",)
 
     def key(self) -> str:
         return recipe_key(self)
@@ -65,6 +67,12 @@ class UnpackedQemu:
     def version(self) -> str:
         return str(self.manifest["version"])
 
+    @property
+    def fixes(self) -> dict[str, str]:
+        """Each binary fix of the recipe and what became of it (:func:`apply_fix`)."""
+        fixes = self.manifest.get("fixes", {})
+        return {str(k): str(v) for k, v in fixes.items()} if isinstance(fixes, dict) else {}
+
     def command(self, binary: str = "qemu-system-x86_64") -> list[str]:
         """argv up to the binary's own arguments (firmware paths included)."""
         r = self.root
@@ -83,6 +91,52 @@ class UnpackedQemu:
     def env(self) -> dict[str, str]:
         """The environment for :meth:`command`: its own modules, never the host's."""
         return {**os.environ, "QEMU_MODULE_DIR": str(self.root / "usr/lib/x86_64-linux-gnu/qemu")}
+
+
+@dataclass(frozen=True)
+class BinaryFix:
+    """A one-instruction fix to a QEMU binary for which no source can be had here.
+
+    *before* is the machine code around the fault, exactly as one build compiled it;
+    *after* the same bytes fixed.  It applies only where *before* occurs exactly once, so
+    another build (other registers, offsets) is left alone and says so.
+    """
+
+    before: bytes
+    after: bytes
+    why: str
+
+
+#: The nested lab's L2 hang (docs/lab.md, "The cause"): ``helper_vmrun`` in QEMU's
+#: target/i386/tcg/system/svm_helper.c, case ``SVM_EVTINJ_TYPE_INTR``, sets
+#: ``cs->exception_index = vector`` and then delivers the vector itself with
+#: ``do_interrupt_x86_hardirq``; the index stays set, and the next exit to the CPU loop
+#: delivers the vector a second time, inside L2's own handler (upstream still so).  The
+#: fix drops that store (``mov %esi,-0x3db0(%rbx)``, 6 bytes, for a 6-byte NOP): the
+#: index keeps the -1 it holds while translated code runs, the vector is still passed in
+#: %esi, and the other cases, which leave through ``cpu_loop_exit``, are untouched.
+#: Bytes of Debian's 1:11.1.3+ds-2~bpo13+1 build (``movzbl %r12b,%esi; mov
+#: %r13d,0x3480(%rbx); mov %esi,-0x3db0(%rbx); movl $0,0x3484(%rbx)``).
+BINARY_FIXES = {
+    "svm-intr-injected-once": BinaryFix(
+        before=bytes.fromhex("410fb6f44489ab8034000089b350c2ffffc7838434000000000000"),
+        after=bytes.fromhex("410fb6f44489ab80340000660f1f440000c7838434000000000000"),
+        why="an interrupt injected by VMRUN is delivered once, not again at the next exit",
+    ),
+}
+
+
+def apply_fix(binary: Path, fix: BinaryFix) -> str:
+    """Apply *fix* to *binary* in place: "applied", "already applied", or why not (the
+    binary is then unchanged)."""
+    data = binary.read_bytes()
+    if data.count(fix.after) == 1 and fix.before not in data:
+        return "already applied"
+    found = data.count(fix.before)
+    if found != 1:
+        return f"not applied: its code occurs {found} times in this build, not once"
+    binary.write_bytes(data.replace(fix.before, fix.after))
+    return "applied"
 
 
 def qemu_dir() -> Path:
@@ -113,10 +167,16 @@ def build_qemu(recipe: QemuRecipe | None = None) -> UnpackedQemu:
             check=True,
         ).stdout
         version = out.splitlines()[0].removeprefix("QEMU emulator version ").strip()
+        binary = root / "usr/bin/qemu-system-x86_64"
+        fixes = {name: apply_fix(binary, BINARY_FIXES[name]) for name in recipe.fixes}
+        for name, outcome in fixes.items():
+            level = logging.INFO if outcome == "applied" else logging.WARNING
+            log.log(level, "QEMU %s, fix %s: %s", version, name, outcome)
         manifest = {
             "key": recipe.key(),
             "recipe": asdict(recipe),
             "version": version,
+            "fixes": fixes,
             "debs": sorted(d.name for d in debs),
         }
         (root / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -19,14 +19,17 @@ import os
 import re
 import shlex
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu
 
+from host.hypervisor.events import ensure_event_loop
 from lab import STANDBY_MAC, WAN_STANDBY_MAC
 from lab.console import ExecResult, GuestConsole
 from lab.fabric import HOSTS
@@ -331,6 +334,34 @@ class VfioLabError(RuntimeError):
     """A step of the nested lab failed; the message names the console log."""
 
 
+T = TypeVar("T")
+
+
+class LibvirtTimeout(VfioLabError):
+    """A libvirt call into L1 did not return in time: its daemon is stuck."""
+
+
+def within(seconds: float, what: str, call: Callable[[], T]) -> T:
+    """*call* in a thread, given up after *seconds*: a libvirt call blocked in C cannot be
+    interrupted, so the thread is left behind (the lab goes down after a hang anyway)."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"libvirt: {what}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise LibvirtTimeout(f"{what}: no answer from L1's libvirtd in {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
 @dataclass
 class HostDevices:
     """What one host's pools are made of, as L1 reported it."""
@@ -351,6 +382,9 @@ class VfioLabState:
     timings: dict[str, float] = field(default_factory=dict)
     #: L0's QEMU that runs L1 (lab.nested.qemu), as its --version says.
     qemu: str = ""
+    #: The fixes applied to that QEMU's binary and what became of each
+    #: (lab.nested.qemu.BINARY_FIXES: the L2 hang's cause is one).
+    qemu_fixes: dict[str, str] = field(default_factory=dict)
     #: L1's ``uname -r`` (lab.nested.kernel: 6.1 by default, 6.12 opt-in).
     l1_kernel: str = ""
     #: L1's vCPUs (lab.nested.l1.l1_vcpus).
@@ -386,6 +420,7 @@ class VfioLabState:
             hosts={k: HostDevices(**v) for k, v in data["hosts"].items()},
             timings=data["timings"],
             qemu=data.get("qemu", ""),
+            qemu_fixes=data.get("qemu_fixes", {}),
             l1_kernel=data.get("l1_kernel", ""),
             mtty=data.get("mtty", False),
             l1_cmdline=data.get("l1_cmdline", ""),
@@ -469,7 +504,7 @@ class VfioLab:
             qemu = UnpackedQemu(Path(paths["qemu"]))
         else:
             l1_image, l2_image, qemu = self.prepare()
-        self.state = VfioLabState(qemu=qemu.version)
+        self.state = VfioLabState(qemu=qemu.version, qemu_fixes=qemu.fixes)
         self.state.timings["images_s"] = round(time.monotonic() - t0, 1)
         self.state.l1_vcpus = l1_vcpus()
         l1 = L1(
@@ -637,9 +672,14 @@ class VfioLab:
     # -- access ------------------------------------------------------------------------
 
     def conn(self, host: str) -> libvirt.virConnect:
+        """L0's connection to *host*'s libvirtd in L1, with ptmig's keepalive: a daemon
+        that died or stopped answering fails a call in about 15 s instead of blocking it
+        for good (a CI run's failure report waited on one until pytest's timeout)."""
         c = self._conns.get(host)
         if c is None or not c.isAlive():
+            ensure_event_loop()  # keepalives need libvirt's event loop, before the open
             c = libvirt.open(uri(host))
+            c.setKeepAlive(5, 3)
             self._conns[host] = c
         return c
 

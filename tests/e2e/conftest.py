@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from ptmig.serial_session import AGENT_CHANNEL
@@ -25,6 +25,9 @@ from lab.guest import DOMAIN_NAME
 from lab.hosts import is_alive
 from lab.image import DEFAULT_SUITE, lab_recipe
 from lab.vmlab import LabState, VmLab
+
+if TYPE_CHECKING:  # the nested lab's modules are imported by its tests only
+    from lab.nested.vlab import VfioLab
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +88,23 @@ def guest_on_hosta(lab: VmLab) -> VmLab:
     return lab
 
 
+#: Seconds a failed nested test's evidence may take (a stall report with its KVM trace
+#: takes about a minute), and its restart check: a libvirtd in L1 that neither answers nor
+#: closes its connection must not hold the run until pytest's timeout (a CI run's did).
+EVIDENCE_S = 300.0
+RESTART_CHECK_S = 120.0
+
+
+def bounded_evidence(vlab: VfioLab) -> list[tuple[str, str]]:
+    """``VfioLab.evidence_or_why``, or why it was not had within EVIDENCE_S."""
+    from lab.nested.vlab import within
+
+    try:
+        return within(EVIDENCE_S, "the nested lab's evidence", vlab.evidence_or_why)
+    except Exception as exc:  # the failure it reports stands
+        return [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -102,7 +122,7 @@ def pytest_runtest_makereport(
             lab: VmLab = funcargs["lab"]
             item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
         from lab.nested.hangwatch import HangWatch
-        from lab.nested.vlab import VfioLab, is_l2_hang
+        from lab.nested.vlab import VfioLab, is_l2_hang, within
 
         nested = [value for value in funcargs.values() if isinstance(value, VfioLab)]
         watched = [v.report for v in funcargs.values() if isinstance(v, HangWatch) and v.report]
@@ -111,13 +131,14 @@ def pytest_runtest_makereport(
             item.add_report_section(call.when, "L2 hang watch", watched[0])
             hang = watched[0]
         elif nested and call.when == "call":
-            for title, text in nested[0].evidence_or_why():
+            vlab = nested[0]
+            for title, text in bounded_evidence(vlab):
                 item.add_report_section(call.when, title, text)
                 if title == "L2 stall report" and is_l2_hang(text):
                     hang = text
             if not hang:  # the same fault's other face: L2 reset (a triple fault)
                 try:
-                    hang = nested[0].restart_report() or ""
+                    hang = within(RESTART_CHECK_S, "L2's boot id", vlab.restart_report) or ""
                 except Exception as exc:  # the failure stands as it is
                     item.add_report_section(call.when, "L2 restart check", f"failed: {exc}")
     report = yield
@@ -149,7 +170,7 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     from lab.nested.vlab import VfioLab
 
     def expire() -> None:
-        evidence = VfioLab().evidence_or_why()  # the timeout must still end the run
+        evidence = bounded_evidence(VfioLab())  # the timeout must still end the run
         text = "".join(f"=== {title}\n{body}\n" for title, body in evidence)
         saved = run_dir() / f"timeout-{item.name}-{int(time.time())}.txt"
         with contextlib.suppress(OSError):

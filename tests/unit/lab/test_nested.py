@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from lab.nested.kernel import (
     selected_l1_kernel,
 )
 from lab.nested.l1 import L1, WIRE_NICS
-from lab.nested.qemu import QemuRecipe, UnpackedQemu
+from lab.nested.qemu import BINARY_FIXES, BinaryFix, QemuRecipe, UnpackedQemu, apply_fix
 
 
 def _read_newc(blob: bytes) -> dict[str, tuple[int, bytes]]:
@@ -114,6 +115,59 @@ def test_the_nested_qemu_is_keyed_by_its_recipe() -> None:
     assert base.key() == QemuRecipe(mirror="http://deb.example/debian").key()
     assert base.key() != QemuRecipe(mirror="http://other.example/debian").key()
     assert base.key() != QemuRecipe(mirror=base.mirror, backports="forky-backports").key()
+
+
+def test_a_binary_fix_is_part_of_the_cache_key() -> None:
+    """A QEMU unpacked without a fix is never taken for one with it."""
+    base = QemuRecipe(mirror="http://deb.example/debian")
+    assert base.key() != QemuRecipe(mirror=base.mirror, fixes=()).key()
+
+
+def _disassemble(code: bytes, tmp_path: Path) -> list[str]:
+    raw = tmp_path / "code.bin"
+    raw.write_bytes(code)
+    argv = ["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", "--no-show-raw-insn"]
+    out = subprocess.run([*argv, str(raw)], capture_output=True, text=True, check=True).stdout
+    return [" ".join(line.split("\t", 1)[1].split()) for line in out.splitlines() if ":\t" in line]
+
+
+def test_the_svm_fix_drops_only_the_store_of_the_injected_vector(tmp_path: Path) -> None:
+    """Decoded, the fix is the same instructions with cs->exception_index's store (at
+    -0x3db0 from env in that build) replaced by a NOP of the same length."""
+    fix = BINARY_FIXES["svm-intr-injected-once"]
+    before, after = _disassemble(fix.before, tmp_path), _disassemble(fix.after, tmp_path)
+    assert before == [
+        "movzbl %r12b,%esi",
+        "mov %r13d,0x3480(%rbx)",
+        "mov %esi,-0x3db0(%rbx)",
+        "movl $0x0,0x3484(%rbx)",
+    ]
+    assert after == [before[0], before[1], "nopw 0x0(%rax,%rax,1)", before[3]]
+    assert len(fix.after) == len(fix.before)
+
+
+def test_a_binary_fix_applies_where_its_code_occurs_once(tmp_path: Path) -> None:
+    fix = BinaryFix(before=b"\x89\xb3\x50", after=b"\x66\x90\x90", why="test")
+    binary = tmp_path / "qemu"
+    binary.write_bytes(b"head" + fix.before + b"tail")
+    assert apply_fix(binary, fix) == "applied"
+    assert binary.read_bytes() == b"head" + fix.after + b"tail"
+    assert apply_fix(binary, fix) == "already applied"
+    assert binary.read_bytes() == b"head" + fix.after + b"tail"
+
+
+@pytest.mark.parametrize("times", [0, 2])
+def test_a_binary_fix_leaves_another_build_unchanged(tmp_path: Path, times: int) -> None:
+    """Code that is not there, or there twice, is another build: nothing is written."""
+    fix = BinaryFix(before=b"\x89\xb3\x50", after=b"\x66\x90\x90", why="test")
+    binary = tmp_path / "qemu"
+    content = b"head" + b"mid".join([fix.before] * times) + b"tail"
+    binary.write_bytes(content)
+    assert (
+        apply_fix(binary, fix)
+        == f"not applied: its code occurs {times} times in this build, not once"
+    )
+    assert binary.read_bytes() == content
 
 
 def test_bench_vfio_reads_its_json_back_and_names_links_from_the_monitor() -> None:
