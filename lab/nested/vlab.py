@@ -153,6 +153,18 @@ def is_l2_hang(report: str) -> bool:
     )
 
 
+_KVM_VCPU_THREAD = re.compile(r"Comm: CPU \d+/KVM ")
+
+
+def is_l1_failure_under_l2(report: str) -> bool:
+    """Whether an L1 restart report (:meth:`VfioLab.l1_restart_report`) shows L1's kernel
+    failing in a vCPU thread of L2's QEMU (``Comm: CPU n/KVM``): L1's KVM running L2 on
+    L0's emulated SVM, the layers the L2 hang lives in, where none of ptmig's code runs
+    (a nested run of 2026-12-06 on the unfixed QEMU: a stack overflow in L1's page-fault
+    entry in that thread, then a panic)."""
+    return report.startswith("L1 restarted") and bool(_KVM_VCPU_THREAD.search(report))
+
+
 @dataclass(frozen=True)
 class SpinSample:
     """One look at L2's vCPU from L1's libvirt (no console): its CPU time so far, and
@@ -387,6 +399,9 @@ class VfioLabState:
     qemu_fixes: dict[str, str] = field(default_factory=dict)
     #: L1's ``uname -r`` (lab.nested.kernel: 6.1 by default, 6.12 opt-in).
     l1_kernel: str = ""
+    #: L1's boot id as the lab came up: another one later means L1 restarted (its kernel
+    #: panicked: it boots with panic=-1), and every daemon and guest in it is gone.
+    l1_boot_id: str = ""
     #: L1's vCPUs (lab.nested.l1.l1_vcpus).
     l1_vcpus: int = 0
     #: Whether L1 has the mtty mdev parent (6.12 only): the hybrid path's migratable device.
@@ -422,6 +437,7 @@ class VfioLabState:
             qemu=data.get("qemu", ""),
             qemu_fixes=data.get("qemu_fixes", {}),
             l1_kernel=data.get("l1_kernel", ""),
+            l1_boot_id=data.get("l1_boot_id", ""),
             mtty=data.get("mtty", False),
             l1_cmdline=data.get("l1_cmdline", ""),
             kvm_amd=data.get("kvm_amd", {}),
@@ -443,6 +459,25 @@ def uri(host: str) -> str:
 def peer_uri(host: str) -> str:
     """A host's libvirtd as the other host reaches it (inside L1)."""
     return f"qemu+tcp://{next(h.migration_ip for h in HOSTS if h.name == host)}/system"
+
+
+#: A kernel's report of its own failure, as a console shows it.
+_KERNEL_FAILURE = re.compile(r"Kernel panic|BUG:|Oops:|general protection|watchdog:")
+_KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
+
+
+def last_kernel_failure(console: str, context: int = 10) -> list[str]:
+    """The kernel lines of *console* that tell its last failure: that episode's failure
+    lines (each within 40 lines of the next) and what lies between them, with *context*
+    kernel lines ahead; the last 40 kernel lines if it shows no failure."""
+    lines = [line for line in console.splitlines() if _KERNEL_LINE.match(line)]
+    failing = [i for i, line in enumerate(lines) if _KERNEL_FAILURE.search(line)]
+    if not failing:
+        return lines[-40:]
+    first = len(failing) - 1
+    while first > 0 and failing[first] - failing[first - 1] <= 40:
+        first -= 1
+    return lines[max(0, failing[first] - context) : failing[-1] + 1]
 
 
 class VfioLab:
@@ -519,6 +554,7 @@ class VfioLab:
         self.state.save()
         try:
             self.state.l1_kernel = self.l1_exec("uname -r").check().strip()
+            self.state.l1_boot_id = self.l1_boot_id() or ""
             self.state.mtty = (
                 self.l1_exec(f"test -d {MTTY_TYPES} && echo yes || echo no").check().strip()
                 == "yes"
@@ -621,6 +657,31 @@ class VfioLab:
         return (
             f"L2 restarted during the test: boot id {self.boot_at_start} -> {now}, "
             f"uptime now {uptime.splitlines()[-1] if uptime else '?'} s"
+        )
+
+    def l1_boot_id(self) -> str | None:
+        """L1's boot id over its console; None if unread."""
+        try:
+            out = self.l1_exec("cat /proc/sys/kernel/random/boot_id", timeout=STALL_PROBE_S)
+        except Exception:  # not answering: no boot id
+            return None
+        found = _BOOT_ID.findall(out.output) if out.status == 0 else []
+        return found[-1] if found else None
+
+    def l1_restart_report(self) -> str | None:
+        """If L1 booted again since the lab came up, what says so: both boot ids and the
+        last kernel lines its console printed before (a panic's, when it panicked); else
+        None (also when a boot id is unknown).  Stop 32's CI read such an L1 as "both
+        libvirtds gone" and a connection that never answered."""
+        now = self.l1_boot_id()
+        if not self.state.l1_boot_id or now is None or now == self.state.l1_boot_id:
+            return None
+        console = self.l1_console.log_file
+        text = console.read_text(errors="replace") if console.exists() else ""
+        return (
+            f"L1 restarted: boot id {self.state.l1_boot_id} -> {now}; every libvirtd and "
+            f"guest of the lab went with it.  The last kernel lines before ({console}):\n"
+            + "\n".join(last_kernel_failure(text))
         )
 
     def answers(self) -> bool:
@@ -929,6 +990,9 @@ class VfioLab:
         libvirtd that does not answer in L1, with its threads' stacks; else, if L2 does
         not answer, the stall report (its libvirt calls would block on a stuck daemon);
         else what L2's agent shows."""
+        restarted = self.l1_restart_report()
+        if restarted is not None:
+            return [("L1 restart report", restarted)]
         stuck = self.libvirtd_report()
         if stuck is not None:
             return [("L1 libvirtd report", stuck)]

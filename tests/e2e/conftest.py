@@ -112,9 +112,10 @@ def pytest_runtest_makereport(
     """A failing lab test names the logs to read; one of the nested lab says what L1 saw
     of L2 if L2 stopped answering (``VfioLab.stall_report``).  A nested test that failed
     because the L2 hang took L2 (``is_l2_hang``: spinning in its kernel with interrupts
-    off, an interrupt delivered below it; docs/lab.md) is reported as an expected failure
-    with that report, not a pass: the lab's QEMU/KVM, not ptmig (the next test boots L2
-    again)."""
+    off, an interrupt delivered below it; docs/lab.md), or because L1 itself restarted
+    after failing in L2's vCPU thread (``is_l1_failure_under_l2``), is reported as an
+    expected failure with that report, not a pass: the lab's QEMU/KVM, not ptmig (the
+    next test boots L2, or the whole lab, again)."""
     hang = ""
     if call.excinfo is not None:
         funcargs = getattr(item, "funcargs", {})
@@ -122,7 +123,7 @@ def pytest_runtest_makereport(
             lab: VmLab = funcargs["lab"]
             item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
         from lab.nested.hangwatch import HangWatch
-        from lab.nested.vlab import VfioLab, is_l2_hang, within
+        from lab.nested.vlab import VfioLab, is_l1_failure_under_l2, is_l2_hang, within
 
         nested = [value for value in funcargs.values() if isinstance(value, VfioLab)]
         watched = [v.report for v in funcargs.values() if isinstance(v, HangWatch) and v.report]
@@ -136,6 +137,8 @@ def pytest_runtest_makereport(
                 item.add_report_section(call.when, title, text)
                 if title == "L2 stall report" and is_l2_hang(text):
                     hang = text
+                if title == "L1 restart report" and is_l1_failure_under_l2(text):
+                    hang = text
             if not hang:  # the same fault's other face: L2 reset (a triple fault)
                 try:
                     hang = within(RESTART_CHECK_S, "L2's boot id", vlab.restart_report) or ""
@@ -148,8 +151,9 @@ def pytest_runtest_makereport(
             reporter.write_line(f"\n{item.nodeid}: the L2 hang; its stall report:\n{hang}")
         report.outcome = "skipped"
         report.wasxfail = (
-            "the nested lab's L2 hang or reset (an interrupt delivered into L2 twice by L0's "
-            "TCG, below its kernel: docs/lab.md), not ptmig; the evidence is in this report"
+            "the nested lab's L2 hang or reset, or L1 failing in L2's vCPU thread (an "
+            "interrupt delivered twice by L0's TCG, below both kernels: docs/lab.md), not "
+            "ptmig; the evidence is in this report"
         )
     return report
 

@@ -78,13 +78,27 @@ def bring_back(lab: VfioLab) -> None:
     co.to_primary(lab, timeout=300)
 
 
+def start_again(lab: VfioLab) -> None:
+    """After L1 restarted (its kernel failed in L2's vCPU thread: docs/lab.md): the whole
+    lab up again, as the module starts.  Printed, so the run says it happened."""
+    print("L1 restarted (its report is in the last test's); the nested lab comes up again")
+    lab.down()
+    lab.up(prepared=True)  # the module's bring-up prepared the images
+    co.define_pools(lab)
+    co.team_set(lab, "wan", "preserve")
+    co.to_primary(lab, timeout=300)
+
+
 @pytest.fixture(autouse=True)
 def l2_answering(vlab: VfioLab) -> None:
     """Each test starts with an L2 that answers: one the L2 hang took in an earlier test
     (reported there as an expected failure with its stall report: tests/e2e/conftest.py)
-    is booted again and set up as the module's start.  (The hang watch,
-    lab.nested.hangwatch, is not run here: docs/lab.md, "The hang watch".)"""
-    if not vlab.answers():
+    is booted again and set up as the module's start, and after an L1 restart so is the
+    whole lab.  (The hang watch, lab.nested.hangwatch, is not run here: docs/lab.md, "The
+    hang watch".)"""
+    if vlab.l1_restart_report() is not None:
+        start_again(vlab)
+    elif not vlab.answers():
         bring_back(vlab)
     vlab.mark_boot()  # an L2 reset during the test is told by its boot id (conftest)
 

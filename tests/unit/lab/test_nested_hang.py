@@ -25,8 +25,10 @@ from lab.nested.vlab import (
     exit_counter_deltas,
     interrupt_frames,
     irq_stack_link,
+    is_l1_failure_under_l2,
     is_l2_hang,
     kernel_text_words,
+    last_kernel_failure,
     registers,
     symbol_names,
     within,
@@ -248,10 +250,21 @@ def test_l2_addresses_are_named_by_l1s_symbols_across_the_two_kaslr_bases() -> N
 class _Probed(VfioLab):
     """A VfioLab whose probes answer from fixed values (no L1): what each would report."""
 
-    def __init__(self, libvirtd: str | None, stall: str | None, agent: str | Exception) -> None:
+    def __init__(
+        self,
+        libvirtd: str | None,
+        stall: str | None,
+        agent: str | Exception,
+        restarted: str | None = None,
+    ) -> None:
         super().__init__()
         self._said = (libvirtd, stall, agent)
+        self._restarted = restarted
         self.asked: list[str] = []
+
+    def l1_restart_report(self) -> str | None:
+        self.asked.append("l1")
+        return self._restarted
 
     def libvirtd_report(self, timeout: float = 0) -> str | None:
         self.asked.append("libvirtd")
@@ -270,19 +283,76 @@ class _Probed(VfioLab):
 
 
 @pytest.mark.parametrize(
-    ("libvirtd", "stall", "title", "asked"),
+    ("restarted", "libvirtd", "stall", "title", "asked"),
     [
-        ("stacks", None, "L1 libvirtd report", ["libvirtd"]),
-        (None, "spinning", "L2 stall report", ["libvirtd", "stall"]),
-        (None, None, "L2 agent report", ["libvirtd", "stall", "agent"]),
+        ("L1 restarted", "gone", None, "L1 restart report", ["l1"]),
+        (None, "stacks", None, "L1 libvirtd report", ["l1", "libvirtd"]),
+        (None, None, "spinning", "L2 stall report", ["l1", "libvirtd", "stall"]),
+        (None, None, None, "L2 agent report", ["l1", "libvirtd", "stall", "agent"]),
     ],
 )
-def test_evidence_is_a_stuck_libvirtd_first_then_a_stalled_l2_else_l2s_agent(
-    libvirtd: str | None, stall: str | None, title: str, asked: list[str]
+def test_evidence_is_l1s_restart_then_a_stuck_libvirtd_then_a_stalled_l2_else_l2s_agent(
+    restarted: str | None, libvirtd: str | None, stall: str | None, title: str, asked: list[str]
 ) -> None:
-    lab = _Probed(libvirtd, stall, "agent log")
+    lab = _Probed(libvirtd, stall, "agent log", restarted)
     assert [t for t, _ in lab.evidence_or_why()] == [title]
     assert lab.asked == asked
+
+
+#: L1's console as a nested run saw it (2026-12-06 12:29, unfixed QEMU): commands' output,
+#: then L1's 6.1 kernel failing in L2's vCPU thread, then its next boot.
+L1_PANIC_CONSOLE = """__PTMIG_END_bc3f7b8b022e_0__
+answers
+[   43.173783] kvm [377]: vcpu0, guest rIP: 0xffffffff98a7e744 Unhandled WRMSR(0xc0010007) = 0xffff
+[  343.837573] BUG: TASK stack guard page was hit at 00000000ab0505c7 (stack is 00000000c6c6bd1c..)
+[  343.837573] stack guard page: 0000 [#1] PREEMPT SMP NOPTI
+[  343.837573] CPU: 0 PID: 795 Comm: CPU 0/KVM Not tainted 6.1.0-50-amd64 #1  Debian 6.1.176-1
+[  343.837573] RIP: 0010:asm_exc_page_fault+0x4/0x30
+[  343.949281] Kernel panic - not syncing: corrupted stack end detected inside scheduler
+[  343.950912] Kernel Offset: 0x23400000 from 0xffffffff81000000
+Loading, please wait...
+[    0.000000] Linux version 6.1.0-50-amd64
+PTMIG-SHELL-READY 13.13
+"""
+
+
+def test_l1s_last_failure_is_read_from_its_console() -> None:
+    lines = last_kernel_failure(L1_PANIC_CONSOLE, context=1)
+    assert lines[0].endswith("Unhandled WRMSR(0xc0010007) = 0xffff")  # the context line
+    assert "BUG: TASK stack guard page was hit" in lines[1]
+    assert lines[-1].endswith("corrupted stack end detected inside scheduler")
+    assert not any("answers" in line or "Linux version" in line for line in lines)
+    quiet = "[    1.0] booted\n[    2.0] eth0 up\n"
+    assert last_kernel_failure(quiet) == ["[    1.0] booted", "[    2.0] eth0 up"]
+
+
+class _Rebooted(VfioLab):
+    def __init__(self, boot_id: str | None) -> None:
+        super().__init__()
+        self.state.l1_boot_id = "11111111-1111-1111-1111-111111111111"
+        self._now = boot_id
+
+    def l1_boot_id(self) -> str | None:
+        return self._now
+
+
+def test_an_l1_that_booted_again_is_reported_with_its_last_kernel_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PTMIG_VLAB_DIR", str(tmp_path))
+    (tmp_path / "console.log").write_text(L1_PANIC_CONSOLE)
+    new = "22222222-2222-2222-2222-222222222222"
+    report = _Rebooted(new).l1_restart_report()
+    assert report is not None
+    assert report.startswith(f"L1 restarted: boot id 11111111-1111-1111-1111-111111111111 -> {new}")
+    assert "Comm: CPU 0/KVM" in report and "Kernel panic - not syncing" in report
+    assert is_l1_failure_under_l2(report)  # L2's vCPU thread: the lab's layers, not ptmig
+    elsewhere = L1_PANIC_CONSOLE.replace("Comm: CPU 0/KVM", "Comm: libvirtd")
+    (tmp_path / "console.log").write_text(elsewhere)
+    other = _Rebooted(new).l1_restart_report()
+    assert other is not None and not is_l1_failure_under_l2(other)
+    assert _Rebooted("11111111-1111-1111-1111-111111111111").l1_restart_report() is None
+    assert _Rebooted(None).l1_restart_report() is None  # L1 silent: not known to be new
 
 
 def test_evidence_that_cannot_be_had_says_why_instead_of_raising(
