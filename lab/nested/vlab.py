@@ -461,6 +461,16 @@ def peer_uri(host: str) -> str:
     return f"qemu+tcp://{next(h.migration_ip for h in HOSTS if h.name == host)}/system"
 
 
+def _read_boot_id(run: Callable[..., ExecResult]) -> str | None:
+    """A kernel's boot id through *run* (a console's command runner); None if unread."""
+    try:
+        out = run("cat /proc/sys/kernel/random/boot_id", timeout=STALL_PROBE_S)
+    except Exception:  # not answering: no boot id
+        return None
+    found = _BOOT_ID.findall(out.output) if out.status == 0 else []
+    return found[-1] if found else None
+
+
 #: A kernel's report of its own failure, as a console shows it.
 _KERNEL_FAILURE = re.compile(r"Kernel panic|BUG:|Oops:|general protection|watchdog:")
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
@@ -636,12 +646,7 @@ class VfioLab:
 
     def boot_id(self) -> str | None:
         """L2's ``/proc/sys/kernel/random/boot_id`` over its console; None if unread."""
-        try:
-            out = self.exec("cat /proc/sys/kernel/random/boot_id", timeout=STALL_PROBE_S)
-        except Exception:  # not answering: no boot id
-            return None
-        found = _BOOT_ID.findall(out.output) if out.status == 0 else []
-        return found[-1] if found else None
+        return _read_boot_id(self.exec)
 
     def mark_boot(self) -> None:
         """Remember L2's boot id as a test begins (for :meth:`restart_report`)."""
@@ -661,12 +666,7 @@ class VfioLab:
 
     def l1_boot_id(self) -> str | None:
         """L1's boot id over its console; None if unread."""
-        try:
-            out = self.l1_exec("cat /proc/sys/kernel/random/boot_id", timeout=STALL_PROBE_S)
-        except Exception:  # not answering: no boot id
-            return None
-        found = _BOOT_ID.findall(out.output) if out.status == 0 else []
-        return found[-1] if found else None
+        return _read_boot_id(self.l1_exec)
 
     def l1_restart_report(self) -> str | None:
         """If L1 booted again since the lab came up, what says so: both boot ids and the

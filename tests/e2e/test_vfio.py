@@ -49,6 +49,8 @@ def vlab() -> Iterator[VfioLab]:
     try:
         # PTMIG_VLAB_PREPARED=1: `VfioLab().prepare()` ran before the lab lock was taken
         lab.up(prepared=os.environ.get("PTMIG_VLAB_PREPARED") == "1")
+        # the run says which QEMU it ran on: unfixed, the L2 hang can take a test (docs/lab.md)
+        print(f"L0's QEMU {lab.state.qemu}, fixes {lab.state.qemu_fixes}")
         undecoded = [h for h, d in lab.state.hosts.items() if not d.vf_bar_decodes]
         assert not undecoded, (
             f"L0's QEMU {lab.state.qemu} should decode the igb VFs' BARs, but on {undecoded} "
