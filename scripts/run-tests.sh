@@ -19,6 +19,9 @@ pytest -p no:cacheprovider tests/unit tests/fuzz tests/e2e -m "not vfio" "$@" ||
 if [ "$#" -eq 0 ] && [ "${PTMIG_SKIP_VFIO:-0}" != 1 ]; then
     echo "== pytest: the nested vfio lab"
     # thread: a libvirt call that never returns (seen once in L1, docs/lab.md) ends the run
-    pytest -p no:cacheprovider tests/e2e/test_vfio.py -m vfio -rA --timeout-method=thread || rc=$?
+    # test_vfio.py on L1's default 6.1, then the hybrid (issue 26) on 6.12 with mtty: each
+    # module boots its own L1
+    pytest -p no:cacheprovider tests/e2e/test_vfio.py tests/e2e/test_vfio_hybrid.py -m vfio \
+        -rA --timeout-method=thread || rc=$?
 fi
 exit "$rc"

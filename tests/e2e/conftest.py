@@ -105,6 +105,22 @@ def bounded_evidence(vlab: VfioLab) -> list[tuple[str, str]]:
         return [("nested lab report", f"failed: {type(exc).__name__}: {exc}")]
 
 
+def l1_restart_after(vlab: VfioLab, tries: int = 4) -> str | None:
+    """``VfioLab.l1_restart_report``, asked again while L1 may still be booting (after a
+    panic it boots again in about 15 s; each unanswered ask waits out its console's 20 s);
+    None if L1 did not restart."""
+    from lab.nested.vlab import within
+
+    for _ in range(tries):
+        try:
+            report = within(RESTART_CHECK_S, "L1's boot id", vlab.l1_restart_report)
+        except Exception:  # no answer this time
+            continue
+        if report is not None or vlab.l1_boot_id() is not None:
+            return report  # told, or L1 answers with the same boot: no restart
+    return None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -144,6 +160,13 @@ def pytest_runtest_makereport(
                     hang = within(RESTART_CHECK_S, "L2's boot id", vlab.restart_report) or ""
                 except Exception as exc:  # the failure stands as it is
                     item.add_report_section(call.when, "L2 restart check", f"failed: {exc}")
+                    # L2's console silent: L1 may have gone down meanwhile (a run of
+                    # 2026-12-06 saw L1 panic during this very check)
+                    restarted = l1_restart_after(vlab)
+                    if restarted is not None:
+                        item.add_report_section(call.when, "L1 restart report", restarted)
+                        if is_l1_failure_under_l2(restarted):
+                            hang = restarted
     report = yield
     if hang and report.failed:
         reporter = item.config.pluginmanager.get_plugin("terminalreporter")
