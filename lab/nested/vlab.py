@@ -350,7 +350,7 @@ T = TypeVar("T")
 
 
 class LibvirtTimeout(VfioLabError):
-    """A libvirt call into L1 did not return in time: its daemon is stuck."""
+    """A call into L1 (libvirt, or a console through it) did not return in time."""
 
 
 def within(seconds: float, what: str, call: Callable[[], T]) -> T:
@@ -364,11 +364,11 @@ def within(seconds: float, what: str, call: Callable[[], T]) -> T:
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
 
-    worker = threading.Thread(target=run, name=f"libvirt: {what}", daemon=True)
+    worker = threading.Thread(target=run, name=f"within: {what}", daemon=True)
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
-        raise LibvirtTimeout(f"{what}: no answer from L1's libvirtd in {seconds:.0f} s")
+        raise LibvirtTimeout(f"{what}: no answer in {seconds:.0f} s")
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
@@ -668,12 +668,13 @@ class VfioLab:
         """L1's boot id over its console; None if unread."""
         return _read_boot_id(self.l1_exec)
 
-    def l1_restart_report(self) -> str | None:
+    def l1_restart_report(self, now: str | None = None) -> str | None:
         """If L1 booted again since the lab came up, what says so: both boot ids and the
         last kernel lines its console printed before (a panic's, when it panicked); else
-        None (also when a boot id is unknown).  Stop 32's CI read such an L1 as "both
-        libvirtds gone" and a connection that never answered."""
-        now = self.l1_boot_id()
+        None (also when a boot id is unknown).  *now*: L1's boot id if the caller just read
+        it.  Stop 32's CI read such an L1 as "both libvirtds gone" and a connection that
+        never answered."""
+        now = now or self.l1_boot_id()
         if not self.state.l1_boot_id or now is None or now == self.state.l1_boot_id:
             return None
         console = self.l1_console.log_file

@@ -113,11 +113,11 @@ def l1_restart_after(vlab: VfioLab, tries: int = 4) -> str | None:
 
     for _ in range(tries):
         try:
-            report = within(RESTART_CHECK_S, "L1's boot id", vlab.l1_restart_report)
+            now = within(RESTART_CHECK_S, "L1's boot id", vlab.l1_boot_id)
         except Exception:  # no answer this time
             continue
-        if report is not None or vlab.l1_boot_id() is not None:
-            return report  # told, or L1 answers with the same boot: no restart
+        if now is not None:  # L1 answers: a new boot is told, the same one is no restart
+            return vlab.l1_restart_report(now)
     return None
 
 

@@ -57,9 +57,8 @@ def vlab() -> Iterator[VfioLab]:
             "they read 0 (docs/lab.md: igbvf in L2)"
         )
         co.define_pools(lab)
-        co.team_set(lab, "wan", "preserve")
         try:
-            co.to_primary(lab, timeout=300)
+            wan_on_whole_nic(lab)
         except Exception:
             lab.print_evidence()  # CI once saw only DEADLINE_EXCEEDED here for 300 s
             if lab.l2_hang() is None:
@@ -76,8 +75,7 @@ def bring_back(lab: VfioLab) -> None:
     starts.  Printed, so the run says it happened."""
     print("L2 hung (its stall report is above or in the last test's report); booting it again")
     lab.restart_guest()
-    co.team_set(lab, "wan", "preserve")
-    co.to_primary(lab, timeout=300)
+    wan_on_whole_nic(lab)
 
 
 def start_again(lab: VfioLab) -> None:
@@ -87,6 +85,11 @@ def start_again(lab: VfioLab) -> None:
     lab.down()
     lab.up(prepared=True)  # the module's bring-up prepared the images
     co.define_pools(lab)
+    wan_on_whole_nic(lab)
+
+
+def wan_on_whole_nic(lab: VfioLab) -> None:
+    """Team wan set on the whole e1000e (policy preserve) and on it: the module's start."""
     co.team_set(lab, "wan", "preserve")
     co.to_primary(lab, timeout=300)
 
