@@ -139,6 +139,16 @@ class Links(Protocol):
         """
         ...
 
+    def get_link_named(self, name: str) -> Link | None:
+        """The link called *name* now, read on its own; None if there is none."""
+        ...
+
+    def pci_netdev_ready(self, address: str) -> bool:
+        """Whether the PCI function *address* has a netdev udev has finished with, from a
+        few reads and no dump (`sysfs.pci_netdev_initialized`): what a bind waiting for its
+        hot-plugged NIC asks on each event before it reads the links."""
+        ...
+
     def create_bond(self, name: str, fail_over_mac: FailOverMac, num_peer_notif: int) -> int:
         """Create an active-backup bond (miimon 100), down; return its ifindex."""
         ...
@@ -165,12 +175,16 @@ class Links(Protocol):
         check: Callable[[list[Link]], T | None],
         deadline: float,
         only: Sequence[int] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> T:
         """Return the first non-None `check(links)`, re-checked on each link event.
 
         With *only*, `check` sees just those links (`get_links`), and only their events
         wake it: a bind waiting on its NIC's carrier need not re-read the guest's other
-        links whenever they change.  Raises WaitTimeout at the deadline.  Subscribes
-        before the first check, so an event between the check and the wait is not lost.
+        links whenever they change.  With *ready*, a cheap predicate that must hold before
+        `check` can, the links are read only once it does: a hot-plug's probe sends dozens
+        of events, and a dump of every link costs 40-900 ms under TCG.  Raises WaitTimeout
+        at the deadline.  Subscribes before the first check, so an event between the check
+        and the wait is not lost.
         """
         ...

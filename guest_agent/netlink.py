@@ -268,6 +268,16 @@ class NetlinkLinks:
         with self._ipr(f"read ifindex {', '.join(map(str, indexes))}") as ipr:
             return [self._link(msg) for index in indexes for msg in ipr.link("get", index=index)]
 
+    def get_link_named(self, name: str) -> Link | None:
+        try:
+            with self._ipr(f"read link {name}") as ipr:
+                return next((self._link(msg) for msg in ipr.link("get", ifname=name)), None)
+        except NoSuchLink:
+            return None
+
+    def pci_netdev_ready(self, address: str) -> bool:
+        return sysfs.pci_netdev_initialized(address, self._sys_root, self._run_root)
+
     def _link(self, msg: Any) -> Link:
         name = msg.get_attr("IFLA_IFNAME")
         linkinfo = msg.get_attr("IFLA_LINKINFO")
@@ -285,6 +295,7 @@ class NetlinkLinks:
                     all_slaves_active=bool(data.get_attr("IFLA_BOND_ALL_SLAVES_ACTIVE")),
                 )
         master = msg.get_attr("IFLA_MASTER")
+        pci_address, pci_id = sysfs.pci_facts(name, self._sys_root)
         return Link(
             index=int(msg["index"]),
             name=name,
@@ -295,11 +306,11 @@ class NetlinkLinks:
             admin_up=bool(msg["flags"] & IFF_UP),
             master=int(master) if master else None,
             kind=kind,
-            pci_address=sysfs.pci_address(name, self._sys_root),
+            pci_address=pci_address,
             driver=sysfs.driver(name, self._sys_root),
             udev_initialized=sysfs.udev_initialized(int(msg["index"]), self._run_root),
             bond=bond,
-            pci_id=sysfs.pci_id(name, self._sys_root),
+            pci_id=pci_id,
         )
 
     def create_bond(self, name: str, fail_over_mac: FailOverMac, num_peer_notif: int) -> int:
@@ -349,15 +360,17 @@ class NetlinkLinks:
         check: Callable[[list[Link]], T | None],
         deadline: float,
         only: Sequence[int] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> T:
         wanted = frozenset(only) if only is not None else None
         udev_db = os.path.join(self._run_root, "udev", "data") if wanted is None else None
         with _LinkEvents(udev=wanted is None, udev_db=udev_db) as events:
             while True:
-                links = self.list_links() if only is None else self.get_links(only)
-                result = check(links)
-                if result is not None:
-                    return result
+                if ready is None or ready():
+                    links = self.list_links() if only is None else self.get_links(only)
+                    result = check(links)
+                    if result is not None:
+                        return result
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:

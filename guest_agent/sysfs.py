@@ -14,13 +14,12 @@ from guest_agent.addresses import is_pci_address
 def pci_address(ifname: str, sys_root: str = "/sys") -> str | None:
     """PCI address of the device behind a network interface, or None.
 
-    Rule: resolve /sys/class/net/IF/device and walk up to the nearest directory
-    named like a PCI function.  A virtio-net link's `device` is the virtio bus
+    Rule: the nearest directory named like a PCI function at or above
+    /sys/class/net/IF/device.  A virtio-net link's `device` is the virtio bus
     device (virtio0) whose parent is the PCI function, so the walk is needed;
     virtual links (bond, veth, lo) have no `device` link at all.
     """
-    function = _pci_function(ifname, sys_root)
-    return os.path.basename(function) if function else None
+    return pci_facts(ifname, sys_root)[0]
 
 
 def pci_id(ifname: str, sys_root: str = "/sys") -> str | None:
@@ -29,11 +28,19 @@ def pci_id(ifname: str, sys_root: str = "/sys") -> str | None:
     What a guest-managed team's primary rule can name before the device exists: the
     function's `vendor` and `device` files (0x8086 -> 8086).
     """
-    function = _pci_function(ifname, sys_root)
-    if function is None:
-        return None
+    return pci_facts(ifname, sys_root)[1]
+
+
+def pci_facts(ifname: str, sys_root: str = "/sys") -> tuple[str | None, str | None]:
+    """`pci_address` and `pci_id` of *ifname* from one look at its `device` link: every
+    link dump reads them for every link, and under TCG each path resolved in Python
+    costs milliseconds."""
+    found = _pci_function(ifname, sys_root)
+    if found is None:
+        return None, None
+    address, function = found
     ids = [_read_hex_id(os.path.join(function, name)) for name in ("vendor", "device")]
-    return f"{ids[0]}:{ids[1]}" if ids[0] and ids[1] else None
+    return address, f"{ids[0]}:{ids[1]}" if ids[0] and ids[1] else None
 
 
 def _read_hex_id(path: str) -> str | None:
@@ -45,17 +52,25 @@ def _read_hex_id(path: str) -> str | None:
     return text[2:] if text.startswith("0x") else text or None
 
 
-def _pci_function(ifname: str, sys_root: str) -> str | None:
-    """The resolved sysfs directory of the PCI function behind *ifname*, or None."""
+def _pci_function(ifname: str, sys_root: str) -> tuple[str, str] | None:
+    """The address and sysfs directory of the PCI function behind *ifname*, or None.
+
+    A NIC's `device` link points at its PCI function itself (../../../0000:02:00.0):
+    one readlink names it, and the kernel follows the link when the directory is read.
+    Only a link pointing elsewhere (virtio0) is resolved in full to walk up from it.
+    """
     device = os.path.join(sys_root, "class", "net", ifname, "device")
     try:
+        target = os.path.basename(os.readlink(device))
+        if is_pci_address(target):
+            return target, device
         path = os.path.realpath(device, strict=True)
     except OSError:
         return None
     while True:
         name = os.path.basename(path)
         if is_pci_address(name):
-            return path
+            return name, path
         parent = os.path.dirname(path)
         if parent == path:
             return None
@@ -71,9 +86,7 @@ def driver(ifname: str, sys_root: str = "/sys") -> str | None:
     """
     try:
         return os.path.basename(
-            os.path.realpath(
-                os.path.join(sys_root, "class", "net", ifname, "device", "driver"), strict=True
-            )
+            os.readlink(os.path.join(sys_root, "class", "net", ifname, "device", "driver"))
         )
     except OSError:
         return None
@@ -90,3 +103,34 @@ def udev_initialized(ifindex: int, run_root: str = "/run") -> bool:
     if not os.path.isdir(data):
         return True
     return os.path.exists(os.path.join(data, f"n{ifindex}"))
+
+
+def pci_netdev_initialized(address: str, sys_root: str = "/sys", run_root: str = "/run") -> bool:
+    """True once the PCI function *address* has a network interface udev has finished with.
+
+    Rule: a NIC's driver registers its netdev under the function
+    (/sys/bus/pci/devices/ADDR/net/IF; virtio-net one level down, under virtio<N>/net),
+    and `udev_initialized` of its ifindex (/sys/class/net/IF/ifindex) says udev is done.
+    A few reads with no netlink dump: a bind waiting for its hot-plugged NIC asks this on
+    every event and dumps the links once, when it is true.
+    """
+    function = os.path.join(sys_root, "bus", "pci", "devices", address)
+    try:
+        children = os.listdir(function)
+    except OSError:
+        return False
+    parents = [function] + [os.path.join(function, c) for c in children if c.startswith("virtio")]
+    for parent in parents:
+        try:
+            names = os.listdir(os.path.join(parent, "net"))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(parent, "net", name, "ifindex")) as fh:
+                    ifindex = int(fh.read())
+            except (OSError, ValueError):
+                continue  # gone or renamed under us: the next event asks again
+            if udev_initialized(ifindex, run_root):
+                return True
+    return False

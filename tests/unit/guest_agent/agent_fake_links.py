@@ -25,6 +25,7 @@ from guest_agent.links import (
     LinkRefused,
     NoSuchLink,
     WaitTimeout,
+    by_name,
 )
 
 T = TypeVar("T")
@@ -262,19 +263,34 @@ class FakeLinks:
             self.reads.append(tuple(indexes))
             return [self._link(index) for index in indexes]
 
+    def get_link_named(self, name: str) -> Link | None:
+        with self.cond:
+            link = by_name(list(self.links.values()), name)
+            if link is not None:
+                self.reads.append((link.index,))
+            return link
+
+    def pci_netdev_ready(self, address: str) -> bool:
+        with self.cond:
+            return any(
+                ln.pci_address == address and ln.udev_initialized for ln in self.links.values()
+            )
+
     def wait_for(
         self,
         check: Callable[[list[Link]], T | None],
         deadline: float,
         only: Sequence[int] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> T:
         with self.cond:
             self.waits += 1
             self.cond.notify_all()  # for await_: a thread now waits on the links
             while True:
-                result = check(self.list_links() if only is None else self.get_links(only))
-                if result is not None:
-                    return result
+                if ready is None or ready():
+                    result = check(self.list_links() if only is None else self.get_links(only))
+                    if result is not None:
+                        return result
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise WaitTimeout("deadline")

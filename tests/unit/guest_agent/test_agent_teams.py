@@ -284,7 +284,7 @@ def test_bind_waits_for_carrier_event_before_activating(fake: FakeLinks) -> None
     assert fake.get("bond0").bond.active_slave == link.index  # type: ignore[union-attr]
 
 
-def test_bind_dumps_every_link_three_times_and_waits_on_its_nic_and_bond_alone(
+def test_bind_dumps_every_link_twice_and_waits_on_its_nic_and_bond_alone(
     fake: FakeLinks,
 ) -> None:
     t = teams(fake)
@@ -293,10 +293,38 @@ def test_bind_dumps_every_link_three_times_and_waits_on_its_nic_and_bond_alone(
     fake.carrier_delay[link.index] = 0.3
     fake.dumps, fake.reads = 0, []
     t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
-    # the bond's first read, the device found, the state answered: nothing while waiting
-    assert fake.dumps == 3
+    # the device found, the state answered: the bond is read alone, nothing while waiting
+    assert fake.dumps == 2
     bond = fake.get("bond0").index
-    assert fake.reads and set(fake.reads) <= {(link.index,), (bond,), (link.index, bond)}
+    assert (bond,) in fake.reads
+    assert set(fake.reads) <= {(link.index,), (bond,), (link.index, bond)}
+
+
+def test_bind_by_pci_dumps_no_link_until_its_nic_is_there_and_udev_done(
+    fake: FakeLinks,
+) -> None:
+    """The probe of a hot-plugged NIC sends dozens of events; by PCI address the wait asks
+    sysfs on each and dumps the links once, when the NIC is there and named."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    for i in range(5):  # other links come and go while the NIC is probed
+        fake.later(0.02 * i, lambda i=i: fake.add(f"veth{i}", mac=f"52:54:00:ee:00:0{i}"))
+    fake.hotplug_later(0.15, "eth0", mac=NEW_MAC, pci=NEW_PCI, udev_initialized=False)
+    fake.later(0.3, lambda: fake.update("eth0", name="enp3s0", udev_initialized=True))
+    fake.dumps = 0
+    assert t.bind_primary("lan", NEW_PCI, NEW_MAC, None, deadline_in(5)).device == "enp3s0"
+    assert fake.dumps == 2  # the NIC found, the state answered
+
+
+def test_bind_by_mac_alone_reads_the_links_on_each_change(fake: FakeLinks) -> None:
+    """Without a PCI address there is nothing to look for in sysfs: every change is read."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.hotplug_later(0.1, "eth0", mac=NEW_MAC, udev_initialized=False)
+    fake.later(0.2, lambda: fake.update("eth0", name="enp3s0", udev_initialized=True))
+    fake.dumps = 0
+    assert t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5)).device == "enp3s0"
+    assert fake.dumps > 2
 
 
 def test_use_standby_dumps_every_link_twice(fake: FakeLinks) -> None:
@@ -594,7 +622,7 @@ def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
     fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
     renamed = fake.get("enp3s0")
     real_list = fake.list_links
-    stale = iter([True, True])  # the bind's first dump and the one that finds the device
+    stale = iter([True])  # the dump that finds the device
 
     def list_links_stale_at_first() -> list[Link]:
         links = real_list()
