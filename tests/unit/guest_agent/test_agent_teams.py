@@ -201,15 +201,40 @@ def test_no_handover_under_kernel_follow() -> None:
     fake.close()
 
 
-def test_bind_hands_over_with_the_old_members_frames_delivered(fake: FakeLinks) -> None:
+def test_bind_hands_over_and_answers_before_the_grace_which_the_next_operation_waits_for(
+    fake: FakeLinks,
+) -> None:
+    """The handover's grace keeps the old member's frames for a while after the change; a
+    bind answers without waiting for it, and the team's next operation starts after it."""
     t = teams(fake)
     switched_and_unplugged(fake, t)
     fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
-    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    real = fake.set_all_slaves_active
+    may_end = threading.Event()
+
+    def held_off(bond: int, on: bool) -> None:
+        if not on:
+            assert may_end.wait(5)
+        real(bond, on)
+
+    fake.set_all_slaves_active = held_off  # type: ignore[method-assign]
+    assert t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5)).team.active_member == (
+        "enp3s0"
+    )
+    assert fake.get("bond0").bond.all_slaves_active is True  # type: ignore[union-attr]
+    switch = threading.Thread(target=t.use_standby, args=("lan", False, deadline_in(5)))
+    switch.start()
+    switch.join(0.5)  # in the fakes a switch takes milliseconds: this one waits for the lock
+    assert switch.is_alive()
+    may_end.set()
+    switch.join(5)
     calls = [c for c in fake.calls if c[0] in ("set_all_slaves_active", "set_active_slave")]
     assert calls == [
         ("set_all_slaves_active", "bond0", True),
         ("set_active_slave", "bond0", "enp3s0"),
+        ("set_all_slaves_active", "bond0", False),  # the bind's grace ended...
+        ("set_all_slaves_active", "bond0", True),  # ...before the switch began
+        ("set_active_slave", "bond0", "enp1s0"),
         ("set_all_slaves_active", "bond0", False),
     ]
 
@@ -293,8 +318,9 @@ def test_bind_dumps_every_link_twice_and_waits_on_its_nic_and_bond_alone(
     fake.carrier_delay[link.index] = 0.3
     fake.dumps, fake.reads = 0, []
     t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
-    # the device found, the state answered: the bond is read alone, nothing while waiting
-    assert fake.dumps == 2
+    # the device found: the bond is read alone, nothing while waiting, the state answered
+    # from the NIC and bond as last read
+    assert fake.dumps == 1
     bond = fake.get("bond0").index
     assert (bond,) in fake.reads
     assert set(fake.reads) <= {(link.index,), (bond,), (link.index, bond)}
@@ -313,7 +339,7 @@ def test_bind_by_pci_dumps_no_link_until_its_nic_is_there_and_udev_done(
     fake.later(0.3, lambda: fake.update("eth0", name="enp3s0", udev_initialized=True))
     fake.dumps = 0
     assert t.bind_primary("lan", NEW_PCI, NEW_MAC, None, deadline_in(5)).device == "enp3s0"
-    assert fake.dumps == 2  # the NIC found, the state answered
+    assert fake.dumps == 1  # when the NIC is there
 
 
 def test_bind_by_mac_alone_reads_the_links_on_each_change(fake: FakeLinks) -> None:
@@ -324,7 +350,7 @@ def test_bind_by_mac_alone_reads_the_links_on_each_change(fake: FakeLinks) -> No
     fake.later(0.2, lambda: fake.update("eth0", name="enp3s0", udev_initialized=True))
     fake.dumps = 0
     assert t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5)).device == "enp3s0"
-    assert fake.dumps > 2
+    assert fake.dumps > 1
 
 
 def test_use_standby_dumps_every_link_twice(fake: FakeLinks) -> None:
@@ -470,6 +496,7 @@ def test_bind_again_is_harmless(fake: FakeLinks) -> None:
     switched_and_unplugged(fake, t)
     fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
     t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    fake.await_(lambda: not fake.get("bond0").bond.all_slaves_active, "the handover's end")  # type: ignore[union-attr]
     fake.calls.clear()
     assert t.bind_primary("lan", NEW_PCI, NEW_MAC, None, deadline_in(5)).device == "enp3s0"
     assert [call[0] for call in fake.calls] == ["set_up"]
