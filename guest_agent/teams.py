@@ -329,13 +329,13 @@ class Teams:
                 if change:
                     log.info("team %s: making standby %s active", name, standby.name)
                     self._call(self._links.set_active_slave, bond.index, standby.index)
-                self._wait(
+                (bond_now,) = self._wait(
                     lambda ls: ls if self._active(ls, bond.index) == standby.index else None,
                     deadline,
                     f"team {name}: {bond.name} did not make {standby.name} active",
                     only=(bond.index,),
                 )
-            released = []
+            released, gone = [], set()
             # The members as the first dump showed them: the team's lock keeps the agent's
             # own operations out meanwhile, and one that has gone since is released already.
             for member in links if release_primary else []:
@@ -345,9 +345,22 @@ class Teams:
                         self._call(self._links.release, member.index)
                     except DeviceNotFound:
                         log.info("team %s: %s is gone already", name, member.name)
+                        gone.add(member.index)
                         continue
                     released.append(member.name)
-            return SwitchResult(self._state(team, self.list_links()), tuple(released))
+            # The team as the switch left it, without another dump (0.2-0.6 s under TCG):
+            # the first dump's links with the bond as read after the change, the members
+            # released let go and those found gone left out; the bond is read again if a
+            # release may have changed it.
+            if released:
+                bond_now = self._read(bond.index)[0]
+            changed = {bond.index: bond_now}
+            for member in links:
+                if member.name in released:
+                    changed[member.index] = member._replace(master=None)
+            now = [changed.get(ln.index, ln) for ln in links if ln.index not in gone]
+            state = self._state(team, now)
+            return SwitchResult(state, tuple(released))
 
     # -- bind ----------------------------------------------------------------
 

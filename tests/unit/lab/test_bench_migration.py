@@ -81,6 +81,16 @@ def test_goals_met_and_not_met_are_told_apart() -> None:
     assert "not met" in text and "tcp   longest stall" in text
 
 
+def test_back_on_primary_is_judged_against_one_nic_and_shown_against_both_at_once() -> None:
+    samples = [sample("ptmig", 200, 250, 6.0, back=3.0)]
+    summary = summarize(samples, bare=[2.0], bare_pair=[2.5])
+    result = by_figure(goals(summary, samples))["back on the passthrough device"]
+    assert result.met is False  # 1.5x the one NIC's 2.0 s: the goal's figure
+    assert "= 1.50x (both teams' two at once: 2.50 s, 1.20x)" in result.measured
+    text = format_summary(summary, [result])
+    assert "bare hotplug + probe of two e1000e at once, under traffic: median 2.50 s" in text
+
+
 def test_what_a_run_did_not_measure_is_not_claimed() -> None:
     samples = [sample("ptmig", 200, 250, 6.0, back=3.0)]
     result = by_figure(goals(summarize(samples, bare=[2.5]), samples))
