@@ -92,6 +92,7 @@ RTM_NEWLINK = 16
 RTM_DELLINK = 17
 NLMSG_HDR = struct.Struct("=IHHII")
 IFI_INDEX = struct.Struct("=i")
+RENAME_REREADS = 3  # a link renamed again while read again is returned as last read
 IFI_INDEX_OFFSET = 4  # ifinfomsg: family u8, pad u8, type u16, index s32, ...
 
 _ERRNO_CLASSES: dict[int, type[LinkError]] = {
@@ -251,7 +252,7 @@ class NetlinkLinks:
                 time.sleep(TORN_DUMP_PAUSE_S * attempt)
             try:
                 with self._ipr("list links") as ipr:
-                    links = [self._link(msg) for msg in ipr.get_links()]
+                    links = [self._link(msg, ipr) for msg in ipr.get_links()]
             except LinkError as exc:
                 if not _dump_interrupted(exc) or attempt == DUMP_RETRIES - 1:
                     raise
@@ -266,19 +267,45 @@ class NetlinkLinks:
 
     def get_links(self, indexes: Sequence[int]) -> list[Link]:
         with self._ipr(f"read ifindex {', '.join(map(str, indexes))}") as ipr:
-            return [self._link(msg) for index in indexes for msg in ipr.link("get", index=index)]
+            return [
+                self._link(msg, ipr) for index in indexes for msg in ipr.link("get", index=index)
+            ]
 
     def get_link_named(self, name: str) -> Link | None:
         try:
             with self._ipr(f"read link {name}") as ipr:
-                return next((self._link(msg) for msg in ipr.link("get", ifname=name)), None)
+                return next((self._link(msg, ipr) for msg in ipr.link("get", ifname=name)), None)
         except NoSuchLink:
             return None
 
     def pci_netdev_ready(self, address: str) -> bool:
         return sysfs.pci_netdev_initialized(address, self._sys_root, self._run_root)
 
-    def _link(self, msg: Any) -> Link:
+    def _link(self, msg: Any, ipr: Any) -> Link:
+        """The link *msg* describes, its sysfs facts read under the name it has now.
+
+        Those facts are read by name after the message was written, and udev renames a
+        hot-plugged NIC in between (a dump says eth0, the reads come after the rename to
+        enp2s0 and find its PCI address but not its driver: the lab's watcher then judged
+        the NIC wanted by no team).  A link whose name no longer names it once its facts
+        are read is read again, by ifindex, under its new name.
+        """
+        link = self._parse(msg)
+        for _ in range(RENAME_REREADS):
+            if sysfs.names_ifindex(link.name, link.index, self._sys_root):
+                return link
+            _, netlink_error = _pyroute2()
+            try:
+                fresh = list(ipr.link("get", index=link.index))
+            except netlink_error:  # gone meanwhile: the event that says so wakes a wait
+                return link
+            if not fresh:
+                return link
+            log.debug("ifindex %d renamed from %s while read; read again", link.index, link.name)
+            link = self._parse(fresh[0])
+        return link
+
+    def _parse(self, msg: Any) -> Link:
         name = msg.get_attr("IFLA_IFNAME")
         linkinfo = msg.get_attr("IFLA_LINKINFO")
         kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None

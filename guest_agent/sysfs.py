@@ -92,6 +92,21 @@ def driver(ifname: str, sys_root: str = "/sys") -> str | None:
         return None
 
 
+def names_ifindex(ifname: str, ifindex: int, sys_root: str = "/sys") -> bool:
+    """True if *ifname* is, in sysfs, the link *ifindex* (or there is no sysfs to ask).
+
+    Rule: /sys/class/net/IF/ifindex.  A link's other facts here are read by its name, and
+    udev renames a hot-plugged NIC (eth0 -> enp2s0) while a dump is read: facts read under
+    a name that still names the link once they are read are that link's.
+    """
+    net = os.path.join(sys_root, "class", "net")
+    try:
+        with open(os.path.join(net, ifname, "ifindex")) as fh:
+            return int(fh.read()) == ifindex
+    except (OSError, ValueError):
+        return not os.path.isdir(net)
+
+
 def udev_initialized(ifindex: int, run_root: str = "/run") -> bool:
     """True once udev has processed the link, or when no udev runs.
 
