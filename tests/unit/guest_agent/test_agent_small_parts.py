@@ -234,6 +234,17 @@ def test_operation_log_is_bounded_and_keeps_running_entries() -> None:
     assert log.run("slow", 0, lambda: 0) == (1, True)
 
 
+class _FakeIPRoute:
+    """What guest_agent.netlink does with an IPRoute: a context manager; subclasses add
+    the calls a test scripts (get_links, link)."""
+
+    def __enter__(self) -> _FakeIPRoute:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def test_link_dump_interrupted_by_a_change_is_redone(monkeypatch: pytest.MonkeyPatch) -> None:
     """NLM_F_DUMP_INTR (a link changed during the dump: bonds being made) is not an error."""
     from pyroute2.netlink.exceptions import NetlinkError
@@ -242,13 +253,7 @@ def test_link_dump_interrupted_by_a_change_is_redone(monkeypatch: pytest.MonkeyP
 
     dumps = []
 
-    class FlakyIPRoute:
-        def __enter__(self) -> FlakyIPRoute:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    class FlakyIPRoute(_FakeIPRoute):
         def get_links(self) -> list[object]:
             dumps.append(1)
             if len(dumps) < 3:
@@ -266,13 +271,7 @@ def test_link_dump_that_keeps_failing_is_reported(monkeypatch: pytest.MonkeyPatc
     from guest_agent import netlink
     from guest_agent.links import LinkError
 
-    class BrokenIPRoute:
-        def __enter__(self) -> BrokenIPRoute:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    class BrokenIPRoute(_FakeIPRoute):
         def get_links(self) -> list[object]:
             raise NetlinkError(-1, "dump interrupted")
 
@@ -322,13 +321,7 @@ def test_link_dump_torn_by_an_enslave_is_redone(
     whole = [_nic(3, "enp3s0", master=9), _bond(9, "bond1", active=3)]
     dumps = [torn, torn, whole]
 
-    class RacingIPRoute:
-        def __enter__(self) -> RacingIPRoute:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    class RacingIPRoute(_FakeIPRoute):
         def get_links(self) -> list[_Attrs]:
             return dumps.pop(0)
 
@@ -352,13 +345,7 @@ def test_link_renamed_while_its_dump_is_read_is_read_again_under_its_new_name(
         (root / "class" / "net" / name / "ifindex").write_text(f"{index}\n")
     gets: list[int] = []
 
-    class RenamingIPRoute:
-        def __enter__(self) -> RenamingIPRoute:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    class RenamingIPRoute(_FakeIPRoute):
         def get_links(self) -> list[_Attrs]:
             return [_nic(2, "enp1s0", master=None), _nic(5, "eth0", master=None)]
 
@@ -384,13 +371,7 @@ def test_link_gone_while_its_dump_is_read_is_returned_as_dumped(
 
     root = fake_sys(tmp_path)
 
-    class UnpluggingIPRoute:
-        def __enter__(self) -> UnpluggingIPRoute:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    class UnpluggingIPRoute(_FakeIPRoute):
         def get_links(self) -> list[_Attrs]:
             return [_nic(7, "enp7s0", master=None)]
 
