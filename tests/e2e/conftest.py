@@ -93,6 +93,8 @@ def guest_on_hosta(lab: VmLab) -> VmLab:
 #: closes its connection must not hold the run until pytest's timeout (a CI run's did).
 EVIDENCE_S = 300.0
 RESTART_CHECK_S = 120.0
+#: The console lines of each lab guest a failed test's report keeps.
+CONSOLE_TAIL_LINES = 80
 
 
 def bounded_evidence(vlab: VfioLab) -> list[tuple[str, str]]:
@@ -138,6 +140,12 @@ def pytest_runtest_makereport(
         if "lab" in funcargs:
             lab: VmLab = funcargs["lab"]
             item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
+            # The next lab overwrites these files: keep the guests' last console lines (a
+            # guest that panicked and rebooted said why only there).
+            for path in lab.logs():
+                if path.name.endswith("console.log") and path.is_file():
+                    tail = path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:]
+                    item.add_report_section(call.when, f"end of {path}", "\n".join(tail))
         from lab.nested.hangwatch import HangWatch
         from lab.nested.vlab import VfioLab, is_l1_failure_under_l2, is_l2_hang, within
 
