@@ -294,9 +294,13 @@ class Teams:
             if after is None:
                 lock.release()
             else:
-                threading.Thread(
+                finish = threading.Thread(
                     target=_then_release, args=(after, lock), name=f"team-{name}-after"
-                ).start()
+                )
+                try:
+                    finish.start()
+                except RuntimeError:  # no new thread at interpreter shutdown: finish here
+                    _then_release(after, lock)
 
     # -- switch --------------------------------------------------------------
 
