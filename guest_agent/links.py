@@ -129,7 +129,11 @@ class WaitTimeout(LinkError):
 class Links(Protocol):
     """What the team logic needs from the kernel.  Deadlines are time.monotonic()."""
 
-    def list_links(self) -> list[Link]: ...
+    def list_links(self) -> list[Link]:
+        """Every link, each named as it was when its facts were read: udev renames a
+        hot-plugged NIC while a dump is read, and a name from before the rename with the
+        facts (udev's database entry) from after it would be wrong."""
+        ...
 
     def get_links(self, indexes: Sequence[int]) -> list[Link]:
         """Only these links, each read on its own; NoSuchLink if one is gone.

@@ -92,7 +92,6 @@ RTM_NEWLINK = 16
 RTM_DELLINK = 17
 NLMSG_HDR = struct.Struct("=IHHII")
 IFI_INDEX = struct.Struct("=i")
-RENAME_REREADS = 3  # a link renamed again while read again is returned as last read
 IFI_INDEX_OFFSET = 4  # ifinfomsg: family u8, pad u8, type u16, index s32, ...
 
 _ERRNO_CLASSES: dict[int, type[LinkError]] = {
@@ -199,6 +198,7 @@ DUMP_RETRIES = 5
 #: The pause before the n-th new dump is n times this: a bond being built changes again
 #: within milliseconds.
 TORN_DUMP_PAUSE_S = 0.01
+RENAME_REREADS = 3  # a link renamed again while read again is returned as last read
 
 
 def _dump_interrupted(exc: LinkError) -> bool:

@@ -11,30 +11,18 @@ import os
 from guest_agent.addresses import is_pci_address
 
 
-def pci_address(ifname: str, sys_root: str = "/sys") -> str | None:
-    """PCI address of the device behind a network interface, or None.
+def pci_facts(ifname: str, sys_root: str = "/sys") -> tuple[str | None, str | None]:
+    """The PCI address (0000:02:00.0) and "vendor:device" (8086:10d3) of the function
+    behind a network interface; None for each it does not have.
 
     Rule: the nearest directory named like a PCI function at or above
-    /sys/class/net/IF/device.  A virtio-net link's `device` is the virtio bus
-    device (virtio0) whose parent is the PCI function, so the walk is needed;
-    virtual links (bond, veth, lo) have no `device` link at all.
+    /sys/class/net/IF/device (a virtio-net link's `device` is the virtio bus device,
+    virtio0, whose parent is the PCI function; virtual links have no `device`), and
+    that function's `vendor` and `device` files (0x8086 -> 8086), which a guest-managed
+    team's primary rule can name before the device exists.  One look at the link for
+    both: every dump reads them for every link, and under TCG each path resolved in
+    Python costs milliseconds.
     """
-    return pci_facts(ifname, sys_root)[0]
-
-
-def pci_id(ifname: str, sys_root: str = "/sys") -> str | None:
-    """The PCI function's "vendor:device" (8086:10d3) behind a network interface, or None.
-
-    What a guest-managed team's primary rule can name before the device exists: the
-    function's `vendor` and `device` files (0x8086 -> 8086).
-    """
-    return pci_facts(ifname, sys_root)[1]
-
-
-def pci_facts(ifname: str, sys_root: str = "/sys") -> tuple[str | None, str | None]:
-    """`pci_address` and `pci_id` of *ifname* from one look at its `device` link: every
-    link dump reads them for every link, and under TCG each path resolved in Python
-    costs milliseconds."""
     found = _pci_function(ifname, sys_root)
     if found is None:
         return None, None
@@ -100,11 +88,17 @@ def names_ifindex(ifname: str, ifindex: int, sys_root: str = "/sys") -> bool:
     a name that still names the link once they are read are that link's.
     """
     net = os.path.join(sys_root, "class", "net")
+    found = _ifindex(os.path.join(net, ifname))
+    return found == ifindex if found is not None else not os.path.isdir(net)
+
+
+def _ifindex(netdev_dir: str) -> int | None:
+    """The ifindex in a netdev's sysfs directory; None if it is gone or unreadable."""
     try:
-        with open(os.path.join(net, ifname, "ifindex")) as fh:
-            return int(fh.read()) == ifindex
+        with open(os.path.join(netdev_dir, "ifindex")) as fh:
+            return int(fh.read())
     except (OSError, ValueError):
-        return not os.path.isdir(net)
+        return None
 
 
 def udev_initialized(ifindex: int, run_root: str = "/run") -> bool:
@@ -141,11 +135,8 @@ def pci_netdev_initialized(address: str, sys_root: str = "/sys", run_root: str =
         except OSError:
             continue
         for name in names:
-            try:
-                with open(os.path.join(parent, "net", name, "ifindex")) as fh:
-                    ifindex = int(fh.read())
-            except (OSError, ValueError):
-                continue  # gone or renamed under us: the next event asks again
-            if udev_initialized(ifindex, run_root):
+            ifindex = _ifindex(os.path.join(parent, "net", name))
+            # None: gone or renamed under us, and the next event asks again
+            if ifindex is not None and udev_initialized(ifindex, run_root):
                 return True
     return False

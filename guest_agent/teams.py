@@ -619,11 +619,8 @@ class Teams:
         """The one link *match* names, once udev has finished with it, and the dump that
         showed it (the checks before enslaving need every link).  Named by PCI address, it
         is looked for in sysfs on each event and the links are dumped once it is there.
-
-        The link is read once more after the dump: a dump's names are from before its
-        sysfs reads, so it can show the kernel's name (eth0) with udev's database entry
-        that was written after the rename (enp2s0).  Read after that entry was seen,
-        the name is udev's.
+        A dump names each link as its sysfs facts were read (`Links.list_links`), so the
+        name of a NIC udev has finished with is udev's.
         """
 
         seen: list[str] = []  # named once it appears, for the bind's timeline
@@ -654,8 +651,7 @@ class Teams:
             raise DeviceNotFound(f"team {team.name}: no {match} appeared in time") from None
         except LinkError as exc:
             raise KernelError(f"team {team.name}: {exc}") from exc
-        (device,) = self._read(found.index)
-        return device, [device if ln.index == device.index else ln for ln in links]
+        return found, links
 
     def _refuse_foreign(
         self, team: TeamConfig, device: Link, bond: Link, links: list[Link]

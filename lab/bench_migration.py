@@ -27,6 +27,7 @@ run's own figures; progress goes to stderr while it runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -325,15 +326,21 @@ def bare_hotplug_probe(lab: VmLab, reps: int, *, under_traffic: bool, nics: int 
     functions one at a time (pciehp under the PCI rescan lock)."""
     out = []
     for i in range(reps):
-        first = (i + (reps if under_traffic else 0)) * 2 + (nics > 1) * 4 * reps
         with Recorder(f"bench-bare-{nics}-{i}") if under_traffic else contextlib.nullcontext():
-            out.append(_probe_once(lab, [first + n for n in range(nics)]))
+            out.append(_probe_once(lab, [next(_PROBE_NICS) for _ in range(nics)]))
     return out
+
+
+#: Each probe NIC of a run its own number, so its MAC, tap and alias are new.
+_PROBE_NICS = itertools.count(1)
 
 
 def _probe_once(lab: VmLab, numbers: list[int]) -> float:
     """One attach of a probe NIC per number, timed until the guest has each up with carrier."""
-    nics = [Nic(f"52:54:00:ee:00:{i + 1:02x}", f"ptv-probe{i}", f"ua-probe{i}") for i in numbers]
+    nics = [
+        Nic(f"52:54:00:ee:{i >> 8:02x}:{i & 0xFF:02x}", f"ptv-probe{i}", f"ua-probe{i}")
+        for i in numbers
+    ]
     macs = " ".join(nic.mac for nic in nics)
     # A device must be up to have carrier: bring each up as soon as it is there (what
     # any binding must do too), then wait for carrier.  Bash's own `read` and `[`, no

@@ -139,10 +139,11 @@ def pytest_runtest_makereport(
         funcargs = getattr(item, "funcargs", {})
         if "lab" in funcargs:
             lab: VmLab = funcargs["lab"]
-            item.add_report_section(call.when, "lab logs", "\n".join(map(str, lab.logs())))
+            logs = lab.logs()
+            item.add_report_section(call.when, "lab logs", "\n".join(map(str, logs)))
             # The next lab overwrites these files: keep the guests' last console lines (a
             # guest that panicked and rebooted said why only there).
-            for path in lab.logs():
+            for path in logs:
                 if path.name.endswith("console.log") and path.is_file():
                     tail = path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:]
                     item.add_report_section(call.when, f"end of {path}", "\n".join(tail))

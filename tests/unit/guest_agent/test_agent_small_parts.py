@@ -17,8 +17,7 @@ from guest_agent.operations import OperationIdReused, OperationLog
 from guest_agent.sysfs import (
     driver,
     names_ifindex,
-    pci_address,
-    pci_id,
+    pci_facts,
     pci_netdev_initialized,
     udev_initialized,
 )
@@ -77,10 +76,10 @@ def fake_sys(root: Path) -> Path:
 
 def test_pci_address_from_sysfs(tmp_path: Path) -> None:
     root = str(fake_sys(tmp_path))
-    assert pci_address("enp1s0", root) == "0000:01:00.0"  # walked up past virtio0
-    assert pci_address("enp2s0", root) == "0000:02:00.0"
-    assert pci_address("bond0", root) is None
-    assert pci_address("gone0", root) is None
+    assert pci_facts("enp1s0", root)[0] == "0000:01:00.0"  # walked up past virtio0
+    assert pci_facts("enp2s0", root)[0] == "0000:02:00.0"
+    assert pci_facts("bond0", root) == (None, None)
+    assert pci_facts("gone0", root) == (None, None)
 
 
 def test_driver_from_sysfs(tmp_path: Path) -> None:
@@ -99,11 +98,11 @@ def test_pci_id_from_sysfs(tmp_path: Path) -> None:
     (pci / "0000:00:02.1" / "0000:02:00.0" / "device").write_text("0x10D3\n")
     (pci / "0000:00:02.0" / "0000:01:00.0" / "vendor").write_text("0x1af4\n")
     (pci / "0000:00:02.0" / "0000:01:00.0" / "device").write_text("0x1041\n")
-    assert pci_id("enp2s0", str(root)) == "8086:10d3"
-    assert pci_id("enp1s0", str(root)) == "1af4:1041"  # the function's, past virtio0
-    assert pci_id("bond0", str(root)) is None
+    assert pci_facts("enp2s0", str(root))[1] == "8086:10d3"
+    assert pci_facts("enp1s0", str(root))[1] == "1af4:1041"  # the function's, past virtio0
+    assert pci_facts("bond0", str(root))[1] is None
     (pci / "0000:00:02.1" / "0000:02:00.0" / "device").unlink()
-    assert pci_id("enp2s0", str(root)) is None
+    assert pci_facts("enp2s0", str(root)) == ("0000:02:00.0", None)
 
 
 def test_pci_netdev_initialized(tmp_path: Path) -> None:
@@ -335,7 +334,9 @@ def test_link_renamed_while_its_dump_is_read_is_read_again_under_its_new_name(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The dump says eth0; by the time its sysfs facts are read udev has named it enp2s0
-    (the lab's guest-managed team missed its NIC: PCI address found, driver not)."""
+    (the lab's guest-managed team missed its NIC: PCI address found, driver not; and a
+    bind reported the name eth0 for a NIC udev had named enp2s0).  `Links.list_links`
+    names each link as its facts were read, which the team logic relies on."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     from guest_agent import netlink

@@ -10,7 +10,7 @@ import pytest
 from agent_fake_links import FakeLinks
 from agent_scene import NEW_MAC, NEW_PCI, OLD_MAC, VIRTIO_MAC, build_scene, lan_team
 
-from guest_agent.links import FailOverMac, Link, LinkRefused
+from guest_agent.links import FailOverMac, LinkRefused
 from guest_agent.teams import (
     HANDOVER_GRACE_S,
     Conflict,
@@ -641,25 +641,3 @@ def test_two_links_with_the_standbys_mac_and_no_virtio_leave_the_standby_unnamed
     assert t.states()[0].standby is None
     with pytest.raises(Conflict, match="not found or ambiguous"):
         t.use_standby("lan", release_primary=False, deadline=deadline_in(2))
-
-
-def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
-    """A dump can name a link as before its rename while udev's entry, read after it,
-    already exists (seen in the lab: bind said eth0, the link was enp2s0): the bind
-    reads the link again and reports, and acts on, udev's name."""
-    t = teams(fake)
-    switched_and_unplugged(fake, t)
-    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
-    renamed = fake.get("enp3s0")
-    real_list = fake.list_links
-    stale = iter([True])  # the dump that finds the device
-
-    def list_links_stale_at_first() -> list[Link]:
-        links = real_list()
-        if next(stale, False):
-            return [ln._replace(name="eth0") if ln.index == renamed.index else ln for ln in links]
-        return links
-
-    fake.list_links = list_links_stale_at_first  # type: ignore[method-assign]
-    result = t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5))
-    assert result.device == "enp3s0" == result.team.active_member
