@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from agent_fake_links import FakeLinks
 from agent_scene import NEW_MAC, NEW_PCI, OLD_MAC, VIRTIO_MAC, build_scene, lan_team
 
-from guest_agent.links import FailOverMac, LinkRefused
+from guest_agent.links import FailOverMac, Link, LinkRefused
 from guest_agent.teams import (
     HANDOVER_GRACE_S,
     Conflict,
@@ -295,6 +297,89 @@ def test_bind_preserve_sets_team_mac_before_enslaving(fake: FakeLinks) -> None:
     assert (link.mac, link.permanent_mac) == (OLD_MAC, NEW_MAC)
     kinds = [call[0] for call in fake.calls]
     assert kinds.index("set_mac") < kinds.index("enslave") < kinds.index("set_active_slave")
+
+
+def _nic_calls(fake: FakeLinks, name: str) -> list[tuple[object, ...]]:
+    return [call for call in fake.calls if call[1:2] == (name,) and call[0] != "enslave"]
+
+
+def test_bind_preserve_gives_a_down_nic_its_mac_without_setting_it_down(
+    fake: FakeLinks,
+) -> None:
+    """A freshly probed NIC is down: its MAC is set at once (e1000e refuses it only live)."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, up=False)
+    fake.refuse_live_mac.add(link.index)
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    assert _nic_calls(fake, "enp3s0")[:2] == [
+        ("set_mac", "enp3s0", OLD_MAC),
+        ("set_up", "enp3s0", True),
+    ]
+    assert fake.get("enp3s0").mac == OLD_MAC
+
+
+def test_bind_preserve_sets_an_up_nic_down_before_its_mac(fake: FakeLinks) -> None:
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, up=True)
+    fake.refuse_live_mac.add(link.index)
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    assert _nic_calls(fake, "enp3s0")[:3] == [
+        ("set_up", "enp3s0", False),
+        ("set_mac", "enp3s0", OLD_MAC),
+        ("set_up", "enp3s0", True),
+    ]
+    assert fake.get("enp3s0").mac == OLD_MAC
+
+
+def test_bind_preserve_sets_a_nic_down_that_came_up_after_it_was_read(fake: FakeLinks) -> None:
+    """Read down, up by the time its MAC is set (EBUSY): set down, and the MAC again."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, up=True)
+    fake.refuse_live_mac.add(link.index)
+    real = fake.list_links
+
+    def read_before_it_came_up() -> list[Link]:
+        return [ln._replace(admin_up=False) if ln.index == link.index else ln for ln in real()]
+
+    fake.list_links = read_before_it_came_up  # type: ignore[method-assign]
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    assert _nic_calls(fake, "enp3s0")[:3] == [
+        ("set_mac", "enp3s0", OLD_MAC),
+        ("set_up", "enp3s0", False),
+        ("set_mac", "enp3s0", OLD_MAC),
+    ]
+    assert fake.get("enp3s0").mac == OLD_MAC
+
+
+def test_bind_preserve_checks_the_mac_on_its_waits_reads(fake: FakeLinks) -> None:
+    """The MAC checks after carrier and after the change take the NIC as the waits read
+    it: outside its waits the bind reads the bond alone (before the change), nothing else."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, up=False)
+    fake.carrier_delay[link.index] = 0.2
+    waiting, outside = [False], []
+    real_wait, real_get = fake.wait_for, fake.get_links
+
+    def wait_for(*args: Any, **kwargs: Any) -> Any:
+        waiting[0] = True
+        try:
+            return real_wait(*args, **kwargs)
+        finally:
+            waiting[0] = False
+
+    def get_links(indexes: Sequence[int]) -> list[Link]:
+        if not waiting[0]:
+            outside.append(tuple(indexes))
+        return real_get(indexes)
+
+    fake.wait_for, fake.get_links = wait_for, get_links  # type: ignore[method-assign]
+    t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
+    assert outside == [(fake.get("bond0").index,)]
+    assert fake.get("enp3s0").mac == OLD_MAC
 
 
 def test_bind_waits_for_carrier_event_before_activating(fake: FakeLinks) -> None:
