@@ -95,6 +95,25 @@ EVIDENCE_S = 300.0
 RESTART_CHECK_S = 120.0
 #: The console lines of each lab guest a failed test's report keeps.
 CONSOLE_TAIL_LINES = 80
+#: What a failed lab test asks the main guest itself: how long it has been up (a reboot
+#: shows here; a new login on the console only looks like one: its getty logs in again and
+#: prints "Last login"), its journal's warnings since boot, and the agent's and the
+#: console's units (the console takes only emergency kernel messages: an OOM kill, an
+#: agent that died, are in the journal alone).
+GUEST_ACCOUNT = (
+    "cat /proc/uptime; "
+    "journalctl -b --no-pager -o short-monotonic -p warning -n 40; "
+    "journalctl -b --no-pager -o short-monotonic -n 40 -u ptmig-agent -u serial-getty@ttyS0"
+)
+GUEST_ACCOUNT_S = 30.0
+
+
+def guest_account(lab: VmLab) -> str:
+    """The main guest's answer to GUEST_ACCOUNT, or why there is none."""
+    try:
+        return lab.exec(GUEST_ACCOUNT, timeout=GUEST_ACCOUNT_S).output
+    except Exception as exc:  # the failure it reports stands
+        return f"not read: {type(exc).__name__}: {exc}"
 
 
 def bounded_evidence(vlab: VfioLab) -> list[tuple[str, str]]:
@@ -147,6 +166,7 @@ def pytest_runtest_makereport(
                 if path.name.endswith("console.log") and path.is_file():
                     tail = path.read_text(errors="replace").splitlines()[-CONSOLE_TAIL_LINES:]
                     item.add_report_section(call.when, f"end of {path}", "\n".join(tail))
+            item.add_report_section(call.when, "the guest's own account", guest_account(lab))
         from lab.nested.hangwatch import HangWatch
         from lab.nested.vlab import VfioLab, is_l1_failure_under_l2, is_l2_hang, within
 
