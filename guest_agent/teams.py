@@ -672,7 +672,7 @@ class Teams:
             raise Conflict(f"{device.name} is enslaved to {_describe(links, device.master)}")
 
     def _set_mac_down(self, device: Link, mac: str) -> None:
-        """Give a NIC that is not enslaved yet the team's MAC, down: most drivers (e1000e
+        """Give a NIC the team's MAC, down: most drivers (e1000e
         among them) refuse a live change with EBUSY.  A freshly probed NIC is down already,
         and one more netlink call costs the bind 0.1-0.15 s in the TCG guest under traffic,
         so it is set down only if it was up when read or came up since (the EBUSY)."""
@@ -699,8 +699,7 @@ class Teams:
         try:
             self._call(self._links.set_mac, index, mac)
         except Conflict:  # some drivers refuse a live change: do it down, then wait again
-            self._call(self._links.set_up, index, False)
-            self._call(self._links.set_mac, index, mac)
+            self._set_mac_down(link, mac)
             self._call(self._links.set_up, index, True)
             self._wait(
                 lambda ls: self._linked(ls, index),
