@@ -620,8 +620,11 @@ class Teams:
         """The one link *match* names, once udev has finished with it, and the dump that
         showed it (the checks before enslaving need every link).  Named by PCI address, it
         is looked for in sysfs on each event and the links are dumped once it is there.
-        A dump names each link as its sysfs facts were read (`Links.list_links`), so the
-        name of a NIC udev has finished with is udev's.
+        The link is read once more after the dump: a dump can still show the kernel's
+        name (eth0) with udev's database entry already there (the lab's test_agent saw a
+        bind answer eth0 for enp2s0 again after netlink's own re-read by name,
+        `Links.list_links`, was made the only guard).  Read after that entry was seen, the
+        name is udev's.
         """
 
         seen: list[str] = []  # named once it appears, for the bind's timeline
@@ -652,7 +655,8 @@ class Teams:
             raise DeviceNotFound(f"team {team.name}: no {match} appeared in time") from None
         except LinkError as exc:
             raise KernelError(f"team {team.name}: {exc}") from exc
-        return found, links
+        (device,) = self._read(found.index)
+        return device, [device if ln.index == device.index else ln for ln in links]
 
     def _refuse_foreign(
         self, team: TeamConfig, device: Link, bond: Link, links: list[Link]

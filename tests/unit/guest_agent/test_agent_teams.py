@@ -329,12 +329,13 @@ def test_bind_preserve_sets_a_nic_down_for_its_mac_only_when_it_is_up(
     switched_and_unplugged(fake, t)
     link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, up=up)
     fake.refuse_live_mac.add(link.index)
-    real = fake.list_links
+    real_list, real_get = fake.list_links, fake.get_links
 
-    def read() -> list[Link]:
-        return [ln._replace(admin_up=read_up) if ln.index == link.index else ln for ln in real()]
+    def as_read(links: list[Link]) -> list[Link]:
+        return [ln._replace(admin_up=read_up) if ln.index == link.index else ln for ln in links]
 
-    fake.list_links = read  # type: ignore[method-assign]
+    fake.list_links = lambda: as_read(real_list())  # type: ignore[method-assign]
+    fake.get_links = lambda indexes: as_read(real_get(indexes))  # type: ignore[method-assign]
     t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
     assert _nic_calls(fake, "enp3s0")[: len(steps)] == steps
     assert fake.get("enp3s0").mac == OLD_MAC
@@ -342,7 +343,8 @@ def test_bind_preserve_sets_a_nic_down_for_its_mac_only_when_it_is_up(
 
 def test_bind_preserve_checks_the_mac_on_its_waits_reads(fake: FakeLinks) -> None:
     """The MAC checks after carrier and after the change take the NIC as the waits read
-    it: outside its waits the bind reads the bond alone (before the change), nothing else."""
+    it: outside its waits the bind reads the NIC once as found (udev's name) and the bond
+    alone (before the change), nothing else."""
     t = teams(fake)
     switched_and_unplugged(fake, t)
     link = fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI, up=False)
@@ -364,8 +366,30 @@ def test_bind_preserve_checks_the_mac_on_its_waits_reads(fake: FakeLinks) -> Non
 
     fake.wait_for, fake.get_links = wait_for, get_links  # type: ignore[method-assign]
     t.bind_primary("lan", NEW_PCI, None, None, deadline_in(5))
-    assert outside == [(fake.get("bond0").index,)]
+    assert outside == [(link.index,), (fake.get("bond0").index,)]
     assert fake.get("enp3s0").mac == OLD_MAC
+
+
+def test_bind_names_the_device_as_udev_renamed_it(fake: FakeLinks) -> None:
+    """A dump can name a link as before its rename while udev's entry, read after it,
+    already exists (seen in the lab: bind said eth0, the link was enp2s0): the bind
+    reads the link again and reports, and acts on, udev's name."""
+    t = teams(fake)
+    switched_and_unplugged(fake, t)
+    fake.add("enp3s0", mac=NEW_MAC, pci=NEW_PCI)
+    renamed = fake.get("enp3s0")
+    real_list = fake.list_links
+    stale = iter([True])  # the dump that finds the device
+
+    def list_links_stale_at_first() -> list[Link]:
+        links = real_list()
+        if next(stale, False):
+            return [ln._replace(name="eth0") if ln.index == renamed.index else ln for ln in links]
+        return links
+
+    fake.list_links = list_links_stale_at_first  # type: ignore[method-assign]
+    result = t.bind_primary("lan", None, NEW_MAC, None, deadline_in(5))
+    assert result.device == "enp3s0" == result.team.active_member
 
 
 def test_bind_waits_for_carrier_event_before_activating(fake: FakeLinks) -> None:
