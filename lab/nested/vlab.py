@@ -31,7 +31,7 @@ import libvirt_qemu
 
 from host.hypervisor.events import ensure_event_loop
 from lab import STANDBY_MAC, WAN_STANDBY_MAC
-from lab.console import ExecResult, GuestConsole
+from lab.console import ConsoleError, ExecResult, GuestConsole
 from lab.fabric import HOSTS
 from lab.guest import DOMAIN_NAME, domain_xml
 from lab.image import BOOT_CMDLINE, GuestImage
@@ -153,16 +153,19 @@ def is_l2_hang(report: str) -> bool:
     )
 
 
-_KVM_VCPU_THREAD = re.compile(r"Comm: CPU \d+/KVM ")
+#: A vCPU thread of L2's QEMU as L1's kernel names it: an oops's "Comm:", a soft
+#: lockup's "[comm:pid]".
+_KVM_VCPU_THREAD = re.compile(r"Comm: CPU \d+/KVM |\[CPU \d+/KVM:\d+\]")
 
 
 def is_l1_failure_under_l2(report: str) -> bool:
-    """Whether an L1 restart report (:meth:`VfioLab.l1_restart_report`) shows L1's kernel
-    failing in a vCPU thread of L2's QEMU (``Comm: CPU n/KVM``): L1's KVM running L2 on
-    L0's emulated SVM, the layers the L2 hang lives in, where none of ptmig's code runs
-    (a nested run of 2026-12-06 on the unfixed QEMU: a stack overflow in L1's page-fault
-    entry in that thread, then a panic)."""
-    return report.startswith("L1 restarted") and bool(_KVM_VCPU_THREAD.search(report))
+    """Whether an L1 restart report (:meth:`VfioLab.l1_restart_report`), or the report of
+    an L1 whose console runs nothing (:meth:`VfioLab.l1_console_report`), shows L1's
+    kernel failing in a vCPU thread of L2's QEMU (``Comm: CPU n/KVM``): L1's KVM running
+    L2 on L0's emulated SVM, the layers the L2 hang lives in, where none of ptmig's code
+    runs (a nested run of 2026-12-06 on the unfixed QEMU: a stack overflow in L1's
+    page-fault entry in that thread, then a panic)."""
+    return report.startswith(("L1 restarted", L1_SILENT)) and bool(_KVM_VCPU_THREAD.search(report))
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,29 @@ KVM_EXIT_COUNTERS = (
 )
 #: How long L2 may take to answer ``true`` on its console before it counts as stalled.
 STALL_PROBE_S = 20.0
+#: How long L1's first console may take to run ``true`` before it counts as wedged, and
+#: how the report of one that did not begins.
+L1_PROBE_S = 20.0
+L1_SILENT = "L1's console ran nothing"
+#: How long L1's second console may take over L1_CONSOLE_REPORT.
+L1_REPORT_S = 60.0
+#: An L1 command is sent TERM this many seconds before its console gives up on it, and
+#: KILL L1_KILL_AFTER_S later (VfioLab.l1_exec).
+L1_EXEC_MARGIN_S = 8.0
+L1_KILL_AFTER_S = 3.0
+#: What L1's second console (ttyS1, a shell of its own) runs when the first one does not
+#: answer: what the first one's shell is running (each process on ttyS0 with its state,
+#: wait channel and kernel stack), every process in uninterruptible sleep, and the
+#: kernel's last lines.  Shell and procps only: a python3 that reads this checkout over
+#: 9p could be what is stuck.
+L1_CONSOLE_REPORT = (
+    "echo \"uptime $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)\"; "
+    "echo '--- on ttyS0'; ps -t ttyS0 -o pid,ppid,stat,wchan:32,etime,args; "
+    "for p in $(ps -t ttyS0 -o pid=); do "
+    'echo "--- $p\'s kernel stack"; cat /proc/$p/stack 2>&1; done; '
+    "echo '--- in uninterruptible sleep'; ps -eo pid,stat,wchan:32,etime,args | awk '$2 ~ /D/'; "
+    "echo '--- the kernel log, last lines'; dmesg | tail -n 30"
+)
 #: How long L1's KVM is traced for a stall report (lab.nested.inside.kvm_trace).
 STALL_TRACE_S = 2.0
 #: How long a host's libvirtd may take to answer ``virsh list`` in L1 before its threads'
@@ -461,6 +487,13 @@ def peer_uri(host: str) -> str:
     return f"qemu+tcp://{next(h.migration_ip for h in HOSTS if h.name == host)}/system"
 
 
+def bounded(script: str, timeout: float) -> str:
+    """*script* as a console command that ends itself (TERM, then KILL) L1_EXEC_MARGIN_S
+    before a console that waits *timeout* seconds gives up on it."""
+    bound = max(timeout - L1_EXEC_MARGIN_S, 1.0)
+    return f"timeout -k {L1_KILL_AFTER_S:g} {bound:g} bash -c {shlex.quote(script)}"
+
+
 def _read_boot_id(run: Callable[..., ExecResult]) -> str | None:
     """A kernel's boot id through *run* (a console's command runner); None if unread."""
     try:
@@ -503,6 +536,11 @@ class VfioLab:
     @property
     def l1_console(self) -> GuestConsole:
         return GuestConsole(run_dir() / "console.sock", run_dir() / "console.log")
+
+    @property
+    def l1_console2(self) -> GuestConsole:
+        """L1's second console (ttyS1): a shell of its own, for looking at the first."""
+        return GuestConsole(run_dir() / "console2.sock", run_dir() / "console2.log")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -685,6 +723,33 @@ class VfioLab:
             + "\n".join(last_kernel_failure(text))
         )
 
+    def l1_answers(self) -> bool:
+        """Whether L1's first console runs a command within L1_PROBE_S."""
+        try:
+            return self.l1_console.run("true", timeout=L1_PROBE_S).status == 0
+        except ConsoleError:
+            return False
+
+    def l1_console_report(self) -> str | None:
+        """None while L1's console runs a command within L1_PROBE_S; else what L1's second
+        console shows of it (L1_CONSOLE_REPORT), or, when that is silent too, L0's copy of
+        L1's last kernel lines: a kernel that runs no shell.  Stop 35's CI met a console
+        that ran nothing more after a failed test, and each following test waited out
+        its commands' timeouts on it (2 failures and 4 errors, 23 minutes)."""
+        if self.l1_answers():
+            return None
+        head = f"{L1_SILENT} in {L1_PROBE_S:g} s"
+        try:
+            seen = self.l1_console2.run(L1_CONSOLE_REPORT, timeout=L1_REPORT_S).output
+        except ConsoleError as exc:
+            log = self.l1_console.log_file
+            text = log.read_text(errors="replace") if log.exists() else ""
+            return (
+                f"{head}, nor its second console ({str(exc).splitlines()[0]}); L1's last "
+                f"kernel lines ({log}):\n" + "\n".join(last_kernel_failure(text))
+            )
+        return f"{head}; its second console (ttyS1) saw:\n{seen.strip()}"
+
     def answers(self) -> bool:
         """Whether L2 runs its console's commands (within STALL_PROBE_S)."""
         try:
@@ -778,12 +843,17 @@ class VfioLab:
             time.sleep(0.5)
 
     def l1_exec(self, command: str, timeout: float = 120) -> ExecResult:
-        """Run *command* in L1 (in the checkout, with L1's python3 on it)."""
+        """Run *command* in L1 (in the checkout, with L1's python3 on it), ended by L1's
+        own ``timeout`` (TERM, then KILL) a few seconds before the console gives up: a
+        command the console's Ctrl-C cannot stop (a python3 blocked in a libvirt call
+        ignores SIGINT until the call returns) must not keep L1's one shell from every
+        command after it."""
         # protos/ holds the shared ptmig package (ptmig.serial_session) that lab.guest imports
-        prefix = (
+        script = (
             "cd /mnt/src && export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/src:/mnt/src/protos; "
+            + command
         )
-        return self.l1_console.run(prefix + command, timeout=timeout)
+        return self.l1_console.run(bounded(script, timeout), timeout=timeout)
 
     def accel(self) -> str:
         """How L1 runs L2: "kvm" when L1 has /dev/kvm (see docs/lab.md), else "qemu" (TCG).
@@ -990,7 +1060,11 @@ class VfioLab:
         """(title, text) of what a failed or timed-out nested run should carry: every
         libvirtd that does not answer in L1, with its threads' stacks; else, if L2 does
         not answer, the stall report (its libvirt calls would block on a stuck daemon);
-        else what L2's agent shows."""
+        else what L2's agent shows.  A wedged L1 console comes first: every other
+        report runs on it."""
+        wedged = self.l1_console_report()
+        if wedged is not None:
+            return [("L1 console report", wedged)]
         restarted = self.l1_restart_report()
         if restarted is not None:
             return [("L1 restart report", restarted)]

@@ -182,7 +182,9 @@ def pytest_runtest_makereport(
                 item.add_report_section(call.when, title, text)
                 if title == "L2 stall report" and is_l2_hang(text):
                     hang = text
-                if title == "L1 restart report" and is_l1_failure_under_l2(text):
+                if title in ("L1 restart report", "L1 console report") and (
+                    is_l1_failure_under_l2(text)
+                ):
                     hang = text
             if not hang:  # the same fault's other face: L2 reset (a triple fault)
                 try:

@@ -79,9 +79,13 @@ def bring_back(lab: VfioLab) -> None:
 
 
 def start_again(lab: VfioLab) -> None:
-    """After L1 restarted (its kernel failed in L2's vCPU thread: docs/lab.md): the whole
+    """After L1 restarted (its kernel failed in L2's vCPU thread: docs/lab.md), or its
+    console stopped running commands (``VfioLab.l1_console_report``): the whole
     lab up again, as the module starts.  Printed, so the run says it happened."""
-    print("L1 restarted (its report is in the last test's); the nested lab comes up again")
+    print(
+        "L1 restarted or its console is wedged (its report is in the last test's, or above); "
+        "the nested lab comes up again"
+    )
     lab.down()
     lab.up(prepared=True)  # the module's bring-up prepared the images
     co.define_pools(lab)
@@ -100,8 +104,13 @@ def l2_answering(vlab: VfioLab) -> None:
     (reported there as an expected failure with its stall report: tests/e2e/conftest.py)
     is booted again and set up as the module's start, and after an L1 restart so is the
     whole lab.  (The hang watch, lab.nested.hangwatch, is not run here: docs/lab.md, "The
-    hang watch".)"""
-    if vlab.l1_restart_report() is not None:
+    hang watch".)  An L1 whose console runs nothing (its report printed) is started again
+    too: every step of a test, and of bringing L2 back, runs on that console."""
+    wedged = vlab.l1_console_report()
+    if wedged is not None:
+        print(wedged)
+        start_again(vlab)
+    elif vlab.l1_restart_report() is not None:
         start_again(vlab)
     elif not vlab.answers():
         bring_back(vlab)

@@ -2,66 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lab.console import ConsoleError, GuestConsole, GuestStopped
 from lab.image import SHELL_READY_MARKER
-
-
-@pytest.fixture
-def shell_socket(tmp_path: Path) -> Iterator[Path]:
-    """A unix socket server that hands each connection to one long-lived bash, like ttyS0."""
-    path = tmp_path / "console.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-    bash = subprocess.Popen(
-        ["bash", "--norc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert bash.stdin and bash.stdout
-    stop = threading.Event()
-
-    def pump_out(conn_box: list[socket.socket]) -> None:
-        while True:
-            data = bash.stdout.read1(4096)  # type: ignore[union-attr]
-            if not data:
-                return
-            if conn_box:
-                # no host connected: the byte is lost, as on the real port
-                with contextlib.suppress(OSError):
-                    conn_box[-1].sendall(data)
-
-    def serve() -> None:
-        box: list[socket.socket] = []
-        threading.Thread(target=pump_out, args=(box,), daemon=True).start()
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            box.append(conn)
-            while True:
-                data = conn.recv(4096)
-                if not data:
-                    break
-                bash.stdin.write(data.replace(b"\x03", b""))  # type: ignore[union-attr]
-                bash.stdin.flush()  # type: ignore[union-attr]
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield path
-    stop.set()
-    server.close()
-    bash.kill()
-    bash.wait()
 
 
 def test_run_returns_output_and_exit_status(shell_socket: Path, tmp_path: Path) -> None:

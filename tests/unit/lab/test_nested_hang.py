@@ -256,11 +256,17 @@ class _Probed(VfioLab):
         stall: str | None,
         agent: str | Exception,
         restarted: str | None = None,
+        wedged: str | None = None,
     ) -> None:
         super().__init__()
         self._said = (libvirtd, stall, agent)
         self._restarted = restarted
+        self._wedged = wedged
         self.asked: list[str] = []
+
+    def l1_console_report(self) -> str | None:
+        self.asked.append("console")
+        return self._wedged
 
     def l1_restart_report(self) -> str | None:
         self.asked.append("l1")
@@ -283,20 +289,26 @@ class _Probed(VfioLab):
 
 
 @pytest.mark.parametrize(
-    ("restarted", "libvirtd", "stall", "title", "asked"),
+    ("wedged", "restarted", "libvirtd", "stall", "title", "asked"),
     [
-        ("L1 restarted", "gone", None, "L1 restart report", ["l1"]),
-        (None, "stacks", None, "L1 libvirtd report", ["l1", "libvirtd"]),
-        (None, None, "spinning", "L2 stall report", ["l1", "libvirtd", "stall"]),
-        (None, None, None, "L2 agent report", ["l1", "libvirtd", "stall", "agent"]),
+        ("L1's console ran nothing", "L1 restarted", "gone", None, "L1 console report", []),
+        (None, "L1 restarted", "gone", None, "L1 restart report", ["l1"]),
+        (None, None, "stacks", None, "L1 libvirtd report", ["l1", "libvirtd"]),
+        (None, None, None, "spinning", "L2 stall report", ["l1", "libvirtd", "stall"]),
+        (None, None, None, None, "L2 agent report", ["l1", "libvirtd", "stall", "agent"]),
     ],
 )
-def test_evidence_is_l1s_restart_then_a_stuck_libvirtd_then_a_stalled_l2_else_l2s_agent(
-    restarted: str | None, libvirtd: str | None, stall: str | None, title: str, asked: list[str]
+def test_evidence_is_the_first_of_l1s_console_restart_stuck_libvirtd_l2_stall_else_agent(
+    wedged: str | None,
+    restarted: str | None,
+    libvirtd: str | None,
+    stall: str | None,
+    title: str,
+    asked: list[str],
 ) -> None:
-    lab = _Probed(libvirtd, stall, "agent log", restarted)
+    lab = _Probed(libvirtd, stall, "agent log", restarted, wedged)
     assert [t for t, _ in lab.evidence_or_why()] == [title]
-    assert lab.asked == asked
+    assert lab.asked == ["console", *asked]
 
 
 #: L1's console as a nested run saw it (2026-12-06 12:29, unfixed QEMU): commands' output,
