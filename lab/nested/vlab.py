@@ -748,6 +748,9 @@ class VfioLab:
                 f"{head}, nor its second console ({str(exc).splitlines()[0]}); L1's last "
                 f"kernel lines ({log}):\n" + "\n".join(last_kernel_failure(text))
             )
+        # ttyS1's shell echoes what is typed (and readline's escapes): the report begins
+        # at its first line
+        seen = seen[seen.find("uptime ") :] if "uptime " in seen else seen
         return f"{head}; its second console (ttyS1) saw:\n{seen.strip()}"
 
     def answers(self) -> bool:

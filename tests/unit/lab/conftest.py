@@ -14,9 +14,10 @@ import pytest
 
 
 @contextlib.contextmanager
-def shell_at(path: Path) -> Iterator[Path]:
+def shell_at(path: Path, *, echo: bool = False) -> Iterator[Path]:
     """A unix socket server at *path* that hands each connection to one long-lived bash,
-    like ttyS0."""
+    like ttyS0; *echo*: what is typed comes back first, as on a tty with echo on (L1's
+    ttyS1)."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -49,6 +50,8 @@ def shell_at(path: Path) -> Iterator[Path]:
                 data = conn.recv(4096)
                 if not data:
                     break
+                if echo:
+                    conn.sendall(data)
                 bash.stdin.write(data.replace(b"\x03", b""))  # type: ignore[union-attr]
                 bash.stdin.flush()  # type: ignore[union-attr]
 
